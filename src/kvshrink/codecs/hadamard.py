@@ -1,0 +1,32 @@
+"""Randomized Hadamard rotation of head vectors (as in QuaRot, arXiv 2404.00456).
+
+x -> x @ R with R = diag(signs) @ H / sqrt(n): orthogonal, so it spreads a few
+outlier channels over all channels before quantization and is undone exactly
+(up to float rounding) by x @ R.T after. For a head_dim that is not a power of
+two, R is block-diagonal with Hadamard blocks of the largest power-of-two size
+dividing it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+@lru_cache(maxsize=32)
+def rotation(dim: int, seed: int = 0) -> torch.Tensor:
+    """The float32 (dim, dim) orthogonal matrix R; the same for the same seed."""
+    block = dim & (-dim)  # largest power of two dividing dim
+    h = _sylvester(block) / block**0.5
+    r = torch.block_diag(*([h] * (dim // block)))
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (dim,), generator=gen).float() * 2 - 1
+    return signs[:, None] * r

@@ -1,0 +1,100 @@
+"""Group-wise asymmetric integer quantization with KIVI's layout.
+
+KIVI (Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV
+Cache", arXiv 2402.02750) quantizes keys per channel over groups of tokens
+(key outliers sit in fixed channels) and values per token over groups of
+channels. Codes are packed densely (`packing.py`); each group stores a float16
+scale and minimum. The optional randomized Hadamard rotation (QuaRot, arXiv
+2404.00456) spreads outlier channels before quantizing.
+
+Error guarantee: the stored minimum is rounded down and the scale up to the
+next float16, so every element decodes within half a (stored) step of its
+input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import KvshrinkError
+from .base import Codec, Packed
+from .hadamard import rotation
+from .packing import pack, unpack
+
+AXES = ("channel", "token")
+
+
+def _half_down(t: torch.Tensor) -> torch.Tensor:
+    h = t.to(torch.float16)
+    return torch.where(h.float() > t, torch.nextafter(h, torch.full_like(h, -torch.inf)), h)
+
+
+def _half_up(t: torch.Tensor) -> torch.Tensor:
+    h = t.to(torch.float16)
+    return torch.where(h.float() < t, torch.nextafter(h, torch.full_like(h, torch.inf)), h)
+
+
+class IntQuant(Codec):
+    """`bits`-bit asymmetric quantization, one (scale, min) per group.
+
+    axis="channel": each channel over `group` consecutive tokens (KIVI keys).
+    axis="token": each token over `group` consecutive channels (KIVI values);
+    group=None means the whole head vector.
+    """
+
+    def __init__(self, bits: int, axis: str = "token", group: int | None = None, rotate: bool = False, seed: int = 0):
+        if not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise KvshrinkError(f"impossible bit width {bits!r}: integer quantization supports 1 to 8 bits")
+        if axis not in AXES:
+            raise KvshrinkError(f"unknown quantization axis {axis!r}; use one of {', '.join(AXES)}")
+        if group is not None and (not isinstance(group, int) or group < 1):
+            raise KvshrinkError(f"group size must be a positive integer, got {group!r}")
+        if axis == "channel" and group is None:
+            raise KvshrinkError("per-channel quantization needs a token group size")
+        self.bits, self.axis, self.group, self.rotate, self.seed = bits, axis, group, rotate, seed
+        self.qmax = (1 << bits) - 1
+        self.block_tokens = group if axis == "channel" else 1
+        self.name = f"int{bits}"
+
+    def describe(self) -> str:
+        g = f"g{self.group}" if self.group else "whole-head"
+        return f"int{self.bits} per-{self.axis} {g}{' +hadamard' if self.rotate else ''}"
+
+    def _grouped(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+        """View x as groups; returns (view, dim reduced over)."""
+        b, h, t, d = x.shape
+        if self.axis == "channel":
+            if block % self.group:
+                raise KvshrinkError(f"cache block {block} is not a multiple of the key group {self.group}")
+            return x.reshape(b, h, t // block, block // self.group, self.group, d), 4
+        g = self.group or d
+        if d % g:
+            raise KvshrinkError(f"head_dim {d} is not a multiple of the channel group {g}")
+        return x.reshape(b, h, t // block, block, d // g, g), 5
+
+    def encode(self, x: torch.Tensor, block: int) -> Packed:
+        if not torch.isfinite(x).all():
+            raise KvshrinkError("cannot quantize NaN or infinite key/value states")
+        x = x.float()
+        d = x.shape[-1]
+        if self.rotate:
+            x = x @ rotation(d, self.seed).to(x.device)
+        xg, dim = self._grouped(x, block)
+        mn = _half_down(xg.amin(dim, keepdim=True))
+        scale = _half_up((xg.amax(dim, keepdim=True) - mn.float()) / self.qmax)
+        if not (torch.isfinite(mn).all() and torch.isfinite(scale).all()):
+            raise KvshrinkError("key/value states exceed the float16 range of the quantization scales")
+        safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+        codes = ((xg - mn.float()) / safe).round_().clamp_(0, self.qmax).to(torch.uint8)
+        tensors = {"codes": pack(codes, self.bits), "scale": scale, "min": mn}
+        return Packed(tensors, block, d, {"last": codes.shape[-1]})
+
+    def decode(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        t = packed.tensors
+        codes = unpack(t["codes"], self.bits, packed.meta["last"])
+        x = codes.to(dtype) * t["scale"].to(dtype) + t["min"].to(dtype)
+        b, h = x.shape[:2]
+        x = x.reshape(b, h, -1, packed.head_dim)
+        if self.rotate:
+            x = x @ rotation(packed.head_dim, self.seed).to(x.device, dtype).T
+        return x

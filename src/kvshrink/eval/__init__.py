@@ -1,0 +1,1 @@
+"""Evaluation harness (DESIGN.md protocol): perplexity, agreement, needles, memory, speed."""

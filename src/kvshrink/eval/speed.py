@@ -1,0 +1,120 @@
+"""Decode speed, prefill cost and memory of each cache at several context lengths.
+
+For a context of L tokens the model is prefilled once (uncompressed, timed:
+that forward pass is the prefill of every method, because a compressed cache's
+first update returns the states as given); each method's cache is then filled
+from those states (timed: the only work a compressed cache adds to a prefill)
+and decodes `steps` greedy tokens (each step timed). Process memory is read
+from /proc: the resident growth once the filled cache is held (after
+malloc_trim), and the peak growth while it is filled and decoded (which
+includes the temporaries of compression and of the decoded history).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import threading
+import time
+
+import torch
+
+from .needle import fill, prefill_states
+from .peers import cache_nbytes
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every millisecond."""
+
+    def __enter__(self):
+        _trim()
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+@torch.no_grad()
+def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, steps: int = 16, progress=None):
+    """{method: {L: {...}}}; make_cache includes the uncompressed reference."""
+    out = {name: {} for name in make_cache}
+    for length in contexts:
+        ctx = ids[:, :length]
+        t0 = time.perf_counter()
+        states = prefill_states(model, ctx)
+        forward_s = time.perf_counter() - t0
+        first = ids[:, length:length + 1]
+        for name, factory in make_cache.items():
+            with PeakRSS() as mem:
+                cache = factory()
+                t0 = time.perf_counter()
+                fill(cache, states)
+                fill_s = time.perf_counter() - t0
+                held = cache_nbytes(cache)
+                _trim()
+                rss_held = _rss() - mem.base
+                x, lat = first, []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    logits = model(x, past_key_values=cache, use_cache=True).logits[0, -1]
+                    lat.append(time.perf_counter() - t0)
+                    x = logits.argmax().view(1, 1)
+            lat_sorted = sorted(lat)
+            out[name][length] = {
+                "prefill_forward_s": forward_s,
+                "prefill_compress_s": fill_s,
+                "prefill_tok_s": length / (forward_s + fill_s),
+                "decode_tok_s": steps / sum(lat),
+                "decode_p50_ms": 1000 * statistics.median(lat),
+                "decode_p99_ms": 1000 * lat_sorted[min(len(lat) - 1, int(0.99 * len(lat)))],
+                "cache_bytes": held,
+                "ratio": length * spec.fp16_bytes_per_token() / held,
+                "rss_held_mb": rss_held / 2**20,
+                "peak_extra_mb": mem.extra / 2**20,
+            }
+            del cache
+            if progress is not None:
+                progress()
+        del states
+    return out
+
+
+@torch.no_grad()
+def measure_direct_prefill(model, make_cache: dict, ids: torch.Tensor, length: int) -> dict:
+    """Prefill tokens/s measured end to end through each cache (checks the shared-prefill figure)."""
+    out = {}
+    for name, factory in make_cache.items():
+        cache = factory()
+        t0 = time.perf_counter()
+        model(ids[:, :length], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out[name] = length / (time.perf_counter() - t0)
+    return out

@@ -1,0 +1,101 @@
+"""Registered compression methods: one name -> how to build its cache.
+
+`kvshrink bench --methods int4,int2-rot` and `CompressedCache.from_method`
+look names up here. A method is a small record around a factory; the codecs
+themselves are classes in `kvshrink.codecs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .codecs.base import Fp16
+from .codecs.quant import IntQuant
+from .errors import KvshrinkError
+
+# Layout defaults, chosen by measurement (README, "Choosing the defaults").
+SINK = 4
+WINDOW = 0
+BLOCK = 128
+
+
+@dataclass
+class Method:
+    """A named way to build a cache. `factory(config, **overrides)` returns the Cache."""
+
+    name: str
+    description: str
+    factory: Callable
+    family: str = "kvshrink"  # "kvshrink" or "peer" (another library, same table)
+    options: dict = field(default_factory=dict)
+
+    def make_cache(self, config, **overrides):
+        return self.factory(config, **{**self.options, **overrides})
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in REGISTRY:
+        raise ValueError(f"method {method.name!r} registered twice")
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    _load_peers()
+    if name not in REGISTRY:
+        raise KvshrinkError(f"unknown method {name!r}; known: {', '.join(method_names(all_families=True))}")
+    return REGISTRY[name]
+
+
+def method_names(all_families: bool = False) -> list[str]:
+    _load_peers()
+    return [n for n, m in REGISTRY.items() if all_families or m.family == "kvshrink"]
+
+
+def _load_peers() -> None:
+    from .eval import peers  # noqa: F401  (registers hf-* methods on import)
+
+
+def _compressed(config, key_codec, value_codec, sink=SINK, window=WINDOW, block=BLOCK, **_):
+    from .cache import CompressedCache
+
+    return CompressedCache(config, key_codec=key_codec, value_codec=value_codec, sink=sink, window=window, block=block)
+
+
+def int_quant_cache(config, bits: int, rotate: bool = False, sink=SINK, window=WINDOW, block=BLOCK,
+                    key_axis: str = "channel", value_group: int | None = None, method: str | None = None):
+    """KIVI layout: keys per channel over `block` tokens, values per token over `value_group` channels."""
+    key_group = block if key_axis == "channel" else None
+    keys = IntQuant(bits, key_axis, key_group, rotate=rotate, seed=1)
+    values = IntQuant(bits, "token", value_group, rotate=rotate, seed=2)
+    cache = _compressed(config, keys, values, sink, window, block)
+    cache.method = method
+    return cache
+
+
+def _fp16_cache(config, block=BLOCK, **_):
+    from .cache import CompressedCache
+
+    cache = CompressedCache(config, key_codec=Fp16(), sink=0, window=0, block=block)
+    cache.method = "fp16"
+    return cache
+
+
+register(Method("fp16", "uncompressed reference: keys and values stored as float16", _fp16_cache))
+for _bits in (8, 4, 3, 2):
+    register(Method(
+        f"int{_bits}",
+        f"{_bits}-bit KIVI layout: keys per channel over {BLOCK} tokens, values per token; fp16 sink {SINK}",
+        int_quant_cache,
+        options={"bits": _bits, "method": f"int{_bits}"},
+    ))
+    register(Method(
+        f"int{_bits}-rot",
+        f"int{_bits} after a randomized Hadamard rotation of each head vector",
+        int_quant_cache,
+        options={"bits": _bits, "rotate": True, "method": f"int{_bits}-rot"},
+    ))

@@ -1,0 +1,147 @@
+"""TokenStore: the keys (or the values) of one cache layer, oldest first.
+
+  sink   - the first `sink` tokens, float16 (attention sinks carry outliers)
+  body   - tokens coded by `codec`, in blocks of `block` tokens
+  stage  - tokens of the unfinished block, coded per token. For a codec that
+           needs whole blocks (per-channel keys) the stage uses `stage_codec`
+           (twice the bits) and a full stage is decoded and re-coded as one
+           body block; for a per-token codec the stage uses the codec itself
+           and a full stage is moved into the body as is. Either way the body
+           grows once per `block` tokens, not once per token.
+  window - the `window` most recent tokens, float16
+
+Every part holds the only copy of its tokens: nothing is kept twice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .codecs.base import Codec, Packed, tensor_nbytes
+from .errors import KvshrinkError
+
+
+def _slice(x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+    # clone: a view would keep the whole parent storage alive
+    return x[..., start:stop, :].clone()
+
+
+class TokenStore:
+    def __init__(self, codec: Codec, sink: int, window: int, block: int, stage_codec: Codec | None = None):
+        self.recode = codec.block_tokens > 1
+        if self.recode and stage_codec is None:
+            raise KvshrinkError(f"{codec.describe()} codes whole blocks and needs a stage codec")
+        self.codec = codec
+        self.stage_codec = stage_codec if self.recode else codec
+        self.sink_size, self.window_size, self.block = sink, window, block
+        self.sink = self.window = None
+        self.body: Packed | None = None
+        self.stage: Packed | None = None
+
+    def init(self, like: torch.Tensor) -> None:
+        empty = like.new_empty(*like.shape[:2], 0, like.shape[3], dtype=torch.float16)
+        self.sink, self.window, self.body, self.stage = empty, empty.clone(), None, None
+
+    def __len__(self) -> int:
+        if self.sink is None:
+            return 0
+        return self.sink.shape[-2] + self._n(self.body) + self._n(self.stage) + self.window.shape[-2]
+
+    @staticmethod
+    def _n(p: Packed | None) -> int:
+        return p.num_tokens if p is not None else 0
+
+    @staticmethod
+    def _join(a: Packed | None, b: Packed) -> Packed:
+        return b if a is None else a.cat(b)
+
+    def append(self, x: torch.Tensor) -> None:
+        x16 = x.to(torch.float16)
+        if not torch.isfinite(x16).all():
+            raise KvshrinkError("key/value states are NaN, infinite or beyond the float16 range")
+        room = self.sink_size - self.sink.shape[-2]
+        if room > 0:
+            self.sink = torch.cat([self.sink, x16[..., :room, :]], dim=-2)
+            x16 = x16[..., room:, :]
+        if x16.shape[-2] == 0:
+            return
+        window = torch.cat([self.window, x16], dim=-2)
+        out = window.shape[-2] - self.window_size
+        if out <= 0:
+            self.window = window
+            return
+        self.window = _slice(window, out)
+        self._push(window[..., :out, :].float())
+
+    def _push(self, x: torch.Tensor) -> None:
+        """Code tokens leaving the window."""
+        staged = self._n(self.stage)
+        if staged + x.shape[-2] < self.block:
+            self.stage = self._join(self.stage, self.stage_codec.encode(x, 1))
+            return
+        if not self.recode:
+            self.body = self._join(self.body, self._join(self.stage, self.codec.encode(x, 1)))
+            self.stage = None
+            return
+        if staged:
+            x = torch.cat([self.stage_codec.decode(self.stage, x.dtype), x], dim=-2)
+        full = x.shape[-2] // self.block * self.block
+        self.body = self._join(self.body, self.codec.encode(x[..., :full, :], self.block))
+        rest = x[..., full:, :]
+        self.stage = self.stage_codec.encode(rest, 1) if rest.shape[-2] else None
+
+    def decoded(self, dtype: torch.dtype, then: torch.Tensor | None = None) -> torch.Tensor:
+        """All stored tokens decompressed to `dtype`, followed by `then` (one copy, a temporary)."""
+        parts = [self.sink]
+        if self.body is not None:
+            parts.append(self.codec.decode(self.body, dtype))
+        if self.stage is not None:
+            parts.append(self.stage_codec.decode(self.stage, dtype))
+        parts.append(self.window)
+        if then is not None:
+            parts.append(then)
+        parts = [p for p in parts if p.shape[-2]] or [self.window]
+        return torch.cat([p.to(dtype) for p in parts], dim=-2)
+
+    def crop(self, keep: int) -> None:
+        """Keep the first `keep` tokens."""
+        n_sink, n_body, n_stage = self.sink.shape[-2], self._n(self.body), self._n(self.stage)
+        if keep >= n_sink + n_body + n_stage:
+            self.window = _slice(self.window, 0, keep - n_sink - n_body - n_stage)
+        elif keep >= n_sink + n_body:
+            self.stage = self.stage.first_blocks(keep - n_sink - n_body) if keep > n_sink + n_body else None
+            self.window = _slice(self.window, 0, 0)
+        elif keep > n_sink and not self.recode:
+            self.body = self.body.first_blocks(keep - n_sink)  # one token per block: an exact cut
+            self.stage, self.window = None, _slice(self.window, 0, 0)
+        elif keep > n_sink:
+            # whole blocks stay coded; the cut block's kept tokens move into the
+            # float16 window (already lossy: only float16 rounding is added)
+            into = keep - n_sink
+            full = into // self.block
+            head = self.codec.decode(self.body, torch.float32)[..., full * self.block:into, :]
+            self.body = self.body.first_blocks(full) if full else None
+            self.stage, self.window = None, head.to(torch.float16)
+        else:
+            self.sink = _slice(self.sink, 0, keep)
+            self.body = self.stage = None
+            self.window = _slice(self.sink, 0, 0)
+
+    def map_batch(self, on_tensor, on_packed) -> None:
+        if self.sink is None:
+            return
+        self.sink, self.window = on_tensor(self.sink), on_tensor(self.window)
+        self.body = on_packed(self.body) if self.body is not None else None
+        self.stage = on_packed(self.stage) if self.stage is not None else None
+
+    def tensors(self) -> list[torch.Tensor]:
+        if self.sink is None:
+            return []
+        out = [self.sink, self.window]
+        for p in (self.body, self.stage):
+            if p is not None:
+                out.extend(p.tensors.values())
+        return out
+
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.tensors())

@@ -1,0 +1,158 @@
+"""CompressedCache on a tiny random Llama: layout, bytes, generate, batches, crop."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvshrink import CompressedCache, IntQuant, KvshrinkError
+from kvshrink.codecs.base import tensor_nbytes
+from kvshrink.eval.needle import fill, prefill_states
+
+
+def _ids(n, batch=1, seed=0):
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _chunked_logits(model, cache, ids, chunk):
+    return torch.cat([model(ids[:, s:s + chunk], past_key_values=cache).logits for s in range(0, ids.shape[1], chunk)], 1)
+
+
+def test_fp16_method_matches_dynamic_cache(tiny_model, tiny_config):
+    ids = _ids(200)
+    ref = _chunked_logits(tiny_model, DynamicCache(), ids, 16)
+    got = _chunked_logits(tiny_model, CompressedCache.from_method("fp16", tiny_config), ids, 16)
+    assert (ref - got).abs().max() < 1e-3
+
+
+def test_layout_counts_and_bytes(tiny_model, tiny_config):
+    cache = CompressedCache.from_method("int4", tiny_config, window=8, sink=4, block=32)
+    _chunked_logits(tiny_model, cache, _ids(150), 7)
+    layer = cache.layers[0]
+    k, v = layer.k, layer.v
+    # 4 sink, 8 window, 138 left = 4 blocks of 32 + 10 staged (keys: 8-bit stage; values: their own codes)
+    assert (k.sink.shape[-2], k.body.num_tokens, k.stage.num_tokens, k.window.shape[-2]) == (4, 128, 10, 8)
+    assert (v.sink.shape[-2], v.body.num_tokens + v.stage.num_tokens, v.window.shape[-2]) == (4, 138, 8)
+    assert v.stage.num_tokens < 32  # the value body grows once per block, not per token
+    assert k.stage_codec.bits == 8 and v.stage_codec is v.codec
+    assert cache.get_seq_length() == 150
+    tensors = [t for layer in cache.layers for t in layer.tensors()]
+    # nbytes is the storage of the tensors themselves, and no storage is shared or oversized
+    assert cache.nbytes() == tensor_nbytes(tensors) == sum(t.untyped_storage().nbytes() for t in tensors)
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors)
+    b, h, d = 1, tiny_config.num_key_value_heads, 16
+    fp16 = 2 * 12 * b * h * d * 2
+    key_body = b * h * 128 * d // 2 + b * h * 4 * d * 4
+    key_stage = b * h * 10 * d + b * h * 10 * 4
+    val_body = b * h * 138 * d // 2 + b * h * 138 * 4  # body + stage, same per-token codes
+    assert cache.nbytes() == tiny_config.num_hidden_layers * (fp16 + key_body + key_stage + val_body)
+    assert cache.fp16_nbytes() == tiny_config.num_hidden_layers * 2 * b * h * 150 * d * 2
+    assert cache.compression_ratio() == cache.fp16_nbytes() / cache.nbytes()
+
+
+def test_compressed_logits_close_and_int8_closer(tiny_model, tiny_config):
+    ids = _ids(160)
+    ref = torch.log_softmax(_chunked_logits(tiny_model, DynamicCache(), ids, 32), -1)
+    errs = {}
+    for name in ("int8", "int4", "int2"):
+        got = torch.log_softmax(_chunked_logits(tiny_model, CompressedCache.from_method(name, tiny_config, block=32), ids, 32), -1)
+        errs[name] = (ref - got).abs().max().item()
+    assert errs["int8"] < errs["int4"] < errs["int2"]
+    assert errs["int8"] < 1e-2
+
+
+def test_generate_batch_left_padding_matches_single(tiny_model, tiny_config):
+    a, b = _ids(40, seed=1), _ids(25, seed=2)
+    pad = torch.zeros(1, 15, dtype=torch.long)
+    batch = torch.cat([a, torch.cat([pad, b], 1)])
+    mask = torch.cat([torch.ones(1, 40), torch.cat([torch.zeros(1, 15), torch.ones(1, 25)], 1)]).long()
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    out = tiny_model.generate(input_ids=batch, attention_mask=mask,
+                              past_key_values=CompressedCache.from_method("fp16", tiny_config), **kw)
+    for row, single in ((0, a), (1, b)):
+        alone = tiny_model.generate(input_ids=single, attention_mask=torch.ones_like(single),
+                                    past_key_values=CompressedCache.from_method("fp16", tiny_config), **kw)
+        assert torch.equal(out[row, -12:], alone[0, -12:])
+    # a quantized cache under generate: runs to length and holds real compressed bytes
+    cache = CompressedCache.from_method("int4", tiny_config, block=16)
+    out = tiny_model.generate(input_ids=batch, attention_mask=mask, past_key_values=cache, **kw)
+    assert out.shape == (2, 52) and cache.get_seq_length() == 51
+    assert cache.compression_ratio() > 1.5
+
+
+def test_crop_keeps_the_prefix_exactly(tiny_model, tiny_config):
+    ids = _ids(120)
+    cache = CompressedCache.from_method("int4", tiny_config, block=32, window=4)
+    _chunked_logits(tiny_model, cache, ids, 20)
+    before = [(l.k.decoded(torch.float32), l.v.decoded(torch.float32)) for l in cache.layers]
+    for cut in (-3, -30, -70, -18):  # window, stage, body, sink
+        cache.crop(cut)
+        n = cache.get_seq_length()
+        for layer, (k, v) in zip(cache.layers, before):
+            # the cut block's kept tokens move to the float16 window: equal up to float16 rounding
+            torch.testing.assert_close(layer.k.decoded(torch.float32), k[..., :n, :], rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(layer.v.decoded(torch.float32), v[..., :n, :], rtol=1e-3, atol=1e-4)
+        before = [(l.k.decoded(torch.float32), l.v.decoded(torch.float32)) for l in cache.layers]
+    assert cache.get_seq_length() == 0
+    # a chat continues from a cropped cache
+    cache = CompressedCache.from_method("int4", tiny_config, block=32)
+    _chunked_logits(tiny_model, cache, ids, 40)
+    cache.crop(-50)
+    assert cache.get_seq_length() == 70
+    _chunked_logits(tiny_model, cache, _ids(30, seed=5), 10)
+    assert cache.get_seq_length() == 100
+    with pytest.raises(KvshrinkError):
+        cache.crop(5)
+
+
+def test_shared_prefill_fill_equals_prefill_through_cache(tiny_model, tiny_config):
+    ids = _ids(100)
+    direct = CompressedCache.from_method("int3", tiny_config, block=32)
+    with torch.no_grad():
+        tiny_model(ids, past_key_values=direct)
+    filled = CompressedCache.from_method("int3", tiny_config, block=32)
+    fill(filled, prefill_states(tiny_model, ids))
+    for a, b in zip(direct.layers, filled.layers):
+        for x, y in zip(a.tensors(), b.tensors()):
+            assert torch.equal(x, y)
+
+
+def test_batch_select_and_reorder(tiny_model, tiny_config):
+    ids = _ids(70, batch=3)
+    cache = CompressedCache.from_method("int4", tiny_config, block=32)
+    _chunked_logits(tiny_model, cache, ids, 35)
+    full = [l.k.decoded(torch.float32) for l in cache.layers]
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    assert torch.equal(cache.layers[0].k.decoded(torch.float32), full[0][[2, 0, 1]])
+    cache.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(cache.layers[1].k.decoded(torch.float32), full[1][[0]])
+    cache.batch_repeat_interleave(2)
+    assert cache.layers[0].k.decoded(torch.float32).shape[0] == 2
+
+
+def test_codec_objects_and_bad_options(tiny_config):
+    cache = CompressedCache(tiny_config, key_codec=IntQuant(3, "channel", 64), value_codec=IntQuant(2), block=64)
+    assert "int3" in cache.describe() and len(cache.layers) == 2
+    with pytest.raises(KvshrinkError, match="not a multiple"):
+        CompressedCache(tiny_config, key_codec=IntQuant(4, "channel", 64), block=96)
+    with pytest.raises(KvshrinkError, match="unknown method"):
+        CompressedCache.from_method("int5", tiny_config)
+    with pytest.raises(KvshrinkError, match="window"):
+        CompressedCache.from_method("int4", tiny_config, window=-1)
+
+
+def test_per_token_values_are_coded_once_whatever_the_chunking(tiny_model, tiny_config):
+    """Values go through the stage unchanged: token-by-token and one-shot storage decode identically."""
+    ids = _ids(100)
+    states = prefill_states(tiny_model, ids)
+    one = CompressedCache.from_method("int4", tiny_config, block=32)
+    fill(one, states)
+    steps = CompressedCache.from_method("int4", tiny_config, block=32)
+    for t in range(100):
+        for i, (k, v) in enumerate(states):
+            steps.update(k[..., t:t + 1, :], v[..., t:t + 1, :], i)
+    for a, b in zip(one.layers, steps.layers):
+        assert torch.equal(a.v.decoded(torch.float32), b.v.decoded(torch.float32))
+        n = a.v._n
+        assert n(a.v.body) + n(a.v.stage) == n(b.v.body) + n(b.v.stage) == 96
+    assert one.nbytes() == steps.nbytes()

@@ -1,0 +1,132 @@
+"""Property tests of the codecs: bit packing, quantization error bounds, rotation, bytes."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvshrink.codecs.base import Fp16
+from kvshrink.codecs.hadamard import rotation
+from kvshrink.codecs.packing import pack, packed_length, unpack
+from kvshrink.codecs.quant import IntQuant
+from kvshrink.errors import KvshrinkError
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(1, 70), rows=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_pack_round_trip_and_exact_length(bits, n, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, n), generator=g).to(torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape[-1] == packed_length(n, bits)
+    # dense: never more than one partial unit of slack
+    unit = 8 // math.gcd(8, bits)
+    assert packed.shape[-1] == math.ceil(n / unit) * unit * bits // 8
+    assert torch.equal(unpack(packed, bits, n), codes)
+
+
+def test_two_bit_codes_pack_four_to_a_byte():
+    codes = torch.tensor([[1, 2, 3, 0, 3, 3, 3, 3]], dtype=torch.uint8)
+    packed = pack(codes, 2)
+    assert packed.tolist() == [[1 | 2 << 2 | 3 << 4, 255]]
+    three = pack(torch.full((1, 8), 7, dtype=torch.uint8), 3)
+    assert three.tolist() == [[255, 255, 255]]  # eight 3-bit codes in three bytes
+
+
+@pytest.mark.parametrize("bits", [0, 9, 2.5, -1])
+def test_impossible_bit_width_is_refused(bits):
+    with pytest.raises(KvshrinkError, match="impossible bit width"):
+        IntQuant(bits)
+    with pytest.raises(KvshrinkError):
+        pack(torch.zeros(1, 8, dtype=torch.uint8), bits)
+
+
+def _codec_cases():
+    for bits in (2, 3, 4, 8):
+        for axis, group in (("channel", 32), ("token", None), ("token", 16)):
+            yield bits, axis, group
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=st.sampled_from(list(_codec_cases())), seed=st.integers(0, 2**16),
+       scale=st.floats(1e-3, 50.0), outlier=st.floats(1.0, 200.0))
+def test_error_within_half_a_stored_step(case, seed, scale, outlier):
+    bits, axis, group = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 64, 32, generator=g) * scale
+    x[..., 5] *= outlier  # an outlier channel, as keys have
+    codec = IntQuant(bits, axis, group)
+    packed = codec.encode(x, 32)
+    y = codec.decode(packed)
+    step = packed.tensors["scale"].float()
+    xg, dim = codec._grouped(x, 32)
+    err = (xg - y.reshape(xg.shape)).abs()
+    bound = step / 2 + 1e-6 * xg.abs().amax(dim, keepdim=True) + 1e-30
+    assert (err <= bound * (1 + 1e-5)).all()
+
+
+def test_constant_block_is_exact_and_rotation_round_trips():
+    x = torch.full((1, 2, 32, 16), 3.25)
+    for codec in (IntQuant(2, "channel", 32), IntQuant(4, "token")):
+        assert torch.equal(codec.decode(codec.encode(x, 32)), x)
+    r = rotation(64, seed=3)
+    assert torch.allclose(r @ r.T, torch.eye(64), atol=1e-6)
+    r96 = rotation(96, seed=1)  # not a power of two: block-diagonal Hadamard
+    assert torch.allclose(r96 @ r96.T, torch.eye(96), atol=1e-6)
+    x = torch.randn(1, 1, 32, 64)
+    rot = IntQuant(8, "token", rotate=True, seed=3)
+    assert (rot.decode(rot.encode(x, 32)) - x).abs().max() < 0.05
+
+
+def test_rotation_spreads_an_outlier_channel():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 128, 64, generator=g)
+    x[..., 0] += 50.0
+    plain, rot = IntQuant(4, "token"), IntQuant(4, "token", rotate=True)
+    e_plain = (plain.decode(plain.encode(x, 128)) - x).pow(2).mean()
+    e_rot = (rot.decode(rot.encode(x, 128)) - x).pow(2).mean()
+    assert e_rot < e_plain / 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_and_inf_are_refused(bad):
+    x = torch.randn(1, 1, 32, 16)
+    x[0, 0, 3, 2] = bad
+    with pytest.raises(KvshrinkError, match="NaN or infinite"):
+        IntQuant(4, "token").encode(x, 32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_byte_accounting_matches_the_layout(bits):
+    b, h, t, d = 2, 3, 256, 64
+    x = torch.randn(b, h, t, d)
+    keys = IntQuant(bits, "channel", 128).encode(x, 128)
+    values = IntQuant(bits, "token").encode(x, 128)
+    payload = b * h * t * d * bits // 8
+    assert keys.nbytes() == payload + b * h * (t // 128) * d * 2 * 2  # fp16 scale + min per channel per group
+    assert values.nbytes() == payload + b * h * t * 2 * 2  # fp16 scale + min per token
+    for p in (keys, values):
+        assert p.nbytes() == sum(v.numel() * v.element_size() for v in p.tensors.values())
+    assert Fp16().encode(x, 1).nbytes() == b * h * t * d * 2
+
+
+def test_packed_blocks_concatenate_and_truncate():
+    codec = IntQuant(3, "channel", 32)
+    x = torch.randn(1, 2, 96, 16)
+    a, b = codec.encode(x[:, :, :64], 32), codec.encode(x[:, :, 64:], 32)
+    joined = a.cat(b)
+    assert joined.num_tokens == 96
+    assert torch.equal(codec.decode(joined), codec.decode(codec.encode(x, 32)))
+    first = joined.first_blocks(1)
+    assert torch.equal(codec.decode(first), codec.decode(a)[:, :, :32])
+    assert first.nbytes() == joined.nbytes() // 3
+
+
+def test_values_beyond_float16_range_are_refused():
+    x = torch.randn(1, 1, 32, 16)
+    x[0, 0, 0, 0] = 1e6
+    with pytest.raises(KvshrinkError, match="float16 range"):
+        IntQuant(4, "token").encode(x, 32)

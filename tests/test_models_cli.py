@@ -1,0 +1,121 @@
+"""Model loading, architecture checks, and every bad input the CLI must answer in one line."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvshrink import KvshrinkError, load_model
+from kvshrink.cli import main
+from kvshrink.models import spec_from_config
+
+
+def test_spec_of_a_llama_config(tiny_config):
+    spec = spec_from_config(tiny_config)
+    assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.max_context) == (2, 4, 2, 16, 512)
+
+
+def _unsupported_configs():
+    from transformers import Gemma2Config, MambaConfig, MistralConfig, T5Config
+
+    return {
+        "sliding": MistralConfig(sliding_window=64, num_hidden_layers=2, layer_types=["sliding_attention"] * 2),
+        "mixed": Gemma2Config(num_hidden_layers=2),
+        "mamba": MambaConfig(),
+        "encoder-decoder": T5Config(),
+    }
+
+
+@pytest.mark.parametrize("kind", ["sliding", "mixed", "mamba", "encoder-decoder"])
+def test_unsupported_architectures_are_refused(kind):
+    with pytest.raises(KvshrinkError, match="unsupported architecture"):
+        spec_from_config(_unsupported_configs()[kind])
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny_model):
+    """A tiny local model folder (random weights + a word-level tokenizer), 64-token context."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny")
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(125)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    fast.save_pretrained(folder)
+    cfg = tiny_model.config.__class__(**{**tiny_model.config.to_dict(), "max_position_embeddings": 64})
+    model = LlamaForCausalLM(cfg)
+    model.load_state_dict(tiny_model.state_dict())
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_load_local_folder(tiny_folder):
+    model, tok = load_model(tiny_folder)
+    assert model.config.num_hidden_layers == 2 and tok.pad_token is not None
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "--methods", "int4,nope"], "unknown method 'nope'"),
+    (["generate", "--prompt", "hi", "--method", "zip"], "unknown method 'zip'"),
+    (["generate", "--prompt", "hi", "--model", "/no/such/model"], "unknown model '/no/such/model'"),
+    (["bench", "--model", "./missing-folder", "--methods", "int4"], "unknown model"),
+    (["frobnicate"], "invalid choice"),
+    (["bench", "--speed-contexts", "1k"], "integers"),
+])
+def test_bad_input_one_line_exit_2(argv, needle, capsys):
+    code, err = _run(argv, capsys)
+    assert code == 2
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unsupported_architecture_via_cli(tmp_path, capsys):
+    from transformers import MambaConfig
+
+    MambaConfig(num_hidden_layers=1, hidden_size=16, vocab_size=32).save_pretrained(tmp_path)
+    code, err = _run(["generate", "--prompt", "x", "--model", str(tmp_path)], capsys)
+    assert code == 2 and "unsupported architecture 'mamba'" in err and len(err.splitlines()) == 1
+
+
+def test_context_longer_than_model_allows(tiny_folder, capsys):
+    code, err = _run(["generate", "--prompt", "w1 w2 w3", "--model", tiny_folder, "--max-new-tokens", "100", "--raw"], capsys)
+    assert code == 2 and "longer than the model allows (64)" in err
+    code, err = _run(["bench", "--model", tiny_folder, "--methods", "int4", "--sections", "quality",
+                      "--seg-len", "128", "--segments", "1"], capsys)
+    assert code == 2 and "longer than the model allows (64)" in err
+
+
+def test_empty_and_short_corpus(tiny_folder, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    args = ["bench", "--model", tiny_folder, "--methods", "int4", "--sections", "quality", "--seg-len", "32",
+            "--segments", "1", "--speed-contexts", "16", "--needle-lengths", "32", "--out", str(tmp_path / "o")]
+    code, err = _run(args + ["--corpus", str(empty)], capsys)
+    assert code == 2 and "is empty" in err
+    code, err = _run(args + ["--corpus", str(tmp_path / "nope.txt")], capsys)
+    assert code == 2 and "does not exist" in err
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3")
+    code, err = _run(args + ["--corpus", str(short)], capsys)
+    assert code == 2 and "fewer than one segment" in err
+
+
+def test_generate_prints_text_and_memory(tiny_folder, capsys):
+    code = main(["generate", "--prompt", "w1 w2 w3 w4", "--model", tiny_folder, "--max-new-tokens", "20",
+                 "--method", "int4", "--raw"])
+    out = capsys.readouterr().out
+    assert code == 0 and "[int4] cache holds" in out and "fp16 cache" in out
+
+
+def test_cli_entry_point_exit_code():
+    proc = subprocess.run([sys.executable, "-m", "kvshrink.cli", "bench", "--methods", "int9"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "int9" in proc.stderr
