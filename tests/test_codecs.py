@@ -130,3 +130,13 @@ def test_values_beyond_float16_range_are_refused():
     x[0, 0, 0, 0] = 1e6
     with pytest.raises(KvshrinkError, match="float16 range"):
         IntQuant(4, "token").encode(x, 32)
+
+
+@pytest.mark.parametrize("codec", [IntQuant(4, "channel", 32), IntQuant(3, "token"), IntQuant(2, "token", 16, rotate=True), Fp16()])
+def test_decode_into_a_slice_equals_plain_decode(codec):
+    x = torch.randn(2, 3, 64, 32)
+    packed = codec.encode(x, 32)
+    buf = torch.full((2, 3, 100, 32), 7.0)
+    codec.decode(packed, torch.float32, out=buf[..., 10:74, :])
+    assert torch.equal(buf[..., 10:74, :], codec.decode(packed))
+    assert (buf[..., :10, :] == 7).all() and (buf[..., 74:, :] == 7).all()

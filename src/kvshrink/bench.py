@@ -150,7 +150,7 @@ def table(res: dict) -> str:
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:
         r = q.get(n, {})
-        row = [f"`{n}`", _fmt(r.get("ratio"), ".2f", "1 (fp32: 0.5)" if n == REF else "–"), _fmt(r.get("ppl"), ".3f"),
+        row = [f"`{n}`", _fmt(r.get("ratio"), ".2f", "0.50 (fp32)" if n == REF else "–"), _fmt(r.get("ppl"), ".3f"),
                _fmt(100 * r["ppl_change"] if "ppl_change" in r else None, "+.2f") + ("%" if r else ""),
                _fmt(r.get("kl"), ".4f"), _fmt(r.get("top1"), ".3f")]
         if nd:

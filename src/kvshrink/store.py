@@ -91,17 +91,25 @@ class TokenStore:
         self.stage = self.stage_codec.encode(rest, 1) if rest.shape[-2] else None
 
     def decoded(self, dtype: torch.dtype, then: torch.Tensor | None = None) -> torch.Tensor:
-        """All stored tokens decompressed to `dtype`, followed by `then` (one copy, a temporary)."""
-        parts = [self.sink]
-        if self.body is not None:
-            parts.append(self.codec.decode(self.body, dtype))
-        if self.stage is not None:
-            parts.append(self.stage_codec.decode(self.stage, dtype))
-        parts.append(self.window)
-        if then is not None:
-            parts.append(then)
-        parts = [p for p in parts if p.shape[-2]] or [self.window]
-        return torch.cat([p.to(dtype) for p in parts], dim=-2)
+        """All stored tokens decompressed to `dtype`, followed by `then`: one temporary buffer,
+        each part decoded straight into its slice."""
+        extra = then.shape[-2] if then is not None else 0
+        ref = self.sink
+        out = torch.empty(*ref.shape[:2], len(self) + extra, ref.shape[3], dtype=dtype, device=ref.device)
+        at = 0
+        for part, codec in ((self.sink, None), (self.body, self.codec), (self.stage, self.stage_codec),
+                            (self.window, None), (then, None)):
+            if part is None:
+                continue
+            n = part.num_tokens if codec is not None else part.shape[-2]
+            if n:
+                dst = out[..., at:at + n, :]
+                if codec is None:
+                    dst.copy_(part)
+                else:
+                    codec.decode(part, dtype, out=dst)
+                at += n
+        return out
 
     def crop(self, keep: int) -> None:
         """Keep the first `keep` tokens."""

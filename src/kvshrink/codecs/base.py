@@ -85,8 +85,9 @@ class Codec(ABC):
         """x: (batch, kv_heads, tokens, head_dim) float, tokens a multiple of `block`."""
 
     @abstractmethod
-    def decode(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(batch, kv_heads, packed.num_tokens, head_dim) in `dtype`."""
+    def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, kv_heads, packed.num_tokens, head_dim) in `dtype`; written into `out` when given
+        (a slice of a larger tensor: the cache decodes its history into one buffer, not piece by piece)."""
 
     def nbytes(self, packed: Packed) -> int:
         return packed.nbytes()
@@ -104,7 +105,7 @@ class Fp16(Codec):
         b, h, t, d = x.shape
         return Packed({"x": x.to(torch.float16).reshape(b, h, t // block, block, d)}, block, d)
 
-    def decode(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         x = packed.tensors["x"]
-        b, h = x.shape[:2]
-        return x.reshape(b, h, -1, packed.head_dim).to(dtype)
+        x = x.reshape(*x.shape[:2], -1, packed.head_dim)
+        return x.to(dtype) if out is None else out.copy_(x)

@@ -52,8 +52,9 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     lead = packed.shape[:-1]
     mask = (1 << bits) - 1
     if unit_bytes == 1:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        codes = (packed.unsqueeze(-1) >> shifts) & mask
+        # scalar shifts: a broadcast shift tensor takes a much slower kernel
+        parts = [(packed >> s) & mask if s else packed & mask for s in range(0, 8, bits)]
+        codes = torch.stack(parts, dim=-1) if len(parts) > 1 else parts[0]
         return codes.reshape(*lead, -1)[..., :n]
     units = packed.reshape(*lead, -1, unit_bytes).to(torch.int64)
     byte_shifts = torch.arange(unit_bytes, dtype=torch.int64, device=packed.device) * 8

@@ -89,12 +89,17 @@ class IntQuant(Codec):
         tensors = {"codes": pack(codes, self.bits), "scale": scale, "min": mn}
         return Packed(tensors, block, d, {"last": codes.shape[-1]})
 
-    def decode(self, packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         t = packed.tensors
         codes = unpack(t["codes"], self.bits, packed.meta["last"])
-        x = codes.to(dtype) * t["scale"].to(dtype) + t["min"].to(dtype)
-        b, h = x.shape[:2]
-        x = x.reshape(b, h, -1, packed.head_dim)
+        b, h = codes.shape[:2]
+        flat = (b, h, -1, packed.head_dim)
         if self.rotate:
-            x = x @ rotation(packed.head_dim, self.seed).to(x.device, dtype).T
-        return x
+            x = torch.addcmul(t["min"].to(dtype), codes.to(dtype), t["scale"].to(dtype)).reshape(flat)
+            r = rotation(packed.head_dim, self.seed).to(x.device, dtype).T
+            return x @ r if out is None else out.copy_(x @ r)
+        if out is None:
+            return torch.addcmul(t["min"].to(dtype), codes.to(dtype), t["scale"].to(dtype)).reshape(flat)
+        # write through a grouped view of the caller's slice: no temporary for the result
+        torch.addcmul(t["min"].to(dtype), codes.to(dtype), t["scale"].to(dtype), out=out.view(codes.shape))
+        return out
