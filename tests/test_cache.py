@@ -156,3 +156,15 @@ def test_per_token_values_are_coded_once_whatever_the_chunking(tiny_model, tiny_
         n = a.v._n
         assert n(a.v.body) + n(a.v.stage) == n(b.v.body) + n(b.v.stage) == 96
     assert one.nbytes() == steps.nbytes()
+
+
+def test_method_options_in_the_name(tiny_config):
+    cache = CompressedCache.from_method("int4:window=16:block=64", tiny_config)
+    assert (cache.window, cache.block, cache.method) == (16, 64, "int4:window=16:block=64")
+    assert CompressedCache.from_method("int2-rot:key_axis=token", tiny_config).key_codec.axis == "token"
+    with pytest.raises(KvshrinkError, match="unknown option 'bits'"):
+        CompressedCache.from_method("int4:bits=3", tiny_config)
+    with pytest.raises(KvshrinkError, match="needs an integer"):
+        CompressedCache.from_method("int4:window=big", tiny_config)
+    with pytest.raises(KvshrinkError, match="unknown quantization axis"):
+        CompressedCache.from_method("int4:key_axis=diagonal", tiny_config)

@@ -209,12 +209,12 @@ def plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, r in res["quality"].items():
+    for i, (name, r) in enumerate(res["quality"].items()):
         if "ratio" not in r:
             continue
         peer = res["methods"][name]["family"] == "peer"
         ax.scatter(r["ratio"], 100 * r["ppl_change"], marker="s" if peer else "o", color="tab:gray" if peer else "tab:blue")
-        ax.annotate(name, (r["ratio"], 100 * r["ppl_change"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(name, (r["ratio"], 100 * r["ppl_change"]), fontsize=7, xytext=(4, 4 if i % 2 else -10), textcoords="offset points")
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xlabel("compression ratio vs fp16 (bytes really held)")
     ax.set_ylabel("perplexity change vs uncompressed (%)")

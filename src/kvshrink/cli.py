@@ -115,6 +115,8 @@ def cmd_methods(_args) -> None:
     for name in method_names(all_families=True):
         m = REGISTRY[name]
         print(f"{name:16s} {'[peer] ' if m.family == 'peer' else ''}{m.description}")
+    print("\nvariants: append options to a name, e.g. int4:window=32:block=64 "
+          "(int methods: sink, window, block, value_group, key_axis)")
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,7 @@ class Method:
     factory: Callable
     family: str = "kvshrink"  # "kvshrink" or "peer" (another library, same table)
     options: dict = field(default_factory=dict)
+    tunable: tuple = ()  # options a name may override: "int4:window=16:block=64"
 
     def make_cache(self, config, **overrides):
         return self.factory(config, **{**self.options, **overrides})
@@ -45,10 +46,30 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
+    """A registered method, or a variant with options: "int4:window=16:block=64"."""
     _load_peers()
-    if name not in REGISTRY:
-        raise KvshrinkError(f"unknown method {name!r}; known: {', '.join(method_names(all_families=True))}")
-    return REGISTRY[name]
+    base, *opts = name.split(":")
+    if base not in REGISTRY:
+        raise KvshrinkError(f"unknown method {base!r}; known: {', '.join(method_names(all_families=True))}")
+    method = REGISTRY[base]
+    if not opts:
+        return method
+    overrides = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key not in method.tunable:
+            allowed = ", ".join(method.tunable) or "none"
+            raise KvshrinkError(f"unknown option {key!r} for method {base!r} (options: {allowed})")
+        overrides[key] = value if key == "key_axis" else _int_option(key, value)
+    options = {**method.options, **overrides, "method": name}
+    return Method(name, f"{method.description} [{', '.join(opts)}]", method.factory, method.family, options, method.tunable)
+
+
+def _int_option(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise KvshrinkError(f"option {key} needs an integer, got {value!r}") from None
 
 
 def method_names(all_families: bool = False) -> list[str]:
@@ -77,25 +98,28 @@ def int_quant_cache(config, bits: int, rotate: bool = False, sink=SINK, window=W
     return cache
 
 
-def _fp16_cache(config, block=BLOCK, **_):
+def _fp16_cache(config, block=BLOCK, method="fp16", **_):
     from .cache import CompressedCache
 
     cache = CompressedCache(config, key_codec=Fp16(), sink=0, window=0, block=block)
-    cache.method = "fp16"
+    cache.method = method
     return cache
 
 
-register(Method("fp16", "uncompressed reference: keys and values stored as float16", _fp16_cache))
+_INT_OPTIONS = ("sink", "window", "block", "value_group", "key_axis")
+register(Method("fp16", "uncompressed reference: keys and values stored as float16", _fp16_cache, tunable=("block",)))
 for _bits in (8, 4, 3, 2):
     register(Method(
         f"int{_bits}",
         f"{_bits}-bit KIVI layout: keys per channel over {BLOCK} tokens, values per token; fp16 sink {SINK}",
         int_quant_cache,
         options={"bits": _bits, "method": f"int{_bits}"},
+        tunable=_INT_OPTIONS,
     ))
     register(Method(
         f"int{_bits}-rot",
         f"int{_bits} after a randomized Hadamard rotation of each head vector",
         int_quant_cache,
         options={"bits": _bits, "rotate": True, "method": f"int{_bits}-rot"},
+        tunable=_INT_OPTIONS,
     ))
