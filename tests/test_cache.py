@@ -168,3 +168,32 @@ def test_method_options_in_the_name(tiny_config):
         CompressedCache.from_method("int4:window=big", tiny_config)
     with pytest.raises(KvshrinkError, match="unknown quantization axis"):
         CompressedCache.from_method("int4:key_axis=diagonal", tiny_config)
+
+
+def test_needle_records_a_failing_peer_and_raises_for_ours(tiny_model, tiny_config):
+    from transformers import DynamicCache
+
+    from kvshrink.eval.needle import run_needles
+
+    class Tok:  # just enough tokenizer for make_case
+        eos_token_id = 2
+
+        def apply_chat_template(self, msgs, tokenize=False, add_generation_prompt=True):
+            return "<u>" + msgs[0]["content"] + "</u>"
+
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            ids = [3 + (hash(w) % 100) for w in text.split()]
+            t = torch.tensor([ids])
+            return type("E", (), {"input_ids": t if return_tensors else ids})()
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    def broken():
+        raise RuntimeError("peer cannot pack this length")
+
+    res = run_needles(tiny_model, Tok(), {"ref": DynamicCache, "peer": broken}, [200], [0.5], kinds=("noise",),
+                      tolerate=("peer",))
+    assert res["peer"]["errors"] == 1 and res["peer"]["score"] == 0 and "cannot pack" in res["peer"]["cases"][0]["error"]
+    with pytest.raises(RuntimeError):
+        run_needles(tiny_model, Tok(), {"ours": broken}, [200], [0.5], kinds=("noise",))

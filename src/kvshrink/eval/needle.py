@@ -93,8 +93,13 @@ def greedy(model, cache, ids: torch.Tensor, max_new: int, eos: int | None) -> li
     return out
 
 
-def run_needles(model, tokenizer, make_cache: dict, lengths, depths, kinds=KINDS, max_context=None, progress=None):
-    """{method: {"score": mean, "cases": [...]}}; make_cache includes the uncompressed reference."""
+def run_needles(model, tokenizer, make_cache: dict, lengths, depths, kinds=KINDS, max_context=None, progress=None,
+                tolerate=()):
+    """{method: {"score": mean, "cases": [...]}}; make_cache includes the uncompressed reference.
+
+    Methods named in `tolerate` (other libraries) may fail on a case: the failure is recorded as
+    that case's "error" and counted in "errors", never scored as a hit; any other failure raises.
+    """
     results = {name: {"cases": []} for name in make_cache}
     for length in lengths:
         for kind in kinds:
@@ -105,18 +110,24 @@ def run_needles(model, tokenizer, make_cache: dict, lengths, depths, kinds=KINDS
                     raise ValueError(f"needle case of {total} tokens exceeds the model's {max_context}")
                 states = prefill_states(model, case.context)
                 for name, factory in make_cache.items():
-                    cache = factory()
-                    fill(cache, states)
-                    text = tokenizer.decode(greedy(model, cache, case.question, ANSWER_TOKENS, tokenizer.eos_token_id))
-                    results[name]["cases"].append({
-                        "kind": kind, "length": length, "depth": depth, "tokens": total,
-                        "hit": case.answer in text, "output": text.strip(),
-                    })
+                    row = {"kind": kind, "length": length, "depth": depth, "tokens": total}
+                    try:
+                        cache = factory()
+                        fill(cache, states)
+                        out = greedy(model, cache, case.question, ANSWER_TOKENS, tokenizer.eos_token_id)
+                        text = tokenizer.decode(out)
+                        row.update(hit=case.answer in text, output=text.strip())
+                    except Exception as err:  # noqa: BLE001 - only for the tolerated peers
+                        if name not in tolerate:
+                            raise
+                        row.update(hit=False, error=f"{type(err).__name__}: {str(err).splitlines()[0]}")
+                    results[name]["cases"].append(row)
                     if progress is not None:
                         progress()
                 del states
     for r in results.values():
         cases = r["cases"]
+        r["errors"] = sum("error" in c for c in cases)
         r["score"] = sum(c["hit"] for c in cases) / len(cases)
         for length in lengths:
             sub = [c["hit"] for c in cases if c["length"] == length]
