@@ -61,3 +61,13 @@ def test_generate_and_peer_byte_accounting(bundled):
     # quanto packs 4-bit codes two to a byte, plus scales/shifts, plus the fp32 residual window
     assert 0 < held < n * spec_from_config(model.config).fp16_bytes_per_token() * 2
     assert held > sum(l.keys.numel() * 4 + l.values.numel() * 4 for l in peer.layers)
+
+
+@pytest.mark.parametrize("kind", ["noise", "distractor"])
+def test_needle_cases_fit_their_length(bundled, kind):
+    from kvshrink.eval.needle import ANSWER_TOKENS, make_case
+
+    for length in (2048, 8192):
+        case = make_case(bundled[1], length, 0.9, kind)
+        total = case.context.shape[1] + case.question.shape[1] + ANSWER_TOKENS
+        assert length - 200 < total <= length

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ..errors import KvshrinkError
+
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 WORDS = (
     "apple river stone cloud maple falcon copper violet harbor meadow lantern ember glacier orchid "
@@ -56,6 +58,9 @@ def make_case(tokenizer, length: int, depth: float, kind: str, seed: int = 0) ->
     head, tail = chat.split("HAYSTACK")
     tail += f"The special magic number for {keys[0]} mentioned in the provided text is"
     n_fixed = len(tokenizer(head + tail, add_special_tokens=False).input_ids) + 40
+    needles = keys if kind == "distractor" else keys[:1]  # every needle takes room from the noise
+    n_fixed += sum(len(tokenizer(" " + _needle(k, n), add_special_tokens=False).input_ids)
+                   for k, n in zip(needles, numbers))
     per = len(tokenizer(" " + NOISE, add_special_tokens=False).input_ids)
     sentences = [NOISE] * max(1, (length - n_fixed - ANSWER_TOKENS) // per)
     sentences.insert(round(depth * len(sentences)), _needle(keys[0], numbers[0]))
@@ -107,7 +112,7 @@ def run_needles(model, tokenizer, make_cache: dict, lengths, depths, kinds=KINDS
                 case = make_case(tokenizer, length, depth, kind)
                 total = case.context.shape[1] + case.question.shape[1] + ANSWER_TOKENS
                 if max_context and total > max_context:
-                    raise ValueError(f"needle case of {total} tokens exceeds the model's {max_context}")
+                    raise KvshrinkError(f"needle case of {total} tokens exceeds the model's {max_context}")
                 states = prefill_states(model, case.context)
                 for name, factory in make_cache.items():
                     row = {"kind": kind, "length": length, "depth": depth, "tokens": total}
