@@ -28,6 +28,11 @@ def stage_codec(codec: Codec) -> Codec:
     return IntQuant(min(8, 2 * getattr(codec, "bits", 4)), "token")
 
 
+def _stage_for(codec: Codec) -> Codec | None:
+    # per-token codecs stage their own codes; only whole-block codecs need a stage codec
+    return stage_codec(codec) if codec.block_tokens > 1 else None
+
+
 class CompressedLayer(CacheLayerMixin):
     """One layer's compressed keys and values."""
 
@@ -36,8 +41,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def __init__(self, key_codec: Codec, value_codec: Codec, sink: int, window: int, block: int):
         super().__init__()
-        self.k = TokenStore(key_codec, sink, window, block, stage_codec(key_codec))
-        self.v = TokenStore(value_codec, sink, window, block, stage_codec(value_codec))
+        self.k = TokenStore(key_codec, sink, window, block, _stage_for(key_codec))
+        self.v = TokenStore(value_codec, sink, window, block, _stage_for(value_codec))
 
     # --- transformers layer API -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
