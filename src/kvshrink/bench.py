@@ -86,7 +86,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     spec = spec_from_config(model.config)
     validate(cfg, spec)
     methods = {n: get_method(n) for n in cfg.methods}
-    makers = {n: (lambda m=m: m.make_cache(model.config)) for n, m in methods.items()}
+    models = {n: m.prepare_model(model, tok, cfg.corpus) for n, m in methods.items()}  # ZDC: a transformed copy
+    makers = {n: (lambda m=m, n=n: m.make_cache(models[n])) for n, m in methods.items()}
     with_ref = {REF: DynamicCache, **makers}
     need = max(cfg.segments * cfg.seg_len, max(cfg.speed_contexts) + cfg.decode_steps + 1)
     ids = load_corpus_ids(tok, cfg.corpus, need + 64)
@@ -103,17 +104,17 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         if "speed" in cfg.sections:
             task = bar.add_task("speed + memory", total=len(cfg.speed_contexts) * len(with_ref))
             res["speed"] = measure_speed(model, spec, with_ref, ids[None, :need], cfg.speed_contexts,
-                                         cfg.decode_steps, lambda: bar.advance(task))
+                                         cfg.decode_steps, lambda: bar.advance(task), models)
             res["direct_prefill_tok_s"] = {
                 "tokens": cfg.direct_prefill,
-                "by_method": measure_direct_prefill(model, with_ref, ids[None, :], cfg.direct_prefill),
+                "by_method": measure_direct_prefill(model, with_ref, ids[None, :], cfg.direct_prefill, models),
             }
             _checkpoint(res, cfg.out, t_start)
         if "quality" in cfg.sections:
             segs = segments(ids, cfg.seg_len, cfg.segments)
             steps = cfg.segments * -(-cfg.seg_len // cfg.chunk)
             task = bar.add_task("perplexity + agreement", total=steps)
-            res["quality"] = evaluate_quality(model, spec, makers, segs, cfg.chunk, lambda: bar.advance(task))
+            res["quality"] = evaluate_quality(model, spec, makers, segs, cfg.chunk, lambda: bar.advance(task), models)
             res["quality_protocol"] = {"segments": cfg.segments, "segment_tokens": cfg.seg_len, "chunk": cfg.chunk,
                                        "predicted_tokens": res["quality"][REF]["tokens"]}
             _checkpoint(res, cfg.out, t_start)
@@ -123,7 +124,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             peers = tuple(n for n, m in methods.items() if m.family == "peer")
             res["needle"] = run_needles(model, tok, with_ref, cfg.needle_lengths, cfg.needle_depths,
                                         max_context=spec.max_context, progress=lambda: bar.advance(task),
-                                        tolerate=peers)
+                                        tolerate=peers, models=models)
     res["elapsed_s"] = time.time() - t_start
     write_outputs(res, cfg.out)
     return res

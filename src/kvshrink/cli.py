@@ -1,4 +1,4 @@
-"""Command line: `kvshrink bench | generate | methods`.
+"""Command line: `kvshrink bench | generate | calibrate | methods`.
 
 Bad input prints one line naming the problem and exits with code 2.
 """
@@ -51,8 +51,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
+    c = sub.add_parser("calibrate", help="calibrate a method that needs it (zdc: low-rank bases and loss proxies)")
+    c.add_argument("--method", required=True, help="zdc")
+    c.add_argument("--model")
+    c.add_argument("--corpus", help="text file (default: WikiText-2 test; its last tokens are used)")
+    c.add_argument("--sequences", type=int, default=4)
+    c.add_argument("--length", type=int, default=512)
+    c.add_argument("--key-basis", default="query", help="query (query-weighted PCA), joint or key")
+    c.add_argument("--value-basis", default="output", help="output (o_proj-weighted PCA) or pca")
+    c.add_argument("--out", help="file to write (default: where zdc methods look for this model)")
+
     sub.add_parser("methods", help="list registered methods")
     return p
+
+
+def cmd_calibrate(args) -> None:
+    import time
+
+    from .models import load_model
+    from .transforms import zdc
+
+    if args.method != "zdc":
+        raise KvshrinkError(f"no calibration for method {args.method!r}; calibrated methods: zdc")
+    if args.sequences < 1 or args.length < 8:
+        raise KvshrinkError("--sequences must be at least 1 and --length at least 8")
+    model, tok = load_model(args.model)
+    ids, desc = zdc.calibration_ids(tok, args.corpus, args.sequences, args.length)
+    t0 = time.time()
+    calib = zdc.calibrate(model, ids, desc, key_basis=args.key_basis, value_basis=args.value_basis)
+    path = args.out or zdc.default_calibration_path(model)
+    calib.save(path)
+    ek = calib.ek / calib.ek.sum(-1, keepdim=True)
+    ev = calib.ev / calib.ev.sum(-1, keepdim=True)
+    half = calib.uk.shape[-1] // 2
+    print(f"ZDC calibration: {ids.numel()} tokens (corpus tokens {desc['tokens'][0]}..{desc['tokens'][1]}), "
+          f"{time.time() - t0:.0f} s -> {path}")
+    print(f"energy kept by half the dimensions: keys {100 * ek[..., :half].sum(-1).mean():.1f}% "
+          f"(min {100 * ek[..., :half].sum(-1).min():.1f}%), values {100 * ev[..., :half].sum(-1).mean():.1f}% "
+          f"(min {100 * ev[..., :half].sum(-1).min():.1f}%)")
 
 
 def cmd_bench(args) -> None:
@@ -97,7 +133,8 @@ def cmd_generate(args) -> None:
                             f"the model allows ({spec.max_context})")
     from .eval.peers import cache_nbytes
 
-    cache = method.make_cache(model.config)
+    model = method.prepare_model(model, tok)
+    cache = method.make_cache(model)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                              max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -116,13 +153,14 @@ def cmd_methods(_args) -> None:
         m = REGISTRY[name]
         print(f"{name:16s} {'[peer] ' if m.family == 'peer' else ''}{m.description}")
     print("\nvariants: append options to a name, e.g. int4:window=32:block=64 "
-          "(int methods: sink, window, block, value_group, key_axis)")
+          "(int methods: sink, window, block, value_group, key_axis; zdc methods: alloc, sink, sink_rank, window, "
+          "block)")
 
 
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        {"bench": cmd_bench, "generate": cmd_generate, "methods": cmd_methods}[args.cmd](args)
+        {"bench": cmd_bench, "generate": cmd_generate, "methods": cmd_methods, "calibrate": cmd_calibrate}[args.cmd](args)
     except KvshrinkError as err:
         print(f"kvshrink: error: {err}", file=sys.stderr)
         return 2

@@ -30,9 +30,16 @@ class Method:
     family: str = "kvshrink"  # "kvshrink" or "peer" (another library, same table)
     options: dict = field(default_factory=dict)
     tunable: tuple = ()  # options a name may override: "int4:window=16:block=64"
+    prepare: Callable | None = None  # (model, tokenizer, corpus) -> the model this method runs on
 
-    def make_cache(self, config, **overrides):
-        return self.factory(config, **{**self.options, **overrides})
+    def make_cache(self, target, **overrides):
+        """target: the model (or its config, for methods that need only the config)."""
+        if self.prepare is None:
+            target = getattr(target, "config", target)
+        return self.factory(target, **{**self.options, **overrides})
+
+    def prepare_model(self, model, tokenizer, corpus=None):
+        return model if self.prepare is None else self.prepare(model, tokenizer, corpus)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -60,9 +67,13 @@ def get_method(name: str) -> Method:
         if key not in method.tunable:
             allowed = ", ".join(method.tunable) or "none"
             raise KvshrinkError(f"unknown option {key!r} for method {base!r} (options: {allowed})")
-        overrides[key] = value if key == "key_axis" else _int_option(key, value)
+        overrides[key] = value if key in _TEXT_OPTIONS else _int_option(key, value)
     options = {**method.options, **overrides, "method": name}
-    return Method(name, f"{method.description} [{', '.join(opts)}]", method.factory, method.family, options, method.tunable)
+    return Method(name, f"{method.description} [{', '.join(opts)}]", method.factory, method.family, options,
+                  method.tunable, method.prepare)
+
+
+_TEXT_OPTIONS = ("key_axis", "alloc")
 
 
 def _int_option(key: str, value: str) -> int:
@@ -123,3 +134,6 @@ for _bits in (8, 4, 3, 2):
         options={"bits": _bits, "rotate": True, "method": f"int{_bits}-rot"},
         tunable=_INT_OPTIONS,
     ))
+
+
+from . import zdc_methods  # noqa: E402,F401  (registers the zdc-* methods)

@@ -73,7 +73,11 @@ def make_case(tokenizer, length: int, depth: float, kind: str, seed: int = 0) ->
 
 
 def fill(cache, states) -> None:
-    """Store prefill states [(k, v) per layer] in `cache`, as a prefill through it would."""
+    """Store prefill states [(k, v) per layer] in `cache`, as a prefill through it would.
+    A cache whose model was transformed (ZDC) converts the states itself (`fill_reference`)."""
+    if hasattr(cache, "fill_reference"):
+        cache.fill_reference(states)
+        return
     for i, (k, v) in enumerate(states):
         cache.update(k, v, i)
 
@@ -99,12 +103,13 @@ def greedy(model, cache, ids: torch.Tensor, max_new: int, eos: int | None) -> li
 
 
 def run_needles(model, tokenizer, make_cache: dict, lengths, depths, kinds=KINDS, max_context=None, progress=None,
-                tolerate=()):
+                tolerate=(), models: dict | None = None):
     """{method: {"score": mean, "cases": [...]}}; make_cache includes the uncompressed reference.
 
     Methods named in `tolerate` (other libraries) may fail on a case: the failure is recorded as
     that case's "error" and counted in "errors", never scored as a hit; any other failure raises.
     """
+    models = models or {}
     results = {name: {"cases": []} for name in make_cache}
     for length in lengths:
         for kind in kinds:
@@ -119,7 +124,7 @@ def run_needles(model, tokenizer, make_cache: dict, lengths, depths, kinds=KINDS
                     try:
                         cache = factory()
                         fill(cache, states)
-                        out = greedy(model, cache, case.question, ANSWER_TOKENS, tokenizer.eos_token_id)
+                        out = greedy(models.get(name, model), cache, case.question, ANSWER_TOKENS, tokenizer.eos_token_id)
                         text = tokenizer.decode(out)
                         row.update(hit=case.answer in text, output=text.strip())
                     except Exception as err:  # noqa: BLE001 - only for the tolerated peers

@@ -46,8 +46,11 @@ def fp16_nbytes(spec, batch: int, tokens: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_quality(model, spec, make_cache: dict, segs: list[torch.Tensor], chunk: int = 64, progress=None) -> dict:
-    """{name: metrics} for the reference and each `make_cache[name]()`, over `segs`."""
+def evaluate_quality(model, spec, make_cache: dict, segs: list[torch.Tensor], chunk: int = 64, progress=None,
+                     models: dict | None = None) -> dict:
+    """{name: metrics} for the reference and each `make_cache[name]()`, over `segs`;
+    `models[name]` runs that method where given (a transformed copy), else `model`."""
+    models = models or {}
     tallies = {REFERENCE: QualityTally(), **{n: QualityTally() for n in make_cache}}
     for seg in segs:
         ids = seg.unsqueeze(0)
@@ -58,7 +61,7 @@ def evaluate_quality(model, spec, make_cache: dict, segs: list[torch.Tensor], ch
             n = targets.numel()
             ref_logp = None
             for name, cache in caches.items():
-                logits = model(piece, past_key_values=cache, use_cache=True).logits[0, :n].float()
+                logits = models.get(name, model)(piece, past_key_values=cache, use_cache=True).logits[0, :n].float()
                 logp = torch.log_softmax(logits, -1)
                 t = tallies[name]
                 t.nll -= logp.gather(1, targets[:, None]).sum().item()

@@ -64,8 +64,11 @@ class PeakRSS:
 
 
 @torch.no_grad()
-def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, steps: int = 16, progress=None):
-    """{method: {L: {...}}}; make_cache includes the uncompressed reference."""
+def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, steps: int = 16, progress=None,
+                  models: dict | None = None):
+    """{method: {L: {...}}}; make_cache includes the uncompressed reference; `models[name]`
+    decodes that method where given (a transformed copy), else `model`."""
+    models = models or {}
     out = {name: {} for name in make_cache}
     for length in contexts:
         ctx = ids[:, :length]
@@ -85,7 +88,7 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
                 x, lat = first, []
                 for _ in range(steps):
                     t0 = time.perf_counter()
-                    logits = model(x, past_key_values=cache, use_cache=True).logits[0, -1]
+                    logits = models.get(name, model)(x, past_key_values=cache, use_cache=True).logits[0, -1]
                     lat.append(time.perf_counter() - t0)
                     x = logits.argmax().view(1, 1)
             lat_sorted = sorted(lat)
@@ -109,12 +112,12 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
 
 
 @torch.no_grad()
-def measure_direct_prefill(model, make_cache: dict, ids: torch.Tensor, length: int) -> dict:
+def measure_direct_prefill(model, make_cache: dict, ids: torch.Tensor, length: int, models: dict | None = None) -> dict:
     """Prefill tokens/s measured end to end through each cache (checks the shared-prefill figure)."""
-    out = {}
+    models, out = models or {}, {}
     for name, factory in make_cache.items():
         cache = factory()
         t0 = time.perf_counter()
-        model(ids[:, :length], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        models.get(name, model)(ids[:, :length], past_key_values=cache, use_cache=True, logits_to_keep=1)
         out[name] = length / (time.perf_counter() - t0)
     return out

@@ -1,0 +1,107 @@
+"""Attention for ZDC-transformed models, in the reduced dimensions.
+
+A `ZdcCache` layer hands the attention, per KV head, a list of segments: the
+sink tokens (keeping `sink_rank` coordinates), the coded body (r_k / r_v
+coordinates) and the tokens of the current call (all coordinates: they attend
+to each other exactly, as in every kvshrink cache). Each segment is used at its
+own width: the query is rotated into the key basis once and its leading
+coordinates meet each segment's keys; the value sums land in the leading
+coordinates of the output, which the folded `o_proj` maps back. No past key or
+value is ever widened to head_dim.
+
+Registered with transformers' AttentionInterface as "kvshrink_zdc".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import KvshrinkError
+
+NAME = "kvshrink_zdc"
+QUERY_CHUNK = 1024  # query rows per score matrix: bounds memory on long prefills
+
+
+@dataclass
+class Segment:
+    keys: torch.Tensor  # (B, n, d_k)
+    values: torch.Tensor  # (B, n, d_v)
+
+
+@dataclass
+class ZdcStates:
+    """What a ZdcCache layer returns from `update`: per KV head, its segments, oldest first."""
+
+    heads: list[list[Segment]]
+
+    @property
+    def length(self) -> int:
+        return sum(s.keys.shape[1] for s in self.heads[0])
+
+
+def _mask_bias(mask, b: int, t: int, s: int, device) -> torch.Tensor | None:
+    """Additive (B or 1, 1, T, S) float bias from transformers' mask (bool, float or None = causal)."""
+    if mask is None:
+        if t == 1:
+            return None
+        keep = torch.ones(t, s, dtype=torch.bool, device=device).tril(s - t)
+        mask = keep[None, None]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
+    return mask
+
+
+def zdc_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if not isinstance(key, ZdcStates):
+        raise KvshrinkError(
+            "a ZDC-transformed model needs its ZdcCache: pass "
+            "past_key_values=CompressedCache.from_method('zdc-...', model)"
+        )
+    b, hq, t, d = query.shape
+    heads = key.heads
+    group = hq // len(heads)
+    s = key.length
+    scale = scaling if scaling is not None else d ** -0.5
+    bias = _mask_bias(attention_mask, b, t, s, query.device)
+    if bias is not None:
+        bias = bias[..., -s:]
+    out = query.new_zeros(b, t, hq, d)
+    qk = module.zdc_qk  # (H, D, D)
+    for h, segs in enumerate(heads):
+        q = query[:, h * group:(h + 1) * group] @ qk[h]  # (B, G, T, D): the key basis' dual coordinates
+        for t0 in range(0, t, QUERY_CHUNK):
+            qc = q[:, :, t0:t0 + QUERY_CHUNK]
+            tc = qc.shape[2]
+            scores = qc.new_empty(b, group, tc, s)
+            at = 0
+            for seg in segs:
+                n, dk = seg.keys.shape[1], seg.keys.shape[2]
+                if n and dk:
+                    torch.matmul(qc[..., :dk], seg.keys[:, None].transpose(-1, -2), out=scores[..., at:at + n])
+                elif n:
+                    scores[..., at:at + n] = 0
+                at += n
+            scores.mul_(scale)
+            if bias is not None:
+                scores.add_(bias[:, :, t0:t0 + tc])
+            probs = torch.softmax(scores, dim=-1)
+            if bias is not None:
+                probs.nan_to_num_(0.0)  # rows of left padding mask every key
+            acc = out[:, t0:t0 + tc, h * group:(h + 1) * group].transpose(1, 2)  # (B, G, tc, D) view
+            at = 0
+            for seg in segs:
+                n, dv = seg.values.shape[1], seg.values.shape[2]
+                if n and dv:
+                    acc[..., :dv] += probs[..., at:at + n] @ seg.values[:, None]
+                at += n
+    return out, None
+
+
+def register() -> None:
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(NAME, zdc_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)

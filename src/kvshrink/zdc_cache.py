@@ -1,0 +1,229 @@
+"""ZdcCache: the cache of a ZDC-transformed model (see transforms/zdc.py).
+
+Per layer and KV head, keys are rotated into their calibrated basis as they
+arrive (right after RoPE) and values arrive already rotated (folded v_proj).
+Each token keeps only its leading coordinates, for real: the first `sink`
+tokens and the `window` most recent ones keep `sink_rank` (float16; these are
+the tokens that draw most of the attention), every other token r_k (keys) /
+r_v (values) of its head, so each head is its own pair of `TokenStore`s of its
+own width, coded by
+any codec (float16 alone, or int4/int3 on top: `zdc-50+int4`). Nothing is
+padded to a common width and nothing is widened back on read: `update` hands
+the attention function the segments at their stored widths.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .attention.zdc import Segment, ZdcStates
+from .cache import FP16_BYTES, _stage_for
+from .codecs.base import Codec, tensor_nbytes
+from .errors import KvshrinkError
+from .store import TokenStore, _slice
+
+
+class ZdcLayer(CacheLayerMixin):
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, uk: torch.Tensor, uv: torch.Tensor, rk, rv, sink: int, sink_rank: int,
+                 key_codec: Codec, value_codec: Codec, window: int, block: int):
+        super().__init__()
+        self.uk, self.uv = uk, uv  # (H, D, D)
+        self.rk, self.rv = [int(r) for r in rk], [int(r) for r in rv]
+        self.sink, self.sink_rank = sink, sink_rank
+        self.window = window
+        self.ks = [TokenStore(key_codec, 0, 0, block, _stage_for(key_codec)) for _ in self.rk]
+        self.vs = [TokenStore(value_codec, 0, 0, block, _stage_for(value_codec)) for _ in self.rv]
+        self.k_sink = self.v_sink = None  # (B, H, n, sink_rank) float16
+        self.k_win = self.v_win = None  # (B, H, n <= window, sink_rank) float16, oldest first
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        b, h, _, d = key_states.shape
+        if h != len(self.rk) or d != self.uk.shape[-1]:
+            raise KvshrinkError(f"ZDC cache built for {len(self.rk)} KV heads of {self.uk.shape[-1]}, got {h} of {d}")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.uk, self.uv = self.uk.to(self.device), self.uv.to(self.device)
+        self.k_sink = key_states.new_empty(b, h, 0, self.sink_rank, dtype=torch.float16)
+        self.v_sink = self.k_sink.clone()
+        self.k_win, self.v_win = self.k_sink.clone(), self.k_sink.clone()
+        for i, (ks, vs) in enumerate(zip(self.ks, self.vs)):
+            ks.init(key_states.new_empty(b, 1, 0, self.rk[i]))
+            vs.init(key_states.new_empty(b, 1, 0, self.rv[i]))
+        self.is_initialized = True
+
+    def _n_sink(self) -> int:
+        return self.k_sink.shape[2]
+
+    def _n_win(self) -> int:
+        return self.k_win.shape[2]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k = torch.einsum("bhtd,hde->bhte", key_states, self.uk.to(key_states.dtype))
+        v = value_states
+        dtype = key_states.dtype
+        heads = []
+        n_sink = self._n_sink()
+        for h in range(len(self.rk)):
+            segs = []
+            if n_sink:
+                segs.append(Segment(self.k_sink[:, h].to(dtype), self.v_sink[:, h].to(dtype)))
+            if len(self.ks[h]):
+                segs.append(Segment(self.ks[h].decoded(dtype)[:, 0], self.vs[h].decoded(dtype)[:, 0]))
+            if self._n_win():
+                segs.append(Segment(self.k_win[:, h].to(dtype), self.v_win[:, h].to(dtype)))
+            segs.append(Segment(k[:, h], v[:, h]))  # this call's tokens, exact
+            heads.append(segs)
+        self._append(k, v)
+        states = ZdcStates(heads)
+        return states, states
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        room = self.sink - self._n_sink()
+        if room > 0:
+            self.k_sink = torch.cat([self.k_sink, k[:, :, :room, :self.sink_rank].half()], 2)
+            self.v_sink = torch.cat([self.v_sink, v[:, :, :room, :self.sink_rank].half()], 2)
+            k, v = k[:, :, room:], v[:, :, room:]
+        if k.shape[2] == 0:
+            return
+        if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+            raise KvshrinkError("key/value states are NaN or infinite")
+        if self.window:
+            kw = torch.cat([self.k_win, k[..., :self.sink_rank].half()], 2)
+            vw = torch.cat([self.v_win, v[..., :self.sink_rank].half()], 2)
+            out = kw.shape[2] - self.window
+            self.k_win, self.v_win = _slice(kw, max(out, 0)), _slice(vw, max(out, 0))
+            if out <= 0:
+                return
+            k, v = kw[:, :, :out].float(), vw[:, :, :out].float()
+        for h in range(len(self.rk)):
+            self.ks[h].append(k[:, h:h + 1, :, :self.rk[h]])
+            self.vs[h].append(v[:, h:h + 1, :, :self.rv[h]])
+
+    def fill_reference(self, key_states, value_states) -> None:
+        """Store prefill states computed by the original model (values not yet rotated)."""
+        v = torch.einsum("bhtd,hde->bhte", value_states, self.uv.to(value_states))
+        self.update(key_states, v)
+
+    def get_seq_length(self) -> int:
+        return self._n_sink() + len(self.ks[0]) + self._n_win() if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        for s in self.ks + self.vs:
+            s.sink = None
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise KvshrinkError("crop takes a negative number of tokens to remove, as DynamicCache does")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        keep = max(self.get_seq_length() + tokens_to_remove, 0)
+        n_sink, n_body = self._n_sink(), len(self.ks[0])
+        if keep >= n_sink + n_body:
+            self.k_win, self.v_win = (_slice(t, 0, keep - n_sink - n_body) for t in (self.k_win, self.v_win))
+            return
+        # the window is dropped; the kept tokens stay at the width they were stored with
+        self.k_win, self.v_win = _slice(self.k_win, 0, 0), _slice(self.v_win, 0, 0)
+        if keep >= n_sink:
+            for s in self.ks + self.vs:
+                s.crop(keep - n_sink)
+            return
+        self.k_sink, self.v_sink = _slice(self.k_sink, 0, keep), _slice(self.v_sink, 0, keep)
+        for s in self.ks + self.vs:
+            s.crop(0)
+
+    def _batch_map(self, on_tensor, on_packed) -> None:
+        self.k_sink, self.v_sink = on_tensor(self.k_sink), on_tensor(self.v_sink)
+        self.k_win, self.v_win = on_tensor(self.k_win), on_tensor(self.v_win)
+        for s in self.ks + self.vs:
+            s.map_batch(on_tensor, on_packed)
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._batch_map(lambda t: t.index_select(0, beam_idx.to(t.device)), lambda p: p.select_batch(beam_idx))
+
+    def batch_select_indices(self, indices) -> None:
+        idx = torch.as_tensor(indices)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().flatten()
+        self._batch_map(lambda t: t.index_select(0, idx.to(t.device)), lambda p: p.select_batch(idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_map(lambda t: t.repeat_interleave(repeats, 0), lambda p: p.repeat_batch(repeats))
+
+    def tensors(self) -> list[torch.Tensor]:
+        if not self.is_initialized:
+            return []
+        out = [self.k_sink, self.v_sink, self.k_win, self.v_win]
+        for s in self.ks + self.vs:
+            out.extend(s.tensors())
+        return out
+
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.tensors())
+
+    def fp16_nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        b, h, _, _ = self.k_sink.shape
+        return 2 * b * h * self.get_seq_length() * self.uk.shape[-1] * FP16_BYTES
+
+
+class ZdcCache(Cache):
+    """A transformers Cache for a model after `transforms.zdc.apply`."""
+
+    def __init__(self, model, ranks, key_codec: Codec, value_codec: Codec | None = None, sink: int = 4,
+                 window: int = 0, block: int = 128, method: str | None = None):
+        calib = getattr(model, "kvshrink_zdc", None)
+        if calib is None:
+            raise KvshrinkError(
+                "ZDC methods need a ZDC-transformed model: model = kvshrink.transforms.zdc.apply(model, calibration)"
+            )
+        value_codec = value_codec or key_codec
+        for codec in (key_codec, value_codec):
+            if block % codec.block_tokens:
+                raise KvshrinkError(f"block {block} is not a multiple of {codec.describe()}'s {codec.block_tokens} tokens")
+        self.method, self.ranks, self.sink = method, ranks, sink
+        self.key_codec, self.value_codec, self.window, self.block = key_codec, value_codec, window, block
+        layers = [
+            ZdcLayer(calib.uk[i], calib.uv[i], ranks.k[i], ranks.v[i], sink, ranks.sink_rank,
+                     key_codec, value_codec, window, block)
+            for i in range(calib.uk.shape[0])
+        ]
+        super().__init__(layers=layers)
+
+    def fill_reference(self, states) -> None:
+        """Fill from [(keys, values)] per layer of the original model's prefill."""
+        for layer, (k, v) in zip(self.layers, states):
+            layer.fill_reference(k, v)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def fp16_nbytes(self) -> int:
+        return sum(layer.fp16_nbytes() for layer in self.layers)
+
+    def compression_ratio(self) -> float:
+        held = self.nbytes()
+        return self.fp16_nbytes() / held if held else float("nan")
+
+    def describe(self) -> str:
+        frac = self.ranks.fraction(self.layers[0].uk.shape[-1])
+        return (f"ZDC ranks keep {100 * frac:.0f}% of dims (sink tokens {self.ranks.sink_rank}); "
+                f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}")
