@@ -233,3 +233,15 @@ def test_bad_budget_and_options(calib):
         zdc.choose_ranks(calib, 0.5, alloc="magic")
     with pytest.raises(KvshrinkError, match="unknown key basis"):
         zdc.calibrate(None, torch.zeros(1, 4, dtype=torch.long), key_basis="nope")
+
+
+def test_bundled_model_full_rank_is_exact(bundled):
+    model, tok = bundled
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt").input_ids[:, :48]
+    cal = zdc.calibrate(model, ids[:, :32])
+    z = zdc.apply(model, cal)
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = z(ids, past_key_values=zdc_cache(z, 100, alloc="uniform")).logits
+    assert (ref - got).abs().max() < 1e-3 * ref.abs().max()
+    assert cal.header["shape"] == [30, 9, 3, 64]

@@ -21,7 +21,9 @@ DEFAULT_PEERS = ("hf-quanto-int4", "hf-quanto-int2", "hf-hqq-int4", "hf-hqq-int2
 
 
 def default_methods() -> list[str]:
-    names = method_names()
+    from .methods import REGISTRY
+
+    names = [n for n in method_names() if REGISTRY[n].default]
     return names + [p for p in DEFAULT_PEERS if p in method_names(all_families=True)]
 
 

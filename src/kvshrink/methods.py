@@ -31,6 +31,7 @@ class Method:
     options: dict = field(default_factory=dict)
     tunable: tuple = ()  # options a name may override: "int4:window=16:block=64"
     prepare: Callable | None = None  # (model, tokenizer, corpus) -> the model this method runs on
+    default: bool = True  # run by a plain `kvshrink bench`
 
     def make_cache(self, target, **overrides):
         """target: the model (or its config, for methods that need only the config)."""
@@ -70,7 +71,7 @@ def get_method(name: str) -> Method:
         overrides[key] = value if key in _TEXT_OPTIONS else _int_option(key, value)
     options = {**method.options, **overrides, "method": name}
     return Method(name, f"{method.description} [{', '.join(opts)}]", method.factory, method.family, options,
-                  method.tunable, method.prepare)
+                  method.tunable, method.prepare, default=False)
 
 
 _TEXT_OPTIONS = ("key_axis", "alloc")

@@ -56,9 +56,13 @@ ADAPTIVE_WINDOW = 64
 _OPTIONS = ("alloc", "sink", "sink_rank", "window", "block")
 
 
+# a plain `kvshrink bench` runs these; the rest by name (--methods)
+_IN_DEFAULT_BENCH = ("zdc-50", "zdc-adaptive-50", "zdc-adaptive-75+int3", "zdc-adaptive-50+int4")
+
+
 def _register(name: str, description: str, **options) -> None:
     register(Method(name, description, zdc_cache, options={**options, "method": name}, tunable=_OPTIONS,
-                    prepare=prepare))
+                    prepare=prepare, default=name in _IN_DEFAULT_BENCH))
 
 
 for _pct in (75, 50):

@@ -4,8 +4,8 @@ A `ZdcCache` layer hands the attention, per KV head, a list of segments: the
 sink tokens (keeping `sink_rank` coordinates), the coded body (r_k / r_v
 coordinates) and the tokens of the current call (all coordinates: they attend
 to each other exactly, as in every kvshrink cache). Each segment is used at its
-own width: the query is rotated into the key basis once and its leading
-coordinates meet each segment's keys; the value sums land in the leading
+own width: the query is mapped once into the dual of the key basis and its
+leading coordinates meet each segment's keys; the value sums land in the leading
 coordinates of the output, which the folded `o_proj` maps back. No past key or
 value is ever widened to head_dim.
 
