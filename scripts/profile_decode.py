@@ -9,7 +9,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from kvshrink import CompressedCache, load_model
+from kvshrink import get_method, load_model
 from kvshrink.eval.data import load_corpus_ids
 from kvshrink.eval.needle import fill, prefill_states
 
@@ -23,7 +23,9 @@ def main():
     model, tok = load_model()
     ids = load_corpus_ids(tok, max_tokens=args.context + 1)[None]
     states = prefill_states(model, ids[:, :args.context])
-    cache = CompressedCache.from_method(args.method, model.config)
+    method = get_method(args.method)
+    model = method.prepare_model(model, tok)  # ZDC: the transformed copy
+    cache = method.make_cache(model)
     fill(cache, states)
     x = ids[:, args.context:]
     with torch.no_grad():

@@ -74,27 +74,22 @@ def zdc_attention(module, query, key, value, attention_mask, scaling=None, dropo
         for t0 in range(0, t, QUERY_CHUNK):
             qc = q[:, :, t0:t0 + QUERY_CHUNK]
             tc = qc.shape[2]
-            scores = qc.new_empty(b, group, tc, s)
-            at = 0
-            for seg in segs:
-                n, dk = seg.keys.shape[1], seg.keys.shape[2]
-                if n and dk:
-                    torch.matmul(qc[..., :dk], seg.keys[:, None].transpose(-1, -2), out=scores[..., at:at + n])
-                elif n:
-                    scores[..., at:at + n] = 0
-                at += n
-            scores.mul_(scale)
+            # the group's query rows share one key matrix: (B, G*tc, d) x (B, d, n), no broadcast copies
+            qf = qc.reshape(b, group * tc, d)
+            parts = [torch.bmm(qf[..., :seg.keys.shape[2]], seg.keys.transpose(1, 2)) for seg in segs]
+            scores = torch.cat(parts, -1).view(b, group, tc, s).mul_(scale)
             if bias is not None:
                 scores.add_(bias[:, :, t0:t0 + tc])
             probs = torch.softmax(scores, dim=-1)
             if bias is not None:
                 probs.nan_to_num_(0.0)  # rows of left padding mask every key
+            pf = probs.view(b, group * tc, s)
             acc = out[:, t0:t0 + tc, h * group:(h + 1) * group].transpose(1, 2)  # (B, G, tc, D) view
             at = 0
             for seg in segs:
                 n, dv = seg.values.shape[1], seg.values.shape[2]
                 if n and dv:
-                    acc[..., :dv] += probs[..., at:at + n] @ seg.values[:, None]
+                    acc[..., :dv] += torch.bmm(pf[..., at:at + n], seg.values).view(b, group, tc, dv)
                 at += n
     return out, None
 
