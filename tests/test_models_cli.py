@@ -119,3 +119,30 @@ def test_cli_entry_point_exit_code():
     proc = subprocess.run([sys.executable, "-m", "kvshrink.cli", "bench", "--methods", "int9"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "int9" in proc.stderr
+
+
+def test_calibrate_then_bench_zdc_end_to_end(tiny_folder, tmp_path, capsys, monkeypatch):
+    import json
+
+    torch.manual_seed(0)
+    corpus = tmp_path / "words.txt"
+    corpus.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 125, (600,))))
+    calib = tmp_path / "zdc.safetensors"
+    code = main(["calibrate", "--method", "zdc", "--model", tiny_folder, "--corpus", str(corpus),
+                 "--sequences", "2", "--length", "32", "--out", str(calib)])
+    assert code == 0 and calib.exists() and "energy kept by half" in capsys.readouterr().out
+    monkeypatch.setenv("KVSHRINK_ZDC_CALIBRATION", str(calib))
+    out = tmp_path / "o"
+    code = main(["bench", "--model", tiny_folder, "--corpus", str(corpus), "--methods", "zdc-adaptive-50:window=8,zdc-50+int4",
+                 "--sections", "quality", "--seg-len", "48", "--segments", "2", "--chunk", "8", "--out", str(out)])
+    assert code == 0
+    q = json.loads((out / "results.json").read_text())["quality"]
+    a, b = q["zdc-adaptive-50:window=8"], q["zdc-50+int4"]
+    assert 1.3 < a["ratio"] < 2 and b["ratio"] > a["ratio"]
+    # a calibration file that is not one: one line, exit 2
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("nope")
+    monkeypatch.setenv("KVSHRINK_ZDC_CALIBRATION", str(bad))
+    code, err = _run(["bench", "--model", tiny_folder, "--corpus", str(corpus), "--methods", "zdc-50",
+                      "--sections", "quality", "--seg-len", "48", "--segments", "1", "--out", str(out)], capsys)
+    assert code == 2 and "not a safetensors file" in err and len(err.splitlines()) == 1

@@ -59,7 +59,9 @@ def validate(cfg: BenchConfig, spec) -> None:
     if unknown:
         raise KvshrinkError(f"unknown bench section(s) {', '.join(sorted(unknown))}; use quality, needle, speed")
     limit = spec.max_context
-    longest = max([cfg.seg_len, *cfg.needle_lengths, *(c + cfg.decode_steps for c in cfg.speed_contexts)])
+    lengths = {"quality": [cfg.seg_len], "needle": list(cfg.needle_lengths),
+               "speed": [c + cfg.decode_steps for c in cfg.speed_contexts]}
+    longest = max(n for s in cfg.sections for n in lengths.get(s, [0]))  # only the sections that run
     if limit and longest > limit:
         raise KvshrinkError(f"a context of {longest} tokens is longer than the model allows ({limit})")
     if cfg.segments < 1 or cfg.seg_len < 2 or cfg.chunk < 1:

@@ -11,21 +11,25 @@ layout). Options: alloc (uniform|energy|fisher), sink_rank, sink, window, block.
 
 from __future__ import annotations
 
+import weakref
+
 from .codecs.base import Fp16
 from .codecs.quant import IntQuant
 from .methods import BLOCK, SINK, Method, register
 
-_RANKS: dict = {}
-_MODELS: dict = {}
+# memos held weakly by the object they derive from (ids can be reused once it is freed)
+_RANKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _ranks(calib, budget: float, alloc: str, sink_rank):
     from .transforms.zdc import choose_ranks
 
-    key = (id(calib), budget, alloc, sink_rank)
-    if key not in _RANKS:
-        _RANKS[key] = choose_ranks(calib, budget, alloc, sink_rank)
-    return _RANKS[key]
+    memo = _RANKS.setdefault(calib, {})
+    key = (budget, alloc, sink_rank)
+    if key not in memo:
+        memo[key] = choose_ranks(calib, budget, alloc, sink_rank)
+    return memo[key]
 
 
 def zdc_cache(model, pct: int, alloc: str = "fisher", bits: int | None = None, sink: int = SINK,
@@ -47,9 +51,9 @@ def prepare(model, tokenizer, corpus=None):
 
     if getattr(model, "kvshrink_zdc", None) is not None:
         return model
-    if id(model) not in _MODELS:
-        _MODELS[id(model)] = zdc.apply(model, zdc.load_or_calibrate(model, tokenizer, corpus))
-    return _MODELS[id(model)]
+    if model not in _MODELS:
+        _MODELS[model] = zdc.apply(model, zdc.load_or_calibrate(model, tokenizer, corpus))
+    return _MODELS[model]
 
 
 ADAPTIVE_WINDOW = 64

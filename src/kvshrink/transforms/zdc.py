@@ -59,7 +59,7 @@ def model_header(model) -> dict:
     }
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (memo keys)
 class ZdcCalibration:
     """Bases and loss proxies for every (layer, KV head).
 
