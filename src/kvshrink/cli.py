@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     b = sub.add_parser("bench", help="benchmark methods against an uncompressed cache")
-    b.add_argument("--quick", action="store_true", help="a few-minute run: 2 segments of 1024, 2k needles, 1k/2k speed")
+    b.add_argument("--quick", action="store_true", help="a short run (~8 min): 2 segments of 1024, 2k needles, 1k/2k speed")
     b.add_argument("--methods", type=_csv, help="comma-separated method names (default: all registered + peers)")
     b.add_argument("--model", help="HF model id or local folder (default: bundled SmolLM2-135M-Instruct)")
     b.add_argument("--corpus", help="text file for perplexity (default: WikiText-2 test from shared/)")
