@@ -33,11 +33,81 @@ def _stage_for(codec: Codec) -> Codec | None:
     return stage_codec(codec) if codec.block_tokens > 1 else None
 
 
-class CompressedLayer(CacheLayerMixin):
-    """One layer's compressed keys and values."""
+def check_layout(key_codec: Codec, value_codec: Codec, sink, window, block) -> None:
+    for name, val in (("sink", sink), ("window", window)):
+        if not isinstance(val, int) or val < 0:
+            raise KvshrinkError(f"{name} must be a non-negative integer, got {val!r}")
+    if not isinstance(block, int) or block < 1:
+        raise KvshrinkError(f"block must be a positive integer, got {block!r}")
+    for codec in (key_codec, value_codec):
+        if block % codec.block_tokens:
+            raise KvshrinkError(f"block {block} is not a multiple of {codec.describe()}'s {codec.block_tokens} tokens")
+
+
+class StoreLayer(CacheLayerMixin):
+    """What every kvshrink layer shares: a full-attention layer whose batch operations map
+    over the tensors and packed blocks it holds (`_batch_map`)."""
 
     is_sliding = False
     is_croppable = True
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self):  # the stores live where they were computed
+        pass
+
+    def prefetch(self):
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` tokens (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise KvshrinkError("crop takes a negative number of tokens to remove, as DynamicCache does")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self._keep_first(max(self.get_seq_length() + tokens_to_remove, 0))
+
+    def _keep_first(self, keep: int) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch_map(lambda t: t.index_select(0, beam_idx.to(t.device)), lambda p: p.select_batch(beam_idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        idx = torch.as_tensor(indices)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().flatten()
+        self._batch_map(lambda t: t.index_select(0, idx.to(t.device)), lambda p: p.select_batch(idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_map(lambda t: t.repeat_interleave(repeats, 0), lambda p: p.repeat_batch(repeats))
+
+    def _batch_map(self, on_tensor, on_packed) -> None:
+        raise NotImplementedError
+
+
+class ByteAccounting:
+    """Cache-level bytes, summed over layers that report their own (DESIGN.md ratio)."""
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds (payload, scales, minimums, sink, window)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def fp16_nbytes(self) -> int:
+        return sum(layer.fp16_nbytes() for layer in self.layers)
+
+    def compression_ratio(self) -> float:
+        """float16 bytes for the same tokens / bytes really held (DESIGN.md)."""
+        held = self.nbytes()
+        return self.fp16_nbytes() / held if held else float("nan")
+
+
+class CompressedLayer(StoreLayer):
+    """One layer's compressed keys and values."""
 
     def __init__(self, key_codec: Codec, value_codec: Codec, sink: int, window: int, block: int):
         super().__init__()
@@ -67,43 +137,13 @@ class CompressedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return len(self.k) if self.is_initialized else 0
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.k.sink = self.v.sink = None
         self.is_initialized = False
 
-    def offload(self):  # the stores live where they were computed
-        pass
-
-    def prefetch(self):
-        pass
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last `-tokens_to_remove` tokens (transformers' convention: a negative count)."""
-        if tokens_to_remove > 0:
-            raise KvshrinkError("crop takes a negative number of tokens to remove, as DynamicCache does")
-        if tokens_to_remove == 0 or not self.is_initialized:
-            return
-        keep = max(self.get_seq_length() + tokens_to_remove, 0)
+    def _keep_first(self, keep: int) -> None:
         self.k.crop(keep)
         self.v.crop(keep)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._batch_map(lambda t: t.index_select(0, beam_idx.to(t.device)), lambda p: p.select_batch(beam_idx))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        idx = torch.as_tensor(indices)
-        if idx.dtype == torch.bool:
-            idx = idx.nonzero().flatten()
-        self._batch_map(lambda t: t.index_select(0, idx.to(t.device)), lambda p: p.select_batch(idx))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._batch_map(lambda t: t.repeat_interleave(repeats, 0), lambda p: p.repeat_batch(repeats))
 
     def _batch_map(self, on_tensor, on_packed) -> None:
         self.k.map_batch(on_tensor, on_packed)
@@ -125,7 +165,7 @@ class CompressedLayer(CacheLayerMixin):
         return 2 * b * h * self.get_seq_length() * d * FP16_BYTES
 
 
-class CompressedCache(Cache):
+class CompressedCache(ByteAccounting, Cache):
     """A transformers `Cache` of `CompressedLayer`s, one per decoder layer.
 
     Build it from a registered method name (`from_method("int4", model.config)`)
@@ -146,14 +186,7 @@ class CompressedCache(Cache):
         if key_codec is None:
             raise KvshrinkError("CompressedCache needs a key codec (or use CompressedCache.from_method)")
         value_codec = value_codec or key_codec
-        for name, val in (("sink", sink), ("window", window)):
-            if not isinstance(val, int) or val < 0:
-                raise KvshrinkError(f"{name} must be a non-negative integer, got {val!r}")
-        if not isinstance(block, int) or block < 1:
-            raise KvshrinkError(f"block must be a positive integer, got {block!r}")
-        for codec in (key_codec, value_codec):
-            if block % codec.block_tokens:
-                raise KvshrinkError(f"block {block} is not a multiple of {codec.describe()}'s {codec.block_tokens} tokens")
+        check_layout(key_codec, value_codec, sink, window, block)
         self.spec: ModelSpec | None = spec_from_config(config) if config is not None else None
         if num_layers is None:
             if self.spec is None:
@@ -171,18 +204,6 @@ class CompressedCache(Cache):
         from .methods import get_method
 
         return get_method(name).make_cache(config, **overrides)
-
-    def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds (payload, scales, minimums, sink, window)."""
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def fp16_nbytes(self) -> int:
-        return sum(layer.fp16_nbytes() for layer in self.layers)
-
-    def compression_ratio(self) -> float:
-        """float16 bytes for the same tokens / bytes really held (DESIGN.md)."""
-        held = self.nbytes()
-        return self.fp16_nbytes() / held if held else float("nan")
 
     def describe(self) -> str:
         return (

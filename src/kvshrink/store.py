@@ -21,6 +21,14 @@ from .codecs.base import Codec, Packed, tensor_nbytes
 from .errors import KvshrinkError
 
 
+def half_checked(x: torch.Tensor) -> torch.Tensor:
+    """x as float16, refusing NaN, inf and values beyond the float16 range."""
+    x16 = x.to(torch.float16)
+    if not torch.isfinite(x16).all():
+        raise KvshrinkError("key/value states are NaN, infinite or beyond the float16 range")
+    return x16
+
+
 def _slice(x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
     # clone: a view would keep the whole parent storage alive
     return x[..., start:stop, :].clone()
@@ -56,9 +64,7 @@ class TokenStore:
         return b if a is None else a.cat(b)
 
     def append(self, x: torch.Tensor) -> None:
-        x16 = x.to(torch.float16)
-        if not torch.isfinite(x16).all():
-            raise KvshrinkError("key/value states are NaN, infinite or beyond the float16 range")
+        x16 = half_checked(x)
         room = self.sink_size - self.sink.shape[-2]
         if room > 0:
             self.sink = torch.cat([self.sink, x16[..., :room, :]], dim=-2)

@@ -15,19 +15,16 @@ the attention function the segments at their stored widths.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from .attention.zdc import Segment, ZdcStates
-from .cache import FP16_BYTES, _stage_for
+from .cache import FP16_BYTES, ByteAccounting, StoreLayer, _stage_for, check_layout
 from .codecs.base import Codec, tensor_nbytes
 from .errors import KvshrinkError
-from .store import TokenStore, _slice
+from .store import TokenStore, _slice, half_checked
 
 
-class ZdcLayer(CacheLayerMixin):
-    is_sliding = False
-    is_croppable = True
-
+class ZdcLayer(StoreLayer):
     def __init__(self, uk: torch.Tensor, uv: torch.Tensor, rk, rv, sink: int, sink_rank: int,
                  key_codec: Codec, value_codec: Codec, window: int, block: int):
         super().__init__()
@@ -67,15 +64,16 @@ class ZdcLayer(CacheLayerMixin):
         v = value_states
         dtype = key_states.dtype
         heads = []
-        n_sink = self._n_sink()
+        sink = (self.k_sink.to(dtype), self.v_sink.to(dtype)) if self._n_sink() else None
+        win = (self.k_win.to(dtype), self.v_win.to(dtype)) if self._n_win() else None
         for h in range(len(self.rk)):
             segs = []
-            if n_sink:
-                segs.append(Segment(self.k_sink[:, h].to(dtype), self.v_sink[:, h].to(dtype)))
+            if sink:
+                segs.append(Segment(sink[0][:, h], sink[1][:, h]))
             if len(self.ks[h]):
                 segs.append(Segment(self.ks[h].decoded(dtype)[:, 0], self.vs[h].decoded(dtype)[:, 0]))
-            if self._n_win():
-                segs.append(Segment(self.k_win[:, h].to(dtype), self.v_win[:, h].to(dtype)))
+            if win:
+                segs.append(Segment(win[0][:, h], win[1][:, h]))
             segs.append(Segment(k[:, h], v[:, h]))  # this call's tokens, exact
             heads.append(segs)
         self._append(k, v)
@@ -85,16 +83,15 @@ class ZdcLayer(CacheLayerMixin):
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         room = self.sink - self._n_sink()
         if room > 0:
-            self.k_sink = torch.cat([self.k_sink, k[:, :, :room, :self.sink_rank].half()], 2)
-            self.v_sink = torch.cat([self.v_sink, v[:, :, :room, :self.sink_rank].half()], 2)
+            self.k_sink = torch.cat([self.k_sink, half_checked(k[:, :, :room, :self.sink_rank])], 2)
+            self.v_sink = torch.cat([self.v_sink, half_checked(v[:, :, :room, :self.sink_rank])], 2)
             k, v = k[:, :, room:], v[:, :, room:]
         if k.shape[2] == 0:
             return
-        if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
-            raise KvshrinkError("key/value states are NaN or infinite")
+        # the stores check what they code; the window checks what it holds
         if self.window:
-            kw = torch.cat([self.k_win, k[..., :self.sink_rank].half()], 2)
-            vw = torch.cat([self.v_win, v[..., :self.sink_rank].half()], 2)
+            kw = torch.cat([self.k_win, half_checked(k[..., :self.sink_rank])], 2)
+            vw = torch.cat([self.v_win, half_checked(v[..., :self.sink_rank])], 2)
             out = kw.shape[2] - self.window
             self.k_win, self.v_win = _slice(kw, max(out, 0)), _slice(vw, max(out, 0))
             if out <= 0:
@@ -112,29 +109,12 @@ class ZdcLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self._n_sink() + len(self.ks[0]) + self._n_win() if self.is_initialized else 0
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.is_initialized = False
         for s in self.ks + self.vs:
             s.sink = None
 
-    def offload(self):
-        pass
-
-    def prefetch(self):
-        pass
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise KvshrinkError("crop takes a negative number of tokens to remove, as DynamicCache does")
-        if tokens_to_remove == 0 or not self.is_initialized:
-            return
-        keep = max(self.get_seq_length() + tokens_to_remove, 0)
+    def _keep_first(self, keep: int) -> None:
         n_sink, n_body = self._n_sink(), len(self.ks[0])
         if keep >= n_sink + n_body:
             self.k_win, self.v_win = (_slice(t, 0, keep - n_sink - n_body) for t in (self.k_win, self.v_win))
@@ -155,18 +135,6 @@ class ZdcLayer(CacheLayerMixin):
         for s in self.ks + self.vs:
             s.map_batch(on_tensor, on_packed)
 
-    def reorder_cache(self, beam_idx) -> None:
-        self._batch_map(lambda t: t.index_select(0, beam_idx.to(t.device)), lambda p: p.select_batch(beam_idx))
-
-    def batch_select_indices(self, indices) -> None:
-        idx = torch.as_tensor(indices)
-        if idx.dtype == torch.bool:
-            idx = idx.nonzero().flatten()
-        self._batch_map(lambda t: t.index_select(0, idx.to(t.device)), lambda p: p.select_batch(idx))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._batch_map(lambda t: t.repeat_interleave(repeats, 0), lambda p: p.repeat_batch(repeats))
-
     def tensors(self) -> list[torch.Tensor]:
         if not self.is_initialized:
             return []
@@ -185,7 +153,7 @@ class ZdcLayer(CacheLayerMixin):
         return 2 * b * h * self.get_seq_length() * self.uk.shape[-1] * FP16_BYTES
 
 
-class ZdcCache(Cache):
+class ZdcCache(ByteAccounting, Cache):
     """A transformers Cache for a model after `transforms.zdc.apply`."""
 
     def __init__(self, model, ranks, key_codec: Codec, value_codec: Codec | None = None, sink: int = 4,
@@ -196,9 +164,7 @@ class ZdcCache(Cache):
                 "ZDC methods need a ZDC-transformed model: model = kvshrink.transforms.zdc.apply(model, calibration)"
             )
         value_codec = value_codec or key_codec
-        for codec in (key_codec, value_codec):
-            if block % codec.block_tokens:
-                raise KvshrinkError(f"block {block} is not a multiple of {codec.describe()}'s {codec.block_tokens} tokens")
+        check_layout(key_codec, value_codec, sink, window, block)
         self.method, self.ranks, self.sink = method, ranks, sink
         self.key_codec, self.value_codec, self.window, self.block = key_codec, value_codec, window, block
         layers = [
@@ -212,16 +178,6 @@ class ZdcCache(Cache):
         """Fill from [(keys, values)] per layer of the original model's prefill."""
         for layer, (k, v) in zip(self.layers, states):
             layer.fill_reference(k, v)
-
-    def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def fp16_nbytes(self) -> int:
-        return sum(layer.fp16_nbytes() for layer in self.layers)
-
-    def compression_ratio(self) -> float:
-        held = self.nbytes()
-        return self.fp16_nbytes() / held if held else float("nan")
 
     def describe(self) -> str:
         frac = self.ranks.fraction(self.layers[0].uk.shape[-1])

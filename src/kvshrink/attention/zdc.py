@@ -41,7 +41,7 @@ class ZdcStates:
         return sum(s.keys.shape[1] for s in self.heads[0])
 
 
-def _mask_bias(mask, b: int, t: int, s: int, device) -> torch.Tensor | None:
+def _mask_bias(mask, t: int, s: int, device) -> torch.Tensor | None:
     """Additive (B or 1, 1, T, S) float bias from transformers' mask (bool, float or None = causal)."""
     if mask is None:
         if t == 1:
@@ -64,7 +64,7 @@ def zdc_attention(module, query, key, value, attention_mask, scaling=None, dropo
     group = hq // len(heads)
     s = key.length
     scale = scaling if scaling is not None else d ** -0.5
-    bias = _mask_bias(attention_mask, b, t, s, query.device)
+    bias = _mask_bias(attention_mask, t, s, query.device)
     if bias is not None:
         bias = bias[..., -s:]
     out = query.new_zeros(b, t, hq, d)
