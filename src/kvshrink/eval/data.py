@@ -10,10 +10,12 @@ from ..errors import KvshrinkError
 
 DEFAULT_CORPUS_ENV = "KVSHRINK_CORPUS"
 _CANDIDATES = ("../shared/data/wikitext-2-raw/wiki.test.raw", "shared/data/wikitext-2-raw/wiki.test.raw")
+_WORKPLACE_SHARED = "/work/shared/data/wikitext-2-raw/wiki.test.raw"  # for clones made away from shared/
 
 
 def default_corpus() -> str:
-    """$KVSHRINK_CORPUS, else the shared WikiText-2 test file next to the checkout."""
+    """$KVSHRINK_CORPUS, else the shared WikiText-2 test file next to the checkout (or the
+    workplace's shared folder, for a clone made elsewhere)."""
     if os.environ.get(DEFAULT_CORPUS_ENV):
         return os.environ[DEFAULT_CORPUS_ENV]
     here = os.path.dirname(os.path.abspath(__file__))
@@ -23,6 +25,8 @@ def default_corpus() -> str:
             path = os.path.normpath(os.path.join(root, rel))
             if os.path.isfile(path):
                 return path
+    if os.path.isfile(_WORKPLACE_SHARED):
+        return _WORKPLACE_SHARED
     raise KvshrinkError("no corpus found: pass --corpus PATH (e.g. WikiText-2's wiki.test.raw)")
 
 
