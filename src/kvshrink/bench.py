@@ -180,15 +180,31 @@ def prefill_table(res: dict) -> str:
     if not sp:
         return ""
     ctxs = sorted({int(c) for m in sp.values() for c in m})
+    n_direct = res["direct_prefill_tok_s"]["tokens"]
     rows = ["| method | " + " | ".join(f"prefill tok/s @{round(c / 1024)}k (×dyn)" for c in ctxs)
-            + f" | direct prefill tok/s @{res['direct_prefill_tok_s']['tokens']} |", "|" + "---|" * (len(ctxs) + 2)]
-    direct = res["direct_prefill_tok_s"]["by_method"]
+            + f" | direct prefill tok/s @{n_direct} | peak MB @{n_direct} | cache MB after |",
+            "|" + "---|" * (len(ctxs) + 4)]
+    direct = {n: d if isinstance(d, dict) else {"tok_s": d} for n, d in res["direct_prefill_tok_s"]["by_method"].items()}
     for n, by in sp.items():
         cells = []
         for c in ctxs:
             s, ref = by.get(c) or by.get(str(c)), sp[REF].get(c) or sp[REF].get(str(c))
             cells.append(f"{s['prefill_tok_s']:.0f} ({s['prefill_tok_s'] / ref['prefill_tok_s']:.3f})")
-        rows.append(f"| `{n}` | " + " | ".join(cells) + f" | {direct[n]:.0f} |")
+        d = direct[n]
+        rows.append(f"| `{n}` | " + " | ".join(cells) + f" | {d['tok_s']:.0f} | {_fmt(d.get('peak_extra_mb'), '.0f')} | "
+                    f"{_fmt(d['cache_bytes'] / 2**20 if 'cache_bytes' in d else None, '.1f')} |")
+    evict = [(n, by) for n, by in sp.items() if any("bytes_before_eviction" in v for v in by.values())]
+    if evict:
+        rows += ["", "| method | " + " | ".join(f"MB before → after eviction @{round(c / 1024)}k (fp16 of the same tokens)"
+                                              for c in ctxs) + " |", "|" + "---|" * (len(ctxs) + 1)]
+        for n, by in evict:
+            cells = []
+            for c in ctxs:
+                s = by.get(c) or by.get(str(c))
+                fp16 = s["cache_bytes"] * s["ratio"]
+                cells.append(f"{s['bytes_before_eviction'] / 2**20:.1f} → {s['bytes_after_eviction'] / 2**20:.1f} "
+                             f"({fp16 / 2**20:.1f})")
+            rows.append(f"| `{n}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk", type=int)
     b.add_argument("--needle-lengths", type=_ints)
     b.add_argument("--speed-contexts", type=_ints)
+    b.add_argument("--needle-depths", type=lambda t: tuple(float(x) for x in _csv(t)))
+    b.add_argument("--direct-prefill", type=int, help="prompt tokens for the end-to-end prefill time and peak memory")
     b.add_argument("--sections", type=_csv, help="subset of quality,needle,speed")
 
     g = sub.add_parser("generate", help="generate text with a compressed cache and report its memory")
@@ -98,6 +100,7 @@ def cmd_bench(args) -> None:
         "model": args.model, "corpus": args.corpus, "methods": args.methods, "out": args.out,
         "segments": args.segments, "seg_len": args.seg_len, "chunk": args.chunk,
         "needle_lengths": args.needle_lengths, "speed_contexts": args.speed_contexts,
+        "needle_depths": args.needle_depths, "direct_prefill": args.direct_prefill,
         "sections": tuple(args.sections) if args.sections else None,
     }.items() if v is not None}
     if "methods" in over:
@@ -154,7 +157,7 @@ def cmd_methods(_args) -> None:
         print(f"{name:16s} {'[peer] ' if m.family == 'peer' else ''}{m.description}")
     print("\nvariants: append options to a name, e.g. int4:window=32:block=64 "
           "(int methods: sink, window, block, value_group, key_axis; zdc methods: alloc, sink, sink_rank, window, "
-          "block)")
+          "block; kvc-*/snapkv-* methods: alloc, score, pool, obs, sink, window, block, interval, tokens)")
 
 
 def main(argv=None) -> int:

@@ -74,7 +74,7 @@ def get_method(name: str) -> Method:
                   method.tunable, method.prepare, default=False)
 
 
-_TEXT_OPTIONS = ("key_axis", "alloc")
+_TEXT_OPTIONS = ("key_axis", "alloc", "score")
 
 
 def _int_option(key: str, value: str) -> int:
@@ -137,4 +137,4 @@ for _bits in (8, 4, 3, 2):
     ))
 
 
-from . import zdc_methods  # noqa: E402,F401  (registers the zdc-* methods)
+from . import kvc_methods, zdc_methods  # noqa: E402,F401  (register the kvc-*, snapkv-* and zdc-* methods)

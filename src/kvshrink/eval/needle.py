@@ -82,11 +82,23 @@ def fill(cache, states) -> None:
         cache.update(k, v, i)
 
 
+class PrefillStates(list):
+    """[(keys, values) per layer] of an uncompressed prefill, with each layer's last queries
+    (`queries`, post-RoPE): eviction caches score their observation window from them."""
+
+    queries: list
+
+
 @torch.no_grad()
-def prefill_states(model, ids: torch.Tensor):
+def prefill_states(model, ids: torch.Tensor) -> PrefillStates:
+    from ..attention.paged import capturing_queries
+
     ref = DynamicCache()
-    model(ids, past_key_values=ref, use_cache=True, logits_to_keep=1)
-    return [(layer.keys, layer.values) for layer in ref.layers]
+    with capturing_queries(model) as captured:
+        model(ids, past_key_values=ref, use_cache=True, logits_to_keep=1)
+    states = PrefillStates((layer.keys, layer.values) for layer in ref.layers)
+    states.queries = [captured[i] for i in range(len(states))]
+    return states
 
 
 @torch.no_grad()

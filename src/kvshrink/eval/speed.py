@@ -83,6 +83,7 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
                 fill(cache, states)
                 fill_s = time.perf_counter() - t0
                 held = cache_nbytes(cache)
+                history = getattr(cache, "history", None)  # eviction caches: bytes before the first eviction
                 _trim()
                 rss_held = _rss() - mem.base
                 x, lat = first, []
@@ -104,6 +105,9 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
                 "rss_held_mb": rss_held / 2**20,
                 "peak_extra_mb": mem.extra / 2**20,
             }
+            if history:
+                out[name][length]["bytes_before_eviction"] = history[0]["bytes_before"]
+                out[name][length]["bytes_after_eviction"] = history[0]["bytes_after"]
             del cache
             if progress is not None:
                 progress()
@@ -113,11 +117,16 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
 
 @torch.no_grad()
 def measure_direct_prefill(model, make_cache: dict, ids: torch.Tensor, length: int, models: dict | None = None) -> dict:
-    """Prefill tokens/s measured end to end through each cache (checks the shared-prefill figure)."""
+    """Prefill end to end through each cache: tokens/s (checks the shared-prefill figure), the peak
+    process memory growth during the prompt, and the bytes the cache holds after it."""
     models, out = models or {}, {}
     for name, factory in make_cache.items():
-        cache = factory()
-        t0 = time.perf_counter()
-        models.get(name, model)(ids[:, :length], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        out[name] = length / (time.perf_counter() - t0)
+        with PeakRSS() as mem:
+            cache = factory()
+            t0 = time.perf_counter()
+            models.get(name, model)(ids[:, :length], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            elapsed = time.perf_counter() - t0
+        out[name] = {"tok_s": length / elapsed, "peak_extra_mb": mem.extra / 2**20,
+                     "cache_bytes": cache_nbytes(cache)}
+        del cache
     return out

@@ -1,0 +1,341 @@
+"""PagedCache: KV-Compress paged per-head eviction (Rehg, arXiv 2410.00161).
+
+Each (layer, sequence, KV head) owns a list of blocks from one `BlockPool`, so
+every head keeps its own number of tokens. Tokens arrive after RoPE, so a kept
+key keeps its original position and the model's position ids keep following
+the true context length (`get_seq_length` counts every token seen, kept or
+not). The attention function `kvshrink_paged` (attention/paged.py) reads each
+head's own tokens and adds the attention they receive from the last `obs`
+queries of every forward call to their scores; after the last layer of a call
+(a prefill, a chunk, or every `interval` decode steps) the cache evicts the
+lowest-scoring tokens until each sequence fits its budget, rewrites every
+head's survivors into as few blocks as they need, frees the rest and lets the
+pool shrink.
+
+Budgets are per sequence: `ratio` (real tokens seen x layers x heads / ratio)
+or `tokens` (an absolute number of tokens per head on average; an int, or one
+per sequence). The first `sink` tokens and the `window` most recent ones are
+never evicted. `alloc="variable"` ranks evictions across all layers and heads
+(KV-Compress); `alloc="uniform"` gives every head the same share (SnapKV).
+Any per-token codec stores the kept rows (float16 by default; `kvc-8x+int4`).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from .cache import FP16_BYTES, ByteAccounting, StoreLayer
+from .codecs.base import Codec, Fp16, tensor_nbytes
+from .errors import KvshrinkError
+from .models import spec_from_config
+from .policies import budget as budgets
+from .policies.pool import BlockPool, RowCodec
+from .policies.scores import AGGREGATES
+from .store import half_checked
+
+PAD_SCORE = -1.0  # left-padding tokens: evicted before any real token
+
+
+class PagedStates:
+    """What a paged layer's `update` returns: each head's kept tokens (padded to the longest head)
+    followed by the tokens of this call, decoded for the attention function."""
+
+    def __init__(self, layer, keys, values, valid, positions, n_past):
+        self.layer = layer
+        self.keys, self.values = keys, values  # (B, H, S + T, d)
+        self.valid = valid  # (B, H, S) bool: which past rows are real tokens
+        self.positions = positions  # (B, H, S) original positions of the past rows
+        self.n_past = n_past
+
+
+class PagedLayer(StoreLayer):
+    def __init__(self, owner: "PagedCache", index: int):
+        super().__init__()
+        self.owner, self.index = owner, index
+        self.table = None  # (B, H, W) block ids, -1 = none
+        self.length = None  # (B, H) tokens kept per head
+        self.seen = 0  # tokens this layer has been given (positions 0..seen-1)
+        self._slots = self._valid = None  # (B, H, S + T) slots of the rows last handed to attention
+        self._n_new = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.owner._init_pool(d, key_states.device)
+        self.table = torch.full((b, h, 0), -1, dtype=torch.long, device=self.device)
+        self.length = torch.zeros(b, h, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    # --- storage ----------------------------------------------------------------------
+    def _slots_of(self, start: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, H, n) slots of rows start..start+n-1 of each head (rows must have blocks)."""
+        bk = self.owner.block
+        idx = start[..., None] + torch.arange(n, device=self.device)
+        blk = self.table.gather(2, (idx // bk).clamp(max=max(self.table.shape[2] - 1, 0)))
+        return blk * bk + idx % bk
+
+    def _grow(self, new_len: torch.Tensor) -> None:
+        """Give every head the blocks it needs to hold `new_len` rows."""
+        bk, pool = self.owner.block, self.owner.pool
+        have = budgets.blocks_of(self.length, bk)
+        want = budgets.blocks_of(new_len, bk)
+        count = (want - have).flatten()
+        total = int(count.sum())
+        if total == 0:
+            return
+        width = int(want.max())
+        if width > self.table.shape[2]:
+            pad = self.table.new_full((*self.table.shape[:2], width - self.table.shape[2]), -1)
+            self.table = torch.cat([self.table, pad], 2)
+        ids = pool.alloc(total)
+        units = torch.repeat_interleave(torch.arange(count.numel(), device=self.device), count)
+        within = torch.arange(total, device=self.device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+        col = have.flatten()[units] + within
+        self.table.view(-1, self.table.shape[2])[units, col] = ids
+
+    def _write(self, rows: dict, counts: torch.Tensor) -> torch.Tensor:
+        """Append rows {field: (B, H, T, ...)}, the first counts[b, h] of each head; returns their slots."""
+        t = next(iter(rows.values())).shape[2]
+        new_len = self.length + counts
+        self._grow(new_len)
+        slots = self._slots_of(self.length, t)
+        ok = torch.arange(t, device=self.device) < counts[..., None]
+        self.owner.pool.write(slots[ok], {k: v[ok] for k, v in rows.items()})
+        self.length = new_len
+        return slots
+
+    def _gather(self, names) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Every head's rows, padded to the longest head: ({field: (B, H, S, ...)}, valid (B, H, S), slots)."""
+        bk = self.owner.block
+        nb = int(budgets.blocks_of(self.length, bk).max()) if self.length.numel() else 0
+        ids = self.table[:, :, :nb]
+        rows = self.owner.pool.gather_blocks(ids.clamp(min=0), names)
+        s = nb * bk
+        pos = torch.arange(s, device=self.device)
+        valid = pos < self.length[..., None]
+        slots = ids.clamp(min=0).repeat_interleave(bk, 2) * bk + pos % bk
+        return rows, valid, slots
+
+    # --- transformers layer API --------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        owner = self.owner
+        b, h, t, d = key_states.shape
+        if self.index == 0 and self.seen == 0:
+            owner.pool.reserve(owner.num_layers * b * h * -(-t // owner.block))
+        rows, valid, slots = self._gather(owner.row_fields)
+        s = valid.shape[2]
+        keys = key_states.new_empty(b, h, s + t, d)
+        values = keys.new_empty(b, h, s + t, d)
+        if s:
+            keys[:, :, :s] = owner.kc.decode({k: rows["k." + k] for k in owner.kc.fields}, keys.dtype)
+            values[:, :, :s] = owner.vc.decode({k: rows["v." + k] for k in owner.vc.fields}, keys.dtype)
+        keys[:, :, s:] = key_states
+        values[:, :, s:] = value_states
+        positions = rows["pos"].long() if s else valid.new_zeros(b, h, 0, dtype=torch.long)
+        new = {"pos": (self.seen + torch.arange(t, device=self.device)).expand(b, h, t).to(torch.int32),
+               "score": key_states.new_zeros(b, h, t, dtype=torch.float32)}
+        new.update({"k." + k: v for k, v in owner.kc.encode(half_checked(key_states)).items()})
+        new.update({"v." + k: v for k, v in owner.vc.encode(half_checked(value_states)).items()})
+        new_slots = self._write(new, torch.full_like(self.length, t))
+        self._slots = torch.cat([slots, new_slots], 2)
+        self._valid = torch.cat([valid, valid.new_ones(b, h, t)], 2)
+        self._n_new = t
+        self.seen += t
+        st = PagedStates(self, keys, values, valid, positions, s)
+        return st, st  # Cache.update unpacks a pair; the attention function reads both from `st`
+
+    def observe(self, scores: torch.Tensor, pad: torch.Tensor | None = None) -> None:
+        """Add (B, H, S + T) scores to the rows last handed out; `pad` (B, T) marks left padding
+        among this call's T tokens (never attended, evicted first)."""
+        slots, valid, t = self._slots, self._valid, self._n_new
+        flat = self.owner.pool.flat("score")
+        flat.index_add_(0, slots[valid], scores[valid].float())
+        if pad is not None and pad.any():
+            b, h, _ = slots.shape
+            flat[slots[:, :, -t:][pad[:, None, :].expand(b, h, t)]] = PAD_SCORE
+        if self.index == self.owner.num_layers - 1:
+            self.owner._after_forward(t, pad)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def reset(self) -> None:
+        raise KvshrinkError("PagedCache.reset is not supported: make a new cache")
+
+    def _rewrite(self, keep: torch.Tensor) -> None:
+        """Keep the rows marked in `keep` (B, H, S), in order, in as few fresh blocks as they need."""
+        owner = self.owner
+        rows, valid, _ = self._gather(owner.pool.storage.keys())
+        s = keep.shape[2]
+        n_keep = keep.sum(-1)
+        order = ((~keep).long() * s + torch.arange(s, device=self.device)).argsort(-1)[..., :int(n_keep.max())]
+        moved = {}
+        for name, r in rows.items():
+            idx = order.view(*order.shape, *([1] * (r.dim() - 3))).expand(*order.shape, *r.shape[3:])
+            moved[name] = r.gather(2, idx)
+        owner.pool.release(self.table[self.table >= 0])
+        self.table = self.table.new_full((*self.table.shape[:2], 0), -1)
+        self.length = torch.zeros_like(self.length)
+        self._write(moved, n_keep)
+
+    def _keep_first(self, keep: int) -> None:
+        rows, valid, _ = self._gather(["pos"])
+        gone = valid & (rows["pos"].long() >= keep)
+        if gone.any():
+            self._rewrite(valid & ~gone)
+        if self.index == 0 and self.owner.real is not None:
+            self.owner.real -= self.seen - keep
+        self.seen = keep
+
+    def _batch_map(self, on_tensor, on_packed) -> None:
+        raise KvshrinkError("PagedCache does not support beam search or batch reordering yet")
+
+    # --- accounting --------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """The block table and lengths; the rows themselves live in the cache's pool."""
+        return tensor_nbytes([self.table, self.length]) if self.is_initialized else 0
+
+    def fp16_nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        b, h = self.length.shape
+        return 2 * b * h * self.seen * self.owner.head_dim * FP16_BYTES
+
+
+class PagedCache(ByteAccounting, Cache):
+    """A transformers `Cache` of `PagedLayer`s over one `BlockPool`; see the module docstring."""
+
+    def __init__(self, config, ratio: float | None = None, tokens=None, alloc: str = "variable",
+                 score: str = "square", pool: int = 0, obs: int = 32, sink: int = 4, window: int = 8,
+                 block: int = 16, interval: int | None = None, key_codec: Codec | None = None,
+                 value_codec: Codec | None = None, method: str | None = None):
+        if (ratio is None) == (tokens is None):
+            raise KvshrinkError("a paged cache needs exactly one budget: ratio=R (2 to 64...) or tokens=N")
+        if ratio is not None and not (isinstance(ratio, (int, float)) and ratio >= 1):
+            raise KvshrinkError(f"compression ratio must be a number >= 1, got {ratio!r}")
+        tok = [tokens] if isinstance(tokens, int) else list(tokens or [])
+        if tokens is not None and not (tok and all(isinstance(n, int) and n >= 1 for n in tok)):
+            raise KvshrinkError(f"token budget must be a positive integer (or one per sequence), got {tokens!r}")
+        if alloc not in budgets.ALLOCS:
+            raise KvshrinkError(f"unknown allocation {alloc!r}; use one of {', '.join(budgets.ALLOCS)}")
+        if score not in AGGREGATES:
+            raise KvshrinkError(f"unknown score {score!r}; use one of {', '.join(AGGREGATES)}")
+        for name, val, low in (("obs", obs, 1), ("sink", sink, 0), ("window", window, 0), ("block", block, 1),
+                               ("pool", pool, 0)):
+            if not isinstance(val, int) or val < low:
+                raise KvshrinkError(f"{name} must be an integer >= {low}, got {val!r}")
+        self.spec = spec_from_config(config)
+        self.num_layers = self.spec.num_layers
+        self.ratio, self.tokens = ratio, (tok if tokens is not None else None)
+        self.alloc, self.score, self.pool_kernel, self.obs = alloc, score, pool, obs
+        self.sink, self.window, self.block = sink, window, block
+        self.interval = interval or block
+        self.key_codec = key_codec or Fp16()
+        self.value_codec = value_codec or self.key_codec
+        self.method = method
+        self.pool = None
+        self.real = self.lead = None  # (B,) real tokens seen, leading padding
+        self.steps = 0
+        self.history: list[dict] = []  # one record per eviction: bytes before and after
+        super().__init__(layers=[PagedLayer(self, i) for i in range(self.num_layers)])
+
+    def _init_pool(self, head_dim: int, device) -> None:
+        if self.pool is not None:
+            return
+        self.head_dim = head_dim
+        self.kc, self.vc = RowCodec(self.key_codec, head_dim), RowCodec(self.value_codec, head_dim)
+        fields = {"k." + n: f for n, f in self.kc.fields.items()}
+        fields.update({"v." + n: f for n, f in self.vc.fields.items()})
+        self.row_fields = [*fields, "pos"]
+        fields.update(pos=((), torch.int32), score=((), torch.float32))
+        self.pool = BlockPool(self.block, fields, device)
+
+    # --- eviction ---------------------------------------------------------------------
+    def _after_forward(self, t: int, pad) -> None:
+        b = self.layers[0].length.shape[0]
+        npad = pad.sum(1) if pad is not None else torch.zeros(b, dtype=torch.long)
+        if self.real is None:
+            self.real, self.lead = torch.zeros(b, dtype=torch.long), npad.clone()
+        self.real += t - npad
+        self.steps += 1
+        if t > 1 or self.steps >= self.interval:
+            self.compress()
+
+    def budget_blocks(self) -> list[int]:
+        """Blocks each sequence may keep, over all layers and heads."""
+        units = self.num_layers * self.layers[0].length.shape[1]
+        b = self.layers[0].length.shape[0]
+        if self.tokens is not None:
+            per = self.tokens if len(self.tokens) == b else self.tokens * b if len(self.tokens) == 1 else None
+            if per is None:
+                raise KvshrinkError(f"{len(self.tokens)} token budgets given for a batch of {b}")
+            return [n * units // self.block for n in per]
+        return [int(r * units / (self.ratio * self.block)) for r in self.real.tolist()]
+
+    def compress(self) -> None:
+        """Evict until every sequence fits its budget, then let the pool shrink."""
+        if self.real is None:
+            return
+        before = self.nbytes()
+        seen = self.layers[0].seen
+        per_layer = [layer._gather(["score", "pos"]) for layer in self.layers]
+        b, h = self.layers[0].length.shape
+        smax = max(v.shape[2] for _, v, _ in per_layer)
+        scores = torch.full((b, self.num_layers, h, smax), torch.inf)
+        for i, (rows, valid, _) in enumerate(per_layer):
+            pos = rows["pos"].long()
+            lead = self.lead[:, None, None]
+            sink = (pos >= lead) & (pos < lead + self.sink)  # the first real tokens, not the padding
+            guard = sink | (pos >= seen - self.window) | ~valid
+            scores[:, i, :, :valid.shape[2]] = rows["score"].masked_fill(guard, torch.inf)
+        lengths = torch.stack([layer.length for layer in self.layers], 1)  # (B, L, H)
+        policy = budgets.variable if self.alloc == "variable" else budgets.uniform
+        srt, order = scores.view(b, -1, smax).sort(dim=-1, stable=True)
+        evict = torch.stack([policy(srt[i], lengths[i].flatten(), blocks, self.block)
+                             for i, blocks in enumerate(self.budget_blocks())])
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(smax).expand_as(order))
+        gone = (rank < evict[..., None]).view(b, self.num_layers, h, smax)
+        for i, layer in enumerate(self.layers):
+            g = gone[:, i, :, :per_layer[i][1].shape[2]]
+            if g.any():
+                layer._rewrite(per_layer[i][1] & ~g)
+        remap = self.pool.compact()
+        if remap is not None:
+            for layer in self.layers:
+                layer.table = remap[layer.table]
+        self.steps = 0
+        self.history.append({"seen": seen, "bytes_before": before, "bytes_after": self.nbytes(),
+                             "evicted": int(evict.sum())})
+
+    # --- accounting -------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Pool storage (free blocks included) + block tables + per-sequence counters."""
+        extra = tensor_nbytes([self.real, self.lead]) if self.real is not None else 0
+        return (self.pool.nbytes() if self.pool is not None else 0) + super().nbytes() + extra
+
+    def kept_tokens(self) -> torch.Tensor:
+        """(B, layers, heads) tokens each head keeps."""
+        return torch.stack([layer.length for layer in self.layers], 1)
+
+    def describe(self) -> str:
+        target = f"ratio {self.ratio}x" if self.ratio is not None else f"{self.tokens} tokens/head"
+        return (f"{target}, {self.alloc} per-head budgets, {self.score} scores over {self.obs} queries"
+                f"{f', pooled {self.pool_kernel}' if self.pool_kernel > 1 else ''}, sink {self.sink}, "
+                f"window {self.window}, blocks of {self.block}, rows {self.key_codec.describe()}/"
+                f"{self.value_codec.describe()}")
+
+    def fill_reference(self, states) -> None:
+        """Fill from an uncompressed prefill's states and its captured last queries (eval/needle.py), exactly
+        as a prefill through this cache would: store, score the observation window, evict."""
+        from .attention.paged import observe_window
+
+        queries = getattr(states, "queries", None)
+        if queries is None:
+            raise KvshrinkError("a paged cache is filled from prefill states with captured queries")
+        for i, (k, v) in enumerate(states):
+            st, _ = self.layers[i].update(k, v)
+            observe_window(queries[i], st, None, k.shape[-1] ** -0.5)

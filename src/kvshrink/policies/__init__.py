@@ -1,0 +1,1 @@
+"""Which tokens each head keeps: paged block storage, attention scores, budgets."""
