@@ -18,7 +18,6 @@ def dec(c, n=16):
         t=time.perf_counter(); lg = model(x, past_key_values=c, use_cache=True).logits[0,-1]; lat.append(time.perf_counter()-t); x = lg.argmax().view(1,1)
     return n/sum(lat)
 c = DynamicCache(); 
-for k,v in st: pass
 for i,(k,v) in enumerate(st): c.update(k.clone(), v.clone(), i)
 print("dyn decode", dec(c))
 for name in sys.argv[2:]:

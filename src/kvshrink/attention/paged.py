@@ -87,8 +87,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     if t == 1:  # decoding: one score row serves the output and the eviction scores
         probs = window_probs(q, st.keys, visible(st, mask, 0, 1, 1), scale)
         out = torch.einsum("bhgwn,bhnd->bhgwd", probs, st.values)
-        pad = ~mask[:, 0, -1, -1:].expand(b, 1) if mask is not None else None
-        st.layer.observe(aggregate(probs, st.layer.owner.score, st.layer.owner.pool_kernel), pad)
+        # a decoded token always sees itself: it is never padding
+        st.layer.observe(aggregate(probs, st.layer.owner.score, st.layer.owner.pool_kernel))
         return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
     if st.n_past == 0:  # a first prefill: nothing evicted yet, the model's own mask applies as it is
         out = F.scaled_dot_product_attention(query, st.keys, st.values, attn_mask=mask, is_causal=mask is None,
