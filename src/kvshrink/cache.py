@@ -172,6 +172,8 @@ class CompressedCache(ByteAccounting, Cache):
     or from codec objects (`CompressedCache(config, key_codec=IntQuant(...))`).
     """
 
+    layer_cls = CompressedLayer
+
     def __init__(
         self,
         config=None,
@@ -182,20 +184,30 @@ class CompressedCache(ByteAccounting, Cache):
         block: int = 128,
         num_layers: int | None = None,
         method: str | None = None,
+        layer_codecs: list | None = None,
     ):
-        if key_codec is None:
-            raise KvshrinkError("CompressedCache needs a key codec (or use CompressedCache.from_method)")
-        value_codec = value_codec or key_codec
-        check_layout(key_codec, value_codec, sink, window, block)
+        """layer_codecs: one (key codec, value codec) per layer, for codecs learned per layer
+        (RVQ codebooks); otherwise every layer uses key_codec / value_codec."""
+        if layer_codecs is None:
+            if key_codec is None:
+                raise KvshrinkError("CompressedCache needs a key codec (or use CompressedCache.from_method)")
+            value_codec = value_codec or key_codec
+        else:
+            key_codec, value_codec = layer_codecs[0]
+        for kc, vc in layer_codecs or [(key_codec, value_codec)]:
+            check_layout(kc, vc, sink, window, block)
         self.spec: ModelSpec | None = spec_from_config(config) if config is not None else None
         if num_layers is None:
             if self.spec is None:
                 raise KvshrinkError("CompressedCache needs a model config or num_layers")
             num_layers = self.spec.num_layers
+        if layer_codecs is not None and len(layer_codecs) != num_layers:
+            raise KvshrinkError(f"{len(layer_codecs)} per-layer codecs for a model of {num_layers} layers")
         self.method = method
         self.key_codec, self.value_codec = key_codec, value_codec
         self.sink, self.window, self.block = sink, window, block
-        layers = [CompressedLayer(key_codec, value_codec, sink, window, block) for _ in range(num_layers)]
+        pairs = layer_codecs or [(key_codec, value_codec)] * num_layers
+        layers = [self.layer_cls(kc, vc, sink, window, block) for kc, vc in pairs]
         super().__init__(layers=layers)
 
     @classmethod

@@ -53,15 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
-    c = sub.add_parser("calibrate", help="calibrate a method that needs it (zdc: low-rank bases and loss proxies)")
-    c.add_argument("--method", required=True, help="zdc")
+    c = sub.add_parser("calibrate", help="calibrate a method that needs it (zdc: low-rank bases and loss proxies; "
+                                         "rvq: residual codebooks)")
+    c.add_argument("--method", required=True, help="zdc or rvq")
     c.add_argument("--model")
     c.add_argument("--corpus", help="text file (default: WikiText-2 test; its last tokens are used)")
-    c.add_argument("--sequences", type=int, default=4)
+    c.add_argument("--sequences", type=int, help="calibration sequences (default: zdc 4, rvq 8)")
     c.add_argument("--length", type=int, default=512)
     c.add_argument("--key-basis", default="query", help="query (query-weighted PCA), joint or key")
     c.add_argument("--value-basis", default="output", help="output (o_proj-weighted PCA) or pca")
-    c.add_argument("--out", help="file to write (default: where zdc methods look for this model)")
+    c.add_argument("--group", type=int, default=16, help="rvq: channels per group")
+    c.add_argument("--size", type=int, default=256, help="rvq: codewords per level (a power of two, at most 256)")
+    c.add_argument("--depth", type=int, default=8, help="rvq: residual levels learned (1 to 8)")
+    c.add_argument("--key-grouping", default="strided", help="rvq: strided or contiguous channel groups for keys")
+    c.add_argument("--value-grouping", default="contiguous", help="rvq: strided or contiguous groups for values")
+    c.add_argument("--iters", type=int, default=10, help="rvq: k-means iterations per level")
+    c.add_argument("--out", help="file to write (default: where the method looks for this model)")
 
     sub.add_parser("methods", help="list registered methods")
     return p
@@ -73,10 +80,13 @@ def cmd_calibrate(args) -> None:
     from .models import load_model
     from .transforms import zdc
 
-    if args.method != "zdc":
-        raise KvshrinkError(f"no calibration for method {args.method!r}; calibrated methods: zdc")
+    if args.method not in ("zdc", "rvq"):
+        raise KvshrinkError(f"no calibration for method {args.method!r}; calibrated methods: zdc, rvq")
+    args.sequences = args.sequences or (8 if args.method == "rvq" else 4)
     if args.sequences < 1 or args.length < 8:
         raise KvshrinkError("--sequences must be at least 1 and --length at least 8")
+    if args.method == "rvq":
+        return _calibrate_rvq(args)
     model, tok = load_model(args.model)
     ids, desc = zdc.calibration_ids(tok, args.corpus, args.sequences, args.length)
     t0 = time.time()
@@ -91,6 +101,36 @@ def cmd_calibrate(args) -> None:
     print(f"energy kept by half the dimensions: keys {100 * ek[..., :half].sum(-1).mean():.1f}% "
           f"(min {100 * ek[..., :half].sum(-1).min():.1f}%), values {100 * ev[..., :half].sum(-1).mean():.1f}% "
           f"(min {100 * ev[..., :half].sum(-1).min():.1f}%)")
+
+
+def _calibrate_rvq(args) -> None:
+    import time
+
+    from . import rvq_calib
+    from .calibfile import calibration_ids
+    from .models import load_model
+
+    if args.iters < 1:
+        raise KvshrinkError("--iters must be at least 1")
+    rvq_calib.check_layout(args.size, args.depth, args.key_grouping, args.value_grouping)
+    model, tok = load_model(args.model)
+    ids, desc = calibration_ids(tok, args.corpus, args.sequences, args.length)
+    t0 = time.time()
+    calib = rvq_calib.calibrate(model, ids, desc, args.group, args.size, args.depth, args.key_grouping,
+                                args.value_grouping, args.iters,
+                                progress=lambda i, n: print(f"  layer {i}/{n}", end="\r", file=sys.stderr))
+    path = args.out or rvq_calib.default_path(model, args.group, args.size, args.key_grouping, args.value_grouping)
+    calib.save(path)
+    print(f"RVQ calibration: {ids.numel()} tokens (corpus tokens {desc['tokens'][0]}..{desc['tokens'][1]}), "
+          f"{calib.header['vectors_per_layer']} vectors per layer, {time.time() - t0:.0f} s -> {path}")
+    for name in ("key", "value"):
+        left = column_means(calib.header[f"{name}_residual"])
+        print(f"{name} energy left after levels 1..{args.depth}: " + " ".join(f"{100 * x:.1f}%" for x in left))
+
+
+def column_means(rows: list) -> list:
+    """Column means of a list of equal-length rows."""
+    return [sum(col) / len(col) for col in zip(*rows)]
 
 
 def cmd_bench(args) -> None:
@@ -157,7 +197,8 @@ def cmd_methods(_args) -> None:
         print(f"{name:16s} {'[peer] ' if m.family == 'peer' else ''}{m.description}")
     print("\nvariants: append options to a name, e.g. int4:window=32:block=64 "
           "(int methods: sink, window, block, value_group, key_axis; zdc methods: alloc, sink, sink_rank, window, "
-          "block; kvc-*/snapkv-* methods: alloc, score, pool, obs, sink, window, block, interval, tokens)")
+          "block; kvc-*/snapkv-* methods: alloc, score, pool, obs, sink, window, block, interval, tokens; "
+          "rvq-* methods: group, size, key_grouping, value_grouping, attend, sink, window)")
 
 
 def main(argv=None) -> int:

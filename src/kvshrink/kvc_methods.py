@@ -23,13 +23,13 @@ DEFAULT = ("kvc-8x", "snapkv-8x", "kvc-8x+int4")
 
 
 def paged_cache(model, ratio=None, bits: int | None = None, tokens=None, method=None, **options):
-    from .attention.paged import use_paged_attention
+    from .attention.paged import use_kvshrink_attention
     from .paged_cache import PagedCache
 
     if not hasattr(model, "set_attn_implementation"):
         raise KvshrinkError(f"{method or 'an eviction method'} needs the model, not its config: "
                             f"CompressedCache.from_method({method!r}, model)")
-    use_paged_attention(model)
+    use_kvshrink_attention(model)
     codecs = {}
     if bits is not None:
         codecs = dict(key_codec=IntQuant(bits, "token", rotate=True, seed=1),
@@ -39,11 +39,11 @@ def paged_cache(model, ratio=None, bits: int | None = None, tokens=None, method=
     return cache
 
 
-def prepare(model, tokenizer=None, corpus=None):
+def prepare(model, tokenizer=None, corpus=None, **_):
     """The paged attention delegates to SDPA for every other cache, so the model is switched in place."""
-    from .attention.paged import use_paged_attention
+    from .attention.paged import use_kvshrink_attention
 
-    use_paged_attention(model)
+    use_kvshrink_attention(model)
     return model
 
 

@@ -30,7 +30,7 @@ class Method:
     family: str = "kvshrink"  # "kvshrink" or "peer" (another library, same table)
     options: dict = field(default_factory=dict)
     tunable: tuple = ()  # options a name may override: "int4:window=16:block=64"
-    prepare: Callable | None = None  # (model, tokenizer, corpus) -> the model this method runs on
+    prepare: Callable | None = None  # (model, tokenizer, corpus, **options) -> the model this method runs on
     default: bool = True  # run by a plain `kvshrink bench`
 
     def make_cache(self, target, **overrides):
@@ -40,7 +40,7 @@ class Method:
         return self.factory(target, **{**self.options, **overrides})
 
     def prepare_model(self, model, tokenizer, corpus=None):
-        return model if self.prepare is None else self.prepare(model, tokenizer, corpus)
+        return model if self.prepare is None else self.prepare(model, tokenizer, corpus, **self.options)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -74,7 +74,7 @@ def get_method(name: str) -> Method:
                   method.tunable, method.prepare, default=False)
 
 
-_TEXT_OPTIONS = ("key_axis", "alloc", "score")
+_TEXT_OPTIONS = ("key_axis", "alloc", "score", "key_grouping", "value_grouping", "attend")
 
 
 def _int_option(key: str, value: str) -> int:
@@ -137,4 +137,4 @@ for _bits in (8, 4, 3, 2):
     ))
 
 
-from . import kvc_methods, zdc_methods  # noqa: E402,F401  (register the kvc-*, snapkv-* and zdc-* methods)
+from . import kvc_methods, rvq_methods, zdc_methods  # noqa: E402,F401  (register kvc-*, snapkv-*, rvq-*, zdc-*)

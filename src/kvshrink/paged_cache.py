@@ -4,7 +4,7 @@ Each (layer, sequence, KV head) owns a list of blocks from one `BlockPool`, so
 every head keeps its own number of tokens. Tokens arrive after RoPE, so a kept
 key keeps its original position and the model's position ids keep following
 the true context length (`get_seq_length` counts every token seen, kept or
-not). The attention function `kvshrink_paged` (attention/paged.py) reads each
+not). The attention function `kvshrink` (attention/paged.py) reads each
 head's own tokens and adds the attention they receive from the last `obs`
 queries of every forward call to their scores; after the last layer of a call
 (a prefill, a chunk, or every `interval` decode steps) the cache evicts the

@@ -117,6 +117,12 @@ class TokenStore:
                 at += n
         return out
 
+    def parts(self) -> list[tuple]:
+        """(part, codec) oldest first: sink (None), body, stage, window (None); empty coded parts left out."""
+        out = [(self.sink, None)]
+        out += [(p, c) for p, c in ((self.body, self.codec), (self.stage, self.stage_codec)) if p is not None]
+        return out + [(self.window, None)]
+
     def crop(self, keep: int) -> None:
         """Keep the first `keep` tokens."""
         n_sink, n_body, n_stage = self.sink.shape[-2], self._n(self.body), self._n(self.stage)
@@ -151,7 +157,7 @@ class TokenStore:
     def tensors(self) -> list[torch.Tensor]:
         if self.sink is None:
             return []
-        out = [self.sink, self.window]
+        out = [self.sink, self.window, *self.codec.shared_tensors()]
         for p in (self.body, self.stage):
             if p is not None:
                 out.extend(p.tensors.values())

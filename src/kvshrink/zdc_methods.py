@@ -45,7 +45,7 @@ def zdc_cache(model, pct: int, alloc: str = "fisher", bits: int | None = None, s
     return ZdcCache(model, ranks, keys, values, sink=sink, window=window, block=block, method=method)
 
 
-def prepare(model, tokenizer, corpus=None):
+def prepare(model, tokenizer, corpus=None, **_):
     """The ZDC-transformed copy of `model` (one per model, shared by every zdc method)."""
     from .transforms import zdc
 

@@ -9,9 +9,11 @@ depends on how many tokens were evicted. The last `obs` queries of the call
 attention, aggregated per KV head (policies/scores.py), which the layer adds
 to the row's score.
 
-Registered with transformers' AttentionInterface as "kvshrink_paged"; called
-with ordinary tensors (any other cache) it is exactly SDPA, so a model can
-keep this implementation for every cache.
+Registered with transformers' AttentionInterface as "kvshrink", the one
+attention function of the project: states that attend by themselves (the
+code-domain states of attention/coded.py) are handed the query, and called with
+ordinary tensors (any other cache) it is exactly SDPA, so a model can keep this
+implementation for every cache.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..errors import KvshrinkError
 from ..paged_cache import PagedStates
 from ..policies.scores import aggregate, window_probs
 
-NAME = "kvshrink_paged"
+NAME = "kvshrink"
 CAPTURE = "kvshrink_capture"
 CAPTURED_QUERIES = 64  # the largest observation window a shared prefill can serve
 QUERY_CHUNK = 1024  # query rows per mask and score block: bounds memory on long prefills
@@ -72,6 +74,8 @@ def observe_window(query: torch.Tensor, st: PagedStates, mask, scale: float) -> 
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if hasattr(key, "attend"):
+        return key.attend(module, query, attention_mask, scaling)
     if not isinstance(key, PagedStates):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -129,8 +133,8 @@ def register() -> None:
     AttentionMaskInterface.register(CAPTURE, sdpa_mask)
 
 
-def use_paged_attention(model) -> None:
-    """Switch `model` to "kvshrink_paged" in place (plain SDPA for every other cache)."""
+def use_kvshrink_attention(model) -> None:
+    """Switch `model` to "kvshrink" in place (plain SDPA for every cache that needs nothing else)."""
     register()
     if model.config._attn_implementation != NAME:
         model.set_attn_implementation(NAME)

@@ -92,6 +92,10 @@ class Codec(ABC):
     def nbytes(self, packed: Packed) -> int:
         return packed.nbytes()
 
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """Tensors the codec itself holds for decoding (codebooks): counted by every cache that uses it."""
+        return []
+
     def describe(self) -> str:
         return self.name
 

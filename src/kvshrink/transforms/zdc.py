@@ -23,7 +23,6 @@ shape, a weight fingerprint) and the calibration tokens.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import time
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..calibfile import calibration_dir, calibration_ids, check_header, model_fingerprint, model_header
 from ..errors import KvshrinkError
 from ..models import spec_from_config
 
@@ -40,23 +40,6 @@ KEY_BASES = ("query", "joint", "key")
 VALUE_BASES = ("output", "pca")
 ATTN_NAME = "kvshrink_zdc"
 _COLLECT = "kvshrink_zdc_collect"
-
-
-def model_fingerprint(model) -> str:
-    """A short hash of the first layer's key projection: two models with the same shape
-    but different weights get different fingerprints."""
-    w = model.model.layers[0].self_attn.k_proj.weight.detach().float().cpu()
-    return hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
-
-
-def model_header(model) -> dict:
-    spec = spec_from_config(model.config)
-    return {
-        "model": getattr(model.config, "_name_or_path", "") or spec.model_type,
-        "model_type": spec.model_type,
-        "shape": [spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim],
-        "fingerprint": model_fingerprint(model),
-    }
 
 
 @dataclass(eq=False)  # compared and hashed by identity (memo keys)
@@ -86,18 +69,7 @@ class ZdcCalibration:
 
     def check(self, model) -> None:
         """Refuse a calibration made for another model, naming the difference."""
-        want = model_header(model)
-        have = self.header
-        if have.get("shape") != want["shape"] or have.get("model_type") != want["model_type"]:
-            raise KvshrinkError(
-                f"calibration file is for {have.get('model')!r} ({have.get('model_type')}, layers/heads/kv heads/"
-                f"head_dim {have.get('shape')}), not for this model ({want['model_type']}, {want['shape']})"
-            )
-        if have.get("fingerprint") != want["fingerprint"]:
-            raise KvshrinkError(
-                f"calibration file is for other weights (fingerprint {have.get('fingerprint')}, "
-                f"this model {want['fingerprint']}): calibrate this model with `kvshrink calibrate --method zdc`"
-            )
+        check_header(self.header, model, "zdc")
 
     def save(self, path: str) -> None:
         from safetensors.torch import save_file
@@ -181,25 +153,6 @@ def _weighted_basis(cov: torch.Tensor, metric: torch.Tensor | None):
     s, s_inv = _sqrt_metric(metric)
     u, e = _basis(s @ cov.double() @ s)
     return s @ u, s_inv @ u, e
-
-
-def calibration_ids(tokenizer, corpus: str | None = None, sequences: int = 4, length: int = 512):
-    """(ids (sequences, length), description): the last tokens of the corpus, so they are
-    disjoint from the evaluation segments, which are taken from its start."""
-    from ..eval.data import default_corpus, load_corpus_ids
-
-    path = corpus or default_corpus()
-    ids = load_corpus_ids(tokenizer, path)
-    need = sequences * length
-    if ids.numel() < 2 * need:
-        raise KvshrinkError(f"the corpus has {ids.numel()} tokens; calibration needs at least {2 * need}")
-    with open(path, "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()[:16]
-    start = ids.numel() - need
-    desc = {"corpus": os.path.basename(path), "corpus_sha256": digest, "tokens": [int(start), int(ids.numel())],
-            "sequences": sequences, "length": length,
-            "note": "the last tokens of the corpus; evaluation segments come from its start"}
-    return ids[start:].reshape(sequences, length), desc
 
 
 def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4, key_basis: str = "query",
@@ -397,9 +350,7 @@ def apply(model, calib: ZdcCalibration, inplace: bool = False):
 
 
 def default_calibration_path(model) -> str:
-    root = os.environ.get("KVSHRINK_CALIB_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvshrink")
-    return os.path.join(root, f"zdc-{model_fingerprint(model)}.safetensors")
+    return os.path.join(calibration_dir(), f"zdc-{model_fingerprint(model)}.safetensors")
 
 
 def load_or_calibrate(model, tokenizer, corpus: str | None = None, log=print) -> ZdcCalibration:

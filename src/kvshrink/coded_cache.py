@@ -1,0 +1,57 @@
+"""CodedCache: a CompressedCache whose decode steps attend from the codes.
+
+For codecs that can score keys and sum values without decoding them (RVQ:
+`key_scores` / `value_sums`), a call of at most `CODE_DOMAIN_QUERIES` tokens
+gets `CodedStates` (attention/coded.py) instead of the decoded history; longer
+calls (prefill, perplexity chunks) decode and attend as every CompressedCache
+does. `code_domain=False` keeps decode-then-attend everywhere (the reference
+the bench and the tests compare against). The model must use the "kvshrink"
+attention (`attention.paged.use_kvshrink_attention`); the rvq methods switch it.
+"""
+
+from __future__ import annotations
+
+from .attention.coded import CodedStates
+from .cache import CompressedCache, CompressedLayer
+from .errors import KvshrinkError
+
+CODE_DOMAIN_QUERIES = 8
+
+
+class CodedLayer(CompressedLayer):
+    code_domain = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not (self.code_domain and self.is_initialized and len(self.k)
+                and key_states.shape[2] <= CODE_DOMAIN_QUERIES):
+            return super().update(key_states, value_states, *args, **kwargs)
+        dtype = key_states.dtype
+        parts = []
+        for (k, kc), (v, _) in zip(self.k.parts(), self.v.parts()):
+            if kc is None:
+                if k.shape[2]:
+                    parts.append((k.to(dtype), v.to(dtype)))
+            else:
+                parts.append((k, v))
+        parts.append((key_states, value_states))  # this call's tokens, exact
+        states = CodedStates(parts, self.k.codec, self.v.codec)
+        self.k.append(key_states)
+        self.v.append(value_states)
+        return states, states
+
+
+class CodedCache(CompressedCache):
+    """CompressedCache with code-domain decode attention (see the module doc)."""
+
+    layer_cls = CodedLayer
+
+    def __init__(self, *args, code_domain: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        for layer in self.layers:
+            codecs = (layer.k.codec, layer.v.codec)
+            if code_domain and not all(hasattr(c, "key_scores") and hasattr(c, "value_sums") for c in codecs):
+                raise KvshrinkError(f"{codecs[0].describe()} cannot attend from its codes; use code_domain=False")
+            if code_domain and any(c.block_tokens > 1 for c in codecs):
+                raise KvshrinkError("code-domain attention needs per-token codecs")
+            layer.code_domain = code_domain
+        self.code_domain = code_domain
