@@ -132,15 +132,21 @@ class RVQ(Codec):
         return Packed({"codes": packed, "scale": scale.view(b, h, t // block, block, 1)}, block, d,
                       {"last": n * self.depth})
 
-    def codes(self, packed: Packed) -> torch.Tensor:
-        """(B, H, tokens, groups * depth) codes as int64 indices into the flattened codebooks."""
+    def codes(self, packed: Packed, groups: bool = False, batch_heads: bool = False) -> torch.Tensor:
+        """(B, H, tokens, groups * depth) codes as int64 indices into the flattened codebooks
+        (depth * size rows); with `groups`, into a (groups, depth, size) table; with `batch_heads`,
+        into one such table per (sequence, head). One pass: uint8 + int64 offsets."""
         c = packed.tensors["codes"]
         c = unpack(c, self.bits, packed.meta["last"]) if self.bits < 8 else c
-        c = c.reshape(*c.shape[:2], -1, c.shape[-1]).long()
-        return c + self._level_offsets(c.device).repeat(c.shape[-1] // self.depth)
-
-    def _level_offsets(self, device) -> torch.Tensor:
-        return torch.arange(self.depth, device=device) * self.size
+        c = c.reshape(*c.shape[:2], -1, c.shape[-1])
+        n = c.shape[-1] // self.depth
+        per_level = torch.arange(self.depth, device=c.device) * self.size
+        per_group = torch.arange(n, device=c.device)[:, None] * (self.depth * self.size) if groups else 0
+        off = (per_group + per_level).reshape(-1) if groups else per_level.repeat(n)
+        if batch_heads:
+            b, h = c.shape[:2]
+            off = off + (torch.arange(b * h, device=c.device) * (n * self.depth * self.size)).view(b, h, 1, 1)
+        return c + off
 
     def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         d = packed.head_dim
@@ -163,9 +169,8 @@ class RVQ(Codec):
         # (B, H, M, n, L * K): every query row against every codeword of its group's levels
         table = torch.einsum("bhmnc,lkc->bhmnlk", grouped(q.float(), self.order(d), self.group), books)
         table = table.reshape(b, h, m, n * self.depth * self.size)
-        idx = self.codes(packed)  # (B, H, T, n * L), offsets per level
+        idx = self.codes(packed, groups=True)  # (B, H, T, n * L) into the table
         t = idx.shape[2]
-        idx = idx + (torch.arange(n, device=q.device) * (self.depth * self.size)).repeat_interleave(self.depth)
         scale = packed.tensors["scale"].reshape(b, h, 1, t).float()
         out = q.new_empty(b, h, m, t, dtype=torch.float32)
         step = max(1, _GATHER // max(1, m * idx.shape[-1]))
@@ -181,10 +186,8 @@ class RVQ(Codec):
         d = packed.head_dim
         n = d // self.group
         books = self._f32(p.device)
-        idx = self.codes(packed)  # (B, H, T, n * L)
+        idx = self.codes(packed, groups=True, batch_heads=True)  # (B, H, T, n * L) into one table
         per_group = self.depth * self.size
-        idx = idx + (torch.arange(n, device=p.device) * per_group).repeat_interleave(self.depth)
-        idx = idx + (torch.arange(b * h, device=p.device) * n * per_group).view(b, h, 1, 1)
         w = (p.float() * packed.tensors["scale"].reshape(b, h, 1, t).float()).transpose(2, 3)  # (B, H, T, M)
         src = w[:, :, :, None, :].expand(b, h, t, idx.shape[-1], m).reshape(-1, m)
         weights = torch.zeros(b * h * n * per_group, m, device=p.device)
