@@ -22,9 +22,25 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from kvshrink.eval.needle import ANSWER_TOKENS, KINDS, greedy, make_case
+from kvshrink.eval.needle import ANSWER_TOKENS, KINDS, make_case
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def greedy_at(model, cache, ids: torch.Tensor, start: int, eos) -> list[int]:
+    """Greedy answer with position ids from the true context length: a pressed cache holds fewer
+    tokens than it has seen, and kvpress does not count them (its own pipeline does the same)."""
+    out, x, pos = [], ids, start
+    for _ in range(ANSWER_TOKENS):
+        positions = torch.arange(pos, pos + x.shape[1])[None]
+        logits = model(x, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1).logits
+        nxt = int(logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        out.append(nxt)
+        pos += x.shape[1]
+        x = torch.tensor([[nxt]])
+    return out
 
 
 def main() -> None:
@@ -55,7 +71,8 @@ def main() -> None:
                     cache = DynamicCache()
                     with press(model):
                         model(case.context, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    text = tok.decode(greedy(model, cache, case.question, ANSWER_TOKENS, tok.eos_token_id))
+                    answer = greedy_at(model, cache, case.question, case.context.shape[1], tok.eos_token_id)
+                    text = tok.decode(answer)
                     res[name]["cases"].append({"kind": kind, "length": length, "depth": depth,
                                                "hit": case.answer in text, "output": text.strip()})
                 print(f"{length} {kind} {depth} done, {time.time() - t0:.0f} s", flush=True)
