@@ -283,3 +283,16 @@ def test_bad_budgets_fail_clearly(model):
     with pytest.raises(KvshrinkError, match="batch of 1"):
         with torch.no_grad():
             model(_ids(8), past_key_values=cache, use_cache=True)
+
+
+def test_deferred_eviction_keeps_the_context_until_the_question_call(model):
+    ids = _ids(200)
+    cache = PagedCache(model.config, tokens=32, block=4, defer=1)
+    with torch.no_grad():
+        model(ids[:, :160], past_key_values=cache, use_cache=True)  # the context: kept whole
+        assert not cache.history and bool((cache.kept_tokens() == 160).all())
+        model(ids[:, 160:], past_key_values=cache, use_cache=True)  # the question: now evicted
+    assert len(cache.history) == 1
+    assert cache.kept_tokens().float().mean() <= 32 and cache.get_seq_length() == 200
+    with pytest.raises(KvshrinkError, match="defer"):
+        PagedCache(model.config, ratio=8, defer=-1)

@@ -211,7 +211,10 @@ class PagedCache(ByteAccounting, Cache):
     def __init__(self, config, ratio: float | None = None, tokens=None, alloc: str = "variable",
                  score: str = "square", pool: int = 0, obs: int = 32, sink: int = 4, window: int = 8,
                  block: int = 16, interval: int | None = None, key_codec: Codec | None = None,
-                 value_codec: Codec | None = None, method: str | None = None):
+                 value_codec: Codec | None = None, method: str | None = None, defer: int = 0):
+        """defer: the first `defer` multi-token calls store without evicting (their scores still
+        count), so a prompt passed as context, then question, is evicted with the question's
+        attention in the observation window (SnapKV's setting) rather than before it arrives."""
         if (ratio is None) == (tokens is None):
             raise KvshrinkError("a paged cache needs exactly one budget: ratio=R (2 to 64...) or tokens=N")
         if ratio is not None and not (isinstance(ratio, (int, float)) and ratio >= 1):
@@ -224,7 +227,7 @@ class PagedCache(ByteAccounting, Cache):
         if score not in AGGREGATES:
             raise KvshrinkError(f"unknown score {score!r}; use one of {', '.join(AGGREGATES)}")
         for name, val, low in (("obs", obs, 1), ("sink", sink, 0), ("window", window, 0), ("block", block, 1),
-                               ("pool", pool, 0)):
+                               ("pool", pool, 0), ("defer", defer, 0)):
             if not isinstance(val, int) or val < low:
                 raise KvshrinkError(f"{name} must be an integer >= {low}, got {val!r}")
         self.spec = spec_from_config(config)
@@ -233,6 +236,7 @@ class PagedCache(ByteAccounting, Cache):
         self.alloc, self.score, self.pool_kernel, self.obs = alloc, score, pool, obs
         self.sink, self.window, self.block = sink, window, block
         self.interval = interval or block
+        self.defer = defer
         self.key_codec = key_codec or Fp16()
         self.value_codec = value_codec or self.key_codec
         self.method = method
@@ -261,6 +265,9 @@ class PagedCache(ByteAccounting, Cache):
             self.real, self.lead = torch.zeros(b, dtype=torch.long), npad.clone()
         self.real += t - npad
         self.steps += 1
+        if t > 1 and self.defer > 0:
+            self.defer -= 1
+            return
         if t > 1 or self.steps >= self.interval:
             self.compress()
 
