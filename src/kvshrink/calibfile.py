@@ -5,6 +5,7 @@ evaluation segments) and where calibrations are kept by default."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 from .errors import KvshrinkError
@@ -65,3 +66,30 @@ def calibration_ids(tokenizer, corpus: str | None = None, sequences: int = 4, le
             "sequences": sequences, "length": length,
             "note": "the last tokens of the corpus; evaluation segments come from its start"}
     return ids[start:].reshape(sequences, length), desc
+
+
+def save_tensors(path: str, tensors: dict, fmt: str, header: dict) -> None:
+    """A calibration file: safetensors with the format name and a JSON header in its metadata."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path,
+              metadata={"format": fmt, "header": json.dumps(header)})
+
+
+def load_tensors(path: str, fmt: str, names, what: str) -> tuple[dict, dict]:
+    """(tensors, header) of a calibration file written by `save_tensors`, refusing a missing file,
+    a file that is not safetensors, and one of another format or with other tensors, in one line."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise KvshrinkError(f"calibration file {path!r} does not exist")
+    try:
+        with safe_open(path, "pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as err:  # not a safetensors file at all
+        raise KvshrinkError(f"calibration file {path!r} is not a safetensors file: {str(err).splitlines()[0]}") from None
+    if meta.get("format") != fmt or set(tensors) != set(names):
+        raise KvshrinkError(f"calibration file {path!r} is not {what} ({fmt})")
+    return tensors, json.loads(meta["header"])

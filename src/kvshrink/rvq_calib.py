@@ -15,14 +15,14 @@ group) plus a JSON header naming the model, the grouping and the data.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .calibfile import calibration_dir, calibration_ids, check_header, model_fingerprint, model_header
+from .calibfile import (calibration_dir, calibration_ids, check_header, load_tensors, model_fingerprint,
+                        model_header, save_tensors)
 from .codecs.rvq import GROUPINGS, channel_order, grouped, nearest
 from .errors import KvshrinkError
 from .models import spec_from_config
@@ -46,27 +46,12 @@ class RvqCalibration:
         check_header(self.header, model, "rvq")
 
     def save(self, path: str) -> None:
-        from safetensors.torch import save_file
-
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_file({"keys": self.keys.contiguous(), "values": self.values.contiguous()}, path,
-                  metadata={"format": FORMAT, "header": json.dumps(self.header)})
+        save_tensors(path, {"keys": self.keys, "values": self.values}, FORMAT, self.header)
 
     @classmethod
     def load(cls, path: str, model=None) -> "RvqCalibration":
-        from safetensors import safe_open
-
-        if not os.path.isfile(path):
-            raise KvshrinkError(f"calibration file {path!r} does not exist")
-        try:
-            with safe_open(path, "pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as err:  # not a safetensors file at all
-            raise KvshrinkError(f"calibration file {path!r} is not a safetensors file: {str(err).splitlines()[0]}") from None
-        if meta.get("format") != FORMAT or set(tensors) != {"keys", "values"}:
-            raise KvshrinkError(f"calibration file {path!r} is not an RVQ calibration ({FORMAT})")
-        calib = cls(tensors["keys"], tensors["values"], json.loads(meta["header"]))
+        tensors, header = load_tensors(path, FORMAT, ("keys", "values"), "an RVQ calibration")
+        calib = cls(tensors["keys"], tensors["values"], header)
         if model is not None:
             calib.check(model)
         return calib

@@ -12,6 +12,7 @@ The codebooks are learned on first use (`kvshrink calibrate --method rvq` does i
 
 from __future__ import annotations
 
+import os
 import weakref
 
 from .codecs.rvq import RVQ
@@ -28,22 +29,16 @@ BLOCK = 64  # tokens per body append: a per-token codec moves staged codes into 
 _CALIBS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {layout: calibration}
 
 
-def _layout(group, size, key_grouping, value_grouping) -> tuple:
-    return (group, size, key_grouping, value_grouping)
-
-
 def calibration_for(model, tokenizer=None, corpus=None, **layout):
     """The model's codebooks for this layout: memo, else the saved file, else learned (needs the tokenizer)."""
     from . import rvq_calib
 
     layout = {**LAYOUT, **{k: v for k, v in layout.items() if k in LAYOUT}}
     memo = _CALIBS.setdefault(model, {})
-    key = _layout(**layout)
+    key = tuple(layout[k] for k in LAYOUT)
     if key not in memo:
         path = rvq_calib.default_path(model, **layout)
         if tokenizer is None:
-            import os
-
             if not os.path.isfile(path):
                 raise KvshrinkError(f"no RVQ codebooks for this model and layout at {path}: run "
                                     f"`kvshrink calibrate --method rvq --group {layout['group']}` first")

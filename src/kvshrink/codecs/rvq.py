@@ -97,6 +97,7 @@ class RVQ(Codec):
             raise KvshrinkError(f"unknown channel grouping {grouping!r}; use one of {', '.join(GROUPINGS)}")
         self.books = codebooks[:depth].to(torch.float16).contiguous()  # what the cache holds (and counts)
         self._books32 = None  # working copy for arithmetic, rebuilt from `books`, not counted: derived, tiny
+        self._memo = {}  # channel orders and code offsets, built once per shape and device: every step uses them
         self.depth, self.size, self.group, self.bits, self.grouping = depth, k, g, bits, grouping
         self.name = f"rvq-d{depth}"
 
@@ -111,8 +112,23 @@ class RVQ(Codec):
             self._books32 = self.books.to(device, torch.float32)
         return self._books32
 
-    def order(self, head_dim: int) -> torch.Tensor:
-        return channel_order(head_dim, self.group, self.grouping)
+    def order(self, head_dim: int, device=None) -> torch.Tensor:
+        key = ("order", head_dim, device)
+        if key not in self._memo:
+            self._memo[key] = channel_order(head_dim, self.group, self.grouping).to(device)
+        return self._memo[key]
+
+    def _offsets(self, n: int, groups: bool, device) -> torch.Tensor:
+        """(n * depth,) offset of each code position: its level's rows, and with `groups` its group's table."""
+        key = ("offsets", n, groups, device)
+        if key not in self._memo:
+            per_level = torch.arange(self.depth, device=device) * self.size
+            if groups:
+                per_group = torch.arange(n, device=device)[:, None] * (self.depth * self.size)
+                self._memo[key] = (per_group + per_level).reshape(-1)
+            else:
+                self._memo[key] = per_level.repeat(n)
+        return self._memo[key]
 
     # --- codec ------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, block: int) -> Packed:
@@ -124,7 +140,7 @@ class RVQ(Codec):
         if not torch.isfinite(scale).all():
             raise KvshrinkError("key/value states exceed the float16 range of the RVQ scales")
         safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
-        y = grouped(x / safe, self.order(d), self.group)  # (B, H, T, n, G)
+        y = grouped(x / safe, self.order(d, x.device), self.group)  # (B, H, T, n, G)
         n = y.shape[-2]
         codes, _ = residual_codes(y.reshape(-1, self.group), self._f32(x.device))
         codes = codes.to(torch.uint8).view(b, h, t // block, block, n * self.depth)  # [group][level]
@@ -140,9 +156,7 @@ class RVQ(Codec):
         c = unpack(c, self.bits, packed.meta["last"]) if self.bits < 8 else c
         c = c.reshape(*c.shape[:2], -1, c.shape[-1])
         n = c.shape[-1] // self.depth
-        per_level = torch.arange(self.depth, device=c.device) * self.size
-        per_group = torch.arange(n, device=c.device)[:, None] * (self.depth * self.size) if groups else 0
-        off = (per_group + per_level).reshape(-1) if groups else per_level.repeat(n)
+        off = self._offsets(n, groups, c.device)
         if batch_heads:
             b, h = c.shape[:2]
             off = off + (torch.arange(b * h, device=c.device) * (n * self.depth * self.size)).view(b, h, 1, 1)
@@ -154,11 +168,10 @@ class RVQ(Codec):
         b, h, t, _ = idx.shape
         flat = self._f32(idx.device).reshape(-1, self.group)
         y = F.embedding_bag(idx.view(-1, self.depth), flat, mode="sum")  # one bag per (token, group)
-        order = self.order(d).to(idx.device)
-        x = torch.empty(b, h, t, d, device=idx.device)
-        x[..., order] = y.view(b, h, t, d)
-        x *= packed.tensors["scale"].reshape(b, h, t, 1).float()
-        return x.to(dtype) if out is None else out.copy_(x)
+        # straight into the caller's slice: no full-size temporary
+        x = torch.empty(b, h, t, d, dtype=dtype, device=idx.device) if out is None else out
+        x[..., self.order(d, idx.device)] = y.view(b, h, t, d).to(dtype)
+        return x.mul_(packed.tensors["scale"].reshape(b, h, t, 1).to(dtype))
 
     # --- attention from the codes ----------------------------------------------------------
     def key_scores(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
@@ -167,7 +180,7 @@ class RVQ(Codec):
         books = self._f32(q.device)
         n = d // self.group
         # (B, H, M, n, L * K): every query row against every codeword of its group's levels
-        table = torch.einsum("bhmnc,lkc->bhmnlk", grouped(q.float(), self.order(d), self.group), books)
+        table = torch.einsum("bhmnc,lkc->bhmnlk", grouped(q.float(), self.order(d, q.device), self.group), books)
         table = table.reshape(b, h, m, n * self.depth * self.size)
         idx = self.codes(packed, groups=True)  # (B, H, T, n * L) into the table
         t = idx.shape[2]
@@ -194,5 +207,5 @@ class RVQ(Codec):
         weights.index_add_(0, idx.reshape(-1), src)  # each codeword's total weight
         y = torch.einsum("bhnlkm,lkc->bhmnc", weights.view(b, h, n, self.depth, self.size, m), books)
         out = torch.empty(b, h, m, d, device=p.device)
-        out[..., self.order(d).to(p.device)] = y.reshape(b, h, m, d)
+        out[..., self.order(d, p.device)] = y.reshape(b, h, m, d)
         return out

@@ -23,14 +23,14 @@ shape, a weight fingerprint) and the calibration tokens.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from dataclasses import dataclass
 
 import torch
 
-from ..calibfile import calibration_dir, calibration_ids, check_header, model_fingerprint, model_header
+from ..calibfile import (calibration_dir, calibration_ids, check_header, load_tensors, model_fingerprint,
+                         model_header, save_tensors)
 from ..errors import KvshrinkError
 from ..models import spec_from_config
 
@@ -72,27 +72,12 @@ class ZdcCalibration:
         check_header(self.header, model, "zdc")
 
     def save(self, path: str) -> None:
-        from safetensors.torch import save_file
-
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tensors = {k: getattr(self, k).contiguous() for k in _TENSORS}
-        save_file(tensors, path, metadata={"format": FORMAT, "header": json.dumps(self.header)})
+        save_tensors(path, {k: getattr(self, k) for k in _TENSORS}, FORMAT, self.header)
 
     @classmethod
     def load(cls, path: str, model=None) -> "ZdcCalibration":
-        from safetensors import safe_open
-
-        if not os.path.isfile(path):
-            raise KvshrinkError(f"calibration file {path!r} does not exist")
-        try:
-            with safe_open(path, "pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as err:  # not a safetensors file at all
-            raise KvshrinkError(f"calibration file {path!r} is not a safetensors file: {str(err).splitlines()[0]}") from None
-        if meta.get("format") != FORMAT or set(tensors) != set(_TENSORS):
-            raise KvshrinkError(f"calibration file {path!r} is not a ZDC calibration ({FORMAT})")
-        calib = cls(**tensors, header=json.loads(meta["header"]))
+        tensors, header = load_tensors(path, FORMAT, _TENSORS, "a ZDC calibration")
+        calib = cls(**tensors, header=header)
         if model is not None:
             calib.check(model)
         return calib
