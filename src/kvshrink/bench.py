@@ -92,6 +92,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     methods = {n: get_method(n) for n in cfg.methods}
     models = {n: m.prepare_model(model, tok, cfg.corpus) for n, m in methods.items()}  # ZDC: a transformed copy
     makers = {n: (lambda m=m, n=n: m.make_cache(models[n])) for n, m in methods.items()}
+    for make in makers.values():  # refuse bad method options now, not after an hour of other methods
+        make()
     with_ref = {REF: DynamicCache, **makers}
     need = max(cfg.segments * cfg.seg_len, max(cfg.speed_contexts) + cfg.decode_steps + 1)
     ids = load_corpus_ids(tok, cfg.corpus, need + 64)
@@ -208,6 +210,24 @@ def prefill_table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def coding_table(res: dict) -> str:
+    """Entropy-coded caches: bits per symbol of their codes against the Shannon entropy of the same symbols."""
+    rows = [(n, r["coding"]) for n, r in res.get("quality", {}).items() if r.get("coding")]
+    if not rows:
+        return ""
+    out = ["| method | key bits/symbol | key entropy | value bits/symbol | value entropy | over the limit |",
+           "|---|---|---|---|---|---|"]
+    for n, c in rows:
+        k, v = c.get("keys", {}), c.get("values", {})
+        bits = k.get("bits_per_symbol", 0) * k.get("symbols", 0) + v.get("bits_per_symbol", 0) * v.get("symbols", 0)
+        ent = (k.get("entropy_bits_per_symbol", 0) * k.get("symbols", 0)
+               + v.get("entropy_bits_per_symbol", 0) * v.get("symbols", 0))
+        out.append(f"| `{n}` | {_fmt(k.get('bits_per_symbol'), '.3f')} | {_fmt(k.get('entropy_bits_per_symbol'), '.3f')} "
+                   f"| {_fmt(v.get('bits_per_symbol'), '.3f')} | {_fmt(v.get('entropy_bits_per_symbol'), '.3f')} "
+                   f"| {100 * (bits / ent - 1):+.1f}% |")
+    return "\n".join(out)
+
+
 def write_outputs(res: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as fh:
@@ -221,7 +241,7 @@ def write_outputs(res: dict, out: str) -> None:
                   "Decode ×dyn = tokens/s relative to DynamicCache (float32) in this run. "
                   "RSS held = process memory growth once the filled cache is held; peak = growth while "
                   "filling and decoding (see kvshrink/eval/speed.py).")
-    md += ["", table(res), "", prefill_table(res), "", f"Elapsed: {res['elapsed_s']:.0f} s", ""]
+    md += ["", table(res), "", prefill_table(res), "", coding_table(res), "", f"Elapsed: {res['elapsed_s']:.0f} s", ""]
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write("\n".join(md))
     if "quality" in res:

@@ -217,6 +217,13 @@ class CompressedCache(ByteAccounting, Cache):
 
         return get_method(name).make_cache(config, **overrides)
 
+    @staticmethod
+    def load(path: str, model) -> "CompressedCache":
+        """A cache saved with `cache.save(path)`, checked against `model` (cache_io.py)."""
+        from .cache_io import load
+
+        return load(path, model)
+
     def describe(self) -> str:
         return (
             f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}, "

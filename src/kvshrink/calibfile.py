@@ -29,18 +29,19 @@ def model_header(model) -> dict:
     }
 
 
-def check_header(have: dict, model, method: str) -> None:
-    """Refuse a calibration header made for another model, naming the difference."""
+def check_header(have: dict, model, method: str, what: str = "calibration file") -> None:
+    """Refuse a header made for another model, naming the difference."""
     want = model_header(model)
     if have.get("shape") != want["shape"] or have.get("model_type") != want["model_type"]:
         raise KvshrinkError(
-            f"calibration file is for {have.get('model')!r} ({have.get('model_type')}, layers/heads/kv heads/"
+            f"{what} is for {have.get('model')!r} ({have.get('model_type')}, layers/heads/kv heads/"
             f"head_dim {have.get('shape')}), not for this model ({want['model_type']}, {want['shape']})"
         )
     if have.get("fingerprint") != want["fingerprint"]:
+        fix = (f"calibrate this model with `kvshrink calibrate --method {method}`" if what == "calibration file"
+               else "load it with the model that wrote it")
         raise KvshrinkError(
-            f"calibration file is for other weights (fingerprint {have.get('fingerprint')}, "
-            f"this model {want['fingerprint']}): calibrate this model with `kvshrink calibrate --method {method}`"
+            f"{what} is for other weights (fingerprint {have.get('fingerprint')}, this model {want['fingerprint']}): {fix}"
         )
 
 

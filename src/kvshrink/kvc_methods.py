@@ -7,7 +7,8 @@
   kvc-8x+int4      eviction, then the kept rows as 4-bit codes (Hadamard-rotated, per token)
 
 Options: `kvc-8x:alloc=uniform`, `:score=sum`, `:pool=5`, `:obs=16`, `:window=32`,
-`:sink=4`, `:block=8`, `:interval=32`, `:defer=1` (keep the first multi-token call whole
+`:sink=4`, `:block=8`, `:interval=32`, `:norm=head|layer` (scores divided by each head's or
+layer's total before the cross-head ranking), `:defer=1` (keep the first multi-token call whole
 and evict after the next: context, then question), or an absolute budget `kvc-8x:tokens=256`
 (tokens per head on average, per sequence).
 """
@@ -19,7 +20,7 @@ from .errors import KvshrinkError
 from .methods import Method, register
 
 RATIOS = (2, 4, 8, 16, 32, 64)
-TUNABLE = ("alloc", "score", "pool", "obs", "sink", "window", "block", "interval", "tokens", "defer")
+TUNABLE = ("alloc", "score", "pool", "obs", "sink", "window", "block", "interval", "tokens", "defer", "norm")
 DEFAULT = ("kvc-8x", "snapkv-8x", "kvc-8x+int4")
 
 

@@ -68,13 +68,24 @@ def get_method(name: str) -> Method:
         if key not in method.tunable:
             allowed = ", ".join(method.tunable) or "none"
             raise KvshrinkError(f"unknown option {key!r} for method {base!r} (options: {allowed})")
-        overrides[key] = value if key in _TEXT_OPTIONS else _int_option(key, value)
+        overrides[key] = (value if key in _TEXT_OPTIONS else _float_option(key, value) if key in _FLOAT_OPTIONS
+                          else _int_option(key, value))
     options = {**method.options, **overrides, "method": name}
     return Method(name, f"{method.description} [{', '.join(opts)}]", method.factory, method.family, options,
                   method.tunable, method.prepare, default=False)
 
 
-_TEXT_OPTIONS = ("key_axis", "alloc", "score", "key_grouping", "value_grouping", "attend")
+_TEXT_OPTIONS = ("key_axis", "alloc", "score", "norm", "key_grouping", "value_grouping", "attend")
+
+
+_FLOAT_OPTIONS = ("eb", "keb", "veb", "drift")
+
+
+def _float_option(key: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise KvshrinkError(f"option {key} needs a number, got {value!r}") from None
 
 
 def _int_option(key: str, value: str) -> int:
@@ -137,4 +148,4 @@ for _bits in (8, 4, 3, 2):
     ))
 
 
-from . import kvc_methods, rvq_methods, zdc_methods  # noqa: E402,F401  (register kvc-*, snapkv-*, rvq-*, zdc-*)
+from . import kvc_methods, kvcomp_methods, rvq_methods, zdc_methods  # noqa: E402,F401  (register the families)

@@ -34,6 +34,7 @@ from .policies.pool import BlockPool, RowCodec
 from .policies.scores import AGGREGATES
 from .store import half_checked
 
+NORMS = ("none", "head", "layer")
 PAD_SCORE = -1.0  # left-padding tokens: evicted before any real token
 
 
@@ -211,7 +212,8 @@ class PagedCache(ByteAccounting, Cache):
     def __init__(self, config, ratio: float | None = None, tokens=None, alloc: str = "variable",
                  score: str = "square", pool: int = 0, obs: int = 32, sink: int = 4, window: int = 8,
                  block: int = 16, interval: int | None = None, key_codec: Codec | None = None,
-                 value_codec: Codec | None = None, method: str | None = None, defer: int = 0):
+                 value_codec: Codec | None = None, method: str | None = None, defer: int = 0,
+                 norm: str = "none"):
         """defer: the first `defer` multi-token calls store without evicting (their scores still
         count), so a prompt passed as context, then question, is evicted with the question's
         attention in the observation window (SnapKV's setting) rather than before it arrives."""
@@ -224,6 +226,8 @@ class PagedCache(ByteAccounting, Cache):
             raise KvshrinkError(f"token budget must be a positive integer (or one per sequence), got {tokens!r}")
         if alloc not in budgets.ALLOCS:
             raise KvshrinkError(f"unknown allocation {alloc!r}; use one of {', '.join(budgets.ALLOCS)}")
+        if norm not in NORMS:
+            raise KvshrinkError(f"unknown score normalization {norm!r}; use one of {', '.join(NORMS)}")
         if score not in AGGREGATES:
             raise KvshrinkError(f"unknown score {score!r}; use one of {', '.join(AGGREGATES)}")
         for name, val, low in (("obs", obs, 1), ("sink", sink, 0), ("window", window, 0), ("block", block, 1),
@@ -236,7 +240,7 @@ class PagedCache(ByteAccounting, Cache):
         self.alloc, self.score, self.pool_kernel, self.obs = alloc, score, pool, obs
         self.sink, self.window, self.block = sink, window, block
         self.interval = interval or block
-        self.defer = defer
+        self.defer, self.norm = defer, norm
         self.key_codec = key_codec or Fp16()
         self.value_codec = value_codec or self.key_codec
         self.method = method
@@ -298,6 +302,11 @@ class PagedCache(ByteAccounting, Cache):
             sink = (pos >= lead) & (pos < lead + self.sink)  # the first real tokens, not the padding
             guard = sink | (pos >= seen - self.window) | ~valid
             scores[:, i, :, :valid.shape[2]] = rows["score"].masked_fill(guard, torch.inf)
+        if self.norm != "none":  # put heads (or layers) on one scale before ranking across them
+            mass = torch.where(torch.isfinite(scores), scores, 0).sum(-1, keepdim=True)
+            if self.norm == "layer":
+                mass = mass.sum(2, keepdim=True)
+            scores = scores / mass.clamp(min=1e-30)
         lengths = torch.stack([layer.length for layer in self.layers], 1)  # (B, L, H)
         policy = budgets.variable if self.alloc == "variable" else budgets.uniform
         srt, order = scores.view(b, -1, smax).sort(dim=-1, stable=True)

@@ -28,6 +28,7 @@ class QualityTally:
     tokens: int = 0
     ratios: list = field(default_factory=list)
     nbytes: list = field(default_factory=list)
+    coding: dict = field(default_factory=dict)  # entropy-coded caches: bits per symbol vs the Shannon limit
 
     def result(self) -> dict:
         out = {"tokens": self.tokens, "nll": self.nll / self.tokens, "ppl": math.exp(self.nll / self.tokens)}
@@ -38,11 +39,23 @@ class QualityTally:
                 ratio=sum(self.ratios) / len(self.ratios),
                 cache_bytes=sum(self.nbytes) / len(self.nbytes),
             )
+        if self.coding:
+            out["coding"] = self.coding
         return out
 
 
 def fp16_nbytes(spec, batch: int, tokens: int) -> int:
     return batch * tokens * spec.fp16_bytes_per_token()
+
+
+def _add_coding(total: dict, stats: dict) -> None:
+    """Symbol-weighted means over segments."""
+    for part, st in stats.items():
+        acc = total.setdefault(part, {"symbols": 0, "bits_per_symbol": 0.0, "entropy_bits_per_symbol": 0.0})
+        n = acc["symbols"] + st["symbols"]
+        for k in ("bits_per_symbol", "entropy_bits_per_symbol"):
+            acc[k] = (acc[k] * acc["symbols"] + st[k] * st["symbols"]) / n
+        acc["symbols"] = n
 
 
 @torch.no_grad()
@@ -78,6 +91,8 @@ def evaluate_quality(model, spec, make_cache: dict, segs: list[torch.Tensor], ch
                 held = cache_nbytes(cache)
                 tallies[name].nbytes.append(held)
                 tallies[name].ratios.append(fp16_nbytes(spec, 1, seg.numel()) / held)
+                if hasattr(cache, "coding_stats"):
+                    _add_coding(tallies[name].coding, cache.coding_stats())
     results = {name: t.result() for name, t in tallies.items()}
     base = results[REFERENCE]["ppl"]
     for r in results.values():

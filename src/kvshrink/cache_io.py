@@ -1,0 +1,106 @@
+"""Save a compressed cache to disk and load it back: a chat resumed without recomputing its prompt.
+
+The file is safetensors holding the cache's coded form as it is in memory
+(entropy-coded streams, offsets, minimums, steps, float16 sink and recent
+tokens) and the code lengths of each Huffman table (the decoding lookups are
+rebuilt on load), with a JSON header naming the model (shape and weight
+fingerprint, as calibration files do) and the cache's settings. Loading checks
+the header against the model and refuses another one in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from .calibfile import check_header, model_header
+from .errors import KvshrinkError
+
+FORMAT = "kvshrink-cache-1"
+SETTINGS = ("key_bound", "value_bound", "key_block", "value_block", "sink", "window", "entropy", "drift",
+            "attend", "splits", "method")
+
+
+def save(cache, path: str, model=None) -> int:
+    """Write `cache` (a KVCompCache) to `path`; returns the file's size in bytes."""
+    from safetensors.torch import save_file
+
+    from .kvcomp_cache import KVCompCache
+
+    if not isinstance(cache, KVCompCache):
+        raise KvshrinkError(f"saving is implemented for kvcomp caches, not {type(cache).__name__}")
+    header = model_header(model) if model is not None else getattr(cache, "model_header", None)
+    if header is None:
+        raise KvshrinkError("this cache was not built from a model: pass it, cache.save(path, model)")
+    tensors, layers = {}, []
+    for i, layer in enumerate(cache.layers):
+        if not layer.is_initialized:
+            layers.append(None)
+            continue
+        p = f"{i}."
+        tensors.update({p + "sink.k": layer.sink[0], p + "sink.v": layer.sink[1],
+                        p + "recent.k": layer.recent[0], p + "recent.v": layer.recent[1]})
+        meta = {}
+        for name, body in (("kb", layer.kb), ("vb", layer.vb)):
+            meta[name] = {"head_dim": body.head_dim, "payload_bits": body.payload_bits, "entropy": body.entropy_total,
+                          "counts": body.counts.tolist(), "tables": len(body.tables)}
+            if body.num_tokens:
+                for field in ("stream", "starts", "table_of", "mn", "step", "lengths"):
+                    tensors[f"{p}{name}.{field}"] = getattr(body, field)
+        layers.append(meta)
+    settings = {k: getattr(cache, k) for k in SETTINGS}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path,
+              metadata={"format": FORMAT, "header": json.dumps(header), "settings": json.dumps(settings),
+                        "layers": json.dumps(layers)})
+    return os.path.getsize(path)
+
+
+def load(path: str, model):
+    """A KVCompCache read from `path`, checked against `model` (which is switched to the kvshrink attention)."""
+    from safetensors import safe_open
+
+    from .attention.paged import use_kvshrink_attention
+    from .codecs.huffman import Table
+    from .kvcomp_cache import KVCompCache
+
+    if not os.path.isfile(path):
+        raise KvshrinkError(f"cache file {path!r} does not exist")
+    try:
+        with safe_open(path, "pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as err:  # not safetensors at all
+        raise KvshrinkError(f"cache file {path!r} is not a safetensors file: {str(err).splitlines()[0]}") from None
+    if meta.get("format") != FORMAT:
+        raise KvshrinkError(f"{path!r} is not a kvshrink cache file ({FORMAT})")
+    check_header(json.loads(meta["header"]), model, "", what=f"cache file {path!r}")
+    settings = json.loads(meta["settings"])
+    use_kvshrink_attention(model)
+    cache = KVCompCache(model.config, **settings)
+    cache.model_header = json.loads(meta["header"])
+    layers = json.loads(meta["layers"])
+    if len(layers) != len(cache.layers):
+        raise KvshrinkError(f"cache file {path!r} has {len(layers)} layers, the model {len(cache.layers)}")
+    for i, (layer, lm) in enumerate(zip(cache.layers, layers)):
+        if lm is None:
+            continue
+        p = f"{i}."
+        layer.sink = (tensors[p + "sink.k"], tensors[p + "sink.v"])
+        layer.recent = (tensors[p + "recent.k"], tensors[p + "recent.v"])
+        layer.dtype, layer.device = torch.float32, layer.sink[0].device
+        layer.is_initialized = True
+        for name, body in (("kb", layer.kb), ("vb", layer.vb)):
+            bm = lm[name]
+            body.head_dim, body.payload_bits, body.entropy_total = bm["head_dim"], bm["payload_bits"], bm["entropy"]
+            body.counts = np.asarray(bm["counts"], dtype=np.int64)
+            if f"{p}{name}.stream" not in tensors:
+                continue
+            for t in tensors[f"{p}{name}.lengths"].numpy():
+                body._add(Table(t))
+            for field in ("stream", "starts", "table_of", "mn", "step"):
+                setattr(body, field, tensors[f"{p}{name}.{field}"])
+    return cache

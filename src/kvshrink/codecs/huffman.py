@@ -1,0 +1,218 @@
+"""Canonical, length-limited Huffman codes over small alphabets, with numba kernels.
+
+KVComp (Jiang et al., arXiv 2508.18263) entropy-codes quantized KV symbols with
+Huffman codes whose table is built from an observed histogram. Codes here are
+canonical (a table is just one code length per symbol) and at most `MAX_LEN`
+bits, so decoding is one lookup of the next `MAX_LEN` bits in a
+2**MAX_LEN-entry table: no tree walk, no per-bit branch. Bits are written
+most significant first; every block starts on a byte and is decodable alone.
+
+A fixed-width table (every symbol `bits` long) is the packed-integer form of
+the same symbols: both forms share one encoder and one decoder.
+
+The streams end with `PAD` spare bytes so the decoder may look ahead past the
+last block; they are counted as held bytes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import numba
+import numpy as np
+
+MAX_LEN = 12
+PAD = 2  # bytes the decoder may read past a block's last bit (MAX_LEN + 7 bits of look-ahead)
+
+
+def code_lengths(counts: np.ndarray, max_len: int = MAX_LEN) -> np.ndarray:
+    """Huffman code length per symbol (uint8) for `counts` (every symbol gets a code: the caller
+    smooths zero counts). Over-long codes are avoided by halving the counts until the tree fits,
+    the usual heuristic; it costs a fraction of a percent here."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n = counts.size
+    if n == 1:
+        return np.ones(1, dtype=np.uint8)
+    if n > 1 << max_len:
+        raise ValueError(f"{n} symbols cannot have codes of at most {max_len} bits")
+    c = counts.copy()
+    while True:
+        heap = [(int(w), i, (i,)) for i, w in enumerate(c)]
+        heapq.heapify(heap)
+        depth = np.zeros(n, dtype=np.int64)
+        tie = n
+        while len(heap) > 1:
+            w1, _, s1 = heapq.heappop(heap)
+            w2, _, s2 = heapq.heappop(heap)
+            for s in s1 + s2:
+                depth[s] += 1
+            heapq.heappush(heap, (w1 + w2, tie, s1 + s2))
+            tie += 1
+        if depth.max() <= max_len:
+            return depth.astype(np.uint8)
+        c = np.maximum(c >> 1, 1)
+
+
+def fixed_lengths(n_symbols: int) -> np.ndarray:
+    """Every symbol `ceil(log2 n)` bits: plain packed integers."""
+    return np.full(n_symbols, max(1, math.ceil(math.log2(n_symbols))), dtype=np.uint8)
+
+
+def canonical_codes(lengths: np.ndarray) -> np.ndarray:
+    """Canonical code values (uint32) for code lengths: shorter codes first, then by symbol."""
+    order = np.lexsort((np.arange(lengths.size), lengths))
+    codes = np.zeros(lengths.size, dtype=np.uint32)
+    code, prev = 0, int(lengths[order[0]])
+    for k, s in enumerate(order):
+        ln = int(lengths[s])
+        if k:
+            code = (code + 1) << (ln - prev)
+        codes[s] = code
+        prev = ln
+    return codes
+
+
+class Table:
+    """One prefix code: lengths (what is stored), codes and the decoding lookup (derived, but held)."""
+
+    def __init__(self, lengths: np.ndarray, max_len: int = MAX_LEN):
+        self.lengths = np.asarray(lengths, dtype=np.uint8)
+        if int(self.lengths.max()) > max_len:
+            raise ValueError(f"code length {int(self.lengths.max())} exceeds {max_len}")
+        kraft = float(np.sum(2.0 ** -self.lengths.astype(np.float64)))
+        if kraft > 1 + 1e-12:
+            raise ValueError("code lengths violate the Kraft inequality")
+        self.codes = canonical_codes(self.lengths)
+        # a fixed-width code (all lengths equal, canonical codes = the symbols) decodes by position
+        self.fixed = int(self.lengths[0]) if (self.lengths == self.lengths[0]).all() else 0
+        self.lut_sym, self.lut_len = _lookup(self.codes, self.lengths, max_len)
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray) -> "Table":
+        return cls(code_lengths(counts))
+
+    def bits(self, counts: np.ndarray) -> int:
+        """Bits these codes spend on symbols with histogram `counts`."""
+        return int(np.dot(np.asarray(counts, dtype=np.int64), self.lengths.astype(np.int64)))
+
+    def nbytes(self) -> int:
+        return self.lengths.nbytes + self.lut_sym.nbytes + self.lut_len.nbytes
+
+
+def _lookup(codes: np.ndarray, lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    sym = np.zeros(1 << max_len, dtype=np.uint8)
+    ln = np.zeros(1 << max_len, dtype=np.uint8)
+    for s in range(codes.size):
+        shift = max_len - int(lengths[s])
+        start = int(codes[s]) << shift
+        sym[start:start + (1 << shift)] = s
+        ln[start:start + (1 << shift)] = lengths[s]
+    return sym, ln
+
+
+def entropy_bits(counts: np.ndarray) -> float:
+    """Shannon entropy of the histogram times its size: the limit for any symbol-by-symbol coder."""
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    p = c[c > 0] / total
+    return float(-(c[c > 0] * np.log2(p)).sum())
+
+
+@numba.njit(cache=True)
+def _block_bits(symbols, table_of, lengths):
+    n = symbols.shape[0]
+    out = np.zeros(n, dtype=np.int64)
+    for b in range(n):
+        t = table_of[b]
+        s = 0
+        for i in range(symbols.shape[1]):
+            s += lengths[t, symbols[b, i]]
+        out[b] = s
+    return out
+
+
+@numba.njit(cache=True)
+def _write(symbols, table_of, codes, lengths, starts, stream):
+    for b in range(symbols.shape[0]):
+        t = table_of[b]
+        pos = starts[b]
+        acc = np.uint64(0)
+        nacc = 0
+        for i in range(symbols.shape[1]):
+            s = symbols[b, i]
+            ln = lengths[t, s]
+            acc = (acc << np.uint64(ln)) | np.uint64(codes[t, s])
+            nacc += ln
+            while nacc >= 8:
+                nacc -= 8
+                stream[pos] = np.uint8((acc >> np.uint64(nacc)) & np.uint64(0xFF))
+                pos += 1
+        if nacc > 0:
+            stream[pos] = np.uint8((acc << np.uint64(8 - nacc)) & np.uint64(0xFF))
+
+
+def encode(symbols: np.ndarray, table_of: np.ndarray, codes: np.ndarray, lengths: np.ndarray):
+    """symbols (blocks, n) uint8, table_of (blocks,) table per block, codes/lengths (tables, alphabet)
+    -> (stream uint8 with PAD spare bytes, starts int64 (blocks,) byte offset of each block)."""
+    bits = _block_bits(symbols, table_of, lengths)
+    nbytes = (bits + 7) // 8
+    starts = np.zeros(symbols.shape[0], dtype=np.int64)
+    if symbols.shape[0] > 1:
+        np.cumsum(nbytes[:-1], out=starts[1:])
+    stream = np.zeros(int(nbytes.sum()) + PAD, dtype=np.uint8)
+    _write(symbols, table_of, codes, lengths, starts, stream)
+    return stream, starts
+
+
+@numba.njit(cache=True, inline="always")
+def decode_into(stream, start, n, lut_sym, lut_len, max_len, fixed, out):
+    """Decode n symbols of the block at byte `start` into out[:n]. `fixed` > 0: every code is
+    that many bits (packed integers), read by position without the serial bit cursor."""
+    if fixed == 8:
+        for i in range(n):
+            out[i] = stream[start + i]
+        return
+    if fixed == 4:
+        for i in range(n // 2):
+            byte = stream[start + i]
+            out[2 * i] = byte >> 4
+            out[2 * i + 1] = byte & 15
+        if n % 2:
+            out[n - 1] = stream[start + n // 2] >> 4
+        return
+    if fixed > 0:
+        fmask = (1 << fixed) - 1
+        for i in range(n):
+            bit = i * fixed
+            word = (np.int64(stream[start + (bit >> 3)]) << 8) | np.int64(stream[start + (bit >> 3) + 1])
+            out[i] = (word >> (16 - fixed - (bit & 7))) & fmask
+        return
+    mask = (1 << max_len) - 1
+    pos = start
+    acc = np.uint64(0)
+    nacc = 0
+    for i in range(n):
+        while nacc < max_len:
+            acc = (acc << np.uint64(8)) | np.uint64(stream[pos])
+            pos += 1
+            nacc += 8
+        peek = int((acc >> np.uint64(nacc - max_len)) & np.uint64(mask))
+        out[i] = lut_sym[peek]
+        nacc -= lut_len[peek]
+
+
+@numba.njit(cache=True, parallel=True)
+def _decode_all(stream, starts, table_of, lut_sym, lut_len, fixed, max_len, n, out):
+    for b in numba.prange(starts.shape[0]):
+        t = table_of[b]
+        decode_into(stream, starts[b], n, lut_sym[t], lut_len[t], max_len, fixed[t], out[b])
+
+
+def decode(stream: np.ndarray, starts: np.ndarray, table_of: np.ndarray, lut_sym: np.ndarray,
+           lut_len: np.ndarray, fixed: np.ndarray, n: int, max_len: int = MAX_LEN) -> np.ndarray:
+    """(blocks, n) uint8 symbols of every block (blocks decoded in parallel); fixed: bits per
+    code of each table, 0 for a prefix code."""
+    out = np.empty((starts.shape[0], n), dtype=np.uint8)
+    _decode_all(stream, starts, table_of, lut_sym, lut_len, fixed, max_len, n, out)
+    return out

@@ -1,0 +1,175 @@
+"""EntropyBody: the entropy-coded blocks of one cache layer's keys or values (KVComp).
+
+Blocks of `block` tokens are quantized under an error bound (codecs/errbound.py)
+and their symbols coded with a prefix code (codecs/huffman.py) into one byte
+stream; each (sequence, head, block) starts at a stored byte offset, so any
+block decodes alone. The float16 minimum and step of every group are kept
+beside the stream.
+
+Tables, per layer and per keys/values: the first blocks' histogram builds the
+first table (as the paper). Each later batch of blocks is coded with the
+current table unless that costs more than `drift` (5%) over a table built from
+the batch's own histogram; then the new table is added and used from there on.
+Every block records its table. `entropy=False` codes the same symbols with one
+fixed-width table: packed integers, no entropy coding (the comparison row).
+
+Appending builds new tensors (nothing is changed in place), so a `view()`
+taken before an append stays valid: attention reads a consistent snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .codecs import huffman
+from .codecs.base import tensor_nbytes
+from .codecs.errbound import ErrorBound
+
+MAX_TABLES = 255
+
+
+@dataclass(frozen=True)
+class BodyView:
+    """What attention needs of a body at one moment (all CPU tensors)."""
+
+    stream: torch.Tensor  # uint8 (bytes + PAD)
+    starts: torch.Tensor  # int64 (B, H, blocks) byte offset of each block
+    table_of: torch.Tensor  # int64 (blocks,) table of each block column
+    lut_sym: torch.Tensor  # uint8 (tables, 2**MAX_LEN)
+    lut_len: torch.Tensor  # uint8 (tables, 2**MAX_LEN)
+    fixed: torch.Tensor  # uint8 (tables,) bits of a fixed-width table, 0 for a prefix code
+    mn: torch.Tensor  # float16 (B, H, blocks, 1, d) per channel or (B, H, blocks, T, 1) per token
+    step: torch.Tensor
+    block: int
+    head_dim: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.starts.shape[2]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block
+
+    def symbols(self) -> torch.Tensor:
+        """(B, H, blocks, T, d) uint8: every block decoded (blocks in parallel)."""
+        b, h, n = self.starts.shape
+        out = huffman.decode(self.stream.numpy(), self.starts.reshape(-1).numpy(),
+                             self.table_of.repeat(b * h).numpy(), self.lut_sym.numpy(), self.lut_len.numpy(),
+                             self.fixed.numpy(), self.block * self.head_dim)
+        return torch.from_numpy(out).view(b, h, n, self.block, self.head_dim)
+
+    def decoded(self, dtype=torch.float32) -> torch.Tensor:
+        """(B, H, tokens, d): the whole body dequantized (the decode-then-attend reference)."""
+        x = ErrorBound.dequantize(self.symbols(), self.mn, self.step, dtype)
+        return x.reshape(*self.starts.shape[:2], -1, self.head_dim)
+
+
+class EntropyBody:
+    def __init__(self, quant: ErrorBound, block: int, entropy: bool = True, drift: float = 0.05):
+        self.quant, self.block, self.entropy, self.drift = quant, block, entropy, drift
+        self.tables: list[huffman.Table] = []
+        self.head_dim = None
+        self.stream = torch.zeros(huffman.PAD, dtype=torch.uint8)
+        self.starts = self.table_of = self.mn = self.step = None
+        self.lut_sym = self.lut_len = self.lengths = self.fixed = None
+        self.counts = np.zeros(quant.symbols, dtype=np.int64)  # all symbols coded so far
+        self.payload_bits = 0  # bits of the codes themselves, before byte alignment
+        self.entropy_total = 0.0  # Shannon bits of each coded batch under its own histogram
+
+    @property
+    def num_tokens(self) -> int:
+        return 0 if self.starts is None else self.starts.shape[2] * self.block
+
+    # --- tables -------------------------------------------------------------------------
+    def _choose_table(self, counts: np.ndarray) -> int:
+        if not self.entropy:
+            if not self.tables:
+                self._add(huffman.Table(huffman.fixed_lengths(self.quant.symbols)))
+            return 0
+        fresh = huffman.Table.from_counts(counts + 1)  # +1: every symbol keeps a code
+        if not self.tables:
+            self._add(fresh)
+            return 0
+        if self.tables[-1].bits(counts) > (1 + self.drift) * fresh.bits(counts) and len(self.tables) < MAX_TABLES:
+            self._add(fresh)
+        return len(self.tables) - 1
+
+    def _add(self, table: huffman.Table) -> None:
+        self.tables.append(table)
+        self.lut_sym = torch.from_numpy(np.stack([t.lut_sym for t in self.tables]))
+        self.lut_len = torch.from_numpy(np.stack([t.lut_len for t in self.tables]))
+        self.lengths = torch.from_numpy(np.stack([t.lengths for t in self.tables]))
+        self.fixed = torch.tensor([t.fixed for t in self.tables], dtype=torch.uint8)
+
+    # --- coding -------------------------------------------------------------------------
+    def append(self, x: torch.Tensor) -> None:
+        """Code x (B, H, n * block, d), n >= 1 whole blocks."""
+        b, h, t, d = x.shape
+        n = t // self.block
+        self.head_dim = d
+        q, mn, step = self.quant.quantize(x.reshape(b, h, n, self.block, d))
+        sym = q.reshape(b * h * n, self.block * d).numpy()
+        counts = np.bincount(sym.reshape(-1), minlength=self.quant.symbols).astype(np.int64)
+        table = self._choose_table(counts)
+        self.counts += counts
+        self.payload_bits += self.tables[table].bits(counts)
+        self.entropy_total += huffman.entropy_bits(counts)
+        codes = np.stack([tb.codes for tb in self.tables])
+        stream, starts = huffman.encode(sym, np.full(b * h * n, table, dtype=np.int64), codes, self.lengths.numpy())
+        base = self.stream.numel() - huffman.PAD
+        self.stream = torch.cat([self.stream[:base], torch.from_numpy(stream)])
+        starts = torch.from_numpy(starts + base).view(b, h, n)
+        cols = torch.full((n,), table, dtype=torch.int64)
+        if self.starts is None:
+            self.starts, self.table_of, self.mn, self.step = starts, cols, mn, step
+        else:
+            self.starts = torch.cat([self.starts, starts], 2)
+            self.table_of = torch.cat([self.table_of, cols])
+            self.mn, self.step = torch.cat([self.mn, mn], 2), torch.cat([self.step, step], 2)
+
+    def view(self) -> BodyView | None:
+        if self.starts is None:
+            return None
+        return BodyView(self.stream, self.starts, self.table_of, self.lut_sym, self.lut_len, self.fixed, self.mn, self.step,
+                        self.block, self.head_dim)
+
+    def recode(self, symbols: torch.Tensor, mn: torch.Tensor, step: torch.Tensor, table_of: torch.Tensor) -> None:
+        """Replace the body by these already-quantized blocks (batch selection, crop, load):
+        the symbols are coded again with the tables they had, so nothing changes."""
+        b, h, n = symbols.shape[:3]
+        self.head_dim = symbols.shape[-1]
+        if n == 0:
+            self.stream = torch.zeros(huffman.PAD, dtype=torch.uint8)
+            self.starts = self.table_of = self.mn = self.step = None
+            return
+        codes = np.stack([tb.codes for tb in self.tables])
+        stream, starts = huffman.encode(symbols.reshape(b * h * n, -1).contiguous().numpy(),
+                                        table_of.repeat(b * h).numpy(), codes, self.lengths.numpy())
+        self.stream = torch.from_numpy(stream)
+        self.starts = torch.from_numpy(starts).view(b, h, n)
+        self.table_of, self.mn, self.step = table_of.clone(), mn.contiguous(), step.contiguous()
+
+    # --- accounting ---------------------------------------------------------------------
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything held: stream, offsets, table ids, minimums, steps, and the tables
+        (code lengths and the decoding lookups built from them)."""
+        if self.starts is None:
+            return []
+        return [self.stream, self.starts, self.table_of, self.mn, self.step, self.lut_sym, self.lut_len, self.lengths,
+                self.fixed]
+
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.tensors())
+
+    def stats(self) -> dict:
+        """Symbols coded, bits per symbol of the codes, and the Shannon limit of the same symbols: each
+        batch of blocks at the entropy of its own histogram (no symbol-by-symbol coder with tables
+        built from histograms does better; the limit for one table per store would be higher)."""
+        n = int(self.counts.sum())
+        return {"symbols": n, "tables": len(self.tables),
+                "bits_per_symbol": self.payload_bits / n if n else float("nan"),
+                "entropy_bits_per_symbol": self.entropy_total / n if n else float("nan")}

@@ -1,0 +1,205 @@
+"""KVCompCache: error-bounded quantization + entropy coding, decoded inside attention (KVComp).
+
+Per layer: float16 sink tokens, then the coded body (keys in blocks of
+`key_block` tokens quantized per channel, values in blocks of `value_block`
+tokens quantized per token; entropy_body.py), then the float16 recent tokens
+that do not fill a value block yet (at least `window` of them stay float16).
+Tokens reach the body once a whole value block has gathered, as in the paper.
+
+A call of at most `FUSED_QUERIES` tokens (decoding) gets `KVCompStates`
+(attention/kvcomp.py): the fused kernel decodes each block where it is
+consumed. Longer calls (prefill, perplexity chunks) decode the body and attend
+(`attend="decode"` does that on every call: the reference). Tokens pass through
+float16 before coding, as in every kvshrink store; the error bound is relative
+to those float16 values.
+
+`save(path)` / `CompressedCache.load(path, model)` (cache_io.py) write and read
+the coded form itself, so a resumed chat costs a file read, not a prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention.kvcomp import KVCompStates
+from transformers.cache_utils import Cache
+
+from .cache import FP16_BYTES, CompressedCache, StoreLayer
+from .codecs.base import tensor_nbytes
+from .codecs.errbound import ErrorBound
+from .entropy_body import EntropyBody
+from .errors import KvshrinkError
+from .models import spec_from_config
+from .store import half_checked
+
+FUSED_QUERIES = 8
+ATTENDS = ("fused", "decode")
+
+
+class KVCompLayer(StoreLayer):
+    def __init__(self, owner: "KVCompCache"):
+        super().__init__()
+        o = self.owner = owner
+        self.kb = EntropyBody(ErrorBound(o.key_bound, "channel"), o.key_block, o.entropy, o.drift)
+        self.vb = EntropyBody(ErrorBound(o.value_bound, "token"), o.value_block, o.entropy, o.drift)
+        self.sink = self.recent = None  # (keys, values) float16
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        if key_states.device.type != "cpu":
+            raise KvshrinkError("kvcomp caches run on the CPU (their kernels are numba CPU code)")
+        e = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[3], dtype=torch.float16)
+        self.sink, self.recent = (e, e.clone()), (e.clone(), e.clone())
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _n(self) -> int:
+        return self.sink[0].shape[2] + self.kb.num_tokens + self.recent[0].shape[2]
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        k16, v16 = half_checked(k), half_checked(v)
+        room = self.owner.sink - self.sink[0].shape[2]
+        if room > 0:
+            self.sink = (torch.cat([self.sink[0], k16[:, :, :room]], 2), torch.cat([self.sink[1], v16[:, :, :room]], 2))
+            k16, v16 = k16[:, :, room:], v16[:, :, room:]
+        rk, rv = torch.cat([self.recent[0], k16], 2), torch.cat([self.recent[1], v16], 2)
+        vbk = self.owner.value_block
+        full = max(rk.shape[2] - self.owner.window, 0) // vbk * vbk
+        if full:
+            self.kb.append(rk[:, :, :full].float())
+            self.vb.append(rv[:, :, :full].float())
+            rk, rv = rk[:, :, full:].clone(), rv[:, :, full:].clone()
+        self.recent = (rk, rv)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._n() == 0:
+            self._append(key_states, value_states)
+            return key_states, value_states
+        if key_states.shape[2] <= FUSED_QUERIES:
+            body = (self.kb.view(), self.vb.view()) if self.kb.num_tokens else None
+            states = KVCompStates(self.sink, body, self.recent, (key_states, value_states),
+                                  fused=self.owner.attend == "fused", splits=self.owner.splits)
+            self._append(key_states, value_states)
+            return states, states
+        keys, values = self.decoded(key_states.dtype)
+        keys, values = torch.cat([keys, key_states], 2), torch.cat([values, value_states], 2)
+        self._append(key_states, value_states)
+        return keys, values
+
+    def decoded(self, dtype=torch.float32):
+        ks, vs = [self.sink[0].to(dtype)], [self.sink[1].to(dtype)]
+        if self.kb.num_tokens:
+            ks.append(self.kb.view().decoded(dtype))
+            vs.append(self.vb.view().decoded(dtype))
+        return torch.cat(ks + [self.recent[0].to(dtype)], 2), torch.cat(vs + [self.recent[1].to(dtype)], 2)
+
+    def get_seq_length(self) -> int:
+        return self._n() if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self.__init__(self.owner)
+
+    def _keep_first(self, keep: int) -> None:
+        """Whole kept blocks stay coded (recoded from their symbols, exactly); the tokens of a cut
+        block move into the float16 recent part."""
+        k, v = self.decoded(torch.float32)
+        n_sink, n_body = self.sink[0].shape[2], self.kb.num_tokens
+        blocks = max(keep - n_sink, 0) // self.owner.value_block if keep < n_sink + n_body else n_body // self.owner.value_block
+        for body in (self.kb, self.vb):
+            if body.num_tokens:
+                per = self.owner.value_block // body.block
+                view = body.view()
+                sym = view.symbols()[:, :, :blocks * per]
+                body.recode(sym, view.mn[:, :, :blocks * per], view.step[:, :, :blocks * per],
+                            view.table_of[:blocks * per])
+        start = n_sink + blocks * self.owner.value_block
+        self.sink = (self.sink[0][:, :, :keep].clone(), self.sink[1][:, :, :keep].clone())
+        self.recent = (k[:, :, start:keep].to(torch.float16), v[:, :, start:keep].to(torch.float16))
+
+    def _batch_map(self, on_tensor, on_packed) -> None:
+        self.sink = tuple(on_tensor(t) for t in self.sink)
+        self.recent = tuple(on_tensor(t) for t in self.recent)
+        for body in (self.kb, self.vb):
+            if body.num_tokens:
+                view = body.view()
+                body.recode(on_tensor(view.symbols()), on_tensor(view.mn), on_tensor(view.step), view.table_of)
+
+    # --- accounting ---------------------------------------------------------------------
+    def tensors(self) -> list[torch.Tensor]:
+        if not self.is_initialized:
+            return []
+        return [*self.sink, *self.recent, *self.kb.tensors(), *self.vb.tensors()]
+
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.tensors())
+
+    def fp16_nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        b, h, _, d = self.sink[0].shape
+        return 2 * b * h * self.get_seq_length() * d * FP16_BYTES
+
+
+class KVCompCache(CompressedCache):
+    """A transformers `Cache` of `KVCompLayer`s; see the module docstring.
+
+    key_bound / value_bound: relative error bounds; key_block / value_block: tokens per coded
+    block (value_block a multiple of key_block); entropy=False keeps fixed-width packed codes;
+    drift: the table refresh threshold; splits: parallel ranges per head in the fused kernel.
+    """
+
+    def __init__(self, config=None, key_bound: float = 0.1, value_bound: float = 0.1, key_block: int = 64,
+                 value_block: int = 128, sink: int = 4, window: int = 0, entropy: bool = True,
+                 drift: float = 0.05, attend: str = "fused", splits: int = 4, num_layers: int | None = None,
+                 method: str | None = None):
+        for name, val, low in (("key_block", key_block, 1), ("value_block", value_block, 1), ("sink", sink, 0),
+                               ("window", window, 0), ("splits", splits, 1)):
+            if not isinstance(val, int) or val < low:
+                raise KvshrinkError(f"{name} must be an integer >= {low}, got {val!r}")
+        if value_block % key_block:
+            raise KvshrinkError(f"value_block {value_block} is not a multiple of key_block {key_block}")
+        if attend not in ATTENDS:
+            raise KvshrinkError(f"unknown attend {attend!r}; use one of {', '.join(ATTENDS)}")
+        if not isinstance(drift, (int, float)) or drift < 0:
+            raise KvshrinkError(f"drift must be a non-negative number, got {drift!r}")
+        ErrorBound(key_bound, "channel"), ErrorBound(value_bound, "token")  # refuse impossible bounds now
+        self.spec = spec_from_config(config) if config is not None else None
+        if num_layers is None:
+            if self.spec is None:
+                raise KvshrinkError("KVCompCache needs a model config or num_layers")
+            num_layers = self.spec.num_layers
+        self.key_bound, self.value_bound = float(key_bound), float(value_bound)
+        self.key_block, self.value_block = key_block, value_block
+        self.sink, self.window, self.block = sink, window, value_block
+        self.entropy, self.drift, self.attend, self.splits = bool(entropy), float(drift), attend, splits
+        self.method = method
+        self.model_header = None  # set by the method factory: cache.save(path) names the model
+        Cache.__init__(self, layers=[KVCompLayer(self) for _ in range(num_layers)])
+
+    def describe(self) -> str:
+        coder = "Huffman" if self.entropy else "fixed-width packed"
+        return (f"keys eb {self.key_bound} per channel in blocks of {self.key_block}, values eb {self.value_bound} "
+                f"per token in blocks of {self.value_block}, {coder} codes, sink {self.sink}, window {self.window}, "
+                f"{self.attend} decode attention")
+
+    def save(self, path: str, model=None) -> int:
+        """Write the coded cache to `path` (safetensors); returns its size in bytes (cache_io.py)."""
+        from .cache_io import save
+
+        return save(self, path, model)
+
+    def coding_stats(self) -> dict:
+        """Bits per symbol of the codes against the Shannon limit, keys and values over all layers."""
+        out = {}
+        for name in ("kb", "vb"):
+            st = [getattr(layer, name).stats() for layer in self.layers if layer.is_initialized]
+            n = sum(s["symbols"] for s in st)
+            if not n:
+                continue
+            bits = sum(s["bits_per_symbol"] * s["symbols"] for s in st) / n
+            ent = sum(s["entropy_bits_per_symbol"] * s["symbols"] for s in st) / n
+            out["keys" if name == "kb" else "values"] = {
+                "bits_per_symbol": bits, "entropy_bits_per_symbol": ent, "symbols": n,
+                "tables": sum(s["tables"] for s in st)}
+        return out

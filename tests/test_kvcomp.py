@@ -1,0 +1,258 @@
+"""KVComp: error-bounded quantization, Huffman codes, the coded body, fused attention, save/load."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvshrink.attention.kvcomp import KVCompStates
+from kvshrink.cache import CompressedCache
+from kvshrink.codecs import huffman
+from kvshrink.codecs.errbound import ErrorBound
+from kvshrink.entropy_body import EntropyBody
+from kvshrink.errors import KvshrinkError
+from kvshrink.kvcomp_cache import KVCompCache
+from kvshrink.methods import get_method
+
+
+def _ids(n, batch=1, seed=0):
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture()
+def model(tiny_model):
+    m = copy.deepcopy(tiny_model)  # switched to the kvshrink attention in place
+    get_method("kvcomp-eb0.1").prepare_model(m, None)
+    return m
+
+
+def _check_bound(x, bound, axis):
+    eq = ErrorBound(bound, axis)
+    q, mn, step = eq.quantize(x)
+    err = (ErrorBound.dequantize(q, mn, step) - x).abs()
+    half = step.float() / 2
+    assert (err <= half * (1 + 1e-6) + 1e-7).all()
+    dim = 3 if axis == "channel" else 4
+    rng = x.amax(dim, keepdim=True) - mn.float()
+    assert (step.float() <= bound * rng * (1 + 2 ** -10) + 1e-7).all()
+    assert int(q.max()) <= eq.qmax
+
+
+@settings(max_examples=40, deadline=None)
+@given(bound=st.sampled_from([1 / 255, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]), axis=st.sampled_from(["channel", "token"]),
+       scale=st.floats(1e-3, 1e3), outlier=st.floats(0, 1e4), const=st.booleans(), seed=st.integers(0, 2**16))
+def test_every_element_within_half_a_step(bound, axis, scale, outlier, const, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 2, 16, 8, generator=g) * scale
+    x[0, 1, 0, 3, 2] += outlier  # one outlier widens its group's range
+    if const:
+        x[1, 0, 1] = 0.1234567  # a constant block whose value is not a float16
+    _check_bound(x, bound, axis)
+
+
+def test_bound_holds_on_real_activations(bundled):
+    model, tok = bundled
+    from transformers import DynamicCache
+
+    ids = tok("The tower is 324 metres tall, about the same height as an 81-storey building.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        cache = DynamicCache()
+        model(ids[:, :16], past_key_values=cache)
+    for layer in cache.layers[::6]:
+        for x, axis in ((layer.keys, "channel"), (layer.values, "token")):
+            _check_bound(x.reshape(1, x.shape[1], 1, 16, x.shape[-1]), 0.1, axis)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_are_refused(bad):
+    x = torch.randn(1, 1, 1, 4, 8)
+    x[0, 0, 0, 1, 1] = bad
+    with pytest.raises(KvshrinkError, match="NaN or infinite"):
+        ErrorBound(0.1, "channel").quantize(x)
+
+
+@pytest.mark.parametrize("bound", [0, -0.1, 0.001, 2.0, "x"])
+def test_impossible_bounds_are_refused(bound):
+    with pytest.raises(KvshrinkError, match="impossible error bound"):
+        ErrorBound(bound, "token")
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(0, 10_000), min_size=2, max_size=64), seed=st.integers(0, 2**16))
+def test_huffman_codes_are_prefix_free_near_entropy_and_round_trip(counts, seed):
+    counts = np.array(counts) + 1
+    table = huffman.Table.from_counts(counts)
+    assert table.lengths.max() <= huffman.MAX_LEN
+    assert np.sum(2.0 ** -table.lengths.astype(float)) <= 1 + 1e-12  # Kraft: a prefix code
+    ent = huffman.entropy_bits(counts)
+    if table.lengths.max() < huffman.MAX_LEN:  # no length limiting: Huffman is within 1 bit/symbol
+        assert ent <= table.bits(counts) < ent + counts.sum()
+    rng = np.random.default_rng(seed)
+    sym = rng.choice(counts.size, size=(5, 97), p=counts / counts.sum()).astype(np.uint8)
+    fixed = huffman.Table(huffman.fixed_lengths(counts.size))
+    tables = [table, fixed]
+    which = np.array([0, 1, 0, 1, 1])
+    stream, starts = huffman.encode(sym, which, np.stack([t.codes for t in tables]), np.stack([t.lengths for t in tables]))
+    # exact bit packing: each block is its codes' bits, rounded up to a byte, plus the look-ahead pad
+    bits = [tables[w].bits(np.bincount(s, minlength=counts.size)) for s, w in zip(sym, which)]
+    assert stream.size == sum((b + 7) // 8 for b in bits) + huffman.PAD
+    assert fixed.bits(np.bincount(sym[1], minlength=counts.size)) == 97 * int(np.ceil(np.log2(counts.size)))
+    out = huffman.decode(stream, starts, which, np.stack([t.lut_sym for t in tables]),
+                         np.stack([t.lut_len for t in tables]), np.array([t.fixed for t in tables], dtype=np.uint8), 97)
+    assert np.array_equal(out, sym)
+    # blocks decode alone, from their own offset
+    one = huffman.decode(stream, starts[3:4], which[3:4], np.stack([t.lut_sym for t in tables]),
+                         np.stack([t.lut_len for t in tables]), np.array([t.fixed for t in tables], dtype=np.uint8), 97)
+    assert np.array_equal(one[0], sym[3])
+
+
+@pytest.mark.parametrize("entropy", [True, False])
+def test_body_round_trip_bytes_and_table_refresh(entropy):
+    g = torch.Generator().manual_seed(1)
+    body = EntropyBody(ErrorBound(0.1, "channel"), 8, entropy=entropy, drift=0.05)
+    a = torch.randn(2, 3, 16, 8, generator=g)
+    b = torch.randn(2, 3, 8, 8, generator=g) * 3
+    c = (torch.rand(2, 3, 8, 8, generator=g) ** 4) * 5  # skewed symbols: a different histogram
+    for x in (a, b, c):
+        body.append(x)
+    view = body.view()
+    x = torch.cat([a, b, c], 2)
+    q, mn, step = ErrorBound(0.1, "channel").quantize(x.reshape(2, 3, 4, 8, 8))
+    assert torch.equal(view.symbols(), q)
+    torch.testing.assert_close(view.decoded(), ErrorBound.dequantize(q, mn, step).reshape(x.shape))
+    assert body.nbytes() == (view.stream.nbytes + view.starts.nbytes + view.table_of.nbytes + view.mn.nbytes
+                             + view.step.nbytes + view.lut_sym.nbytes + view.lut_len.nbytes + body.lengths.nbytes
+                             + view.fixed.nbytes)
+    st_ = body.stats()
+    assert st_["symbols"] == x.numel()
+    if entropy:
+        assert len(body.tables) == 2  # the skewed batch costs >5% more with the first table
+        assert st_["entropy_bits_per_symbol"] <= st_["bits_per_symbol"] + 1e-9
+        assert st_["bits_per_symbol"] < 4  # below the fixed width of 11 symbols
+    else:
+        assert len(body.tables) == 1 and st_["bits_per_symbol"] == 4
+
+
+def _layer_states(cache_kw, n=300, t=1, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCompCache(num_layers=1, **cache_kw)
+    layer = cache.layers[0]
+    layer.update(torch.randn(batch, 2, n, 16, generator=g) * torch.linspace(0.2, 3, 16),
+                 torch.randn(batch, 2, n, 16, generator=g))
+    states, _ = layer.update(torch.randn(batch, 2, t, 16, generator=g), torch.randn(batch, 2, t, 16, generator=g))
+    return states, torch.randn(batch, 6, t, 16, generator=g)
+
+
+@pytest.mark.parametrize("entropy", [True, False])
+@pytest.mark.parametrize("t", [1, 3])
+def test_fused_attention_equals_decode_then_attend(entropy, t):
+    states, q = _layer_states(dict(key_bound=0.1, value_bound=0.2, key_block=16, value_block=32, entropy=entropy), t=t)
+    assert states.body is not None and states.body[0].num_blocks == 2 * states.body[1].num_blocks
+    n = states.sink[0].shape[2] + states.body[0].num_tokens + states.recent[0].shape[2]
+    mask = torch.ones(2, 1, t, n + t, dtype=torch.bool).tril(n)
+    mask[1, ..., :7] = False  # left padding of the second sequence: inside the sink and the first block
+    fused = states.attend(None, q, mask)[0]
+    states.fused = False
+    ref = states.attend(None, q, mask)[0]
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_generation_fused_equals_reference_and_bytes_are_real(model):
+    ids = _ids(150, batch=2, seed=3)
+    mask = torch.ones_like(ids)
+    ids[0, :5], mask[0, :5] = 0, 0
+    outs = []
+    for attend in ("fused", "decode"):
+        cache = KVCompCache(model.config, key_bound=0.1, value_bound=0.1, key_block=16, value_block=32, attend=attend)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40,
+                                 do_sample=False, output_scores=True, return_dict_in_generate=True)
+        outs.append(out)
+        body_tokens = cache.layers[0].kb.num_tokens
+        assert body_tokens == (190 - 4) // 32 * 32  # whole value blocks past the sink
+        held = sum(sum(t.untyped_storage().nbytes() for t in layer.tensors()) for layer in cache.layers)
+        assert cache.nbytes() == held
+        kb = cache.layers[0].kb
+        coded = sum(t.untyped_storage().nbytes() for t in (kb.stream, kb.starts, kb.mn, kb.step))
+        assert coded < 2 * 2 * body_tokens * 16 * 2 / 2.5  # fp16 keys of 2 sequences x 2 heads, over 2.5
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].scores, outs[1].scores):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_tighter_bounds_give_closer_logits(model):
+    from transformers import DynamicCache
+
+    ids = _ids(120, seed=4)
+    with torch.no_grad():
+        ref = model(ids, past_key_values=DynamicCache(config=model.config)).logits[0, 100:]
+        errs = []
+        for eb in (0.3, 0.02):
+            cache = KVCompCache(model.config, key_bound=eb, value_bound=eb, key_block=16, value_block=32)
+            model(ids[:, :100], past_key_values=cache)
+            got = torch.cat([model(ids[:, i:i + 1], past_key_values=cache).logits[0] for i in range(100, 120)])
+            errs.append((got - ref).abs().mean())
+    assert errs[1] < errs[0] / 3
+
+
+def test_crop_and_batch_selection_keep_the_coded_tokens(model):
+    ids = _ids(100, batch=2, seed=6)
+    cache = KVCompCache(model.config, key_block=16, value_block=32)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    layer = cache.layers[1]
+    k_all, v_all = layer.decoded()
+    cache.crop(-30)  # 70 tokens: 4 sink + 2 whole blocks of 32 + 2 recent
+    k, v = layer.decoded()
+    assert cache.get_seq_length() == 70 and layer.kb.num_tokens == 64
+    torch.testing.assert_close(k, k_all[:, :, :70], rtol=0, atol=1e-3)  # float16 of the cut block's decode
+    torch.testing.assert_close(v, v_all[:, :, :70], rtol=0, atol=1e-3)
+    cache.batch_select_indices(torch.tensor([1]))
+    k1, _ = layer.decoded()
+    assert torch.equal(k1, k[1:])
+
+
+def test_save_load_resumes_the_same_generation(model, tmp_path, tiny_config):
+    ids = _ids(130, seed=8)
+    cache = get_method("kvcomp-eb0.1:key_block=16:value_block=32").make_cache(model)
+    with torch.no_grad():
+        model(ids[:, :120], past_key_values=cache)
+        size = cache.save(tmp_path / "chat.kvc")
+        assert size < cache.nbytes()  # the file keeps code lengths, not the decoding lookups
+        loaded = CompressedCache.load(str(tmp_path / "chat.kvc"), model)
+        assert loaded.get_seq_length() == 120 and loaded.nbytes() == cache.nbytes()
+        a = [model(ids[:, i:i + 1], past_key_values=cache).logits for i in range(120, 130)]
+        b = [model(ids[:, i:i + 1], past_key_values=loaded).logits for i in range(120, 130)]
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[0].self_attn.k_proj.weight.add_(0.01)
+    with pytest.raises(KvshrinkError, match="other weights"):
+        CompressedCache.load(str(tmp_path / "chat.kvc"), other)
+    (tmp_path / "junk.kvc").write_bytes(b"not a cache")
+    with pytest.raises(KvshrinkError, match="not a safetensors file"):
+        CompressedCache.load(str(tmp_path / "junk.kvc"), model)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("kvcomp-eb0.1:keb=3", "impossible error bound"),
+    ("kvcomp-eb0.1:value_block=48", "not a multiple of key_block"),
+    ("kvcomp-eb0.1:attend=gpu", "unknown attend"),
+    ("kvcomp-eb0.1:eb=x", "needs a number"),
+])
+def test_bad_options_are_refused(model, name, message):
+    with pytest.raises(KvshrinkError, match=message):
+        get_method(name).make_cache(model)
+
+
+def test_cli_refuses_an_impossible_bound(capsys):
+    from kvshrink.cli import main
+
+    assert main(["bench", "--methods", "kvcomp-eb0.1:eb=0", "--sections", "quality", "--segments", "1",
+                 "--seg-len", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "impossible error bound" in err and len(err.strip().splitlines()) == 1
