@@ -101,11 +101,13 @@ def test_huffman_codes_are_prefix_free_near_entropy_and_round_trip(counts, seed)
     assert stream.size == sum((b + 7) // 8 for b in bits) + huffman.PAD
     assert fixed.bits(np.bincount(sym[1], minlength=counts.size)) == 97 * int(np.ceil(np.log2(counts.size)))
     out = huffman.decode(stream, starts, which, np.stack([t.lut_sym for t in tables]),
-                         np.stack([t.lut_len for t in tables]), np.array([t.fixed for t in tables], dtype=np.uint8), 97)
+                         np.stack([t.lut_len for t in tables]), np.stack([t.lut_n for t in tables]),
+                         np.array([t.fixed for t in tables], dtype=np.uint8), 97)
     assert np.array_equal(out, sym)
     # blocks decode alone, from their own offset
     one = huffman.decode(stream, starts[3:4], which[3:4], np.stack([t.lut_sym for t in tables]),
-                         np.stack([t.lut_len for t in tables]), np.array([t.fixed for t in tables], dtype=np.uint8), 97)
+                         np.stack([t.lut_len for t in tables]), np.stack([t.lut_n for t in tables]),
+                         np.array([t.fixed for t in tables], dtype=np.uint8), 97)
     assert np.array_equal(one[0], sym[3])
 
 
@@ -124,7 +126,7 @@ def test_body_round_trip_bytes_and_table_refresh(entropy):
     assert torch.equal(view.symbols(), q)
     torch.testing.assert_close(view.decoded(), ErrorBound.dequantize(q, mn, step).reshape(x.shape))
     assert body.nbytes() == (view.stream.nbytes + view.starts.nbytes + view.table_of.nbytes + view.mn.nbytes
-                             + view.step.nbytes + view.lut_sym.nbytes + view.lut_len.nbytes + body.lengths.nbytes
+                             + view.step.nbytes + view.lut_sym.nbytes + view.lut_len.nbytes + view.lut_n.nbytes + body.lengths.nbytes
                              + view.fixed.nbytes)
     st_ = body.stats()
     assert st_["symbols"] == x.numel()

@@ -38,8 +38,9 @@ class BodyView:
     stream: torch.Tensor  # uint8 (bytes + PAD)
     starts: torch.Tensor  # int64 (B, H, blocks) byte offset of each block
     table_of: torch.Tensor  # int64 (blocks,) table of each block column
-    lut_sym: torch.Tensor  # uint8 (tables, 2**MAX_LEN)
-    lut_len: torch.Tensor  # uint8 (tables, 2**MAX_LEN)
+    lut_sym: torch.Tensor  # uint8 (tables, 2**MAX_LEN, MULTI) symbols of each window
+    lut_len: torch.Tensor  # uint8 (tables, 2**MAX_LEN) bits they take
+    lut_n: torch.Tensor  # uint8 (tables, 2**MAX_LEN) how many they are
     fixed: torch.Tensor  # uint8 (tables,) bits of a fixed-width table, 0 for a prefix code
     mn: torch.Tensor  # float16 (B, H, blocks, 1, d) per channel or (B, H, blocks, T, 1) per token
     step: torch.Tensor
@@ -59,8 +60,8 @@ class BodyView:
         b, h, n = self.starts.shape
         out = huffman.decode(self.stream.numpy(), self.starts.reshape(-1).numpy(),
                              self.table_of.repeat(b * h).numpy(), self.lut_sym.numpy(), self.lut_len.numpy(),
-                             self.fixed.numpy(), self.block * self.head_dim)
-        return torch.from_numpy(out).view(b, h, n, self.block, self.head_dim)
+                             self.lut_n.numpy(), self.fixed.numpy(), self.block * self.head_dim)
+        return torch.from_numpy(np.ascontiguousarray(out)).view(b, h, n, self.block, self.head_dim)
 
     def decoded(self, dtype=torch.float32) -> torch.Tensor:
         """(B, H, tokens, d): the whole body dequantized (the decode-then-attend reference)."""
@@ -75,7 +76,7 @@ class EntropyBody:
         self.head_dim = None
         self.stream = torch.zeros(huffman.PAD, dtype=torch.uint8)
         self.starts = self.table_of = self.mn = self.step = None
-        self.lut_sym = self.lut_len = self.lengths = self.fixed = None
+        self.lut_sym = self.lut_len = self.lut_n = self.lengths = self.fixed = None
         self.counts = np.zeros(quant.symbols, dtype=np.int64)  # all symbols coded so far
         self.payload_bits = 0  # bits of the codes themselves, before byte alignment
         self.entropy_total = 0.0  # Shannon bits of each coded batch under its own histogram
@@ -102,6 +103,7 @@ class EntropyBody:
         self.tables.append(table)
         self.lut_sym = torch.from_numpy(np.stack([t.lut_sym for t in self.tables]))
         self.lut_len = torch.from_numpy(np.stack([t.lut_len for t in self.tables]))
+        self.lut_n = torch.from_numpy(np.stack([t.lut_n for t in self.tables]))
         self.lengths = torch.from_numpy(np.stack([t.lengths for t in self.tables]))
         self.fixed = torch.tensor([t.fixed for t in self.tables], dtype=torch.uint8)
 
@@ -134,7 +136,7 @@ class EntropyBody:
     def view(self) -> BodyView | None:
         if self.starts is None:
             return None
-        return BodyView(self.stream, self.starts, self.table_of, self.lut_sym, self.lut_len, self.fixed, self.mn, self.step,
+        return BodyView(self.stream, self.starts, self.table_of, self.lut_sym, self.lut_len, self.lut_n, self.fixed, self.mn, self.step,
                         self.block, self.head_dim)
 
     def recode(self, symbols: torch.Tensor, mn: torch.Tensor, step: torch.Tensor, table_of: torch.Tensor) -> None:
@@ -159,8 +161,8 @@ class EntropyBody:
         (code lengths and the decoding lookups built from them)."""
         if self.starts is None:
             return []
-        return [self.stream, self.starts, self.table_of, self.mn, self.step, self.lut_sym, self.lut_len, self.lengths,
-                self.fixed]
+        return [self.stream, self.starts, self.table_of, self.mn, self.step, self.lut_sym, self.lut_len,
+                self.lut_n, self.lengths, self.fixed]
 
     def nbytes(self) -> int:
         return tensor_nbytes(self.tensors())

@@ -23,13 +23,13 @@ import numba
 import numpy as np
 import torch
 
-from ..codecs.huffman import MAX_LEN, decode_into
+from ..codecs.huffman import MAX_LEN, MULTI, decode_into
 from ..entropy_body import BodyView
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
-def _fused(q, vis, ks, kst, ktab, kls, kll, kfix, kmn, kstep, kb,
-           vs, vst, vtab, vls, vll, vfix, vmn, vstep, vb, splits, out_m, out_l, out_acc):
+def _fused(q, vis, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep, kb,
+           vs, vst, vtab, vls, vll, vln, vfix, vmn, vstep, vb, splits, out_m, out_l, out_acc):
     nb_, nh, nr, d = q.shape
     nvb = vst.shape[2]
     per = vb // kb
@@ -39,8 +39,8 @@ def _fused(q, vis, ks, kst, ktab, kls, kll, kfix, kmn, kstep, kb,
         sp = u % splits
         lo = sp * nvb // splits
         hi = (sp + 1) * nvb // splits
-        ksym = np.empty(vb * d, dtype=np.uint8)
-        vsym = np.empty(vb * d, dtype=np.uint8)
+        ksym = np.empty(vb * d + MULTI, dtype=np.uint8)  # decoders write up to MULTI past the end
+        vsym = np.empty(vb * d + MULTI, dtype=np.uint8)
         logit = np.empty((nr, vb), dtype=np.float32)
         qs = np.empty(d, dtype=np.float32)
         m = np.full(nr, -np.inf, dtype=np.float32)
@@ -51,7 +51,7 @@ def _fused(q, vis, ks, kst, ktab, kls, kll, kfix, kmn, kstep, kb,
             for kk in range(per):
                 blk = j * per + kk
                 t = ktab[blk]
-                decode_into(ks, kst[b, h, blk], kb * d, kls[t], kll[t], MAX_LEN, kfix[t], ksym[kk * kb * d:])
+                decode_into(ks, kst[b, h, blk], kb * d, kls[t], kll[t], kln[t], MAX_LEN, kfix[t], ksym[kk * kb * d:])
             for r in range(nr):
                 for kk in range(per):
                     blk = j * per + kk
@@ -70,7 +70,7 @@ def _fused(q, vis, ks, kst, ktab, kls, kll, kfix, kmn, kstep, kb,
                         else:
                             logit[r, tok] = -np.inf
             t = vtab[j]
-            decode_into(vs, vst[b, h, j], vb * d, vls[t], vll[t], MAX_LEN, vfix[t], vsym)
+            decode_into(vs, vst[b, h, j], vb * d, vls[t], vll[t], vln[t], MAX_LEN, vfix[t], vsym)
             for r in range(nr):
                 mx = m[r]
                 for i in range(vb):
@@ -112,10 +112,10 @@ def fused_partials(q: torch.Tensor, vis: torch.Tensor, keys: BodyView, values: B
     out_acc = np.empty((b, h, splits, r, d), dtype=np.float32)
     _fused(q.contiguous().numpy(), vis.to(torch.uint8).contiguous().numpy(),
            keys.stream.numpy(), keys.starts.numpy(), keys.table_of.numpy(), keys.lut_sym.numpy(),
-           keys.lut_len.numpy(), keys.fixed.numpy(), keys.mn[..., 0, :].float().contiguous().numpy(),
+           keys.lut_len.numpy(), keys.lut_n.numpy(), keys.fixed.numpy(), keys.mn[..., 0, :].float().contiguous().numpy(),
            keys.step[..., 0, :].float().contiguous().numpy(), keys.block,
            values.stream.numpy(), values.starts.numpy(), values.table_of.numpy(), values.lut_sym.numpy(),
-           values.lut_len.numpy(), values.fixed.numpy(), values.mn.reshape(b, h, -1).float().contiguous().numpy(),
+           values.lut_len.numpy(), values.lut_n.numpy(), values.fixed.numpy(), values.mn.reshape(b, h, -1).float().contiguous().numpy(),
            values.step.reshape(b, h, -1).float().contiguous().numpy(), values.block, splits, out_m, out_l, out_acc)
     return torch.from_numpy(out_m), torch.from_numpy(out_l), torch.from_numpy(out_acc)
 

@@ -4,7 +4,9 @@ KVComp (Jiang et al., arXiv 2508.18263) entropy-codes quantized KV symbols with
 Huffman codes whose table is built from an observed histogram. Codes here are
 canonical (a table is just one code length per symbol) and at most `MAX_LEN`
 bits, so decoding is one lookup of the next `MAX_LEN` bits in a
-2**MAX_LEN-entry table: no tree walk, no per-bit branch. Bits are written
+2**MAX_LEN-entry table: no tree walk, no per-bit branch. Each entry holds every
+code that fits whole in those bits (up to `MULTI`), so one lookup emits about
+three symbols at the ~3 bits per symbol seen here. Bits are written
 most significant first; every block starts on a byte and is decodable alone.
 
 A fixed-width table (every symbol `bits` long) is the packed-integer form of
@@ -22,8 +24,9 @@ import math
 import numba
 import numpy as np
 
-MAX_LEN = 12
-PAD = 2  # bytes the decoder may read past a block's last bit (MAX_LEN + 7 bits of look-ahead)
+MAX_LEN = 10
+MULTI = 4  # symbols one lookup may emit
+PAD = 3  # bytes the decoder may read past a block's last bit (two-byte refills of a MAX_LEN look-ahead)
 
 
 def code_lengths(counts: np.ndarray, max_len: int = MAX_LEN) -> np.ndarray:
@@ -84,9 +87,11 @@ class Table:
         if kraft > 1 + 1e-12:
             raise ValueError("code lengths violate the Kraft inequality")
         self.codes = canonical_codes(self.lengths)
-        # a fixed-width code (all lengths equal, canonical codes = the symbols) decodes by position
-        self.fixed = int(self.lengths[0]) if (self.lengths == self.lengths[0]).all() else 0
-        self.lut_sym, self.lut_len = _lookup(self.codes, self.lengths, max_len)
+        # 4- and 8-bit fixed-width codes (canonical codes = the symbols) decode by position;
+        # other widths go through the lookup like any prefix code (measured faster than shifting)
+        same = (self.lengths == self.lengths[0]).all()
+        self.fixed = int(self.lengths[0]) if same and int(self.lengths[0]) in (4, 8) else 0
+        self.lut_sym, self.lut_len, self.lut_n = _lookup(self.codes, self.lengths, max_len)
 
     @classmethod
     def from_counts(cls, counts: np.ndarray) -> "Table":
@@ -97,18 +102,33 @@ class Table:
         return int(np.dot(np.asarray(counts, dtype=np.int64), self.lengths.astype(np.int64)))
 
     def nbytes(self) -> int:
-        return self.lengths.nbytes + self.lut_sym.nbytes + self.lut_len.nbytes
+        return self.lengths.nbytes + self.lut_sym.nbytes + self.lut_len.nbytes + self.lut_n.nbytes
 
 
-def _lookup(codes: np.ndarray, lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    sym = np.zeros(1 << max_len, dtype=np.uint8)
-    ln = np.zeros(1 << max_len, dtype=np.uint8)
+def _lookup(codes: np.ndarray, lengths: np.ndarray, max_len: int):
+    """Per window of max_len bits: the symbols of the codes that fit whole in it (MULTI at most),
+    the bits they take and how many they are."""
+    size = 1 << max_len
+    one_sym = np.zeros(size, dtype=np.uint8)
+    one_len = np.zeros(size, dtype=np.int64)
     for s in range(codes.size):
         shift = max_len - int(lengths[s])
         start = int(codes[s]) << shift
-        sym[start:start + (1 << shift)] = s
-        ln[start:start + (1 << shift)] = lengths[s]
-    return sym, ln
+        one_sym[start:start + (1 << shift)] = s
+        one_len[start:start + (1 << shift)] = lengths[s]
+    w = np.arange(size, dtype=np.int64)
+    sym = np.zeros((size, MULTI), dtype=np.uint8)
+    used = np.zeros(size, dtype=np.int64)
+    count = np.zeros(size, dtype=np.int64)
+    live = np.ones(size, dtype=bool)
+    for j in range(MULTI):
+        nxt = (w << used) & (size - 1)  # the window's bits after the codes taken so far, zero-filled
+        ln = one_len[nxt]
+        live &= (ln > 0) & (used + ln <= max_len)  # a code that only fits with the zero fill is not whole
+        sym[live, j] = one_sym[nxt[live]]
+        used = np.where(live, used + ln, used)
+        count += live
+    return sym, used.astype(np.uint8), count.astype(np.uint8)
 
 
 def entropy_bits(counts: np.ndarray) -> float:
@@ -166,9 +186,10 @@ def encode(symbols: np.ndarray, table_of: np.ndarray, codes: np.ndarray, lengths
 
 
 @numba.njit(cache=True, inline="always")
-def decode_into(stream, start, n, lut_sym, lut_len, max_len, fixed, out):
-    """Decode n symbols of the block at byte `start` into out[:n]. `fixed` > 0: every code is
-    that many bits (packed integers), read by position without the serial bit cursor."""
+def decode_into(stream, start, n, lut_sym, lut_len, lut_n, max_len, fixed, out):
+    """Decode n symbols of the block at byte `start` into out[:n] (out[n:n + MULTI] may be
+    overwritten). `fixed` = 4 or 8: every code is that many bits (packed integers), read by
+    position without the serial bit cursor."""
     if fixed == 8:
         for i in range(n):
             out[i] = stream[start + i]
@@ -181,38 +202,34 @@ def decode_into(stream, start, n, lut_sym, lut_len, max_len, fixed, out):
         if n % 2:
             out[n - 1] = stream[start + n // 2] >> 4
         return
-    if fixed > 0:
-        fmask = (1 << fixed) - 1
-        for i in range(n):
-            bit = i * fixed
-            word = (np.int64(stream[start + (bit >> 3)]) << 8) | np.int64(stream[start + (bit >> 3) + 1])
-            out[i] = (word >> (16 - fixed - (bit & 7))) & fmask
-        return
     mask = (1 << max_len) - 1
     pos = start
     acc = np.uint64(0)
     nacc = 0
-    for i in range(n):
-        while nacc < max_len:
-            acc = (acc << np.uint64(8)) | np.uint64(stream[pos])
-            pos += 1
-            nacc += 8
+    i = 0
+    while i < n:  # out has MULTI slots of slack: every lookup writes all MULTI, keeps lut_n
+        if nacc < max_len:
+            acc = (acc << np.uint64(16)) | (np.uint64(stream[pos]) << np.uint64(8)) | np.uint64(stream[pos + 1])
+            pos += 2
+            nacc += 16
         peek = int((acc >> np.uint64(nacc - max_len)) & np.uint64(mask))
-        out[i] = lut_sym[peek]
+        for j in range(MULTI):
+            out[i + j] = lut_sym[peek, j]
+        i += lut_n[peek]
         nacc -= lut_len[peek]
 
 
 @numba.njit(cache=True, parallel=True)
-def _decode_all(stream, starts, table_of, lut_sym, lut_len, fixed, max_len, n, out):
+def _decode_all(stream, starts, table_of, lut_sym, lut_len, lut_n, fixed, max_len, n, out):
     for b in numba.prange(starts.shape[0]):
         t = table_of[b]
-        decode_into(stream, starts[b], n, lut_sym[t], lut_len[t], max_len, fixed[t], out[b])
+        decode_into(stream, starts[b], n, lut_sym[t], lut_len[t], lut_n[t], max_len, fixed[t], out[b])
 
 
 def decode(stream: np.ndarray, starts: np.ndarray, table_of: np.ndarray, lut_sym: np.ndarray,
-           lut_len: np.ndarray, fixed: np.ndarray, n: int, max_len: int = MAX_LEN) -> np.ndarray:
+           lut_len: np.ndarray, lut_n: np.ndarray, fixed: np.ndarray, n: int, max_len: int = MAX_LEN) -> np.ndarray:
     """(blocks, n) uint8 symbols of every block (blocks decoded in parallel); fixed: bits per
     code of each table, 0 for a prefix code."""
-    out = np.empty((starts.shape[0], n), dtype=np.uint8)
-    _decode_all(stream, starts, table_of, lut_sym, lut_len, fixed, max_len, n, out)
-    return out
+    out = np.empty((starts.shape[0], n + MULTI), dtype=np.uint8)  # MULTI slots of slack per block
+    _decode_all(stream, starts, table_of, lut_sym, lut_len, lut_n, fixed, max_len, n, out)
+    return out[:, :n]
