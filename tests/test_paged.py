@@ -296,3 +296,25 @@ def test_deferred_eviction_keeps_the_context_until_the_question_call(model):
     assert cache.kept_tokens().float().mean() <= 32 and cache.get_seq_length() == 200
     with pytest.raises(KvshrinkError, match="defer"):
         PagedCache(model.config, ratio=8, defer=-1)
+
+
+@pytest.mark.parametrize("norm", ["none", "head"])
+def test_head_normalization_ranks_heads_on_one_scale(model, norm):
+    """Two heads with the same score pattern, one 1000x larger: raw ranking starves the small one,
+    per-head normalization keeps the same number of tokens in both."""
+    ids = _ids(96)
+    cache = PagedCache(model.config, tokens=10_000, sink=2, window=4, block=4, norm=norm)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    pattern = torch.rand(96, generator=torch.Generator().manual_seed(2))
+    for layer in cache.layers:
+        _, _, slots = layer._gather(["pos"])
+        for h, scale in ((0, 1000.0), (1, 1.0)):
+            cache.pool.flat("score")[slots[0, h].flatten()] = pattern * scale
+    cache.tokens = [40]
+    cache.compress()
+    kept = cache.kept_tokens()[0]  # (layers, heads)
+    if norm == "head":
+        assert torch.equal(kept[:, 0], kept[:, 1])
+    else:
+        assert (kept[:, 0] > kept[:, 1]).all()

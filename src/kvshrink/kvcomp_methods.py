@@ -16,7 +16,7 @@ from __future__ import annotations
 from .methods import SINK, Method, register
 
 BOUNDS = (0.05, 0.1, 0.2, 0.3)
-DEFAULT = ("kvcomp-eb0.1", "kvcomp-eb0.2")
+DEFAULT = ("kvcomp-eb0.1",)
 TUNABLE = ("eb", "keb", "veb", "entropy", "attend", "drift", "sink", "window", "key_block", "value_block", "splits")
 
 

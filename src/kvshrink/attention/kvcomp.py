@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from ..codecs.huffman import MAX_LEN, MULTI, decode_into
 from ..entropy_body import BodyView
@@ -160,7 +161,8 @@ class KVCompStates:
         s = s.masked_fill(~dense_vis[:, None, None], float("-inf")).view(b, h, g * t, -1)
         m_d = s.amax(-1)
         body_vis = vis[:, -1, n_sink:n_sink + n_body]  # past tokens: every query row sees the same ones
-        m_b, l_b, acc_b = fused_partials(q, body_vis, *self.body, splits=self.splits)
+        with record_function("kvcomp.fused_blocks"):  # named in profiles (scripts/profile_decode.py)
+            m_b, l_b, acc_b = fused_partials(q, body_vis, *self.body, splits=self.splits)
         mx = torch.maximum(m_d, m_b.amax(2))
         safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
         p = torch.exp(s - safe[..., None])
@@ -177,8 +179,9 @@ class KVCompStates:
         ks = [self.sink[0].float()]
         vs = [self.sink[1].float()]
         if self.body is not None:
-            ks.append(self.body[0].decoded())
-            vs.append(self.body[1].decoded())
+            with record_function("kvcomp.decode_all"):
+                ks.append(self.body[0].decoded())
+                vs.append(self.body[1].decoded())
         ks += [self.recent[0].float(), self.new[0].float()]
         vs += [self.recent[1].float(), self.new[1].float()]
         k, v = torch.cat(ks, 2), torch.cat(vs, 2)

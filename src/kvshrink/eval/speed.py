@@ -4,7 +4,7 @@ For a context of L tokens the model is prefilled once (uncompressed, timed:
 that forward pass is the prefill of every method, because a compressed cache's
 first update returns the states as given); each method's cache is then filled
 from those states (timed: the only work a compressed cache adds to a prefill)
-and decodes `steps` greedy tokens (each step timed). Process memory is read
+and decodes one untimed warm-up token then `steps` greedy tokens (each step timed). Process memory is read
 from /proc: the resident growth once the filled cache is held (after
 malloc_trim), and the peak growth while it is filled and decoded (which
 includes the temporaries of compression and of the decoded history).
@@ -86,7 +86,9 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
                 history = getattr(cache, "history", None)  # eviction caches: bytes before the first eviction
                 _trim()
                 rss_held = _rss() - mem.base
-                x, lat = first, []
+                # one untimed step: compiled kernels (numba) and the allocator warm up outside the timing
+                x = models.get(name, model)(first, past_key_values=cache, use_cache=True).logits[0, -1].argmax().view(1, 1)
+                lat = []
                 for _ in range(steps):
                     t0 = time.perf_counter()
                     logits = models.get(name, model)(x, past_key_values=cache, use_cache=True).logits[0, -1]
