@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 
-from .calibfile import check_header, model_header
+from .calibfile import check_header, model_header, read_safetensors
 from .errors import KvshrinkError
 
 FORMAT = "kvshrink-cache-1"
@@ -61,22 +61,11 @@ def save(cache, path: str, model=None) -> int:
 
 def load(path: str, model):
     """A KVCompCache read from `path`, checked against `model` (which is switched to the kvshrink attention)."""
-    from safetensors import safe_open
-
     from .attention.paged import use_kvshrink_attention
     from .codecs.huffman import Table
     from .kvcomp_cache import KVCompCache
 
-    if not os.path.isfile(path):
-        raise KvshrinkError(f"cache file {path!r} does not exist")
-    try:
-        with safe_open(path, "pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as err:  # not safetensors at all
-        raise KvshrinkError(f"cache file {path!r} is not a safetensors file: {str(err).splitlines()[0]}") from None
-    if meta.get("format") != FORMAT:
-        raise KvshrinkError(f"{path!r} is not a kvshrink cache file ({FORMAT})")
+    tensors, meta = read_safetensors(path, FORMAT, "cache file", "a kvshrink cache")
     check_header(json.loads(meta["header"]), model, "", what=f"cache file {path!r}")
     settings = json.loads(meta["settings"])
     use_kvshrink_attention(model)

@@ -78,19 +78,27 @@ def save_tensors(path: str, tensors: dict, fmt: str, header: dict) -> None:
               metadata={"format": fmt, "header": json.dumps(header)})
 
 
-def load_tensors(path: str, fmt: str, names, what: str) -> tuple[dict, dict]:
-    """(tensors, header) of a calibration file written by `save_tensors`, refusing a missing file,
-    a file that is not safetensors, and one of another format or with other tensors, in one line."""
+def read_safetensors(path: str, fmt: str, kind: str = "calibration file", what: str | None = None) -> tuple[dict, dict]:
+    """(tensors, metadata) of a kvshrink safetensors file of format `fmt`, refusing a missing file,
+    a file that is not safetensors and one of another format, in one line."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
-        raise KvshrinkError(f"calibration file {path!r} does not exist")
+        raise KvshrinkError(f"{kind} {path!r} does not exist")
     try:
         with safe_open(path, "pt") as fh:
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as err:  # not a safetensors file at all
-        raise KvshrinkError(f"calibration file {path!r} is not a safetensors file: {str(err).splitlines()[0]}") from None
-    if meta.get("format") != fmt or set(tensors) != set(names):
+        raise KvshrinkError(f"{kind} {path!r} is not a safetensors file: {str(err).splitlines()[0]}") from None
+    if meta.get("format") != fmt:
+        raise KvshrinkError(f"{kind} {path!r} is not {what or 'a kvshrink file'} ({fmt})")
+    return tensors, meta
+
+
+def load_tensors(path: str, fmt: str, names, what: str) -> tuple[dict, dict]:
+    """(tensors, header) of a calibration file written by `save_tensors`; also refuses one with other tensors."""
+    tensors, meta = read_safetensors(path, fmt, what=what)
+    if set(tensors) != set(names):
         raise KvshrinkError(f"calibration file {path!r} is not {what} ({fmt})")
     return tensors, json.loads(meta["header"])
