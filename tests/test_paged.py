@@ -318,3 +318,16 @@ def test_head_normalization_ranks_heads_on_one_scale(model, norm):
         assert torch.equal(kept[:, 0], kept[:, 1])
     else:
         assert (kept[:, 0] > kept[:, 1]).all()
+
+
+def test_max_pooling_spreads_a_peak_over_its_span(tiny_config):
+    from kvshrink.policies.scores import aggregate
+
+    probs = torch.zeros(1, 1, 1, 1, 12)
+    probs[..., 5] = 1.0
+    mx = aggregate(probs, "sum", pool=5, pooling="max")[0, 0]
+    assert torch.equal(mx, (torch.arange(12) - 5).abs().le(2).float())  # the peak's 2 neighbours each side
+    avg = aggregate(probs, "sum", pool=5, pooling="avg")[0, 0]
+    torch.testing.assert_close(avg[3:8], torch.full((5,), 0.2))
+    with pytest.raises(KvshrinkError, match="unknown pooling"):
+        PagedCache(tiny_config, ratio=8, pooling="mean")

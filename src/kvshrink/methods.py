@@ -75,7 +75,7 @@ def get_method(name: str) -> Method:
                   method.tunable, method.prepare, default=False)
 
 
-_TEXT_OPTIONS = ("key_axis", "alloc", "score", "norm", "key_grouping", "value_grouping", "attend")
+_TEXT_OPTIONS = ("key_axis", "alloc", "score", "norm", "pooling", "key_grouping", "value_grouping", "attend")
 
 
 _FLOAT_OPTIONS = ("eb", "keb", "veb", "drift")

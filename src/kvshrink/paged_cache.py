@@ -31,7 +31,7 @@ from .errors import KvshrinkError
 from .models import spec_from_config
 from .policies import budget as budgets
 from .policies.pool import BlockPool, RowCodec
-from .policies.scores import AGGREGATES
+from .policies.scores import AGGREGATES, POOLINGS
 from .store import half_checked
 
 NORMS = ("none", "head", "layer")
@@ -213,7 +213,7 @@ class PagedCache(ByteAccounting, Cache):
                  score: str = "square", pool: int = 0, obs: int = 32, sink: int = 4, window: int = 8,
                  block: int = 16, interval: int | None = None, key_codec: Codec | None = None,
                  value_codec: Codec | None = None, method: str | None = None, defer: int = 0,
-                 norm: str = "none"):
+                 norm: str = "none", pooling: str = "avg"):
         """defer: the first `defer` multi-token calls store without evicting (their scores still
         count), so a prompt passed as context, then question, is evicted with the question's
         attention in the observation window (SnapKV's setting) rather than before it arrives."""
@@ -226,6 +226,8 @@ class PagedCache(ByteAccounting, Cache):
             raise KvshrinkError(f"token budget must be a positive integer (or one per sequence), got {tokens!r}")
         if alloc not in budgets.ALLOCS:
             raise KvshrinkError(f"unknown allocation {alloc!r}; use one of {', '.join(budgets.ALLOCS)}")
+        if pooling not in POOLINGS:
+            raise KvshrinkError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
         if norm not in NORMS:
             raise KvshrinkError(f"unknown score normalization {norm!r}; use one of {', '.join(NORMS)}")
         if score not in AGGREGATES:
@@ -240,7 +242,7 @@ class PagedCache(ByteAccounting, Cache):
         self.alloc, self.score, self.pool_kernel, self.obs = alloc, score, pool, obs
         self.sink, self.window, self.block = sink, window, block
         self.interval = interval or block
-        self.defer, self.norm = defer, norm
+        self.defer, self.norm, self.pooling = defer, norm, pooling
         self.key_codec = key_codec or Fp16()
         self.value_codec = value_codec or self.key_codec
         self.method = method
@@ -340,7 +342,7 @@ class PagedCache(ByteAccounting, Cache):
     def describe(self) -> str:
         target = f"ratio {self.ratio}x" if self.ratio is not None else f"{self.tokens} tokens/head"
         return (f"{target}, {self.alloc} per-head budgets, {self.score} scores over {self.obs} queries"
-                f"{f', pooled {self.pool_kernel}' if self.pool_kernel > 1 else ''}, sink {self.sink}, "
+                f"{f', {self.pooling}-pooled over {self.pool_kernel}' if self.pool_kernel > 1 else ''}, sink {self.sink}, "
                 f"window {self.window}, blocks of {self.block}, rows {self.key_codec.describe()}/"
                 f"{self.value_codec.describe()}")
 

@@ -70,7 +70,7 @@ def observe_window(query: torch.Tensor, st: PagedStates, mask, scale: float) -> 
     pad = None
     if mask is not None:
         pad = ~mask[:, 0, -1, mask.shape[-1] - t:].expand(b, t)  # keys the last query may not see: padding
-    layer.observe(aggregate(probs, owner.score, owner.pool_kernel), pad)
+    layer.observe(aggregate(probs, owner.score, owner.pool_kernel, owner.pooling), pad)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -92,7 +92,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         probs = window_probs(q, st.keys, visible(st, mask, 0, 1, 1), scale)
         out = torch.einsum("bhgwn,bhnd->bhgwd", probs, st.values)
         # a decoded token always sees itself: it is never padding
-        st.layer.observe(aggregate(probs, st.layer.owner.score, st.layer.owner.pool_kernel))
+        owner = st.layer.owner
+        st.layer.observe(aggregate(probs, owner.score, owner.pool_kernel, owner.pooling))
         return out.reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
     if st.n_past == 0:  # a first prefill: nothing evicted yet, the model's own mask applies as it is
         out = F.scaled_dot_product_attention(query, st.keys, st.values, attn_mask=mask, is_causal=mask is None,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 AGGREGATES = ("square", "sum")
+POOLINGS = ("avg", "max")
 
 
 def window_probs(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
@@ -23,11 +24,16 @@ def window_probs(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, sca
     return torch.softmax(logits, -1).nan_to_num_(0.0)  # a row with nothing visible gives no score
 
 
-def aggregate(probs: torch.Tensor, how: str = "square", pool: int = 0) -> torch.Tensor:
-    """(B, H, G, w, N) attention -> (B, H, N) score per key, summed over the group's heads and the window."""
+def aggregate(probs: torch.Tensor, how: str = "square", pool: int = 0, pooling: str = "avg") -> torch.Tensor:
+    """(B, H, G, w, N) attention -> (B, H, N) score per key, summed over the group's heads and the window.
+    pooling="max" gives every token the best score of its `pool` neighbours, so a kept token keeps
+    its whole span (a number's later digits with its first)."""
     s = (probs * probs if how == "square" else probs).sum((2, 3))
     if pool > 1:
         b, h, n = s.shape
-        s = F.avg_pool1d(s.view(b * h, 1, n), pool, stride=1, padding=pool // 2, count_include_pad=False)
+        if pooling == "max":
+            s = F.max_pool1d(s.view(b * h, 1, n), pool, stride=1, padding=pool // 2)
+        else:
+            s = F.avg_pool1d(s.view(b * h, 1, n), pool, stride=1, padding=pool // 2, count_include_pad=False)
         s = s.view(b, h, -1)[..., :n]
     return s
