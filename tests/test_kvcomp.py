@@ -258,3 +258,29 @@ def test_cli_refuses_an_impossible_bound(capsys):
                  "--seg-len", "64"]) == 2
     err = capsys.readouterr().err
     assert "impossible error bound" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_saves_a_chat_and_resumes_it(tmp_path, capsys, bundled):
+    from kvshrink.cli import main
+
+    model, tok = bundled
+    path = str(tmp_path / "chat.kvc")
+    prompt = "Count: one, two,"
+    assert main(["generate", "--method", "kvcomp-eb0.1:key_block=16:value_block=32", "--prompt", prompt, "--raw",
+                 "--max-new-tokens", "40", "--save-cache", path]) == 0
+    n = len(tok(prompt).input_ids) + 40 - 1  # the last new token is never fed back
+    assert f"saved {n} tokens" in capsys.readouterr().out
+    m = copy.deepcopy(model)
+    loaded = CompressedCache.load(path, m)
+    assert loaded.get_seq_length() == n and loaded.ids.shape == (1, n) and loaded.layers[0].kb.num_tokens > 0
+    assert main(["generate", "--resume", path, "--prompt", " three,", "--max-new-tokens", "4"]) == 0
+    extra = len(tok(" three,", add_special_tokens=False).input_ids)
+    assert f"for {n + extra + 4 - 1} tokens" in capsys.readouterr().out  # the saved tokens, then the new ones
+
+
+def test_only_kvcomp_caches_are_saved(tiny_config, tmp_path):
+    from kvshrink.cache_io import save
+
+    cache = CompressedCache.from_method("int4", tiny_config)
+    with pytest.raises(KvshrinkError, match="saving is implemented for kvcomp caches"):
+        save(cache, str(tmp_path / "x.kvc"))

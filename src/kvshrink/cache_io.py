@@ -24,8 +24,9 @@ SETTINGS = ("key_bound", "value_bound", "key_block", "value_block", "sink", "win
             "attend", "splits", "method")
 
 
-def save(cache, path: str, model=None) -> int:
-    """Write `cache` (a KVCompCache) to `path`; returns the file's size in bytes."""
+def save(cache, path: str, model=None, ids=None) -> int:
+    """Write `cache` (a KVCompCache) to `path`, with the token ids it holds when given (so a chat
+    can continue from them); returns the file's size in bytes."""
     from safetensors.torch import save_file
 
     from .kvcomp_cache import KVCompCache
@@ -36,6 +37,10 @@ def save(cache, path: str, model=None) -> int:
     if header is None:
         raise KvshrinkError("this cache was not built from a model: pass it, cache.save(path, model)")
     tensors, layers = {}, []
+    if ids is not None:
+        if ids.shape[-1] != cache.get_seq_length():
+            raise KvshrinkError(f"{ids.shape[-1]} token ids for a cache of {cache.get_seq_length()} tokens")
+        tensors["ids"] = ids.reshape(1, -1).long()
     for i, layer in enumerate(cache.layers):
         if not layer.is_initialized:
             layers.append(None)
@@ -71,6 +76,7 @@ def load(path: str, model):
     use_kvshrink_attention(model)
     cache = KVCompCache(model.config, **settings)
     cache.model_header = json.loads(meta["header"])
+    cache.ids = tensors.get("ids")
     layers = json.loads(meta["layers"])
     if len(layers) != len(cache.layers):
         raise KvshrinkError(f"cache file {path!r} has {len(layers)} layers, the model {len(cache.layers)}")

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model")
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--save-cache", metavar="PATH", help="save the compressed cache and its tokens (kvcomp methods)")
+    g.add_argument("--resume", metavar="PATH", help="continue from a saved cache: the prompt is appended as raw "
+                                                     "text to the tokens it holds, which are not recomputed")
 
     c = sub.add_parser("calibrate", help="calibrate a method that needs it (zdc: low-rank bases and loss proxies; "
                                          "rvq: residual codebooks)")
@@ -177,14 +180,32 @@ def cmd_generate(args) -> None:
     from .eval.peers import cache_nbytes
 
     model = method.prepare_model(model, tok)
-    cache = method.make_cache(model)
+    if args.resume:
+        from .cache import CompressedCache
+
+        cache = CompressedCache.load(args.resume, model)
+        if cache.ids is None:
+            raise KvshrinkError(f"cache file {args.resume!r} holds no tokens to continue from")
+        new = tok(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = torch.cat([cache.ids, new], 1)  # generate feeds only what the cache does not hold
+        if spec.max_context and ids.shape[1] + args.max_new_tokens > spec.max_context:
+            raise KvshrinkError(f"saved {cache.ids.shape[1]} tokens + prompt + new tokens exceed the model's "
+                                f"{spec.max_context}")
+    else:
+        cache = method.make_cache(model)
+    if args.save_cache and not hasattr(cache, "save"):
+        raise KvshrinkError(f"{args.method} caches cannot be saved; use a kvcomp method")
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                              max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     held, tokens = cache_nbytes(cache), cache.get_seq_length()
+    if args.save_cache:
+        size = cache.save(args.save_cache, model, ids=out[:, :tokens])
+        print(f"saved {tokens} tokens to {args.save_cache} ({size / 1024:.1f} KiB)")
     fp16 = tokens * spec.fp16_bytes_per_token()
-    print(f"\n[{args.method}] cache holds {held / 1024:.1f} KiB for {tokens} tokens; "
+    label = getattr(cache, "method", None) or args.method
+    print(f"\n[{label}] cache holds {held / 1024:.1f} KiB for {tokens} tokens; "
           f"fp16 cache: {fp16 / 1024:.1f} KiB ({fp16 / held:.2f}x); "
           f"float32 DynamicCache: {2 * fp16 / 1024:.1f} KiB ({2 * fp16 / held:.2f}x)")
 

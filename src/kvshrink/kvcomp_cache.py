@@ -175,6 +175,7 @@ class KVCompCache(CompressedCache):
         self.entropy, self.drift, self.attend, self.splits = bool(entropy), float(drift), attend, splits
         self.method = method
         self.model_header = None  # set by the method factory: cache.save(path) names the model
+        self.ids = None  # the token ids of a loaded cache, when they were saved
         Cache.__init__(self, layers=[KVCompLayer(self) for _ in range(num_layers)])
 
     def describe(self) -> str:
@@ -183,11 +184,12 @@ class KVCompCache(CompressedCache):
                 f"per token in blocks of {self.value_block}, {coder} codes, sink {self.sink}, window {self.window}, "
                 f"{self.attend} decode attention")
 
-    def save(self, path: str, model=None) -> int:
-        """Write the coded cache to `path` (safetensors); returns its size in bytes (cache_io.py)."""
+    def save(self, path: str, model=None, ids=None) -> int:
+        """Write the coded cache to `path` (safetensors), with the token ids it holds when given;
+        returns the file's size in bytes (cache_io.py)."""
         from .cache_io import save
 
-        return save(self, path, model)
+        return save(self, path, model, ids)
 
     def coding_stats(self) -> dict:
         """Bits per symbol of the codes against the Shannon limit, keys and values over all layers."""
