@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import torch
 
 from .calibfile import check_header, model_header, read_safetensors
@@ -51,7 +50,7 @@ def save(cache, path: str, model=None, ids=None) -> int:
         meta = {}
         for name, body in (("kb", layer.kb), ("vb", layer.vb)):
             meta[name] = {"head_dim": body.head_dim, "payload_bits": body.payload_bits, "entropy": body.entropy_total,
-                          "counts": body.counts.tolist(), "tables": len(body.tables)}
+                          "symbols": body.symbols}
             if body.num_tokens:
                 for field in ("stream", "starts", "table_of", "mn", "step", "lengths"):
                     tensors[f"{p}{name}.{field}"] = getattr(body, field)
@@ -91,7 +90,7 @@ def load(path: str, model):
         for name, body in (("kb", layer.kb), ("vb", layer.vb)):
             bm = lm[name]
             body.head_dim, body.payload_bits, body.entropy_total = bm["head_dim"], bm["payload_bits"], bm["entropy"]
-            body.counts = np.asarray(bm["counts"], dtype=np.int64)
+            body.symbols = bm["symbols"]
             if f"{p}{name}.stream" not in tensors:
                 continue
             for t in tensors[f"{p}{name}.lengths"].numpy():

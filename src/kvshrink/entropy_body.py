@@ -76,8 +76,8 @@ class EntropyBody:
         self.head_dim = None
         self.stream = torch.zeros(huffman.PAD, dtype=torch.uint8)
         self.starts = self.table_of = self.mn = self.step = None
-        self.lut_sym = self.lut_len = self.lut_n = self.lengths = self.fixed = None
-        self.counts = np.zeros(quant.symbols, dtype=np.int64)  # all symbols coded so far
+        self.lut_sym = self.lut_len = self.lut_n = self.lengths = self.fixed = self.codes = None
+        self.symbols = 0  # symbols coded so far
         self.payload_bits = 0  # bits of the codes themselves, before byte alignment
         self.entropy_total = 0.0  # Shannon bits of each coded batch under its own histogram
 
@@ -91,12 +91,11 @@ class EntropyBody:
             if not self.tables:
                 self._add(huffman.Table(huffman.fixed_lengths(self.quant.symbols)))
             return 0
-        fresh = huffman.Table.from_counts(counts + 1)  # +1: every symbol keeps a code
-        if not self.tables:
-            self._add(fresh)
-            return 0
-        if self.tables[-1].bits(counts) > (1 + self.drift) * fresh.bits(counts) and len(self.tables) < MAX_TABLES:
-            self._add(fresh)
+        fresh = huffman.code_lengths(counts + 1)  # +1: every symbol keeps a code
+        fresh_bits = int(np.dot(counts, fresh.astype(np.int64)))
+        if not self.tables or (self.tables[-1].bits(counts) > (1 + self.drift) * fresh_bits
+                               and len(self.tables) < MAX_TABLES):
+            self._add(huffman.Table(fresh))
         return len(self.tables) - 1
 
     def _add(self, table: huffman.Table) -> None:
@@ -106,26 +105,32 @@ class EntropyBody:
         self.lut_n = torch.from_numpy(np.stack([t.lut_n for t in self.tables]))
         self.lengths = torch.from_numpy(np.stack([t.lengths for t in self.tables]))
         self.fixed = torch.tensor([t.fixed for t in self.tables], dtype=torch.uint8)
+        self.codes = np.stack([t.codes for t in self.tables])  # for the encoder; not held by the cache
 
     # --- coding -------------------------------------------------------------------------
+    def _encode(self, q: torch.Tensor, table_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, H, n, T, d) symbols, table_of (n,) -> (stream with PAD, starts (B, H, n))."""
+        b, h, n = q.shape[:3]
+        stream, starts = huffman.encode(q.reshape(b * h * n, -1).contiguous().numpy(),
+                                        table_of.repeat(b * h).numpy(), self.codes, self.lengths.numpy())
+        return torch.from_numpy(stream), torch.from_numpy(starts).view(b, h, n)
+
     def append(self, x: torch.Tensor) -> None:
         """Code x (B, H, n * block, d), n >= 1 whole blocks."""
         b, h, t, d = x.shape
         n = t // self.block
         self.head_dim = d
         q, mn, step = self.quant.quantize(x.reshape(b, h, n, self.block, d))
-        sym = q.reshape(b * h * n, self.block * d).numpy()
-        counts = np.bincount(sym.reshape(-1), minlength=self.quant.symbols).astype(np.int64)
+        counts = np.bincount(q.reshape(-1).numpy(), minlength=self.quant.symbols).astype(np.int64)
         table = self._choose_table(counts)
-        self.counts += counts
+        self.symbols += q.numel()
         self.payload_bits += self.tables[table].bits(counts)
         self.entropy_total += huffman.entropy_bits(counts)
-        codes = np.stack([tb.codes for tb in self.tables])
-        stream, starts = huffman.encode(sym, np.full(b * h * n, table, dtype=np.int64), codes, self.lengths.numpy())
-        base = self.stream.numel() - huffman.PAD
-        self.stream = torch.cat([self.stream[:base], torch.from_numpy(stream)])
-        starts = torch.from_numpy(starts + base).view(b, h, n)
         cols = torch.full((n,), table, dtype=torch.int64)
+        stream, starts = self._encode(q, cols)
+        base = self.stream.numel() - huffman.PAD
+        self.stream = torch.cat([self.stream[:base], stream])
+        starts += base
         if self.starts is None:
             self.starts, self.table_of, self.mn, self.step = starts, cols, mn, step
         else:
@@ -136,23 +141,18 @@ class EntropyBody:
     def view(self) -> BodyView | None:
         if self.starts is None:
             return None
-        return BodyView(self.stream, self.starts, self.table_of, self.lut_sym, self.lut_len, self.lut_n, self.fixed, self.mn, self.step,
-                        self.block, self.head_dim)
+        return BodyView(self.stream, self.starts, self.table_of, self.lut_sym, self.lut_len, self.lut_n, self.fixed,
+                        self.mn, self.step, self.block, self.head_dim)
 
     def recode(self, symbols: torch.Tensor, mn: torch.Tensor, step: torch.Tensor, table_of: torch.Tensor) -> None:
         """Replace the body by these already-quantized blocks (batch selection, crop, load):
         the symbols are coded again with the tables they had, so nothing changes."""
-        b, h, n = symbols.shape[:3]
         self.head_dim = symbols.shape[-1]
-        if n == 0:
+        if symbols.shape[2] == 0:
             self.stream = torch.zeros(huffman.PAD, dtype=torch.uint8)
             self.starts = self.table_of = self.mn = self.step = None
             return
-        codes = np.stack([tb.codes for tb in self.tables])
-        stream, starts = huffman.encode(symbols.reshape(b * h * n, -1).contiguous().numpy(),
-                                        table_of.repeat(b * h).numpy(), codes, self.lengths.numpy())
-        self.stream = torch.from_numpy(stream)
-        self.starts = torch.from_numpy(starts).view(b, h, n)
+        self.stream, self.starts = self._encode(symbols, table_of)
         self.table_of, self.mn, self.step = table_of.clone(), mn.contiguous(), step.contiguous()
 
     # --- accounting ---------------------------------------------------------------------
@@ -171,7 +171,7 @@ class EntropyBody:
         """Symbols coded, bits per symbol of the codes, and the Shannon limit of the same symbols: each
         batch of blocks at the entropy of its own histogram (no symbol-by-symbol coder with tables
         built from histograms does better; the limit for one table per store would be higher)."""
-        n = int(self.counts.sum())
+        n = self.symbols
         return {"symbols": n, "tables": len(self.tables),
                 "bits_per_symbol": self.payload_bits / n if n else float("nan"),
                 "entropy_bits_per_symbol": self.entropy_total / n if n else float("nan")}

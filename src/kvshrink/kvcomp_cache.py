@@ -82,17 +82,22 @@ class KVCompLayer(StoreLayer):
                                   fused=self.owner.attend == "fused", splits=self.owner.splits)
             self._append(key_states, value_states)
             return states, states
-        keys, values = self.decoded(key_states.dtype)
-        keys, values = torch.cat([keys, key_states], 2), torch.cat([values, value_states], 2)
+        keys, values = self.decoded(key_states.dtype, then=(key_states, value_states))
         self._append(key_states, value_states)
         return keys, values
 
-    def decoded(self, dtype=torch.float32):
+    def decoded(self, dtype=torch.float32, then: tuple = ()):
+        """(keys, values) of every held token in `dtype`, followed by `then` (this call's states)."""
         ks, vs = [self.sink[0].to(dtype)], [self.sink[1].to(dtype)]
         if self.kb.num_tokens:
             ks.append(self.kb.view().decoded(dtype))
             vs.append(self.vb.view().decoded(dtype))
-        return torch.cat(ks + [self.recent[0].to(dtype)], 2), torch.cat(vs + [self.recent[1].to(dtype)], 2)
+        ks.append(self.recent[0].to(dtype))
+        vs.append(self.recent[1].to(dtype))
+        if then:
+            ks.append(then[0])
+            vs.append(then[1])
+        return torch.cat(ks, 2), torch.cat(vs, 2)
 
     def get_seq_length(self) -> int:
         return self._n() if self.is_initialized else 0
@@ -105,9 +110,9 @@ class KVCompLayer(StoreLayer):
         block move into the float16 recent part."""
         k, v = self.decoded(torch.float32)
         n_sink, n_body = self.sink[0].shape[2], self.kb.num_tokens
-        blocks = max(keep - n_sink, 0) // self.owner.value_block if keep < n_sink + n_body else n_body // self.owner.value_block
+        blocks = min(max(keep - n_sink, 0), n_body) // self.owner.value_block
         for body in (self.kb, self.vb):
-            if body.num_tokens:
+            if body.num_tokens > blocks * self.owner.value_block:  # only a cut body is recoded
                 per = self.owner.value_block // body.block
                 view = body.view()
                 sym = view.symbols()[:, :, :blocks * per]

@@ -26,6 +26,7 @@ from torch.profiler import record_function
 
 from ..codecs.huffman import MAX_LEN, MULTI, decode_into
 from ..entropy_body import BodyView
+from .paged import bool_mask
 
 
 @numba.njit(cache=True, parallel=True, fastmath=True)
@@ -121,12 +122,6 @@ def fused_partials(q: torch.Tensor, vis: torch.Tensor, keys: BodyView, values: B
     return torch.from_numpy(out_m), torch.from_numpy(out_l), torch.from_numpy(out_acc)
 
 
-def _bool(mask):
-    if mask is None or mask.dtype == torch.bool:
-        return mask
-    return mask == 0
-
-
 @dataclass
 class KVCompStates:
     """One decode call's view of a KVComp layer: dense float16 sink, coded body, dense recent tokens,
@@ -147,7 +142,7 @@ class KVCompStates:
         q = (query.float() * scale).reshape(b, h, g * t, d)
         n_sink = self.sink[0].shape[2]
         n_body = self.body[0].num_tokens if self.body is not None else 0
-        vis = _bool(mask)
+        vis = bool_mask(mask)
         if vis is None:
             vis = torch.ones(b, 1, t, n_sink + n_body + self.recent[0].shape[2] + t, dtype=torch.bool).tril_(
                 n_sink + n_body + self.recent[0].shape[2])

@@ -33,7 +33,7 @@ CAPTURED_QUERIES = 64  # the largest observation window a shared prefill can ser
 QUERY_CHUNK = 1024  # query rows per mask and score block: bounds memory on long prefills
 
 
-def _bool_mask(mask):
+def bool_mask(mask):
     if mask is None or mask.dtype == torch.bool:
         return mask
     return mask == 0  # additive float mask: 0 where visible
@@ -86,7 +86,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     h = st.keys.shape[1]
     g = hq // h
     scale = scaling if scaling is not None else d ** -0.5
-    mask = _bool_mask(attention_mask)
+    mask = bool_mask(attention_mask)
     q = query.view(b, h, g, t, d)
     if t == 1:  # decoding: one score row serves the output and the eviction scores
         probs = window_probs(q, st.keys, visible(st, mask, 0, 1, 1), scale)

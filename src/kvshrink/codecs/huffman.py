@@ -101,9 +101,6 @@ class Table:
         """Bits these codes spend on symbols with histogram `counts`."""
         return int(np.dot(np.asarray(counts, dtype=np.int64), self.lengths.astype(np.int64)))
 
-    def nbytes(self) -> int:
-        return self.lengths.nbytes + self.lut_sym.nbytes + self.lut_len.nbytes + self.lut_n.nbytes
-
 
 def _lookup(codes: np.ndarray, lengths: np.ndarray, max_len: int):
     """Per window of max_len bits: the symbols of the codes that fit whole in it (MULTI at most),
