@@ -1,6 +1,7 @@
 """Where does a decode step go? torch.profiler over greedy steps at a given context.
 
     .venv/bin/python scripts/profile_decode.py --method int4 --context 4096 --steps 8
+    (--method dynamic: transformers' DynamicCache, the reference)
 """
 
 import argparse
@@ -23,9 +24,14 @@ def main():
     model, tok = load_model()
     ids = load_corpus_ids(tok, max_tokens=args.context + 1)[None]
     states = prefill_states(model, ids[:, :args.context])
-    method = get_method(args.method)
-    model = method.prepare_model(model, tok)  # ZDC: the transformed copy
-    cache = method.make_cache(model)
+    if args.method == "dynamic":  # the uncompressed reference
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    else:
+        method = get_method(args.method)
+        model = method.prepare_model(model, tok)  # ZDC: the transformed copy
+        cache = method.make_cache(model)
     fill(cache, states)
     x = ids[:, args.context:]
     with torch.no_grad():

@@ -8,7 +8,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvshrink.attention.kvcomp import KVCompStates
 from kvshrink.cache import CompressedCache
 from kvshrink.codecs import huffman
 from kvshrink.codecs.errbound import ErrorBound
@@ -152,8 +151,8 @@ def _layer_states(cache_kw, n=300, t=1, batch=2, seed=0):
 @pytest.mark.parametrize("t", [1, 3])
 def test_fused_attention_equals_decode_then_attend(entropy, t):
     states, q = _layer_states(dict(key_bound=0.1, value_bound=0.2, key_block=16, value_block=32, entropy=entropy), t=t)
-    assert states.body is not None and states.body[0].num_blocks == 2 * states.body[1].num_blocks
-    n = states.sink[0].shape[2] + states.body[0].num_tokens + states.recent[0].shape[2]
+    assert states.body is not None and states.body.keys.num_blocks == 2 * states.body.values.num_blocks
+    n = states.before[0].shape[2] + states.body.num_tokens + states.after[0].shape[2] - t
     mask = torch.ones(2, 1, t, n + t, dtype=torch.bool).tril(n)
     mask[1, ..., :7] = False  # left padding of the second sequence: inside the sink and the first block
     fused = states.attend(None, q, mask)[0]

@@ -64,6 +64,8 @@ def validate(cfg: BenchConfig, spec) -> None:
     longest = max(n for s in cfg.sections for n in lengths.get(s, [0]))  # only the sections that run
     if limit and longest > limit:
         raise KvshrinkError(f"a context of {longest} tokens is longer than the model allows ({limit})")
+    if cfg.decode_steps < 1:
+        raise KvshrinkError(f"decode steps must be positive, got {cfg.decode_steps}")
     if cfg.segments < 1 or cfg.seg_len < 2 or cfg.chunk < 1:
         raise KvshrinkError("segments, segment length and chunk must be positive")
 
@@ -210,6 +212,31 @@ def prefill_table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def roofline_table(res: dict) -> str:
+    """Per context: decode ×dyn, p50/p99 step latency, the bytes a step must read (weights + the cache
+    as held), the bandwidth that attains and its fraction of the read bandwidth measured in the run."""
+    sp = res.get("speed")
+    if not sp:
+        return ""
+    ctxs = sorted({int(c) for m in sp.values() for c in m})
+    first = next(iter(sp[REF].values()))
+    if "bytes_per_step" not in first:
+        return ""
+    out = [f"Roofline (read bandwidth measured in this run: {first['read_bandwidth_gb_s']:.1f} GB/s; a step reads "
+           "at least the weights and the cache as held):", "",
+           "| method | context | decode tok/s (×dyn) | p50 / p99 / max ms | MB read per step | GB/s attained | "
+           "fraction of bandwidth | bandwidth-bound tok/s |", "|---|---|---|---|---|---|---|---|"]
+    for c in ctxs:
+        ref = sp[REF].get(c) or sp[REF].get(str(c))
+        for n, by in sp.items():
+            r = by.get(c) or by.get(str(c))
+            out.append(f"| `{n}` | {c} | {r['decode_tok_s']:.1f} ({r['decode_tok_s'] / ref['decode_tok_s']:.2f}) | "
+                       f"{r['decode_p50_ms']:.0f} / {r['decode_p99_ms']:.0f} / {_fmt(r.get('decode_max_ms'), '.0f')} | "
+                       f"{r['bytes_per_step'] / 1e6:.0f} | "
+                       f"{r['attained_gb_s']:.2f} | {r['bandwidth_fraction']:.2f} | {r['bandwidth_bound_tok_s']:.1f} |")
+    return "\n".join(out)
+
+
 def coding_table(res: dict) -> str:
     """Entropy-coded caches: bits per symbol of their codes against the Shannon entropy of the same symbols."""
     rows = [(n, r["coding"]) for n, r in res.get("quality", {}).items() if r.get("coding")]
@@ -241,7 +268,8 @@ def write_outputs(res: dict, out: str) -> None:
                   "Decode ×dyn = tokens/s relative to DynamicCache (float32) in this run. "
                   "RSS held = process memory growth once the filled cache is held; peak = growth while "
                   "filling and decoding (see kvshrink/eval/speed.py).")
-    md += ["", table(res), "", prefill_table(res), "", coding_table(res), "", f"Elapsed: {res['elapsed_s']:.0f} s", ""]
+    md += ["", table(res), "", prefill_table(res), "", roofline_table(res), "", coding_table(res), "",
+           f"Elapsed: {res['elapsed_s']:.0f} s", ""]
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write("\n".join(md))
     if "quality" in res:

@@ -6,6 +6,12 @@ and a float16 window of recent tokens. `update` returns the decoded history
 followed by the new states as given, so the tokens of one forward call attend
 to each other exactly and to everything before them through the compressed
 cache (as in KIVI and transformers' QuantizedCache).
+
+With `attend="fused"` (what the registered int methods set when given the
+model), a call of at most `FUSED_QUERIES` tokens on the CPU gets `SplitStates`
+instead: a compiled kernel reads the integer-coded body in place
+(attention/packed.py) and nothing of the history is decoded. The model must use
+the "kvshrink" attention (`attention.paged.use_kvshrink_attention`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from .models import ModelSpec, spec_from_config
 from .store import TokenStore
 
 FP16_BYTES = 2
+FUSED_QUERIES = 8  # longer calls (prefill, perplexity chunks) decode once and attend
+ATTENDS = ("fused", "decode")
 
 
 def stage_codec(codec: Codec) -> Codec:
@@ -109,10 +117,14 @@ class ByteAccounting:
 class CompressedLayer(StoreLayer):
     """One layer's compressed keys and values."""
 
+    fused = False  # set by CompressedCache(attend="fused")
+    splits = 4
+
     def __init__(self, key_codec: Codec, value_codec: Codec, sink: int, window: int, block: int):
         super().__init__()
         self.k = TokenStore(key_codec, sink, window, block, _stage_for(key_codec))
         self.v = TokenStore(value_codec, sink, window, block, _stage_for(value_codec))
+        self.block = block
 
     # --- transformers layer API -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -128,11 +140,41 @@ class CompressedLayer(StoreLayer):
             self.k.append(key_states)
             self.v.append(value_states)
             return key_states, value_states
+        short = key_states.shape[2] <= FUSED_QUERIES  # a decode step: its filled blocks are coded in the background
+        if self.fused and short and self._readable(key_states):
+            states = self._split_states(key_states, value_states)
+            self.k.append(key_states, defer=short)
+            self.v.append(value_states, defer=short)
+            return states, states
         keys = self.k.decoded(key_states.dtype, then=key_states)
         values = self.v.decoded(value_states.dtype, then=value_states)
-        self.k.append(key_states)
-        self.v.append(value_states)
+        self.k.append(key_states, defer=short)
+        self.v.append(value_states, defer=short)
         return keys, values
+
+    def _readable(self, like: torch.Tensor) -> bool:
+        """Whether the kernel can read this layer: CPU tensors, integer codes, keys and values with
+        bodies of the same tokens (both stores keep whole blocks in the body)."""
+        from .attention.packed import supported
+
+        k, v = self.k, self.v
+        return (like.device.type == "cpu" and supported(k.codec, v.codec)
+                and k._n(k.body) == v._n(v.body))
+
+    def _split_states(self, key_states, value_states):
+        """Sink, the coded body read in place, then the stage (decoded: under one block), the float16
+        tokens of decode steps, the window and this call's tokens as dense tensors."""
+        from .attention.packed import IntBody
+        from .attention.split import SplitStates
+
+        after = []
+        for store, new in ((self.k, key_states), (self.v, value_states)):
+            parts = [] if store.stage is None else [store.stage_codec.decode(store.stage, torch.float32)]
+            after.append(torch.cat(parts + [store.fresh.float(), store.window.float(), new.float()], 2))
+        body = None
+        if self.k.body is not None:
+            body = IntBody(self.k.body, self.v.body, self.k.codec, self.v.codec, self.block)
+        return SplitStates((self.k.sink, self.v.sink), body, tuple(after), splits=self.splits)
 
     def get_seq_length(self) -> int:
         return len(self.k) if self.is_initialized else 0
@@ -185,9 +227,20 @@ class CompressedCache(ByteAccounting, Cache):
         num_layers: int | None = None,
         method: str | None = None,
         layer_codecs: list | None = None,
+        attend: str = "decode",
+        splits: int = 4,
+        background: bool = False,
     ):
         """layer_codecs: one (key codec, value codec) per layer, for codecs learned per layer
-        (RVQ codebooks); otherwise every layer uses key_codec / value_codec."""
+        (RVQ codebooks); otherwise every layer uses key_codec / value_codec.
+        attend: "decode" (decode the history, then attend) or "fused" (decode steps read integer
+        codes in place; the model must use the "kvshrink" attention); splits: parallel ranges of
+        blocks per head in the fused kernel; background: blocks filled by decode steps are coded
+        on a worker thread (store.py), off the critical path."""
+        if attend not in ATTENDS:
+            raise KvshrinkError(f"unknown attend {attend!r}; use one of {', '.join(ATTENDS)}")
+        if not isinstance(splits, int) or splits < 1:
+            raise KvshrinkError(f"splits must be a positive integer, got {splits!r}")
         if layer_codecs is None:
             if key_codec is None:
                 raise KvshrinkError("CompressedCache needs a key codec (or use CompressedCache.from_method)")
@@ -208,6 +261,22 @@ class CompressedCache(ByteAccounting, Cache):
         self.sink, self.window, self.block = sink, window, block
         pairs = layer_codecs or [(key_codec, value_codec)] * num_layers
         layers = [self.layer_cls(kc, vc, sink, window, block) for kc, vc in pairs]
+        self.attend = attend
+        self.background = bool(background)
+        if background:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvshrink-coder")
+            for layer in layers:
+                layer.k.executor = layer.v.executor = pool
+        if attend == "fused":
+            from .attention.packed import supported
+
+            for kc, vc in pairs:
+                if not supported(kc, vc):
+                    raise KvshrinkError(f"no fused kernel reads {kc.describe()} / {vc.describe()}; use attend='decode'")
+            for layer in layers:
+                layer.fused, layer.splits = True, splits
         super().__init__(layers=layers)
 
     @classmethod
@@ -227,5 +296,7 @@ class CompressedCache(ByteAccounting, Cache):
     def describe(self) -> str:
         return (
             f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}, "
-            f"sink {self.sink}, window {self.window}, block {self.block}"
+            f"sink {self.sink}, window {self.window}, block {self.block}, "
+            + ("fused decode attention" if self.attend == "fused" else "decode-then-attend")
+            + (", blocks coded in the background" if self.background else "")
         )

@@ -44,6 +44,7 @@ def save(cache, path: str, model=None, ids=None) -> int:
         if not layer.is_initialized:
             layers.append(None)
             continue
+        layer.settle()  # blocks still being coded in the background
         p = f"{i}."
         tensors.update({p + "sink.k": layer.sink[0], p + "sink.v": layer.sink[1],
                         p + "recent.k": layer.recent[0], p + "recent.v": layer.recent[1]})

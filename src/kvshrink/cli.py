@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk", type=int)
     b.add_argument("--needle-lengths", type=_ints)
     b.add_argument("--speed-contexts", type=_ints)
+    b.add_argument("--decode-steps", type=int, help="timed decode steps per method and context (default 16; "
+                                                     "256 or more crosses block boundaries: p99 shows coding)")
     b.add_argument("--needle-depths", type=lambda t: tuple(float(x) for x in _csv(t)))
     b.add_argument("--direct-prefill", type=int, help="prompt tokens for the end-to-end prefill time and peak memory")
     b.add_argument("--sections", type=_csv, help="subset of quality,needle,speed")
@@ -143,6 +145,7 @@ def cmd_bench(args) -> None:
         "model": args.model, "corpus": args.corpus, "methods": args.methods, "out": args.out,
         "segments": args.segments, "seg_len": args.seg_len, "chunk": args.chunk,
         "needle_lengths": args.needle_lengths, "speed_contexts": args.speed_contexts,
+        "decode_steps": args.decode_steps,
         "needle_depths": args.needle_depths, "direct_prefill": args.direct_prefill,
         "sections": tuple(args.sections) if args.sections else None,
     }.items() if v is not None}
@@ -217,7 +220,9 @@ def cmd_methods(_args) -> None:
         m = REGISTRY[name]
         print(f"{name:16s} {'[peer] ' if m.family == 'peer' else ''}{m.description}")
     print("\nvariants: append options to a name, e.g. int4:window=32:block=64 "
-          "(int methods: sink, window, block, value_group, key_axis; zdc methods: alloc, sink, sink_rank, window, "
+          "(int methods: sink, window, block, value_group, key_axis, attend=fused|decode, splits, background=1|0; "
+          "kvcomp-* methods: eb, keb, veb, entropy, attend, drift, sink, window, key_block, value_block, splits, "
+          "background; zdc methods: alloc, sink, sink_rank, window, "
           "block; kvc-*/snapkv-* methods: alloc, score, pool, obs, sink, window, block, interval, tokens; "
           "rvq-* methods: group, size, key_grouping, value_grouping, attend, sink, window)")
 

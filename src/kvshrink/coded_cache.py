@@ -35,8 +35,8 @@ class CodedLayer(CompressedLayer):
                 parts.append((k, v))
         parts.append((key_states, value_states))  # this call's tokens, exact
         states = CodedStates(parts, self.k.codec, self.v.codec)
-        self.k.append(key_states)
-        self.v.append(value_states)
+        self.k.append(key_states, defer=True)  # decode steps: tokens wait in float16 (store.py)
+        self.v.append(value_states, defer=True)
         return states, states
 
 

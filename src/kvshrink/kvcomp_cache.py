@@ -6,8 +6,8 @@ tokens quantized per token; entropy_body.py), then the float16 recent tokens
 that do not fill a value block yet (at least `window` of them stay float16).
 Tokens reach the body once a whole value block has gathered, as in the paper.
 
-A call of at most `FUSED_QUERIES` tokens (decoding) gets `KVCompStates`
-(attention/kvcomp.py): the fused kernel decodes each block where it is
+A call of at most `FUSED_QUERIES` tokens (decoding) gets `SplitStates`
+(attention/split.py, kernel in attention/kvcomp.py): the fused kernel decodes each block where it is
 consumed. Longer calls (prefill, perplexity chunks) decode the body and attend
 (`attend="decode"` does that on every call: the reference). Tokens pass through
 float16 before coding, as in every kvshrink store; the error bound is relative
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention.kvcomp import KVCompStates
+from .attention.kvcomp import KVCompBody
+from .attention.split import SplitStates
 from transformers.cache_utils import Cache
 
 from .cache import FP16_BYTES, CompressedCache, StoreLayer
@@ -43,6 +44,7 @@ class KVCompLayer(StoreLayer):
         self.kb = EntropyBody(ErrorBound(o.key_bound, "channel"), o.key_block, o.entropy, o.drift)
         self.vb = EntropyBody(ErrorBound(o.value_bound, "token"), o.value_block, o.entropy, o.drift)
         self.sink = self.recent = None  # (keys, values) float16
+        self._pending = None  # (future, tokens): value blocks being coded in the background
 
     def lazy_initialization(self, key_states, value_states) -> None:
         if key_states.device.type != "cpu":
@@ -55,7 +57,22 @@ class KVCompLayer(StoreLayer):
     def _n(self) -> int:
         return self.sink[0].shape[2] + self.kb.num_tokens + self.recent[0].shape[2]
 
-    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def settle(self) -> None:
+        """Wait for the blocks a worker is coding; they leave the recent tokens."""
+        if self._pending is None:
+            return
+        future, full = self._pending
+        self._pending = None
+        future.result()
+        self.recent = (self.recent[0][:, :, full:].clone(), self.recent[1][:, :, full:].clone())
+
+    def _code(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.kb.append(k.float())
+        self.vb.append(v.float())
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor, defer: bool = False) -> None:
+        """defer: whole value blocks are coded on the cache's worker thread; they stay readable as
+        float16 recent tokens until the next call settles them."""
         k16, v16 = half_checked(k), half_checked(v)
         room = self.owner.sink - self.sink[0].shape[2]
         if room > 0:
@@ -64,23 +81,26 @@ class KVCompLayer(StoreLayer):
         rk, rv = torch.cat([self.recent[0], k16], 2), torch.cat([self.recent[1], v16], 2)
         vbk = self.owner.value_block
         full = max(rk.shape[2] - self.owner.window, 0) // vbk * vbk
-        if full:
-            self.kb.append(rk[:, :, :full].float())
-            self.vb.append(rv[:, :, :full].float())
+        if full and defer and self.owner.pool is not None:
+            self._pending = (self.owner.pool.submit(self._code, rk[:, :, :full], rv[:, :, :full]), full)
+        elif full:
+            self._code(rk[:, :, :full], rv[:, :, :full])
             rk, rv = rk[:, :, full:].clone(), rv[:, :, full:].clone()
         self.recent = (rk, rv)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.settle()
         if self._n() == 0:
             self._append(key_states, value_states)
             return key_states, value_states
         if key_states.shape[2] <= FUSED_QUERIES:
-            body = (self.kb.view(), self.vb.view()) if self.kb.num_tokens else None
-            states = KVCompStates(self.sink, body, self.recent, (key_states, value_states),
-                                  fused=self.owner.attend == "fused", splits=self.owner.splits)
-            self._append(key_states, value_states)
+            body = KVCompBody(self.kb.view(), self.vb.view()) if self.kb.num_tokens else None
+            after = (torch.cat([self.recent[0].float(), key_states.float()], 2),
+                     torch.cat([self.recent[1].float(), value_states.float()], 2))
+            states = SplitStates(self.sink, body, after, fused=self.owner.attend == "fused", splits=self.owner.splits)
+            self._append(key_states, value_states, defer=True)
             return states, states
         keys, values = self.decoded(key_states.dtype, then=(key_states, value_states))
         self._append(key_states, value_states)
@@ -88,6 +108,7 @@ class KVCompLayer(StoreLayer):
 
     def decoded(self, dtype=torch.float32, then: tuple = ()):
         """(keys, values) of every held token in `dtype`, followed by `then` (this call's states)."""
+        self.settle()
         ks, vs = [self.sink[0].to(dtype)], [self.sink[1].to(dtype)]
         if self.kb.num_tokens:
             ks.append(self.kb.view().decoded(dtype))
@@ -100,6 +121,7 @@ class KVCompLayer(StoreLayer):
         return torch.cat(ks, 2), torch.cat(vs, 2)
 
     def get_seq_length(self) -> int:
+        self.settle()
         return self._n() if self.is_initialized else 0
 
     def reset(self) -> None:
@@ -123,6 +145,7 @@ class KVCompLayer(StoreLayer):
         self.recent = (k[:, :, start:keep].to(torch.float16), v[:, :, start:keep].to(torch.float16))
 
     def _batch_map(self, on_tensor, on_packed) -> None:
+        self.settle()
         self.sink = tuple(on_tensor(t) for t in self.sink)
         self.recent = tuple(on_tensor(t) for t in self.recent)
         for body in (self.kb, self.vb):
@@ -132,6 +155,7 @@ class KVCompLayer(StoreLayer):
 
     # --- accounting ---------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
+        self.settle()
         if not self.is_initialized:
             return []
         return [*self.sink, *self.recent, *self.kb.tensors(), *self.vb.tensors()]
@@ -151,13 +175,15 @@ class KVCompCache(CompressedCache):
 
     key_bound / value_bound: relative error bounds; key_block / value_block: tokens per coded
     block (value_block a multiple of key_block); entropy=False keeps fixed-width packed codes;
-    drift: the table refresh threshold; splits: parallel ranges per head in the fused kernel.
+    drift: the table refresh threshold; splits: parallel ranges per head in the fused kernel;
+    background: value blocks filled by decode steps are coded on a worker thread, off the
+    critical path (the next call waits for them: results do not depend on the thread's timing).
     """
 
     def __init__(self, config=None, key_bound: float = 0.1, value_bound: float = 0.1, key_block: int = 64,
                  value_block: int = 128, sink: int = 4, window: int = 0, entropy: bool = True,
-                 drift: float = 0.05, attend: str = "fused", splits: int = 4, num_layers: int | None = None,
-                 method: str | None = None):
+                 drift: float = 0.05, attend: str = "fused", splits: int = 4, background: bool = True,
+                 num_layers: int | None = None, method: str | None = None):
         for name, val, low in (("key_block", key_block, 1), ("value_block", value_block, 1), ("sink", sink, 0),
                                ("window", window, 0), ("splits", splits, 1)):
             if not isinstance(val, int) or val < low:
@@ -178,6 +204,12 @@ class KVCompCache(CompressedCache):
         self.key_block, self.value_block = key_block, value_block
         self.sink, self.window, self.block = sink, window, value_block
         self.entropy, self.drift, self.attend, self.splits = bool(entropy), float(drift), attend, splits
+        self.background = bool(background)
+        self.pool = None
+        if background:  # decode steps hand filled value blocks to one worker thread
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvshrink-coder")
         self.method = method
         self.model_header = None  # set by the method factory: cache.save(path) names the model
         self.ids = None  # the token ids of a loaded cache, when they were saved

@@ -8,7 +8,8 @@
 Options: `:keb=0.05` / `:veb=0.2` (bounds for keys / values alone), `:entropy=0` (the same
 symbols as fixed-width packed integers: what entropy coding adds), `:attend=decode`
 (decode everything, then attend: the reference), `:drift=0.05`, `:sink=`, `:window=`,
-`:key_block=`, `:value_block=`, `:splits=`.
+`:key_block=`, `:value_block=`, `:splits=`, `:background=0` (code filled blocks on the decode
+step itself instead of a worker thread).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from .methods import SINK, Method, register
 
 BOUNDS = (0.05, 0.1, 0.2, 0.3)
 DEFAULT = ("kvcomp-eb0.1",)
-TUNABLE = ("eb", "keb", "veb", "entropy", "attend", "drift", "sink", "window", "key_block", "value_block", "splits")
+TUNABLE = ("eb", "keb", "veb", "entropy", "attend", "drift", "sink", "window", "key_block", "value_block", "splits",
+           "background")
 
 
 def kvcomp_cache(config, eb: float = 0.1, keb: float | None = None, veb: float | None = None, entropy: int = 1,

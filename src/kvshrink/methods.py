@@ -104,21 +104,39 @@ def _load_peers() -> None:
     from .eval import peers  # noqa: F401  (registers hf-* methods on import)
 
 
-def _compressed(config, key_codec, value_codec, sink=SINK, window=WINDOW, block=BLOCK, **_):
+def _fused_target(target, attend: str):
+    """(config, attend): given the model, switch it to the "kvshrink" attention so decode steps can
+    read the codes in place; given only a config, the cache decodes and attends (it says so in
+    `describe()`)."""
+    if not hasattr(target, "set_attn_implementation"):
+        return target, "decode"
+    if attend == "fused":
+        from .attention.paged import use_kvshrink_attention
+
+        use_kvshrink_attention(target)
+    return target.config, attend
+
+
+def int_quant_cache(target, bits: int, rotate: bool = False, sink=SINK, window=WINDOW, block=BLOCK,
+                    key_axis: str = "channel", value_group: int | None = None, attend: str = "fused",
+                    splits: int = 4, background: int = 1, method: str | None = None):
+    """KIVI layout: keys per channel over `block` tokens, values per token over `value_group` channels.
+    target: the model (fused decode attention) or its config (decode-then-attend)."""
     from .cache import CompressedCache
 
-    return CompressedCache(config, key_codec=key_codec, value_codec=value_codec, sink=sink, window=window, block=block)
-
-
-def int_quant_cache(config, bits: int, rotate: bool = False, sink=SINK, window=WINDOW, block=BLOCK,
-                    key_axis: str = "channel", value_group: int | None = None, method: str | None = None):
-    """KIVI layout: keys per channel over `block` tokens, values per token over `value_group` channels."""
+    config, attend = _fused_target(target, attend)
     key_group = block if key_axis == "channel" else None
     keys = IntQuant(bits, key_axis, key_group, rotate=rotate, seed=1)
     values = IntQuant(bits, "token", value_group, rotate=rotate, seed=2)
-    cache = _compressed(config, keys, values, sink, window, block)
+    cache = CompressedCache(config, key_codec=keys, value_codec=values, sink=sink, window=window, block=block,
+                            attend=attend, splits=splits, background=bool(background))
     cache.method = method
     return cache
+
+
+def _use_model(model, tokenizer=None, corpus=None, **_):
+    """The int methods build their cache from the model itself (see `_fused_target`)."""
+    return model
 
 
 def _fp16_cache(config, block=BLOCK, method="fp16", **_):
@@ -129,7 +147,7 @@ def _fp16_cache(config, block=BLOCK, method="fp16", **_):
     return cache
 
 
-_INT_OPTIONS = ("sink", "window", "block", "value_group", "key_axis")
+_INT_OPTIONS = ("sink", "window", "block", "value_group", "key_axis", "attend", "splits", "background")
 register(Method("fp16", "uncompressed reference: keys and values stored as float16", _fp16_cache, tunable=("block",)))
 for _bits in (8, 4, 3, 2):
     register(Method(
@@ -138,6 +156,7 @@ for _bits in (8, 4, 3, 2):
         int_quant_cache,
         options={"bits": _bits, "method": f"int{_bits}"},
         tunable=_INT_OPTIONS,
+        prepare=_use_model,
     ))
     register(Method(
         f"int{_bits}-rot",
@@ -145,6 +164,7 @@ for _bits in (8, 4, 3, 2):
         int_quant_cache,
         options={"bits": _bits, "rotate": True, "method": f"int{_bits}-rot"},
         tunable=_INT_OPTIONS,
+        prepare=_use_model,
     ))
 
 

@@ -10,8 +10,9 @@ blocks of a head are split into `splits` ranges processed in parallel (flash-
 decoding style) whose partial results are merged with the dense parts (sink,
 recent tokens, this call's tokens) by log-sum-exp.
 
-`attend_reference` computes the same thing by decoding everything first and
-calling softmax attention: the path the fused kernel is tested against.
+`SplitStates(fused=False)` (attention/split.py) computes the same thing by
+decoding everything first and calling softmax attention: the path the fused
+kernel is tested against.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import torch
-from torch.profiler import record_function
 
 from ..codecs.huffman import MAX_LEN, MULTI, decode_into
 from ..entropy_body import BodyView
-from .paged import bool_mask
+
+# fast math without "no infinities / no NaNs": the kernels test for -inf (masked tokens, empty
+# splits), which fastmath=True would let LLVM fold away
+FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
+@numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, vis, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep, kb,
            vs, vst, vtab, vls, vll, vln, vfix, vmn, vstep, vb, splits, out_m, out_l, out_acc):
     nb_, nh, nr, d = q.shape
@@ -123,64 +126,19 @@ def fused_partials(q: torch.Tensor, vis: torch.Tensor, keys: BodyView, values: B
 
 
 @dataclass
-class KVCompStates:
-    """One decode call's view of a KVComp layer: dense float16 sink, coded body, dense recent tokens,
-    then this call's tokens (exact)."""
+class KVCompBody:
+    """A KVComp layer's coded body, read in place by the fused kernel (attention/split.py)."""
 
-    sink: tuple  # (keys, values) (B, H, s, d)
-    body: tuple | None  # (key BodyView, value BodyView)
-    recent: tuple  # (keys, values) (B, H, r, d)
-    new: tuple  # (keys, values) (B, H, t, d)
-    fused: bool = True
-    splits: int = 4
+    keys: BodyView
+    values: BodyView
+    name = "kvcomp"
 
-    def attend(self, module, query: torch.Tensor, mask, scaling=None):
-        b, hq, t, d = query.shape
-        h = self.new[0].shape[1]
-        g = hq // h
-        scale = scaling if scaling is not None else d ** -0.5
-        q = (query.float() * scale).reshape(b, h, g * t, d)
-        n_sink = self.sink[0].shape[2]
-        n_body = self.body[0].num_tokens if self.body is not None else 0
-        vis = bool_mask(mask)
-        if vis is None:
-            vis = torch.ones(b, 1, t, n_sink + n_body + self.recent[0].shape[2] + t, dtype=torch.bool).tril_(
-                n_sink + n_body + self.recent[0].shape[2])
-        vis = vis[:, 0].expand(b, t, -1)
-        if not self.fused or self.body is None:
-            return self._reference(q, vis, query)
-        dense_k = torch.cat([self.sink[0].float(), self.recent[0].float(), self.new[0].float()], 2)
-        dense_v = torch.cat([self.sink[1].float(), self.recent[1].float(), self.new[1].float()], 2)
-        dense_vis = torch.cat([vis[..., :n_sink], vis[..., n_sink + n_body:]], -1)  # (B, t, n_dense)
-        s = (q @ dense_k.transpose(2, 3)).view(b, h, g, t, -1)
-        s = s.masked_fill(~dense_vis[:, None, None], float("-inf")).view(b, h, g * t, -1)
-        m_d = s.amax(-1)
-        body_vis = vis[:, -1, n_sink:n_sink + n_body]  # past tokens: every query row sees the same ones
-        with record_function("kvcomp.fused_blocks"):  # named in profiles (scripts/profile_decode.py)
-            m_b, l_b, acc_b = fused_partials(q, body_vis, *self.body, splits=self.splits)
-        mx = torch.maximum(m_d, m_b.amax(2))
-        safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        p = torch.exp(s - safe[..., None])
-        w_b = torch.exp(m_b - safe[:, :, None]).nan_to_num_(0.0)  # an empty split has m = -inf
-        den = p.sum(-1) + (l_b * w_b).sum(2)
-        num = p @ dense_v + (acc_b * w_b[..., None]).sum(2)
-        out = (num / den[..., None]).nan_to_num_(0.0)  # rows of left padding see nothing
-        return out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous(), None
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.num_tokens
 
-    def _reference(self, q, vis, query):
-        """Decode every block, then softmax attention over the whole history."""
-        b, hq, t, d = query.shape
-        h = q.shape[1]
-        ks = [self.sink[0].float()]
-        vs = [self.sink[1].float()]
-        if self.body is not None:
-            with record_function("kvcomp.decode_all"):
-                ks.append(self.body[0].decoded())
-                vs.append(self.body[1].decoded())
-        ks += [self.recent[0].float(), self.new[0].float()]
-        vs += [self.recent[1].float(), self.new[1].float()]
-        k, v = torch.cat(ks, 2), torch.cat(vs, 2)
-        s = (q @ k.transpose(2, 3)).view(b, h, hq // h, t, -1).masked_fill(~vis[:, None, None], float("-inf"))
-        p = torch.softmax(s, -1).nan_to_num_(0.0).view(b, h, -1, k.shape[2])
-        out = p @ v
-        return out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous(), None
+    def partials(self, q, vis, splits):
+        return fused_partials(q, vis, self.keys, self.values, splits)
+
+    def decoded(self):
+        return self.keys.decoded(), self.values.decoded()

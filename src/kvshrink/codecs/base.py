@@ -60,8 +60,11 @@ class Packed:
         )
 
     def first_blocks(self, n: int) -> "Packed":
+        return self.blocks(0, n)
+
+    def blocks(self, start: int, stop: int) -> "Packed":
         # clone: a view would keep the dropped blocks' storage alive
-        return self._map(lambda v: v[:, :, :n].clone())
+        return self._map(lambda v: v[:, :, start:stop].clone())
 
     def select_batch(self, index: torch.Tensor) -> "Packed":
         return self._map(lambda v: v.index_select(0, index.to(v.device)))

@@ -4,10 +4,12 @@ For a context of L tokens the model is prefilled once (uncompressed, timed:
 that forward pass is the prefill of every method, because a compressed cache's
 first update returns the states as given); each method's cache is then filled
 from those states (timed: the only work a compressed cache adds to a prefill)
-and decodes one untimed warm-up token then `steps` greedy tokens (each step timed). Process memory is read
+and decodes one untimed warm-up token then `steps` greedy tokens (each step timed). Roofline: a
+step reads at least the model's weights and the cache as held; with the read bandwidth measured
+in the same run that gives the attained fraction of the limit. Process memory is read
 from /proc: the resident growth once the filled cache is held (after
-malloc_trim), and the peak growth while it is filled and decoded (which
-includes the temporaries of compression and of the decoded history).
+malloc_trim), and the peak growth while it is filled and decodes its warm-up step
+(which includes the temporaries of compression and of the decoded history).
 """
 
 from __future__ import annotations
@@ -22,6 +24,42 @@ import torch
 
 from .needle import fill, prefill_states
 from .peers import cache_nbytes
+
+BANDWIDTH_BYTES = 512 * 2**20  # far beyond the caches: a read from memory, not from L2/L3
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers, each storage once (tied embeddings once): what
+    one decode step reads of the model (the output layer reads the whole embedding matrix)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    return total
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Measured memory read bandwidth (bytes/s) with torch's threads: the best of `repeats`
+    sums over a buffer far larger than the caches."""
+    x = torch.ones(BANDWIDTH_BYTES // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return BANDWIDTH_BYTES / best
+
+
+def roofline(result: dict, weights: int, bandwidth: float) -> dict:
+    """Bytes a decode step must read at least (weights + the cache as held), the bandwidth the
+    measured tokens/s attain on them, and its fraction of the measured limit."""
+    step = weights + result["cache_bytes_end"]
+    attained = step * result["decode_tok_s"]
+    return {"bytes_per_step": step, "attained_gb_s": attained / 1e9, "bandwidth_fraction": attained / bandwidth,
+            "bandwidth_bound_tok_s": bandwidth / step}
 
 
 def _rss() -> int:
@@ -70,6 +108,8 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
     decodes that method where given (a transformed copy), else `model`."""
     models = models or {}
     out = {name: {} for name in make_cache}
+    bandwidth = read_bandwidth()
+    weights = {name: weight_bytes(models.get(name, model)) for name in make_cache}
     for length in contexts:
         ctx = ids[:, :length]
         t0 = time.perf_counter()
@@ -86,14 +126,18 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
                 history = getattr(cache, "history", None)  # eviction caches: bytes before the first eviction
                 _trim()
                 rss_held = _rss() - mem.base
-                # one untimed step: compiled kernels (numba) and the allocator warm up outside the timing
+                # one untimed step: compiled kernels (numba) and the allocator warm up outside the timing,
+                # and the peak covers a step's temporaries (the decoded history, where there is one)
                 x = models.get(name, model)(first, past_key_values=cache, use_cache=True).logits[0, -1].argmax().view(1, 1)
-                lat = []
-                for _ in range(steps):
-                    t0 = time.perf_counter()
-                    logits = models.get(name, model)(x, past_key_values=cache, use_cache=True).logits[0, -1]
-                    lat.append(time.perf_counter() - t0)
-                    x = logits.argmax().view(1, 1)
+            # timed steps outside the memory sampler: its 1 kHz polling thread competes for the GIL
+            # with Python-heavy decode paths
+            lat = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                logits = models.get(name, model)(x, past_key_values=cache, use_cache=True).logits[0, -1]
+                lat.append(time.perf_counter() - t0)
+                x = logits.argmax().view(1, 1)
+            held_end = cache_nbytes(cache)
             lat_sorted = sorted(lat)
             out[name][length] = {
                 "prefill_forward_s": forward_s,
@@ -102,11 +146,16 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
                 "decode_tok_s": steps / sum(lat),
                 "decode_p50_ms": 1000 * statistics.median(lat),
                 "decode_p99_ms": 1000 * lat_sorted[min(len(lat) - 1, int(0.99 * len(lat)))],
+                "decode_max_ms": 1000 * lat_sorted[-1],
+                "decode_steps_ms": [round(1000 * x, 2) for x in lat],
                 "cache_bytes": held,
+                "cache_bytes_end": held_end,
                 "ratio": length * spec.fp16_bytes_per_token() / held,
                 "rss_held_mb": rss_held / 2**20,
                 "peak_extra_mb": mem.extra / 2**20,
             }
+            out[name][length].update(roofline(out[name][length], weights[name], bandwidth))
+            out[name][length]["read_bandwidth_gb_s"] = bandwidth / 1e9
             if history:
                 out[name][length]["bytes_before_eviction"] = history[0]["bytes_before"]
                 out[name][length]["bytes_after_eviction"] = history[0]["bytes_after"]

@@ -1,0 +1,199 @@
+"""Fused decode attention over integer codes (attention/packed.py), background coding, roofline."""
+
+import copy
+from concurrent.futures import Future
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvshrink.attention.paged import use_kvshrink_attention
+from kvshrink.cache import CompressedCache
+from kvshrink.codecs.quant import IntQuant
+from kvshrink.errors import KvshrinkError
+from kvshrink.eval.speed import roofline, weight_bytes
+from kvshrink.kvcomp_cache import KVCompCache
+from kvshrink.methods import get_method
+
+
+def _ids(n, batch=1, seed=0):
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture()
+def model(tiny_model):
+    m = copy.deepcopy(tiny_model)  # switched to the kvshrink attention in place
+    use_kvshrink_attention(m)
+    return m
+
+
+class Inline:
+    """An executor that runs each job at once: the deferred path without a thread."""
+
+    def submit(self, fn, *args):
+        f = Future()
+        f.set_result(fn(*args))
+        return f
+
+
+def _states(kc, vc, n, t, block, window, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cache = CompressedCache(num_layers=1, key_codec=kc, value_codec=vc, sink=4, window=window, block=block,
+                            attend="fused")
+    layer = cache.layers[0]
+    layer.update(torch.randn(batch, 2, n, 16, generator=g) * torch.linspace(0.2, 3, 16),
+                 torch.randn(batch, 2, n, 16, generator=g))
+    states, _ = layer.update(torch.randn(batch, 2, t, 16, generator=g), torch.randn(batch, 2, t, 16, generator=g))
+    return layer, states, torch.randn(batch, 6, t, 16, generator=g)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), rotate=st.booleans(), key_axis=st.sampled_from(["channel", "token"]),
+       value_group=st.sampled_from([None, 8]), block=st.sampled_from([16, 32]), window=st.sampled_from([0, 3]),
+       n=st.integers(40, 200), t=st.sampled_from([1, 3]), pad=st.integers(0, 40), seed=st.integers(0, 99))
+def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, block, window, n, t, pad, seed):
+    kc = IntQuant(bits, key_axis, block if key_axis == "channel" else None, rotate=rotate, seed=1)
+    vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2)
+    layer, states, q = _states(kc, vc, n, t, block, window, seed=seed)
+    assert hasattr(states, "attend")
+    body = states.body
+    assert body is None or body.num_tokens % block == 0  # keys and values keep whole blocks alike
+    total = layer.get_seq_length()
+    mask = torch.ones(2, 1, t, total, dtype=torch.bool).tril(total - t)
+    mask[1, ..., :pad] = False  # left padding of the second sequence: in the sink, the body, or beyond
+    fused = states.attend(None, q, mask)[0]
+    states.fused = False
+    ref = states.attend(None, q, mask)[0]
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_never_decodes_the_history(monkeypatch):
+    kc, vc = IntQuant(4, "channel", 32, seed=1), IntQuant(4, "token", seed=2)
+    _, states, q = _states(kc, vc, 200, 1, 32, 0)
+
+    def refuse(*a, **k):
+        raise AssertionError("the fused path decoded the body")
+
+    monkeypatch.setattr(IntQuant, "decode", lambda self, packed, *a, **k: refuse() if packed.num_tokens > 32 else
+                        IntQuant.__dict__["decode"](self, packed, *a, **k))
+    states.attend(None, q, None)
+
+
+def test_crop_keeps_whole_blocks_and_the_kernel_still_reads(model):
+    cache = get_method("int4:block=32").make_cache(model)
+    with torch.no_grad():
+        model(_ids(150), past_key_values=cache)
+        cache.crop(-25)  # 125 tokens: 4 sink + 96 in whole blocks + 25 staged
+        layer = cache.layers[0]
+        assert layer.k._n(layer.k.body) == layer.v._n(layer.v.body) == 96
+        assert layer._readable(torch.zeros(1))
+        assert cache.get_seq_length() == 125
+
+
+@pytest.mark.parametrize("name", ["int4", "int3-rot", "int2:key_axis=token:value_group=8"])
+def test_generation_fused_equals_decode_then_attend(model, name):
+    ids = _ids(150, batch=2, seed=3)
+    mask = torch.ones_like(ids)
+    ids[0, :5], mask[0, :5] = 0, 0
+    outs = []
+    for attend in ("fused", "decode"):
+        cache = get_method(f"{name}:block=32:attend={attend}").make_cache(model)
+        assert (cache.attend == "fused") == (attend == "fused")
+        with torch.no_grad():
+            outs.append(model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40,
+                                       do_sample=False, output_scores=True, return_dict_in_generate=True))
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].scores, outs[1].scores):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_perplexity_fused_equals_decode_then_attend(model):
+    """Short chunks (the fused path serves calls of up to 8 tokens): the same negative log-likelihood."""
+    ids = _ids(161, seed=5)
+    nll = {}
+    for attend in ("fused", "decode"):
+        cache = get_method(f"int4:block=32:attend={attend}").make_cache(model)
+        total = 0.0
+        with torch.no_grad():
+            for s in range(0, 160, 8):
+                logits = model(ids[:, s:s + 8], past_key_values=cache).logits
+                total += torch.nn.functional.cross_entropy(logits[0], ids[0, s + 1:s + 9], reduction="sum").item()
+        nll[attend] = total / 160
+    assert abs(nll["fused"] - nll["decode"]) < 1e-4 * nll["decode"]
+
+
+def test_a_config_alone_gets_decode_then_attend_and_says_so(tiny_config):
+    cache = CompressedCache.from_method("int4", tiny_config)
+    assert cache.attend == "decode" and "decode-then-attend" in cache.describe()
+    with pytest.raises(KvshrinkError, match="no fused kernel"):
+        CompressedCache(tiny_config, key_codec=IntQuant(4, "channel", 128), value_codec=IntQuant(4, "channel", 128),
+                        attend="fused")
+
+
+@pytest.mark.parametrize("family", ["int4", "kvcomp"])
+def test_background_coding_does_not_depend_on_the_thread(model, family):
+    """The worker thread and an inline executor give identical logits; coding on the step itself
+    (background off) gives the same tokens and close logits (a block is read from its stage codes one
+    step longer)."""
+    ids = _ids(100, seed=7)
+    runs = {}
+    for mode in ("thread", "inline", "off"):
+        if family == "int4":
+            cache = get_method(f"int4:block=32:background={int(mode != 'off')}").make_cache(model)
+            if mode == "inline":
+                for layer in cache.layers:
+                    layer.k.executor = layer.v.executor = Inline()
+        else:
+            cache = KVCompCache(model.config, key_block=16, value_block=32, background=mode != "off")
+            if mode == "inline":
+                cache.pool = Inline()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=70, min_new_tokens=70, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        held = sum(sum(t.untyped_storage().nbytes() for t in layer.tensors()) for layer in cache.layers)
+        assert cache.nbytes() == held
+        assert cache.get_seq_length() == 169
+        runs[mode] = out
+    assert torch.equal(runs["thread"].sequences, runs["inline"].sequences)
+    for a, b in zip(runs["thread"].scores, runs["inline"].scores):
+        assert torch.equal(a, b)
+    assert torch.equal(runs["thread"].sequences, runs["off"].sequences)
+    for a, b in zip(runs["thread"].scores, runs["off"].scores):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_background_blocks_reach_the_body(model):
+    cache = get_method("int4:block=32").make_cache(model)
+    with torch.no_grad():
+        model.generate(input_ids=_ids(40), past_key_values=cache, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    layer = cache.layers[0]
+    layer.k.settle()
+    layer.v.settle()
+    # 103 tokens held (the last generated token is never fed back): 4 sink, 96 coded, 3 staged
+    assert layer.k._n(layer.k.body) == layer.v._n(layer.v.body) == 96
+    assert layer.k._n(layer.k.stage) + layer.k.fresh.shape[-2] == 3  # decode steps wait in float16
+
+
+def test_weight_bytes_count_a_tied_matrix_once():
+    lin = torch.nn.Linear(8, 16, bias=False)
+    emb = torch.nn.Embedding(16, 8)
+    lin.weight = emb.weight
+    m = torch.nn.ModuleDict({"emb": emb, "head": lin})
+    m.register_buffer("extra", torch.zeros(10))
+    assert weight_bytes(m) == 16 * 8 * 4 + 10 * 4
+
+
+def test_roofline_fraction():
+    r = roofline({"cache_bytes_end": 1_000_000, "decode_tok_s": 10.0}, weights=9_000_000, bandwidth=200e6)
+    assert r["bytes_per_step"] == 10_000_000
+    assert r["attained_gb_s"] == pytest.approx(0.1)
+    assert r["bandwidth_fraction"] == pytest.approx(0.5)
+    assert r["bandwidth_bound_tok_s"] == pytest.approx(20.0)
+
+
+def test_cli_refuses_no_decode_steps(capsys):
+    from kvshrink.cli import main
+
+    assert main(["bench", "--sections", "speed", "--decode-steps", "0", "--methods", "int4"]) == 2
+    assert "decode steps" in capsys.readouterr().err
