@@ -220,7 +220,7 @@ def cmd_methods(_args) -> None:
         m = REGISTRY[name]
         print(f"{name:16s} {'[peer] ' if m.family == 'peer' else ''}{m.description}")
     print("\nvariants: append options to a name, e.g. int4:window=32:block=64 "
-          "(int methods: sink, window, block, value_group, key_axis, attend=fused|decode, splits, background=1|0; "
+          "(int methods: sink, window, block, value_group, key_axis, attend=fused|decode, splits, background=0|1; "
           "kvcomp-* methods: eb, keb, veb, entropy, attend, drift, sink, window, key_block, value_block, splits, "
           "background; zdc methods: alloc, sink, sink_rank, window, "
           "block; kvc-*/snapkv-* methods: alloc, score, pool, obs, sink, window, block, interval, tokens; "

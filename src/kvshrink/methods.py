@@ -119,9 +119,11 @@ def _fused_target(target, attend: str):
 
 def int_quant_cache(target, bits: int, rotate: bool = False, sink=SINK, window=WINDOW, block=BLOCK,
                     key_axis: str = "channel", value_group: int | None = None, attend: str = "fused",
-                    splits: int = 4, background: int = 1, method: str | None = None):
+                    splits: int = 4, background: int = 0, method: str | None = None):
     """KIVI layout: keys per channel over `block` tokens, values per token over `value_group` channels.
-    target: the model (fused decode attention) or its config (decode-then-attend)."""
+    target: the model (fused decode attention) or its config (decode-then-attend). background=0: a
+    filled block is coded on the decode step itself; a worker thread made that step slower on
+    2 cores (README, "Zero-delay decode"), unlike KVComp's heavier Huffman coding."""
     from .cache import CompressedCache
 
     config, attend = _fused_target(target, attend)
