@@ -87,7 +87,7 @@ def test_crop_keeps_whole_blocks_and_the_kernel_still_reads(model):
         cache.crop(-25)  # 125 tokens: 4 sink + 96 in whole blocks + 25 staged
         layer = cache.layers[0]
         assert layer.k._n(layer.k.body) == layer.v._n(layer.v.body) == 96
-        assert layer._readable(torch.zeros(1))
+        assert layer._readable(torch.zeros(1, 2, 1, 16))
         assert cache.get_seq_length() == 125
 
 
@@ -121,6 +121,15 @@ def test_perplexity_fused_equals_decode_then_attend(model):
                 total += torch.nn.functional.cross_entropy(logits[0], ids[0, s + 1:s + 9], reduction="sum").item()
         nll[attend] = total / 160
     assert abs(nll["fused"] - nll["decode"]) < 1e-4 * nll["decode"]
+
+
+def test_codes_with_padding_inside_a_token_are_not_read_by_the_kernel():
+    from kvshrink.attention.packed import supported
+
+    assert supported(IntQuant(3, "channel", 32), IntQuant(3, "token"), head_dim=64)
+    assert not supported(IntQuant(3, "channel", 32), IntQuant(3, "token"), head_dim=12)  # 36 bits a token
+    assert not supported(IntQuant(4, "channel", 32), IntQuant(3, "token", group=4), head_dim=64)
+    assert not supported(IntQuant(4, "channel", 32), IntQuant(4, "channel", 32), head_dim=64)
 
 
 def test_a_config_alone_gets_decode_then_attend_and_says_so(tiny_config):

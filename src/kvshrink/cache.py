@@ -158,7 +158,7 @@ class CompressedLayer(StoreLayer):
         from .attention.packed import supported
 
         k, v = self.k, self.v
-        return (like.device.type == "cpu" and supported(k.codec, v.codec)
+        return (like.device.type == "cpu" and supported(k.codec, v.codec, like.shape[-1])
                 and k._n(k.body) == v._n(v.body))
 
     def _split_states(self, key_states, value_states):

@@ -12,7 +12,7 @@ the history, and nothing is decoded twice: codes are read where they are used.
 The tiles of a head are split into `splits` ranges run in parallel (flash-
 decoding); attention/split.py merges the partials with the dense parts.
 (The loop shapes follow attention/kvcomp.py: a first version that unpacked one
-token at a time inside the same loops ran 2.5x slower, unvectorized.)
+token at a time inside the attention loops ran 2.5x slower.)
 A Hadamard-rotated codec (x stored as x @ R) is read without undoing the
 rotation per token: q . (x_r R^T) = (q R) . x_r, and sum p (x_r R^T) = (sum p x_r) R^T.
 """
@@ -89,8 +89,8 @@ def _fused(q, vis, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, 
         sp = u % splits
         lo = sp * nvb // splits
         hi = (sp + 1) * nvb // splits
-        ksym = np.empty(vb * d, dtype=np.uint8)  # one tile of codes: a type apart from the float
-        vsym = np.empty(vb * d, dtype=np.uint8)  # accumulators, so the loops over them vectorize
+        ksym = np.empty(vb * d, dtype=np.uint8)  # one tile of codes
+        vsym = np.empty(vb * d, dtype=np.uint8)
         logit = np.empty((nr, vb), dtype=np.float32)
         qs = np.empty(d, dtype=np.float32)
         m = np.full(nr, -np.inf, dtype=np.float32)
@@ -188,11 +188,15 @@ def _operands(codec: IntQuant, packed: Packed):
     return t["codes"].reshape(b * h, -1).numpy(), mn, sc, tg, groups
 
 
-def supported(key_codec, value_codec) -> bool:
+def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
     """Codecs the kernel reads: IntQuant of any bit width, keys on either axis, values per token, and
-    no padding inside a token's codes (every channel group a whole number of bytes)."""
+    no padding inside a token's codes (every channel group, and the head vector when `head_dim` is
+    given, a whole number of bytes), so a tile's codes unpack in one flat pass."""
     def whole(c):
-        return isinstance(c, IntQuant) and ((c.group or 0) * c.bits % 8 == 0 if c.axis == "token" else True)
+        if not isinstance(c, IntQuant):
+            return False
+        width = (c.group or head_dim) if c.axis == "token" else head_dim
+        return width is None or width * c.bits % 8 == 0
 
     return whole(key_codec) and whole(value_codec) and value_codec.axis == "token"
 
