@@ -30,6 +30,13 @@ FUSED_QUERIES = 8  # longer calls (prefill, perplexity chunks) decode once and a
 ATTENDS = ("fused", "decode")
 
 
+def coder_pool():
+    """The one worker thread a cache hands its filled blocks to (background coding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvshrink-coder")
+
+
 def stage_codec(codec: Codec) -> Codec:
     """Per-token codes for a block still filling: twice the block codec's bits, at most 8,
     so re-coding the finished block adds little to its own error."""
@@ -119,6 +126,7 @@ class CompressedLayer(StoreLayer):
 
     fused = False  # set by CompressedCache(attend="fused")
     splits = 4
+    kernel_reads = False  # fused, on the CPU, and codes the kernel reads: fixed at the first update
 
     def __init__(self, key_codec: Codec, value_codec: Codec, sink: int, window: int, block: int):
         super().__init__()
@@ -129,6 +137,11 @@ class CompressedLayer(StoreLayer):
     # --- transformers layer API -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.fused:
+            from .attention.packed import supported
+
+            self.kernel_reads = (key_states.device.type == "cpu"
+                                 and supported(self.k.codec, self.v.codec, key_states.shape[-1]))
         self.k.init(key_states)
         self.v.init(value_states)
         self.is_initialized = True
@@ -140,11 +153,11 @@ class CompressedLayer(StoreLayer):
             self.k.append(key_states)
             self.v.append(value_states)
             return key_states, value_states
-        short = key_states.shape[2] <= FUSED_QUERIES  # a decode step: its filled blocks are coded in the background
-        if self.fused and short and self._readable(key_states):
+        short = key_states.shape[2] <= FUSED_QUERIES  # a decode step: its tokens wait in float16 (store.py)
+        if short and self._readable():
             states = self._split_states(key_states, value_states)
-            self.k.append(key_states, defer=short)
-            self.v.append(value_states, defer=short)
+            self.k.append(key_states, defer=True)
+            self.v.append(value_states, defer=True)
             return states, states
         keys = self.k.decoded(key_states.dtype, then=key_states)
         values = self.v.decoded(value_states.dtype, then=value_states)
@@ -152,14 +165,10 @@ class CompressedLayer(StoreLayer):
         self.v.append(value_states, defer=short)
         return keys, values
 
-    def _readable(self, like: torch.Tensor) -> bool:
-        """Whether the kernel can read this layer: CPU tensors, integer codes, keys and values with
-        bodies of the same tokens (both stores keep whole blocks in the body)."""
-        from .attention.packed import supported
-
-        k, v = self.k, self.v
-        return (like.device.type == "cpu" and supported(k.codec, v.codec, like.shape[-1])
-                and k._n(k.body) == v._n(v.body))
+    def _readable(self) -> bool:
+        """Whether the kernel can read this layer now: `kernel_reads`, and keys and values with bodies
+        of the same tokens (both stores keep whole blocks in the body)."""
+        return self.kernel_reads and self.k._n(self.k.body) == self.v._n(self.v.body)
 
     def _split_states(self, key_states, value_states):
         """Sink, the coded body read in place, then the stage (decoded: under one block), the float16
@@ -264,9 +273,7 @@ class CompressedCache(ByteAccounting, Cache):
         self.attend = attend
         self.background = bool(background)
         if background:
-            from concurrent.futures import ThreadPoolExecutor
-
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvshrink-coder")
+            pool = coder_pool()
             for layer in layers:
                 layer.k.executor = layer.v.executor = pool
         if attend == "fused":

@@ -20,21 +20,17 @@ the coded form itself, so a resumed chat costs a file read, not a prefill.
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import Cache
 
 from .attention.kvcomp import KVCompBody
 from .attention.split import SplitStates
-from transformers.cache_utils import Cache
-
-from .cache import FP16_BYTES, CompressedCache, StoreLayer
+from .cache import ATTENDS, FP16_BYTES, FUSED_QUERIES, CompressedCache, StoreLayer, coder_pool
 from .codecs.base import tensor_nbytes
 from .codecs.errbound import ErrorBound
 from .entropy_body import EntropyBody
 from .errors import KvshrinkError
 from .models import spec_from_config
 from .store import half_checked
-
-FUSED_QUERIES = 8
-ATTENDS = ("fused", "decode")
 
 
 class KVCompLayer(StoreLayer):
@@ -205,11 +201,7 @@ class KVCompCache(CompressedCache):
         self.sink, self.window, self.block = sink, window, value_block
         self.entropy, self.drift, self.attend, self.splits = bool(entropy), float(drift), attend, splits
         self.background = bool(background)
-        self.pool = None
-        if background:  # decode steps hand filled value blocks to one worker thread
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvshrink-coder")
+        self.pool = coder_pool() if background else None  # decode steps hand filled value blocks to it
         self.method = method
         self.model_header = None  # set by the method factory: cache.save(path) names the model
         self.ids = None  # the token ids of a loaded cache, when they were saved

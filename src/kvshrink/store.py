@@ -88,9 +88,10 @@ class TokenStore:
         self.stage = None
         self.fresh = _slice(self.fresh, taken)
 
-    def _grow(self, body: Packed | None, stage: Packed | None, fresh: torch.Tensor) -> Packed:
-        """body + one or more whole blocks made of the stage and float16 tokens, coded."""
-        x = fresh.float()
+    def _grow(self, body: Packed | None, stage: Packed | None, x: torch.Tensor) -> Packed:
+        """body + one or more whole blocks made of the stage and the tokens x, coded (per-token
+        codes: the staged codes move on as they are; whole-block codes: re-coded with x)."""
+        x = x.float()
         if self.recode:
             if stage is not None:
                 x = torch.cat([self.stage_codec.decode(stage, torch.float32), x], dim=-2)
@@ -144,22 +145,14 @@ class TokenStore:
         self._push(window[..., :out, :].float())
 
     def _push(self, x: torch.Tensor) -> None:
-        """Code tokens leaving the window."""
+        """Code tokens leaving the window: whole blocks (with the stage) into the body, the rest staged."""
         staged = self._n(self.stage)
         if staged + x.shape[-2] < self.block:
             self.stage = self._join(self.stage, self.stage_codec.encode(x, 1))
             return
-        if not self.recode:  # per-token codes: whole blocks move on as they are, the rest stays staged
-            coded = self._join(self.stage, self.codec.encode(x, 1))
-            full = coded.num_tokens // self.block * self.block
-            self.body = self._join(self.body, coded.first_blocks(full))
-            self.stage = coded.blocks(full, coded.num_tokens) if coded.num_tokens > full else None
-            return
-        if staged:
-            x = torch.cat([self.stage_codec.decode(self.stage, x.dtype), x], dim=-2)
-        full = x.shape[-2] // self.block * self.block
-        self.body = self._join(self.body, self.codec.encode(x[..., :full, :], self.block))
-        rest = x[..., full:, :]
+        taken = (staged + x.shape[-2]) // self.block * self.block - staged
+        self.body = self._grow(self.body, self.stage, x[..., :taken, :])
+        rest = x[..., taken:, :]
         self.stage = self.stage_codec.encode(rest, 1) if rest.shape[-2] else None
 
     def decoded(self, dtype: torch.dtype, then: torch.Tensor | None = None) -> torch.Tensor:
