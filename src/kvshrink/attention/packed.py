@@ -10,16 +10,14 @@ them into an online softmax, each token's weight times its group's step, its
 minimum added once per group. A worker holds two tiles of uint8 codes, never
 the history, and nothing is decoded twice: codes are read where they are used.
 The tiles of a head are split into `splits` ranges run in parallel (flash-
-decoding); attention/split.py merges the partials with the dense parts.
-(The loop shapes follow attention/kvcomp.py: a first version that unpacked one
-token at a time inside the attention loops ran 2.5x slower.)
+decoding); attention/split.py merges the partials with the dense parts. The
+per-tile arithmetic (and why it is written as it is) is in attention/tiles.py.
 A Hadamard-rotated codec (x stored as x @ R) is read without undoing the
 rotation per token: q . (x_r R^T) = (q R) . x_r, and sum p (x_r R^T) = (sum p x_r) R^T.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numba
@@ -29,42 +27,39 @@ import torch
 from ..codecs.base import Packed
 from ..codecs.hadamard import rotation
 from ..codecs.quant import IntQuant
-
-# fast math without "no infinities / no NaNs": the kernels test for -inf (masked tokens, empty
-# splits), which fastmath=True would let LLVM fold away
-FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
-
+from .tiles import FAST, as_u8, channel_logits, dense_partial, fold_values, merge, rotate_back, weights
 
 @numba.njit(cache=True, inline="always")
-def _unpack(codes, start, nsym, bits, out):
-    """nsym codes packed from byte `start` (little-endian within bytes, as packing.pack writes
-    them) into out[:nsym] as uint8: one flat pass over a tile's bytes, the codes' own order."""
+def _unpack(codes, nsym, bits, out):
+    """nsym codes packed from codes[0] on (little-endian within bytes, as packing.pack writes them)
+    into out[:nsym] as uint8: one flat pass over a tile's bytes, the codes' own order. `codes` is a
+    view starting at the tile: an offset index would keep the loop from vectorizing."""
     if bits == 8:
         for i in range(nsym):
-            out[i] = codes[start + i]
+            out[i] = codes[i]
     elif bits == 4:
         for i in range(nsym // 2):
-            x = codes[start + i]
+            x = codes[i]
             out[2 * i] = x & 15
             out[2 * i + 1] = x >> 4
     elif bits == 2:
         for i in range(nsym // 4):
-            x = codes[start + i]
+            x = codes[i]
             out[4 * i] = x & 3
             out[4 * i + 1] = (x >> 2) & 3
             out[4 * i + 2] = (x >> 4) & 3
             out[4 * i + 3] = x >> 6
     elif bits == 3:
         for u in range(nsym // 8):
-            x = (np.uint32(codes[start + 3 * u]) | (np.uint32(codes[start + 3 * u + 1]) << 8)
-                 | (np.uint32(codes[start + 3 * u + 2]) << 16))
+            x = (np.uint32(codes[3 * u]) | (np.uint32(codes[3 * u + 1]) << 8)
+                 | (np.uint32(codes[3 * u + 2]) << 16))
             for k in range(8):
                 out[8 * u + k] = (x >> (3 * k)) & 7
     else:
         mask = (1 << bits) - 1
         for j in range(nsym):
             bit = j * bits
-            byte = start + (bit >> 3)
+            byte = bit >> 3
             sh = bit & 7
             v = np.int32(codes[byte]) >> sh
             if sh + bits > 8:
@@ -73,108 +68,90 @@ def _unpack(codes, start, nsym, bits, out):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
-def _fused(q, vis, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb, splits,
-           out_m, out_l, out_acc):
+def _fused(q, qb, vis, dk, dv, dvis, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
+           splits, vrot, out):
     nb_, nh, nr, d = q.shape
     n = vis.shape[1]
+    nt = dvis.shape[1]
     nvb = (n + vb - 1) // vb
     krow = kc.shape[1] // n
     vrow = vc.shape[1] // n
     kw = d // kgroups
     vw = d // vgroups
-    for u in numba.prange(nb_ * nh * splits):
-        b = u // (nh * splits)
-        h = (u // splits) % nh
+    pm = np.empty((nb_, nh, splits + 1, nr), dtype=np.float32)
+    pl = np.empty((nb_, nh, splits + 1, nr), dtype=np.float32)
+    pacc = np.zeros((nb_, nh, splits + 1, nr, d), dtype=np.float32)
+    for u in numba.prange(nb_ * nh * (splits + 1)):
+        b = u // (nh * (splits + 1))
+        h = (u // (splits + 1)) % nh
+        sp = u % (splits + 1)
+        if sp == splits:  # the dense tokens (sink, stage, float16 tokens, this call's): one more split
+            lr = np.empty(dk.shape[2], dtype=np.float32)
+            kk = np.empty(dk.shape[2], dtype=np.int32)
+            for r in range(nr):
+                pm[b, h, sp, r], pl[b, h, sp, r] = dense_partial(q[b, h, r], dk[b, h], dv[b, h], dvis[b, r % nt],
+                                                                 lr, kk, pacc[b, h, sp, r])
+            continue
         bh = b * nh + h
-        sp = u % splits
         lo = sp * nvb // splits
         hi = (sp + 1) * nvb // splits
         ksym = np.empty(vb * d, dtype=np.uint8)  # one tile of codes
         vsym = np.empty(vb * d, dtype=np.uint8)
-        logit = np.empty((nr, vb), dtype=np.float32)
+        lg = np.empty((nr, vb), dtype=np.float32)
+        kk = np.empty(vb, dtype=np.int32)
+        wt = np.empty(vb, dtype=np.float32)
         qs = np.empty(d, dtype=np.float32)
+        qsum = np.zeros((nr, kgroups), dtype=np.float32)
         m = np.full(nr, -np.inf, dtype=np.float32)
         lsum = np.zeros(nr, dtype=np.float32)
-        acc = np.zeros((nr, d), dtype=np.float32)
+        acc = pacc[b, h, sp]
         accb = np.zeros((nr, vgroups), dtype=np.float32)
+        for r in range(nr):
+            for c in range(d):
+                qsum[r, c // kw] += qb[b, h, r, c]
         for j in range(lo, hi):
             t0 = j * vb
             cnt = min(vb, n - t0)  # a body cut inside a block (per-token codes) ends in a short tile
-            _unpack(kc[bh], t0 * krow, cnt * d, kbits, ksym)
-            # keys: q . (mn + step * code) = q . mn + (q * step) . code, without forming the key
+            _unpack(kc[bh, t0 * krow:], cnt * d, kbits, ksym)
+            _unpack(vc[bh, t0 * vrow:], cnt * d, vbits, vsym)
+            vt = vis[b, t0:t0 + cnt]
             for r in range(nr):
-                if kb > 1:  # per-channel keys: one (step, min) row per group of kb tokens
-                    for kk in range((cnt + kb - 1) // kb):
-                        blk = (t0 + kk * kb) // kb
-                        bias = np.float32(0.0)
-                        for c in range(d):
-                            qs[c] = q[b, h, r, c] * kstep[b, h, blk, c]
-                            bias += q[b, h, r, c] * kmn[b, h, blk, c]
-                        for i in range(min(kb, cnt - kk * kb)):
-                            tok = kk * kb + i
-                            if vis[b, t0 + tok]:
-                                s = bias
-                                base = tok * d
-                                for c in range(d):
-                                    s += qs[c] * np.float32(ksym[base + c])
-                                logit[r, tok] = s
-                            else:
-                                logit[r, tok] = -np.inf
-                else:  # per-token keys: a (step, min) per token and channel group
-                    for tok in range(cnt):
-                        if vis[b, t0 + tok]:
-                            s = np.float32(0.0)
-                            for g in range(kgroups):
-                                t = np.float32(0.0)
-                                bias = np.float32(0.0)
-                                base = tok * d + g * kw
-                                for jj in range(kw):
-                                    x = q[b, h, r, g * kw + jj]
-                                    t += x * np.float32(ksym[base + jj])
-                                    bias += x
-                                s += kstep[b, h, t0 + tok, g] * t + kmn[b, h, t0 + tok, g] * bias
-                            logit[r, tok] = s
-                        else:
-                            logit[r, tok] = -np.inf
-            _unpack(vc[bh], t0 * vrow, cnt * d, vbits, vsym)
-            for r in range(nr):
-                mx = m[r]
-                for i in range(cnt):
-                    if logit[r, i] > mx:
-                        mx = logit[r, i]
+                q1 = qb[b, h, r]
+                lr = lg[r]
+                if kb > 1:  # per-channel keys: one (step, min) row per block of kb tokens
+                    for kq in range((cnt + kb - 1) // kb):
+                        blk = (t0 + kq * kb) // kb
+                        channel_logits(q1, kstep[b, h, blk], kmn[b, h, blk], ksym[kq * kb * d:],
+                                       min(kb, cnt - kq * kb), qs, lr[kq * kb:])
+                else:  # per-token keys: step_g (q_g . code_g) + mn_g sum(q_g) per channel group
+                    ks = kstep[b, h, t0:t0 + cnt]
+                    km = kmn[b, h, t0:t0 + cnt]
+                    qg = qsum[r]
+                    for i in range(cnt):
+                        row = ksym[i * d:(i + 1) * d]
+                        s = np.float32(0.0)
+                        for g in range(kgroups):
+                            qq = q1[g * kw:(g + 1) * kw]
+                            rr = row[g * kw:(g + 1) * kw]
+                            t = np.float32(0.0)
+                            for jj in range(kw):
+                                t += qq[jj] * np.float32(rr[jj])
+                            s += ks[i, g] * t + km[i, g] * qg[g]
+                        lr[i] = s
+                mx, corr, t = weights(lr, vt, cnt, m[r], kk)
                 if mx == -np.inf:
                     continue
-                corr = np.float32(math.exp(m[r] - mx)) if m[r] > -np.inf else np.float32(0.0)
-                lsum[r] *= corr
-                for g in range(vgroups):
-                    accb[r, g] *= corr
-                for c in range(d):
-                    acc[r, c] *= corr
-                for i in range(cnt):
-                    if logit[r, i] == -np.inf:
-                        continue
-                    p = np.float32(math.exp(logit[r, i] - mx))
-                    tok = t0 + i
-                    lsum[r] += p
-                    if vgroups == 1:
-                        accb[r, 0] += p * vmn[b, h, tok, 0]
-                        w = p * vstep[b, h, tok, 0]
-                        base = i * d
-                        for c in range(d):
-                            acc[r, c] += w * np.float32(vsym[base + c])
-                    else:
-                        for g in range(vgroups):
-                            accb[r, g] += p * vmn[b, h, tok, g]
-                            w = p * vstep[b, h, tok, g]
-                            base = i * d + g * vw
-                            for jj in range(vw):
-                                acc[r, g * vw + jj] += w * np.float32(vsym[base + jj])
                 m[r] = mx
+                lsum[r] = lsum[r] * corr + t
+                fold_values(acc[r], accb[r], wt, lr, vsym, vstep[b, h, t0:t0 + cnt], vmn[b, h, t0:t0 + cnt], cnt, corr)
         for r in range(nr):
-            out_m[b, h, sp, r] = m[r]
-            out_l[b, h, sp, r] = lsum[r]
+            pm[b, h, sp, r] = m[r]
+            pl[b, h, sp, r] = lsum[r]
             for c in range(d):
-                out_acc[b, h, sp, r, c] = acc[r, c] + accb[r, c // vw]
+                acc[r, c] += accb[r, c // vw]
+            if vrot.shape[0]:
+                rotate_back(acc[r], vrot, qs)
+    merge(pm, pl, pacc, out)
 
 
 def _operands(codec: IntQuant, packed: Packed):
@@ -201,27 +178,28 @@ def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
     return whole(key_codec) and whole(value_codec) and value_codec.axis == "token"
 
 
-def fused_partials(q: torch.Tensor, vis: torch.Tensor, keys: Packed, values: Packed, key_codec: IntQuant,
-                   value_codec: IntQuant, tile: int, splits: int = 4):
-    """q (B, H, R, d) float32 already scaled, vis (B, tokens) bool -> (m, l, acc) with a split dim:
-    (B, H, S, R), (B, H, S, R), (B, H, S, R, d) over the body's tokens; tile: tokens per kernel tile
-    (the cache block: a multiple of the key groups)."""
+def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dense_v: torch.Tensor,
+                 dense_vis: torch.Tensor, keys: Packed, values: Packed, key_codec: IntQuant,
+                 value_codec: IntQuant, tile: int, splits: int = 4) -> torch.Tensor:
+    """Decode attention in one call: q (B, H, R, d) float32 already scaled (rows in (group, token)
+    order), vis (B, n) bool over the body's tokens, dense_k / dense_v (B, H, n_dense, d) float32 and
+    dense_vis (B, t, n_dense) bool for the other tokens -> (B, H, R, d) float32. tile: tokens per
+    kernel tile (the cache block: a multiple of the key groups)."""
     b, h, r, d = q.shape
     n = keys.num_tokens
     splits = max(1, min(splits, -(-n // tile)))
-    if key_codec.rotate:
-        q = q @ rotation(d, key_codec.seed)
+    qb = q @ rotation(d, key_codec.seed) if key_codec.rotate else q
+    vrot = rotation(d, value_codec.seed).numpy() if value_codec.rotate else _NO_ROTATION
     kc, kmn, ksc, ktg, kgroups = _operands(key_codec, keys)
     vc, vmn, vsc, _, vgroups = _operands(value_codec, values)
-    out_m = np.empty((b, h, splits, r), dtype=np.float32)
-    out_l = np.empty((b, h, splits, r), dtype=np.float32)
-    out_acc = np.empty((b, h, splits, r, d), dtype=np.float32)
-    _fused(q.contiguous().numpy(), vis.to(torch.uint8).contiguous().numpy(), kc, kmn, ksc, ktg, kgroups,
-           key_codec.bits, vc, vmn, vsc, vgroups, value_codec.bits, tile, splits, out_m, out_l, out_acc)
-    acc = torch.from_numpy(out_acc)
-    if value_codec.rotate:
-        acc = acc @ rotation(d, value_codec.seed).T
-    return torch.from_numpy(out_m), torch.from_numpy(out_l), acc
+    out = np.empty((b, h, r, d), dtype=np.float32)
+    _fused(q.contiguous().numpy(), qb.contiguous().numpy(), as_u8(vis), dense_k.contiguous().numpy(),
+           dense_v.contiguous().numpy(), as_u8(dense_vis), kc, kmn, ksc, ktg, kgroups, key_codec.bits, vc, vmn,
+           vsc, vgroups, value_codec.bits, tile, splits, vrot, out)
+    return torch.from_numpy(out)
+
+
+_NO_ROTATION = np.empty((0, 0), dtype=np.float32)
 
 
 @dataclass
@@ -239,8 +217,9 @@ class IntBody:
     def num_tokens(self) -> int:
         return self.keys.num_tokens
 
-    def partials(self, q, vis, splits):
-        return fused_partials(q, vis, self.keys, self.values, self.key_codec, self.value_codec, self.block, splits)
+    def attend(self, q, vis, dense_k, dense_v, dense_vis, splits):
+        return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
+                            self.value_codec, self.block, splits)
 
     def decoded(self):
         return self.key_codec.decode(self.keys), self.value_codec.decode(self.values)

@@ -2,10 +2,12 @@
 
 A cache layer whose body a compiled kernel can read in place hands the attention
 `SplitStates`: the dense tokens before the body (float16 sink), the body, and the
-dense tokens after it (recent tokens, this call's tokens). The body's kernel
-returns flash-decoding partials per range of blocks, (running max, sum, weighted
-value sum); the dense parts are attended with ordinary matmuls and everything is
-merged by log-sum-exp, so the decompressed history never exists.
+dense tokens after it (recent tokens, this call's tokens). One call of the
+body's compiled kernel does the whole attention: flash-decoding partials per
+range of blocks (running max, sum, weighted value sum), one more partial over
+the dense tokens, and their log-sum-exp merge, so the decompressed history never
+exists. (Doing the dense part and the merge with PyTorch ops cost about 0.4 ms
+per layer, more than the kernel itself at 1k tokens.)
 
 `fused=False` decodes the body and attends over everything with softmax: the
 reference every kernel is tested against.
@@ -23,8 +25,9 @@ from .paged import bool_mask
 
 @dataclass
 class SplitStates:
-    """before / after: (keys, values) dense (B, H, n, d); body: an object with `num_tokens`,
-    `name`, `partials(q, vis, splits)` -> (m, l, acc) and `decoded()` -> (keys, values) float32."""
+    """before / after: (keys, values) dense (B, H, n, d); body: an object with `num_tokens`, `name`,
+    `attend(q, vis, dense_k, dense_v, dense_vis, splits)` -> (B, H, R, d) (its kernel attends over
+    the body and the dense tokens and merges them) and `decoded()` -> (keys, values) float32."""
 
     before: tuple
     body: object | None
@@ -40,30 +43,30 @@ class SplitStates:
         q = (query.float() * scale).reshape(b, h, g * t, d)  # a KV head's query rows, (group, token) order
         n_before = self.before[0].shape[2]
         n_body = self.body.num_tokens if self.body is not None else 0
+        n_dense = n_before + self.after[0].shape[2]
         n_all = n_before + n_body + self.after[0].shape[2]
+        if not self.fused or self.body is None:
+            return self._reference(q, self._visible(mask, b, t, n_all), query)
+        vis = bool_mask(mask)
+        if vis is None:  # causal: the body is all visible, the last t dense tokens are this call's
+            body_vis = torch.ones(b, n_body, dtype=torch.bool)
+            dense_vis = torch.ones(b, t, n_dense, dtype=torch.bool).tril_(n_dense - t)
+        else:
+            vis = vis[:, 0].expand(b, t, -1)
+            body_vis = vis[:, -1, n_before:n_before + n_body]  # past tokens: every query row sees the same ones
+            dense_vis = torch.cat([vis[..., :n_before], vis[..., n_before + n_body:]], -1)
+        dense_k = torch.cat([self.before[0], self.after[0]], 2).float()  # float16 parts promote in the cat
+        dense_v = torch.cat([self.before[1], self.after[1]], 2).float()
+        with record_function(f"{self.body.name}.fused_attend"):  # named in profiles (scripts/profile_decode.py)
+            out = self.body.attend(q, body_vis, dense_k, dense_v, dense_vis, self.splits)
+        return out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous(), None
+
+    @staticmethod
+    def _visible(mask, b, t, n_all):
         vis = bool_mask(mask)
         if vis is None:
             vis = torch.ones(b, 1, t, n_all, dtype=torch.bool).tril_(n_all - t)
-        vis = vis[:, 0].expand(b, t, -1)
-        if not self.fused or self.body is None:
-            return self._reference(q, vis, query)
-        dense_k = torch.cat([self.before[0].float(), self.after[0].float()], 2)
-        dense_v = torch.cat([self.before[1].float(), self.after[1].float()], 2)
-        dense_vis = torch.cat([vis[..., :n_before], vis[..., n_before + n_body:]], -1)  # (B, t, n_dense)
-        s = (q @ dense_k.transpose(2, 3)).view(b, h, g, t, -1)
-        s = s.masked_fill(~dense_vis[:, None, None], float("-inf")).view(b, h, g * t, -1)
-        m_d = s.amax(-1)
-        body_vis = vis[:, -1, n_before:n_before + n_body]  # past tokens: every query row sees the same ones
-        with record_function(f"{self.body.name}.fused_blocks"):  # named in profiles (scripts/profile_decode.py)
-            m_b, l_b, acc_b = self.body.partials(q, body_vis, self.splits)
-        mx = torch.maximum(m_d, m_b.amax(2))
-        safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        p = torch.exp(s - safe[..., None])
-        w_b = torch.exp(m_b - safe[:, :, None]).nan_to_num_(0.0)  # an empty split has m = -inf
-        den = p.sum(-1) + (l_b * w_b).sum(2)
-        num = p @ dense_v + (acc_b * w_b[..., None]).sum(2)
-        out = (num / den[..., None]).nan_to_num_(0.0)  # rows of left padding see nothing
-        return out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous(), None
+        return vis[:, 0].expand(b, t, -1)
 
     def _reference(self, q, vis, query):
         """Decode the body, then softmax attention over the whole history."""
