@@ -179,7 +179,7 @@ class CompressedLayer(StoreLayer):
         after = []
         for store, new in ((self.k, key_states), (self.v, value_states)):
             parts = [] if store.stage is None else [store.stage_codec.decode(store.stage, torch.float32)]
-            after.append(torch.cat(parts + [store.fresh.float(), store.window.float(), new.float()], 2))
+            after.append(parts + [store.fresh, store.window, new])
         body = None
         if self.k.body is not None:
             body = IntBody(self.k.body, self.v.body, self.k.codec, self.v.codec, self.block)

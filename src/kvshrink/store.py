@@ -132,6 +132,10 @@ class TokenStore:
             x16 = x16[..., room:, :]
         if x16.shape[-2] == 0:
             return
+        if defer and not self.window_size:  # straight to the float16 tokens: fewer small ops per step
+            self.fresh = torch.cat([self.fresh, x16], dim=-2)
+            self._code_fresh()
+            return
         window = torch.cat([self.window, x16], dim=-2)
         out = window.shape[-2] - self.window_size
         if out <= 0:

@@ -25,7 +25,8 @@ from .paged import bool_mask
 
 @dataclass
 class SplitStates:
-    """before / after: (keys, values) dense (B, H, n, d); body: an object with `num_tokens`, `name`,
+    """before / after: (keys, values) dense (B, H, n, d), each a tensor or a list of tensors laid
+    end to end (float16 and float32 parts; one cat builds the dense tokens); body: an object with `num_tokens`, `name`,
     `attend(q, vis, dense_k, dense_v, dense_vis, splits)` -> (B, H, R, d) (its kernel attends over
     the body and the dense tokens and merges them) and `decoded()` -> (keys, values) float32."""
 
@@ -37,16 +38,19 @@ class SplitStates:
 
     def attend(self, module, query: torch.Tensor, mask, scaling=None):
         b, hq, t, d = query.shape
-        h = self.after[0].shape[1]
+        after_k, after_v = _parts(self.after[0]), _parts(self.after[1])
+        h = after_k[0].shape[1]
         g = hq // h
         scale = scaling if scaling is not None else d ** -0.5
         q = (query.float() * scale).reshape(b, h, g * t, d)  # a KV head's query rows, (group, token) order
         n_before = self.before[0].shape[2]
         n_body = self.body.num_tokens if self.body is not None else 0
-        n_dense = n_before + self.after[0].shape[2]
-        n_all = n_before + n_body + self.after[0].shape[2]
+        n_dense = n_before + sum(x.shape[2] for x in after_k)
+        n_all = n_body + n_dense
+        dense_k = torch.cat([x.float() for x in (self.before[0], *after_k)], 2)  # (a mixed-dtype cat is slower)
+        dense_v = torch.cat([x.float() for x in (self.before[1], *after_v)], 2)
         if not self.fused or self.body is None:
-            return self._reference(q, self._visible(mask, b, t, n_all), query)
+            return self._reference(q, self._visible(mask, b, t, n_all), query, n_before, dense_k, dense_v)
         vis = bool_mask(mask)
         if vis is None:  # causal: the body is all visible, the last t dense tokens are this call's
             body_vis = torch.ones(b, n_body, dtype=torch.bool)
@@ -55,8 +59,6 @@ class SplitStates:
             vis = vis[:, 0].expand(b, t, -1)
             body_vis = vis[:, -1, n_before:n_before + n_body]  # past tokens: every query row sees the same ones
             dense_vis = torch.cat([vis[..., :n_before], vis[..., n_before + n_body:]], -1)
-        dense_k = torch.cat([self.before[0], self.after[0]], 2).float()  # float16 parts promote in the cat
-        dense_v = torch.cat([self.before[1], self.after[1]], 2).float()
         with record_function(f"{self.body.name}.fused_attend"):  # named in profiles (scripts/profile_decode.py)
             out = self.body.attend(q, body_vis, dense_k, dense_v, dense_vis, self.splits)
         return out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous(), None
@@ -68,19 +70,21 @@ class SplitStates:
             vis = torch.ones(b, 1, t, n_all, dtype=torch.bool).tril_(n_all - t)
         return vis[:, 0].expand(b, t, -1)
 
-    def _reference(self, q, vis, query):
+    def _reference(self, q, vis, query, n_before, dense_k, dense_v):
         """Decode the body, then softmax attention over the whole history."""
         b, hq, t, d = query.shape
         h = q.shape[1]
-        ks, vs = [self.before[0].float()], [self.before[1].float()]
+        k, v = dense_k, dense_v
         if self.body is not None:
             with record_function(f"{self.body.name}.decode_all"):
-                k, v = self.body.decoded()
-            ks.append(k)
-            vs.append(v)
-        k = torch.cat(ks + [self.after[0].float()], 2)
-        v = torch.cat(vs + [self.after[1].float()], 2)
+                bk, bv = self.body.decoded()
+            k = torch.cat([k[:, :, :n_before], bk.float(), k[:, :, n_before:]], 2)
+            v = torch.cat([v[:, :, :n_before], bv.float(), v[:, :, n_before:]], 2)
         s = (q @ k.transpose(2, 3)).view(b, h, hq // h, t, -1).masked_fill(~vis[:, None, None], float("-inf"))
         p = torch.softmax(s, -1).nan_to_num_(0.0).view(b, h, -1, k.shape[2])
         out = p @ v
         return out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous(), None
+
+
+def _parts(x) -> list:
+    return x if isinstance(x, list) else [x]
