@@ -37,9 +37,10 @@ def model(tiny_model):
     return m
 
 
-def _cache(model, calib, depth, code_domain=True, window=0):
+def _cache(model, calib, depth, code_domain=True, window=0, fused=False):
     codecs = [(RVQ(k, "strided", depth), RVQ(v, "contiguous", depth)) for k, v in zip(calib.keys, calib.values)]
-    return CodedCache(model.config, layer_codecs=codecs, sink=4, window=window, block=8, code_domain=code_domain)
+    return CodedCache(model.config, layer_codecs=codecs, sink=4, window=window, block=8, code_domain=code_domain,
+                      fused=fused)
 
 
 @pytest.mark.parametrize("grouping", ["strided", "contiguous"])
@@ -133,21 +134,55 @@ def test_code_domain_scores_and_sums_equal_decode_then_attend():
     torch.testing.assert_close(codec.value_sums(p, packed), p @ dec, rtol=1e-4, atol=1e-5)
 
 
+@settings(max_examples=30, deadline=None)
+@given(depth=st.integers(1, 4), size=st.sampled_from([16, 256]), key_grouping=st.sampled_from(["strided", "contiguous"]),
+       value_grouping=st.sampled_from(["strided", "contiguous"]), window=st.sampled_from([0, 3]),
+       n=st.integers(30, 120), t=st.sampled_from([1, 3]), pad=st.integers(0, 40), seed=st.integers(0, 99))
+def test_kernel_equals_decode_then_attend(depth, size, key_grouping, value_grouping, window, n, t, pad, seed):
+    g = torch.Generator().manual_seed(seed)
+    kc = RVQ(_books(depth, size, 8, seed=seed), key_grouping)
+    vc = RVQ(_books(depth, size, 8, seed=seed + 1), value_grouping)
+    layer = CodedCache(num_layers=1, key_codec=kc, value_codec=vc, sink=4, window=window, block=8, fused=True).layers[0]
+    layer.update(torch.randn(2, 2, n, 32, generator=g), torch.randn(2, 2, n, 32, generator=g))
+    states, _ = layer.update(torch.randn(2, 2, t, 32, generator=g), torch.randn(2, 2, t, 32, generator=g))
+    assert states.body is not None and states.body.name == "rvq"  # the compiled kernel reads this layer
+    q = torch.randn(2, 6, t, 32, generator=g)
+    total = layer.get_seq_length()
+    mask = torch.ones(2, 1, t, total, dtype=torch.bool).tril(total - t)
+    mask[1, ..., :pad] = False  # left padding of the second sequence: in the sink, the body, or beyond
+    fused = states.attend(None, q, mask)[0]
+    states.fused = False
+    torch.testing.assert_close(fused, states.attend(None, q, mask)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_never_decodes_the_history(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    codec = RVQ(_books(2, 16, 8), "strided")
+    layer = CodedCache(num_layers=1, key_codec=codec, sink=4, window=0, block=8, fused=True).layers[0]
+    layer.update(torch.randn(1, 2, 60, 32, generator=g), torch.randn(1, 2, 60, 32, generator=g))
+    states, _ = layer.update(torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g))
+    decode = RVQ.decode
+    monkeypatch.setattr(RVQ, "decode", lambda self, packed, *a, **k: pytest.fail("the body was decoded")
+                        if packed.num_tokens > 8 else decode(self, packed, *a, **k))
+    assert states.attend(None, torch.randn(1, 6, 1, 32, generator=g), None)[0].shape == (1, 1, 6, 32)
+
+
 @pytest.mark.parametrize("window", [0, 6])
 def test_code_domain_generation_equals_decode_then_attend(model, tiny_calib, window):
     ids = _ids(40, batch=2, seed=7)
     mask = torch.ones_like(ids)
     ids[0, :5], mask[0, :5] = 0, 0  # left padding in the first row
     outs = []
-    for code_domain in (True, False):
-        cache = _cache(model, tiny_calib, 3, code_domain, window)
+    for code_domain, fused in ((True, True), (True, False), (False, False)):
+        cache = _cache(model, tiny_calib, 3, code_domain, window, fused)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
                                  do_sample=False, output_scores=True, return_dict_in_generate=True)
         outs.append(out)
-    assert torch.equal(outs[0].sequences, outs[1].sequences)
-    for a, b in zip(outs[0].scores, outs[1].scores):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for other in outs[1:]:  # the compiled kernel, PyTorch from the codes, decode-then-attend
+        assert torch.equal(outs[0].sequences, other.sequences)
+        for a, b in zip(outs[0].scores, other.scores):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_compressed_logits_close_to_uncompressed_and_better_with_depth(model, tiny_calib):
@@ -213,7 +248,9 @@ def test_methods_find_their_codebooks_or_say_how_to_make_them(model, tiny_calib,
         CompressedCache.from_method("rvq-d2:group=8", model)
     tiny_calib.save(rvq_calib.default_path(model, 8, 16, "strided", "contiguous"))
     cache = CompressedCache.from_method("rvq-d2:group=8:size=16", model)
-    assert isinstance(cache, CodedCache) and cache.code_domain
+    assert isinstance(cache, CodedCache) and cache.code_domain and cache.attend == "fused"
+    assert "compiled kernel" in cache.describe()
+    assert CompressedCache.from_method("rvq-d2:group=8:size=16:attend=codes", model).attend == "codes"
     assert all(layer.k.codec.depth == 2 and layer.k.codec.bits == 4 for layer in cache.layers)
     assert not CompressedCache.from_method("rvq-d2:group=8:size=16:attend=decode", model).code_domain
     with pytest.raises(KvshrinkError, match="attend mode"):

@@ -138,10 +138,7 @@ class CompressedLayer(StoreLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         if self.fused:
-            from .attention.packed import supported
-
-            self.kernel_reads = (key_states.device.type == "cpu"
-                                 and supported(self.k.codec, self.v.codec, key_states.shape[-1]))
+            self.kernel_reads = key_states.device.type == "cpu" and self._kernel_supports(key_states.shape[-1])
         self.k.init(key_states)
         self.v.init(value_states)
         self.is_initialized = True
@@ -165,6 +162,17 @@ class CompressedLayer(StoreLayer):
         self.v.append(value_states, defer=short)
         return keys, values
 
+    def _kernel_supports(self, head_dim: int) -> bool:
+        from .attention.packed import supported
+
+        return supported(self.k.codec, self.v.codec, head_dim)
+
+    def _body(self):
+        """The coded body as the kernel reads it."""
+        from .attention.packed import IntBody
+
+        return IntBody(self.k.body, self.v.body, self.k.codec, self.v.codec, self.block)
+
     def _readable(self) -> bool:
         """Whether the kernel can read this layer now: `kernel_reads`, and keys and values with bodies
         of the same tokens (both stores keep whole blocks in the body)."""
@@ -173,16 +181,13 @@ class CompressedLayer(StoreLayer):
     def _split_states(self, key_states, value_states):
         """Sink, the coded body read in place, then the stage (decoded: under one block), the float16
         tokens of decode steps, the window and this call's tokens as dense tensors."""
-        from .attention.packed import IntBody
         from .attention.split import SplitStates
 
         after = []
         for store, new in ((self.k, key_states), (self.v, value_states)):
             parts = [] if store.stage is None else [store.stage_codec.decode(store.stage, torch.float32)]
             after.append(parts + [store.fresh, store.window, new])
-        body = None
-        if self.k.body is not None:
-            body = IntBody(self.k.body, self.v.body, self.k.codec, self.v.codec, self.block)
+        body = self._body() if self.k.body is not None else None
         return SplitStates((self.k.sink, self.v.sink), body, tuple(after), splits=self.splits)
 
     def get_seq_length(self) -> int:

@@ -2,7 +2,9 @@
 
 For codecs that can score keys and sum values without decoding them (RVQ:
 `key_scores` / `value_sums`), a call of at most `CODE_DOMAIN_QUERIES` tokens
-gets `CodedStates` (attention/coded.py) instead of the decoded history; longer
+gets states that attend from the codes instead of the decoded history: with
+`fused=True` on the CPU, `SplitStates` over the compiled kernel
+(attention/rvq.py); otherwise `CodedStates` (attention/coded.py, PyTorch); longer
 calls (prefill, perplexity chunks) decode and attend as every CompressedCache
 does. `code_domain=False` keeps decode-then-attend everywhere (the reference
 the bench and the tests compare against). The model must use the "kvshrink"
@@ -21,7 +23,19 @@ CODE_DOMAIN_QUERIES = 8
 class CodedLayer(CompressedLayer):
     code_domain = True
 
+    def _kernel_supports(self, head_dim: int) -> bool:
+        from .attention.rvq import supported
+
+        return supported(self.k.codec, self.v.codec, head_dim)
+
+    def _body(self):
+        from .attention.rvq import RVQBody
+
+        return RVQBody(self.k.body, self.v.body, self.k.codec, self.v.codec, self.block)
+
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.is_initialized and self.kernel_reads:  # the compiled kernel (CompressedLayer.update)
+            return super().update(key_states, value_states, *args, **kwargs)
         if not (self.code_domain and self.is_initialized and len(self.k)
                 and key_states.shape[2] <= CODE_DOMAIN_QUERIES):
             return super().update(key_states, value_states, *args, **kwargs)
@@ -45,8 +59,14 @@ class CodedCache(CompressedCache):
 
     layer_cls = CodedLayer
 
-    def __init__(self, *args, code_domain: bool = True, **kwargs):
+    def __init__(self, *args, code_domain: bool = True, fused: bool = False, **kwargs):
+        """fused: decode steps on the CPU use the compiled kernel (attention/rvq.py) where it reads
+        the codes; code_domain: otherwise attend from the codes with PyTorch (attention/coded.py);
+        neither: decode the history, then attend."""
         super().__init__(*args, **kwargs)
+        if fused and not code_domain:
+            raise KvshrinkError("the fused kernel attends from the codes: it needs code_domain=True")
+        self.attend = "fused" if fused else "codes" if code_domain else "decode"
         for layer in self.layers:
             codecs = (layer.k.codec, layer.v.codec)
             if code_domain and not all(hasattr(c, "key_scores") and hasattr(c, "value_sums") for c in codecs):
@@ -54,4 +74,12 @@ class CodedCache(CompressedCache):
             if code_domain and any(c.block_tokens > 1 for c in codecs):
                 raise KvshrinkError("code-domain attention needs per-token codecs")
             layer.code_domain = code_domain
+            layer.fused = fused
         self.code_domain = code_domain
+
+    def describe(self) -> str:
+        how = ("fused decode attention (compiled kernel on the CPU where it reads the codes, "
+               "PyTorch from the codes otherwise)" if self.attend == "fused"
+               else "attention from the codes (PyTorch)" if self.attend == "codes" else "decode-then-attend")
+        base = super().describe()
+        return base.replace("fused decode attention", how).replace("decode-then-attend", how)

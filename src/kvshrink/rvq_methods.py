@@ -2,11 +2,13 @@
 
   rvq-d{1..8}        depth 1 to 8, groups of 16 channels (strided for keys, contiguous for
                      values), 256 codewords (one byte per code), float16 sink of 4 tokens;
-                     decode steps attend straight from the codes
+                     decode steps attend straight from the codes (a compiled kernel on the
+                     CPU, attention/rvq.py)
   rvq-d{2,4}+window  the same with the 64 most recent tokens kept in float16
 
 Options: `:group=32`, `:size=64`, `:key_grouping=contiguous`, `:value_grouping=strided`,
-`:attend=decode` (decode the history, then attend: the reference), `:sink=`, `:window=`.
+`:attend=codes` (attend from the codes with PyTorch, attention/coded.py), `:attend=decode`
+(decode the history, then attend: the reference), `:sink=`, `:window=`.
 The codebooks are learned on first use (`kvshrink calibrate --method rvq` does it ahead).
 """
 
@@ -22,7 +24,7 @@ from .methods import SINK, Method, register
 TUNABLE = ("group", "size", "key_grouping", "value_grouping", "attend", "sink", "window")
 LAYOUT = dict(group=16, size=256, key_grouping="strided", value_grouping="contiguous")
 WINDOW = 64
-ATTEND = ("codes", "decode")
+ATTEND = ("fused", "codes", "decode")
 DEFAULT = ("rvq-d4", "rvq-d8")
 BLOCK = 64  # tokens per body append: a per-token codec moves staged codes into the body in runs of this
 
@@ -59,7 +61,7 @@ def prepare(model, tokenizer=None, corpus=None, **options):
 
 
 def rvq_cache(model, depth: int, group: int = 16, size: int = 256, key_grouping: str = "strided",
-              value_grouping: str = "contiguous", attend: str = "codes", sink: int = SINK, window: int = 0,
+              value_grouping: str = "contiguous", attend: str = "fused", sink: int = SINK, window: int = 0,
               method: str | None = None):
     from .attention.paged import use_kvshrink_attention
     from .coded_cache import CodedCache
@@ -70,11 +72,11 @@ def rvq_cache(model, depth: int, group: int = 16, size: int = 256, key_grouping:
     if attend not in ATTEND:
         raise KvshrinkError(f"unknown attend mode {attend!r}; use one of {', '.join(ATTEND)}")
     calib = calibration_for(model, group=group, size=size, key_grouping=key_grouping, value_grouping=value_grouping)
-    if attend == "codes":
+    if attend != "decode":
         use_kvshrink_attention(model)
     codecs = [(RVQ(k, key_grouping, depth), RVQ(v, value_grouping, depth)) for k, v in zip(calib.keys, calib.values)]
     cache = CodedCache(model.config, layer_codecs=codecs, sink=sink, window=window, block=BLOCK,
-                       code_domain=attend == "codes")
+                       code_domain=attend != "decode", fused=attend == "fused")
     cache.method = method
     return cache
 

@@ -107,7 +107,7 @@ class RVQ(Codec):
     def shared_tensors(self) -> list[torch.Tensor]:
         return [self.books]
 
-    def _f32(self, device) -> torch.Tensor:
+    def books_f32(self, device) -> torch.Tensor:
         if self._books32 is None or self._books32.device != device:
             self._books32 = self.books.to(device, torch.float32)
         return self._books32
@@ -142,7 +142,7 @@ class RVQ(Codec):
         safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
         y = grouped(x / safe, self.order(d, x.device), self.group)  # (B, H, T, n, G)
         n = y.shape[-2]
-        codes, _ = residual_codes(y.reshape(-1, self.group), self._f32(x.device))
+        codes, _ = residual_codes(y.reshape(-1, self.group), self.books_f32(x.device))
         codes = codes.to(torch.uint8).view(b, h, t // block, block, n * self.depth)  # [group][level]
         packed = pack(codes, self.bits) if self.bits < 8 else codes
         return Packed({"codes": packed, "scale": scale.view(b, h, t // block, block, 1)}, block, d,
@@ -166,7 +166,7 @@ class RVQ(Codec):
         d = packed.head_dim
         idx = self.codes(packed)  # (B, H, T, n * L)
         b, h, t, _ = idx.shape
-        flat = self._f32(idx.device).reshape(-1, self.group)
+        flat = self.books_f32(idx.device).reshape(-1, self.group)
         y = F.embedding_bag(idx.view(-1, self.depth), flat, mode="sum")  # one bag per (token, group)
         # straight into the caller's slice: no full-size temporary
         x = torch.empty(b, h, t, d, dtype=dtype, device=idx.device) if out is None else out
@@ -174,14 +174,19 @@ class RVQ(Codec):
         return x.mul_(packed.tensors["scale"].reshape(b, h, t, 1).to(dtype))
 
     # --- attention from the codes ----------------------------------------------------------
+    def query_table(self, q: torch.Tensor) -> torch.Tensor:
+        """q (B, H, M, D) -> (B, H, M, groups * depth, size): every query row's dot product with every
+        codeword of each group's levels, (group, level) in the codes' order."""
+        b, h, m, d = q.shape
+        books = self.books_f32(q.device)
+        table = torch.einsum("bhmnc,lkc->bhmnlk", grouped(q.float(), self.order(d, q.device), self.group), books)
+        return table.reshape(b, h, m, -1, self.size)
+
     def key_scores(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
         """q (B, H, M, D) query rows of each KV head -> (B, H, M, T) q . k for the coded keys."""
         b, h, m, d = q.shape
-        books = self._f32(q.device)
         n = d // self.group
-        # (B, H, M, n, L * K): every query row against every codeword of its group's levels
-        table = torch.einsum("bhmnc,lkc->bhmnlk", grouped(q.float(), self.order(d, q.device), self.group), books)
-        table = table.reshape(b, h, m, n * self.depth * self.size)
+        table = self.query_table(q).reshape(b, h, m, n * self.depth * self.size)
         idx = self.codes(packed, groups=True)  # (B, H, T, n * L) into the table
         t = idx.shape[2]
         scale = packed.tensors["scale"].reshape(b, h, 1, t).float()
@@ -198,7 +203,7 @@ class RVQ(Codec):
         b, h, m, t = p.shape
         d = packed.head_dim
         n = d // self.group
-        books = self._f32(p.device)
+        books = self.books_f32(p.device)
         idx = self.codes(packed, groups=True, batch_heads=True)  # (B, H, T, n * L) into one table
         per_group = self.depth * self.size
         w = (p.float() * packed.tensors["scale"].reshape(b, h, 1, t).float()).transpose(2, 3)  # (B, H, T, M)
