@@ -127,6 +127,7 @@ class CompressedLayer(StoreLayer):
     fused = False  # set by CompressedCache(attend="fused")
     splits = 4
     kernel_reads = False  # fused, on the CPU, and codes the kernel reads: fixed at the first update
+    body_reads_stage = False  # the kernel reads the stage's codes too (else decoded into the dense part)
 
     def __init__(self, key_codec: Codec, value_codec: Codec, sink: int, window: int, block: int):
         super().__init__()
@@ -168,9 +169,11 @@ class CompressedLayer(StoreLayer):
         return supported(self.k.codec, self.v.codec, head_dim)
 
     def _body(self):
-        """The coded body as the kernel reads it."""
+        """The coded tokens as the kernel reads them (None when there are none)."""
         from .attention.packed import IntBody
 
+        if self.k.body is None:
+            return None
         return IntBody(self.k.body, self.v.body, self.k.codec, self.v.codec, self.block)
 
     def _readable(self) -> bool:
@@ -185,9 +188,10 @@ class CompressedLayer(StoreLayer):
 
         after = []
         for store, new in ((self.k, key_states), (self.v, value_states)):
-            parts = [] if store.stage is None else [store.stage_codec.decode(store.stage, torch.float32)]
+            staged = store.stage is not None and not self.body_reads_stage
+            parts = [store.stage_codec.decode(store.stage, torch.float32)] if staged else []
             after.append(parts + [store.fresh, store.window, new])
-        body = self._body() if self.k.body is not None else None
+        body = self._body()
         return SplitStates((self.k.sink, self.v.sink), body, tuple(after), splits=self.splits)
 
     def get_seq_length(self) -> int:

@@ -28,10 +28,13 @@ class CodedLayer(CompressedLayer):
 
         return supported(self.k.codec, self.v.codec, head_dim)
 
+    body_reads_stage = True  # per-token codes: the stage is read in place after the body
+
     def _body(self):
         from .attention.rvq import RVQBody
 
-        return RVQBody(self.k.body, self.v.body, self.k.codec, self.v.codec, self.block)
+        segments = [(k, v) for k, v in ((self.k.body, self.v.body), (self.k.stage, self.v.stage)) if k is not None]
+        return RVQBody(segments, self.k.codec, self.v.codec, self.block) if segments else None
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.is_initialized and self.kernel_reads:  # the compiled kernel (CompressedLayer.update)

@@ -9,9 +9,11 @@ buffer (the sum of their levels' codewords: shared by every query row), weights
 them by softmax weight x s_t and folds them into an online softmax
 (attention/tiles.py). A worker holds one tile of codes and one of decoded
 values, never the history. The dense tokens and the log-sum-exp merge are in
-the same call, as for the integer kernel (attention/split.py). The value sums
-are in the codec's grouped channel order and are put back in head order at the
-end of each split.
+the same call, as for the integer kernel (attention/split.py). The stage (the
+tokens of an unfinished block, coded with the same per-token codec) is read in
+place as a second segment rather than decoded every step. The value sums are in
+the codec's grouped channel order and are put back in head order at the end of
+each split.
 
 This replaces PyTorch code-domain attention (`attention/coded.py`, still used off
 the CPU and for code layouts the flat unpack cannot read) on the CPU.
@@ -31,83 +33,96 @@ from .packed import _unpack
 from .tiles import FAST, accumulate, as_u8, dense_partial, merge, weights
 
 
+@numba.njit(cache=True, fastmath=FAST)
+def _tiles(table, kc, ks, vc, vs, vt, kbits, vbits, books, ncode, vb, lo, hi, m, lsum, acc, scratch):
+    """Tiles lo..hi of one (sequence, head)'s coded segment into the running (m, lsum, acc) of every
+    query row: kc / vc its codes from the segment's first byte, ks / vs its scales, vt its visibility."""
+    ksym, vsym, vdec, lg, kk, wt = scratch
+    nr, d = acc.shape
+    n = ks.shape[0]
+    krow = kc.shape[0] // n
+    vrow = vc.shape[0] // n
+    depth, size, g = books.shape
+    for j in range(lo, hi):
+        t0 = j * vb
+        cnt = min(vb, n - t0)
+        _unpack(kc[t0 * krow:], cnt * ncode, kbits, ksym)
+        _unpack(vc[t0 * vrow:], cnt * ncode, vbits, vsym)
+        for i in range(cnt):  # values: per group, the sum of its levels' codewords
+            row = vsym[i * ncode:(i + 1) * ncode]
+            out_i = vdec[i * d:(i + 1) * d]
+            for c in range(d):
+                out_i[c] = np.float32(0.0)
+            for gi in range(d // g):
+                dst = out_i[gi * g:(gi + 1) * g]
+                for lv in range(depth):
+                    word = books[lv, row[gi * depth + lv]]
+                    for c in range(g):
+                        dst[c] += word[c]
+        kst = ks[t0:t0 + cnt]
+        vst = vs[t0:t0 + cnt]
+        vtt = vt[t0:t0 + cnt]
+        for r in range(nr):
+            tb = table[r]  # (ncode, size): the row's dot product with every codeword
+            lr = lg[r]
+            for i in range(cnt):
+                row = ksym[i * ncode:(i + 1) * ncode]
+                s = np.float32(0.0)
+                for jj in range(ncode):
+                    s += tb[jj, row[jj]]
+                lr[i] = s * kst[i]
+            mx, corr, t = weights(lr, vtt, cnt, m[r], kk)
+            if mx == -np.inf:
+                continue
+            m[r] = mx
+            lsum[r] = lsum[r] * corr + t
+            for i in range(cnt):
+                wt[i] = lr[i] * vst[i]
+            ar = acc[r]
+            for c in range(d):
+                ar[c] *= corr
+            accumulate(ar, wt, vdec, cnt, d)
+
+
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
-def _fused(q, vis, dk, dv, dvis, table, kc, kscale, kbits, books, vorder, vc, vscale, vbits, ncode, vb, splits,
-           out):
+def _fused(q, vis, dk, dv, dvis, table, kc, ks, vc, vs, kc2, ks2, vc2, vs2, kbits, vbits, books, vorder, ncode,
+           vb, splits, out):
     nb_, nh, nr, d = q.shape
-    n = vis.shape[1]
+    n = ks.shape[2]
+    n2 = ks2.shape[2]
     nt = dvis.shape[1]
     nvb = (n + vb - 1) // vb
-    krow = kc.shape[1] // n
-    vrow = vc.shape[1] // n
-    depth, size, g = books.shape
-    ngroups = d // g
-    pm = np.empty((nb_, nh, splits + 1, nr), dtype=np.float32)
-    pl = np.empty((nb_, nh, splits + 1, nr), dtype=np.float32)
-    pacc = np.zeros((nb_, nh, splits + 1, nr, d), dtype=np.float32)
-    for u in numba.prange(nb_ * nh * (splits + 1)):
-        b = u // (nh * (splits + 1))
-        h = (u // (splits + 1)) % nh
-        sp = u % (splits + 1)
-        if sp == splits:  # the dense tokens: one more split
+    parts = splits + 2  # body ranges, the second segment (the stage), the dense tokens
+    pm = np.full((nb_, nh, parts, nr), -np.inf, dtype=np.float32)
+    pl = np.zeros((nb_, nh, parts, nr), dtype=np.float32)
+    pacc = np.zeros((nb_, nh, parts, nr, d), dtype=np.float32)
+    for u in numba.prange(nb_ * nh * parts):
+        b = u // (nh * parts)
+        h = (u // parts) % nh
+        sp = u % parts
+        if sp == parts - 1:  # the dense tokens
             lr = np.empty(dk.shape[2], dtype=np.float32)
             kk = np.empty(dk.shape[2], dtype=np.int32)
             for r in range(nr):
                 pm[b, h, sp, r], pl[b, h, sp, r] = dense_partial(q[b, h, r], dk[b, h], dv[b, h], dvis[b, r % nt],
                                                                  lr, kk, pacc[b, h, sp, r])
             continue
+        if sp == splits and n2 == 0:
+            continue
         bh = b * nh + h
-        lo = sp * nvb // splits
-        hi = (sp + 1) * nvb // splits
-        ksym = np.empty(vb * ncode, dtype=np.uint8)
-        vsym = np.empty(vb * ncode, dtype=np.uint8)
-        vdec = np.empty(vb * d, dtype=np.float32)  # the tile's values, decoded once for every row
-        lg = np.empty((nr, vb), dtype=np.float32)
-        kk = np.empty(vb, dtype=np.int32)
-        wt = np.empty(vb, dtype=np.float32)
-        tmp = np.empty(d, dtype=np.float32)
+        scratch = (np.empty(vb * ncode, dtype=np.uint8), np.empty(vb * ncode, dtype=np.uint8),
+                   np.empty(vb * d, dtype=np.float32), np.empty((nr, vb), dtype=np.float32),
+                   np.empty(vb, dtype=np.int32), np.empty(vb, dtype=np.float32))
         m = np.full(nr, -np.inf, dtype=np.float32)
         lsum = np.zeros(nr, dtype=np.float32)
         acc = pacc[b, h, sp]
-        for j in range(lo, hi):
-            t0 = j * vb
-            cnt = min(vb, n - t0)
-            _unpack(kc[bh, t0 * krow:], cnt * ncode, kbits, ksym)
-            _unpack(vc[bh, t0 * vrow:], cnt * ncode, vbits, vsym)
-            ks = kscale[b, h, t0:t0 + cnt]
-            for i in range(cnt):  # values: per group, the sum of its levels' codewords
-                row = vsym[i * ncode:(i + 1) * ncode]
-                out_i = vdec[i * d:(i + 1) * d]
-                for c in range(d):
-                    out_i[c] = np.float32(0.0)
-                for gi in range(ngroups):
-                    dst = out_i[gi * g:(gi + 1) * g]
-                    for lv in range(depth):
-                        word = books[lv, row[gi * depth + lv]]
-                        for c in range(g):
-                            dst[c] += word[c]
-            vt = vis[b, t0:t0 + cnt]
-            for r in range(nr):
-                tb = table[b, h, r]  # (ncode, size): the row's dot product with every codeword
-                lr = lg[r]
-                for i in range(cnt):
-                    row = ksym[i * ncode:(i + 1) * ncode]
-                    s = np.float32(0.0)
-                    for jj in range(ncode):
-                        s += tb[jj, row[jj]]
-                    lr[i] = s * ks[i]
-                mx, corr, t = weights(lr, vt, cnt, m[r], kk)
-                if mx == -np.inf:
-                    continue
-                m[r] = mx
-                lsum[r] = lsum[r] * corr + t
-                vs = vscale[b, h, t0:t0 + cnt]
-                for i in range(cnt):
-                    wt[i] = lr[i] * vs[i]
-                ar = acc[r]
-                for c in range(d):
-                    ar[c] *= corr
-                accumulate(ar, wt, vdec, cnt, d)
+        if sp < splits:
+            _tiles(table[b, h], kc[bh], ks[b, h], vc[bh], vs[b, h], vis[b, :n], kbits, vbits, books, ncode, vb,
+                   sp * nvb // splits, (sp + 1) * nvb // splits, m, lsum, acc, scratch)
+        else:
+            _tiles(table[b, h], kc2[bh], ks2[b, h], vc2[bh], vs2[b, h], vis[b, n:], kbits, vbits, books, ncode,
+                   vb, 0, (n2 + vb - 1) // vb, m, lsum, acc, scratch)
+        tmp = np.empty(d, dtype=np.float32)
         for r in range(nr):
             pm[b, h, sp, r] = m[r]
             pl[b, h, sp, r] = lsum[r]
@@ -119,10 +134,11 @@ def _fused(q, vis, dk, dv, dvis, table, kc, kscale, kbits, books, vorder, vc, vs
     merge(pm, pl, pacc, out)
 
 
-def _codes(codec: RVQ, packed: Packed) -> tuple[np.ndarray, np.ndarray]:
-    """(codes (B * H, bytes), scale (B, H, tokens) float32) of a body."""
+def _codes(packed: Packed | None, b: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (B * H, bytes), scale (B, H, tokens) float32) of a coded segment (empty if None)."""
+    if packed is None:
+        return np.zeros((b * h, 0), dtype=np.uint8), np.zeros((b, h, 0), dtype=np.float32)
     t = packed.tensors
-    b, h = t["codes"].shape[:2]
     return t["codes"].reshape(b * h, -1).numpy(), t["scale"].reshape(b, h, -1).float().numpy()
 
 
@@ -138,30 +154,33 @@ def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
             and key_codec.depth == value_codec.depth)
 
 
-def fused_attend(q, vis, dense_k, dense_v, dense_vis, keys: Packed, values: Packed, key_codec: RVQ,
-                 value_codec: RVQ, tile: int, splits: int = 4) -> torch.Tensor:
-    """As attention/packed.py's fused_attend, for RVQ codes: -> (B, H, R, d) float32."""
+def fused_attend(q, vis, dense_k, dense_v, dense_vis, segments: list, key_codec: RVQ, value_codec: RVQ, tile: int,
+                 splits: int = 4) -> torch.Tensor:
+    """As attention/packed.py's fused_attend, for RVQ codes: segments, one or two (keys, values) Packed
+    laid end to end (the body, then the stage, both per-token codes read in place), which `vis`
+    covers -> (B, H, R, d) float32."""
     b, h, r, d = q.shape
-    n = keys.num_tokens
-    splits = max(1, min(splits, -(-n // tile)))
+    (k1, v1), (k2, v2) = segments[0], (segments[1] if len(segments) > 1 else (None, None))
+    splits = max(1, min(splits, -(-k1.num_tokens // tile)))
     table = key_codec.query_table(q)  # (B, H, R, groups * depth, size)
-    kc, ks = _codes(key_codec, keys)
-    vc, vs = _codes(value_codec, values)
-    books = value_codec.books_f32(q.device).numpy()
-    order = value_codec.order(d).numpy()
+    kc, ks = _codes(k1, b, h)
+    vc, vs = _codes(v1, b, h)
+    kc2, ks2 = _codes(k2, b, h)
+    vc2, vs2 = _codes(v2, b, h)
     out = np.empty((b, h, r, d), dtype=np.float32)
     _fused(q.contiguous().numpy(), as_u8(vis), dense_k.contiguous().numpy(), dense_v.contiguous().numpy(),
-           as_u8(dense_vis), table.contiguous().numpy(), kc, ks, key_codec.bits, books, order, vc, vs,
-           value_codec.bits, (d // key_codec.group) * key_codec.depth, tile, splits, out)
+           as_u8(dense_vis), table.contiguous().numpy(), kc, ks, vc, vs, kc2, ks2, vc2, vs2, key_codec.bits,
+           value_codec.bits, value_codec.books_f32(q.device).numpy(), value_codec.order(d).numpy(),
+           (d // key_codec.group) * key_codec.depth, tile, splits, out)
     return torch.from_numpy(out)
 
 
 @dataclass
 class RVQBody:
-    """A CodedLayer's RVQ-coded body, read in place by the kernel (attention/split.py)."""
+    """A CodedLayer's RVQ-coded tokens, read in place by the kernel (attention/split.py): `segments`,
+    the body and then the stage when there is one, each (keys, values) Packed."""
 
-    keys: Packed
-    values: Packed
+    segments: list
     key_codec: RVQ
     value_codec: RVQ
     block: int
@@ -169,11 +188,13 @@ class RVQBody:
 
     @property
     def num_tokens(self) -> int:
-        return self.keys.num_tokens
+        return sum(k.num_tokens for k, _ in self.segments)
 
     def attend(self, q, vis, dense_k, dense_v, dense_vis, splits):
-        return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
-                            self.value_codec, self.block, splits)
+        return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.segments, self.key_codec, self.value_codec,
+                            self.block, splits)
 
     def decoded(self):
-        return self.key_codec.decode(self.keys), self.value_codec.decode(self.values)
+        keys = [self.key_codec.decode(k) for k, _ in self.segments]
+        values = [self.value_codec.decode(v) for _, v in self.segments]
+        return torch.cat(keys, 2), torch.cat(values, 2)
