@@ -206,3 +206,21 @@ def test_cli_refuses_no_decode_steps(capsys):
 
     assert main(["bench", "--sections", "speed", "--decode-steps", "0", "--methods", "int4"]) == 2
     assert "decode steps" in capsys.readouterr().err
+
+
+def test_speed_protocol_times_every_step_and_the_reference_again(model, tiny_config):
+    from transformers import DynamicCache
+
+    from kvshrink.eval.speed import measure_speed
+    from kvshrink.models import spec_from_config
+
+    makers = {"dynamic-fp32": lambda: DynamicCache(config=tiny_config),
+              "int4": lambda: get_method("int4").make_cache(model)}
+    out = measure_speed(model, spec_from_config(tiny_config), makers, _ids(80), [40, 70], steps=3)
+    for length in (40, 70):
+        ref, r = out["dynamic-fp32"][length], out["int4"][length]
+        assert len(r["decode_steps_ms"]) == 3 and r["decode_tok_s"] > 0
+        assert r["decode_p50_ms"] <= r["decode_p99_ms"] == r["decode_max_ms"]
+        assert r["bytes_per_step"] == weight_bytes(model) + r["cache_bytes_end"]
+        assert ref["ratio"] == pytest.approx(0.5) and r["ratio"] > 1  # against float16: fp32 holds twice as much
+        assert ref["decode_tok_s_again"] > 0 and "decode_tok_s_again" not in r

@@ -10,6 +10,8 @@ in the same run that gives the attained fraction of the limit. Process memory is
 from /proc: the resident growth once the filled cache is held (after
 malloc_trim), and the peak growth while it is filled and decodes its warm-up step
 (which includes the temporaries of compression and of the decoded history).
+After the last method of each length the reference decodes again (`decode_tok_s_again`): on a
+shared machine its speed drifts while the methods run, and ratios are only as good as that.
 """
 
 from __future__ import annotations
@@ -131,12 +133,7 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
                 x = models.get(name, model)(first, past_key_values=cache, use_cache=True).logits[0, -1].argmax().view(1, 1)
             # timed steps outside the memory sampler: its 1 kHz polling thread competes for the GIL
             # with Python-heavy decode paths
-            lat = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                logits = models.get(name, model)(x, past_key_values=cache, use_cache=True).logits[0, -1]
-                lat.append(time.perf_counter() - t0)
-                x = logits.argmax().view(1, 1)
+            lat = _timed_steps(models.get(name, model), cache, x, steps)
             held_end = cache_nbytes(cache)
             lat_sorted = sorted(lat)
             out[name][length] = {
@@ -162,8 +159,26 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
             del cache
             if progress is not None:
                 progress()
-        del states
+        # the reference again, after every method: how much the machine drifted while they ran
+        ref = next(iter(make_cache))
+        cache = make_cache[ref]()
+        fill(cache, states)
+        x = model(first, past_key_values=cache, use_cache=True).logits[0, -1].argmax().view(1, 1)
+        again = steps / sum(_timed_steps(model, cache, x, steps))
+        out[ref][length]["decode_tok_s_again"] = again
+        del cache, states
     return out
+
+
+def _timed_steps(model, cache, x, steps: int) -> list[float]:
+    """Seconds of each of `steps` greedy decode steps from token x."""
+    lat = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits = model(x, past_key_values=cache, use_cache=True).logits[0, -1]
+        lat.append(time.perf_counter() - t0)
+        x = logits.argmax().view(1, 1)
+    return lat
 
 
 @torch.no_grad()
