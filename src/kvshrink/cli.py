@@ -224,7 +224,7 @@ def cmd_methods(_args) -> None:
           "kvcomp-* methods: eb, keb, veb, entropy, attend, drift, sink, window, key_block, value_block, splits, "
           "background; zdc methods: alloc, sink, sink_rank, window, "
           "block; kvc-*/snapkv-* methods: alloc, score, pool, obs, sink, window, block, interval, tokens; "
-          "rvq-* methods: group, size, key_grouping, value_grouping, attend, sink, window)")
+          "rvq-* methods: group, size, key_grouping, value_grouping, attend=fused|codes|decode, sink, window)")
 
 
 def main(argv=None) -> int:
