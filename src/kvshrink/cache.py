@@ -313,6 +313,9 @@ class CompressedCache(ByteAccounting, Cache):
         return (
             f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}, "
             f"sink {self.sink}, window {self.window}, block {self.block}, "
-            + ("fused decode attention" if self.attend == "fused" else "decode-then-attend")
+            + self._how_it_attends()
             + (", blocks coded in the background" if self.background else "")
         )
+
+    def _how_it_attends(self) -> str:
+        return "fused decode attention" if self.attend == "fused" else "decode-then-attend"

@@ -80,9 +80,8 @@ class CodedCache(CompressedCache):
             layer.fused = fused
         self.code_domain = code_domain
 
-    def describe(self) -> str:
-        how = ("fused decode attention (compiled kernel on the CPU where it reads the codes, "
-               "PyTorch from the codes otherwise)" if self.attend == "fused"
-               else "attention from the codes (PyTorch)" if self.attend == "codes" else "decode-then-attend")
-        base = super().describe()
-        return base.replace("fused decode attention", how).replace("decode-then-attend", how)
+    def _how_it_attends(self) -> str:
+        if self.attend == "fused":
+            return ("fused decode attention (compiled kernel on the CPU where it reads the codes, "
+                    "PyTorch from the codes otherwise)")
+        return "attention from the codes (PyTorch)" if self.attend == "codes" else "decode-then-attend"

@@ -26,28 +26,21 @@ import torch
 
 from ..codecs.huffman import MAX_LEN, MULTI, decode_into
 from ..entropy_body import BodyView
-from .tiles import FAST, as_u8, channel_logits, dense_partial, fold_values, merge, weights
+from .tiles import FAST, as_u8, channel_logits, dense_split, fold_values, merge, partial_buffers, weights
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, vis, dk, dv, dvis, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep, kb,
            vs, vst, vtab, vls, vll, vln, vfix, vmn, vstep, vb, splits, out):
     nb_, nh, nr, d = q.shape
-    nt = dvis.shape[1]
     nvb = vst.shape[2]
     per = vb // kb
-    pm = np.empty((nb_, nh, splits + 1, nr), dtype=np.float32)
-    pl = np.empty((nb_, nh, splits + 1, nr), dtype=np.float32)
-    pacc = np.zeros((nb_, nh, splits + 1, nr, d), dtype=np.float32)
+    pm, pl, pacc = partial_buffers(nb_, nh, splits + 1, nr, d)
     for u in numba.prange(nb_ * nh * (splits + 1)):
         b = u // (nh * (splits + 1))
         h = (u // (splits + 1)) % nh
         sp = u % (splits + 1)
         if sp == splits:  # the dense tokens (sink, recent, this call's): one more split
-            lr = np.empty(dk.shape[2], dtype=np.float32)
-            kk = np.empty(dk.shape[2], dtype=np.int32)
-            for r in range(nr):
-                pm[b, h, sp, r], pl[b, h, sp, r] = dense_partial(q[b, h, r], dk[b, h], dv[b, h], dvis[b, r % nt],
-                                                                 lr, kk, pacc[b, h, sp, r])
+            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         lo = sp * nvb // splits
         hi = (sp + 1) * nvb // splits
@@ -100,8 +93,9 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     out = np.empty((b, h, r, d), dtype=np.float32)
     _fused(q.contiguous().numpy(), as_u8(vis), dense_k.contiguous().numpy(), dense_v.contiguous().numpy(),
            as_u8(dense_vis), keys.stream.numpy(), keys.starts.numpy(), keys.table_of.numpy(), keys.lut_sym.numpy(),
-           keys.lut_len.numpy(), keys.lut_n.numpy(), keys.fixed.numpy(), keys.mn[..., 0, :].float().contiguous().numpy(),
-           keys.step[..., 0, :].float().contiguous().numpy(), keys.block,
+           keys.lut_len.numpy(), keys.lut_n.numpy(), keys.fixed.numpy(),
+           keys.mn[..., 0, :].float().contiguous().numpy(), keys.step[..., 0, :].float().contiguous().numpy(),
+           keys.block,
            values.stream.numpy(), values.starts.numpy(), values.table_of.numpy(), values.lut_sym.numpy(),
            values.lut_len.numpy(), values.lut_n.numpy(), values.fixed.numpy(),
            values.mn.reshape(b, h, -1, 1).float().contiguous().numpy(),

@@ -27,7 +27,8 @@ import torch
 from ..codecs.base import Packed
 from ..codecs.hadamard import rotation
 from ..codecs.quant import IntQuant
-from .tiles import FAST, as_u8, channel_logits, dense_partial, fold_values, merge, rotate_back, weights
+from .tiles import (FAST, as_u8, channel_logits, dense_split, fold_values, merge, partial_buffers, rotate_back,
+                    weights)
 
 @numba.njit(cache=True, inline="always")
 def _unpack(codes, nsym, bits, out):
@@ -72,25 +73,18 @@ def _fused(q, qb, vis, dk, dv, dvis, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn
            splits, vrot, out):
     nb_, nh, nr, d = q.shape
     n = vis.shape[1]
-    nt = dvis.shape[1]
     nvb = (n + vb - 1) // vb
     krow = kc.shape[1] // n
     vrow = vc.shape[1] // n
     kw = d // kgroups
     vw = d // vgroups
-    pm = np.empty((nb_, nh, splits + 1, nr), dtype=np.float32)
-    pl = np.empty((nb_, nh, splits + 1, nr), dtype=np.float32)
-    pacc = np.zeros((nb_, nh, splits + 1, nr, d), dtype=np.float32)
+    pm, pl, pacc = partial_buffers(nb_, nh, splits + 1, nr, d)
     for u in numba.prange(nb_ * nh * (splits + 1)):
         b = u // (nh * (splits + 1))
         h = (u // (splits + 1)) % nh
         sp = u % (splits + 1)
         if sp == splits:  # the dense tokens (sink, stage, float16 tokens, this call's): one more split
-            lr = np.empty(dk.shape[2], dtype=np.float32)
-            kk = np.empty(dk.shape[2], dtype=np.int32)
-            for r in range(nr):
-                pm[b, h, sp, r], pl[b, h, sp, r] = dense_partial(q[b, h, r], dk[b, h], dv[b, h], dvis[b, r % nt],
-                                                                 lr, kk, pacc[b, h, sp, r])
+            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         bh = b * nh + h
         lo = sp * nvb // splits

@@ -30,7 +30,7 @@ import torch
 from ..codecs.base import Packed
 from ..codecs.rvq import RVQ
 from .packed import _unpack
-from .tiles import FAST, accumulate, as_u8, dense_partial, merge, weights
+from .tiles import FAST, accumulate, as_u8, dense_split, merge, partial_buffers, weights
 
 
 @numba.njit(cache=True, fastmath=FAST)
@@ -90,22 +90,15 @@ def _fused(q, vis, dk, dv, dvis, table, kc, ks, vc, vs, kc2, ks2, vc2, vs2, kbit
     nb_, nh, nr, d = q.shape
     n = ks.shape[2]
     n2 = ks2.shape[2]
-    nt = dvis.shape[1]
     nvb = (n + vb - 1) // vb
     parts = splits + 2  # body ranges, the second segment (the stage), the dense tokens
-    pm = np.full((nb_, nh, parts, nr), -np.inf, dtype=np.float32)
-    pl = np.zeros((nb_, nh, parts, nr), dtype=np.float32)
-    pacc = np.zeros((nb_, nh, parts, nr, d), dtype=np.float32)
+    pm, pl, pacc = partial_buffers(nb_, nh, parts, nr, d)
     for u in numba.prange(nb_ * nh * parts):
         b = u // (nh * parts)
         h = (u // parts) % nh
         sp = u % parts
         if sp == parts - 1:  # the dense tokens
-            lr = np.empty(dk.shape[2], dtype=np.float32)
-            kk = np.empty(dk.shape[2], dtype=np.int32)
-            for r in range(nr):
-                pm[b, h, sp, r], pl[b, h, sp, r] = dense_partial(q[b, h, r], dk[b, h], dv[b, h], dvis[b, r % nt],
-                                                                 lr, kk, pacc[b, h, sp, r])
+            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         if sp == splits and n2 == 0:
             continue

@@ -151,6 +151,26 @@ def dense_partial(q1, keys, values, vt, lr, kk, acc):
     return mx, t
 
 
+@numba.njit(cache=True)
+def partial_buffers(nb_, nh, parts, nr, d):
+    """(max, sum, weighted value sum) per (sequence, head, part, query row): the kernels' splits
+    write here and `merge` reads; a part left unwritten counts as empty (max -inf)."""
+    pm = np.full((nb_, nh, parts, nr), -np.inf, dtype=np.float32)
+    pl = np.zeros((nb_, nh, parts, nr), dtype=np.float32)
+    pacc = np.zeros((nb_, nh, parts, nr, d), dtype=np.float32)
+    return pm, pl, pacc
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def dense_split(q, keys, values, vis, pm, pl, pacc):
+    """The dense tokens of one (sequence, head) as one more split: q (R, d) its query rows, keys /
+    values (n, d), vis (t, n) per query token (row r is token r % t); fills pm, pl (R,), pacc (R, d)."""
+    lr = np.empty(keys.shape[0], dtype=np.float32)
+    kk = np.empty(keys.shape[0], dtype=np.int32)
+    for r in range(q.shape[0]):
+        pm[r], pl[r] = dense_partial(q[r], keys, values, vis[r % vis.shape[0]], lr, kk, pacc[r])
+
+
 @numba.njit(cache=True, fastmath=FAST)
 def merge(pm, pl, pacc, out):
     """Log-sum-exp merge of partials (B, H, P, R), (B, H, P, R), (B, H, P, R, d) into out (B, H, R, d);
