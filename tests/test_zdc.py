@@ -79,7 +79,7 @@ def test_attention_gets_stored_widths_only(zmodel, window):
     from kvshrink.codecs.base import Fp16
     from kvshrink.zdc_cache import ZdcCache
 
-    cache = ZdcCache(zmodel, ranks, Fp16(), sink=2, window=window, block=4)
+    cache = ZdcCache(zmodel, ranks, Fp16(), sink=2, window=window, block=4, attend="decode")  # PyTorch segments
     ids = torch.randint(3, 128, (1, 20))
     _chunks(zmodel, cache, ids, 5)
     layer = cache.layers[0]

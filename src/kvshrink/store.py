@@ -148,6 +148,23 @@ class TokenStore:
             return
         self._push(window[..., :out, :].float())
 
+    def thaw(self) -> None:
+        """The stage's tokens join the float16 tokens (decoded once): a layer whose kernel would
+        otherwise decode the stage on every decode step calls this before its first one."""
+        self.settle()
+        if self.stage is not None:
+            staged = self.stage_codec.decode(self.stage, torch.float32).to(torch.float16)
+            self.fresh, self.stage = torch.cat([staged, self.fresh], dim=-2), None
+
+    def append_fresh(self, x16: torch.Tensor) -> None:
+        """A decode step's float16 tokens, already checked (half_checked), for a store without sink or
+        window: they join `fresh` at once, as `append(x, defer=True)` would put them."""
+        if self.sink_size or self.window_size:
+            raise KvshrinkError("append_fresh is for stores without sink and window tokens")
+        self.settle()
+        self.fresh = torch.cat([self.fresh, x16], dim=-2)
+        self._code_fresh()
+
     def _push(self, x: torch.Tensor) -> None:
         """Code tokens leaving the window: whole blocks (with the stage) into the body, the rest staged."""
         staged = self._n(self.stage)

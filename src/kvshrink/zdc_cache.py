@@ -10,6 +10,11 @@ own width, coded by
 any codec (float16 alone, or int4/int3 on top: `zdc-50+int4`). Nothing is
 padded to a common width and nothing is widened back on read: `update` hands
 the attention function the segments at their stored widths.
+
+Decode steps (at most `FUSED_QUERIES` tokens) leave their tokens in float16 in
+the stores until they fill a block (store.py). With `attend="fused"` on the
+CPU, such a step gets `LowRankStates` instead of decoded segments: a compiled
+kernel reads the float16 or int-coded body in place (attention/lowrank.py).
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ import torch
 from transformers.cache_utils import Cache
 
 from .attention.zdc import Segment, ZdcStates
-from .cache import FP16_BYTES, ByteAccounting, StoreLayer, _stage_for, check_layout
+from .cache import ATTENDS, FP16_BYTES, FUSED_QUERIES, ByteAccounting, StoreLayer, _stage_for, check_layout
 from .codecs.base import Codec, tensor_nbytes
 from .errors import KvshrinkError
 from .store import TokenStore, _slice, half_checked
 
 
 class ZdcLayer(StoreLayer):
+    fused = False  # set by ZdcCache(attend="fused")
+    splits = 4
+    kernel_reads = False  # fused, on the CPU, and a body the kernel reads: fixed at the first update
+
     def __init__(self, uk: torch.Tensor, uv: torch.Tensor, rk, rv, sink: int, sink_rank: int,
                  key_codec: Codec, value_codec: Codec, window: int, block: int):
         super().__init__()
@@ -42,6 +51,11 @@ class ZdcLayer(StoreLayer):
         if h != len(self.rk) or d != self.uk.shape[-1]:
             raise KvshrinkError(f"ZDC cache built for {len(self.rk)} KV heads of {self.uk.shape[-1]}, got {h} of {d}")
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.fused:
+            from .attention.lowrank import supported
+
+            self.kernel_reads = self.device.type == "cpu" and supported(
+                self.ks[0].codec, self.vs[0].codec, self.ks[0].block, self.rk, self.rv)
         self.uk, self.uv = self.uk.to(self.device), self.uv.to(self.device)
         self.k_sink = key_states.new_empty(b, h, 0, self.sink_rank, dtype=torch.float16)
         self.v_sink = self.k_sink.clone()
@@ -60,8 +74,16 @@ class ZdcLayer(StoreLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        k = torch.einsum("bhtd,hde->bhte", key_states, self.uk.to(key_states.dtype))
+        k = torch.matmul(key_states, self.uk.to(key_states.dtype))  # (B, H, t, D) @ (H, D, D)
         v = value_states
+        short = k.shape[2] <= FUSED_QUERIES  # a decode step: its tokens wait in float16 (store.py)
+        if short:
+            for s in self.ks + self.vs:
+                s.thaw()  # in both attend modes, so they hold the same tokens
+        if short and self._readable():
+            states = self._lowrank_states(k, v)
+            self._append(k, v, defer=True)
+            return states, states
         dtype = key_states.dtype
         heads = []
         sink = (self.k_sink.to(dtype), self.v_sink.to(dtype)) if self._n_sink() else None
@@ -76,17 +98,41 @@ class ZdcLayer(StoreLayer):
                 segs.append(Segment(win[0][:, h], win[1][:, h]))
             segs.append(Segment(k[:, h], v[:, h]))  # this call's tokens, exact
             heads.append(segs)
-        self._append(k, v)
+        self._append(k, v, defer=short)
         states = ZdcStates(heads)
         return states, states
 
-    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _readable(self) -> bool:
+        """The kernel reads this layer now: `kernel_reads`, and every store's body of the same tokens."""
+        if not self.kernel_reads:
+            return False
+        n = self.ks[0]._n(self.ks[0].body)
+        return all(s._n(s.body) == n for s in self.ks + self.vs)
+
+    def _lowrank_states(self, k: torch.Tensor, v: torch.Tensor):
+        from .attention.lowrank import LowRankStates
+
+        def mid(store):  # the float16 tokens between body and window (the stage was thawed: update)
+            return store.fresh[:, 0]
+
+        bodies = None
+        if self.ks[0].body is not None:
+            bodies = [(ks.body, vs.body) for ks, vs in zip(self.ks, self.vs)]
+        return LowRankStates((self.k_sink, self.v_sink), bodies,
+                             [(mid(ks), mid(vs)) for ks, vs in zip(self.ks, self.vs)],
+                             (self.k_win, self.v_win), (k, v), self.ks[0].codec, self.vs[0].codec,
+                             self.ks[0].block, self.splits)
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor, defer: bool = False) -> None:
         room = self.sink - self._n_sink()
         if room > 0:
             self.k_sink = torch.cat([self.k_sink, half_checked(k[:, :, :room, :self.sink_rank])], 2)
             self.v_sink = torch.cat([self.v_sink, half_checked(v[:, :, :room, :self.sink_rank])], 2)
             k, v = k[:, :, room:], v[:, :, room:]
         if k.shape[2] == 0:
+            return
+        if defer:
+            self._append_fresh(half_checked(k), half_checked(v))
             return
         # the stores check what they code; the window checks what it holds
         if self.window:
@@ -100,6 +146,20 @@ class ZdcLayer(StoreLayer):
         for h in range(len(self.rk)):
             self.ks[h].append(k[:, h:h + 1, :, :self.rk[h]])
             self.vs[h].append(v[:, h:h + 1, :, :self.rv[h]])
+
+    def _append_fresh(self, k16: torch.Tensor, v16: torch.Tensor) -> None:
+        """A decode step's float16 tokens: through the window, then into the stores' float16 tokens."""
+        if self.window:
+            kw = torch.cat([self.k_win, k16[..., :self.sink_rank]], 2)
+            vw = torch.cat([self.v_win, v16[..., :self.sink_rank]], 2)
+            out = kw.shape[2] - self.window
+            self.k_win, self.v_win = _slice(kw, max(out, 0)), _slice(vw, max(out, 0))
+            if out <= 0:
+                return
+            k16, v16 = kw[:, :, :out], vw[:, :, :out]
+        for h in range(len(self.rk)):
+            self.ks[h].append_fresh(k16[:, h:h + 1, :, :self.rk[h]])
+            self.vs[h].append_fresh(v16[:, h:h + 1, :, :self.rv[h]])
 
     def fill_reference(self, key_states, value_states) -> None:
         """Store prefill states computed by the original model (values not yet rotated)."""
@@ -157,7 +217,15 @@ class ZdcCache(ByteAccounting, Cache):
     """A transformers Cache for a model after `transforms.zdc.apply`."""
 
     def __init__(self, model, ranks, key_codec: Codec, value_codec: Codec | None = None, sink: int = 4,
-                 window: int = 0, block: int = 128, method: str | None = None):
+                 window: int = 0, block: int = 128, method: str | None = None, attend: str = "fused",
+                 splits: int = 4):
+        """attend: "fused" (decode steps on the CPU read the body in place with the compiled kernel,
+        attention/lowrank.py) or "decode" (every call attends in PyTorch over the decoded segments,
+        attention/zdc.py: the reference); splits: parallel ranges of blocks per head in the kernel."""
+        if attend not in ATTENDS:
+            raise KvshrinkError(f"unknown attend {attend!r}; use one of {', '.join(ATTENDS)}")
+        if not isinstance(splits, int) or splits < 1:
+            raise KvshrinkError(f"splits must be a positive integer, got {splits!r}")
         calib = getattr(model, "kvshrink_zdc", None)
         if calib is None:
             raise KvshrinkError(
@@ -165,6 +233,10 @@ class ZdcCache(ByteAccounting, Cache):
             )
         value_codec = value_codec or key_codec
         check_layout(key_codec, value_codec, sink, window, block)
+        if ranks is not None and window and ranks.sink_rank < max(ranks.k.max().item(), ranks.v.max().item()):
+            raise KvshrinkError(f"window tokens keep sink_rank coordinates and then join the body: a window needs "
+                                f"sink_rank >= every rank (sink_rank {ranks.sink_rank}, ranks up to "
+                                f"{max(ranks.k.max().item(), ranks.v.max().item())})")
         self.method, self.ranks, self.sink = method, ranks, sink
         self.key_codec, self.value_codec, self.window, self.block = key_codec, value_codec, window, block
         layers = [
@@ -172,6 +244,9 @@ class ZdcCache(ByteAccounting, Cache):
                      key_codec, value_codec, window, block)
             for i in range(calib.uk.shape[0])
         ]
+        self.attend = attend
+        for layer in layers:
+            layer.fused, layer.splits = attend == "fused", splits
         super().__init__(layers=layers)
 
     def fill_reference(self, states) -> None:
@@ -182,4 +257,14 @@ class ZdcCache(ByteAccounting, Cache):
     def describe(self) -> str:
         frac = self.ranks.fraction(self.layers[0].uk.shape[-1])
         return (f"ZDC ranks keep {100 * frac:.0f}% of dims (sink tokens {self.ranks.sink_rank}); "
-                f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}")
+                f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}; {self._how_it_attends()}")
+
+    def _how_it_attends(self) -> str:
+        from .attention.lowrank import supported
+
+        if self.attend == "decode":
+            return "attention over the decoded segments (PyTorch)"
+        if supported(self.key_codec, self.value_codec, self.block, self.ranks.k.flatten().tolist(),
+                     self.ranks.v.flatten().tolist()):
+            return "fused decode attention (compiled kernel on the CPU, PyTorch elsewhere)"
+        return "attention over the decoded segments (PyTorch): no compiled kernel reads these codes"

@@ -6,7 +6,9 @@ the 4 sink tokens keep all); `zdc-adaptive-<pct>` spends the same budget per
 layer, head and K/V where the calibration's loss proxy says it matters, and
 splits by token: the sink tokens and the 64 most recent keep every coordinate
 (measured: README); `+int4` / `+int3` quantize the kept coordinates (KIVI
-layout). Options: alloc (uniform|energy|fisher), sink_rank, sink, window, block.
+layout). Options: alloc (uniform|energy|fisher), sink_rank, sink, window, block,
+attend (fused: decode steps on the CPU read the body with a compiled kernel,
+attention/lowrank.py; decode: PyTorch over the decoded segments), splits.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def _ranks(calib, budget: float, alloc: str, sink_rank):
 
 
 def zdc_cache(model, pct: int, alloc: str = "fisher", bits: int | None = None, sink: int = SINK,
-              sink_rank: int | None = None, window: int = 0, block: int = BLOCK, method: str | None = None):
+              sink_rank: int | None = None, window: int = 0, block: int = BLOCK, method: str | None = None,
+              attend: str = "fused", splits: int = 4):
     from .zdc_cache import ZdcCache
 
     calib = getattr(model, "kvshrink_zdc", None)
@@ -42,7 +45,8 @@ def zdc_cache(model, pct: int, alloc: str = "fisher", bits: int | None = None, s
         keys, values = IntQuant(bits, "channel", block), IntQuant(bits, "token")
     else:
         keys = values = Fp16()
-    return ZdcCache(model, ranks, keys, values, sink=sink, window=window, block=block, method=method)
+    return ZdcCache(model, ranks, keys, values, sink=sink, window=window, block=block, method=method,
+                    attend=attend, splits=splits)
 
 
 def prepare(model, tokenizer, corpus=None, **_):
@@ -57,7 +61,7 @@ def prepare(model, tokenizer, corpus=None, **_):
 
 
 ADAPTIVE_WINDOW = 64
-_OPTIONS = ("alloc", "sink", "sink_rank", "window", "block")
+_OPTIONS = ("alloc", "sink", "sink_rank", "window", "block", "attend", "splits")
 
 
 # a plain `kvshrink bench` runs these; the rest by name (--methods)

@@ -54,6 +54,10 @@ def _mask_bias(mask, t: int, s: int, device) -> torch.Tensor | None:
 
 
 def zdc_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from .lowrank import LowRankStates
+
+    if isinstance(key, LowRankStates):  # a decode step the compiled kernel reads (attention/lowrank.py)
+        return key.attend(module, query, attention_mask, scaling)
     if not isinstance(key, ZdcStates):
         raise KvshrinkError(
             "a ZDC-transformed model needs its ZdcCache: pass "
