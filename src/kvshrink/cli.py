@@ -223,7 +223,8 @@ def cmd_methods(_args) -> None:
           "(int methods: sink, window, block, value_group, key_axis, attend=fused|decode, splits, background=0|1; "
           "kvcomp-* methods: eb, keb, veb, entropy, attend, drift, sink, window, key_block, value_block, splits, "
           "background; zdc methods: alloc, sink, sink_rank, window, attend=fused|decode, splits, "
-          "block; kvc-*/snapkv-* methods: alloc, score, pool, obs, sink, window, block, interval, tokens; "
+          "block; kvc-*/snapkv-* methods: alloc, score, pool, obs, sink, window, block, interval, tokens, defer, norm, "
+          "pooling, attend=fused|decode; "
           "rvq-* methods: group, size, key_grouping, value_grouping, attend=fused|codes|decode, sink, window)")
 
 

@@ -11,7 +11,8 @@ Options: `kvc-8x:alloc=uniform`, `:score=sum`, `:pool=5`, `:obs=16`, `:window=32
 layer's total before the cross-head ranking), `:pooling=max` (with `:pool=N`: each token
 scores the best of its N neighbours, so spans are kept whole), `:defer=1` (keep the first multi-token call whole
 and evict after the next: context, then question), or an absolute budget `kvc-8x:tokens=256`
-(tokens per head on average, per sequence).
+(tokens per head on average, per sequence); `:attend=decode` gathers and decodes the kept rows on
+every decode step instead of reading them in place with the compiled kernel (attention/rows.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from .errors import KvshrinkError
 from .methods import Method, register
 
 RATIOS = (2, 4, 8, 16, 32, 64)
-TUNABLE = ("alloc", "score", "pool", "obs", "sink", "window", "block", "interval", "tokens", "defer", "norm", "pooling")
+TUNABLE = ("alloc", "score", "pool", "obs", "sink", "window", "block", "interval", "tokens", "defer", "norm", "pooling",
+           "attend")
 DEFAULT = ("kvc-8x", "snapkv-8x", "kvc-8x+int4")
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from .cache import FP16_BYTES, ByteAccounting, StoreLayer
+from .cache import ATTENDS, FP16_BYTES, ByteAccounting, StoreLayer
 from .codecs.base import Codec, Fp16, tensor_nbytes
 from .errors import KvshrinkError
 from .models import spec_from_config
@@ -48,6 +48,38 @@ class PagedStates:
         self.valid = valid  # (B, H, S) bool: which past rows are real tokens
         self.positions = positions  # (B, H, S) original positions of the past rows
         self.n_past = n_past
+
+
+class RowStates:
+    """What a paged layer's `update` returns for a decode step the kernel reads: this call's token,
+    which past rows are real and where they lie; `attend` runs the kernel and records the scores."""
+
+    def __init__(self, layer, new_k, new_v, valid, slots, n_past):
+        self.layer, self.new_k, self.new_v = layer, new_k, new_v  # (B, H, d)
+        self.valid, self.slots, self.n_past = valid, slots, n_past  # (B, H, S), (B, H, S), (B, H)
+
+    def attend(self, module, query, mask, scaling=None):
+        from .attention.paged import bool_mask
+        from .attention.rows import attend
+        from .policies.scores import aggregate
+
+        b, hq, _, d = query.shape
+        h = self.valid.shape[1]
+        scale = scaling if scaling is not None else d ** -0.5
+        q = (query.float() * scale).reshape(b, h, hq // h, d)
+        vis = bool_mask(mask)
+        if vis is None:
+            past = self.valid
+            new = self.valid.new_ones(b, h, 1)
+        else:  # a row is visible where the mask lets the query see its original position
+            m = vis[:, 0, -1].expand(b, vis.shape[-1])
+            pos = self.layer.owner.pool.flat("pos")[self.slots].long()
+            past = m.gather(1, pos.view(b, -1)).view(pos.shape) & self.valid
+            new = m[:, None, -1:].expand(b, h, 1)
+        out, probs = attend(q, self.layer, self.n_past, self.new_k, self.new_v, torch.cat([past, new], -1))
+        owner = self.layer.owner
+        self.layer.observe(aggregate(probs[:, :, :, None], owner.score, owner.pool_kernel, owner.pooling))
+        return out.to(query.dtype).reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
 
 
 class PagedLayer(StoreLayer):
@@ -108,15 +140,20 @@ class PagedLayer(StoreLayer):
 
     def _gather(self, names) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """Every head's rows, padded to the longest head: ({field: (B, H, S, ...)}, valid (B, H, S), slots)."""
+        ids, valid, slots = self._slot_map()
+        rows = self.owner.pool.gather_blocks(ids, names)
+        return rows, valid, slots
+
+    def _slot_map(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block ids (B, H, nb) >= 0, valid (B, H, S), slots (B, H, S)) of every head's rows, padded to
+        the longest head (S = nb x block)."""
         bk = self.owner.block
         nb = int(budgets.blocks_of(self.length, bk).max()) if self.length.numel() else 0
-        ids = self.table[:, :, :nb]
-        rows = self.owner.pool.gather_blocks(ids.clamp(min=0), names)
-        s = nb * bk
-        pos = torch.arange(s, device=self.device)
+        ids = self.table[:, :, :nb].clamp(min=0)
+        pos = torch.arange(nb * bk, device=self.device)
         valid = pos < self.length[..., None]
-        slots = ids.clamp(min=0).repeat_interleave(bk, 2) * bk + pos % bk
-        return rows, valid, slots
+        slots = ids.repeat_interleave(bk, 2) * bk + pos % bk
+        return ids, valid, slots
 
     # --- transformers layer API --------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -126,6 +163,8 @@ class PagedLayer(StoreLayer):
         b, h, t, d = key_states.shape
         if self.index == 0 and self.seen == 0:
             owner.pool.reserve(owner.num_layers * b * h * -(-t // owner.block))
+        if t == 1 and owner.kernel_reads and self.seen:
+            return self._fused_update(key_states, value_states)
         rows, valid, slots = self._gather(owner.row_fields)
         s = valid.shape[2]
         keys = key_states.new_empty(b, h, s + t, d)
@@ -136,6 +175,14 @@ class PagedLayer(StoreLayer):
         keys[:, :, s:] = key_states
         values[:, :, s:] = value_states
         positions = rows["pos"].long() if s else valid.new_zeros(b, h, 0, dtype=torch.long)
+        self._store(key_states, value_states, slots, valid)
+        st = PagedStates(self, keys, values, valid, positions, s)
+        return st, st  # Cache.update unpacks a pair; the attention function reads both from `st`
+
+    def _store(self, key_states, value_states, slots, valid) -> None:
+        """Write this call's rows; remember the slots and validity of the rows handed to attention."""
+        owner = self.owner
+        b, h, t, _ = key_states.shape
         new = {"pos": (self.seen + torch.arange(t, device=self.device)).expand(b, h, t).to(torch.int32),
                "score": key_states.new_zeros(b, h, t, dtype=torch.float32)}
         new.update({"k." + k: v for k, v in owner.kc.encode(half_checked(key_states)).items()})
@@ -145,8 +192,14 @@ class PagedLayer(StoreLayer):
         self._valid = torch.cat([valid, valid.new_ones(b, h, t)], 2)
         self._n_new = t
         self.seen += t
-        st = PagedStates(self, keys, values, valid, positions, s)
-        return st, st  # Cache.update unpacks a pair; the attention function reads both from `st`
+
+    def _fused_update(self, key_states, value_states):
+        """A decode step the compiled kernel serves (attention/rows.py): no row is gathered or decoded."""
+        _, valid, slots = self._slot_map()
+        n_past = self.length.clone()
+        self._store(key_states, value_states, slots, valid)
+        st = RowStates(self, key_states[:, :, 0], value_states[:, :, 0], valid, slots, n_past)
+        return st, st
 
     def observe(self, scores: torch.Tensor, pad: torch.Tensor | None = None) -> None:
         """Add (B, H, S + T) scores to the rows last handed out; `pad` (B, T) marks left padding
@@ -213,10 +266,13 @@ class PagedCache(ByteAccounting, Cache):
                  score: str = "square", pool: int = 0, obs: int = 32, sink: int = 4, window: int = 8,
                  block: int = 16, interval: int | None = None, key_codec: Codec | None = None,
                  value_codec: Codec | None = None, method: str | None = None, defer: int = 0,
-                 norm: str = "none", pooling: str = "avg"):
+                 norm: str = "none", pooling: str = "avg", attend: str = "fused"):
         """defer: the first `defer` multi-token calls store without evicting (their scores still
         count), so a prompt passed as context, then question, is evicted with the question's
-        attention in the observation window (SnapKV's setting) rather than before it arrives."""
+        attention in the observation window (SnapKV's setting) rather than before it arrives.
+        attend: "fused" (decode steps on the CPU read the kept rows in place with the compiled
+        kernel, attention/rows.py, where it reads the row codec) or "decode" (gather and decode
+        every kept row, then attend: the reference)."""
         if (ratio is None) == (tokens is None):
             raise KvshrinkError("a paged cache needs exactly one budget: ratio=R (2 to 64...) or tokens=N")
         if ratio is not None and not (isinstance(ratio, (int, float)) and ratio >= 1):
@@ -245,6 +301,10 @@ class PagedCache(ByteAccounting, Cache):
         self.defer, self.norm, self.pooling = defer, norm, pooling
         self.key_codec = key_codec or Fp16()
         self.value_codec = value_codec or self.key_codec
+        if attend not in ATTENDS:
+            raise KvshrinkError(f"unknown attend {attend!r}; use one of {', '.join(ATTENDS)}")
+        self.attend = attend
+        self.kernel_reads = False  # fixed when the pool is made (CPU, rows the kernel reads)
         self.method = method
         self.pool = None
         self.real = self.lead = None  # (B,) real tokens seen, leading padding
@@ -256,6 +316,10 @@ class PagedCache(ByteAccounting, Cache):
         if self.pool is not None:
             return
         self.head_dim = head_dim
+        from .attention.rows import supported
+
+        self.kernel_reads = (self.attend == "fused" and torch.device(device or "cpu").type == "cpu"
+                             and supported(self.key_codec, self.value_codec, head_dim))
         self.kc, self.vc = RowCodec(self.key_codec, head_dim), RowCodec(self.value_codec, head_dim)
         fields = {"k." + n: f for n, f in self.kc.fields.items()}
         fields.update({"v." + n: f for n, f in self.vc.fields.items()})
@@ -344,7 +408,16 @@ class PagedCache(ByteAccounting, Cache):
         return (f"{target}, {self.alloc} per-head budgets, {self.score} scores over {self.obs} queries"
                 f"{f', {self.pooling}-pooled over {self.pool_kernel}' if self.pool_kernel > 1 else ''}, sink {self.sink}, "
                 f"window {self.window}, blocks of {self.block}, rows {self.key_codec.describe()}/"
-                f"{self.value_codec.describe()}")
+                f"{self.value_codec.describe()}, " + self._how_it_attends())
+
+    def _how_it_attends(self) -> str:
+        from .attention.rows import supported
+
+        if self.attend == "decode":
+            return "decode steps gather and decode the kept rows"
+        if supported(self.key_codec, self.value_codec, self.spec.head_dim):
+            return "decode steps read the kept rows in place (compiled kernel on the CPU)"
+        return "decode steps gather and decode the kept rows: no compiled kernel reads these rows"
 
     def fill_reference(self, states) -> None:
         """Fill from an uncompressed prefill's states and its captured last queries (eval/needle.py), exactly

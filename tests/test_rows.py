@@ -1,0 +1,97 @@
+"""Compiled decode attention over a paged cache's kept rows (attention/rows.py): the kernel against
+gather-decode-attend over the same cache, the eviction scores it records, never gathering."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvshrink.codecs.base import Fp16
+from kvshrink.codecs.quant import IntQuant
+from kvshrink.methods import get_method
+from kvshrink.paged_cache import PagedCache, RowStates
+from kvshrink.policies.pool import BlockPool, RowCodec
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    from kvshrink.attention.paged import use_kvshrink_attention
+
+    m = copy.deepcopy(tiny_model)  # switched to the kvshrink attention in place
+    use_kvshrink_attention(m)
+    return m
+
+
+def _codecs(kind, group, rotate):
+    if kind == "fp16":
+        return {}
+    return dict(key_codec=IntQuant(kind, "token", group, rotate=rotate, seed=1),
+                value_codec=IntQuant(kind, "token", group, rotate=rotate, seed=2))
+
+
+@torch.no_grad()
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(["fp16", 2, 3, 4, 8]), group=st.sampled_from([None, 8]), rotate=st.booleans(),
+       ratio=st.sampled_from([2, 4, 8]), block=st.sampled_from([4, 16]), n=st.integers(20, 90),
+       steps=st.integers(1, 24), pad=st.integers(0, 10), seed=st.integers(0, 99))
+def test_kernel_equals_gather_then_attend(model, kind, group, rotate, ratio, block, n, steps, pad, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (2, n), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :pad], mask[1, :pad] = 0, 0
+    nxt = torch.randint(3, 128, (2, steps), generator=g)
+    caches, logits = [], []
+    for attend in ("fused", "decode"):
+        cache = PagedCache(model.config, ratio=ratio, block=block, attend=attend, **_codecs(kind, group, rotate))
+        m = mask
+        out = [model(ids, attention_mask=m, past_key_values=cache).logits[:, -1]]
+        for i in range(steps):
+            m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
+            out.append(model(nxt[:, i:i + 1], attention_mask=m, past_key_values=cache).logits[:, -1])
+        caches.append(cache)
+        logits.append(torch.stack(out))
+    fused, ref = caches
+    assert fused.kernel_reads and not ref.kernel_reads
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    assert torch.equal(fused.kept_tokens(), ref.kept_tokens())  # the same evictions
+    for a, b in zip(fused.layers, ref.layers):  # the scores the kernel recorded for every kept row
+        ra, va, _ = a._gather(["score", "pos"])
+        rb, vb, _ = b._gather(["score", "pos"])
+        assert torch.equal(va, vb) and torch.equal(ra["pos"][va], rb["pos"][vb])
+        torch.testing.assert_close(ra["score"][va], rb["score"][vb], rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["kvc-8x", "kvc-8x+int4"])
+def test_kernel_never_gathers_or_decodes_the_rows(model, name, monkeypatch):
+    cache = get_method(name).make_cache(model)
+    ids = torch.randint(3, 128, (1, 100), generator=torch.Generator().manual_seed(0))
+    model(ids, past_key_values=cache)
+    layer = cache.layers[0]
+    st, _ = layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+    assert isinstance(st, RowStates)
+
+    def refuse(*a, **k):
+        raise AssertionError("the fused path gathered or decoded the kept rows")
+
+    monkeypatch.setattr(BlockPool, "gather_blocks", refuse)
+    monkeypatch.setattr(RowCodec, "decode", refuse)
+    before = cache.pool.flat("score").clone()
+    out, _ = st.attend(None, torch.randn(1, 4, 1, 16), None)
+    assert torch.isfinite(out).all()
+    assert (cache.pool.flat("score") != before).any()  # the step's weights reached the eviction scores
+
+
+@torch.no_grad()
+def test_rows_the_kernel_cannot_read_are_gathered_and_it_says_so(model):
+    cache = PagedCache(model.config, ratio=4, key_codec=IntQuant(3, "token", 2), value_codec=Fp16())  # 6-bit groups
+    assert "no compiled kernel reads these rows" in cache.describe()
+    ids = torch.randint(3, 128, (1, 40))
+    model(ids, past_key_values=cache)
+    assert not cache.kernel_reads
+    st, _ = cache.layers[0].update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+    assert not isinstance(st, RowStates)
+    assert "compiled kernel on the CPU" in get_method("kvc-8x+int4").make_cache(model).describe()
+    assert "gather and decode" in get_method("kvc-8x:attend=decode").make_cache(model).describe()
