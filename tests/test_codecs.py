@@ -140,3 +140,51 @@ def test_decode_into_a_slice_equals_plain_decode(codec):
     codec.decode(packed, torch.float32, out=buf[..., 10:74, :])
     assert torch.equal(buf[..., 10:74, :], codec.decode(packed))
     assert (buf[..., :10, :] == 7).all() and (buf[..., 74:, :] == 7).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(bits=st.integers(1, 8), group=st.sampled_from([None, 8, 16]), rotate=st.booleans(),
+       exponent=st.floats(-9, 4), kind=st.sampled_from(["normal", "halves", "zeros", "negative", "constant"]),
+       seed=st.integers(0, 2**16))
+def test_compiled_per_token_coding_is_the_pytorch_coding(bits, group, rotate, exponent, kind, seed):
+    """codecs/fastquant.py (a few tokens, what a decode step codes) against the PyTorch path: the same
+    codes, steps and minimums bit for bit (a zero minimum may differ in sign: -0 and 0 decode alike)."""
+    import kvshrink.codecs.quant as quant
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 2, 64, generator=g) * 10.0 ** exponent
+    if kind == "halves":  # exact float16 values: ties in the rounding of codes
+        x = x.half().float()
+    elif kind == "zeros":
+        x[..., :7] = 0.0
+    elif kind == "negative":
+        x = -x.abs()
+    elif kind == "constant":
+        x[:] = x[0, 0, 0, 0]
+    codec = IntQuant(bits, "token", group, rotate=rotate, seed=5)
+    assert codec._fast(x)
+    fast = codec.encode(x, 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quant, "FAST_ELEMENTS", -1)
+        assert not codec._fast(x)
+        slow = codec.encode(x, 1)
+    assert fast.meta == slow.meta and fast.block == slow.block
+    for name in ("codes", "scale", "min"):
+        a, b = fast.tensors[name], slow.tensors[name]
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if a.dtype == torch.float16:
+            a, b = (a + 0.0).view(torch.int16), (b + 0.0).view(torch.int16)
+        assert torch.equal(a, b)
+    assert torch.equal(codec.decode(fast), codec.decode(slow))
+
+
+def test_compiled_coding_refuses_what_pytorch_refuses():
+    x = torch.randn(1, 2, 1, 16)
+    codec = IntQuant(4, "token")
+    assert codec._fast(x)
+    x[0, 1, 0, 3] = float("nan")
+    with pytest.raises(KvshrinkError, match="NaN or infinite"):
+        codec.encode(x, 1)
+    x[0, 1, 0, 3] = 1e6  # a step beyond float16
+    with pytest.raises(KvshrinkError, match="float16 range"):
+        codec.encode(x, 1)

@@ -51,34 +51,31 @@ class PagedStates:
 
 
 class RowStates:
-    """What a paged layer's `update` returns for a decode step the kernel reads: this call's token,
-    which past rows are real and where they lie; `attend` runs the kernel and records the scores."""
+    """What a paged layer's `update` returns for a decode step the kernel reads (attention/rows.py):
+    this call's token and how many rows each head kept before it; `attend` runs the kernel and adds
+    the step's attention to the eviction scores."""
 
-    def __init__(self, layer, new_k, new_v, valid, slots, n_past):
+    def __init__(self, layer, new_k, new_v, n_past, new_slot):
         self.layer, self.new_k, self.new_v = layer, new_k, new_v  # (B, H, d)
-        self.valid, self.slots, self.n_past = valid, slots, n_past  # (B, H, S), (B, H, S), (B, H)
+        self.n_past, self.new_slot = n_past, new_slot  # (B, H): rows kept before, where the token went
 
     def attend(self, module, query, mask, scaling=None):
         from .attention.paged import bool_mask
-        from .attention.rows import attend
+        from .attention.rows import add_scores, attend
         from .policies.scores import aggregate
 
         b, hq, _, d = query.shape
-        h = self.valid.shape[1]
+        h = self.n_past.shape[1]
         scale = scaling if scaling is not None else d ** -0.5
         q = (query.float() * scale).reshape(b, h, hq // h, d)
         vis = bool_mask(mask)
-        if vis is None:
-            past = self.valid
-            new = self.valid.new_ones(b, h, 1)
-        else:  # a row is visible where the mask lets the query see its original position
-            m = vis[:, 0, -1].expand(b, vis.shape[-1])
-            pos = self.layer.owner.pool.flat("pos")[self.slots].long()
-            past = m.gather(1, pos.view(b, -1)).view(pos.shape) & self.valid
-            new = m[:, None, -1:].expand(b, h, 1)
-        out, probs = attend(q, self.layer, self.n_past, self.new_k, self.new_v, torch.cat([past, new], -1))
+        seen = None if vis is None else vis[:, 0, -1].expand(b, vis.shape[-1])  # by original position
+        out, probs = attend(q, self.layer, self.n_past, self.new_k, self.new_v, seen)
         owner = self.layer.owner
-        self.layer.observe(aggregate(probs[:, :, :, None], owner.score, owner.pool_kernel, owner.pooling))
+        add_scores(self.layer, self.n_past, self.new_slot,
+                   aggregate(probs[:, :, :, None], owner.score, owner.pool_kernel, owner.pooling))
+        if self.layer.index == owner.num_layers - 1:
+            owner._after_forward(1, None)
         return out.to(query.dtype).reshape(b, hq, 1, d).transpose(1, 2).contiguous(), None
 
 
@@ -127,14 +124,18 @@ class PagedLayer(StoreLayer):
         col = have.flatten()[units] + within
         self.table.view(-1, self.table.shape[2])[units, col] = ids
 
-    def _write(self, rows: dict, counts: torch.Tensor) -> torch.Tensor:
-        """Append rows {field: (B, H, T, ...)}, the first counts[b, h] of each head; returns their slots."""
+    def _write(self, rows: dict, counts: torch.Tensor, full: bool = False) -> torch.Tensor:
+        """Append rows {field: (B, H, T, ...)}, the first counts[b, h] of each head (full: all T of
+        every head); returns their slots."""
         t = next(iter(rows.values())).shape[2]
         new_len = self.length + counts
         self._grow(new_len)
         slots = self._slots_of(self.length, t)
-        ok = torch.arange(t, device=self.device) < counts[..., None]
-        self.owner.pool.write(slots[ok], {k: v[ok] for k, v in rows.items()})
+        if full:
+            self.owner.pool.write(slots.reshape(-1), {k: v.reshape(-1, *v.shape[3:]) for k, v in rows.items()})
+        else:
+            ok = torch.arange(t, device=self.device) < counts[..., None]
+            self.owner.pool.write(slots[ok], {k: v[ok] for k, v in rows.items()})
         self.length = new_len
         return slots
 
@@ -194,11 +195,19 @@ class PagedLayer(StoreLayer):
         self.seen += t
 
     def _fused_update(self, key_states, value_states):
-        """A decode step the compiled kernel serves (attention/rows.py): no row is gathered or decoded."""
-        _, valid, slots = self._slot_map()
+        """A decode step the compiled kernel serves (attention/rows.py): no row is gathered or decoded,
+        and its scores go to the pool through the block table (RowStates), not through `observe`."""
+        owner = self.owner
+        b, h, t, _ = key_states.shape
         n_past = self.length.clone()
-        self._store(key_states, value_states, slots, valid)
-        st = RowStates(self, key_states[:, :, 0], value_states[:, :, 0], valid, slots, n_past)
+        new = {"pos": torch.full((b, h, 1), self.seen, dtype=torch.int32, device=self.device),
+               "score": key_states.new_zeros(b, h, 1, dtype=torch.float32)}
+        new.update({"k." + k: v for k, v in owner.kc.encode(half_checked(key_states)).items()})
+        new.update({"v." + k: v for k, v in owner.vc.encode(half_checked(value_states)).items()})
+        slot = self._write(new, torch.ones_like(self.length), full=True)
+        self._slots = self._valid = None  # `observe` is not called for this step
+        self.seen += 1
+        st = RowStates(self, key_states[:, :, 0], value_states[:, :, 0], n_past, slot[:, :, 0])
         return st, st
 
     def observe(self, scores: torch.Tensor, pad: torch.Tensor | None = None) -> None:

@@ -50,15 +50,20 @@ def _row(codes, step, mn, bits, sym, sc, mf, x):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
-def _attend(q, qr, table, n_past, block, kc, ks, km, kbits, vc, vs, vm, vbits, new_k, new_v, vis, vrot, probs, out):
+def _attend(q, qr, table, n_past, block, kc, ks, km, kbits, vc, vs, vm, vbits, new_k, new_v, pos, seen, vrot,
+            probs, out):
     """q (B, H, G, d) scaled; qr the same in the key codec's rotated basis; table (B, H, W) block ids;
     n_past (B, H) kept rows; kc / vc (slots, row bytes), ks, km, vs, vm (slots, 2 groups) float16
-    bytes (empty for float16 rows); new_k / new_v (B, H, d) this call's token; vis (B, H, S + 1);
-    vrot the value rotation (0 x 0: none). Writes probs (B, H, G, S + 1) and out (B, H, G, d)."""
+    bytes (empty for float16 rows); new_k / new_v (B, H, d) this call's token; pos (slots,) each
+    row's original position and seen (B, K) which positions the query may see (0 x 0: all; a
+    kept row's visibility is that of its position); vrot the value rotation (0 x 0: none).
+    Writes probs (B, H, G, S + 1) and out (B, H, G, d). One (sequence, head) per worker: splitting
+    a head's rows over workers measured no faster (4x eviction at 8k, 2k rows per head)."""
     nb_, nh, ng, d = q.shape
     s = probs.shape[3] - 1
     kgroups = max(ks.shape[1] // 2, 1)
     vgroups = max(vs.shape[1] // 2, 1)
+    masked = seen.shape[1] > 0
     for u in numba.prange(nb_ * nh):
         b = u // nh
         h = u % nh
@@ -70,10 +75,12 @@ def _attend(q, qr, table, n_past, block, kc, ks, km, kbits, vc, vs, vm, vbits, n
         vsc = np.empty(vgroups, dtype=np.float32)
         vmf = np.empty(vgroups, dtype=np.float32)
         kk = np.empty(s + 1, dtype=np.int32)
+        vt = np.zeros(s + 1, dtype=np.uint8)
         tmp = np.empty(d, dtype=np.float32)
         lg = probs[b, h]
-        for j in range(n):
+        for j in range(n):  # logits of the kept rows
             slot = table[b, h, j // block] * block + j % block
+            vt[j] = seen[b, pos[slot]] if masked else 1
             _row(kc[slot], ks[slot], km[slot], kbits, sym, ksc, kmf, x)
             for g in range(ng):
                 qg = qr[b, h, g]
@@ -81,7 +88,8 @@ def _attend(q, qr, table, n_past, block, kc, ks, km, kbits, vc, vs, vm, vbits, n
                 for c in range(d):
                     t += qg[c] * x[c]
                 lg[g, j] = t
-        for g in range(ng):
+        vt[s] = seen[b, seen.shape[1] - 1] if masked else 1
+        for g in range(ng):  # this call's token, then the softmax of each query row
             qg = q[b, h, g]
             t = np.float32(0.0)
             for c in range(d):
@@ -89,7 +97,7 @@ def _attend(q, qr, table, n_past, block, kc, ks, km, kbits, vc, vs, vm, vbits, n
             lg[g, s] = t
             for j in range(n, s):
                 lg[g, j] = -np.inf
-            mx, _, tot = weights(lg[g], vis[b, h], s + 1, -np.inf, kk)
+            mx, _, tot = weights(lg[g], vt, s + 1, -np.inf, kk)
             if mx == -np.inf:  # nothing visible (cannot happen: a token sees itself)
                 lg[g, :] = 0.0
                 continue
@@ -98,7 +106,7 @@ def _attend(q, qr, table, n_past, block, kc, ks, km, kbits, vc, vs, vm, vbits, n
                 lg[g, j] *= inv
         acc = out[b, h]
         acc[:, :] = 0.0
-        for j in range(n):
+        for j in range(n):  # weighted value sums
             slot = table[b, h, j // block] * block + j % block
             _row(vc[slot], vs[slot], vm[slot], vbits, sym, vsc, vmf, x)
             for g in range(ng):
@@ -142,15 +150,16 @@ def _fields(pool, prefix: str, codec: Codec, slots: int):
 
 
 def attend(q: torch.Tensor, layer, n_past: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
-           vis: torch.Tensor):
+           seen: torch.Tensor | None):
     """q (B, H, G, d) float32, already scaled; layer a PagedLayer (its block table and the cache's
     pool); n_past (B, H) kept rows before this call's token; new_k / new_v (B, H, d) that token;
-    vis (B, H, S + 1) bool -> (out (B, H, G, d), probs (B, H, G, S + 1)) float32."""
+    seen (B, K) bool, the positions the query may see, or None (all) -> (out (B, H, G, d),
+    probs (B, H, G, S + 1)) float32, S the most rows a head keeps."""
     owner = layer.owner
     pool = owner.pool
     kcodec, vcodec = owner.key_codec, owner.value_codec
     b, h, g, d = q.shape
-    s = vis.shape[2] - 1
+    s = int(n_past.max()) if n_past.numel() else 0
     slots = pool.capacity * pool.block
     kc, ks, km = _fields(pool, "k.", kcodec, slots)
     vc, vs, vm = _fields(pool, "v.", vcodec, slots)
@@ -160,7 +169,27 @@ def attend(q: torch.Tensor, layer, n_past: torch.Tensor, new_k: torch.Tensor, ne
     vbits = HALF if isinstance(vcodec, Fp16) else vcodec.bits
     probs = np.empty((b, h, g, s + 1), dtype=np.float32)
     out = np.empty((b, h, g, d), dtype=np.float32)
-    _attend(q.contiguous().numpy(), qr.contiguous().numpy(), layer.table.numpy(), n_past.numpy(), pool.block,
-            kc, ks, km, kbits, vc, vs, vm, vbits, new_k.float().contiguous().numpy(),
-            new_v.float().contiguous().numpy(), as_u8(vis), vrot, probs, out)
+    _attend(q.contiguous().numpy(), qr.contiguous().numpy(), layer.table.contiguous().numpy(),
+            n_past.contiguous().numpy(), pool.block, kc, ks, km, kbits, vc, vs, vm, vbits,
+            new_k.float().contiguous().numpy(), new_v.float().contiguous().numpy(), pool.flat("pos").numpy(),
+            _NONE if seen is None else as_u8(seen), vrot, probs, out)
     return torch.from_numpy(out), torch.from_numpy(probs)
+
+
+@numba.njit(cache=True)
+def _add_scores(table, n_past, block, scores, new_slot, flat):
+    """flat[slot of row j of (b, h)] += scores[b, h, j] for the kept rows, and the last score to the
+    slot of this call's token."""
+    nb_, nh, s1 = scores.shape
+    for b in range(nb_):
+        for h in range(nh):
+            for j in range(n_past[b, h]):
+                flat[table[b, h, j // block] * block + j % block] += scores[b, h, j]
+            flat[new_slot[b, h]] += scores[b, h, s1 - 1]
+
+
+def add_scores(layer, n_past: torch.Tensor, new_slot: torch.Tensor, scores: torch.Tensor) -> None:
+    """Add a decode step's (B, H, S + 1) eviction scores to the pool's score of every row it read."""
+    pool = layer.owner.pool
+    _add_scores(layer.table.contiguous().numpy(), n_past.contiguous().numpy(), pool.block,
+                scores.float().contiguous().numpy(), new_slot.contiguous().numpy(), pool.flat("score").numpy())

@@ -14,6 +14,7 @@ input.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import KvshrinkError
@@ -22,6 +23,7 @@ from .hadamard import rotation
 from .packing import pack, unpack
 
 AXES = ("channel", "token")
+FAST_ELEMENTS = 4096  # per-token coding of at most this many values takes the compiled path
 
 
 def _half_down(t: torch.Tensor) -> torch.Tensor:
@@ -73,6 +75,8 @@ class IntQuant(Codec):
         return x.reshape(b, h, t // block, block, d // g, g), 5
 
     def encode(self, x: torch.Tensor, block: int) -> Packed:
+        if self._fast(x):
+            return self._encode_compiled(x, block)
         if not torch.isfinite(x).all():
             raise KvshrinkError("cannot quantize NaN or infinite key/value states")
         x = x.float()
@@ -88,6 +92,37 @@ class IntQuant(Codec):
         codes = ((xg - mn.float()) / safe).round_().clamp_(0, self.qmax).to(torch.uint8)
         tensors = {"codes": pack(codes, self.bits), "scale": scale, "min": mn}
         return Packed(tensors, block, d, {"last": codes.shape[-1]})
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        """A few tokens coded per token on the CPU, no padding inside a group: the compiled path
+        (codecs/fastquant.py; the same codes, bit for bit)."""
+        d = x.shape[-1]
+        g = self.group or d
+        return (self.axis == "token" and x.device.type == "cpu" and x.numel() <= FAST_ELEMENTS and d % g == 0
+                and g * self.bits % 8 == 0)
+
+    def _encode_compiled(self, x: torch.Tensor, block: int) -> Packed:
+        from .fastquant import quantize_rows
+
+        b, h, t, d = x.shape
+        x = x.float()
+        if self.rotate:
+            x = x @ rotation(d, self.seed).to(x.device)
+        g = self.group or d
+        rows = x.reshape(-1, d).contiguous().numpy()
+        codes = np.empty((rows.shape[0], d * self.bits // 8), dtype=np.uint8)
+        step = np.empty((rows.shape[0], d // g), dtype=np.uint16)
+        mn = np.empty_like(step)
+        err = quantize_rows(rows, self.bits, d // g, codes, step, mn)
+        if err == 1:
+            raise KvshrinkError("cannot quantize NaN or infinite key/value states")
+        if err == 2:
+            raise KvshrinkError("key/value states exceed the float16 range of the quantization scales")
+        lead = (b, h, t // block, block, d // g)
+        tensors = {"codes": torch.from_numpy(codes).view(*lead, -1),
+                   "scale": torch.from_numpy(step).view(torch.float16).view(*lead, 1),
+                   "min": torch.from_numpy(mn).view(torch.float16).view(*lead, 1)}
+        return Packed(tensors, block, d, {"last": g})
 
     def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         t = packed.tensors
