@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvshrink.attention.lowrank import LowRankStates, half_to_float
+from kvshrink.attention.lowrank import LowRankStates
+from kvshrink.attention.tiles import half_to_float
 from kvshrink.attention.zdc import ZdcStates, zdc_attention
 from kvshrink.codecs.base import Fp16
 from kvshrink.codecs.quant import IntQuant

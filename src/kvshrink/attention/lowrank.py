@@ -30,24 +30,8 @@ from ..codecs.base import Codec, Fp16, Packed
 from ..codecs.quant import IntQuant
 from .packed import _unpack
 from .paged import bool_mask
-from .tiles import FAST, accumulate, as_u8, channel_logits, dots, fold_values, merge, partial_buffers, weights
-
-HALF = 16  # "bits" of a float16 body: its bytes are read as half-precision floats
-_TWO_112 = np.float32(2.0 ** 112)
-
-
-@numba.njit(cache=True, fastmath=FAST)
-def half_to_float(src, n, dst):
-    """dst[:n] = the n float16 numbers whose little-endian bytes start at src[0] (finite values,
-    subnormals included). The half's exponent and mantissa are moved into float32's fields and
-    the bias difference (2^112) applied by one multiply: two passes LLVM vectorizes."""
-    di = dst.view(np.uint32)
-    for i in range(n):
-        h = np.uint32(src[2 * i]) | (np.uint32(src[2 * i + 1]) << 8)
-        di[i] = ((h & 0x7FFF) << 13) | ((h & 0x8000) << 16)
-    for i in range(n):
-        dst[i] *= _TWO_112
-
+from .tiles import (FAST, HALF, accumulate, as_u8, channel_logits, dots, fold_values, half_to_float, merge,
+                    partial_buffers, weights)
 
 @numba.njit(cache=True, fastmath=FAST)
 def _fold_dense(q1, keys, values, vt, m, lsum, acc, lr, kk):

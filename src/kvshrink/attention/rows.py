@@ -23,9 +23,8 @@ import torch
 from ..codecs.base import Codec, Fp16
 from ..codecs.hadamard import rotation
 from ..codecs.quant import IntQuant
-from .lowrank import HALF, half_to_float
 from .packed import _unpack
-from .tiles import FAST, as_u8, rotate_back, weights
+from .tiles import FAST, HALF, as_u8, half_to_float, rotate_back, weights
 
 
 @numba.njit(cache=True, fastmath=FAST)

@@ -1,4 +1,5 @@
-"""The per-tile arithmetic shared by the compiled decode kernels (attention/packed.py, kvcomp.py).
+"""The per-tile arithmetic shared by the compiled decode kernels (attention/packed.py, kvcomp.py,
+rvq.py, lowrank.py, rows.py).
 
 A kernel turns one tile of a head's history into uint8 codes (unpacking or Huffman
 decoding), then for each query row: logits from the codes (`channel_logits`),
@@ -32,6 +33,23 @@ FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 def as_u8(mask: torch.Tensor) -> np.ndarray:
     """A bool mask as the uint8 array the kernels take (no copy when contiguous)."""
     return mask.contiguous().view(torch.uint8).numpy()
+
+
+HALF = 16  # "bits" of a float16 body: its bytes are read as half-precision floats
+_TWO_112 = np.float32(2.0 ** 112)
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def half_to_float(src, n, dst):
+    """dst[:n] = the n float16 numbers whose little-endian bytes start at src[0] (finite values,
+    subnormals included). The half's exponent and mantissa are moved into float32's fields and
+    the bias difference (2^112) applied by one multiply: two passes LLVM vectorizes."""
+    di = dst.view(np.uint32)
+    for i in range(n):
+        h = np.uint32(src[2 * i]) | (np.uint32(src[2 * i + 1]) << 8)
+        di[i] = ((h & 0x7FFF) << 13) | ((h & 0x8000) << 16)
+    for i in range(n):
+        dst[i] *= _TWO_112
 
 
 @numba.njit(cache=True, fastmath=FAST)
