@@ -141,20 +141,14 @@ class PagedLayer(StoreLayer):
 
     def _gather(self, names) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """Every head's rows, padded to the longest head: ({field: (B, H, S, ...)}, valid (B, H, S), slots)."""
-        ids, valid, slots = self._slot_map()
-        rows = self.owner.pool.gather_blocks(ids, names)
-        return rows, valid, slots
-
-    def _slot_map(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(block ids (B, H, nb) >= 0, valid (B, H, S), slots (B, H, S)) of every head's rows, padded to
-        the longest head (S = nb x block)."""
         bk = self.owner.block
         nb = int(budgets.blocks_of(self.length, bk).max()) if self.length.numel() else 0
         ids = self.table[:, :, :nb].clamp(min=0)
+        rows = self.owner.pool.gather_blocks(ids, names)
         pos = torch.arange(nb * bk, device=self.device)
         valid = pos < self.length[..., None]
         slots = ids.repeat_interleave(bk, 2) * bk + pos % bk
-        return ids, valid, slots
+        return rows, valid, slots
 
     # --- transformers layer API --------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -180,15 +174,20 @@ class PagedLayer(StoreLayer):
         st = PagedStates(self, keys, values, valid, positions, s)
         return st, st  # Cache.update unpacks a pair; the attention function reads both from `st`
 
-    def _store(self, key_states, value_states, slots, valid) -> None:
-        """Write this call's rows; remember the slots and validity of the rows handed to attention."""
+    def _write_new(self, key_states, value_states) -> torch.Tensor:
+        """Code this call's tokens into rows of every head and write them; returns their slots (B, H, T)."""
         owner = self.owner
         b, h, t, _ = key_states.shape
         new = {"pos": (self.seen + torch.arange(t, device=self.device)).expand(b, h, t).to(torch.int32),
                "score": key_states.new_zeros(b, h, t, dtype=torch.float32)}
         new.update({"k." + k: v for k, v in owner.kc.encode(half_checked(key_states)).items()})
         new.update({"v." + k: v for k, v in owner.vc.encode(half_checked(value_states)).items()})
-        new_slots = self._write(new, torch.full_like(self.length, t))
+        return self._write(new, torch.full_like(self.length, t), full=True)
+
+    def _store(self, key_states, value_states, slots, valid) -> None:
+        """Write this call's rows; remember the slots and validity of the rows handed to attention."""
+        b, h, t, _ = key_states.shape
+        new_slots = self._write_new(key_states, value_states)
         self._slots = torch.cat([slots, new_slots], 2)
         self._valid = torch.cat([valid, valid.new_ones(b, h, t)], 2)
         self._n_new = t
@@ -197,14 +196,8 @@ class PagedLayer(StoreLayer):
     def _fused_update(self, key_states, value_states):
         """A decode step the compiled kernel serves (attention/rows.py): no row is gathered or decoded,
         and its scores go to the pool through the block table (RowStates), not through `observe`."""
-        owner = self.owner
-        b, h, t, _ = key_states.shape
         n_past = self.length.clone()
-        new = {"pos": torch.full((b, h, 1), self.seen, dtype=torch.int32, device=self.device),
-               "score": key_states.new_zeros(b, h, 1, dtype=torch.float32)}
-        new.update({"k." + k: v for k, v in owner.kc.encode(half_checked(key_states)).items()})
-        new.update({"v." + k: v for k, v in owner.vc.encode(half_checked(value_states)).items()})
-        slot = self._write(new, torch.ones_like(self.length), full=True)
+        slot = self._write_new(key_states, value_states)
         self._slots = self._valid = None  # `observe` is not called for this step
         self.seen += 1
         st = RowStates(self, key_states[:, :, 0], value_states[:, :, 0], n_past, slot[:, :, 0])

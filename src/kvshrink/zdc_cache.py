@@ -112,14 +112,12 @@ class ZdcLayer(StoreLayer):
     def _lowrank_states(self, k: torch.Tensor, v: torch.Tensor):
         from .attention.lowrank import LowRankStates
 
-        def mid(store):  # the float16 tokens between body and window (the stage was thawed: update)
-            return store.fresh[:, 0]
-
         bodies = None
         if self.ks[0].body is not None:
             bodies = [(ks.body, vs.body) for ks, vs in zip(self.ks, self.vs)]
+        # between body and window: the float16 tokens (update thawed the stage into them)
         return LowRankStates((self.k_sink, self.v_sink), bodies,
-                             [(mid(ks), mid(vs)) for ks, vs in zip(self.ks, self.vs)],
+                             [(ks.fresh[:, 0], vs.fresh[:, 0]) for ks, vs in zip(self.ks, self.vs)],
                              (self.k_win, self.v_win), (k, v), self.ks[0].codec, self.vs[0].codec,
                              self.ks[0].block, self.splits)
 
