@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvshrink import CompressedCache
-from kvshrink.eval.data import load_corpus_ids, segments
+from kvshrink import CompressedCache, from_method
+from kvshrink.corpus import load_corpus_ids, segments
 from kvshrink.eval.needle import run_needles
 from kvshrink.eval.perplexity import REFERENCE, evaluate_quality
-from kvshrink.eval.peers import cache_nbytes
-from kvshrink.models import spec_from_config
+from kvshrink.core.cache import cache_nbytes
+from kvshrink.spec import spec_from_config
 
 pytestmark = pytest.mark.model
 
@@ -24,7 +24,7 @@ def test_perplexity_protocol_orders_methods(bundled):
     cfg = model.config
     segs = segments(load_corpus_ids(tok, max_tokens=1024), 512, 1)
     names = ("fp16", "int8", "int4", "int2")
-    res = evaluate_quality(model, spec_from_config(cfg), {n: (lambda n=n: CompressedCache.from_method(n, cfg)) for n in names},
+    res = evaluate_quality(model, spec_from_config(cfg), {n: (lambda n=n: from_method(n, cfg)) for n in names},
                            segs, chunk=64)
     assert res[REFERENCE]["tokens"] == 511 and 5 < res[REFERENCE]["ppl"] < 60
     assert abs(res["fp16"]["ppl_change"]) < 1e-3 and res["fp16"]["top1"] > 0.99
@@ -37,7 +37,7 @@ def test_perplexity_protocol_orders_methods(bundled):
 
 def test_needle_found_with_uncompressed_and_int8(bundled):
     model, tok = bundled
-    make = {"ref": DynamicCache, "int8": lambda: CompressedCache.from_method("int8", model.config)}
+    make = {"ref": DynamicCache, "int8": lambda: from_method("int8", model.config)}
     res = run_needles(model, tok, make, [1024], [0.5], kinds=("noise",))
     assert res["ref"]["score"] == 1.0 and res["int8"]["score"] == 1.0
 
@@ -48,7 +48,7 @@ def test_generate_and_peer_byte_accounting(bundled):
                                   return_tensors="pt", return_dict=True).input_ids
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
     ref = model.generate(**kw)
-    cache = CompressedCache.from_method("fp16", model.config)
+    cache = from_method("fp16", model.config)
     assert torch.equal(model.generate(past_key_values=cache, **kw), ref)
     assert cache_nbytes(cache) == cache.get_seq_length() * spec_from_config(model.config).fp16_bytes_per_token()
     pytest.importorskip("optimum.quanto")

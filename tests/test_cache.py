@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvshrink import CompressedCache, IntQuant, KvshrinkError
+from kvshrink import CompressedCache, IntQuant, KvshrinkError, from_method
 from kvshrink.codecs.base import tensor_nbytes
 from kvshrink.eval.needle import fill, prefill_states
 
@@ -21,12 +21,12 @@ def _chunked_logits(model, cache, ids, chunk):
 def test_fp16_method_matches_dynamic_cache(tiny_model, tiny_config):
     ids = _ids(200)
     ref = _chunked_logits(tiny_model, DynamicCache(), ids, 16)
-    got = _chunked_logits(tiny_model, CompressedCache.from_method("fp16", tiny_config), ids, 16)
+    got = _chunked_logits(tiny_model, from_method("fp16", tiny_config), ids, 16)
     assert (ref - got).abs().max() < 1e-3
 
 
 def test_layout_counts_and_bytes(tiny_model, tiny_config):
-    cache = CompressedCache.from_method("int4", tiny_config, window=8, sink=4, block=32)
+    cache = from_method("int4", tiny_config, window=8, sink=4, block=32)
     _chunked_logits(tiny_model, cache, _ids(150), 10)  # calls over 8 tokens code through the stage
     layer = cache.layers[0]
     k, v = layer.k, layer.v
@@ -55,7 +55,7 @@ def test_compressed_logits_close_and_int8_closer(tiny_model, tiny_config):
     ref = torch.log_softmax(_chunked_logits(tiny_model, DynamicCache(), ids, 32), -1)
     errs = {}
     for name in ("int8", "int4", "int2"):
-        got = torch.log_softmax(_chunked_logits(tiny_model, CompressedCache.from_method(name, tiny_config, block=32), ids, 32), -1)
+        got = torch.log_softmax(_chunked_logits(tiny_model, from_method(name, tiny_config, block=32), ids, 32), -1)
         errs[name] = (ref - got).abs().max().item()
     assert errs["int8"] < errs["int4"] < errs["int2"]
     assert errs["int8"] < 1e-2
@@ -68,13 +68,13 @@ def test_generate_batch_left_padding_matches_single(tiny_model, tiny_config):
     mask = torch.cat([torch.ones(1, 40), torch.cat([torch.zeros(1, 15), torch.ones(1, 25)], 1)]).long()
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     out = tiny_model.generate(input_ids=batch, attention_mask=mask,
-                              past_key_values=CompressedCache.from_method("fp16", tiny_config), **kw)
+                              past_key_values=from_method("fp16", tiny_config), **kw)
     for row, single in ((0, a), (1, b)):
         alone = tiny_model.generate(input_ids=single, attention_mask=torch.ones_like(single),
-                                    past_key_values=CompressedCache.from_method("fp16", tiny_config), **kw)
+                                    past_key_values=from_method("fp16", tiny_config), **kw)
         assert torch.equal(out[row, -12:], alone[0, -12:])
     # a quantized cache under generate: runs to length and holds real compressed bytes
-    cache = CompressedCache.from_method("int4", tiny_config, block=16)
+    cache = from_method("int4", tiny_config, block=16)
     out = tiny_model.generate(input_ids=batch, attention_mask=mask, past_key_values=cache, **kw)
     assert out.shape == (2, 52) and cache.get_seq_length() == 51
     assert cache.compression_ratio() > 1.5
@@ -82,7 +82,7 @@ def test_generate_batch_left_padding_matches_single(tiny_model, tiny_config):
 
 def test_crop_keeps_the_prefix_exactly(tiny_model, tiny_config):
     ids = _ids(120)
-    cache = CompressedCache.from_method("int4", tiny_config, block=32, window=4)
+    cache = from_method("int4", tiny_config, block=32, window=4)
     _chunked_logits(tiny_model, cache, ids, 20)
     before = [(l.k.decoded(torch.float32), l.v.decoded(torch.float32)) for l in cache.layers]
     for cut in (-3, -30, -70, -18):  # window, stage, body, sink
@@ -95,7 +95,7 @@ def test_crop_keeps_the_prefix_exactly(tiny_model, tiny_config):
         before = [(l.k.decoded(torch.float32), l.v.decoded(torch.float32)) for l in cache.layers]
     assert cache.get_seq_length() == 0
     # a chat continues from a cropped cache
-    cache = CompressedCache.from_method("int4", tiny_config, block=32)
+    cache = from_method("int4", tiny_config, block=32)
     _chunked_logits(tiny_model, cache, ids, 40)
     cache.crop(-50)
     assert cache.get_seq_length() == 70
@@ -107,10 +107,10 @@ def test_crop_keeps_the_prefix_exactly(tiny_model, tiny_config):
 
 def test_shared_prefill_fill_equals_prefill_through_cache(tiny_model, tiny_config):
     ids = _ids(100)
-    direct = CompressedCache.from_method("int3", tiny_config, block=32)
+    direct = from_method("int3", tiny_config, block=32)
     with torch.no_grad():
         tiny_model(ids, past_key_values=direct)
-    filled = CompressedCache.from_method("int3", tiny_config, block=32)
+    filled = from_method("int3", tiny_config, block=32)
     fill(filled, prefill_states(tiny_model, ids))
     for a, b in zip(direct.layers, filled.layers):
         for x, y in zip(a.tensors(), b.tensors()):
@@ -119,7 +119,7 @@ def test_shared_prefill_fill_equals_prefill_through_cache(tiny_model, tiny_confi
 
 def test_batch_select_and_reorder(tiny_model, tiny_config):
     ids = _ids(70, batch=3)
-    cache = CompressedCache.from_method("int4", tiny_config, block=32)
+    cache = from_method("int4", tiny_config, block=32)
     _chunked_logits(tiny_model, cache, ids, 35)
     full = [l.k.decoded(torch.float32) for l in cache.layers]
     cache.reorder_cache(torch.tensor([2, 0, 1]))
@@ -136,9 +136,9 @@ def test_codec_objects_and_bad_options(tiny_config):
     with pytest.raises(KvshrinkError, match="not a multiple"):
         CompressedCache(tiny_config, key_codec=IntQuant(4, "channel", 64), block=96)
     with pytest.raises(KvshrinkError, match="unknown method"):
-        CompressedCache.from_method("int5", tiny_config)
+        from_method("int5", tiny_config)
     with pytest.raises(KvshrinkError, match="window"):
-        CompressedCache.from_method("int4", tiny_config, window=-1)
+        from_method("int4", tiny_config, window=-1)
 
 
 def test_per_token_values_are_coded_once_whatever_the_chunking(tiny_model, tiny_config):
@@ -146,9 +146,9 @@ def test_per_token_values_are_coded_once_whatever_the_chunking(tiny_model, tiny_
     float16 until a block fills) hold the same codes; the waiting tokens are their float16 selves."""
     ids = _ids(100)
     states = prefill_states(tiny_model, ids)
-    one = CompressedCache.from_method("int4", tiny_config, block=32)
+    one = from_method("int4", tiny_config, block=32)
     fill(one, states)
-    steps = CompressedCache.from_method("int4", tiny_config, block=32)
+    steps = from_method("int4", tiny_config, block=32)
     for t in range(100):
         for i, (k, v) in enumerate(states):
             steps.update(k[..., t:t + 1, :], v[..., t:t + 1, :], i)
@@ -162,15 +162,15 @@ def test_per_token_values_are_coded_once_whatever_the_chunking(tiny_model, tiny_
 
 
 def test_method_options_in_the_name(tiny_config):
-    cache = CompressedCache.from_method("int4:window=16:block=64", tiny_config)
+    cache = from_method("int4:window=16:block=64", tiny_config)
     assert (cache.window, cache.block, cache.method) == (16, 64, "int4:window=16:block=64")
-    assert CompressedCache.from_method("int2-rot:key_axis=token", tiny_config).key_codec.axis == "token"
+    assert from_method("int2-rot:key_axis=token", tiny_config).key_codec.axis == "token"
     with pytest.raises(KvshrinkError, match="unknown option 'bits'"):
-        CompressedCache.from_method("int4:bits=3", tiny_config)
+        from_method("int4:bits=3", tiny_config)
     with pytest.raises(KvshrinkError, match="needs an integer"):
-        CompressedCache.from_method("int4:window=big", tiny_config)
-    with pytest.raises(KvshrinkError, match="unknown quantization axis"):
-        CompressedCache.from_method("int4:key_axis=diagonal", tiny_config)
+        from_method("int4:window=big", tiny_config)
+    with pytest.raises(KvshrinkError, match="unknown key_axis"):
+        from_method("int4:key_axis=diagonal", tiny_config)
 
 
 def test_needle_records_a_failing_peer_and_raises_for_ours(tiny_model, tiny_config):

@@ -163,11 +163,18 @@ def test_compiled_per_token_coding_is_the_pytorch_coding(bits, group, rotate, ex
         x[:] = x[0, 0, 0, 0]
     codec = IntQuant(bits, "token", group, rotate=rotate, seed=5)
     assert codec._fast(x)
-    fast = codec.encode(x, 1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(quant, "FAST_ELEMENTS", -1)
         assert not codec._fast(x)
-        slow = codec.encode(x, 1)
+        try:
+            slow = codec.encode(x, 1)
+        except KvshrinkError:
+            slow = None
+    if slow is None:  # beyond float16 once rotated: the compiled path refuses alike
+        with pytest.raises(KvshrinkError, match="float16 range"):
+            codec.encode(x, 1)
+        return
+    fast = codec.encode(x, 1)
     assert fast.meta == slow.meta and fast.block == slow.block
     for name in ("codes", "scale", "min"):
         a, b = fast.tensors[name], slow.tensors[name]

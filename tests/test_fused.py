@@ -8,13 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvshrink.attention.paged import use_kvshrink_attention
-from kvshrink.cache import CompressedCache
+from kvshrink.attention.function import use_kvshrink_attention
+from kvshrink import CompressedCache, from_method
 from kvshrink.codecs.quant import IntQuant
 from kvshrink.errors import KvshrinkError
 from kvshrink.eval.speed import roofline, weight_bytes
-from kvshrink.kvcomp_cache import KVCompCache
-from kvshrink.methods import get_method
+from kvshrink.families.kvcomp.cache import KVCompCache
+from kvshrink import from_method, get_method, prepare
 
 
 def _ids(n, batch=1, seed=0):
@@ -81,7 +81,7 @@ def test_kernel_never_decodes_the_history(monkeypatch):
 
 
 def test_crop_keeps_whole_blocks_and_the_kernel_still_reads(model):
-    cache = get_method("int4:block=32").make_cache(model)
+    cache = from_method("int4:block=32", model)
     with torch.no_grad():
         model(_ids(150), past_key_values=cache)
         cache.crop(-25)  # 125 tokens: 4 sink + 96 in whole blocks + 25 staged
@@ -98,7 +98,7 @@ def test_generation_fused_equals_decode_then_attend(model, name):
     ids[0, :5], mask[0, :5] = 0, 0
     outs = []
     for attend in ("fused", "decode"):
-        cache = get_method(f"{name}:block=32:attend={attend}").make_cache(model)
+        cache = from_method(f"{name}:block=32:attend={attend}", model)
         assert (cache.attend == "fused") == (attend == "fused")
         with torch.no_grad():
             outs.append(model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40,
@@ -113,7 +113,7 @@ def test_perplexity_fused_equals_decode_then_attend(model):
     ids = _ids(161, seed=5)
     nll = {}
     for attend in ("fused", "decode"):
-        cache = get_method(f"int4:block=32:attend={attend}").make_cache(model)
+        cache = from_method(f"int4:block=32:attend={attend}", model)
         total = 0.0
         with torch.no_grad():
             for s in range(0, 160, 8):
@@ -124,7 +124,7 @@ def test_perplexity_fused_equals_decode_then_attend(model):
 
 
 def test_codes_with_padding_inside_a_token_are_not_read_by_the_kernel():
-    from kvshrink.attention.packed import supported
+    from kvshrink.families.quant.kernel import supported
 
     assert supported(IntQuant(3, "channel", 32), IntQuant(3, "token"), head_dim=64)
     assert not supported(IntQuant(3, "channel", 32), IntQuant(3, "token"), head_dim=12)  # 36 bits a token
@@ -133,7 +133,7 @@ def test_codes_with_padding_inside_a_token_are_not_read_by_the_kernel():
 
 
 def test_a_config_alone_gets_decode_then_attend_and_says_so(tiny_config):
-    cache = CompressedCache.from_method("int4", tiny_config)
+    cache = from_method("int4", tiny_config)
     assert cache.attend == "decode" and "decode-then-attend" in cache.describe()
     with pytest.raises(KvshrinkError, match="no fused kernel"):
         CompressedCache(tiny_config, key_codec=IntQuant(4, "channel", 128), value_codec=IntQuant(4, "channel", 128),
@@ -149,7 +149,7 @@ def test_background_coding_does_not_depend_on_the_thread(model, family):
     runs = {}
     for mode in ("thread", "inline", "off"):
         if family == "int4":
-            cache = get_method(f"int4:block=32:background={int(mode != 'off')}").make_cache(model)
+            cache = from_method(f"int4:block=32:background={int(mode != 'off')}", model)
             if mode == "inline":
                 for layer in cache.layers:
                     layer.k.executor = layer.v.executor = Inline()
@@ -173,7 +173,7 @@ def test_background_coding_does_not_depend_on_the_thread(model, family):
 
 
 def test_background_blocks_reach_the_body(model):
-    cache = get_method("int4:block=32").make_cache(model)
+    cache = from_method("int4:block=32", model)
     with torch.no_grad():
         model.generate(input_ids=_ids(40), past_key_values=cache, max_new_tokens=64, min_new_tokens=64, do_sample=False)
     layer = cache.layers[0]
@@ -212,10 +212,10 @@ def test_speed_protocol_times_every_step_and_the_reference_again(model, tiny_con
     from transformers import DynamicCache
 
     from kvshrink.eval.speed import measure_speed
-    from kvshrink.models import spec_from_config
+    from kvshrink.spec import spec_from_config
 
     makers = {"dynamic-fp32": lambda: DynamicCache(config=tiny_config),
-              "int4": lambda: get_method("int4").make_cache(model)}
+              "int4": lambda: from_method("int4", model)}
     out = measure_speed(model, spec_from_config(tiny_config), makers, _ids(80), [40, 70], steps=3)
     for length in (40, 70):
         ref, r = out["dynamic-fp32"][length], out["int4"][length]

@@ -8,13 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvshrink.cache import CompressedCache
+from kvshrink import CompressedCache, from_method, load_cache
 from kvshrink.codecs import huffman
 from kvshrink.codecs.errbound import ErrorBound
-from kvshrink.entropy_body import EntropyBody
+from kvshrink.families.kvcomp.body import EntropyBody
 from kvshrink.errors import KvshrinkError
-from kvshrink.kvcomp_cache import KVCompCache
-from kvshrink.methods import get_method
+from kvshrink.families.kvcomp.cache import KVCompCache
+from kvshrink import from_method, get_method, prepare
 
 
 def _ids(n, batch=1, seed=0):
@@ -24,7 +24,7 @@ def _ids(n, batch=1, seed=0):
 @pytest.fixture()
 def model(tiny_model):
     m = copy.deepcopy(tiny_model)  # switched to the kvshrink attention in place
-    get_method("kvcomp-eb0.1").prepare_model(m, None)
+    prepare(m, "kvcomp-eb0.1")
     return m
 
 
@@ -218,12 +218,12 @@ def test_crop_and_batch_selection_keep_the_coded_tokens(model):
 
 def test_save_load_resumes_the_same_generation(model, tmp_path, tiny_config):
     ids = _ids(130, seed=8)
-    cache = get_method("kvcomp-eb0.1:key_block=16:value_block=32").make_cache(model)
+    cache = from_method("kvcomp-eb0.1:key_block=16:value_block=32", model)
     with torch.no_grad():
         model(ids[:, :120], past_key_values=cache)
         size = cache.save(tmp_path / "chat.kvc")
         assert size < cache.nbytes()  # the file keeps code lengths, not the decoding lookups
-        loaded = CompressedCache.load(str(tmp_path / "chat.kvc"), model)
+        loaded = load_cache(str(tmp_path / "chat.kvc"), model)
         assert loaded.get_seq_length() == 120 and loaded.nbytes() == cache.nbytes()
         a = [model(ids[:, i:i + 1], past_key_values=cache).logits for i in range(120, 130)]
         b = [model(ids[:, i:i + 1], past_key_values=loaded).logits for i in range(120, 130)]
@@ -233,10 +233,10 @@ def test_save_load_resumes_the_same_generation(model, tmp_path, tiny_config):
     with torch.no_grad():
         other.model.layers[0].self_attn.k_proj.weight.add_(0.01)
     with pytest.raises(KvshrinkError, match="other weights"):
-        CompressedCache.load(str(tmp_path / "chat.kvc"), other)
+        load_cache(str(tmp_path / "chat.kvc"), other)
     (tmp_path / "junk.kvc").write_bytes(b"not a cache")
     with pytest.raises(KvshrinkError, match="not a safetensors file"):
-        CompressedCache.load(str(tmp_path / "junk.kvc"), model)
+        load_cache(str(tmp_path / "junk.kvc"), model)
 
 
 @pytest.mark.parametrize("name, message", [
@@ -247,7 +247,7 @@ def test_save_load_resumes_the_same_generation(model, tmp_path, tiny_config):
 ])
 def test_bad_options_are_refused(model, name, message):
     with pytest.raises(KvshrinkError, match=message):
-        get_method(name).make_cache(model)
+        from_method(name, model)
 
 
 def test_cli_refuses_an_impossible_bound(capsys):
@@ -269,8 +269,8 @@ def test_cli_saves_a_chat_and_resumes_it(tmp_path, capsys, bundled):
                  "--max-new-tokens", "40", "--save-cache", path]) == 0
     n = len(tok(prompt).input_ids) + 40 - 1  # the last new token is never fed back
     assert f"saved {n} tokens" in capsys.readouterr().out
-    m = copy.deepcopy(model)
-    loaded = CompressedCache.load(path, m)
+    m = prepare(copy.deepcopy(model), "kvcomp-eb0.1")
+    loaded = load_cache(path, m)
     assert loaded.get_seq_length() == n and loaded.ids.shape == (1, n) and loaded.layers[0].kb.num_tokens > 0
     assert main(["generate", "--resume", path, "--prompt", " three,", "--max-new-tokens", "4"]) == 0
     extra = len(tok(" three,", add_special_tokens=False).input_ids)
@@ -278,8 +278,6 @@ def test_cli_saves_a_chat_and_resumes_it(tmp_path, capsys, bundled):
 
 
 def test_only_kvcomp_caches_are_saved(tiny_config, tmp_path):
-    from kvshrink.cache_io import save
-
-    cache = CompressedCache.from_method("int4", tiny_config)
-    with pytest.raises(KvshrinkError, match="saving is implemented for kvcomp caches"):
-        save(cache, str(tmp_path / "x.kvc"))
+    cache = from_method("int4", tiny_config)
+    with pytest.raises(KvshrinkError, match="saving is implemented for kvcomp caches, not int4"):
+        cache.save(str(tmp_path / "x.kvc"))

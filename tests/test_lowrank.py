@@ -7,16 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvshrink.attention.lowrank import LowRankStates
-from kvshrink.attention.tiles import half_to_float
-from kvshrink.attention.zdc import ZdcStates, zdc_attention
+from kvshrink.families.lowrank.kernel import LowRankStates
+from kvshrink.kernels.tiles import half_to_float
+from kvshrink.families.lowrank.states import ZdcStates
 from kvshrink.codecs.base import Fp16
 from kvshrink.codecs.quant import IntQuant
 from kvshrink.errors import KvshrinkError
-from kvshrink.methods import get_method
-from kvshrink.store import TokenStore
-from kvshrink.transforms import zdc
-from kvshrink.zdc_cache import ZdcCache
+from kvshrink import from_method, get_method, prepare
+from kvshrink.core.store import TokenStore
+from kvshrink.families.lowrank import transform as zdc
+from kvshrink.families.lowrank.cache import ZdcCache
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +90,8 @@ def test_kernel_equals_pytorch_attention_over_the_same_states(zmodel, kind, rank
     mask[1, ..., :pad] = False  # left padding of the second sequence: in the sink, the body, or beyond
     q = torch.randn(2, 4, t, 16, generator=g)
     mod = _Module(zmodel.model.layers[0].self_attn.zdc_qk)
-    got = zdc_attention(mod, q, fused, fused, mask)[0]
-    want = zdc_attention(mod, q, plain, plain, mask)[0]
+    got = fused.attend(mod, q, mask)[0]
+    want = plain.attend(mod, q, mask)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -111,8 +111,7 @@ def test_kernel_never_decodes_the_body(zmodel, kind, monkeypatch):
     monkeypatch.setattr(TokenStore, "decoded", refuse)
     monkeypatch.setattr(Fp16, "decode", refuse)
     monkeypatch.setattr(IntQuant, "decode", refuse)
-    out, _ = zdc_attention(_Module(zmodel.model.layers[0].self_attn.zdc_qk), torch.randn(2, 4, 1, 16), states,
-                           states, None)
+    out, _ = states.attend(_Module(zmodel.model.layers[0].self_attn.zdc_qk), torch.randn(2, 4, 1, 16), None)
     assert torch.isfinite(out).all()
 
 
@@ -123,7 +122,7 @@ def test_generation_fused_equals_pytorch_attention(zmodel, name):
     ids[0, :5], mask[0, :5] = 0, 0
     outs = []
     for attend in ("fused", "decode"):
-        cache = get_method(f"{name}:block=16:attend={attend}").make_cache(zmodel)
+        cache = from_method(f"{name}:block=16:attend={attend}", zmodel)
         assert cache.attend == attend
         with torch.no_grad():
             outs.append(zmodel.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=30,
@@ -146,8 +145,8 @@ def test_codes_the_kernel_cannot_read_go_to_pytorch_and_say_so(zmodel):
     assert not layer.kernel_reads
     states, _ = layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
     assert isinstance(states, ZdcStates)
-    assert "compiled kernel on the CPU" in get_method("zdc-50").make_cache(zmodel).describe()
-    assert "decoded segments (PyTorch)" in get_method("zdc-50:attend=decode").make_cache(zmodel).describe()
+    assert "compiled kernel on the CPU" in from_method("zdc-50", zmodel).describe()
+    assert "decoded segments (PyTorch)" in from_method("zdc-50:attend=decode", zmodel).describe()
 
 
 def test_thaw_moves_the_stage_into_float16_tokens_once():

@@ -8,7 +8,7 @@ import torch
 
 from kvshrink import KvshrinkError, load_model
 from kvshrink.cli import main
-from kvshrink.models import spec_from_config
+from kvshrink.spec import spec_from_config
 
 
 def test_spec_of_a_llama_config(tiny_config):

@@ -9,16 +9,16 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from kvshrink.errors import KvshrinkError
-from kvshrink.methods import get_method
-from kvshrink.paged_cache import PagedCache
-from kvshrink.policies import budget
-from kvshrink.policies.pool import BlockPool
+from kvshrink import from_method, get_method, prepare
+from kvshrink.families.evict.cache import PagedCache
+from kvshrink.families.evict import budget
+from kvshrink.core.pool import BlockPool
 
 
 @pytest.fixture()
 def model(tiny_model):
     m = copy.deepcopy(tiny_model)  # the paged attention is switched on in place
-    get_method("kvc-8x").prepare_model(m, None)
+    prepare(m, "kvc-8x")
     return m
 
 
@@ -243,8 +243,8 @@ def test_ratio_budget_and_batch_budgets(model):
 
 def test_int4_rows_compose_and_are_smaller(model):
     ids = _ids(128)
-    a = get_method("kvc-8x").make_cache(model)
-    b = get_method("kvc-8x+int4").make_cache(model)
+    a = from_method("kvc-8x", model)
+    b = from_method("kvc-8x+int4", model)
     with torch.no_grad():
         model(ids, past_key_values=a, use_cache=True)
         model(ids, past_key_values=b, use_cache=True)
@@ -321,7 +321,7 @@ def test_head_normalization_ranks_heads_on_one_scale(model, norm):
 
 
 def test_max_pooling_spreads_a_peak_over_its_span(tiny_config):
-    from kvshrink.policies.scores import aggregate
+    from kvshrink.families.evict.scores import aggregate
 
     probs = torch.zeros(1, 1, 1, 1, 12)
     probs[..., 5] = 1.0

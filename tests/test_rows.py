@@ -10,14 +10,15 @@ from hypothesis import strategies as st
 
 from kvshrink.codecs.base import Fp16
 from kvshrink.codecs.quant import IntQuant
-from kvshrink.methods import get_method
-from kvshrink.paged_cache import PagedCache, RowStates
-from kvshrink.policies.pool import BlockPool, RowCodec
+from kvshrink import from_method, get_method, prepare
+from kvshrink.families.evict.cache import PagedCache
+from kvshrink.families.evict.states import RowStates
+from kvshrink.core.pool import BlockPool, RowCodec
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model):
-    from kvshrink.attention.paged import use_kvshrink_attention
+    from kvshrink.attention.function import use_kvshrink_attention
 
     m = copy.deepcopy(tiny_model)  # switched to the kvshrink attention in place
     use_kvshrink_attention(m)
@@ -66,7 +67,7 @@ def test_kernel_equals_gather_then_attend(model, kind, group, rotate, ratio, blo
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["kvc-8x", "kvc-8x+int4"])
 def test_kernel_never_gathers_or_decodes_the_rows(model, name, monkeypatch):
-    cache = get_method(name).make_cache(model)
+    cache = from_method(name, model)
     ids = torch.randint(3, 128, (1, 100), generator=torch.Generator().manual_seed(0))
     model(ids, past_key_values=cache)
     layer = cache.layers[0]
@@ -93,5 +94,5 @@ def test_rows_the_kernel_cannot_read_are_gathered_and_it_says_so(model):
     assert not cache.kernel_reads
     st, _ = cache.layers[0].update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
     assert not isinstance(st, RowStates)
-    assert "compiled kernel on the CPU" in get_method("kvc-8x+int4").make_cache(model).describe()
-    assert "gather and decode" in get_method("kvc-8x:attend=decode").make_cache(model).describe()
+    assert "compiled kernel on the CPU" in from_method("kvc-8x+int4", model).describe()
+    assert "gather and decode" in from_method("kvc-8x:attend=decode", model).describe()

@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvshrink import rvq_calib
-from kvshrink.attention.paged import use_kvshrink_attention
-from kvshrink.cache import CompressedCache
+from kvshrink.families.rvq import calibrate as rvq_calib
+from kvshrink.attention.function import use_kvshrink_attention
+from kvshrink import CompressedCache, from_method
 from kvshrink.codecs.rvq import RVQ, channel_order, residual_codes
-from kvshrink.coded_cache import CodedCache
+from kvshrink.families.rvq.cache import CodedCache
 from kvshrink.errors import KvshrinkError
 
 
@@ -105,7 +105,7 @@ def test_refuses_bad_codebooks_and_states():
 
 def test_residual_shrinks_with_depth_on_real_activations(bundled):
     model, tok = bundled
-    from kvshrink.eval.data import default_corpus
+    from kvshrink.corpus import default_corpus
 
     text = open(default_corpus()).read()
     ids = tok(text[:40000], return_tensors="pt").input_ids[0]
@@ -240,21 +240,21 @@ def test_calibration_file_round_trip_and_refusals(tiny_model, tiny_calib, tmp_pa
 
 
 def test_methods_find_their_codebooks_or_say_how_to_make_them(model, tiny_calib, tmp_path, monkeypatch):
-    from kvshrink import rvq_methods
+    from kvshrink.families.rvq import cache as rvq_methods
 
     monkeypatch.setenv("KVSHRINK_CALIB_DIR", str(tmp_path))
     monkeypatch.setattr(rvq_methods, "_CALIBS", type(rvq_methods._CALIBS)())
     with pytest.raises(KvshrinkError, match="kvshrink calibrate --method rvq --group 8"):
-        CompressedCache.from_method("rvq-d2:group=8", model)
+        from_method("rvq-d2:group=8", model)
     tiny_calib.save(rvq_calib.default_path(model, 8, 16, "strided", "contiguous"))
-    cache = CompressedCache.from_method("rvq-d2:group=8:size=16", model)
+    cache = from_method("rvq-d2:group=8:size=16", model)
     assert isinstance(cache, CodedCache) and cache.code_domain and cache.attend == "fused"
     assert "compiled kernel" in cache.describe()
-    assert CompressedCache.from_method("rvq-d2:group=8:size=16:attend=codes", model).attend == "codes"
+    assert from_method("rvq-d2:group=8:size=16:attend=codes", model).attend == "codes"
     assert all(layer.k.codec.depth == 2 and layer.k.codec.bits == 4 for layer in cache.layers)
-    assert not CompressedCache.from_method("rvq-d2:group=8:size=16:attend=decode", model).code_domain
-    with pytest.raises(KvshrinkError, match="attend mode"):
-        CompressedCache.from_method("rvq-d2:group=8:size=16:attend=fast", model)
+    assert not from_method("rvq-d2:group=8:size=16:attend=decode", model).code_domain
+    with pytest.raises(KvshrinkError, match="unknown attend"):
+        from_method("rvq-d2:group=8:size=16:attend=fast", model)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -7,10 +7,15 @@ from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvshrink import CompressedCache, KvshrinkError
-from kvshrink.attention.zdc import ZdcStates
+from kvshrink.families.lowrank.states import ZdcStates
 from kvshrink.cli import main
-from kvshrink.transforms import zdc
-from kvshrink.zdc_methods import zdc_cache
+from kvshrink.families.lowrank import transform as zdc
+from kvshrink import from_method
+
+
+def zdc_cache(model, pct, alloc="fisher", **options):
+    """A ZDC cache at any budget (the registered names fix 50 and 75)."""
+    return from_method("zdc-50", model, pct=pct, alloc=alloc, **options)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,7 @@ def test_full_rank_is_exact(tiny_model, key_basis, value_basis):
 def test_apply_leaves_the_original_untouched(tiny_model, zmodel):
     assert tiny_model is not zmodel
     assert getattr(tiny_model, "kvshrink_zdc", None) is None
-    assert tiny_model.config._attn_implementation != zdc.ATTN_NAME
+    assert tiny_model.config._attn_implementation != "kvshrink"
     assert not torch.equal(tiny_model.model.layers[0].self_attn.v_proj.weight,
                            zmodel.model.layers[0].self_attn.v_proj.weight)
 
@@ -59,7 +64,7 @@ def test_apply_leaves_the_original_untouched(tiny_model, zmodel):
 def test_variable_ranks_are_stored_for_real(zmodel, calib):
     ranks = zdc.ZdcRanks(torch.tensor([[2, 7], [16, 3]]), torch.tensor([[5, 1], [9, 16]]), sink_rank=16)
     from kvshrink.codecs.base import Fp16
-    from kvshrink.zdc_cache import ZdcCache
+    from kvshrink.families.lowrank.cache import ZdcCache
 
     cache = ZdcCache(zmodel, ranks, Fp16(), sink=4, block=8)
     ids = torch.randint(3, 128, (2, 37))
@@ -77,7 +82,7 @@ def test_variable_ranks_are_stored_for_real(zmodel, calib):
 def test_attention_gets_stored_widths_only(zmodel, window):
     ranks = zdc.ZdcRanks(torch.tensor([[4, 6], [4, 6]]), torch.tensor([[8, 2], [8, 2]]), sink_rank=12)
     from kvshrink.codecs.base import Fp16
-    from kvshrink.zdc_cache import ZdcCache
+    from kvshrink.families.lowrank.cache import ZdcCache
 
     cache = ZdcCache(zmodel, ranks, Fp16(), sink=2, window=window, block=4, attend="decode")  # PyTorch segments
     ids = torch.randint(3, 128, (1, 20))
@@ -155,13 +160,13 @@ def test_generate_with_left_padding_matches_single(zmodel):
 
 def test_misuse_fails_loudly(tiny_model, zmodel):
     with pytest.raises(KvshrinkError, match="ZDC-transformed model"):
-        CompressedCache.from_method("zdc-50", tiny_model)
+        from_method("zdc-50", tiny_model)
     with pytest.raises(KvshrinkError, match="needs its ZdcCache"):
         with torch.no_grad():
             zmodel(torch.randint(3, 128, (1, 5)), past_key_values=DynamicCache())
     with pytest.raises(KvshrinkError, match="already ZDC"):
         zdc.apply(zmodel, zmodel.kvshrink_zdc)
-    cache = CompressedCache.from_method("zdc-adaptive-50+int4:block=16", zmodel)
+    cache = from_method("zdc-adaptive-50+int4:block=16", zmodel)
     assert 0.45 < cache.ranks.fraction(16) <= 0.5
 
 

@@ -11,20 +11,31 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 
+import matplotlib
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import DynamicCache
 
+from .api import from_method, prepare
+from .corpus import load_corpus_ids, segments
 from .errors import KvshrinkError
-from .methods import get_method, method_names
+from .eval.needle import run_needles
+from .eval.perplexity import evaluate_quality
+from .eval.speed import measure_direct_prefill, measure_speed
+from .models import load_model
+from .registry import REGISTRY, get_method, method_names
+from .spec import spec_from_config
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 REF = "dynamic-fp32"
 DEFAULT_PEERS = ("hf-quanto-int4", "hf-quanto-int2", "hf-hqq-int4", "hf-hqq-int2")
 
 
 def default_methods() -> list[str]:
-    from .methods import REGISTRY
-
-    names = [n for n in method_names() if REGISTRY[n].default]
-    return names + [p for p in DEFAULT_PEERS if p in method_names(all_families=True)]
+    names = [n for n in method_names("ours") if REGISTRY[n].default]
+    return names + [p for p in DEFAULT_PEERS if p in REGISTRY]
 
 
 @dataclass
@@ -71,29 +82,19 @@ def validate(cfg: BenchConfig, spec) -> None:
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn())
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
-    from transformers import DynamicCache
-
-    from .eval.data import load_corpus_ids, segments
-    from .eval.needle import run_needles
-    from .eval.perplexity import evaluate_quality
-    from .eval.speed import measure_direct_prefill, measure_speed
-    from .models import load_model, spec_from_config
-
     t_start = time.time()
     torch.manual_seed(0)
     model, tok = load_model(cfg.model)
     spec = spec_from_config(model.config)
     validate(cfg, spec)
     methods = {n: get_method(n) for n in cfg.methods}
-    models = {n: m.prepare_model(model, tok, cfg.corpus) for n, m in methods.items()}  # ZDC: a transformed copy
-    makers = {n: (lambda m=m, n=n: m.make_cache(models[n])) for n, m in methods.items()}
+    models = {n: prepare(model, m, tok, cfg.corpus) for n, m in methods.items()}  # ZDC: a transformed copy
+    makers = {n: (lambda m=m, n=n: from_method(m, models[n])) for n, m in methods.items()}
     for make in makers.values():  # refuse bad method options now, not after an hour of other methods
         make()
     with_ref = {REF: DynamicCache, **makers}
@@ -283,11 +284,6 @@ def write_outputs(res: dict, out: str) -> None:
 
 
 def plot(res: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, r) in enumerate(res["quality"].items()):
         if "ratio" not in r:

@@ -1,14 +1,20 @@
 """Command line: `kvshrink bench | generate | calibrate | methods`.
 
-Bad input prints one line naming the problem and exits with code 2.
+Bad input prints one line naming the problem and exits with code 2. The top floor: methods and
+options are checked from the registry (no torch) before anything heavy loads; the commands that
+need torch and a model import them inside their function, so `kvshrink methods` or a typo
+answers at once instead of after 8 s of imports.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
+from . import families  # noqa: F401  (registers every family's presets: light, no torch)
 from .errors import KvshrinkError
+from .registry import REGISTRY, get_method, method_names, options_help
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmark methods against an uncompressed cache")
     b.add_argument("--quick", action="store_true", help="a short run (~8 min): 2 segments of 1024, 2k needles, 1k/2k speed")
-    b.add_argument("--methods", type=_csv, help="comma-separated method names (default: all registered + peers)")
+    b.add_argument("--methods", type=_csv, help="comma-separated method names, options after colons "
+                   "(int4:window=32); default: the bench set. `kvshrink methods` lists names and options")
     b.add_argument("--model", help="HF model id or local folder (default: bundled SmolLM2-135M-Instruct)")
     b.add_argument("--corpus", help="text file for perplexity (default: WikiText-2 test from shared/)")
     b.add_argument("--out", default="bench-results", help="output folder (results.json, results.md, plot)")
@@ -50,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text with a compressed cache and report its memory")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--method", default="int4")
+    g.add_argument("--method", default="int4", help="a registered name, options after colons (`kvshrink methods`)")
     g.add_argument("--model")
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -75,15 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--iters", type=int, default=10, help="rvq: k-means iterations per level")
     c.add_argument("--out", help="file to write (default: where the method looks for this model)")
 
-    sub.add_parser("methods", help="list registered methods")
+    m = sub.add_parser("methods", help="list registered methods and each family's options")
+    m.add_argument("--family", help="only this family's methods (quant, lowrank, evict, rvq, kvcomp, peer)")
     return p
 
 
 def cmd_calibrate(args) -> None:
-    import time
-
+    # heavy imports here, not at the top: see the module doc
+    from .core.calibfile import calibration_ids
+    from .families.lowrank import transform as zdc
+    from .families.rvq import calibrate as rvq_calib
     from .models import load_model
-    from .transforms import zdc
 
     if args.method not in ("zdc", "rvq"):
         raise KvshrinkError(f"no calibration for method {args.method!r}; calibrated methods: zdc, rvq")
@@ -91,9 +100,14 @@ def cmd_calibrate(args) -> None:
     if args.sequences < 1 or args.length < 8:
         raise KvshrinkError("--sequences must be at least 1 and --length at least 8")
     if args.method == "rvq":
-        return _calibrate_rvq(args)
+        if args.iters < 1:
+            raise KvshrinkError("--iters must be at least 1")
+        rvq_calib.check_layout(args.size, args.depth, args.key_grouping, args.value_grouping)
     model, tok = load_model(args.model)
-    ids, desc = zdc.calibration_ids(tok, args.corpus, args.sequences, args.length)
+    ids, desc = calibration_ids(tok, args.corpus, args.sequences, args.length)
+    if args.method == "rvq":
+        return _calibrate_rvq(args, model, ids, desc, rvq_calib)
+    print(f"ZDC calibration of {ids.numel()} tokens: about a minute on the bundled model, 2 cores", file=sys.stderr)
     t0 = time.time()
     calib = zdc.calibrate(model, ids, desc, key_basis=args.key_basis, value_basis=args.value_basis)
     path = args.out or zdc.default_calibration_path(model)
@@ -108,18 +122,8 @@ def cmd_calibrate(args) -> None:
           f"(min {100 * ev[..., :half].sum(-1).min():.1f}%)")
 
 
-def _calibrate_rvq(args) -> None:
-    import time
-
-    from . import rvq_calib
-    from .calibfile import calibration_ids
-    from .models import load_model
-
-    if args.iters < 1:
-        raise KvshrinkError("--iters must be at least 1")
-    rvq_calib.check_layout(args.size, args.depth, args.key_grouping, args.value_grouping)
-    model, tok = load_model(args.model)
-    ids, desc = calibration_ids(tok, args.corpus, args.sequences, args.length)
+def _calibrate_rvq(args, model, ids, desc, rvq_calib) -> None:
+    print(f"RVQ codebooks from {ids.numel()} tokens: a few minutes on the bundled model, 2 cores", file=sys.stderr)
     t0 = time.time()
     calib = rvq_calib.calibrate(model, ids, desc, args.group, args.size, args.depth, args.key_grouping,
                                 args.value_grouping, args.iters,
@@ -139,6 +143,8 @@ def column_means(rows: list) -> list:
 
 
 def cmd_bench(args) -> None:
+    for name in args.methods or ():
+        get_method(name)  # fail before torch and the model load
     from .bench import BenchConfig, run_bench, table
 
     over = {k: v for k, v in {
@@ -149,11 +155,6 @@ def cmd_bench(args) -> None:
         "needle_depths": args.needle_depths, "direct_prefill": args.direct_prefill,
         "sections": tuple(args.sections) if args.sections else None,
     }.items() if v is not None}
-    if "methods" in over:
-        from .methods import get_method
-
-        for name in over["methods"]:
-            get_method(name)  # fail before loading the model
     cfg = BenchConfig.quick(**over) if args.quick else BenchConfig(**over)
     res = run_bench(cfg)
     print(table(res))
@@ -161,14 +162,18 @@ def cmd_bench(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    import torch
-
-    from .methods import get_method
-    from .models import load_model, spec_from_config
-
-    method = get_method(args.method)
+    method = get_method(args.method)  # fail before torch and the model load
     if args.max_new_tokens < 1:
         raise KvshrinkError("--max-new-tokens must be at least 1")
+    if args.save_cache and method.family != "kvcomp":
+        raise KvshrinkError(f"{args.method} caches cannot be saved; use a kvcomp method")
+    import torch
+
+    from .api import from_method, load_cache, prepare
+    from .core.cache import cache_nbytes
+    from .models import load_model
+    from .spec import spec_from_config
+
     model, tok = load_model(args.model)
     spec = spec_from_config(model.config)
     if args.raw or not tok.chat_template:
@@ -180,13 +185,11 @@ def cmd_generate(args) -> None:
     if spec.max_context and total > spec.max_context:
         raise KvshrinkError(f"prompt of {ids.shape[1]} tokens + {args.max_new_tokens} new tokens is longer than "
                             f"the model allows ({spec.max_context})")
-    from .eval.peers import cache_nbytes
-
-    model = method.prepare_model(model, tok)
+    if args.resume and method.family != "kvcomp":
+        method = get_method("kvcomp-eb0.1")  # what a saved cache needs of the model; its settings are the file's
+    model = prepare(model, method, tok)
     if args.resume:
-        from .cache import CompressedCache
-
-        cache = CompressedCache.load(args.resume, model)
+        cache = load_cache(args.resume, model)
         if cache.ids is None:
             raise KvshrinkError(f"cache file {args.resume!r} holds no tokens to continue from")
         new = tok(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
@@ -195,9 +198,7 @@ def cmd_generate(args) -> None:
             raise KvshrinkError(f"saved {cache.ids.shape[1]} tokens + prompt + new tokens exceed the model's "
                                 f"{spec.max_context}")
     else:
-        cache = method.make_cache(model)
-    if args.save_cache and not hasattr(cache, "save"):
-        raise KvshrinkError(f"{args.method} caches cannot be saved; use a kvcomp method")
+        cache = from_method(method, model)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                              max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -211,21 +212,28 @@ def cmd_generate(args) -> None:
     print(f"\n[{label}] cache holds {held / 1024:.1f} KiB for {tokens} tokens; "
           f"fp16 cache: {fp16 / 1024:.1f} KiB ({fp16 / held:.2f}x); "
           f"float32 DynamicCache: {2 * fp16 / 1024:.1f} KiB ({2 * fp16 / held:.2f}x)")
+    if tokens < 512:
+        print("(short contexts show little gain: the first tokens stay float16 as attention sinks and a "
+              "block fills before it is coded; try a prompt of a few thousand tokens)")
 
 
-def cmd_methods(_args) -> None:
-    from .methods import REGISTRY, method_names
-
-    for name in method_names(all_families=True):
+def cmd_methods(args) -> None:
+    """Every registered name with its description, then each family's options, from the config fields."""
+    families_seen = {}
+    for name in method_names():
         m = REGISTRY[name]
-        print(f"{name:16s} {'[peer] ' if m.family == 'peer' else ''}{m.description}")
-    print("\nvariants: append options to a name, e.g. int4:window=32:block=64 "
-          "(int methods: sink, window, block, value_group, key_axis, attend=fused|decode, splits, background=0|1; "
-          "kvcomp-* methods: eb, keb, veb, entropy, attend, drift, sink, window, key_block, value_block, splits, "
-          "background; zdc methods: alloc, sink, sink_rank, window, attend=fused|decode, splits, "
-          "block; kvc-*/snapkv-* methods: alloc, score, pool, obs, sink, window, block, interval, tokens, defer, norm, "
-          "pooling, attend=fused|decode; "
-          "rvq-* methods: group, size, key_grouping, value_grouping, attend=fused|codes|decode, sink, window)")
+        if args.family and m.family != args.family:
+            continue
+        families_seen.setdefault(type(m.config), m.config)
+        print(f"{name:22s} {'[peer] ' if m.family == 'peer' else ''}{m.description}")
+    if args.family and not families_seen:
+        raise KvshrinkError(f"unknown family {args.family!r}; use quant, lowrank, evict, rvq, kvcomp or peer")
+    for cls, config in families_seen.items():
+        lines = options_help(config)
+        if lines:
+            print(f"\n{cls.__name__} options ({config.family}), as name:option=value:")
+            for line in lines:
+                print(f"  {line}")
 
 
 def main(argv=None) -> int:

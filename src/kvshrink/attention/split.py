@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from .paged import bool_mask
+from .masks import bool_mask
 
 
 @dataclass

@@ -21,6 +21,7 @@ from ..errors import KvshrinkError
 from .base import Codec, Packed
 from .hadamard import rotation
 from .packing import pack, unpack
+from .fastquant import quantize_rows
 
 AXES = ("channel", "token")
 FAST_ELEMENTS = 4096  # per-token coding of at most this many values takes the compiled path
@@ -102,8 +103,6 @@ class IntQuant(Codec):
                 and g * self.bits % 8 == 0)
 
     def _encode_compiled(self, x: torch.Tensor, block: int) -> Packed:
-        from .fastquant import quantize_rows
-
         b, h, t, d = x.shape
         x = x.float()
         if self.rotate:

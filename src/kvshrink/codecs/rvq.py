@@ -96,7 +96,7 @@ class RVQ(Codec):
         if grouping not in GROUPINGS:
             raise KvshrinkError(f"unknown channel grouping {grouping!r}; use one of {', '.join(GROUPINGS)}")
         self.books = codebooks[:depth].to(torch.float16).contiguous()  # what the cache holds (and counts)
-        self._books32 = None  # working copy for arithmetic, rebuilt from `books`, not counted: derived, tiny
+        self._books32 = None  # float32 working copy for arithmetic, rebuilt from `books`: held, so counted
         self._memo = {}  # channel orders and code offsets, built once per shape and device: every step uses them
         self.depth, self.size, self.group, self.bits, self.grouping = depth, k, g, bits, grouping
         self.name = f"rvq-d{depth}"
@@ -105,7 +105,9 @@ class RVQ(Codec):
         return f"RVQ depth {self.depth}, {self.size} codewords of {self.group} channels ({self.grouping})"
 
     def shared_tensors(self) -> list[torch.Tensor]:
-        return [self.books]
+        """The codebooks, and what is derived from them and held: the float32 copy, the index tables."""
+        derived = [self._books32] if self._books32 is not None else []
+        return [self.books, *derived, *self._memo.values()]
 
     def books_f32(self, device) -> torch.Tensor:
         if self._books32 is None or self._books32.device != device:

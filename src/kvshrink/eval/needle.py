@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import KvshrinkError
+from ..attention.function import capturing_queries
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 WORDS = (
@@ -91,8 +92,6 @@ class PrefillStates(list):
 
 @torch.no_grad()
 def prefill_states(model, ids: torch.Tensor) -> PrefillStates:
-    from ..attention.paged import capturing_queries
-
     ref = DynamicCache()
     with capturing_queries(model) as captured:
         model(ids, past_key_values=ref, use_cache=True, logits_to_keep=1)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .peers import cache_nbytes
+from ..core.cache import cache_nbytes
 
 REFERENCE = "dynamic-fp32"
 

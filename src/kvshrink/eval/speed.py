@@ -25,7 +25,7 @@ import time
 import torch
 
 from .needle import fill, prefill_states
-from .peers import cache_nbytes
+from ..core.cache import cache_nbytes
 
 BANDWIDTH_BYTES = 512 * 2**20  # far beyond the caches: a read from memory, not from L2/L3
 

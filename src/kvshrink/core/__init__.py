@@ -1,0 +1,1 @@
+"""The shared mechanism: token store, base layer and cache, block pool, calibration files."""

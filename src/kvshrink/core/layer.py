@@ -1,0 +1,114 @@
+"""What every kvshrink layer shares: the transformers layer API around stores of tensors.
+
+`StoreLayer` gives a full-attention layer crop (transformers' negative count), beam and batch
+reordering mapped over every tensor and packed block it holds (`_batch_map`), and byte
+accounting from the tensors themselves (`tensors()`). `stage_codec` and `check_layout` are the
+layout rules every store-based family uses.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from ..codecs.base import Codec, tensor_nbytes
+from ..codecs.quant import IntQuant
+from ..errors import KvshrinkError
+
+FP16_BYTES = 2
+FUSED_QUERIES = 8  # longer calls (prefill, perplexity chunks) decode once and attend
+ATTENDS = ("fused", "decode")
+
+
+def coder_pool():
+    """The one worker thread a cache hands its filled blocks to (background coding)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvshrink-coder")
+
+
+def stage_codec(codec: Codec) -> Codec:
+    """Per-token codes for a block still filling: twice the block codec's bits, at most 8,
+    so re-coding the finished block adds little to its own error."""
+    return IntQuant(min(8, 2 * getattr(codec, "bits", 4)), "token")
+
+
+def stage_for(codec: Codec) -> Codec | None:
+    # per-token codecs stage their own codes; only whole-block codecs need a stage codec
+    return stage_codec(codec) if codec.block_tokens > 1 else None
+
+
+def check_layout(key_codec: Codec, value_codec: Codec, sink, window, block) -> None:
+    for name, val in (("sink", sink), ("window", window)):
+        if not isinstance(val, int) or val < 0:
+            raise KvshrinkError(f"{name} must be a non-negative integer, got {val!r}")
+    if not isinstance(block, int) or block < 1:
+        raise KvshrinkError(f"block must be a positive integer, got {block!r}")
+    for codec in (key_codec, value_codec):
+        if block % codec.block_tokens:
+            raise KvshrinkError(f"block {block} is not a multiple of {codec.describe()}'s {codec.block_tokens} tokens")
+
+
+class StoreLayer(CacheLayerMixin):
+    """What every kvshrink layer shares: a full-attention layer whose batch operations map
+    over the tensors and packed blocks it holds (`_batch_map`)."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self):  # the stores live where they were computed
+        pass
+
+    def prefetch(self):
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` tokens (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise KvshrinkError("crop takes a negative number of tokens to remove, as DynamicCache does")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self._keep_first(max(self.get_seq_length() + tokens_to_remove, 0))
+
+    def _keep_first(self, keep: int) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch_map(lambda t: t.index_select(0, beam_idx.to(t.device)), lambda p: p.select_batch(beam_idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        idx = torch.as_tensor(indices)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().flatten()
+        self._batch_map(lambda t: t.index_select(0, idx.to(t.device)), lambda p: p.select_batch(idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_map(lambda t: t.repeat_interleave(repeats, 0), lambda p: p.repeat_batch(repeats))
+
+    def _batch_map(self, on_tensor, on_packed) -> None:
+        raise NotImplementedError
+
+    # --- accounting: from the tensors themselves ------------------------------------------
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer holds (payload, scales, minimums, tables, float16 tokens)."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.tensors())
+
+    def fp16_nbytes(self) -> int:
+        """What a float16 cache would hold for the same tokens (keys and values)."""
+        if not self.is_initialized:
+            return 0
+        b, h, d = self.kv_shape
+        return 2 * b * h * self.get_seq_length() * d * FP16_BYTES
+
+    def _init_shape(self, key_states: torch.Tensor) -> None:
+        self.kv_shape = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
+        self.dtype, self.device = key_states.dtype, key_states.device

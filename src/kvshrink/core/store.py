@@ -1,0 +1,255 @@
+"""TokenStore: the keys (or the values) of one cache layer, oldest first.
+
+  sink   - the first `sink` tokens, float16 (attention sinks carry outliers)
+  body   - tokens coded by `codec`, in blocks of `block` tokens
+  stage  - tokens of the unfinished block, coded per token. For a codec that
+           needs whole blocks (per-channel keys) the stage uses `stage_codec`
+           (twice the bits) and a full stage is decoded and re-coded as one
+           body block; for a per-token codec the stage uses the codec itself
+           and its whole blocks are moved into the body as they are. Either way
+           the body grows once per `block` tokens, not once per token, and
+           always holds whole blocks (so keys and values split alike).
+  window - the `window` most recent tokens, float16
+
+Every part holds the only copy of its tokens: nothing is kept twice.
+
+Decode steps (`append(x, defer=True)`) code nothing per token: their tokens
+wait in float16 (`fresh`, between the stage and the window, as KVComp keeps its
+recent tokens) until, with the stage, they fill a block. That block is coded by
+`executor` (a worker thread) when one is set, else at once; with a worker the
+next `append` takes the grown body (waiting if the worker is not done), so no
+decode step pays for coding and the result does not depend on the thread's
+timing. Longer calls (prefill, perplexity chunks) code through the stage as
+described above.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codecs.base import Codec, Packed, tensor_nbytes
+from ..errors import KvshrinkError
+
+
+def half_checked(x: torch.Tensor) -> torch.Tensor:
+    """x as float16, refusing NaN, inf and values beyond the float16 range."""
+    x16 = x.to(torch.float16)
+    if not torch.isfinite(x16).all():
+        raise KvshrinkError("key/value states are NaN, infinite or beyond the float16 range")
+    return x16
+
+
+def _slice(x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+    # clone: a view would keep the whole parent storage alive
+    return x[..., start:stop, :].clone()
+
+
+class TokenStore:
+    def __init__(self, codec: Codec, sink: int, window: int, block: int, stage_codec: Codec | None = None):
+        self.recode = codec.block_tokens > 1
+        if self.recode and stage_codec is None:
+            raise KvshrinkError(f"{codec.describe()} codes whole blocks and needs a stage codec")
+        self.codec = codec
+        self.stage_codec = stage_codec if self.recode else codec
+        self.sink_size, self.window_size, self.block = sink, window, block
+        self.sink = self.window = None
+        self.body: Packed | None = None
+        self.stage: Packed | None = None
+        self.fresh = None  # float16 tokens of decode steps, not coded yet (see the module doc)
+        self.executor = None  # a concurrent.futures executor for background coding
+        self._pending = None  # (future of the grown body, fresh tokens it takes)
+
+    def init(self, like: torch.Tensor) -> None:
+        empty = like.new_empty(*like.shape[:2], 0, like.shape[3], dtype=torch.float16)
+        self.sink, self.window, self.body, self.stage = empty, empty.clone(), None, None
+        self.fresh = empty.clone()
+
+    def __len__(self) -> int:
+        if self.sink is None:
+            return 0
+        return (self.sink.shape[-2] + self._n(self.body) + self._n(self.stage) + self.fresh.shape[-2]
+                + self.window.shape[-2])
+
+    @staticmethod
+    def _n(p: Packed | None) -> int:
+        return p.num_tokens if p is not None else 0
+
+    @staticmethod
+    def _join(a: Packed | None, b: Packed) -> Packed:
+        return b if a is None else a.cat(b)
+
+    def settle(self) -> None:
+        """Take the body a background job built; its tokens leave the stage and `fresh`."""
+        if self._pending is None:
+            return
+        future, taken = self._pending
+        self._pending = None
+        self.body = future.result()
+        self.stage = None
+        self.fresh = _slice(self.fresh, taken)
+
+    def _grow(self, body: Packed | None, stage: Packed | None, x: torch.Tensor) -> Packed:
+        """body + one or more whole blocks made of the stage and the tokens x, coded (per-token
+        codes: the staged codes move on as they are; whole-block codes: re-coded with x)."""
+        x = x.float()
+        if self.recode:
+            if stage is not None:
+                x = torch.cat([self.stage_codec.decode(stage, torch.float32), x], dim=-2)
+            return self._join(body, self.codec.encode(x, self.block))
+        coded = self.codec.encode(x, 1)
+        return self._join(body, coded if stage is None else stage.cat(coded))
+
+    def _code_fresh(self) -> None:
+        """Whole blocks of stage + fresh tokens go to the body: on the worker when there is one."""
+        full = (self._n(self.stage) + self.fresh.shape[-2]) // self.block * self.block
+        if not full:
+            return
+        taken = full - self._n(self.stage)
+        args = (self.body, self.stage, self.fresh[..., :taken, :])
+        if self.executor is None:
+            self.body, self.stage, self.fresh = self._grow(*args), None, _slice(self.fresh, taken)
+        else:
+            self._pending = (self.executor.submit(self._grow, *args), taken)
+
+    def _flush_fresh(self) -> None:
+        """Code the float16 tokens through the stage (before a long call, a crop or a reshuffle)."""
+        self.settle()
+        if self.fresh is not None and self.fresh.shape[-2]:
+            x, self.fresh = self.fresh.float(), _slice(self.fresh, 0, 0)
+            self._push(x)
+
+    def append(self, x: torch.Tensor, defer: bool = False) -> None:
+        """defer: a decode step; its tokens wait in float16 and filled blocks are coded by
+        `executor` in the background (see the module doc)."""
+        if defer:
+            self.settle()
+        else:
+            self._flush_fresh()
+        x16 = half_checked(x)
+        room = self.sink_size - self.sink.shape[-2]
+        if room > 0:
+            self.sink = torch.cat([self.sink, x16[..., :room, :]], dim=-2)
+            x16 = x16[..., room:, :]
+        if x16.shape[-2] == 0:
+            return
+        if defer and not self.window_size:  # straight to the float16 tokens: fewer small ops per step
+            self.fresh = torch.cat([self.fresh, x16], dim=-2)
+            self._code_fresh()
+            return
+        window = torch.cat([self.window, x16], dim=-2)
+        out = window.shape[-2] - self.window_size
+        if out <= 0:
+            self.window = window
+            return
+        self.window = _slice(window, out)
+        if defer:
+            self.fresh = torch.cat([self.fresh, window[..., :out, :]], dim=-2)
+            self._code_fresh()
+            return
+        self._push(window[..., :out, :].float())
+
+    def thaw(self) -> None:
+        """The stage's tokens join the float16 tokens (decoded once): a layer whose kernel would
+        otherwise decode the stage on every decode step calls this before its first one."""
+        self.settle()
+        if self.stage is not None:
+            staged = self.stage_codec.decode(self.stage, torch.float32).to(torch.float16)
+            self.fresh, self.stage = torch.cat([staged, self.fresh], dim=-2), None
+
+    def append_fresh(self, x16: torch.Tensor) -> None:
+        """A decode step's float16 tokens, already checked (half_checked), for a store without sink or
+        window: they join `fresh` at once, as `append(x, defer=True)` would put them."""
+        if self.sink_size or self.window_size:
+            raise KvshrinkError("append_fresh is for stores without sink and window tokens")
+        self.settle()
+        self.fresh = torch.cat([self.fresh, x16], dim=-2)
+        self._code_fresh()
+
+    def _push(self, x: torch.Tensor) -> None:
+        """Code tokens leaving the window: whole blocks (with the stage) into the body, the rest staged."""
+        staged = self._n(self.stage)
+        if staged + x.shape[-2] < self.block:
+            self.stage = self._join(self.stage, self.stage_codec.encode(x, 1))
+            return
+        taken = (staged + x.shape[-2]) // self.block * self.block - staged
+        self.body = self._grow(self.body, self.stage, x[..., :taken, :])
+        rest = x[..., taken:, :]
+        self.stage = self.stage_codec.encode(rest, 1) if rest.shape[-2] else None
+
+    def decoded(self, dtype: torch.dtype, then: torch.Tensor | None = None) -> torch.Tensor:
+        """All stored tokens decompressed to `dtype`, followed by `then`: one temporary buffer,
+        each part decoded straight into its slice."""
+        extra = then.shape[-2] if then is not None else 0
+        ref = self.sink
+        out = torch.empty(*ref.shape[:2], len(self) + extra, ref.shape[3], dtype=dtype, device=ref.device)
+        at = 0
+        for part, codec in ((self.sink, None), (self.body, self.codec), (self.stage, self.stage_codec),
+                            (self.fresh, None), (self.window, None), (then, None)):
+            if part is None:
+                continue
+            n = part.num_tokens if codec is not None else part.shape[-2]
+            if n:
+                dst = out[..., at:at + n, :]
+                if codec is None:
+                    dst.copy_(part)
+                else:
+                    codec.decode(part, dtype, out=dst)
+                at += n
+        return out
+
+    def parts(self) -> list[tuple]:
+        """(part, codec) oldest first: sink (None), body, stage, fresh and window (None); empty coded
+        parts left out."""
+        out = [(self.sink, None)]
+        out += [(p, c) for p, c in ((self.body, self.codec), (self.stage, self.stage_codec)) if p is not None]
+        return out + [(self.fresh, None), (self.window, None)]
+
+    def crop(self, keep: int) -> None:
+        """Keep the first `keep` tokens."""
+        self._flush_fresh()
+        n_sink, n_body, n_stage = self.sink.shape[-2], self._n(self.body), self._n(self.stage)
+        if keep >= n_sink + n_body + n_stage:
+            self.window = _slice(self.window, 0, keep - n_sink - n_body - n_stage)
+        elif keep >= n_sink + n_body:
+            self.stage = self.stage.first_blocks(keep - n_sink - n_body) if keep > n_sink + n_body else None
+            self.window = _slice(self.window, 0, 0)
+        elif keep > n_sink and not self.recode:
+            # one token per coded block: an exact cut; the cut block's tokens go back to the stage
+            into = keep - n_sink
+            full = into // self.block * self.block
+            body = self.body
+            self.body = body.first_blocks(full) if full else None
+            self.stage = body.blocks(full, into) if into > full else None
+            self.window = _slice(self.window, 0, 0)
+        elif keep > n_sink:
+            # whole blocks stay coded; the cut block's kept tokens move into the
+            # float16 window (already lossy: only float16 rounding is added)
+            into = keep - n_sink
+            full = into // self.block
+            head = self.codec.decode(self.body, torch.float32)[..., full * self.block:into, :]
+            self.body = self.body.first_blocks(full) if full else None
+            self.stage, self.window = None, head.to(torch.float16)
+        else:
+            self.sink = _slice(self.sink, 0, keep)
+            self.body = self.stage = None
+            self.window = _slice(self.sink, 0, 0)
+
+    def map_batch(self, on_tensor, on_packed) -> None:
+        self.settle()
+        if self.sink is None:
+            return
+        self.sink, self.window, self.fresh = on_tensor(self.sink), on_tensor(self.window), on_tensor(self.fresh)
+        self.body = on_packed(self.body) if self.body is not None else None
+        self.stage = on_packed(self.stage) if self.stage is not None else None
+
+    def tensors(self) -> list[torch.Tensor]:
+        if self.sink is None:
+            return []
+        out = [self.sink, self.fresh, self.window, *self.codec.shared_tensors()]
+        for p in (self.body, self.stage):
+            if p is not None:
+                out.extend(p.tensors.values())
+        return out
+
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.tensors())

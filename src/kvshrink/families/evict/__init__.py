@@ -1,0 +1,1 @@
+"""Paged per-head eviction: KV-Compress and SnapKV budgets over one block pool."""

@@ -1,0 +1,1 @@
+"""KVComp: error-bounded quantization + Huffman coding, decoded inside attention."""

@@ -1,0 +1,1 @@
+"""Zero-delay low rank (ZDC/FDC): calibrated bases, reduced-dimension keys and values."""

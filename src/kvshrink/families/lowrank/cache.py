@@ -1,0 +1,298 @@
+"""ZdcCache: the cache of a ZDC-transformed model (see transforms/zdc.py).
+
+Per layer and KV head, keys are rotated into their calibrated basis as they
+arrive (right after RoPE) and values arrive already rotated (folded v_proj).
+Each token keeps only its leading coordinates, for real: the first `sink`
+tokens and the `window` most recent ones keep `sink_rank` (float16; these are
+the tokens that draw most of the attention), every other token r_k (keys) /
+r_v (values) of its head, so each head is its own pair of `TokenStore`s of its
+own width, coded by
+any codec (float16 alone, or int4/int3 on top: `zdc-50+int4`). Nothing is
+padded to a common width and nothing is widened back on read: `update` hands
+the attention function the segments at their stored widths.
+
+Decode steps (at most `FUSED_QUERIES` tokens) leave their tokens in float16 in
+the stores until they fill a block (store.py). With `attend="fused"` on the
+CPU, such a step gets `LowRankStates` instead of decoded segments: a compiled
+kernel reads the float16 or int-coded body in place (attention/lowrank.py).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ...codecs.base import Codec, Fp16, tensor_nbytes
+from ...codecs.quant import IntQuant
+from ...core.cache import KVCache
+from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, stage_for
+from ...core.store import TokenStore, _slice, half_checked
+from ...errors import KvshrinkError
+from .config import ZdcConfig
+from .kernel import LowRankStates, supported
+from .states import Segment, ZdcStates
+from .transform import apply, choose_ranks, load_or_calibrate
+
+
+class ZdcLayer(StoreLayer):
+    fused = False  # set by ZdcCache(attend="fused")
+    splits = 4
+    kernel_reads = False  # fused, on the CPU, and a body the kernel reads: fixed at the first update
+
+    def __init__(self, uk: torch.Tensor, uv: torch.Tensor, rk, rv, sink: int, sink_rank: int,
+                 key_codec: Codec, value_codec: Codec, window: int, block: int):
+        super().__init__()
+        self.uk, self.uv = uk, uv  # (H, D, D)
+        self.rk, self.rv = [int(r) for r in rk], [int(r) for r in rv]
+        self.sink, self.sink_rank = sink, sink_rank
+        self.window = window
+        self.ks = [TokenStore(key_codec, 0, 0, block, stage_for(key_codec)) for _ in self.rk]
+        self.vs = [TokenStore(value_codec, 0, 0, block, stage_for(value_codec)) for _ in self.rv]
+        self.k_sink = self.v_sink = None  # (B, H, n, sink_rank) float16
+        self.k_win = self.v_win = None  # (B, H, n <= window, sink_rank) float16, oldest first
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        b, h, _, d = key_states.shape
+        if h != len(self.rk) or d != self.uk.shape[-1]:
+            raise KvshrinkError(f"ZDC cache built for {len(self.rk)} KV heads of {self.uk.shape[-1]}, got {h} of {d}")
+        self._init_shape(key_states)
+        if self.fused:
+            self.kernel_reads = self.device.type == "cpu" and supported(
+                self.ks[0].codec, self.vs[0].codec, self.ks[0].block, self.rk, self.rv)
+        self.uk, self.uv = self.uk.to(self.device), self.uv.to(self.device)
+        self.k_sink = key_states.new_empty(b, h, 0, self.sink_rank, dtype=torch.float16)
+        self.v_sink = self.k_sink.clone()
+        self.k_win, self.v_win = self.k_sink.clone(), self.k_sink.clone()
+        for i, (ks, vs) in enumerate(zip(self.ks, self.vs)):
+            ks.init(key_states.new_empty(b, 1, 0, self.rk[i]))
+            vs.init(key_states.new_empty(b, 1, 0, self.rv[i]))
+        self.is_initialized = True
+
+    def _n_sink(self) -> int:
+        return self.k_sink.shape[2]
+
+    def _n_win(self) -> int:
+        return self.k_win.shape[2]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k = torch.matmul(key_states, self.uk.to(key_states.dtype))  # (B, H, t, D) @ (H, D, D)
+        v = value_states
+        short = k.shape[2] <= FUSED_QUERIES  # a decode step: its tokens wait in float16 (store.py)
+        if short:
+            for s in self.ks + self.vs:
+                s.thaw()  # in both attend modes, so they hold the same tokens
+        if short and self._readable():
+            states = self._lowrank_states(k, v)
+            self._append(k, v, defer=True)
+            return states, states
+        dtype = key_states.dtype
+        heads = []
+        sink = (self.k_sink.to(dtype), self.v_sink.to(dtype)) if self._n_sink() else None
+        win = (self.k_win.to(dtype), self.v_win.to(dtype)) if self._n_win() else None
+        for h in range(len(self.rk)):
+            segs = []
+            if sink:
+                segs.append(Segment(sink[0][:, h], sink[1][:, h]))
+            if len(self.ks[h]):
+                segs.append(Segment(self.ks[h].decoded(dtype)[:, 0], self.vs[h].decoded(dtype)[:, 0]))
+            if win:
+                segs.append(Segment(win[0][:, h], win[1][:, h]))
+            segs.append(Segment(k[:, h], v[:, h]))  # this call's tokens, exact
+            heads.append(segs)
+        self._append(k, v, defer=short)
+        states = ZdcStates(heads)
+        return states, states
+
+    def _readable(self) -> bool:
+        """The kernel reads this layer now: `kernel_reads`, and every store's body of the same tokens."""
+        if not self.kernel_reads:
+            return False
+        n = self.ks[0]._n(self.ks[0].body)
+        return all(s._n(s.body) == n for s in self.ks + self.vs)
+
+    def _lowrank_states(self, k: torch.Tensor, v: torch.Tensor):
+        bodies = None
+        if self.ks[0].body is not None:
+            bodies = [(ks.body, vs.body) for ks, vs in zip(self.ks, self.vs)]
+        # between body and window: the float16 tokens (update thawed the stage into them)
+        return LowRankStates((self.k_sink, self.v_sink), bodies,
+                             [(ks.fresh[:, 0], vs.fresh[:, 0]) for ks, vs in zip(self.ks, self.vs)],
+                             (self.k_win, self.v_win), (k, v), self.ks[0].codec, self.vs[0].codec,
+                             self.ks[0].block, self.splits)
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor, defer: bool = False) -> None:
+        room = self.sink - self._n_sink()
+        if room > 0:
+            self.k_sink = torch.cat([self.k_sink, half_checked(k[:, :, :room, :self.sink_rank])], 2)
+            self.v_sink = torch.cat([self.v_sink, half_checked(v[:, :, :room, :self.sink_rank])], 2)
+            k, v = k[:, :, room:], v[:, :, room:]
+        if k.shape[2] == 0:
+            return
+        if defer:
+            self._append_fresh(half_checked(k), half_checked(v))
+            return
+        # the stores check what they code; the window checks what it holds
+        if self.window:
+            kw = torch.cat([self.k_win, half_checked(k[..., :self.sink_rank])], 2)
+            vw = torch.cat([self.v_win, half_checked(v[..., :self.sink_rank])], 2)
+            out = kw.shape[2] - self.window
+            self.k_win, self.v_win = _slice(kw, max(out, 0)), _slice(vw, max(out, 0))
+            if out <= 0:
+                return
+            k, v = kw[:, :, :out].float(), vw[:, :, :out].float()
+        for h in range(len(self.rk)):
+            self.ks[h].append(k[:, h:h + 1, :, :self.rk[h]])
+            self.vs[h].append(v[:, h:h + 1, :, :self.rv[h]])
+
+    def _append_fresh(self, k16: torch.Tensor, v16: torch.Tensor) -> None:
+        """A decode step's float16 tokens: through the window, then into the stores' float16 tokens."""
+        if self.window:
+            kw = torch.cat([self.k_win, k16[..., :self.sink_rank]], 2)
+            vw = torch.cat([self.v_win, v16[..., :self.sink_rank]], 2)
+            out = kw.shape[2] - self.window
+            self.k_win, self.v_win = _slice(kw, max(out, 0)), _slice(vw, max(out, 0))
+            if out <= 0:
+                return
+            k16, v16 = kw[:, :, :out], vw[:, :, :out]
+        for h in range(len(self.rk)):
+            self.ks[h].append_fresh(k16[:, h:h + 1, :, :self.rk[h]])
+            self.vs[h].append_fresh(v16[:, h:h + 1, :, :self.rv[h]])
+
+    def fill_reference(self, key_states, value_states) -> None:
+        """Store prefill states computed by the original model (values not yet rotated)."""
+        v = torch.einsum("bhtd,hde->bhte", value_states, self.uv.to(value_states))
+        self.update(key_states, v)
+
+    def get_seq_length(self) -> int:
+        return self._n_sink() + len(self.ks[0]) + self._n_win() if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        for s in self.ks + self.vs:
+            s.sink = None
+
+    def _keep_first(self, keep: int) -> None:
+        n_sink, n_body = self._n_sink(), len(self.ks[0])
+        if keep >= n_sink + n_body:
+            self.k_win, self.v_win = (_slice(t, 0, keep - n_sink - n_body) for t in (self.k_win, self.v_win))
+            return
+        # the window is dropped; the kept tokens stay at the width they were stored with
+        self.k_win, self.v_win = _slice(self.k_win, 0, 0), _slice(self.v_win, 0, 0)
+        if keep >= n_sink:
+            for s in self.ks + self.vs:
+                s.crop(keep - n_sink)
+            return
+        self.k_sink, self.v_sink = _slice(self.k_sink, 0, keep), _slice(self.v_sink, 0, keep)
+        for s in self.ks + self.vs:
+            s.crop(0)
+
+    def _batch_map(self, on_tensor, on_packed) -> None:
+        self.k_sink, self.v_sink = on_tensor(self.k_sink), on_tensor(self.v_sink)
+        self.k_win, self.v_win = on_tensor(self.k_win), on_tensor(self.v_win)
+        for s in self.ks + self.vs:
+            s.map_batch(on_tensor, on_packed)
+
+    def tensors(self) -> list[torch.Tensor]:
+        if not self.is_initialized:
+            return []
+        out = [self.k_sink, self.v_sink, self.k_win, self.v_win]
+        for s in self.ks + self.vs:
+            out.extend(s.tensors())
+        return out
+
+
+class ZdcCache(KVCache):
+    """A transformers Cache for a model after `transform.apply` (`kvshrink.prepare(model, "zdc-...")`)."""
+
+    def __init__(self, model, ranks, key_codec: Codec, value_codec: Codec | None = None, sink: int = 4,
+                 window: int = 0, block: int = 128, method: str | None = None, attend: str = "fused",
+                 splits: int = 4):
+        """attend: "fused" (decode steps on the CPU read the body in place with the compiled kernel,
+        attention/lowrank.py) or "decode" (every call attends in PyTorch over the decoded segments,
+        attention/zdc.py: the reference); splits: parallel ranges of blocks per head in the kernel."""
+        if attend not in ATTENDS:
+            raise KvshrinkError(f"unknown attend {attend!r}; use one of {', '.join(ATTENDS)}")
+        if not isinstance(splits, int) or splits < 1:
+            raise KvshrinkError(f"splits must be a positive integer, got {splits!r}")
+        calib = getattr(model, "kvshrink_zdc", None)
+        if calib is None:
+            raise KvshrinkError(
+                "ZDC methods need a ZDC-transformed model: model = kvshrink.prepare(model, 'zdc-50', tokenizer)"
+            )
+        value_codec = value_codec or key_codec
+        check_layout(key_codec, value_codec, sink, window, block)
+        if ranks is not None and window and ranks.sink_rank < max(ranks.k.max().item(), ranks.v.max().item()):
+            raise KvshrinkError(f"window tokens keep sink_rank coordinates and then join the body: a window needs "
+                                f"sink_rank >= every rank (sink_rank {ranks.sink_rank}, ranks up to "
+                                f"{max(ranks.k.max().item(), ranks.v.max().item())})")
+        self.ranks, self.sink = ranks, sink
+        self.key_codec, self.value_codec, self.window, self.block = key_codec, value_codec, window, block
+        layers = [
+            ZdcLayer(calib.uk[i], calib.uv[i], ranks.k[i], ranks.v[i], sink, ranks.sink_rank,
+                     key_codec, value_codec, window, block)
+            for i in range(calib.uk.shape[0])
+        ]
+        self.attend = attend
+        for layer in layers:
+            layer.fused, layer.splits = attend == "fused", splits
+        super().__init__(layers, model.config, method)
+
+    def nbytes(self) -> int:
+        """The layers' tensors and the rank table the layout is read with."""
+        return super().nbytes() + tensor_nbytes([self.ranks.k, self.ranks.v])
+
+    def fill_reference(self, states) -> None:
+        """Fill from [(keys, values)] per layer of the original model's prefill."""
+        for layer, (k, v) in zip(self.layers, states):
+            layer.fill_reference(k, v)
+
+    def describe(self) -> str:
+        frac = self.ranks.fraction(self.layers[0].uk.shape[-1])
+        return (f"ZDC ranks keep {100 * frac:.0f}% of dims (sink tokens {self.ranks.sink_rank}); "
+                f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}; {self._how_it_attends()}")
+
+    def _how_it_attends(self) -> str:
+        if self.attend == "decode":
+            return "attention over the decoded segments (PyTorch)"
+        if supported(self.key_codec, self.value_codec, self.block, self.ranks.k.flatten().tolist(),
+                     self.ranks.v.flatten().tolist()):
+            return "fused decode attention (compiled kernel on the CPU, PyTorch elsewhere)"
+        return "attention over the decoded segments (PyTorch): no compiled kernel reads these codes"
+
+
+# memos held weakly by the object they derive from (ids can be reused once it is freed)
+_RANKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def prepare(config: ZdcConfig, model, tokenizer=None, corpus=None):
+    """The ZDC-transformed copy of `model` (one per model, shared by every zdc method): its
+    calibration loaded, or made first (about a minute on the bundled model)."""
+    if getattr(model, "kvshrink_zdc", None) is not None:
+        return model
+    if model not in _MODELS:
+        _MODELS[model] = apply(model, load_or_calibrate(model, tokenizer, corpus))
+    return _MODELS[model]
+
+
+def _ranks(calib, budget: float, alloc: str, sink_rank):
+    memo = _RANKS.setdefault(calib, {})
+    key = (budget, alloc, sink_rank)
+    if key not in memo:
+        memo[key] = choose_ranks(calib, budget, alloc, sink_rank)
+    return memo[key]
+
+
+def build(config: ZdcConfig, model, method: str) -> ZdcCache:
+    """The cache of a zdc method; `model` is the ZDC-transformed one (`kvshrink.prepare`)."""
+    calib = getattr(model, "kvshrink_zdc", None)
+    ranks = _ranks(calib, config.pct / 100, config.alloc, config.sink_rank) if calib is not None else None
+    if config.bits:
+        keys, values = IntQuant(config.bits, "channel", config.block), IntQuant(config.bits, "token")
+    else:
+        keys = values = Fp16()
+    return ZdcCache(model, ranks, keys, values, sink=config.sink, window=config.window, block=config.block,
+                    method=method, attend=config.attend, splits=config.splits)

@@ -1,0 +1,62 @@
+"""Options and presets of the ZDC family: low-rank keys and values (transform.py), alone or
+with integer codes on top of the kept coordinates.
+
+Names: `zdc-<pct>` keeps pct% of key and value dimensions in every head (only
+the 4 sink tokens keep all); `zdc-adaptive-<pct>` spends the same budget per
+layer, head and K/V where the calibration's loss proxy says it matters, and
+splits by token: the sink tokens and the 64 most recent keep every coordinate
+(measured: README); `+int4` / `+int3` quantize the kept coordinates (KIVI
+layout). The options are the fields of `ZdcConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import KvshrinkError
+from ...registry import Config, Method, check_int, option, register
+
+ADAPTIVE_WINDOW = 64
+# a plain `kvshrink bench` runs these; the rest by name (--methods)
+_IN_DEFAULT_BENCH = ("zdc-50", "zdc-adaptive-50", "zdc-adaptive-75+int3", "zdc-adaptive-50+int4")
+
+
+@dataclass(frozen=True)
+class ZdcConfig(Config):
+    """Zero-delay low rank ("Zero-Delay QKV Compression", Zhang and Shen, arXiv 2408.04107)."""
+
+    family = "lowrank"
+    pct: int = option(50, "percent of key/value dimensions kept (the budget)", preset=True)
+    bits: int | None = option(None, "int codes on the kept coordinates (KIVI layout)", preset=True)
+    alloc: str = option("fisher", "ranks per layer, head and K/V: uniform, by energy, or by a Fisher loss proxy",
+                        ("uniform", "energy", "fisher"))
+    sink: int = option(4, "first tokens kept at sink_rank coordinates, float16")
+    sink_rank: int | None = option(None, "coordinates of sink and window tokens (None: all)")
+    window: int = option(0, "most recent tokens kept at sink_rank coordinates, float16")
+    block: int = option(128, "tokens per coded block")
+    attend: str = option("fused", "decode steps: fused (compiled kernel reads the body) or decode (PyTorch)",
+                         ("fused", "decode"))
+    splits: int = option(4, "parallel ranges of blocks per head in the fused kernel")
+
+    def check(self):
+        if not (isinstance(self.pct, int) and 0 < self.pct <= 100):
+            raise KvshrinkError(f"ZDC keeps a percentage of dimensions in 1..100, got {self.pct!r}")
+        check_int("bits", self.bits, 1, none=True)
+        check_int("sink_rank", self.sink_rank, 1, none=True)
+        for name, low in (("sink", 0), ("window", 0), ("block", 1), ("splits", 1)):
+            check_int(name, getattr(self, name), low)
+
+
+def _register(name: str, description: str, **options) -> None:
+    register(Method(name, ZdcConfig(**options), description, default=name in _IN_DEFAULT_BENCH))
+
+
+for _pct in (75, 50):
+    _register(f"zdc-{_pct}", f"ZDC low-rank: {_pct}% of key/value dims in every head, float16", pct=_pct,
+              alloc="uniform")
+    _register(f"zdc-adaptive-{_pct}", f"ZDC low-rank: {_pct}% of dims, ranks by a Fisher loss proxy, sinks and "
+              f"{ADAPTIVE_WINDOW} recent tokens full rank, float16", pct=_pct, window=ADAPTIVE_WINDOW)
+_register("zdc-50+int4", "ZDC 50% uniform, kept coordinates int4 (KIVI layout)", pct=50, alloc="uniform", bits=4)
+for _pct, _bits in ((75, 4), (50, 4), (75, 3)):
+    _register(f"zdc-adaptive-{_pct}+int{_bits}", f"ZDC {_pct}% adaptive, kept coordinates int{_bits} (KIVI layout)",
+              pct=_pct, bits=_bits, window=ADAPTIVE_WINDOW)

@@ -1,0 +1,1 @@
+"""Peers measured in the same run: transformers' own QuantizedCache."""

@@ -1,0 +1,1 @@
+"""Integer codes in the KIVI layout (keys per channel, values per token), optionally rotated."""

@@ -1,0 +1,223 @@
+"""CompressedCache: every layer's keys and values in a `TokenStore` (core/store.py), coded by any codec.
+
+Float16 sink tokens, a coded body, an 8-bit stage for a key block still filling, and a float16
+window of recent tokens. `update` returns the decoded history followed by the new states as
+given, so the tokens of one forward call attend to each other exactly and to everything before
+them through the compressed cache (as in KIVI and transformers' QuantizedCache).
+
+With `attend="fused"` (what the int methods use on a prepared model), a call of at most
+`FUSED_QUERIES` tokens on the CPU gets `SplitStates` instead: a compiled kernel reads the
+integer-coded body in place (kernel.py) and nothing of the history is decoded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...attention.function import require_kvshrink_attention, use_kvshrink_attention, uses_kvshrink_attention
+from ...attention.split import SplitStates
+from ...codecs.base import Codec, Fp16
+from ...codecs.quant import IntQuant
+from ...core.cache import KVCache
+from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, coder_pool, stage_for
+from ...core.store import TokenStore
+from ...errors import KvshrinkError
+from .config import Fp16Config, QuantConfig
+from .kernel import IntBody, supported
+
+
+class CompressedLayer(StoreLayer):
+    """One layer's compressed keys and values."""
+
+    fused = False  # set by CompressedCache(attend="fused")
+    splits = 4
+    kernel_reads = False  # fused, on the CPU, and codes the kernel reads: fixed at the first update
+    body_reads_stage = False  # the kernel reads the stage's codes too (else decoded into the dense part)
+
+    def __init__(self, key_codec: Codec, value_codec: Codec, sink: int, window: int, block: int):
+        super().__init__()
+        self.k = TokenStore(key_codec, sink, window, block, stage_for(key_codec))
+        self.v = TokenStore(value_codec, sink, window, block, stage_for(value_codec))
+        self.block = block
+
+    # --- transformers layer API -------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._init_shape(key_states)
+        if self.fused:
+            self.kernel_reads = key_states.device.type == "cpu" and self._kernel_supports(key_states.shape[-1])
+        self.k.init(key_states)
+        self.v.init(value_states)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if len(self.k) == 0:
+            self.k.append(key_states)
+            self.v.append(value_states)
+            return key_states, value_states
+        short = key_states.shape[2] <= FUSED_QUERIES  # a decode step: its tokens wait in float16 (store.py)
+        if short and self._readable():
+            states = self._split_states(key_states, value_states)
+            self.k.append(key_states, defer=True)
+            self.v.append(value_states, defer=True)
+            return states, states
+        keys = self.k.decoded(key_states.dtype, then=key_states)
+        values = self.v.decoded(value_states.dtype, then=value_states)
+        self.k.append(key_states, defer=short)
+        self.v.append(value_states, defer=short)
+        return keys, values
+
+    def _kernel_supports(self, head_dim: int) -> bool:
+        return supported(self.k.codec, self.v.codec, head_dim)
+
+    def _body(self):
+        """The coded tokens as the kernel reads them (None when there are none)."""
+        if self.k.body is None:
+            return None
+        return IntBody(self.k.body, self.v.body, self.k.codec, self.v.codec, self.block)
+
+    def _readable(self) -> bool:
+        """Whether the kernel can read this layer now: `kernel_reads`, and keys and values with bodies
+        of the same tokens (both stores keep whole blocks in the body)."""
+        return self.kernel_reads and self.k._n(self.k.body) == self.v._n(self.v.body)
+
+    def _split_states(self, key_states, value_states):
+        """Sink, the coded body read in place, then the stage (decoded: under one block), the float16
+        tokens of decode steps, the window and this call's tokens as dense tensors."""
+        after = []
+        for store, new in ((self.k, key_states), (self.v, value_states)):
+            staged = store.stage is not None and not self.body_reads_stage
+            parts = [store.stage_codec.decode(store.stage, torch.float32)] if staged else []
+            after.append(parts + [store.fresh, store.window, new])
+        body = self._body()
+        return SplitStates((self.k.sink, self.v.sink), body, tuple(after), splits=self.splits)
+
+    def get_seq_length(self) -> int:
+        return len(self.k) if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self.k.sink = self.v.sink = None
+        self.is_initialized = False
+
+    def _keep_first(self, keep: int) -> None:
+        self.k.crop(keep)
+        self.v.crop(keep)
+
+    def _batch_map(self, on_tensor, on_packed) -> None:
+        self.k.map_batch(on_tensor, on_packed)
+        self.v.map_batch(on_tensor, on_packed)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.k.tensors() + self.v.tensors()
+
+
+class CompressedCache(KVCache):
+    """A transformers `Cache` of `CompressedLayer`s, one per decoder layer.
+
+    Build it from a registered method name (`kvshrink.from_method("int4", model)`)
+    or from codec objects (`CompressedCache(config, key_codec=IntQuant(...))`).
+    """
+
+    layer_cls = CompressedLayer
+
+    def __init__(
+        self,
+        config=None,
+        key_codec: Codec | None = None,
+        value_codec: Codec | None = None,
+        sink: int = 4,
+        window: int = 0,
+        block: int = 128,
+        num_layers: int | None = None,
+        method: str | None = None,
+        layer_codecs: list | None = None,
+        attend: str = "decode",
+        splits: int = 4,
+        background: bool = False,
+    ):
+        """layer_codecs: one (key codec, value codec) per layer, for codecs learned per layer
+        (RVQ codebooks); otherwise every layer uses key_codec / value_codec.
+        attend: "decode" (decode the history, then attend) or "fused" (decode steps read integer
+        codes in place; the model must use the "kvshrink" attention); splits: parallel ranges of
+        blocks per head in the fused kernel; background: blocks filled by decode steps are coded
+        on a worker thread (store.py), off the critical path."""
+        if attend not in ATTENDS:
+            raise KvshrinkError(f"unknown attend {attend!r}; use one of {', '.join(ATTENDS)}")
+        if not isinstance(splits, int) or splits < 1:
+            raise KvshrinkError(f"splits must be a positive integer, got {splits!r}")
+        if layer_codecs is None:
+            if key_codec is None:
+                raise KvshrinkError("CompressedCache needs a key codec (or use CompressedCache.from_method)")
+            value_codec = value_codec or key_codec
+        else:
+            key_codec, value_codec = layer_codecs[0]
+        for kc, vc in layer_codecs or [(key_codec, value_codec)]:
+            check_layout(kc, vc, sink, window, block)
+        if num_layers is None:
+            if config is None:
+                raise KvshrinkError("CompressedCache needs a model config or num_layers")
+            num_layers = _num_layers(config)
+        if layer_codecs is not None and len(layer_codecs) != num_layers:
+            raise KvshrinkError(f"{len(layer_codecs)} per-layer codecs for a model of {num_layers} layers")
+        self.key_codec, self.value_codec = key_codec, value_codec
+        self.sink, self.window, self.block = sink, window, block
+        pairs = layer_codecs or [(key_codec, value_codec)] * num_layers
+        layers = [self.layer_cls(kc, vc, sink, window, block) for kc, vc in pairs]
+        self.attend = attend
+        self.background = bool(background)
+        if background:
+            pool = coder_pool()
+            for layer in layers:
+                layer.k.executor = layer.v.executor = pool
+        if attend == "fused":
+            for kc, vc in pairs:
+                if not supported(kc, vc):
+                    raise KvshrinkError(f"no fused kernel reads {kc.describe()} / {vc.describe()}; use attend='decode'")
+            for layer in layers:
+                layer.fused, layer.splits = True, splits
+        super().__init__(layers, config, method)
+
+    def describe(self) -> str:
+        return (
+            f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}, "
+            f"sink {self.sink}, window {self.window}, block {self.block}, "
+            + self._how_it_attends()
+            + (", blocks coded in the background" if self.background else "")
+        )
+
+    def _how_it_attends(self) -> str:
+        return "fused decode attention" if self.attend == "fused" else "decode-then-attend"
+
+
+def _num_layers(config) -> int:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return text.num_hidden_layers
+
+
+def build(config: QuantConfig | Fp16Config, target, method: str) -> CompressedCache:
+    """The cache of an int or fp16 method for a model or its config. attend="auto": fused where the
+    model uses the kvshrink attention (`kvshrink.prepare`), else decode-then-attend; `describe()`
+    says which."""
+    model_config = getattr(target, "config", target)
+    if isinstance(config, Fp16Config):
+        return CompressedCache(model_config, key_codec=Fp16(), sink=0, window=0, block=config.block, method=method)
+    attend = config.attend
+    if attend == "auto":
+        attend = "fused" if uses_kvshrink_attention(model_config) else "decode"
+    elif attend == "fused":
+        require_kvshrink_attention(model_config, method)
+    key_group = config.block if config.key_axis == "channel" else None
+    keys = IntQuant(config.bits, config.key_axis, key_group, rotate=config.rotate, seed=1)
+    values = IntQuant(config.bits, "token", config.value_group, rotate=config.rotate, seed=2)
+    return CompressedCache(model_config, key_codec=keys, value_codec=values, sink=config.sink, window=config.window,
+                           block=config.block, attend=attend, splits=config.splits, background=config.background,
+                           method=method)
+
+
+def prepare(config, model, tokenizer=None, corpus=None):
+    """Fused decode attention reads the codes through the "kvshrink" attention: switch the model to it
+    (plain SDPA for every other cache), in place."""
+    if getattr(config, "attend", "decode") != "decode":
+        use_kvshrink_attention(model)
+    return model

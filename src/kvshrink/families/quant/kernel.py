@@ -1,0 +1,182 @@
+"""Decode attention that reads bit-packed integer codes (IntQuant, KIVI layout) in place.
+
+For each (sequence, KV head) and each tile of `tile` tokens (one cache block),
+the kernel unpacks the tile's key codes into a small uint8 buffer in one flat
+pass and takes the logits of the head's query rows in the code domain:
+q . (mn + step * code) = q . mn + (q * step) . code for per-channel keys (q * step
+and q . mn once per key group); per-token keys use step_g (q_g . code_g) +
+mn_g sum(q_g) per channel group. It then unpacks the tile's value codes and folds
+them into an online softmax, each token's weight times its group's step, its
+minimum added once per group. A worker holds two tiles of uint8 codes, never
+the history, and nothing is decoded twice: codes are read where they are used.
+The tiles of a head are split into `splits` ranges run in parallel (flash-
+decoding); attention/split.py merges the partials with the dense parts. The
+per-tile arithmetic (and why it is written as it is) is in attention/tiles.py.
+A Hadamard-rotated codec (x stored as x @ R) is read without undoing the
+rotation per token: q . (x_r R^T) = (q R) . x_r, and sum p (x_r R^T) = (sum p x_r) R^T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+from ...codecs.base import Packed
+from ...codecs.hadamard import rotation
+from ...codecs.quant import IntQuant
+from ...kernels.tiles import (FAST, as_u8, channel_logits, dense_split, fold_values, merge, partial_buffers, rotate_back,
+                              unpack_codes, weights)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=FAST)
+def _fused(q, qb, vis, dk, dv, dvis, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
+           splits, vrot, out):
+    nb_, nh, nr, d = q.shape
+    n = vis.shape[1]
+    nvb = (n + vb - 1) // vb
+    krow = kc.shape[1] // n
+    vrow = vc.shape[1] // n
+    kw = d // kgroups
+    vw = d // vgroups
+    pm, pl, pacc = partial_buffers(nb_, nh, splits + 1, nr, d)
+    for u in numba.prange(nb_ * nh * (splits + 1)):
+        b = u // (nh * (splits + 1))
+        h = (u // (splits + 1)) % nh
+        sp = u % (splits + 1)
+        if sp == splits:  # the dense tokens (sink, stage, float16 tokens, this call's): one more split
+            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+            continue
+        bh = b * nh + h
+        lo = sp * nvb // splits
+        hi = (sp + 1) * nvb // splits
+        ksym = np.empty(vb * d, dtype=np.uint8)  # one tile of codes
+        vsym = np.empty(vb * d, dtype=np.uint8)
+        lg = np.empty((nr, vb), dtype=np.float32)
+        kk = np.empty(vb, dtype=np.int32)
+        wt = np.empty(vb, dtype=np.float32)
+        qs = np.empty(d, dtype=np.float32)
+        qsum = np.zeros((nr, kgroups), dtype=np.float32)
+        m = np.full(nr, -np.inf, dtype=np.float32)
+        lsum = np.zeros(nr, dtype=np.float32)
+        acc = pacc[b, h, sp]
+        accb = np.zeros((nr, vgroups), dtype=np.float32)
+        for r in range(nr):
+            for c in range(d):
+                qsum[r, c // kw] += qb[b, h, r, c]
+        for j in range(lo, hi):
+            t0 = j * vb
+            cnt = min(vb, n - t0)  # a body cut inside a block (per-token codes) ends in a short tile
+            unpack_codes(kc[bh, t0 * krow:], cnt * d, kbits, ksym)
+            unpack_codes(vc[bh, t0 * vrow:], cnt * d, vbits, vsym)
+            vt = vis[b, t0:t0 + cnt]
+            for r in range(nr):
+                q1 = qb[b, h, r]
+                lr = lg[r]
+                if kb > 1:  # per-channel keys: one (step, min) row per block of kb tokens
+                    for kq in range((cnt + kb - 1) // kb):
+                        blk = (t0 + kq * kb) // kb
+                        channel_logits(q1, kstep[b, h, blk], kmn[b, h, blk], ksym[kq * kb * d:],
+                                       min(kb, cnt - kq * kb), qs, lr[kq * kb:])
+                else:  # per-token keys: step_g (q_g . code_g) + mn_g sum(q_g) per channel group
+                    ks = kstep[b, h, t0:t0 + cnt]
+                    km = kmn[b, h, t0:t0 + cnt]
+                    qg = qsum[r]
+                    for i in range(cnt):
+                        row = ksym[i * d:(i + 1) * d]
+                        s = np.float32(0.0)
+                        for g in range(kgroups):
+                            qq = q1[g * kw:(g + 1) * kw]
+                            rr = row[g * kw:(g + 1) * kw]
+                            t = np.float32(0.0)
+                            for jj in range(kw):
+                                t += qq[jj] * np.float32(rr[jj])
+                            s += ks[i, g] * t + km[i, g] * qg[g]
+                        lr[i] = s
+                mx, corr, t = weights(lr, vt, cnt, m[r], kk)
+                if mx == -np.inf:
+                    continue
+                m[r] = mx
+                lsum[r] = lsum[r] * corr + t
+                fold_values(acc[r], accb[r], wt, lr, vsym, vstep[b, h, t0:t0 + cnt], vmn[b, h, t0:t0 + cnt], cnt, corr)
+        for r in range(nr):
+            pm[b, h, sp, r] = m[r]
+            pl[b, h, sp, r] = lsum[r]
+            for c in range(d):
+                acc[r, c] += accb[r, c // vw]
+            if vrot.shape[0]:
+                rotate_back(acc[r], vrot, qs)
+    merge(pm, pl, pacc, out)
+
+
+def _operands(codec: IntQuant, packed: Packed):
+    """(codes (B * H, bytes), min, scale (B, H, N // tg, params) float32, tg, channel groups) of a body."""
+    t = packed.tensors
+    b, h = t["codes"].shape[:2]
+    n, d = packed.num_tokens, packed.head_dim
+    tg, groups = (codec.group, 1) if codec.axis == "channel" else (1, d // (codec.group or d))
+    mn = t["min"].reshape(b, h, n // tg, -1).float().numpy()
+    sc = t["scale"].reshape(b, h, n // tg, -1).float().numpy()
+    return t["codes"].reshape(b * h, -1).numpy(), mn, sc, tg, groups
+
+
+def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
+    """Codecs the kernel reads: IntQuant of any bit width, keys on either axis, values per token, and
+    no padding inside a token's codes (every channel group, and the head vector when `head_dim` is
+    given, a whole number of bytes), so a tile's codes unpack in one flat pass."""
+    def whole(c):
+        if not isinstance(c, IntQuant):
+            return False
+        width = (c.group or head_dim) if c.axis == "token" else head_dim
+        return width is None or width * c.bits % 8 == 0
+
+    return whole(key_codec) and whole(value_codec) and value_codec.axis == "token"
+
+
+def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dense_v: torch.Tensor,
+                 dense_vis: torch.Tensor, keys: Packed, values: Packed, key_codec: IntQuant,
+                 value_codec: IntQuant, tile: int, splits: int = 4) -> torch.Tensor:
+    """Decode attention in one call: q (B, H, R, d) float32 already scaled (rows in (group, token)
+    order), vis (B, n) bool over the body's tokens, dense_k / dense_v (B, H, n_dense, d) float32 and
+    dense_vis (B, t, n_dense) bool for the other tokens -> (B, H, R, d) float32. tile: tokens per
+    kernel tile (the cache block: a multiple of the key groups)."""
+    b, h, r, d = q.shape
+    n = keys.num_tokens
+    splits = max(1, min(splits, -(-n // tile)))
+    qb = q @ rotation(d, key_codec.seed) if key_codec.rotate else q
+    vrot = rotation(d, value_codec.seed).numpy() if value_codec.rotate else _NO_ROTATION
+    kc, kmn, ksc, ktg, kgroups = _operands(key_codec, keys)
+    vc, vmn, vsc, _, vgroups = _operands(value_codec, values)
+    out = np.empty((b, h, r, d), dtype=np.float32)
+    _fused(q.contiguous().numpy(), qb.contiguous().numpy(), as_u8(vis), dense_k.contiguous().numpy(),
+           dense_v.contiguous().numpy(), as_u8(dense_vis), kc, kmn, ksc, ktg, kgroups, key_codec.bits, vc, vmn,
+           vsc, vgroups, value_codec.bits, tile, splits, vrot, out)
+    return torch.from_numpy(out)
+
+
+_NO_ROTATION = np.empty((0, 0), dtype=np.float32)
+
+
+@dataclass
+class IntBody:
+    """A CompressedLayer's integer-coded body, read in place by the kernel (attention/split.py)."""
+
+    keys: Packed
+    values: Packed
+    key_codec: IntQuant
+    value_codec: IntQuant
+    block: int  # the cache block: the kernel's tile
+    name = "int"
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.num_tokens
+
+    def attend(self, q, vis, dense_k, dense_v, dense_vis, splits):
+        return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
+                            self.value_codec, self.block, splits)
+
+    def decoded(self):
+        return self.key_codec.decode(self.keys), self.value_codec.decode(self.values)

@@ -1,0 +1,1 @@
+"""Residual vector quantization with learned per-layer codebooks."""

@@ -1,0 +1,172 @@
+"""Learning RVQ codebooks (codecs/rvq.py) for one model: `kvshrink calibrate --method rvq`.
+
+Per layer, separately for keys and values: post-RoPE keys and values of
+calibration text (the last tokens of the corpus, disjoint from the evaluation
+segments; the first `sink` positions are left out, the cache keeps them in
+float16) are divided by their root mean square, split into channel groups, and
+a residual stack is learned level by level: k-means (Lloyd iterations, batched
+distance products; the paper's exponential moving average is the online form
+of the same update) on what the previous levels left. Dead codewords are
+re-seeded on the worst-coded vectors.
+
+A calibration file is safetensors: `keys` and `values` (layers, depth, entries,
+group) plus a JSON header naming the model, the grouping and the data.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ...core.calibfile import (calibration_dir, calibration_ids, check_header, load_tensors, model_fingerprint,
+                        model_header, save_tensors)
+from ...codecs.rvq import GROUPINGS, channel_order, grouped, nearest
+from ...errors import KvshrinkError
+from ...spec import spec_from_config
+
+FORMAT = "kvshrink-rvq-1"
+MAX_DEPTH = 8
+FIT_ROWS = 1 << 15  # rows a level is fitted on: k-means time, not quality, grows past this
+
+
+@dataclass(eq=False)
+class RvqCalibration:
+    keys: torch.Tensor  # (layers, depth, entries, group)
+    values: torch.Tensor
+    header: dict
+
+    @property
+    def group(self) -> int:
+        return self.keys.shape[-1]
+
+    def check(self, model) -> None:
+        check_header(self.header, model, "rvq")
+
+    def save(self, path: str) -> None:
+        save_tensors(path, {"keys": self.keys, "values": self.values}, FORMAT, self.header)
+
+    @classmethod
+    def load(cls, path: str, model=None) -> "RvqCalibration":
+        tensors, header = load_tensors(path, FORMAT, ("keys", "values"), "an RVQ calibration")
+        calib = cls(tensors["keys"], tensors["values"], header)
+        if model is not None:
+            calib.check(model)
+        return calib
+
+
+def collect(model, ids: torch.Tensor, sink: int = 4) -> tuple[list, list]:
+    """Post-RoPE keys and values per layer, (vectors, head_dim) each, positions >= sink."""
+    keys, values = None, None
+    with torch.no_grad():
+        for row in ids:
+            cache = DynamicCache(config=model.config)
+            model(row[None], past_key_values=cache, use_cache=True)
+            ks = [layer.keys[0, :, sink:].reshape(-1, layer.keys.shape[-1]).float() for layer in cache.layers]
+            vs = [layer.values[0, :, sink:].reshape(-1, layer.values.shape[-1]).float() for layer in cache.layers]
+            keys = ks if keys is None else [torch.cat(p) for p in zip(keys, ks)]
+            values = vs if values is None else [torch.cat(p) for p in zip(values, vs)]
+    return keys, values
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator, fit_rows: int = FIT_ROWS):
+    """(centroids (k, G), assignment of every row) by Lloyd iterations from k distinct data rows,
+    fitted on at most `fit_rows` random rows (the rest are only assigned)."""
+    n = x.shape[0]
+    if n < k:
+        raise KvshrinkError(f"{n} calibration vectors cannot seed {k} codewords; use more calibration text")
+    fit = x[torch.randperm(n, generator=gen)[:fit_rows]] if n > fit_rows else x
+    c = fit[:k].clone() if n > fit_rows else fit[torch.randperm(n, generator=gen)[:k]].clone()
+    for _ in range(iters):
+        a = nearest(fit, c, (c * c).sum(-1))
+        counts = torch.bincount(a, minlength=k)
+        sums = torch.zeros_like(c).index_add_(0, a, fit)
+        live = counts > 0
+        c[live] = sums[live] / counts[live, None]
+        dead = (~live).nonzero().flatten()
+        if dead.numel():  # re-seed on the vectors coded worst
+            err = (fit - c[a]).pow(2).sum(-1)
+            c[dead] = fit[err.topk(dead.numel()).indices]
+    return c, nearest(x, c, (c * c).sum(-1))
+
+
+def train(vectors: torch.Tensor, group: int, grouping: str, size: int = 256, depth: int = MAX_DEPTH,
+          iters: int = 10, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+    """Codebooks (depth, size, group) for vectors (N, D), and the residual energy left after
+    each level as a fraction of the scaled vectors' energy."""
+    d = vectors.shape[-1]
+    x = vectors.float()
+    rms = x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+    r = grouped(x / rms, channel_order(d, group, grouping), group).reshape(-1, group)
+    total = r.pow(2).sum().item()
+    gen = torch.Generator().manual_seed(seed)
+    books, left = [], []
+    for _ in range(depth):
+        c, a = kmeans(r, size, iters, gen)
+        r -= c[a]
+        books.append(c)
+        left.append(r.pow(2).sum().item() / total)
+    return torch.stack(books), left
+
+
+def check_layout(size: int, depth: int, key_grouping: str, value_grouping: str) -> None:
+    for g in (key_grouping, value_grouping):
+        if g not in GROUPINGS:
+            raise KvshrinkError(f"unknown channel grouping {g!r}; use one of {', '.join(GROUPINGS)}")
+    if not 1 <= depth <= MAX_DEPTH:
+        raise KvshrinkError(f"RVQ depth {depth} is outside 1..{MAX_DEPTH}")
+    if size < 2 or size & (size - 1) or size > 256:
+        raise KvshrinkError(f"RVQ codebook size {size} is not a power of two between 2 and 256")
+
+
+def calibrate(model, ids: torch.Tensor, data: dict | None = None, group: int = 16, size: int = 256,
+              depth: int = MAX_DEPTH, key_grouping: str = "strided", value_grouping: str = "contiguous",
+              iters: int = 10, progress=None) -> RvqCalibration:
+    check_layout(size, depth, key_grouping, value_grouping)
+    d = spec_from_config(model.config).head_dim
+    channel_order(d, group, key_grouping)  # refuses a group that does not divide head_dim
+    t0 = time.time()
+    keys, values = collect(model, ids)
+    kb, vb, kl, vl = [], [], [], []
+    for i, (k, v) in enumerate(zip(keys, values)):
+        books, left = train(k, group, key_grouping, size, depth, iters, seed=2 * i)
+        kb.append(books)
+        kl.append(left)
+        books, left = train(v, group, value_grouping, size, depth, iters, seed=2 * i + 1)
+        vb.append(books)
+        vl.append(left)
+        if progress:
+            progress(i + 1, len(keys))
+    header = {**model_header(model), "data": data or {}, "group": group, "size": size, "depth": depth,
+              "key_grouping": key_grouping, "value_grouping": value_grouping, "iters": iters,
+              "vectors_per_layer": int(keys[0].shape[0]), "seconds": round(time.time() - t0, 1),
+              "key_residual": kl, "value_residual": vl}
+    return RvqCalibration(torch.stack(kb), torch.stack(vb), header)
+
+
+def default_path(model, group: int, size: int, key_grouping: str, value_grouping: str) -> str:
+    name = f"rvq-{model_fingerprint(model)}-g{group}-k{size}-{key_grouping}-{value_grouping}.safetensors"
+    return os.path.join(calibration_dir(), name)
+
+
+def load_or_calibrate(model, tokenizer, corpus: str | None = None, group: int = 16, size: int = 256,
+                      key_grouping: str = "strided", value_grouping: str = "contiguous", log=print) -> RvqCalibration:
+    """The calibration at $KVSHRINK_RVQ_CALIBRATION when it matches the asked layout, else the one
+    at the default path for this model and layout (learned first if it is missing)."""
+    want = {"group": group, "size": size, "key_grouping": key_grouping, "value_grouping": value_grouping}
+    env = os.environ.get("KVSHRINK_RVQ_CALIBRATION")
+    if env:
+        calib = RvqCalibration.load(env, model)
+        if all(calib.header.get(k) == v for k, v in want.items()):
+            return calib
+    path = default_path(model, group, size, key_grouping, value_grouping)
+    if os.path.isfile(path):
+        return RvqCalibration.load(path, model)
+    log(f"RVQ: no codebooks for this model and layout at {path}; learning them (a minute or two)")
+    ids, desc = calibration_ids(tokenizer, corpus, sequences=8, length=512)
+    calib = calibrate(model, ids, desc, group, size, MAX_DEPTH, key_grouping, value_grouping)
+    calib.save(path)
+    return calib

@@ -1,0 +1,1 @@
+"""Compiled arithmetic every family kernel shares (numba): tiles, unpacking, float16 reads."""

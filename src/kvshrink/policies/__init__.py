@@ -1,1 +1,0 @@
-"""Which tokens each head keeps: paged block storage, attention scores, budgets."""

@@ -1,0 +1,236 @@
+"""One matrix over every registered method of ours, through the public API only.
+
+Each method runs on a tiny random Llama (head_dim 16, GQA 2) after `kvshrink.prepare`, with its
+calibrations (ZDC bases, RVQ codebooks) made here from random tokens. The properties:
+- bytes: `nbytes()` counts every tensor and array the cache can reach, except what it borrows
+  from the model (weights, ZDC bases), and nothing it does not hold;
+- crop: crop then continue equals a fresh prefill of the same tokens (within the method's own
+  error against an uncompressed cache);
+- fused: the compiled decode path equals the reference path (`:attend=decode`);
+- batch: a left-padded batch gives each sequence what it gets alone (within the method's error);
+- save: the coded cache round-trips through a file, or `save` refuses in one line;
+- reorder: `reorder_cache` (beam search) permutes sequences exactly, or refuses in one line.
+Where a method refuses or a property does not apply, `EXPECTED` says so, with the reason.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache, LlamaForCausalLM
+
+from kvshrink import KvshrinkError, from_method, load_cache, method_names, prepare
+from kvshrink.families.lowrank import transform as zdc
+from kvshrink.families.rvq import calibrate as rvq_calib
+
+OURS = [n for n in method_names("ours")]
+PROMPT, STEPS = 150, 6  # past one block of 128 (int, ZDC) and of 64/128 (KVComp keys/values)
+EVICT = tuple(n for n in OURS if n.startswith(("kvc-", "snapkv-")))
+SAVES = tuple(n for n in OURS if n.startswith("kvcomp-"))
+FUSED = tuple(n for n in OURS if not n.startswith("fp16"))  # every family with an attend=decode reference
+
+# (property, methods) -> why it does not hold as stated, and what is checked instead
+EXPECTED = {
+    ("crop", EVICT): "after a crop an eviction cache keeps the tokens the longer prompt's queries chose; a fresh "
+                     "prefill of the shorter prompt chooses others (checked instead: no kept token beyond the cut)",
+    ("batch", EVICT): "budgets count real tokens per sequence, but the eviction ranking of a padded batch sees the "
+                      "other sequence's scores in the same call (checked instead: it runs and stays within budget)",
+    ("reorder", EVICT): "paged per-head eviction refuses beam search (one line)",
+    ("save", tuple(n for n in OURS if n not in SAVES)): "only kvcomp caches save (others refuse in one line)",
+}
+
+
+def expected(prop: str, name: str) -> str | None:
+    for (p, names), why in EXPECTED.items():
+        if p == prop and name in names:
+            return why
+    return None
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config, tmp_path_factory):
+    """A tiny random Llama with its ZDC and RVQ calibrations where the methods look for them."""
+    os.environ["KVSHRINK_CALIB_DIR"] = str(tmp_path_factory.mktemp("calib"))
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(tiny_config).eval()
+    ids = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1))
+    zdc.calibrate(m, ids, {"test": True}).save(zdc.default_calibration_path(m))
+    rvq_calib.calibrate(m, ids, {"test": True}, 16, 256, 8, "strided", "contiguous", iters=3).save(
+        rvq_calib.default_path(m, 16, 256, "strided", "contiguous"))
+    yield m
+    del os.environ["KVSHRINK_CALIB_DIR"]
+
+
+def _ready(model, name):
+    return prepare(model, name)
+
+
+def _ids(n, seed=0, batch=1):
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _run(model, cache, ids, steps=STEPS, mask=None):
+    """Prefill `ids`, then decode steps of fixed tokens (the same in every run, so no run can diverge by
+    a near tie of greedy choices); the logits of every step (B, steps + 1, vocab)."""
+    feed = _ids(steps, seed=99).expand(ids.shape[0], steps)
+    kw = {} if mask is None else {"attention_mask": mask}
+    out = [model(ids, past_key_values=cache, use_cache=True, **kw).logits[:, -1:]]
+    for i in range(steps):
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            kw["attention_mask"] = mask
+        out.append(model(feed[:, i:i + 1], past_key_values=cache, use_cache=True, **kw).logits[:, -1:])
+    return torch.cat(out, 1)
+
+
+@torch.no_grad()
+def _feed(model, cache, ids):
+    """Logits of feeding `ids` one token at a time (decode steps), (B, n, vocab)."""
+    return torch.cat([model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in
+                      range(ids.shape[1])], 1)
+
+
+def _error(model, name, ids):
+    """The method's own max logit error against DynamicCache on the same steps."""
+    m = _ready(model, name)
+    ref = _run(model, DynamicCache(), ids)
+    return (_run(m, from_method(name, m), ids) - ref).abs().max().item()
+
+
+def _reachable(obj, seen=None, depth=0):
+    """Every tensor and numpy array reachable from obj's attributes, lists, tuples and dicts."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 12:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return [obj]
+    if isinstance(obj, (torch.nn.Module, str, bytes, int, float, type)) or callable(obj) and not hasattr(obj, "__dict__"):
+        return []
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__"):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for it in items for t in _reachable(it, seen, depth + 1)]
+
+
+def _memory(arrays) -> list:
+    """(start, bytes) of the memory behind tensors (their storages) and numpy arrays (their base buffers);
+    a numpy view of a tensor's storage is that storage, not more memory."""
+    spans = {}
+    for a in arrays:
+        if isinstance(a, torch.Tensor):
+            s = a.untyped_storage()
+            spans[s.data_ptr()] = s.nbytes()
+    tensors = sorted(spans.items())
+    for a in arrays:
+        if isinstance(a, np.ndarray):
+            base = a
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            start = base.__array_interface__["data"][0]
+            if not any(p <= start < p + n for p, n in tensors):
+                spans[start] = base.nbytes
+    return [(p, n) for p, n in spans.items() if n]
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_bytes_are_the_storage_the_cache_holds(model, name):
+    m = _ready(model, name)
+    cache = from_method(name, m)
+    _run(m, cache, _ids(PROMPT))
+    held = cache.nbytes()
+    mine = _memory(_reachable(cache))
+    borrowed = {p for p, _ in _memory([*m.parameters(), *m.buffers(), *_reachable(getattr(m, "kvshrink_zdc", None))])}
+    own = sum(n for p, n in mine if p not in borrowed)
+    assert own <= held <= sum(n for _, n in mine), (held, own, sum(n for _, n in mine))
+    assert cache.compression_ratio() == pytest.approx(cache.fp16_nbytes() / held)
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_crop_then_continue_equals_a_fresh_prefill(model, name):
+    m = _ready(model, name)
+    ids = _ids(PROMPT + 20, seed=2)
+    cut, more = ids[:, :PROMPT], ids[:, PROMPT:PROMPT + 8]
+    cropped = from_method(name, m)
+    with torch.no_grad():
+        m(ids, past_key_values=cropped, use_cache=True)
+    cropped.crop(-(ids.shape[1] - PROMPT))
+    assert cropped.get_seq_length() == PROMPT
+    if expected("crop", name):
+        assert int(cropped.kept_tokens().max()) <= PROMPT
+        return
+    fresh = from_method(name, m)
+    with torch.no_grad():
+        m(cut, past_key_values=fresh, use_cache=True)
+    got, want = _feed(m, cropped, more), _feed(m, fresh, more)
+    assert (got - want).abs().max().item() <= 2 * _error(model, name, ids[:, :PROMPT]) + 1e-3
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_decode_equals_the_reference_path(model, name):
+    m = _ready(model, name)
+    ids = _ids(PROMPT, seed=3)
+    fused = from_method(name, m)
+    ref = from_method(f"{name}:attend=decode", m)
+    torch.testing.assert_close(_run(m, fused, ids), _run(m, ref, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_left_padded_batch_matches_each_sequence_alone(model, name):
+    m = _ready(model, name)
+    a, b = _ids(PROMPT, seed=4), _ids(PROMPT - 20, seed=5)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 20, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :20] = 0
+    both = _run(m, from_method(name, m), batch, mask=mask)
+    if expected("batch", name):
+        assert torch.isfinite(both).all()
+        return
+    alone = torch.cat([_run(m, from_method(name, m), a), _run(m, from_method(name, m), b)])
+    err = max(_error(model, name, a), _error(model, name, b))
+    assert (both - alone).abs().max().item() <= 2 * err + 1e-3
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_save_and_load_round_trip_or_refuse(model, name, tmp_path):
+    m = _ready(model, name)
+    ids = _ids(PROMPT, seed=6)
+    cache = from_method(name, m)
+    with torch.no_grad():
+        m(ids, past_key_values=cache, use_cache=True)
+    path = str(tmp_path / "cache.safetensors")
+    if expected("save", name):
+        with pytest.raises(KvshrinkError, match="saving is implemented for kvcomp caches"):
+            cache.save(path, m)
+        return
+    cache.save(path, m, ids=ids)
+    loaded = load_cache(path, m)
+    assert torch.equal(loaded.ids, ids) and loaded.nbytes() == cache.nbytes()
+    more = _ids(4, seed=7)
+    torch.testing.assert_close(_feed(m, loaded, more), _feed(m, cache, more), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_reorder_cache_permutes_sequences_or_refuses(model, name):
+    m = _ready(model, name)
+    ids = torch.cat([_ids(PROMPT, seed=8), _ids(PROMPT, seed=9)])
+    cache = from_method(name, m)
+    with torch.no_grad():
+        m(ids, past_key_values=cache, use_cache=True)
+    if expected("reorder", name):
+        with pytest.raises(KvshrinkError, match="beam search"):
+            cache.reorder_cache(torch.tensor([1, 0]))
+        return
+    cache.reorder_cache(torch.tensor([1, 0]))
+    swapped = from_method(name, m)
+    with torch.no_grad():
+        m(ids.flip(0), past_key_values=swapped, use_cache=True)
+    more = _ids(4, seed=10, batch=2)
+    torch.testing.assert_close(_feed(m, cache, more), _feed(m, swapped, more), rtol=1e-5, atol=1e-5)
