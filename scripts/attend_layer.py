@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvshrink.cache import CompressedCache
+from kvshrink import CompressedCache
 from kvshrink.codecs.quant import IntQuant
 
 STEPS = 40

@@ -10,8 +10,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from kvshrink import get_method, load_model
-from kvshrink.eval.data import load_corpus_ids
+from kvshrink import from_method, get_method, load_model, prepare
+from kvshrink.corpus import load_corpus_ids
 from kvshrink.eval.needle import fill, prefill_states
 
 
@@ -30,8 +30,8 @@ def main():
         cache = DynamicCache(config=model.config)
     else:
         method = get_method(args.method)
-        model = method.prepare_model(model, tok)  # ZDC: the transformed copy
-        cache = method.make_cache(model)
+        model = prepare(model, method, tok)  # ZDC: the transformed copy
+        cache = from_method(method, model)
     fill(cache, states)
     x = ids[:, args.context:]
     with torch.no_grad():

@@ -21,8 +21,8 @@ import time
 import torch
 from transformers import DynamicCache
 
-from kvshrink import CompressedCache, get_method, load_model
-from kvshrink.eval.data import load_corpus_ids
+from kvshrink import from_method, get_method, load_cache, load_model, prepare
+from kvshrink.corpus import load_corpus_ids
 
 
 def _greedy(model, cache, x, n):
@@ -45,19 +45,19 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     model, tok = load_model()
     method = get_method(a.method)
-    model = method.prepare_model(model, tok)
+    model = prepare(model, method, tok)
     ids = load_corpus_ids(tok, None, a.tokens + 1)[None]
     prompt, nxt = ids[:, :a.tokens], ids[:, a.tokens:a.tokens + 1]
     res = {"tokens": a.tokens, "method": a.method}
 
     def prefill_then_step():
-        cache = method.make_cache(model)
+        cache = from_method(method, model)
         model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
         model(nxt, past_key_values=cache, use_cache=True)
         return cache
 
     t0 = time.perf_counter()
-    cache = method.make_cache(model)
+    cache = from_method(method, model)
     model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
     res["prefill_s_first"] = time.perf_counter() - t0
     path = os.path.join(a.out, "chat.kvc")
@@ -76,7 +76,7 @@ def main() -> None:
         prefill_then_step()
         times["recompute"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        loaded = CompressedCache.load(path, model)
+        loaded = load_cache(path, model)
         model(nxt, past_key_values=loaded, use_cache=True)
         times["load_compressed"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
@@ -86,7 +86,7 @@ def main() -> None:
         model(nxt, past_key_values=dc, use_cache=True)
         times["torch_load_fp32"].append(time.perf_counter() - t0)
     res["resume_s"] = {k: min(v) for k, v in times.items()}
-    loaded = CompressedCache.load(path, model)
+    loaded = load_cache(path, model)
     res["same_continuation"] = _greedy(model, cache, nxt, 16) == _greedy(model, loaded, nxt, 16)
     print(json.dumps(res, indent=1))
     with open(os.path.join(a.out, "resume.json"), "w") as fh:

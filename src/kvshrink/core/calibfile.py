@@ -8,11 +8,12 @@ import hashlib
 import json
 import os
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..corpus import default_corpus, load_corpus_ids
 from ..errors import KvshrinkError
 from ..spec import spec_from_config
-from ..corpus import default_corpus, load_corpus_ids
-from safetensors.torch import save_file
-from safetensors import safe_open
 
 
 def model_fingerprint(model) -> str:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..errors import KvshrinkError
 from ..attention.function import capturing_queries
+from ..errors import KvshrinkError
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 WORDS = (

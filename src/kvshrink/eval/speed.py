@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from .needle import fill, prefill_states
 from ..core.cache import cache_nbytes
+from .needle import fill, prefill_states
 
 BANDWIDTH_BYTES = 512 * 2**20  # far beyond the caches: a read from memory, not from L2/L3
 

@@ -1,8 +1,8 @@
 """Method families, one folder each: config.py (options and named presets, nothing heavy), the
 cache, its decode kernel and its calibration. This is the one list of families: importing it
 registers every preset, so `kvshrink methods` and option checks run without torch."""
+# ruff: noqa: I001  (the order is the order `kvshrink methods` lists them in)
 
-# isort: skip_file  (the order is the order `kvshrink methods` lists them in)
 from .quant import config as quant  # noqa: F401
 from .lowrank import config as lowrank  # noqa: F401
 from .evict import config as evict  # noqa: F401

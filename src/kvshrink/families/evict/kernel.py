@@ -23,7 +23,6 @@ import torch
 from ...codecs.base import Codec, Fp16
 from ...codecs.hadamard import rotation
 from ...codecs.quant import IntQuant
-
 from ...kernels.tiles import FAST, HALF, as_u8, half_to_float, rotate_back, unpack_codes, weights
 
 

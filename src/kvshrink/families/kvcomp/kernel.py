@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from ...codecs.huffman import MAX_LEN, MULTI, decode_into
-from .body import BodyView
 from ...kernels.tiles import FAST, as_u8, channel_logits, dense_split, fold_values, merge, partial_buffers, weights
+from .body import BodyView
+
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, vis, dk, dv, dvis, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep, kb,

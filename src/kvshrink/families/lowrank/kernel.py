@@ -26,12 +26,12 @@ import numba
 import numpy as np
 import torch
 
+from ...attention.masks import bool_mask
 from ...codecs.base import Codec, Fp16, Packed
 from ...codecs.quant import IntQuant
-
-from ...attention.masks import bool_mask
 from ...kernels.tiles import (FAST, HALF, accumulate, as_u8, channel_logits, dots, fold_values, half_to_float, merge,
                               partial_buffers, unpack_codes, weights)
+
 
 @numba.njit(cache=True, fastmath=FAST)
 def _fold_dense(q1, keys, values, vt, m, lsum, acc, lr, kk):

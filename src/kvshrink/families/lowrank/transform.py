@@ -34,7 +34,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from ...attention.function import NAME as KVSHRINK_ATTENTION
 from ...core.calibfile import (calibration_dir, calibration_ids, check_header, load_tensors, model_fingerprint,
-                         model_header, save_tensors)
+                               model_header, save_tensors)
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 

@@ -27,8 +27,8 @@ import torch
 from ...codecs.base import Packed
 from ...codecs.hadamard import rotation
 from ...codecs.quant import IntQuant
-from ...kernels.tiles import (FAST, as_u8, channel_logits, dense_split, fold_values, merge, partial_buffers, rotate_back,
-                              unpack_codes, weights)
+from ...kernels.tiles import (FAST, as_u8, channel_logits, dense_split, fold_values, merge, partial_buffers,
+                              rotate_back, unpack_codes, weights)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)

@@ -29,7 +29,6 @@ import torch
 
 from ...codecs.base import Packed
 from ...codecs.rvq import RVQ
-
 from ...kernels.tiles import FAST, accumulate, as_u8, dense_split, merge, partial_buffers, unpack_codes, weights
 
 
