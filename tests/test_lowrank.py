@@ -1,4 +1,4 @@
-"""Compiled decode attention over ZDC caches (attention/lowrank.py): the kernel against the PyTorch
+"""Compiled decode attention over ZDC caches (families/lowrank/kernel.py): the kernel against the PyTorch
 attention over the same stored states, float16 reading, never decoding, generation."""
 
 import numpy as np

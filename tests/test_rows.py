@@ -1,4 +1,4 @@
-"""Compiled decode attention over a paged cache's kept rows (attention/rows.py): the kernel against
+"""Compiled decode attention over a paged cache's kept rows (families/evict/kernel.py): the kernel against
 gather-decode-attend over the same cache, the eviction scores it records, never gathering."""
 
 import copy

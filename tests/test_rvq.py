@@ -206,9 +206,8 @@ def test_cache_bytes_are_codes_scales_sink_and_codebooks(model, tiny_calib):
         model(_ids(50), past_key_values=cache)
     # per layer, keys and values: 4 float16 sink tokens, 46 coded tokens of 16/8 groups x 2 levels
     # 4-bit codes (2 bytes) + one float16 scale, the first 2 levels of the 16x8 codebooks in float16;
-    # 2 KV heads of 16 dims; and what the codec holds beside them: the float32 working copy of those
-    # codebooks and the channel order (16 int64)
-    per_store = 2 * 4 * 16 * 2 + 2 * 46 * (2 + 2) + 2 * 16 * 8 * 2 + 2 * 16 * 8 * 4 + 16 * 8
+    # 2 KV heads of 16 dims; and the channel order the codec holds beside them (16 int64)
+    per_store = 2 * 4 * 16 * 2 + 2 * 46 * (2 + 2) + 2 * 16 * 8 * 2 + 16 * 8
     assert cache.nbytes() == 2 * 2 * per_store
     assert cache.fp16_nbytes() == 2 * 2 * 2 * 50 * 16 * 2
 

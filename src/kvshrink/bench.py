@@ -22,7 +22,7 @@ from .errors import KvshrinkError
 from .eval.needle import run_needles
 from .eval.perplexity import evaluate_quality
 from .eval.speed import measure_direct_prefill, measure_speed
-from .models import load_model
+from .models import load_config, load_model
 from .registry import REGISTRY, get_method, method_names
 from .spec import spec_from_config
 
@@ -89,9 +89,9 @@ def _progress():
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     t_start = time.time()
     torch.manual_seed(0)
+    validate(cfg, spec_from_config(load_config(cfg.model)))  # lengths and sections, before the weights load
     model, tok = load_model(cfg.model)
     spec = spec_from_config(model.config)
-    validate(cfg, spec)
     methods = {n: get_method(n) for n in cfg.methods}
     models = {n: prepare(model, m, tok, cfg.corpus) for n, m in methods.items()}  # ZDC: a transformed copy
     makers = {n: (lambda m=m, n=n: from_method(m, models[n])) for n, m in methods.items()}

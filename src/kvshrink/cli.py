@@ -13,6 +13,7 @@ import sys
 import time
 
 from . import families  # noqa: F401  (registers every family's presets: light, no torch)
+from .corpus import check_corpus
 from .errors import KvshrinkError
 from .registry import REGISTRY, get_method, method_names, options_help
 
@@ -103,6 +104,7 @@ def cmd_calibrate(args) -> None:
         if args.iters < 1:
             raise KvshrinkError("--iters must be at least 1")
         rvq_calib.check_layout(args.size, args.depth, args.key_grouping, args.value_grouping)
+    check_corpus(args.corpus)
     model, tok = load_model(args.model)
     ids, desc = calibration_ids(tok, args.corpus, args.sequences, args.length)
     if args.method == "rvq":
@@ -145,6 +147,8 @@ def column_means(rows: list) -> list:
 def cmd_bench(args) -> None:
     for name in args.methods or ():
         get_method(name)  # fail before torch and the model load
+    if not args.sections or "quality" in args.sections:
+        check_corpus(args.corpus)
     from .bench import BenchConfig, run_bench, table
 
     over = {k: v for k, v in {

@@ -1,12 +1,14 @@
-"""The evaluation corpus: WikiText-2 test (or a user's file), cut into segments."""
+"""The evaluation corpus: WikiText-2 test (or a user's file), cut into segments (tensors in, no torch import)."""
 
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import KvshrinkError
+
+if TYPE_CHECKING:  # annotations only: the CLI checks corpora before torch loads
+    import torch
 
 DEFAULT_CORPUS_ENV = "KVSHRINK_CORPUS"
 _CANDIDATES = ("../shared/data/wikitext-2-raw/wiki.test.raw", "shared/data/wikitext-2-raw/wiki.test.raw")
@@ -30,11 +32,21 @@ def default_corpus() -> str:
     raise KvshrinkError("no corpus found: pass --corpus PATH (e.g. WikiText-2's wiki.test.raw)")
 
 
-def load_corpus_ids(tokenizer, path: str | None = None, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids (1-D) of the corpus file; a clear error if it is missing or empty."""
+def check_corpus(path: str | None = None) -> str:
+    """The corpus path, refusing a missing or empty file in one line (no torch: the CLI checks it
+    before any model loads)."""
     path = path or default_corpus()
     if not os.path.isfile(path):
         raise KvshrinkError(f"corpus {path!r} does not exist")
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        if not fh.read(1 << 16).strip():
+            raise KvshrinkError(f"corpus {path!r} is empty")
+    return path
+
+
+def load_corpus_ids(tokenizer, path: str | None = None, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids (1-D) of the corpus file; a clear error if it is missing or empty."""
+    path = check_corpus(path)
     with open(path, encoding="utf-8", errors="replace", newline="") as fh:
         # only as much text as needed: about 4 characters a token, with margin
         text = fh.read(max_tokens * 8 if max_tokens else -1)

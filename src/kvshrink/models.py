@@ -71,6 +71,13 @@ def _config(name: str, source: str):
         raise KvshrinkError(f"unknown model {name!r}: {str(err).splitlines()[0]}") from None
 
 
+def load_config(name: str | None = None):
+    """The model's config alone (no weights), for checks that should not wait for the model."""
+    if name in (None, DEFAULT_MODEL):
+        return AutoConfig.from_pretrained(bundled_model_dir(), gguf_file=_BUNDLED_FILE)
+    return _config(name, os.path.expanduser(name))
+
+
 def load_model(name: str | None = None, dtype=None, attn_implementation: str = "sdpa"):
     """(model, tokenizer) for the bundled SmolLM2-135M-Instruct, an HF model id or a local folder.
 

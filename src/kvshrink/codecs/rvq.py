@@ -5,7 +5,7 @@ float16 per vector), its channels are split into groups of `group`, and every
 group is coded by the same residual stack of codebooks: level 1 picks the
 nearest codeword, level 2 codes what is left, and so on (greedy, by batched
 distance matrix products). Codes take log2(codebook size) bits each, packed
-densely. The codebooks of a layer are learned offline (`kvshrink.rvq_calib`).
+densely. The codebooks of a layer are learned offline (`kvshrink.families.rvq.calibrate`).
 
 Grouping: "strided" puts channels g, g + n, g + 2n, ... in group g (n groups),
 "contiguous" puts neighbouring channels together. The paper found
@@ -96,7 +96,6 @@ class RVQ(Codec):
         if grouping not in GROUPINGS:
             raise KvshrinkError(f"unknown channel grouping {grouping!r}; use one of {', '.join(GROUPINGS)}")
         self.books = codebooks[:depth].to(torch.float16).contiguous()  # what the cache holds (and counts)
-        self._books32 = None  # float32 working copy for arithmetic, rebuilt from `books`: held, so counted
         self._memo = {}  # channel orders and code offsets, built once per shape and device: every step uses them
         self.depth, self.size, self.group, self.bits, self.grouping = depth, k, g, bits, grouping
         self.name = f"rvq-d{depth}"
@@ -105,14 +104,13 @@ class RVQ(Codec):
         return f"RVQ depth {self.depth}, {self.size} codewords of {self.group} channels ({self.grouping})"
 
     def shared_tensors(self) -> list[torch.Tensor]:
-        """The codebooks, and what is derived from them and held: the float32 copy, the index tables."""
-        derived = [self._books32] if self._books32 is not None else []
-        return [self.books, *derived, *self._memo.values()]
+        """The codebooks and the index tables derived from them (held: every step uses them)."""
+        return [self.books, *self._memo.values()]
 
     def books_f32(self, device) -> torch.Tensor:
-        if self._books32 is None or self._books32.device != device:
-            self._books32 = self.books.to(device, torch.float32)
-        return self._books32
+        """A float32 copy for one call's arithmetic: made each time (16k values a layer, microseconds)
+        rather than held beside the float16 codebooks, which would add half again to their bytes."""
+        return self.books.to(device, torch.float32)
 
     def order(self, head_dim: int, device=None) -> torch.Tensor:
         key = ("order", head_dim, device)

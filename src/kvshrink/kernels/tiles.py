@@ -1,4 +1,4 @@
-"""The per-tile arithmetic shared by the compiled decode kernels (attention/packed.py, kvcomp.py,
+"""The per-tile arithmetic shared by the compiled decode kernels (families/quant/kernel.py, kvcomp.py,
 rvq.py, lowrank.py, rows.py).
 
 A kernel turns one tile of a head's history into uint8 codes (unpacking or Huffman

@@ -164,7 +164,7 @@ class PagedLayer(StoreLayer):
         self.seen += t
 
     def _fused_update(self, key_states, value_states):
-        """A decode step the compiled kernel serves (attention/rows.py): no row is gathered or decoded,
+        """A decode step the compiled kernel serves (families/evict/kernel.py): no row is gathered or decoded,
         and its scores go to the pool through the block table (RowStates), not through `observe`."""
         n_past = self.length.clone()
         slot = self._write_new(key_states, value_states)
@@ -244,7 +244,7 @@ class PagedCache(KVCache):
         count), so a prompt passed as context, then question, is evicted with the question's
         attention in the observation window (SnapKV's setting) rather than before it arrives.
         attend: "fused" (decode steps on the CPU read the kept rows in place with the compiled
-        kernel, attention/rows.py, where it reads the row codec) or "decode" (gather and decode
+        kernel, families/evict/kernel.py, where it reads the row codec) or "decode" (gather and decode
         every kept row, then attend: the reference)."""
         if (ratio is None) == (tokens is None):
             raise KvshrinkError("a paged cache needs exactly one budget: ratio=R (2 to 64...) or tokens=N")

@@ -1,4 +1,4 @@
-"""Decode attention that reads a paged cache's kept rows in place (eviction: paged_cache.py),
+"""Decode attention that reads a paged cache's kept rows in place (eviction: families/evict/cache.py),
 compiled with numba.
 
 Each (sequence, KV head) keeps its own rows in blocks of the shared pool, listed by its block
@@ -11,7 +11,7 @@ Eviction scores need every kept row's attention weight, so the kernel keeps the 
 a head in one row (a head keeps at most a few thousand rows) and returns the softmax weights
 beside the output: a plain two-pass softmax rather than the online one of the other kernels.
 This call's token is exact (float32) and comes last. A Hadamard-rotated codec is read as
-attention/packed.py reads it: the query rotated once, the past value sum rotated back once.
+families/quant/kernel.py reads it: the query rotated once, the past value sum rotated back once.
 """
 
 from __future__ import annotations

@@ -2,18 +2,18 @@
 
 Per layer: float16 sink tokens, then the coded body (keys in blocks of
 `key_block` tokens quantized per channel, values in blocks of `value_block`
-tokens quantized per token; entropy_body.py), then the float16 recent tokens
+tokens quantized per token; body.py), then the float16 recent tokens
 that do not fill a value block yet (at least `window` of them stay float16).
 Tokens reach the body once a whole value block has gathered, as in the paper.
 
 A call of at most `FUSED_QUERIES` tokens (decoding) gets `SplitStates`
-(attention/split.py, kernel in attention/kvcomp.py): the fused kernel decodes each block where it is
+(attention/split.py, kernel in families/kvcomp/kernel.py): the fused kernel decodes each block where it is
 consumed. Longer calls (prefill, perplexity chunks) decode the body and attend
 (`attend="decode"` does that on every call: the reference). Tokens pass through
 float16 before coding, as in every kvshrink store; the error bound is relative
 to those float16 values.
 
-`save(path)` / `CompressedCache.load(path, model)` (cache_io.py) write and read
+`save(path)` / `kvshrink.load_cache(path, model)` (io.py, cache.py) write and read
 the coded form itself, so a resumed chat costs a file read, not a prefill.
 """
 

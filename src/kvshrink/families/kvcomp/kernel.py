@@ -9,7 +9,7 @@ exists; per call the kernel holds one block of symbols per worker. The value
 blocks of a head are split into `splits` ranges processed in parallel (flash-
 decoding style); the dense parts (sink, recent tokens, this call's tokens) are
 one more split, and the kernel merges them all by log-sum-exp
-(attention/tiles.py has the per-tile arithmetic).
+(kernels/tiles.py has the per-tile arithmetic).
 
 `SplitStates(fused=False)` (attention/split.py) computes the same thing by
 decoding everything first and calling softmax attention: the path the fused

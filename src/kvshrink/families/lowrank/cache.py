@@ -1,4 +1,4 @@
-"""ZdcCache: the cache of a ZDC-transformed model (see transforms/zdc.py).
+"""ZdcCache: the cache of a ZDC-transformed model (see transform.py).
 
 Per layer and KV head, keys are rotated into their calibrated basis as they
 arrive (right after RoPE) and values arrive already rotated (folded v_proj).
@@ -12,9 +12,9 @@ padded to a common width and nothing is widened back on read: `update` hands
 the attention function the segments at their stored widths.
 
 Decode steps (at most `FUSED_QUERIES` tokens) leave their tokens in float16 in
-the stores until they fill a block (store.py). With `attend="fused"` on the
+the stores until they fill a block (core/store.py). With `attend="fused"` on the
 CPU, such a step gets `LowRankStates` instead of decoded segments: a compiled
-kernel reads the float16 or int-coded body in place (attention/lowrank.py).
+kernel reads the float16 or int-coded body in place (families/lowrank/kernel.py).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class ZdcLayer(StoreLayer):
             self.lazy_initialization(key_states, value_states)
         k = torch.matmul(key_states, self.uk.to(key_states.dtype))  # (B, H, t, D) @ (H, D, D)
         v = value_states
-        short = k.shape[2] <= FUSED_QUERIES  # a decode step: its tokens wait in float16 (store.py)
+        short = k.shape[2] <= FUSED_QUERIES  # a decode step: its tokens wait in float16 (core/store.py)
         if short:
             for s in self.ks + self.vs:
                 s.thaw()  # in both attend modes, so they hold the same tokens
@@ -211,8 +211,8 @@ class ZdcCache(KVCache):
                  window: int = 0, block: int = 128, method: str | None = None, attend: str = "fused",
                  splits: int = 4):
         """attend: "fused" (decode steps on the CPU read the body in place with the compiled kernel,
-        attention/lowrank.py) or "decode" (every call attends in PyTorch over the decoded segments,
-        attention/zdc.py: the reference); splits: parallel ranges of blocks per head in the kernel."""
+        families/lowrank/kernel.py) or "decode" (every call attends in PyTorch over the decoded segments,
+        families/lowrank/states.py: the reference); splits: parallel ranges of blocks per head in the kernel."""
         if attend not in ATTENDS:
             raise KvshrinkError(f"unknown attend {attend!r}; use one of {', '.join(ATTENDS)}")
         if not isinstance(splits, int) or splits < 1:

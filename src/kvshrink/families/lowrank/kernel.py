@@ -4,13 +4,13 @@ coordinates in place, compiled with numba.
 A ZdcCache keeps each KV head's body at its own widths: r_k key and r_v value
 coordinates per token (float16, or int codes in the KIVI layout). The query is
 mapped once into the key basis' dual coordinates (module.zdc_qk, as in
-attention/zdc.py); the kernel takes its first r_k coordinates against each tile
+families/lowrank/states.py); the kernel takes its first r_k coordinates against each tile
 of the body, read straight from the float16 bits or unpacked from the int codes,
 and folds the weighted values into the first r_v coordinates of an online-softmax
 accumulator. The dense segments (sink and window at `sink_rank` coordinates, the
 float16 tokens of decode steps at r_k / r_v, this call's tokens at head_dim) are
 one more split of the same call, each at its own width, and the log-sum-exp merge
-ends the call (attention/tiles.py). The value sums stay in the reduced
+ends the call (kernels/tiles.py). The value sums stay in the reduced
 coordinates: the folded o_proj maps them back. Nothing is widened to head_dim and
 nothing is decoded to float32 beyond one tile per worker.
 
@@ -29,8 +29,20 @@ import torch
 from ...attention.masks import bool_mask
 from ...codecs.base import Codec, Fp16, Packed
 from ...codecs.quant import IntQuant
-from ...kernels.tiles import (FAST, HALF, accumulate, as_u8, channel_logits, dots, fold_values, half_to_float, merge,
-                              partial_buffers, unpack_codes, weights)
+from ...kernels.tiles import (
+    FAST,
+    HALF,
+    accumulate,
+    as_u8,
+    channel_logits,
+    dots,
+    fold_values,
+    half_to_float,
+    merge,
+    partial_buffers,
+    unpack_codes,
+    weights,
+)
 
 
 @numba.njit(cache=True, fastmath=FAST)

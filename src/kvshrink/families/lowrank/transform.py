@@ -6,8 +6,8 @@ and one for the values, with directions sorted by calibration energy. `apply`
 folds the value basis into the model: `v_proj` emits values in basis
 coordinates and `o_proj` takes them back, so cached values are never
 reconstructed. Queries are rotated into the key basis right after RoPE (inside
-the attention function, `attention/zdc.py`); the cache rotates new keys the
-same way and keeps only the leading `r` coordinates of each (`zdc_cache.py`).
+the attention function, `families/lowrank/states.py`); the cache rotates new keys the
+same way and keeps only the leading `r` coordinates of each (cache.py).
 Keeping a prefix of a sorted basis is what makes per-token ranks cheap:
 attention-sink tokens keep more coordinates than the rest.
 
@@ -33,8 +33,15 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from ...attention.function import NAME as KVSHRINK_ATTENTION
-from ...core.calibfile import (calibration_dir, calibration_ids, check_header, load_tensors, model_fingerprint,
-                               model_header, save_tensors)
+from ...core.calibfile import (
+    calibration_dir,
+    calibration_ids,
+    check_header,
+    load_tensors,
+    model_fingerprint,
+    model_header,
+    save_tensors,
+)
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 

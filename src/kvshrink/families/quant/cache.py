@@ -56,7 +56,7 @@ class CompressedLayer(StoreLayer):
             self.k.append(key_states)
             self.v.append(value_states)
             return key_states, value_states
-        short = key_states.shape[2] <= FUSED_QUERIES  # a decode step: its tokens wait in float16 (store.py)
+        short = key_states.shape[2] <= FUSED_QUERIES  # a decode step: its tokens wait in float16 (core/store.py)
         if short and self._readable():
             states = self._split_states(key_states, value_states)
             self.k.append(key_states, defer=True)
@@ -141,7 +141,7 @@ class CompressedCache(KVCache):
         attend: "decode" (decode the history, then attend) or "fused" (decode steps read integer
         codes in place; the model must use the "kvshrink" attention); splits: parallel ranges of
         blocks per head in the fused kernel; background: blocks filled by decode steps are coded
-        on a worker thread (store.py), off the critical path."""
+        on a worker thread (core/store.py), off the critical path."""
         if attend not in ATTENDS:
             raise KvshrinkError(f"unknown attend {attend!r}; use one of {', '.join(ATTENDS)}")
         if not isinstance(splits, int) or splits < 1:

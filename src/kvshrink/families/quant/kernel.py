@@ -11,7 +11,7 @@ minimum added once per group. A worker holds two tiles of uint8 codes, never
 the history, and nothing is decoded twice: codes are read where they are used.
 The tiles of a head are split into `splits` ranges run in parallel (flash-
 decoding); attention/split.py merges the partials with the dense parts. The
-per-tile arithmetic (and why it is written as it is) is in attention/tiles.py.
+per-tile arithmetic (and why it is written as it is) is in kernels/tiles.py.
 A Hadamard-rotated codec (x stored as x @ R) is read without undoing the
 rotation per token: q . (x_r R^T) = (q R) . x_r, and sum p (x_r R^T) = (sum p x_r) R^T.
 """
@@ -27,8 +27,18 @@ import torch
 from ...codecs.base import Packed
 from ...codecs.hadamard import rotation
 from ...codecs.quant import IntQuant
-from ...kernels.tiles import (FAST, as_u8, channel_logits, dense_split, fold_values, merge, partial_buffers,
-                              rotate_back, unpack_codes, weights)
+from ...kernels.tiles import (
+    FAST,
+    as_u8,
+    channel_logits,
+    dense_split,
+    fold_values,
+    merge,
+    partial_buffers,
+    rotate_back,
+    unpack_codes,
+    weights,
+)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)

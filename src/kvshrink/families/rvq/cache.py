@@ -4,7 +4,7 @@ For codecs that can score keys and sum values without decoding them (RVQ:
 `key_scores` / `value_sums`), a call of at most `CODE_DOMAIN_QUERIES` tokens
 gets states that attend from the codes instead of the decoded history: with
 `fused=True` on the CPU, `SplitStates` over the compiled kernel
-(kernel.py); otherwise `CodedStates` (attention/coded.py, PyTorch); longer
+(kernel.py); otherwise `CodedStates` (families/rvq/states.py, PyTorch); longer
 calls (prefill, perplexity chunks) decode and attend as every CompressedCache
 does. `code_domain=False` keeps decode-then-attend everywhere (the reference
 the bench and the tests compare against). The model must use the "kvshrink"
@@ -57,7 +57,7 @@ class CodedLayer(CompressedLayer):
                 parts.append((k, v))
         parts.append((key_states, value_states))  # this call's tokens, exact
         states = CodedStates(parts, self.k.codec, self.v.codec)
-        self.k.append(key_states, defer=True)  # decode steps: tokens wait in float16 (store.py)
+        self.k.append(key_states, defer=True)  # decode steps: tokens wait in float16 (core/store.py)
         self.v.append(value_states, defer=True)
         return states, states
 

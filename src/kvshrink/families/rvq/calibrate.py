@@ -23,8 +23,15 @@ import torch
 from transformers import DynamicCache
 
 from ...codecs.rvq import GROUPINGS, channel_order, grouped, nearest
-from ...core.calibfile import (calibration_dir, calibration_ids, check_header, load_tensors, model_fingerprint,
-                               model_header, save_tensors)
+from ...core.calibfile import (
+    calibration_dir,
+    calibration_ids,
+    check_header,
+    load_tensors,
+    model_fingerprint,
+    model_header,
+    save_tensors,
+)
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 

@@ -7,7 +7,7 @@ T = q_g . codeword is computed once per step for every codeword (a small table,
 and gathers the logits from T; it decodes the tile's values once into a float
 buffer (the sum of their levels' codewords: shared by every query row), weights
 them by softmax weight x s_t and folds them into an online softmax
-(attention/tiles.py). A worker holds one tile of codes and one of decoded
+(kernels/tiles.py). A worker holds one tile of codes and one of decoded
 values, never the history. The dense tokens and the log-sum-exp merge are in
 the same call, as for the integer kernel (attention/split.py). The stage (the
 tokens of an unfinished block, coded with the same per-token codec) is read in
@@ -15,7 +15,7 @@ place as a second segment rather than decoded every step. The value sums are in
 the codec's grouped channel order and are put back in head order at the end of
 each split.
 
-This replaces PyTorch code-domain attention (`attention/coded.py`, still used off
+This replaces PyTorch code-domain attention (`families/rvq/states.py`, still used off
 the CPU and for code layouts the flat unpack cannot read) on the CPU.
 """
 
@@ -148,7 +148,7 @@ def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
 
 def fused_attend(q, vis, dense_k, dense_v, dense_vis, segments: list, key_codec: RVQ, value_codec: RVQ, tile: int,
                  splits: int = 4) -> torch.Tensor:
-    """As attention/packed.py's fused_attend, for RVQ codes: segments, one or two (keys, values) Packed
+    """As families/quant/kernel.py's fused_attend, for RVQ codes: segments, one or two (keys, values) Packed
     laid end to end (the body, then the stage, both per-token codes read in place), which `vis`
     covers -> (B, H, R, d) float32."""
     b, h, r, d = q.shape

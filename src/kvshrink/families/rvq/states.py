@@ -6,7 +6,7 @@ packed codes. Scores for a coded part come from the key codec's `key_scores`
 (for RVQ: dot products of the query with every codeword, gathered by code) and
 its share of the output from the value codec's `value_sums`; nothing of the
 coded history is ever decoded to floats. The states object attends by itself,
-called from the project's attention function ("kvshrink", attention/paged.py).
+called from the project's attention function ("kvshrink", attention/function.py).
 """
 
 from __future__ import annotations
