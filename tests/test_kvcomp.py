@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 
 from kvshrink import from_method, load_cache, prepare
 from kvshrink.codecs import huffman
+from kvshrink.codecs.base import tensor_nbytes
 from kvshrink.codecs.errbound import ErrorBound
 from kvshrink.errors import KvshrinkError
-from kvshrink.families.kvcomp.body import EntropyBody
 from kvshrink.families.kvcomp.cache import KVCompCache
+from kvshrink.families.kvcomp.codec import EntropyCodec
 
 
 def _ids(n, batch=1, seed=0):
@@ -112,28 +113,34 @@ def test_huffman_codes_are_prefix_free_near_entropy_and_round_trip(counts, seed)
 @pytest.mark.parametrize("entropy", [True, False])
 def test_body_round_trip_bytes_and_table_refresh(entropy):
     g = torch.Generator().manual_seed(1)
-    body = EntropyBody(ErrorBound(0.1, "channel"), 8, entropy=entropy, drift=0.05)
+    codec = EntropyCodec(ErrorBound(0.1, "channel"), 8, entropy=entropy, drift=0.05)
     a = torch.randn(2, 3, 16, 8, generator=g)
     b = torch.randn(2, 3, 8, 8, generator=g) * 3
     c = (torch.rand(2, 3, 8, 8, generator=g) ** 4) * 5  # skewed symbols: a different histogram
-    for x in (a, b, c):
-        body.append(x)
+    body = None
+    for x in (a, b, c):  # as the token store grows its body: one encode per call, pieces joined
+        piece = codec.encode(x, 8)
+        body = piece if body is None else body.cat(piece)
     view = body.view()
     x = torch.cat([a, b, c], 2)
     q, mn, step = ErrorBound(0.1, "channel").quantize(x.reshape(2, 3, 4, 8, 8))
     assert torch.equal(view.symbols(), q)
     torch.testing.assert_close(view.decoded(), ErrorBound.dequantize(q, mn, step).reshape(x.shape))
-    assert body.nbytes() == (view.stream.nbytes + view.starts.nbytes + view.table_of.nbytes + view.mn.nbytes
-                             + view.step.nbytes + view.lut_sym.nbytes + view.lut_len.nbytes + view.lut_n.nbytes + body.lengths.nbytes
-                             + view.fixed.nbytes + body.codes.nbytes)
-    st_ = body.stats()
+    held = tensor_nbytes([*body.tensors.values(), *codec.shared_tensors()])
+    assert held == (view.stream.nbytes + view.starts.nbytes + view.table_of.nbytes + view.mn.nbytes
+                    + view.step.nbytes + view.lut_sym.nbytes + view.lut_len.nbytes + view.lut_n.nbytes
+                    + codec.lengths.nbytes + view.fixed.nbytes + codec.codes.nbytes)
+    # a cut and a batch selection recode the symbols with the tables they had: nothing changes
+    assert torch.equal(body.first_blocks(2).view().symbols(), q[:, :, :2])
+    assert torch.equal(body.select_batch(torch.tensor([1])).view().symbols(), q[1:])
+    st_ = codec.stats()
     assert st_["symbols"] == x.numel()
     if entropy:
-        assert body.n_tables == 2  # the skewed batch costs >5% more with the first table
+        assert codec.n_tables == 2  # the skewed batch costs >5% more with the first table
         assert st_["entropy_bits_per_symbol"] <= st_["bits_per_symbol"] + 1e-9
         assert st_["bits_per_symbol"] < 4  # below the fixed width of 11 symbols
     else:
-        assert body.n_tables == 1 and st_["bits_per_symbol"] == 4
+        assert codec.n_tables == 1 and st_["bits_per_symbol"] == 4
 
 
 def _layer_states(cache_kw, n=300, t=1, batch=2, seed=0):
@@ -151,7 +158,7 @@ def _layer_states(cache_kw, n=300, t=1, batch=2, seed=0):
 def test_fused_attention_equals_decode_then_attend(entropy, t):
     states, q = _layer_states(dict(key_bound=0.1, value_bound=0.2, key_block=16, value_block=32, entropy=entropy), t=t)
     assert states.body is not None and states.body.keys.num_blocks == 2 * states.body.values.num_blocks
-    n = states.before[0].shape[2] + states.body.num_tokens + states.after[0].shape[2] - t
+    n = states.before[0].shape[2] + states.body.num_tokens + sum(x.shape[2] for x in states.after[0]) - t
     mask = torch.ones(2, 1, t, n + t, dtype=torch.bool).tril(n)
     mask[1, ..., :7] = False  # left padding of the second sequence: inside the sink and the first block
     fused = states.attend(None, q, mask)[0]
@@ -171,12 +178,12 @@ def test_generation_fused_equals_reference_and_bytes_are_real(model):
             out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=40,
                                  do_sample=False, output_scores=True, return_dict_in_generate=True)
         outs.append(out)
-        body_tokens = cache.layers[0].kb.num_tokens
+        body_tokens = cache.layers[0].k.body.num_tokens
         assert body_tokens == (190 - 4) // 32 * 32  # whole value blocks past the sink
         held = sum(sum(t.untyped_storage().nbytes() for t in layer.tensors()) for layer in cache.layers)
         assert cache.nbytes() == held
-        kb = cache.layers[0].kb
-        coded = sum(t.untyped_storage().nbytes() for t in (kb.stream, kb.starts, kb.mn, kb.step))
+        kb = cache.layers[0].k.body.tensors
+        coded = sum(kb[f].untyped_storage().nbytes() for f in ("stream", "starts", "mn", "step"))
         assert coded < 2 * 2 * body_tokens * 16 * 2 / 2.5  # fp16 keys of 2 sequences x 2 heads, over 2.5
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     for a, b in zip(outs[0].scores, outs[1].scores):
@@ -198,20 +205,24 @@ def test_tighter_bounds_give_closer_logits(model):
     assert errs[1] < errs[0] / 3
 
 
+def _decoded(layer):
+    return layer.k.decoded(torch.float32), layer.v.decoded(torch.float32)
+
+
 def test_crop_and_batch_selection_keep_the_coded_tokens(model):
     ids = _ids(100, batch=2, seed=6)
     cache = KVCompCache(model.config, key_block=16, value_block=32)
     with torch.no_grad():
         model(ids, past_key_values=cache)
     layer = cache.layers[1]
-    k_all, v_all = layer.decoded()
+    k_all, v_all = _decoded(layer)
     cache.crop(-30)  # 70 tokens: 4 sink + 2 whole blocks of 32 + 2 recent
-    k, v = layer.decoded()
-    assert cache.get_seq_length() == 70 and layer.kb.num_tokens == 64
+    k, v = _decoded(layer)
+    assert cache.get_seq_length() == 70 and layer.k.body.num_tokens == 64
     torch.testing.assert_close(k, k_all[:, :, :70], rtol=0, atol=1e-3)  # float16 of the cut block's decode
     torch.testing.assert_close(v, v_all[:, :, :70], rtol=0, atol=1e-3)
     cache.batch_select_indices(torch.tensor([1]))
-    k1, _ = layer.decoded()
+    k1, _ = _decoded(layer)
     assert torch.equal(k1, k[1:])
 
 
@@ -270,7 +281,7 @@ def test_cli_saves_a_chat_and_resumes_it(tmp_path, capsys, bundled):
     assert f"saved {n} tokens" in capsys.readouterr().out
     m = prepare(copy.deepcopy(model), "kvcomp-eb0.1")
     loaded = load_cache(path, m)
-    assert loaded.get_seq_length() == n and loaded.ids.shape == (1, n) and loaded.layers[0].kb.num_tokens > 0
+    assert loaded.get_seq_length() == n and loaded.ids.shape == (1, n) and loaded.layers[0].k.body.num_tokens > 0
     assert main(["generate", "--resume", path, "--prompt", " three,", "--max-new-tokens", "4"]) == 0
     extra = len(tok(" three,", add_special_tokens=False).input_ids)
     assert f"for {n + extra + 4 - 1} tokens" in capsys.readouterr().out  # the saved tokens, then the new ones

@@ -21,6 +21,8 @@ def tensor_nbytes(tensors) -> int:
         if t is None:
             continue
         storage = t.untyped_storage()
+        if not storage.nbytes():  # an empty storage may share its address with a real one (loaded files)
+            continue
         if storage.data_ptr() in seen:
             continue
         seen.add(storage.data_ptr())

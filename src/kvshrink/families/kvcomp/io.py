@@ -1,11 +1,11 @@
-"""Save a KVComp cache to disk (cache.py loads it back): a chat resumed without recomputing its prompt.
+"""Save a KVComp cache to disk and read it back: a chat resumed without recomputing its prompt.
 
-The file is safetensors holding the cache's coded form as it is in memory
-(entropy-coded streams, offsets, minimums, steps, float16 sink and recent
-tokens) and the code lengths of each Huffman table (the decoding lookups are
-rebuilt on load), with a JSON header naming the model (shape and weight
-fingerprint, as calibration files do) and the cache's settings. Loading checks
-the header against the model and refuses another one in one line.
+The file is safetensors holding each store's parts as they are in memory (float16 sink, window,
+decode-step and unfinished-block tokens; the entropy-coded stream, offsets, table ids, minimums
+and steps of the body) and the code lengths of each Huffman table (the codes and decoding lookups
+are rebuilt on load), with a JSON header naming the model (shape and weight fingerprint, as
+calibration files do) and the cache's settings. Loading checks the header against the model and
+refuses another one in one line.
 """
 
 from __future__ import annotations
@@ -13,19 +13,25 @@ from __future__ import annotations
 import json
 import os
 
+import torch
 from safetensors.torch import save_file
 
-from ...core.calibfile import model_header
+from ...codecs.base import Packed
+from ...codecs.huffman import Table
+from ...core.calibfile import check_header, model_header, read_safetensors
 from ...errors import KvshrinkError
+from .codec import EntropyPacked
 
-FORMAT = "kvshrink-cache-1"
+FORMAT = "kvshrink-cache-2"
 SETTINGS = ("key_bound", "value_bound", "key_block", "value_block", "sink", "window", "entropy", "drift",
             "attend", "splits", "method")
+_BODY = ("stream", "starts", "table_of", "mn", "step")
+_STATS = ("symbols", "payload_bits", "entropy_total")
 
 
 def save(cache, path: str, model=None, ids=None) -> int:
-    """Write `cache` (a KVCompCache) to `path`, with the token ids it holds when given (so a chat
-    can continue from them); returns the file's size in bytes."""
+    """Write `cache` (a settled KVCompCache) to `path`, with the token ids it holds when given (so a
+    chat can continue from them); returns the file's size in bytes."""
     header = model_header(model) if model is not None else getattr(cache, "model_header", None)
     if header is None:
         raise KvshrinkError("this cache was not built from a model: pass it, cache.save(path, model)")
@@ -38,17 +44,17 @@ def save(cache, path: str, model=None, ids=None) -> int:
         if not layer.is_initialized:
             layers.append(None)
             continue
-        layer.settle()  # blocks still being coded in the background
-        p = f"{i}."
-        tensors.update({p + "sink.k": layer.sink[0], p + "sink.v": layer.sink[1],
-                        p + "recent.k": layer.recent[0], p + "recent.v": layer.recent[1]})
         meta = {}
-        for name, body in (("kb", layer.kb), ("vb", layer.vb)):
-            meta[name] = {"head_dim": body.head_dim, "payload_bits": body.payload_bits, "entropy": body.entropy_total,
-                          "symbols": body.symbols}
-            if body.num_tokens:
-                for field in ("stream", "starts", "table_of", "mn", "step", "lengths"):
-                    tensors[f"{p}{name}.{field}"] = getattr(body, field)
+        for name in ("k", "v"):
+            store, p = getattr(layer, name), f"{i}.{name}."
+            tensors.update({p + "sink": store.sink, p + "window": store.window, p + "fresh": store.fresh})
+            if store.stage is not None:
+                tensors[p + "stage"] = store.stage.tensors["x"]
+            if store.body is not None:
+                tensors.update({p + f: t for f, t in store.body.tensors.items()})
+            if store.codec.n_tables:
+                tensors[p + "lengths"] = store.codec.lengths
+            meta[name] = {s: getattr(store.codec, s) for s in _STATS}
         layers.append(meta)
     settings = {k: getattr(cache, k) for k in SETTINGS}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -56,3 +62,41 @@ def save(cache, path: str, model=None, ids=None) -> int:
               metadata={"format": FORMAT, "header": json.dumps(header), "settings": json.dumps(settings),
                         "layers": json.dumps(layers)})
     return os.path.getsize(path)
+
+
+def read(path: str, model) -> tuple[dict, list, torch.Tensor | None]:
+    """(settings, per layer {store: {part: tensor, "stats": {...}}} or None, token ids) of a cache file."""
+    tensors, meta = read_safetensors(path, FORMAT, "cache file", "a kvshrink cache")
+    check_header(json.loads(meta["header"]), model, "", what=f"cache file {path!r}")
+    layers = []
+    for i, lm in enumerate(json.loads(meta["layers"])):
+        if lm is None:
+            layers.append(None)
+            continue
+        stores = {}
+        for name in ("k", "v"):
+            p = f"{i}.{name}."
+            stores[name] = {k[len(p):]: t for k, t in tensors.items() if k.startswith(p)}
+            stores[name]["stats"] = lm[name]
+        layers.append(stores)
+    return json.loads(meta["settings"]), layers, tensors.get("ids")
+
+
+def fill(layer, stores: dict) -> None:
+    """Put one layer's saved parts into its (new) stores, as they were."""
+    for name, parts in stores.items():
+        store = getattr(layer, name)
+        codec = store.codec
+        store.sink, store.window, store.fresh = parts["sink"], parts["window"], parts["fresh"]
+        b, h, _, d = store.sink.shape
+        store.stage = Packed({"x": parts["stage"]}, 1, d) if "stage" in parts else None
+        for row in parts["lengths"].numpy() if "lengths" in parts else ():
+            codec.add_table(Table(row))
+        for s in _STATS:
+            setattr(codec, s, parts["stats"][s])
+        store.body = (EntropyPacked(codec, *(parts[f] for f in _BODY), store.block, d)
+                      if "stream" in parts else None)
+    layer.kv_shape = (b, h, d)
+    layer.dtype, layer.device = torch.float32, layer.k.sink.device
+    layer.kernel_reads = layer.fused  # what lazy_initialization fixes at a first update
+    layer.is_initialized = True

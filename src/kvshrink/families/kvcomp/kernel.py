@@ -26,7 +26,7 @@ import torch
 
 from ...codecs.huffman import MAX_LEN, MULTI, decode_into
 from ...kernels.tiles import FAST, as_u8, channel_logits, dense_split, fold_values, merge, partial_buffers, weights
-from .body import BodyView
+from .codec import BodyView
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)

@@ -36,9 +36,13 @@ class CompressedLayer(StoreLayer):
 
     def __init__(self, key_codec: Codec, value_codec: Codec, sink: int, window: int, block: int):
         super().__init__()
-        self.k = TokenStore(key_codec, sink, window, block, stage_for(key_codec))
-        self.v = TokenStore(value_codec, sink, window, block, stage_for(value_codec))
+        self.k = TokenStore(key_codec, sink, window, block, self.stage_codec(key_codec))
+        self.v = TokenStore(value_codec, sink, window, block, self.stage_codec(value_codec))
         self.block = block
+
+    def stage_codec(self, codec: Codec) -> Codec | None:
+        """How an unfinished block waits (core/layer.py's rule: twice the bits; a family may differ)."""
+        return stage_for(codec)
 
     # --- transformers layer API -------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
