@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
+from ..kernels.tiles import announce
 from .masks import bool_mask
 
 
@@ -59,6 +60,7 @@ class SplitStates:
             vis = vis[:, 0].expand(b, t, -1)
             body_vis = vis[:, -1, n_before:n_before + n_body]  # past tokens: every query row sees the same ones
             dense_vis = torch.cat([vis[..., :n_before], vis[..., n_before + n_body:]], -1)
+        announce(self.body.name)
         with record_function(f"{self.body.name}.fused_attend"):  # named in profiles (scripts/profile_decode.py)
             out = self.body.attend(q, body_vis, dense_k, dense_v, dense_vis, self.splits)
         return out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous(), None

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ...attention.masks import bool_mask
 from ...errors import KvshrinkError
+from ...kernels.tiles import announce
 from .kernel import add_scores
 from .kernel import attend as kernel_attend
 from .scores import aggregate, window_probs
@@ -79,6 +80,7 @@ class RowStates:
         self.n_past, self.new_slot = n_past, new_slot  # (B, H): rows kept before, where the token went
 
     def attend(self, module, query, mask, scaling=None):
+        announce("paged-rows")
         b, hq, _, d = query.shape
         h = self.n_past.shape[1]
         scale = scaling if scaling is not None else d ** -0.5

@@ -33,6 +33,7 @@ from ...kernels.tiles import (
     FAST,
     HALF,
     accumulate,
+    announce,
     as_u8,
     channel_logits,
     dots,
@@ -265,6 +266,7 @@ class LowRankStates:
                 + self.new[0].shape[2])
 
     def attend(self, module, query: torch.Tensor, mask, scaling=None):
+        announce("low-rank")
         b, hq, t, d = query.shape
         h = len(self.mids)
         g = hq // h
