@@ -153,22 +153,24 @@ def test_bytes_are_the_storage_the_cache_holds(model, name):
     assert cache.compression_ratio() == pytest.approx(cache.fp16_nbytes() / held)
 
 
+@pytest.mark.parametrize("cut", [PROMPT, 100])  # inside the unfinished block; inside a coded block
 @pytest.mark.parametrize("name", OURS)
-def test_crop_then_continue_equals_a_fresh_prefill(model, name):
+def test_crop_then_continue_equals_a_fresh_prefill(model, name, cut):
     m = _ready(model, name)
     ids = _ids(PROMPT + 20, seed=2)
-    cut, more = ids[:, :PROMPT], ids[:, PROMPT:PROMPT + 8]
+    more = _ids(8, seed=11)
     cropped = from_method(name, m)
     with torch.no_grad():
         m(ids, past_key_values=cropped, use_cache=True)
-    cropped.crop(-(ids.shape[1] - PROMPT))
-    assert cropped.get_seq_length() == PROMPT
+    cropped.crop(-(ids.shape[1] - cut))
+    assert cropped.get_seq_length() == cut
     if expected("crop", name):
-        assert int(cropped.kept_tokens().max()) <= PROMPT
+        assert int(cropped.kept_tokens().max()) <= cut
         return
     fresh = from_method(name, m)
     with torch.no_grad():
-        m(cut, past_key_values=fresh, use_cache=True)
+        m(ids[:, :cut], past_key_values=fresh, use_cache=True)
+    # decode steps after the crop: its leftover tokens stay in order (older than the new ones)
     got, want = _feed(m, cropped, more), _feed(m, fresh, more)
     assert (got - want).abs().max().item() <= 2 * _error(model, name, ids[:, :PROMPT]) + 1e-3
 

@@ -132,7 +132,9 @@ class TokenStore:
             x16 = x16[..., room:, :]
         if x16.shape[-2] == 0:
             return
-        if defer and not self.window_size:  # straight to the float16 tokens: fewer small ops per step
+        if defer and not self.window_size and not self.window.shape[-2]:
+            # straight to the float16 tokens: fewer small ops per step (a crop can leave tokens in an
+            # unsized window: they are older, so they go first, through the window path below)
             self.fresh = torch.cat([self.fresh, x16], dim=-2)
             self._code_fresh()
             return
@@ -149,12 +151,14 @@ class TokenStore:
         self._push(window[..., :out, :].float())
 
     def thaw(self) -> None:
-        """The stage's tokens join the float16 tokens (decoded once): a layer whose kernel would
-        otherwise decode the stage on every decode step calls this before its first one."""
+        """The stage's tokens (decoded once) and a crop's leftover window tokens join the float16
+        tokens: a layer whose kernel reads only body and float16 tokens calls this before a decode step."""
         self.settle()
         if self.stage is not None:
             staged = self.stage_codec.decode(self.stage, torch.float32).to(torch.float16)
             self.fresh, self.stage = torch.cat([staged, self.fresh], dim=-2), None
+        if not self.window_size and self.window.shape[-2]:  # a crop's leftover tokens, in order
+            self.fresh, self.window = torch.cat([self.fresh, self.window], dim=-2), _slice(self.window, 0, 0)
 
     def append_fresh(self, x16: torch.Tensor) -> None:
         """A decode step's float16 tokens, already checked (half_checked), for a store without sink or
@@ -162,7 +166,8 @@ class TokenStore:
         if self.sink_size or self.window_size:
             raise KvshrinkError("append_fresh is for stores without sink and window tokens")
         self.settle()
-        self.fresh = torch.cat([self.fresh, x16], dim=-2)
+        self.fresh = torch.cat([self.fresh, self.window, x16], dim=-2)  # a crop's leftover tokens first
+        self.window = _slice(self.window, 0, 0)
         self._code_fresh()
 
     def _push(self, x: torch.Tensor) -> None:
