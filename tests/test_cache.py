@@ -154,7 +154,7 @@ def test_per_token_values_are_coded_once_whatever_the_chunking(tiny_model, tiny_
             steps.update(k[..., t:t + 1, :], v[..., t:t + 1, :], i)
     for i, (a, b) in enumerate(zip(one.layers, steps.layers)):
         b.v.settle()
-        assert a.v._n(a.v.body) == b.v._n(b.v.body) == 96
+        assert a.v.tokens_in(a.v.body) == b.v.tokens_in(b.v.body) == 96
         for name, t in a.v.body.tensors.items():
             assert torch.equal(t, b.v.body.tensors[name])
         assert torch.equal(b.v.fresh, states[i][1][..., 100 - b.v.fresh.shape[-2]:, :].half())

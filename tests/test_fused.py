@@ -87,7 +87,7 @@ def test_crop_keeps_whole_blocks_and_the_kernel_still_reads(model):
         model(_ids(150), past_key_values=cache)
         cache.crop(-25)  # 125 tokens: 4 sink + 96 in whole blocks + 25 staged
         layer = cache.layers[0]
-        assert layer.k._n(layer.k.body) == layer.v._n(layer.v.body) == 96
+        assert layer.k.tokens_in(layer.k.body) == layer.v.tokens_in(layer.v.body) == 96
         assert layer._readable()
         assert cache.get_seq_length() == 125
 
@@ -181,8 +181,8 @@ def test_background_blocks_reach_the_body(model):
     layer.k.settle()
     layer.v.settle()
     # 103 tokens held (the last generated token is never fed back): 4 sink, 96 coded, 3 staged
-    assert layer.k._n(layer.k.body) == layer.v._n(layer.v.body) == 96
-    assert layer.k._n(layer.k.stage) + layer.k.fresh.shape[-2] == 3  # decode steps wait in float16
+    assert layer.k.tokens_in(layer.k.body) == layer.v.tokens_in(layer.v.body) == 96
+    assert layer.k.tokens_in(layer.k.stage) + layer.k.fresh.shape[-2] == 3  # decode steps wait in float16
 
 
 def test_weight_bytes_count_a_tied_matrix_once():

@@ -155,7 +155,7 @@ def test_thaw_moves_the_stage_into_float16_tokens_once():
     x = torch.randn(1, 1, 21, 16, generator=g)
     store.init(x)
     store.append(x)
-    assert store._n(store.body) == 16 and store._n(store.stage) == 5
+    assert store.tokens_in(store.body) == 16 and store.tokens_in(store.stage) == 5
     before = store.decoded(torch.float32)
     store.thaw()
     assert store.stage is None and store.fresh.shape[-2] == 5 and len(store) == 21
@@ -166,7 +166,7 @@ def test_thaw_moves_the_stage_into_float16_tokens_once():
     store.thaw()  # nothing staged: nothing changes
     assert torch.equal(store.decoded(torch.float32), after)
     store.append_fresh(torch.randn(1, 1, 3, 16, generator=g).half())  # completes the block with them
-    assert store._n(store.body) == 24 and store.fresh.shape[-2] == 0
+    assert store.tokens_in(store.body) == 24 and store.fresh.shape[-2] == 0
     with pytest.raises(KvshrinkError, match="without sink and window"):
         TokenStore(Fp16(), 4, 0, 8).append_fresh(torch.zeros(1, 1, 1, 16, dtype=torch.float16))
 

@@ -114,19 +114,19 @@ def test_kept_tokens_and_positions_are_the_ones_the_scores_chose(model, alloc):
     # capture what each head holds, then overwrite the scores with known random ones
     g = torch.Generator().manual_seed(1)
     for i, layer in enumerate(cache.layers):
-        rows, valid, slots = layer._gather(["pos", "k.x"])
+        rows, valid, slots = layer.gather(["pos", "k.x"])
         assert valid.all() and torch.equal(rows["pos"][0, 0].long(), torch.arange(96))
         keys[i] = rows["k.x"].clone()
         cache.pool.flat("score")[slots.flatten()] = torch.rand(slots.numel(), generator=g)
     cache.tokens = [20]
-    before = {i: cache.pool.flat("score")[layer._gather(["pos"])[2]].clone() for i, layer in enumerate(cache.layers)}
+    before = {i: cache.pool.flat("score")[layer.gather(["pos"])[2]].clone() for i, layer in enumerate(cache.layers)}
     cache.compress()
     units = cache.num_layers * 2
     blocks_used = int(budget.blocks_of(cache.kept_tokens(), 4).sum())
     assert blocks_used <= 20 * units // 4
     kept_scores, gone_scores = [], []
     for i, layer in enumerate(cache.layers):
-        rows, valid, _ = layer._gather(["pos", "k.x"])
+        rows, valid, _ = layer.gather(["pos", "k.x"])
         for h in range(2):
             pos = rows["pos"][0, h][valid[0, h]].long()
             assert torch.equal(pos, pos.sort().values)  # original order kept
@@ -195,7 +195,7 @@ def test_generation_after_heavy_eviction_keeps_true_positions(model):
     kept = cache.kept_tokens()
     assert int(kept.max()) <= 8 and int(kept.min()) >= 1
     for layer in cache.layers:
-        rows, valid, _ = layer._gather(["pos"])
+        rows, valid, _ = layer.gather(["pos"])
         pos = rows["pos"][valid]
         assert int(pos.max()) == 108 and (pos >= 0).all()
 
@@ -210,8 +210,8 @@ def test_fill_reference_matches_prefill_through_the_cache(model):
     fill(filled, states)
     assert torch.equal(direct.kept_tokens(), filled.kept_tokens())
     for a, b in zip(direct.layers, filled.layers):
-        ra, va, _ = a._gather(["pos", "score"])
-        rb, vb, _ = b._gather(["pos", "score"])
+        ra, va, _ = a.gather(["pos", "score"])
+        rb, vb, _ = b.gather(["pos", "score"])
         assert torch.equal(ra["pos"][va], rb["pos"][vb])
         assert torch.allclose(ra["score"][va], rb["score"][vb], atol=1e-5)
 
@@ -234,7 +234,7 @@ def test_ratio_budget_and_batch_budgets(model):
     assert int(budget.blocks_of(kept[1], 4).sum()) <= 16 * units // 4
     assert int(kept[0].sum()) < int(kept[1].sum())
     for layer in cache.layers:  # padding goes first
-        rows, valid, _ = layer._gather(["pos"])
+        rows, valid, _ = layer.gather(["pos"])
         assert (rows["pos"][0][valid[0]] >= 16).all()
     # and generation runs on with the padded batch
     out = model.generate(batch, attention_mask=mask, past_key_values=cache, max_new_tokens=5, do_sample=False)
@@ -264,7 +264,7 @@ def test_crop_drops_the_tail(model):
     cache.crop(-24)  # transformers convention: a negative count of tokens to remove
     assert cache.get_seq_length() == 40
     for layer in cache.layers:
-        rows, valid, _ = layer._gather(["pos"])
+        rows, valid, _ = layer.gather(["pos"])
         assert (rows["pos"][valid] < 40).all()
 
 
@@ -308,7 +308,7 @@ def test_head_normalization_ranks_heads_on_one_scale(model, norm):
         model(ids, past_key_values=cache, use_cache=True)
     pattern = torch.rand(96, generator=torch.Generator().manual_seed(2))
     for layer in cache.layers:
-        _, _, slots = layer._gather(["pos"])
+        _, _, slots = layer.gather(["pos"])
         for h, scale in ((0, 1000.0), (1, 1.0)):
             cache.pool.flat("score")[slots[0, h].flatten()] = pattern * scale
     cache.tokens = [40]

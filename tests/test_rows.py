@@ -58,8 +58,8 @@ def test_kernel_equals_gather_then_attend(model, kind, group, rotate, ratio, blo
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
     assert torch.equal(fused.kept_tokens(), ref.kept_tokens())  # the same evictions
     for a, b in zip(fused.layers, ref.layers):  # the scores the kernel recorded for every kept row
-        ra, va, _ = a._gather(["score", "pos"])
-        rb, vb, _ = b._gather(["score", "pos"])
+        ra, va, _ = a.gather(["score", "pos"])
+        rb, vb, _ = b.gather(["score", "pos"])
         assert torch.equal(va, vb) and torch.equal(ra["pos"][va], rb["pos"][vb])
         # scores sum softmax weights over the steps: the kernel's polynomial exp differs in the last bits
         torch.testing.assert_close(ra["score"][va], rb["score"][vb], rtol=5e-3, atol=1e-4)

@@ -67,11 +67,12 @@ class TokenStore:
     def __len__(self) -> int:
         if self.sink is None:
             return 0
-        return (self.sink.shape[-2] + self._n(self.body) + self._n(self.stage) + self.fresh.shape[-2]
+        return (self.sink.shape[-2] + self.tokens_in(self.body) + self.tokens_in(self.stage) + self.fresh.shape[-2]
                 + self.window.shape[-2])
 
     @staticmethod
-    def _n(p: Packed | None) -> int:
+    def tokens_in(p: Packed | None) -> int:
+        """Tokens of one coded part (body or stage), 0 for none."""
         return p.num_tokens if p is not None else 0
 
     @staticmethod
@@ -101,10 +102,10 @@ class TokenStore:
 
     def _code_fresh(self) -> None:
         """Whole blocks of stage + fresh tokens go to the body: on the worker when there is one."""
-        full = (self._n(self.stage) + self.fresh.shape[-2]) // self.block * self.block
+        full = (self.tokens_in(self.stage) + self.fresh.shape[-2]) // self.block * self.block
         if not full:
             return
-        taken = full - self._n(self.stage)
+        taken = full - self.tokens_in(self.stage)
         args = (self.body, self.stage, self.fresh[..., :taken, :])
         if self.executor is None:
             self.body, self.stage, self.fresh = self._grow(*args), None, _slice(self.fresh, taken)
@@ -172,7 +173,7 @@ class TokenStore:
 
     def _push(self, x: torch.Tensor) -> None:
         """Code tokens leaving the window: whole blocks (with the stage) into the body, the rest staged."""
-        staged = self._n(self.stage)
+        staged = self.tokens_in(self.stage)
         if staged + x.shape[-2] < self.block:
             self.stage = self._join(self.stage, self.stage_codec.encode(x, 1))
             return
@@ -212,7 +213,7 @@ class TokenStore:
     def crop(self, keep: int) -> None:
         """Keep the first `keep` tokens."""
         self._flush_fresh()
-        n_sink, n_body, n_stage = self.sink.shape[-2], self._n(self.body), self._n(self.stage)
+        n_sink, n_body, n_stage = self.sink.shape[-2], self.tokens_in(self.body), self.tokens_in(self.stage)
         if keep >= n_sink + n_body + n_stage:
             self.window = _slice(self.window, 0, keep - n_sink - n_body - n_stage)
         elif keep >= n_sink + n_body:

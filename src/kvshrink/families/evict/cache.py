@@ -107,7 +107,7 @@ class PagedLayer(StoreLayer):
         self.length = new_len
         return slots
 
-    def _gather(self, names) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def gather(self, names) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """Every head's rows, padded to the longest head: ({field: (B, H, S, ...)}, valid (B, H, S), slots)."""
         bk = self.owner.block
         nb = int(budgets.blocks_of(self.length, bk).max()) if self.length.numel() else 0
@@ -130,7 +130,7 @@ class PagedLayer(StoreLayer):
             owner.pool.reserve(owner.num_layers * b * h * -(-t // owner.block))
         if t == 1 and owner.kernel_reads and self.seen:
             return self._fused_update(key_states, value_states)
-        rows, valid, slots = self._gather(owner.row_fields)
+        rows, valid, slots = self.gather(owner.row_fields)
         s = valid.shape[2]
         keys = key_states.new_empty(b, h, s + t, d)
         values = keys.new_empty(b, h, s + t, d)
@@ -199,7 +199,7 @@ class PagedLayer(StoreLayer):
     def _rewrite(self, keep: torch.Tensor) -> None:
         """Keep the rows marked in `keep` (B, H, S), in order, in as few fresh blocks as they need."""
         owner = self.owner
-        rows, valid, _ = self._gather(owner.pool.storage.keys())
+        rows, valid, _ = self.gather(owner.pool.storage.keys())
         s = keep.shape[2]
         n_keep = keep.sum(-1)
         order = ((~keep).long() * s + torch.arange(s, device=self.device)).argsort(-1)[..., :int(n_keep.max())]
@@ -214,7 +214,7 @@ class PagedLayer(StoreLayer):
 
     def _keep_first(self, keep: int) -> None:
         self.owner.settle()
-        rows, valid, _ = self._gather(["pos"])
+        rows, valid, _ = self.gather(["pos"])
         gone = valid & (rows["pos"].long() >= keep)
         if gone.any():
             self._rewrite(valid & ~gone)
@@ -345,7 +345,7 @@ class PagedCache(KVCache):
             return
         before = self.nbytes()
         seen = self.layers[0].seen
-        per_layer = [layer._gather(["score", "pos"]) for layer in self.layers]
+        per_layer = [layer.gather(["score", "pos"]) for layer in self.layers]
         b, h = self.layers[0].length.shape
         smax = max(v.shape[2] for _, v, _ in per_layer)
         scores = torch.full((b, self.num_layers, h, smax), torch.inf)
