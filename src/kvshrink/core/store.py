@@ -167,8 +167,9 @@ class TokenStore:
         if self.sink_size or self.window_size:
             raise KvshrinkError("append_fresh is for stores without sink and window tokens")
         self.settle()
-        self.fresh = torch.cat([self.fresh, self.window, x16], dim=-2)  # a crop's leftover tokens first
-        self.window = _slice(self.window, 0, 0)
+        if self.window.shape[-2]:  # a crop's leftover tokens: older, so first
+            self.fresh, self.window = torch.cat([self.fresh, self.window], dim=-2), _slice(self.window, 0, 0)
+        self.fresh = torch.cat([self.fresh, x16], dim=-2)
         self._code_fresh()
 
     def _push(self, x: torch.Tensor) -> None:
