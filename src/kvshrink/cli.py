@@ -169,7 +169,7 @@ def cmd_generate(args) -> None:
     method = get_method(args.method)  # fail before torch and the model load
     if args.max_new_tokens < 1:
         raise KvshrinkError("--max-new-tokens must be at least 1")
-    if args.save_cache and method.family != "kvcomp":
+    if args.save_cache and not method.config.can_save:
         raise KvshrinkError(f"{args.method} caches cannot be saved; use a kvcomp method")
     import torch
 
@@ -189,7 +189,7 @@ def cmd_generate(args) -> None:
     if spec.max_context and total > spec.max_context:
         raise KvshrinkError(f"prompt of {ids.shape[1]} tokens + {args.max_new_tokens} new tokens is longer than "
                             f"the model allows ({spec.max_context})")
-    if args.resume and method.family != "kvcomp":
+    if args.resume and not method.config.can_save:
         method = get_method("kvcomp-eb0.1")  # what a saved cache needs of the model; its settings are the file's
     model = prepare(model, method, tok)
     if args.resume:

@@ -38,6 +38,7 @@ class Config:
     """Base of the family configs: `family` names the builder (api.py); fields are the options."""
 
     family = ""
+    can_save = False  # the family's caches can be written to a file (`cache.save`)
 
     def __post_init__(self):
         for f in fields(self):

@@ -17,8 +17,6 @@ from ..spec import ModelSpec, spec_from_config
 
 
 class KVCache(Cache):
-    can_save = False  # families whose coded form can be written to a file set this (kvcomp)
-
     def __init__(self, layers: list, config=None, method: str | None = None):
         self.spec: ModelSpec | None = spec_from_config(config) if config is not None else None
         self.method = method

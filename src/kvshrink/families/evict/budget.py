@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import torch
 
-ALLOCS = ("variable", "uniform")
-
 
 def blocks_of(n: torch.Tensor, block: int) -> torch.Tensor:
     return (n + block - 1) // block

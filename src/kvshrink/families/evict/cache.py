@@ -35,12 +35,10 @@ from ...core.store import half_checked
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 from . import budget as budgets
-from .config import EvictConfig
+from .config import ALLOCS, NORMS, POOLINGS, SCORES, EvictConfig
 from .kernel import supported
-from .scores import AGGREGATES, POOLINGS
 from .states import PagedStates, RowStates, observe_window
 
-NORMS = ("none", "head", "layer")
 PAD_SCORE = -1.0  # left-padding tokens: evicted before any real token
 
 
@@ -253,14 +251,14 @@ class PagedCache(KVCache):
         tok = [tokens] if isinstance(tokens, int) else list(tokens or [])
         if tokens is not None and not (tok and all(isinstance(n, int) and n >= 1 for n in tok)):
             raise KvshrinkError(f"token budget must be a positive integer (or one per sequence), got {tokens!r}")
-        if alloc not in budgets.ALLOCS:
-            raise KvshrinkError(f"unknown allocation {alloc!r}; use one of {', '.join(budgets.ALLOCS)}")
+        if alloc not in ALLOCS:
+            raise KvshrinkError(f"unknown allocation {alloc!r}; use one of {', '.join(ALLOCS)}")
         if pooling not in POOLINGS:
             raise KvshrinkError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
         if norm not in NORMS:
             raise KvshrinkError(f"unknown score normalization {norm!r}; use one of {', '.join(NORMS)}")
-        if score not in AGGREGATES:
-            raise KvshrinkError(f"unknown score {score!r}; use one of {', '.join(AGGREGATES)}")
+        if score not in SCORES:
+            raise KvshrinkError(f"unknown score {score!r}; use one of {', '.join(SCORES)}")
         for name, val, low in (("obs", obs, 1), ("sink", sink, 0), ("window", window, 0), ("block", block, 1),
                                ("pool", pool, 0), ("defer", defer, 0)):
             if not isinstance(val, int) or val < low:

@@ -17,6 +17,11 @@ from ...errors import KvshrinkError
 from ...registry import Config, Method, check_int, option, register
 
 RATIOS = (2, 4, 8, 16, 32, 64)
+ALLOCS = ("variable", "uniform")
+SCORES = ("square", "sum")
+NORMS = ("none", "head", "layer")
+POOLINGS = ("avg", "max")
+ATTENDS = ("fused", "decode")
 DEFAULT = ("kvc-8x", "snapkv-8x", "kvc-8x+int4")
 
 
@@ -29,9 +34,9 @@ class EvictConfig(Config):
     bits: int | None = option(None, "kept rows as per-token int codes of this many bits (rotated)", preset=True)
     tokens: int | None = option(None, "absolute budget instead of the ratio: tokens per head on average")
     alloc: str = option("variable", "variable: budgets ranked across layers and heads; uniform: one per head",
-                        ("variable", "uniform"))
+                        ALLOCS)
     score: str = option("square", "token score: squared (KV-Compress) or summed (SnapKV) attention",
-                        ("square", "sum"))
+                        SCORES)
     pool: int = option(0, "pooling width over neighbouring tokens' scores (0: none)")
     obs: int = option(32, "observation window: the last queries of a call that score the tokens")
     sink: int = option(4, "first tokens never evicted")
@@ -40,10 +45,10 @@ class EvictConfig(Config):
     interval: int | None = option(None, "decode steps between evictions (None: one block)")
     defer: int = option(0, "the first N multi-token calls are stored whole, evicted after the next")
     norm: str = option("none", "scores divided by each head's or layer's total before ranking",
-                       ("none", "head", "layer"))
-    pooling: str = option("avg", "pooling of neighbours' scores (max keeps spans whole)", ("avg", "max"))
+                       NORMS)
+    pooling: str = option("avg", "pooling of neighbours' scores (max keeps spans whole)", POOLINGS)
     attend: str = option("fused", "decode steps: fused (kernel reads kept rows in place) or decode (gather)",
-                         ("fused", "decode"))
+                         ATTENDS)
 
     def check(self):
         if not (isinstance(self.ratio, (int, float)) and self.ratio >= 1):

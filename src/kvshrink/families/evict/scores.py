@@ -13,9 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-AGGREGATES = ("square", "sum")
-POOLINGS = ("avg", "max")
-
 
 def window_probs(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, H, G, w, d), keys (B, H, N, d), visible (B, H, w, N) bool -> probs (B, H, G, w, N)."""

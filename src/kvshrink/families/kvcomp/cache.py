@@ -61,7 +61,6 @@ class KVCompCache(CompressedCache):
     """
 
     layer_cls = KVCompLayer
-    can_save = True
 
     def __init__(self, config=None, key_bound: float = 0.1, value_bound: float = 0.1, key_block: int = 64,
                  value_block: int = 128, sink: int = 4, window: int = 0, entropy: bool = True,
@@ -93,11 +92,6 @@ class KVCompCache(CompressedCache):
         for layer in self.layers:
             layer.fused, layer.splits = attend == "fused", splits
         self.model_header = None  # set by `build`: cache.save(path) names the model
-
-    def settle(self) -> None:
-        for layer in self.layers:
-            layer.k.settle()
-            layer.v.settle()
 
     def describe(self) -> str:
         coder = "Huffman" if self.entropy else "fixed-width packed"

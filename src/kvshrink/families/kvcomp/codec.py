@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ...codecs import huffman
-from ...codecs.base import Codec, tensor_nbytes
+from ...codecs.base import Codec
 from ...codecs.errbound import ErrorBound
 
 MAX_TABLES = 255
@@ -205,6 +205,3 @@ class EntropyCodec(Codec):
         return {"symbols": n, "tables": self.n_tables,
                 "bits_per_symbol": self.payload_bits / n if n else float("nan"),
                 "entropy_bits_per_symbol": self.entropy_total / n if n else float("nan")}
-
-    def nbytes(self, packed: EntropyPacked) -> int:
-        return tensor_nbytes(packed.tensors.values())

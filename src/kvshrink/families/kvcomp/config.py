@@ -24,6 +24,7 @@ class KVCompConfig(Config):
     """Error-bounded block quantization + Huffman codes, decoded inside attention ("KVComp", arXiv 2509.00579)."""
 
     family = "kvcomp"
+    can_save = True
     eb: float = option(0.1, "relative error bound for keys and values")
     keb: float | None = option(None, "error bound for keys alone")
     veb: float | None = option(None, "error bound for values alone")

@@ -22,6 +22,7 @@ from ...core.cache import KVCache
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, coder_pool, stage_for
 from ...core.store import TokenStore
 from ...errors import KvshrinkError
+from ...spec import spec_from_config
 from .config import Fp16Config, QuantConfig
 from .kernel import IntBody, supported
 
@@ -161,7 +162,7 @@ class CompressedCache(KVCache):
         if num_layers is None:
             if config is None:
                 raise KvshrinkError("CompressedCache needs a model config or num_layers")
-            num_layers = _num_layers(config)
+            num_layers = spec_from_config(config).num_layers
         if layer_codecs is not None and len(layer_codecs) != num_layers:
             raise KvshrinkError(f"{len(layer_codecs)} per-layer codecs for a model of {num_layers} layers")
         self.key_codec, self.value_codec = key_codec, value_codec
@@ -182,6 +183,12 @@ class CompressedCache(KVCache):
                 layer.fused, layer.splits = True, splits
         super().__init__(layers, config, method)
 
+    def settle(self) -> None:
+        """Take the bodies the coder thread built (background coding)."""
+        for layer in self.layers:
+            layer.k.settle()
+            layer.v.settle()
+
     def describe(self) -> str:
         return (
             f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}, "
@@ -192,11 +199,6 @@ class CompressedCache(KVCache):
 
     def _how_it_attends(self) -> str:
         return "fused decode attention" if self.attend == "fused" else "decode-then-attend"
-
-
-def _num_layers(config) -> int:
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return text.num_hidden_layers
 
 
 def build(config: QuantConfig | Fp16Config, target, method: str) -> CompressedCache:
