@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -21,7 +22,8 @@ def tiny_model(tiny_config):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_config).eval()
+    # a copy: preparing a model sets its attention on its config object, which tests share otherwise
+    model = LlamaForCausalLM(copy.deepcopy(tiny_config)).eval()
     return model
 
 

@@ -13,6 +13,7 @@ calibrations (ZDC bases, RVQ codebooks) made here from random tokens. The proper
 Where a method refuses or a property does not apply, `EXPECTED` says so, with the reason.
 """
 
+import copy
 import os
 
 import numpy as np
@@ -53,7 +54,7 @@ def model(tiny_config, tmp_path_factory):
     """A tiny random Llama with its ZDC and RVQ calibrations where the methods look for them."""
     os.environ["KVSHRINK_CALIB_DIR"] = str(tmp_path_factory.mktemp("calib"))
     torch.manual_seed(0)
-    m = LlamaForCausalLM(tiny_config).eval()
+    m = LlamaForCausalLM(copy.deepcopy(tiny_config)).eval()  # prepare() sets attention on the config
     ids = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1))
     zdc.calibrate(m, ids, {"test": True}).save(zdc.default_calibration_path(m))
     rvq_calib.calibrate(m, ids, {"test": True}, 16, 256, 8, "strided", "contiguous", iters=3).save(

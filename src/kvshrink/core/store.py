@@ -13,6 +13,12 @@
 
 Every part holds the only copy of its tokens: nothing is kept twice.
 
+`widths` = (dense, body) lets the two ends keep more coordinates than the middle
+(ZDC: sink and window tokens keep `sink_rank` coordinates, the rest a head's rank):
+sink and window hold the first `dense` coordinates of what `append` is given, body,
+stage and the float16 decode tokens the first `body`. A token narrows once, as it
+leaves the window; nothing is widened back.
+
 Decode steps (`append(x, defer=True)`) code nothing per token: their tokens
 wait in float16 (`fresh`, between the stage and the window, as KVComp keeps its
 recent tokens) until, with the stage, they fill a block. That block is coded by
@@ -45,13 +51,21 @@ def _slice(x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor
 
 
 class TokenStore:
-    def __init__(self, codec: Codec, sink: int, window: int, block: int, stage_codec: Codec | None = None):
+    def __init__(self, codec: Codec, sink: int, window: int, block: int, stage_codec: Codec | None = None,
+                 widths: tuple[int | None, int | None] = (None, None)):
         self.recode = codec.block_tokens > 1
         if self.recode and stage_codec is None:
             raise KvshrinkError(f"{codec.describe()} codes whole blocks and needs a stage codec")
+        dense, body = widths
+        if window and dense is not None and body is not None and dense < body:
+            raise KvshrinkError(f"window tokens narrow to the body's {body} coordinates as they leave it: "
+                                f"a window needs at least as many ({dense} given)")
         self.codec = codec
         self.stage_codec = stage_codec if self.recode else codec
         self.sink_size, self.window_size, self.block = sink, window, block
+        self.dense_width, self.body_width = dense, body
+        # coordinates an input token needs (None: all of them)
+        self.width = None if dense is None or body is None else max(dense, body)
         self.sink = self.window = None
         self.body: Packed | None = None
         self.stage: Packed | None = None
@@ -60,9 +74,10 @@ class TokenStore:
         self._pending = None  # (future of the grown body, fresh tokens it takes)
 
     def init(self, like: torch.Tensor) -> None:
-        empty = like.new_empty(*like.shape[:2], 0, like.shape[3], dtype=torch.float16)
-        self.sink, self.window, self.body, self.stage = empty, empty.clone(), None, None
-        self.fresh = empty.clone()
+        b, h, d = like.shape[0], like.shape[1], like.shape[3]
+        dense = like.new_empty(b, h, 0, d if self.dense_width is None else self.dense_width, dtype=torch.float16)
+        self.sink, self.window, self.body, self.stage = dense, dense.clone(), None, None
+        self.fresh = like.new_empty(b, h, 0, d if self.body_width is None else self.body_width, dtype=torch.float16)
 
     def __len__(self) -> int:
         if self.sink is None:
@@ -126,51 +141,50 @@ class TokenStore:
             self.settle()
         else:
             self._flush_fresh()
-        x16 = half_checked(x)
+        self._add(half_checked(x[..., :self.width]), defer)
+
+    def append_fresh(self, x16: torch.Tensor) -> None:
+        """A decode step's float16 tokens, already checked (half_checked, once for every store of a
+        layer): as `append(x, defer=True)` without the check."""
+        self.settle()
+        self._add(x16, True)
+
+    def _add(self, x16: torch.Tensor, defer: bool) -> None:
+        """float16 tokens through sink and window; what leaves the window, narrowed to the body's
+        coordinates, waits in float16 (defer) or is coded (see the module doc)."""
         room = self.sink_size - self.sink.shape[-2]
         if room > 0:
-            self.sink = torch.cat([self.sink, x16[..., :room, :]], dim=-2)
+            self.sink = torch.cat([self.sink, x16[..., :room, :self.dense_width]], dim=-2)
             x16 = x16[..., room:, :]
         if x16.shape[-2] == 0:
             return
-        if defer and not self.window_size and not self.window.shape[-2]:
-            # straight to the float16 tokens: fewer small ops per step (a crop can leave tokens in an
-            # unsized window: they are older, so they go first, through the window path below)
+        if self.window_size:
+            held = self.window.shape[-2]
+            out = held + x16.shape[-2] - self.window_size
+            if out <= 0:
+                self.window = torch.cat([self.window, x16[..., :self.dense_width]], dim=-2)
+                return
+            if out <= held:  # a decode step: the oldest window tokens leave (one cat, no clone)
+                leaving = self.window[..., :out, :]
+                self.window = torch.cat([self.window[..., out:, :], x16[..., :self.dense_width]], dim=-2)
+            else:
+                window = torch.cat([self.window, x16[..., :self.dense_width]], dim=-2)
+                leaving, self.window = window[..., :out, :], _slice(window, out)
+            x16 = leaving
+        x16 = x16[..., :self.body_width]
+        if defer:
             self.fresh = torch.cat([self.fresh, x16], dim=-2)
             self._code_fresh()
-            return
-        window = torch.cat([self.window, x16], dim=-2)
-        out = window.shape[-2] - self.window_size
-        if out <= 0:
-            self.window = window
-            return
-        self.window = _slice(window, out)
-        if defer:
-            self.fresh = torch.cat([self.fresh, window[..., :out, :]], dim=-2)
-            self._code_fresh()
-            return
-        self._push(window[..., :out, :].float())
+        else:
+            self._push(x16.float())
 
     def thaw(self) -> None:
-        """The stage's tokens (decoded once) and a crop's leftover window tokens join the float16
-        tokens: a layer whose kernel reads only body and float16 tokens calls this before a decode step."""
+        """The stage's tokens (decoded once) join the float16 tokens: a layer whose kernel reads only
+        body and float16 tokens calls this before a decode step."""
         self.settle()
         if self.stage is not None:
             staged = self.stage_codec.decode(self.stage, torch.float32).to(torch.float16)
             self.fresh, self.stage = torch.cat([staged, self.fresh], dim=-2), None
-        if not self.window_size and self.window.shape[-2]:  # a crop's leftover tokens, in order
-            self.fresh, self.window = torch.cat([self.fresh, self.window], dim=-2), _slice(self.window, 0, 0)
-
-    def append_fresh(self, x16: torch.Tensor) -> None:
-        """A decode step's float16 tokens, already checked (half_checked), for a store without sink or
-        window: they join `fresh` at once, as `append(x, defer=True)` would put them."""
-        if self.sink_size or self.window_size:
-            raise KvshrinkError("append_fresh is for stores without sink and window tokens")
-        self.settle()
-        if self.window.shape[-2]:  # a crop's leftover tokens: older, so first
-            self.fresh, self.window = torch.cat([self.fresh, self.window], dim=-2), _slice(self.window, 0, 0)
-        self.fresh = torch.cat([self.fresh, x16], dim=-2)
-        self._code_fresh()
 
     def _push(self, x: torch.Tensor) -> None:
         """Code tokens leaving the window: whole blocks (with the stage) into the body, the rest staged."""
@@ -185,16 +199,20 @@ class TokenStore:
 
     def decoded(self, dtype: torch.dtype, then: torch.Tensor | None = None) -> torch.Tensor:
         """All stored tokens decompressed to `dtype`, followed by `then`: one temporary buffer,
-        each part decoded straight into its slice."""
-        extra = then.shape[-2] if then is not None else 0
-        ref = self.sink
-        out = torch.empty(*ref.shape[:2], len(self) + extra, ref.shape[3], dtype=dtype, device=ref.device)
+        each part decoded straight into its slice (a store of one width: see `middle`)."""
+        if self.dense_width != self.body_width:
+            raise KvshrinkError("a store of two widths decodes its parts apart: sink, middle(), window")
+        return self._decoded(self.parts() + [(then, None)], dtype, self.sink.shape[-1])
+
+    def middle(self, dtype: torch.dtype) -> torch.Tensor:
+        """Body, stage and float16 decode tokens decompressed to `dtype`: the tokens at the body's width."""
+        return self._decoded(self.parts()[1:-1], dtype, self.fresh.shape[-1])
+
+    def _decoded(self, parts: list[tuple], dtype: torch.dtype, width: int) -> torch.Tensor:
+        sizes = [(p.num_tokens if c is not None else p.shape[-2]) if p is not None else 0 for p, c in parts]
+        out = torch.empty(*self.sink.shape[:2], sum(sizes), width, dtype=dtype, device=self.sink.device)
         at = 0
-        for part, codec in ((self.sink, None), (self.body, self.codec), (self.stage, self.stage_codec),
-                            (self.fresh, None), (self.window, None), (then, None)):
-            if part is None:
-                continue
-            n = part.num_tokens if codec is not None else part.shape[-2]
+        for (part, codec), n in zip(parts, sizes):
             if n:
                 dst = out[..., at:at + n, :]
                 if codec is None:
@@ -229,13 +247,14 @@ class TokenStore:
             self.stage = body.blocks(full, into) if into > full else None
             self.window = _slice(self.window, 0, 0)
         elif keep > n_sink:
-            # whole blocks stay coded; the cut block's kept tokens move into the
-            # float16 window (already lossy: only float16 rounding is added)
+            # whole blocks stay coded; the cut block's kept tokens become float16 decode tokens
+            # (already lossy: only float16 rounding is added), before an empty window
             into = keep - n_sink
             full = into // self.block
             head = self.codec.decode(self.body, torch.float32)[..., full * self.block:into, :]
             self.body = self.body.first_blocks(full) if full else None
-            self.stage, self.window = None, head.to(torch.float16)
+            self.stage, self.fresh = None, head.to(torch.float16)
+            self.window = _slice(self.window, 0, 0)
         else:
             self.sink = _slice(self.sink, 0, keep)
             self.body = self.stage = None

@@ -88,6 +88,8 @@ def fill(layer, stores: dict) -> None:
         store = getattr(layer, name)
         codec = store.codec
         store.sink, store.window, store.fresh = parts["sink"], parts["window"], parts["fresh"]
+        if not store.window_size and store.window.shape[-2]:  # a crop's tokens, where older files kept them
+            store.fresh, store.window = torch.cat([store.fresh, store.window], -2), store.window[..., :0, :].clone()
         b, h, _, d = store.sink.shape
         store.stage = Packed({"x": parts["stage"]}, 1, d) if "stage" in parts else None
         for row in parts["lengths"].numpy() if "lengths" in parts else ():

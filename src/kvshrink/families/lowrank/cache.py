@@ -5,11 +5,11 @@ arrive (right after RoPE) and values arrive already rotated (folded v_proj).
 Each token keeps only its leading coordinates, for real: the first `sink`
 tokens and the `window` most recent ones keep `sink_rank` (float16; these are
 the tokens that draw most of the attention), every other token r_k (keys) /
-r_v (values) of its head, so each head is its own pair of `TokenStore`s of its
-own width, coded by
-any codec (float16 alone, or int4/int3 on top: `zdc-50+int4`). Nothing is
-padded to a common width and nothing is widened back on read: `update` hands
-the attention function the segments at their stored widths.
+r_v (values) of its head. Each head is its own pair of `TokenStore`s of two
+widths (core/store.py: sink and window at `sink_rank`, the rest at the head's
+rank), coded by any codec (float16 alone, or int4/int3 on top: `zdc-50+int4`).
+Nothing is padded to a common width and nothing is widened back on read:
+`update` hands the attention function the segments at their stored widths.
 
 Decode steps (at most `FUSED_QUERIES` tokens) leave their tokens in float16 in
 the stores until they fill a block (core/store.py). With `attend="fused"` on the
@@ -27,7 +27,7 @@ from ...codecs.base import Codec, Fp16, tensor_nbytes
 from ...codecs.quant import IntQuant
 from ...core.cache import KVCache
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, stage_for
-from ...core.store import TokenStore, _slice, half_checked
+from ...core.store import TokenStore, half_checked
 from ...errors import KvshrinkError
 from .config import ZdcConfig
 from .kernel import LowRankStates, supported
@@ -45,12 +45,10 @@ class ZdcLayer(StoreLayer):
         super().__init__()
         self.uk, self.uv = uk, uv  # (H, D, D)
         self.rk, self.rv = [int(r) for r in rk], [int(r) for r in rv]
-        self.sink, self.sink_rank = sink, sink_rank
-        self.window = window
-        self.ks = [TokenStore(key_codec, 0, 0, block, stage_for(key_codec)) for _ in self.rk]
-        self.vs = [TokenStore(value_codec, 0, 0, block, stage_for(value_codec)) for _ in self.rv]
-        self.k_sink = self.v_sink = None  # (B, H, n, sink_rank) float16
-        self.k_win = self.v_win = None  # (B, H, n <= window, sink_rank) float16, oldest first
+        # one pair of stores per KV head: sink and window at sink_rank coordinates, the rest at the head's ranks
+        self.ks = [TokenStore(key_codec, sink, window, block, stage_for(key_codec), (sink_rank, r)) for r in self.rk]
+        self.vs = [TokenStore(value_codec, sink, window, block, stage_for(value_codec), (sink_rank, r))
+                   for r in self.rv]
 
     def lazy_initialization(self, key_states, value_states) -> None:
         b, h, _, d = key_states.shape
@@ -61,19 +59,9 @@ class ZdcLayer(StoreLayer):
             self.kernel_reads = self.device.type == "cpu" and supported(
                 self.ks[0].codec, self.vs[0].codec, self.ks[0].block, self.rk, self.rv)
         self.uk, self.uv = self.uk.to(self.device), self.uv.to(self.device)
-        self.k_sink = key_states.new_empty(b, h, 0, self.sink_rank, dtype=torch.float16)
-        self.v_sink = self.k_sink.clone()
-        self.k_win, self.v_win = self.k_sink.clone(), self.k_sink.clone()
-        for i, (ks, vs) in enumerate(zip(self.ks, self.vs)):
-            ks.init(key_states.new_empty(b, 1, 0, self.rk[i]))
-            vs.init(key_states.new_empty(b, 1, 0, self.rv[i]))
+        for s in self.ks + self.vs:
+            s.init(key_states[:, :1, :0])
         self.is_initialized = True
-
-    def _n_sink(self) -> int:
-        return self.k_sink.shape[2]
-
-    def _n_win(self) -> int:
-        return self.k_win.shape[2]
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -90,16 +78,12 @@ class ZdcLayer(StoreLayer):
             return states, states
         dtype = key_states.dtype
         heads = []
-        sink = (self.k_sink.to(dtype), self.v_sink.to(dtype)) if self._n_sink() else None
-        win = (self.k_win.to(dtype), self.v_win.to(dtype)) if self._n_win() else None
-        for h in range(len(self.rk)):
-            segs = []
-            if sink:
-                segs.append(Segment(sink[0][:, h], sink[1][:, h]))
-            if len(self.ks[h]):
-                segs.append(Segment(self.ks[h].decoded(dtype)[:, 0], self.vs[h].decoded(dtype)[:, 0]))
-            if win:
-                segs.append(Segment(win[0][:, h], win[1][:, h]))
+        for h, (ks, vs) in enumerate(zip(self.ks, self.vs)):
+            segs = [Segment(ks.sink[:, 0].to(dtype), vs.sink[:, 0].to(dtype))] if ks.sink.shape[-2] else []
+            if len(ks) - ks.sink.shape[-2] - ks.window.shape[-2]:
+                segs.append(Segment(ks.middle(dtype)[:, 0], vs.middle(dtype)[:, 0]))
+            if ks.window.shape[-2]:
+                segs.append(Segment(ks.window[:, 0].to(dtype), vs.window[:, 0].to(dtype)))
             segs.append(Segment(k[:, h], v[:, h]))  # this call's tokens, exact
             heads.append(segs)
         self._append(k, v, defer=short)
@@ -117,49 +101,23 @@ class ZdcLayer(StoreLayer):
         bodies = None
         if self.ks[0].body is not None:
             bodies = [(ks.body, vs.body) for ks, vs in zip(self.ks, self.vs)]
+        pairs = list(zip(self.ks, self.vs))
         # between body and window: the float16 tokens (update thawed the stage into them)
-        return LowRankStates((self.k_sink, self.v_sink), bodies,
-                             [(ks.fresh[:, 0], vs.fresh[:, 0]) for ks, vs in zip(self.ks, self.vs)],
-                             (self.k_win, self.v_win), (k, v), self.ks[0].codec, self.vs[0].codec,
-                             self.ks[0].block, self.splits)
+        return LowRankStates([(ks.sink[:, 0], vs.sink[:, 0]) for ks, vs in pairs], bodies,
+                             [(ks.fresh[:, 0], vs.fresh[:, 0]) for ks, vs in pairs],
+                             [(ks.window[:, 0], vs.window[:, 0]) for ks, vs in pairs], (k, v),
+                             self.ks[0].codec, self.vs[0].codec, self.ks[0].block, self.splits)
 
     def _append(self, k: torch.Tensor, v: torch.Tensor, defer: bool = False) -> None:
-        room = self.sink - self._n_sink()
-        if room > 0:
-            self.k_sink = torch.cat([self.k_sink, half_checked(k[:, :, :room, :self.sink_rank])], 2)
-            self.v_sink = torch.cat([self.v_sink, half_checked(v[:, :, :room, :self.sink_rank])], 2)
-            k, v = k[:, :, room:], v[:, :, room:]
-        if k.shape[2] == 0:
+        if defer:  # checked once for every head's stores
+            k16, v16 = half_checked(k), half_checked(v)
+            for h, (ks, vs) in enumerate(zip(self.ks, self.vs)):
+                ks.append_fresh(k16[:, h:h + 1])
+                vs.append_fresh(v16[:, h:h + 1])
             return
-        if defer:
-            self._append_fresh(half_checked(k), half_checked(v))
-            return
-        # the stores check what they code; the window checks what it holds
-        if self.window:
-            kw = torch.cat([self.k_win, half_checked(k[..., :self.sink_rank])], 2)
-            vw = torch.cat([self.v_win, half_checked(v[..., :self.sink_rank])], 2)
-            out = kw.shape[2] - self.window
-            self.k_win, self.v_win = _slice(kw, max(out, 0)), _slice(vw, max(out, 0))
-            if out <= 0:
-                return
-            k, v = kw[:, :, :out].float(), vw[:, :, :out].float()
-        for h in range(len(self.rk)):
-            self.ks[h].append(k[:, h:h + 1, :, :self.rk[h]])
-            self.vs[h].append(v[:, h:h + 1, :, :self.rv[h]])
-
-    def _append_fresh(self, k16: torch.Tensor, v16: torch.Tensor) -> None:
-        """A decode step's float16 tokens: through the window, then into the stores' float16 tokens."""
-        if self.window:
-            kw = torch.cat([self.k_win, k16[..., :self.sink_rank]], 2)
-            vw = torch.cat([self.v_win, v16[..., :self.sink_rank]], 2)
-            out = kw.shape[2] - self.window
-            self.k_win, self.v_win = _slice(kw, max(out, 0)), _slice(vw, max(out, 0))
-            if out <= 0:
-                return
-            k16, v16 = kw[:, :, :out], vw[:, :, :out]
-        for h in range(len(self.rk)):
-            self.ks[h].append_fresh(k16[:, h:h + 1, :, :self.rk[h]])
-            self.vs[h].append_fresh(v16[:, h:h + 1, :, :self.rv[h]])
+        for h, (ks, vs) in enumerate(zip(self.ks, self.vs)):
+            ks.append(k[:, h:h + 1])
+            vs.append(v[:, h:h + 1])
 
     def fill_reference(self, key_states, value_states) -> None:
         """Store prefill states computed by the original model (values not yet rotated)."""
@@ -167,7 +125,7 @@ class ZdcLayer(StoreLayer):
         self.update(key_states, v)
 
     def get_seq_length(self) -> int:
-        return self._n_sink() + len(self.ks[0]) + self._n_win() if self.is_initialized else 0
+        return len(self.ks[0]) if self.is_initialized else 0
 
     def reset(self) -> None:
         self.is_initialized = False
@@ -175,33 +133,15 @@ class ZdcLayer(StoreLayer):
             s.sink = None
 
     def _keep_first(self, keep: int) -> None:
-        n_sink, n_body = self._n_sink(), len(self.ks[0])
-        if keep >= n_sink + n_body:
-            self.k_win, self.v_win = (_slice(t, 0, keep - n_sink - n_body) for t in (self.k_win, self.v_win))
-            return
-        # the window is dropped; the kept tokens stay at the width they were stored with
-        self.k_win, self.v_win = _slice(self.k_win, 0, 0), _slice(self.v_win, 0, 0)
-        if keep >= n_sink:
-            for s in self.ks + self.vs:
-                s.crop(keep - n_sink)
-            return
-        self.k_sink, self.v_sink = _slice(self.k_sink, 0, keep), _slice(self.v_sink, 0, keep)
         for s in self.ks + self.vs:
-            s.crop(0)
+            s.crop(keep)
 
     def _batch_map(self, on_tensor, on_packed) -> None:
-        self.k_sink, self.v_sink = on_tensor(self.k_sink), on_tensor(self.v_sink)
-        self.k_win, self.v_win = on_tensor(self.k_win), on_tensor(self.v_win)
         for s in self.ks + self.vs:
             s.map_batch(on_tensor, on_packed)
 
     def tensors(self) -> list[torch.Tensor]:
-        if not self.is_initialized:
-            return []
-        out = [self.k_sink, self.v_sink, self.k_win, self.v_win]
-        for s in self.ks + self.vs:
-            out.extend(s.tensors())
-        return out
+        return [t for s in self.ks + self.vs for t in s.tensors()]
 
 
 class ZdcCache(KVCache):

@@ -169,11 +169,10 @@ def _body_tiles(q, vis, t, kc, vc, kmn, kstep, vmn, vstep, kd, vd, kbits, vbits,
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
-def _fused(q, vis, offs, dense, new, mids_k, mids_v, kcs, vcs, kmns, ksteps, vmns, vsteps, kbits, vbits, kb, tile, n,
-           splits, out):
+def _fused(q, vis, offs, sinks_k, sinks_v, mids_k, mids_v, wins_k, wins_v, new, kcs, vcs, kmns, ksteps, vmns, vsteps,
+           kbits, vbits, kb, tile, n, splits, out):
     nb_, nh, nr, d = q.shape
     t = vis.shape[1]
-    sink_k, sink_v, win_k, win_v = dense
     new_k, new_v = new
     ntiles = (n + tile - 1) // tile
     pm, pl, pacc = partial_buffers(nb_, nh, splits + 1, nr, d)
@@ -182,14 +181,14 @@ def _fused(q, vis, offs, dense, new, mids_k, mids_v, kcs, vcs, kmns, ksteps, vmn
         h = (u // (splits + 1)) % nh
         sp = u % (splits + 1)
         if sp == splits:
-            _dense(q[b, h], vis[b], t, offs, sink_k[b, h], sink_v[b, h], mids_k[h][b], mids_v[h][b], win_k[b, h],
-                   win_v[b, h], new_k[b, h], new_v[b, h], pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+            _dense(q[b, h], vis[b], t, offs, sinks_k[h][b], sinks_v[h][b], mids_k[h][b], mids_v[h][b], wins_k[h][b],
+                   wins_v[h][b], new_k[b, h], new_v[b, h], pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         lo = sp * ntiles // splits
         hi = (sp + 1) * ntiles // splits
         if lo < hi:
             kd, vd = mids_k[h].shape[2] // 2, mids_v[h].shape[2] // 2
-            _body_tiles(q[b, h], vis[b, :, offs[0] + sink_k.shape[2]:], t, kcs[h][b], vcs[h][b], kmns[h][b],
+            _body_tiles(q[b, h], vis[b, :, offs[0] + sinks_k[h].shape[1]:], t, kcs[h][b], vcs[h][b], kmns[h][b],
                         ksteps[h][b], vmns[h][b], vsteps[h][b], kd, vd, kbits, vbits, kb, tile, n, lo, hi,
                         pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
     merge(pm, pl, pacc, out)
@@ -244,15 +243,14 @@ def _bits(codec: Codec) -> int:
 class LowRankStates:
     """What a ZdcLayer hands the attention for a decode step the kernel reads (see the module doc).
 
-    sink / window: (keys, values) (B, H, n, sink_rank) float16; mids: per head (keys (B, n, r_k),
-    values (B, n, r_v)) float16, the tokens between body and window; new: this call's
-    (keys, values) (B, H, t, head_dim) float32 in the reduced bases; bodies: per head (keys, values)
-    Packed, or None when the body is empty."""
+    Per head (keys, values): sinks and windows (B, n, sink_rank) float16; mids (B, n, r_k) and
+    (B, n, r_v) float16, the tokens between body and window; bodies Packed, or None when the body
+    is empty. new: this call's (keys, values) (B, H, t, head_dim) float32 in the reduced bases."""
 
-    sink: tuple
+    sinks: list
     bodies: list | None
     mids: list
-    window: tuple
+    windows: list
     new: tuple
     key_codec: Codec
     value_codec: Codec
@@ -262,7 +260,7 @@ class LowRankStates:
     @property
     def length(self) -> int:
         n_body = self.bodies[0][0].num_tokens if self.bodies else 0
-        return (self.sink[0].shape[2] + n_body + self.mids[0][0].shape[1] + self.window[0].shape[2]
+        return (self.sinks[0][0].shape[1] + n_body + self.mids[0][0].shape[1] + self.windows[0][0].shape[1]
                 + self.new[0].shape[2])
 
     def attend(self, module, query: torch.Tensor, mask, scaling=None):
@@ -288,8 +286,8 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st: LowRankStates) -> torch.Tenso
     -> (B, H, R, head_dim) float32, the value sums in the values' reduced coordinates."""
     b, h, r, d = q.shape
     n = st.bodies[0][0].num_tokens if st.bodies else 0
-    n_sink, n_mid = st.sink[0].shape[2], st.mids[0][0].shape[1]
-    offs = np.array([0, n_sink + n, n_sink + n + n_mid, n_sink + n + n_mid + st.window[0].shape[2]],
+    n_sink, n_mid = st.sinks[0][0].shape[1], st.mids[0][0].shape[1]
+    offs = np.array([0, n_sink + n, n_sink + n + n_mid, n_sink + n + n_mid + st.windows[0][0].shape[1]],
                     dtype=np.int64)
     if st.bodies:
         ko = [_views(st.key_codec, bk) for bk, _ in st.bodies]
@@ -300,10 +298,9 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st: LowRankStates) -> torch.Tenso
     kb = st.key_codec.group if isinstance(st.key_codec, IntQuant) else 1
     splits = max(1, min(st.splits, -(-n // st.block))) if n else 1
     out = np.empty((b, h, r, d), dtype=np.float32)
-    _fused(q.contiguous().numpy(), as_u8(vis), offs,
-           (_bytes(st.sink[0]), _bytes(st.sink[1]), _bytes(st.window[0]), _bytes(st.window[1])),
+    _fused(q.contiguous().numpy(), as_u8(vis), offs, *(tuple(_bytes(p[i]) for p in parts)
+                                                       for parts in (st.sinks, st.mids, st.windows) for i in (0, 1)),
            (st.new[0].float().contiguous().numpy(), st.new[1].float().contiguous().numpy()),
-           tuple(_bytes(m[0]) for m in st.mids), tuple(_bytes(m[1]) for m in st.mids),
            tuple(o[0] for o in ko), tuple(o[0] for o in vo), tuple(o[1] for o in ko), tuple(o[2] for o in ko),
            tuple(o[1] for o in vo), tuple(o[2] for o in vo), _bits(st.key_codec), _bits(st.value_codec), kb,
            st.block, n, splits, out)
