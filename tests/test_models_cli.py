@@ -17,20 +17,33 @@ def test_spec_of_a_llama_config(tiny_config):
 
 
 def _unsupported_configs():
-    from transformers import Gemma2Config, MambaConfig, MistralConfig, T5Config
+    from transformers import DeepseekV3Config, Llama4TextConfig, MambaConfig, Qwen3NextConfig, T5Config
 
     return {
-        "sliding": MistralConfig(sliding_window=64, num_hidden_layers=2, layer_types=["sliding_attention"] * 2),
-        "mixed": Gemma2Config(num_hidden_layers=2),
-        "mamba": MambaConfig(),
-        "encoder-decoder": T5Config(),
+        "mamba": (MambaConfig(), "state-space"),
+        "encoder-decoder": (T5Config(), "encoder-decoder"),
+        "mla": (DeepseekV3Config(), "latent attention"),
+        "linear-hybrid": (Qwen3NextConfig(), "linear-attention"),
+        "chunked": (Llama4TextConfig(), "chunked attention"),
     }
 
 
-@pytest.mark.parametrize("kind", ["sliding", "mixed", "mamba", "encoder-decoder"])
-def test_unsupported_architectures_are_refused(kind):
-    with pytest.raises(KvshrinkError, match="unsupported architecture"):
-        spec_from_config(_unsupported_configs()[kind])
+@pytest.mark.parametrize("kind", ["mamba", "encoder-decoder", "mla", "linear-hybrid", "chunked"])
+def test_unsupported_architectures_are_refused_by_name(kind):
+    config, why = _unsupported_configs()[kind]
+    with pytest.raises(KvshrinkError, match=f"unsupported architecture '{config.model_type}': .*{why}"):
+        spec_from_config(config)
+
+
+def test_sliding_and_hybrid_layers_are_described():
+    from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig
+
+    mistral = spec_from_config(MistralConfig(sliding_window=64, num_hidden_layers=2))
+    assert mistral.layer_types == ("sliding_attention",) * 2 and mistral.sliding_window == 64
+    gemma3 = spec_from_config(Gemma3TextConfig(num_hidden_layers=7, sliding_window=512))
+    assert [gemma3.is_sliding(i) for i in range(7)] == [True] * 5 + [False, True]
+    gemma2 = spec_from_config(Gemma2Config(num_hidden_layers=2))
+    assert gemma2.softcap == 50.0 and gemma2.is_sliding(0) and not gemma2.is_sliding(1)
 
 
 @pytest.fixture(scope="module")

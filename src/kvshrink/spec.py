@@ -1,5 +1,10 @@
 """Architecture facts of a decoder that a KV cache needs (a leaf: imports nothing of the package
-but errors)."""
+but errors).
+
+A model is served when every layer's cache is per-token keys and values: full attention, or
+sliding-window attention (`layer_types` in the config, or a `sliding_window` on every layer).
+Everything else is refused here, by name, before any method looks at the model.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,22 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 
 from .errors import KvshrinkError
 
-# Models whose cache is not a list of per-layer full-attention keys and values.
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+# Models whose cache is not a list of per-layer full-attention keys and values, and why.
 _UNSUPPORTED_TYPES = {
-    "mamba", "mamba2", "rwkv", "jamba", "falcon_mamba", "zamba", "zamba2", "bamba",
-    "deepseek_v2", "deepseek_v3", "minimax", "lfm2", "recurrent_gemma", "xlstm",
+    **dict.fromkeys(("mamba", "mamba2", "falcon_mamba", "xlstm", "rwkv"), "a state-space / recurrent model"),
+    **dict.fromkeys(("jamba", "zamba", "zamba2", "bamba", "falcon_h1", "granitemoehybrid", "nemotron_h", "lfm2",
+                     "recurrent_gemma", "minimax", "qwen3_next", "qwen3_5", "olmo_hybrid"),
+                    "a hybrid of attention and linear-attention / state-space layers"),
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3", "kimi_k2", "longcat_flash"), "multi-head latent attention (MLA)"),
+}
+_LAYER_TYPES = {
+    "chunked_attention": "chunked attention layers",
+    "linear_attention": "linear-attention layers",
+    "mamba": "state-space layers",
+    "conv": "convolution layers",
+    "dummy": "layers that share another layer's cache",
 }
 
 
@@ -26,38 +43,55 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     max_context: int | None
+    layer_types: tuple[str, ...] = ()  # FULL or SLIDING per layer (empty: all full)
+    sliding_window: int | None = None  # tokens a sliding layer sees (its own included)
+    softcap: float | None = None  # attention logit soft-capping (Gemma 2)
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == SLIDING
+
+    @property
+    def has_sliding(self) -> bool:
+        return SLIDING in self.layer_types
 
     def fp16_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
 
 
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def spec_from_config(config) -> ModelSpec:
-    """Architecture facts, or a KvshrinkError if the cache cannot serve this attention."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    """Architecture facts, or a KvshrinkError naming what the cache cannot serve."""
+    text = _text_config(config)
     model_type = getattr(text, "model_type", "?")
     if getattr(config, "is_encoder_decoder", False):
         raise KvshrinkError(f"unsupported architecture {model_type!r}: encoder-decoder models are not served")
     if model_type in _UNSUPPORTED_TYPES:
-        raise KvshrinkError(f"unsupported architecture {model_type!r}: its cache is not per-layer keys and values")
+        raise KvshrinkError(f"unsupported architecture {model_type!r}: {_UNSUPPORTED_TYPES[model_type]}")
+    for field in ("kv_lora_rank", "q_lora_rank"):
+        if getattr(text, field, None):
+            raise KvshrinkError(f"unsupported architecture {model_type!r}: multi-head latent attention (MLA)")
     try:
-        layer_types, _ = get_layer_types_and_kwargs(text)
+        layer_types, kwargs = get_layer_types_and_kwargs(text)
     except Exception as err:  # configs without the usual fields
         raise KvshrinkError(f"unsupported architecture {model_type!r}: {err}") from None
-    other = sorted(set(layer_types) - {"full_attention"})
+    other = sorted(set(layer_types) - {FULL, SLIDING})
     if other:
-        raise KvshrinkError(
-            f"unsupported architecture {model_type!r}: layers of type {', '.join(other)} "
-            "(only full-attention layers are served)"
-        )
+        names = ", ".join(_LAYER_TYPES.get(t, f"layers of type {t}") for t in other)
+        raise KvshrinkError(f"unsupported architecture {model_type!r}: {names} (full and sliding-window "
+                            "attention layers are served)")
+    windows = {kw["sliding_window"] for t, kw in zip(layer_types, kwargs) if t == SLIDING}
+    if len(windows) > 1:
+        raise KvshrinkError(f"unsupported architecture {model_type!r}: sliding layers of different windows "
+                            f"{sorted(windows)}")
     heads = getattr(text, "num_attention_heads", None)
     layers = getattr(text, "num_hidden_layers", None)
     if not heads or not layers:
         raise KvshrinkError(f"unsupported architecture {model_type!r}: no attention heads or layers in its config")
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    for field in ("kv_lora_rank", "q_lora_rank"):
-        if getattr(text, field, None):
-            raise KvshrinkError(f"unsupported architecture {model_type!r}: latent (MLA) attention")
     return ModelSpec(
         model_type=model_type,
         num_layers=layers,
@@ -65,4 +99,7 @@ def spec_from_config(config) -> ModelSpec:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         max_context=getattr(text, "max_position_embeddings", None),
+        layer_types=tuple(layer_types) if windows else (),
+        sliding_window=windows.pop() if windows else None,
+        softcap=getattr(text, "attn_logit_softcapping", None),
     )

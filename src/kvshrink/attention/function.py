@@ -2,9 +2,9 @@
 
 Every kvshrink layer's `update` returns either plain tensors (a prefill, a perplexity chunk, any
 cache that decodes before attending) or a states object that attends by itself: it has
-`attend(module, query, mask, scaling) -> (output (B, T, Hq, d), None)` and holds whatever it
+`attend(module, query, mask, scaling, softcap) -> (output (B, T, Hq, d), None)` and holds whatever it
 reads in place (integer codes, paged rows, low-rank segments, RVQ codes, Huffman blocks). Plain
-tensors get exactly SDPA, so a model can keep this implementation for every cache, ours or not.
+tensors get exactly SDPA (eager attention where logits are soft-capped, which SDPA cannot do), so a model can keep this implementation for every cache, ours or not.
 No family is named here: a new family brings its own states.
 
 `prepare` (api.py) switches a model to it; making a cache never does.
@@ -14,25 +14,25 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from ..errors import KvshrinkError
+from .logits import plain_attention
 
 NAME = "kvshrink"
 CAPTURE = "kvshrink_capture"
 CAPTURED_QUERIES = 64  # the largest observation window a shared prefill can serve
 
 
-def kvshrink_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def kvshrink_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                       **kwargs):
     if hasattr(key, "attend"):
-        return key.attend(module, query, attention_mask, scaling)
+        return key.attend(module, query, attention_mask, scaling, softcap)
     needs = getattr(module, "kvshrink_needs_cache", None)  # set by a transform (ZDC) whose layers need its cache
     if needs:
         raise KvshrinkError(needs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                  **kwargs)
+    return plain_attention(module, query, key, value, attention_mask, scaling, softcap, dropout=dropout, **kwargs)
 
 
 _captured: dict | None = None
@@ -41,7 +41,7 @@ _captured: dict | None = None
 def _capture_attention(module, query, key, value, attention_mask, **kwargs):
     if _captured is not None:
         _captured[module.layer_idx] = query[:, :, -CAPTURED_QUERIES:].clone()
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return plain_attention(module, query, key, value, attention_mask, **kwargs)
 
 
 AttentionInterface.register(NAME, kvshrink_attention)

@@ -21,6 +21,7 @@ import torch
 from torch.profiler import record_function
 
 from ..kernels.tiles import announce
+from .logits import soft_cap
 from .masks import bool_mask
 
 
@@ -37,7 +38,7 @@ class SplitStates:
     fused: bool = True
     splits: int = 4
 
-    def attend(self, module, query: torch.Tensor, mask, scaling=None):
+    def attend(self, module, query: torch.Tensor, mask, scaling=None, softcap=None):
         b, hq, t, d = query.shape
         after_k, after_v = _parts(self.after[0]), _parts(self.after[1])
         h = after_k[0].shape[1]
@@ -50,8 +51,8 @@ class SplitStates:
         n_all = n_body + n_dense
         dense_k = torch.cat([x.float() for x in (self.before[0], *after_k)], 2)  # (a mixed-dtype cat is slower)
         dense_v = torch.cat([x.float() for x in (self.before[1], *after_v)], 2)
-        if not self.fused or self.body is None:
-            return self._reference(q, self._visible(mask, b, t, n_all), query, n_before, dense_k, dense_v)
+        if not self.fused or self.body is None or softcap is not None:  # the kernels do not soft-cap
+            return self._reference(q, self._visible(mask, b, t, n_all), query, n_before, dense_k, dense_v, softcap)
         vis = bool_mask(mask)
         if vis is None:  # causal: the body is all visible, the last t dense tokens are this call's
             body_vis = torch.ones(b, n_body, dtype=torch.bool)
@@ -72,7 +73,7 @@ class SplitStates:
             vis = torch.ones(b, 1, t, n_all, dtype=torch.bool).tril_(n_all - t)
         return vis[:, 0].expand(b, t, -1)
 
-    def _reference(self, q, vis, query, n_before, dense_k, dense_v):
+    def _reference(self, q, vis, query, n_before, dense_k, dense_v, softcap=None):
         """Decode the body, then softmax attention over the whole history."""
         b, hq, t, d = query.shape
         h = q.shape[1]
@@ -82,7 +83,8 @@ class SplitStates:
                 bk, bv = self.body.decoded()
             k = torch.cat([k[:, :, :n_before], bk.float(), k[:, :, n_before:]], 2)
             v = torch.cat([v[:, :, :n_before], bv.float(), v[:, :, n_before:]], 2)
-        s = (q @ k.transpose(2, 3)).view(b, h, hq // h, t, -1).masked_fill(~vis[:, None, None], float("-inf"))
+        s = soft_cap(q @ k.transpose(2, 3), softcap).view(b, h, hq // h, t, -1).masked_fill(~vis[:, None, None],
+                                                                                             float("-inf"))
         p = torch.softmax(s, -1).nan_to_num_(0.0).view(b, h, -1, k.shape[2])
         out = p @ v
         return out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous(), None

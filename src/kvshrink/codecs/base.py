@@ -64,6 +64,10 @@ class Packed:
     def first_blocks(self, n: int) -> "Packed":
         return self.blocks(0, n)
 
+    def drop_first(self, tokens: int) -> "Packed":
+        """Without its first `tokens` (whole blocks)."""
+        return self.blocks(tokens // self.block, self.num_blocks)
+
     def blocks(self, start: int, stop: int) -> "Packed":
         # clone: a view would keep the dropped blocks' storage alive
         return self._map(lambda v: v[:, :, start:stop].clone())

@@ -21,7 +21,26 @@ class KVCache(Cache):
         self.spec: ModelSpec | None = spec_from_config(config) if config is not None else None
         self.method = method
         self.ids = None  # the token ids of a loaded cache, when they were saved
+        if self.spec is not None and self.spec.has_sliding:
+            if len(layers) != self.spec.num_layers:
+                raise KvshrinkError(f"{len(layers)} cache layers for a model of {self.spec.num_layers}")
+            for i, layer in enumerate(layers):
+                if self.spec.is_sliding(i):
+                    layer.slide(self.spec.sliding_window)
+        if self.spec is not None and self.spec.softcap:
+            for layer in layers:
+                layer.softcap = self.spec.softcap
         super().__init__(layers=layers)
+
+    def bytes_by_kind(self) -> dict:
+        """{"full" / "sliding": (bytes held, fp16 bytes of the same tokens)} over the layers of each kind."""
+        self.settle()
+        out: dict = {}
+        for layer in self.layers:
+            kind = "sliding" if layer.is_sliding else "full"
+            held, fp16 = out.get(kind, (0, 0))
+            out[kind] = (held + layer.nbytes(), fp16 + layer.fp16_nbytes())
+        return out
 
     def settle(self) -> None:
         """Finish deferred work (background coding, a pending eviction); a no-op by default."""
@@ -41,6 +60,18 @@ class KVCache(Cache):
         return self.fp16_nbytes() / held if held else float("nan")
 
     def describe(self) -> str:
+        """The method's layout and how it attends, then what the model's layers change about it."""
+        notes = []
+        if self.spec is not None and self.spec.has_sliding:
+            n = sum(layer.is_sliding for layer in self.layers)
+            notes.append(f"{n} of {len(self.layers)} layers slide over {self.spec.sliding_window} tokens "
+                         "(their oldest blocks freed)")
+        if self.spec is not None and self.spec.softcap:
+            notes.append(f"logits soft-capped at {self.spec.softcap:g}: attention in PyTorch, the compiled "
+                         "kernels do not cap")
+        return "; ".join([self._describe(), *notes])
+
+    def _describe(self) -> str:
         raise NotImplementedError
 
     def save(self, path: str, model=None, ids=None) -> int:

@@ -50,14 +50,56 @@ def check_layout(key_codec: Codec, value_codec: Codec, sink, window, block) -> N
 
 
 class StoreLayer(CacheLayerMixin):
-    """What every kvshrink layer shares: a full-attention layer whose batch operations map
-    over the tensors and packed blocks it holds (`_batch_map`)."""
+    """What every kvshrink layer shares: a full-attention or sliding-window layer whose batch
+    operations map over the tensors and packed blocks it holds (`_batch_map`).
+
+    A sliding layer (`slide(window)`) frees the oldest whole body blocks of its token stores once
+    no later query can see them (it holds the last window - 1 tokens and at most two blocks more),
+    so its memory stays bounded however long the context; `dropped` counts the freed tokens, the
+    mask sizes tell transformers where the held ones start (as its DynamicSlidingWindowLayer does)."""
 
     is_sliding = False
     is_croppable = True
+    sliding_window: int | None = None
+    dropped = 0  # tokens a sliding layer no longer holds
+    softcap: float | None = None  # the model soft-caps logits: the compiled kernels (which do not) stay unused
+
+    def stores(self) -> list:
+        """The layer's TokenStores (core/store.py), all with the same token layout; none for a layer
+        that keeps its tokens otherwise."""
+        return []
+
+    def held(self) -> int:
+        """Tokens the layer holds now."""
+        raise NotImplementedError
+
+    def slide(self, window: int) -> None:
+        """Make this a sliding-window layer (before its first update): no sink tokens (the window
+        leaves them behind), the oldest blocks freed as they leave the window."""
+        if not self.stores():
+            raise KvshrinkError(f"{type(self).__name__} cannot hold a sliding-window layer")
+        self.is_sliding, self.sliding_window = True, window
+        for s in self.stores():
+            s.sink_size = 0
+
+    def _slide(self) -> None:
+        """After an update: free the whole body blocks no later query sees."""
+        if not self.is_sliding:
+            return
+        extra = self.held() - (self.sliding_window - 1)
+        stores = self.stores()
+        if extra < stores[0].block:
+            return
+        gone = {s.drop_first(extra) for s in stores}
+        if len(gone) != 1:
+            raise KvshrinkError(f"the stores of a sliding layer freed different token counts {sorted(gone)}")
+        self.dropped += gone.pop()
+
+    def get_seq_length(self) -> int:
+        return self.dropped + self.held() if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        return (self.held() if self.is_initialized else 0) + query_length, self.dropped
 
     def get_max_length(self) -> int:
         return -1
@@ -74,9 +116,14 @@ class StoreLayer(CacheLayerMixin):
             raise KvshrinkError("crop takes a negative number of tokens to remove, as DynamicCache does")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
-        self._keep_first(max(self.get_seq_length() + tokens_to_remove, 0))
+        keep = self.held() + tokens_to_remove
+        if self.dropped and keep < self.sliding_window - 1:
+            raise KvshrinkError(f"a sliding layer holds the last {self.held()} tokens: it can drop at most "
+                                f"{self.held() - self.sliding_window + 1} of them, not {-tokens_to_remove}")
+        self._keep_first(max(keep, 0))
 
     def _keep_first(self, keep: int) -> None:
+        """Keep the first `keep` of the tokens held."""
         raise NotImplementedError
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -103,11 +150,15 @@ class StoreLayer(CacheLayerMixin):
         return tensor_nbytes(self.tensors())
 
     def fp16_nbytes(self) -> int:
-        """What a float16 cache would hold for the same tokens (keys and values)."""
+        """What a float16 cache would hold for the same tokens (keys and values): for a sliding layer
+        the last window - 1 tokens, what transformers' own sliding layer keeps."""
         if not self.is_initialized:
             return 0
         b, h, d = self.kv_shape
-        return 2 * b * h * self.get_seq_length() * d * FP16_BYTES
+        n = self.get_seq_length()
+        if self.is_sliding:
+            n = min(n, self.sliding_window - 1)
+        return 2 * b * h * n * d * FP16_BYTES
 
     def _init_shape(self, key_states: torch.Tensor) -> None:
         self.kv_shape = (key_states.shape[0], key_states.shape[1], key_states.shape[3])

@@ -260,6 +260,19 @@ class TokenStore:
             self.body = self.stage = None
             self.window = _slice(self.sink, 0, 0)
 
+    def drop_first(self, n: int) -> int:
+        """Free the whole body blocks among the oldest n tokens (a sliding layer's tokens no query
+        sees again); returns how many tokens went. Only body blocks go: sink, stage and float16
+        tokens stay (a sliding layer has no sink)."""
+        self.settle()
+        if self.sink.shape[-2]:
+            raise KvshrinkError("a store with sink tokens cannot free its oldest blocks")
+        n_body = self.tokens_in(self.body)
+        k = min(n, n_body) // self.block * self.block
+        if k:
+            self.body = self.body.drop_first(k) if k < n_body else None
+        return k
+
     def map_batch(self, on_tensor, on_packed) -> None:
         self.settle()
         if self.sink is None:

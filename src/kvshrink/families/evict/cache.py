@@ -188,7 +188,7 @@ class PagedLayer(StoreLayer):
         if self.index == self.owner.num_layers - 1:
             self.owner.pending = (t, pad)
 
-    def get_seq_length(self) -> int:
+    def held(self) -> int:
         return self.seen
 
     def reset(self) -> None:
@@ -263,8 +263,14 @@ class PagedCache(KVCache):
                                ("pool", pool, 0), ("defer", defer, 0)):
             if not isinstance(val, int) or val < low:
                 raise KvshrinkError(f"{name} must be an integer >= {low}, got {val!r}")
+        spec = spec_from_config(config)
+        if spec.has_sliding:
+            raise KvshrinkError(f"eviction keeps per-head budgets of full-attention layers; {spec.model_type!r} has "
+                                "sliding-window layers (bounded already): use an int, kvcomp or zdc method")
+        if spec.softcap:
+            raise KvshrinkError(f"eviction scores rows from uncapped logits; {spec.model_type!r} soft-caps them")
         require_kvshrink_attention(config, method or "a paged cache")
-        n_layers = spec_from_config(config).num_layers
+        n_layers = spec.num_layers
         self.ratio, self.tokens = ratio, (tok if tokens is not None else None)
         self.alloc, self.score, self.pool_kernel, self.obs = alloc, score, pool, obs
         self.sink, self.window, self.block = sink, window, block
@@ -390,7 +396,7 @@ class PagedCache(KVCache):
         self.settle()
         return torch.stack([layer.length for layer in self.layers], 1)
 
-    def describe(self) -> str:
+    def _describe(self) -> str:
         target = f"ratio {self.ratio}x" if self.ratio is not None else f"{self.tokens} tokens/head"
         return (f"{target}, {self.alloc} per-head budgets, {self.score} scores over {self.obs} queries"
                 f"{f', {self.pooling}-pooled over {self.pool_kernel}' if self.pool_kernel > 1 else ''}, sink {self.sink}, "

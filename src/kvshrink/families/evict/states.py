@@ -25,6 +25,11 @@ from .scores import aggregate, window_probs
 QUERY_CHUNK = 1024  # query rows per mask and score block: bounds memory on long prefills
 
 
+
+def refuse_softcap(softcap) -> None:
+    if softcap is not None:  # PagedCache refuses such models; this guards the states themselves
+        raise KvshrinkError("eviction scores rows from uncapped logits: soft-capped models are not served")
+
 class PagedStates:
     """What a paged layer's `update` returns: each head's kept tokens (padded to the longest head)
     followed by the tokens of this call, decoded for the attention function."""
@@ -36,9 +41,10 @@ class PagedStates:
         self.positions = positions  # (B, H, S) original positions of the past rows
         self.n_past = n_past
 
-    def attend(self, module, query, attention_mask, scaling=None):
+    def attend(self, module, query, attention_mask, scaling=None, softcap=None):
         """Each head attends over its own kept rows and this call's tokens; the last `obs` queries
         score the rows (eviction is the cache's, after the call: cache.py)."""
+        refuse_softcap(softcap)
         b, hq, t, d = query.shape
         h = self.keys.shape[1]
         g = hq // h
@@ -79,7 +85,8 @@ class RowStates:
         self.layer, self.new_k, self.new_v = layer, new_k, new_v  # (B, H, d)
         self.n_past, self.new_slot = n_past, new_slot  # (B, H): rows kept before, where the token went
 
-    def attend(self, module, query, mask, scaling=None):
+    def attend(self, module, query, mask, scaling=None, softcap=None):
+        refuse_softcap(softcap)
         announce("paged-rows")
         b, hq, _, d = query.shape
         h = self.n_past.shape[1]

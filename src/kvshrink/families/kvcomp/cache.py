@@ -93,7 +93,7 @@ class KVCompCache(CompressedCache):
             layer.fused, layer.splits = attend == "fused", splits
         self.model_header = None  # set by `build`: cache.save(path) names the model
 
-    def describe(self) -> str:
+    def _describe(self) -> str:
         coder = "Huffman" if self.entropy else "fixed-width packed"
         return (f"keys eb {self.key_bound} per channel in blocks of {self.key_block}, values eb {self.value_bound} "
                 f"per token in blocks of {self.value_block}, {coder} codes, sink {self.sink}, window {self.window}, "

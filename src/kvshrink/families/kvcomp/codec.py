@@ -105,6 +105,13 @@ class EntropyPacked:
         return self._recoded(self.view().symbols()[:, :, :k], t["mn"][:, :, :k], t["step"][:, :, :k],
                              t["table_of"][:k])
 
+    def drop_first(self, tokens: int) -> "EntropyPacked":
+        """Without its first `tokens` (whole blocks), recoded with the tables they had."""
+        k = tokens // self.codec.block_tokens
+        t = self.tensors
+        return self._recoded(self.view().symbols()[:, :, k:], t["mn"][:, :, k:], t["step"][:, :, k:],
+                             t["table_of"][k:])
+
     def _map_batch(self, fn) -> "EntropyPacked":
         t = self.tensors
         return self._recoded(fn(self.view().symbols()), fn(t["mn"]), fn(t["step"]), t["table_of"])

@@ -75,6 +75,7 @@ class ZdcLayer(StoreLayer):
         if short and self._readable():
             states = self._lowrank_states(k, v)
             self._append(k, v, defer=True)
+            self._slide()
             return states, states
         dtype = key_states.dtype
         heads = []
@@ -87,12 +88,13 @@ class ZdcLayer(StoreLayer):
             segs.append(Segment(k[:, h], v[:, h]))  # this call's tokens, exact
             heads.append(segs)
         self._append(k, v, defer=short)
+        self._slide()
         states = ZdcStates(heads)
         return states, states
 
     def _readable(self) -> bool:
         """The kernel reads this layer now: `kernel_reads`, and every store's body of the same tokens."""
-        if not self.kernel_reads:
+        if not self.kernel_reads or self.softcap:
             return False
         n = self.ks[0].tokens_in(self.ks[0].body)
         return all(s.tokens_in(s.body) == n for s in self.ks + self.vs)
@@ -124,8 +126,11 @@ class ZdcLayer(StoreLayer):
         v = torch.einsum("bhtd,hde->bhte", value_states, self.uv.to(value_states))
         self.update(key_states, v)
 
-    def get_seq_length(self) -> int:
+    def held(self) -> int:
         return len(self.ks[0]) if self.is_initialized else 0
+
+    def stores(self) -> list:
+        return self.ks + self.vs
 
     def reset(self) -> None:
         self.is_initialized = False
@@ -133,7 +138,7 @@ class ZdcLayer(StoreLayer):
             s.sink = None
 
     def _keep_first(self, keep: int) -> None:
-        for s in self.ks + self.vs:
+        for s in self.stores():
             s.crop(keep)
 
     def _batch_map(self, on_tensor, on_packed) -> None:
@@ -189,7 +194,7 @@ class ZdcCache(KVCache):
         for layer, (k, v) in zip(self.layers, states):
             layer.fill_reference(k, v)
 
-    def describe(self) -> str:
+    def _describe(self) -> str:
         frac = self.ranks.fraction(self.layers[0].uk.shape[-1])
         return (f"ZDC ranks keep {100 * frac:.0f}% of dims (sink tokens {self.ranks.sink_rank}); "
                 f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}; {self._how_it_attends()}")

@@ -29,6 +29,7 @@ import torch
 from ...attention.masks import bool_mask
 from ...codecs.base import Codec, Fp16, Packed
 from ...codecs.quant import IntQuant
+from ...errors import KvshrinkError
 from ...kernels.tiles import (
     FAST,
     HALF,
@@ -263,7 +264,9 @@ class LowRankStates:
         return (self.sinks[0][0].shape[1] + n_body + self.mids[0][0].shape[1] + self.windows[0][0].shape[1]
                 + self.new[0].shape[2])
 
-    def attend(self, module, query: torch.Tensor, mask, scaling=None):
+    def attend(self, module, query: torch.Tensor, mask, scaling=None, softcap=None):
+        if softcap is not None:  # the layer hands these states only to models without soft-capping
+            raise KvshrinkError("the compiled low-rank kernel does not soft-cap attention logits")
         announce("low-rank")
         b, hq, t, d = query.shape
         h = len(self.mids)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...attention.logits import soft_cap
 from ...attention.masks import mask_bias
 
 QUERY_CHUNK = 1024  # query rows per score matrix: bounds memory on long prefills
@@ -39,7 +40,7 @@ class ZdcStates:
     def length(self) -> int:
         return sum(s.keys.shape[1] for s in self.heads[0])
 
-    def attend(self, module, query, attention_mask, scaling=None):
+    def attend(self, module, query, attention_mask, scaling=None, softcap=None):
         """Each KV head over its segments at their stored widths; the output's value coordinates
         are mapped back by the folded o_proj."""
         b, hq, t, d = query.shape
@@ -60,7 +61,7 @@ class ZdcStates:
                 # the group's query rows share one key matrix: (B, G*tc, d) x (B, d, n), no broadcast copies
                 qf = qc.reshape(b, group * tc, d)
                 parts = [torch.bmm(qf[..., :seg.keys.shape[2]], seg.keys.transpose(1, 2)) for seg in segs]
-                scores = torch.cat(parts, -1).view(b, group, tc, s).mul_(scale)
+                scores = soft_cap(torch.cat(parts, -1).view(b, group, tc, s).mul_(scale), softcap)
                 if bias is not None:
                     scores.add_(bias[:, :, t0:t0 + tc])
                 probs = torch.softmax(scores, dim=-1)

@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from ...attention.function import NAME as KVSHRINK_ATTENTION
+from ...attention.logits import plain_attention
 from ...core.calibfile import (
     calibration_dir,
     calibration_ids,
@@ -104,7 +104,7 @@ def _register_collector(store: dict) -> None:
         k = key.detach().requires_grad_(True)
         v = value.detach().requires_grad_(True)
         store[module.layer_idx] = (query.detach(), k, v)
-        return sdpa_attention_forward(module, query, k, v, attention_mask, **kwargs)
+        return plain_attention(module, query, k, v, attention_mask, **kwargs)
 
     AttentionInterface.register(_COLLECT, collect)
     AttentionMaskInterface.register(_COLLECT, sdpa_mask)

@@ -57,21 +57,19 @@ class CompressedLayer(StoreLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        # a decode step (not the first call): its tokens wait in float16 (core/store.py)
+        short = key_states.shape[2] <= FUSED_QUERIES and len(self.k) > 0
         if len(self.k) == 0:
-            self.k.append(key_states)
-            self.v.append(value_states)
-            return key_states, value_states
-        short = key_states.shape[2] <= FUSED_QUERIES  # a decode step: its tokens wait in float16 (core/store.py)
-        if short and self._readable():
-            states = self._split_states(key_states, value_states)
-            self.k.append(key_states, defer=True)
-            self.v.append(value_states, defer=True)
-            return states, states
-        keys = self.k.decoded(key_states.dtype, then=key_states)
-        values = self.v.decoded(value_states.dtype, then=value_states)
+            out = key_states, value_states
+        elif short and self._readable():
+            out = (self._split_states(key_states, value_states),) * 2
+        else:
+            out = (self.k.decoded(key_states.dtype, then=key_states),
+                   self.v.decoded(value_states.dtype, then=value_states))
         self.k.append(key_states, defer=short)
         self.v.append(value_states, defer=short)
-        return keys, values
+        self._slide()
+        return out
 
     def _kernel_supports(self, head_dim: int) -> bool:
         return supported(self.k.codec, self.v.codec, head_dim)
@@ -85,7 +83,8 @@ class CompressedLayer(StoreLayer):
     def _readable(self) -> bool:
         """Whether the kernel can read this layer now: `kernel_reads`, and keys and values with bodies
         of the same tokens (both stores keep whole blocks in the body)."""
-        return self.kernel_reads and self.k.tokens_in(self.k.body) == self.v.tokens_in(self.v.body)
+        return (self.kernel_reads and not self.softcap
+                and self.k.tokens_in(self.k.body) == self.v.tokens_in(self.v.body))
 
     def _split_states(self, key_states, value_states):
         """Sink, the coded body read in place, then the stage (decoded: under one block), the float16
@@ -98,8 +97,11 @@ class CompressedLayer(StoreLayer):
         body = self._body()
         return SplitStates((self.k.sink, self.v.sink), body, tuple(after), splits=self.splits)
 
-    def get_seq_length(self) -> int:
+    def held(self) -> int:
         return len(self.k) if self.is_initialized else 0
+
+    def stores(self) -> list:
+        return [self.k, self.v]
 
     def reset(self) -> None:
         self.k.sink = self.v.sink = None
@@ -189,7 +191,7 @@ class CompressedCache(KVCache):
             layer.k.settle()
             layer.v.settle()
 
-    def describe(self) -> str:
+    def _describe(self) -> str:
         return (
             f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}, "
             f"sink {self.sink}, window {self.window}, block {self.block}, "

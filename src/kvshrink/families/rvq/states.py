@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...attention.logits import soft_cap
 from ...codecs.base import Codec, Packed
 
 
@@ -26,7 +27,7 @@ class CodedStates:
     key_codec: Codec
     value_codec: Codec
 
-    def attend(self, module, query: torch.Tensor, mask, scaling=None):
+    def attend(self, module, query: torch.Tensor, mask, scaling=None, softcap=None):
         b, hq, t, d = query.shape
         h = self.parts[-1][0].shape[1]
         g = hq // h
@@ -40,7 +41,7 @@ class CodedStates:
                 s = q @ k.float().transpose(2, 3)
             scores.append(s)
             sizes.append(s.shape[-1])
-        s = torch.cat(scores, -1).mul_(scale).view(b, h, g, t, -1)
+        s = soft_cap(torch.cat(scores, -1).mul_(scale), softcap).view(b, h, g, t, -1)
         if mask is not None:
             keep = mask if mask.dtype == torch.bool else mask == 0
             s.masked_fill_(~keep[:, :, None], float("-inf"))
