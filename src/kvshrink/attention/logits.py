@@ -10,9 +10,11 @@ from .masks import mask_bias
 
 
 def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """softcap * tanh(scores / softcap), in place; unchanged when softcap is None."""
+    """softcap * tanh(scores / softcap) (in place unless autograd records it); unchanged when softcap is None."""
     if softcap is None:
         return scores
+    if scores.requires_grad:
+        return torch.tanh(scores / softcap) * softcap
     return scores.div_(softcap).tanh_().mul_(softcap)
 
 
@@ -32,5 +34,5 @@ def eager_attention(module, query, key, value, attention_mask, scaling: float, s
     bias = mask_bias(attention_mask, query.shape[2], k.shape[2], query.device)
     if bias is not None:
         scores = scores + bias[..., :k.shape[2]]
-    probs = torch.softmax(scores.float(), dim=-1).nan_to_num_(0.0).to(query.dtype)  # padding rows see nothing
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(query.dtype)  # padding rows see nothing
     return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs

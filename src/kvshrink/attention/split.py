@@ -59,7 +59,10 @@ class SplitStates:
             dense_vis = torch.ones(b, t, n_dense, dtype=torch.bool).tril_(n_dense - t)
         else:
             vis = vis[:, 0].expand(b, t, -1)
-            body_vis = vis[:, -1, n_before:n_before + n_body]  # past tokens: every query row sees the same ones
+            body_vis = vis[:, -1, n_before:n_before + n_body]  # the kernel takes one row for the body
+            if t > 1 and not torch.equal(vis[..., n_before:n_before + n_body], body_vis[:, None].expand(b, t, -1)):
+                # rows that see different past tokens (a sliding window's edge inside the body)
+                return self._reference(q, vis, query, n_before, dense_k, dense_v, softcap)
             dense_vis = torch.cat([vis[..., :n_before], vis[..., n_before + n_body:]], -1)
         announce(self.body.name)
         with record_function(f"{self.body.name}.fused_attend"):  # named in profiles (scripts/profile_decode.py)

@@ -17,10 +17,16 @@ from ..spec import spec_from_config
 
 
 def model_fingerprint(model) -> str:
-    """A short hash of the first layer's key projection: two models with the same shape
-    but different weights get different fingerprints."""
-    w = model.model.layers[0].self_attn.k_proj.weight.detach().float().cpu()
-    return hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
+    """A short hash of the first layer's key projection (never changed by a transform): two models
+    with the same shape but different weights get different fingerprints."""
+    attn = model.model.layers[0].self_attn
+    if hasattr(attn, "k_proj"):
+        w = attn.k_proj.weight
+    else:  # a fused projection (Phi-3's qkv_proj): the key rows
+        spec = spec_from_config(model.config)
+        q, k = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        w = attn.qkv_proj.weight[q:q + k]
+    return hashlib.sha256(w.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def model_header(model) -> dict:

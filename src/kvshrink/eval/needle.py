@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ..compat import with_cache
 from ..attention.function import capturing_queries
 from ..errors import KvshrinkError
 
@@ -94,7 +95,7 @@ class PrefillStates(list):
 def prefill_states(model, ids: torch.Tensor) -> PrefillStates:
     ref = DynamicCache()
     with capturing_queries(model) as captured:
-        model(ids, past_key_values=ref, use_cache=True, logits_to_keep=1)
+        model(ids, **with_cache(model, ref), use_cache=True, logits_to_keep=1)
     states = PrefillStates((layer.keys, layer.values) for layer in ref.layers)
     states.queries = [captured[i] for i in range(len(states))]
     return states
@@ -104,7 +105,7 @@ def prefill_states(model, ids: torch.Tensor) -> PrefillStates:
 def greedy(model, cache, ids: torch.Tensor, max_new: int, eos: int | None) -> list[int]:
     out, x = [], ids
     for _ in range(max_new):
-        logits = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = model(x, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
         tok = int(logits.argmax())
         if tok == eos:
             break

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from ..compat import with_cache
 from ..core.cache import cache_nbytes
 
 REFERENCE = "dynamic-fp32"
@@ -74,7 +75,7 @@ def evaluate_quality(model, spec, make_cache: dict, segs: list[torch.Tensor], ch
             n = targets.numel()
             ref_logp = None
             for name, cache in caches.items():
-                logits = models.get(name, model)(piece, past_key_values=cache, use_cache=True).logits[0, :n].float()
+                logits = models.get(name, model)(piece, **with_cache(model, cache), use_cache=True).logits[0, :n].float()
                 logp = torch.log_softmax(logits, -1)
                 t = tallies[name]
                 t.nll -= logp.gather(1, targets[:, None]).sum().item()

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from ..compat import with_cache
 from ..core.cache import cache_nbytes
 from .needle import fill, prefill_states
 
@@ -130,7 +131,8 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
                 rss_held = _rss() - mem.base
                 # one untimed step: compiled kernels (numba) and the allocator warm up outside the timing,
                 # and the peak covers a step's temporaries (the decoded history, where there is one)
-                x = models.get(name, model)(first, past_key_values=cache, use_cache=True).logits[0, -1].argmax().view(1, 1)
+                logits = models.get(name, model)(first, **with_cache(model, cache), use_cache=True).logits
+                x = logits[0, -1].argmax().view(1, 1)
             # timed steps outside the memory sampler: its 1 kHz polling thread competes for the GIL
             # with Python-heavy decode paths
             lat = _timed_steps(models.get(name, model), cache, x, steps)
@@ -163,7 +165,7 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
         ref = next(iter(make_cache))
         cache = make_cache[ref]()
         fill(cache, states)
-        x = model(first, past_key_values=cache, use_cache=True).logits[0, -1].argmax().view(1, 1)
+        x = model(first, **with_cache(model, cache), use_cache=True).logits[0, -1].argmax().view(1, 1)
         again = steps / sum(_timed_steps(model, cache, x, steps))
         out[ref][length]["decode_tok_s_again"] = again
         del cache, states
@@ -175,7 +177,7 @@ def _timed_steps(model, cache, x, steps: int) -> list[float]:
     lat = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        logits = model(x, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(x, **with_cache(model, cache), use_cache=True).logits[0, -1]
         lat.append(time.perf_counter() - t0)
         x = logits.argmax().view(1, 1)
     return lat
@@ -190,7 +192,7 @@ def measure_direct_prefill(model, make_cache: dict, ids: torch.Tensor, length: i
         with PeakRSS() as mem:
             cache = factory()
             t0 = time.perf_counter()
-            models.get(name, model)(ids[:, :length], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            models.get(name, model)(ids[:, :length], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
             elapsed = time.perf_counter() - t0
         out[name] = {"tok_s": length / elapsed, "peak_extra_mb": mem.extra / 2**20,
                      "cache_bytes": cache_nbytes(cache)}

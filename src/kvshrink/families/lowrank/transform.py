@@ -51,7 +51,7 @@ KEY_BASES = ("query", "joint", "key")
 VALUE_BASES = ("output", "pca")
 _COLLECT = "kvshrink_zdc_collect"
 NEEDS_CACHE = ("a ZDC-transformed model needs its ZdcCache: pass "
-               "past_key_values=kvshrink.from_method('zdc-...', model)")
+               "cache=kvshrink.from_method('zdc-...', model)")
 
 
 @dataclass(eq=False)  # compared and hashed by identity (memo keys)
@@ -302,12 +302,25 @@ def choose_ranks(calib: ZdcCalibration, budget: float, alloc: str = "fisher", si
 def _check_llama_like(model) -> None:
     try:
         attn = model.model.layers[0].self_attn
-        attn.v_proj, attn.o_proj, attn.layer_idx  # noqa: B018
+        attn.o_proj, attn.layer_idx  # noqa: B018
+        if not hasattr(attn, "v_proj"):
+            attn.qkv_proj  # noqa: B018
     except AttributeError:
         raise KvshrinkError(
-            f"unsupported architecture {model.config.model_type!r} for ZDC: needs Llama-style "
-            "self_attn.v_proj / o_proj projections"
+            f"unsupported architecture {model.config.model_type!r} for ZDC: needs self_attn.o_proj and a value "
+            "projection (v_proj, or a fused qkv_proj)"
         ) from None
+
+
+def _value_projection(attn, spec):
+    """(weight, bias or None) of the value rows: v_proj's, or the last rows of a fused qkv_proj
+    (Phi-3), as views that fold in place."""
+    proj = getattr(attn, "v_proj", None)
+    if proj is not None:
+        return proj.weight, proj.bias
+    rows = slice(spec.num_heads * spec.head_dim + spec.num_kv_heads * spec.head_dim, None)
+    bias = attn.qkv_proj.bias
+    return attn.qkv_proj.weight[rows], (bias[rows] if bias is not None else None)
 
 
 @torch.no_grad()
@@ -324,16 +337,15 @@ def apply(model, calib: ZdcCalibration, inplace: bool = False):
     H, D, G = spec.num_kv_heads, spec.head_dim, spec.num_heads // spec.num_kv_heads
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
-        uv = calib.uv[i].to(attn.v_proj.weight)  # (H, D, D): v coords = v @ uv
-        vi = calib.vi[i].to(attn.v_proj.weight)  # v = coords @ vi
-        w = attn.v_proj.weight.view(H, D, -1)
-        attn.v_proj.weight.copy_(torch.einsum("hde,hdk->hek", uv, w).reshape_as(attn.v_proj.weight))
-        if attn.v_proj.bias is not None:
-            b = attn.v_proj.bias.view(H, D)
-            attn.v_proj.bias.copy_(torch.einsum("hde,hd->he", uv, b).reshape(-1))
+        weight, bias = _value_projection(attn, spec)
+        uv = calib.uv[i].to(weight)  # (H, D, D): v coords = v @ uv
+        vi = calib.vi[i].to(weight)  # v = coords @ vi
+        weight.copy_(torch.einsum("hde,hdk->hek", uv, weight.reshape(H, D, -1)).reshape_as(weight))
+        if bias is not None:
+            bias.copy_(torch.einsum("hde,hd->he", uv, bias.reshape(H, D)).reshape(-1))
         wo = attn.o_proj.weight.view(-1, H, G, D)  # (hidden, kv head, group, D)
         attn.o_proj.weight.copy_(torch.einsum("ohgd,hed->ohge", wo, vi).reshape_as(attn.o_proj.weight))
-        attn.register_buffer("zdc_qk", calib.qk[i].to(attn.v_proj.weight).contiguous(), persistent=False)
+        attn.register_buffer("zdc_qk", calib.qk[i].to(weight).contiguous(), persistent=False)
         attn.kvshrink_needs_cache = NEEDS_CACHE
     model.kvshrink_zdc = calib
     model.set_attn_implementation(KVSHRINK_ATTENTION)

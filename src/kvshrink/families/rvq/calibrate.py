@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ...compat import with_cache
 from ...codecs.rvq import GROUPINGS, channel_order, grouped, nearest
 from ...core.calibfile import (
     calibration_dir,
@@ -71,7 +72,7 @@ def collect(model, ids: torch.Tensor, sink: int = 4) -> tuple[list, list]:
     with torch.no_grad():
         for row in ids:
             cache = DynamicCache(config=model.config)
-            model(row[None], past_key_values=cache, use_cache=True)
+            model(row[None], **with_cache(model, cache), use_cache=True)
             ks = [layer.keys[0, :, sink:].reshape(-1, layer.keys.shape[-1]).float() for layer in cache.layers]
             vs = [layer.values[0, :, sink:].reshape(-1, layer.values.shape[-1]).float() for layer in cache.layers]
             keys = ks if keys is None else [torch.cat(p) for p in zip(keys, ks)]
