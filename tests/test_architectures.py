@@ -141,6 +141,11 @@ def test_sliding_layers_hold_bounded_memory(arch):
             else:
                 assert not layer.is_sliding and layer.held() == n + 3
         assert cache.nbytes() == sum(held for held, _ in kinds.values())
+        # the ratio's reference: what an fp16 cache holds (transformers' sliding layers keep window - 1 tokens)
+        assert cache.fp16_nbytes() == sum(f for _, f in kinds.values()) == spec.fp16_bytes(n + 3)
+        dyn = DynamicCache(config=m.config)
+        _run(m, dyn, _ids(n, seed=4), steps=3)
+        assert spec.fp16_bytes(n + 3) == sum(layer.keys.numel() * 4 for layer in dyn.layers)  # float32: x2
     if name in SLIDING:
         assert sizes[1] == sizes[2] > 0  # bounded: 5x and 10x the window hold the same bytes
         assert "slide over" in cache.describe()

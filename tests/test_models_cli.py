@@ -160,3 +160,17 @@ def test_calibrate_then_bench_zdc_end_to_end(tiny_folder, tmp_path, capsys, monk
     code, err = _run(["bench", "--model", tiny_folder, "--corpus", str(corpus), "--methods", "zdc-50",
                       "--sections", "quality", "--seg-len", "48", "--segments", "1", "--out", str(out)], capsys)
     assert code == 2 and "not a safetensors file" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", ["rvq-d4", "zdc-50", "int4", "kvc-8x", "kvcomp-eb0.1"])
+def test_an_unsupported_model_is_refused_before_any_method_looks_at_it(method):
+    """Not "no RVQ codebooks" or "needs a ZDC-transformed model": the model's own reason first."""
+    from types import SimpleNamespace
+
+    from kvshrink import from_method, prepare
+
+    config, why = _unsupported_configs()["mla"]
+    with pytest.raises(KvshrinkError, match=f"unsupported architecture .*{why}"):
+        prepare(SimpleNamespace(config=config), method)
+    with pytest.raises(KvshrinkError, match=f"unsupported architecture .*{why}"):
+        from_method(method, config)

@@ -21,6 +21,7 @@ from .families.peers import cache as peers
 from .families.quant import cache as quant
 from .families.rvq import cache as rvq
 from .registry import Method, get_method
+from .spec import spec_from_config
 
 FAMILIES = {"quant": quant, "lowrank": lowrank, "evict": evict, "rvq": rvq, "kvcomp": kvcomp, "peer": peers}
 
@@ -35,6 +36,7 @@ def prepare(model, method: str | Method, tokenizer=None, corpus: str | None = No
     learns its codebooks; ZDC methods return a transformed copy (calibrated first if no file
     exists; that needs `tokenizer`). Peers change nothing."""
     m = _method(method)
+    spec_from_config(model.config)  # an unsupported model is refused for what it is, before any method looks
     return FAMILIES[m.family].prepare(m.config, model, tokenizer, corpus)
 
 
@@ -43,6 +45,7 @@ def from_method(method: str | Method, target, **options):
     target: the (prepared) model, or its config for methods that need only the config.
     options: the config's fields, typed (`from_method("int4", model, window=16)`)."""
     m = _method(method)
+    spec_from_config(getattr(target, "config", target))  # the model first, as in prepare
     config = m.config
     if options:
         unknown = set(options) - {f.name for f in dataclasses.fields(config)}

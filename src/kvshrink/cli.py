@@ -212,11 +212,15 @@ def cmd_generate(args) -> None:
     if args.save_cache:
         size = cache.save(args.save_cache, model, ids=out[:, :tokens])
         print(f"saved {tokens} tokens to {args.save_cache} ({size / 1024:.1f} KiB)")
-    fp16 = tokens * spec.fp16_bytes_per_token()
+    fp16 = spec.fp16_bytes(tokens)
     label = getattr(cache, "method", None) or args.method
     print(f"\n[{label}] cache holds {held / 1024:.1f} KiB for {tokens} tokens; "
           f"fp16 cache: {fp16 / 1024:.1f} KiB ({fp16 / held:.2f}x); "
           f"float32 DynamicCache: {2 * fp16 / 1024:.1f} KiB ({2 * fp16 / held:.2f}x)")
+    kinds = cache.bytes_by_kind() if hasattr(cache, "bytes_by_kind") else {}
+    if "sliding" in kinds:  # what each kind of layer holds, against fp16 holding the same tokens
+        print("  " + "; ".join(f"{kind} layers {b / 1024:.1f} KiB, fp16 {f / 1024:.1f} KiB ({f / b:.2f}x)"
+                               for kind, (b, f) in kinds.items()))
     if tokens < 512:
         print("(short contexts show little gain: the first tokens stay float16 as attention sinks and a "
               "block fills before it is coded; try a prompt of a few thousand tokens)")

@@ -55,7 +55,16 @@ class ModelSpec:
         return SLIDING in self.layer_types
 
     def fp16_bytes_per_token(self) -> int:
+        """Keys and values of every layer for one token in float16."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+
+    def fp16_bytes(self, tokens: int, batch: int = 1) -> int:
+        """What an fp16 cache holds after `tokens` tokens (DESIGN.md's reference for a ratio): every
+        token in a full layer, the last window - 1 in a sliding one (transformers' own sliding layer)."""
+        layer = 2 * self.num_kv_heads * self.head_dim * 2
+        held = sum(min(tokens, self.sliding_window - 1) if self.is_sliding(i) else tokens
+                   for i in range(self.num_layers))
+        return batch * held * layer
 
 
 def _text_config(config):

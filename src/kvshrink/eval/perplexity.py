@@ -46,7 +46,7 @@ class QualityTally:
 
 
 def fp16_nbytes(spec, batch: int, tokens: int) -> int:
-    return batch * tokens * spec.fp16_bytes_per_token()
+    return spec.fp16_bytes(tokens, batch)
 
 
 def _add_coding(total: dict, stats: dict) -> None:

@@ -149,7 +149,7 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
                 "decode_steps_ms": [round(1000 * x, 2) for x in lat],
                 "cache_bytes": held,
                 "cache_bytes_end": held_end,
-                "ratio": length * spec.fp16_bytes_per_token() / held,
+                "ratio": spec.fp16_bytes(length) / held,
                 "rss_held_mb": rss_held / 2**20,
                 "peak_extra_mb": mem.extra / 2**20,
             }
