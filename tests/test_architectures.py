@@ -199,3 +199,12 @@ def test_cache_keyword_and_past_key_values_agree(arch):
         a = m(ids, cache=from_method(f"int4:block={BLOCK}", m)).logits
         b = m(ids, past_key_values=from_method(f"int4:block={BLOCK}", m)).logits
     assert torch.equal(a, b)
+
+
+def test_transformers_quantized_cache_refuses_sliding_models_in_one_line(arch):
+    name, model = arch
+    if name not in SLIDING:
+        assert from_method("hf-quanto-int4", model).layers  # it serves full attention
+        return
+    with pytest.raises(KvshrinkError, match="QuantizedCache serves full-attention layers only"):
+        from_method("hf-quanto-int4", model)

@@ -1,10 +1,16 @@
 """The transformers 5.x API as it moves (a leaf): later 5.x releases take a model's cache as
-`cache=` and deprecate `past_key_values=`; earlier ones know only the old name."""
+`cache=` and deprecate `past_key_values=` (earlier ones know only the old name), and name each
+layer's type with a helper that early ones lack."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+
+try:
+    from transformers.cache_utils import get_layer_types_and_kwargs as _layer_types_and_kwargs
+except ImportError:  # early 5.x releases
+    _layer_types_and_kwargs = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -16,3 +22,16 @@ def with_cache(model, cache) -> dict:
     """The keyword argument that hands `cache` to `model(...)` or `model.generate(...)` in this
     transformers release: {"cache": cache} where it is known, else {"past_key_values": cache}."""
     return {_cache_keyword(type(model).forward): cache}
+
+
+def layer_types(text_config) -> tuple[list[str], list]:
+    """(layer type per layer, the sliding window of each sliding layer or None), as the installed
+    transformers sees them; early 5.x releases without its helper read `layer_types` or a
+    `sliding_window` on every layer."""
+    if _layer_types_and_kwargs is not None:
+        types, kwargs = _layer_types_and_kwargs(text_config)
+        return list(types), [kw.get("sliding_window") for kw in kwargs]
+    n = text_config.num_hidden_layers
+    window = getattr(text_config, "sliding_window", None)
+    types = getattr(text_config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * n
+    return list(types), [window if t == "sliding_attention" else None for t in types]

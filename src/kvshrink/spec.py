@@ -1,5 +1,5 @@
 """Architecture facts of a decoder that a KV cache needs (a leaf: imports nothing of the package
-but errors).
+but errors and compat).
 
 A model is served when every layer's cache is per-token keys and values: full attention, or
 sliding-window attention (`layer_types` in the config, or a `sliding_window` on every layer).
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers.cache_utils import get_layer_types_and_kwargs
-
+from .compat import layer_types as read_layer_types
 from .errors import KvshrinkError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -83,7 +82,7 @@ def spec_from_config(config) -> ModelSpec:
         if getattr(text, field, None):
             raise KvshrinkError(f"unsupported architecture {model_type!r}: multi-head latent attention (MLA)")
     try:
-        layer_types, kwargs = get_layer_types_and_kwargs(text)
+        layer_types, layer_windows = read_layer_types(text)
     except Exception as err:  # configs without the usual fields
         raise KvshrinkError(f"unsupported architecture {model_type!r}: {err}") from None
     other = sorted(set(layer_types) - {FULL, SLIDING})
@@ -91,7 +90,7 @@ def spec_from_config(config) -> ModelSpec:
         names = ", ".join(_LAYER_TYPES.get(t, f"layers of type {t}") for t in other)
         raise KvshrinkError(f"unsupported architecture {model_type!r}: {names} (full and sliding-window "
                             "attention layers are served)")
-    windows = {kw["sliding_window"] for t, kw in zip(layer_types, kwargs) if t == SLIDING}
+    windows = {w for t, w in zip(layer_types, layer_windows) if t == SLIDING}
     if len(windows) > 1:
         raise KvshrinkError(f"unsupported architecture {model_type!r}: sliding layers of different windows "
                             f"{sorted(windows)}")

@@ -99,9 +99,14 @@ class StoreLayer(CacheLayerMixin):
         return self.dropped + self.held() if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # early transformers 5.x pass the cache positions
+            query_length = query_length.shape[0]
         return (self.held() if self.is_initialized else 0) + query_length, self.dropped
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the same, under its name in early transformers 5.x
         return -1
 
     def offload(self):  # the stores live where they were computed
