@@ -13,7 +13,6 @@ import sys
 import time
 
 from . import families  # noqa: F401  (registers every family's presets: light, no torch)
-from .compat import with_cache
 from .corpus import check_corpus
 from .errors import KvshrinkError
 from .registry import REGISTRY, get_method, method_names, options_help
@@ -175,6 +174,7 @@ def cmd_generate(args) -> None:
     import torch
 
     from .api import from_method, load_cache, prepare
+    from .compat import with_cache
     from .core.cache import cache_nbytes
     from .models import load_model
     from .spec import spec_from_config
