@@ -167,12 +167,14 @@ def test_eviction_runs_or_refuses_in_one_line(arch):
     assert torch.isfinite(logits).all() and kept.sum() <= 102 * kept[0].numel() / 4 + 8 * kept[0].numel()
 
 
-def test_kvcomp_runs_within_its_bound(arch):
+def test_kvcomp_within_its_bound_and_fused_equals_reference(arch):
     name, model = arch
     ids = _ids(5 * WINDOW, seed=6)
     ref = _reference(model, ids)
     m = _ready(model, "kvcomp-eb0.1")
     got = _run(m, from_method("kvcomp-eb0.1", m), ids)
+    plain = _run(m, from_method("kvcomp-eb0.1:attend=decode", m), ids)
+    torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     assert (got - ref).abs().max() < 0.3 * ref.abs().max()
 
 
