@@ -364,7 +364,8 @@ def load_or_calibrate(model, tokenizer, corpus: str | None = None, log=print) ->
     path = default_calibration_path(model)
     if os.path.isfile(path):
         return ZdcCalibration.load(path, model)
-    log(f"ZDC: no calibration for this model at {path}; calibrating (about 1.5 minutes on 2 cores)")
+    log(f"ZDC: no calibration for this model at {path}; calibrating (about 1.5 minutes on 2 cores for the "
+        "bundled 135M model, longer for larger ones)")
     ids, desc = calibration_ids(tokenizer, corpus)
     calib = calibrate(model, ids, desc)
     calib.save(path)
