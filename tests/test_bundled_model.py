@@ -71,3 +71,17 @@ def test_needle_cases_fit_their_length(bundled, kind):
         case = make_case(bundled[1], length, 0.9, kind)
         total = case.context.shape[1] + case.question.shape[1] + ANSWER_TOKENS
         assert length - 200 < total <= length
+
+
+def test_needle_cases_for_a_base_model_without_a_chat_template(bundled):
+    """A base model (Gemma 3 270M has no chat template): the same question as a plain prompt."""
+    import copy
+
+    from kvshrink.eval.needle import ANSWER_TOKENS, make_case
+
+    tok = copy.deepcopy(bundled[1])
+    tok.chat_template = None
+    case = make_case(tok, 2048, 0.5, "noise")
+    text = tok.decode(case.context[0]) + tok.decode(case.question[0])
+    assert "assistant" not in text and "user" not in text and "special magic number for" in text  # no chat roles
+    assert 2048 - 200 < case.context.shape[1] + case.question.shape[1] + ANSWER_TOKENS <= 2048
