@@ -97,7 +97,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     makers = {n: (lambda m=m, n=n: from_method(m, models[n])) for n, m in methods.items()}
     for make in makers.values():  # refuse bad method options now, not after an hour of other methods
         make()
-    with_ref = {REF: DynamicCache, **makers}
+    # the reference as transformers builds it for this model: sliding layers keep their window
+    with_ref = {REF: lambda: DynamicCache(config=model.config), **makers}
     need = max(cfg.segments * cfg.seg_len, max(cfg.speed_contexts) + cfg.decode_steps + 1)
     ids = load_corpus_ids(tok, cfg.corpus, need + 64)
     res: dict = {

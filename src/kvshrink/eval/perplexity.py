@@ -68,7 +68,7 @@ def evaluate_quality(model, spec, make_cache: dict, segs: list[torch.Tensor], ch
     tallies = {REFERENCE: QualityTally(), **{n: QualityTally() for n in make_cache}}
     for seg in segs:
         ids = seg.unsqueeze(0)
-        caches = {REFERENCE: DynamicCache(), **{n: f() for n, f in make_cache.items()}}
+        caches = {REFERENCE: DynamicCache(config=model.config), **{n: f() for n, f in make_cache.items()}}
         for start in range(0, ids.shape[1], chunk):
             piece = ids[:, start:start + chunk]
             targets = ids[0, start + 1:start + chunk + 1]
