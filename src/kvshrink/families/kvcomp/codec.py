@@ -96,8 +96,11 @@ class EntropyPacked:
 
     def _recoded(self, symbols, mn, step, table_of) -> "EntropyPacked":
         stream, starts = self.codec.code(symbols, table_of)
-        return EntropyPacked(self.codec, stream, starts, table_of.clone(), mn.contiguous(), step.contiguous(),
-                             self.block, self.head_dim)
+        # copies: a slice of the old minimums and steps would keep their whole storage alive (a crop's or a
+        # sliding layer's freed blocks)
+        own = torch.contiguous_format
+        return EntropyPacked(self.codec, stream, starts, table_of.clone(), mn.clone(memory_format=own),
+                             step.clone(memory_format=own), self.block, self.head_dim)
 
     def first_blocks(self, n: int) -> "EntropyPacked":
         k = n * self.block // self.codec.block_tokens
