@@ -174,3 +174,24 @@ def test_an_unsupported_model_is_refused_before_any_method_looks_at_it(method):
         prepare(SimpleNamespace(config=config), method)
     with pytest.raises(KvshrinkError, match=f"unsupported architecture .*{why}"):
         from_method(method, config)
+
+
+def test_a_gguf_file_or_a_folder_holding_one_loads_as_the_bundled_model_does(tmp_path):
+    """`--model path.gguf` and `--model folder/` (no config.json) read the GGUF's config; a folder
+    with several GGUF files is refused naming them; a missing file in one line."""
+    import glob
+    import os
+
+    from kvshrink.models import bundled_model_dir, load_config
+
+    folder = bundled_model_dir()
+    (gguf,) = glob.glob(os.path.join(folder, "*.gguf"))
+    for source in (gguf, folder):
+        config = load_config(source)
+        assert spec_from_config(config) == spec_from_config(load_config(None))
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(KvshrinkError, match="holds 2 GGUF files \\(a.gguf, b.gguf\\)"):
+        load_config(str(tmp_path))
+    with pytest.raises(KvshrinkError, match="no such GGUF file"):
+        load_config(str(tmp_path / "missing.gguf"))

@@ -55,11 +55,11 @@ def make_case(tokenizer, length: int, depth: float, kind: str, seed: int = 0) ->
     question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
     prefix_msg = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n"
     content = prefix_msg + "HAYSTACK\n" + question
-    if getattr(tokenizer, "chat_template", None):
+    try:
         chat = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-    else:  # a base model (no chat template): the same text as a plain prompt
-        chat = (tokenizer.bos_token or "") + content + "\n"
+    except ValueError:  # a base model without a chat template (Gemma 3 270M): the same text as a plain prompt
+        chat = (getattr(tokenizer, "bos_token", None) or "") + content + "\n"
     head, tail = chat.split("HAYSTACK")
     tail += f"The special magic number for {keys[0]} mentioned in the provided text is"
     n_fixed = len(tokenizer(head + tail, add_special_tokens=False).input_ids) + 40
