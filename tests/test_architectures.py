@@ -218,3 +218,20 @@ def test_transformers_quantized_cache_refuses_sliding_models_in_one_line(arch):
         return
     with pytest.raises(KvshrinkError, match="QuantizedCache serves full-attention layers only"):
         from_method("hf-quanto-int4", model)
+
+
+def test_a_sliding_layer_crops_within_what_it_holds_and_refuses_beyond(arch):
+    name, model = arch
+    if name not in SLIDING:
+        return
+    m = _ready(model, "int4")
+    cache = from_method(f"int4:block={BLOCK}", m)
+    _run(m, cache, _ids(5 * WINDOW, seed=10), steps=0)
+    sliding = next(layer for layer in cache.layers if layer.is_sliding)
+    spare = sliding.held() - (WINDOW - 1)  # tokens beyond the window that the layer still holds
+    total = cache.get_seq_length()
+    if spare:
+        cache.crop(-spare)
+        assert cache.get_seq_length() == total - spare and sliding.held() == WINDOW - 1
+    with pytest.raises(KvshrinkError, match="can drop at most 0 of them, not 1"):
+        cache.crop(-1)
