@@ -4,7 +4,8 @@ Every kvshrink layer's `update` returns either plain tensors (a prefill, a perpl
 cache that decodes before attending) or a states object that attends by itself: it has
 `attend(module, query, mask, scaling, softcap) -> (output (B, T, Hq, d), None)` and holds whatever it
 reads in place (integer codes, paged rows, low-rank segments, RVQ codes, Huffman blocks). Plain
-tensors get exactly SDPA (eager attention where logits are soft-capped, which SDPA cannot do), so a model can keep this implementation for every cache, ours or not.
+tensors get exactly SDPA (eager attention where logits are soft-capped, which SDPA cannot do), so a
+model can keep this implementation for every cache, ours or not.
 No family is named here: a new family brings its own states.
 
 `prepare` (api.py) switches a model to it; making a cache never does.
