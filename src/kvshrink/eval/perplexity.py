@@ -75,7 +75,8 @@ def evaluate_quality(model, spec, make_cache: dict, segs: list[torch.Tensor], ch
             n = targets.numel()
             ref_logp = None
             for name, cache in caches.items():
-                logits = models.get(name, model)(piece, **with_cache(model, cache), use_cache=True).logits[0, :n].float()
+                out = models.get(name, model)(piece, **with_cache(model, cache), use_cache=True)
+                logits = out.logits[0, :n].float()
                 logp = torch.log_softmax(logits, -1)
                 t = tallies[name]
                 t.nll -= logp.gather(1, targets[:, None]).sum().item()
