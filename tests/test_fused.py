@@ -51,8 +51,9 @@ def _states(kc, vc, n, t, block, window, batch=2, seed=0):
 @settings(max_examples=40, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4, 8]), rotate=st.booleans(), key_axis=st.sampled_from(["channel", "token"]),
        value_group=st.sampled_from([None, 8]), block=st.sampled_from([16, 32]), window=st.sampled_from([0, 3]),
-       n=st.integers(40, 200), t=st.sampled_from([1, 3]), pad=st.integers(0, 40), seed=st.integers(0, 99))
-def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, block, window, n, t, pad, seed):
+       n=st.integers(40, 200), t=st.sampled_from([1, 3]), pad=st.integers(0, 40), seed=st.integers(0, 99),
+       cap=st.sampled_from([None, 1.5]))
+def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, block, window, n, t, pad, seed, cap):
     kc = IntQuant(bits, key_axis, block if key_axis == "channel" else None, rotate=rotate, seed=1)
     vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2)
     layer, states, q = _states(kc, vc, n, t, block, window, seed=seed)
@@ -62,10 +63,12 @@ def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, b
     total = layer.get_seq_length()
     mask = torch.ones(2, 1, t, total, dtype=torch.bool).tril(total - t)
     mask[1, ..., :pad] = False  # left padding of the second sequence: in the sink, the body, or beyond
-    fused = states.attend(None, q, mask)[0]
+    fused = states.attend(None, q, mask, None, cap)[0]  # cap: Gemma 2's logit soft-cap
     states.fused = False
-    ref = states.attend(None, q, mask)[0]
+    ref = states.attend(None, q, mask, None, cap)[0]
     torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5)
+    if cap:  # the cap changes the answer here, so a kernel that ignored it would fail above
+        assert not torch.allclose(ref, states.attend(None, q, mask)[0], atol=1e-3)
 
 
 def test_kernel_never_decodes_the_history(monkeypatch):

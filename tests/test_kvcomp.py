@@ -155,16 +155,19 @@ def _layer_states(cache_kw, n=300, t=1, batch=2, seed=0):
 
 @pytest.mark.parametrize("entropy", [True, False])
 @pytest.mark.parametrize("t", [1, 3])
-def test_fused_attention_equals_decode_then_attend(entropy, t):
+@pytest.mark.parametrize("cap", [None, 1.5])
+def test_fused_attention_equals_decode_then_attend(entropy, t, cap):
     states, q = _layer_states(dict(key_bound=0.1, value_bound=0.2, key_block=16, value_block=32, entropy=entropy), t=t)
     assert states.body is not None and states.body.keys.num_blocks == 2 * states.body.values.num_blocks
     n = states.before[0].shape[2] + states.body.num_tokens + sum(x.shape[2] for x in states.after[0]) - t
     mask = torch.ones(2, 1, t, n + t, dtype=torch.bool).tril(n)
     mask[1, ..., :7] = False  # left padding of the second sequence: inside the sink and the first block
-    fused = states.attend(None, q, mask)[0]
+    fused = states.attend(None, q, mask, None, cap)[0]  # cap: Gemma 2's logit soft-cap
     states.fused = False
-    ref = states.attend(None, q, mask)[0]
+    ref = states.attend(None, q, mask, None, cap)[0]
     torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5)
+    if cap:
+        assert not torch.allclose(ref, states.attend(None, q, mask)[0], atol=1e-3)
 
 
 def test_generation_fused_equals_reference_and_bytes_are_real(model):

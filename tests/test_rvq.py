@@ -137,8 +137,9 @@ def test_code_domain_scores_and_sums_equal_decode_then_attend():
 @settings(max_examples=30, deadline=None)
 @given(depth=st.integers(1, 4), size=st.sampled_from([16, 256]), key_grouping=st.sampled_from(["strided", "contiguous"]),
        value_grouping=st.sampled_from(["strided", "contiguous"]), window=st.sampled_from([0, 3]),
-       n=st.integers(30, 120), t=st.sampled_from([1, 3]), pad=st.integers(0, 40), seed=st.integers(0, 99))
-def test_kernel_equals_decode_then_attend(depth, size, key_grouping, value_grouping, window, n, t, pad, seed):
+       n=st.integers(30, 120), t=st.sampled_from([1, 3]), pad=st.integers(0, 40), seed=st.integers(0, 99),
+       cap=st.sampled_from([None, 1.5]))
+def test_kernel_equals_decode_then_attend(depth, size, key_grouping, value_grouping, window, n, t, pad, seed, cap):
     g = torch.Generator().manual_seed(seed)
     kc = RVQ(_books(depth, size, 8, seed=seed), key_grouping)
     vc = RVQ(_books(depth, size, 8, seed=seed + 1), value_grouping)
@@ -150,9 +151,9 @@ def test_kernel_equals_decode_then_attend(depth, size, key_grouping, value_group
     total = layer.get_seq_length()
     mask = torch.ones(2, 1, t, total, dtype=torch.bool).tril(total - t)
     mask[1, ..., :pad] = False  # left padding of the second sequence: in the sink, the body, or beyond
-    fused = states.attend(None, q, mask)[0]
+    fused = states.attend(None, q, mask, None, cap)[0]  # cap: Gemma 2's logit soft-cap
     states.fused = False
-    torch.testing.assert_close(fused, states.attend(None, q, mask)[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused, states.attend(None, q, mask, None, cap)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_kernel_never_decodes_the_history(monkeypatch):

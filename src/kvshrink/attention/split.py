@@ -28,9 +28,10 @@ from .masks import bool_mask
 @dataclass
 class SplitStates:
     """before / after: (keys, values) dense (B, H, n, d), each a tensor or a list of tensors laid
-    end to end (float16 and float32 parts; one cat builds the dense tokens); body: an object with `num_tokens`, `name`,
-    `attend(q, vis, dense_k, dense_v, dense_vis, splits)` -> (B, H, R, d) (its kernel attends over
-    the body and the dense tokens and merges them) and `decoded()` -> (keys, values) float32."""
+    end to end (float16 and float32 parts; one cat builds the dense tokens); body: an object with
+    `num_tokens`, `name`, `attend(q, vis, dense_k, dense_v, dense_vis, splits, cap)` -> (B, H, R, d)
+    (its kernel attends over the body and the dense tokens, logits soft-capped at cap unless it is
+    0, and merges them) and `decoded()` -> (keys, values) float32."""
 
     before: tuple
     body: object | None
@@ -51,7 +52,7 @@ class SplitStates:
         n_all = n_body + n_dense
         dense_k = torch.cat([x.float() for x in (self.before[0], *after_k)], 2)  # (a mixed-dtype cat is slower)
         dense_v = torch.cat([x.float() for x in (self.before[1], *after_v)], 2)
-        if not self.fused or self.body is None or softcap is not None:  # the kernels do not soft-cap
+        if not self.fused or self.body is None:
             return self._reference(q, self._visible(mask, b, t, n_all), query, n_before, dense_k, dense_v, softcap)
         vis = bool_mask(mask)
         if vis is None:  # causal: the body is all visible, the last t dense tokens are this call's
@@ -66,7 +67,7 @@ class SplitStates:
             dense_vis = torch.cat([vis[..., :n_before], vis[..., n_before + n_body:]], -1)
         announce(self.body.name)
         with record_function(f"{self.body.name}.fused_attend"):  # named in profiles (scripts/profile_decode.py)
-            out = self.body.attend(q, body_vis, dense_k, dense_v, dense_vis, self.splits)
+            out = self.body.attend(q, body_vis, dense_k, dense_v, dense_vis, self.splits, softcap or 0.0)
         return out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous(), None
 
     @staticmethod

@@ -27,9 +27,6 @@ class KVCache(Cache):
             for i, layer in enumerate(layers):
                 if self.spec.is_sliding(i):
                     layer.slide(self.spec.sliding_window)
-        if self.spec is not None and self.spec.softcap:
-            for layer in layers:
-                layer.softcap = self.spec.softcap
         super().__init__(layers=layers)
 
     def bytes_by_kind(self) -> dict:
@@ -66,9 +63,6 @@ class KVCache(Cache):
             n = sum(layer.is_sliding for layer in self.layers)
             notes.append(f"{n} of {len(self.layers)} layers slide over {self.spec.sliding_window} tokens "
                          "(their oldest blocks freed)")
-        if self.spec is not None and self.spec.softcap:
-            notes.append(f"logits soft-capped at {self.spec.softcap:g}: attention in PyTorch, the compiled "
-                         "kernels do not cap")
         return "; ".join([self._describe(), *notes])
 
     def _describe(self) -> str:

@@ -62,7 +62,6 @@ class StoreLayer(CacheLayerMixin):
     is_croppable = True
     sliding_window: int | None = None
     dropped = 0  # tokens a sliding layer no longer holds
-    softcap: float | None = None  # the model soft-caps logits: the compiled kernels (which do not) stay unused
 
     def stores(self) -> list:
         """The layer's TokenStores (core/store.py), all with the same token layout; none for a layer

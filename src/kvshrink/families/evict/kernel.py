@@ -95,7 +95,7 @@ def _attend(q, qr, table, n_past, block, kc, ks, km, kbits, vc, vs, vm, vbits, n
             lg[g, s] = t
             for j in range(n, s):
                 lg[g, j] = -np.inf
-            mx, _, tot = weights(lg[g], vt, s + 1, -np.inf, kk)
+            mx, _, tot = weights(lg[g], vt, s + 1, -np.inf, kk, np.float32(0.0))
             if mx == -np.inf:  # nothing visible (cannot happen: a token sees itself)
                 lg[g, :] = 0.0
                 continue

@@ -31,7 +31,7 @@ from .codec import BodyView
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, vis, dk, dv, dvis, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep, kb,
-           vs, vst, vtab, vls, vll, vln, vfix, vmn, vstep, vb, splits, out):
+           vs, vst, vtab, vls, vll, vln, vfix, vmn, vstep, vb, splits, cap, out):
     nb_, nh, nr, d = q.shape
     nvb = vst.shape[2]
     per = vb // kb
@@ -41,7 +41,7 @@ def _fused(q, vis, dk, dv, dvis, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep,
         h = (u // (splits + 1)) % nh
         sp = u % (splits + 1)
         if sp == splits:  # the dense tokens (sink, recent, this call's): one more split
-            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], cap, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         lo = sp * nvb // splits
         hi = (sp + 1) * nvb // splits
@@ -69,7 +69,7 @@ def _fused(q, vis, dk, dv, dvis, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep,
                 for kq in range(per):
                     blk = j * per + kq
                     channel_logits(q1, kstep[b, h, blk], kmn[b, h, blk], ksym[kq * kb * d:], kb, qs, lr[kq * kb:])
-                mx, corr, t = weights(lr, vt, vb, m[r], kk)
+                mx, corr, t = weights(lr, vt, vb, m[r], kk, cap)
                 if mx == -np.inf:
                     continue
                 m[r] = mx
@@ -85,10 +85,11 @@ def _fused(q, vis, dk, dv, dvis, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep,
 
 
 def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dense_v: torch.Tensor,
-                 dense_vis: torch.Tensor, keys: BodyView, values: BodyView, splits: int = 4) -> torch.Tensor:
+                 dense_vis: torch.Tensor, keys: BodyView, values: BodyView, splits: int = 4,
+                 cap: float = 0.0) -> torch.Tensor:
     """Decode attention in one call: q (B, H, R, d) float32 already scaled, vis (B, n) bool over the
     coded tokens, dense_k / dense_v (B, H, n_dense, d) float32 and dense_vis (B, t, n_dense) bool for
-    the other tokens -> (B, H, R, d) float32."""
+    the other tokens -> (B, H, R, d) float32; cap: the logits' soft-cap (0: none)."""
     b, h, r, d = q.shape
     splits = max(1, min(splits, values.num_blocks))
     out = np.empty((b, h, r, d), dtype=np.float32)
@@ -100,7 +101,7 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
            values.stream.numpy(), values.starts.numpy(), values.table_of.numpy(), values.lut_sym.numpy(),
            values.lut_len.numpy(), values.lut_n.numpy(), values.fixed.numpy(),
            values.mn.reshape(b, h, -1, 1).float().contiguous().numpy(),
-           values.step.reshape(b, h, -1, 1).float().contiguous().numpy(), values.block, splits, out)
+           values.step.reshape(b, h, -1, 1).float().contiguous().numpy(), values.block, splits, np.float32(cap), out)
     return torch.from_numpy(out)
 
 
@@ -116,8 +117,8 @@ class KVCompBody:
     def num_tokens(self) -> int:
         return self.keys.num_tokens
 
-    def attend(self, q, vis, dense_k, dense_v, dense_vis, splits):
-        return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, splits)
+    def attend(self, q, vis, dense_k, dense_v, dense_vis, splits, cap=0.0):
+        return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, splits, cap)
 
     def decoded(self):
         return self.keys.decoded(), self.values.decoded()

@@ -94,7 +94,7 @@ class ZdcLayer(StoreLayer):
 
     def _readable(self) -> bool:
         """The kernel reads this layer now: `kernel_reads`, and every store's body of the same tokens."""
-        if not self.kernel_reads or self.softcap:
+        if not self.kernel_reads:
             return False
         n = self.ks[0].tokens_in(self.ks[0].body)
         return all(s.tokens_in(s.body) == n for s in self.ks + self.vs)

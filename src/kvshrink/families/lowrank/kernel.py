@@ -29,7 +29,6 @@ import torch
 from ...attention.masks import bool_mask
 from ...codecs.base import Codec, Fp16, Packed
 from ...codecs.quant import IntQuant
-from ...errors import KvshrinkError
 from ...kernels.tiles import (
     FAST,
     HALF,
@@ -48,7 +47,7 @@ from ...kernels.tiles import (
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _fold_dense(q1, keys, values, vt, m, lsum, acc, lr, kk):
+def _fold_dense(q1, keys, values, vt, m, lsum, acc, lr, kk, cap):
     """One query row over float keys (n, w) and values (n, wv) of one dense segment: returns the
     new (max, sum); acc (head_dim,) is rescaled whole, the values land in its first wv entries."""
     n, w = keys.shape
@@ -56,7 +55,7 @@ def _fold_dense(q1, keys, values, vt, m, lsum, acc, lr, kk):
         return m, lsum
     wv = values.shape[1]
     dots(q1[:w], keys.ravel(), n, np.float32(0.0), lr)
-    mx, corr, t = weights(lr, vt, n, m, kk)
+    mx, corr, t = weights(lr, vt, n, m, kk, cap)
     if mx == -np.inf:
         return m, lsum
     for c in range(acc.shape[0]):
@@ -76,7 +75,7 @@ def _floats(x):
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _dense(q, vis, t, offs, sink_k, sink_v, mid_k, mid_v, win_k, win_v, new_k, new_v, pm, pl, pacc):
+def _dense(q, vis, t, offs, sink_k, sink_v, mid_k, mid_v, win_k, win_v, new_k, new_v, cap, pm, pl, pacc):
     """The dense split of one (sequence, head): sink, the float16 tokens between body and window,
     window (float16 bytes, each read once into floats) and this call's tokens (float32), in that
     order; offs: where each starts in the visibility row."""
@@ -91,12 +90,13 @@ def _dense(q, vis, t, offs, sink_k, sink_v, mid_k, mid_v, win_k, win_v, new_k, n
         vrow = vis[r % t]
         m, lsum = -np.inf, np.float32(0.0)
         for s in range(4):
-            m, lsum = _fold_dense(q[r], keys[s], values[s], vrow[offs[s]:], m, lsum, pacc[r], lr, kk)
+            m, lsum = _fold_dense(q[r], keys[s], values[s], vrow[offs[s]:], m, lsum, pacc[r], lr, kk, cap)
         pm[r], pl[r] = m, lsum
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _body_tiles(q, vis, t, kc, vc, kmn, kstep, vmn, vstep, kd, vd, kbits, vbits, kb, tile, n, lo, hi, pm, pl, pacc):
+def _body_tiles(q, vis, t, kc, vc, kmn, kstep, vmn, vstep, kd, vd, kbits, vbits, kb, tile, n, lo, hi, cap, pm, pl,
+                pacc):
     """Tiles lo..hi of one (sequence, head)'s coded body for its query rows q (R, head_dim); kc / vc
     its codes (float16 bytes when kbits is HALF), kmn / kstep (blocks, 2 kd) and vmn / vstep
     (n, 2 groups) the float16 bytes of its int minimums and steps; vis (t, n) from the body's start."""
@@ -149,7 +149,7 @@ def _body_tiles(q, vis, t, kc, vc, kmn, kstep, vmn, vstep, kd, vd, kbits, vbits,
                     a = max(t0, (b0 + i) * kb) - t0
                     z = min(t0 + cnt, (b0 + i + 1) * kb) - t0
                     channel_logits(q1, kst[i], kmf[i], ksym[a * kd:], z - a, qs, lr[a:])
-            mx, corr, s = weights(lr, vis[r % t, t0:], cnt, m[r], kk)
+            mx, corr, s = weights(lr, vis[r % t, t0:], cnt, m[r], kk, cap)
             if mx == -np.inf:
                 continue
             m[r] = mx
@@ -171,7 +171,7 @@ def _body_tiles(q, vis, t, kc, vc, kmn, kstep, vmn, vstep, kd, vd, kbits, vbits,
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, vis, offs, sinks_k, sinks_v, mids_k, mids_v, wins_k, wins_v, new, kcs, vcs, kmns, ksteps, vmns, vsteps,
-           kbits, vbits, kb, tile, n, splits, out):
+           kbits, vbits, kb, tile, n, splits, cap, out):
     nb_, nh, nr, d = q.shape
     t = vis.shape[1]
     new_k, new_v = new
@@ -183,14 +183,14 @@ def _fused(q, vis, offs, sinks_k, sinks_v, mids_k, mids_v, wins_k, wins_v, new, 
         sp = u % (splits + 1)
         if sp == splits:
             _dense(q[b, h], vis[b], t, offs, sinks_k[h][b], sinks_v[h][b], mids_k[h][b], mids_v[h][b], wins_k[h][b],
-                   wins_v[h][b], new_k[b, h], new_v[b, h], pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+                   wins_v[h][b], new_k[b, h], new_v[b, h], cap, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         lo = sp * ntiles // splits
         hi = (sp + 1) * ntiles // splits
         if lo < hi:
             kd, vd = mids_k[h].shape[2] // 2, mids_v[h].shape[2] // 2
             _body_tiles(q[b, h], vis[b, :, offs[0] + sinks_k[h].shape[1]:], t, kcs[h][b], vcs[h][b], kmns[h][b],
-                        ksteps[h][b], vmns[h][b], vsteps[h][b], kd, vd, kbits, vbits, kb, tile, n, lo, hi,
+                        ksteps[h][b], vmns[h][b], vsteps[h][b], kd, vd, kbits, vbits, kb, tile, n, lo, hi, cap,
                         pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
     merge(pm, pl, pacc, out)
 
@@ -265,8 +265,6 @@ class LowRankStates:
                 + self.new[0].shape[2])
 
     def attend(self, module, query: torch.Tensor, mask, scaling=None, softcap=None):
-        if softcap is not None:  # the layer hands these states only to models without soft-capping
-            raise KvshrinkError("the compiled low-rank kernel does not soft-cap attention logits")
         announce("low-rank")
         b, hq, t, d = query.shape
         h = len(self.mids)
@@ -279,14 +277,15 @@ class LowRankStates:
             vis = torch.ones(b, t, s, dtype=torch.bool).tril_(s - t)
         else:
             vis = vis[:, 0, :, -s:].expand(b, t, s)
-        out = attend(q, vis, self)
+        out = attend(q, vis, self, softcap or 0.0)
         return out.view(b, h, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, hq, d).to(query.dtype), None
 
 
-def attend(q: torch.Tensor, vis: torch.Tensor, st: LowRankStates) -> torch.Tensor:
+def attend(q: torch.Tensor, vis: torch.Tensor, st: LowRankStates, cap: float = 0.0) -> torch.Tensor:
     """q (B, H, R, head_dim) float32 in the keys' dual coordinates, already scaled (rows in
     (group, token) order); vis (B, t, S) bool over sink, body, mids, window, this call's tokens
-    -> (B, H, R, head_dim) float32, the value sums in the values' reduced coordinates."""
+    -> (B, H, R, head_dim) float32, the value sums in the values' reduced coordinates; cap: the
+    logits' soft-cap (0: none)."""
     b, h, r, d = q.shape
     n = st.bodies[0][0].num_tokens if st.bodies else 0
     n_sink, n_mid = st.sinks[0][0].shape[1], st.mids[0][0].shape[1]
@@ -306,5 +305,5 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st: LowRankStates) -> torch.Tenso
            (st.new[0].float().contiguous().numpy(), st.new[1].float().contiguous().numpy()),
            tuple(o[0] for o in ko), tuple(o[0] for o in vo), tuple(o[1] for o in ko), tuple(o[2] for o in ko),
            tuple(o[1] for o in vo), tuple(o[2] for o in vo), _bits(st.key_codec), _bits(st.value_codec), kb,
-           st.block, n, splits, out)
+           st.block, n, splits, np.float32(cap), out)
     return torch.from_numpy(out)

@@ -83,8 +83,7 @@ class CompressedLayer(StoreLayer):
     def _readable(self) -> bool:
         """Whether the kernel can read this layer now: `kernel_reads`, and keys and values with bodies
         of the same tokens (both stores keep whole blocks in the body)."""
-        return (self.kernel_reads and not self.softcap
-                and self.k.tokens_in(self.k.body) == self.v.tokens_in(self.v.body))
+        return (self.kernel_reads and self.k.tokens_in(self.k.body) == self.v.tokens_in(self.v.body))
 
     def _split_states(self, key_states, value_states):
         """Sink, the coded body read in place, then the stage (decoded: under one block), the float16

@@ -43,7 +43,7 @@ from ...kernels.tiles import (
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, qb, vis, dk, dv, dvis, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
-           splits, vrot, out):
+           splits, vrot, cap, out):
     nb_, nh, nr, d = q.shape
     n = vis.shape[1]
     nvb = (n + vb - 1) // vb
@@ -57,7 +57,7 @@ def _fused(q, qb, vis, dk, dv, dvis, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn
         h = (u // (splits + 1)) % nh
         sp = u % (splits + 1)
         if sp == splits:  # the dense tokens (sink, stage, float16 tokens, this call's): one more split
-            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], cap, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         bh = b * nh + h
         lo = sp * nvb // splits
@@ -105,7 +105,7 @@ def _fused(q, qb, vis, dk, dv, dvis, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn
                                 t += qq[jj] * np.float32(rr[jj])
                             s += ks[i, g] * t + km[i, g] * qg[g]
                         lr[i] = s
-                mx, corr, t = weights(lr, vt, cnt, m[r], kk)
+                mx, corr, t = weights(lr, vt, cnt, m[r], kk, cap)
                 if mx == -np.inf:
                     continue
                 m[r] = mx
@@ -147,11 +147,11 @@ def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
 
 def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dense_v: torch.Tensor,
                  dense_vis: torch.Tensor, keys: Packed, values: Packed, key_codec: IntQuant,
-                 value_codec: IntQuant, tile: int, splits: int = 4) -> torch.Tensor:
+                 value_codec: IntQuant, tile: int, splits: int = 4, cap: float = 0.0) -> torch.Tensor:
     """Decode attention in one call: q (B, H, R, d) float32 already scaled (rows in (group, token)
     order), vis (B, n) bool over the body's tokens, dense_k / dense_v (B, H, n_dense, d) float32 and
     dense_vis (B, t, n_dense) bool for the other tokens -> (B, H, R, d) float32. tile: tokens per
-    kernel tile (the cache block: a multiple of the key groups)."""
+    kernel tile (the cache block: a multiple of the key groups); cap: the logits' soft-cap (0: none)."""
     b, h, r, d = q.shape
     n = keys.num_tokens
     splits = max(1, min(splits, -(-n // tile)))
@@ -162,7 +162,7 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     out = np.empty((b, h, r, d), dtype=np.float32)
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), as_u8(vis), dense_k.contiguous().numpy(),
            dense_v.contiguous().numpy(), as_u8(dense_vis), kc, kmn, ksc, ktg, kgroups, key_codec.bits, vc, vmn,
-           vsc, vgroups, value_codec.bits, tile, splits, vrot, out)
+           vsc, vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), out)
     return torch.from_numpy(out)
 
 
@@ -184,9 +184,9 @@ class IntBody:
     def num_tokens(self) -> int:
         return self.keys.num_tokens
 
-    def attend(self, q, vis, dense_k, dense_v, dense_vis, splits):
+    def attend(self, q, vis, dense_k, dense_v, dense_vis, splits, cap=0.0):
         return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
-                            self.value_codec, self.block, splits)
+                            self.value_codec, self.block, splits, cap)
 
     def decoded(self):
         return self.key_codec.decode(self.keys), self.value_codec.decode(self.values)

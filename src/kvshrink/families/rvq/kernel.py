@@ -33,9 +33,10 @@ from ...kernels.tiles import FAST, accumulate, as_u8, dense_split, merge, partia
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _tiles(table, kc, ks, vc, vs, vt, kbits, vbits, books, ncode, vb, lo, hi, m, lsum, acc, scratch):
+def _tiles(table, kc, ks, vc, vs, vt, kbits, vbits, books, ncode, vb, lo, hi, cap, m, lsum, acc, scratch):
     """Tiles lo..hi of one (sequence, head)'s coded segment into the running (m, lsum, acc) of every
-    query row: kc / vc its codes from the segment's first byte, ks / vs its scales, vt its visibility."""
+    query row: kc / vc its codes from the segment's first byte, ks / vs its scales, vt its visibility,
+    cap the logits' soft-cap."""
     ksym, vsym, vdec, lg, kk, wt = scratch
     nr, d = acc.shape
     n = ks.shape[0]
@@ -70,7 +71,7 @@ def _tiles(table, kc, ks, vc, vs, vt, kbits, vbits, books, ncode, vb, lo, hi, m,
                 for jj in range(ncode):
                     s += tb[jj, row[jj]]
                 lr[i] = s * kst[i]
-            mx, corr, t = weights(lr, vtt, cnt, m[r], kk)
+            mx, corr, t = weights(lr, vtt, cnt, m[r], kk, cap)
             if mx == -np.inf:
                 continue
             m[r] = mx
@@ -85,7 +86,7 @@ def _tiles(table, kc, ks, vc, vs, vt, kbits, vbits, books, ncode, vb, lo, hi, m,
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, vis, dk, dv, dvis, table, kc, ks, vc, vs, kc2, ks2, vc2, vs2, kbits, vbits, books, vorder, ncode,
-           vb, splits, out):
+           vb, splits, cap, out):
     nb_, nh, nr, d = q.shape
     n = ks.shape[2]
     n2 = ks2.shape[2]
@@ -97,7 +98,7 @@ def _fused(q, vis, dk, dv, dvis, table, kc, ks, vc, vs, kc2, ks2, vc2, vs2, kbit
         h = (u // parts) % nh
         sp = u % parts
         if sp == parts - 1:  # the dense tokens
-            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], cap, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         if sp == splits and n2 == 0:
             continue
@@ -110,10 +111,10 @@ def _fused(q, vis, dk, dv, dvis, table, kc, ks, vc, vs, kc2, ks2, vc2, vs2, kbit
         acc = pacc[b, h, sp]
         if sp < splits:
             _tiles(table[b, h], kc[bh], ks[b, h], vc[bh], vs[b, h], vis[b, :n], kbits, vbits, books, ncode, vb,
-                   sp * nvb // splits, (sp + 1) * nvb // splits, m, lsum, acc, scratch)
+                   sp * nvb // splits, (sp + 1) * nvb // splits, cap, m, lsum, acc, scratch)
         else:
             _tiles(table[b, h], kc2[bh], ks2[b, h], vc2[bh], vs2[b, h], vis[b, n:], kbits, vbits, books, ncode,
-                   vb, 0, (n2 + vb - 1) // vb, m, lsum, acc, scratch)
+                   vb, 0, (n2 + vb - 1) // vb, cap, m, lsum, acc, scratch)
         tmp = np.empty(d, dtype=np.float32)
         for r in range(nr):
             pm[b, h, sp, r] = m[r]
@@ -147,7 +148,7 @@ def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
 
 
 def fused_attend(q, vis, dense_k, dense_v, dense_vis, segments: list, key_codec: RVQ, value_codec: RVQ, tile: int,
-                 splits: int = 4) -> torch.Tensor:
+                 splits: int = 4, cap: float = 0.0) -> torch.Tensor:
     """As families/quant/kernel.py's fused_attend, for RVQ codes: segments, one or two (keys, values) Packed
     laid end to end (the body, then the stage, both per-token codes read in place), which `vis`
     covers -> (B, H, R, d) float32."""
@@ -163,7 +164,7 @@ def fused_attend(q, vis, dense_k, dense_v, dense_vis, segments: list, key_codec:
     _fused(q.contiguous().numpy(), as_u8(vis), dense_k.contiguous().numpy(), dense_v.contiguous().numpy(),
            as_u8(dense_vis), table.contiguous().numpy(), kc, ks, vc, vs, kc2, ks2, vc2, vs2, key_codec.bits,
            value_codec.bits, value_codec.books_f32(q.device).numpy(), value_codec.order(d).numpy(),
-           (d // key_codec.group) * key_codec.depth, tile, splits, out)
+           (d // key_codec.group) * key_codec.depth, tile, splits, np.float32(cap), out)
     return torch.from_numpy(out)
 
 
@@ -182,9 +183,9 @@ class RVQBody:
     def num_tokens(self) -> int:
         return sum(k.num_tokens for k, _ in self.segments)
 
-    def attend(self, q, vis, dense_k, dense_v, dense_vis, splits):
+    def attend(self, q, vis, dense_k, dense_v, dense_vis, splits, cap=0.0):
         return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.segments, self.key_codec, self.value_codec,
-                            self.block, splits)
+                            self.block, splits, cap)
 
     def decoded(self):
         keys = [self.key_codec.decode(k) for k, _ in self.segments]
