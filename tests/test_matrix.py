@@ -1,7 +1,9 @@
 """One matrix over every registered method of ours, through the public API only.
 
 Each method runs on a tiny random Llama (head_dim 16, GQA 2) after `kvshrink.prepare`, with its
-calibrations (ZDC bases, RVQ codebooks) made here from random tokens. The properties:
+calibrations (ZDC bases, RVQ codebooks, the budget's losses) made here from random tokens. The
+budget presets other than `auto-4x` and `auto-6x` are the same cache with another ratio (and
+`auto-8x` does not fit a head of 16: tests/test_budget.py checks the refusal). The properties:
 - bytes: `nbytes()` counts every tensor and array the cache can reach, except what it borrows
   from the model (weights, ZDC bases), and nothing it does not hold;
 - crop: crop then continue equals a fresh prefill of the same tokens (within the method's own
@@ -22,10 +24,12 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
 from kvshrink import KvshrinkError, from_method, load_cache, method_names, prepare
+from kvshrink.families.budget import allocate as budget
 from kvshrink.families.lowrank import transform as zdc
 from kvshrink.families.rvq import calibrate as rvq_calib
 
-OURS = [n for n in method_names("ours")]
+BUDGET_VARIANTS = ("auto", "auto-5x", "auto-8x")
+OURS = [n for n in method_names("ours") if n not in BUDGET_VARIANTS]
 PROMPT, STEPS = 150, 6  # past one block of 128 (int, ZDC) and of 64/128 (KVComp keys/values)
 EVICT = tuple(n for n in OURS if n.startswith(("kvc-", "snapkv-")))
 SAVES = tuple(n for n in OURS if n.startswith("kvcomp-"))
@@ -59,8 +63,11 @@ def model(tiny_config, tmp_path_factory):
     zdc.calibrate(m, ids, {"test": True}).save(zdc.default_calibration_path(m))
     rvq_calib.calibrate(m, ids, {"test": True}, 16, 256, 8, "strided", "contiguous", iters=3).save(
         rvq_calib.default_path(m, 16, 256, "strided", "contiguous"))
+    auto = os.path.join(os.environ["KVSHRINK_CALIB_DIR"], "auto.safetensors")
+    budget.calibrate(m, _ids(4 + 128, seed=12), {"test": True}).save(auto)
+    os.environ["KVSHRINK_AUTO_CALIBRATION"] = auto
     yield m
-    del os.environ["KVSHRINK_CALIB_DIR"]
+    del os.environ["KVSHRINK_CALIB_DIR"], os.environ["KVSHRINK_AUTO_CALIBRATION"]
 
 
 def _ready(model, name):

@@ -14,6 +14,7 @@ import dataclasses
 
 from . import families  # noqa: F401  (registers every family's presets)
 from .errors import KvshrinkError
+from .families.budget import cache as budget
 from .families.evict import cache as evict
 from .families.kvcomp import cache as kvcomp
 from .families.lowrank import cache as lowrank
@@ -23,7 +24,8 @@ from .families.rvq import cache as rvq
 from .registry import Method, get_method
 from .spec import spec_from_config
 
-FAMILIES = {"quant": quant, "lowrank": lowrank, "evict": evict, "rvq": rvq, "kvcomp": kvcomp, "peer": peers}
+FAMILIES = {"quant": quant, "lowrank": lowrank, "evict": evict, "rvq": rvq, "kvcomp": kvcomp, "budget": budget,
+            "peer": peers}
 
 
 def _method(method: str | Method) -> Method:

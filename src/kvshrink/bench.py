@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import DynamicCache
 
 from .api import from_method, prepare
+from .core.calibfile import check_disjoint
 from .corpus import load_corpus_ids, segments
 from .errors import KvshrinkError
 from .eval.needle import run_needles
@@ -93,19 +94,26 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     model, tok = load_model(cfg.model)
     spec = spec_from_config(model.config)
     methods = {n: get_method(n) for n in cfg.methods}
+    need = max(cfg.segments * cfg.seg_len, max(cfg.speed_contexts) + cfg.decode_steps + 1)
+    if any(m.config.calibrated for m in methods.values()):  # calibration never on evaluated tokens
+        check_disjoint(tok, cfg.corpus, need + 64)
     models = {n: prepare(model, m, tok, cfg.corpus) for n, m in methods.items()}  # ZDC: a transformed copy
     makers = {n: (lambda m=m, n=n: from_method(m, models[n])) for n, m in methods.items()}
-    for make in makers.values():  # refuse bad method options now, not after an hour of other methods
-        make()
+    caches = {}
+    for n, make in makers.items():  # refuse bad method options now, not after an hour of other methods
+        cache = make()
+        caches[n] = cache.describe() if hasattr(cache, "describe") else type(cache).__name__  # peers: theirs
+        if methods[n].config.calibrated:
+            log(f"{n}: {caches[n]}")
     # the reference as transformers builds it for this model: sliding layers keep their window
     with_ref = {REF: lambda: DynamicCache(config=model.config), **makers}
-    need = max(cfg.segments * cfg.seg_len, max(cfg.speed_contexts) + cfg.decode_steps + 1)
     ids = load_corpus_ids(tok, cfg.corpus, need + 64)
     res: dict = {
         "model": cfg.model or "SmolLM2-135M-Instruct (bundled, Q4_1 GGUF dequantized to float32)",
         "spec": asdict(spec),
         "config": asdict(cfg),
-        "methods": {n: {"description": m.description, "family": m.family} for n, m in methods.items()},
+        "methods": {n: {"description": m.description, "family": m.family, "cache": caches[n]}
+                    for n, m in methods.items()},
         "machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
     }

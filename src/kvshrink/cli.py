@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "text to the tokens it holds, which are not recomputed")
 
     c = sub.add_parser("calibrate", help="calibrate a method that needs it (zdc: low-rank bases and loss proxies; "
-                                         "rvq: residual codebooks)")
-    c.add_argument("--method", required=True, help="zdc or rvq")
+                                         "rvq: residual codebooks; auto: the budget's loss of every width)")
+    c.add_argument("--method", required=True, help="zdc, rvq or auto")
     c.add_argument("--model")
     c.add_argument("--corpus", help="text file (default: WikiText-2 test; its last tokens are used)")
     c.add_argument("--sequences", type=int, help="calibration sequences (default: zdc 4, rvq 8)")
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--key-grouping", default="strided", help="rvq: strided or contiguous channel groups for keys")
     c.add_argument("--value-grouping", default="contiguous", help="rvq: strided or contiguous groups for values")
     c.add_argument("--iters", type=int, default=10, help="rvq: k-means iterations per level")
+    c.add_argument("--block", type=int, default=128, help="auto: tokens per coded block (as the method's block=)")
     c.add_argument("--out", help="file to write (default: where the method looks for this model)")
 
     m = sub.add_parser("methods", help="list registered methods and each family's options")
@@ -91,12 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_calibrate(args) -> None:
     # heavy imports here, not at the top: see the module doc
     from .core.calibfile import calibration_ids
+    from .families.budget import allocate as budget
     from .families.lowrank import transform as zdc
     from .families.rvq import calibrate as rvq_calib
     from .models import load_model
 
-    if args.method not in ("zdc", "rvq"):
-        raise KvshrinkError(f"no calibration for method {args.method!r}; calibrated methods: zdc, rvq")
+    if args.method not in ("zdc", "rvq", "auto"):
+        raise KvshrinkError(f"no calibration for method {args.method!r}; calibrated methods: zdc, rvq, auto")
+    if args.block < 1:
+        raise KvshrinkError("--block must be at least 1")
     args.sequences = args.sequences or (8 if args.method == "rvq" else 4)
     if args.sequences < 1 or args.length < 8:
         raise KvshrinkError("--sequences must be at least 1 and --length at least 8")
@@ -109,6 +113,13 @@ def cmd_calibrate(args) -> None:
     ids, desc = calibration_ids(tok, args.corpus, args.sequences, args.length)
     if args.method == "rvq":
         return _calibrate_rvq(args, model, ids, desc, rvq_calib)
+    if args.method == "auto":
+        t0 = time.time()
+        path = args.out or budget.default_path(model, desc, args.block)
+        budget.measure(model, ids, desc, block=args.block).save(path)
+        print(f"auto calibration: {ids.numel()} tokens (corpus tokens {desc['tokens'][0]}..{desc['tokens'][1]}), "
+              f"{time.time() - t0:.0f} s -> {path}")
+        return None
     print(f"ZDC calibration of {ids.numel()} tokens: about a minute on the bundled model, 2 cores", file=sys.stderr)
     t0 = time.time()
     calib = zdc.calibrate(model, ids, desc, key_basis=args.key_basis, value_basis=args.value_basis)

@@ -39,6 +39,7 @@ class Config:
 
     family = ""
     can_save = False  # the family's caches can be written to a file (`cache.save`)
+    calibrated = False  # the family measures a calibration on the corpus's last tokens (core/calibfile.py)
 
     def __post_init__(self):
         for f in fields(self):

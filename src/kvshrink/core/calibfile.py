@@ -60,6 +60,18 @@ def calibration_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvshrink")
 
 
+MOST_TOKENS = 8 * 512  # the most any family calibrates on (RVQ: 8 sequences of 512)
+
+
+def check_disjoint(tokenizer, corpus: str | None, evaluated: int) -> None:
+    """Refuse a corpus too short for its first `evaluated` tokens (what a bench scores) and the
+    calibration tokens taken from its end to be disjoint."""
+    total = load_corpus_ids(tokenizer, corpus).numel()
+    if total < evaluated + MOST_TOKENS:
+        raise KvshrinkError(f"the corpus has {total} tokens: calibrating on its last {MOST_TOKENS} would reuse some "
+                            f"of the {evaluated} evaluated from its start; use a longer corpus or fewer segments")
+
+
 def calibration_ids(tokenizer, corpus: str | None = None, sequences: int = 4, length: int = 512):
     """(ids (sequences, length), description): the last tokens of the corpus, so they are
     disjoint from the evaluation segments, which are taken from its start."""

@@ -8,5 +8,6 @@ from .lowrank import config as lowrank  # noqa: F401
 from .evict import config as evict  # noqa: F401
 from .rvq import config as rvq  # noqa: F401
 from .kvcomp import config as kvcomp  # noqa: F401
+from .budget import config as budget  # noqa: F401
 from .peers import config as peers  # noqa: F401
 from ..registry import REGISTRY, get_method, method_names  # noqa: F401  (the registry, filled)

@@ -28,11 +28,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
-
 from ...attention.function import NAME as KVSHRINK_ATTENTION
-from ...attention.logits import plain_attention
 from ...core.calibfile import (
     calibration_dir,
     calibration_ids,
@@ -42,6 +38,7 @@ from ...core.calibfile import (
     model_header,
     save_tensors,
 )
+from ...core.sensitivity import collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 
@@ -49,7 +46,6 @@ FORMAT = "kvshrink-zdc-2"
 _TENSORS = ("uk", "uv", "qk", "vi", "ek", "ev", "fk", "fv")
 KEY_BASES = ("query", "joint", "key")
 VALUE_BASES = ("output", "pca")
-_COLLECT = "kvshrink_zdc_collect"
 NEEDS_CACHE = ("a ZDC-transformed model needs its ZdcCache: pass "
                "cache=kvshrink.from_method('zdc-...', model)")
 
@@ -96,18 +92,6 @@ class ZdcCalibration:
 
 
 # --- calibration -------------------------------------------------------------------------
-
-
-def _register_collector(store: dict) -> None:
-    def collect(module, query, key, value, attention_mask, **kwargs):
-        # leaves, so the loss gradient with respect to each layer's keys and values is kept
-        k = key.detach().requires_grad_(True)
-        v = value.detach().requires_grad_(True)
-        store[module.layer_idx] = (query.detach(), k, v)
-        return plain_attention(module, query, k, v, attention_mask, **kwargs)
-
-    AttentionInterface.register(_COLLECT, collect)
-    AttentionMaskInterface.register(_COLLECT, sdpa_mask)
 
 
 def _fisher(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, u_inv_t: torch.Tensor) -> torch.Tensor:
@@ -167,34 +151,17 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
     spec = spec_from_config(model.config)
     L, H, D, G = spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.num_heads // spec.num_kv_heads
     t0 = time.time()
-    store: dict = {}
-    _register_collector(store)
-    prev_impl = model.config._attn_implementation
-    prev_grad = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
     ck = torch.zeros(L, H, D, D, dtype=torch.float64)
     cq, cv = torch.zeros_like(ck), torch.zeros_like(ck)
     keep = {i: [] for i in range(L)}
-    try:
-        model.set_attn_implementation(_COLLECT)
-        for seq in ids:
-            store.clear()
-            out = model(seq[None], labels=seq[None], use_cache=False)
-            out.loss.backward()
-            for i, (q, k, v) in store.items():
-                qf = q[0, :, sink:].reshape(H, G, -1, D).reshape(H, -1, D).double()
-                kf, vf = k[0, :, sink:].double(), v[0, :, sink:].double()
-                ck[i] += kf.transpose(1, 2) @ kf
-                cq[i] += qf.transpose(1, 2) @ qf
-                cv[i] += vf.transpose(1, 2) @ vf
-                keep[i].append(tuple(t[0, :, sink:].detach() for t in (k, k.grad, v, v.grad)))
-            if progress is not None:
-                progress()
-    finally:
-        model.set_attn_implementation(prev_impl)
-        for p, r in zip(model.parameters(), prev_grad):
-            p.requires_grad_(r)
-        store.clear()
+    for layers in collect(model, ids, sink, progress):
+        for i, (q, k, gk, v, gv) in layers.items():
+            qf = q.reshape(H, G, -1, D).reshape(H, -1, D).double()
+            kf, vf = k.double(), v.double()
+            ck[i] += kf.transpose(1, 2) @ kf
+            cq[i] += qf.transpose(1, 2) @ qf
+            cv[i] += vf.transpose(1, 2) @ vf
+            keep[i].append((k, gk, v, gv))
     out = {name: torch.empty(L, H, D, D) for name in ("uk", "uv", "qk", "vi")}
     ek, ev = torch.empty(L, H, D), torch.empty(L, H, D)
     fk, fv = torch.empty(L, H, D + 1), torch.empty(L, H, D + 1)

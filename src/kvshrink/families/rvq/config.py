@@ -28,6 +28,7 @@ class RvqConfig(Config):
     """Residual vector quantization of scaled channel groups (Kumar, arXiv 2410.15704)."""
 
     family = "rvq"
+    calibrated = True
     depth: int = option(4, "residual codebook levels (1 to 8)", preset=True)
     group: int = option(16, "channels per vector")
     size: int = option(256, "codewords per level (a power of two, at most 256)")

@@ -1,0 +1,103 @@
+"""Each layer's queries, keys and values on calibration tokens, with the gradient of the language-model
+loss with respect to the keys and values: what a loss proxy (families/lowrank, families/budget) is
+measured from.
+
+One forward and backward pass per calibration sequence through a collecting attention (plain
+attention over leaf tensors, so autograd keeps their gradients); the model's weights get no
+gradient and its attention implementation is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from ..attention.logits import plain_attention
+
+_COLLECT = "kvshrink_collect"
+
+
+def _register(store: dict) -> None:
+    def collect(module, query, key, value, attention_mask, **kwargs):
+        k = key.detach().requires_grad_(True)  # leaves: the loss gradient stays on them
+        v = value.detach().requires_grad_(True)
+        store[module.layer_idx] = (query.detach(), k, v)
+        return plain_attention(module, query, k, v, attention_mask, **kwargs)
+
+    AttentionInterface.register(_COLLECT, collect)
+    AttentionMaskInterface.register(_COLLECT, sdpa_mask)
+
+
+def collect(model, ids: torch.Tensor, sink: int = 0, progress=None):
+    """Yields, for each sequence of `ids` (sequences, length), {layer: (q, k, dk, v, dv)}: q (Hq, n, D),
+    k, v and the loss gradients dk, dv (H, n, D), post-RoPE as the cache sees them, without the
+    first `sink` tokens (kept exactly by the caches, so left out of the statistics)."""
+    store: dict = {}
+    _register(store)
+    prev_impl = model.config._attn_implementation
+    prev_grad = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        model.set_attn_implementation(_COLLECT)
+        for seq in ids:
+            store.clear()
+            out = model(seq[None], labels=seq[None], use_cache=False)
+            out.loss.backward()
+            yield {i: (q[0, :, sink:], k[0, :, sink:].detach(), k.grad[0, :, sink:], v[0, :, sink:].detach(),
+                       v.grad[0, :, sink:]) for i, (q, k, v) in store.items()}
+            if progress is not None:
+                progress()
+    finally:
+        model.set_attn_implementation(prev_impl)
+        for p, r in zip(model.parameters(), prev_grad):
+            p.requires_grad_(r)
+        store.clear()
+
+
+_PERTURB = "kvshrink_perturb"
+_TARGET: dict = {}  # layer -> (which: "key" | "value", round trip function): what the perturbing attention changes
+
+
+def _register_perturb() -> None:
+    def perturb(module, query, key, value, attention_mask, **kwargs):
+        which, trip = _TARGET.get(module.layer_idx, (None, None))
+        if which == "key":
+            key = trip(key)
+        elif which == "value":
+            value = trip(value)
+        return plain_attention(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(_PERTURB, perturb)
+    AttentionMaskInterface.register(_PERTURB, sdpa_mask)
+
+
+class Perturbed:
+    """The model's next-token log-probabilities on calibration tokens with one layer's keys or
+    values replaced by a round trip through a codec (`kl`), against the unchanged model's: a
+    measured loss change where a first-order proxy is not to be trusted (large errors)."""
+
+    def __init__(self, model, ids: torch.Tensor):
+        self.model, self.ids = model, ids
+        _register_perturb()
+        self.ref = self._logp()
+
+    @torch.no_grad()
+    def _logp(self) -> torch.Tensor:
+        prev = self.model.config._attn_implementation
+        try:
+            self.model.set_attn_implementation(_PERTURB)
+            return torch.log_softmax(self.model(self.ids, use_cache=False).logits.float(), -1)
+        finally:
+            self.model.set_attn_implementation(prev)
+
+    def kl(self, layer: int, which: str, trip) -> float:
+        """Mean KL(unchanged || perturbed) per token when `trip` (B, H, n, D) -> same replaces the
+        layer's keys or values (which: "key" or "value")."""
+        _TARGET.clear()
+        _TARGET[layer] = (which, trip)
+        try:
+            logp = self._logp()
+        finally:
+            _TARGET.clear()
+        return float((self.ref.exp() * (self.ref - logp)).sum(-1).mean())

@@ -1,0 +1,318 @@
+"""Calibration and allocation of one bit budget over a whole cache.
+
+Calibration (once per model, corpus range and block): on calibration tokens, each layer's keys and
+values and the loss gradient with respect to them (core/sensitivity.py); then, for every layer,
+for keys and for values, and for every choice of the menu (bits 1..8, Hadamard rotation or not,
+value groups of the whole head or 32 channels), the choice's real bytes per token (the codec's
+own packed tensors) and a loss proxy in one unit, the KL divergence per token of the model's
+predictions from the unchanged model's:
+- measured for the widths where errors are large (1 to 3 bits; `MEASURED`): the layer's keys or
+  values replaced by their round trip through the codec, one forward pass each
+  (core/sensitivity.py's `Perturbed`);
+- extrapolated for the rest from a first-order estimate, 1/2 sum over tokens and heads of
+  (grad . (decode(encode(x)) - x))^2 (a diagonal empirical-Fisher estimate, as KVQuant's
+  sensitivity weights and ZDC's ranks use), scaled per layer and K/V to the measured KL at 3 bits.
+Measured first because the first-order estimate alone misleads where it matters most: on the
+bundled model it rated 1-bit values in layer 0 among the cheapest choices, while they raise the
+loss by 1.15 nats per token (an allocation built on it lost +653% perplexity at 7x).
+
+Allocation: one choice per (layer, K/V) minimizing the summed proxy under a byte budget, a
+multiple-choice knapsack solved by dynamic programming over the budget cut into `CELLS` units
+(item sizes rounded up, so the budget holds; `allocate`). The bytes are those the cache holds at
+`context` tokens after a prefill: float16 sink tokens, whole coded blocks, and the partial block's
+keys waiting at the stage codec's width (core/layer.py's `stage_codec`), its values coded.
+Uniform widths are one feasible point of the same problem, so the allocation is never worse than
+them on the proxy (tests/test_budget.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ...codecs.quant import IntQuant
+from ...core.calibfile import (
+    calibration_dir,
+    calibration_ids,
+    check_header,
+    load_tensors,
+    model_fingerprint,
+    model_header,
+    save_tensors,
+)
+from ...core.layer import stage_codec
+from ...core.sensitivity import Perturbed, collect
+from ...errors import KvshrinkError
+from ...spec import spec_from_config
+
+FORMAT = "kvshrink-budget-1"
+BITS = (1, 2, 3, 4, 5, 6, 8)
+KEY_MENU = tuple((b, r, None) for b in BITS for r in (False, True))  # (bits, rotate, group): keys per channel
+# values per token; at 3 bits or fewer rotated only, so that every such choice is measured (the
+# first-order estimate favours rotated values at those widths on the bundled model)
+VALUE_MENU = tuple((b, r, g) for b in BITS for r in (False, True) for g in (None, 32) if b > 3 or r)
+MEASURED_KEYS = tuple((b, r, None) for b in (1, 2, 3) for r in (False, True))  # KL measured, not extrapolated
+MEASURED_VALUES = tuple((b, True, g) for b in (1, 2, 3) for g in (None, 32))
+CELLS = 20000  # the knapsack's resolution: item sizes round up by at most budget / CELLS each
+
+
+def key_codec(choice, block: int) -> IntQuant:
+    bits, rotate, _ = choice
+    return IntQuant(bits, "channel", block, rotate=rotate, seed=1)
+
+
+def value_codec(choice) -> IntQuant:
+    bits, rotate, group = choice
+    return IntQuant(bits, "token", group, rotate=rotate, seed=2)
+
+
+def describe_choice(choice) -> str:
+    bits, rotate, group = choice
+    return f"{bits}{'r' if rotate else ''}{'/' + str(group) if group else ''}"
+
+
+@dataclass(eq=False)
+class BudgetCalibration:
+    """proxy_k (L, len(KEY_MENU)), proxy_v (L, len(VALUE_MENU)): loss proxy of each choice per layer
+    (inf where a choice does not fit the head); bytes_k, bytes_v: its bytes per coded token (all KV
+    heads); stage_k: bytes per key token waiting in the stage (per-token codes at twice the bits)."""
+
+    proxy_k: torch.Tensor
+    proxy_v: torch.Tensor
+    bytes_k: torch.Tensor
+    bytes_v: torch.Tensor
+    stage_k: torch.Tensor
+    header: dict
+
+    def check(self, model, block: int) -> None:
+        check_header(self.header, model, "auto")
+        if self.header.get("block") != block:
+            raise KvshrinkError(f"budget calibration is for blocks of {self.header.get('block')} tokens, not {block}")
+
+    def save(self, path: str) -> None:
+        save_tensors(path, {k: getattr(self, k) for k in _TENSORS}, FORMAT, self.header)
+
+    @classmethod
+    def load(cls, path: str, model=None, block: int | None = None) -> "BudgetCalibration":
+        tensors, header = load_tensors(path, FORMAT, _TENSORS, "a budget calibration")
+        calib = cls(**tensors, header=header)
+        if model is not None:
+            calib.check(model, block if block is not None else header.get("block"))
+        return calib
+
+
+_TENSORS = ("proxy_k", "proxy_v", "bytes_k", "bytes_v", "stage_k")
+
+
+def _proxy(x: torch.Tensor, g: torch.Tensor, codec: IntQuant, block: int) -> tuple[float, float]:
+    """(loss proxy, bytes per token) of coding x (H, n, D), n a multiple of block, with codec."""
+    h, n, d = x.shape
+    packed = codec.encode(x[None], block)
+    err = codec.decode(packed)[0] - x
+    first = (g * err).sum(-1).double()  # (H, n): first-order loss change per token and head
+    return 0.5 * float((first ** 2).sum()), codec.nbytes(packed) / n
+
+
+def _round_trip(codec: IntQuant, sink: int, block: int):
+    """x (B, H, n, D) -> x with its whole blocks after the sink through the codec (the cache's body)."""
+    def trip(x):
+        n = (x.shape[2] - sink) // block * block
+        y = x.clone()
+        body = x[:, :, sink:sink + n].float().contiguous()
+        y[:, :, sink:sink + n] = codec.decode(codec.encode(body, block)).to(x.dtype)
+        return y
+    return trip
+
+
+def _measured(model, ids, sink: int, block: int, first_k, first_v, d: int, progress=None):
+    """The proxies in KL per token: measured for MEASURED_*, the first-order ones scaled to them for the rest."""
+    perturbed = Perturbed(model, ids)
+    out = []
+    for first, menu, measured, which, make, anchor in (
+            (first_k, KEY_MENU, MEASURED_KEYS, "key", lambda c: key_codec(c, block), (3, False, None)),
+            (first_v, VALUE_MENU, MEASURED_VALUES, "value", value_codec, (3, True, None))):
+        kl = first.clone()
+        anchor = menu.index(anchor)
+        for i in range(first.shape[0]):
+            for c in measured:
+                if c[2] is None or d % c[2] == 0:
+                    kl[i, menu.index(c)] = max(perturbed.kl(i, which, _round_trip(make(c), sink, block)), 0.0)
+                    if progress is not None:
+                        progress()
+            scale = kl[i, anchor] / max(float(first[i, anchor]), 1e-30)
+            for j, c in enumerate(menu):
+                if c not in measured and torch.isfinite(first[i, j]):
+                    kl[i, j] = first[i, j] * scale
+        out.append(kl)
+    return out
+
+
+def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4, block: int = 128,
+              progress=None) -> BudgetCalibration:
+    """Measure every menu choice on `ids` (sequences, length): each sequence's tokens after the sink,
+    cut to whole blocks, as the cache codes them; the KL of the widths in MEASURED_* on the first
+    sequence."""
+    spec = spec_from_config(model.config)
+    L = spec.num_layers
+    t0 = time.time()
+    keep = {i: [] for i in range(L)}
+    n = (ids.shape[1] - sink) // block * block
+    if n == 0:
+        raise KvshrinkError(f"calibration sequences of {ids.shape[1]} tokens hold no block of {block} after the sink")
+    for layers in collect(model, ids, sink):
+        for i, (_, k, gk, v, gv) in layers.items():
+            keep[i].append(tuple(t[:, :n].float() for t in (k, gk, v, gv)))
+    pk = torch.full((L, len(KEY_MENU)), float("inf"), dtype=torch.float64)
+    pv = torch.full((L, len(VALUE_MENU)), float("inf"), dtype=torch.float64)
+    bk, bv, sk = torch.zeros_like(pk), torch.zeros_like(pv), torch.zeros_like(pk)
+    d = spec.head_dim
+    for i in range(L):
+        k, gk, v, gv = (torch.cat([p[j] for p in keep[i]], 1) for j in range(4))
+        for j, c in enumerate(KEY_MENU):
+            pk[i, j], bk[i, j] = _proxy(k, gk, key_codec(c, block), block)
+            stage = stage_codec(key_codec(c, block))
+            sk[i, j] = stage.nbytes(stage.encode(k[None], 1)) / k.shape[1]
+        for j, c in enumerate(VALUE_MENU):
+            if c[2] is None or d % c[2] == 0:
+                pv[i, j], bv[i, j] = _proxy(v, gv, value_codec(c), block)
+    keep.clear()
+    kl_k, kl_v = _measured(model, ids[:1], sink, block, pk, pv, d, progress)
+    header = {**model_header(model), "data": data or {}, "sink_excluded": sink, "block": block,
+              "key_menu": [list(c) for c in KEY_MENU], "value_menu": [list(c) for c in VALUE_MENU],
+              "measured_keys": [list(c) for c in MEASURED_KEYS], "measured_values": [list(c) for c in MEASURED_VALUES],
+              "proxy": "KL per token (measured, or first-order scaled to it)",
+              "tokens_per_layer": n * ids.shape[0], "seconds": round(time.time() - t0, 1)}
+    return BudgetCalibration(kl_k, kl_v, bk, bv, sk, header)
+
+
+def allocate(costs: list, budget: float) -> tuple[list, float]:
+    """Multiple-choice knapsack: for items of (proxy, bytes) arrays (one entry per choice), one choice
+    each minimizing the summed proxy with summed bytes <= budget (sizes rounded up to budget / CELLS,
+    so the result always fits). Returns (choices, summed proxy); raises if nothing fits."""
+    unit = budget / CELLS
+    best = np.full(CELLS + 1, np.inf)
+    best[0] = 0.0
+    picks, sizes = [], []
+    for proxy, nbytes in costs:
+        size = np.ceil(np.asarray(nbytes, dtype=np.float64) / unit - 1e-9).astype(np.int64)
+        nxt = np.full(CELLS + 1, np.inf)
+        arg = np.full(CELLS + 1, -1, dtype=np.int64)
+        for j, (p, s) in enumerate(zip(np.asarray(proxy, dtype=np.float64), size)):
+            if not np.isfinite(p) or s > CELLS:
+                continue
+            cand = np.full(CELLS + 1, np.inf)
+            cand[s:] = best[:CELLS + 1 - s] + p
+            better = cand < nxt
+            nxt[better], arg[better] = cand[better], j
+        best = nxt
+        picks.append(arg)
+        sizes.append(size)
+    end = int(np.argmin(best))
+    if not np.isfinite(best[end]):
+        raise KvshrinkError(f"no allocation fits a budget of {budget:.0f} bytes")
+    total, choices = float(best[end]), []
+    for arg, size in zip(reversed(picks), reversed(sizes)):
+        j = int(arg[end])
+        choices.append(j)
+        end -= int(size[j])
+    return choices[::-1], total
+
+
+@dataclass
+class Allocation:
+    """One choice per layer for keys and for values, and what the allocator expects of it."""
+
+    keys: list  # menu entries (bits, rotate, group)
+    values: list
+    proxy: float
+    ratio: float  # expected ratio against fp16 at `context` tokens after a prefill
+
+    def describe(self) -> str:
+        ks = " ".join(describe_choice(c) for c in self.keys)
+        vs = " ".join(describe_choice(c) for c in self.values)
+        return (f"bits per layer for keys [{ks}] and values [{vs}] (r: rotated, /32: value groups), "
+                f"{self.ratio:.2f}x expected")
+
+
+def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int) -> tuple[list, list]:
+    """(items, fixed): per layer, keys then values, (proxy, bytes held at `context` tokens) arrays over
+    the menu; fixed: the float16 sink's bytes. A layer holds `context` tokens (a sliding layer its
+    window - 1, as an fp16 cache does): the sink, whole coded blocks, and a partial block whose keys
+    wait at the stage codec's width."""
+    row = 2 * spec.num_kv_heads * spec.head_dim * 2  # fp16 bytes of one token's keys and values in a layer
+    items, fixed = [], 0
+    for i in range(spec.num_layers):
+        held = min(context, spec.sliding_window - 1) if spec.is_sliding(i) else context
+        s = min(sink, held)
+        coded = (held - s) // block * block
+        staged = held - s - coded
+        fixed += s * row
+        items.append((calib.proxy_k[i].numpy(), coded * calib.bytes_k[i].numpy() + staged * calib.stage_k[i].numpy()))
+        items.append((calib.proxy_v[i].numpy(), (coded + staged) * calib.bytes_v[i].numpy()))
+    return items, fixed
+
+
+def fp16_bytes(spec, context: int) -> int:
+    return sum(min(context, spec.sliding_window - 1) if spec.is_sliding(i) else context
+               for i in range(spec.num_layers)) * 2 * spec.num_kv_heads * spec.head_dim * 2
+
+
+def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int) -> Allocation:
+    """The allocation meeting `ratio` x fp16 at `context` tokens (`layer_bytes`)."""
+    items, fixed = layer_bytes(calib, spec, context, sink, block)
+    full = fp16_bytes(spec, context)
+    budget = full / ratio - fixed
+    if budget <= 0:
+        raise KvshrinkError(f"a ratio of {ratio:g}x cannot be met at {context} tokens: the float16 sink alone "
+                            "takes more")
+    least = fixed + sum(float(nbytes[np.isfinite(proxy)].min()) for proxy, nbytes in items)
+    if least > budget + fixed:
+        raise KvshrinkError(f"a ratio of {ratio:g}x does not fit this model at {context} tokens: its smallest codes "
+                            f"(1 bit, with their scales and the float16 sink) reach {full / least:.2f}x")
+    picks, proxy = allocate(items, budget)
+    held = fixed + sum(float(nbytes[j]) for (_, nbytes), j in zip(items, picks))
+    return Allocation([KEY_MENU[j] for j in picks[0::2]], [VALUE_MENU[j] for j in picks[1::2]], proxy, full / held)
+
+
+def uniform(calib: BudgetCalibration, key_choice, value_choice) -> float:
+    """The summed proxy of one choice for every layer (what the allocator must not do worse than)."""
+    return float(calib.proxy_k[:, KEY_MENU.index(key_choice)].sum()
+                 + calib.proxy_v[:, VALUE_MENU.index(value_choice)].sum())
+
+
+def default_path(model, data: dict, block: int) -> str:
+    """Keyed by the model's weights, the calibration corpus (its digest) and token range, and the block."""
+    key = json.dumps([data.get("corpus_sha256"), data.get("tokens"), data.get("sequences"), data.get("length")])
+    tag = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return os.path.join(calibration_dir(), f"auto-{model_fingerprint(model)}-{tag}-b{block}.safetensors")
+
+
+def load_or_calibrate(model, tokenizer, corpus: str | None = None, sink: int = 4, block: int = 128,
+                      log=print) -> tuple[BudgetCalibration, str]:
+    """(calibration, path): the one for this model, corpus range and block, measured first if missing."""
+    ids, desc = calibration_ids(tokenizer, corpus)
+    path = default_path(model, desc, block)
+    if os.path.isfile(path):
+        return BudgetCalibration.load(path, model, block), path
+    log(f"auto: no budget calibration for this model, corpus range and block at {path}; measuring it "
+        "(about 4 minutes on 2 cores for the bundled 135M model)")
+    calib = measure(model, ids, desc, sink, block)
+    calib.save(path)
+    return calib, path
+
+
+def measure(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128) -> BudgetCalibration:
+    """`calibrate` with a progress bar over its forward passes."""
+    spec = spec_from_config(model.config)
+    per_layer = len(MEASURED_KEYS) + sum(c[2] is None or spec.head_dim % c[2] == 0 for c in MEASURED_VALUES)
+    with Progress(TextColumn("auto calibration"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("", total=spec.num_layers * per_layer)
+        return calibrate(model, ids, data, sink, block, lambda: bar.advance(task))

@@ -1,0 +1,78 @@
+"""The budget family's cache: a CompressedCache (families/quant) whose layers each get the key and
+value codecs the allocation chose, read in place by the same compiled kernel (any width per layer).
+
+The calibration is measured once per model, calibration corpus range and block (allocate.py) and
+kept by model in memory after `prepare`, so `from_method` needs no tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+from ...attention.function import require_kvshrink_attention, use_kvshrink_attention, uses_kvshrink_attention
+from ...errors import KvshrinkError
+from ..quant.cache import CompressedCache
+from ...spec import spec_from_config
+from . import allocate
+from .config import BudgetConfig
+
+_CALIBS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {block: (calibration, path)}
+
+
+class BudgetCache(CompressedCache):
+    """A CompressedCache with one (key codec, value codec) per layer, chosen under one budget."""
+
+    def __init__(self, config, allocation: allocate.Allocation, calibration: str, block: int, data: dict | None = None,
+                 **kwargs):
+        pairs = [(allocate.key_codec(k, block), allocate.value_codec(v))
+                 for k, v in zip(allocation.keys, allocation.values)]
+        super().__init__(config, layer_codecs=pairs, block=block, **kwargs)
+        self.allocation, self.calibration, self.data = allocation, calibration, data or {}
+
+    def _describe(self) -> str:
+        where = (f" ({self.data['corpus']} tokens {self.data['tokens'][0]}..{self.data['tokens'][1]})"
+                 if "tokens" in self.data else "")
+        return (f"{self.allocation.describe()}, sink {self.sink}, block {self.block}, {self._how_it_attends()}; "
+                f"calibration {self.calibration}{where}")
+
+
+def calibration_for(model, block: int, tokenizer=None, corpus=None):
+    """(calibration, path) for this model and block: memo, else the file at $KVSHRINK_AUTO_CALIBRATION
+    (checked against the model and block), else the file for the corpus range, else measured."""
+    memo = _CALIBS.setdefault(model, {})
+    env = os.environ.get("KVSHRINK_AUTO_CALIBRATION")
+    if env:
+        if memo.get(block, (None, None))[1] != env:
+            memo[block] = allocate.BudgetCalibration.load(env, model, block), env
+    elif block not in memo:
+        if tokenizer is None:
+            raise KvshrinkError("auto methods need a budget calibration: run kvshrink.prepare(model, 'auto-6x', "
+                                "tokenizer) first (or `kvshrink calibrate --method auto`)")
+        memo[block] = allocate.load_or_calibrate(model, tokenizer, corpus, block=block)
+    return memo[block]
+
+
+def prepare(config: BudgetConfig, model, tokenizer=None, corpus=None):
+    """The budget calibration loaded or measured (a minute on the bundled model the first time), and the
+    model switched to the "kvshrink" attention in place (decode steps read the codes)."""
+    calibration_for(model, config.block, tokenizer, corpus)
+    if config.attend != "decode":
+        use_kvshrink_attention(model)
+    return model
+
+
+def build(config: BudgetConfig, model, method: str) -> BudgetCache:
+    if not hasattr(model, "set_attn_implementation"):
+        raise KvshrinkError(f"{method} needs the model, not its config (its allocation is calibrated on the "
+                            f"weights): kvshrink.from_method({method!r}, model)")
+    calib, path = calibration_for(model, config.block)
+    spec = spec_from_config(model.config)
+    chosen = allocate.choose(calib, spec, config.budget, config.context, config.sink, config.block)
+    attend = config.attend
+    if attend == "auto":
+        attend = "fused" if uses_kvshrink_attention(model.config) else "decode"
+    elif attend == "fused":
+        require_kvshrink_attention(model.config, method)
+    return BudgetCache(model.config, chosen, path, config.block, calib.header.get("data"), sink=config.sink, window=0,
+                       attend=attend, splits=config.splits, method=method)

@@ -1,0 +1,51 @@
+"""Options and presets of the budget family (allocate.py, cache.py): `auto-4x` .. `auto-8x`, `auto`.
+
+A user names a target ratio against an fp16 cache; one allocator spends it across layers and
+keys/values (bits 1 to 8, Hadamard rotation or not, value groups of the whole head or 32
+channels) where the calibration's loss proxy says it matters least. The ratio is met at
+`context` tokens after a prefill, counting everything the cache holds there (float16 sink, the
+partial block's keys at the stage's width, scales), so the bench's figure is the target and not a
+nominal one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import KvshrinkError
+from ...registry import Config, Method, check_int, option, register
+
+PRESETS = (4, 5, 6, 8)
+
+
+@dataclass(frozen=True)
+class BudgetConfig(Config):
+    """Integer codes (KIVI layout) with widths allocated per layer and K/V under one budget."""
+
+    family = "budget"
+    calibrated = True
+    budget: float = option(6.0, "target compression ratio against an fp16 cache, met at `context` tokens")
+    context: int = option(2048, "tokens at which the ratio is met (sink, partial block and scales counted)")
+    sink: int = option(4, "first tokens kept in float16 (attention sinks)")
+    block: int = option(128, "tokens per coded block (the key quantization group)")
+    attend: str = option("auto", "decode steps: fused (compiled kernel reads the codes), decode, or auto",
+                         ("auto", "fused", "decode"))
+    splits: int = option(4, "parallel ranges of blocks per head in the fused kernel")
+
+    def check(self):
+        if not isinstance(self.budget, (int, float)) or not 1.0 <= self.budget <= 32.0:
+            raise KvshrinkError(f"budget must be a ratio between 1 and 32 (x fp16), got {self.budget!r}")
+        check_int("sink", self.sink)
+        check_int("block", self.block, 1)
+        check_int("splits", self.splits, 1)
+        check_int("context", self.context, 1)
+        if self.context <= self.sink + self.block:
+            raise KvshrinkError(f"context {self.context} leaves no coded block after {self.sink} sink tokens "
+                                f"and a block of {self.block}")
+
+
+register(Method("auto", BudgetConfig(), "one budget for the whole cache (auto:budget=N): int widths, rotation "
+                "and value groups allocated per layer and K/V by a calibrated loss proxy"))
+for _r in PRESETS:
+    register(Method(f"auto-{_r}x", BudgetConfig(budget=float(_r)), f"one budget: {_r}x fp16 at 2,048 tokens, "
+                    "int widths allocated per layer and K/V by a calibrated loss proxy", default=_r in (4, 6)))

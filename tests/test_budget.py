@@ -1,0 +1,150 @@
+"""One budget for the whole cache (families/budget): the allocator, the calibration, the cache.
+
+Properties:
+- the knapsack's choice fits its budget, is never worse than any uniform choice that fits, and
+  finds every solution that fits with its rounding slack (brute force on small cases);
+- the calibration's bytes are the codecs' real bytes: after a prefill of `context` tokens the cache
+  holds exactly the bytes the allocation expected, so the ratio a user names is the one measured;
+- the cache's fused kernel equals its decode-then-attend path, per-layer widths and all;
+- calibrations are checked against the model and block, and keyed by the corpus range.
+"""
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaForCausalLM
+
+from kvshrink import KvshrinkError, from_method, prepare
+from kvshrink.core.sensitivity import Perturbed
+from kvshrink.families.budget import allocate as A
+from kvshrink.spec import spec_from_config
+
+
+@settings(max_examples=60, deadline=None)
+@given(items=st.integers(1, 4), choices=st.integers(1, 4), seed=st.integers(0, 10_000),
+       share=st.floats(0.2, 1.2))
+def test_knapsack_fits_and_beats_uniform_and_brute_force(items, choices, seed, share):
+    rng = np.random.default_rng(seed)
+    costs = [(rng.random(choices) * 10, rng.integers(1, 100, choices).astype(float)) for _ in range(items)]
+    budget = share * sum(c[1].max() for c in costs)
+    try:
+        picks, total = A.allocate(costs, budget)
+    except KvshrinkError as err:  # only when even the smallest choices do not fit
+        assert sum(c[1].min() for c in costs) > budget - items * budget / A.CELLS and "\n" not in str(err)
+        return
+    assert sum(c[1][j] for c, j in zip(costs, picks)) <= budget + 1e-9
+    assert total == pytest.approx(sum(c[0][j] for c, j in zip(costs, picks)))
+    for j in range(choices):  # every uniform choice that fits
+        if sum(c[1][j] for c in costs) <= budget:
+            assert total <= sum(c[0][j] for c in costs) + 1e-9
+    slack = budget - items * budget / A.CELLS  # a solution fitting this is never lost to rounding
+    for combo in itertools.product(range(choices), repeat=items):
+        if sum(c[1][j] for c, j in zip(costs, combo)) <= slack:
+            assert total <= sum(c[0][j] for c, j in zip(costs, combo)) + 1e-9
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_model, tmp_path_factory):
+    """A budget calibration of the tiny model on random tokens, saved where the methods look."""
+    ids = torch.randint(3, 128, (2, 4 + 3 * 32), generator=torch.Generator().manual_seed(0))
+    calib = A.calibrate(tiny_model, ids, {"test": True}, sink=4, block=32)
+    path = str(tmp_path_factory.mktemp("auto") / "auto.safetensors")
+    calib.save(path)
+    return calib, path
+
+
+def test_calibration_measures_every_choice(calibrated, tiny_model):
+    calib, _ = calibrated
+    spec = spec_from_config(tiny_model.config)
+    n_layers, h, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
+    assert calib.proxy_k.shape == (n_layers, len(A.KEY_MENU)) and calib.proxy_v.shape == (n_layers, len(A.VALUE_MENU))
+    assert torch.isfinite(calib.proxy_k).all()
+    for j, (bits, rotate, group) in enumerate(A.VALUE_MENU):  # groups of 32 do not fit a head of 16
+        assert torch.isfinite(calib.proxy_v[:, j]).all() == (group is None)
+    for j, (bits, _, _) in enumerate(A.KEY_MENU):  # packed codes plus a float16 step and minimum per group
+        assert torch.allclose(calib.bytes_k[:, j], torch.tensor(h * (d * bits / 8 + 4 * d / 32), dtype=torch.float64))
+        assert torch.allclose(calib.stage_k[:, j], torch.tensor(h * (d * min(8, 2 * bits) / 8 + 4.0),
+                                                                dtype=torch.float64))
+    one, eight = A.KEY_MENU.index((1, False, None)), A.KEY_MENU.index((8, False, None))
+    assert (calib.proxy_k[:, eight] < calib.proxy_k[:, one]).all()  # more bits, less loss
+    one, three = A.VALUE_MENU.index((1, True, None)), A.VALUE_MENU.index((3, True, None))
+    assert (calib.proxy_v[:, three] < calib.proxy_v[:, one]).all() and (calib.proxy_v[:, three] > 0).all()
+
+
+def test_perturbed_kl_is_zero_unchanged_and_grows_with_the_error(tiny_model):
+    ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(3))
+    perturbed = Perturbed(tiny_model, ids)
+    assert perturbed.kl(0, "key", lambda x: x) == 0.0
+    small, large = (perturbed.kl(1, "value", lambda x, s=s: x + s * torch.randn_like(x)) for s in (0.01, 1.0))
+    assert 0 < small < large
+
+
+@pytest.mark.parametrize("ratio", [3.0, 4.0, 5.0])
+def test_cache_holds_the_bytes_the_allocation_expects(calibrated, tiny_model, monkeypatch, ratio):
+    _, path = calibrated
+    monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", path)
+    model = prepare(copy.deepcopy(tiny_model), "auto:block=32")
+    cache = from_method(f"auto:budget={ratio}:block=32:context=160", model)
+    assert cache.allocation.ratio >= ratio
+    ids = torch.randint(3, 128, (1, 160), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for s in range(0, 160, 16):  # a chunked prefill, as the bench's perplexity runs
+            model(ids[:, s:s + 16], past_key_values=cache, use_cache=True)
+    assert cache.fp16_nbytes() / cache.nbytes() == pytest.approx(cache.allocation.ratio, rel=1e-9)
+    assert "bits per layer for keys" in cache.describe() and path in cache.describe()
+
+
+def test_more_budget_never_raises_the_proxy(calibrated, tiny_model):
+    calib, _ = calibrated
+    spec = spec_from_config(tiny_model.config)
+    proxies = [A.choose(calib, spec, r, 150, 4, 32).proxy for r in (2.0, 3.0, 4.0, 4.5, 5.0)]
+    assert proxies == sorted(proxies)
+    with pytest.raises(KvshrinkError, match="a ratio of 30x does not fit this model at 150 tokens") as err:
+        A.choose(calib, spec, 30.0, 150, 4, 32)  # a head of 16: 1-bit codes and their scales reach about 5x
+    assert "\n" not in str(err.value)
+
+
+def test_fused_kernel_equals_decode_then_attend(calibrated, tiny_model, monkeypatch):
+    _, path = calibrated
+    monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", path)
+    model = prepare(copy.deepcopy(tiny_model), "auto:block=32")
+    ids = torch.randint(3, 128, (2, 100), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for attend in ("fused", "decode"):
+        cache = from_method(f"auto:budget=5:block=32:attend={attend}", model)
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+            steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(6)]
+        outs.append(torch.cat(steps, 1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_refuses_another_model_or_block(calibrated, tiny_model, tiny_config):
+    _, path = calibrated
+    torch.manual_seed(5)
+    other = LlamaForCausalLM(copy.deepcopy(tiny_config)).eval()
+    with pytest.raises(KvshrinkError, match="other weights"):
+        A.BudgetCalibration.load(path, other)
+    with pytest.raises(KvshrinkError, match="blocks of 32 tokens, not 64"):
+        A.BudgetCalibration.load(path, tiny_model, 64)
+
+
+def test_calibration_is_keyed_by_the_corpus_range(tiny_model):
+    base = {"corpus_sha256": "a" * 16, "tokens": [100, 200], "sequences": 4, "length": 512}
+    paths = {A.default_path(tiny_model, d, 128) for d in (base, {**base, "corpus_sha256": "b" * 16},
+                                                           {**base, "tokens": [0, 100]})}
+    assert len(paths) == 3 and A.default_path(tiny_model, base, 64) not in paths
+
+
+def test_methods_need_their_calibration_and_a_sane_budget(tiny_model, monkeypatch):
+    monkeypatch.delenv("KVSHRINK_AUTO_CALIBRATION", raising=False)
+    with pytest.raises(KvshrinkError, match="need a budget calibration") as err:
+        from_method("auto-6x", copy.deepcopy(tiny_model))
+    assert "\n" not in str(err.value)
+    with pytest.raises(KvshrinkError, match="budget must be a ratio"):
+        from_method("auto:budget=0.5", tiny_model)
