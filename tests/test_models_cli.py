@@ -195,3 +195,34 @@ def test_a_gguf_file_or_a_folder_holding_one_loads_as_the_bundled_model_does(tmp
         load_config(str(tmp_path))
     with pytest.raises(KvshrinkError, match="no such GGUF file"):
         load_config(str(tmp_path / "missing.gguf"))
+
+
+def test_bench_refuses_to_calibrate_on_the_tokens_it_evaluates(tiny_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KVSHRINK_AUTO_CALIBRATION", raising=False)
+    monkeypatch.setenv("KVSHRINK_CALIB_DIR", str(tmp_path / "calib"))
+    corpus = tmp_path / "words.txt"  # 5,000 tokens: the calibration takes the last 2,048
+    corpus.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 125, (5000,))))
+    args = ["bench", "--model", tiny_folder, "--corpus", str(corpus), "--methods", "auto-4x", "--sections", "quality",
+            "--seg-len", "48", "--out", str(tmp_path / "o")]
+    code, err = _run(args + ["--segments", "70"], capsys)  # 3,360 evaluated tokens reach past token 2,952
+    assert code == 2 and "would reuse 408 of the 3360 tokens being evaluated" in err and len(err.splitlines()) == 1
+    assert not list((tmp_path / "calib").glob("auto-*"))  # refused before measuring anything
+
+
+def test_calibrate_auto_then_bench_meets_the_ratio(tiny_folder, tmp_path, capsys, monkeypatch):
+    import json
+
+    corpus = tmp_path / "words.txt"
+    corpus.write_text(" ".join(f"w{int(i)}" for i in torch.randint(0, 125, (3000,))))
+    calib = tmp_path / "auto.safetensors"
+    code = main(["calibrate", "--method", "auto", "--model", tiny_folder, "--corpus", str(corpus), "--sequences", "1",
+                 "--length", "36", "--block", "32", "--out", str(calib)])
+    assert code == 0 and calib.exists() and "auto calibration: 36 tokens" in capsys.readouterr().out
+    monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", str(calib))
+    out = tmp_path / "o"
+    code = main(["bench", "--model", tiny_folder, "--corpus", str(corpus), "--methods", "auto:budget=3:block=32:context=48",
+                 "--sections", "quality", "--seg-len", "48", "--segments", "2", "--chunk", "16", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["quality"]["auto:budget=3:block=32:context=48"]["ratio"] >= 3.0
+    assert "bits per layer for keys" in res["methods"]["auto:budget=3:block=32:context=48"]["cache"]

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import DynamicCache
 
 from .api import from_method, prepare
-from .core.calibfile import check_disjoint
+from .core.calibfile import evaluating
 from .corpus import load_corpus_ids, segments
 from .errors import KvshrinkError
 from .eval.needle import run_needles
@@ -95,9 +95,13 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     spec = spec_from_config(model.config)
     methods = {n: get_method(n) for n in cfg.methods}
     need = max(cfg.segments * cfg.seg_len, max(cfg.speed_contexts) + cfg.decode_steps + 1)
-    if any(m.config.calibrated for m in methods.values()):  # calibration never on evaluated tokens
-        check_disjoint(tok, cfg.corpus, need + 64)
-    models = {n: prepare(model, m, tok, cfg.corpus) for n, m in methods.items()}  # ZDC: a transformed copy
+    evaluated = max(cfg.segments * cfg.seg_len if "quality" in cfg.sections else 0,
+                    need + 64 if "speed" in cfg.sections else 0)  # speed prompts: the first need + 64 tokens
+    evaluating(cfg.corpus, evaluated)  # a calibration made now refuses these tokens
+    try:
+        models = {n: prepare(model, m, tok, cfg.corpus) for n, m in methods.items()}  # ZDC: a transformed copy
+    finally:
+        evaluating(cfg.corpus, 0)
     makers = {n: (lambda m=m, n=n: from_method(m, models[n])) for n, m in methods.items()}
     caches = {}
     for n, make in makers.items():  # refuse bad method options now, not after an hour of other methods

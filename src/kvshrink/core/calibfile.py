@@ -60,16 +60,17 @@ def calibration_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvshrink")
 
 
-MOST_TOKENS = 8 * 512  # the most any family calibrates on (RVQ: 8 sequences of 512)
+_EVALUATED: dict = {}  # corpus path -> tokens from its start that a running bench evaluates
 
 
-def check_disjoint(tokenizer, corpus: str | None, evaluated: int) -> None:
-    """Refuse a corpus too short for its first `evaluated` tokens (what a bench scores) and the
-    calibration tokens taken from its end to be disjoint."""
-    total = load_corpus_ids(tokenizer, corpus).numel()
-    if total < evaluated + MOST_TOKENS:
-        raise KvshrinkError(f"the corpus has {total} tokens: calibrating on its last {MOST_TOKENS} would reuse some "
-                            f"of the {evaluated} evaluated from its start; use a longer corpus or fewer segments")
+def evaluating(corpus: str | None, tokens: int) -> None:
+    """Say that the first `tokens` of `corpus` are being evaluated (0: no longer): a calibration
+    that would take any of them refuses (`calibration_ids`)."""
+    path = os.path.abspath(corpus or default_corpus())
+    if tokens:
+        _EVALUATED[path] = tokens
+    else:
+        _EVALUATED.pop(path, None)
 
 
 def calibration_ids(tokenizer, corpus: str | None = None, sequences: int = 4, length: int = 512):
@@ -84,6 +85,11 @@ def calibration_ids(tokenizer, corpus: str | None = None, sequences: int = 4, le
     with open(path, "rb") as fh:
         digest = hashlib.sha256(fh.read()).hexdigest()[:16]
     start = ids.numel() - need
+    evaluated = _EVALUATED.get(os.path.abspath(path), 0)
+    if start < evaluated:
+        raise KvshrinkError(f"calibrating on the last {need} tokens of {os.path.basename(path)} would reuse "
+                            f"{evaluated - start} of the {evaluated} tokens being evaluated; use a longer corpus, "
+                            "fewer segments, or a calibration made ahead (kvshrink calibrate --corpus ...)")
     desc = {"corpus": os.path.basename(path), "corpus_sha256": digest, "tokens": [int(start), int(ids.numel())],
             "sequences": sequences, "length": length,
             "note": "the last tokens of the corpus; evaluation segments come from its start"}
