@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from .api import from_method, prepare
 from .core.calibfile import evaluating
-from .corpus import load_corpus_ids, segments
+from .corpus import default_corpus, load_corpus_ids, segments
 from .errors import KvshrinkError
 from .eval.needle import run_needles
 from .eval.perplexity import evaluate_quality
@@ -138,7 +138,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             task = bar.add_task("perplexity + agreement", total=steps)
             res["quality"] = evaluate_quality(model, spec, makers, segs, cfg.chunk, lambda: bar.advance(task), models)
             res["quality_protocol"] = {"segments": cfg.segments, "segment_tokens": cfg.seg_len, "chunk": cfg.chunk,
-                                       "predicted_tokens": res["quality"][REF]["tokens"]}
+                                       "predicted_tokens": res["quality"][REF]["tokens"],
+                                       "corpus": os.path.basename(cfg.corpus or default_corpus())}
             _checkpoint(res, cfg.out, t_start)
         if "needle" in cfg.sections:
             n = len(cfg.needle_lengths) * len(cfg.needle_depths) * 2 * len(with_ref)
@@ -282,7 +283,8 @@ def write_outputs(res: dict, out: str) -> None:
     qp = res.get("quality_protocol", {})
     md = [f"# kvshrink bench: {res['model']}", ""]
     if qp:
-        md.append(f"WikiText-2 perplexity: {qp['segments']} segments × {qp['segment_tokens']} tokens, "
+        md.append(f"Perplexity on {qp.get('corpus', 'WikiText-2 test')}: {qp['segments']} segments × "
+                  f"{qp['segment_tokens']} tokens, "
                   f"chunks of {qp['chunk']}, {qp['predicted_tokens']} predicted tokens per method. "
                   "Ratio = fp16 bytes / bytes held, at the end of each segment. "
                   "Decode ×dyn = tokens/s relative to DynamicCache (float32) in this run. "
@@ -297,18 +299,24 @@ def write_outputs(res: dict, out: str) -> None:
 
 
 def plot(res: dict, path: str) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (name, r) in enumerate(res["quality"].items()):
-        if "ratio" not in r:
-            continue
-        peer = res["methods"][name]["family"] == "peer"
-        ax.scatter(r["ratio"], 100 * r["ppl_change"], marker="s" if peer else "o", color="tab:gray" if peer else "tab:blue")
-        ax.annotate(name, (r["ratio"], 100 * r["ppl_change"]), fontsize=7, xytext=(4, 4 if i % 2 else -10), textcoords="offset points")
-    ax.set_yscale("symlog", linthresh=1)
-    ax.set_xlabel("compression ratio vs fp16 (bytes really held)")
-    ax.set_ylabel("perplexity change vs uncompressed (%)")
-    ax.set_title("kvshrink: ratio vs perplexity change (squares: transformers QuantizedCache)")
-    ax.grid(alpha=0.3)
+    """The frontier: ratio against perplexity change and against KL, one point per method."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, scale, label in ((axes[0], "ppl_change", 100, "perplexity change vs uncompressed (%)"),
+                                  (axes[1], "kl", 1, "KL(uncompressed || method) per token")):
+        for i, (name, r) in enumerate(res["quality"].items()):
+            if "ratio" not in r:
+                continue
+            peer = res["methods"][name]["family"] == "peer"
+            y = scale * r[key] if key == "ppl_change" else max(r[key], 1e-6)  # KL on a log axis
+            ax.scatter(r["ratio"], y, marker="s" if peer else "o", color="tab:gray" if peer else "tab:blue")
+            ax.annotate(name, (r["ratio"], y), fontsize=7, xytext=(4, 4 if i % 2 else -10), textcoords="offset points")
+        # a perplexity change can be negative: symmetric log, linear within +-0.1%
+        ax.set_yscale("symlog", linthresh=0.1) if key == "ppl_change" else ax.set_yscale("log")
+        ax.set_xlabel("compression ratio vs fp16 (bytes really held)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"kvshrink on {res.get('quality_protocol', {}).get('corpus', 'WikiText-2 test')}: ratio against "
+                 "quality (squares: transformers QuantizedCache)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
