@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="file to write (default: where the method looks for this model)")
 
     m = sub.add_parser("methods", help="list registered methods and each family's options")
-    m.add_argument("--family", help="only this family's methods (quant, lowrank, evict, rvq, kvcomp, peer)")
+    m.add_argument("--family", help="only this family's methods (quant, lowrank, evict, rvq, kvcomp, budget, peer)")
     return p
 
 
