@@ -148,3 +148,15 @@ def test_methods_need_their_calibration_and_a_sane_budget(tiny_model, monkeypatc
     assert "\n" not in str(err.value)
     with pytest.raises(KvshrinkError, match="budget must be a ratio"):
         from_method("auto:budget=0.5", tiny_model)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_allocation_never_worse_than_uniform_widths_at_their_bytes(calibrated, tiny_model, bits):
+    calib, _ = calibrated
+    spec = spec_from_config(tiny_model.config)
+    keys, values = (bits, False, None), (bits, True, None)
+    items, fixed = A.layer_bytes(calib, spec, 150, 4, 32)
+    held = fixed + sum(float(nbytes[(A.KEY_MENU if i % 2 == 0 else A.VALUE_MENU).index(keys if i % 2 == 0 else values)])
+                       for i, (_, nbytes) in enumerate(items))
+    ratio = A.fp16_bytes(spec, 150) / held  # what uniform widths reach; 1% slack for the knapsack's rounding
+    assert A.choose(calib, spec, 0.99 * ratio, 150, 4, 32).proxy <= A.uniform(calib, keys, values) + 1e-12
