@@ -158,5 +158,5 @@ def test_allocation_never_worse_than_uniform_widths_at_their_bytes(calibrated, t
     items, fixed = A.layer_bytes(calib, spec, 150, 4, 32)
     held = fixed + sum(float(nbytes[(A.KEY_MENU if i % 2 == 0 else A.VALUE_MENU).index(keys if i % 2 == 0 else values)])
                        for i, (_, nbytes) in enumerate(items))
-    ratio = A.fp16_bytes(spec, 150) / held  # what uniform widths reach; 1% slack for the knapsack's rounding
+    ratio = spec.fp16_bytes(150) / held  # what uniform widths reach; 1% slack for the knapsack's rounding
     assert A.choose(calib, spec, 0.99 * ratio, 150, 4, 32).proxy <= A.uniform(calib, keys, values) + 1e-12

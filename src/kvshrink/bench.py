@@ -301,17 +301,18 @@ def write_outputs(res: dict, out: str) -> None:
 def plot(res: dict, path: str) -> None:
     """The frontier: ratio against perplexity change and against KL, one point per method."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, key, scale, label in ((axes[0], "ppl_change", 100, "perplexity change vs uncompressed (%)"),
-                                  (axes[1], "kl", 1, "KL(uncompressed || method) per token")):
+    # a perplexity change can be negative: symmetric log, linear within +-0.1%; KL on a log axis
+    panels = ((axes[0], "ppl_change", "perplexity change vs uncompressed (%)", {"value": "symlog", "linthresh": 0.1}),
+              (axes[1], "kl", "KL(uncompressed || method) per token", {"value": "log"}))
+    for ax, key, label, yscale in panels:
         for i, (name, r) in enumerate(res["quality"].items()):
             if "ratio" not in r:
                 continue
             peer = res["methods"][name]["family"] == "peer"
-            y = scale * r[key] if key == "ppl_change" else max(r[key], 1e-6)  # KL on a log axis
+            y = 100 * r[key] if key == "ppl_change" else max(r[key], 1e-6)
             ax.scatter(r["ratio"], y, marker="s" if peer else "o", color="tab:gray" if peer else "tab:blue")
             ax.annotate(name, (r["ratio"], y), fontsize=7, xytext=(4, 4 if i % 2 else -10), textcoords="offset points")
-        # a perplexity change can be negative: symmetric log, linear within +-0.1%
-        ax.set_yscale("symlog", linthresh=0.1) if key == "ppl_change" else ax.set_yscale("log")
+        ax.set_yscale(**yscale)
         ax.set_xlabel("compression ratio vs fp16 (bytes really held)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")

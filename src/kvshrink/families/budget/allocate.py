@@ -73,6 +73,11 @@ def value_codec(choice) -> IntQuant:
     return IntQuant(bits, "token", group, rotate=rotate, seed=2)
 
 
+def fits(choice, head_dim: int) -> bool:
+    """Whether a menu entry's channel groups divide the head."""
+    return choice[2] is None or head_dim % choice[2] == 0
+
+
 def describe_choice(choice) -> str:
     bits, rotate, group = choice
     return f"{bits}{'r' if rotate else ''}{'/' + str(group) if group else ''}"
@@ -142,7 +147,7 @@ def _measured(model, ids, sink: int, block: int, first_k, first_v, d: int, progr
         anchor = menu.index(anchor)
         for i in range(first.shape[0]):
             for c in measured:
-                if c[2] is None or d % c[2] == 0:
+                if fits(c, d):
                     kl[i, menu.index(c)] = max(perturbed.kl(i, which, _round_trip(make(c), sink, block)), 0.0)
                     if progress is not None:
                         progress()
@@ -180,7 +185,7 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
             stage = stage_codec(key_codec(c, block))
             sk[i, j] = stage.nbytes(stage.encode(k[None], 1)) / k.shape[1]
         for j, c in enumerate(VALUE_MENU):
-            if c[2] is None or d % c[2] == 0:
+            if fits(c, d):
                 pv[i, j], bv[i, j] = _proxy(v, gv, value_codec(c), block)
     keep.clear()
     kl_k, kl_v = _measured(model, ids[:1], sink, block, pk, pv, d, progress)
@@ -241,7 +246,7 @@ class Allocation:
                 f"{self.ratio:.2f}x expected")
 
 
-def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int) -> tuple[list, list]:
+def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int) -> tuple[list, int]:
     """(items, fixed): per layer, keys then values, (proxy, bytes held at `context` tokens) arrays over
     the menu; fixed: the float16 sink's bytes. A layer holds `context` tokens (a sliding layer its
     window - 1, as an fp16 cache does): the sink, whole coded blocks, and a partial block whose keys
@@ -259,15 +264,10 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
     return items, fixed
 
 
-def fp16_bytes(spec, context: int) -> int:
-    return sum(min(context, spec.sliding_window - 1) if spec.is_sliding(i) else context
-               for i in range(spec.num_layers)) * 2 * spec.num_kv_heads * spec.head_dim * 2
-
-
 def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int) -> Allocation:
     """The allocation meeting `ratio` x fp16 at `context` tokens (`layer_bytes`)."""
     items, fixed = layer_bytes(calib, spec, context, sink, block)
-    full = fp16_bytes(spec, context)
+    full = spec.fp16_bytes(context)
     budget = full / ratio - fixed
     if budget <= 0:
         raise KvshrinkError(f"a ratio of {ratio:g}x cannot be met at {context} tokens: the float16 sink alone "
@@ -311,7 +311,7 @@ def load_or_calibrate(model, tokenizer, corpus: str | None = None, sink: int = 4
 def measure(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128) -> BudgetCalibration:
     """`calibrate` with a progress bar over its forward passes."""
     spec = spec_from_config(model.config)
-    per_layer = len(MEASURED_KEYS) + sum(c[2] is None or spec.head_dim % c[2] == 0 for c in MEASURED_VALUES)
+    per_layer = len(MEASURED_KEYS) + sum(fits(c, spec.head_dim) for c in MEASURED_VALUES)
     with Progress(TextColumn("auto calibration"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   transient=True) as bar:
         task = bar.add_task("", total=spec.num_layers * per_layer)
