@@ -1,4 +1,4 @@
-"""Command line: `kvshrink bench | generate | calibrate | methods`.
+"""Command line: `kvshrink bench | generate | serve | calibrate | methods`.
 
 Bad input prints one line naming the problem and exits with code 2. The top floor: methods and
 options are checked from the registry (no torch) before anything heavy loads; the commands that
@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-cache", metavar="PATH", help="save the compressed cache and its tokens (kvcomp methods)")
     g.add_argument("--resume", metavar="PATH", help="continue from a saved cache: the prompt is appended as raw "
                                                      "text to the tokens it holds, which are not recomputed")
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching over compressed caches")
+    s.add_argument("--model")
+    s.add_argument("--method", default="int4", help="a registered name, options after colons (`kvshrink methods`)")
+    s.add_argument("--kv-budget", default="256MB", help="bytes all requests' caches may hold (256MB, 1GiB, ...)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-running", type=int, default=64, help="most sequences in the running batch")
+    s.add_argument("--step-tokens", type=int, default=256, help="most new tokens in one forward call (prompt chunks)")
+    s.add_argument("--queue-limit", type=int, default=256, help="waiting requests beyond which the server answers 429")
 
     c = sub.add_parser("calibrate", help="calibrate a method that needs it (zdc: low-rank bases and loss proxies; "
                                          "rvq: residual codebooks; auto: the budget's loss of every width)")
@@ -237,6 +247,19 @@ def cmd_generate(args) -> None:
               "block fills before it is coded; try a prompt of a few thousand tokens)")
 
 
+def cmd_serve(args) -> None:
+    get_method(args.method)  # fail before torch and the model load
+    for name in ("port", "max_running", "step_tokens", "queue_limit"):
+        if getattr(args, name) < 1 or (name == "port" and args.port > 65535):
+            raise KvshrinkError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
+    from .serve.server import build, parse_bytes, run
+
+    budget = parse_bytes(args.kv_budget)
+    app, _, _ = build(args.model, args.method, budget, args.max_running, args.step_tokens, args.queue_limit)
+    print(f"kvshrink serve: {args.method} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    run(app, args.host, args.port)
+
+
 def cmd_methods(args) -> None:
     """Every registered name with its description, then each family's options, from the config fields."""
     families_seen = {}
@@ -259,7 +282,9 @@ def cmd_methods(args) -> None:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        {"bench": cmd_bench, "generate": cmd_generate, "methods": cmd_methods, "calibrate": cmd_calibrate}[args.cmd](args)
+        commands = {"bench": cmd_bench, "generate": cmd_generate, "serve": cmd_serve, "methods": cmd_methods,
+                    "calibrate": cmd_calibrate}
+        commands[args.cmd](args)
     except KvshrinkError as err:
         print(f"kvshrink: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,1 @@
+"""kvshrink serve: an OpenAI-compatible server with continuous batching over compressed caches."""

@@ -1,0 +1,298 @@
+"""Continuous batching over compressed caches: the scheduler and its step loop.
+
+Each step (one thread, `Engine.run`): finished and aborted requests leave; waiting requests join
+while the bytes they will need fit the KV budget (`budget.ByteModel`, measured for the method);
+then one forward call over every running sequence's new tokens (a decoding sequence's last token,
+a prefilling one's next prompt chunk; `ragged.RaggedCache`), and one sampled token for each
+sequence whose prompt is all in its cache. A request's tokens reach its caller through `emit`,
+called on the engine thread (the server hands them to its event loop).
+
+If the caches ever hold more than the budget (a measured need that fell short), the newest
+request is preempted: its cache freed, its prompt and output so far queued first again, and
+recomputed when it is admitted next.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..compat import with_cache
+from ..core.cache import cache_nbytes
+from ..errors import KvshrinkError
+from .ragged import RaggedCache, Segment
+
+FINISHED = ("stop", "length")
+
+
+class QueueFull(KvshrinkError):
+    """More requests wait than the queue limit allows (HTTP 429)."""
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple = ()
+    seed: int | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. emit(kind, payload) receives ("text", str) deltas, then ("done", finish
+    reason) or ("error", message)."""
+
+    prompt: list
+    sampling: Sampling
+    emit: object
+    id: str = ""
+    out: list = field(default_factory=list)
+    cache: object = None
+    fed: int = 0  # tokens of prompt + out already in the cache
+    sent: int = 0  # characters of the output text already emitted
+    reserved: int = 0
+    arrived: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    last: float | None = None
+    finish: str | None = None
+    gen: torch.Generator | None = None
+
+    def tokens(self) -> list:
+        return self.prompt + self.out
+
+
+class Engine:
+    """model: prepared for `method` (api.prepare); make_cache() -> a fresh cache of the method;
+    need: budget.ByteModel of that method; kv_budget: bytes all caches together may hold."""
+
+    def __init__(self, model, tokenizer, make_cache, need, kv_budget: int, max_running: int = 64,
+                 step_tokens: int = 256, queue_limit: int = 256, max_context: int | None = None, metrics=None):
+        self.model, self.tok, self.make_cache, self.need = model, tokenizer, make_cache, need
+        self.kv_budget, self.max_running, self.step_tokens = int(kv_budget), max_running, step_tokens
+        self.queue_limit, self.max_context, self.metrics = queue_limit, max_context, metrics
+        eos = model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            self.eos.add(tokenizer.eos_token_id)
+        self.waiting: deque = deque()
+        self.running: list = []
+        self.aborted: set = set()
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.ids = itertools.count()
+        self.peak_running = 0
+        self.held = 0  # bytes the running caches hold, after the last step
+        self.thread: threading.Thread | None = None
+
+    # -- called from other threads ------------------------------------------------------------
+
+    def submit(self, req: Request) -> Request:
+        if not req.id:
+            req.id = f"req-{next(self.ids)}"
+        total = len(req.prompt) + req.sampling.max_tokens
+        if self.max_context and total > self.max_context:
+            raise KvshrinkError(f"prompt of {len(req.prompt)} tokens + max_tokens {req.sampling.max_tokens} is longer "
+                                f"than the model allows ({self.max_context})")
+        if self.need.need(total) > self.kv_budget:
+            raise KvshrinkError(f"prompt of {len(req.prompt)} tokens + max_tokens {req.sampling.max_tokens} needs "
+                                f"{self.need.need(total)} bytes of cache, more than the whole KV budget "
+                                f"({self.kv_budget})")
+        with self.lock:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.queue_limit:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue limit); retry later")
+            req.gen = torch.Generator().manual_seed(req.sampling.seed if req.sampling.seed is not None
+                                                    else torch.seed() & 0xFFFFFFFF)
+            self.waiting.append(req)
+            self.lock.notify()
+        return req
+
+    def abort(self, req_id: str) -> None:
+        """Stop a request (its client went away); its cache is freed at the next step."""
+        with self.lock:
+            self.aborted.add(req_id)
+            self.lock.notify()
+
+    def start(self) -> "Engine":
+        self.thread = threading.Thread(target=self.run, name="kvshrink-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish nothing new: every request still queued or running is answered with an error."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def counts(self) -> tuple[int, int]:
+        with self.lock:
+            return len(self.running), len(self.waiting)
+
+    # -- the engine thread --------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                while not (self.stopping or self.waiting or self.running or self.aborted):
+                    self.lock.wait()
+                if self.stopping:
+                    break
+            try:
+                self.step()
+            except Exception as err:  # a fault in one step answers its requests, never kills the server
+                for req in list(self.running):
+                    self._finish(req, None, f"internal error: {type(err).__name__}: {err}")
+        with self.lock:
+            left = list(self.running) + list(self.waiting)
+            self.waiting.clear()
+        for req in left:
+            self._finish(req, None, "the server shut down before this request finished")
+
+    def reserved(self) -> int:
+        return sum(r.reserved for r in list(self.running))
+
+    def held_tokens(self) -> int:
+        return sum(r.fed for r in list(self.running))
+
+    def _admit(self) -> None:
+        with self.lock:
+            gone = self.aborted
+            self.aborted = set()
+            for req in [r for r in self.waiting if r.id in gone]:
+                self.waiting.remove(req)
+                self._finish(req, "abort")
+            for req in [r for r in self.running if r.id in gone]:
+                self._finish(req, "abort")
+            while self.waiting and len(self.running) < self.max_running:
+                req = self.waiting[0]
+                need = self.need.need(len(req.prompt) + req.sampling.max_tokens)
+                if self.reserved() + need > self.kv_budget:
+                    break
+                self.waiting.popleft()
+                req.reserved, req.cache, req.fed = need, self.make_cache(), 0
+                self.running.append(req)
+        self.peak_running = max(self.peak_running, len(self.running))
+
+    def _batch(self) -> tuple[list, list]:
+        """(requests, new token counts): decoding ones first, then prompt chunks within step_tokens."""
+        reqs, counts, room = [], [], self.step_tokens
+        for req in self.running:
+            if len(req.tokens()) - req.fed == 1:
+                reqs.append(req)
+                counts.append(1)
+                room -= 1
+        for req in self.running:
+            left = len(req.tokens()) - req.fed
+            if left > 1 and room > 0:
+                n = min(left, room)
+                reqs.append(req)
+                counts.append(n)
+                room -= n
+        return reqs, counts
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._admit()
+        if not self.running:
+            return
+        reqs, counts = self._batch()
+        ids, pos, segs, at = [], [], [], 0
+        for req, n in zip(reqs, counts):
+            toks = req.tokens()[req.fed:req.fed + n]
+            ids.extend(toks)
+            pos.extend(range(req.fed, req.fed + n))
+            segs.append(Segment(req.cache, at, n))
+            at += n
+        sample_at = [i for i, (req, n) in enumerate(zip(reqs, counts)) if req.fed + n == len(req.tokens())]
+        ends = torch.tensor([segs[i].start + segs[i].length - 1 for i in sample_at], dtype=torch.long)
+        mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a 4D mask: transformers builds none; RaggedStates masks
+        logits = self.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]), attention_mask=mask,
+                            **with_cache(self.model, RaggedCache(segs)), use_cache=True, logits_to_keep=ends).logits[0]
+        now = time.perf_counter()
+        for req, n in zip(reqs, counts):
+            req.fed += n
+        for row, i in enumerate(sample_at):
+            req = reqs[i]
+            tok = self._sample(logits[row].float(), req)
+            req.out.append(tok)
+            if req.first is None:
+                req.first = now
+                if self.metrics:
+                    self.metrics.ttft(now - req.arrived)
+            elif self.metrics:
+                self.metrics.tpot(now - req.last)
+            req.last = now
+            self._emit_text(req, tok)
+        self.held = sum(cache_nbytes(r.cache) for r in self.running)
+        if self.metrics:
+            self.metrics.step(self, sum(1 for _ in sample_at))
+        while self.held > self.kv_budget and len(self.running) > 1:
+            self._preempt(self.running[-1])
+
+    def _sample(self, logits: torch.Tensor, req: Request) -> int:
+        s = req.sampling
+        if s.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / s.temperature, -1)
+        if s.top_p < 1.0:
+            p, order = probs.sort(descending=True)
+            keep = p.cumsum(0) - p < s.top_p  # the smallest set whose mass reaches top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], p[keep])
+        return int(torch.multinomial(probs, 1, generator=req.gen))
+
+    def _emit_text(self, req: Request, tok: int) -> None:
+        s = req.sampling
+        done = tok in self.eos
+        out = req.out[:-1] if done else req.out
+        text = self.tok.decode(out, skip_special_tokens=True)
+        reason = "stop" if done else None
+        cut = len(text)
+        for stop in s.stop:
+            k = text.find(stop, max(0, req.sent - len(stop)))
+            if k >= 0 and k < cut:
+                cut, reason = k, "stop"
+        if reason is None and len(req.out) >= s.max_tokens:
+            reason = "length"
+        if reason is None:  # hold back what may be the start of a stop string, or half a character
+            hold = max([len(p) for stop in s.stop for p in _prefixes(stop) if text.endswith(p)] + [0])
+            cut = len(text) - hold
+            while cut > req.sent and text[cut - 1] == "\ufffd":
+                cut -= 1
+        if cut > req.sent:
+            req.emit("text", text[req.sent:cut])
+            req.sent = cut
+        if reason is not None:
+            self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: str | None, error: str | None = None) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        req.cache, req.finish = None, reason or "error"
+        if self.metrics:
+            self.metrics.finished(req.finish)
+        if error is not None:
+            req.emit("error", error)
+        else:
+            req.emit("done", req.finish)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        req.cache, req.fed, req.reserved = None, 0, 0
+        with self.lock:
+            self.waiting.appendleft(req)
+        if self.metrics:
+            self.metrics.preempted()
+        self.held = sum(cache_nbytes(r.cache) for r in self.running)
+
+
+def _prefixes(s: str):
+    return (s[:i] for i in range(1, len(s)))

@@ -1,0 +1,73 @@
+"""`kvshrink serve` put together: the model prepared for the method, the bytes its caches hold
+measured, the engine, the app, and uvicorn on a loopback (or given) address."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import uvicorn
+
+from ..api import from_method, prepare
+from ..attention.function import use_kvshrink_attention
+from ..corpus import default_corpus, load_corpus_ids
+from ..errors import KvshrinkError
+from ..models import DEFAULT_MODEL, load_model
+from ..registry import get_method
+from ..spec import spec_from_config
+from .app import create_app
+from .budget import measure
+from .engine import Engine
+from .metrics import Metrics
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+PROBE_TOKENS = 1024  # the prompt whose cache bytes are measured before serving
+
+
+def parse_bytes(text: str) -> int:
+    """'256MB' (10^6), '1GiB' (2^30), '5000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmg]i?b|b)?\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise KvshrinkError(f"cannot read KV budget {text!r}: use a size such as 256MB or 1GiB")
+    return int(float(m.group(1)) * UNITS[m.group(2) or ""])
+
+
+def probe_ids(tokenizer, tokens: int, log=print) -> torch.Tensor:
+    """Text the cache bytes are measured on: the default corpus if there is one (entropy-coded caches'
+    bytes depend on the text), else random token ids, said so."""
+    try:
+        ids = load_corpus_ids(tokenizer, default_corpus(), max_tokens=tokens)[:tokens]
+        if ids.numel() >= tokens:
+            return ids[None]
+    except KvshrinkError:
+        pass
+    log(f"serve: no corpus found; cache bytes measured on {tokens} random token ids")
+    return torch.randint(0, len(tokenizer), (1, tokens), generator=torch.Generator().manual_seed(0))
+
+
+def build(model_name: str | None, method: str, kv_budget: int, max_running: int = 64, step_tokens: int = 256,
+          queue_limit: int = 256, probe: int = PROBE_TOKENS, log=print, loaded=None):
+    """(app, engine, metrics). loaded: (model, tokenizer) already loaded (tests share one model)."""
+    get_method(method)
+    model, tok = loaded or load_model(model_name)
+    spec = spec_from_config(model.config)
+    if spec.has_sliding:
+        raise KvshrinkError("kvshrink serve does not run sliding-window models yet (its packed batches mask "
+                            "each sequence causally, not by window)")
+    model = prepare(model, method, tok)
+    use_kvshrink_attention(model)  # the packed batch attends through RaggedStates, for every method
+    probe = min(probe, spec.max_context or probe)
+    need = measure(model, lambda: from_method(method, model), probe_ids(tok, probe, log))
+    fp16 = spec.fp16_bytes_per_token()
+    log(f"serve: {method} holds {need.per_token():.0f} bytes per token at {need.lengths[-1]} tokens "
+        f"({fp16 / need.per_token():.2f}x float16); KV budget {kv_budget / 1e6:.1f} MB, about "
+        f"{kv_budget / need.per_token():.0f} tokens")
+    metrics = Metrics(method, fp16)
+    engine = Engine(model, tok, lambda: from_method(method, model), need, kv_budget, max_running=max_running,
+                    step_tokens=step_tokens, queue_limit=queue_limit, max_context=spec.max_context, metrics=metrics)
+    app = create_app(engine, tok, model_name or DEFAULT_MODEL, metrics)
+    return app, engine, metrics
+
+
+def run(app, host: str = "127.0.0.1", port: int = 8000) -> None:
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
