@@ -257,7 +257,8 @@ def cmd_serve(args) -> None:
     budget = parse_bytes(args.kv_budget)
     app, _, _ = build(args.model, args.method, budget, args.max_running, args.step_tokens, args.queue_limit)
     print(f"kvshrink serve: {args.method} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
-    run(app, args.host, args.port)
+    got = run(app, args.host, args.port)
+    print(f"kvshrink serve: stopped{' on signal ' + str(got[-1]) if got else ''}", flush=True)
 
 
 def cmd_methods(args) -> None:

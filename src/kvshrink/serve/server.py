@@ -4,6 +4,7 @@ measured, the engine, the app, and uvicorn on a loopback (or given) address."""
 from __future__ import annotations
 
 import re
+import signal
 
 import torch
 import uvicorn
@@ -69,5 +70,16 @@ def build(model_name: str | None, method: str, kv_budget: int, max_running: int 
     return app, engine, metrics
 
 
-def run(app, host: str = "127.0.0.1", port: int = 8000) -> None:
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+def run(app, host: str = "127.0.0.1", port: int = 8000) -> list:
+    """Serve until Ctrl-C or SIGTERM; running requests finish first (30 s at most). Returns the signals
+    received: uvicorn raises them again once it has shut down, and they land here, so that the process
+    exits cleanly instead of by the signal."""
+    got: list = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda sig, frame: got.append(sig)) for s in signals}
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    return got

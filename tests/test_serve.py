@@ -1,0 +1,225 @@
+"""kvshrink serve: a real server on a loopback port, talked to with the `openai` client and httpx."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from kvshrink import from_method
+from kvshrink.cli import main
+from kvshrink.compat import with_cache
+from kvshrink.serve.engine import Engine, Request, Sampling
+from kvshrink.serve.server import build, parse_bytes
+
+pytestmark = pytest.mark.model
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about autumn.", "Name three colors.",
+           "Explain gravity in one sentence.", "Tell me a story about a cat.", "What is 2 + 2?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`build` + uvicorn in a thread on a free loopback port, for the length of a `with`."""
+
+    def __init__(self, loaded, method, budget=256 * 10**6, **kw):
+        self.app, self.engine, self.metrics = build(None, method, budget, probe=256, log=lambda *_: None,
+                                                    loaded=loaded, **kw)
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def chat(self, prompt, **kw):
+        kw.setdefault("max_tokens", 24)
+        kw.setdefault("temperature", 0)
+        return self.client.chat.completions.create(model="smollm2-135m",
+                                                   messages=[{"role": "user", "content": prompt}], **kw)
+
+    def metric(self, name):
+        text = httpx.get(self.url + "/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def reference(model, tok, method, prompt, max_new):
+    """What model.generate gives alone, greedy, with the method's own cache."""
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True).input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                             do_sample=False, **with_cache(model, from_method(method, model)))
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_chat_and_completions_with_the_openai_client(bundled):
+    with Server(bundled, "int4") as s:
+        assert [m.id for m in s.client.models.list().data] == ["smollm2-135m"]
+        r = s.chat(PROMPTS[0])
+        assert r.choices[0].message.content == reference(*bundled, "int4", PROMPTS[0], 24)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 10
+        parts, finish = [], None
+        for chunk in s.chat(PROMPTS[0], stream=True):
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+        assert "".join(parts) == r.choices[0].message.content and finish == r.choices[0].finish_reason
+        c = s.client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=8,
+                                        temperature=0, stop=["\n"])
+        assert "Paris" in c.choices[0].text and "\n" not in c.choices[0].text
+        streamed = "".join(ch.choices[0].text for ch in s.client.completions.create(
+            model="smollm2-135m", prompt="The capital of France is", max_tokens=8, temperature=0, stop=["\n"],
+            stream=True) if ch.choices)
+        assert streamed == c.choices[0].text
+        # a stop string ends the text before it; a seed repeats a sampled answer, another seed need not
+        r = s.chat(PROMPTS[4], stop=["."], max_tokens=40)
+        assert "." not in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+        a, b = (s.chat(PROMPTS[4], temperature=1.0, top_p=0.9, seed=7).choices[0].message.content for _ in range(2))
+        others = {s.chat(PROMPTS[4], temperature=1.0, seed=k).choices[0].message.content for k in range(3)}
+        assert a == b and len(others) > 1
+
+
+@pytest.mark.parametrize("method", ["fp16", "int4"])
+def test_concurrent_requests_get_what_each_gets_alone(bundled, method):
+    with Server(bundled, method) as s:
+        alone = [s.chat(p).choices[0].message.content for p in PROMPTS]
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            together = list(pool.map(lambda p: s.chat(p).choices[0].message.content, PROMPTS))
+        assert together == alone
+        assert s.engine.peak_running >= 3  # they really shared forward calls
+        assert s.metric("kvshrink_requests_total") == 2 * len(PROMPTS)
+
+
+def test_bad_requests_get_400_and_the_server_keeps_serving(bundled):
+    with Server(bundled, "int4") as s:
+        cases = [({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+                 ({"prompt": "hi", "model": "gpt-4"}, "unknown model"),
+                 ({"prompt": "hi", "n": 2}, "n=2"),
+                 ({"prompt": "hi", "temperature": 5}, "temperature"),
+                 ({"prompt": "word " * 9000, "max_tokens": 4}, "longer than the model allows"),
+                 ({"max_tokens": 4}, "prompt")]
+        for body, words in cases:
+            r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 400, body
+            assert words in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
+        r = httpx.post(s.url + "/v1/chat/completions", content=b"{not json", timeout=10,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+        with pytest.raises(openai.BadRequestError):
+            s.chat("hi", max_tokens=-1)
+        assert s.chat("Say hi.", max_tokens=4).choices[0].message.content
+
+
+def test_a_full_queue_answers_429(bundled):
+    with Server(bundled, "int4", max_running=1, queue_limit=1) as s:
+        def post(_):
+            return httpx.post(s.url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 40,
+                                                               "temperature": 0}, timeout=120)
+        with ThreadPoolExecutor(4) as pool:
+            codes = [r.status_code for r in pool.map(post, range(4))]
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        assert s.metric("kvshrink_requests_rejected_total") == codes.count(429)
+
+
+def test_admission_by_measured_bytes(bundled):
+    """A budget that holds two requests' measured need runs two at a time, and finishes all."""
+    model, tok = bundled
+    app, engine, _ = build(None, "int4", 10**9, probe=256, log=lambda *_: None, loaded=bundled)
+    ids = tok("The history of the Roman Empire", add_special_tokens=False).input_ids
+    need = engine.need.need(len(ids) + 20)
+    assert need >= engine.need.per_token() * (len(ids) + 20) * 0.9  # counted at the real rate, not assumed
+    engine.kv_budget = 2 * need + need // 2
+    done = []
+    for i in range(5):
+        engine.submit(Request(ids, Sampling(max_tokens=20, temperature=0), lambda k, p: done.append(k) if k != "text" else None))
+    while len(done) < 5:
+        engine.step()
+        assert len(engine.running) <= 2 and engine.reserved() <= engine.kv_budget
+        assert engine.held <= engine.kv_budget
+    assert done == ["done"] * 5 and engine.peak_running == 2
+    with pytest.raises(Exception, match="more than the whole KV budget"):
+        engine.submit(Request(ids, Sampling(max_tokens=2000), lambda k, p: None))
+
+
+def test_a_client_that_disconnects_frees_its_cache(bundled):
+    with Server(bundled, "int4") as s:
+        body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got)
+            assert s.metric("kvshrink_requests_running") == 1 and s.metric("kvshrink_kv_bytes_held") > 0
+        deadline = time.time() + 10
+        while s.metric('kvshrink_requests_total{reason="abort"}') < 1:
+            assert time.time() < deadline, "the aborted request was not freed"
+            time.sleep(0.1)
+        assert s.metric("kvshrink_requests_running") == 0 and s.metric("kvshrink_kv_bytes_held") == 0
+
+
+def test_parse_bytes_and_cli_refusals(capsys):
+    assert parse_bytes("256MB") == 256 * 10**6 and parse_bytes("1GiB") == 2**30 and parse_bytes("1000") == 1000
+    for bad in ("lots", "-5MB", "0"):
+        with pytest.raises(Exception, match="KV budget"):
+            parse_bytes(bad)
+    assert main(["serve", "--method", "int9"]) == 2
+    assert main(["serve", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("kvshrink: error:") for line in err)
+
+
+def test_sigterm_finishes_running_requests_then_exits():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kvshrink.cli", "serve", "--port", str(port), "--method", "int4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.5)
+        body = {"prompt": "Once upon a time", "max_tokens": 30, "temperature": 0, "stream": True}
+        events = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 2:
+                        proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
