@@ -223,3 +223,28 @@ def test_sigterm_finishes_running_requests_then_exits():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_bench_section_holds_more_compressed_sequences(bundled):
+    """The serve bench's section on a small workload: every request completes, and under the same
+    budget int4 runs more sequences at once than fp16, as their measured bytes say it should."""
+    from kvshrink.corpus import load_corpus_ids
+    from kvshrink.serve.load import Workload, serve_section, serve_table
+
+    model, tok = bundled
+    ids = load_corpus_ids(tok, None, 20_000)
+    work = Workload(requests=6, prompt_median=100, prompt_range=(60, 160), output_median=6, output_range=(4, 8))
+    res = serve_section(model, tok, ["fp16", "int4"], ids, 4 * 10**6, rates=(float("inf"),), workload=work,
+                        log=lambda *_: None)
+    fp16, int4 = (res["by_method"][m] for m in ("fp16", "int4"))
+    for m in (fp16, int4):
+        run = m["runs"][0]
+        assert run["completed"] == 6 and run["output_tok_s"] > 0 and run["ttft_p50_s"] <= run["ttft_p99_s"]
+    assert fp16["bytes_per_token_1k"] / int4["bytes_per_token_1k"] > 3
+    assert int4["runs"][0]["peak_running"] > fp16["runs"][0]["peak_running"]
+    assert "`int4`" in serve_table(res)
+
+
+def test_bench_refuses_a_bad_serve_budget(capsys):
+    assert main(["bench", "--sections", "serve", "--serve-budget", "lots"]) == 2
+    assert "KV budget" in capsys.readouterr().err

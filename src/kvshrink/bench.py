@@ -25,6 +25,8 @@ from .eval.perplexity import evaluate_quality
 from .eval.speed import measure_direct_prefill, measure_speed
 from .models import load_config, load_model
 from .registry import REGISTRY, get_method, method_names
+from .serve.load import RATES, SERVE_METHODS, Workload, serve_plot, serve_section, serve_table
+from .serve.server import parse_bytes
 from .spec import spec_from_config
 
 matplotlib.use("Agg")  # files only, no display
@@ -54,6 +56,10 @@ class BenchConfig:
     decode_steps: int = 16
     direct_prefill: int = 1024
     sections: tuple = ("speed", "quality", "needle")
+    serve_methods: tuple = SERVE_METHODS  # the serve section (not run by default: --sections serve)
+    serve_rates: tuple = RATES
+    serve_requests: int = 24
+    serve_budget: str = "32MB"
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
@@ -63,13 +69,17 @@ class BenchConfig:
 
 
 def validate(cfg: BenchConfig, spec) -> None:
-    for name in cfg.methods:
+    for name in (*cfg.methods, *(cfg.serve_methods if "serve" in cfg.sections else ())):
         get_method(name)
     if not cfg.methods:
         raise KvshrinkError("no methods to benchmark")
-    unknown = set(cfg.sections) - {"quality", "needle", "speed"}
+    unknown = set(cfg.sections) - {"quality", "needle", "speed", "serve"}
     if unknown:
-        raise KvshrinkError(f"unknown bench section(s) {', '.join(sorted(unknown))}; use quality, needle, speed")
+        raise KvshrinkError(f"unknown bench section(s) {', '.join(sorted(unknown))}; use quality, needle, speed, serve")
+    if "serve" in cfg.sections:
+        parse_bytes(cfg.serve_budget)
+        if cfg.serve_requests < 1 or not cfg.serve_rates or any(not r > 0 for r in cfg.serve_rates):
+            raise KvshrinkError("the serve section needs at least one request and positive rates")
     limit = spec.max_context
     lengths = {"quality": [cfg.seg_len], "needle": list(cfg.needle_lengths),
                "speed": [c + cfg.decode_steps for c in cfg.speed_contexts]}
@@ -92,6 +102,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     torch.manual_seed(0)
     validate(cfg, spec_from_config(load_config(cfg.model)))  # lengths and sections, before the weights load
     model, tok = load_model(cfg.model)
+    if set(cfg.sections) == {"serve"}:
+        res = {"model": cfg.model or "SmolLM2-135M-Instruct (bundled)", "config": asdict(cfg),
+               "machine": _machine()}
+        return _serve(res, cfg, model, tok, t_start, log)
     spec = spec_from_config(model.config)
     methods = {n: get_method(n) for n in cfg.methods}
     need = max(cfg.segments * cfg.seg_len, max(cfg.speed_contexts) + cfg.decode_steps + 1)
@@ -118,8 +132,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         "config": asdict(cfg),
         "methods": {n: {"description": m.description, "family": m.family, "cache": caches[n]}
                     for n, m in methods.items()},
-        "machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+        "machine": _machine(),
     }
     with _progress() as bar:
         # speed first: nothing else in the run has touched the allocator yet
@@ -148,6 +161,25 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             res["needle"] = run_needles(model, tok, with_ref, cfg.needle_lengths, cfg.needle_depths,
                                         max_context=spec.max_context, progress=lambda: bar.advance(task),
                                         tolerate=peers, models=models)
+    if "serve" in cfg.sections:
+        _checkpoint(res, cfg.out, t_start)
+        return _serve(res, cfg, model, tok, t_start, log)
+    res["elapsed_s"] = time.time() - t_start
+    write_outputs(res, cfg.out)
+    return res
+
+
+def _machine() -> dict:
+    return {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _serve(res: dict, cfg: BenchConfig, model, tok, t_start: float, log) -> dict:
+    ids = load_corpus_ids(tok, cfg.corpus, 100_000)
+    with _progress() as bar:
+        task = bar.add_task("serve load", total=len(cfg.serve_methods) * len(cfg.serve_rates))
+        res["serve"] = serve_section(model, tok, cfg.serve_methods, ids, parse_bytes(cfg.serve_budget),
+                                     cfg.serve_rates, Workload(requests=cfg.serve_requests),
+                                     progress=lambda: bar.advance(task), log=log)
     res["elapsed_s"] = time.time() - t_start
     write_outputs(res, cfg.out)
     return res
@@ -290,8 +322,12 @@ def write_outputs(res: dict, out: str) -> None:
                   "Decode ×dyn = tokens/s relative to DynamicCache (float32) in this run. "
                   "RSS held = process memory growth once the filled cache is held; peak = growth while "
                   "filling and decoding (see kvshrink/eval/speed.py).")
-    md += ["", table(res), "", prefill_table(res), "", roofline_table(res), "", coding_table(res), "",
-           f"Elapsed: {res['elapsed_s']:.0f} s", ""]
+    if any(k in res for k in ("quality", "speed", "needle")):
+        md += ["", table(res), "", prefill_table(res), "", roofline_table(res), "", coding_table(res)]
+    if "serve" in res:
+        md += ["", "## Serving", "", serve_table(res["serve"])]
+        serve_plot(res["serve"], os.path.join(out, "serve.png"))
+    md += ["", f"Elapsed: {res['elapsed_s']:.0f} s", ""]
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write("\n".join(md))
     if "quality" in res:

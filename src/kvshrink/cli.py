@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "256 or more crosses block boundaries: p99 shows coding)")
     b.add_argument("--needle-depths", type=lambda t: tuple(float(x) for x in _csv(t)))
     b.add_argument("--direct-prefill", type=int, help="prompt tokens for the end-to-end prefill time and peak memory")
-    b.add_argument("--sections", type=_csv, help="subset of quality,needle,speed")
+    b.add_argument("--sections", type=_csv, help="subset of quality,needle,speed,serve (serve: not by default)")
+    b.add_argument("--serve-rates", type=lambda t: tuple(float(x) for x in _csv(t)),
+                   help="serve: request rates per second (inf: all at once); default 0.5,1,inf")
+    b.add_argument("--serve-requests", type=int, help="serve: requests per run (default 24)")
+    b.add_argument("--serve-budget", help="serve: the KV budget every method gets (default 32MB)")
 
     g = sub.add_parser("generate", help="generate text with a compressed cache and report its memory")
     g.add_argument("--prompt", required=True)
@@ -171,6 +175,7 @@ def cmd_bench(args) -> None:
     if not args.sections or "quality" in args.sections:
         check_corpus(args.corpus)
     from .bench import BenchConfig, run_bench, table
+    from .serve.load import serve_table
 
     over = {k: v for k, v in {
         "model": args.model, "corpus": args.corpus, "methods": args.methods, "out": args.out,
@@ -179,11 +184,17 @@ def cmd_bench(args) -> None:
         "decode_steps": args.decode_steps,
         "needle_depths": args.needle_depths, "direct_prefill": args.direct_prefill,
         "sections": tuple(args.sections) if args.sections else None,
+        "serve_methods": tuple(args.methods) if args.methods else None, "serve_rates": args.serve_rates,
+        "serve_requests": args.serve_requests, "serve_budget": args.serve_budget,
     }.items() if v is not None}
     cfg = BenchConfig.quick(**over) if args.quick else BenchConfig(**over)
     res = run_bench(cfg)
-    print(table(res))
-    print(f"\nwrote {cfg.out}/results.json, results.md, ratio_vs_ppl.png")
+    if "serve" in res:
+        print(serve_table(res["serve"]))
+    if any(k in res for k in ("quality", "speed", "needle")):
+        print(table(res))
+    print(f"\nwrote {cfg.out}/results.json, results.md" + (", ratio_vs_ppl.png" if "quality" in res else "")
+          + (", serve.png" if "serve" in res else ""))
 
 
 def cmd_generate(args) -> None:

@@ -41,6 +41,7 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple = ()
     seed: int | None = None
+    ignore_eos: bool = False  # the serve bench fixes output lengths, as vLLM's benchmarks do
 
 
 @dataclass(eq=False)
@@ -251,7 +252,7 @@ class Engine:
 
     def _emit_text(self, req: Request, tok: int) -> None:
         s = req.sampling
-        done = tok in self.eos
+        done = tok in self.eos and not s.ignore_eos
         out = req.out[:-1] if done else req.out
         text = self.tok.decode(out, skip_special_tokens=True)
         reason = "stop" if done else None

@@ -46,11 +46,10 @@ def probe_ids(tokenizer, tokens: int, log=print) -> torch.Tensor:
     return torch.randint(0, len(tokenizer), (1, tokens), generator=torch.Generator().manual_seed(0))
 
 
-def build(model_name: str | None, method: str, kv_budget: int, max_running: int = 64, step_tokens: int = 256,
-          queue_limit: int = 256, probe: int = PROBE_TOKENS, log=print, loaded=None):
-    """(app, engine, metrics). loaded: (model, tokenizer) already loaded (tests share one model)."""
-    get_method(method)
-    model, tok = loaded or load_model(model_name)
+def make_engine(model, tok, method: str, kv_budget: int, max_running: int = 64, step_tokens: int = 256,
+                queue_limit: int = 256, probe: int = PROBE_TOKENS, log=print):
+    """(model prepared for `method`, a factory of fresh engines on it, metrics of the first). The bytes a
+    cache of the method holds are measured once, on a `probe`-token prompt."""
     spec = spec_from_config(model.config)
     if spec.has_sliding:
         raise KvshrinkError("kvshrink serve does not run sliding-window models yet (its packed batches mask "
@@ -63,9 +62,22 @@ def build(model_name: str | None, method: str, kv_budget: int, max_running: int 
     log(f"serve: {method} holds {need.per_token():.0f} bytes per token at {need.lengths[-1]} tokens "
         f"({fp16 / need.per_token():.2f}x float16); KV budget {kv_budget / 1e6:.1f} MB, about "
         f"{kv_budget / need.per_token():.0f} tokens")
-    metrics = Metrics(method, fp16)
-    engine = Engine(model, tok, lambda: from_method(method, model), need, kv_budget, max_running=max_running,
-                    step_tokens=step_tokens, queue_limit=queue_limit, max_context=spec.max_context, metrics=metrics)
+
+    def fresh(metrics=None) -> Engine:
+        return Engine(model, tok, lambda: from_method(method, model), need, kv_budget, max_running=max_running,
+                      step_tokens=step_tokens, queue_limit=queue_limit, max_context=spec.max_context,
+                      metrics=metrics)
+    return model, fresh
+
+
+def build(model_name: str | None, method: str, kv_budget: int, max_running: int = 64, step_tokens: int = 256,
+          queue_limit: int = 256, probe: int = PROBE_TOKENS, log=print, loaded=None):
+    """(app, engine, metrics). loaded: (model, tokenizer) already loaded (tests share one model)."""
+    get_method(method)
+    model, tok = loaded or load_model(model_name)
+    model, fresh = make_engine(model, tok, method, kv_budget, max_running, step_tokens, queue_limit, probe, log)
+    metrics = Metrics(method, spec_from_config(model.config).fp16_bytes_per_token())
+    engine = fresh(metrics)
     app = create_app(engine, tok, model_name or DEFAULT_MODEL, metrics)
     return app, engine, metrics
 
