@@ -248,3 +248,63 @@ def test_serve_bench_section_holds_more_compressed_sequences(bundled):
 def test_bench_refuses_a_bad_serve_budget(capsys):
     assert main(["bench", "--sections", "serve", "--serve-budget", "lots"]) == 2
     assert "KV budget" in capsys.readouterr().err
+
+
+class _Ids:
+    """A tokenizer for random models: ids as text."""
+
+    eos_token_id = None
+
+    def __len__(self):
+        return 128
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2"])
+def test_sliding_window_models_batch_as_they_run_alone(arch, monkeypatch):
+    """Sliding-window layers (Gemma 3's mix, Gemma 2's soft-capped ones) in the packed batch: prompts
+    longer than the window, prefilled in chunks, give the tokens that the model's own masks give
+    over the same chunks, alone and together."""
+    import transformers as T
+
+    from kvshrink.serve.server import make_engine
+
+    window, chunk, new = 24, 32, 8
+    layers = {"gemma3": dict(layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+              "gemma2": dict(attn_logit_softcapping=20.0, query_pre_attn_scalar=64)}[arch]
+    cls = T.Gemma3TextConfig if arch == "gemma3" else T.Gemma2Config
+    config = cls(vocab_size=128, num_hidden_layers=3, intermediate_size=64, max_position_embeddings=1024,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=64, num_attention_heads=4,
+                 num_key_value_heads=1, head_dim=64, sliding_window=window, **layers)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 70, 90)]
+
+    def own_masks(prompt):  # the model's forward with its own sliding masks, chunk by chunk, then greedy
+        cache = from_method("fp16", model)
+        ids = list(prompt)
+        with torch.no_grad():
+            for at in range(0, len(ids), chunk):
+                logits = model(input_ids=torch.tensor([ids[at:at + chunk]]), **with_cache(model, cache),
+                               use_cache=True).logits
+            for _ in range(new):
+                ids.append(int(logits[0, -1].argmax()))
+                logits = model(input_ids=torch.tensor([ids[-1:]]), **with_cache(model, cache), use_cache=True).logits
+        return ids[len(prompt):]
+
+    monkeypatch.setenv("KVSHRINK_CORPUS", "/nonexistent")  # no corpus for this vocabulary: bytes on random ids
+    model, fresh = make_engine(model, _Ids(), "fp16", 10**9, step_tokens=chunk, probe=64, log=lambda *_: None)
+
+    def engine(ps):
+        eng = fresh()
+        reqs = [eng.submit(Request(p, Sampling(max_tokens=new, temperature=0, ignore_eos=True), lambda k, q: None))
+                for p in ps]
+        while any(r.finish is None for r in reqs):
+            eng.step()
+        return [r.out for r in reqs]
+
+    expected = [own_masks(p) for p in prompts]
+    assert [engine([p])[0] for p in prompts] == expected
+    assert engine(prompts) == expected

@@ -121,8 +121,14 @@ def create_app(engine: Engine, tokenizer, model_name: str, metrics=None) -> Fast
     def submit(ids: list, params: Sampling):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        req = Request(list(ids), params, lambda kind, payload: loop.call_soon_threadsafe(queue.put_nowait,
-                                                                                         (kind, payload)))
+
+        def emit(kind, payload):  # on the engine thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
+            except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
+                pass
+
+        req = Request(list(ids), params, emit)
         req.id = uuid.uuid4().hex[:24]
         try:
             engine.submit(req)

@@ -25,6 +25,7 @@ import torch
 from ..compat import with_cache
 from ..core.cache import cache_nbytes
 from ..errors import KvshrinkError
+from ..spec import spec_from_config
 from .ragged import RaggedCache, Segment
 
 FINISHED = ("stop", "length")
@@ -75,6 +76,8 @@ class Engine:
     def __init__(self, model, tokenizer, make_cache, need, kv_budget: int, max_running: int = 64,
                  step_tokens: int = 256, queue_limit: int = 256, max_context: int | None = None, metrics=None):
         self.model, self.tok, self.make_cache, self.need = model, tokenizer, make_cache, need
+        spec = spec_from_config(model.config)
+        self.windows = [spec.sliding_window if spec.is_sliding(i) else None for i in range(spec.num_layers)]
         self.kv_budget, self.max_running, self.step_tokens = int(kv_budget), max_running, step_tokens
         self.queue_limit, self.max_context, self.metrics = queue_limit, max_context, metrics
         eos = model.generation_config.eos_token_id
@@ -184,7 +187,8 @@ class Engine:
         self.peak_running = max(self.peak_running, len(self.running))
 
     def _batch(self) -> tuple[list, list]:
-        """(requests, new token counts): decoding ones first, then prompt chunks within step_tokens."""
+        """(requests, new token counts): decoding ones first, then whole prompt chunks of step_tokens while
+        they fit in step_tokens (the first always)."""
         reqs, counts, room = [], [], self.step_tokens
         for req in self.running:
             if len(req.tokens()) - req.fed == 1:
@@ -193,8 +197,10 @@ class Engine:
                 room -= 1
         for req in self.running:
             left = len(req.tokens()) - req.fed
-            if left > 1 and room > 0:
-                n = min(left, room)
+            n = min(left, self.step_tokens)
+            # whole chunks at fixed offsets (0, step_tokens, ...), whatever else runs: a compressed cache
+            # codes a block cut by a chunk edge through its stage, so the edges must not depend on the batch
+            if left > 1 and (n <= room or not reqs):
                 reqs.append(req)
                 counts.append(n)
                 room -= n
@@ -217,7 +223,7 @@ class Engine:
         ends = torch.tensor([segs[i].start + segs[i].length - 1 for i in sample_at], dtype=torch.long)
         mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a 4D mask: transformers builds none; RaggedStates masks
         logits = self.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]), attention_mask=mask,
-                            **with_cache(self.model, RaggedCache(segs)), use_cache=True, logits_to_keep=ends).logits[0]
+                            **with_cache(self.model, RaggedCache(segs, self.windows)), use_cache=True, logits_to_keep=ends).logits[0]
         now = time.perf_counter()
         for req, n in zip(reqs, counts):
             req.fed += n

@@ -8,6 +8,10 @@ sequence's own cache (any kvshrink cache, compressed its own way), and returns `
 which the "kvshrink" attention calls: each sequence's queries attend to what its own cache returned
 (a states object that reads its codes in place, or plain tensors), causally, and to nothing else.
 The outputs are laid back end to end, so a token never sees another sequence's tokens.
+
+A sliding-window layer gets, per sequence, the mask transformers would build for it alone: its
+held tokens start at the layer's offset (`get_mask_sizes`, asked before the update, as transformers
+asks), and a query sees the keys less than `window` positions behind it.
 """
 
 from __future__ import annotations
@@ -29,19 +33,32 @@ class Segment:
 
 
 class RaggedCache:
-    """Routes one packed forward call to per-sequence caches (see the module's text)."""
+    """Routes one packed forward call to per-sequence caches (see the module's text). windows: per
+    layer, the sliding window (tokens a query sees, its own included) or None."""
 
-    def __init__(self, segments: list[Segment]):
-        self.segments = segments
+    def __init__(self, segments: list[Segment], windows: list | None = None):
+        self.segments, self.windows = segments, windows
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         parts = []
+        window = self.windows[layer_idx] if self.windows else None
         for seg in self.segments:
             end = seg.start + seg.length
+            mask = sliding_mask(seg.cache.layers[layer_idx], seg.length, window) if window else None
             k, v = seg.cache.update(key_states[:, :, seg.start:end], value_states[:, :, seg.start:end], layer_idx)
-            parts.append((k, v, seg.length))
+            parts.append((k, v, seg.length, mask))
         states = RaggedStates(parts)
         return states, states
+
+
+def sliding_mask(layer, t: int, window: int) -> torch.Tensor:
+    """(1, 1, t, held + t) bool: the layer's held tokens and t new ones, each query seeing the keys at
+    most window - 1 positions behind it (and none ahead)."""
+    n, offset = layer.get_mask_sizes(t) if layer.is_initialized else (t, 0)
+    first = offset + n - t  # the first new token's position
+    q = torch.arange(first, first + t)[:, None]
+    k = torch.arange(offset, offset + n)[None, :]
+    return ((k <= q) & (q - k < window))[None, None]
 
 
 @dataclass
@@ -52,14 +69,15 @@ class RaggedStates:
 
     def attend(self, module, query: torch.Tensor, mask, scaling=None, softcap=None):
         outs, at = [], 0
-        for k, v, t in self.parts:
+        for k, v, t, mask in self.parts:
             q = query[:, :, at:at + t]
             at += t
             if hasattr(k, "attend"):
-                out, _ = k.attend(module, q, None, scaling, softcap)  # None: causal over what it holds
+                out, _ = k.attend(module, q, mask, scaling, softcap)  # None: causal over what it holds
             else:
                 s = k.shape[2]
-                causal = None if t == 1 else torch.ones(t, s, dtype=torch.bool, device=q.device).tril_(s - t)[None, None]
-                out, _ = plain_attention(module, q, k, v, causal, scaling, softcap)
+                if mask is None and t > 1:
+                    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril_(s - t)[None, None]
+                out, _ = plain_attention(module, q, k, v, mask, scaling, softcap)
             outs.append(out)
         return torch.cat(outs, 1), None

@@ -51,9 +51,6 @@ def make_engine(model, tok, method: str, kv_budget: int, max_running: int = 64, 
     """(model prepared for `method`, a factory of fresh engines on it, metrics of the first). The bytes a
     cache of the method holds are measured once, on a `probe`-token prompt."""
     spec = spec_from_config(model.config)
-    if spec.has_sliding:
-        raise KvshrinkError("kvshrink serve does not run sliding-window models yet (its packed batches mask "
-                            "each sequence causally, not by window)")
     model = prepare(model, method, tok)
     use_kvshrink_attention(model)  # the packed batch attends through RaggedStates, for every method
     probe = min(probe, spec.max_context or probe)
