@@ -187,23 +187,26 @@ class Engine:
         self.peak_running = max(self.peak_running, len(self.running))
 
     def _batch(self) -> tuple[list, list]:
-        """(requests, new token counts): decoding ones first, then whole prompt chunks of step_tokens while
-        they fit in step_tokens (the first always)."""
+        """(requests, new token counts): decoding ones first, then whole prompt chunks of step_tokens: the
+        first always (so a step holds at most step_tokens + one token per decoding sequence), more while
+        they fit in step_tokens."""
         reqs, counts, room = [], [], self.step_tokens
         for req in self.running:
             if len(req.tokens()) - req.fed == 1:
                 reqs.append(req)
                 counts.append(1)
                 room -= 1
+        chunked = False
         for req in self.running:
             left = len(req.tokens()) - req.fed
             n = min(left, self.step_tokens)
             # whole chunks at fixed offsets (0, step_tokens, ...), whatever else runs: a compressed cache
             # codes a block cut by a chunk edge through its stage, so the edges must not depend on the batch
-            if left > 1 and (n <= room or not reqs):
+            if left > 1 and (n <= room or not chunked):
                 reqs.append(req)
                 counts.append(n)
                 room -= n
+                chunked = True
         return reqs, counts
 
     @torch.no_grad()
