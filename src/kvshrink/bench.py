@@ -60,6 +60,7 @@ class BenchConfig:
     serve_rates: tuple = RATES
     serve_requests: int = 24
     serve_budget: str = "32MB"
+    serve_time_limit: float = 600.0  # seconds per run; requests still running then count as not completed
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
@@ -178,7 +179,7 @@ def _serve(res: dict, cfg: BenchConfig, model, tok, t_start: float, log) -> dict
     with _progress() as bar:
         task = bar.add_task("serve load", total=len(cfg.serve_methods) * len(cfg.serve_rates))
         res["serve"] = serve_section(model, tok, cfg.serve_methods, ids, parse_bytes(cfg.serve_budget),
-                                     cfg.serve_rates, Workload(requests=cfg.serve_requests),
+                                     cfg.serve_rates, Workload(requests=cfg.serve_requests), cfg.serve_time_limit,
                                      progress=lambda: bar.advance(task), log=log)
     res["elapsed_s"] = time.time() - t_start
     write_outputs(res, cfg.out)

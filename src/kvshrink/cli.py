@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve: request rates per second (inf: all at once); default 0.5,1,inf")
     b.add_argument("--serve-requests", type=int, help="serve: requests per run (default 24)")
     b.add_argument("--serve-budget", help="serve: the KV budget every method gets (default 32MB)")
+    b.add_argument("--serve-time-limit", type=float, help="serve: seconds per run at most (default 600)")
 
     g = sub.add_parser("generate", help="generate text with a compressed cache and report its memory")
     g.add_argument("--prompt", required=True)
@@ -186,6 +187,7 @@ def cmd_bench(args) -> None:
         "sections": tuple(args.sections) if args.sections else None,
         "serve_methods": tuple(args.methods) if args.methods else None, "serve_rates": args.serve_rates,
         "serve_requests": args.serve_requests, "serve_budget": args.serve_budget,
+        "serve_time_limit": args.serve_time_limit,
     }.items() if v is not None}
     cfg = BenchConfig.quick(**over) if args.quick else BenchConfig(**over)
     res = run_bench(cfg)

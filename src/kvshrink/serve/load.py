@@ -50,6 +50,9 @@ class Workload:
         return out
 
 
+TRACE_EVERY = 10.0  # seconds between resident-memory samples kept in a run's figures
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * 4096
@@ -73,20 +76,28 @@ def run_load(engine, items: list, rate: float, seed: int = 0, time_limit: float 
         return emit
 
     rss0, rss_top = rss_bytes(), 0
+    trace: list = []  # (seconds, MB) every TRACE_EVERY seconds: is memory flat over a long run?
     engine.start()
     t0 = time.perf_counter()
+
+    def sample():
+        nonlocal rss_top
+        now, rss = time.perf_counter() - t0, rss_bytes()
+        rss_top = max(rss_top, rss)
+        if not trace or now - trace[-1][0] >= TRACE_EVERY:
+            trace.append((round(now, 1), round(rss / 2**20, 1)))
     try:
         at = t0
         for i, ((prompt, n), gap) in enumerate(zip(items, gaps)):
             at += gap
             while time.perf_counter() < at:
-                rss_top = max(rss_top, rss_bytes())
+                sample()
                 time.sleep(min(0.05, max(at - time.perf_counter(), 0)))
             req = Request(prompt, Sampling(max_tokens=n, temperature=0, ignore_eos=True), emitter(i))
             req.arrived = time.perf_counter()
             reqs.append(engine.submit(req))
         while not done.wait(0.25):
-            rss_top = max(rss_top, rss_bytes())
+            sample()
             if time.perf_counter() - t0 > time_limit:
                 break
     finally:
@@ -100,7 +111,8 @@ def run_load(engine, items: list, rate: float, seed: int = 0, time_limit: float 
             "output_tok_s": tokens / max(end - t0, 1e-9), "duration_s": end - t0,
             "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
             "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
-            "rss_start_mb": rss0 / 2**20, "rss_max_mb": max(rss_top, rss0) / 2**20, "rss_end_mb": rss_bytes() / 2**20}
+            "rss_start_mb": rss0 / 2**20, "rss_max_mb": max(rss_top, rss0) / 2**20, "rss_end_mb": rss_bytes() / 2**20,
+            "rss_trace_mb": trace}
 
 
 def _pct(xs: list, q: float):
