@@ -50,5 +50,8 @@ def measure(model, make_cache, ids: torch.Tensor, step: int = 32) -> ByteModel:
         lengths.append(at + chunk.shape[1])
         held.append(top)
     half = len(lengths) // 2
-    rate = (held[-1] - held[half]) / max(lengths[-1] - lengths[half], 1) if half < len(lengths) - 1 else held[-1] / lengths[-1]
+    if half < len(lengths) - 1:
+        rate = (held[-1] - held[half]) / (lengths[-1] - lengths[half])
+    else:  # one chunk measured: its own average
+        rate = held[-1] / lengths[-1]
     return ByteModel(lengths, held, rate)

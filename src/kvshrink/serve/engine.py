@@ -225,8 +225,9 @@ class Engine:
         sample_at = [i for i, (req, n) in enumerate(zip(reqs, counts)) if req.fed + n == len(req.tokens())]
         ends = torch.tensor([segs[i].start + segs[i].length - 1 for i in sample_at], dtype=torch.long)
         mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a 4D mask: transformers builds none; RaggedStates masks
+        cache = with_cache(self.model, RaggedCache(segs, self.windows))
         logits = self.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([pos]), attention_mask=mask,
-                            **with_cache(self.model, RaggedCache(segs, self.windows)), use_cache=True, logits_to_keep=ends).logits[0]
+                            use_cache=True, logits_to_keep=ends, **cache).logits[0]
         now = time.perf_counter()
         for req, n in zip(reqs, counts):
             req.fed += n
@@ -244,7 +245,7 @@ class Engine:
             self._emit_text(req, tok)
         self.held = sum(cache_nbytes(r.cache) for r in self.running)
         if self.metrics:
-            self.metrics.step(self, sum(1 for _ in sample_at))
+            self.metrics.step(self, len(sample_at))
         while self.held > self.kv_budget and len(self.running) > 1:
             self._preempt(self.running[-1])
 
