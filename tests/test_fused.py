@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from kvshrink import CompressedCache, from_method
 from kvshrink.attention.function import use_kvshrink_attention
+from kvshrink.attention.split import SplitStates
 from kvshrink.codecs.quant import IntQuant
 from kvshrink.errors import KvshrinkError
 from kvshrink.eval.speed import roofline, weight_bytes
@@ -69,6 +70,30 @@ def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, b
     torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5)
     if cap:  # the cap changes the answer here, so a kernel that ignored it would fail above
         assert not torch.allclose(ref, states.attend(None, q, mask)[0], atol=1e-3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), rotate=st.booleans(), key_axis=st.sampled_from(["channel", "token"]),
+       value_group=st.sampled_from([None, 8]), window=st.sampled_from([0, 3]),
+       lengths=st.lists(st.integers(24, 200), min_size=1, max_size=5), seed=st.integers(0, 99),
+       cap=st.sampled_from([None, 1.5]))
+def test_many_sequences_in_one_call_get_what_each_gets_alone(bits, rotate, key_axis, value_group, window, lengths,
+                                                              seed, cap):
+    """A server's batch: one decode token for each of several sequences of different lengths (bodies of
+    different block counts, dense parts of different sizes), read by one kernel call, bit for bit what
+    each sequence's own call gives."""
+    kc = IntQuant(bits, key_axis, 16 if key_axis == "channel" else None, rotate=rotate, seed=1)
+    vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2)
+    made = [_states(kc, vc, n, 1, 16, window, batch=1, seed=seed + i) for i, n in enumerate(lengths)]
+    states = [s for _, s, _ in made]
+    q = torch.cat([q for _, _, q in made])
+    assert all(s.batch_key(1, None) == states[0].batch_key(1, None) is not None for s in states)
+    many = SplitStates.attend_many(states, q, 0.25, cap)
+    assert many.shape == (len(lengths), 1, 6, 16)
+    for i, s in enumerate(states):
+        alone, _ = s.attend(None, q[i:i + 1], None, 0.25, cap)
+        assert torch.equal(many[i:i + 1], alone)
+    assert states[0].batch_key(2, None) is None  # more than one token per sequence: each alone
 
 
 def test_kernel_never_decodes_the_history(monkeypatch):

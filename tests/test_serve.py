@@ -169,6 +169,36 @@ def test_admission_by_measured_bytes(bundled):
         engine.submit(Request(ids, Sampling(max_tokens=2000), lambda k, p: None))
 
 
+@pytest.mark.parametrize("method", ["int4", "int2-rot"])
+def test_long_prompts_decode_together_in_one_kernel_call_as_alone(bundled, method, monkeypatch):
+    """Prompts longer than a cache block: the decode tokens of every running sequence are read by one
+    kernel call per layer (SplitStates.attend_many), and each request still gets what it gets alone."""
+    from kvshrink.attention.split import SplitStates
+    from kvshrink.corpus import load_corpus_ids
+    from kvshrink.serve.server import make_engine
+
+    model, tok = bundled
+    ids = load_corpus_ids(tok, None, 5_000)
+    prompts = [ids[at:at + n].tolist() for at, n in ((0, 150), (600, 300), (1500, 420))]
+    _, fresh = make_engine(model, tok, method, 10**9, probe=256, log=lambda *_: None)
+    calls = []
+    many = SplitStates.attend_many
+    monkeypatch.setattr(SplitStates, "attend_many", staticmethod(lambda st, *a: calls.append(len(st)) or many(st, *a)))
+
+    def run(ps):
+        eng = fresh()
+        reqs = [eng.submit(Request(p, Sampling(max_tokens=12, temperature=0, ignore_eos=True), lambda k, q: None))
+                for p in ps]
+        while any(r.finish is None for r in reqs):
+            eng.step()
+        return [r.out for r in reqs]
+
+    alone = [run([p])[0] for p in prompts]
+    calls.clear()
+    assert run(prompts) == alone
+    assert max(calls) == 3  # all three sequences' decode tokens in one call
+
+
 def test_a_client_that_disconnects_frees_its_cache(bundled):
     with Server(bundled, "int4") as s:
         body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}

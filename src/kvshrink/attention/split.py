@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.profiler import record_function
 
@@ -69,6 +70,42 @@ class SplitStates:
         with record_function(f"{self.body.name}.fused_attend"):  # named in profiles (scripts/profile_decode.py)
             out = self.body.attend(q, body_vis, dense_k, dense_v, dense_vis, self.splits, softcap or 0.0)
         return out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous(), None
+
+    def batch_key(self, t: int, mask) -> tuple | None:
+        """A key shared by the states whose decode tokens one `attend_many` call can serve (one
+        causal token per sequence over a body of the same kind, codecs and splits), else None."""
+        body = self.body
+        if t != 1 or mask is not None or not self.fused or body is None or not hasattr(body, "attend_many"):
+            return None
+        return type(body), body.batch_key(), self.splits
+
+    @staticmethod
+    def attend_many(states: list, query: torch.Tensor, scaling=None, softcap=None) -> torch.Tensor:
+        """One decode token for each of many sequences (a server's batch), each over its own states (with
+        equal `batch_key`s): query (B, Hq, 1, d) -> (B, 1, Hq, d), each row what `attend` gives it alone.
+        The dense parts are laid into one array padded to the longest, with each one's count; the body's
+        `attend_many(bodies, q, dense_k, dense_v, dense_n, splits, cap)` pads the bodies."""
+        b, hq, _, d = query.shape
+        parts = [[s.before, *zip(_parts(s.after[0]), _parts(s.after[1]))] for s in states]
+        sizes = [sum(k.shape[2] for k, _ in p) for p in parts]
+        h = states[0].before[0].shape[1]
+        dense_k = np.zeros((b, h, max(sizes), d), dtype=np.float32)
+        dense_v = np.zeros_like(dense_k)
+        for i, p in enumerate(parts):
+            at = 0
+            for k, v in p:
+                n = k.shape[2]
+                if n:
+                    dense_k[i, :, at:at + n] = k.numpy()[0]
+                    dense_v[i, :, at:at + n] = v.numpy()[0]
+                    at += n
+        scale = scaling if scaling is not None else d ** -0.5
+        q = (query.float() * scale).reshape(b, h, hq // h, d)
+        body = states[0].body
+        announce(body.name)
+        out = body.attend_many([s.body for s in states], q, dense_k, dense_v, np.array(sizes, dtype=np.int64),
+                               states[0].splits, softcap or 0.0)
+        return out.to(query.dtype).view(b, hq, 1, d).transpose(1, 2)
 
     @staticmethod
     def _visible(mask, b, t, n_all):

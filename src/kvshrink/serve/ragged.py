@@ -7,7 +7,10 @@ expects its cache: per layer, it hands each sequence's slice of the new keys and
 sequence's own cache (any kvshrink cache, compressed its own way), and returns `RaggedStates`,
 which the "kvshrink" attention calls: each sequence's queries attend to what its own cache returned
 (a states object that reads its codes in place, or plain tensors), causally, and to nothing else.
-The outputs are laid back end to end, so a token never sees another sequence's tokens.
+The outputs are laid back end to end, so a token never sees another sequence's tokens. The decode
+tokens of sequences whose states allow it (`SplitStates.attend_many`: compiled kernels that take
+many sequences) are served by one kernel call per layer, not one per sequence: on 2 cores the
+Python and dispatch around each call cost more than the kernel itself (docs/serve.md).
 
 A sliding-window layer gets, per sequence, the mask transformers would build for it alone: its
 held tokens start at the layer's offset (`get_mask_sizes`, asked before the update, as transformers
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention.logits import plain_attention
+from ..attention.split import SplitStates
 
 
 @dataclass
@@ -68,16 +72,29 @@ class RaggedStates:
     parts: list
 
     def attend(self, module, query: torch.Tensor, mask, scaling=None, softcap=None):
-        outs, at = [], 0
+        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+        many: dict = {}  # decode tokens whose states one call serves (SplitStates.attend_many), by key
+        at = 0
         for k, v, t, mask in self.parts:
-            q = query[:, :, at:at + t]
-            at += t
-            if hasattr(k, "attend"):
-                out, _ = k.attend(module, q, mask, scaling, softcap)  # None: causal over what it holds
+            key = k.batch_key(t, mask) if hasattr(k, "batch_key") else None
+            if key is not None:
+                many.setdefault(key, []).append((k, at))
             else:
-                s = k.shape[2]
-                if mask is None and t > 1:
-                    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril_(s - t)[None, None]
-                out, _ = plain_attention(module, q, k, v, mask, scaling, softcap)
-            outs.append(out)
-        return torch.cat(outs, 1), None
+                out[:, at:at + t] = self._one(module, query[:, :, at:at + t], k, v, t, mask, scaling, softcap)
+            at += t
+        for group in many.values():
+            states, rows = zip(*group)
+            rows = torch.tensor(rows)
+            out[0, rows] = SplitStates.attend_many(list(states), query[0, :, rows].transpose(0, 1)[:, :, None],
+                                                   scaling, softcap)[:, 0]
+        return out, None
+
+    @staticmethod
+    def _one(module, q, k, v, t, mask, scaling, softcap):
+        """One sequence's queries over its own states: (1, t, Hq, d)."""
+        if hasattr(k, "attend"):
+            return k.attend(module, q, mask, scaling, softcap)[0]  # None: causal over what it holds
+        s = k.shape[2]
+        if mask is None and t > 1:
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril_(s - t)[None, None]
+        return plain_attention(module, q, k, v, mask, scaling, softcap)[0]

@@ -42,13 +42,11 @@ from ...kernels.tiles import (
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
-def _fused(q, qb, vis, dk, dv, dvis, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
+def _fused(q, qb, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
            splits, vrot, cap, out):
     nb_, nh, nr, d = q.shape
-    n = vis.shape[1]
-    nvb = (n + vb - 1) // vb
-    krow = kc.shape[1] // n
-    vrow = vc.shape[1] // n
+    krow = kc.shape[1] // vis.shape[1]
+    vrow = vc.shape[1] // vis.shape[1]
     kw = d // kgroups
     vw = d // vgroups
     pm, pl, pacc = partial_buffers(nb_, nh, splits + 1, nr, d)
@@ -57,11 +55,18 @@ def _fused(q, qb, vis, dk, dv, dvis, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn
         h = (u // (splits + 1)) % nh
         sp = u % (splits + 1)
         if sp == splits:  # the dense tokens (sink, stage, float16 tokens, this call's): one more split
-            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], cap, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+            nd = ndense[b]  # this sequence's dense tokens (the rest is a batch's padding)
+            dense_split(q[b, h], dk[b, h, :nd], dv[b, h, :nd], dvis[b, :, :nd], cap, pm[b, h, sp], pl[b, h, sp],
+                        pacc[b, h, sp])
             continue
         bh = b * nh + h
-        lo = sp * nvb // splits
-        hi = (sp + 1) * nvb // splits
+        n = nbody[b]  # this sequence's body tokens: its tiles and split edges ignore a batch's padding
+        nvb = (n + vb - 1) // vb
+        used = max(1, min(splits, nvb))
+        if sp >= used:
+            continue
+        lo = sp * nvb // used
+        hi = (sp + 1) * nvb // used
         ksym = np.empty(vb * d, dtype=np.uint8)  # one tile of codes
         vsym = np.empty(vb * d, dtype=np.uint8)
         lg = np.empty((nr, vb), dtype=np.float32)
@@ -160,13 +165,60 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     kc, kmn, ksc, ktg, kgroups = _operands(key_codec, keys)
     vc, vmn, vsc, _, vgroups = _operands(value_codec, values)
     out = np.empty((b, h, r, d), dtype=np.float32)
-    _fused(q.contiguous().numpy(), qb.contiguous().numpy(), as_u8(vis), dense_k.contiguous().numpy(),
-           dense_v.contiguous().numpy(), as_u8(dense_vis), kc, kmn, ksc, ktg, kgroups, key_codec.bits, vc, vmn,
+    nbody = np.full(b, n, dtype=np.int64)
+    ndense = np.full(b, dense_k.shape[2], dtype=np.int64)
+    _fused(q.contiguous().numpy(), qb.contiguous().numpy(), as_u8(vis), nbody, dense_k.contiguous().numpy(),
+           dense_v.contiguous().numpy(), as_u8(dense_vis), ndense, kc, kmn, ksc, ktg, kgroups, key_codec.bits, vc, vmn,
            vsc, vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), out)
     return torch.from_numpy(out)
 
 
 _NO_ROTATION = np.empty((0, 0), dtype=np.float32)
+
+
+def _padded(codec: IntQuant, bodies: list, n_max: int):
+    """_operands of many sequences' bodies (one sequence each) in arrays padded to n_max tokens."""
+    h = bodies[0].tensors["codes"].shape[1]
+    tg = codec.group if codec.axis == "channel" else 1
+    codes = mn = sc = None
+    for b, p in enumerate(bodies):  # numpy views: a torch op per part would cost more than the copy
+        n = p.num_tokens
+        c, m, s = (p.tensors[k].numpy().reshape(h, -1) for k in ("codes", "min", "scale"))
+        if codes is None:
+            row, params = c.shape[1] // n, m.shape[1] * tg // n  # code bytes per token, numbers per group
+            codes = np.zeros((len(bodies), h, n_max * row), dtype=np.uint8)
+            mn = np.zeros((len(bodies), h, n_max // tg * params), dtype=np.float32)
+            sc = np.zeros_like(mn)
+        codes[b, :, :c.shape[1]] = c
+        mn[b, :, :m.shape[1]] = m
+        sc[b, :, :s.shape[1]] = s
+    shape = (len(bodies), h, n_max // tg, params)
+    return codes.reshape(len(bodies) * h, -1), mn.reshape(shape), sc.reshape(shape), tg, \
+        1 if codec.axis == "channel" else params
+
+
+def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray, dense_n: np.ndarray,
+                      bodies: list, splits: int = 4, cap: float = 0.0) -> torch.Tensor:
+    """One call for the decode tokens of many sequences, each with its own IntBody of the same codecs
+    and block (a server's batch): q (B, H, R, d) float32 scaled, dense_k / dense_v (B, H, n_dense, d)
+    float32 padded to the longest, dense_n (B,) int64 each one's dense tokens (all visible); the bodies
+    are padded here to the longest. The kernel reads each sequence's own tiles and dense tokens, with
+    split edges from its own length, so its output is what `fused_attend` gives it alone, bit for bit."""
+    b, h, r, d = q.shape
+    one = bodies[0]
+    n = np.array([x.num_tokens for x in bodies], dtype=np.int64)
+    n_max = int(n.max())
+    vis = np.arange(n_max)[None, :] < n[:, None]
+    kc, kmn, ksc, ktg, kgroups = _padded(one.key_codec, [x.keys for x in bodies], n_max)
+    vc, vmn, vsc, _, vgroups = _padded(one.value_codec, [x.values for x in bodies], n_max)
+    qb = q @ rotation(d, one.key_codec.seed) if one.key_codec.rotate else q
+    vrot = rotation(d, one.value_codec.seed).numpy() if one.value_codec.rotate else _NO_ROTATION
+    out = np.empty((b, h, r, d), dtype=np.float32)
+    dense_vis = np.ones((b, 1, dense_k.shape[2]), dtype=np.uint8)
+    _fused(q.contiguous().numpy(), qb.contiguous().numpy(), vis.view(np.uint8), n, dense_k, dense_v,
+           dense_vis, dense_n, kc, kmn, ksc, ktg, kgroups, one.key_codec.bits, vc, vmn, vsc, vgroups,
+           one.value_codec.bits, one.block, splits, vrot, np.float32(cap), out)
+    return torch.from_numpy(out)
 
 
 @dataclass
@@ -187,6 +239,15 @@ class IntBody:
     def attend(self, q, vis, dense_k, dense_v, dense_vis, splits, cap=0.0):
         return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
                             self.value_codec, self.block, splits, cap)
+
+    def batch_key(self) -> tuple:
+        """Bodies with equal keys are read by one `attend_many` call."""
+        return tuple((c.bits, c.axis, c.group, c.rotate, c.seed) for c in (self.key_codec, self.value_codec)) + (
+            self.block,)
+
+    @staticmethod
+    def attend_many(bodies, q, dense_k, dense_v, dense_n, splits, cap=0.0):
+        return fused_attend_many(q, dense_k, dense_v, dense_n, bodies, splits, cap)
 
     def decoded(self):
         return self.key_codec.decode(self.keys), self.value_codec.decode(self.values)
