@@ -199,6 +199,53 @@ def test_long_prompts_decode_together_in_one_kernel_call_as_alone(bundled, metho
     assert max(calls) == 3  # all three sequences' decode tokens in one call
 
 
+class _Underestimate:
+    """A byte model that believes every request is nearly free: admission lets too many in."""
+
+    def need(self, n):
+        return 1
+
+
+@pytest.mark.parametrize("park", [True, False])
+def test_preempted_requests_are_parked_and_resumed_without_recomputing(bundled, park):
+    """When a need falls short and the caches outgrow the budget, the newest request is preempted:
+    parked on disk and resumed where it stopped (no token run twice), or with park=False freed and
+    recomputed. Either way every request gets what it gets alone."""
+    from kvshrink.corpus import load_corpus_ids
+    from kvshrink.serve.server import make_engine
+
+    model, tok = bundled
+    ids = load_corpus_ids(tok, None, 5_000)
+    prompts = [ids[at:at + n].tolist() for at, n in ((0, 150), (600, 200), (1500, 260))]
+    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, log=lambda *_: None)
+
+    def run(eng, ps):
+        reqs = [eng.submit(Request(p, Sampling(max_tokens=16, temperature=0, ignore_eos=True), lambda k, q: None))
+                for p in ps]
+        parked = 0
+        while any(r.finish is None for r in reqs):
+            eng.step()
+            parked = max(parked, eng.parking.nbytes())
+            assert eng.held <= eng.kv_budget or len(eng.running) == 1
+        return [r.out for r in reqs], parked
+
+    alone = [run(fresh(), [p])[0][0] for p in prompts]
+    eng = fresh()
+    eng.park = park
+    eng.kv_budget = eng.need.need(260 + 16) * 2  # two of the three
+    eng.need = _Underestimate()
+    outs, parked = run(eng, prompts)
+    assert outs == alone
+    assert eng.preemptions >= 1
+    fed_once = sum(len(p) + 16 - 1 for p in prompts)
+    if park:
+        assert eng.tokens_fed == fed_once and parked > 0  # nothing recomputed
+        assert eng.parking.nbytes() == 0 and os.listdir(eng.parking.folder) == []  # read back, files removed
+    else:
+        assert eng.tokens_fed > fed_once and parked == 0
+    eng.parking.close()
+
+
 def test_a_client_that_disconnects_frees_its_cache(bundled):
     with Server(bundled, "int4") as s:
         body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}

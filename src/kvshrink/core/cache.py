@@ -42,6 +42,12 @@ class KVCache(Cache):
     def settle(self) -> None:
         """Finish deferred work (background coding, a pending eviction); a no-op by default."""
 
+    def payload(self) -> list[torch.Tensor]:
+        """The tensors that hold this cache's tokens (what it counts in `nbytes`), apart from what it
+        shares with other caches (codecs' matrices, a calibrated model's projections)."""
+        self.settle()
+        return [t for layer in self.layers for t in layer.tensors()]
+
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (payload, scales, minimums, tables, sink, window)."""
         self.settle()

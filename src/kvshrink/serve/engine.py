@@ -8,8 +8,9 @@ sequence whose prompt is all in its cache. A request's tokens reach its caller t
 called on the engine thread (the server hands them to its event loop).
 
 If the caches ever hold more than the budget (a measured need that fell short), the newest
-request is preempted: its cache freed, its prompt and output so far queued first again, and
-recomputed when it is admitted next.
+request is preempted: its cache is parked on disk (`park.Parking`), it is queued first again, and
+when it is admitted next its cache is read back and it continues from the token it had reached,
+nothing recomputed. (`park=False`: the cache is freed and the sequence recomputed, vLLM's default.)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..compat import with_cache
 from ..core.cache import cache_nbytes
 from ..errors import KvshrinkError
 from ..spec import spec_from_config
+from .park import Parking
 from .ragged import RaggedCache, Segment
 
 FINISHED = ("stop", "length")
@@ -78,8 +80,12 @@ class Engine:
     need: budget.ByteModel of that method; kv_budget: bytes all caches together may hold."""
 
     def __init__(self, model, tokenizer, make_cache, need, kv_budget: int, max_running: int = 64,
-                 step_tokens: int = 256, queue_limit: int = 256, max_context: int | None = None, metrics=None):
+                 step_tokens: int = 256, queue_limit: int = 256, max_context: int | None = None, metrics=None,
+                 parking: Parking | None = None, park: bool = True):
         self.model, self.tok, self.make_cache, self.need = model, tokenizer, make_cache, need
+        self.parking = parking if parking is not None else Parking()
+        self.park = park
+        self.tokens_fed, self.preemptions = 0, 0  # tokens run through the model (prompt, output, and any recomputed)
         spec = spec_from_config(model.config)
         self.windows = [spec.sliding_window if spec.is_sliding(i) else None for i in range(spec.num_layers)]
         self.kv_budget, self.max_running, self.step_tokens = int(kv_budget), max_running, step_tokens
@@ -166,6 +172,7 @@ class Engine:
             self.waiting.clear()
         for req in left:
             self._finish(req, None, "the server shut down before this request finished")
+        self.parking.close()
 
     def reserved(self) -> int:
         return sum(r.reserved for r in list(self.running))
@@ -185,10 +192,14 @@ class Engine:
             while self.waiting and len(self.running) < self.max_running:
                 req = self.waiting[0]
                 need = self.need.need(len(req.prompt) + req.sampling.max_tokens)
-                if self.reserved() + need > self.kv_budget:
+                if max(self.reserved(), self.held) + need > self.kv_budget:  # held: if a need fell short
                     break
                 self.waiting.popleft()
-                req.reserved, req.cache, req.fed = need, self.make_cache(), 0
+                req.reserved = need
+                if req.id in self.parking:  # preempted and parked: back as it was
+                    req.cache = self.parking.resume(req.id)
+                else:
+                    req.cache, req.fed = self.make_cache(), 0
                 self.running.append(req)
         self.peak_running = max(self.peak_running, len(self.running))
 
@@ -237,6 +248,7 @@ class Engine:
         now = time.perf_counter()
         for req, n in zip(reqs, counts):
             req.fed += n
+        self.tokens_fed += len(ids)
         for row, i in enumerate(sample_at):
             req = reqs[i]
             tok = self._sample(logits[row].float(), req)
@@ -297,6 +309,7 @@ class Engine:
     def _finish(self, req: Request, reason: str | None, error: str | None = None) -> None:
         if req in self.running:
             self.running.remove(req)
+        self.parking.discard(req.id)
         req.cache, req.finish = None, reason or "error"
         if self.metrics:
             self.metrics.finished(req.finish)
@@ -307,7 +320,12 @@ class Engine:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        req.cache, req.fed, req.reserved = None, 0, 0
+        self.preemptions += 1
+        if self.park:
+            self.parking.park(req.id, req.cache)
+        else:
+            req.fed = 0
+        req.cache, req.reserved = None, 0
         with self.lock:
             self.waiting.appendleft(req)
         if self.metrics:

@@ -19,6 +19,8 @@ class Metrics:
         self.fp16_per_token = fp16_per_token
         self.kv_held = Gauge("kvshrink_kv_bytes_held", "bytes the running requests' caches hold", registry=r)
         self.kv_reserved = Gauge("kvshrink_kv_bytes_reserved", "bytes reserved for the running requests", registry=r)
+        self.kv_parked = Gauge("kvshrink_kv_bytes_parked", "bytes of preempted requests' caches parked on disk",
+                               registry=r)
         self.kv_budget = Gauge("kvshrink_kv_budget_bytes", "the KV budget", registry=r)
         self.ratio = Gauge("kvshrink_compression_ratio", "float16 bytes of the held tokens / bytes held", registry=r)
         self.running = Gauge("kvshrink_requests_running", "requests in the running batch", registry=r)
@@ -67,6 +69,7 @@ class Metrics:
         self.kv_held.set(engine.held if running else 0)
         self.kv_reserved.set(engine.reserved() if running else 0)
         self.kv_budget.set(engine.kv_budget)
+        self.kv_parked.set(engine.parking.nbytes())
         tokens = engine.held_tokens()
         self.ratio.set(tokens * self.fp16_per_token / engine.held if running and engine.held else 0)
 

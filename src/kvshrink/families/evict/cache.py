@@ -385,6 +385,13 @@ class PagedCache(KVCache):
                              "evicted": int(evict.sum())})
 
     # --- accounting -------------------------------------------------------------------
+    def payload(self) -> list[torch.Tensor]:
+        """The pool's storage, the block tables and lengths, the per-sequence counters."""
+        self.settle()
+        out = list(self.pool.storage.values()) if self.pool is not None else []
+        out += [t for layer in self.layers if layer.is_initialized for t in (layer.table, layer.length)]
+        return out + ([self.real, self.lead] if self.real is not None else [])
+
     def nbytes(self) -> int:
         """Pool storage (free blocks included) + block tables + per-sequence counters."""
         self.settle()
