@@ -246,6 +246,78 @@ def test_preempted_requests_are_parked_and_resumed_without_recomputing(bundled, 
     eng.parking.close()
 
 
+def _run(eng, prompts, max_tokens=10):
+    reqs = [eng.submit(Request(p, Sampling(max_tokens=max_tokens, temperature=0, ignore_eos=True), lambda k, q: None))
+            for p in prompts]
+    while any(r.finish is None for r in reqs):
+        eng.step()
+    return [r.out for r in reqs]
+
+
+@pytest.mark.parametrize("method", ["int4", "fp16"])
+def test_a_shared_prompt_chunk_is_reused_and_gives_what_a_cold_start_gives(bundled, method):
+    """A prompt's cache after each whole chunk is kept: a later prompt that starts with those tokens
+    feeds only the rest, and, the kept cache being what a cold prefill builds, gets the same tokens."""
+    from kvshrink.corpus import load_corpus_ids
+    from kvshrink.serve.server import make_engine
+
+    model, tok = bundled
+    ids = load_corpus_ids(tok, None, 5_000).tolist()
+    first, second = ids[:300], ids[:256] + ids[2000:2090]  # 256: one whole chunk in common
+    _, cold = make_engine(model, tok, method, 10**9, step_tokens=128, probe=256, prefix=False, log=lambda *_: None)
+    _, warm = make_engine(model, tok, method, 10**9, step_tokens=128, probe=256, log=lambda *_: None)
+    expected = _run(cold(), [second])[0]
+    eng = warm()
+    _run(eng, [first])
+    assert {len(k) for k in eng.prefix.entries} == {128, 256, 300 + 10 - 1}  # two chunk ends and the finished one
+    fed = eng.tokens_fed
+    assert _run(eng, [second])[0] == expected
+    assert eng.tokens_fed - fed == len(second) - 256 + 10 - 1  # the shared 256 tokens were not run again
+    assert eng.prefix.hits == 1 and eng.prefix.reused_tokens == 256
+
+
+def test_a_chats_second_turn_continues_from_its_first(bundled):
+    """Through the openai client: the second turn's prompt (the first turn's history plus a new
+    message) starts with the finished first turn's cache, whose bytes the running request shares."""
+    with Server(bundled, "int4") as s:
+        q1 = [{"role": "user", "content": "What is the capital of France?"}]
+        a1 = s.client.chat.completions.create(model="smollm2-135m", messages=q1, max_tokens=12, temperature=0)
+        history = len(s.engine.tok.apply_chat_template(q1, add_generation_prompt=True, return_dict=True)["input_ids"])
+        q2 = q1 + [{"role": "assistant", "content": a1.choices[0].message.content},
+                   {"role": "user", "content": "And of Italy?"}]
+        before = s.engine.tokens_fed
+        a2 = s.client.chat.completions.create(model="smollm2-135m", messages=q2, max_tokens=12, temperature=0)
+        reused = s.metric("kvshrink_prefix_reused_tokens")
+        assert reused >= history + a1.usage.completion_tokens - 1  # the whole first turn
+        assert s.engine.tokens_fed - before == a2.usage.prompt_tokens - reused + a2.usage.completion_tokens - 1
+        assert a2.choices[0].message.content
+
+
+def test_a_fork_shares_its_entrys_bytes_until_it_codes_a_block(bundled):
+    """While a request runs on a kept cache, the engine counts their common storage once."""
+    from kvshrink.codecs.base import tensor_nbytes
+    from kvshrink.core.cache import cache_nbytes
+    from kvshrink.corpus import load_corpus_ids
+    from kvshrink.serve.server import make_engine
+
+    model, tok = bundled
+    ids = load_corpus_ids(tok, None, 5_000).tolist()
+    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, log=lambda *_: None)
+    eng = fresh()
+    first = _run(eng, [ids[:300]])[0]
+    entry = next(e for e in eng.prefix.entries.values() if e.finished)
+    req = eng.submit(Request(ids[:300] + first + [13, 14], Sampling(max_tokens=4, temperature=0, ignore_eos=True),
+                             lambda k, q: None))
+    eng.step()
+    assert req.fed == len(req.prompt) and len(req.out) == 1
+    apart = cache_nbytes(entry.cache) + cache_nbytes(req.cache)
+    together = tensor_nbytes(entry.cache.payload() + req.cache.payload())
+    assert together < apart - cache_nbytes(entry.cache) // 2  # most of the entry is shared, counted once
+    eng.measure()
+    everything = [t for e in eng.prefix.entries.values() for t in e.cache.payload()] + req.cache.payload()
+    assert eng.held == tensor_nbytes(everything)
+
+
 def test_a_client_that_disconnects_frees_its_cache(bundled):
     with Server(bundled, "int4") as s:
         body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}

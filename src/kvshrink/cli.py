@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-running", type=int, default=64, help="most sequences in the running batch")
     s.add_argument("--step-tokens", type=int, default=256, help="most new tokens in one forward call (prompt chunks)")
     s.add_argument("--queue-limit", type=int, default=256, help="waiting requests beyond which the server answers 429")
+    s.add_argument("--no-prefix-reuse", action="store_true",
+                   help="do not keep caches for later prompts that start with the same tokens (docs/serve.md)")
+    s.add_argument("--no-park", action="store_true",
+                   help="a preempted request's cache is freed and recomputed, not parked on disk")
 
     c = sub.add_parser("calibrate", help="calibrate a method that needs it (zdc: low-rank bases and loss proxies; "
                                          "rvq: residual codebooks; auto: the budget's loss of every width)")
@@ -268,7 +272,8 @@ def cmd_serve(args) -> None:
     from .serve.server import build, parse_bytes, run
 
     budget = parse_bytes(args.kv_budget)
-    app, _, _ = build(args.model, args.method, budget, args.max_running, args.step_tokens, args.queue_limit)
+    app, _, _ = build(args.model, args.method, budget, args.max_running, args.step_tokens, args.queue_limit,
+                      prefix=not args.no_prefix_reuse, park=not args.no_park)
     print(f"kvshrink serve: {args.method} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
     got = run(app, args.host, args.port)
     print(f"kvshrink serve: stopped{' on signal ' + str(got[-1]) if got else ''}", flush=True)

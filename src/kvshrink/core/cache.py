@@ -17,6 +17,10 @@ from ..spec import ModelSpec, spec_from_config
 
 
 class KVCache(Cache):
+    # every update replaces the tensors it changes (cat, slices cloned), none is written in place:
+    # a structural copy that shares them (serve/park.py's fork) grows apart from its original safely
+    forkable = True
+
     def __init__(self, layers: list, config=None, method: str | None = None):
         self.spec: ModelSpec | None = spec_from_config(config) if config is not None else None
         self.method = method

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..compat import with_cache
-from ..core.cache import cache_nbytes
+from ..codecs.base import tensor_nbytes
 from ..errors import KvshrinkError
 from ..spec import spec_from_config
 from .park import Parking
+from .prefix import PrefixStore
 from .ragged import RaggedCache, Segment
 
 FINISHED = ("stop", "length")
@@ -70,6 +71,7 @@ class Request:
     last: float | None = None
     finish: str | None = None
     gen: torch.Generator | None = None
+    cold: bool = True  # its cache is what a cold prefill from offset 0 builds (prefix.py)
 
     def tokens(self) -> list:
         return self.prompt + self.out
@@ -81,7 +83,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, make_cache, need, kv_budget: int, max_running: int = 64,
                  step_tokens: int = 256, queue_limit: int = 256, max_context: int | None = None, metrics=None,
-                 parking: Parking | None = None, park: bool = True):
+                 parking: Parking | None = None, park: bool = True, prefix: PrefixStore | None = None):
         self.model, self.tok, self.make_cache, self.need = model, tokenizer, make_cache, need
         self.parking = parking if parking is not None else Parking()
         self.park = park
@@ -101,9 +103,12 @@ class Engine:
         self.stopping = False
         self.ids = itertools.count()
         self.peak_running = 0
-        self.held = 0  # bytes the running caches hold, measured every HELD_EVERY steps
+        self.prefix = prefix if prefix is not None else PrefixStore()
+        # bytes held (every storage counted once), measured every HELD_EVERY steps and after every
+        # change of who holds a cache: by the running requests, and by them and the prefix entries
+        self.held_running = self.held = 0
         self.steps = 0
-        self._members: list = []  # the running requests when `held` was last measured
+        self._stale = False
         self.thread: threading.Thread | None = None
 
     # -- called from other threads ------------------------------------------------------------
@@ -192,15 +197,19 @@ class Engine:
             while self.waiting and len(self.running) < self.max_running:
                 req = self.waiting[0]
                 need = self.need.need(len(req.prompt) + req.sampling.max_tokens)
-                if max(self.reserved(), self.held) + need > self.kv_budget:  # held: if a need fell short
+                if self._short(need) > 0:  # prefix entries give their room back first
+                    self._free_prefix(need)
+                if self._short(need) > 0:
                     break
                 self.waiting.popleft()
                 req.reserved = need
                 if req.id in self.parking:  # preempted and parked: back as it was
                     req.cache = self.parking.resume(req.id)
                 else:
-                    req.cache, req.fed = self.make_cache(), 0
+                    req.cache, req.fed, req.cold = self.prefix.take(req.prompt)
+                    req.cache = req.cache or self.make_cache()
                 self.running.append(req)
+                self._stale = True
         self.peak_running = max(self.peak_running, len(self.running))
 
     def _batch(self) -> tuple[list, list]:
@@ -230,6 +239,10 @@ class Engine:
     def step(self) -> None:
         self._admit()
         if not self.running:
+            if self._stale:
+                self.measure()
+                if self.metrics:
+                    self.metrics.refresh(self)
             return
         reqs, counts = self._batch()
         ids, pos, segs, at = [], [], [], 0
@@ -248,6 +261,8 @@ class Engine:
         now = time.perf_counter()
         for req, n in zip(reqs, counts):
             req.fed += n
+            if req.cold and req.fed < len(req.prompt) and req.fed % self.step_tokens == 0:
+                self.prefix.add(req.prompt[:req.fed], req.cache, finished=False)  # a whole chunk's end
         self.tokens_fed += len(ids)
         for row, i in enumerate(sample_at):
             req = reqs[i]
@@ -262,14 +277,34 @@ class Engine:
             req.last = now
             self._emit_text(req, tok)
         self.steps += 1
-        members = [r.id for r in self.running]
-        if self.steps % HELD_EVERY == 0 or members != self._members:  # a join or leave: measure now
-            self.held = sum(cache_nbytes(r.cache) for r in self.running)
-        self._members = members
-        if self.metrics:
-            self.metrics.step(self, len(sample_at))
+        if self._stale or self.steps % HELD_EVERY == 0:
+            self.measure()
+        if self.held > self.kv_budget:
+            self._free_prefix(0)
         while self.held > self.kv_budget and len(self.running) > 1:
             self._preempt(self.running[-1])
+        if self.metrics:
+            self.metrics.step(self, len(sample_at))
+
+    def _short(self, need: int) -> int:
+        """Bytes missing for one more request of `need`: the reservations (or the real bytes, if a
+        need fell short), the prefix entries' own bytes and `need` against the budget."""
+        return max(self.reserved(), self.held_running) + (self.held - self.held_running) + need - self.kv_budget
+
+    def _free_prefix(self, need: int) -> None:
+        """Drop the least recently used prefix entries until `need` fits or none is left; each dropped
+        entry's bytes bound what it frees, so the bytes are measured once per round, not per entry."""
+        while self._short(need) > 0 and len(self.prefix):
+            short, freed = self._short(need), 0
+            while freed < short and len(self.prefix):
+                freed += self.prefix.drop_oldest()
+            self.measure()
+
+    def measure(self) -> None:
+        running = [t for r in self.running for t in r.cache.payload()]
+        self.held_running = tensor_nbytes(running)
+        self.held = tensor_nbytes(running + self.prefix.payload())
+        self._stale = False
 
     def _sample(self, logits: torch.Tensor, req: Request) -> int:
         s = req.sampling
@@ -309,6 +344,9 @@ class Engine:
     def _finish(self, req: Request, reason: str | None, error: str | None = None) -> None:
         if req in self.running:
             self.running.remove(req)
+            if reason in FINISHED:  # its cache holds tokens()[:fed]: kept for a later prompt that starts so
+                self.prefix.add(req.tokens()[:req.fed], req.cache, finished=True)
+            self._stale = True
         self.parking.discard(req.id)
         req.cache, req.finish = None, reason or "error"
         if self.metrics:
@@ -330,7 +368,7 @@ class Engine:
             self.waiting.appendleft(req)
         if self.metrics:
             self.metrics.preempted()
-        self.held = sum(cache_nbytes(r.cache) for r in self.running)
+        self.measure()
 
 
 def _prefixes(s: str):

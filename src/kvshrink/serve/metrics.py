@@ -17,7 +17,12 @@ class Metrics:
     def __init__(self, method: str, fp16_per_token: float):
         self.registry = r = CollectorRegistry()
         self.fp16_per_token = fp16_per_token
-        self.kv_held = Gauge("kvshrink_kv_bytes_held", "bytes the running requests' caches hold", registry=r)
+        self.kv_held = Gauge("kvshrink_kv_bytes_held", "bytes the caches hold (running requests and prefix entries, "
+                             "each storage once)", registry=r)
+        self.kv_prefix = Gauge("kvshrink_kv_bytes_prefix", "bytes only the prefix entries hold", registry=r)
+        self.prefix_entries = Gauge("kvshrink_prefix_entries", "finished caches kept for prefix reuse", registry=r)
+        self.prefix_tokens = Gauge("kvshrink_prefix_reused_tokens", "prompt tokens taken from prefix entries, "
+                                   "not computed", registry=r)
         self.kv_reserved = Gauge("kvshrink_kv_bytes_reserved", "bytes reserved for the running requests", registry=r)
         self.kv_parked = Gauge("kvshrink_kv_bytes_parked", "bytes of preempted requests' caches parked on disk",
                                registry=r)
@@ -66,12 +71,15 @@ class Metrics:
         running, waiting = engine.counts()
         self.running.set(running)
         self.waiting.set(waiting)
-        self.kv_held.set(engine.held if running else 0)
+        self.kv_held.set(engine.held)
+        self.kv_prefix.set(engine.held - engine.held_running)
+        self.prefix_entries.set(len(engine.prefix))
+        self.prefix_tokens.set(engine.prefix.reused_tokens)
         self.kv_reserved.set(engine.reserved() if running else 0)
         self.kv_budget.set(engine.kv_budget)
         self.kv_parked.set(engine.parking.nbytes())
         tokens = engine.held_tokens()
-        self.ratio.set(tokens * self.fp16_per_token / engine.held if running and engine.held else 0)
+        self.ratio.set(tokens * self.fp16_per_token / engine.held_running if running and engine.held_running else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

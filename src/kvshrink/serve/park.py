@@ -9,10 +9,14 @@ Only the cache's payload goes to the file: the tensors its layers hold (`layer.t
 bytes the cache reports). Whatever else it refers to (codecs' rotation matrices, a calibrated
 model's projections, a worker thread) is kept by reference in memory, so a resumed cache shares
 them as it did before and the file holds the compressed bytes and little more.
+
+The same pickling, with every tensor kept by reference, makes `fork`: the structural copy that
+prefix reuse (prefix.py) hands a request whose prompt starts with a finished sequence's tokens.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -20,16 +24,21 @@ import tempfile
 
 import torch
 
+from ..errors import KvshrinkError
 
-class _Pickler(pickle.Pickler):
-    def __init__(self, file, payload: set, kept: list):
+
+class RefPickler(pickle.Pickler):
+    """Pickles an object graph, keeping by reference (in `kept`) every tensor whose storage is not in
+    `payload` (None: every tensor) and every thread, lock or executor."""
+
+    def __init__(self, file, payload: set | None, kept: list):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.payload, self.kept = payload, kept
 
     def persistent_id(self, obj):
         if isinstance(obj, torch.Tensor):
             storage = obj.untyped_storage()
-            if storage.data_ptr() in self.payload or not storage.nbytes():
+            if self.payload is not None and (storage.data_ptr() in self.payload or not storage.nbytes()):
                 return None
         elif not _unpicklable(obj):
             return None
@@ -42,13 +51,26 @@ def _unpicklable(obj) -> bool:
     return type(obj).__module__ in ("concurrent.futures.thread", "threading", "_thread", "queue")
 
 
-class _Unpickler(pickle.Unpickler):
+class RefUnpickler(pickle.Unpickler):
     def __init__(self, file, kept: list):
         super().__init__(file)
         self.kept = kept
 
     def persistent_load(self, pid):
         return self.kept[pid]
+
+
+def fork(cache):
+    """A copy of `cache` that shares every tensor with it (its layers, stores and records are new
+    objects): for a cache whose stored tensors are never written in place (`forkable`), the two
+    then grow apart without touching each other's tokens."""
+    if not getattr(cache, "forkable", False):
+        raise KvshrinkError(f"{type(cache).__name__} writes its tensors in place and cannot be forked")
+    cache.settle()
+    buf, kept = io.BytesIO(), []
+    RefPickler(buf, None, kept).dump(cache)
+    buf.seek(0)
+    return RefUnpickler(buf, kept).load()
 
 
 class Parking:
@@ -68,7 +90,7 @@ class Parking:
         kept: list = []
         path = os.path.join(self.folder, f"{key}.pkl")
         with open(path, "wb") as f:
-            _Pickler(f, payload, kept).dump(cache)
+            RefPickler(f, payload, kept).dump(cache)
         size = os.path.getsize(path)
         self.entries[key] = (path, size, kept)
         return size
@@ -77,7 +99,7 @@ class Parking:
         """The cache parked under `key`, as it was; its file is removed."""
         path, _, kept = self.entries.pop(key)
         with open(path, "rb") as f:
-            cache = _Unpickler(f, kept).load()
+            cache = RefUnpickler(f, kept).load()
         os.remove(path)
         return cache
 

@@ -20,6 +20,7 @@ from .app import create_app
 from .budget import measure
 from .engine import Engine
 from .metrics import Metrics
+from .prefix import PrefixStore
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 PROBE_TOKENS = 1024  # the prompt whose cache bytes are measured before serving
@@ -47,9 +48,10 @@ def probe_ids(tokenizer, tokens: int, log=print) -> torch.Tensor:
 
 
 def make_engine(model, tok, method: str, kv_budget: int, max_running: int = 64, step_tokens: int = 256,
-                queue_limit: int = 256, probe: int = PROBE_TOKENS, log=print):
-    """(model prepared for `method`, a factory of fresh engines on it, metrics of the first). The bytes a
-    cache of the method holds are measured once, on a `probe`-token prompt."""
+                queue_limit: int = 256, probe: int = PROBE_TOKENS, log=print, prefix: bool = True, park: bool = True):
+    """(model prepared for `method`, a factory of fresh engines on it). The bytes a cache of the method
+    holds are measured once, on a `probe`-token prompt. prefix: reuse kept caches for prompts that start
+    with their tokens (prefix.py); park: park preempted caches on disk rather than recompute them."""
     spec = spec_from_config(model.config)
     model = prepare(model, method, tok)
     use_kvshrink_attention(model)  # the packed batch attends through RaggedStates, for every method
@@ -63,16 +65,18 @@ def make_engine(model, tok, method: str, kv_budget: int, max_running: int = 64, 
     def fresh(metrics=None) -> Engine:
         return Engine(model, tok, lambda: from_method(method, model), need, kv_budget, max_running=max_running,
                       step_tokens=step_tokens, queue_limit=queue_limit, max_context=spec.max_context,
-                      metrics=metrics)
+                      metrics=metrics, prefix=PrefixStore(enabled=prefix), park=park)
     return model, fresh
 
 
 def build(model_name: str | None, method: str, kv_budget: int, max_running: int = 64, step_tokens: int = 256,
-          queue_limit: int = 256, probe: int = PROBE_TOKENS, log=print, loaded=None):
+          queue_limit: int = 256, probe: int = PROBE_TOKENS, log=print, loaded=None, prefix: bool = True,
+          park: bool = True):
     """(app, engine, metrics). loaded: (model, tokenizer) already loaded (tests share one model)."""
     get_method(method)
     model, tok = loaded or load_model(model_name)
-    model, fresh = make_engine(model, tok, method, kv_budget, max_running, step_tokens, queue_limit, probe, log)
+    model, fresh = make_engine(model, tok, method, kv_budget, max_running, step_tokens, queue_limit, probe, log,
+                               prefix, park)
     metrics = Metrics(method, spec_from_config(model.config).fp16_bytes_per_token())
     engine = fresh(metrics)
     app = create_app(engine, tok, model_name or DEFAULT_MODEL, metrics)

@@ -233,6 +233,8 @@ class PagedLayer(StoreLayer):
 class PagedCache(KVCache):
     """A transformers `Cache` of `PagedLayer`s over one `BlockPool`; see the module docstring."""
 
+    forkable = False  # rows are written into the pool's storage in place
+
     def __init__(self, config, ratio: float | None = None, tokens=None, alloc: str = "variable",
                  score: str = "square", pool: int = 0, obs: int = 32, sink: int = 4, window: int = 8,
                  block: int = 16, interval: int | None = None, key_codec: Codec | None = None,
