@@ -169,8 +169,7 @@ def test_admission_by_measured_bytes(bundled):
         engine.submit(Request(ids, Sampling(max_tokens=2000), lambda k, p: None))
 
 
-@pytest.mark.parametrize("method", ["int4", "int2-rot"])
-def test_long_prompts_decode_together_in_one_kernel_call_as_alone(bundled, method, monkeypatch):
+def test_long_prompts_decode_together_in_one_kernel_call_as_alone(bundled, monkeypatch):
     """Prompts longer than a cache block: the decode tokens of every running sequence are read by one
     kernel call per layer (SplitStates.attend_many), and each request still gets what it gets alone."""
     from kvshrink.attention.split import SplitStates
@@ -180,7 +179,7 @@ def test_long_prompts_decode_together_in_one_kernel_call_as_alone(bundled, metho
     model, tok = bundled
     ids = load_corpus_ids(tok, None, 5_000)
     prompts = [ids[at:at + n].tolist() for at, n in ((0, 150), (600, 300), (1500, 420))]
-    _, fresh = make_engine(model, tok, method, 10**9, probe=256, log=lambda *_: None)
+    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, log=lambda *_: None)
     calls = []
     many = SplitStates.attend_many
     monkeypatch.setattr(SplitStates, "attend_many", staticmethod(lambda st, *a: calls.append(len(st)) or many(st, *a)))
