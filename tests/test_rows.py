@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvshrink import from_method
@@ -32,30 +32,57 @@ def _codecs(kind, group, rotate):
                 value_codec=IntQuant(kind, "token", group, rotate=rotate, seed=2))
 
 
+def _rows(cache) -> list:
+    """Per layer, which pool slots are valid and every kept row's stored fields but its score (codes,
+    scales, minimums, position) as one (rows, bytes) table, in block-table order."""
+    out = []
+    for layer in cache.layers:
+        names = [k for k in cache.pool.storage if k != "score"]
+        rows, valid, _ = layer.gather(names)
+        table = torch.cat([rows[k][valid].reshape(int(valid.sum()), -1).contiguous().view(torch.uint8)
+                           for k in names], 1)
+        out += [valid.clone(), table]
+    return out
+
+
 @torch.no_grad()
 @settings(max_examples=25, deadline=None)
 @given(kind=st.sampled_from(["fp16", 2, 3, 4, 8]), group=st.sampled_from([None, 8]), rotate=st.booleans(),
        ratio=st.sampled_from([2, 4, 8]), block=st.sampled_from([4, 16]), n=st.integers(20, 90),
        steps=st.integers(1, 24), pad=st.integers(0, 10), seed=st.integers(0, 99))
+@example(kind=3, group=None, rotate=True, ratio=4, block=4, n=35, steps=15, pad=0, seed=31)  # a flipped code
 def test_kernel_equals_gather_then_attend(model, kind, group, rotate, ratio, block, n, steps, pad, seed):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 128, (2, n), generator=g)
     mask = torch.ones_like(ids)
     ids[1, :pad], mask[1, :pad] = 0, 0
     nxt = torch.randint(3, 128, (2, steps), generator=g)
-    caches, logits = [], []
+    caches, logits, stored = [], [], []
     for attend in ("fused", "decode"):
         cache = PagedCache(model.config, ratio=ratio, block=block, attend=attend, **_codecs(kind, group, rotate))
         m = mask
         out = [model(ids, attention_mask=m, past_key_values=cache).logits[:, -1]]
+        rows = [_rows(cache)]
         for i in range(steps):
             m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
             out.append(model(nxt[:, i:i + 1], attention_mask=m, past_key_values=cache).logits[:, -1])
+            rows.append(_rows(cache))
         caches.append(cache)
         logits.append(torch.stack(out))
+        stored.append(rows)
     fused, ref = caches
     assert fused.kernel_reads and not ref.kernel_reads
-    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    # Both paths store the same codes, until float noise (1e-9, the two paths' summation orders)
+    # in a token's states lands on a rounding edge and one code differs: from the step that reads it
+    # on, each path is right about its own codes. Found: 3-bit rotated values, layer 1, step 14.
+    same = [all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(*stored)]
+    agree = same.index(False) if False in same else len(same) - 1
+    torch.testing.assert_close(logits[0][:agree + 1], logits[1][:agree + 1], rtol=1e-4, atol=1e-4)
+    if not same[agree]:  # one token's record (code, scale, minimum) in one head or two, not a different cache
+        a, b = stored[0][agree], stored[1][agree]
+        assert all(torch.equal(x, y) for x, y in zip(a[0::2], b[0::2]))  # the same rows kept
+        assert sum(int((x != y).any(1).sum()) for x, y in zip(a[1::2], b[1::2])) <= 2
+        return
     assert torch.equal(fused.kept_tokens(), ref.kept_tokens())  # the same evictions
     for a, b in zip(fused.layers, ref.layers):  # the scores the kernel recorded for every kept row
         ra, va, _ = a.gather(["score", "pos"])
