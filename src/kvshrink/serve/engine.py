@@ -83,9 +83,9 @@ class Engine:
 
     def __init__(self, model, tokenizer, make_cache, need, kv_budget: int, max_running: int = 64,
                  step_tokens: int = 256, queue_limit: int = 256, max_context: int | None = None, metrics=None,
-                 parking: Parking | None = None, park: bool = True, prefix: PrefixStore | None = None):
+                 park: bool = True, prefix: PrefixStore | None = None):
         self.model, self.tok, self.make_cache, self.need = model, tokenizer, make_cache, need
-        self.parking = parking if parking is not None else Parking()
+        self.parking = Parking()  # a temporary folder, made at the first preemption
         self.park = park
         self.tokens_fed, self.preemptions = 0, 0  # tokens run through the model (prompt, output, and any recomputed)
         spec = spec_from_config(model.config)

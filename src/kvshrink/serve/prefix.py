@@ -85,9 +85,6 @@ class PrefixStore:
         _, entry = self.entries.popitem(last=False)
         return max(1, tensor_nbytes(entry.cache.payload()))
 
-    def clear(self) -> None:
-        self.entries.clear()
-
     def payload(self) -> list:
         return [t for e in list(self.entries.values()) for t in e.cache.payload()]
 
