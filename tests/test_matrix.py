@@ -25,6 +25,7 @@ from transformers import DynamicCache, LlamaForCausalLM
 
 from kvshrink import KvshrinkError, from_method, load_cache, method_names, prepare
 from kvshrink.families.budget import allocate as budget
+from kvshrink.kernels import backend
 from kvshrink.families.lowrank import transform as zdc
 from kvshrink.families.rvq import calibrate as rvq_calib
 
@@ -244,3 +245,26 @@ def test_reorder_cache_permutes_sequences_or_refuses(model, name):
         m(ids.flip(0), past_key_values=swapped, use_cache=True)
     more = _ids(4, seed=10, batch=2)
     torch.testing.assert_close(_feed(m, cache, more), _feed(m, swapped, more), rtol=1e-5, atol=1e-5)
+
+
+TRITON_LAYOUTS = tuple(n for n in FUSED if not n.startswith(("rvq", "kvcomp")))  # the rest: no Triton kernel yet
+
+
+@pytest.mark.skipif(not backend.ON_CPU, reason=backend.WHY_NOT_ON_CPU or "-")
+@pytest.mark.parametrize("name", FUSED)
+def test_triton_decode_equals_the_compiled_cpu_path(model, name):
+    """The Triton kernels (Triton's interpreter here; CUDA on a GPU) give the numba kernels' logits;
+    a layout without a Triton kernel says so in one line and decodes its history instead."""
+    m = _ready(model, name)
+    ids = _ids(PROMPT, seed=3)
+    cpu = _run(m, from_method(name, m), ids)
+    before = sum(backend.CALLS.values())
+    with backend.use("triton"):
+        gpu = _run(m, from_method(name, m), ids)
+    launched = sum(backend.CALLS.values()) - before
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+    if name in TRITON_LAYOUTS:
+        assert launched >= STEPS * 2  # every decode step of both layers
+    else:
+        assert launched == 0
+        assert ("cuda", "RVQ" if name.startswith("rvq") else "KVComp") in backend.SAID  # said once on stderr

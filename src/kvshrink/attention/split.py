@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from ..kernels.backend import triton_for
 from ..kernels.tiles import announce
 from .logits import soft_cap
 from .masks import bool_mask
@@ -54,11 +55,11 @@ class SplitStates:
         dense_k = torch.cat([x.float() for x in (self.before[0], *after_k)], 2)  # (a mixed-dtype cat is slower)
         dense_v = torch.cat([x.float() for x in (self.before[1], *after_v)], 2)
         if not self.fused or self.body is None:
-            return self._reference(q, self._visible(mask, b, t, n_all), query, n_before, dense_k, dense_v, softcap)
+            return self._reference(q, self._visible(mask, b, t, n_all, query.device), query, n_before, dense_k, dense_v, softcap)
         vis = bool_mask(mask)
         if vis is None:  # causal: the body is all visible, the last t dense tokens are this call's
-            body_vis = torch.ones(b, n_body, dtype=torch.bool)
-            dense_vis = torch.ones(b, t, n_dense, dtype=torch.bool).tril_(n_dense - t)
+            body_vis = torch.ones(b, n_body, dtype=torch.bool, device=query.device)
+            dense_vis = torch.ones(b, t, n_dense, dtype=torch.bool, device=query.device).tril_(n_dense - t)
         else:
             vis = vis[:, 0].expand(b, t, -1)
             body_vis = vis[:, -1, n_before:n_before + n_body]  # the kernel takes one row for the body
@@ -75,7 +76,8 @@ class SplitStates:
         """A key shared by the states whose decode tokens one `attend_many` call can serve (one
         causal token per sequence over a body of the same kind, codecs and splits), else None."""
         body = self.body
-        if t != 1 or mask is not None or not self.fused or body is None or not hasattr(body, "attend_many"):
+        if (t != 1 or mask is not None or not self.fused or body is None or not hasattr(body, "attend_many")
+                or triton_for(self.before[0])):  # the one-call kernel is numba's (CPU)
             return None
         return type(body), body.batch_key(), self.splits
 
@@ -108,10 +110,10 @@ class SplitStates:
         return out.to(query.dtype).view(b, hq, 1, d).transpose(1, 2)
 
     @staticmethod
-    def _visible(mask, b, t, n_all):
+    def _visible(mask, b, t, n_all, device):
         vis = bool_mask(mask)
         if vis is None:
-            vis = torch.ones(b, 1, t, n_all, dtype=torch.bool).tril_(n_all - t)
+            vis = torch.ones(b, 1, t, n_all, dtype=torch.bool, device=device).tril_(n_all - t)
         return vis[:, 0].expand(b, t, -1)
 
     def _reference(self, q, vis, query, n_before, dense_k, dense_v, softcap=None):

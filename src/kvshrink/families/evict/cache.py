@@ -33,6 +33,7 @@ from ...core.layer import ATTENDS, StoreLayer
 from ...core.pool import BlockPool, RowCodec
 from ...core.store import half_checked
 from ...errors import KvshrinkError
+from ...kernels.backend import kernels_on
 from ...spec import spec_from_config
 from . import budget as budgets
 from .config import ALLOCS, NORMS, POOLINGS, SCORES, EvictConfig
@@ -296,7 +297,7 @@ class PagedCache(KVCache):
         if self.pool is not None:
             return
         self.head_dim = head_dim
-        self.kernel_reads = (self.attend == "fused" and torch.device(device or "cpu").type == "cpu"
+        self.kernel_reads = (self.attend == "fused" and kernels_on(device, "paged-row")
                              and supported(self.key_codec, self.value_codec, head_dim))
         self.kc, self.vc = RowCodec(self.key_codec, head_dim), RowCodec(self.value_codec, head_dim)
         fields = {"k." + n: f for n, f in self.kc.fields.items()}
@@ -416,7 +417,7 @@ class PagedCache(KVCache):
         if self.attend == "decode":
             return "decode steps gather and decode the kept rows"
         if supported(self.key_codec, self.value_codec, self.spec.head_dim):
-            return "decode steps read the kept rows in place (compiled kernel on the CPU)"
+            return "decode steps read the kept rows in place (numba kernel on the CPU, Triton on CUDA)"
         return "decode steps gather and decode the kept rows: no compiled kernel reads these rows"
 
     def fill_reference(self, states) -> None:

@@ -23,7 +23,11 @@ import torch
 from ...codecs.base import Codec, Fp16
 from ...codecs.hadamard import rotation
 from ...codecs.quant import IntQuant
+from ...kernels.backend import TRITON, triton_for
 from ...kernels.tiles import FAST, HALF, as_u8, half_to_float, rotate_back, unpack_codes, weights
+
+if TRITON:
+    from . import gpu
 
 
 @numba.njit(cache=True, fastmath=FAST)
@@ -153,6 +157,8 @@ def attend(q: torch.Tensor, layer, n_past: torch.Tensor, new_k: torch.Tensor, ne
     pool); n_past (B, H) kept rows before this call's token; new_k / new_v (B, H, d) that token;
     seen (B, K) bool, the positions the query may see, or None (all) -> (out (B, H, G, d),
     probs (B, H, G, S + 1)) float32, S the most rows a head keeps."""
+    if triton_for(q):
+        return gpu.attend(q, layer, n_past, new_k, new_v, seen)
     owner = layer.owner
     pool = owner.pool
     kcodec, vcodec = owner.key_codec, owner.value_codec
@@ -188,6 +194,8 @@ def _add_scores(table, n_past, block, scores, new_slot, flat):
 
 def add_scores(layer, n_past: torch.Tensor, new_slot: torch.Tensor, scores: torch.Tensor) -> None:
     """Add a decode step's (B, H, S + 1) eviction scores to the pool's score of every row it read."""
+    if triton_for(scores):
+        return gpu.add_scores(layer, n_past, new_slot, scores)
     pool = layer.owner.pool
     _add_scores(layer.table.contiguous().numpy(), n_past.contiguous().numpy(), pool.block,
                 scores.float().contiguous().numpy(), new_slot.contiguous().numpy(), pool.flat("score").numpy())

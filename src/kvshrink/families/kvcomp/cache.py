@@ -41,6 +41,8 @@ class KVCompLayer(CompressedLayer):
             raise KvshrinkError("kvcomp caches run on the CPU (their kernels are numba CPU code)")
         super().lazy_initialization(key_states, value_states)
 
+    layout, gpu_kernel = "KVComp", False
+
     def _kernel_supports(self, head_dim: int) -> bool:
         return True  # the kernel decodes any error-bounded, prefix-coded body
 

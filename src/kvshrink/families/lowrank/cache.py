@@ -29,6 +29,7 @@ from ...core.cache import KVCache
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, stage_for
 from ...core.store import TokenStore, half_checked
 from ...errors import KvshrinkError
+from ...kernels.backend import kernels_on
 from .config import ZdcConfig
 from .kernel import LowRankStates, supported
 from .states import Segment, ZdcStates
@@ -56,7 +57,7 @@ class ZdcLayer(StoreLayer):
             raise KvshrinkError(f"ZDC cache built for {len(self.rk)} KV heads of {self.uk.shape[-1]}, got {h} of {d}")
         self._init_shape(key_states)
         if self.fused:
-            self.kernel_reads = self.device.type == "cpu" and supported(
+            self.kernel_reads = kernels_on(self.device, "ZDC") and supported(
                 self.ks[0].codec, self.vs[0].codec, self.ks[0].block, self.rk, self.rv)
         self.uk, self.uv = self.uk.to(self.device), self.uv.to(self.device)
         for s in self.ks + self.vs:
@@ -204,7 +205,7 @@ class ZdcCache(KVCache):
             return "attention over the decoded segments (PyTorch)"
         if supported(self.key_codec, self.value_codec, self.block, self.ranks.k.flatten().tolist(),
                      self.ranks.v.flatten().tolist()):
-            return "fused decode attention (compiled kernel on the CPU, PyTorch elsewhere)"
+            return "fused decode attention (numba kernel on the CPU, Triton on CUDA)"
         return "attention over the decoded segments (PyTorch): no compiled kernel reads these codes"
 
 

@@ -29,6 +29,7 @@ import torch
 from ...attention.masks import bool_mask
 from ...codecs.base import Codec, Fp16, Packed
 from ...codecs.quant import IntQuant
+from ...kernels.backend import TRITON, triton_for
 from ...kernels.tiles import (
     FAST,
     HALF,
@@ -44,6 +45,9 @@ from ...kernels.tiles import (
     unpack_codes,
     weights,
 )
+
+if TRITON:
+    from . import gpu
 
 
 @numba.njit(cache=True, fastmath=FAST)
@@ -274,7 +278,7 @@ class LowRankStates:
         q = torch.matmul(query.float().reshape(b, h, g * t, d), module.zdc_qk.float()).mul_(scale)
         vis = bool_mask(mask)
         if vis is None:
-            vis = torch.ones(b, t, s, dtype=torch.bool).tril_(s - t)
+            vis = torch.ones(b, t, s, dtype=torch.bool, device=query.device).tril_(s - t)
         else:
             vis = vis[:, 0, :, -s:].expand(b, t, s)
         out = attend(q, vis, self, softcap or 0.0)
@@ -286,6 +290,8 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st: LowRankStates, cap: float = 0
     (group, token) order); vis (B, t, S) bool over sink, body, mids, window, this call's tokens
     -> (B, H, R, head_dim) float32, the value sums in the values' reduced coordinates; cap: the
     logits' soft-cap (0: none)."""
+    if triton_for(q):
+        return gpu.attend(q, vis, st, cap)
     b, h, r, d = q.shape
     n = st.bodies[0][0].num_tokens if st.bodies else 0
     n_sink, n_mid = st.sinks[0][0].shape[1], st.mids[0][0].shape[1]

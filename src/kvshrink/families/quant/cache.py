@@ -22,6 +22,7 @@ from ...core.cache import KVCache
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, coder_pool, stage_for
 from ...core.store import TokenStore
 from ...errors import KvshrinkError
+from ...kernels.backend import kernels_on
 from ...spec import spec_from_config
 from .config import Fp16Config, QuantConfig
 from .kernel import IntBody, supported
@@ -34,6 +35,7 @@ class CompressedLayer(StoreLayer):
     splits = 4
     kernel_reads = False  # fused, on the CPU, and codes the kernel reads: fixed at the first update
     body_reads_stage = False  # the kernel reads the stage's codes too (else decoded into the dense part)
+    layout, gpu_kernel = "int", True  # the body's kind, and whether a Triton kernel reads it (CUDA)
 
     def __init__(self, key_codec: Codec, value_codec: Codec, sink: int, window: int, block: int):
         super().__init__()
@@ -49,7 +51,7 @@ class CompressedLayer(StoreLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._init_shape(key_states)
         if self.fused:
-            self.kernel_reads = key_states.device.type == "cpu" and self._kernel_supports(key_states.shape[-1])
+            self.kernel_reads = kernels_on(key_states.device, self.layout, self.gpu_kernel) and self._kernel_supports(key_states.shape[-1])
         self.k.init(key_states)
         self.v.init(value_states)
         self.is_initialized = True

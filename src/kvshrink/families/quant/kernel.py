@@ -27,6 +27,7 @@ import torch
 from ...codecs.base import Packed
 from ...codecs.hadamard import rotation
 from ...codecs.quant import IntQuant
+from ...kernels.backend import TRITON, triton_for
 from ...kernels.tiles import (
     FAST,
     as_u8,
@@ -39,6 +40,9 @@ from ...kernels.tiles import (
     unpack_codes,
     weights,
 )
+
+if TRITON:
+    from . import gpu
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
@@ -237,6 +241,9 @@ class IntBody:
         return self.keys.num_tokens
 
     def attend(self, q, vis, dense_k, dense_v, dense_vis, splits, cap=0.0):
+        if triton_for(q):
+            return gpu.fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
+                                    self.value_codec, splits, cap)
         return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
                             self.value_codec, self.block, splits, cap)
 

@@ -36,6 +36,7 @@ class CodedLayer(CompressedLayer):
         return supported(self.k.codec, self.v.codec, head_dim)
 
     body_reads_stage = True  # per-token codes: the stage is read in place after the body
+    layout, gpu_kernel = "RVQ", False
 
     def _body(self):
         segments = [(k, v) for k, v in ((self.k.body, self.v.body), (self.k.stage, self.v.stage)) if k is not None]

@@ -1,0 +1,157 @@
+"""Triton kernels every family's GPU path shares (imported only where Triton is installed).
+
+They follow the numba kernels (kernels/tiles.py): a program owns one (sequence, KV head) and one
+range of tiles (split-K, flash-decoding style), reads each tile's compressed storage where it lies,
+dequantizes it in registers and keeps an online softmax; the partials are merged with the dense
+tokens' partial in PyTorch (kernels/partials.py). Nothing decoded is written to memory.
+
+`coded_body` reads a body of int codes (KIVI layout: keys per channel over token groups or per
+token over channel groups, values per token; any bit width 1-8, codes may straddle bytes) or of
+float16 numbers (bits 16), at key and value widths of their own (ZDC's reduced ranks) below the
+query's width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+TILE = 64  # tokens per tile
+
+
+@triton.jit
+def unpack(base, sym, bits: tl.constexpr, mask):
+    """The `bits`-bit codes at flat symbol indices `sym` of a little-endian packed byte run starting
+    at `base` (packing.pack's layout), as int32."""
+    bit = sym * bits
+    byte = bit >> 3
+    sh = bit & 7
+    lo = tl.load(base + byte, mask=mask, other=0).to(tl.int32)
+    if bits == 8:
+        return lo
+    hi = tl.load(base + byte + 1, mask=mask & (sh + bits > 8), other=0).to(tl.int32)
+    return ((lo | (hi << 8)) >> sh) & ((1 << bits) - 1)
+
+
+@triton.jit
+def capped(s, cap, CAP: tl.constexpr):
+    """Gemma 2's logit soft-cap cap * tanh(s / cap), tanh written with exp."""
+    if CAP:
+        s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
+    return s
+
+
+@triton.jit
+def online(s, m, l, acc, v):
+    """One tile of an online softmax: logits s (R, N) (-inf where not visible), running max m (R,),
+    sum l (R,), weighted values acc (R, W), the tile's values v (N, W) float32 -> new (m, l, acc)."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    corr = tl.exp(m - m_safe)
+    l = l * corr + tl.sum(p, 1)
+    acc = acc * corr[:, None] + tl.dot(p, v, input_precision="ieee")
+    return m_new, l, acc
+
+
+@triton.jit
+def dequant(codes, mn, scale, toks, cols, ok, c_off, p_off, W: tl.constexpr, BITS: tl.constexpr,
+            TG: tl.constexpr, GW: tl.constexpr):
+    """(N, C) float32 of tokens `toks` and channels `cols` (< W) of one body: int codes at c_off bytes
+    of `codes` with (min, step) rows at p_off of `mn` / `scale`, one per TG tokens and GW channels;
+    or float16 numbers (BITS 16) at c_off elements."""
+    sym = toks[:, None] * W + cols[None, :]
+    if BITS == 16:
+        return tl.load(codes + c_off + sym, mask=ok, other=0.0).to(tl.float32)
+    c = unpack(codes + c_off, sym, BITS, ok).to(tl.float32)
+    p = p_off + (toks[:, None] // TG) * (W // GW) + cols[None, :] // GW
+    return tl.load(mn + p, mask=ok, other=0.0).to(tl.float32) + tl.load(scale + p, mask=ok, other=0.0).to(
+        tl.float32) * c
+
+
+@triton.jit
+def _coded_body(q, vis, nbody, kc, kmn, ksc, vc, vmn, vsc, pm, pl, pacc, H, R, T, vis_b, vis_t, kc_s, kp_s, vc_s,
+                vp_s, cap, KBITS: tl.constexpr, VBITS: tl.constexpr, KTG: tl.constexpr, KGW: tl.constexpr,
+                VGW: tl.constexpr, SPLITS: tl.constexpr, QD: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr,
+                BLOCK_KD: tl.constexpr, BLOCK_VD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAP: tl.constexpr):
+    bh = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = bh // H
+    n = tl.load(nbody + b)
+    rows = tl.arange(0, BLOCK_R)
+    kcols = tl.arange(0, BLOCK_KD)
+    vcols = tl.arange(0, BLOCK_VD)
+    qrow = tl.load(q + (bh * R + rows[:, None]) * QD + kcols[None, :], mask=(rows[:, None] < R) & (kcols[None, :] < KD),
+                   other=0.0)
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_VD), tl.float32)
+    nt = tl.cdiv(n, BLOCK_N)
+    used = tl.maximum(1, tl.minimum(SPLITS, nt))
+    lo = sp * nt // used
+    hi = tl.where(sp < used, (sp + 1) * nt // used, lo)
+    for j in range(lo, hi):
+        toks = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        tmask = toks < n
+        k = dequant(kc, kmn, ksc, toks, kcols, tmask[:, None] & (kcols[None, :] < KD), bh * kc_s, bh * kp_s, KD,
+                    KBITS, KTG, KGW)
+        s = capped(tl.dot(qrow, tl.trans(k), input_precision="ieee"), cap, CAP)
+        seen = tl.load(vis + b * vis_b + (rows % T)[:, None] * vis_t + toks[None, :],
+                       mask=(rows[:, None] < R) & tmask[None, :], other=0) != 0
+        s = tl.where(seen, s, float("-inf"))
+        v = dequant(vc, vmn, vsc, toks, vcols, tmask[:, None] & (vcols[None, :] < VD), bh * vc_s, bh * vp_s, VD,
+                    VBITS, 1, VGW)
+        m, l, acc = online(s, m, l, acc, v)
+    u = bh * (SPLITS + 1) + sp
+    rmask = rows < R
+    tl.store(pm + u * R + rows, m, mask=rmask)
+    tl.store(pl + u * R + rows, l, mask=rmask)
+    tl.store(pacc + (u * R + rows[:, None]) * QD + vcols[None, :], acc, mask=rmask[:, None] & (vcols[None, :] < VD))
+
+
+@dataclass
+class Body:
+    """One side (keys or values) of a coded body as `coded_body` reads it: codes (B * H, bytes) uint8,
+    or (B * H, n * width) float16 when bits is 16; min / scale (B * H, rows * params) in their stored
+    dtype (unused for float16); width: numbers per token; tg: tokens per (min, step) row; gw:
+    channels per (min, step) number."""
+
+    codes: torch.Tensor
+    min: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    width: int
+    tg: int = 1
+    gw: int = 1
+
+
+def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Body, values: Body, splits: int,
+               cap: float = 0.0):
+    """Partials of query rows q (B, H, R, QD) float32 (scaled; the first keys.width coordinates are
+    used) over the bodies' tokens: vis (B, T, n_max) bool, query row r seeing what token r % T sees;
+    nbody (B,) int64 each sequence's own body tokens (its split edges follow them). Returns m, l
+    (B, H, splits + 1, R) and acc (B, H, splits + 1, R, QD), the last slot left for the dense
+    partial; acc holds the value sums in its first values.width coordinates, zeros after."""
+    b, h, r, qd = q.shape
+    dev = q.device
+    n_max = vis.shape[2]
+    splits = max(1, min(splits, -(-n_max // TILE)))
+    pm = torch.empty(b * h, splits + 1, r, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.zeros(b * h, splits + 1, r, qd, device=dev)
+    q = q.float().contiguous()
+    vis8 = vis.to(torch.uint8).contiguous()
+    _coded_body[(b * h, splits)](q, vis8, nbody, keys.codes, keys.min, keys.scale, values.codes, values.min,
+                                 values.scale, pm, pl, pacc, h, r, vis.shape[1], vis8.stride(0), vis8.stride(1),
+                                 keys.codes.stride(0), keys.min.stride(0), values.codes.stride(0),
+                                 values.min.stride(0), float(cap), KBITS=keys.bits, VBITS=values.bits, KTG=keys.tg,
+                                 KGW=keys.gw, VGW=values.gw, SPLITS=splits, QD=qd, KD=keys.width, VD=values.width,
+                                 BLOCK_KD=triton.next_power_of_2(keys.width),
+                                 BLOCK_VD=triton.next_power_of_2(values.width),
+                                 BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=TILE, CAP=bool(cap))
+    return tuple(x.view(b, h, splits + 1, *x.shape[2:]) for x in (pm, pl, pacc))

@@ -1,0 +1,41 @@
+"""Flash-decoding partials in PyTorch, on any device: the dense tokens' partial and the log-sum-exp
+merge that the Triton kernels' body partials go through (the numba kernels do both inside).
+
+A partial of query rows over some tokens is (max logit m, weight sum l, weighted value sum acc),
+the weights exp(logit - m); partials of disjoint token sets merge exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def soft_cap(s: torch.Tensor, cap: float) -> torch.Tensor:
+    return cap * torch.tanh(s / cap) if cap else s
+
+
+def dense_partial(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, vis: torch.Tensor, cap: float = 0.0):
+    """q (B, H, R, d) scaled, keys / values (B, H, n, d), vis (B, t, n) bool with query row r seeing
+    what token r % t sees -> (m (B, H, R), l (B, H, R), acc (B, H, R, d)), all float32."""
+    b, h, r, d = q.shape
+    t = vis.shape[1]
+    s = soft_cap(q.float() @ keys.float().transpose(2, 3), cap)
+    rows = vis[:, torch.arange(r, device=vis.device) % t]  # (B, R, n)
+    s = s.masked_fill(~rows[:, None], float("-inf"))
+    m = s.amax(-1) if s.shape[-1] else torch.full((b, h, r), float("-inf"), device=q.device)
+    p = torch.exp(s - _safe(m)[..., None])
+    return m, p.sum(-1), p @ values.float()
+
+
+def merge(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """Partials stacked on dim 2: m, l (B, H, P, R), acc (B, H, P, R, d) -> (B, H, R, d); a row that
+    sees nothing (left padding) gets zeros."""
+    top = m.amax(2, keepdim=True)
+    w = torch.exp(m - _safe(top))  # exp(-inf) = 0 for empty partials
+    den = (w * l).sum(2)
+    out = (w[..., None] * acc).sum(2)
+    return torch.where(den[..., None] > 0, out / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None], 0.0)
+
+
+def _safe(m: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isinf(m), torch.zeros_like(m), m)

@@ -1,0 +1,105 @@
+"""The Triton decode kernels (kernels/gpu.py and each family's gpu.py) against the reference paths.
+
+Without a GPU they run in Triton's interpreter (tests/conftest.py turns it on before transformers
+imports Triton); on a CUDA machine the same tests run the compiled kernels on CPU tensors' copies.
+Every decode path of the model-level matrix is in tests/test_matrix.py; here: the shared coded-body
+kernel over every bit width, key axis, rotation, soft-cap, padding and length, and paged rows with
+left padding (the kernels' visibility by original position).
+"""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvshrink import KvshrinkError, from_method, prepare
+from kvshrink.codecs.quant import IntQuant
+from kvshrink.families.lowrank import transform as zdc
+from kvshrink.families.quant import kernel
+from kvshrink.kernels import backend
+from kvshrink.kernels.partials import dense_partial, merge
+
+if not backend.ON_CPU:
+    pytest.skip(backend.WHY_NOT_ON_CPU, allow_module_level=True)
+gpu = pytest.importorskip("kvshrink.families.quant.gpu")  # imports Triton
+
+
+def test_merge_of_partials_is_softmax_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 50, 8, generator=g), torch.randn(2, 3, 50, 8,
+                                                                                                       generator=g)
+    vis = torch.rand(2, 2, 50, generator=g) > 0.3
+    vis[1, :, :] = False  # a sequence that sees nothing gets zeros
+    parts = [dense_partial(q, k[:, :, a:b], v[:, :, a:b], vis[..., a:b]) for a, b in ((0, 7), (7, 31), (31, 50))]
+    out = merge(*(torch.stack(x, 2) for x in zip(*parts)))
+    s = (q @ k.transpose(2, 3)).masked_fill(~vis[:, torch.arange(4) % 2][:, None], float("-inf"))
+    ref = torch.softmax(s, -1).nan_to_num(0.0) @ v
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def _body(kc, vc, b, h, n, d, g):
+    x = torch.randn(b, h, n, d, generator=g) * torch.linspace(0.2, 3, d)
+    return kc.encode(x, 64), vc.encode(torch.randn(b, h, n, d, generator=g), 64)
+
+
+@settings(max_examples=30, deadline=None)
+@given(kbits=st.integers(1, 8), vbits=st.integers(1, 8), key_axis=st.sampled_from(["channel", "token"]),
+       rotate=st.booleans(), blocks=st.integers(1, 4), b=st.integers(1, 2), rows=st.integers(1, 6),
+       nd=st.integers(0, 9), pad=st.integers(0, 80), cap=st.sampled_from([0.0, 1.5]), seed=st.integers(0, 99))
+def test_int_body_kernel_equals_the_numba_kernel(kbits, vbits, key_axis, rotate, blocks, b, rows, nd, pad, cap, seed):
+    """Any bit width (codes straddling bytes), both key axes, rotation, soft-cap, bodies cut off by
+    padding, dense parts of any size (none included): the Triton kernel's output equals numba's."""
+    g = torch.Generator().manual_seed(seed)
+    d, h, n = 32, 2, 64 * blocks
+    kc = IntQuant(kbits, key_axis, 16 if key_axis == "channel" else 16 if kbits % 2 else None, rotate=rotate, seed=1)
+    vc = IntQuant(vbits, "token", 8 if vbits % 2 else None, rotate=rotate, seed=2)
+    keys, values = _body(kc, vc, b, h, n, d, g)
+    q = torch.randn(b, h, rows, d, generator=g) * 0.3
+    vis = torch.ones(b, n, dtype=torch.bool)
+    vis[-1, :pad] = False
+    dk, dv = torch.randn(b, h, nd, d, generator=g), torch.randn(b, h, nd, d, generator=g)
+    dvis = torch.ones(b, 1, nd, dtype=torch.bool)
+    want = kernel.fused_attend(q, vis, dk, dv, dvis, keys, values, kc, vc, 64, 3, cap)
+    got = gpu.fused_attend(q, vis, dk, dv, dvis, keys, values, kc, vc, 3, cap)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["kvc-4x", "kvc-4x+int4", "int3-rot", "zdc-adaptive-75+int3"])
+def test_left_padded_batch_decodes_alike_on_both_kernels(tiny_model, name, tmp_path, monkeypatch):
+    """Left padding: rows kept by original position (paged) and bodies with invisible tokens."""
+    if name.startswith("zdc"):
+        monkeypatch.setenv("KVSHRINK_CALIB_DIR", str(tmp_path))
+        m0 = copy.deepcopy(tiny_model)
+        zdc.calibrate(m0, torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1)),
+                      {"test": True}).save(zdc.default_calibration_path(m0))
+    m = prepare(copy.deepcopy(tiny_model), name)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 128, (2, 170), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+    feed = torch.randint(3, 128, (2, 5), generator=gen)
+
+    def run():
+        cache, am, out = from_method(name, m), mask, []
+        with torch.no_grad():
+            out.append(m(ids, attention_mask=am, past_key_values=cache, use_cache=True).logits[:, -1])
+            for i in range(feed.shape[1]):
+                am = torch.cat([am, am.new_ones(2, 1)], 1)
+                out.append(m(feed[:, i:i + 1], attention_mask=am, past_key_values=cache, use_cache=True).logits[:, -1])
+        return torch.stack(out, 1)
+
+    cpu = run()
+    calls = sum(backend.CALLS.values())
+    with backend.use("triton"):
+        gpu = run()
+    assert sum(backend.CALLS.values()) - calls >= feed.shape[1] * 2
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_forcing_an_unknown_kernel_kind_is_refused():
+    with pytest.raises(KvshrinkError, match="unknown kernel kind 'cuda'"):
+        with backend.use("cuda"):
+            pass
