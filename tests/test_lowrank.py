@@ -146,7 +146,7 @@ def test_codes_the_kernel_cannot_read_go_to_pytorch_and_say_so(zmodel):
     assert not layer.kernel_reads
     states, _ = layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
     assert isinstance(states, ZdcStates)
-    assert "compiled kernel on the CPU" in from_method("zdc-50", zmodel).describe()
+    assert "numba kernel on the CPU, Triton on CUDA" in from_method("zdc-50", zmodel).describe()
     assert "decoded segments (PyTorch)" in from_method("zdc-50:attend=decode", zmodel).describe()
 
 

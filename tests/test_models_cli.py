@@ -83,6 +83,13 @@ def _run(argv, capsys):
     (["bench", "--model", "./missing-folder", "--methods", "int4"], "unknown model"),
     (["frobnicate"], "invalid choice"),
     (["bench", "--speed-contexts", "1k"], "integers"),
+    (["bench", "--methods", "int4", "--device", "tpu"], "unknown device 'tpu'"),
+    (["bench", "--methods", "int4", "--device", "mps"], "unsupported device 'mps'"),
+    (["generate", "--prompt", "hi", "--device", "gpu0"], "unknown device 'gpu0'"),
+    (["bench", "--methods", "int4", "--sections", "serve", "--device", "cuda"],
+     "no CUDA device" if not torch.cuda.is_available() else "serve section runs on the CPU only"),
+    *([] if torch.cuda.is_available() else
+      [(["generate", "--prompt", "hi", "--device", "cuda:0"], "this machine has no CUDA device")]),
 ])
 def test_bad_input_one_line_exit_2(argv, needle, capsys):
     code, err = _run(argv, capsys)
@@ -121,9 +128,10 @@ def test_empty_and_short_corpus(tiny_folder, tmp_path, capsys):
     assert code == 2 and "fewer than one segment" in err
 
 
-def test_generate_prints_text_and_memory(tiny_folder, capsys):
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_generate_prints_text_and_memory(tiny_folder, capsys, device):
     code = main(["generate", "--prompt", "w1 w2 w3 w4", "--model", tiny_folder, "--max-new-tokens", "20",
-                 "--method", "int4", "--raw"])
+                 "--method", "int4", "--raw", "--device", device])
     out = capsys.readouterr().out
     assert code == 0 and "[int4] cache holds" in out and "fp16 cache" in out
 

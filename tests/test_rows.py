@@ -122,5 +122,5 @@ def test_rows_the_kernel_cannot_read_are_gathered_and_it_says_so(model):
     assert not cache.kernel_reads
     st, _ = cache.layers[0].update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
     assert not isinstance(st, RowStates)
-    assert "compiled kernel on the CPU" in from_method("kvc-8x+int4", model).describe()
+    assert "numba kernel on the CPU, Triton on CUDA" in from_method("kvc-8x+int4", model).describe()
     assert "gather and decode" in from_method("kvc-8x:attend=decode", model).describe()

@@ -23,7 +23,7 @@ from .errors import KvshrinkError
 from .eval.needle import run_needles
 from .eval.perplexity import evaluate_quality
 from .eval.speed import measure_direct_prefill, measure_speed
-from .models import load_config, load_model
+from .models import device_from, load_config, load_model
 from .registry import REGISTRY, get_method, method_names
 from .serve.load import RATES, SERVE_METHODS, Workload, serve_plot, serve_section, serve_table
 from .serve.server import parse_bytes
@@ -61,6 +61,7 @@ class BenchConfig:
     serve_requests: int = 24
     serve_budget: str = "32MB"
     serve_time_limit: float = 600.0  # seconds per run; requests still running then count as not completed
+    device: str = "cpu"  # where the model, the caches and the kernels run (cpu, cuda, cuda:N)
 
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
@@ -78,6 +79,9 @@ def validate(cfg: BenchConfig, spec) -> None:
     if unknown:
         raise KvshrinkError(f"unknown bench section(s) {', '.join(sorted(unknown))}; use quality, needle, speed, serve")
     if "serve" in cfg.sections:
+        if device_from(cfg.device).type != "cpu":
+            raise KvshrinkError("the serve section runs on the CPU only (its batched kernel is numba's); "
+                                "drop --device or the serve section")
         parse_bytes(cfg.serve_budget)
         if cfg.serve_requests < 1 or not cfg.serve_rates or any(not r > 0 for r in cfg.serve_rates):
             raise KvshrinkError("the serve section needs at least one request and positive rates")
@@ -102,10 +106,11 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     t_start = time.time()
     torch.manual_seed(0)
     validate(cfg, spec_from_config(load_config(cfg.model)))  # lengths and sections, before the weights load
-    model, tok = load_model(cfg.model)
+    device = device_from(cfg.device)
+    model, tok = load_model(cfg.model, device=device)
     if set(cfg.sections) == {"serve"}:
         res = {"model": cfg.model or "SmolLM2-135M-Instruct (bundled)", "config": asdict(cfg),
-               "machine": _machine()}
+               "machine": _machine(device)}
         return _serve(res, cfg, model, tok, t_start, log)
     spec = spec_from_config(model.config)
     methods = {n: get_method(n) for n in cfg.methods}
@@ -126,14 +131,14 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             log(f"{n}: {caches[n]}")
     # the reference as transformers builds it for this model: sliding layers keep their window
     with_ref = {REF: lambda: DynamicCache(config=model.config), **makers}
-    ids = load_corpus_ids(tok, cfg.corpus, need + 64)
+    ids = load_corpus_ids(tok, cfg.corpus, need + 64).to(device)
     res: dict = {
         "model": cfg.model or "SmolLM2-135M-Instruct (bundled, Q4_1 GGUF dequantized to float32)",
         "spec": asdict(spec),
         "config": asdict(cfg),
         "methods": {n: {"description": m.description, "family": m.family, "cache": caches[n]}
                     for n, m in methods.items()},
-        "machine": _machine(),
+        "machine": _machine(device),
     }
     with _progress() as bar:
         # speed first: nothing else in the run has touched the allocator yet
@@ -170,8 +175,10 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     return res
 
 
-def _machine() -> dict:
-    return {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+def _machine(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def _serve(res: dict, cfg: BenchConfig, model, tok, t_start: float, log) -> dict:
@@ -204,7 +211,8 @@ def table(res: dict) -> str:
     head = ["method", "ratio vs fp16", "ppl", "Δppl", "KL", "top-1"]
     head += [f"needle {round(l / 1024)}k" for l in lengths] if nd else []
     head += [f"decode ×dyn @{round(c / 1024)}k" for c in ctxs]
-    head += [f"ratio @{round(ctxs[-1] / 1024)}k", f"RSS held MB @{round(ctxs[-1] / 1024)}k",
+    mem = "RSS" if res.get("machine", {}).get("device", "cpu") == "cpu" else "CUDA"  # whose memory was read
+    head += [f"ratio @{round(ctxs[-1] / 1024)}k", f"{mem} held MB @{round(ctxs[-1] / 1024)}k",
              f"peak MB @{round(ctxs[-1] / 1024)}k"] if ctxs else []
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "256 or more crosses block boundaries: p99 shows coding)")
     b.add_argument("--needle-depths", type=lambda t: tuple(float(x) for x in _csv(t)))
     b.add_argument("--direct-prefill", type=int, help="prompt tokens for the end-to-end prefill time and peak memory")
+    b.add_argument("--device", help="cpu (default), cuda or cuda:N: where the model, the caches and the kernels run")
     b.add_argument("--sections", type=_csv, help="subset of quality,needle,speed,serve (serve: not by default)")
     b.add_argument("--serve-rates", type=lambda t: tuple(float(x) for x in _csv(t)),
                    help="serve: request rates per second (inf: all at once); default 0.5,1,inf")
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="int4", help="a registered name, options after colons (`kvshrink methods`)")
     g.add_argument("--model")
     g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--device", help="cpu (default), cuda or cuda:N")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--save-cache", metavar="PATH", help="save the compressed cache and its tokens (kvcomp methods)")
     g.add_argument("--resume", metavar="PATH", help="continue from a saved cache: the prompt is appended as raw "
@@ -191,7 +193,7 @@ def cmd_bench(args) -> None:
         "sections": tuple(args.sections) if args.sections else None,
         "serve_methods": tuple(args.methods) if args.methods else None, "serve_rates": args.serve_rates,
         "serve_requests": args.serve_requests, "serve_budget": args.serve_budget,
-        "serve_time_limit": args.serve_time_limit,
+        "serve_time_limit": args.serve_time_limit, "device": args.device,
     }.items() if v is not None}
     cfg = BenchConfig.quick(**over) if args.quick else BenchConfig(**over)
     res = run_bench(cfg)
@@ -214,10 +216,11 @@ def cmd_generate(args) -> None:
     from .api import from_method, load_cache, prepare
     from .compat import with_cache
     from .core.cache import cache_nbytes
-    from .models import load_model
+    from .models import device_from, load_model
     from .spec import spec_from_config
 
-    model, tok = load_model(args.model)
+    device = device_from(args.device)  # before the weights load
+    model, tok = load_model(args.model, device=device)
     spec = spec_from_config(model.config)
     if args.raw or not tok.chat_template:
         ids = tok(args.prompt, return_tensors="pt").input_ids
@@ -236,12 +239,13 @@ def cmd_generate(args) -> None:
         if cache.ids is None:
             raise KvshrinkError(f"cache file {args.resume!r} holds no tokens to continue from")
         new = tok(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids
-        ids = torch.cat([cache.ids, new], 1)  # generate feeds only what the cache does not hold
+        ids = torch.cat([cache.ids.cpu(), new], 1)  # generate feeds only what the cache does not hold
         if spec.max_context and ids.shape[1] + args.max_new_tokens > spec.max_context:
             raise KvshrinkError(f"saved {cache.ids.shape[1]} tokens + prompt + new tokens exceed the model's "
                                 f"{spec.max_context}")
     else:
         cache = from_method(method, model)
+    ids = ids.to(device)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **with_cache(model, cache),
                              max_new_tokens=args.max_new_tokens, do_sample=False)

@@ -116,12 +116,33 @@ def load_config(name: str | None = None):
     return _config(name, os.path.expanduser(name))
 
 
-def load_model(name: str | None = None, dtype=None, attn_implementation: str | None = None):
+def device_from(text: str | None) -> torch.device:
+    """The torch device a `--device` names: cpu, cuda or cuda:N; one clear line when it is unknown or
+    not on this machine."""
+    text = text or "cpu"
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise KvshrinkError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise KvshrinkError(f"unsupported device {text!r}: kvshrink runs on cpu and cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KvshrinkError(f"device {text!r} asked for, but this machine has no CUDA device "
+                                "(torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise KvshrinkError(f"device {text!r} asked for, but this machine has {torch.cuda.device_count()} "
+                                "CUDA device(s)")
+    return dev
+
+
+def load_model(name: str | None = None, dtype=None, attn_implementation: str | None = None, device=None):
     """(model, tokenizer) for the bundled SmolLM2-135M-Instruct, a packaged model (`PACKAGED`), a GGUF
     file or a folder holding one, an HF model id or a local folder. attn_implementation: None takes
     transformers' default (SDPA where the model allows it; eager for Gemma 2, which soft-caps).
 
-    Refuses, with a KvshrinkError, a model whose attention the cache cannot serve.
+    Refuses, with a KvshrinkError, a model whose attention the cache cannot serve. device: where the
+    weights go (default the CPU); float32 weights unless `dtype` says otherwise, on any device.
     """
     dtype = dtype or torch.float32
     kwargs: dict = {}
@@ -159,6 +180,8 @@ def load_model(name: str | None = None, dtype=None, attn_implementation: str | N
             quiet.restore()
     spec_from_config(model.config)
     model.eval()
+    if device is not None:
+        model.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -133,6 +133,7 @@ def run_needles(model, tokenizer, make_cache: dict, lengths, depths, kinds=KINDS
                 total = case.context.shape[1] + case.question.shape[1] + ANSWER_TOKENS
                 if max_context and total > max_context:
                     raise KvshrinkError(f"needle case of {total} tokens exceeds the model's {max_context}")
+                case.context, case.question = case.context.to(model.device), case.question.to(model.device)
                 states = prefill_states(model, case.context)
                 for name, factory in make_cache.items():
                     row = {"kind": kind, "length": length, "depth": depth, "tokens": total}

@@ -10,6 +10,9 @@ in the same run that gives the attained fraction of the limit. Process memory is
 from /proc: the resident growth once the filled cache is held (after
 malloc_trim), and the peak growth while it is filled and decodes its warm-up step
 (which includes the temporaries of compression and of the decoded history).
+On a CUDA device the same protocol synchronizes around every timed call, reads the bandwidth of
+the device's memory, and takes memory from the CUDA allocator (allocated bytes held, peak
+allocated) instead of the process's resident set.
 After the last method of each length the reference decodes again (`decode_tok_s_again`): on a
 shared machine its speed drifts while the methods run, and ratios are only as good as that.
 """
@@ -43,15 +46,23 @@ def weight_bytes(model) -> int:
     return total
 
 
-def read_bandwidth(repeats: int = 5) -> float:
-    """Measured memory read bandwidth (bytes/s) with torch's threads: the best of `repeats`
-    sums over a buffer far larger than the caches."""
-    x = torch.ones(BANDWIDTH_BYTES // 4)
+def sync(device) -> None:
+    """Wait for the device's queued work, so a clock read after it times the work (CUDA is asynchronous)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth(repeats: int = 5, device="cpu") -> float:
+    """Measured memory read bandwidth (bytes/s) of `device`: the best of `repeats` sums over a buffer far
+    larger than the caches (torch's threads on the CPU)."""
+    x = torch.ones(BANDWIDTH_BYTES // 4, device=device)
     x.sum()
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         x.sum()
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return BANDWIDTH_BYTES / best
 
@@ -79,9 +90,26 @@ def _trim() -> None:
 
 
 class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every millisecond."""
+    """Peak resident memory above the level at entry, sampled every millisecond; on a CUDA device, the
+    CUDA allocator's peak of allocated bytes above the level at entry (`held()`: allocated now)."""
+
+    def __init__(self, device="cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.device = device
+
+    def held(self) -> int:
+        """Bytes held now above the level at entry."""
+        if self.cuda:
+            return torch.cuda.memory_allocated(self.device) - self.base
+        _trim()
+        return _rss() - self.base
 
     def __enter__(self):
+        if self.cuda:
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = self.peak = torch.cuda.memory_allocated(self.device)
+            return self
         _trim()
         self.base = self.peak = _rss()
         self._stop = threading.Event()
@@ -95,6 +123,10 @@ class PeakRSS:
             time.sleep(0.001)
 
     def __exit__(self, *exc):
+        if self.cuda:
+            sync(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss())
@@ -111,24 +143,27 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
     decodes that method where given (a transformed copy), else `model`."""
     models = models or {}
     out = {name: {} for name in make_cache}
-    bandwidth = read_bandwidth()
+    dev = ids.device
+    bandwidth = read_bandwidth(device=dev)
     weights = {name: weight_bytes(models.get(name, model)) for name in make_cache}
     for length in contexts:
         ctx = ids[:, :length]
+        sync(dev)
         t0 = time.perf_counter()
         states = prefill_states(model, ctx)
+        sync(dev)
         forward_s = time.perf_counter() - t0
         first = ids[:, length:length + 1]
         for name, factory in make_cache.items():
-            with PeakRSS() as mem:
+            with PeakRSS(dev) as mem:
                 cache = factory()
                 t0 = time.perf_counter()
                 fill(cache, states)
+                sync(dev)
                 fill_s = time.perf_counter() - t0
                 held = cache_nbytes(cache)
                 history = getattr(cache, "history", None)  # eviction caches: bytes before the first eviction
-                _trim()
-                rss_held = _rss() - mem.base
+                rss_held = mem.held()
                 # one untimed step: compiled kernels (numba) and the allocator warm up outside the timing,
                 # and the peak covers a step's temporaries (the decoded history, where there is one)
                 logits = models.get(name, model)(first, **with_cache(model, cache), use_cache=True).logits
@@ -176,8 +211,10 @@ def _timed_steps(model, cache, x, steps: int) -> list[float]:
     """Seconds of each of `steps` greedy decode steps from token x."""
     lat = []
     for _ in range(steps):
+        sync(x.device)
         t0 = time.perf_counter()
         logits = model(x, **with_cache(model, cache), use_cache=True).logits[0, -1]
+        sync(x.device)
         lat.append(time.perf_counter() - t0)
         x = logits.argmax().view(1, 1)
     return lat
@@ -189,10 +226,11 @@ def measure_direct_prefill(model, make_cache: dict, ids: torch.Tensor, length: i
     process memory growth during the prompt, and the bytes the cache holds after it."""
     models, out = models or {}, {}
     for name, factory in make_cache.items():
-        with PeakRSS() as mem:
+        with PeakRSS(ids.device) as mem:
             cache = factory()
             t0 = time.perf_counter()
             models.get(name, model)(ids[:, :length], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+            sync(ids.device)
             elapsed = time.perf_counter() - t0
         out[name] = {"tok_s": length / elapsed, "peak_extra_mb": mem.extra / 2**20,
                      "cache_bytes": cache_nbytes(cache)}
