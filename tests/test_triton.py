@@ -16,14 +16,17 @@ from hypothesis import strategies as st
 
 from kvshrink import KvshrinkError, from_method, prepare
 from kvshrink.codecs.quant import IntQuant
+from kvshrink.codecs.rvq import RVQ
 from kvshrink.families.lowrank import transform as zdc
 from kvshrink.families.quant import kernel
+from kvshrink.families.rvq import kernel as rvq_kernel
 from kvshrink.kernels import backend
 from kvshrink.kernels.partials import dense_partial, merge
 
 if not backend.ON_CPU:
     pytest.skip(backend.WHY_NOT_ON_CPU, allow_module_level=True)
 gpu = pytest.importorskip("kvshrink.families.quant.gpu")  # imports Triton
+rvq_gpu = pytest.importorskip("kvshrink.families.rvq.gpu")
 
 
 def test_merge_of_partials_is_softmax_attention():
@@ -64,6 +67,31 @@ def test_int_body_kernel_equals_the_numba_kernel(kbits, vbits, key_axis, rotate,
     dvis = torch.ones(b, 1, nd, dtype=torch.bool)
     want = kernel.fused_attend(q, vis, dk, dv, dvis, keys, values, kc, vc, 64, 3, cap)
     got = gpu.fused_attend(q, vis, dk, dv, dvis, keys, values, kc, vc, 3, cap)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), depth=st.integers(1, 3), group=st.sampled_from([4, 8]),
+       grouping=st.sampled_from(["strided", "contiguous"]), stage=st.integers(0, 40), rows=st.integers(1, 4),
+       cap=st.sampled_from([0.0, 2.0]), seed=st.integers(0, 99))
+def test_rvq_kernel_equals_the_numba_kernel(bits, depth, group, grouping, stage, rows, cap, seed):
+    """RVQ codes of 2 to 8 bits, 1 to 3 levels, both channel groupings, a body and a stage segment."""
+    g = torch.Generator().manual_seed(seed)
+    d, b, h = 32, 2, 2  # every token's codes whole bytes, as the kernels require (rvq kernel.supported)
+    codecs = [RVQ(torch.randn(depth, 1 << bits, group, generator=g), grouping) for _ in range(2)]
+    segments = []
+    for n, block in ((128, 64), (stage, 1)):
+        if n:
+            segments.append(tuple(c.encode(torch.randn(b, h, n, d, generator=g), block) for c in codecs))
+    assert rvq_kernel.supported(*codecs, d)
+    n = sum(k.num_tokens for k, _ in segments)
+    q = torch.randn(b, h, rows, d, generator=g) * 0.3
+    vis = torch.ones(b, n, dtype=torch.bool)
+    vis[1, :seed] = False
+    dk, dv = torch.randn(b, h, 5, d, generator=g), torch.randn(b, h, 5, d, generator=g)
+    dvis = torch.ones(b, 1, 5, dtype=torch.bool)
+    want = rvq_kernel.fused_attend(q, vis, dk, dv, dvis, segments, *codecs, 64, 2, cap)
+    got = rvq_gpu.attend(q, vis, dk, dv, dvis, segments, *codecs, 2, cap)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
 
 

@@ -6,9 +6,10 @@ dequantizes it in registers and keeps an online softmax; the partials are merged
 tokens' partial in PyTorch (kernels/partials.py). Nothing decoded is written to memory.
 
 `coded_body` reads a body of int codes (KIVI layout: keys per channel over token groups or per
-token over channel groups, values per token; any bit width 1-8, codes may straddle bytes) or of
-float16 numbers (bits 16), at key and value widths of their own (ZDC's reduced ranks) below the
-query's width.
+token over channel groups, values per token; any bit width 1-8, codes may straddle bytes), of
+float16 numbers (bits 16), or of RVQ codes (per token and channel group, one code per level: the
+sum of the levels' codewords times the token's scale), at key and value widths of their own (ZDC's
+reduced ranks) below the query's width.
 """
 
 from __future__ import annotations
@@ -60,10 +61,18 @@ def online(s, m, l, acc, v):
 
 @triton.jit
 def dequant(codes, mn, scale, toks, cols, ok, c_off, p_off, W: tl.constexpr, BITS: tl.constexpr,
-            TG: tl.constexpr, GW: tl.constexpr):
+            TG: tl.constexpr, GW: tl.constexpr, DEPTH: tl.constexpr, SIZE: tl.constexpr):
     """(N, C) float32 of tokens `toks` and channels `cols` (< W) of one body: int codes at c_off bytes
     of `codes` with (min, step) rows at p_off of `mn` / `scale`, one per TG tokens and GW channels;
-    or float16 numbers (BITS 16) at c_off elements."""
+    float16 numbers (BITS 16) at c_off elements; or, with DEPTH levels, RVQ codes (GW channels a
+    group, the codebooks (DEPTH, SIZE, GW) float16 at `mn`, one scale per token at p_off)."""
+    if DEPTH > 0:
+        ncode = (W // GW) * DEPTH
+        x = tl.zeros(ok.shape, tl.float32)
+        for lv in tl.static_range(DEPTH):
+            c = unpack(codes + c_off, toks[:, None] * ncode + (cols[None, :] // GW) * DEPTH + lv, BITS, ok)
+            x += tl.load(mn + (lv * SIZE + c) * GW + cols[None, :] % GW, mask=ok, other=0.0).to(tl.float32)
+        return x * tl.load(scale + p_off + toks[:, None], mask=ok, other=0.0).to(tl.float32)
     sym = toks[:, None] * W + cols[None, :]
     if BITS == 16:
         return tl.load(codes + c_off + sym, mask=ok, other=0.0).to(tl.float32)
@@ -76,7 +85,9 @@ def dequant(codes, mn, scale, toks, cols, ok, c_off, p_off, W: tl.constexpr, BIT
 @triton.jit
 def _coded_body(q, vis, nbody, kc, kmn, ksc, vc, vmn, vsc, pm, pl, pacc, H, R, T, vis_b, vis_t, kc_s, kp_s, vc_s,
                 vp_s, cap, KBITS: tl.constexpr, VBITS: tl.constexpr, KTG: tl.constexpr, KGW: tl.constexpr,
-                VGW: tl.constexpr, SPLITS: tl.constexpr, QD: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr,
+                VGW: tl.constexpr, KDEPTH: tl.constexpr, VDEPTH: tl.constexpr, KSIZE: tl.constexpr,
+                VSIZE: tl.constexpr,
+                SPLITS: tl.constexpr, QD: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr,
                 BLOCK_KD: tl.constexpr, BLOCK_VD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAP: tl.constexpr):
     bh = tl.program_id(0)
@@ -99,13 +110,13 @@ def _coded_body(q, vis, nbody, kc, kmn, ksc, vc, vmn, vsc, pm, pl, pacc, H, R, T
         toks = j * BLOCK_N + tl.arange(0, BLOCK_N)
         tmask = toks < n
         k = dequant(kc, kmn, ksc, toks, kcols, tmask[:, None] & (kcols[None, :] < KD), bh * kc_s, bh * kp_s, KD,
-                    KBITS, KTG, KGW)
+                    KBITS, KTG, KGW, KDEPTH, KSIZE)
         s = capped(tl.dot(qrow, tl.trans(k), input_precision="ieee"), cap, CAP)
         seen = tl.load(vis + b * vis_b + (rows % T)[:, None] * vis_t + toks[None, :],
                        mask=(rows[:, None] < R) & tmask[None, :], other=0) != 0
         s = tl.where(seen, s, float("-inf"))
         v = dequant(vc, vmn, vsc, toks, vcols, tmask[:, None] & (vcols[None, :] < VD), bh * vc_s, bh * vp_s, VD,
-                    VBITS, 1, VGW)
+                    VBITS, 1, VGW, VDEPTH, VSIZE)
         m, l, acc = online(s, m, l, acc, v)
     u = bh * (SPLITS + 1) + sp
     rmask = rows < R
@@ -119,7 +130,8 @@ class Body:
     """One side (keys or values) of a coded body as `coded_body` reads it: codes (B * H, bytes) uint8,
     or (B * H, n * width) float16 when bits is 16; min / scale (B * H, rows * params) in their stored
     dtype (unused for float16); width: numbers per token; tg: tokens per (min, step) row; gw:
-    channels per (min, step) number."""
+    channels per (min, step) number. RVQ (depth > 0): min holds the codebooks (depth, size, gw),
+    scale one number per token, gw the channels of a group."""
 
     codes: torch.Tensor
     min: torch.Tensor
@@ -128,6 +140,8 @@ class Body:
     width: int
     tg: int = 1
     gw: int = 1
+    depth: int = 0
+    size: int = 0
 
 
 def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Body, values: Body, splits: int,
@@ -148,9 +162,10 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
     vis8 = vis.to(torch.uint8).contiguous()
     _coded_body[(b * h, splits)](q, vis8, nbody, keys.codes, keys.min, keys.scale, values.codes, values.min,
                                  values.scale, pm, pl, pacc, h, r, vis.shape[1], vis8.stride(0), vis8.stride(1),
-                                 keys.codes.stride(0), keys.min.stride(0), values.codes.stride(0),
-                                 values.min.stride(0), float(cap), KBITS=keys.bits, VBITS=values.bits, KTG=keys.tg,
-                                 KGW=keys.gw, VGW=values.gw, SPLITS=splits, QD=qd, KD=keys.width, VD=values.width,
+                                 keys.codes.stride(0), keys.scale.stride(0), values.codes.stride(0),
+                                 values.scale.stride(0), float(cap), KBITS=keys.bits, VBITS=values.bits, KTG=keys.tg,
+                                 KGW=keys.gw, VGW=values.gw, KDEPTH=keys.depth, VDEPTH=values.depth,
+                                 KSIZE=keys.size, VSIZE=values.size, SPLITS=splits, QD=qd, KD=keys.width, VD=values.width,
                                  BLOCK_KD=triton.next_power_of_2(keys.width),
                                  BLOCK_VD=triton.next_power_of_2(values.width),
                                  BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=TILE, CAP=bool(cap))

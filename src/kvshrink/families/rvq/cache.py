@@ -36,7 +36,7 @@ class CodedLayer(CompressedLayer):
         return supported(self.k.codec, self.v.codec, head_dim)
 
     body_reads_stage = True  # per-token codes: the stage is read in place after the body
-    layout, gpu_kernel = "RVQ", False
+    layout = "RVQ"
 
     def _body(self):
         segments = [(k, v) for k, v in ((self.k.body, self.v.body), (self.k.stage, self.v.stage)) if k is not None]
@@ -88,7 +88,7 @@ class CodedCache(CompressedCache):
 
     def _how_it_attends(self) -> str:
         if self.attend == "fused":
-            return ("fused decode attention (compiled kernel on the CPU where it reads the codes, "
+            return ("fused decode attention (numba kernel on the CPU, Triton on CUDA, where it reads the codes; "
                     "PyTorch from the codes otherwise)")
         return "attention from the codes (PyTorch)" if self.attend == "codes" else "decode-then-attend"
 

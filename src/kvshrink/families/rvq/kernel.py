@@ -29,7 +29,11 @@ import torch
 
 from ...codecs.base import Packed
 from ...codecs.rvq import RVQ
+from ...kernels.backend import TRITON, triton_for
 from ...kernels.tiles import FAST, accumulate, as_u8, dense_split, merge, partial_buffers, unpack_codes, weights
+
+if TRITON:
+    from . import gpu
 
 
 @numba.njit(cache=True, fastmath=FAST)
@@ -184,6 +188,9 @@ class RVQBody:
         return sum(k.num_tokens for k, _ in self.segments)
 
     def attend(self, q, vis, dense_k, dense_v, dense_vis, splits, cap=0.0):
+        if triton_for(q):
+            return gpu.attend(q, vis, dense_k, dense_v, dense_vis, self.segments, self.key_codec, self.value_codec,
+                              splits, cap)
         return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.segments, self.key_codec, self.value_codec,
                             self.block, splits, cap)
 
