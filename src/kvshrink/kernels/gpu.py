@@ -14,6 +14,7 @@ reduced ranks) below the query's width.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,11 @@ def _coded_body(q, vis, nbody, kc, kmn, ksc, vc, vmn, vsc, pm, pl, pacc, H, R, T
     tl.store(pacc + (u * R + rows[:, None]) * QD + vcols[None, :], acc, mask=rmask[:, None] & (vcols[None, :] < VD))
 
 
+@functools.lru_cache(maxsize=8)
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @dataclass
 class Body:
     """One side (keys or values) of a coded body as `coded_body` reads it: codes (B * H, bytes) uint8,
@@ -154,6 +160,8 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
     b, h, r, qd = q.shape
     dev = q.device
     n_max = vis.shape[2]
+    if dev.type == "cuda":  # enough programs to fill the device: long contexts at small batch split further
+        splits = max(splits, -(-2 * _sms(dev) // (b * h)))
     splits = max(1, min(splits, -(-n_max // TILE)))
     pm = torch.empty(b * h, splits + 1, r, device=dev)
     pl = torch.empty_like(pm)
