@@ -250,7 +250,7 @@ def test_methods_find_their_codebooks_or_say_how_to_make_them(model, tiny_calib,
     tiny_calib.save(rvq_calib.default_path(model, 8, 16, "strided", "contiguous"))
     cache = from_method("rvq-d2:group=8:size=16", model)
     assert isinstance(cache, CodedCache) and cache.code_domain and cache.attend == "fused"
-    assert "compiled kernel" in cache.describe()
+    assert "numba kernel on the CPU, Triton on CUDA" in cache.describe()
     assert from_method("rvq-d2:group=8:size=16:attend=codes", model).attend == "codes"
     assert all(layer.k.codec.depth == 2 and layer.k.codec.bits == 4 for layer in cache.layers)
     assert not from_method("rvq-d2:group=8:size=16:attend=decode", model).code_domain

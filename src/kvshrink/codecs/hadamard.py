@@ -30,3 +30,10 @@ def rotation(dim: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (dim,), generator=gen).float() * 2 - 1
     return signs[:, None] * r
+
+
+@lru_cache(maxsize=64)
+def rotation_on(dim: int, seed: int, device: torch.device) -> torch.Tensor:
+    """`rotation(dim, seed)` held on `device`: a decode step on a GPU reads it there, with no copy from
+    the host each step."""
+    return rotation(dim, seed).to(device)

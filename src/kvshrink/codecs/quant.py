@@ -20,7 +20,7 @@ import torch
 from ..errors import KvshrinkError
 from .base import Codec, Packed
 from .fastquant import quantize_rows
-from .hadamard import rotation
+from .hadamard import rotation_on
 from .packing import pack, unpack
 
 AXES = ("channel", "token")
@@ -83,7 +83,7 @@ class IntQuant(Codec):
         x = x.float()
         d = x.shape[-1]
         if self.rotate:
-            x = x @ rotation(d, self.seed).to(x.device)
+            x = x @ rotation_on(d, self.seed, x.device)
         xg, dim = self._grouped(x, block)
         mn = _half_down(xg.amin(dim, keepdim=True))
         scale = _half_up((xg.amax(dim, keepdim=True) - mn.float()) / self.qmax)
@@ -106,7 +106,7 @@ class IntQuant(Codec):
         b, h, t, d = x.shape
         x = x.float()
         if self.rotate:
-            x = x @ rotation(d, self.seed).to(x.device)
+            x = x @ rotation_on(d, self.seed, x.device)
         g = self.group or d
         rows = x.reshape(-1, d).contiguous().numpy()
         codes = np.empty((rows.shape[0], d * self.bits // 8), dtype=np.uint8)
@@ -130,7 +130,7 @@ class IntQuant(Codec):
         flat = (b, h, -1, packed.head_dim)
         if self.rotate:
             x = torch.addcmul(t["min"].to(dtype), codes.to(dtype), t["scale"].to(dtype)).reshape(flat)
-            r = rotation(packed.head_dim, self.seed).to(x.device, dtype).T
+            r = rotation_on(packed.head_dim, self.seed, x.device).to(dtype).T
             return x @ r if out is None else out.copy_(x @ r)
         if out is None:
             return torch.addcmul(t["min"].to(dtype), codes.to(dtype), t["scale"].to(dtype)).reshape(flat)

@@ -112,6 +112,14 @@ class RVQ(Codec):
         rather than held beside the float16 codebooks, which would add half again to their bytes."""
         return self.books.to(device, torch.float32)
 
+    def books_on(self, device) -> torch.Tensor:
+        """The float16 codebooks held on `device` (the same tensor where they already are; a GPU kernel
+        reads them there every step, so a copy is kept, and counted, rather than sent each step)."""
+        key = ("books", torch.device(device))
+        if key not in self._memo:
+            self._memo[key] = self.books.to(device)
+        return self._memo[key]
+
     def order(self, head_dim: int, device=None) -> torch.Tensor:
         key = ("order", head_dim, device)
         if key not in self._memo:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ...codecs.base import Codec, Fp16
-from ...codecs.hadamard import rotation
+from ...codecs.hadamard import rotation_on
 from ...kernels.backend import CALLS
 from ...kernels.gpu import unpack
 
@@ -111,7 +111,7 @@ def attend(q: torch.Tensor, layer, n_past: torch.Tensor, new_k: torch.Tensor, ne
     table = layer.table.contiguous()
     w = table.shape[2]
     n_past = n_past.contiguous()
-    qr = q @ rotation(d, kcodec.seed).to(dev) if getattr(kcodec, "rotate", False) else q
+    qr = q @ rotation_on(d, kcodec.seed, dev) if getattr(kcodec, "rotate", False) else q
     kbits, kc, ks, km, kbytes, kgroups = _fields(pool, "k.", kcodec, slots)
     vbits, vc, vs, vm, vbytes, vgroups = _fields(pool, "v.", vcodec, slots)
     logits = torch.full((b, h, g, s + 1), float("-inf"), device=dev)
@@ -131,7 +131,7 @@ def attend(q: torch.Tensor, layer, n_past: torch.Tensor, new_k: torch.Tensor, ne
     _values[(b * h,)](probs, table, n_past, vc, vs, vm, out, h, g, w, s, pool.block, vbytes, vgroups, BITS=vbits,
                       D=d, GW=d // vgroups, BLOCK_D=bd, BLOCK_G=bg, BLOCK_N=TILE)
     if getattr(vcodec, "rotate", False):
-        out = out @ rotation(d, vcodec.seed).to(dev).T
+        out = out @ rotation_on(d, vcodec.seed, dev).T
     return out + probs[..., s, None] * new_v.float()[:, :, None], probs
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...codecs.base import Packed
-from ...codecs.hadamard import rotation
+from ...codecs.hadamard import rotation_on
 from ...codecs.quant import IntQuant
 from ...kernels.backend import CALLS
 from ...kernels.gpu import Body, coded_body
@@ -35,11 +35,11 @@ def attend(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, dense_k: tor
     CALLS["int"] += 1
     d = q.shape[3]
     dev = q.device
-    qb = q @ rotation(d, key_codec.seed).to(dev) if key_codec.rotate else q
+    qb = q @ rotation_on(d, key_codec.seed, dev) if key_codec.rotate else q
     pm, pl, pacc = coded_body(qb, vis[:, None], nbody, keys, values, splits, cap)
     n = pm.shape[2] - 1
     if value_codec.rotate:  # the body's value sums are in the rotated basis
-        pacc[:, :, :n] = pacc[:, :, :n] @ rotation(d, value_codec.seed).to(dev).T
+        pacc[:, :, :n] = pacc[:, :, :n] @ rotation_on(d, value_codec.seed, dev).T
     pm[:, :, n], pl[:, :, n], pacc[:, :, n] = dense_partial(q, dense_k, dense_v, dense_vis, cap)
     return merge(pm, pl, pacc)
 

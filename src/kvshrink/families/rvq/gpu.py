@@ -19,7 +19,7 @@ from ...kernels.partials import dense_partial, merge
 def _body(codec: RVQ, packed: Packed) -> Body:
     t = packed.tensors
     b, h = t["codes"].shape[:2]
-    return Body(t["codes"].reshape(b * h, -1), codec.books, t["scale"].reshape(b * h, -1), codec.bits,
+    return Body(t["codes"].reshape(b * h, -1), codec.books_on(t["codes"].device), t["scale"].reshape(b * h, -1), codec.bits,
                 packed.head_dim, gw=codec.group, depth=codec.depth, size=codec.size)
 
 
