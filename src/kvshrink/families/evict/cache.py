@@ -319,10 +319,10 @@ class PagedCache(KVCache):
         return self.evictions
 
     def _after_forward(self, t: int, pad) -> None:
-        b = self.layers[0].length.shape[0]
-        npad = pad.sum(1) if pad is not None else torch.zeros(b, dtype=torch.long)
+        b, dev = self.layers[0].length.shape[0], self.layers[0].length.device
+        npad = pad.sum(1).to(dev) if pad is not None else torch.zeros(b, dtype=torch.long, device=dev)
         if self.real is None:
-            self.real, self.lead = torch.zeros(b, dtype=torch.long), npad.clone()
+            self.real, self.lead = torch.zeros(b, dtype=torch.long, device=dev), npad.clone()
         self.real += t - npad
         self.steps += 1
         if t > 1 and self.defer > 0:
@@ -355,7 +355,8 @@ class PagedCache(KVCache):
         per_layer = [layer.gather(["score", "pos"]) for layer in self.layers]
         b, h = self.layers[0].length.shape
         smax = max(v.shape[2] for _, v, _ in per_layer)
-        scores = torch.full((b, self.num_layers, h, smax), torch.inf)
+        dev = self.layers[0].length.device
+        scores = torch.full((b, self.num_layers, h, smax), torch.inf, device=dev)
         for i, (rows, valid, _) in enumerate(per_layer):
             pos = rows["pos"].long()
             lead = self.lead[:, None, None]
@@ -373,7 +374,7 @@ class PagedCache(KVCache):
         evict = torch.stack([policy(srt[i], lengths[i].flatten(), blocks, self.block)
                              for i, blocks in enumerate(self.budget_blocks())])
         rank = torch.empty_like(order)
-        rank.scatter_(-1, order, torch.arange(smax).expand_as(order))
+        rank.scatter_(-1, order, torch.arange(smax, device=dev).expand_as(order))
         gone = (rank < evict[..., None]).view(b, self.num_layers, h, smax)
         for i, layer in enumerate(self.layers):
             g = gone[:, i, :, :per_layer[i][1].shape[2]]
