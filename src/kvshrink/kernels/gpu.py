@@ -127,7 +127,8 @@ def _coded_body(q, vis, nbody, kc, kmn, ksc, vc, vmn, vsc, pm, pl, pacc, H, R, T
 
 
 @functools.lru_cache(maxsize=8)
-def _sms(device: torch.device) -> int:
+def sms(device: torch.device) -> int:
+    """The device's streaming multiprocessors: how many programs keep it busy."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -161,7 +162,7 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
     dev = q.device
     n_max = vis.shape[2]
     if dev.type == "cuda":  # enough programs to fill the device: long contexts at small batch split further
-        splits = max(splits, -(-2 * _sms(dev) // (b * h)))
+        splits = max(splits, -(-2 * sms(dev) // (b * h)))
     splits = max(1, min(splits, -(-n_max // TILE)))
     pm = torch.empty(b * h, splits + 1, r, device=dev)
     pl = torch.empty_like(pm)

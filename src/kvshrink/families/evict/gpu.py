@@ -17,7 +17,7 @@ import triton.language as tl
 from ...codecs.base import Codec, Fp16
 from ...codecs.hadamard import rotation_on
 from ...kernels.backend import CALLS
-from ...kernels.gpu import unpack
+from ...kernels.gpu import sms, unpack
 
 TILE = 64
 
@@ -36,19 +36,12 @@ def _row_tile(codes, scale, mn, slot, ok, cols, row_bytes, groups, BITS: tl.cons
 
 
 @triton.jit
-def _slots(table, n_past, pos, seen, u, j0, H, W, S, seen_stride, block, MASKED: tl.constexpr,
-           BLOCK_N: tl.constexpr):
-    """(rows, kept, slot, visible) of rows j0.. of program u = b * H + h."""
-    b = u // H
-    n = tl.load(n_past + u)
+def _slots(table, n_past, u, j0, W, block, BLOCK_N: tl.constexpr):
+    """(rows, kept, pool slot) of rows j0.. of program u = b * H + h, through its block table."""
     rows = j0 + tl.arange(0, BLOCK_N)
-    kept = rows < n
+    kept = rows < tl.load(n_past + u)
     slot = tl.load(table + u * W + rows // block, mask=kept, other=0) * block + rows % block
-    vis = kept
-    if MASKED:
-        p = tl.load(pos + slot, mask=kept, other=0)
-        vis = kept & (tl.load(seen + b * seen_stride + p, mask=kept, other=0) != 0)
-    return rows, kept, slot, vis
+    return rows, kept, slot
 
 
 @triton.jit
@@ -61,7 +54,11 @@ def _logits(q, table, n_past, pos, seen, kc, ks, km, logits, H, G, W, S, seen_st
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     qg = tl.load(q + (u * G + gs[:, None]) * D + cols[None, :], mask=(gs[:, None] < G) & cmask[None, :], other=0.0)
-    rows, kept, slot, vis = _slots(table, n_past, pos, seen, u, j0, H, W, S, seen_stride, block, MASKED, BLOCK_N)
+    rows, kept, slot = _slots(table, n_past, u, j0, W, block, BLOCK_N)
+    vis = kept
+    if MASKED:  # a kept row is visible as its original position is
+        p = tl.load(pos + slot, mask=kept, other=0)
+        vis = kept & (tl.load(seen + (u // H) * seen_stride + p, mask=kept, other=0) != 0)
     k = _row_tile(kc, ks, km, slot, kept[:, None] & cmask[None, :], cols, row_bytes, groups, BITS, D, GW)
     s = tl.dot(qg, tl.trans(k), input_precision="ieee")
     s = tl.where(vis[None, :], s, float("-inf"))
@@ -71,20 +68,24 @@ def _logits(q, table, n_past, pos, seen, kc, ks, km, logits, H, G, W, S, seen_st
 
 @triton.jit
 def _values(probs, table, n_past, vc, vs, vm, out, H, G, W, S, block, row_bytes, groups, BITS: tl.constexpr,
-            D: tl.constexpr, GW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+            SPLITS: tl.constexpr, D: tl.constexpr, GW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """Weighted value sums of program (u, split)'s range of tiles into out (B * H, SPLITS, G, D)."""
     u = tl.program_id(0)
+    sp = tl.program_id(1)
     gs = tl.arange(0, BLOCK_G)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-    n = tl.load(n_past + u)
-    for j0 in range(0, n, BLOCK_N):
-        rows, kept, slot, _ = _slots(table, n_past, n_past, n_past, u, j0, H, W, S, 0, block, False, BLOCK_N)
+    nt = tl.cdiv(tl.load(n_past + u), BLOCK_N)
+    for j in range(sp * nt // SPLITS, (sp + 1) * nt // SPLITS):
+        rows, kept, slot = _slots(table, n_past, u, j * BLOCK_N, W, block, BLOCK_N)
         v = _row_tile(vc, vs, vm, slot, kept[:, None] & cmask[None, :], cols, row_bytes, groups, BITS, D, GW)
         p = tl.load(probs + (u * G + gs[:, None]) * (S + 1) + rows[None, :],
                     mask=(gs[:, None] < G) & kept[None, :], other=0.0)
         acc += tl.dot(p, v, input_precision="ieee")
-    tl.store(out + (u * G + gs[:, None]) * D + cols[None, :], acc, mask=(gs[:, None] < G) & cmask[None, :])
+    tl.store(out + ((u * SPLITS + sp) * G + gs[:, None]) * D + cols[None, :], acc,
+             mask=(gs[:, None] < G) & cmask[None, :])
 
 
 def _fields(pool, prefix: str, codec: Codec, slots: int):
@@ -127,9 +128,12 @@ def attend(q: torch.Tensor, layer, n_past: torch.Tensor, new_k: torch.Tensor, ne
     if seen is not None:
         logits[..., s] = logits[..., s].masked_fill(~seen[:, -1, None, None], float("-inf"))
     probs = torch.softmax(logits, -1).nan_to_num_(0.0)
-    out = torch.empty(b, h, g, d, device=dev)
-    _values[(b * h,)](probs, table, n_past, vc, vs, vm, out, h, g, w, s, pool.block, vbytes, vgroups, BITS=vbits,
-                      D=d, GW=d // vgroups, BLOCK_D=bd, BLOCK_G=bg, BLOCK_N=TILE)
+    # enough programs to fill a GPU; two elsewhere, so the interpreter tests cover the split sums too
+    splits = max(1, min(-(-s // TILE), -(-2 * sms(dev) // (b * h)) if dev.type == "cuda" else 2))
+    parts = torch.empty(b, h, splits, g, d, device=dev)  # a head's rows over several programs, summed after
+    _values[(b * h, splits)](probs, table, n_past, vc, vs, vm, parts, h, g, w, s, pool.block, vbytes, vgroups,
+                             BITS=vbits, SPLITS=splits, D=d, GW=d // vgroups, BLOCK_D=bd, BLOCK_G=bg, BLOCK_N=TILE)
+    out = parts.sum(2)
     if getattr(vcodec, "rotate", False):
         out = out @ rotation_on(d, vcodec.seed, dev).T
     return out + probs[..., s, None] * new_v.float()[:, :, None], probs
