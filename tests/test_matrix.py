@@ -83,7 +83,7 @@ def _ids(n, seed=0, batch=1):
 def _run(model, cache, ids, steps=STEPS, mask=None):
     """Prefill `ids`, then decode steps of fixed tokens (the same in every run, so no run can diverge by
     a near tie of greedy choices); the logits of every step (B, steps + 1, vocab)."""
-    feed = _ids(steps, seed=99).expand(ids.shape[0], steps)
+    feed = _ids(steps, seed=99).expand(ids.shape[0], steps).to(ids.device)
     kw = {} if mask is None else {"attention_mask": mask}
     out = [model(ids, past_key_values=cache, use_cache=True, **kw).logits[:, -1:]]
     for i in range(steps):
@@ -268,3 +268,34 @@ def test_triton_decode_equals_the_compiled_cpu_path(model, name):
     else:
         assert launched == 0
         assert ("cuda", "KVComp") in backend.SAID  # said once on stderr
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device: the device-correctness checks run where one is")
+@pytest.mark.parametrize("name", OURS)
+def test_on_cuda_the_cache_stays_on_the_device_and_decodes_as_on_the_cpu(model, name):
+    """Build, prefill, decode, crop and reorder with the model on a GPU: every tensor the cache holds is
+    on the device, the logits are the CPU's, and decode steps go through the Triton kernels (KVComp:
+    refused in one line)."""
+    gpu_model = _ready(copy.deepcopy(model).cuda(), name)
+    ids = _ids(PROMPT, seed=3, batch=2)
+    if name.startswith("kvcomp"):
+        with pytest.raises(KvshrinkError, match="run on the CPU"):
+            _run(gpu_model, from_method(name, gpu_model), ids.cuda())
+        return
+    calls = sum(backend.CALLS.values())
+    cache = from_method(name, gpu_model)
+    got = _run(gpu_model, cache, ids.cuda())
+    want = _run(_ready(model, name), from_method(name, _ready(model, name)), ids)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+    assert all(t.device.type == "cuda" for t in cache.payload())
+    if name in TRITON_LAYOUTS:
+        assert sum(backend.CALLS.values()) - calls >= STEPS * 2
+    cache.crop(-3)
+    if not expected("reorder", name):
+        cache.reorder_cache(torch.tensor([1, 0], device="cuda"))
+    more = _ids(2, seed=8).expand(2, 2).cuda()
+    assert torch.isfinite(_feed(gpu_model, cache, more)).all()
+    assert all(t.device.type == "cuda" for t in cache.payload())

@@ -23,6 +23,8 @@ from kvshrink.families.rvq import kernel as rvq_kernel
 from kvshrink.kernels import backend
 from kvshrink.kernels.partials import dense_partial, merge
 
+if backend.CUDA:
+    pytest.skip("a CUDA machine: test_matrix.py's cuda test checks the kernels on the device", allow_module_level=True)
 if not backend.ON_CPU:
     pytest.skip(backend.WHY_NOT_ON_CPU, allow_module_level=True)
 gpu = pytest.importorskip("kvshrink.families.quant.gpu")  # imports Triton
