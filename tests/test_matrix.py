@@ -247,27 +247,24 @@ def test_reorder_cache_permutes_sequences_or_refuses(model, name):
     torch.testing.assert_close(_feed(m, cache, more), _feed(m, swapped, more), rtol=1e-5, atol=1e-5)
 
 
-TRITON_LAYOUTS = tuple(n for n in FUSED if not n.startswith("kvcomp"))  # KVComp: no Triton kernel yet
+# KVComp's serial Huffman decode runs at the interpreter's speed (about a minute a preset here): one
+# preset in this matrix, every table kind in tests/test_triton.py's kernel test
+TRITON_MATRIX = tuple(n for n in FUSED if not n.startswith("kvcomp") or n == "kvcomp-eb0.3")
 
 
 @pytest.mark.skipif(not backend.ON_CPU, reason=backend.WHY_NOT_ON_CPU or "-")
-@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("name", TRITON_MATRIX)
 def test_triton_decode_equals_the_compiled_cpu_path(model, name):
-    """The Triton kernels (Triton's interpreter here; CUDA on a GPU) give the numba kernels' logits;
-    a layout without a Triton kernel says so in one line and decodes its history instead."""
+    """The Triton kernels (Triton's interpreter here; CUDA on a GPU) give the numba kernels' logits,
+    and they served every decode step of both layers."""
     m = _ready(model, name)
     ids = _ids(PROMPT, seed=3)
     cpu = _run(m, from_method(name, m), ids)
     before = sum(backend.CALLS.values())
     with backend.use("triton"):
         gpu = _run(m, from_method(name, m), ids)
-    launched = sum(backend.CALLS.values()) - before
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
-    if name in TRITON_LAYOUTS:
-        assert launched >= STEPS * 2  # every decode step of both layers
-    else:
-        assert launched == 0
-        assert ("cuda", "KVComp") in backend.SAID  # said once on stderr
+    assert sum(backend.CALLS.values()) - before >= STEPS * 2
 
 
 CUDA = torch.cuda.is_available()
@@ -277,22 +274,16 @@ CUDA = torch.cuda.is_available()
 @pytest.mark.parametrize("name", OURS)
 def test_on_cuda_the_cache_stays_on_the_device_and_decodes_as_on_the_cpu(model, name):
     """Build, prefill, decode, crop and reorder with the model on a GPU: every tensor the cache holds is
-    on the device, the logits are the CPU's, and decode steps go through the Triton kernels (KVComp:
-    refused in one line)."""
+    on the device, the logits are the CPU's, and decode steps go through the Triton kernels."""
     gpu_model = _ready(copy.deepcopy(model).cuda(), name)
     ids = _ids(PROMPT, seed=3, batch=2)
-    if name.startswith("kvcomp"):
-        with pytest.raises(KvshrinkError, match="run on the CPU"):
-            _run(gpu_model, from_method(name, gpu_model), ids.cuda())
-        return
     calls = sum(backend.CALLS.values())
     cache = from_method(name, gpu_model)
     got = _run(gpu_model, cache, ids.cuda())
     want = _run(_ready(model, name), from_method(name, _ready(model, name)), ids)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
     assert all(t.device.type == "cuda" for t in cache.payload())
-    if name in TRITON_LAYOUTS:
-        assert sum(backend.CALLS.values()) - calls >= STEPS * 2
+    assert sum(backend.CALLS.values()) - calls >= STEPS * 2
     cache.crop(-3)
     if not expected("reorder", name):
         cache.reorder_cache(torch.tensor([1, 0], device="cuda"))

@@ -15,8 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvshrink import KvshrinkError, from_method, prepare
+from kvshrink.codecs.errbound import ErrorBound
 from kvshrink.codecs.quant import IntQuant
 from kvshrink.codecs.rvq import RVQ
+from kvshrink.families.kvcomp import kernel as kvcomp_kernel
+from kvshrink.families.kvcomp.codec import EntropyCodec
 from kvshrink.families.lowrank import transform as zdc
 from kvshrink.families.quant import kernel
 from kvshrink.families.rvq import kernel as rvq_kernel
@@ -29,6 +32,7 @@ if not backend.ON_CPU:
     pytest.skip(backend.WHY_NOT_ON_CPU, allow_module_level=True)
 gpu = pytest.importorskip("kvshrink.families.quant.gpu")  # imports Triton
 rvq_gpu = pytest.importorskip("kvshrink.families.rvq.gpu")
+kvcomp_gpu = pytest.importorskip("kvshrink.families.kvcomp.gpu")
 
 
 def test_merge_of_partials_is_softmax_attention():
@@ -94,6 +98,33 @@ def test_rvq_kernel_equals_the_numba_kernel(bits, depth, group, grouping, stage,
     dvis = torch.ones(b, 1, 5, dtype=torch.bool)
     want = rvq_kernel.fused_attend(q, vis, dk, dv, dvis, segments, *codecs, 64, 2, cap)
     got = rvq_gpu.attend(q, vis, dk, dv, dvis, segments, *codecs, 2, cap)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+@settings(max_examples=8, deadline=None)
+@given(bound=st.sampled_from([0.05, 0.3, 1 / 15, 1 / 255]), entropy=st.booleans(), blocks=st.integers(1, 3),
+       rows=st.integers(1, 3), cap=st.sampled_from([0.0, 2.0]), seed=st.integers(0, 99))
+def test_kvcomp_kernel_equals_the_numba_kernel(bound, entropy, blocks, rows, cap, seed):
+    """Huffman tables (serial decode, tables changing between batches of blocks) and fixed-width ones (4
+    bits at 1/15, 8 bits at 1/255: read by position), keys per channel in blocks of 8, values per token in
+    blocks of 16."""
+    g = torch.Generator().manual_seed(seed)
+    d, b, h = 8, 2, 2
+    kc = EntropyCodec(ErrorBound(bound, "channel"), 8, entropy)
+    vc = EntropyCodec(ErrorBound(bound, "token"), 16, entropy)
+    keys = values = None
+    for i in range(blocks):  # one batch of blocks at a time, as a store codes them (new tables may come)
+        x = torch.randn(b, h, 16, d, generator=g) * (1 + 3 * i)
+        k, v = kc.encode(x, 16), vc.encode(torch.randn(b, h, 16, d, generator=g) ** (i + 1), 16)
+        keys, values = (k, v) if keys is None else (keys.cat(k), values.cat(v))
+    n = 16 * blocks
+    q = torch.randn(b, h, rows, d, generator=g)
+    vis = torch.ones(b, n, dtype=torch.bool)
+    vis[1, :seed % n] = False
+    dk, dv = torch.randn(b, h, 3, d, generator=g), torch.randn(b, h, 3, d, generator=g)
+    dvis = torch.ones(b, 1, 3, dtype=torch.bool)
+    want = kvcomp_kernel.fused_attend(q, vis, dk, dv, dvis, keys.view(), values.view(), 2, cap)
+    got = kvcomp_gpu.fused_attend(q, vis, dk, dv, dvis, keys.view(), values.view(), 2, cap)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
 
 

@@ -36,12 +36,7 @@ class KVCompLayer(CompressedLayer):
     def stage_codec(self, codec: Codec) -> Codec:
         return Fp16()  # an unfinished value block waits as float16 tokens, as KVComp keeps its recent ones
 
-    def lazy_initialization(self, key_states, value_states) -> None:
-        if key_states.device.type != "cpu":
-            raise KvshrinkError("kvcomp caches run on the CPU (their kernels are numba CPU code)")
-        super().lazy_initialization(key_states, value_states)
-
-    layout, gpu_kernel = "KVComp", False
+    layout = "KVComp"
 
     def _kernel_supports(self, head_dim: int) -> bool:
         return True  # the kernel decodes any error-bounded, prefix-coded body

@@ -31,7 +31,7 @@ MAX_TABLES = 255
 
 @dataclass(frozen=True)
 class BodyView:
-    """What attention needs of a coded body at one moment (all CPU tensors)."""
+    """What attention needs of a coded body at one moment (on the body's device)."""
 
     stream: torch.Tensor  # uint8 (bytes + PAD)
     starts: torch.Tensor  # int64 (B, H, blocks) byte offset of each block
@@ -54,17 +54,23 @@ class BodyView:
         return self.num_blocks * self.block
 
     def symbols(self) -> torch.Tensor:
-        """(B, H, blocks, T, d) uint8: every block decoded (blocks in parallel)."""
+        """(B, H, blocks, T, d) uint8: every block decoded (blocks in parallel, by numba on the host: this
+        serves prefills, crops and the reference path, not decode steps)."""
         b, h, n = self.starts.shape
-        out = huffman.decode(self.stream.numpy(), self.starts.reshape(-1).numpy(),
-                             self.table_of.repeat(b * h).numpy(), self.lut_sym.numpy(), self.lut_len.numpy(),
-                             self.lut_n.numpy(), self.fixed.numpy(), self.block * self.head_dim)
-        return torch.from_numpy(np.ascontiguousarray(out)).view(b, h, n, self.block, self.head_dim)
+        out = huffman.decode(*(_host(t) for t in (self.stream, self.starts.reshape(-1), self.table_of.repeat(b * h),
+                                                  self.lut_sym, self.lut_len, self.lut_n, self.fixed)),
+                             self.block * self.head_dim)
+        return torch.from_numpy(np.ascontiguousarray(out)).view(b, h, n, self.block, self.head_dim).to(
+            self.stream.device)
 
     def decoded(self, dtype=torch.float32) -> torch.Tensor:
         """(B, H, tokens, d): the whole body dequantized (the decode-then-attend reference)."""
         x = ErrorBound.dequantize(self.symbols(), self.mn, self.step, dtype)
         return x.reshape(*self.starts.shape[:2], -1, self.head_dim)
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    return t.cpu().numpy()
 
 
 class EntropyPacked:
@@ -83,7 +89,7 @@ class EntropyPacked:
 
     def view(self) -> BodyView:
         t, c = self.tensors, self.codec
-        return BodyView(t["stream"], t["starts"], t["table_of"], c.lut_sym, c.lut_len, c.lut_n, c.fixed, t["mn"],
+        return BodyView(t["stream"], t["starts"], t["table_of"], *c.tables_on(t["stream"].device), t["mn"],
                         t["step"], c.block_tokens, self.head_dim)
 
     def cat(self, other: "EntropyPacked") -> "EntropyPacked":
@@ -139,6 +145,7 @@ class EntropyCodec(Codec):
         self.symbols = 0  # symbols coded so far
         self.payload_bits = 0  # bits of the codes themselves, before byte alignment
         self.entropy_total = 0.0  # Shannon bits of each coded batch under its own histogram
+        self._on = {}  # device -> (tables count, the decoding tables there): what a GPU kernel reads
 
     def describe(self) -> str:
         coder = "Huffman" if self.entropy else "fixed-width"
@@ -175,17 +182,32 @@ class EntropyCodec(Codec):
         self.n_tables += 1
 
     def shared_tensors(self) -> list[torch.Tensor]:
-        """The tables: code lengths, the encoder's codes and the decoding lookups built from them."""
+        """The tables: code lengths, the encoder's codes and the decoding lookups built from them (and
+        their copies on a GPU, where one is held)."""
         t = (self.lut_sym, self.lut_len, self.lut_n, self.lengths, self.fixed, self.codes)
-        return [x for x in t if x is not None]
+        return [x for x in t if x is not None] + [x for _, held in self._on.values() for x in held]
+
+    def tables_on(self, device) -> tuple:
+        """(lut_sym, lut_len, lut_n, fixed) on `device`: the tables themselves on the CPU; elsewhere a copy
+        made when the tables change (a table is added), not at every step."""
+        device = torch.device(device)
+        t = (self.lut_sym, self.lut_len, self.lut_n, self.fixed)
+        if device.type == "cpu":
+            return t
+        n, held = self._on.get(device, (-1, None))
+        if n != self.n_tables:
+            held = tuple(x.to(device) for x in t)
+            self._on[device] = (self.n_tables, held)
+        return held
 
     # --- coding -------------------------------------------------------------------------
     def code(self, q: torch.Tensor, table_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (B, H, n, T, d) symbols, table_of (n,) -> (stream with PAD, starts (B, H, n))."""
+        """q (B, H, n, T, d) symbols, table_of (n,) -> (stream with PAD, starts (B, H, n)) on q's device. The
+        coder is numba on the host: on a GPU the symbols of each coded batch make one round trip."""
         b, h, n = q.shape[:3]
-        stream, starts = huffman.encode(q.reshape(b * h * n, -1).contiguous().numpy(),
-                                        table_of.repeat(b * h).numpy(), self.codes.numpy(), self.lengths.numpy())
-        return torch.from_numpy(stream), torch.from_numpy(starts).view(b, h, n)
+        stream, starts = huffman.encode(_host(q.reshape(b * h * n, -1).contiguous()), _host(table_of.repeat(b * h)),
+                                        self.codes.numpy(), self.lengths.numpy())
+        return torch.from_numpy(stream).to(q.device), torch.from_numpy(starts).view(b, h, n).to(q.device)
 
     def encode(self, x: torch.Tensor, block: int) -> EntropyPacked:
         """x (B, H, tokens, d), tokens a multiple of `block` (the store's), coded in blocks of
@@ -193,12 +215,12 @@ class EntropyCodec(Codec):
         b, h, t, d = x.shape
         n = t // self.block_tokens
         q, mn, step = self.quant.quantize(x.reshape(b, h, n, self.block_tokens, d))
-        counts = np.bincount(q.reshape(-1).numpy(), minlength=self.quant.symbols).astype(np.int64)
+        counts = _host(torch.bincount(q.reshape(-1), minlength=self.quant.symbols)).astype(np.int64)
         table = self._choose_table(counts)
         self.symbols += q.numel()
         self.payload_bits += self._bits(table, counts)
         self.entropy_total += huffman.entropy_bits(counts)
-        cols = torch.full((n,), table, dtype=torch.int64)
+        cols = torch.full((n,), table, dtype=torch.int64, device=x.device)
         stream, starts = self.code(q, cols)
         return EntropyPacked(self, stream, starts, cols, mn, step, block, d)
 

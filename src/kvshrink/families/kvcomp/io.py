@@ -20,6 +20,7 @@ from ...codecs.base import Packed
 from ...codecs.huffman import Table
 from ...core.calibfile import check_header, model_header, read_safetensors
 from ...errors import KvshrinkError
+from ...kernels.backend import kernels_on
 from .codec import EntropyPacked
 
 FORMAT = "kvshrink-cache-2"
@@ -69,6 +70,7 @@ def read(path: str, model) -> tuple[dict, list, torch.Tensor | None]:
     tensors, meta = read_safetensors(path, FORMAT, "cache file", "a kvshrink cache")
     check_header(json.loads(meta["header"]), model, "", what=f"cache file {path!r}")
     layers = []
+    dev = next(model.parameters()).device  # the cache lives where the model does
     for i, lm in enumerate(json.loads(meta["layers"])):
         if lm is None:
             layers.append(None)
@@ -76,7 +78,7 @@ def read(path: str, model) -> tuple[dict, list, torch.Tensor | None]:
         stores = {}
         for name in ("k", "v"):
             p = f"{i}.{name}."
-            stores[name] = {k[len(p):]: t for k, t in tensors.items() if k.startswith(p)}
+            stores[name] = {k[len(p):]: t.to(dev) for k, t in tensors.items() if k.startswith(p)}
             stores[name]["stats"] = lm[name]
         layers.append(stores)
     return json.loads(meta["settings"]), layers, tensors.get("ids")
@@ -92,7 +94,7 @@ def fill(layer, stores: dict) -> None:
             store.fresh, store.window = torch.cat([store.fresh, store.window], -2), store.window[..., :0, :].clone()
         b, h, _, d = store.sink.shape
         store.stage = Packed({"x": parts["stage"]}, 1, d) if "stage" in parts else None
-        for row in parts["lengths"].numpy() if "lengths" in parts else ():
+        for row in parts["lengths"].cpu().numpy() if "lengths" in parts else ():
             codec.add_table(Table(row))
         for s in _STATS:
             setattr(codec, s, parts["stats"][s])
@@ -100,5 +102,6 @@ def fill(layer, stores: dict) -> None:
                       if "stream" in parts else None)
     layer.kv_shape = (b, h, d)
     layer.dtype, layer.device = torch.float32, layer.k.sink.device
-    layer.kernel_reads = layer.fused  # what lazy_initialization fixes at a first update
+    # what lazy_initialization fixes at a first update
+    layer.kernel_reads = layer.fused and kernels_on(layer.device, layer.layout, layer.gpu_kernel)
     layer.is_initialized = True

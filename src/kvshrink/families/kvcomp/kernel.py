@@ -25,8 +25,12 @@ import numpy as np
 import torch
 
 from ...codecs.huffman import MAX_LEN, MULTI, decode_into
+from ...kernels.backend import TRITON, triton_for
 from ...kernels.tiles import FAST, as_u8, channel_logits, dense_split, fold_values, merge, partial_buffers, weights
 from .codec import BodyView
+
+if TRITON:
+    from . import gpu
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
@@ -118,6 +122,8 @@ class KVCompBody:
         return self.keys.num_tokens
 
     def attend(self, q, vis, dense_k, dense_v, dense_vis, splits, cap=0.0):
+        if triton_for(q):
+            return gpu.fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, splits, cap)
         return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, splits, cap)
 
     def decoded(self):
