@@ -33,7 +33,7 @@ from kvshrink import from_method
 from kvshrink.core.cache import cache_nbytes
 from kvshrink.kernels import backend
 
-METHODS = ("int4", "int3-rot", "int2-rot", "int8")  # built from a config alone (RVQ, ZDC, eviction need a model: end to end)
+METHODS = ("int4", "int3-rot", "int2-rot", "int8")  # built from a config alone (RVQ, ZDC, eviction, KVComp need a model: end to end)
 
 
 def layer_config(kv_heads: int, head_dim: int, groups: int) -> LlamaConfig:
