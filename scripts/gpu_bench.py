@@ -33,7 +33,8 @@ from kvshrink import from_method
 from kvshrink.core.cache import cache_nbytes
 from kvshrink.kernels import backend
 
-METHODS = ("int4", "int3-rot", "int2-rot", "int8")  # built from a config alone (RVQ, ZDC, eviction, KVComp need a model: end to end)
+# built from a config alone (RVQ, ZDC, eviction and KVComp need a model: measured end to end)
+METHODS = ("int4", "int3-rot", "int2-rot", "int8")
 
 
 def layer_config(kv_heads: int, head_dim: int, groups: int) -> LlamaConfig:

@@ -91,7 +91,7 @@ def _coded_body(q, vis, nbody, kc, kmn, ksc, vc, vmn, vsc, pm, pl, pacc, H, R, T
                 SPLITS: tl.constexpr, QD: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr,
                 BLOCK_KD: tl.constexpr, BLOCK_VD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAP: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # offsets past 2 GiB (long contexts, big batches)
     sp = tl.program_id(1)
     b = bh // H
     n = tl.load(nbody + b)
@@ -174,7 +174,8 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
                                  keys.codes.stride(0), keys.scale.stride(0), values.codes.stride(0),
                                  values.scale.stride(0), float(cap), KBITS=keys.bits, VBITS=values.bits, KTG=keys.tg,
                                  KGW=keys.gw, VGW=values.gw, KDEPTH=keys.depth, VDEPTH=values.depth,
-                                 KSIZE=keys.size, VSIZE=values.size, SPLITS=splits, QD=qd, KD=keys.width, VD=values.width,
+                                 KSIZE=keys.size, VSIZE=values.size, SPLITS=splits, QD=qd, KD=keys.width,
+                                 VD=values.width,
                                  BLOCK_KD=triton.next_power_of_2(keys.width),
                                  BLOCK_VD=triton.next_power_of_2(values.width),
                                  BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=TILE, CAP=bool(cap))

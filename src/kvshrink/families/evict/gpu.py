@@ -48,7 +48,7 @@ def _slots(table, n_past, u, j0, W, block, BLOCK_N: tl.constexpr):
 def _logits(q, table, n_past, pos, seen, kc, ks, km, logits, H, G, W, S, seen_stride, block, row_bytes, groups,
             BITS: tl.constexpr, MASKED: tl.constexpr, D: tl.constexpr, GW: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    u = tl.program_id(0)
+    u = tl.program_id(0).to(tl.int64)  # offsets past 2 GiB (long contexts, big batches)
     j0 = tl.program_id(1) * BLOCK_N
     gs = tl.arange(0, BLOCK_G)
     cols = tl.arange(0, BLOCK_D)
@@ -71,7 +71,7 @@ def _values(probs, table, n_past, vc, vs, vm, out, H, G, W, S, block, row_bytes,
             SPLITS: tl.constexpr, D: tl.constexpr, GW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
             BLOCK_N: tl.constexpr):
     """Weighted value sums of program (u, split)'s range of tiles into out (B * H, SPLITS, G, D)."""
-    u = tl.program_id(0)
+    u = tl.program_id(0).to(tl.int64)  # offsets past 2 GiB (long contexts, big batches)
     sp = tl.program_id(1)
     gs = tl.arange(0, BLOCK_G)
     cols = tl.arange(0, BLOCK_D)

@@ -65,7 +65,7 @@ def _kvcomp(q, vis, scratch, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep, vs,
             vstep, pm, pl, pacc, H, R, nvb, vis_b, cap, KB: tl.constexpr, VB: tl.constexpr, SPLITS: tl.constexpr,
             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, CAP: tl.constexpr,
             MAXL: tl.constexpr, MULTIS: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # offsets past 2 GiB (long contexts, big batches)
     sp = tl.program_id(1)
     b = bh // H
     rows = tl.arange(0, BLOCK_R)

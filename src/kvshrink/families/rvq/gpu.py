@@ -19,8 +19,8 @@ from ...kernels.partials import dense_partial, merge
 def _body(codec: RVQ, packed: Packed) -> Body:
     t = packed.tensors
     b, h = t["codes"].shape[:2]
-    return Body(t["codes"].reshape(b * h, -1), codec.books_on(t["codes"].device), t["scale"].reshape(b * h, -1), codec.bits,
-                packed.head_dim, gw=codec.group, depth=codec.depth, size=codec.size)
+    return Body(t["codes"].reshape(b * h, -1), codec.books_on(t["codes"].device), t["scale"].reshape(b * h, -1),
+                codec.bits, packed.head_dim, gw=codec.group, depth=codec.depth, size=codec.size)
 
 
 def attend(q, vis, dense_k, dense_v, dense_vis, segments: list, key_codec: RVQ, value_codec: RVQ, splits: int = 4,
