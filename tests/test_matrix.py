@@ -247,9 +247,11 @@ def test_reorder_cache_permutes_sequences_or_refuses(model, name):
     torch.testing.assert_close(_feed(m, cache, more), _feed(m, swapped, more), rtol=1e-5, atol=1e-5)
 
 
-# KVComp's serial Huffman decode runs at the interpreter's speed (about a minute a preset here): one
-# preset in this matrix, every table kind in tests/test_triton.py's kernel test
-TRITON_MATRIX = tuple(n for n in FUSED if not n.startswith("kvcomp") or n == "kvcomp-eb0.3")
+# The interpreter is slow (KVComp's serial decode about a minute a preset, RVQ 5-20 s growing with depth):
+# one preset per layout where the others differ only in ratio or depth, which tests/test_triton.py's
+# kernel tests cover (every table kind, depths 1-3)
+TRITON_MATRIX = tuple(n for n in FUSED if not n.startswith(("kvcomp", "rvq", "kvc-", "snapkv-"))) + (
+    "kvc-8x", "snapkv-8x", "kvc-4x+int4", "kvc-8x+int4", "rvq-d2", "rvq-d4+window", "kvcomp-eb0.3")
 
 
 @pytest.mark.skipif(not backend.ON_CPU, reason=backend.WHY_NOT_ON_CPU or "-")
