@@ -151,6 +151,13 @@ class Body:
     size: int = 0
 
 
+def int_body(codec, tensors: dict, rows: int, width: int) -> Body:
+    """An IntQuant body's "codes", "min" and "scale" as the kernel reads them: `rows` rows (one per
+    sequence and head), `width` numbers per token (views; a copy only if not contiguous)."""
+    tg, gw = (codec.group, 1) if codec.axis == "channel" else (1, codec.group or width)
+    return Body(*(tensors[k].reshape(rows, -1) for k in ("codes", "min", "scale")), codec.bits, width, tg, gw)
+
+
 def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Body, values: Body, splits: int,
                cap: float = 0.0):
     """Partials of query rows q (B, H, R, QD) float32 (scaled; the first keys.width coordinates are

@@ -37,5 +37,13 @@ def merge(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     return torch.where(den[..., None] > 0, out / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None], 0.0)
 
 
+def merge_dense(pm: torch.Tensor, pl: torch.Tensor, pacc: torch.Tensor, q, keys, values, vis, cap: float = 0.0):
+    """A Triton kernel's partials, their last slot left for the dense tokens: fill it with those tokens'
+    partial (`dense_partial(q, keys, values, vis, cap)`) and merge everything."""
+    n = pm.shape[2] - 1
+    pm[:, :, n], pl[:, :, n], pacc[:, :, n] = dense_partial(q, keys, values, vis, cap)
+    return merge(pm, pl, pacc)
+
+
 def _safe(m: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(m), torch.zeros_like(m), m)

@@ -21,7 +21,7 @@ import triton.language as tl
 from ...codecs.huffman import MAX_LEN, MULTI
 from ...kernels.backend import CALLS
 from ...kernels.gpu import online
-from ...kernels.partials import dense_partial, merge
+from ...kernels.partials import merge_dense
 from .codec import BodyView
 
 @triton.jit
@@ -133,5 +133,4 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
                              BLOCK_D=triton.next_power_of_2(d), BLOCK_R=max(16, triton.next_power_of_2(r)),
                              CAP=bool(cap), MAXL=MAX_LEN, MULTIS=MULTI)
     pm, pl, pacc = (x.view(b, h, splits + 1, *x.shape[2:]) for x in (pm, pl, pacc))
-    pm[:, :, splits], pl[:, :, splits], pacc[:, :, splits] = dense_partial(q, dense_k, dense_v, dense_vis, cap)
-    return merge(pm, pl, pacc)
+    return merge_dense(pm, pl, pacc, q, dense_k, dense_v, dense_vis, cap)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from ...codecs.base import Codec, Fp16, Packed
 from ...kernels.backend import CALLS
-from ...kernels.gpu import Body, coded_body
-from ...kernels.partials import dense_partial, merge
+from ...kernels.gpu import Body, coded_body, int_body
+from ...kernels.partials import merge_dense
 
 
 def _body(codec: Codec, packed: Packed, width: int) -> Body:
@@ -22,9 +22,7 @@ def _body(codec: Codec, packed: Packed, width: int) -> Body:
     if isinstance(codec, Fp16):
         x = t["x"].reshape(b, -1)
         return Body(x, x, x, 16, width)
-    tg, gw = (codec.group, 1) if codec.axis == "channel" else (1, codec.group or width)
-    return Body(t["codes"].reshape(b, -1), t["min"].reshape(b, -1), t["scale"].reshape(b, -1), codec.bits, width,
-                tg, gw)
+    return int_body(codec, t, b, width)
 
 
 def attend(q: torch.Tensor, vis: torch.Tensor, st, cap: float = 0.0) -> torch.Tensor:
@@ -43,14 +41,12 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st, cap: float = 0.0) -> torch.Te
                  (st.windows[i][0], st.windows[i][1]), (st.new[0][:, i], st.new[1][:, i])]
         dk = torch.cat([F.pad(k.float(), (0, d - k.shape[-1])) for k, _ in parts], 1)[:, None]
         dv = torch.cat([F.pad(v.float(), (0, d - v.shape[-1])) for _, v in parts], 1)[:, None]
-        dm, dl, dacc = dense_partial(qi, dk, dv, dense_vis, cap)
         if n:
             kd, vd = st.mids[i][0].shape[2], st.mids[i][1].shape[2]
             pm, pl, pacc = coded_body(qi, vis[..., n_sink:n_sink + n], nbody, _body(st.key_codec, st.bodies[i][0], kd),
                                       _body(st.value_codec, st.bodies[i][1], vd), st.splits, cap)
-            s = pm.shape[2] - 1
-            pm[:, :, s], pl[:, :, s], pacc[:, :, s] = dm, dl, dacc
-        else:
-            pm, pl, pacc = dm[:, :, None], dl[:, :, None], dacc[:, :, None]
-        outs.append(merge(pm, pl, pacc))
+        else:  # only the dense tokens: one empty slot for them
+            pm = torch.empty(b, 1, 1, r, device=q.device)
+            pl, pacc = torch.empty_like(pm), torch.empty(b, 1, 1, r, d, device=q.device)
+        outs.append(merge_dense(pm, pl, pacc, qi, dk, dv, dense_vis, cap))
     return torch.cat(outs, 1)
