@@ -63,17 +63,23 @@ def test_calibration_measures_every_choice(calibrated, tiny_model):
     spec = spec_from_config(tiny_model.config)
     n_layers, h, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
     assert calib.proxy_k.shape == (n_layers, len(A.KEY_MENU)) and calib.proxy_v.shape == (n_layers, len(A.VALUE_MENU))
-    assert torch.isfinite(calib.proxy_k).all()
-    for j, (bits, rotate, group) in enumerate(A.VALUE_MENU):  # groups of 32 do not fit a head of 16
+    for j, (bits, rotate, group, _) in enumerate(A.VALUE_MENU):  # groups of 32 do not fit a head of 16
         assert torch.isfinite(calib.proxy_v[:, j]).all() == (group is None)
-    for j, (bits, _, _) in enumerate(A.KEY_MENU):  # packed codes plus a float16 step and minimum per group
-        assert torch.allclose(calib.bytes_k[:, j], torch.tensor(h * (d * bits / 8 + 4 * d / 32), dtype=torch.float64))
-        assert torch.allclose(calib.stage_k[:, j], torch.tensor(h * (d * min(8, 2 * bits) / 8 + 4.0),
-                                                                dtype=torch.float64))
-    one, eight = A.KEY_MENU.index((1, False, None)), A.KEY_MENU.index((8, False, None))
+    for j, (bits, _, group, _) in enumerate(A.KEY_MENU):  # key groups of 64 do not fit a block of 32
+        assert torch.isfinite(calib.proxy_k[:, j]).all() == (group is None)
+        if group is None:  # packed codes plus a float16 step and minimum (or mean and deviation) per group
+            assert torch.allclose(calib.bytes_k[:, j], torch.tensor(h * (d * bits / 8 + 4 * d / 32),
+                                                                    dtype=torch.float64))
+            assert torch.allclose(calib.stage_k[:, j], torch.tensor(h * (d * min(8, 2 * bits) / 8 + 4.0),
+                                                                    dtype=torch.float64))
+    one, eight = A.KEY_MENU.index((1, False, None, "uniform")), A.KEY_MENU.index((8, False, None, "uniform"))
     assert (calib.proxy_k[:, eight] < calib.proxy_k[:, one]).all()  # more bits, less loss
-    one, three = A.VALUE_MENU.index((1, True, None)), A.VALUE_MENU.index((3, True, None))
+    one, three = A.VALUE_MENU.index((1, True, None, "uniform")), A.VALUE_MENU.index((3, True, None, "uniform"))
     assert (calib.proxy_v[:, three] < calib.proxy_v[:, one]).all() and (calib.proxy_v[:, three] > 0).all()
+    gauss = A.VALUE_MENU.index((2, True, None, "gauss"))  # the same bytes as uniform codes, its own measured loss
+    uni = A.VALUE_MENU.index((2, True, None, "uniform"))
+    assert torch.equal(calib.bytes_v[:, gauss], calib.bytes_v[:, uni])
+    assert (calib.proxy_v[:, gauss] != calib.proxy_v[:, uni]).all() and (calib.proxy_v[:, gauss] > 0).all()
 
 
 def test_perturbed_kl_is_zero_unchanged_and_grows_with_the_error(tiny_model):
@@ -154,7 +160,7 @@ def test_methods_need_their_calibration_and_a_sane_budget(tiny_model, monkeypatc
 def test_allocation_never_worse_than_uniform_widths_at_their_bytes(calibrated, tiny_model, bits):
     calib, _ = calibrated
     spec = spec_from_config(tiny_model.config)
-    keys, values = (bits, False, None), (bits, True, None)
+    keys, values = (bits, False, None, "uniform"), (bits, True, None, "uniform")
     items, fixed = A.layer_bytes(calib, spec, 150, 4, 32)
     held = fixed + sum(float(nbytes[(A.KEY_MENU if i % 2 == 0 else A.VALUE_MENU).index(keys if i % 2 == 0 else values)])
                        for i, (_, nbytes) in enumerate(items))

@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 
 from kvshrink.codecs.base import Fp16
 from kvshrink.codecs.hadamard import rotation
+from kvshrink.codecs.levels import GAUSS_BITS, KINDS, gauss
 from kvshrink.codecs.packing import pack, packed_length, unpack
 from kvshrink.codecs.quant import IntQuant
 from kvshrink.errors import KvshrinkError
+from kvshrink.families.quant.config import LEVELS, QuantConfig
 
 
 @settings(max_examples=60, deadline=None)
@@ -195,3 +197,69 @@ def test_compiled_coding_refuses_what_pytorch_refuses():
     x[0, 1, 0, 3] = 1e6  # a step beyond float16
     with pytest.raises(KvshrinkError, match="float16 range"):
         codec.encode(x, 1)
+
+
+# Max (1960), Table I: the Lloyd-Max output levels of a unit Gaussian (positive half)
+_MAX_1960 = {1: (0.7979,), 2: (0.4528, 1.510), 3: (0.2451, 0.7560, 1.344, 2.152)}
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_gaussian_levels_are_lloyd_max(bits):
+    lv = gauss(bits).double()
+    assert lv.shape == (2 ** bits,) and (lv[1:] > lv[:-1]).all()
+    assert torch.allclose(lv, -lv.flip(0), atol=1e-6)  # symmetric
+    if bits in _MAX_1960:
+        assert torch.allclose(lv[2 ** (bits - 1):], torch.tensor(_MAX_1960[bits], dtype=torch.float64), atol=6e-4)
+    # each level is the mean of the Gaussian between its thresholds (the centroid condition)
+    t = torch.cat([torch.tensor([-math.inf]), (lv[1:] + lv[:-1]) / 2, torch.tensor([math.inf])]).double()
+    pdf = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.special.erf(t / math.sqrt(2)))
+    assert torch.allclose((pdf[:-1] - pdf[1:]) / (cdf[1:] - cdf[:-1]), lv, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 4), layout=st.sampled_from([("channel", 32), ("channel", 16), ("token", None),
+                                                        ("token", 8)]),
+       rotate=st.booleans(), seed=st.integers(0, 2**16), scale=st.floats(1e-3, 50.0), shift=st.floats(-20, 20))
+def test_gaussian_levels_decode_to_the_nearest_level(bits, layout, rotate, seed, scale, shift):
+    axis, group = layout
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 64, 32, generator=g) * scale + shift
+    codec = IntQuant(bits, axis, group, rotate=rotate, seed=4, levels="gauss")
+    packed = codec.encode(x, 32)
+    y = codec.decode(packed)
+    if rotate:  # the levels apply to the rotated coordinates
+        r = rotation(32, 4)
+        x, y = x @ r, y @ r
+    xg, dim = codec._grouped(x, 32)
+    mean, dev = packed.tensors["min"].float(), packed.tensors["scale"].float()
+    assert torch.allclose(mean, xg.mean(dim, keepdim=True), rtol=1e-3, atol=1e-3 * scale)  # float16 rounding
+    cands = mean[..., None] + dev[..., None] * gauss(bits)  # every level of each group
+    best = (xg[..., None] - cands).abs().amin(-1)
+    err = (xg - y.reshape(xg.shape)).abs()
+    assert (err <= best + 1e-4 * (xg.abs().amax(dim, keepdim=True) + dev)).all()
+    # the same bytes as uniform codes of the same layout: a float16 mean and deviation in place of min and step
+    assert packed.nbytes() == IntQuant(bits, axis, group).encode(x, 32).nbytes()
+
+
+def test_gaussian_levels_beat_uniform_codes_on_gaussian_heads_at_two_bits():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 256, 64, generator=g) * torch.linspace(0.5, 2.0, 64)  # channels of unequal scale
+    err = {}
+    for lv in ("uniform", "gauss"):
+        codec = IntQuant(2, "token", rotate=True, seed=2, levels=lv)
+        err[lv] = float((codec.decode(codec.encode(x, 128)) - x).pow(2).mean())
+    assert err["gauss"] < 0.7 * err["uniform"]
+
+
+def test_gaussian_levels_refuse_wide_codes_and_unknown_kinds():
+    with pytest.raises(KvshrinkError, match="Gaussian levels have 1 to 4 bits, not 5"):
+        IntQuant(5, levels="gauss")
+    with pytest.raises(KvshrinkError, match="unknown quantization levels 'lloyd'"):
+        IntQuant(2, levels="lloyd")
+
+
+def test_the_int_family_offers_every_kind_of_level():
+    assert LEVELS == KINDS
+    with pytest.raises(KvshrinkError, match=f"1 to {GAUSS_BITS} bits, not {GAUSS_BITS + 1}"):
+        QuantConfig(bits=GAUSS_BITS + 1, levels="gauss").check()

@@ -49,14 +49,20 @@ def _states(kc, vc, n, t, block, window, batch=2, seed=0):
     return layer, states, torch.randn(batch, 6, t, 16, generator=g)
 
 
+LEVELS = [("uniform", "uniform"), ("gauss", "uniform"), ("uniform", "gauss"), ("gauss", "gauss")]
+
+
 @settings(max_examples=40, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4, 8]), rotate=st.booleans(), key_axis=st.sampled_from(["channel", "token"]),
        value_group=st.sampled_from([None, 8]), block=st.sampled_from([16, 32]), window=st.sampled_from([0, 3]),
        n=st.integers(40, 200), t=st.sampled_from([1, 3]), pad=st.integers(0, 40), seed=st.integers(0, 99),
-       cap=st.sampled_from([None, 1.5]))
-def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, block, window, n, t, pad, seed, cap):
-    kc = IntQuant(bits, key_axis, block if key_axis == "channel" else None, rotate=rotate, seed=1)
-    vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2)
+       cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS))
+def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, block, window, n, t, pad, seed, cap,
+                                          levels):
+    """Levels: the integers, or Gaussian ones for keys, values or both (a code read as its level)."""
+    kl, vl = levels if bits <= 4 else LEVELS[0]
+    kc = IntQuant(bits, key_axis, block if key_axis == "channel" else None, rotate=rotate, seed=1, levels=kl)
+    vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, levels=vl)
     layer, states, q = _states(kc, vc, n, t, block, window, seed=seed)
     assert hasattr(states, "attend")
     body = states.body
@@ -76,14 +82,15 @@ def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, b
 @given(bits=st.sampled_from([2, 3, 4, 8]), rotate=st.booleans(), key_axis=st.sampled_from(["channel", "token"]),
        value_group=st.sampled_from([None, 8]), window=st.sampled_from([0, 3]),
        lengths=st.lists(st.integers(24, 200), min_size=1, max_size=5), seed=st.integers(0, 99),
-       cap=st.sampled_from([None, 1.5]))
+       cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS))
 def test_many_sequences_in_one_call_get_what_each_gets_alone(bits, rotate, key_axis, value_group, window, lengths,
-                                                              seed, cap):
+                                                              seed, cap, levels):
     """A server's batch: one decode token for each of several sequences of different lengths (bodies of
     different block counts, dense parts of different sizes), read by one kernel call, bit for bit what
     each sequence's own call gives."""
-    kc = IntQuant(bits, key_axis, 16 if key_axis == "channel" else None, rotate=rotate, seed=1)
-    vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2)
+    kl, vl = levels if bits <= 4 else LEVELS[0]
+    kc = IntQuant(bits, key_axis, 16 if key_axis == "channel" else None, rotate=rotate, seed=1, levels=kl)
+    vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, levels=vl)
     made = [_states(kc, vc, n, 1, 16, window, batch=1, seed=seed + i) for i, n in enumerate(lengths)]
     states = [s for _, s, _ in made]
     q = torch.cat([q for _, _, q in made])

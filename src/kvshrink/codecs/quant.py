@@ -10,6 +10,10 @@ scale and minimum. The optional randomized Hadamard rotation (QuaRot, arXiv
 Error guarantee: the stored minimum is rounded down and the scale up to the
 next float16, so every element decodes within half a (stored) step of its
 input.
+
+With levels="gauss" (codecs/levels.py) a group stores its float16 mean and standard deviation in
+place of the minimum and step, and a code indexes the Lloyd-Max levels of N(0, 1): every element
+decodes to the level nearest to it under the stored mean and deviation.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ..errors import KvshrinkError
 from .base import Codec, Packed
 from .fastquant import quantize_rows
 from .hadamard import rotation_on
+from .levels import GAUSS, GAUSS_BITS, KINDS, UNIFORM, levels, thresholds
 from .packing import pack, unpack
 
 AXES = ("channel", "token")
@@ -42,10 +47,12 @@ class IntQuant(Codec):
 
     axis="channel": each channel over `group` consecutive tokens (KIVI keys).
     axis="token": each token over `group` consecutive channels (KIVI values);
-    group=None means the whole head vector.
+    group=None means the whole head vector. levels: "uniform" (min + step * code) or "gauss"
+    (mean + deviation * the Gaussian's Lloyd-Max level; 1 to 4 bits).
     """
 
-    def __init__(self, bits: int, axis: str = "token", group: int | None = None, rotate: bool = False, seed: int = 0):
+    def __init__(self, bits: int, axis: str = "token", group: int | None = None, rotate: bool = False, seed: int = 0,
+                 levels: str = UNIFORM):
         if not isinstance(bits, int) or not 1 <= bits <= 8:
             raise KvshrinkError(f"impossible bit width {bits!r}: integer quantization supports 1 to 8 bits")
         if axis not in AXES:
@@ -54,14 +61,28 @@ class IntQuant(Codec):
             raise KvshrinkError(f"group size must be a positive integer, got {group!r}")
         if axis == "channel" and group is None:
             raise KvshrinkError("per-channel quantization needs a token group size")
+        if levels not in KINDS:
+            raise KvshrinkError(f"unknown quantization levels {levels!r}; use one of {', '.join(KINDS)}")
+        if levels == GAUSS and bits > GAUSS_BITS:
+            raise KvshrinkError(f"Gaussian levels have 1 to {GAUSS_BITS} bits, not {bits}")
         self.bits, self.axis, self.group, self.rotate, self.seed = bits, axis, group, rotate, seed
+        self.levels = levels
         self.qmax = (1 << bits) - 1
         self.block_tokens = group if axis == "channel" else 1
         self.name = f"int{bits}"
 
+    @property
+    def uniform(self) -> bool:
+        return self.levels == UNIFORM
+
+    def table(self) -> torch.Tensor:
+        """The float32 level each code stands for (0 .. 2^bits - 1 for uniform codes)."""
+        return levels(self.levels, self.bits)
+
     def describe(self) -> str:
         g = f"g{self.group}" if self.group else "whole-head"
-        return f"int{self.bits} per-{self.axis} {g}{' +hadamard' if self.rotate else ''}"
+        lv = " gauss-levels" if not self.uniform else ""
+        return f"int{self.bits} per-{self.axis} {g}{' +hadamard' if self.rotate else ''}{lv}"
 
     def _grouped(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
         """View x as groups; returns (view, dim reduced over)."""
@@ -85,6 +106,8 @@ class IntQuant(Codec):
         if self.rotate:
             x = x @ rotation_on(d, self.seed, x.device)
         xg, dim = self._grouped(x, block)
+        if not self.uniform:
+            return self._encode_levels(xg, dim, block, d)
         mn = _half_down(xg.amin(dim, keepdim=True))
         scale = _half_up((xg.amax(dim, keepdim=True) - mn.float()) / self.qmax)
         if not (torch.isfinite(mn).all() and torch.isfinite(scale).all()):
@@ -94,12 +117,24 @@ class IntQuant(Codec):
         tensors = {"codes": pack(codes, self.bits), "scale": scale, "min": mn}
         return Packed(tensors, block, d, {"last": codes.shape[-1]})
 
+    def _encode_levels(self, xg: torch.Tensor, dim: int, block: int, d: int) -> Packed:
+        """Each element's nearest level under the group's stored float16 mean and deviation."""
+        mean = xg.mean(dim, keepdim=True).to(torch.float16)
+        dev = xg.std(dim, keepdim=True, unbiased=False).to(torch.float16)
+        if not (torch.isfinite(mean).all() and torch.isfinite(dev).all()):
+            raise KvshrinkError("key/value states exceed the float16 range of the quantization scales")
+        safe = torch.where(dev > 0, dev.float(), torch.ones_like(dev, dtype=torch.float32))
+        z = (xg - mean.float()) / safe
+        codes = torch.bucketize(z, thresholds(self.levels, self.bits).to(z.device)).to(torch.uint8)
+        tensors = {"codes": pack(codes, self.bits), "scale": dev, "min": mean}
+        return Packed(tensors, block, d, {"last": codes.shape[-1]})
+
     def _fast(self, x: torch.Tensor) -> bool:
         """A few tokens coded per token on the CPU, no padding inside a group: the compiled path
         (codecs/fastquant.py; the same codes, bit for bit)."""
         d = x.shape[-1]
         g = self.group or d
-        return (self.axis == "token" and x.device.type == "cpu" and x.numel() <= FAST_ELEMENTS and d % g == 0
+        return (self.uniform and self.axis == "token" and x.device.type == "cpu" and x.numel() <= FAST_ELEMENTS and d % g == 0
                 and g * self.bits % 8 == 0)
 
     def _encode_compiled(self, x: torch.Tensor, block: int) -> Packed:
@@ -126,6 +161,8 @@ class IntQuant(Codec):
     def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         t = packed.tensors
         codes = unpack(t["codes"], self.bits, packed.meta["last"])
+        if not self.uniform:  # a code stands for its level
+            codes = self.table().to(codes.device)[codes.long()]
         b, h = codes.shape[:2]
         flat = (b, h, -1, packed.head_dim)
         if self.rotate:

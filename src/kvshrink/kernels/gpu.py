@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..codecs.levels import levels_on
+
 
 TILE = 64  # tokens per tile
 
@@ -61,10 +63,11 @@ def online(s, m, l, acc, v):
 
 
 @triton.jit
-def dequant(codes, mn, scale, toks, cols, ok, c_off, p_off, W: tl.constexpr, BITS: tl.constexpr,
-            TG: tl.constexpr, GW: tl.constexpr, DEPTH: tl.constexpr, SIZE: tl.constexpr):
+def dequant(codes, mn, scale, lut, toks, cols, ok, c_off, p_off, W: tl.constexpr, BITS: tl.constexpr,
+            TG: tl.constexpr, GW: tl.constexpr, DEPTH: tl.constexpr, SIZE: tl.constexpr, LUT: tl.constexpr):
     """(N, C) float32 of tokens `toks` and channels `cols` (< W) of one body: int codes at c_off bytes
-    of `codes` with (min, step) rows at p_off of `mn` / `scale`, one per TG tokens and GW channels;
+    of `codes` with (min, step) rows at p_off of `mn` / `scale`, one per TG tokens and GW channels (with
+    LUT, a code stands for its float32 level in `lut`: Gaussian levels, codecs/levels.py);
     float16 numbers (BITS 16) at c_off elements; or, with DEPTH levels, RVQ codes (GW channels a
     group, the codebooks (DEPTH, SIZE, GW) float16 at `mn`, one scale per token at p_off)."""
     if DEPTH > 0:
@@ -77,17 +80,21 @@ def dequant(codes, mn, scale, toks, cols, ok, c_off, p_off, W: tl.constexpr, BIT
     sym = toks[:, None] * W + cols[None, :]
     if BITS == 16:
         return tl.load(codes + c_off + sym, mask=ok, other=0.0).to(tl.float32)
-    c = unpack(codes + c_off, sym, BITS, ok).to(tl.float32)
+    c = unpack(codes + c_off, sym, BITS, ok)
+    if LUT:
+        c = tl.load(lut + c, mask=ok, other=0.0)
+    else:
+        c = c.to(tl.float32)
     p = p_off + (toks[:, None] // TG) * (W // GW) + cols[None, :] // GW
     return tl.load(mn + p, mask=ok, other=0.0).to(tl.float32) + tl.load(scale + p, mask=ok, other=0.0).to(
         tl.float32) * c
 
 
 @triton.jit
-def _coded_body(q, vis, nbody, kc, kmn, ksc, vc, vmn, vsc, pm, pl, pacc, H, R, T, vis_b, vis_t, kc_s, kp_s, vc_s,
+def _coded_body(q, vis, nbody, kc, kmn, ksc, klut, vc, vmn, vsc, vlut, pm, pl, pacc, H, R, T, vis_b, vis_t, kc_s, kp_s, vc_s,
                 vp_s, cap, KBITS: tl.constexpr, VBITS: tl.constexpr, KTG: tl.constexpr, KGW: tl.constexpr,
                 VGW: tl.constexpr, KDEPTH: tl.constexpr, VDEPTH: tl.constexpr, KSIZE: tl.constexpr,
-                VSIZE: tl.constexpr,
+                VSIZE: tl.constexpr, KLUT: tl.constexpr, VLUT: tl.constexpr,
                 SPLITS: tl.constexpr, QD: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr,
                 BLOCK_KD: tl.constexpr, BLOCK_VD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAP: tl.constexpr):
@@ -110,14 +117,14 @@ def _coded_body(q, vis, nbody, kc, kmn, ksc, vc, vmn, vsc, pm, pl, pacc, H, R, T
     for j in range(lo, hi):
         toks = j * BLOCK_N + tl.arange(0, BLOCK_N)
         tmask = toks < n
-        k = dequant(kc, kmn, ksc, toks, kcols, tmask[:, None] & (kcols[None, :] < KD), bh * kc_s, bh * kp_s, KD,
-                    KBITS, KTG, KGW, KDEPTH, KSIZE)
+        k = dequant(kc, kmn, ksc, klut, toks, kcols, tmask[:, None] & (kcols[None, :] < KD), bh * kc_s, bh * kp_s,
+                    KD, KBITS, KTG, KGW, KDEPTH, KSIZE, KLUT)
         s = capped(tl.dot(qrow, tl.trans(k), input_precision="ieee"), cap, CAP)
         seen = tl.load(vis + b * vis_b + (rows % T)[:, None] * vis_t + toks[None, :],
                        mask=(rows[:, None] < R) & tmask[None, :], other=0) != 0
         s = tl.where(seen, s, float("-inf"))
-        v = dequant(vc, vmn, vsc, toks, vcols, tmask[:, None] & (vcols[None, :] < VD), bh * vc_s, bh * vp_s, VD,
-                    VBITS, 1, VGW, VDEPTH, VSIZE)
+        v = dequant(vc, vmn, vsc, vlut, toks, vcols, tmask[:, None] & (vcols[None, :] < VD), bh * vc_s, bh * vp_s,
+                    VD, VBITS, 1, VGW, VDEPTH, VSIZE, VLUT)
         m, l, acc = online(s, m, l, acc, v)
     u = bh * (SPLITS + 1) + sp
     rmask = rows < R
@@ -137,8 +144,9 @@ class Body:
     """One side (keys or values) of a coded body as `coded_body` reads it: codes (B * H, bytes) uint8,
     or (B * H, n * width) float16 when bits is 16; min / scale (B * H, rows * params) in their stored
     dtype (unused for float16); width: numbers per token; tg: tokens per (min, step) row; gw:
-    channels per (min, step) number. RVQ (depth > 0): min holds the codebooks (depth, size, gw),
-    scale one number per token, gw the channels of a group."""
+    channels per (min, step) number; lut: the float32 level of each code where the levels are not the
+    integers (None: they are). RVQ (depth > 0): min holds the codebooks (depth, size, gw), scale one
+    number per token, gw the channels of a group."""
 
     codes: torch.Tensor
     min: torch.Tensor
@@ -149,13 +157,20 @@ class Body:
     gw: int = 1
     depth: int = 0
     size: int = 0
+    lut: torch.Tensor | None = None
 
 
 def int_body(codec, tensors: dict, rows: int, width: int) -> Body:
     """An IntQuant body's "codes", "min" and "scale" as the kernel reads them: `rows` rows (one per
     sequence and head), `width` numbers per token (views; a copy only if not contiguous)."""
     tg, gw = (codec.group, 1) if codec.axis == "channel" else (1, codec.group or width)
-    return Body(*(tensors[k].reshape(rows, -1) for k in ("codes", "min", "scale")), codec.bits, width, tg, gw)
+    lut = None if codec.uniform else levels_on(codec.levels, codec.bits, tensors["codes"].device)
+    return Body(*(tensors[k].reshape(rows, -1) for k in ("codes", "min", "scale")), codec.bits, width, tg, gw,
+                lut=lut)
+
+
+def _lut(body: Body) -> torch.Tensor:
+    return body.lut if body.lut is not None else body.scale  # unread without LUT: any pointer will do
 
 
 def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Body, values: Body, splits: int,
@@ -176,12 +191,13 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
     pacc = torch.zeros(b * h, splits + 1, r, qd, device=dev)
     q = q.float().contiguous()
     vis8 = vis.to(torch.uint8).contiguous()
-    _coded_body[(b * h, splits)](q, vis8, nbody, keys.codes, keys.min, keys.scale, values.codes, values.min,
-                                 values.scale, pm, pl, pacc, h, r, vis.shape[1], vis8.stride(0), vis8.stride(1),
+    _coded_body[(b * h, splits)](q, vis8, nbody, keys.codes, keys.min, keys.scale, _lut(keys), values.codes,
+                                 values.min, values.scale, _lut(values), pm, pl, pacc, h, r, vis.shape[1], vis8.stride(0), vis8.stride(1),
                                  keys.codes.stride(0), keys.scale.stride(0), values.codes.stride(0),
                                  values.scale.stride(0), float(cap), KBITS=keys.bits, VBITS=values.bits, KTG=keys.tg,
                                  KGW=keys.gw, VGW=values.gw, KDEPTH=keys.depth, VDEPTH=values.depth,
-                                 KSIZE=keys.size, VSIZE=values.size, SPLITS=splits, QD=qd, KD=keys.width,
+                                 KSIZE=keys.size, VSIZE=values.size, KLUT=keys.lut is not None,
+                                 VLUT=values.lut is not None, SPLITS=splits, QD=qd, KD=keys.width,
                                  VD=values.width,
                                  BLOCK_KD=triton.next_power_of_2(keys.width),
                                  BLOCK_VD=triton.next_power_of_2(values.width),

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ...codecs.levels import GAUSS, UNIFORM
 from ...codecs.quant import IntQuant
 from ...core.calibfile import (
     calibration_dir,
@@ -52,35 +53,42 @@ from ...core.sensitivity import Perturbed, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 
-FORMAT = "kvshrink-budget-1"
+FORMAT = "kvshrink-budget-2"
 BITS = (1, 2, 3, 4, 5, 6, 8)
-KEY_MENU = tuple((b, r, None) for b in BITS for r in (False, True))  # (bits, rotate, group): keys per channel
-# values per token; at 3 bits or fewer rotated only, so that every such choice is measured (the
-# first-order estimate favours rotated values at those widths on the bundled model)
-VALUE_MENU = tuple((b, r, g) for b in BITS for r in (False, True) for g in (None, 32) if b > 3 or r)
-MEASURED_KEYS = tuple((b, r, None) for b in (1, 2, 3) for r in (False, True))  # KL measured, not extrapolated
-MEASURED_VALUES = tuple((b, True, g) for b in (1, 2, 3) for g in (None, 32))
+U, G = UNIFORM, GAUSS
+# a choice: (bits, rotate, group, levels). Keys per channel over `group` tokens (None: the block),
+# values per token over `group` channels (None: the whole head); levels uniform or the Gaussian's
+# Lloyd-Max levels (codecs/levels.py), which pay at low widths only
+KEY_MENU = (tuple((b, r, None, U) for b in BITS for r in (False, True))
+            + tuple((b, r, 64, U) for b in (2, 3) for r in (False, True))
+            + tuple((b, r, None, G) for b in (1, 2, 3) for r in (False, True)))
+# values at 3 bits or fewer rotated only, so that every such choice is measured (the first-order
+# estimate favours rotated values at those widths on the bundled model)
+VALUE_MENU = (tuple((b, r, g, U) for b in BITS for r in (False, True) for g in (None, 32) if b > 3 or r)
+              + tuple((b, True, g, G) for b in (1, 2, 3) for g in (None, 32) if b < 3 or g is None))
+MEASURED_KEYS = tuple(c for c in KEY_MENU if c[0] <= 3)  # KL measured, not extrapolated
+MEASURED_VALUES = tuple(c for c in VALUE_MENU if c[0] <= 3)
 CELLS = 20000  # the knapsack's resolution: item sizes round up by at most budget / CELLS each
 
 
 def key_codec(choice, block: int) -> IntQuant:
-    bits, rotate, _ = choice
-    return IntQuant(bits, "channel", block, rotate=rotate, seed=1)
+    bits, rotate, group, levels = choice
+    return IntQuant(bits, "channel", group or block, rotate=rotate, seed=1, levels=levels)
 
 
 def value_codec(choice) -> IntQuant:
-    bits, rotate, group = choice
-    return IntQuant(bits, "token", group, rotate=rotate, seed=2)
+    bits, rotate, group, levels = choice
+    return IntQuant(bits, "token", group, rotate=rotate, seed=2, levels=levels)
 
 
-def fits(choice, head_dim: int) -> bool:
-    """Whether a menu entry's channel groups divide the head."""
-    return choice[2] is None or head_dim % choice[2] == 0
+def fits(choice, size: int) -> bool:
+    """Whether a menu entry's group divides `size`: the head for values, the block for keys."""
+    return choice[2] is None or size % choice[2] == 0
 
 
 def describe_choice(choice) -> str:
-    bits, rotate, group = choice
-    return f"{bits}{'r' if rotate else ''}{'/' + str(group) if group else ''}"
+    bits, rotate, group, levels = choice
+    return f"{bits}{'r' if rotate else ''}{'/' + str(group) if group else ''}{'g' if levels == G else ''}"
 
 
 @dataclass(eq=False)
@@ -140,14 +148,14 @@ def _measured(model, ids, sink: int, block: int, first_k, first_v, d: int, progr
     """The proxies in KL per token: measured for MEASURED_*, the first-order ones scaled to them for the rest."""
     perturbed = Perturbed(model, ids)
     out = []
-    for first, menu, measured, which, make, anchor in (
-            (first_k, KEY_MENU, MEASURED_KEYS, "key", lambda c: key_codec(c, block), (3, False, None)),
-            (first_v, VALUE_MENU, MEASURED_VALUES, "value", value_codec, (3, True, None))):
+    for first, menu, measured, which, make, anchor, size in (
+            (first_k, KEY_MENU, MEASURED_KEYS, "key", lambda c: key_codec(c, block), (3, False, None, U), block),
+            (first_v, VALUE_MENU, MEASURED_VALUES, "value", value_codec, (3, True, None, U), d)):
         kl = first.clone()
         anchor = menu.index(anchor)
         for i in range(first.shape[0]):
             for c in measured:
-                if fits(c, d):
+                if fits(c, size):
                     kl[i, menu.index(c)] = max(perturbed.kl(i, which, _round_trip(make(c), sink, block)), 0.0)
                     if progress is not None:
                         progress()
@@ -181,9 +189,10 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
     for i in range(L):
         k, gk, v, gv = (torch.cat([p[j] for p in keep[i]], 1) for j in range(4))
         for j, c in enumerate(KEY_MENU):
-            pk[i, j], bk[i, j] = _proxy(k, gk, key_codec(c, block), block)
-            stage = stage_codec(key_codec(c, block))
-            sk[i, j] = stage.nbytes(stage.encode(k[None], 1)) / k.shape[1]
+            if fits(c, block):
+                pk[i, j], bk[i, j] = _proxy(k, gk, key_codec(c, block), block)
+                stage = stage_codec(key_codec(c, block))
+                sk[i, j] = stage.nbytes(stage.encode(k[None], 1)) / k.shape[1]
         for j, c in enumerate(VALUE_MENU):
             if fits(c, d):
                 pv[i, j], bv[i, j] = _proxy(v, gv, value_codec(c), block)
@@ -242,7 +251,7 @@ class Allocation:
     def describe(self) -> str:
         ks = " ".join(describe_choice(c) for c in self.keys)
         vs = " ".join(describe_choice(c) for c in self.values)
-        return (f"bits per layer for keys [{ks}] and values [{vs}] (r: rotated, /32: value groups), "
+        return (f"bits per layer for keys [{ks}] and values [{vs}] (r: rotated, /N: groups, g: Gaussian levels), "
                 f"{self.ratio:.2f}x expected")
 
 
@@ -288,10 +297,11 @@ def uniform(calib: BudgetCalibration, key_choice, value_choice) -> float:
 
 
 def default_path(model, data: dict, block: int) -> str:
-    """Keyed by the model's weights, the calibration corpus (its digest) and token range, and the block."""
+    """Keyed by the model's weights, the calibration corpus (its digest) and token range, the block and
+    the file format (a file of an older menu is measured again, not refused)."""
     key = json.dumps([data.get("corpus_sha256"), data.get("tokens"), data.get("sequences"), data.get("length")])
     tag = hashlib.sha256(key.encode()).hexdigest()[:8]
-    return os.path.join(calibration_dir(), f"auto-{model_fingerprint(model)}-{tag}-b{block}.safetensors")
+    return os.path.join(calibration_dir(), f"auto-{model_fingerprint(model)}-{tag}-b{block}-v{FORMAT.rsplit('-', 1)[1]}.safetensors")
 
 
 def load_or_calibrate(model, tokenizer, corpus: str | None = None, sink: int = 4, block: int = 128,
@@ -311,7 +321,7 @@ def load_or_calibrate(model, tokenizer, corpus: str | None = None, sink: int = 4
 def measure(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128) -> BudgetCalibration:
     """`calibrate` with a progress bar over its forward passes."""
     spec = spec_from_config(model.config)
-    per_layer = len(MEASURED_KEYS) + sum(fits(c, spec.head_dim) for c in MEASURED_VALUES)
+    per_layer = sum(fits(c, block) for c in MEASURED_KEYS) + sum(fits(c, spec.head_dim) for c in MEASURED_VALUES)
     with Progress(TextColumn("auto calibration"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   transient=True) as bar:
         task = bar.add_task("", total=spec.num_layers * per_layer)

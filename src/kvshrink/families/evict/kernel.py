@@ -129,7 +129,7 @@ def supported(key_codec: Codec, value_codec: Codec, head_dim: int) -> bool:
     def whole(c):
         if isinstance(c, Fp16):
             return True
-        return (isinstance(c, IntQuant) and c.axis == "token"
+        return (isinstance(c, IntQuant) and c.axis == "token" and c.uniform  # codes read as their integers
                 and (c.group or head_dim) * c.bits % 8 == 0 and head_dim % (c.group or head_dim) == 0)
 
     return whole(key_codec) and whole(value_codec)

@@ -217,8 +217,8 @@ def build(config: QuantConfig | Fp16Config, target, method: str) -> CompressedCa
     elif attend == "fused":
         require_kvshrink_attention(model_config, method)
     key_group = config.block if config.key_axis == "channel" else None
-    keys = IntQuant(config.bits, config.key_axis, key_group, rotate=config.rotate, seed=1)
-    values = IntQuant(config.bits, "token", config.value_group, rotate=config.rotate, seed=2)
+    keys = IntQuant(config.bits, config.key_axis, key_group, rotate=config.rotate, seed=1, levels=config.levels)
+    values = IntQuant(config.bits, "token", config.value_group, rotate=config.rotate, seed=2, levels=config.levels)
     return CompressedCache(model_config, key_codec=keys, value_codec=values, sink=config.sink, window=config.window,
                            block=config.block, attend=attend, splits=config.splits, background=config.background,
                            method=method)

@@ -14,6 +14,7 @@ from ...registry import Config, Method, check_int, option, register, register_hi
 
 BITS = (8, 4, 3, 2)  # registered widths; the codec packs any of 1..8
 ATTENDS = ("auto", "fused", "decode")
+LEVELS = ("uniform", "gauss")  # codecs/levels.py's KINDS: listing methods imports no torch
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class QuantConfig(Config):
     rotate: bool = option(False, "randomized Hadamard rotation of each head vector first", preset=True)
     sink: int = option(4, "first tokens kept in float16 (attention sinks)")
     window: int = option(0, "most recent tokens kept in float16")
+    levels: str = option("uniform", "the levels a code stands for: uniform (min + step * code) or gauss (mean + "
+                                    "deviation * a Gaussian's Lloyd-Max level; 1 to 4 bits)", LEVELS)
     block: int = option(128, "tokens per coded block (the key quantization group)")
     key_axis: str = option("channel", "keys quantized per channel (KIVI) or per token", ("channel", "token"))
     value_group: int | None = option(None, "channels per value group (None: the whole head vector)")
@@ -41,6 +44,8 @@ class QuantConfig(Config):
         check_int("block", self.block, 1)
         check_int("splits", self.splits, 1)
         check_int("value_group", self.value_group, 1, none=True)
+        if self.levels == "gauss" and self.bits > 4:  # codecs/levels.py's GAUSS_BITS
+            raise KvshrinkError(f"Gaussian levels have 1 to 4 bits, not {self.bits}")
 
 
 @dataclass(frozen=True)

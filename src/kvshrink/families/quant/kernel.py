@@ -45,9 +45,46 @@ if TRITON:
     from . import gpu
 
 
+@numba.njit(cache=True, fastmath=FAST)
+def _rows(qb, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt, vsym, vstep,
+          vmn):
+    """One tile for each query row of a head: logits from the key symbols ksym (codes, or their levels),
+    folded into the online softmax (m, lsum) and the value sums (acc, accb) with the value symbols."""
+    nr, d = qb.shape
+    kw = d // kgroups
+    for r in range(nr):
+        q1 = qb[r]
+        lr = lg[r]
+        if kb > 1:  # per-channel keys: one (step, min) row per block of kb tokens
+            for kq in range((cnt + kb - 1) // kb):
+                blk = (t0 + kq * kb) // kb
+                channel_logits(q1, kstep[blk], kmn[blk], ksym[kq * kb * d:], min(kb, cnt - kq * kb), qs, lr[kq * kb:])
+        else:  # per-token keys: step_g (q_g . code_g) + mn_g sum(q_g) per channel group
+            ks = kstep[t0:t0 + cnt]
+            km = kmn[t0:t0 + cnt]
+            qg = qsum[r]
+            for i in range(cnt):
+                row = ksym[i * d:(i + 1) * d]
+                s = np.float32(0.0)
+                for g in range(kgroups):
+                    qq = q1[g * kw:(g + 1) * kw]
+                    rr = row[g * kw:(g + 1) * kw]
+                    t = np.float32(0.0)
+                    for jj in range(kw):
+                        t += qq[jj] * np.float32(rr[jj])
+                    s += ks[i, g] * t + km[i, g] * qg[g]
+                lr[i] = s
+        mx, corr, t = weights(lr, vt, cnt, m[r], kk, cap)
+        if mx == -np.inf:
+            continue
+        m[r] = mx
+        lsum[r] = lsum[r] * corr + t
+        fold_values(acc[r], accb[r], wt, lr, vsym, vstep, vmn, cnt, corr)
+
+
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, qb, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
-           splits, vrot, cap, out):
+           splits, vrot, cap, klut, vlut, out):
     nb_, nh, nr, d = q.shape
     krow = kc.shape[1] // vis.shape[1]
     vrow = vc.shape[1] // vis.shape[1]
@@ -73,6 +110,8 @@ def _fused(q, qb, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups,
         hi = (sp + 1) * nvb // used
         ksym = np.empty(vb * d, dtype=np.uint8)  # one tile of codes
         vsym = np.empty(vb * d, dtype=np.uint8)
+        kfl = np.empty(vb * d if klut.shape[0] else 0, dtype=np.float32)  # their levels, where not the codes
+        vfl = np.empty_like(kfl)
         lg = np.empty((nr, vb), dtype=np.float32)
         kk = np.empty(vb, dtype=np.int32)
         wt = np.empty(vb, dtype=np.float32)
@@ -91,35 +130,15 @@ def _fused(q, qb, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups,
             unpack_codes(kc[bh, t0 * krow:], cnt * d, kbits, ksym)
             unpack_codes(vc[bh, t0 * vrow:], cnt * d, vbits, vsym)
             vt = vis[b, t0:t0 + cnt]
-            for r in range(nr):
-                q1 = qb[b, h, r]
-                lr = lg[r]
-                if kb > 1:  # per-channel keys: one (step, min) row per block of kb tokens
-                    for kq in range((cnt + kb - 1) // kb):
-                        blk = (t0 + kq * kb) // kb
-                        channel_logits(q1, kstep[b, h, blk], kmn[b, h, blk], ksym[kq * kb * d:],
-                                       min(kb, cnt - kq * kb), qs, lr[kq * kb:])
-                else:  # per-token keys: step_g (q_g . code_g) + mn_g sum(q_g) per channel group
-                    ks = kstep[b, h, t0:t0 + cnt]
-                    km = kmn[b, h, t0:t0 + cnt]
-                    qg = qsum[r]
-                    for i in range(cnt):
-                        row = ksym[i * d:(i + 1) * d]
-                        s = np.float32(0.0)
-                        for g in range(kgroups):
-                            qq = q1[g * kw:(g + 1) * kw]
-                            rr = row[g * kw:(g + 1) * kw]
-                            t = np.float32(0.0)
-                            for jj in range(kw):
-                                t += qq[jj] * np.float32(rr[jj])
-                            s += ks[i, g] * t + km[i, g] * qg[g]
-                        lr[i] = s
-                mx, corr, t = weights(lr, vt, cnt, m[r], kk, cap)
-                if mx == -np.inf:
-                    continue
-                m[r] = mx
-                lsum[r] = lsum[r] * corr + t
-                fold_values(acc[r], accb[r], wt, lr, vsym, vstep[b, h, t0:t0 + cnt], vmn[b, h, t0:t0 + cnt], cnt, corr)
+            if klut.shape[0]:  # levels that are not the integers: each code becomes its level first
+                for i in range(cnt * d):
+                    kfl[i] = klut[ksym[i]]
+                    vfl[i] = vlut[vsym[i]]
+                _rows(qb[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
+                      acc, accb, wt, vfl, vstep[b, h, t0:t0 + cnt], vmn[b, h, t0:t0 + cnt])
+            else:
+                _rows(qb[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
+                      acc, accb, wt, vsym, vstep[b, h, t0:t0 + cnt], vmn[b, h, t0:t0 + cnt])
         for r in range(nr):
             pm[b, h, sp, r] = m[r]
             pl[b, h, sp, r] = lsum[r]
@@ -173,11 +192,20 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     ndense = np.full(b, dense_k.shape[2], dtype=np.int64)
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), as_u8(vis), nbody, dense_k.contiguous().numpy(),
            dense_v.contiguous().numpy(), as_u8(dense_vis), ndense, kc, kmn, ksc, ktg, kgroups, key_codec.bits, vc, vmn,
-           vsc, vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), out)
+           vsc, vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), *_luts(key_codec, value_codec), out)
     return torch.from_numpy(out)
 
 
 _NO_ROTATION = np.empty((0, 0), dtype=np.float32)
+_NO_LEVELS = np.empty(0, dtype=np.float32)
+
+
+def _luts(key_codec: IntQuant, value_codec: IntQuant) -> tuple:
+    """The level tables the kernel takes: none where both codecs' levels are the integers (the codes
+    are read as they are), else both (the uniform one as 0 .. 2^bits - 1)."""
+    if key_codec.uniform and value_codec.uniform:
+        return _NO_LEVELS, _NO_LEVELS
+    return key_codec.table().numpy(), value_codec.table().numpy()
 
 
 def _padded(codec: IntQuant, bodies: list, n_max: int):
@@ -221,7 +249,7 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     dense_vis = np.ones((b, 1, dense_k.shape[2]), dtype=np.uint8)
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), vis.view(np.uint8), n, dense_k, dense_v,
            dense_vis, dense_n, kc, kmn, ksc, ktg, kgroups, one.key_codec.bits, vc, vmn, vsc, vgroups,
-           one.value_codec.bits, one.block, splits, vrot, np.float32(cap), out)
+           one.value_codec.bits, one.block, splits, vrot, np.float32(cap), *_luts(one.key_codec, one.value_codec), out)
     return torch.from_numpy(out)
 
 
@@ -249,7 +277,8 @@ class IntBody:
 
     def batch_key(self) -> tuple:
         """Bodies with equal keys are read by one `attend_many` call."""
-        return tuple((c.bits, c.axis, c.group, c.rotate, c.seed) for c in (self.key_codec, self.value_codec)) + (
+        return tuple((c.bits, c.axis, c.group, c.rotate, c.seed, c.levels)
+                     for c in (self.key_codec, self.value_codec)) + (
             self.block,)
 
     @staticmethod
