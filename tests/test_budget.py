@@ -88,6 +88,13 @@ def test_perturbed_kl_is_zero_unchanged_and_grows_with_the_error(tiny_model):
     assert perturbed.kl(0, "key", lambda x: x) == 0.0
     small, large = (perturbed.kl(1, "value", lambda x, s=s: x + s * torch.randn_like(x)) for s in (0.01, 1.0))
     assert 0 < small < large
+    # replaying the layers before the perturbed one gives what running them again gives
+    full = Perturbed(tiny_model, ids, replay=False)
+    assert perturbed.layers is not None and full.layers is None
+    for layer in range(tiny_model.config.num_hidden_layers):
+        trip = lambda x: x + 0.1 * torch.sin(x * 7)  # noqa: E731 (the same change in both)
+        assert perturbed.kl(layer, "key", trip) == pytest.approx(full.kl(layer, "key", trip), rel=1e-5, abs=1e-9)
+    assert perturbed.kl(0, "key", lambda x: x) == 0.0 and "forward" not in vars(tiny_model.model.layers[0])
 
 
 @pytest.mark.parametrize("ratio", [3.0, 4.0, 5.0])
