@@ -1,8 +1,8 @@
 """Options and presets of the budget family (allocate.py, cache.py): `auto-4x` .. `auto-8x`, `auto`.
 
 A user names a target ratio against an fp16 cache; one allocator spends it across layers and
-keys/values (bits 1 to 8, Hadamard rotation or not, value groups of the whole head or 32
-channels) where the calibration's loss proxy says it matters least. The ratio is met at
+keys/values (bits 1 to 8, Hadamard rotation or not, key groups of 128 or 64
+tokens, value groups of the whole head or 32 channels, uniform or Gaussian value levels) where the calibration's loss proxy says it matters least. The ratio is met at
 `context` tokens after a prefill, counting everything the cache holds there (float16 sink, the
 partial block's keys at the stage's width, scales), so the bench's figure is the target and not a
 nominal one.
@@ -44,8 +44,8 @@ class BudgetConfig(Config):
                                 f"and a block of {self.block}")
 
 
-register(Method("auto", BudgetConfig(), "one budget for the whole cache (auto:budget=N): int widths, rotation "
-                "and value groups allocated per layer and K/V by a calibrated loss proxy"))
+register(Method("auto", BudgetConfig(), "one budget for the whole cache (auto:budget=N): int widths, rotation, "
+                "groups and value levels allocated per layer and K/V by a calibrated loss proxy"))
 for _r in PRESETS:
     register(Method(f"auto-{_r}x", BudgetConfig(budget=float(_r)), f"one budget: {_r}x fp16 at 2,048 tokens, "
                     "int widths allocated per layer and K/V by a calibrated loss proxy", default=_r in (4, 6)))
