@@ -53,13 +53,14 @@ LEVELS = [("uniform", "uniform"), ("gauss", "uniform"), ("uniform", "gauss"), ("
 
 
 @settings(max_examples=40, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), rotate=st.booleans(), key_axis=st.sampled_from(["channel", "token"]),
+@given(bits=st.sampled_from([1, 2, 3, 4, 8]), rotate=st.booleans(), key_axis=st.sampled_from(["channel", "token"]),
        value_group=st.sampled_from([None, 8]), block=st.sampled_from([16, 32]), window=st.sampled_from([0, 3]),
        n=st.integers(40, 200), t=st.sampled_from([1, 3]), pad=st.integers(0, 40), seed=st.integers(0, 99),
        cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS))
 def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, block, window, n, t, pad, seed, cap,
                                           levels):
-    """Levels: the integers, or Gaussian ones for keys, values or both (a code read as its level)."""
+    """Levels: the integers, or Gaussian ones for keys, values or both (a code read as its level; at 1 bit
+    folded into the step and minimum)."""
     kl, vl = levels if bits <= 4 else LEVELS[0]
     kc = IntQuant(bits, key_axis, block if key_axis == "channel" else None, rotate=rotate, seed=1, levels=kl)
     vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, levels=vl)

@@ -273,6 +273,11 @@ def unpack_codes(codes, nsym, bits, out):
             out[4 * i + 1] = (x >> 2) & 3
             out[4 * i + 2] = (x >> 4) & 3
             out[4 * i + 3] = x >> 6
+    elif bits == 1:
+        for i in range(nsym // 8):
+            x = codes[i]
+            for k in range(8):
+                out[8 * i + k] = (x >> k) & 1
     elif bits == 3:
         for u in range(nsym // 8):
             x = (np.uint32(codes[3 * u]) | (np.uint32(codes[3 * u + 1]) << 8)
@@ -289,3 +294,19 @@ def unpack_codes(codes, nsym, bits, out):
             if sh + bits > 8:
                 v |= np.int32(codes[byte + 1]) << (8 - sh)
             out[j] = v & mask
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def to_levels(sym, n, lut, out):
+    """out[:n] = lut[sym[:n]]: codes to the float32 levels they stand for. A table of four (2-bit codes)
+    is read by selects on the code's two bits, which LLVM vectorizes; a gather of each code does not."""
+    if lut.shape[0] == 4:
+        l0, l1, l2, l3 = lut[0], lut[1], lut[2], lut[3]
+        for i in range(n):
+            c = sym[i]
+            lo = l1 if c & 1 else l0
+            hi = l3 if c & 1 else l2
+            out[i] = hi if c & 2 else lo
+    else:
+        for i in range(n):
+            out[i] = lut[sym[i]]

@@ -314,7 +314,7 @@ def load_or_calibrate(model, tokenizer, corpus: str | None = None, sink: int = 4
     if os.path.isfile(path):
         return BudgetCalibration.load(path, model, block), path
     log(f"auto: no budget calibration for this model, corpus range and block at {path}; measuring it "
-        "(about 6 minutes on 2 cores for the bundled 135M model)")
+        "(about 10 minutes on 2 cores for the bundled 135M model)")
     calib = measure(model, ids, desc, sink, block)
     calib.save(path)
     return calib, path

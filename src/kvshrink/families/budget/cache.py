@@ -54,7 +54,7 @@ def calibration_for(model, block: int, tokenizer=None, corpus=None):
 
 
 def prepare(config: BudgetConfig, model, tokenizer=None, corpus=None):
-    """The budget calibration loaded or measured (about 6 minutes on the bundled model the first time), and the
+    """The budget calibration loaded or measured (about 10 minutes on the bundled model the first time), and the
     model switched to the "kvshrink" attention in place (decode steps read the codes)."""
     calibration_for(model, config.block, tokenizer, corpus)
     if config.attend != "decode":

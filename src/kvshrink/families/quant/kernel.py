@@ -37,6 +37,7 @@ from ...kernels.tiles import (
     merge,
     partial_buffers,
     rotate_back,
+    to_levels,
     unpack_codes,
     weights,
 )
@@ -111,7 +112,7 @@ def _fused(q, qb, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups,
         ksym = np.empty(vb * d, dtype=np.uint8)  # one tile of codes
         vsym = np.empty(vb * d, dtype=np.uint8)
         kfl = np.empty(vb * d if klut.shape[0] else 0, dtype=np.float32)  # their levels, where not the codes
-        vfl = np.empty_like(kfl)
+        vfl = np.empty(vb * d if vlut.shape[0] else 0, dtype=np.float32)
         lg = np.empty((nr, vb), dtype=np.float32)
         kk = np.empty(vb, dtype=np.int32)
         wt = np.empty(vb, dtype=np.float32)
@@ -130,15 +131,24 @@ def _fused(q, qb, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups,
             unpack_codes(kc[bh, t0 * krow:], cnt * d, kbits, ksym)
             unpack_codes(vc[bh, t0 * vrow:], cnt * d, vbits, vsym)
             vt = vis[b, t0:t0 + cnt]
-            if klut.shape[0]:  # levels that are not the integers: each code becomes its level first
-                for i in range(cnt * d):
-                    kfl[i] = klut[ksym[i]]
-                    vfl[i] = vlut[vsym[i]]
+            # levels that are not the integers: a side's codes become their levels first
+            if klut.shape[0]:
+                to_levels(ksym, cnt * d, klut, kfl)
+            if vlut.shape[0]:
+                to_levels(vsym, cnt * d, vlut, vfl)
+            vs, vm = vstep[b, h, t0:t0 + cnt], vmn[b, h, t0:t0 + cnt]
+            if klut.shape[0] and vlut.shape[0]:
                 _rows(qb[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
-                      acc, accb, wt, vfl, vstep[b, h, t0:t0 + cnt], vmn[b, h, t0:t0 + cnt])
+                      acc, accb, wt, vfl, vs, vm)
+            elif klut.shape[0]:
+                _rows(qb[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
+                      acc, accb, wt, vsym, vs, vm)
+            elif vlut.shape[0]:
+                _rows(qb[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
+                      acc, accb, wt, vfl, vs, vm)
             else:
                 _rows(qb[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
-                      acc, accb, wt, vsym, vstep[b, h, t0:t0 + cnt], vmn[b, h, t0:t0 + cnt])
+                      acc, accb, wt, vsym, vs, vm)
         for r in range(nr):
             pm[b, h, sp, r] = m[r]
             pl[b, h, sp, r] = lsum[r]
@@ -157,6 +167,7 @@ def _operands(codec: IntQuant, packed: Packed):
     tg, groups = (codec.group, 1) if codec.axis == "channel" else (1, d // (codec.group or d))
     mn = t["min"].reshape(b, h, n // tg, -1).float().numpy()
     sc = t["scale"].reshape(b, h, n // tg, -1).float().numpy()
+    mn, sc = _affine(codec, mn, sc)
     return t["codes"].reshape(b * h, -1).numpy(), mn, sc, tg, groups
 
 
@@ -200,12 +211,30 @@ _NO_ROTATION = np.empty((0, 0), dtype=np.float32)
 _NO_LEVELS = np.empty(0, dtype=np.float32)
 
 
+def _table(codec: IntQuant):
+    """(level table, a, c) for a codec: no table where a code's level is affine in the code (uniform codes,
+    and any 1-bit table: level = a * code + c), whose (min, step) the kernel then reads as
+    (min + step * c, step * a); else the table."""
+    if codec.uniform:
+        return _NO_LEVELS, 1.0, 0.0
+    lv = codec.table()
+    if lv.numel() == 2:
+        return _NO_LEVELS, float(lv[1] - lv[0]), float(lv[0])
+    return lv.numpy(), 1.0, 0.0
+
+
 def _luts(key_codec: IntQuant, value_codec: IntQuant) -> tuple:
-    """The level tables the kernel takes: none where both codecs' levels are the integers (the codes
-    are read as they are), else both (the uniform one as 0 .. 2^bits - 1)."""
-    if key_codec.uniform and value_codec.uniform:
-        return _NO_LEVELS, _NO_LEVELS
-    return key_codec.table().numpy(), value_codec.table().numpy()
+    """The level tables the kernel takes for keys and values (empty: the codes are read as they are)."""
+    return _table(key_codec)[0], _table(value_codec)[0]
+
+
+def _affine(codec: IntQuant, mn: np.ndarray, sc: np.ndarray):
+    """min and step (float32 copies) with an affine table folded in."""
+    _, a, c = _table(codec)
+    if a != 1.0 or c != 0.0:
+        mn += sc * np.float32(c)
+        sc *= np.float32(a)
+    return mn, sc
 
 
 def _padded(codec: IntQuant, bodies: list, n_max: int):
@@ -225,6 +254,7 @@ def _padded(codec: IntQuant, bodies: list, n_max: int):
         mn[b, :, :m.shape[1]] = m
         sc[b, :, :s.shape[1]] = s
     shape = (len(bodies), h, n_max // tg, params)
+    mn, sc = _affine(codec, mn, sc)
     return codes.reshape(len(bodies) * h, -1), mn.reshape(shape), sc.reshape(shape), tg, \
         1 if codec.axis == "channel" else params
 
