@@ -2,14 +2,12 @@
 (core/sensitivity.Perturbed, 512 calibration tokens) when one layer's keys or values go through:
 - int: uniform min/max codes (IntQuant), Hadamard-rotated (r) or not, key groups of 128 or 64 tokens;
 - lm: the Gaussian Lloyd-Max levels scaled by each group's float16 mean and standard deviation
-  (TurboQuant's idea: after a rotation coordinates are near Gaussian), the same bytes per group.
+  (IntQuant(levels="gauss"), codecs/levels.py; TurboQuant's idea: after a rotation coordinates are
+  near Gaussian), the same bytes per group.
 
     .venv/bin/python scripts/levels_study.py
 """
 
-import torch
-
-from kvshrink.codecs.hadamard import rotation
 from kvshrink.codecs.quant import IntQuant
 from kvshrink.core.calibfile import calibration_ids
 from kvshrink.core.sensitivity import Perturbed
@@ -17,34 +15,17 @@ from kvshrink.models import load_model
 
 SINK, BLOCK = 4, 128
 LAYERS = (0, 1, 3, 10, 16, 17, 20, 25)
-GAUSS = {2: (-1.510, -0.4528, 0.4528, 1.510),  # Lloyd-Max levels of N(0, 1)
-         3: (-2.152, -1.344, -0.756, -0.2451, 0.2451, 0.756, 1.344, 2.152)}
-
-
-def lloyd_max(x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
-    mu = x.mean(dim, keepdim=True).half().float()
-    sd = x.std(dim, keepdim=True, unbiased=False).clamp_min(1e-8).half().float()
-    levels = torch.tensor(GAUSS[bits])
-    return levels[((x - mu) / sd)[..., None].sub(levels).abs().argmin(-1)] * sd + mu
 
 
 def trip(kind: str, bits: int, axis: str, group, rotate: bool, seed: int):
+    """The layer's whole blocks after the sink through IntQuant with uniform ("int") or Gaussian ("lm") levels."""
+    codec = IntQuant(bits, axis, group, rotate=rotate, seed=seed, levels="gauss" if kind == "lm" else "uniform")
+
     def run(x):
         n = (x.shape[2] - SINK) // BLOCK * BLOCK
         y = x.clone()
         body = x[:, :, SINK:SINK + n].float().contiguous()
-        if kind == "int":
-            codec = IntQuant(bits, axis, group, rotate=rotate, seed=seed)
-            y[:, :, SINK:SINK + n] = codec.decode(codec.encode(body, BLOCK)).to(x.dtype)
-            return y
-        r = rotation(body.shape[-1], seed) if rotate else torch.eye(body.shape[-1])
-        b = body @ r
-        if axis == "token":
-            out = lloyd_max(b, -1, bits)
-        else:
-            bb, h, t, d = b.shape
-            out = lloyd_max(b.reshape(bb, h, t // group, group, d), 3, bits).reshape(bb, h, t, d)
-        y[:, :, SINK:SINK + n] = (out @ r.T).to(x.dtype)
+        y[:, :, SINK:SINK + n] = codec.decode(codec.encode(body, BLOCK)).to(x.dtype)
         return y
     return run
 

@@ -137,6 +137,7 @@ def _fused(q, qb, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups,
             if vlut.shape[0]:
                 to_levels(vsym, cnt * d, vlut, vfl)
             vs, vm = vstep[b, h, t0:t0 + cnt], vmn[b, h, t0:t0 + cnt]
+            # one call per pair of buffer types (uint8 codes or float32 levels): numba compiles each
             if klut.shape[0] and vlut.shape[0]:
                 _rows(qb[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
                       acc, accb, wt, vfl, vs, vm)
