@@ -235,3 +235,33 @@ def test_a_sliding_layer_crops_within_what_it_holds_and_refuses_beyond(arch):
         assert cache.get_seq_length() == total - spare and sliding.held() == WINDOW - 1
     with pytest.raises(KvshrinkError, match="can drop at most 0 of them, not 1"):
         cache.crop(-1)
+
+
+def test_rope_frequencies_and_turned_keys_on_every_family(arch):
+    """The spec's RoPE frequencies are those the model turns its full-attention keys by (partial rotary,
+    per-layer-type RoPE included), so int4 with keys turned back within groups stays close to the
+    model, and its kernel gives what decoding gives."""
+    name, model = arch
+    bufs = dict(model.model.rotary_emb.named_buffers())
+    inv = bufs.get("inv_freq", bufs.get("full_attention_inv_freq"))
+    torch.testing.assert_close(torch.tensor(spec_from_config(model.config).rope, dtype=torch.float64), inv.double(),
+                               rtol=1e-6, atol=0)
+    ids = _ids(5 * WINDOW, seed=4)
+    ref = _reference(model, ids)
+    m = _ready(model, "int4:prerope=true")
+    fused = _run(m, from_method(f"int4:prerope=true:block={BLOCK}", m), ids)
+    plain = _run(m, from_method(f"int4:prerope=true:block={BLOCK}:attend=decode", m), ids)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert (fused - ref).abs().max() < 0.3 * ref.abs().max()
+
+
+def test_scaled_rope_types_give_their_scaled_frequencies():
+    config = T.LlamaConfig(**COMMON, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                           rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 64})
+    model = AutoModelForCausalLM.from_config(config)
+    plain = 500000.0 ** (-torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    rope = torch.tensor(spec_from_config(config).rope, dtype=torch.float64)
+    torch.testing.assert_close(rope, model.model.rotary_emb.inv_freq.double(), rtol=1e-6, atol=0)
+    assert not torch.allclose(rope, plain)  # the scaling changed the low frequencies

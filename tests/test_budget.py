@@ -65,15 +65,19 @@ def test_calibration_measures_every_choice(calibrated, tiny_model):
     assert calib.proxy_k.shape == (n_layers, len(A.KEY_MENU)) and calib.proxy_v.shape == (n_layers, len(A.VALUE_MENU))
     for j, (bits, rotate, group, _) in enumerate(A.VALUE_MENU):  # groups of 32 do not fit a head of 16
         assert torch.isfinite(calib.proxy_v[:, j]).all() == (group is None)
-    for j, (bits, _, group, _) in enumerate(A.KEY_MENU):  # key groups of 64 do not fit a block of 32
+    for j, (bits, _, group, _, _) in enumerate(A.KEY_MENU):  # key groups of 64 do not fit a block of 32
         assert torch.isfinite(calib.proxy_k[:, j]).all() == (group is None)
         if group is None:  # packed codes plus a float16 step and minimum (or mean and deviation) per group
             assert torch.allclose(calib.bytes_k[:, j], torch.tensor(h * (d * bits / 8 + 4 * d / 32),
                                                                     dtype=torch.float64))
             assert torch.allclose(calib.stage_k[:, j], torch.tensor(h * (d * min(8, 2 * bits) / 8 + 4.0),
                                                                     dtype=torch.float64))
-    one, eight = A.KEY_MENU.index((1, False, None, "uniform")), A.KEY_MENU.index((8, False, None, "uniform"))
+    one, eight = (A.KEY_MENU.index((b, False, None, "uniform", False)) for b in (1, 8))
     assert (calib.proxy_k[:, eight] < calib.proxy_k[:, one]).all()  # more bits, less loss
+    for bits in (2, 6):  # keys turned back within groups: the same bytes, their own (measured or scaled) loss
+        plain, turned = (A.KEY_MENU.index((bits, True, None, "uniform", t)) for t in (False, True))
+        assert torch.equal(calib.bytes_k[:, turned], calib.bytes_k[:, plain])
+        assert (calib.proxy_k[:, turned] != calib.proxy_k[:, plain]).any() and (calib.proxy_k[:, turned] >= 0).all()
     one, three = A.VALUE_MENU.index((1, True, None, "uniform")), A.VALUE_MENU.index((3, True, None, "uniform"))
     assert (calib.proxy_v[:, three] < calib.proxy_v[:, one]).all() and (calib.proxy_v[:, three] > 0).all()
     gauss = A.VALUE_MENU.index((2, True, None, "gauss"))  # the same bytes as uniform codes, its own measured loss
@@ -95,6 +99,9 @@ def test_perturbed_kl_is_zero_unchanged_and_grows_with_the_error(tiny_model):
         trip = lambda x: x + 0.1 * torch.sin(x * 7)  # noqa: E731 (the same change in both)
         assert perturbed.kl(layer, "key", trip) == pytest.approx(full.kl(layer, "key", trip), rel=1e-5, abs=1e-9)
     assert perturbed.kl(0, "key", lambda x: x) == 0.0 and "forward" not in vars(tiny_model.model.layers[0])
+    both = {1: ("key", trip), 0: ("value", trip)}  # several layers at once, replaying up to the first
+    assert perturbed.kl_many(both) == pytest.approx(full.kl_many(both), rel=1e-5, abs=1e-9)
+    assert perturbed.kl_many(both) != pytest.approx(perturbed.kl(1, "key", trip), rel=1e-3)
 
 
 @pytest.mark.parametrize("ratio", [3.0, 4.0, 5.0])
@@ -167,7 +174,7 @@ def test_methods_need_their_calibration_and_a_sane_budget(tiny_model, monkeypatc
 def test_allocation_never_worse_than_uniform_widths_at_their_bytes(calibrated, tiny_model, bits):
     calib, _ = calibrated
     spec = spec_from_config(tiny_model.config)
-    keys, values = (bits, False, None, "uniform"), (bits, True, None, "uniform")
+    keys, values = (bits, False, None, "uniform", False), (bits, True, None, "uniform")
     items, fixed = A.layer_bytes(calib, spec, 150, 4, 32)
     held = fixed + sum(float(nbytes[(A.KEY_MENU if i % 2 == 0 else A.VALUE_MENU).index(keys if i % 2 == 0 else values)])
                        for i, (_, nbytes) in enumerate(items))

@@ -12,6 +12,7 @@ from kvshrink.codecs.hadamard import rotation
 from kvshrink.codecs.levels import GAUSS_BITS, KINDS, gauss
 from kvshrink.codecs.packing import pack, packed_length, unpack
 from kvshrink.codecs.quant import IntQuant
+from kvshrink.codecs.spin import turn, turned_queries
 from kvshrink.errors import KvshrinkError
 from kvshrink.families.quant.config import LEVELS, QuantConfig
 
@@ -263,3 +264,60 @@ def test_the_int_family_offers_every_kind_of_level():
     assert LEVELS == KINDS
     with pytest.raises(KvshrinkError, match=f"1 to {GAUSS_BITS} bits, not {GAUSS_BITS + 1}"):
         QuantConfig(bits=GAUSS_BITS + 1, levels="gauss").check()
+
+
+ROPE16 = tuple(10000.0 ** (-i / 8) for i in range(8))  # a 16-wide head's RoPE frequencies
+
+
+def _rope(x: torch.Tensor, start: int, freqs=ROPE16) -> torch.Tensor:
+    """x (..., t, d) turned by RoPE (rotate-half pairs) at positions start .. start + t - 1."""
+    n = len(freqs)
+    ang = (torch.arange(x.shape[-2], dtype=torch.float64)[:, None] + start) * torch.tensor(freqs, dtype=torch.float64)
+    c, s = ang.cos().float(), ang.sin().float()
+    a, b = x[..., :n], x[..., n:2 * n]
+    return torch.cat([a * c - b * s, b * c + a * s, x[..., 2 * n:]], -1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.integers(1, 8), rotate=st.booleans(), pairs=st.sampled_from([8, 6]), seed=st.integers(0, 99))
+def test_turned_keys_are_the_plain_codes_of_the_turned_tokens(bits, rotate, pairs, seed):
+    """Turning within groups is exact: the codes are a plain codec's codes of the tokens turned back by
+    their offsets, decoding turns them forward again, the bytes are the plain codec's; the turned
+    query per offset gives the same dot products as the decoded keys."""
+    g = torch.Generator().manual_seed(seed)
+    freqs = ROPE16[:pairs]
+    x = torch.randn(2, 3, 64, 16, generator=g) * torch.linspace(0.2, 3, 16)
+    turned = IntQuant(bits, "channel", 16, rotate=rotate, seed=1, derope=freqs)
+    plain = IntQuant(bits, "channel", 16, rotate=rotate, seed=1)
+    back = turn(x, freqs, 16, -1)
+    torch.testing.assert_close(turn(back, freqs, 16, 1), x, rtol=0, atol=1e-5)
+    pt, pp = turned.encode(x, 32), plain.encode(back, 32)
+    assert torch.equal(pt.tensors["codes"], pp.tensors["codes"]) and turned.nbytes(pt) == plain.nbytes(pp)
+    torch.testing.assert_close(turned.decode(pt), turn(plain.decode(pp), freqs, 16, 1), rtol=0, atol=1e-5)
+    q = torch.randn(2, 3, 16, generator=g)
+    qt = turned_queries(q, freqs, 16)  # (2, 3, 16 offsets, 16)
+    k = turned.decode(pt)
+    j = torch.arange(64) % 16
+    want = (q[:, :, None] * k).sum(-1)
+    got = (qt[:, :, j] * turn(k, freqs, 16, -1)).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_turned_keys_follow_rope_keys_where_plain_codes_cannot():
+    """Keys with steady channels before RoPE (KVQuant's observation) sweep circles after it; turned back
+    within groups they code at 2 bits with several times less error than the same bytes of plain codes."""
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(1, 2, 1, 16, generator=g) * 3 + 0.2 * torch.randn(1, 2, 256, 16, generator=g)
+    keys = _rope(pre, start=37)
+    errs = [(c.decode(c.encode(keys, 64)) - keys).norm() / keys.norm()
+            for c in (IntQuant(2, "channel", 64, derope=ROPE16), IntQuant(2, "channel", 64))]
+    assert errs[0] * 3 < errs[1]
+
+
+def test_turned_keys_refuse_what_they_cannot_code():
+    with pytest.raises(KvshrinkError, match="per-channel"):
+        IntQuant(2, "token", derope=ROPE16)
+    with pytest.raises(KvshrinkError, match="per-channel"):
+        QuantConfig(bits=2, prerope=True, key_axis="token").check()
+    with pytest.raises(KvshrinkError, match="RoPE pairs"):
+        IntQuant(2, "channel", 16, derope=ROPE16 * 2).encode(torch.randn(1, 1, 16, 16), 16)

@@ -49,6 +49,7 @@ def _states(kc, vc, n, t, block, window, batch=2, seed=0):
     return layer, states, torch.randn(batch, 6, t, 16, generator=g)
 
 
+TURN = tuple(10000.0 ** (-i / 8) for i in range(8))  # RoPE frequencies of a 16-wide head
 LEVELS = [("uniform", "uniform"), ("gauss", "uniform"), ("uniform", "gauss"), ("gauss", "gauss")]
 
 
@@ -56,13 +57,16 @@ LEVELS = [("uniform", "uniform"), ("gauss", "uniform"), ("uniform", "gauss"), ("
 @given(bits=st.sampled_from([1, 2, 3, 4, 8]), rotate=st.booleans(), key_axis=st.sampled_from(["channel", "token"]),
        value_group=st.sampled_from([None, 8]), block=st.sampled_from([16, 32]), window=st.sampled_from([0, 3]),
        n=st.integers(40, 200), t=st.sampled_from([1, 3]), pad=st.integers(0, 40), seed=st.integers(0, 99),
-       cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS))
+       cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS), turned=st.booleans())
 def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, block, window, n, t, pad, seed, cap,
-                                          levels):
+                                          levels, turned):
     """Levels: the integers, or Gaussian ones for keys, values or both (a code read as its level; at 1 bit
-    folded into the step and minimum)."""
+    folded into the step and minimum); per-channel keys turned back within their groups or not (the
+    kernel's query per offset)."""
     kl, vl = levels if bits <= 4 else LEVELS[0]
-    kc = IntQuant(bits, key_axis, block if key_axis == "channel" else None, rotate=rotate, seed=1, levels=kl)
+    turn = TURN if turned and key_axis == "channel" else ()
+    kc = IntQuant(bits, key_axis, block if key_axis == "channel" else None, rotate=rotate, seed=1, levels=kl,
+                  derope=turn)
     vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, levels=vl)
     layer, states, q = _states(kc, vc, n, t, block, window, seed=seed)
     assert hasattr(states, "attend")
@@ -83,14 +87,15 @@ def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, b
 @given(bits=st.sampled_from([2, 3, 4, 8]), rotate=st.booleans(), key_axis=st.sampled_from(["channel", "token"]),
        value_group=st.sampled_from([None, 8]), window=st.sampled_from([0, 3]),
        lengths=st.lists(st.integers(24, 200), min_size=1, max_size=5), seed=st.integers(0, 99),
-       cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS))
+       cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS), turned=st.booleans())
 def test_many_sequences_in_one_call_get_what_each_gets_alone(bits, rotate, key_axis, value_group, window, lengths,
-                                                              seed, cap, levels):
+                                                              seed, cap, levels, turned):
     """A server's batch: one decode token for each of several sequences of different lengths (bodies of
     different block counts, dense parts of different sizes), read by one kernel call, bit for bit what
     each sequence's own call gives."""
     kl, vl = levels if bits <= 4 else LEVELS[0]
-    kc = IntQuant(bits, key_axis, 16 if key_axis == "channel" else None, rotate=rotate, seed=1, levels=kl)
+    turn = TURN if turned and key_axis == "channel" else ()
+    kc = IntQuant(bits, key_axis, 16 if key_axis == "channel" else None, rotate=rotate, seed=1, levels=kl, derope=turn)
     vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, levels=vl)
     made = [_states(kc, vc, n, 1, 16, window, batch=1, seed=seed + i) for i, n in enumerate(lengths)]
     states = [s for _, s, _ in made]
@@ -128,7 +133,7 @@ def test_crop_keeps_whole_blocks_and_the_kernel_still_reads(model):
         assert cache.get_seq_length() == 125
 
 
-@pytest.mark.parametrize("name", ["int4", "int3-rot", "int2:key_axis=token:value_group=8"])
+@pytest.mark.parametrize("name", ["int4", "int3-rot", "int3-rot:prerope=true", "int2:key_axis=token:value_group=8"])
 def test_generation_fused_equals_decode_then_attend(model, name):
     ids = _ids(150, batch=2, seed=3)
     mask = torch.ones_like(ids)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .compat import layer_types as read_layer_types
+from .compat import rope_frequencies
 from .errors import KvshrinkError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -45,6 +46,7 @@ class ModelSpec:
     layer_types: tuple[str, ...] = ()  # FULL or SLIDING per layer (empty: all full)
     sliding_window: int | None = None  # tokens a sliding layer sees (its own included)
     softcap: float | None = None  # attention logit soft-capping (Gemma 2)
+    rope: tuple[float, ...] = ()  # rotary inverse frequencies (compat.rope_frequencies); () where none
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == SLIDING
@@ -110,4 +112,5 @@ def spec_from_config(config) -> ModelSpec:
         layer_types=tuple(layer_types) if windows else (),
         sliding_window=windows.pop() if windows else None,
         softcap=getattr(text, "attn_logit_softcapping", None),
+        rope=rope_frequencies(text),
     )

@@ -14,6 +14,9 @@ input.
 With levels="gauss" (codecs/levels.py) a group stores its float16 mean and standard deviation in
 place of the minimum and step, and a code indexes the Lloyd-Max levels of N(0, 1): every element
 decodes to the level nearest to it under the stored mean and deviation.
+
+With `derope` (per-channel keys: the model's RoPE frequencies) each token of a group is turned back
+by its offset's RoPE angles before coding and forward after decoding (codecs/spin.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .fastquant import quantize_rows
 from .hadamard import rotation_on
 from .levels import GAUSS, GAUSS_BITS, KINDS, UNIFORM, levels, thresholds
 from .packing import pack, unpack
+from .spin import turn
 
 AXES = ("channel", "token")
 FAST_ELEMENTS = 4096  # per-token coding of at most this many values takes the compiled path
@@ -48,11 +52,12 @@ class IntQuant(Codec):
     axis="channel": each channel over `group` consecutive tokens (KIVI keys).
     axis="token": each token over `group` consecutive channels (KIVI values);
     group=None means the whole head vector. levels: "uniform" (min + step * code) or "gauss"
-    (mean + deviation * the Gaussian's Lloyd-Max level; 1 to 4 bits).
+    (mean + deviation * the Gaussian's Lloyd-Max level; 1 to 4 bits). derope: RoPE inverse
+    frequencies to undo within each token group (per-channel only; codecs/spin.py), before the rotation.
     """
 
     def __init__(self, bits: int, axis: str = "token", group: int | None = None, rotate: bool = False, seed: int = 0,
-                 levels: str = UNIFORM):
+                 levels: str = UNIFORM, derope: tuple = ()):
         if not isinstance(bits, int) or not 1 <= bits <= 8:
             raise KvshrinkError(f"impossible bit width {bits!r}: integer quantization supports 1 to 8 bits")
         if axis not in AXES:
@@ -65,7 +70,10 @@ class IntQuant(Codec):
             raise KvshrinkError(f"unknown quantization levels {levels!r}; use one of {', '.join(KINDS)}")
         if levels == GAUSS and bits > GAUSS_BITS:
             raise KvshrinkError(f"Gaussian levels have 1 to {GAUSS_BITS} bits, not {bits}")
+        if derope and axis != "channel":
+            raise KvshrinkError("undoing RoPE needs per-channel codes over token groups")
         self.bits, self.axis, self.group, self.rotate, self.seed = bits, axis, group, rotate, seed
+        self.derope = tuple(float(f) for f in derope)
         self.levels = levels
         self.qmax = (1 << bits) - 1
         self.block_tokens = group if axis == "channel" else 1
@@ -82,7 +90,8 @@ class IntQuant(Codec):
     def describe(self) -> str:
         g = f"g{self.group}" if self.group else "whole-head"
         lv = " gauss-levels" if not self.uniform else ""
-        return f"int{self.bits} per-{self.axis} {g}{' +hadamard' if self.rotate else ''}{lv}"
+        spin = " -rope" if self.derope else ""
+        return f"int{self.bits} per-{self.axis} {g}{spin}{' +hadamard' if self.rotate else ''}{lv}"
 
     def _grouped(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
         """View x as groups; returns (view, dim reduced over)."""
@@ -103,6 +112,11 @@ class IntQuant(Codec):
             raise KvshrinkError("cannot quantize NaN or infinite key/value states")
         x = x.float()
         d = x.shape[-1]
+        if self.derope:
+            if 2 * len(self.derope) > d or x.shape[-2] % self.group:
+                raise KvshrinkError(f"cannot undo {len(self.derope)} RoPE pairs over {x.shape[-2]} tokens of "
+                                    f"{d} channels in groups of {self.group}")
+            x = turn(x, self.derope, self.group, -1)
         if self.rotate:
             x = x @ rotation_on(d, self.seed, x.device)
         xg, dim = self._grouped(x, block)
@@ -165,6 +179,12 @@ class IntQuant(Codec):
             codes = self.table().to(codes.device)[codes.long()]
         b, h = codes.shape[:2]
         flat = (b, h, -1, packed.head_dim)
+        if self.derope:  # turned back within groups: decode, then turn forward
+            x = torch.addcmul(t["min"].float(), codes.float(), t["scale"].float()).reshape(flat)
+            if self.rotate:
+                x = x @ rotation_on(packed.head_dim, self.seed, x.device).T
+            x = turn(x, self.derope, self.group, 1).to(dtype)
+            return x if out is None else out.copy_(x)
         if self.rotate:
             x = torch.addcmul(t["min"].to(dtype), codes.to(dtype), t["scale"].to(dtype)).reshape(flat)
             r = rotation_on(packed.head_dim, self.seed, x.device).to(dtype).T

@@ -107,9 +107,13 @@ class Perturbed:
     def kl(self, layer: int, which: str, trip) -> float:
         """Mean KL(unchanged || perturbed) per token when `trip` (B, H, n, D) -> same replaces the
         layer's keys or values (which: "key" or "value")."""
+        return self.kl_many({layer: (which, trip)})
+
+    def kl_many(self, changes: dict) -> float:
+        """`kl` with several layers changed at once: {layer: (which, trip)} (what a whole cache's codes do)."""
         _TARGET.clear()
-        _TARGET[layer] = (which, trip)
-        early = list(self.layers or [])[:layer]
+        _TARGET.update(changes)
+        early = list(self.layers or [])[:min(changes)]
         for j, m in enumerate(early):  # an instance attribute shadows the class's forward until deleted
             m.forward = lambda *_a, _out=self.outs[j], **_k: _out
         try:

@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..codecs.hadamard import rotation
 from ..codecs.levels import levels_on
+from ..codecs.spin import angles
 
 
 TILE = 64  # tokens per tile
@@ -91,8 +93,8 @@ def dequant(codes, mn, scale, lut, toks, cols, ok, c_off, p_off, W: tl.constexpr
 
 
 @triton.jit
-def _coded_body(q, vis, nbody, kc, kmn, ksc, klut, vc, vmn, vsc, vlut, pm, pl, pacc, H, R, T, vis_b, vis_t, kc_s, kp_s, vc_s,
-                vp_s, cap, KBITS: tl.constexpr, VBITS: tl.constexpr, KTG: tl.constexpr, KGW: tl.constexpr,
+def _coded_body(q, vis, nbody, kc, kmn, ksc, klut, vc, vmn, vsc, vlut, ka, kb, kcos, ksin, pm, pl, pacc, H, R, T, vis_b,
+                vis_t, kc_s, kp_s, vc_s, vp_s, cap, TURN: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, KTG: tl.constexpr, KGW: tl.constexpr,
                 VGW: tl.constexpr, KDEPTH: tl.constexpr, VDEPTH: tl.constexpr, KSIZE: tl.constexpr,
                 VSIZE: tl.constexpr, KLUT: tl.constexpr, VLUT: tl.constexpr,
                 SPLITS: tl.constexpr, QD: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr,
@@ -110,6 +112,10 @@ def _coded_body(q, vis, nbody, kc, kmn, ksc, klut, vc, vmn, vsc, vlut, pm, pl, p
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_R,), tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_VD), tl.float32)
+    if TURN:  # keys turned back within groups (codecs/spin.py): k = (x A) * cos_j + (x B) * sin_j
+        sq = (kcols[:, None] < KD) & (kcols[None, :] < KD)
+        turn_a = tl.load(ka + kcols[:, None] * KD + kcols[None, :], mask=sq, other=0.0)
+        turn_b = tl.load(kb + kcols[:, None] * KD + kcols[None, :], mask=sq, other=0.0)
     nt = tl.cdiv(n, BLOCK_N)
     used = tl.maximum(1, tl.minimum(SPLITS, nt))
     lo = sp * nt // used
@@ -119,6 +125,11 @@ def _coded_body(q, vis, nbody, kc, kmn, ksc, klut, vc, vmn, vsc, vlut, pm, pl, p
         tmask = toks < n
         k = dequant(kc, kmn, ksc, klut, toks, kcols, tmask[:, None] & (kcols[None, :] < KD), bh * kc_s, bh * kp_s,
                     KD, KBITS, KTG, KGW, KDEPTH, KSIZE, KLUT)
+        if TURN:
+            at = (toks % KTG)[:, None] * KD + kcols[None, :]
+            tok = tmask[:, None] & (kcols[None, :] < KD)
+            k = (tl.dot(k, turn_a, input_precision="ieee") * tl.load(kcos + at, mask=tok, other=0.0)
+                 + tl.dot(k, turn_b, input_precision="ieee") * tl.load(ksin + at, mask=tok, other=0.0))
         s = capped(tl.dot(qrow, tl.trans(k), input_precision="ieee"), cap, CAP)
         seen = tl.load(vis + b * vis_b + (rows % T)[:, None] * vis_t + toks[None, :],
                        mask=(rows[:, None] < R) & tmask[None, :], other=0) != 0
@@ -158,15 +169,36 @@ class Body:
     depth: int = 0
     size: int = 0
     lut: torch.Tensor | None = None
+    turn: tuple | None = None  # turned keys: (A, B, cos, sin), `turn_operands`
+
+
+@functools.lru_cache(maxsize=16)
+def turn_operands(freqs: tuple, group: int, width: int, seed: int | None, device: torch.device) -> tuple:
+    """(A, B (width, width), cos, sin (group, width)) float32 with x A * cos[j] + x B * sin[j] the key at
+    offset j of a group from its stored row x (codecs/spin.py's turn forward, after undoing the
+    Hadamard rotation of `seed`; None: no rotation): A = R^T, B = R^T P, P the pair swap (a, b) -> (-b, a)."""
+    n = len(freqs)
+    a = rotation(width, seed).T.contiguous() if seed is not None else torch.eye(width)
+    p = torch.zeros(width, width)
+    p[torch.arange(n) + n, torch.arange(n)] = -1.0
+    p[torch.arange(n), torch.arange(n) + n] = 1.0
+    cos, sin = angles(freqs, group, torch.device("cpu"))
+    c = torch.ones(group, width)
+    sn = torch.zeros(group, width)
+    c[:, :n], c[:, n:2 * n], sn[:, :n], sn[:, n:2 * n] = cos, cos, sin, sin
+    return tuple(t.contiguous().to(device) for t in (a, a @ p, c, sn))
 
 
 def int_body(codec, tensors: dict, rows: int, width: int) -> Body:
     """An IntQuant body's "codes", "min" and "scale" as the kernel reads them: `rows` rows (one per
     sequence and head), `width` numbers per token (views; a copy only if not contiguous)."""
     tg, gw = (codec.group, 1) if codec.axis == "channel" else (1, codec.group or width)
-    lut = None if codec.uniform else levels_on(codec.levels, codec.bits, tensors["codes"].device)
+    dev = tensors["codes"].device
+    lut = None if codec.uniform else levels_on(codec.levels, codec.bits, dev)
+    turn = (turn_operands(codec.derope, codec.group, width, codec.seed if codec.rotate else None, dev)
+            if getattr(codec, "derope", ()) else None)
     return Body(*(tensors[k].reshape(rows, -1) for k in ("codes", "min", "scale")), codec.bits, width, tg, gw,
-                lut=lut)
+                lut=lut, turn=turn)
 
 
 def _lut(body: Body) -> torch.Tensor:
@@ -191,10 +223,12 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
     pacc = torch.zeros(b * h, splits + 1, r, qd, device=dev)
     q = q.float().contiguous()
     vis8 = vis.to(torch.uint8).contiguous()
+    turn = keys.turn or (keys.scale,) * 4  # unread without TURN: any pointer will do
     _coded_body[(b * h, splits)](q, vis8, nbody, keys.codes, keys.min, keys.scale, _lut(keys), values.codes,
-                                 values.min, values.scale, _lut(values), pm, pl, pacc, h, r, vis.shape[1], vis8.stride(0), vis8.stride(1),
-                                 keys.codes.stride(0), keys.scale.stride(0), values.codes.stride(0),
-                                 values.scale.stride(0), float(cap), KBITS=keys.bits, VBITS=values.bits, KTG=keys.tg,
+                                 values.min, values.scale, _lut(values), *turn, pm, pl, pacc, h, r, vis.shape[1],
+                                 vis8.stride(0), vis8.stride(1), keys.codes.stride(0), keys.scale.stride(0),
+                                 values.codes.stride(0), values.scale.stride(0), float(cap),
+                                 TURN=keys.turn is not None, KBITS=keys.bits, VBITS=values.bits, KTG=keys.tg,
                                  KGW=keys.gw, VGW=values.gw, KDEPTH=keys.depth, VDEPTH=values.depth,
                                  KSIZE=keys.size, VSIZE=values.size, KLUT=keys.lut is not None,
                                  VLUT=values.lut is not None, SPLITS=splits, QD=qd, KD=keys.width,

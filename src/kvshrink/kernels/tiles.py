@@ -91,6 +91,21 @@ def channel_logits(q1, step, mn, sym, n, qs, out):
 
 
 @numba.njit(cache=True, fastmath=FAST)
+def turned_logits(qt, step, mn, sym, n, out):
+    """out[:n] = qt[i] . (mn + step * sym[i]) for the first n tokens of a key group whose token i was
+    turned back by its offset (codecs/spin.py): each offset has its own query row qt[i] (group, d), so
+    the keys are formed (one multiply-add) and dotted (another) per element."""
+    d = step.shape[0]
+    for i in range(n):
+        row = sym[i * d:(i + 1) * d]
+        qi = qt[i]
+        s = np.float32(0.0)
+        for c in range(d):
+            s += qi[c] * (mn[c] + step[c] * np.float32(row[c]))
+        out[i] = s
+
+
+@numba.njit(cache=True, fastmath=FAST)
 def weights(lr, vt, n, m, kk, cap):
     """Online-softmax step for one query row over one tile: given its logits lr[:n], visibility
     vt[:n], running max m and soft-cap cap (logits become cap * tanh(logit / cap) when cap > 0, as

@@ -3,8 +3,9 @@
 Calibration (once per model, corpus range and block): on calibration tokens, each layer's keys and
 values and the loss gradient with respect to them (core/sensitivity.py); then, for every layer,
 for keys and for values, and for every choice of the menu (bits 1..8, Hadamard rotation or not,
-key groups of the block or 64 tokens, value groups of the whole head or 32 channels, uniform or
-Gaussian value levels), the choice's real bytes per token (the codec's
+key groups of the block or 64 tokens, keys turned back within groups (codecs/spin.py) or not, value
+groups of the whole head or 32 channels, uniform or Gaussian value levels), the choice's real bytes
+per token (the codec's
 own packed tensors) and a loss proxy in one unit, the KL divergence per token of the model's
 predictions from the unchanged model's:
 - measured for the widths where errors are large (1 to 3 bits; `MEASURED`): the layer's keys or
@@ -12,7 +13,8 @@ predictions from the unchanged model's:
   (core/sensitivity.py's `Perturbed`);
 - extrapolated for the rest from a first-order estimate, 1/2 sum over tokens and heads of
   (grad . (decode(encode(x)) - x))^2 (a diagonal empirical-Fisher estimate, as KVQuant's
-  sensitivity weights and ZDC's ranks use), scaled per layer and K/V to the measured KL at 3 bits.
+  sensitivity weights and ZDC's ranks use), scaled per layer and K/V to the measured KL at 3 bits
+  of the same rotation and turn (`_anchor`).
 Measured first because the first-order estimate alone misleads where it matters most: on the
 bundled model it rated 1-bit values in layer 0 among the cheapest choices, while they raise the
 loss by 1.15 nats per token (an allocation built on it lost +653% perplexity at 7x).
@@ -54,16 +56,19 @@ from ...core.sensitivity import Perturbed, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 
-FORMAT = "kvshrink-budget-3"
+FORMAT = "kvshrink-budget-4"
 BITS = (1, 2, 3, 4, 5, 6, 8)
 U, G = UNIFORM, GAUSS
-# a choice: (bits, rotate, group, levels). Keys per channel over `group` tokens (None: the block),
-# values per token over `group` channels (None: the whole head); levels uniform or the Gaussian's
-# Lloyd-Max levels (codecs/levels.py), which pay at low widths only. Keys take uniform levels only:
-# Gaussian key levels looked cheaper layer by layer but cost more together (+12.3% against +7.2% at
-# 6x on the bundled model, docs/budget.md), as they clip the large keys that attention picks out.
-KEY_MENU = (tuple((b, r, None, U) for b in BITS for r in (False, True))
-            + tuple((b, r, 64, U) for b in (2, 3) for r in (False, True)))
+# a choice: (bits, rotate, group, levels), and for keys whether each token is turned back by its
+# offset's RoPE angles within its group (codecs/spin.py). Keys per channel over `group` tokens (None:
+# the block), values per token over `group` channels (None: the whole head); levels uniform or the
+# Gaussian's Lloyd-Max levels (codecs/levels.py), which pay at low widths only. Keys take uniform
+# levels only: Gaussian key levels looked cheaper layer by layer but cost more together (+12.3% against
+# +7.2% at 6x on the bundled model, docs/budget.md), as they clip the large keys that attention picks out.
+# Groups of 64 only turned: turning halves the key error at 2 and 3 bits (codecs/spin.py), and each
+# measured choice costs a forward pass per layer.
+KEY_MENU = (tuple((b, r, None, U, t) for b in BITS for r in (False, True) for t in (False, True))
+            + tuple((b, r, 64, U, True) for b in (2, 3) for r in (False, True)))
 # values at 3 bits or fewer rotated only, so that every such choice is measured (the first-order
 # estimate favours rotated values at those widths on the bundled model)
 VALUE_MENU = (tuple((b, r, g, U) for b in BITS for r in (False, True) for g in (None, 32) if b > 3 or r)
@@ -73,9 +78,13 @@ MEASURED_VALUES = tuple(c for c in VALUE_MENU if c[0] <= 3)
 CELLS = 20000  # the knapsack's resolution: item sizes round up by at most budget / CELLS each
 
 
-def key_codec(choice, block: int) -> IntQuant:
-    bits, rotate, group, levels = choice
-    return IntQuant(bits, "channel", group or block, rotate=rotate, seed=1, levels=levels)
+def key_codec(choice, block: int, rope: tuple = ()) -> IntQuant:
+    """A key choice's codec; rope: the model's RoPE frequencies, which a turned choice needs."""
+    bits, rotate, group, levels, turned = choice
+    if turned and not rope:
+        raise KvshrinkError("a turned key choice needs the model's RoPE frequencies (this model has none)")
+    return IntQuant(bits, "channel", group or block, rotate=rotate, seed=1, levels=levels,
+                    derope=rope if turned else ())
 
 
 def value_codec(choice) -> IntQuant:
@@ -89,8 +98,9 @@ def fits(choice, size: int) -> bool:
 
 
 def describe_choice(choice) -> str:
-    bits, rotate, group, levels = choice
-    return f"{bits}{'r' if rotate else ''}{'/' + str(group) if group else ''}{'g' if levels == G else ''}"
+    bits, rotate, group, levels = choice[:4]
+    turned = "t" if choice[4:] and choice[4] else ""
+    return f"{bits}{turned}{'r' if rotate else ''}{'/' + str(group) if group else ''}{'g' if levels == G else ''}"
 
 
 @dataclass(eq=False)
@@ -146,25 +156,31 @@ def _round_trip(codec: IntQuant, sink: int, block: int):
     return trip
 
 
-def _measured(model, ids, sink: int, block: int, first_k, first_v, d: int, progress=None):
+def _anchor(menu, choice) -> int:
+    """The measured 3-bit choice whose KL scales an unmeasured one's first-order proxy: the same rotation
+    (and turn, for keys) over whole groups, else the rotated one."""
+    same = (3, choice[1], None, U, *choice[4:])
+    return menu.index(same if same in menu else (3, True, None, U, *choice[4:]))
+
+
+def _measured(model, ids, sink: int, block: int, first_k, first_v, d: int, rope: tuple = (), progress=None):
     """The proxies in KL per token: measured for MEASURED_*, the first-order ones scaled to them for the rest."""
     perturbed = Perturbed(model, ids)
     out = []
-    for first, menu, measured, which, make, anchor, size in (
-            (first_k, KEY_MENU, MEASURED_KEYS, "key", lambda c: key_codec(c, block), (3, False, None, U), block),
-            (first_v, VALUE_MENU, MEASURED_VALUES, "value", value_codec, (3, True, None, U), d)):
+    for first, menu, measured, which, make, size in (
+            (first_k, KEY_MENU, MEASURED_KEYS, "key", lambda c: key_codec(c, block, rope), block),
+            (first_v, VALUE_MENU, MEASURED_VALUES, "value", value_codec, d)):
         kl = first.clone()
-        anchor = menu.index(anchor)
         for i in range(first.shape[0]):
             for c in measured:
-                if fits(c, size):
+                if fits(c, size) and torch.isfinite(first[i, menu.index(c)]):
                     kl[i, menu.index(c)] = max(perturbed.kl(i, which, _round_trip(make(c), sink, block)), 0.0)
                     if progress is not None:
                         progress()
-            scale = kl[i, anchor] / max(float(first[i, anchor]), 1e-30)
             for j, c in enumerate(menu):
                 if c not in measured and torch.isfinite(first[i, j]):
-                    kl[i, j] = first[i, j] * scale
+                    a = _anchor(menu, c)
+                    kl[i, j] = first[i, j] * kl[i, a] / max(float(first[i, a]), 1e-30)
         out.append(kl)
     return out
 
@@ -191,15 +207,15 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
     for i in range(L):
         k, gk, v, gv = (torch.cat([p[j] for p in keep[i]], 1) for j in range(4))
         for j, c in enumerate(KEY_MENU):
-            if fits(c, block):
-                pk[i, j], bk[i, j] = _proxy(k, gk, key_codec(c, block), block)
-                stage = stage_codec(key_codec(c, block))
+            if fits(c, block) and (spec.rope or not c[4]):  # turned choices for RoPE models only
+                pk[i, j], bk[i, j] = _proxy(k, gk, key_codec(c, block, spec.rope), block)
+                stage = stage_codec(key_codec(c, block, spec.rope))
                 sk[i, j] = stage.nbytes(stage.encode(k[None], 1)) / k.shape[1]
         for j, c in enumerate(VALUE_MENU):
             if fits(c, d):
                 pv[i, j], bv[i, j] = _proxy(v, gv, value_codec(c), block)
     keep.clear()
-    kl_k, kl_v = _measured(model, ids[:1], sink, block, pk, pv, d, progress)
+    kl_k, kl_v = _measured(model, ids[:1], sink, block, pk, pv, d, spec.rope, progress)
     header = {**model_header(model), "data": data or {}, "sink_excluded": sink, "block": block,
               "key_menu": [list(c) for c in KEY_MENU], "value_menu": [list(c) for c in VALUE_MENU],
               "measured_keys": [list(c) for c in MEASURED_KEYS], "measured_values": [list(c) for c in MEASURED_VALUES],
@@ -245,7 +261,7 @@ def allocate(costs: list, budget: float) -> tuple[list, float]:
 class Allocation:
     """One choice per layer for keys and for values, and what the allocator expects of it."""
 
-    keys: list  # menu entries (bits, rotate, group)
+    keys: list  # menu entries (bits, rotate, group, levels, turned)
     values: list
     proxy: float
     ratio: float  # expected ratio against fp16 at `context` tokens after a prefill
@@ -253,7 +269,8 @@ class Allocation:
     def describe(self) -> str:
         ks = " ".join(describe_choice(c) for c in self.keys)
         vs = " ".join(describe_choice(c) for c in self.values)
-        return (f"bits per layer for keys [{ks}] and values [{vs}] (r: rotated, /N: groups, g: Gaussian levels), "
+        return (f"bits per layer for keys [{ks}] and values [{vs}] (t: RoPE turned back within groups, r: rotated, "
+                f"/N: groups, g: Gaussian levels), "
                 f"{self.ratio:.2f}x expected")
 
 
@@ -314,7 +331,7 @@ def load_or_calibrate(model, tokenizer, corpus: str | None = None, sink: int = 4
     if os.path.isfile(path):
         return BudgetCalibration.load(path, model, block), path
     log(f"auto: no budget calibration for this model, corpus range and block at {path}; measuring it "
-        "(about 10 minutes on 2 cores for the bundled 135M model)")
+        "(about 15 minutes on 2 cores for the bundled 135M model)")
     calib = measure(model, ids, desc, sink, block)
     calib.save(path)
     return calib, path
@@ -323,7 +340,8 @@ def load_or_calibrate(model, tokenizer, corpus: str | None = None, sink: int = 4
 def measure(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128) -> BudgetCalibration:
     """`calibrate` with a progress bar over its forward passes."""
     spec = spec_from_config(model.config)
-    per_layer = sum(fits(c, block) for c in MEASURED_KEYS) + sum(fits(c, spec.head_dim) for c in MEASURED_VALUES)
+    per_layer = (sum(fits(c, block) and (bool(spec.rope) or not c[4]) for c in MEASURED_KEYS)
+                 + sum(fits(c, spec.head_dim) for c in MEASURED_VALUES))
     with Progress(TextColumn("auto calibration"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   transient=True) as bar:
         task = bar.add_task("", total=spec.num_layers * per_layer)

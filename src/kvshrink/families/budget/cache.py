@@ -25,7 +25,8 @@ class BudgetCache(CompressedCache):
 
     def __init__(self, config, allocation: allocate.Allocation, calibration: str, block: int, data: dict | None = None,
                  **kwargs):
-        pairs = [(allocate.key_codec(k, block), allocate.value_codec(v))
+        rope = spec_from_config(config).rope
+        pairs = [(allocate.key_codec(k, block, rope), allocate.value_codec(v))
                  for k, v in zip(allocation.keys, allocation.values)]
         super().__init__(config, layer_codecs=pairs, block=block, **kwargs)
         self.allocation, self.calibration, self.data = allocation, calibration, data or {}
@@ -54,7 +55,7 @@ def calibration_for(model, block: int, tokenizer=None, corpus=None):
 
 
 def prepare(config: BudgetConfig, model, tokenizer=None, corpus=None):
-    """The budget calibration loaded or measured (about 10 minutes on the bundled model the first time), and the
+    """The budget calibration loaded or measured (about 15 minutes on the bundled model the first time), and the
     model switched to the "kvshrink" attention in place (decode steps read the codes)."""
     calibration_for(model, config.block, tokenizer, corpus)
     if config.attend != "decode":

@@ -211,6 +211,8 @@ def supported(key_codec: Codec, value_codec: Codec, block: int, ranks_k, ranks_v
         return False
     if not (key_codec.uniform and value_codec.uniform):  # the kernel reads codes as their integers
         return False
+    if key_codec.derope:  # one query per key: no per-offset queries here
+        return False
     if block % key_codec.group:
         return False
     g = value_codec.group

@@ -30,6 +30,8 @@ class QuantConfig(Config):
                                     "deviation * a Gaussian's Lloyd-Max level; 1 to 4 bits)", LEVELS)
     block: int = option(128, "tokens per coded block (the key quantization group)")
     key_axis: str = option("channel", "keys quantized per channel (KIVI) or per token", ("channel", "token"))
+    prerope: bool = option(False, "per-channel keys coded as before RoPE: each token turned back by its offset's "
+                                  "RoPE angles within its group (codecs/spin.py)")
     value_group: int | None = option(None, "channels per value group (None: the whole head vector)")
     attend: str = option("auto", "decode steps: fused (compiled kernel reads the codes), decode (decode, "
                                  "then attend), auto (fused where the model uses the kvshrink attention)", ATTENDS)
@@ -44,6 +46,8 @@ class QuantConfig(Config):
         check_int("block", self.block, 1)
         check_int("splits", self.splits, 1)
         check_int("value_group", self.value_group, 1, none=True)
+        if self.prerope and self.key_axis != "channel":
+            raise KvshrinkError("prerope keys need per-channel codes (key_axis=channel)")
         if self.levels == "gauss" and self.bits > 4:  # codecs/levels.py's GAUSS_BITS
             raise KvshrinkError(f"Gaussian levels have 1 to 4 bits, not {self.bits}")
 

@@ -25,7 +25,8 @@ def fused_attend(q, vis, dense_k, dense_v, dense_vis, keys: Packed, values: Pack
     b, h, _, d = q.shape
     dev = q.device
     nbody = torch.full((b,), keys.num_tokens, dtype=torch.int64, device=dev)
-    qb = q @ rotation_on(d, key_codec.seed, dev) if key_codec.rotate else q
+    # turned keys are turned forward (and rotated back) in the kernel: the query stays as it is
+    qb = q @ rotation_on(d, key_codec.seed, dev) if key_codec.rotate and not key_codec.derope else q
     pm, pl, pacc = coded_body(qb, vis[:, None], nbody, int_body(key_codec, keys.tensors, b * h, d),
                               int_body(value_codec, values.tensors, b * h, d), splits, cap)
     if value_codec.rotate:  # the body's value sums are in the rotated basis

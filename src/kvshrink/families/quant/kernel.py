@@ -14,6 +14,8 @@ decoding); attention/split.py merges the partials with the dense parts. The
 per-tile arithmetic (and why it is written as it is) is in kernels/tiles.py.
 A Hadamard-rotated codec (x stored as x @ R) is read without undoing the
 rotation per token: q . (x_r R^T) = (q R) . x_r, and sum p (x_r R^T) = (sum p x_r) R^T.
+Keys turned back by their offset in a group (codecs/spin.py) are read the same way, with one
+query row per offset (turn(q, -j) R, built once per call): tiles.turned_logits.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from ...codecs.base import Packed
 from ...codecs.hadamard import rotation
 from ...codecs.quant import IntQuant
+from ...codecs.spin import turned_queries
 from ...kernels.backend import TRITON, triton_for
 from ...kernels.tiles import (
     FAST,
@@ -38,6 +41,7 @@ from ...kernels.tiles import (
     partial_buffers,
     rotate_back,
     to_levels,
+    turned_logits,
     unpack_codes,
     weights,
 )
@@ -47,10 +51,11 @@ if TRITON:
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _rows(qb, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt, vsym, vstep,
-          vmn):
+def _rows(qb, qt, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt, vsym,
+          vstep, vmn):
     """One tile for each query row of a head: logits from the key symbols ksym (codes, or their levels),
-    folded into the online softmax (m, lsum) and the value sums (acc, accb) with the value symbols."""
+    folded into the online softmax (m, lsum) and the value sums (acc, accb) with the value symbols.
+    qt (rows, kb, d): each row's query per offset in a key group, for turned keys (else empty)."""
     nr, d = qb.shape
     kw = d // kgroups
     for r in range(nr):
@@ -59,7 +64,11 @@ def _rows(qb, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg
         if kb > 1:  # per-channel keys: one (step, min) row per block of kb tokens
             for kq in range((cnt + kb - 1) // kb):
                 blk = (t0 + kq * kb) // kb
-                channel_logits(q1, kstep[blk], kmn[blk], ksym[kq * kb * d:], min(kb, cnt - kq * kb), qs, lr[kq * kb:])
+                nk = min(kb, cnt - kq * kb)
+                if qt.shape[0]:
+                    turned_logits(qt[r], kstep[blk], kmn[blk], ksym[kq * kb * d:], nk, lr[kq * kb:])
+                else:
+                    channel_logits(q1, kstep[blk], kmn[blk], ksym[kq * kb * d:], nk, qs, lr[kq * kb:])
         else:  # per-token keys: step_g (q_g . code_g) + mn_g sum(q_g) per channel group
             ks = kstep[t0:t0 + cnt]
             km = kmn[t0:t0 + cnt]
@@ -84,7 +93,7 @@ def _rows(qb, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
-def _fused(q, qb, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
+def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
            splits, vrot, cap, klut, vlut, out):
     nb_, nh, nr, d = q.shape
     krow = kc.shape[1] // vis.shape[1]
@@ -139,16 +148,16 @@ def _fused(q, qb, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups,
             vs, vm = vstep[b, h, t0:t0 + cnt], vmn[b, h, t0:t0 + cnt]
             # one call per pair of buffer types (uint8 codes or float32 levels): numba compiles each
             if klut.shape[0] and vlut.shape[0]:
-                _rows(qb[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
+                _rows(qb[b, h], qt[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
                       acc, accb, wt, vfl, vs, vm)
             elif klut.shape[0]:
-                _rows(qb[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
+                _rows(qb[b, h], qt[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
                       acc, accb, wt, vsym, vs, vm)
             elif vlut.shape[0]:
-                _rows(qb[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
+                _rows(qb[b, h], qt[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
                       acc, accb, wt, vfl, vs, vm)
             else:
-                _rows(qb[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
+                _rows(qb[b, h], qt[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
                       acc, accb, wt, vsym, vs, vm)
         for r in range(nr):
             pm[b, h, sp, r] = m[r]
@@ -195,20 +204,32 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     b, h, r, d = q.shape
     n = keys.num_tokens
     splits = max(1, min(splits, -(-n // tile)))
-    qb = q @ rotation(d, key_codec.seed) if key_codec.rotate else q
+    qb, qt = _key_queries(q, key_codec)
     vrot = rotation(d, value_codec.seed).numpy() if value_codec.rotate else _NO_ROTATION
     kc, kmn, ksc, ktg, kgroups = _operands(key_codec, keys)
     vc, vmn, vsc, _, vgroups = _operands(value_codec, values)
     out = np.empty((b, h, r, d), dtype=np.float32)
     nbody = np.full(b, n, dtype=np.int64)
     ndense = np.full(b, dense_k.shape[2], dtype=np.int64)
-    _fused(q.contiguous().numpy(), qb.contiguous().numpy(), as_u8(vis), nbody, dense_k.contiguous().numpy(),
+    _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, as_u8(vis), nbody, dense_k.contiguous().numpy(),
            dense_v.contiguous().numpy(), as_u8(dense_vis), ndense, kc, kmn, ksc, ktg, kgroups, key_codec.bits, vc, vmn,
            vsc, vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), *_luts(key_codec, value_codec), out)
     return torch.from_numpy(out)
 
 
 _NO_ROTATION = np.empty((0, 0), dtype=np.float32)
+
+
+def _key_queries(q: torch.Tensor, codec: IntQuant):
+    """(q in the keys' rotated basis, the per-offset queries (B, H, R, group, d) of turned keys or empty)."""
+    d = q.shape[-1]
+    if codec.derope:
+        qt = turned_queries(q, codec.derope, codec.group)
+        if codec.rotate:
+            qt = qt @ rotation(d, codec.seed)
+        return q, np.ascontiguousarray(qt.numpy())
+    none = np.empty((*q.shape[:2], 0, 0, 0), dtype=np.float32)  # qt[b, h] stays in bounds
+    return (q @ rotation(d, codec.seed) if codec.rotate else q), none
 _NO_LEVELS = np.empty(0, dtype=np.float32)
 
 
@@ -274,11 +295,11 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     vis = np.arange(n_max)[None, :] < n[:, None]
     kc, kmn, ksc, ktg, kgroups = _padded(one.key_codec, [x.keys for x in bodies], n_max)
     vc, vmn, vsc, _, vgroups = _padded(one.value_codec, [x.values for x in bodies], n_max)
-    qb = q @ rotation(d, one.key_codec.seed) if one.key_codec.rotate else q
+    qb, qt = _key_queries(q, one.key_codec)
     vrot = rotation(d, one.value_codec.seed).numpy() if one.value_codec.rotate else _NO_ROTATION
     out = np.empty((b, h, r, d), dtype=np.float32)
     dense_vis = np.ones((b, 1, dense_k.shape[2]), dtype=np.uint8)
-    _fused(q.contiguous().numpy(), qb.contiguous().numpy(), vis.view(np.uint8), n, dense_k, dense_v,
+    _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, vis.view(np.uint8), n, dense_k, dense_v,
            dense_vis, dense_n, kc, kmn, ksc, ktg, kgroups, one.key_codec.bits, vc, vmn, vsc, vgroups,
            one.value_codec.bits, one.block, splits, vrot, np.float32(cap), *_luts(one.key_codec, one.value_codec), out)
     return torch.from_numpy(out)
@@ -308,7 +329,7 @@ class IntBody:
 
     def batch_key(self) -> tuple:
         """Bodies with equal keys are read by one `attend_many` call."""
-        return tuple((c.bits, c.axis, c.group, c.rotate, c.seed, c.levels)
+        return tuple((c.bits, c.axis, c.group, c.rotate, c.seed, c.levels, c.derope)
                      for c in (self.key_codec, self.value_codec)) + (
             self.block,)
 
