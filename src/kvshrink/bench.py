@@ -350,13 +350,20 @@ def plot(res: dict, path: str) -> None:
     panels = ((axes[0], "ppl_change", "perplexity change vs uncompressed (%)", {"value": "symlog", "linthresh": 0.1}),
               (axes[1], "kl", "KL(uncompressed || method) per token", {"value": "log"}))
     for ax, key, label, yscale in panels:
-        for i, (name, r) in enumerate(res["quality"].items()):
-            if "ratio" not in r:
-                continue
+        points = [(name, r["ratio"], 100 * r[key] if key == "ppl_change" else max(r[key], 1e-6))
+                  for name, r in res["quality"].items() if "ratio" in r]
+        for i, (name, x, y) in enumerate(points):
             peer = res["methods"][name]["family"] == "peer"
-            y = 100 * r[key] if key == "ppl_change" else max(r[key], 1e-6)
-            ax.scatter(r["ratio"], y, marker="s" if peer else "o", color="tab:gray" if peer else "tab:blue")
-            ax.annotate(name, (r["ratio"], y), fontsize=7, xytext=(4, 4 if i % 2 else -10), textcoords="offset points")
+            ax.scatter(x, y, marker="s" if peer else "o", color="tab:gray" if peer else "tab:blue")
+            # methods of one ratio (variants of a preset) alternate sides in the order of their y, so
+            # close points' labels do not overlap
+            same = sorted((q for q in points if round(q[1], 2) == round(x, 2)), key=lambda q: q[2])
+            if len(same) > 1:
+                left = same.index((name, x, y)) % 2
+                ax.annotate(name, (x, y), fontsize=7, xytext=(-6 if left else 6, -3), textcoords="offset points",
+                            ha="right" if left else "left")
+            else:
+                ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4 if i % 2 else -10), textcoords="offset points")
         ax.set_yscale(**yscale)
         ax.set_xlabel("compression ratio vs fp16 (bytes really held)")
         ax.set_ylabel(label)

@@ -22,14 +22,25 @@ def _sylvester(n: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=32)
+def signs(dim: int, seed: int = 0) -> torch.Tensor:
+    """The float32 (dim,) random signs of `rotation(dim, seed)`: R = diag(signs) @ blocks of H / sqrt(block),
+    so x @ R is a fast Walsh-Hadamard transform of x * signs within each block (the kernels' shortcut)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (dim,), generator=gen).float() * 2 - 1
+
+
+def hadamard_block(dim: int) -> int:
+    """The size of R's Hadamard blocks: the largest power of two dividing dim."""
+    return dim & (-dim)
+
+
+@lru_cache(maxsize=32)
 def rotation(dim: int, seed: int = 0) -> torch.Tensor:
     """The float32 (dim, dim) orthogonal matrix R; the same for the same seed."""
-    block = dim & (-dim)  # largest power of two dividing dim
+    block = hadamard_block(dim)
     h = _sylvester(block) / block**0.5
     r = torch.block_diag(*([h] * (dim // block)))
-    gen = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (dim,), generator=gen).float() * 2 - 1
-    return signs[:, None] * r
+    return signs(dim, seed)[:, None] * r
 
 
 @lru_cache(maxsize=64)

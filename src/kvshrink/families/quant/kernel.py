@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from ...codecs.base import Packed
-from ...codecs.hadamard import rotation
+from ...codecs.hadamard import hadamard_block, rotation, signs
 from ...codecs.quant import IntQuant
-from ...codecs.spin import turned_queries
+from ...codecs.spin import angles
 from ...kernels.backend import TRITON, triton_for
 from ...kernels.tiles import (
     FAST,
@@ -220,14 +220,62 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
 _NO_ROTATION = np.empty((0, 0), dtype=np.float32)
 
 
+@numba.njit(cache=True, fastmath=FAST)
+def _turned_table(q, cos, sin, sg, block, out):
+    """out[b, h, r, j] = turn(q[b, h, r], -j) @ R (codecs/spin.py, codecs/hadamard.py), without forming R:
+    the turn pair by pair, then (with signs sg) a fast Walsh-Hadamard transform within each block. The
+    work is laid out channel-major (d, group), so every step runs over the group's offsets in vectors."""
+    nb, nh, nr, d = q.shape
+    g, n = cos.shape
+    scale = np.float32(1.0 / np.sqrt(block)) if sg.shape[0] else np.float32(1.0)
+    u = np.empty((d, g), dtype=np.float32)
+    for b in range(nb):
+        for h in range(nh):
+            for r in range(nr):
+                x = q[b, h, r]
+                for i in range(n):
+                    x1, x2 = x[i], x[i + n]
+                    s1 = sg[i] if sg.shape[0] else np.float32(1.0)
+                    s2 = sg[i + n] if sg.shape[0] else np.float32(1.0)
+                    for j in range(g):
+                        u[i, j] = (x1 * cos[j, i] + x2 * sin[j, i]) * s1
+                        u[i + n, j] = (x2 * cos[j, i] - x1 * sin[j, i]) * s2
+                for i in range(2 * n, d):
+                    si = sg[i] if sg.shape[0] else np.float32(1.0)
+                    for j in range(g):
+                        u[i, j] = x[i] * si
+                if sg.shape[0]:
+                    for o in range(0, d, block):
+                        w = 1
+                        while w < block:
+                            for a in range(o, o + block, 2 * w):
+                                for i in range(a, a + w):
+                                    for j in range(g):
+                                        t = u[i, j]
+                                        u[i, j] = t + u[i + w, j]
+                                        u[i + w, j] = t - u[i + w, j]
+                            w *= 2
+                for j in range(g):
+                    for i in range(d):
+                        out[b, h, r, j, i] = u[i, j] * scale
+
+
+def turned_table(q: torch.Tensor, codec: IntQuant) -> np.ndarray:
+    """The per-offset queries (B, H, R, group, d) float32 of a turned key codec: turn(q, -j) R for j < group
+    (tiles.turned_logits reads them)."""
+    d = q.shape[-1]
+    cos, sin = angles(codec.derope, codec.group, torch.device("cpu"))
+    sg = signs(d, codec.seed).numpy() if codec.rotate else np.empty(0, dtype=np.float32)
+    out = np.empty((*q.shape[:3], codec.group, d), dtype=np.float32)
+    _turned_table(q.contiguous().numpy(), cos.numpy(), sin.numpy(), sg, hadamard_block(d), out)
+    return out
+
+
 def _key_queries(q: torch.Tensor, codec: IntQuant):
     """(q in the keys' rotated basis, the per-offset queries (B, H, R, group, d) of turned keys or empty)."""
     d = q.shape[-1]
     if codec.derope:
-        qt = turned_queries(q, codec.derope, codec.group)
-        if codec.rotate:
-            qt = qt @ rotation(d, codec.seed)
-        return q, np.ascontiguousarray(qt.numpy())
+        return q, turned_table(q, codec)
     none = np.empty((*q.shape[:2], 0, 0, 0), dtype=np.float32)  # qt[b, h] stays in bounds
     return (q @ rotation(d, codec.seed) if codec.rotate else q), none
 _NO_LEVELS = np.empty(0, dtype=np.float32)
