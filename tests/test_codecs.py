@@ -12,7 +12,7 @@ from kvshrink.codecs.hadamard import rotation
 from kvshrink.codecs.levels import GAUSS_BITS, KINDS, gauss
 from kvshrink.codecs.packing import pack, packed_length, unpack
 from kvshrink.codecs.quant import IntQuant
-from kvshrink.codecs.spin import turn, turned_queries
+from kvshrink.codecs.spin import turn
 from kvshrink.errors import KvshrinkError
 from kvshrink.families.quant.config import LEVELS, QuantConfig
 
@@ -282,8 +282,8 @@ def _rope(x: torch.Tensor, start: int, freqs=ROPE16) -> torch.Tensor:
 @given(bits=st.integers(1, 8), rotate=st.booleans(), pairs=st.sampled_from([8, 6]), seed=st.integers(0, 99))
 def test_turned_keys_are_the_plain_codes_of_the_turned_tokens(bits, rotate, pairs, seed):
     """Turning within groups is exact: the codes are a plain codec's codes of the tokens turned back by
-    their offsets, decoding turns them forward again, the bytes are the plain codec's; the turned
-    query per offset gives the same dot products as the decoded keys."""
+    their offsets, decoding turns them forward again, the bytes are the plain codec's; the query
+    turned back per offset gives the same dot products as the decoded keys (what the kernels use)."""
     g = torch.Generator().manual_seed(seed)
     freqs = ROPE16[:pairs]
     x = torch.randn(2, 3, 64, 16, generator=g) * torch.linspace(0.2, 3, 16)
@@ -295,7 +295,7 @@ def test_turned_keys_are_the_plain_codes_of_the_turned_tokens(bits, rotate, pair
     assert torch.equal(pt.tensors["codes"], pp.tensors["codes"]) and turned.nbytes(pt) == plain.nbytes(pp)
     torch.testing.assert_close(turned.decode(pt), turn(plain.decode(pp), freqs, 16, 1), rtol=0, atol=1e-5)
     q = torch.randn(2, 3, 16, generator=g)
-    qt = turned_queries(q, freqs, 16)  # (2, 3, 16 offsets, 16)
+    qt = turn(q[:, :, None].expand(2, 3, 16, 16).contiguous(), freqs, 16, -1)  # row j: turn(q, -j)
     k = turned.decode(pt)
     j = torch.arange(64) % 16
     want = (q[:, :, None] * k).sum(-1)

@@ -40,9 +40,3 @@ def turn(x: torch.Tensor, freqs: tuple, group: int, sign: int) -> torch.Tensor:
         parts.append(g[..., 2 * n:])
     return torch.cat(parts, -1).reshape(*lead, t, d)
 
-
-def turned_queries(q: torch.Tensor, freqs: tuple, group: int) -> torch.Tensor:
-    """q (..., d) -> (..., group, d): the query as the keys at offset j of a turned group see it,
-    q . turn(x, +j) = turn(q, -j) . x."""
-    rows = q[..., None, :].expand(*q.shape[:-1], group, q.shape[-1])
-    return turn(rows.contiguous(), freqs, group, -1)
