@@ -218,6 +218,7 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
 
 
 _NO_ROTATION = np.empty((0, 0), dtype=np.float32)
+_NO_LEVELS = np.empty(0, dtype=np.float32)
 
 
 @numba.njit(cache=True, fastmath=FAST)
@@ -272,13 +273,13 @@ def turned_table(q: torch.Tensor, codec: IntQuant) -> np.ndarray:
 
 
 def _key_queries(q: torch.Tensor, codec: IntQuant):
-    """(q in the keys' rotated basis, the per-offset queries (B, H, R, group, d) of turned keys or empty)."""
+    """(the query the key logits read, the per-offset queries (B, H, R, group, d) or empty): for turned keys
+    q as it is and the table (the rotation is in the table), else q in the keys' rotated basis."""
     d = q.shape[-1]
     if codec.derope:
         return q, turned_table(q, codec)
     none = np.empty((*q.shape[:2], 0, 0, 0), dtype=np.float32)  # qt[b, h] stays in bounds
     return (q @ rotation(d, codec.seed) if codec.rotate else q), none
-_NO_LEVELS = np.empty(0, dtype=np.float32)
 
 
 def _table(codec: IntQuant):
