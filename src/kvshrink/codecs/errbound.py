@@ -4,7 +4,9 @@ A block of tokens is quantized with a step set by a relative error bound:
 step = bound x the group's value range, so every element decodes within half a
 step of its input. Keys form groups per channel over the block's tokens (key
 outliers sit in fixed channels), values per token over its channels. The
-symbols 0..ceil(1/bound) are what the entropy coder (huffman.py) sees.
+symbols 0..ceil(1/bound - 1/2) are what the entropy coder (huffman.py) sees: a
+group's maximum is at most 1/bound steps above its minimum, so 0.3 has 4
+symbols, not ceil(1/0.3) + 1 = 5 (a symbol never used still takes code space).
 
 Guarantee, tested: with the stored float16 minimum `mn` (rounded down) and
 step `s` (rounded up from bound x (max - mn)), |x - (mn + q s)| <= s / 2 for
@@ -35,7 +37,7 @@ class ErrorBound:
         if axis not in AXES:
             raise KvshrinkError(f"unknown quantization axis {axis!r}; use one of {', '.join(AXES)}")
         self.bound, self.axis = float(bound), axis
-        self.qmax = math.ceil(1 / self.bound - 1e-9)
+        self.qmax = math.ceil(1 / self.bound - 0.5 - 1e-9)  # what the largest (max - min) / step rounds to
         self.dim = 3 if axis == "channel" else 4
 
     @property

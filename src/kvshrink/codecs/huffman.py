@@ -9,6 +9,14 @@ code that fits whole in those bits (up to `MULTI`), so one lookup emits about
 three symbols at the ~3 bits per symbol seen here. Bits are written
 most significant first; every block starts on a byte and is decodable alone.
 
+Whole-bit codes lose most where one symbol is likely: a symbol of probability p costs at least
+one bit where its information is -log2 p (5 symbols with the likeliest above 40% cost 7.5% over
+the entropy on the bundled model). Codes over tuples of `k` symbols (`tuple_size`: up to 3 symbols
+from an alphabet of at most 6, up to 2 from one of at most 16) spread that loss over k symbols. A tuple's lookup entry
+holds its k symbols, so the decoders (here, and the GPU kernel) stay as they are: a window still
+emits up to MULTI symbols. An arithmetic or ANS coder would close the gap further, but no library
+one decodes inside a numba or Triton kernel, which is where blocks are read.
+
 A fixed-width table (every symbol `bits` long) is the packed-integer form of
 the same symbols: both forms share one encoder and one decoder.
 
@@ -26,6 +34,7 @@ import numpy as np
 
 MAX_LEN = 10
 MULTI = 4  # symbols one lookup may emit
+TUPLES = 256  # most tuples a code may have (MAX_LEN-bit codes leave room for the unlikely ones)
 PAD = 3  # bytes the decoder may read past a block's last bit (two-byte refills of a MAX_LEN look-ahead)
 
 
@@ -62,6 +71,30 @@ def fixed_lengths(n_symbols: int) -> np.ndarray:
     return np.full(n_symbols, max(1, math.ceil(math.log2(n_symbols))), dtype=np.uint8)
 
 
+def tuple_size(n_symbols: int) -> int:
+    """Symbols per code for an alphabet of n: the most (at most 3, so one lookup emits a whole tuple)
+    whose tuples number at most TUPLES."""
+    k = 1
+    while k < 3 and n_symbols ** (k + 1) <= TUPLES:
+        k += 1
+    return k
+
+
+def tuples(symbols: np.ndarray, n_symbols: int, k: int) -> np.ndarray:
+    """symbols (blocks, n) -> (blocks, ceil(n / k)) tuple indices (the first symbol most significant),
+    the last tuple of a block padded with symbol 0 (the decoder emits the padding past the block's n)."""
+    if k == 1:
+        return symbols
+    b, n = symbols.shape
+    padded = np.zeros((b, -(-n // k) * k), dtype=np.int64)
+    padded[:, :n] = symbols
+    padded = padded.reshape(b, -1, k)
+    out = np.zeros(padded.shape[:2], dtype=np.int64)
+    for j in range(k):
+        out = out * n_symbols + padded[:, :, j]
+    return out.astype(np.uint16 if n_symbols ** k > 256 else np.uint8)
+
+
 def canonical_codes(lengths: np.ndarray) -> np.ndarray:
     """Canonical code values (uint32) for code lengths: shorter codes first, then by symbol."""
     order = np.lexsort((np.arange(lengths.size), lengths))
@@ -77,10 +110,15 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
 
 
 class Table:
-    """One prefix code: lengths (what is stored), codes and the decoding lookup (derived, but held)."""
+    """One prefix code: lengths (what is stored), codes and the decoding lookup (derived, but held).
+    With `n_symbols`, a code per tuple of k symbols where there are n_symbols ** k lengths."""
 
-    def __init__(self, lengths: np.ndarray, max_len: int = MAX_LEN):
+    def __init__(self, lengths: np.ndarray, max_len: int = MAX_LEN, n_symbols: int | None = None):
         self.lengths = np.asarray(lengths, dtype=np.uint8)
+        self.n_symbols = n_symbols or self.lengths.size
+        self.k = round(math.log(self.lengths.size) / math.log(self.n_symbols)) if self.n_symbols > 1 else 1
+        if self.n_symbols ** self.k != self.lengths.size or self.k > MULTI:
+            raise ValueError(f"{self.lengths.size} code lengths are not tuples of {self.n_symbols} symbols")
         if int(self.lengths.max()) > max_len:
             raise ValueError(f"code length {int(self.lengths.max())} exceeds {max_len}")
         kraft = float(np.sum(2.0 ** -self.lengths.astype(np.float64)))
@@ -89,42 +127,45 @@ class Table:
         self.codes = canonical_codes(self.lengths)
         # 4- and 8-bit fixed-width codes (canonical codes = the symbols) decode by position;
         # other widths go through the lookup like any prefix code (measured faster than shifting)
-        same = (self.lengths == self.lengths[0]).all()
+        same = (self.lengths == self.lengths[0]).all() and self.k == 1
         self.fixed = int(self.lengths[0]) if same and int(self.lengths[0]) in (4, 8) else 0
-        self.lut_sym, self.lut_len, self.lut_n = _lookup(self.codes, self.lengths, max_len)
+        self.lut_sym, self.lut_len, self.lut_n = _lookup(self.codes, self.lengths, max_len, self.n_symbols, self.k)
 
     @classmethod
-    def from_counts(cls, counts: np.ndarray) -> "Table":
-        return cls(code_lengths(counts))
+    def from_counts(cls, counts: np.ndarray, n_symbols: int | None = None) -> "Table":
+        """From a histogram of symbols, or of tuples of n_symbols symbols."""
+        return cls(code_lengths(counts), n_symbols=n_symbols)
 
     def bits(self, counts: np.ndarray) -> int:
         """Bits these codes spend on symbols with histogram `counts`."""
         return int(np.dot(np.asarray(counts, dtype=np.int64), self.lengths.astype(np.int64)))
 
 
-def _lookup(codes: np.ndarray, lengths: np.ndarray, max_len: int):
+def _lookup(codes: np.ndarray, lengths: np.ndarray, max_len: int, n_symbols: int | None = None, k: int = 1):
     """Per window of max_len bits: the symbols of the codes that fit whole in it (MULTI at most),
-    the bits they take and how many they are."""
+    the bits they take and how many they are (k per code of a tuple)."""
+    n_symbols = n_symbols or codes.size
     size = 1 << max_len
-    one_sym = np.zeros(size, dtype=np.uint8)
+    one_sym = np.zeros((size, k), dtype=np.uint8)  # the k symbols of the code starting the window
     one_len = np.zeros(size, dtype=np.int64)
     for s in range(codes.size):
         shift = max_len - int(lengths[s])
         start = int(codes[s]) << shift
-        one_sym[start:start + (1 << shift)] = s
+        one_sym[start:start + (1 << shift)] = [s // n_symbols ** (k - 1 - j) % n_symbols for j in range(k)]
         one_len[start:start + (1 << shift)] = lengths[s]
     w = np.arange(size, dtype=np.int64)
     sym = np.zeros((size, MULTI), dtype=np.uint8)
     used = np.zeros(size, dtype=np.int64)
     count = np.zeros(size, dtype=np.int64)
     live = np.ones(size, dtype=bool)
-    for j in range(MULTI):
+    for _ in range(MULTI // k):
         nxt = (w << used) & (size - 1)  # the window's bits after the codes taken so far, zero-filled
         ln = one_len[nxt]
         live &= (ln > 0) & (used + ln <= max_len)  # a code that only fits with the zero fill is not whole
-        sym[live, j] = one_sym[nxt[live]]
+        for j in range(k):
+            sym[live, count[live] + j] = one_sym[nxt[live], j]
         used = np.where(live, used + ln, used)
-        count += live
+        count += live * k
     return sym, used.astype(np.uint8), count.astype(np.uint8)
 
 
@@ -170,8 +211,9 @@ def _write(symbols, table_of, codes, lengths, starts, stream):
 
 
 def encode(symbols: np.ndarray, table_of: np.ndarray, codes: np.ndarray, lengths: np.ndarray):
-    """symbols (blocks, n) uint8, table_of (blocks,) table per block, codes/lengths (tables, alphabet)
-    -> (stream uint8 with PAD spare bytes, starts int64 (blocks,) byte offset of each block)."""
+    """symbols (blocks, n) uint8 (or tuple indices, `tuples`), table_of (blocks,) table per block,
+    codes/lengths (tables, alphabet) -> (stream uint8 with PAD spare bytes, starts int64 (blocks,)
+    byte offset of each block)."""
     bits = _block_bits(symbols, table_of, lengths)
     nbytes = (bits + 7) // 8
     starts = np.zeros(symbols.shape[0], dtype=np.int64)

@@ -23,7 +23,7 @@ from ...errors import KvshrinkError
 from ...kernels.backend import kernels_on
 from .codec import EntropyPacked
 
-FORMAT = "kvshrink-cache-2"
+FORMAT = "kvshrink-cache-3"  # 3: codes over tuples of symbols; bound 0.3 has 4 symbols
 SETTINGS = ("key_bound", "value_bound", "key_block", "value_block", "sink", "window", "entropy", "drift",
             "attend", "splits", "method")
 _BODY = ("stream", "starts", "table_of", "mn", "step")
@@ -95,7 +95,7 @@ def fill(layer, stores: dict) -> None:
         b, h, _, d = store.sink.shape
         store.stage = Packed({"x": parts["stage"]}, 1, d) if "stage" in parts else None
         for row in parts["lengths"].cpu().numpy() if "lengths" in parts else ():
-            codec.add_table(Table(row))
+            codec.add_table(Table(row, n_symbols=codec.quant.symbols))
         for s in _STATS:
             setattr(codec, s, parts["stats"][s])
         store.body = (EntropyPacked(codec, *(parts[f] for f in _BODY), store.block, d)
