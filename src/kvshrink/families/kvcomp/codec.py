@@ -8,10 +8,10 @@ step of every group are kept beside the stream (`EntropyPacked`).
 Tables belong to the codec, one codec per layer and per keys/values: the first blocks' histogram
 builds the first table (as the paper). Each later batch of blocks is coded with the current table
 unless that costs more than `drift` (5%) over a table built from the batch's own histogram; then
-the new table is added and used from there on. Every block records its table. Codes are over
-tuples of symbols where the alphabet is small (codecs/huffman.py's `tuple_size`: 3 symbols at the
-bounds 0.2 and 0.3, pairs at 0.1), which brings them within 2% of the entropy where single-symbol
-codes were 7.5% over. `entropy=False` codes the same symbols with one fixed-width table: packed
+the new table is added and used from there on. Every block records its table. Where single-symbol
+codes are more than 1.5% over the entropy, codes are over tuples of symbols (codecs/huffman.py's
+`tuple_size`; on the bundled model, 3 symbols at the bounds 0.2 and 0.3), which brings them within
+1% where they were 7.5% over. `entropy=False` codes the same symbols with one fixed-width table: packed
 integers (the comparison row).
 
 Encoding builds new tensors (the tables are appended, never changed in place), so a `view()` taken
@@ -30,6 +30,7 @@ from ...codecs.base import Codec
 from ...codecs.errbound import ErrorBound
 
 MAX_TABLES = 255
+CLOSE = 1.015  # single symbols per code where they come this close to the entropy (else tuples)
 
 
 @dataclass(frozen=True)
@@ -158,15 +159,21 @@ class EntropyCodec(Codec):
 
     # --- tables -------------------------------------------------------------------------
     def _best_tuple(self, symbols: np.ndarray) -> int:
-        """Symbols per code (1 up to huffman.tuple_size) that code the first batch in the fewest bits: longer
-        tuples spread whole-bit losses, but their rare tuples take code space (codes are at most MAX_LEN bits)."""
+        """Symbols per code (1 up to huffman.tuple_size) for the first batch: the fewest that come within
+        CLOSE of its entropy, else the fewest bits. Tuples spread whole-bit losses, but a lookup then emits
+        fewer symbols (decoding is about 15% slower at 8k), and rare tuples take code space (codes are at
+        most MAX_LEN bits)."""
         s = self.quant.symbols
-
-        def bits(k):
+        limit = CLOSE * huffman.entropy_bits(np.bincount(symbols.reshape(-1), minlength=s))
+        best, best_bits = 1, None
+        for k in range(1, huffman.tuple_size(s) + 1):
             c = np.bincount(huffman.tuples(symbols, s, k).reshape(-1), minlength=s ** k).astype(np.int64)
-            return int(np.dot(c, huffman.code_lengths(c).astype(np.int64)))
-
-        return min(range(1, huffman.tuple_size(s) + 1), key=bits)
+            bits = int(np.dot(c, huffman.code_lengths(c).astype(np.int64)))
+            if bits <= limit:
+                return k
+            if best_bits is None or bits < best_bits:
+                best, best_bits = k, bits
+        return best
 
     def _choose_table(self, symbols: np.ndarray) -> tuple[int, np.ndarray]:
         """(table, histogram of the codes it will code) for a batch's symbols (blocks, n)."""

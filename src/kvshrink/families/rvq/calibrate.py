@@ -168,7 +168,7 @@ def load_or_calibrate(model, tokenizer, corpus: str | None = None, group: int = 
     path = default_path(model, group, size, key_grouping, value_grouping)
     if os.path.isfile(path):
         return RvqCalibration.load(path, model)
-    log(f"RVQ: no codebooks for this model and layout at {path}; learning them (about 3.5 minutes on 2 cores "
+    log(f"RVQ: no codebooks for this model and layout at {path}; learning them (about 35 seconds on 2 cores "
         "for the bundled 135M model, longer for larger ones)")
     ids, desc = calibration_ids(tokenizer, corpus, sequences=8, length=512)
     calib = calibrate(model, ids, desc, group, size, MAX_DEPTH, key_grouping, value_grouping)
