@@ -10,8 +10,8 @@ builds the first table (as the paper). Each later batch of blocks is coded with 
 unless that costs more than `drift` (5%) over a table built from the batch's own histogram; then
 the new table is added and used from there on. Every block records its table. Where single-symbol
 codes are more than 1.5% over the entropy, codes are over tuples of symbols (codecs/huffman.py's
-`tuple_size`; on the bundled model, 3 symbols at the bounds 0.2 and 0.3), which brings them within
-1% where they were 7.5% over. `entropy=False` codes the same symbols with one fixed-width table: packed
+`tuple_size`; on the bundled model, pairs at the bounds 0.2 and 0.3 and for some layers' values
+at 0.1), which brings them within 1% where they were 7.5% over. `entropy=False` codes the same symbols with one fixed-width table: packed
 integers (the comparison row).
 
 Encoding builds new tensors (the tables are appended, never changed in place), so a `view()` taken
