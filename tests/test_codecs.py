@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from kvshrink.codecs.base import Fp16
 from kvshrink.codecs.hadamard import rotation
+from kvshrink.codecs import scales as scales8
 from kvshrink.codecs.levels import GAUSS_BITS, KINDS, gauss
 from kvshrink.codecs.packing import pack, packed_length, unpack
 from kvshrink.codecs.quant import IntQuant
@@ -321,3 +322,55 @@ def test_turned_keys_refuse_what_they_cannot_code():
         QuantConfig(bits=2, prerope=True, key_axis="token").check()
     with pytest.raises(KvshrinkError, match="RoPE pairs"):
         IntQuant(2, "channel", 16, derope=ROPE16 * 2).encode(torch.randn(1, 1, 16, 16), 16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 40)), seed=st.integers(0, 2**16),
+       log_dev=st.floats(-15.0, 9.0), rel_mean=st.floats(-500.0, 500.0))
+def test_eight_bit_scales_round_trip_within_their_steps(shape, seed, log_dev, rel_mean):
+    """The deviation comes back within half a log step (2^(1/20) - 1 = 3.5%), the mean within e4m3's
+    half step (1/16 of it) plus a 1e-6 share of the deviation: two bytes a group, exactly."""
+    g = torch.Generator().manual_seed(seed)
+    dev = 2.0 ** (log_dev + torch.rand(shape, generator=g) - 0.5)
+    mean = dev * rel_mean * torch.rand(shape, generator=g)
+    e, r = scales8.pack(mean, dev)
+    assert e.dtype == r.dtype == torch.uint8 and e.shape == r.shape == shape
+    m2, d2 = scales8.unpack(e, r)
+    floor = mean.abs() / scales8.E4M3_MAX  # the deviation is raised to this so that the ratio fits e4m3
+    assert (d2 >= torch.maximum(dev, floor) * 2 ** (-1 / 20) * (1 - 1e-6)).all()
+    assert (d2 <= torch.maximum(dev * 2 ** (1 / 20), floor * 2 ** (1 / 10)) * (1 + 1e-6)).all()
+    assert ((m2 - mean).abs() <= mean.abs() / 16 + 2.0 ** -9 * d2 + 1e-12).all()
+
+
+def test_eight_bit_scales_keep_zero_and_refuse_what_they_cannot_hold():
+    e, r = scales8.pack(torch.zeros(3), torch.zeros(3))
+    assert e.tolist() == [0, 0, 0]
+    m, d = scales8.unpack(e, r)
+    assert m.tolist() == [0.0] * 3 and d.tolist() == [0.0] * 3
+    m, d = scales8.unpack(*scales8.pack(torch.tensor([2.5]), torch.zeros(1)))  # a constant group keeps its value
+    assert abs(float(m) - 2.5) <= 2.5 / 16 and float(d) <= 2.5 / 448 * 2 ** 0.1
+    with pytest.raises(KvshrinkError, match="range of 8-bit scales"):
+        scales8.pack(torch.zeros(1), torch.tensor([2000.0]))
+    with pytest.raises(KvshrinkError, match="8-bit scales need Gaussian levels"):
+        IntQuant(2, scales="8bit")
+    with pytest.raises(KvshrinkError, match="scales=8bit needs levels=gauss"):
+        QuantConfig(bits=2, scales="8bit").check()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_eight_bit_scales_save_two_bytes_a_group_at_almost_no_error(bits):
+    """Rotated Gaussian values of uneven token scales: each group's 4 bytes of scales become 2 (exact byte
+    count), and the squared error grows by under 1%."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(1, 3, 256, 64, generator=g) * torch.rand(1, 3, 256, 1, generator=g) * 3
+    x = x + 0.3 * torch.randn(1, 3, 256, 1, generator=g)
+    err, size = {}, {}
+    for sc in ("fp16", "8bit"):
+        codec = IntQuant(bits, "token", None, rotate=True, seed=2, levels="gauss", scales=sc)
+        packed = codec.encode(x, 128)
+        err[sc] = float((codec.decode(packed) - x).pow(2).mean())
+        size[sc] = codec.nbytes(packed)
+    groups = 3 * 256
+    assert size["8bit"] == 3 * 256 * 64 * bits // 8 + 2 * groups
+    assert size["fp16"] - size["8bit"] == 2 * groups
+    assert err["8bit"] < 1.01 * err["fp16"]

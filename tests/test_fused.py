@@ -50,7 +50,12 @@ def _states(kc, vc, n, t, block, window, batch=2, seed=0):
 
 
 TURN = tuple(10000.0 ** (-i / 8) for i in range(8))  # RoPE frequencies of a 16-wide head
-LEVELS = [("uniform", "uniform"), ("gauss", "uniform"), ("uniform", "gauss"), ("gauss", "gauss")]
+LEVELS = [("uniform", "uniform"), ("gauss", "uniform"), ("uniform", "gauss"), ("gauss", "gauss"), ("gauss8", "gauss8")]
+
+
+def _lv(kind: str) -> dict:
+    """IntQuant's level options for a LEVELS name: gauss8 is Gaussian levels with 8-bit scales."""
+    return {"levels": "gauss", "scales": "8bit"} if kind == "gauss8" else {"levels": kind}
 
 
 @settings(max_examples=40, deadline=None)
@@ -61,13 +66,13 @@ LEVELS = [("uniform", "uniform"), ("gauss", "uniform"), ("uniform", "gauss"), ("
 def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, block, window, n, t, pad, seed, cap,
                                           levels, turned):
     """Levels: the integers, or Gaussian ones for keys, values or both (a code read as its level; at 1 bit
-    folded into the step and minimum); per-channel keys turned back within their groups or not (the
+    folded into the step and minimum; float16 or 8-bit scales); per-channel keys turned back within their groups or not (the
     kernel's query per offset)."""
     kl, vl = levels if bits <= 4 else LEVELS[0]
     turn = TURN if turned and key_axis == "channel" else ()
-    kc = IntQuant(bits, key_axis, block if key_axis == "channel" else None, rotate=rotate, seed=1, levels=kl,
+    kc = IntQuant(bits, key_axis, block if key_axis == "channel" else None, rotate=rotate, seed=1, **_lv(kl),
                   derope=turn)
-    vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, levels=vl)
+    vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, **_lv(vl))
     layer, states, q = _states(kc, vc, n, t, block, window, seed=seed)
     assert hasattr(states, "attend")
     body = states.body
@@ -95,8 +100,8 @@ def test_many_sequences_in_one_call_get_what_each_gets_alone(bits, rotate, key_a
     each sequence's own call gives."""
     kl, vl = levels if bits <= 4 else LEVELS[0]
     turn = TURN if turned and key_axis == "channel" else ()
-    kc = IntQuant(bits, key_axis, 16 if key_axis == "channel" else None, rotate=rotate, seed=1, levels=kl, derope=turn)
-    vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, levels=vl)
+    kc = IntQuant(bits, key_axis, 16 if key_axis == "channel" else None, rotate=rotate, seed=1, **_lv(kl), derope=turn)
+    vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, **_lv(vl))
     made = [_states(kc, vc, n, 1, 16, window, batch=1, seed=seed + i) for i, n in enumerate(lengths)]
     states = [s for _, s, _ in made]
     q = torch.cat([q for _, _, q in made])

@@ -59,20 +59,21 @@ def _body(kc, vc, b, h, n, d, g):
        rotate=st.booleans(), blocks=st.integers(1, 4), b=st.integers(1, 2), rows=st.integers(1, 6),
        nd=st.integers(0, 9), pad=st.integers(0, 80), cap=st.sampled_from([0.0, 1.5]), seed=st.integers(0, 99),
        gauss=st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
-       pairs=st.sampled_from([0, 16, 12]))
+       pairs=st.sampled_from([0, 16, 12]), scales=st.sampled_from(["fp16", "8bit"]))
 def test_int_body_kernel_equals_the_numba_kernel(kbits, vbits, key_axis, rotate, blocks, b, rows, nd, pad, cap, seed,
-                                                 gauss, pairs):
+                                                 gauss, pairs, scales):
     """Any bit width (codes straddling bytes), both key axes, rotation, soft-cap, bodies cut off by
     padding, dense parts of any size (none included), Gaussian levels for keys or values (4 bits or
-    fewer), per-channel keys turned back within groups over all or some channel pairs (partial
-    rotary): the Triton kernel's output equals numba's."""
+    fewer, with float16 or 8-bit scales), per-channel keys turned back within groups over all or some
+    channel pairs (partial rotary): the Triton kernel's output equals numba's."""
     g = torch.Generator().manual_seed(seed)
     d, h, n = 32, 2, 64 * blocks
     kl, vl = ("gauss" if on and bits <= 4 else "uniform" for on, bits in zip(gauss, (kbits, vbits)))
     turn = tuple(10000.0 ** (-i / pairs) for i in range(pairs)) if key_axis == "channel" else ()
     kc = IntQuant(kbits, key_axis, 16 if key_axis == "channel" else 16 if kbits % 2 else None, rotate=rotate, seed=1,
-                  levels=kl, derope=turn)
-    vc = IntQuant(vbits, "token", 8 if vbits % 2 else None, rotate=rotate, seed=2, levels=vl)
+                  levels=kl, derope=turn, scales=scales if kl == "gauss" else "fp16")
+    vc = IntQuant(vbits, "token", 8 if vbits % 2 else None, rotate=rotate, seed=2, levels=vl,
+                  scales=scales if vl == "gauss" else "fp16")  # 8-bit scales: Gaussian levels only
     keys, values = _body(kc, vc, b, h, n, d, g)
     q = torch.randn(b, h, rows, d, generator=g) * 0.3
     vis = torch.ones(b, n, dtype=torch.bool)

@@ -6,7 +6,8 @@ Lloyd-Max levels of N(0, 1) (Max, 1960) give a smaller mean squared error than e
 levels between the group's minimum and maximum, at the same bytes per group: a float16 mean and
 deviation take the place of the float16 minimum and step. On the bundled model this cuts the KL
 of 2-bit rotated values by about 40% (docs/budget.md). At 3 bits and more the gain fades, and
-the uniform grid wins where a group's tails matter, so the allocator measures both.
+the uniform grid wins where a group's tails matter, so the allocator measures both. A mean and
+deviation also fit in a byte each (codecs/scales.py), which a uniform code's exact range does not.
 
 `UNIFORM` and `GAUSS` name the two kinds of level; the uniform kind's levels are the integers
 0 .. 2^bits - 1, so one decode (min + step * levels[code]) serves both.

@@ -15,6 +15,9 @@ With levels="gauss" (codecs/levels.py) a group stores its float16 mean and stand
 place of the minimum and step, and a code indexes the Lloyd-Max levels of N(0, 1): every element
 decodes to the level nearest to it under the stored mean and deviation.
 
+With scales="8bit" (Gaussian levels only) the mean and deviation take a byte each (codecs/scales.py):
+at 1 or 2 bits a value that is a sixth to a quarter of a head vector's bytes.
+
 With `derope` (per-channel keys: the model's RoPE frequencies) each token of a group is turned back
 by its offset's RoPE angles before coding and forward after decoding (codecs/spin.py).
 """
@@ -30,9 +33,11 @@ from .fastquant import quantize_rows
 from .hadamard import rotation_on
 from .levels import GAUSS, GAUSS_BITS, KINDS, UNIFORM, levels, thresholds
 from .packing import pack, unpack
+from . import scales as scales8
 from .spin import turn
 
 AXES = ("channel", "token")
+SCALES = ("fp16", "8bit")
 FAST_ELEMENTS = 4096  # per-token coding of at most this many values takes the compiled path
 
 
@@ -54,10 +59,11 @@ class IntQuant(Codec):
     group=None means the whole head vector. levels: "uniform" (min + step * code) or "gauss"
     (mean + deviation * the Gaussian's Lloyd-Max level; 1 to 4 bits). derope: RoPE inverse
     frequencies to undo within each token group (per-channel only; codecs/spin.py), before the rotation.
+    scales: "fp16", or "8bit" (Gaussian levels only: mean and deviation a byte each, codecs/scales.py).
     """
 
     def __init__(self, bits: int, axis: str = "token", group: int | None = None, rotate: bool = False, seed: int = 0,
-                 levels: str = UNIFORM, derope: tuple = ()):
+                 levels: str = UNIFORM, derope: tuple = (), scales: str = "fp16"):
         if not isinstance(bits, int) or not 1 <= bits <= 8:
             raise KvshrinkError(f"impossible bit width {bits!r}: integer quantization supports 1 to 8 bits")
         if axis not in AXES:
@@ -72,6 +78,12 @@ class IntQuant(Codec):
             raise KvshrinkError(f"Gaussian levels have 1 to {GAUSS_BITS} bits, not {bits}")
         if derope and axis != "channel":
             raise KvshrinkError("undoing RoPE needs per-channel codes over token groups")
+        if scales not in SCALES:
+            raise KvshrinkError(f"unknown scales {scales!r}; use one of {', '.join(SCALES)}")
+        if scales == "8bit" and levels != GAUSS:
+            raise KvshrinkError("8-bit scales need Gaussian levels (a uniform code's minimum and step must cover "
+                                "its group exactly)")
+        self.scales = scales
         self.bits, self.axis, self.group, self.rotate, self.seed = bits, axis, group, rotate, seed
         self.derope = tuple(float(f) for f in derope)
         self.levels = levels
@@ -91,7 +103,8 @@ class IntQuant(Codec):
         g = f"g{self.group}" if self.group else "whole-head"
         lv = " gauss-levels" if not self.uniform else ""
         spin = " -rope" if self.derope else ""
-        return f"int{self.bits} per-{self.axis} {g}{spin}{' +hadamard' if self.rotate else ''}{lv}"
+        sc = " 8-bit-scales" if self.scales == "8bit" else ""
+        return f"int{self.bits} per-{self.axis} {g}{spin}{' +hadamard' if self.rotate else ''}{lv}{sc}"
 
     def _grouped(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
         """View x as groups; returns (view, dim reduced over)."""
@@ -132,16 +145,28 @@ class IntQuant(Codec):
         return Packed(tensors, block, d, {"last": codes.shape[-1]})
 
     def _encode_levels(self, xg: torch.Tensor, dim: int, block: int, d: int) -> Packed:
-        """Each element's nearest level under the group's stored float16 mean and deviation."""
-        mean = xg.mean(dim, keepdim=True).to(torch.float16)
-        dev = xg.std(dim, keepdim=True, unbiased=False).to(torch.float16)
+        """Each element's nearest level under the group's stored mean and deviation (float16, or the
+        8-bit codes' decoded values)."""
+        mean = xg.mean(dim, keepdim=True)
+        dev = xg.std(dim, keepdim=True, unbiased=False)
+        if self.scales == "8bit":
+            stored = dict(zip(("scale", "min"), scales8.pack(mean, dev)))
+        else:
+            stored = {"scale": dev.to(torch.float16), "min": mean.to(torch.float16)}
+        mean, dev = self.params(stored)
         if not (torch.isfinite(mean).all() and torch.isfinite(dev).all()):
             raise KvshrinkError("key/value states exceed the float16 range of the quantization scales")
-        safe = torch.where(dev > 0, dev.float(), torch.ones_like(dev, dtype=torch.float32))
-        z = (xg - mean.float()) / safe
+        safe = torch.where(dev > 0, dev, torch.ones_like(dev))
+        z = (xg - mean) / safe
         codes = torch.bucketize(z, thresholds(self.levels, self.bits).to(z.device)).to(torch.uint8)
-        tensors = {"codes": pack(codes, self.bits), "scale": dev, "min": mean}
+        tensors = {"codes": pack(codes, self.bits), **stored}
         return Packed(tensors, block, d, {"last": codes.shape[-1]})
+
+    def params(self, tensors: dict, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, step) of uniform codes, (mean, deviation) of Gaussian ones, in `dtype`, from a body's tensors."""
+        if self.scales == "8bit":
+            return scales8.unpack(tensors["scale"], tensors["min"], dtype)
+        return tensors["min"].to(dtype), tensors["scale"].to(dtype)
 
     def _fast(self, x: torch.Tensor) -> bool:
         """A few tokens coded per token on the CPU, no padding inside a group: the compiled path
@@ -180,17 +205,19 @@ class IntQuant(Codec):
         b, h = codes.shape[:2]
         flat = (b, h, -1, packed.head_dim)
         if self.derope:  # turned back within groups: decode, then turn forward
-            x = torch.addcmul(t["min"].float(), codes.float(), t["scale"].float()).reshape(flat)
+            mn, sc = self.params(t)
+            x = torch.addcmul(mn, codes.float(), sc).reshape(flat)
             if self.rotate:
                 x = x @ rotation_on(packed.head_dim, self.seed, x.device).T
             x = turn(x, self.derope, self.group, 1).to(dtype)
             return x if out is None else out.copy_(x)
+        mn, sc = self.params(t, dtype)
         if self.rotate:
-            x = torch.addcmul(t["min"].to(dtype), codes.to(dtype), t["scale"].to(dtype)).reshape(flat)
+            x = torch.addcmul(mn, codes.to(dtype), sc).reshape(flat)
             r = rotation_on(packed.head_dim, self.seed, x.device).to(dtype).T
             return x @ r if out is None else out.copy_(x @ r)
         if out is None:
-            return torch.addcmul(t["min"].to(dtype), codes.to(dtype), t["scale"].to(dtype)).reshape(flat)
+            return torch.addcmul(mn, codes.to(dtype), sc).reshape(flat)
         # write through a grouped view of the caller's slice: no temporary for the result
-        torch.addcmul(t["min"].to(dtype), codes.to(dtype), t["scale"].to(dtype), out=out.view(codes.shape))
+        torch.addcmul(mn, codes.to(dtype), sc, out=out.view(codes.shape))
         return out

@@ -197,8 +197,10 @@ def int_body(codec, tensors: dict, rows: int, width: int) -> Body:
     lut = None if codec.uniform else levels_on(codec.levels, codec.bits, dev)
     turn = (turn_operands(codec.derope, codec.group, width, codec.seed if codec.rotate else None, dev)
             if getattr(codec, "derope", ()) else None)
-    return Body(*(tensors[k].reshape(rows, -1) for k in ("codes", "min", "scale")), codec.bits, width, tg, gw,
-                lut=lut, turn=turn)
+    # 8-bit scales (codecs/scales.py) are decoded to float32 rows first: a few numbers per token
+    mn, sc = codec.params(tensors) if codec.scales == "8bit" else (tensors["min"], tensors["scale"])
+    return Body(tensors["codes"].reshape(rows, -1), mn.reshape(rows, -1), sc.reshape(rows, -1), codec.bits, width,
+                tg, gw, lut=lut, turn=turn)
 
 
 def _lut(body: Body) -> torch.Tensor:

@@ -221,8 +221,9 @@ def build(config: QuantConfig | Fp16Config, target, method: str) -> CompressedCa
     if config.prerope and not rope:
         raise KvshrinkError(f"{method}: prerope keys need a model with rotary position embeddings")
     keys = IntQuant(config.bits, config.key_axis, key_group, rotate=config.rotate, seed=1, levels=config.levels,
-                    derope=rope)
-    values = IntQuant(config.bits, "token", config.value_group, rotate=config.rotate, seed=2, levels=config.levels)
+                    derope=rope, scales=config.scales)
+    values = IntQuant(config.bits, "token", config.value_group, rotate=config.rotate, seed=2, levels=config.levels,
+                      scales=config.scales)
     return CompressedCache(model_config, key_codec=keys, value_codec=values, sink=config.sink, window=config.window,
                            block=config.block, attend=attend, splits=config.splits, background=config.background,
                            method=method)

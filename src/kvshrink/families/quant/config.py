@@ -28,6 +28,8 @@ class QuantConfig(Config):
     window: int = option(0, "most recent tokens kept in float16")
     levels: str = option("uniform", "the levels a code stands for: uniform (min + step * code) or gauss (mean + "
                                     "deviation * a Gaussian's Lloyd-Max level; 1 to 4 bits)", LEVELS)
+    scales: str = option("fp16", "a group's two numbers: fp16, or 8bit (with levels=gauss: a byte each, "
+                                 "codecs/scales.py)", ("fp16", "8bit"))
     block: int = option(128, "tokens per coded block (the key quantization group)")
     key_axis: str = option("channel", "keys quantized per channel (KIVI) or per token", ("channel", "token"))
     prerope: bool = option(False, "per-channel keys coded as before RoPE: each token turned back by its offset's "
@@ -48,6 +50,9 @@ class QuantConfig(Config):
         check_int("value_group", self.value_group, 1, none=True)
         if self.prerope and self.key_axis != "channel":
             raise KvshrinkError("prerope keys need per-channel codes (key_axis=channel)")
+        if self.scales == "8bit" and self.levels != "gauss":
+            raise KvshrinkError("scales=8bit needs levels=gauss (a uniform code's minimum and step must cover "
+                                "its group exactly)")
         if self.levels == "gauss" and self.bits > 4:  # codecs/levels.py's GAUSS_BITS
             raise KvshrinkError(f"Gaussian levels have 1 to 4 bits, not {self.bits}")
 

@@ -175,8 +175,7 @@ def _operands(codec: IntQuant, packed: Packed):
     b, h = t["codes"].shape[:2]
     n, d = packed.num_tokens, packed.head_dim
     tg, groups = (codec.group, 1) if codec.axis == "channel" else (1, d // (codec.group or d))
-    mn = t["min"].reshape(b, h, n // tg, -1).float().numpy()
-    sc = t["scale"].reshape(b, h, n // tg, -1).float().numpy()
+    mn, sc = (x.reshape(b, h, n // tg, -1).numpy() for x in codec.params(t))
     mn, sc = _affine(codec, mn, sc)
     return t["codes"].reshape(b * h, -1).numpy(), mn, sc, tg, groups
 
@@ -315,7 +314,11 @@ def _padded(codec: IntQuant, bodies: list, n_max: int):
     codes = mn = sc = None
     for b, p in enumerate(bodies):  # numpy views: a torch op per part would cost more than the copy
         n = p.num_tokens
-        c, m, s = (p.tensors[k].numpy().reshape(h, -1) for k in ("codes", "min", "scale"))
+        c = p.tensors["codes"].numpy().reshape(h, -1)
+        if codec.scales == "8bit":  # decoded first (codecs/scales.py)
+            m, s = (x.numpy().reshape(h, -1) for x in codec.params(p.tensors))
+        else:
+            m, s = (p.tensors[k].numpy().reshape(h, -1) for k in ("min", "scale"))
         if codes is None:
             row, params = c.shape[1] // n, m.shape[1] * tg // n  # code bytes per token, numbers per group
             codes = np.zeros((len(bodies), h, n_max * row), dtype=np.uint8)
@@ -378,7 +381,7 @@ class IntBody:
 
     def batch_key(self) -> tuple:
         """Bodies with equal keys are read by one `attend_many` call."""
-        return tuple((c.bits, c.axis, c.group, c.rotate, c.seed, c.levels, c.derope)
+        return tuple((c.bits, c.axis, c.group, c.rotate, c.seed, c.levels, c.derope, c.scales)
                      for c in (self.key_codec, self.value_codec)) + (
             self.block,)
 
