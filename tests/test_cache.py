@@ -50,6 +50,24 @@ def test_layout_counts_and_bytes(tiny_model, tiny_config):
     assert cache.compression_ratio() == cache.fp16_nbytes() / cache.nbytes()
 
 
+def test_eight_bit_scales_hold_two_bytes_less_per_value_token(tiny_model, tiny_config):
+    """int2-rot:levels=gauss:scales=8bit: every coded value token (body and stage) two bytes lighter per
+    head, every key group (a channel over a block) too, and the logits close to the float16-scale cache's."""
+    ids = _ids(150)
+    caches = {sc: from_method(f"int2-rot:levels=gauss:scales={sc}", tiny_config, sink=4, block=32)
+              for sc in ("fp16", "8bit")}
+    logits = {sc: torch.log_softmax(_chunked_logits(tiny_model, c, ids, 10), -1) for sc, c in caches.items()}
+    h = tiny_config.num_key_value_heads
+    values, key_groups = 150 - 4, (150 - 4) // 32 * 16  # 4 blocks of 32 tokens, 16 channels each
+    assert caches["fp16"].nbytes() - caches["8bit"].nbytes() == tiny_config.num_hidden_layers * h * (values + key_groups) * 2
+    assert caches["8bit"].layers[0].v.body.tensors["scale"].dtype == torch.uint8
+    ref = torch.log_softmax(_chunked_logits(tiny_model, DynamicCache(), ids, 10), -1)
+    err = {sc: float((x - ref).abs().max()) for sc, x in logits.items()}
+    assert err["8bit"] < 1.5 * err["fp16"] + 1e-3
+    with pytest.raises(KvshrinkError, match="scales=8bit needs levels=gauss"):
+        from_method("int2-rot:scales=8bit", tiny_config)
+
+
 def test_compressed_logits_close_and_int8_closer(tiny_model, tiny_config):
     ids = _ids(160)
     ref = torch.log_softmax(_chunked_logits(tiny_model, DynamicCache(), ids, 32), -1)
