@@ -33,7 +33,7 @@ from .fastquant import quantize_rows
 from .hadamard import rotation_on
 from .levels import GAUSS, GAUSS_BITS, KINDS, UNIFORM, levels, thresholds
 from .packing import pack, unpack
-from . import scales as scales8
+from .scales import pack as pack_scales, unpack as unpack_scales
 from .spin import turn
 
 AXES = ("channel", "token")
@@ -150,7 +150,7 @@ class IntQuant(Codec):
         mean = xg.mean(dim, keepdim=True)
         dev = xg.std(dim, keepdim=True, unbiased=False)
         if self.scales == "8bit":
-            stored = dict(zip(("scale", "min"), scales8.pack(mean, dev)))
+            stored = dict(zip(("scale", "min"), pack_scales(mean, dev)))
         else:
             stored = {"scale": dev.to(torch.float16), "min": mean.to(torch.float16)}
         mean, dev = self.params(stored)
@@ -165,7 +165,7 @@ class IntQuant(Codec):
     def params(self, tensors: dict, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(min, step) of uniform codes, (mean, deviation) of Gaussian ones, in `dtype`, from a body's tensors."""
         if self.scales == "8bit":
-            return scales8.unpack(tensors["scale"], tensors["min"], dtype)
+            return unpack_scales(tensors["scale"], tensors["min"], dtype)
         return tensors["min"].to(dtype), tensors["scale"].to(dtype)
 
     def _fast(self, x: torch.Tensor) -> bool:
