@@ -16,7 +16,7 @@ place of the minimum and step, and a code indexes the Lloyd-Max levels of N(0, 1
 decodes to the level nearest to it under the stored mean and deviation.
 
 With scales="8bit" (Gaussian levels only) the mean and deviation take a byte each (codecs/scales.py):
-at 1 or 2 bits a value that is a sixth to a quarter of a head vector's bytes.
+at 1 or 2 bits a value that saves a sixth to a tenth of a 64-channel head vector's bytes.
 
 With `derope` (per-channel keys: the model's RoPE frequencies) each token of a group is turned back
 by its offset's RoPE angles before coding and forward after decoding (codecs/spin.py).

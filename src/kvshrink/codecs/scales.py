@@ -1,6 +1,6 @@
 """8-bit group scales: a group's (mean, deviation) in two bytes instead of two float16s.
 
-At 1 or 2 bits a value, a head vector's float16 mean and deviation cost a quarter to a third of its
+At 1 or 2 bits a value, a head vector's float16 mean and deviation are a third to a fifth of its
 bytes (4 bytes beside 8 or 16 of codes for 64 channels). Gaussian levels (codecs/levels.py) need no
 exact range, only a scale and a centre, so both fit in a byte each:
 
