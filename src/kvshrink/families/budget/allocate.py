@@ -5,8 +5,8 @@ values and the loss gradient with respect to them (core/sensitivity.py); then, f
 for keys and for values, and for every choice of the menu (bits 1..8, Hadamard rotation or not,
 key groups of the block or 64 tokens, keys turned back within groups (codecs/spin.py) or not, value
 groups of the whole head or 32 channels, uniform or Gaussian value levels, the Gaussian ones with
-8-bit scales), the choice's real bytes per token (the codec's own packed tensors) and a loss proxy in one unit, the KL divergence per token of the model's
-predictions from the unchanged model's:
+8-bit scales), the choice's real bytes per token (the codec's own packed tensors) and a loss proxy
+in one unit, the KL divergence per token of the model's predictions from the unchanged model's:
 - measured for the widths where errors are large (1 to 3 bits; `MEASURED`): the layer's keys or
   values replaced by their round trip through the codec, one forward pass each
   (core/sensitivity.py's `Perturbed`);
