@@ -189,6 +189,32 @@ def test_compiled_per_token_coding_is_the_pytorch_coding(bits, group, rotate, ex
     assert torch.equal(codec.decode(fast), codec.decode(slow))
 
 
+@settings(max_examples=80, deadline=None)
+@given(bits=st.integers(1, 8), group=st.sampled_from([None, 8, 32]), rotate=st.booleans(),
+       levels=st.sampled_from(["uniform", "gauss", "gauss8"]), tokens=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_compiled_per_token_decoding_is_the_pytorch_decoding(bits, group, rotate, levels, tokens, seed):
+    """What a decode step decodes of an unfinished block (a few per-token codes: codecs/fastquant.py)
+    equals the PyTorch path's values, for every width, group, level kind, scale format and rotation."""
+    import kvshrink.codecs.quant as quant
+
+    if levels != "uniform" and bits > 4:
+        bits = 1 + bits % 4
+    kind, scales = ("gauss", "8bit") if levels == "gauss8" else (levels, "fp16")
+    codec = IntQuant(bits, "token", group, rotate=rotate, seed=seed % 7, levels=kind, scales=scales)
+    x = torch.randn(2, 3, tokens, 64, generator=torch.Generator().manual_seed(seed)) * 3.0
+    packed = codec.encode(x, 1)
+    assert codec._fast_decode(packed)
+    fast = codec.decode(packed)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quant, "FAST_DECODE_ELEMENTS", -1)
+        assert not codec._fast_decode(packed)
+        slow = codec.decode(packed)
+    assert fast.shape == slow.shape == x.shape and fast.dtype == slow.dtype
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    half = codec.decode(packed, torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, fast.half())
+
+
 def test_compiled_coding_refuses_what_pytorch_refuses():
     x = torch.randn(1, 2, 1, 16)
     codec = IntQuant(4, "token")

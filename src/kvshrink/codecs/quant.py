@@ -29,16 +29,18 @@ import torch
 
 from ..errors import KvshrinkError
 from .base import Codec, Packed
-from .fastquant import quantize_rows
+from .fastquant import dequantize_rows, quantize_rows
 from .hadamard import rotation_on
-from .levels import GAUSS, GAUSS_BITS, KINDS, UNIFORM, levels, thresholds
+from .levels import GAUSS, GAUSS_BITS, KINDS, UNIFORM, levels, levels_on, thresholds
 from .packing import pack, unpack
-from .scales import pack as pack_scales, unpack as unpack_scales
+from .scales import pack as pack_scales, unpack as unpack_scales, unpack_numpy as unpack_scales_numpy
 from .spin import turn
 
 AXES = ("channel", "token")
 SCALES = ("fp16", "8bit")
 FAST_ELEMENTS = 4096  # per-token coding of at most this many values takes the compiled path
+FAST_DECODE_ELEMENTS = 1 << 16  # per-token decoding of at most this many (an unfinished block) likewise
+_CPU = torch.device("cpu")
 
 
 def _half_down(t: torch.Tensor) -> torch.Tensor:
@@ -197,7 +199,35 @@ class IntQuant(Codec):
                    "min": torch.from_numpy(mn).view(torch.float16).view(*lead, 1)}
         return Packed(tensors, block, d, {"last": g})
 
+    def _fast_decode(self, packed: Packed) -> bool:
+        """A few per-token codes on the CPU, whole bytes per group: the compiled path (the same values, to
+        float32 rounding). Longer runs stay on PyTorch, whose ops use every core."""
+        codes = packed.tensors["codes"]
+        d = packed.head_dim
+        return (self.axis == "token" and codes.device.type == "cpu" and (self.group or d) * self.bits % 8 == 0
+                and packed.num_tokens * codes.shape[0] * codes.shape[1] * d <= FAST_DECODE_ELEMENTS)
+
+    def _decode_compiled(self, packed: Packed, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+        t = packed.tensors
+        d = packed.head_dim
+        b, h = t["codes"].shape[:2]
+        codes = t["codes"].reshape(-1, d * self.bits // 8).numpy()
+        groups = d // (self.group or d)
+        if self.scales == "8bit":
+            mn, sc = unpack_scales_numpy(t["scale"].numpy(), t["min"].numpy())
+        else:
+            mn, sc = (t[k].numpy().astype(np.float32) for k in ("min", "scale"))
+        x = np.empty((codes.shape[0], d), dtype=np.float32)
+        dequantize_rows(codes, self.bits, levels_on(self.levels, self.bits, _CPU).numpy(), mn.reshape(-1, groups), sc.reshape(-1, groups), x)
+        y = torch.from_numpy(x).view(b, h, -1, d)
+        if self.rotate:
+            y = y @ rotation_on(d, self.seed, y.device).T
+        y = y.to(dtype)
+        return y if out is None else out.copy_(y)
+
     def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self._fast_decode(packed):
+            return self._decode_compiled(packed, dtype, out)
         t = packed.tensors
         codes = unpack(t["codes"], self.bits, packed.meta["last"])
         if not self.uniform:  # a code stands for its level

@@ -65,13 +65,19 @@ def unpack(e: torch.Tensor, r: torch.Tensor, dtype: torch.dtype = torch.float32)
     """(mean, deviation) in `dtype` from `pack`'s codes (a decode step reads every group's: about
     0.06 ms for 8k tokens of 3 heads on the CPU)."""
     if e.device.type == "cpu":
-        d = np.take(_DEV, e.numpy())
-        m = np.take(_RATIO, r.numpy())
-        m *= d
+        m, d = unpack_numpy(e.numpy(), r.numpy())
         return torch.from_numpy(m).to(dtype), torch.from_numpy(d).to(dtype)
     dev_table, ratio_table = _tables_on(e.device)
     d = dev_table[e.long()]
     return (ratio_table[r.long()] * d).to(dtype), d.to(dtype)
+
+
+def unpack_numpy(e: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, deviation) float32 arrays from `pack`'s codes as numpy arrays."""
+    d = np.take(_DEV, e)
+    m = np.take(_RATIO, r)
+    m *= d
+    return m, d
 
 
 @lru_cache(maxsize=16)
