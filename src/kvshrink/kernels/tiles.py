@@ -91,17 +91,26 @@ def channel_logits(q1, step, mn, sym, n, qs, out):
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def turned_logits(qt, step, mn, sym, n, out):
-    """out[:n] = qt[i] . (mn + step * sym[i]) for the first n tokens of a key group whose token i was
-    turned back by its offset (codecs/spin.py): each offset has its own query row qt[i] (group, d), so
-    the keys are formed (one multiply-add) and dotted (another) per element."""
+def form_keys(step, mn, sym, n, out):
+    """out[:n * d] = mn + step * sym for n tokens of a key group (token-major): a tile of keys turned back
+    by their offsets (codecs/spin.py), formed once for all of a head's query rows (turned_logits)."""
     d = step.shape[0]
     for i in range(n):
-        row = sym[i * d:(i + 1) * d]
+        for c in range(d):
+            out[i * d + c] = mn[c] + step[c] * np.float32(sym[i * d + c])
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def turned_logits(qt, k, n, out):
+    """out[:n] = qt[i] . k[i] for the first n tokens of a key group formed by form_keys: each offset has its
+    own query row qt[i] (group, d), so the keys are dotted as floats (one multiply-add per element and row)."""
+    d = qt.shape[1]
+    for i in range(n):
+        row = k[i * d:(i + 1) * d]
         qi = qt[i]
         s = np.float32(0.0)
         for c in range(d):
-            s += qi[c] * (mn[c] + step[c] * np.float32(row[c]))
+            s += qi[c] * row[c]
         out[i] = s
 
 

@@ -37,6 +37,7 @@ from ...kernels.tiles import (
     channel_logits,
     dense_split,
     fold_values,
+    form_keys,
     merge,
     partial_buffers,
     rotate_back,
@@ -66,7 +67,7 @@ def _rows(qb, qt, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum
                 blk = (t0 + kq * kb) // kb
                 nk = min(kb, cnt - kq * kb)
                 if qt.shape[0]:
-                    turned_logits(qt[r], kstep[blk], kmn[blk], ksym[kq * kb * d:], nk, lr[kq * kb:])
+                    turned_logits(qt[r], ksym[kq * kb * d:], nk, lr[kq * kb:])  # keys formed (_fused)
                 else:
                     channel_logits(q1, kstep[blk], kmn[blk], ksym[kq * kb * d:], nk, qs, lr[kq * kb:])
         else:  # per-token keys: step_g (q_g . code_g) + mn_g sum(q_g) per channel group
@@ -120,7 +121,9 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
         hi = (sp + 1) * nvb // used
         ksym = np.empty(vb * d, dtype=np.uint8)  # one tile of codes
         vsym = np.empty(vb * d, dtype=np.uint8)
-        kfl = np.empty(vb * d if klut.shape[0] else 0, dtype=np.float32)  # their levels, where not the codes
+        turned = qt.shape[2] > 0
+        floats = turned or klut.shape[0] > 0  # the keys the rows read are floats: levels, or turned keys formed
+        kfl = np.empty(vb * d if floats else 0, dtype=np.float32)  # their levels (or keys), where not the codes
         vfl = np.empty(vb * d if vlut.shape[0] else 0, dtype=np.float32)
         lg = np.empty((nr, vb), dtype=np.float32)
         kk = np.empty(vb, dtype=np.int32)
@@ -143,14 +146,22 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
             # levels that are not the integers: a side's codes become their levels first
             if klut.shape[0]:
                 to_levels(ksym, cnt * d, klut, kfl)
+            if turned:  # each key group's keys formed once, not once per query row
+                for kq in range((cnt + kb - 1) // kb):
+                    blk = (t0 + kq * kb) // kb
+                    nk, at = min(kb, cnt - kq * kb), kq * kb * d
+                    if klut.shape[0]:  # levels, in place
+                        form_keys(kstep[b, h, blk], kmn[b, h, blk], kfl[at:], nk, kfl[at:])
+                    else:
+                        form_keys(kstep[b, h, blk], kmn[b, h, blk], ksym[at:], nk, kfl[at:])
             if vlut.shape[0]:
                 to_levels(vsym, cnt * d, vlut, vfl)
             vs, vm = vstep[b, h, t0:t0 + cnt], vmn[b, h, t0:t0 + cnt]
             # one call per pair of buffer types (uint8 codes or float32 levels): numba compiles each
-            if klut.shape[0] and vlut.shape[0]:
+            if floats and vlut.shape[0]:
                 _rows(qb[b, h], qt[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
                       acc, accb, wt, vfl, vs, vm)
-            elif klut.shape[0]:
+            elif floats:
                 _rows(qb[b, h], qt[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
                       acc, accb, wt, vsym, vs, vm)
             elif vlut.shape[0]:
