@@ -278,12 +278,8 @@ def roofline_table(res: dict) -> str:
     first = next(iter(sp[REF].values()))
     if "bytes_per_step" not in first:
         return ""
-    drift = [f"{c}: {r['decode_tok_s']:.1f} -> {r['decode_tok_s_again']:.1f} tok/s"
-             for c, r in sorted(sp[REF].items(), key=lambda kv: int(kv[0])) if "decode_tok_s_again" in r]
-    out = []
-    if drift:
-        out += [f"`{REF}` timed again after the last method (ratios use the first timing; a large change means "
-                "the machine's speed drifted during the run): " + "; ".join(drift), ""]
+    out = [f"Decode steps timed round-robin over the methods (one step of each per round), so the machine's "
+           "drift falls on all alike.", ""]
     out += [f"Roofline (read bandwidth measured in this run: {first['read_bandwidth_gb_s']:.1f} GB/s; a step reads "
            "at least the weights and the cache as held):", "",
            "| method | context | decode tok/s (×dyn) | p50 / p99 / max ms | MB read per step | GB/s attained | "

@@ -13,8 +13,9 @@ malloc_trim), and the peak growth while it is filled and decodes its warm-up ste
 On a CUDA device the same protocol synchronizes around every timed call, reads the bandwidth of
 the device's memory, and takes memory from the CUDA allocator (allocated bytes held, peak
 allocated) instead of the process's resident set.
-After the last method of each length the reference decodes again (`decode_tok_s_again`): on a
-shared machine its speed drifts while the methods run, and ratios are only as good as that.
+The timed steps run round-robin over the methods (every method's caches held at once): on this
+shared machine the speed drifts by 20-40% for tens of seconds, which timed one method after another
+landed on whichever method ran then; interleaved, it falls on all alike.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
         sync(dev)
         forward_s = time.perf_counter() - t0
         first = ids[:, length:length + 1]
+        held = {}
         for name, factory in make_cache.items():
             with PeakRSS(dev) as mem:
                 cache = factory()
@@ -161,63 +163,70 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
                 fill(cache, states)
                 sync(dev)
                 fill_s = time.perf_counter() - t0
-                held = cache_nbytes(cache)
+                nbytes = cache_nbytes(cache)
                 history = getattr(cache, "history", None)  # eviction caches: bytes before the first eviction
                 rss_held = mem.held()
                 # one untimed step: compiled kernels (numba) and the allocator warm up outside the timing,
                 # and the peak covers a step's temporaries (the decoded history, where there is one)
                 logits = models.get(name, model)(first, **with_cache(model, cache), use_cache=True).logits
                 x = logits[0, -1].argmax().view(1, 1)
-            # timed steps outside the memory sampler: its 1 kHz polling thread competes for the GIL
-            # with Python-heavy decode paths
-            lat = _timed_steps(models.get(name, model), cache, x, steps)
-            held_end = cache_nbytes(cache)
-            lat_sorted = sorted(lat)
+            held[name] = (models.get(name, model), cache, x)
             out[name][length] = {
                 "prefill_forward_s": forward_s,
                 "prefill_compress_s": fill_s,
                 "prefill_tok_s": length / (forward_s + fill_s),
+                "cache_bytes": nbytes,
+                "ratio": spec.fp16_bytes(length) / nbytes,
+                "rss_held_mb": rss_held / 2**20,
+                "peak_extra_mb": mem.extra / 2**20,
+            }
+            if history:
+                out[name][length]["bytes_before_eviction"] = history[0]["bytes_before"]
+                out[name][length]["bytes_after_eviction"] = history[0]["bytes_after"]
+        # timed outside the memory sampler (its 1 kHz polling thread competes for the GIL with
+        # Python-heavy decode paths), one step of every method per round
+        timed = _interleaved_steps(held, steps)
+        for name, (lat, starts) in timed.items():
+            lat_sorted = sorted(lat)
+            r = out[name][length]
+            r.update({
                 "decode_tok_s": steps / sum(lat),
                 "decode_p50_ms": 1000 * statistics.median(lat),
                 "decode_p99_ms": 1000 * lat_sorted[min(len(lat) - 1, int(0.99 * len(lat)))],
                 "decode_max_ms": 1000 * lat_sorted[-1],
                 "decode_steps_ms": [round(1000 * x, 2) for x in lat],
-                "cache_bytes": held,
-                "cache_bytes_end": held_end,
-                "ratio": spec.fp16_bytes(length) / held,
-                "rss_held_mb": rss_held / 2**20,
-                "peak_extra_mb": mem.extra / 2**20,
-            }
-            out[name][length].update(roofline(out[name][length], weights[name], bandwidth))
-            out[name][length]["read_bandwidth_gb_s"] = bandwidth / 1e9
-            if history:
-                out[name][length]["bytes_before_eviction"] = history[0]["bytes_before"]
-                out[name][length]["bytes_after_eviction"] = history[0]["bytes_after"]
-            del cache
+                "decode_steps_at_s": [round(x, 4) for x in starts],
+                "cache_bytes_end": cache_nbytes(held[name][1]),
+                "read_bandwidth_gb_s": bandwidth / 1e9,
+            })
+            r.update(roofline(r, weights[name], bandwidth))
             if progress is not None:
                 progress()
-        # the reference again, after every method: how much the machine drifted while they ran
-        ref = next(iter(make_cache))
-        cache = make_cache[ref]()
-        fill(cache, states)
-        x = model(first, **with_cache(model, cache), use_cache=True).logits[0, -1].argmax().view(1, 1)
-        again = steps / sum(_timed_steps(model, cache, x, steps))
-        out[ref][length]["decode_tok_s_again"] = again
-        del cache, states
+        del held, states
     return out
 
 
-def _timed_steps(model, cache, x, steps: int) -> list[float]:
-    """Seconds of each of `steps` greedy decode steps from token x."""
-    lat = []
+def _interleaved_steps(held: dict, steps: int) -> dict:
+    """{name: (seconds of each step, its start after the first step)} for `steps` greedy decode steps of
+    every (model, cache, first token) in `held`, round-robin: each round times one step of every method,
+    so a drift of the shared machine's speed (20-40% for tens of seconds, seen here) falls on all alike
+    instead of on whichever method ran during it."""
+    lat = {name: [] for name in held}
+    starts = {name: [] for name in held}
+    xs = {name: x for name, (_, _, x) in held.items()}
+    origin = None
     for _ in range(steps):
-        sync(x.device)
-        t0 = time.perf_counter()
-        logits = model(x, **with_cache(model, cache), use_cache=True).logits[0, -1]
-        sync(x.device)
-        lat.append(time.perf_counter() - t0)
-        x = logits.argmax().view(1, 1)
-    return lat
+        for name, (model, cache, _) in held.items():
+            x = xs[name]
+            sync(x.device)
+            t0 = time.perf_counter()
+            origin = t0 if origin is None else origin
+            logits = model(x, **with_cache(model, cache), use_cache=True).logits[0, -1]
+            sync(x.device)
+            lat[name].append(time.perf_counter() - t0)
+            starts[name].append(t0 - origin)
+            xs[name] = logits.argmax().view(1, 1)
+    return {name: (lat[name], starts[name]) for name in held}
 
 
 @torch.no_grad()
