@@ -91,8 +91,8 @@ def validate(cfg: BenchConfig, spec) -> None:
     longest = max(n for s in cfg.sections for n in lengths.get(s, [0]))  # only the sections that run
     if limit and longest > limit:
         raise KvshrinkError(f"a context of {longest} tokens is longer than the model allows ({limit})")
-    if cfg.decode_steps < 1:
-        raise KvshrinkError(f"decode steps must be positive, got {cfg.decode_steps}")
+    if cfg.decode_steps < 2:
+        raise KvshrinkError(f"decode steps must be at least 2 (the first is not timed), got {cfg.decode_steps}")
     if cfg.segments < 1 or cfg.seg_len < 2 or cfg.chunk < 1:
         raise KvshrinkError("segments, segment length and chunk must be positive")
 

@@ -4,18 +4,20 @@ For a context of L tokens the model is prefilled once (uncompressed, timed:
 that forward pass is the prefill of every method, because a compressed cache's
 first update returns the states as given); each method's cache is then filled
 from those states (timed: the only work a compressed cache adds to a prefill)
-and decodes one untimed warm-up token then `steps` greedy tokens (each step timed). Roofline: a
-step reads at least the model's weights and the cache as held; with the read bandwidth measured
-in the same run that gives the attained fraction of the limit. Process memory is read
+and decodes one untimed warm-up token, with its memory measured (one cache at a
+time). All are then filled again and held at once for `steps` greedy tokens each
+(each step timed but the first, below). Roofline: a step reads at least the
+model's weights and the cache as held; with the read bandwidth measured in the same run that gives the attained fraction of the limit. Process memory is read
 from /proc: the resident growth once the filled cache is held (after
 malloc_trim), and the peak growth while it is filled and decodes its warm-up step
 (which includes the temporaries of compression and of the decoded history).
 On a CUDA device the same protocol synchronizes around every timed call, reads the bandwidth of
 the device's memory, and takes memory from the CUDA allocator (allocated bytes held, peak
 allocated) instead of the process's resident set.
-The timed steps run round-robin over the methods (every method's caches held at once): on this
+The timed steps run round-robin over the methods: on this
 shared machine the speed drifts by 20-40% for tens of seconds, which timed one method after another
-landed on whichever method ran then; interleaved, it falls on all alike.
+landed on whichever method ran then; interleaved, it falls on all alike. The first round is not
+timed (a method's first step after the other methods' fills took up to twice its time).
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
                 # and the peak covers a step's temporaries (the decoded history, where there is one)
                 logits = models.get(name, model)(first, **with_cache(model, cache), use_cache=True).logits
                 x = logits[0, -1].argmax().view(1, 1)
-            held[name] = (models.get(name, model), cache, x)
+            del cache, logits  # memory is measured with one method's cache at a time
             out[name][length] = {
                 "prefill_forward_s": forward_s,
                 "prefill_compress_s": fill_s,
@@ -184,13 +186,19 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
                 out[name][length]["bytes_before_eviction"] = history[0]["bytes_before"]
                 out[name][length]["bytes_after_eviction"] = history[0]["bytes_after"]
         # timed outside the memory sampler (its 1 kHz polling thread competes for the GIL with
-        # Python-heavy decode paths), one step of every method per round
+        # Python-heavy decode paths), every method filled again and held at once, one step of each per
+        # round. The first round is not timed (a method's first step after the others' fills took up to
+        # twice its time: DynamicCache at 8k 290 against 140 ms)
+        for name, factory in make_cache.items():
+            cache = factory()
+            fill(cache, states)
+            held[name] = (models.get(name, model), cache, first)
         timed = _interleaved_steps(held, steps)
         for name, (lat, starts) in timed.items():
             lat_sorted = sorted(lat)
             r = out[name][length]
             r.update({
-                "decode_tok_s": steps / sum(lat),
+                "decode_tok_s": len(lat) / sum(lat),
                 "decode_p50_ms": 1000 * statistics.median(lat),
                 "decode_p99_ms": 1000 * lat_sorted[min(len(lat) - 1, int(0.99 * len(lat)))],
                 "decode_max_ms": 1000 * lat_sorted[-1],
@@ -207,24 +215,25 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
 
 
 def _interleaved_steps(held: dict, steps: int) -> dict:
-    """{name: (seconds of each step, its start after the first step)} for `steps` greedy decode steps of
-    every (model, cache, first token) in `held`, round-robin: each round times one step of every method,
+    """{name: (seconds of each step, its start after the first timed step)} for `steps` greedy decode steps
+    of every (model, cache, first token) in `held`, the first untimed, round-robin: each round times one step of every method,
     so a drift of the shared machine's speed (20-40% for tens of seconds, seen here) falls on all alike
     instead of on whichever method ran during it."""
     lat = {name: [] for name in held}
     starts = {name: [] for name in held}
     xs = {name: x for name, (_, _, x) in held.items()}
     origin = None
-    for _ in range(steps):
+    for k in range(steps):
         for name, (model, cache, _) in held.items():
             x = xs[name]
             sync(x.device)
             t0 = time.perf_counter()
-            origin = t0 if origin is None else origin
             logits = model(x, **with_cache(model, cache), use_cache=True).logits[0, -1]
             sync(x.device)
-            lat[name].append(time.perf_counter() - t0)
-            starts[name].append(t0 - origin)
+            if k:  # round 0 untimed (see measure_speed)
+                origin = t0 if origin is None else origin
+                lat[name].append(time.perf_counter() - t0)
+                starts[name].append(t0 - origin)
             xs[name] = logits.argmax().view(1, 1)
     return {name: (lat[name], starts[name]) for name in held}
 
