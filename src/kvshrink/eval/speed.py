@@ -7,7 +7,8 @@ from those states (timed: the only work a compressed cache adds to a prefill)
 and decodes one untimed warm-up token, with its memory measured (one cache at a
 time). All are then filled again and held at once for `steps` greedy tokens each
 (each step timed but the first, below). Roofline: a step reads at least the
-model's weights and the cache as held; with the read bandwidth measured in the same run that gives the attained fraction of the limit. Process memory is read
+model's weights and the cache as held; with the read bandwidth measured in the
+same run that gives the attained fraction of the limit. Process memory is read
 from /proc: the resident growth once the filled cache is held (after
 malloc_trim), and the peak growth while it is filled and decodes its warm-up step
 (which includes the temporaries of compression and of the decoded history).
