@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk", type=int)
     b.add_argument("--needle-lengths", type=_ints)
     b.add_argument("--speed-contexts", type=_ints)
-    b.add_argument("--decode-steps", type=int, help="decode steps per method and context, the first not timed (default 16; "
-                                                     "256 or more crosses block boundaries: p99 shows coding)")
+    b.add_argument("--decode-steps", type=int, help="decode steps per method and context, the first not timed "
+                                                     "(default 16; 256 or more crosses block boundaries: p99 shows "
+                                                     "coding)")
     b.add_argument("--needle-depths", type=lambda t: tuple(float(x) for x in _csv(t)))
     b.add_argument("--direct-prefill", type=int, help="prompt tokens for the end-to-end prefill time and peak memory")
     b.add_argument("--device", help="cpu (default), cuda or cuda:N: where the model, the caches and the kernels run")

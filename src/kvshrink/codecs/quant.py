@@ -218,7 +218,8 @@ class IntQuant(Codec):
         else:
             mn, sc = (t[k].numpy().astype(np.float32) for k in ("min", "scale"))
         x = np.empty((codes.shape[0], d), dtype=np.float32)
-        dequantize_rows(codes, self.bits, levels_on(self.levels, self.bits, _CPU).numpy(), mn.reshape(-1, groups), sc.reshape(-1, groups), x)
+        lut = levels_on(self.levels, self.bits, _CPU).numpy()
+        dequantize_rows(codes, self.bits, lut, mn.reshape(-1, groups), sc.reshape(-1, groups), x)
         y = torch.from_numpy(x).view(b, h, -1, d)
         if self.rotate:
             y = y @ rotation_on(d, self.seed, y.device).T

@@ -15,10 +15,10 @@ malloc_trim), and the peak growth while it is filled and decodes its warm-up ste
 On a CUDA device the same protocol synchronizes around every timed call, reads the bandwidth of
 the device's memory, and takes memory from the CUDA allocator (allocated bytes held, peak
 allocated) instead of the process's resident set.
-The timed steps run round-robin over the methods: on this
-shared machine the speed drifts by 20-40% for tens of seconds, which timed one method after another
-landed on whichever method ran then; interleaved, it falls on all alike. The first round is not
-timed (a method's first step after the other methods' fills took up to twice its time).
+The timed steps run round-robin over the methods: on this shared machine the speed drifts by
+20-40% for tens of seconds, which timed one method after another landed on whichever method ran
+then; interleaved, it falls on all alike. The first round is not timed (a method's first step
+after the other methods' fills took up to twice its time).
 """
 
 from __future__ import annotations
@@ -217,9 +217,9 @@ def measure_speed(model, spec, make_cache: dict, ids: torch.Tensor, contexts, st
 
 def _interleaved_steps(held: dict, steps: int) -> dict:
     """{name: (seconds of each step, its start after the first timed step)} for `steps` greedy decode steps
-    of every (model, cache, first token) in `held`, the first untimed, round-robin: each round times one step of every method,
-    so a drift of the shared machine's speed (20-40% for tens of seconds, seen here) falls on all alike
-    instead of on whichever method ran during it."""
+    of every (model, cache, first token) in `held`, the first untimed, round-robin: each round times one
+    step of every method, so a drift of the shared machine's speed (20-40% for tens of seconds, seen
+    here) falls on all alike instead of on whichever method ran during it."""
     lat = {name: [] for name in held}
     starts = {name: [] for name in held}
     xs = {name: x for name, (_, _, x) in held.items()}
