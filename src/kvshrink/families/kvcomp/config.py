@@ -46,6 +46,12 @@ class KVCompConfig(Config):
                 raise KvshrinkError(f"{name} must be a non-negative number, got {v!r}")
         for name, low in (("sink", 0), ("window", 0), ("key_block", 1), ("value_block", 1), ("splits", 1)):
             check_int(name, getattr(self, name), low)
+        for name, v in (("keys", self.eb if self.keb is None else self.keb),
+                        ("values", self.eb if self.veb is None else self.veb)):
+            # the codec refuses these too (codecs/errbound.py); here they fail before torch and the model load
+            if not 1 / 255 <= v <= 1:
+                raise KvshrinkError(f"impossible error bound {v!r} for {name}: use a relative bound from 1/255 "
+                                    "(0.004) to 1")
         if self.value_block % self.key_block:
             raise KvshrinkError(f"value_block {self.value_block} is not a multiple of key_block {self.key_block}")
 
