@@ -31,7 +31,7 @@ def tiny_model(tiny_config):
 
 @pytest.fixture(scope="session")
 def bundled():
-    """The bundled SmolLM2-135M (model, tokenizer), loaded once (about 20 s)."""
+    """The bundled SmolLM2-135M (model, tokenizer), loaded once (under a second from its converted folder)."""
     from kvshrink import load_model
 
     return load_model()
