@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 from kvshrink import CompressedCache, IntQuant, KvshrinkError, from_method
 from kvshrink.codecs.base import tensor_nbytes
+from kvshrink.core import hostmem
 from kvshrink.eval.needle import fill, prefill_states
 
 
@@ -218,3 +219,23 @@ def test_needle_records_a_failing_peer_and_raises_for_ours(tiny_model, tiny_conf
     assert res["peer"]["errors"] == 1 and res["peer"]["score"] == 0 and "cannot pack" in res["peer"]["cases"][0]["error"]
     with pytest.raises(RuntimeError):
         run_needles(tiny_model, Tok(), {"ours": broken}, [200], [0.5], kinds=("noise",))
+
+
+@pytest.mark.skipif(not hostmem.AVAILABLE, reason="no glibc malloc_trim on this system")
+def test_a_long_update_hands_freed_memory_back_once_the_process_has_grown(tiny_config, monkeypatch):
+    """A prompt's coding temporaries, freed, go back to the system after a long update (core/hostmem.py),
+    when the process has grown by GROWTH since the last time; decode steps and short chunks never pay."""
+    calls = []
+    monkeypatch.setattr(hostmem, "release", lambda: calls.append(1) or True)
+    cache = from_method("int4", tiny_config)
+    x = torch.randn(1, 2, hostmem.LONG_UPDATE, 16)
+    monkeypatch.setattr(hostmem, "GROWTH", 0)  # grown enough, always
+    cache.update(x, x, 0)
+    assert calls == [1]
+    cache.update(x[:, :, :hostmem.LONG_UPDATE - 1], x[:, :, :hostmem.LONG_UPDATE - 1], 1)  # a shorter update
+    cache.update(x[:, :, :1], x[:, :, :1], 0)  # a decode step
+    assert calls == [1]
+    monkeypatch.setattr(hostmem, "GROWTH", 1 << 50)  # not grown enough
+    cache.update(x, x, 1)
+    assert calls == [1]
+    assert cache.get_seq_length(0) == hostmem.LONG_UPDATE + 1  # the updates themselves went through

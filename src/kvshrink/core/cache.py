@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache
 from ..codecs.base import tensor_nbytes
 from ..errors import KvshrinkError
 from ..spec import ModelSpec, spec_from_config
+from . import hostmem
 
 
 class KVCache(Cache):
@@ -32,6 +33,13 @@ class KVCache(Cache):
                 if self.spec.is_sliding(i):
                     layer.slide(self.spec.sliding_window)
         super().__init__(layers=layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        # a long prompt's coding temporaries, freed, would stay in the process (core/hostmem.py)
+        if key_states.device.type == "cpu" and key_states.shape[0] * key_states.shape[-2] >= hostmem.LONG_UPDATE:
+            hostmem.release_if_grown()
+        return out
 
     def bytes_by_kind(self) -> dict:
         """{"full" / "sliding": (bytes held, fp16 bytes of the same tokens)} over the layers of each kind."""

@@ -23,8 +23,6 @@ after the other methods' fills took up to twice its time).
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import statistics
 import threading
 import time
@@ -32,6 +30,7 @@ import time
 import torch
 
 from ..compat import with_cache
+from ..core import hostmem
 from ..core.cache import cache_nbytes
 from .needle import fill, prefill_states
 
@@ -80,19 +79,6 @@ def roofline(result: dict, weights: int, bandwidth: float) -> dict:
             "bandwidth_bound_tok_s": bandwidth / step}
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * 4096
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 class PeakRSS:
     """Peak resident memory above the level at entry, sampled every millisecond; on a CUDA device, the
     CUDA allocator's peak of allocated bytes above the level at entry (`held()`: allocated now)."""
@@ -105,8 +91,8 @@ class PeakRSS:
         """Bytes held now above the level at entry."""
         if self.cuda:
             return torch.cuda.memory_allocated(self.device) - self.base
-        _trim()
-        return _rss() - self.base
+        hostmem.collect_and_release()
+        return hostmem.resident() - self.base
 
     def __enter__(self):
         if self.cuda:
@@ -114,8 +100,8 @@ class PeakRSS:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = self.peak = torch.cuda.memory_allocated(self.device)
             return self
-        _trim()
-        self.base = self.peak = _rss()
+        hostmem.collect_and_release()
+        self.base = self.peak = hostmem.resident()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -123,7 +109,7 @@ class PeakRSS:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, hostmem.resident())
             time.sleep(0.001)
 
     def __exit__(self, *exc):
@@ -133,7 +119,7 @@ class PeakRSS:
             return
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss())
+        self.peak = max(self.peak, hostmem.resident())
 
     @property
     def extra(self) -> int:
