@@ -2,7 +2,7 @@
 
 A GGUF model is converted once to a folder of safetensors, config and tokenizer (`converted`):
 transformers parses the GGUF file three times per load (config, tokenizer, weights), about 20 s
-for the bundled model on 2 cores, where the converted folder loads in a few seconds. The folder
+for the bundled model on 2 cores, where the converted folder loads in under a second. The folder
 holds transformers' own de-quantized float32 weights, so the model is the same to the bit.
 """
 
@@ -20,8 +20,8 @@ from urllib.parse import urlparse
 
 import torch
 import transformers
-from safetensors.torch import save_model
 from huggingface_hub import constants as hub_constants
+from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers import modeling_gguf_pytorch_utils as gguf_utils
 from transformers.utils import logging as hf_logging

@@ -36,9 +36,7 @@ class KVCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        # a long prompt's coding temporaries, freed, would stay in the process (core/hostmem.py)
-        if key_states.device.type == "cpu" and key_states.shape[0] * key_states.shape[-2] >= hostmem.LONG_UPDATE:
-            hostmem.release_if_grown()
+        hostmem.after_update(key_states)  # a long prompt's freed temporaries would stay in the process
         return out
 
     def bytes_by_kind(self) -> dict:

@@ -55,6 +55,14 @@ def release_if_grown() -> bool:
     return True
 
 
+def after_update(states) -> bool:
+    """What a cache calls after storing `states` (B, H, n, D) in a layer: `release_if_grown` when they were
+    a long update on the CPU (at least LONG_UPDATE tokens times the batch)."""
+    if states.device.type != "cpu" or states.shape[0] * states.shape[-2] < LONG_UPDATE:
+        return False
+    return release_if_grown()
+
+
 def collect_and_release() -> bool:
     """Python's garbage first (cycles keep tensors alive), then `release`: before measuring memory."""
     gc.collect()

@@ -25,6 +25,7 @@ import torch
 
 from ...codecs.base import Codec, Fp16, tensor_nbytes
 from ...codecs.quant import IntQuant
+from ...core import hostmem
 from ...core.cache import KVCache
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, stage_for
 from ...core.store import TokenStore, half_checked
@@ -194,6 +195,7 @@ class ZdcCache(KVCache):
         """Fill from [(keys, values)] per layer of the original model's prefill."""
         for layer, (k, v) in zip(self.layers, states):
             layer.fill_reference(k, v)
+            hostmem.after_update(k)  # as `update` does (core/hostmem.py)
 
     def _describe(self) -> str:
         frac = self.ranks.fraction(self.layers[0].uk.shape[-1])
