@@ -177,9 +177,9 @@ def load_config(name: str | None = None):
     gguf = _gguf_source(name)
     if gguf is not None:
         done = converted_path(*gguf)
-        if os.path.isdir(done):
-            return AutoConfig.from_pretrained(done)
         try:
+            if os.path.isdir(done):
+                return AutoConfig.from_pretrained(done)
             return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1])
         except Exception as err:
             raise KvshrinkError(f"cannot read GGUF model {name or DEFAULT_MODEL!r}: {str(err).splitlines()[0]}") \
@@ -216,7 +216,8 @@ def _from_pretrained(source: str, dtype, name: str | None = None, **kwargs):
     hf_logging.disable_progress_bar()
     quiet = _QuietGGUF() if "gguf_file" in kwargs else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        gguf = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+        tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except KvshrinkError:
         raise

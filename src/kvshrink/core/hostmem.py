@@ -31,7 +31,7 @@ AVAILABLE = _TRIM is not None  # glibc's malloc_trim found
 
 def release() -> bool:
     """Hand the allocator's free memory back to the system; False where there is no malloc_trim."""
-    if _TRIM is None:
+    if not AVAILABLE:
         return False
     _TRIM(0)
     _since[0] = resident()
