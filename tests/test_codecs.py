@@ -363,8 +363,9 @@ def test_eight_bit_scales_round_trip_within_their_steps(shape, seed, log_dev, re
     assert e.dtype == r.dtype == torch.uint8 and e.shape == r.shape == shape
     m2, d2 = scales8.unpack(e, r)
     floor = mean.abs() / scales8.E4M3_MAX  # the deviation is raised to this so that the ratio fits e4m3
-    assert (d2 >= torch.maximum(dev, floor) * 2 ** (-1 / 20) * (1 - 1e-6)).all()
-    assert (d2 <= torch.maximum(dev * 2 ** (1 / 20), floor * 2 ** (1 / 10)) * (1 + 1e-6)).all()
+    # 1e-5: float32's rounding of the log code's arithmetic (hypothesis found a deviation 1.3e-6 under)
+    assert (d2 >= torch.maximum(dev, floor) * 2 ** (-1 / 20) * (1 - 1e-5)).all()
+    assert (d2 <= torch.maximum(dev * 2 ** (1 / 20), floor * 2 ** (1 / 10)) * (1 + 1e-5)).all()
     assert ((m2 - mean).abs() <= mean.abs() / 16 + 2.0 ** -9 * d2 + 1e-12).all()
 
 
