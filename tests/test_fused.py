@@ -92,12 +92,14 @@ def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, b
 @given(bits=st.sampled_from([2, 3, 4, 8]), rotate=st.booleans(), key_axis=st.sampled_from(["channel", "token"]),
        value_group=st.sampled_from([None, 8]), window=st.sampled_from([0, 3]),
        lengths=st.lists(st.integers(24, 200), min_size=1, max_size=5), seed=st.integers(0, 99),
-       cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS), turned=st.booleans())
+       cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS), turned=st.booleans(),
+       cuts=st.lists(st.integers(1, 11), max_size=3))
 def test_many_sequences_in_one_call_get_what_each_gets_alone(bits, rotate, key_axis, value_group, window, lengths,
-                                                              seed, cap, levels, turned):
+                                                              seed, cap, levels, turned, cuts):
     """A server's batch: one decode token for each of several sequences of different lengths (bodies of
     different block counts, dense parts of different sizes), read by one kernel call, bit for bit what
-    each sequence's own call gives."""
+    each sequence's own call gives; also when bodies come in parts (blocks shared with other sequences,
+    then their own: cut after `cuts` blocks), read where they are."""
     kl, vl = levels if bits <= 4 else LEVELS[0]
     turn = TURN if turned and key_axis == "channel" else ()
     kc = IntQuant(bits, key_axis, 16 if key_axis == "channel" else None, rotate=rotate, seed=1, **_lv(kl), derope=turn)
@@ -108,10 +110,25 @@ def test_many_sequences_in_one_call_get_what_each_gets_alone(bits, rotate, key_a
     assert all(s.batch_key(1, None) == states[0].batch_key(1, None) is not None for s in states)
     many = SplitStates.attend_many(states, q, 0.25, cap)
     assert many.shape == (len(lengths), 1, 6, 16)
+    in_parts = [dataclasses.replace(s, body=_in_parts(s.body, cuts)) if s.body is not None else s for s in states]
+    many_parts = SplitStates.attend_many(in_parts, q, 0.25, cap)
     for i, s in enumerate(states):
         alone, _ = s.attend(None, q[i:i + 1], None, 0.25, cap)
         assert torch.equal(many[i:i + 1], alone)
+        assert torch.equal(many_parts[i:i + 1], alone)
+        assert torch.equal(in_parts[i].attend(None, q[i:i + 1], None, 0.25, cap)[0], alone)  # joined per call
     assert states[0].batch_key(2, None) is None  # more than one token per sequence: each alone
+
+
+def _in_parts(body, cuts):
+    """An IntBody whose keys and values come as parts cut after the given counts of cache blocks."""
+    n = body.num_tokens
+    edges = sorted({c * body.block for c in cuts if c * body.block < n})
+    spans = list(zip([0] + edges, edges + [n]))
+
+    def cut(p):
+        return [p.blocks(a // p.block, b // p.block) for a, b in spans]
+    return dataclasses.replace(body, key_parts=cut(body.keys), value_parts=cut(body.values))
 
 
 def test_kernel_never_decodes_the_history(monkeypatch):

@@ -8,7 +8,8 @@ import torch
 
 from kvshrink import from_method, prepare
 from kvshrink.families.lowrank import transform as zdc
-from kvshrink.serve.park import Parking
+from kvshrink.codecs.base import tensor_nbytes
+from kvshrink.serve.park import Parking, fork
 
 
 def _filled(model, method, n=100, steps=3):
@@ -58,3 +59,34 @@ def test_parking_discards_and_removes_its_own_folder(tiny_model):
     assert os.listdir(folder) == ["b.pkl"] and parking.nbytes() > 0
     parking.close()
     assert not os.path.exists(folder) and parking.nbytes() == 0
+
+
+@pytest.mark.parametrize("method", ["fp16:block=32", "int4:block=32", "int2-rot", "kvcomp-eb0.1", "zdc-50"])
+def test_a_fork_and_its_original_grow_apart_as_two_caches_would(tiny_model, method):
+    """Fed different tokens after a fork (a prompt chunk, then decode steps), each gives the logits
+    of a cache that never forked, bit for bit. Families that read the body in parts (int, fp16) go on
+    holding the blocks frozen at the fork once, however far both grow."""
+    model = copy.deepcopy(tiny_model)
+    if method.startswith("zdc"):
+        torch.manual_seed(1)
+        model = zdc.apply(model, zdc.calibrate(model, torch.randint(3, 128, (2, 48)), {"test": True}))
+    prepare(model, method)
+    a, _ = _filled(model, method, steps=0)
+    b = fork(a)
+    frozen = a.shareable_nbytes()
+    assert frozen > 0 and b.shareable_nbytes() == frozen
+    g = torch.Generator().manual_seed(5)
+    for cache in (a, b):
+        cont = torch.randint(3, 128, (1, 75), generator=g)
+        twin, _ = _filled(model, method, steps=0)
+        with torch.no_grad():
+            for at, stop in ((0, 70), (70, 71), (71, 72), (72, 73), (73, 74), (74, 75)):
+                got = model(cont[:, at:stop], past_key_values=cache).logits
+                want = model(cont[:, at:stop], past_key_values=twin).logits
+                assert torch.equal(got, want)
+        assert cache.nbytes() == twin.nbytes()
+    common = {t.untyped_storage().data_ptr() for t in a.payload()} & {t.untyped_storage().data_ptr() for t in b.payload()}
+    together, apart = tensor_nbytes(a.payload() + b.payload()), tensor_nbytes(a.payload()) + tensor_nbytes(b.payload())
+    assert together == apart - tensor_nbytes([t for t in a.payload() if t.untyped_storage().data_ptr() in common])
+    if method.split(":")[0] in ("fp16", "int4", "int2-rot"):
+        assert together <= apart - frozen

@@ -292,10 +292,10 @@ def test_a_chats_second_turn_continues_from_its_first(bundled):
         assert a2.choices[0].message.content
 
 
-def test_a_fork_shares_its_entrys_bytes_until_it_codes_a_block(bundled):
-    """While a request runs on a kept cache, the engine counts their common storage once."""
+def test_a_fork_keeps_sharing_its_entrys_blocks_as_it_grows(bundled):
+    """While a request runs on a kept cache, their common storage is counted once, and stays common
+    after the request has coded blocks of its own (copy-on-write by block: prefix.py)."""
     from kvshrink.codecs.base import tensor_nbytes
-    from kvshrink.core.cache import cache_nbytes
     from kvshrink.corpus import load_corpus_ids
     from kvshrink.serve.server import make_engine
 
@@ -305,16 +305,41 @@ def test_a_fork_shares_its_entrys_bytes_until_it_codes_a_block(bundled):
     eng = fresh()
     first = _run(eng, [ids[:300]])[0]
     entry = next(e for e in eng.prefix.entries.values() if e.finished)
-    req = eng.submit(Request(ids[:300] + first + [13, 14], Sampling(max_tokens=4, temperature=0, ignore_eos=True),
+    req = eng.submit(Request(ids[:300] + first + [13, 14], Sampling(max_tokens=200, temperature=0, ignore_eos=True),
                              lambda k, q: None))
-    eng.step()
-    assert req.fed == len(req.prompt) and len(req.out) == 1
-    apart = cache_nbytes(entry.cache) + cache_nbytes(req.cache)
-    together = tensor_nbytes(entry.cache.payload() + req.cache.payload())
-    assert together < apart - cache_nbytes(entry.cache) // 2  # most of the entry is shared, counted once
+    while len(req.out) < 140:  # past a whole block (128 tokens) of its own
+        eng.step()
+    shared = entry.cache.shareable_nbytes()
+    own = [t for t in req.cache.payload()]
+    apart = tensor_nbytes(entry.cache.payload()) + tensor_nbytes(own)
+    together = tensor_nbytes(entry.cache.payload() + own)
+    assert shared > 0.5 * tensor_nbytes(entry.cache.payload())  # the entry is mostly coded blocks
+    assert together <= apart - shared  # all of them still held once
     eng.measure()
-    everything = [t for e in eng.prefix.entries.values() for t in e.cache.payload()] + req.cache.payload()
+    everything = [t for e in eng.prefix.entries.values() for t in e.cache.payload()] + own
     assert eng.held == tensor_nbytes(everything)
+
+
+def test_requests_that_share_a_system_prompt_are_admitted_for_their_own_bytes(bundled):
+    """Four requests that start with one 512-token prompt, under a budget that holds two and a half
+    caches of their length: the blocks they share are the prefix entry's bytes, so all four run at
+    once (other entries dropped for room), and each gets what a cold start gives it alone."""
+    from kvshrink.corpus import load_corpus_ids
+    from kvshrink.serve.server import make_engine
+
+    model, tok = bundled
+    ids = load_corpus_ids(tok, None, 5_000).tolist()
+    system = ids[:512]
+    prompts = [system + ids[3000 + 8 * i:3008 + 8 * i] for i in range(5)]
+    _, cold = make_engine(model, tok, "int4", 10**9, step_tokens=128, probe=512, prefix=False, log=lambda *_: None)
+    alone = [_run(cold(), [p], max_tokens=8)[0] for p in prompts[1:]]
+    _, warm = make_engine(model, tok, "int4", 10**9, step_tokens=128, probe=512, log=lambda *_: None)
+    eng = warm()
+    eng.kv_budget = int(2.5 * eng.need.need(520 + 8))
+    _run(eng, prompts[:1], max_tokens=8)  # keeps the prompt's chunk ends (128 ... 512 tokens) and itself
+    eng.peak_running = 0
+    assert _run(eng, prompts[1:], max_tokens=8) == alone
+    assert eng.peak_running == 4 and eng.prefix.hits == 4 and eng.preemptions == 0
 
 
 def test_a_client_that_disconnects_frees_its_cache(bundled):

@@ -50,6 +50,10 @@ class Packed:
     def nbytes(self) -> int:
         return tensor_nbytes(self.tensors.values())
 
+    def __getstate__(self) -> dict:
+        # a kernel's numpy views of the tensors (quant/kernel.py) are rebuilt, never written to a file
+        return {k: v for k, v in self.__dict__.items() if k != "_views"}
+
     def _map(self, fn) -> "Packed":
         return Packed({k: fn(v) for k, v in self.tensors.items()}, self.block, self.head_dim, self.meta)
 

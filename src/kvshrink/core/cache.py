@@ -52,6 +52,21 @@ class KVCache(Cache):
     def settle(self) -> None:
         """Finish deferred work (background coding, a pending eviction); a no-op by default."""
 
+    def share(self) -> None:
+        """Freeze every store's coded blocks so that forks made from now on hold them with this cache,
+        each growing its own blocks after them (core/store.py; serve/park.py's fork)."""
+        self.settle()
+        for layer in self.layers:
+            for store in layer.stores():
+                store.share()
+
+    def shareable_nbytes(self) -> int:
+        """Bytes of the coded blocks and the sink tokens: what a fork of this cache goes on sharing with
+        it however long the fork grows (its other tensors are replaced as it grows)."""
+        self.settle()
+        return tensor_nbytes([t for layer in self.layers for s in layer.stores()
+                              for t in [s.sink, *(x for p in s.body_parts() for x in p.tensors.values())]])
+
     def payload(self) -> list[torch.Tensor]:
         """The tensors that hold this cache's tokens (what it counts in `nbytes`), apart from what it
         shares with other caches (codecs' matrices, a calibrated model's projections)."""

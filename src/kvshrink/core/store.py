@@ -13,6 +13,14 @@
 
 Every part holds the only copy of its tokens: nothing is kept twice.
 
+`share()` freezes the body: its blocks join `shared` (a tuple of bodies, oldest first, never
+written again) and later blocks start a new body of the store's own. A fork of a cache made after
+`share()` (serve/park.py) holds the same frozen blocks, so a prefix that many sequences start
+with is stored once, each sequence's own blocks after it (copy-on-write by block: nothing shared
+is ever copied to be grown). `body_parts()` lists the frozen bodies and the own one for readers
+that take them apart (decoding, the int kernel's batched call); `body` joins them into one body
+the first time a reader needs a single one, after which the store holds that copy instead.
+
 `widths` = (dense, body) lets the two ends keep more coordinates than the middle
 (ZDC: sink and window tokens keep `sink_rank` coordinates, the rest a head's rank):
 sink and window hold the first `dense` coordinates of what `append` is given, body,
@@ -69,7 +77,8 @@ class TokenStore:
         # coordinates an input token needs (None: all of them)
         self.width = None if dense is None or body is None else max(dense, body)
         self.sink = self.window = None
-        self.body: Packed | None = None
+        self.shared: tuple = ()  # frozen bodies, oldest first (see the module doc)
+        self.own: Packed | None = None  # the body's blocks after them
         self.stage: Packed | None = None
         self.fresh = None  # float16 tokens of decode steps, not coded yet (see the module doc)
         self.executor = None  # a concurrent.futures executor for background coding
@@ -84,8 +93,37 @@ class TokenStore:
     def __len__(self) -> int:
         if self.sink is None:
             return 0
-        return (self.sink.shape[-2] + self.tokens_in(self.body) + self.tokens_in(self.stage) + self.fresh.shape[-2]
+        return (self.sink.shape[-2] + self.body_tokens() + self.tokens_in(self.stage) + self.fresh.shape[-2]
                 + self.window.shape[-2])
+
+    @property
+    def body(self) -> Packed | None:
+        """The coded blocks as one body: frozen bodies, if any, are joined with the own one here, once
+        (a copy the store then holds instead of sharing them)."""
+        if self.shared:
+            self.settle()
+            joined = self.shared[0]
+            for p in self.shared[1:] + ((self.own,) if self.own is not None else ()):
+                joined = joined.cat(p)
+            self.shared, self.own = (), joined
+        return self.own
+
+    @body.setter
+    def body(self, packed: Packed | None) -> None:
+        self.shared, self.own = (), packed
+
+    def body_parts(self) -> list:
+        """The body as the frozen bodies and the own one, oldest first (empty ones left out)."""
+        return [*self.shared, *((self.own,) if self.own is not None else ())]
+
+    def body_tokens(self) -> int:
+        return sum(p.num_tokens for p in self.shared) + self.tokens_in(self.own)
+
+    def share(self) -> None:
+        """Freeze the body: its blocks become shared with any fork made from now on (module doc)."""
+        self.settle()
+        if self.own is not None:
+            self.shared, self.own = self.shared + (self.own,), None
 
     @staticmethod
     def tokens_in(p: Packed | None) -> int:
@@ -102,7 +140,7 @@ class TokenStore:
             return
         future, taken = self._pending
         self._pending = None
-        self.body = future.result()
+        self.own = future.result()
         self.stage = None
         self.fresh = _slice(self.fresh, taken)
 
@@ -123,9 +161,9 @@ class TokenStore:
         if not full:
             return
         taken = full - self.tokens_in(self.stage)
-        args = (self.body, self.stage, self.fresh[..., :taken, :])
+        args = (self.own, self.stage, self.fresh[..., :taken, :])
         if self.executor is None:
-            self.body, self.stage, self.fresh = self._grow(*args), None, _slice(self.fresh, taken)
+            self.own, self.stage, self.fresh = self._grow(*args), None, _slice(self.fresh, taken)
         else:
             self._pending = (self.executor.submit(self._grow, *args), taken)
 
@@ -195,7 +233,7 @@ class TokenStore:
             self.stage = self._join(self.stage, self.stage_codec.encode(x, 1))
             return
         taken = (staged + x.shape[-2]) // self.block * self.block - staged
-        self.body = self._grow(self.body, self.stage, x[..., :taken, :])
+        self.own = self._grow(self.own, self.stage, x[..., :taken, :])
         rest = x[..., taken:, :]
         self.stage = self.stage_codec.encode(rest, 1) if rest.shape[-2] else None
 
@@ -227,8 +265,8 @@ class TokenStore:
     def parts(self) -> list[tuple]:
         """(part, codec) oldest first: sink (None), body, stage, fresh and window (None); empty coded
         parts left out."""
-        out = [(self.sink, None)]
-        out += [(p, c) for p, c in ((self.body, self.codec), (self.stage, self.stage_codec)) if p is not None]
+        out = [(self.sink, None)] + [(p, self.codec) for p in self.body_parts()]
+        out += [(self.stage, self.stage_codec)] if self.stage is not None else []
         return out + [(self.fresh, None), (self.window, None)]
 
     def crop(self, keep: int) -> None:
@@ -287,7 +325,7 @@ class TokenStore:
         if self.sink is None:
             return []
         out = [self.sink, self.fresh, self.window, *self.codec.shared_tensors()]
-        for p in (self.body, self.stage):
+        for p in (*self.body_parts(), self.stage):
             if p is not None:
                 out.extend(p.tensors.values())
         return out

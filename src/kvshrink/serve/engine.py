@@ -65,7 +65,9 @@ class Request:
     cache: object = None
     fed: int = 0  # tokens of prompt + out already in the cache
     sent: int = 0  # characters of the output text already emitted
-    reserved: int = 0
+    reserved: int = 0  # bytes of cache it may come to hold beyond what it shares with a prefix entry
+    need: int = 0  # bytes of cache it may come to hold in all
+    source: tuple | None = None  # the key of the prefix entry its cache was forked from
     arrived: float = field(default_factory=time.perf_counter)
     first: float | None = None
     last: float | None = None
@@ -105,8 +107,8 @@ class Engine:
         self.peak_running = 0
         self.prefix = prefix if prefix is not None else PrefixStore()
         # bytes held (every storage counted once), measured every HELD_EVERY steps and after every
-        # change of who holds a cache: by the running requests, and by them and the prefix entries
-        self.held_running = self.held = 0
+        # change of who holds a cache: by the running requests, by the prefix entries, by either
+        self.held_running = self.held_prefix = self.held = 0
         self.steps = 0
         self._stale = False
         self.thread: threading.Thread | None = None
@@ -180,7 +182,10 @@ class Engine:
         self.parking.close()
 
     def reserved(self) -> int:
-        return sum(r.reserved for r in list(self.running))
+        """The running requests' reservations: a request forked from a prefix entry reserves what it
+        may hold beyond the blocks it shares with the entry (the entry's bytes are counted as the
+        entry's), or all it needs once that entry is gone."""
+        return sum(r.reserved if r.source in self.prefix else r.need for r in list(self.running))
 
     def held_tokens(self) -> int:
         return sum(r.fed for r in list(self.running))
@@ -197,16 +202,19 @@ class Engine:
             while self.waiting and len(self.running) < self.max_running:
                 req = self.waiting[0]
                 need = self.need.need(len(req.prompt) + req.sampling.max_tokens)
-                if self._short(need) > 0:  # prefix entries give their room back first
-                    self._free_prefix(need)
-                if self._short(need) > 0:
+                parked = req.id in self.parking
+                key = None if parked else self.prefix.match(req.prompt)
+                own = max(0, need - self.prefix.shareable(key))  # the blocks it will share are the entry's
+                if self._short(own) > 0:  # prefix entries give their room back first
+                    self._free_prefix(own, keep=key)
+                if self._short(own) > 0:
                     break
                 self.waiting.popleft()
-                req.reserved = need
-                if req.id in self.parking:  # preempted and parked: back as it was
-                    req.cache = self.parking.resume(req.id)
+                req.reserved, req.need = own, need
+                if parked:  # preempted and parked: back as it was
+                    req.cache, req.source = self.parking.resume(req.id), None
                 else:
-                    req.cache, req.fed, req.cold = self.prefix.take(req.prompt)
+                    req.cache, req.fed, req.cold, req.source = self.prefix.take(req.prompt)
                     req.cache = req.cache or self.make_cache()
                 self.running.append(req)
                 self._stale = True
@@ -261,8 +269,9 @@ class Engine:
         now = time.perf_counter()
         for req, n in zip(reqs, counts):
             req.fed += n
-            if req.cold and req.fed < len(req.prompt) and req.fed % self.step_tokens == 0:
-                self.prefix.add(req.prompt[:req.fed], req.cache, finished=False)  # a whole chunk's end
+            if req.cold and req.fed < len(req.prompt) and req.fed % self.step_tokens == 0:  # a whole chunk's end
+                k = req.fed // self.step_tokens  # shared at chunks 1, 2, 4, 8...: log2 parts (prefix.py)
+                self.prefix.add(req.prompt[:req.fed], req.cache, finished=False, share=k & (k - 1) == 0)
         self.tokens_fed += len(ids)
         for row, i in enumerate(sample_at):
             req = reqs[i]
@@ -287,23 +296,27 @@ class Engine:
             self.metrics.step(self, len(sample_at))
 
     def _short(self, need: int) -> int:
-        """Bytes missing for one more request of `need`: the reservations (or the real bytes, if a
-        need fell short), the prefix entries' own bytes and `need` against the budget."""
-        return max(self.reserved(), self.held_running) + (self.held - self.held_running) + need - self.kv_budget
+        """Bytes missing for one more request of `need`: the reservations (or the bytes only running
+        requests hold, if a need fell short), the bytes prefix entries hold (shared ones included) and
+        `need` against the budget."""
+        return max(self.reserved(), self.held - self.held_prefix) + self.held_prefix + need - self.kv_budget
 
-    def _free_prefix(self, need: int) -> None:
-        """Drop the least recently used prefix entries until `need` fits or none is left; each dropped
-        entry's bytes bound what it frees, so the bytes are measured once per round, not per entry."""
-        while self._short(need) > 0 and len(self.prefix):
+    def _free_prefix(self, need: int, keep=None) -> None:
+        """Drop the least recently used prefix entries but `keep` until `need` fits or none is left; each
+        dropped entry's bytes bound what it frees, so the bytes are measured once per round, not per entry."""
+        while self._short(need) > 0 and len(self.prefix) > (keep is not None):
             short, freed = self._short(need), 0
-            while freed < short and len(self.prefix):
-                freed += self.prefix.drop_oldest()
+            while freed < short:
+                got = self.prefix.drop_oldest(keep)
+                if not got:
+                    break
+                freed += got
             self.measure()
 
     def measure(self) -> None:
-        running = [t for r in self.running for t in r.cache.payload()]
-        self.held_running = tensor_nbytes(running)
-        self.held = tensor_nbytes(running + self.prefix.payload())
+        running, prefix = [t for r in self.running for t in r.cache.payload()], self.prefix.payload()
+        self.held_running, self.held_prefix = tensor_nbytes(running), tensor_nbytes(prefix)
+        self.held = tensor_nbytes(running + prefix)
         self._stale = False
 
     def _sample(self, logits: torch.Tensor, req: Request) -> int:

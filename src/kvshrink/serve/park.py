@@ -60,13 +60,19 @@ class RefUnpickler(pickle.Unpickler):
         return self.kept[pid]
 
 
-def fork(cache):
+def fork(cache, share: bool = True):
     """A copy of `cache` that shares every tensor with it (its layers, stores and records are new
     objects): for a cache whose stored tensors are never written in place (`forkable`), the two
-    then grow apart without touching each other's tokens."""
+    then grow apart without touching each other's tokens. With `share`, their coded blocks are frozen
+    first (KVCache.share), so neither copies them as it grows: each adds blocks of its own after them.
+    Without, the copy holds the blocks as they are and the original copies them into its next body
+    (one body, no more parts for its kernel to read)."""
     if not getattr(cache, "forkable", False):
         raise KvshrinkError(f"{type(cache).__name__} writes its tensors in place and cannot be forked")
-    cache.settle()
+    if share:
+        cache.share()
+    else:
+        cache.settle()
     buf, kept = io.BytesIO(), []
     RefPickler(buf, None, kept).dump(cache)
     buf.seek(0)

@@ -98,8 +98,8 @@ class ZdcLayer(StoreLayer):
         """The kernel reads this layer now: `kernel_reads`, and every store's body of the same tokens."""
         if not self.kernel_reads:
             return False
-        n = self.ks[0].tokens_in(self.ks[0].body)
-        return all(s.tokens_in(s.body) == n for s in self.ks + self.vs)
+        n = self.ks[0].body_tokens()
+        return all(s.body_tokens() == n for s in self.ks + self.vs)
 
     def _lowrank_states(self, k: torch.Tensor, v: torch.Tensor):
         bodies = None

@@ -78,24 +78,24 @@ class CompressedLayer(StoreLayer):
 
     def _body(self):
         """The coded tokens as the kernel reads them (None when there are none)."""
-        if self.k.body is None:
+        if not self.k.body_tokens():
             return None
-        return IntBody(self.k.body, self.v.body, self.k.codec, self.v.codec, self.block)
+        return IntBody(self.k.body_parts(), self.v.body_parts(), self.k.codec, self.v.codec, self.block)
 
     def _readable(self) -> bool:
         """Whether the kernel can read this layer now: `kernel_reads`, and keys and values with bodies
         of the same tokens (both stores keep whole blocks in the body)."""
-        return (self.kernel_reads and self.k.tokens_in(self.k.body) == self.v.tokens_in(self.v.body))
+        return (self.kernel_reads and self.k.body_tokens() == self.v.body_tokens())
 
     def _split_states(self, key_states, value_states):
         """Sink, the coded body read in place, then the stage (decoded: under one block), the float16
         tokens of decode steps, the window and this call's tokens as dense tensors."""
+        body = self._body()  # first: joining a forked store's shared blocks finishes its background coding
         after = []
         for store, new in ((self.k, key_states), (self.v, value_states)):
             staged = store.stage is not None and not self.body_reads_stage
             parts = [store.stage_codec.decode(store.stage, torch.float32)] if staged else []
             after.append(parts + [store.fresh, store.window, new])
-        body = self._body()
         return SplitStates((self.k.sink, self.v.sink), body, tuple(after), splits=self.splits)
 
     def held(self) -> int:

@@ -318,30 +318,52 @@ def _affine(codec: IntQuant, mn: np.ndarray, sc: np.ndarray):
     return mn, sc
 
 
-def _padded(codec: IntQuant, bodies: list, n_max: int):
-    """_operands of many sequences' bodies (one sequence each) in arrays padded to n_max tokens."""
-    h = bodies[0].tensors["codes"].shape[1]
-    tg = codec.group if codec.axis == "channel" else 1
-    codes = mn = sc = None
-    for b, p in enumerate(bodies):  # numpy views: a torch op per part would cost more than the copy
-        n = p.num_tokens
+def _views(codec: IntQuant, p: Packed, h: int) -> tuple:
+    """(codes, min, scale) of one body as (h, -1) numpy arrays. Views of its tensors, kept on the body
+    (never written, so they stay right; no bytes of their own): a server's step reads every body,
+    shared prefix parts included, and building them each time cost more than the copy of a short part.
+    8-bit scales are decoded per call (kept, they would be a second copy)."""
+    views = p.__dict__.get("_views")
+    if views is None:
         c = p.tensors["codes"].numpy().reshape(h, -1)
         if codec.scales == "8bit":  # decoded first (codecs/scales.py)
-            m, s = (x.numpy().reshape(h, -1) for x in codec.params(p.tensors))
-        else:
-            m, s = (p.tensors[k].numpy().reshape(h, -1) for k in ("min", "scale"))
-        if codes is None:
-            row, params = c.shape[1] // n, m.shape[1] * tg // n  # code bytes per token, numbers per group
-            codes = np.zeros((len(bodies), h, n_max * row), dtype=np.uint8)
-            mn = np.zeros((len(bodies), h, n_max // tg * params), dtype=np.float32)
-            sc = np.zeros_like(mn)
-        codes[b, :, :c.shape[1]] = c
-        mn[b, :, :m.shape[1]] = m
-        sc[b, :, :s.shape[1]] = s
+            return (c, *(x.numpy().reshape(h, -1) for x in codec.params(p.tensors)))
+        views = p.__dict__["_views"] = (c, *(p.tensors[k].numpy().reshape(h, -1) for k in ("min", "scale")))
+    return views
+
+
+def _padded(codec: IntQuant, bodies: list, n_max: int):
+    """_operands of many sequences' bodies (one sequence each, a list of parts laid end to end: blocks
+    shared with other sequences, then its own) in arrays padded to n_max tokens."""
+    h = bodies[0][0].tensors["codes"].shape[1]
+    tg = codec.group if codec.axis == "channel" else 1
+    codes = mn = sc = None
+    for b, parts in enumerate(bodies):  # numpy views: a torch op per part would cost more than the copy
+        at_c = at_m = 0  # where the next part goes: code bytes, parameters
+        for p in parts:
+            c, m, s = _views(codec, p, h)
+            if codes is None:
+                n = p.num_tokens
+                row, params = c.shape[1] // n, m.shape[1] * tg // n  # code bytes per token, numbers per group
+                codes = np.zeros((len(bodies), h, n_max * row), dtype=np.uint8)
+                mn = np.zeros((len(bodies), h, n_max // tg * params), dtype=np.float32)
+                sc = np.zeros_like(mn)
+            codes[b, :, at_c:at_c + c.shape[1]] = c
+            mn[b, :, at_m:at_m + m.shape[1]] = m
+            sc[b, :, at_m:at_m + s.shape[1]] = s
+            at_c += c.shape[1]
+            at_m += m.shape[1]
     shape = (len(bodies), h, n_max // tg, params)
     mn, sc = _affine(codec, mn, sc)
     return codes.reshape(len(bodies) * h, -1), mn.reshape(shape), sc.reshape(shape), tg, \
         1 if codec.axis == "channel" else params
+
+
+def _joined(parts: list) -> Packed:
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.cat(p)
+    return out
 
 
 def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray, dense_n: np.ndarray,
@@ -356,8 +378,8 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     n = np.array([x.num_tokens for x in bodies], dtype=np.int64)
     n_max = int(n.max())
     vis = np.arange(n_max)[None, :] < n[:, None]
-    kc, kmn, ksc, ktg, kgroups = _padded(one.key_codec, [x.keys for x in bodies], n_max)
-    vc, vmn, vsc, _, vgroups = _padded(one.value_codec, [x.values for x in bodies], n_max)
+    kc, kmn, ksc, ktg, kgroups = _padded(one.key_codec, [x.key_parts for x in bodies], n_max)
+    vc, vmn, vsc, _, vgroups = _padded(one.value_codec, [x.value_parts for x in bodies], n_max)
     qb, qt = _key_queries(q, one.key_codec)
     vrot = rotation(d, one.value_codec.seed).numpy() if one.value_codec.rotate else _NO_ROTATION
     out = np.empty((b, h, r, d), dtype=np.float32)
@@ -370,10 +392,14 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
 
 @dataclass
 class IntBody:
-    """A CompressedLayer's integer-coded body, read in place by the kernel (attention/split.py)."""
+    """A CompressedLayer's integer-coded body, read in place by the kernel (attention/split.py): the
+    keys' and the values' bodies each as parts laid end to end (a store's `body_parts()`: blocks
+    shared with other sequences, then its own). The batched call (a server's decode step) reads the
+    parts where they are, as it copies every sequence's body into one padded array anyway; a call
+    over one sequence reads one body, joined here per call when there are several parts."""
 
-    keys: Packed
-    values: Packed
+    key_parts: list
+    value_parts: list
     key_codec: IntQuant
     value_codec: IntQuant
     block: int  # the cache block: the kernel's tile
@@ -381,7 +407,15 @@ class IntBody:
 
     @property
     def num_tokens(self) -> int:
-        return self.keys.num_tokens
+        return sum(p.num_tokens for p in self.key_parts)
+
+    @property
+    def keys(self) -> Packed:
+        return _joined(self.key_parts)
+
+    @property
+    def values(self) -> Packed:
+        return _joined(self.value_parts)
 
     def attend(self, q, vis, dense_k, dense_v, dense_vis, splits, cap=0.0):
         if triton_for(q):
