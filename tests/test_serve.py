@@ -38,7 +38,8 @@ class Server:
     """`build` + uvicorn in a thread on a free loopback port, for the length of a `with`."""
 
     def __init__(self, loaded, method, budget=256 * 10**6, **kw):
-        self.app, self.engine, self.metrics = build(None, method, budget, probe=256, log=lambda *_: None,
+        self.app, self.engine, self.metrics = build(None, method, budget, probe=256, decode_steps=16,
+                                                    log=lambda *_: None,
                                                     loaded=loaded, **kw)
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
@@ -152,7 +153,7 @@ def test_a_full_queue_answers_429(bundled):
 def test_admission_by_measured_bytes(bundled):
     """A budget that holds two requests' measured need runs two at a time, and finishes all."""
     model, tok = bundled
-    app, engine, _ = build(None, "int4", 10**9, probe=256, log=lambda *_: None, loaded=bundled)
+    app, engine, _ = build(None, "int4", 10**9, probe=256, decode_steps=20, log=lambda *_: None, loaded=bundled)
     ids = tok("The history of the Roman Empire", add_special_tokens=False).input_ids
     need = engine.need.need(len(ids) + 20)
     assert need >= engine.need.per_token() * (len(ids) + 20) * 0.9  # counted at the real rate, not assumed
@@ -179,7 +180,7 @@ def test_long_prompts_decode_together_in_one_kernel_call_as_alone(bundled, monke
     model, tok = bundled
     ids = load_corpus_ids(tok, None, 5_000)
     prompts = [ids[at:at + n].tolist() for at, n in ((0, 150), (600, 300), (1500, 420))]
-    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, log=lambda *_: None)
+    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, decode_steps=16, log=lambda *_: None)
     calls = []
     many = SplitStates.attend_many
     monkeypatch.setattr(SplitStates, "attend_many", staticmethod(lambda st, *a: calls.append(len(st)) or many(st, *a)))
@@ -216,7 +217,7 @@ def test_preempted_requests_are_parked_and_resumed_without_recomputing(bundled, 
     model, tok = bundled
     ids = load_corpus_ids(tok, None, 5_000)
     prompts = [ids[at:at + n].tolist() for at, n in ((0, 150), (600, 200), (1500, 260))]
-    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, log=lambda *_: None)
+    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, decode_steps=16, log=lambda *_: None)
 
     def run(eng, ps):
         reqs = [eng.submit(Request(p, Sampling(max_tokens=16, temperature=0, ignore_eos=True), lambda k, q: None))
@@ -263,8 +264,9 @@ def test_a_shared_prompt_chunk_is_reused_and_gives_what_a_cold_start_gives(bundl
     model, tok = bundled
     ids = load_corpus_ids(tok, None, 5_000).tolist()
     first, second = ids[:300], ids[:256] + ids[2000:2090]  # 256: one whole chunk in common
-    _, cold = make_engine(model, tok, method, 10**9, step_tokens=128, probe=256, prefix=False, log=lambda *_: None)
-    _, warm = make_engine(model, tok, method, 10**9, step_tokens=128, probe=256, log=lambda *_: None)
+    _, cold = make_engine(model, tok, method, 10**9, step_tokens=128, probe=256, prefix=False, decode_steps=0,
+                           log=lambda *_: None)
+    _, warm = make_engine(model, tok, method, 10**9, step_tokens=128, probe=256, decode_steps=16, log=lambda *_: None)
     expected = _run(cold(), [second])[0]
     eng = warm()
     _run(eng, [first])
@@ -292,6 +294,26 @@ def test_a_chats_second_turn_continues_from_its_first(bundled):
         assert a2.choices[0].message.content
 
 
+def test_a_decoding_request_stays_within_its_reservation(bundled):
+    """Decode tokens wait in float16 until their block fills, so a decoding cache holds more than a
+    prompt-grown one of the same length: the measured need covers it (and the prompt-grown need
+    alone would not)."""
+    from kvshrink.serve.server import make_engine
+
+    model, tok = bundled
+    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, log=lambda *_: None)  # a full cycle measured
+    eng = fresh()
+    ids = tok("The history of the Roman Empire begins with the founding of the city", add_special_tokens=False).input_ids
+    req = eng.submit(Request(ids, Sampling(max_tokens=140, temperature=0, ignore_eos=True), lambda k, q: None))
+    reserved, top = eng.need.need(len(ids) + 140), 0
+    while req.finish is None:
+        eng.step()
+        if req.cache is not None:
+            top = max(top, req.cache.nbytes())
+    assert top <= reserved
+    assert top > eng.need.prompt_need(len(ids) + 140)
+
+
 def test_a_fork_keeps_sharing_its_entrys_blocks_as_it_grows(bundled):
     """While a request runs on a kept cache, their common storage is counted once, and stays common
     after the request has coded blocks of its own (copy-on-write by block: prefix.py)."""
@@ -301,7 +323,7 @@ def test_a_fork_keeps_sharing_its_entrys_blocks_as_it_grows(bundled):
 
     model, tok = bundled
     ids = load_corpus_ids(tok, None, 5_000).tolist()
-    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, log=lambda *_: None)
+    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, decode_steps=16, log=lambda *_: None)
     eng = fresh()
     first = _run(eng, [ids[:300]])[0]
     entry = next(e for e in eng.prefix.entries.values() if e.finished)
@@ -321,7 +343,7 @@ def test_a_fork_keeps_sharing_its_entrys_blocks_as_it_grows(bundled):
 
 
 def test_requests_that_share_a_system_prompt_are_admitted_for_their_own_bytes(bundled):
-    """Four requests that start with one 512-token prompt, under a budget that holds two and a half
+    """Four requests that start with one 512-token prompt, under a budget that holds three
     caches of their length: the blocks they share are the prefix entry's bytes, so all four run at
     once (other entries dropped for room), and each gets what a cold start gives it alone."""
     from kvshrink.corpus import load_corpus_ids
@@ -331,11 +353,12 @@ def test_requests_that_share_a_system_prompt_are_admitted_for_their_own_bytes(bu
     ids = load_corpus_ids(tok, None, 5_000).tolist()
     system = ids[:512]
     prompts = [system + ids[3000 + 8 * i:3008 + 8 * i] for i in range(5)]
-    _, cold = make_engine(model, tok, "int4", 10**9, step_tokens=128, probe=512, prefix=False, log=lambda *_: None)
+    _, cold = make_engine(model, tok, "int4", 10**9, step_tokens=128, probe=512, prefix=False, decode_steps=0,
+                           log=lambda *_: None)
     alone = [_run(cold(), [p], max_tokens=8)[0] for p in prompts[1:]]
-    _, warm = make_engine(model, tok, "int4", 10**9, step_tokens=128, probe=512, log=lambda *_: None)
+    _, warm = make_engine(model, tok, "int4", 10**9, step_tokens=128, probe=512, decode_steps=8, log=lambda *_: None)
     eng = warm()
-    eng.kv_budget = int(2.5 * eng.need.need(520 + 8))
+    eng.kv_budget = int(3 * eng.need.need(520 + 8))
     _run(eng, prompts[:1], max_tokens=8)  # keeps the prompt's chunk ends (128 ... 512 tokens) and itself
     eng.peak_running = 0
     assert _run(eng, prompts[1:], max_tokens=8) == alone
@@ -408,7 +431,7 @@ def test_serve_bench_section_holds_more_compressed_sequences(bundled):
     ids = load_corpus_ids(tok, None, 20_000)
     work = Workload(requests=6, prompt_median=100, prompt_range=(60, 160), output_median=6, output_range=(4, 8))
     res = serve_section(model, tok, ["fp16", "int4"], ids, 4 * 10**6, rates=(float("inf"),), workload=work,
-                        log=lambda *_: None)
+                        log=lambda *_: None, decode_steps=8)
     fp16, int4 = (res["by_method"][m] for m in ("fp16", "int4"))
     for m in (fp16, int4):
         run = m["runs"][0]
@@ -468,7 +491,8 @@ def test_sliding_window_models_batch_as_they_run_alone(arch, monkeypatch):
         return ids[len(prompt):]
 
     monkeypatch.setenv("KVSHRINK_CORPUS", "/nonexistent")  # no corpus for this vocabulary: bytes on random ids
-    model, fresh = make_engine(model, _Ids(), "fp16", 10**9, step_tokens=chunk, probe=64, log=lambda *_: None)
+    model, fresh = make_engine(model, _Ids(), "fp16", 10**9, step_tokens=chunk, probe=64, decode_steps=0,
+                                 log=lambda *_: None)
 
     def engine(ps):
         eng = fresh()

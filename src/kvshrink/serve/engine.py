@@ -109,6 +109,7 @@ class Engine:
         # bytes held (every storage counted once), measured every HELD_EVERY steps and after every
         # change of who holds a cache: by the running requests, by the prefix entries, by either
         self.held_running = self.held_prefix = self.held = 0
+        self.peak_held = 0  # the most `held` measured
         self.steps = 0
         self._stale = False
         self.thread: threading.Thread | None = None
@@ -317,6 +318,7 @@ class Engine:
         running, prefix = [t for r in self.running for t in r.cache.payload()], self.prefix.payload()
         self.held_running, self.held_prefix = tensor_nbytes(running), tensor_nbytes(prefix)
         self.held = tensor_nbytes(running + prefix)
+        self.peak_held = max(self.peak_held, self.held)
         self._stale = False
 
     def _sample(self, logits: torch.Tensor, req: Request) -> int:

@@ -108,6 +108,7 @@ def run_load(engine, items: list, rate: float, seed: int = 0, time_limit: float 
     tpot = [(r.last - r.first) / (len(r.out) - 1) for r in ok if len(r.out) > 1]
     tokens = sum(len(r.out) for r in reqs)
     return {"rate": rate, "requests": len(items), "completed": len(ok), "peak_running": engine.peak_running,
+            "preemptions": engine.preemptions, "peak_held_bytes": engine.peak_held,
             "output_tok_s": tokens / max(end - t0, 1e-9), "duration_s": end - t0,
             "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
             "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
@@ -124,15 +125,18 @@ RATES = (0.5, 1.0, math.inf)
 
 
 def serve_section(model, tok, methods, corpus_ids: torch.Tensor, kv_budget: int, rates=RATES,
-                  workload: Workload | None = None, time_limit: float = 300.0, progress=None, log=print) -> dict:
-    """Every method under the same KV budget, at every rate, on the same drawn requests."""
+                  workload: Workload | None = None, time_limit: float = 300.0, progress=None, log=print,
+                  decode_steps: int | None = None) -> dict:
+    """Every method under the same KV budget, at every rate, on the same drawn requests. decode_steps:
+    as make_engine's (None: a full cycle of each method's float16 decode tokens, budget.py)."""
     workload = workload or Workload()
     items = workload.draw(corpus_ids)
     res = {"workload": {**workload.__dict__, "drawn_prompt_tokens": [len(p) for p, _ in items],
                         "drawn_output_tokens": [n for _, n in items]},
            "kv_budget_bytes": kv_budget, "by_method": {}}
     for method in methods:
-        prepared, fresh = make_engine(model, tok, method, kv_budget, log=lambda *_: None)
+        prepared, fresh = make_engine(model, tok, method, kv_budget, log=lambda *_: None,
+                                      decode_steps=decode_steps)
         probe = fresh()
         sizes = [len(p) + n for p, n in items]
         runs = []
@@ -159,8 +163,8 @@ def serve_table(res: dict) -> str:
             f"{res['workload']['output_median']} tokens, log-normal); ×{base} = against `{base}` at the same rate.",
             "",
             "| method | rate (req/s) | bytes/token @1k | most running | ×" + base + " | completed | output tok/s | ×"
-            + base + " | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | RSS max (MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            + base + " | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | KV held max (MB) | preempted | RSS max (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, m in by.items():
         for run, ref in zip(m["runs"], by[base]["runs"]):
             f = lambda x, k=1.0, spec=".2f": "–" if x is None else format(x * k, spec)  # noqa: E731
@@ -168,7 +172,8 @@ def serve_table(res: dict) -> str:
                         f"{run['peak_running'] / max(ref['peak_running'], 1):.2f} | {run['completed']}/{run['requests']} | "
                         f"{run['output_tok_s']:.1f} | {run['output_tok_s'] / max(ref['output_tok_s'], 1e-9):.2f} | "
                         f"{f(run['ttft_p50_s'])} / {f(run['ttft_p99_s'])} | {f(run['tpot_p50_s'], 1000, '.0f')} / "
-                        f"{f(run['tpot_p99_s'], 1000, '.0f')} | {run['rss_max_mb']:.0f} |")
+                        f"{f(run['tpot_p99_s'], 1000, '.0f')} | {run.get('peak_held_bytes', 0) / 1e6:.1f} | "
+                        f"{run.get('preemptions', 0)} | {run['rss_max_mb']:.0f} |")
     return "\n".join(rows)
 
 

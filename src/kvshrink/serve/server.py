@@ -17,7 +17,7 @@ from ..models import DEFAULT_MODEL, load_model
 from ..registry import get_method
 from ..spec import spec_from_config
 from .app import create_app
-from .budget import measure
+from .budget import decode_span, measure
 from .engine import Engine
 from .metrics import Metrics
 from .prefix import PrefixStore
@@ -48,19 +48,25 @@ def probe_ids(tokenizer, tokens: int, log=print) -> torch.Tensor:
 
 
 def make_engine(model, tok, method: str, kv_budget: int, max_running: int = 64, step_tokens: int = 256,
-                queue_limit: int = 256, probe: int = PROBE_TOKENS, log=print, prefix: bool = True, park: bool = True):
+                queue_limit: int = 256, probe: int = PROBE_TOKENS, log=print, prefix: bool = True, park: bool = True,
+                decode_steps: int | None = None):
     """(model prepared for `method`, a factory of fresh engines on it). The bytes a cache of the method
-    holds are measured once, on a `probe`-token prompt. prefix: reuse kept caches for prompts that start
-    with their tokens (prefix.py); park: park preempted caches on disk rather than recompute them."""
+    holds are measured once, on a `probe`-token prompt, and over `decode_steps` decode steps (None: two
+    blocks, a full cycle of float16 decode tokens; fewer, as tests do to save time, may measure less
+    than a request can hold: budget.py).
+    prefix: reuse kept caches for prompts that start with their tokens (prefix.py); park: park
+    preempted caches on disk rather than recompute them."""
     spec = spec_from_config(model.config)
     model = prepare(model, method, tok)
     use_kvshrink_attention(model)  # the packed batch attends through RaggedStates, for every method
     probe = min(probe, spec.max_context or probe)
-    need = measure(model, lambda: from_method(method, model), probe_ids(tok, probe, log))
+    span = decode_span(from_method(method, model))
+    span = span if decode_steps is None else min(span, decode_steps)
+    need = measure(model, lambda: from_method(method, model), probe_ids(tok, probe, log), decode=span)
     fp16 = spec.fp16_bytes_per_token()
     log(f"serve: {method} holds {need.per_token():.0f} bytes per token at {need.lengths[-1]} tokens "
-        f"({fp16 / need.per_token():.2f}x float16); KV budget {kv_budget / 1e6:.1f} MB, about "
-        f"{kv_budget / need.per_token():.0f} tokens")
+        f"({fp16 / need.per_token():.2f}x float16), and decoding up to {need.extra / 1e6:.2f} MB more a request; "
+        f"KV budget {kv_budget / 1e6:.1f} MB, about {kv_budget / need.per_token():.0f} tokens")
 
     def fresh(metrics=None) -> Engine:
         return Engine(model, tok, lambda: from_method(method, model), need, kv_budget, max_running=max_running,
@@ -71,12 +77,12 @@ def make_engine(model, tok, method: str, kv_budget: int, max_running: int = 64, 
 
 def build(model_name: str | None, method: str, kv_budget: int, max_running: int = 64, step_tokens: int = 256,
           queue_limit: int = 256, probe: int = PROBE_TOKENS, log=print, loaded=None, prefix: bool = True,
-          park: bool = True):
+          park: bool = True, decode_steps: int | None = None):
     """(app, engine, metrics). loaded: (model, tokenizer) already loaded (tests share one model)."""
     get_method(method)
     model, tok = loaded or load_model(model_name)
     model, fresh = make_engine(model, tok, method, kv_budget, max_running, step_tokens, queue_limit, probe, log,
-                               prefix, park)
+                               prefix, park, decode_steps)
     metrics = Metrics(method, spec_from_config(model.config).fp16_bytes_per_token())
     engine = fresh(metrics)
     app = create_app(engine, tok, model_name or DEFAULT_MODEL, metrics)
