@@ -38,7 +38,7 @@ class Server:
     """`build` + uvicorn in a thread on a free loopback port, for the length of a `with`."""
 
     def __init__(self, loaded, method, budget=256 * 10**6, **kw):
-        self.app, self.engine, self.metrics = build(None, method, budget, probe=256, decode_steps=16,
+        self.app, self.engine, self.metrics = build(None, method, budget, probe=256, decode_steps=0,
                                                     log=lambda *_: None,
                                                     loaded=loaded, **kw)
         self.port = free_port()
@@ -180,7 +180,7 @@ def test_long_prompts_decode_together_in_one_kernel_call_as_alone(bundled, monke
     model, tok = bundled
     ids = load_corpus_ids(tok, None, 5_000)
     prompts = [ids[at:at + n].tolist() for at, n in ((0, 150), (600, 300), (1500, 420))]
-    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, decode_steps=16, log=lambda *_: None)
+    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, decode_steps=0, log=lambda *_: None)
     calls = []
     many = SplitStates.attend_many
     monkeypatch.setattr(SplitStates, "attend_many", staticmethod(lambda st, *a: calls.append(len(st)) or many(st, *a)))
@@ -217,7 +217,7 @@ def test_preempted_requests_are_parked_and_resumed_without_recomputing(bundled, 
     model, tok = bundled
     ids = load_corpus_ids(tok, None, 5_000)
     prompts = [ids[at:at + n].tolist() for at, n in ((0, 150), (600, 200), (1500, 260))]
-    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, decode_steps=16, log=lambda *_: None)
+    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, decode_steps=0, log=lambda *_: None)
 
     def run(eng, ps):
         reqs = [eng.submit(Request(p, Sampling(max_tokens=16, temperature=0, ignore_eos=True), lambda k, q: None))
@@ -266,7 +266,7 @@ def test_a_shared_prompt_chunk_is_reused_and_gives_what_a_cold_start_gives(bundl
     first, second = ids[:300], ids[:256] + ids[2000:2090]  # 256: one whole chunk in common
     _, cold = make_engine(model, tok, method, 10**9, step_tokens=128, probe=256, prefix=False, decode_steps=0,
                            log=lambda *_: None)
-    _, warm = make_engine(model, tok, method, 10**9, step_tokens=128, probe=256, decode_steps=16, log=lambda *_: None)
+    _, warm = make_engine(model, tok, method, 10**9, step_tokens=128, probe=256, decode_steps=0, log=lambda *_: None)
     expected = _run(cold(), [second])[0]
     eng = warm()
     _run(eng, [first])
@@ -297,21 +297,21 @@ def test_a_chats_second_turn_continues_from_its_first(bundled):
 def test_a_decoding_request_stays_within_its_reservation(bundled):
     """Decode tokens wait in float16 until their block fills, so a decoding cache holds more than a
     prompt-grown one of the same length: the measured need covers it (and the prompt-grown need
-    alone would not)."""
+    alone would not). Blocks of 32 tokens: a full cycle is measured in 64 decode steps."""
     from kvshrink.serve.server import make_engine
 
     model, tok = bundled
-    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, log=lambda *_: None)  # a full cycle measured
+    _, fresh = make_engine(model, tok, "int4:block=32", 10**9, probe=256, log=lambda *_: None)  # a full cycle
     eng = fresh()
     ids = tok("The history of the Roman Empire begins with the founding of the city", add_special_tokens=False).input_ids
-    req = eng.submit(Request(ids, Sampling(max_tokens=140, temperature=0, ignore_eos=True), lambda k, q: None))
-    reserved, top = eng.need.need(len(ids) + 140), 0
+    req = eng.submit(Request(ids, Sampling(max_tokens=48, temperature=0, ignore_eos=True), lambda k, q: None))
+    reserved, top = eng.need.need(len(ids) + 48), 0
     while req.finish is None:
         eng.step()
         if req.cache is not None:
             top = max(top, req.cache.nbytes())
     assert top <= reserved
-    assert top > eng.need.prompt_need(len(ids) + 140)
+    assert top > eng.need.prompt_need(len(ids) + 48)
 
 
 def test_a_fork_keeps_sharing_its_entrys_blocks_as_it_grows(bundled):
@@ -323,7 +323,7 @@ def test_a_fork_keeps_sharing_its_entrys_blocks_as_it_grows(bundled):
 
     model, tok = bundled
     ids = load_corpus_ids(tok, None, 5_000).tolist()
-    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, decode_steps=16, log=lambda *_: None)
+    _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, decode_steps=0, log=lambda *_: None)
     eng = fresh()
     first = _run(eng, [ids[:300]])[0]
     entry = next(e for e in eng.prefix.entries.values() if e.finished)
@@ -393,7 +393,8 @@ def test_parse_bytes_and_cli_refusals(capsys):
 
 def test_sigterm_finishes_running_requests_then_exits():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kvshrink.cli", "serve", "--port", str(port), "--method", "int4"],
+    proc = subprocess.Popen([sys.executable, "-m", "kvshrink.cli", "serve", "--port", str(port), "--method", "int4",
+                             "--decode-probe", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not keep caches for later prompts that start with the same tokens (docs/serve.md)")
     s.add_argument("--no-park", action="store_true",
                    help="a preempted request's cache is freed and recomputed, not parked on disk")
+    s.add_argument("--decode-probe", type=int, default=None,
+                   help="decode steps measured at start for the byte model (default: two blocks, which covers "
+                        "any request; fewer starts faster and may reserve too little: docs/serve.md)")
 
     c = sub.add_parser("calibrate", help="calibrate a method that needs it (zdc: low-rank bases and loss proxies; "
                                          "rvq: residual codebooks; auto: the budget's loss of every width)")
@@ -274,11 +277,13 @@ def cmd_serve(args) -> None:
     for name in ("port", "max_running", "step_tokens", "queue_limit"):
         if getattr(args, name) < 1 or (name == "port" and args.port > 65535):
             raise KvshrinkError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
+    if args.decode_probe is not None and args.decode_probe < 0:
+        raise KvshrinkError(f"--decode-probe {args.decode_probe} is out of range")
     from .serve.server import build, parse_bytes, run
 
     budget = parse_bytes(args.kv_budget)
     app, _, _ = build(args.model, args.method, budget, args.max_running, args.step_tokens, args.queue_limit,
-                      prefix=not args.no_prefix_reuse, park=not args.no_park)
+                      prefix=not args.no_prefix_reuse, park=not args.no_park, decode_steps=args.decode_probe)
     print(f"kvshrink serve: {args.method} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
     got = run(app, args.host, args.port)
     print(f"kvshrink serve: stopped{' on signal ' + str(got[-1]) if got else ''}", flush=True)
