@@ -180,6 +180,33 @@ def test_per_token_values_are_coded_once_whatever_the_chunking(tiny_model, tiny_
         assert b.v.stage is None and b.v.fresh.shape[-2] == 100 - 4 - 96
 
 
+def test_decoding_holds_a_prompts_bytes_plus_at_most_gather_float16_tokens(tiny_model, tiny_config):
+    """Decode steps stage their tokens as codes every `gather` steps, the codes a prompt's tokens get:
+    at every length the cache holds what a prompt of that length holds, except that its waiting
+    float16 tokens (fewer than `gather`) replace their staged codes."""
+    ids = _ids(80)
+    states = prefill_states(tiny_model, ids)
+    steps = from_method("int4:block=32", tiny_config)
+    gather = steps.layers[0].k.gather
+    assert gather is not None and gather < 32
+    seen = set()
+    for t in range(80):
+        for i, (k, v) in enumerate(states):
+            steps.update(k[..., t:t + 1, :], v[..., t:t + 1, :], i)
+        prompt = from_method("int4:block=32", tiny_config)
+        fill(prompt, [(k[..., :t + 1, :], v[..., :t + 1, :]) for k, v in states])
+        for a, b in zip(prompt.layers, steps.layers):
+            for sa, sb, x in ((a.k, b.k, states[0][0]), (a.v, b.v, states[0][1])):
+                sb.settle()
+                waiting = sb.fresh.shape[-2]
+                assert waiting < gather and sb.tokens_in(sb.body) == sa.tokens_in(sa.body)
+                seen.add(waiting)
+                staged = tensor_nbytes(list(sb.stage_codec.encode(x[..., :1, :].float(), 1).tensors.values()))
+                float16 = x[..., :1, :].numel() * 2
+                assert sb.nbytes() - sa.nbytes() == waiting * (float16 - staged)
+    assert seen == set(range(gather))  # every count of waiting tokens was seen
+
+
 def test_method_options_in_the_name(tiny_config):
     cache = from_method("int4:window=16:block=64", tiny_config)
     assert (cache.window, cache.block, cache.method) == (16, 64, "int4:window=16:block=64")

@@ -60,7 +60,7 @@ class Server:
         self.thread.join(30)
 
     def chat(self, prompt, **kw):
-        kw.setdefault("max_tokens", 24)
+        kw.setdefault("max_tokens", 16)
         kw.setdefault("temperature", 0)
         return self.client.chat.completions.create(model="smollm2-135m",
                                                    messages=[{"role": "user", "content": prompt}], **kw)
@@ -84,7 +84,7 @@ def test_chat_and_completions_with_the_openai_client(bundled):
     with Server(bundled, "int4") as s:
         assert [m.id for m in s.client.models.list().data] == ["smollm2-135m"]
         r = s.chat(PROMPTS[0])
-        assert r.choices[0].message.content == reference(*bundled, "int4", PROMPTS[0], 24)
+        assert r.choices[0].message.content == reference(*bundled, "int4", PROMPTS[0], 16)
         assert r.choices[0].finish_reason in ("stop", "length")
         assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 10
         parts, finish = [], None
@@ -295,9 +295,9 @@ def test_a_chats_second_turn_continues_from_its_first(bundled):
 
 
 def test_a_decoding_request_stays_within_its_reservation(bundled):
-    """Decode tokens wait in float16 until their block fills, so a decoding cache holds more than a
-    prompt-grown one of the same length: the measured need covers it (and the prompt-grown need
-    alone would not). Blocks of 32 tokens: a full cycle is measured in 64 decode steps."""
+    """Decode tokens wait in float16 (up to `gather` of them) before they are staged, so a decoding
+    cache holds more than a prompt-grown one of the same length: the measured need covers it (and the
+    prompt-grown need alone would not). Blocks of 32 tokens: a full cycle is measured in 64 steps."""
     from kvshrink.serve.server import make_engine
 
     model, tok = bundled

@@ -33,15 +33,19 @@ recent tokens) until, with the stage, they fill a block. That block is coded by
 `executor` (a worker thread) when one is set, else at once; with a worker the
 next `append` takes the grown body (waiting if the worker is not done), so no
 decode step pays for coding and the result does not depend on the thread's
-timing. Longer calls (prefill, perplexity chunks) code through the stage as
-described above.
+timing. With `gather` set, at most that many wait: every `gather` of them are
+staged as codes in one call, the same codes a prompt's tokens get (a decoding
+sequence then holds what a prompt of its length holds, up to `gather` float16
+tokens, where a whole block's worth waited before; one coding call per `gather`
+steps). A store whose stage codec is float16 ignores it. Longer calls (prefill,
+perplexity chunks) code through the stage as described above.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..codecs.base import Codec, Packed, tensor_nbytes
+from ..codecs.base import Codec, Fp16, Packed, tensor_nbytes
 from ..errors import KvshrinkError
 
 
@@ -62,7 +66,7 @@ def _slice(x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor
 
 class TokenStore:
     def __init__(self, codec: Codec, sink: int, window: int, block: int, stage_codec: Codec | None = None,
-                 widths: tuple[int | None, int | None] = (None, None)):
+                 widths: tuple[int | None, int | None] = (None, None), gather: int | None = None):
         self.recode = codec.block_tokens > 1
         if self.recode and stage_codec is None:
             raise KvshrinkError(f"{codec.describe()} codes whole blocks and needs a stage codec")
@@ -72,6 +76,10 @@ class TokenStore:
                                 f"a window needs at least as many ({dense} given)")
         self.codec = codec
         self.stage_codec = stage_codec if self.recode else codec
+        # decode tokens that wait in float16 before they are staged (None: until a block fills)
+        self.gather = None if isinstance(self.stage_codec, Fp16) else gather
+        if gather is not None and not (isinstance(gather, int) and gather >= 1):
+            raise KvshrinkError(f"gather must be a positive integer, got {gather!r}")
         self.sink_size, self.window_size, self.block = sink, window, block
         self.dense_width, self.body_width = dense, body
         # coordinates an input token needs (None: all of them)
@@ -156,9 +164,13 @@ class TokenStore:
         return self._join(body, coded if stage is None else stage.cat(coded))
 
     def _code_fresh(self) -> None:
-        """Whole blocks of stage + fresh tokens go to the body: on the worker when there is one."""
+        """Whole blocks of stage + fresh tokens go to the body (on the worker when there is one); short
+        of a block, `gather` fresh tokens are staged."""
         full = (self.tokens_in(self.stage) + self.fresh.shape[-2]) // self.block * self.block
         if not full:
+            if self.gather is not None and self.fresh.shape[-2] >= self.gather:
+                x, self.fresh = self.fresh.float(), _slice(self.fresh, 0, 0)
+                self.stage = self._join(self.stage, self.stage_codec.encode(x, 1))
             return
         taken = full - self.tokens_in(self.stage)
         args = (self.own, self.stage, self.fresh[..., :taken, :])

@@ -8,15 +8,15 @@ the method in chunks of `step` tokens and records the bytes it really holds afte
 be coded is counted at its staged size), and past the probe grows at the measured rate of its
 last half. The server reserves `need(prompt + max_tokens)` when it admits a request.
 
-Decode steps hold more than a prompt of the same length: their tokens wait in float16 until they
-fill a block (core/store.py), where a prompt's are staged as codes. So `measure` also decodes
-tokens one at a time after a one-chunk prompt, through two whole blocks (so one full cycle of
-float16 tokens is seen whatever the prompt left staged), and `extra`, the most they held above
-the prompt-grown need at the same length, is added to every need. For `int4` (blocks of 128) it
-is about 1.8 MB, the float16 tokens of nearly a whole block; without it a decoding request
-outgrew its reservation by up to 60% (and was then preempted). It is the same for a request of
-few new tokens: how many float16 tokens k decode steps leave depends on what the prompt left
-staged, so a bound by k would need each layout's block phase (not built).
+Decode steps may hold more than a prompt of the same length: their tokens wait in float16 before
+they are staged as codes (core/store.py: in runs of `gather`, 8 for the int family; a whole block's
+worth for a layout without it). So `measure` also decodes tokens one at a time after a one-chunk
+prompt, through two whole blocks (so one full cycle is seen whatever the prompt left staged), and
+`extra`, the most they held above the prompt-grown need at the same length, is added to every need.
+For `int4` it is 0.12 MB (it was 1.77 MB when a block's worth waited in float16; without it a
+decoding request outgrew its reservation by up to 60% and was then preempted). It is the same for
+a request of few new tokens: how many float16 tokens k decode steps leave depends on what the
+prompt left staged, so a bound by k would need each layout's block phase (not built).
 """
 
 from __future__ import annotations

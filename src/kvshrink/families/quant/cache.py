@@ -28,6 +28,12 @@ from .config import Fp16Config, QuantConfig
 from .kernel import IntBody, supported
 
 
+# Decode tokens wait in float16 in runs of this many, then are staged as codes (core/store.py): a
+# decoding int4 sequence held up to 1.77 MB more than a prompt of its length when a whole block's
+# worth waited, 0.12 MB with 8 (docs/serve.md); decode speed at 8k did not change.
+GATHER = 8
+
+
 class CompressedLayer(StoreLayer):
     """One layer's compressed keys and values."""
 
@@ -36,11 +42,12 @@ class CompressedLayer(StoreLayer):
     kernel_reads = False  # fused, on the CPU, and codes the kernel reads: fixed at the first update
     body_reads_stage = False  # the kernel reads the stage's codes too (else decoded into the dense part)
     layout, gpu_kernel = "int", True  # the body's kind, and whether a Triton kernel reads it (CUDA)
+    gather = GATHER  # decode tokens staged as codes together (core/store.py)
 
     def __init__(self, key_codec: Codec, value_codec: Codec, sink: int, window: int, block: int):
         super().__init__()
-        self.k = TokenStore(key_codec, sink, window, block, self.stage_codec(key_codec))
-        self.v = TokenStore(value_codec, sink, window, block, self.stage_codec(value_codec))
+        self.k = TokenStore(key_codec, sink, window, block, self.stage_codec(key_codec), gather=self.gather)
+        self.v = TokenStore(value_codec, sink, window, block, self.stage_codec(value_codec), gather=self.gather)
         self.block = block
 
     def stage_codec(self, codec: Codec) -> Codec | None:
