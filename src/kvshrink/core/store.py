@@ -170,7 +170,7 @@ class TokenStore:
         if not full:
             if self.gather is not None and self.fresh.shape[-2] >= self.gather:
                 x, self.fresh = self.fresh.float(), _slice(self.fresh, 0, 0)
-                self.stage = self._join(self.stage, self.stage_codec.encode(x, 1))
+                self._push(x)  # short of a block: staged
             return
         taken = full - self.tokens_in(self.stage)
         args = (self.own, self.stage, self.fresh[..., :taken, :])
