@@ -251,7 +251,11 @@ def test_rope_frequencies_and_turned_keys_on_every_family(arch):
     m = _ready(model, "int4:prerope=true")
     fused = _run(m, from_method(f"int4:prerope=true:block={BLOCK}", m), ids)
     plain = _run(m, from_method(f"int4:prerope=true:block={BLOCK}:attend=decode", m), ids)
-    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    # two caches fed alike may still store a new key one float16 step apart (the kernel's sums and decoding's
+    # differ in the last bit), which the block's codes then widen: equal to well within the codes' own error
+    # (tests/test_fused.py checks the kernel against decoding on the same codes, to float rounding)
+    err = (plain - ref).abs().max().item()
+    assert (fused - plain).abs().max() < 0.02 * err
     assert (fused - ref).abs().max() < 0.3 * ref.abs().max()
 
 

@@ -70,8 +70,8 @@ def test_calibration_measures_every_choice(calibrated, tiny_model):
         if group is None:  # packed codes plus a float16 step and minimum (or mean and deviation) per group
             assert torch.allclose(calib.bytes_k[:, j], torch.tensor(h * (d * bits / 8 + 4 * d / 32),
                                                                     dtype=torch.float64))
-            assert torch.allclose(calib.stage_k[:, j], torch.tensor(h * (d * min(8, 2 * bits) / 8 + 4.0),
-                                                                    dtype=torch.float64))
+            # a staged key token: per-token codes two bits wider (at most 8) and a float16 step and minimum
+            assert A.stage_bytes(A.KEY_MENU[j], 32, spec) == h * (d * min(8, bits + 2) / 8 + 4.0)
     one, eight = (A.KEY_MENU.index((b, False, None, "uniform", False)) for b in (1, 8))
     assert (calib.proxy_k[:, eight] < calib.proxy_k[:, one]).all()  # more bits, less loss
     for bits in (2, 6):  # keys turned back within groups: the same bytes, their own (measured or scaled) loss

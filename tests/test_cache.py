@@ -31,11 +31,11 @@ def test_layout_counts_and_bytes(tiny_model, tiny_config):
     _chunked_logits(tiny_model, cache, _ids(150), 10)  # calls over 8 tokens code through the stage
     layer = cache.layers[0]
     k, v = layer.k, layer.v
-    # 4 sink, 8 window, 138 left = 4 blocks of 32 + 10 staged (keys: 8-bit stage; values: their own codes)
+    # 4 sink, 8 window, 138 left = 4 blocks of 32 + 10 staged (keys: 6-bit rotated stage; values: their own codes)
     assert (k.sink.shape[-2], k.body.num_tokens, k.stage.num_tokens, k.window.shape[-2]) == (4, 128, 10, 8)
     assert (v.sink.shape[-2], v.body.num_tokens + v.stage.num_tokens, v.window.shape[-2]) == (4, 138, 8)
     assert v.stage.num_tokens < 32  # the value body grows once per block, not per token
-    assert k.stage_codec.bits == 8 and v.stage_codec is v.codec
+    assert (k.stage_codec.bits, k.stage_codec.rotate) == (6, True) and v.stage_codec is v.codec
     assert cache.get_seq_length() == 150
     tensors = [t for layer in cache.layers for t in layer.tensors()]
     # nbytes is the storage of the tensors themselves, and no storage is shared or oversized
@@ -44,7 +44,7 @@ def test_layout_counts_and_bytes(tiny_model, tiny_config):
     b, h, d = 1, tiny_config.num_key_value_heads, 16
     fp16 = 2 * 12 * b * h * d * 2
     key_body = b * h * 128 * d // 2 + b * h * 4 * d * 4
-    key_stage = b * h * 10 * d + b * h * 10 * 4
+    key_stage = b * h * 10 * d * 6 // 8 + b * h * 10 * 4
     val_body = b * h * 138 * d // 2 + b * h * 138 * 4  # body + stage, same per-token codes
     assert cache.nbytes() == tiny_config.num_hidden_layers * (fp16 + key_body + key_stage + val_body)
     assert cache.fp16_nbytes() == tiny_config.num_hidden_layers * 2 * b * h * 150 * d * 2

@@ -4,7 +4,7 @@
   body   - tokens coded by `codec`, in blocks of `block` tokens
   stage  - tokens of the unfinished block, coded per token. For a codec that
            needs whole blocks (per-channel keys) the stage uses `stage_codec`
-           (twice the bits) and a full stage is decoded and re-coded as one
+           (two bits more, rotated) and a full stage is decoded and re-coded as one
            body block; for a per-token codec the stage uses the codec itself
            and its whole blocks are moved into the body as they are. Either way
            the body grows once per `block` tokens, not once per token, and

@@ -1,7 +1,7 @@
 """What a sequence's cache will hold, measured for the method the server runs.
 
 A compressed cache's bytes are not a fixed multiple of its tokens: float16 sink tokens, a block
-still filling (its keys staged at twice the bits), whole coded blocks, a sliding layer's freed
+still filling (its keys staged per token, two bits wider), whole coded blocks, a sliding layer's freed
 blocks. So before serving, `measure` runs one prompt of `probe` tokens through a fresh cache of
 the method in chunks of `step` tokens and records the bytes it really holds after each chunk;
 `need(n)` is the most held at any measured length up to the first one >= n (so a block about to

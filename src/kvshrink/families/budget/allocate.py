@@ -55,7 +55,7 @@ from ...core.sensitivity import Perturbed, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 
-FORMAT = "kvshrink-budget-5"  # 5: Gaussian value choices with 8-bit scales
+FORMAT = "kvshrink-budget-6"  # 6: stage bytes no longer stored (computed from the menu: stage_bytes)
 BITS = (1, 2, 3, 4, 5, 6, 8)
 U, G = UNIFORM, GAUSS
 # a choice: (bits, rotate, group, levels), and for keys whether each token is turned back by its
@@ -94,6 +94,13 @@ def value_codec(choice) -> IntQuant:
                     scales="8bit" if levels == G else "fp16")
 
 
+def stage_bytes(choice, block: int, spec) -> float:
+    """Bytes of one key token (all KV heads) waiting in the stage under this key choice: per-token codes
+    (core/layer.py's `stage_codec`), whose size does not depend on the states."""
+    stage = stage_codec(key_codec(choice, block, spec.rope))
+    return float(stage.nbytes(stage.encode(torch.zeros(1, spec.num_kv_heads, 1, spec.head_dim), 1)))
+
+
 def fits(choice, size: int) -> bool:
     """Whether a menu entry's group divides `size`: the head for values, the block for keys."""
     return choice[2] is None or size % choice[2] == 0
@@ -109,13 +116,12 @@ def describe_choice(choice) -> str:
 class BudgetCalibration:
     """proxy_k (L, len(KEY_MENU)), proxy_v (L, len(VALUE_MENU)): loss proxy of each choice per layer
     (inf where a choice does not fit the head); bytes_k, bytes_v: its bytes per coded token (all KV
-    heads); stage_k: bytes per key token waiting in the stage (per-token codes at twice the bits)."""
+    heads). A key token waiting in the stage takes `stage_bytes`, a function of the choice, not measured."""
 
     proxy_k: torch.Tensor
     proxy_v: torch.Tensor
     bytes_k: torch.Tensor
     bytes_v: torch.Tensor
-    stage_k: torch.Tensor
     header: dict
 
     def check(self, model, block: int) -> None:
@@ -135,7 +141,7 @@ class BudgetCalibration:
         return calib
 
 
-_TENSORS = ("proxy_k", "proxy_v", "bytes_k", "bytes_v", "stage_k")
+_TENSORS = ("proxy_k", "proxy_v", "bytes_k", "bytes_v")
 
 
 def _proxy(x: torch.Tensor, g: torch.Tensor, codec: IntQuant, block: int) -> tuple[float, float]:
@@ -204,15 +210,13 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
             keep[i].append(tuple(t[:, :n].float() for t in (k, gk, v, gv)))
     pk = torch.full((L, len(KEY_MENU)), float("inf"), dtype=torch.float64)
     pv = torch.full((L, len(VALUE_MENU)), float("inf"), dtype=torch.float64)
-    bk, bv, sk = torch.zeros_like(pk), torch.zeros_like(pv), torch.zeros_like(pk)
+    bk, bv = torch.zeros_like(pk), torch.zeros_like(pv)
     d = spec.head_dim
     for i in range(L):
         k, gk, v, gv = (torch.cat([p[j] for p in keep[i]], 1) for j in range(4))
         for j, c in enumerate(KEY_MENU):
             if fits(c, block) and (spec.rope or not c[4]):  # turned choices for RoPE models only
                 pk[i, j], bk[i, j] = _proxy(k, gk, key_codec(c, block, spec.rope), block)
-                stage = stage_codec(key_codec(c, block, spec.rope))
-                sk[i, j] = stage.nbytes(stage.encode(k[None], 1)) / k.shape[1]
         for j, c in enumerate(VALUE_MENU):
             if fits(c, d):
                 pv[i, j], bv[i, j] = _proxy(v, gv, value_codec(c), block)
@@ -223,7 +227,7 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
               "measured_keys": [list(c) for c in MEASURED_KEYS], "measured_values": [list(c) for c in MEASURED_VALUES],
               "proxy": "KL per token (measured, or first-order scaled to it)",
               "tokens_per_layer": n * ids.shape[0], "seconds": round(time.time() - t0, 1)}
-    return BudgetCalibration(kl_k, kl_v, bk, bv, sk, header)
+    return BudgetCalibration(kl_k, kl_v, bk, bv, header)
 
 
 def allocate(costs: list, budget: float) -> tuple[list, float]:
@@ -282,6 +286,7 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
     window - 1, as an fp16 cache does): the sink, whole coded blocks, and a partial block whose keys
     wait at the stage codec's width."""
     row = 2 * spec.num_kv_heads * spec.head_dim * 2  # fp16 bytes of one token's keys and values in a layer
+    staging = np.array([stage_bytes(c, block, spec) for c in KEY_MENU])
     items, fixed = [], 0
     for i in range(spec.num_layers):
         held = min(context, spec.sliding_window - 1) if spec.is_sliding(i) else context
@@ -289,7 +294,7 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
         coded = (held - s) // block * block
         staged = held - s - coded
         fixed += s * row
-        items.append((calib.proxy_k[i].numpy(), coded * calib.bytes_k[i].numpy() + staged * calib.stage_k[i].numpy()))
+        items.append((calib.proxy_k[i].numpy(), coded * calib.bytes_k[i].numpy() + staged * staging))
         items.append((calib.proxy_v[i].numpy(), (coded + staged) * calib.bytes_v[i].numpy()))
     return items, fixed
 

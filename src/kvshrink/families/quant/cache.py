@@ -1,6 +1,6 @@
 """CompressedCache: every layer's keys and values in a `TokenStore` (core/store.py), coded by any codec.
 
-Float16 sink tokens, a coded body, an 8-bit stage for a key block still filling, and a float16
+Float16 sink tokens, a coded body, a per-token stage for a key block still filling, and a float16
 window of recent tokens. `update` returns the decoded history followed by the new states as
 given, so the tokens of one forward call attend to each other exactly and to everything before
 them through the compressed cache (as in KIVI and transformers' QuantizedCache).
@@ -51,7 +51,7 @@ class CompressedLayer(StoreLayer):
         self.block = block
 
     def stage_codec(self, codec: Codec) -> Codec | None:
-        """How an unfinished block waits (core/layer.py's rule: twice the bits; a family may differ)."""
+        """How an unfinished block waits (core/layer.py's rule: two bits more, rotated; a family may differ)."""
         return stage_for(codec)
 
     # --- transformers layer API -------------------------------------------------
