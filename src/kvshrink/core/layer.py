@@ -31,7 +31,7 @@ def coder_pool():
 def stage_codec(codec: Codec) -> Codec:
     """Per-token codes for a block still filling: two bits more than the block codec's, at most 8,
     Hadamard-rotated below 8 (spread over the head, a key's outlier channels no longer set every
-    channel's step). Re-coding the finished block then adds 3-21% to its own error (docs/quant.md):
+    channel's step). Re-coding the finished block then adds 15-22% to its own error at 2 to 4 bits (docs/quant.md):
     where int4 staged at 8 bits, it stages at 6, a quarter fewer bytes at a request's peak."""
     bits = min(8, getattr(codec, "bits", 4) + 2)
     return IntQuant(bits, "token", rotate=bits < 8, seed=STAGE_SEED)

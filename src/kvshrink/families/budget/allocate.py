@@ -29,6 +29,7 @@ them on the proxy (tests/test_budget.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -97,8 +98,14 @@ def value_codec(choice) -> IntQuant:
 def stage_bytes(choice, block: int, spec) -> float:
     """Bytes of one key token (all KV heads) waiting in the stage under this key choice: per-token codes
     (core/layer.py's `stage_codec`), whose size does not depend on the states."""
-    stage = stage_codec(key_codec(choice, block, spec.rope))
-    return float(stage.nbytes(stage.encode(torch.zeros(1, spec.num_kv_heads, 1, spec.head_dim), 1)))
+    return _stage_bytes(tuple(choice), block, tuple(spec.rope), spec.num_kv_heads, spec.head_dim)
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_bytes(choice: tuple, block: int, rope: tuple, heads: int, d: int) -> float:
+    # every cache an allocation builds asks again (a server builds one per request): coded once
+    stage = stage_codec(key_codec(choice, block, rope))
+    return float(stage.nbytes(stage.encode(torch.zeros(1, heads, 1, d), 1)))
 
 
 def fits(choice, size: int) -> bool:
