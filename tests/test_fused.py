@@ -76,7 +76,9 @@ def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, b
     layer, states, q = _states(kc, vc, n, t, block, window, seed=seed)
     assert hasattr(states, "attend")
     body = states.body
-    assert body is None or body.num_tokens % block == 0  # keys and values keep whole blocks alike
+    assert body is None or body.body_tokens % block == 0  # keys and values keep whole blocks alike
+    if body is not None and key_axis == "channel":  # a block still filling: its codes read in place, not decoded
+        assert (body.stage is not None) == (layer.k.stage is not None)
     total = layer.get_seq_length()
     mask = torch.ones(2, 1, t, total, dtype=torch.bool).tril(total - t)
     mask[1, ..., :pad] = False  # left padding of the second sequence: in the sink, the body, or beyond

@@ -38,6 +38,9 @@ class KVCompLayer(CompressedLayer):
 
     layout = "KVComp"
 
+    def _reads_stage(self, device, head_dim: int) -> bool:
+        return False  # its kernel reads the body; the stage joins the dense tokens
+
     def _kernel_supports(self, head_dim: int) -> bool:
         return True  # the kernel decodes any error-bounded, prefix-coded body
 

@@ -25,7 +25,7 @@ from ...errors import KvshrinkError
 from ...kernels.backend import kernels_on
 from ...spec import spec_from_config
 from .config import Fp16Config, QuantConfig
-from .kernel import IntBody, supported
+from .kernel import IntBody, stage_supported, supported
 
 
 # Decode tokens wait in float16 in runs of this many, then are staged as codes (core/store.py): a
@@ -40,7 +40,7 @@ class CompressedLayer(StoreLayer):
     fused = False  # set by CompressedCache(attend="fused")
     splits = 4
     kernel_reads = False  # fused, on the CPU, and codes the kernel reads: fixed at the first update
-    body_reads_stage = False  # the kernel reads the stage's codes too (else decoded into the dense part)
+    body_reads_stage = False  # the kernel reads the stage's codes too (else decoded into the dense part): fixed at the first update
     layout, gpu_kernel = "int", True  # the body's kind, and whether a Triton kernel reads it (CUDA)
     gather = GATHER  # decode tokens staged as codes together (core/store.py)
 
@@ -59,6 +59,7 @@ class CompressedLayer(StoreLayer):
         self._init_shape(key_states)
         if self.fused:
             self.kernel_reads = kernels_on(key_states.device, self.layout, self.gpu_kernel) and self._kernel_supports(key_states.shape[-1])
+            self.body_reads_stage = self.kernel_reads and self._reads_stage(key_states.device, key_states.shape[-1])
         self.k.init(key_states)
         self.v.init(value_states)
         self.is_initialized = True
@@ -83,11 +84,20 @@ class CompressedLayer(StoreLayer):
     def _kernel_supports(self, head_dim: int) -> bool:
         return supported(self.k.codec, self.v.codec, head_dim)
 
+    def _reads_stage(self, device: torch.device, head_dim: int) -> bool:
+        """Whether the kernel reads the stage's codes in place: the CPU kernel does (kernel.py), the
+        Triton one takes them decoded among the dense tokens."""
+        return device.type == "cpu" and stage_supported(self.k.stage_codec, head_dim)
+
     def _body(self):
-        """The coded tokens as the kernel reads them (None when there are none)."""
+        """The coded tokens as the kernel reads them, the stage's after the body's where it reads them
+        (None when the body holds none)."""
         if not self.k.body_tokens():
             return None
-        return IntBody(self.k.body_parts(), self.v.body_parts(), self.k.codec, self.v.codec, self.block)
+        stage = None
+        if self.body_reads_stage and self.k.stage is not None:
+            stage = (self.k.stage, self.v.stage, self.k.stage_codec)
+        return IntBody(self.k.body_parts(), self.v.body_parts(), self.k.codec, self.v.codec, self.block, stage)
 
     def _readable(self) -> bool:
         """Whether the kernel can read this layer now: `kernel_reads`, and keys and values with bodies
@@ -100,7 +110,7 @@ class CompressedLayer(StoreLayer):
         body = self._body()  # first: joining a forked store's shared blocks finishes its background coding
         after = []
         for store, new in ((self.k, key_states), (self.v, value_states)):
-            staged = store.stage is not None and not self.body_reads_stage
+            staged = store.stage is not None and not (self.body_reads_stage and body is not None)
             parts = [store.stage_codec.decode(store.stage, torch.float32)] if staged else []
             after.append(parts + [store.fresh, store.window, new])
         return SplitStates((self.k.sink, self.v.sink), body, tuple(after), splits=self.splits)

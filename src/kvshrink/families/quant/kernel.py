@@ -30,6 +30,7 @@ from ...codecs.base import Packed
 from ...codecs.hadamard import hadamard_block, rotation, signs
 from ...codecs.quant import IntQuant
 from ...codecs.spin import angles
+from ...errors import KvshrinkError
 from ...kernels.backend import TRITON, triton_for
 from ...kernels.tiles import (
     FAST,
@@ -93,25 +94,105 @@ def _rows(qb, qt, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum
         fold_values(acc[r], accb[r], wt, lr, vsym, vstep, vmn, cnt, corr)
 
 
-@numba.njit(cache=True, parallel=True, fastmath=FAST)
-def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
-           splits, vrot, cap, klut, vlut, out):
-    nb_, nh, nr, d = q.shape
-    krow = kc.shape[1] // vis.shape[1]
-    vrow = vc.shape[1] // vis.shape[1]
+@numba.njit(cache=True, fastmath=FAST)
+def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb, vrot, cap,
+          klut, vlut, pm, pl, acc):
+    """Tiles lo..hi-1 (vb tokens each, the last one short where n ends inside it) of one (sequence, head)'s
+    coded tokens as one split: qb (R, d) the query rows in the keys' basis, qt (R, group, d) turned ones or
+    empty, vis (n,) the tokens' visibility, kc / vc (bytes,) the codes, kmn / kstep / vmn / vstep the
+    parameters per group; fills pm, pl (R,) and acc (R, d)."""
+    nr, d = qb.shape
+    krow = d * kbits // 8  # code bytes per token (supported(): whole bytes)
+    vrow = d * vbits // 8
     kw = d // kgroups
     vw = d // vgroups
-    pm, pl, pacc = partial_buffers(nb_, nh, splits + 1, nr, d)
-    for u in numba.prange(nb_ * nh * (splits + 1)):
-        b = u // (nh * (splits + 1))
-        h = (u // (splits + 1)) % nh
-        sp = u % (splits + 1)
-        if sp == splits:  # the dense tokens (sink, stage, float16 tokens, this call's): one more split
+    ksym = np.empty(vb * d, dtype=np.uint8)  # one tile of codes
+    vsym = np.empty(vb * d, dtype=np.uint8)
+    turned = qt.shape[0] > 0
+    floats = turned or klut.shape[0] > 0  # the keys the rows read are floats: levels, or turned keys formed
+    kfl = np.empty(vb * d if floats else 0, dtype=np.float32)  # their levels (or keys), where not the codes
+    vfl = np.empty(vb * d if vlut.shape[0] else 0, dtype=np.float32)
+    lg = np.empty((nr, vb), dtype=np.float32)
+    kk = np.empty(vb, dtype=np.int32)
+    wt = np.empty(vb, dtype=np.float32)
+    qs = np.empty(d, dtype=np.float32)
+    qsum = np.zeros((nr, kgroups), dtype=np.float32)
+    m = np.full(nr, -np.inf, dtype=np.float32)
+    lsum = np.zeros(nr, dtype=np.float32)
+    accb = np.zeros((nr, vgroups), dtype=np.float32)
+    for r in range(nr):
+        for c in range(d):
+            qsum[r, c // kw] += qb[r, c]
+    for j in range(lo, hi):
+        t0 = j * vb
+        cnt = min(vb, n - t0)  # a body cut inside a block (per-token codes) ends in a short tile
+        unpack_codes(kc[t0 * krow:], cnt * d, kbits, ksym)
+        unpack_codes(vc[t0 * vrow:], cnt * d, vbits, vsym)
+        vt = vis[t0:t0 + cnt]
+        # levels that are not the integers: a side's codes become their levels first
+        if klut.shape[0]:
+            to_levels(ksym, cnt * d, klut, kfl)
+        if turned:  # each key group's keys formed once, not once per query row
+            for kq in range((cnt + kb - 1) // kb):
+                blk = (t0 + kq * kb) // kb
+                nk, at = min(kb, cnt - kq * kb), kq * kb * d
+                if klut.shape[0]:  # levels, in place
+                    form_keys(kstep[blk], kmn[blk], kfl[at:], nk, kfl[at:])
+                else:
+                    form_keys(kstep[blk], kmn[blk], ksym[at:], nk, kfl[at:])
+        if vlut.shape[0]:
+            to_levels(vsym, cnt * d, vlut, vfl)
+        vs, vm = vstep[t0:t0 + cnt], vmn[t0:t0 + cnt]
+        # one call per pair of buffer types (uint8 codes or float32 levels): numba compiles each
+        if floats and vlut.shape[0]:
+            _rows(qb, qt, kb, t0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+                  vfl, vs, vm)
+        elif floats:
+            _rows(qb, qt, kb, t0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+                  vsym, vs, vm)
+        elif vlut.shape[0]:
+            _rows(qb, qt, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+                  vfl, vs, vm)
+        else:
+            _rows(qb, qt, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+                  vsym, vs, vm)
+    for r in range(nr):
+        pm[r] = m[r]
+        pl[r] = lsum[r]
+        for c in range(d):
+            acc[r, c] += accb[r, c // vw]
+        if vrot.shape[0]:
+            rotate_back(acc[r], vrot, qs)
+
+
+@numba.njit(cache=True, parallel=True, fastmath=FAST)
+def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
+           splits, vrot, cap, klut, vlut, sqb, soff, nstage, skc, skmn, skstep, skgroups, skbits, svc, svmn, svstep, out):
+    """Body splits 0..splits-1, the dense tokens (split `splits`), and the stage (split `splits` + 1): a
+    block still filling, per-token codes read in place (its keys by sqb, the query in their basis, its
+    values in the body values' codec), at vis[b, soff:]. Partials merged in that order."""
+    nb_, nh, nr, d = q.shape
+    parts = splits + 2
+    pm, pl, pacc = partial_buffers(nb_, nh, parts, nr, d)
+    no_turn = np.empty((0, 0, 0), dtype=np.float32)
+    no_levels = np.empty(0, dtype=np.float32)
+    for u in numba.prange(nb_ * nh * parts):
+        b = u // (nh * parts)
+        h = (u // parts) % nh
+        sp = u % parts
+        bh = b * nh + h
+        if sp == splits:  # the dense tokens (sink, float16 tokens, this call's): one more split
             nd = ndense[b]  # this sequence's dense tokens (the rest is a batch's padding)
             dense_split(q[b, h], dk[b, h, :nd], dv[b, h, :nd], dvis[b, :, :nd], cap, pm[b, h, sp], pl[b, h, sp],
                         pacc[b, h, sp])
             continue
-        bh = b * nh + h
+        if sp == splits + 1:  # the stage: per-token keys, uniform codes, no turn
+            ns = nstage[b]
+            if ns:
+                _span(sqb[b, h], no_turn, vis[b, soff:], 0, (ns + vb - 1) // vb, ns, skc[bh], skmn[b, h], skstep[b, h],
+                      1, skgroups, skbits, svc[bh], svmn[b, h], svstep[b, h], vgroups, vbits, vb, vrot, cap, no_levels,
+                      vlut, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+            continue
         n = nbody[b]  # this sequence's body tokens: its tiles and split edges ignore a batch's padding
         nvb = (n + vb - 1) // vb
         used = max(1, min(splits, nvb))
@@ -119,64 +200,9 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
             continue
         lo = sp * nvb // used
         hi = (sp + 1) * nvb // used
-        ksym = np.empty(vb * d, dtype=np.uint8)  # one tile of codes
-        vsym = np.empty(vb * d, dtype=np.uint8)
-        turned = qt.shape[2] > 0
-        floats = turned or klut.shape[0] > 0  # the keys the rows read are floats: levels, or turned keys formed
-        kfl = np.empty(vb * d if floats else 0, dtype=np.float32)  # their levels (or keys), where not the codes
-        vfl = np.empty(vb * d if vlut.shape[0] else 0, dtype=np.float32)
-        lg = np.empty((nr, vb), dtype=np.float32)
-        kk = np.empty(vb, dtype=np.int32)
-        wt = np.empty(vb, dtype=np.float32)
-        qs = np.empty(d, dtype=np.float32)
-        qsum = np.zeros((nr, kgroups), dtype=np.float32)
-        m = np.full(nr, -np.inf, dtype=np.float32)
-        lsum = np.zeros(nr, dtype=np.float32)
-        acc = pacc[b, h, sp]
-        accb = np.zeros((nr, vgroups), dtype=np.float32)
-        for r in range(nr):
-            for c in range(d):
-                qsum[r, c // kw] += qb[b, h, r, c]
-        for j in range(lo, hi):
-            t0 = j * vb
-            cnt = min(vb, n - t0)  # a body cut inside a block (per-token codes) ends in a short tile
-            unpack_codes(kc[bh, t0 * krow:], cnt * d, kbits, ksym)
-            unpack_codes(vc[bh, t0 * vrow:], cnt * d, vbits, vsym)
-            vt = vis[b, t0:t0 + cnt]
-            # levels that are not the integers: a side's codes become their levels first
-            if klut.shape[0]:
-                to_levels(ksym, cnt * d, klut, kfl)
-            if turned:  # each key group's keys formed once, not once per query row
-                for kq in range((cnt + kb - 1) // kb):
-                    blk = (t0 + kq * kb) // kb
-                    nk, at = min(kb, cnt - kq * kb), kq * kb * d
-                    if klut.shape[0]:  # levels, in place
-                        form_keys(kstep[b, h, blk], kmn[b, h, blk], kfl[at:], nk, kfl[at:])
-                    else:
-                        form_keys(kstep[b, h, blk], kmn[b, h, blk], ksym[at:], nk, kfl[at:])
-            if vlut.shape[0]:
-                to_levels(vsym, cnt * d, vlut, vfl)
-            vs, vm = vstep[b, h, t0:t0 + cnt], vmn[b, h, t0:t0 + cnt]
-            # one call per pair of buffer types (uint8 codes or float32 levels): numba compiles each
-            if floats and vlut.shape[0]:
-                _rows(qb[b, h], qt[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
-                      acc, accb, wt, vfl, vs, vm)
-            elif floats:
-                _rows(qb[b, h], qt[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
-                      acc, accb, wt, vsym, vs, vm)
-            elif vlut.shape[0]:
-                _rows(qb[b, h], qt[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
-                      acc, accb, wt, vfl, vs, vm)
-            else:
-                _rows(qb[b, h], qt[b, h], kb, t0, cnt, kstep[b, h], kmn[b, h], ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs,
-                      acc, accb, wt, vsym, vs, vm)
-        for r in range(nr):
-            pm[b, h, sp, r] = m[r]
-            pl[b, h, sp, r] = lsum[r]
-            for c in range(d):
-                acc[r, c] += accb[r, c // vw]
-            if vrot.shape[0]:
-                rotate_back(acc[r], vrot, qs)
+        _span(qb[b, h], qt[b, h], vis[b], lo, hi, n, kc[bh], kmn[b, h], kstep[b, h], kb, kgroups, kbits, vc[bh],
+              vmn[b, h], vstep[b, h], vgroups, vbits, vb, vrot, cap, klut, vlut, pm[b, h, sp], pl[b, h, sp],
+              pacc[b, h, sp])
     merge(pm, pl, pacc, out)
 
 
@@ -204,13 +230,21 @@ def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
     return whole(key_codec) and whole(value_codec) and value_codec.axis == "token"
 
 
+def stage_supported(codec, head_dim: int) -> bool:
+    """Stage codes the kernel reads in place (its stage split): uniform per-token IntQuant, float16
+    scales, no turned keys, whole bytes per channel group."""
+    return (isinstance(codec, IntQuant) and codec.axis == "token" and codec.uniform and not codec.derope
+            and codec.scales != "8bit" and supported(codec, IntQuant(8, "token"), head_dim))
+
+
 def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dense_v: torch.Tensor,
                  dense_vis: torch.Tensor, keys: Packed, values: Packed, key_codec: IntQuant,
-                 value_codec: IntQuant, tile: int, splits: int = 4, cap: float = 0.0) -> torch.Tensor:
+                 value_codec: IntQuant, tile: int, splits: int = 4, cap: float = 0.0, stage=None) -> torch.Tensor:
     """Decode attention in one call: q (B, H, R, d) float32 already scaled (rows in (group, token)
-    order), vis (B, n) bool over the body's tokens, dense_k / dense_v (B, H, n_dense, d) float32 and
-    dense_vis (B, t, n_dense) bool for the other tokens -> (B, H, R, d) float32. tile: tokens per
-    kernel tile (the cache block: a multiple of the key groups); cap: the logits' soft-cap (0: none)."""
+    order), vis (B, n) bool over the body's tokens (then the stage's), dense_k / dense_v (B, H, n_dense, d)
+    float32 and dense_vis (B, t, n_dense) bool for the other tokens -> (B, H, R, d) float32. tile: tokens per
+    kernel tile (the cache block: a multiple of the key groups); cap: the logits' soft-cap (0: none);
+    stage: None or (keys, values, key codec) of a block still filling, per-token codes read in place."""
     b, h, r, d = q.shape
     n = keys.num_tokens
     splits = max(1, min(splits, -(-n // tile)))
@@ -221,10 +255,43 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     out = np.empty((b, h, r, d), dtype=np.float32)
     nbody = np.full(b, n, dtype=np.int64)
     ndense = np.full(b, dense_k.shape[2], dtype=np.int64)
+    staged = _stage_operands(q, _per_row(stage, b), stage[2] if stage is not None else None, value_codec)
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, as_u8(vis), nbody, dense_k.contiguous().numpy(),
            dense_v.contiguous().numpy(), as_u8(dense_vis), ndense, kc, kmn, ksc, ktg, kgroups, key_codec.bits, vc, vmn,
-           vsc, vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), *_luts(key_codec, value_codec), out)
+           vsc, vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), *_luts(key_codec, value_codec),
+           *staged(n), out)
     return torch.from_numpy(out)
+
+
+def _per_row(stage, b: int) -> list:
+    """A batch's stage (keys, values of B rows) as B one-row stages, as _stage_operands takes them."""
+    if stage is None or b == 1:
+        return [None if stage is None else stage[:2]] * b
+    k, v = stage[0], stage[1]
+    return [(k.select_batch(torch.tensor([i])), v.select_batch(torch.tensor([i]))) for i in range(b)]
+
+
+def _stage_operands(q: torch.Tensor, stages: list, codec: IntQuant | None, value_codec: IntQuant):
+    """The kernel's stage arguments for B sequences' stages (each None or (keys, values) Packed of one row):
+    a function of the stage's offset in vis (the body's padded width) -> (sqb, soff, nstage, skc, skmn,
+    skstep, skgroups, skbits, svc, svmn, svstep)."""
+    b, h, _, d = q.shape
+    ns = np.array([0 if s is None else s[0].num_tokens for s in stages], dtype=np.int64)
+    if not ns.any():
+        vgroups = d // (value_codec.group or d)
+        keys = (np.zeros((b * h, 0), np.uint8), np.zeros((b, h, 0, 1), np.float32), np.zeros((b, h, 0, 1), np.float32))
+        vals = (np.zeros((b * h, 0), np.uint8), np.zeros((b, h, 0, vgroups), np.float32),
+                np.zeros((b, h, 0, vgroups), np.float32))
+        return lambda soff: (_no_queries(q), np.int64(soff), ns, *keys, 1, 8, *vals)
+    s_max = int(ns.max())
+    kc, kmn, ksc, _, kgroups = _padded(codec, [[s[0]] if s is not None else [] for s in stages], s_max)
+    vc, vmn, vsc, _, _ = _padded(value_codec, [[s[1]] if s is not None else [] for s in stages], s_max)
+    sqb = _key_queries(q, codec)[0].contiguous().numpy()
+    return lambda soff: (sqb, np.int64(soff), ns, kc, kmn, ksc, kgroups, codec.bits, vc, vmn, vsc)
+
+
+def _no_queries(q: torch.Tensor) -> np.ndarray:
+    return np.zeros(q.shape, dtype=np.float32)
 
 
 _NO_ROTATION = np.empty((0, 0), dtype=np.float32)
@@ -335,7 +402,7 @@ def _views(codec: IntQuant, p: Packed, h: int) -> tuple:
 def _padded(codec: IntQuant, bodies: list, n_max: int):
     """_operands of many sequences' bodies (one sequence each, a list of parts laid end to end: blocks
     shared with other sequences, then its own) in arrays padded to n_max tokens."""
-    h = bodies[0][0].tensors["codes"].shape[1]
+    h = next(p for parts in bodies for p in parts).tensors["codes"].shape[1]
     tg = codec.group if codec.axis == "channel" else 1
     codes = mn = sc = None
     for b, parts in enumerate(bodies):  # numpy views: a torch op per part would cost more than the copy
@@ -371,13 +438,18 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     """One call for the decode tokens of many sequences, each with its own IntBody of the same codecs
     and block (a server's batch): q (B, H, R, d) float32 scaled, dense_k / dense_v (B, H, n_dense, d)
     float32 padded to the longest, dense_n (B,) int64 each one's dense tokens (all visible); the bodies
-    are padded here to the longest. The kernel reads each sequence's own tiles and dense tokens, with
-    split edges from its own length, so its output is what `fused_attend` gives it alone, bit for bit."""
+    and stages are padded here to the longest. The kernel reads each sequence's own tiles, stage and dense
+    tokens, with split edges from its own length, so its output is what `fused_attend` gives it alone, bit
+    for bit."""
     b, h, r, d = q.shape
     one = bodies[0]
-    n = np.array([x.num_tokens for x in bodies], dtype=np.int64)
+    n = np.array([x.body_tokens for x in bodies], dtype=np.int64)
     n_max = int(n.max())
-    vis = np.arange(n_max)[None, :] < n[:, None]
+    staged = _stage_operands(q, [x.stage[:2] if x.stage is not None else None for x in bodies],
+                             next((x.stage[2] for x in bodies if x.stage is not None), None), one.value_codec)
+    ns = staged(0)[2]
+    vis = np.concatenate([np.arange(n_max)[None, :] < n[:, None],
+                          np.arange(int(ns.max()))[None, :] < ns[:, None]], axis=1)
     kc, kmn, ksc, ktg, kgroups = _padded(one.key_codec, [x.key_parts for x in bodies], n_max)
     vc, vmn, vsc, _, vgroups = _padded(one.value_codec, [x.value_parts for x in bodies], n_max)
     qb, qt = _key_queries(q, one.key_codec)
@@ -386,7 +458,8 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     dense_vis = np.ones((b, 1, dense_k.shape[2]), dtype=np.uint8)
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, vis.view(np.uint8), n, dense_k, dense_v,
            dense_vis, dense_n, kc, kmn, ksc, ktg, kgroups, one.key_codec.bits, vc, vmn, vsc, vgroups,
-           one.value_codec.bits, one.block, splits, vrot, np.float32(cap), *_luts(one.key_codec, one.value_codec), out)
+           one.value_codec.bits, one.block, splits, vrot, np.float32(cap), *_luts(one.key_codec, one.value_codec),
+           *staged(n_max), out)
     return torch.from_numpy(out)
 
 
@@ -396,18 +469,27 @@ class IntBody:
     keys' and the values' bodies each as parts laid end to end (a store's `body_parts()`: blocks
     shared with other sequences, then its own). The batched call (a server's decode step) reads the
     parts where they are, as it copies every sequence's body into one padded array anyway; a call
-    over one sequence reads one body, joined here per call when there are several parts."""
+    over one sequence reads one body, joined here per call when there are several parts.
+    stage: None, or (keys, values, key codec) of the block still filling after the body: per-token
+    codes (the keys in their stage codec, the values in theirs) that the CPU kernel reads in place
+    (decoding them into the dense tokens every step cost a 15-sequence server step about a sixth of
+    its time). Its tokens count in `num_tokens`, after the body's."""
 
     key_parts: list
     value_parts: list
     key_codec: IntQuant
     value_codec: IntQuant
     block: int  # the cache block: the kernel's tile
+    stage: tuple | None = None
     name = "int"
 
     @property
-    def num_tokens(self) -> int:
+    def body_tokens(self) -> int:
         return sum(p.num_tokens for p in self.key_parts)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.body_tokens + (self.stage[0].num_tokens if self.stage is not None else 0)
 
     @property
     def keys(self) -> Packed:
@@ -419,13 +501,16 @@ class IntBody:
 
     def attend(self, q, vis, dense_k, dense_v, dense_vis, splits, cap=0.0):
         if triton_for(q):
+            if self.stage is not None:
+                raise KvshrinkError("the Triton kernel reads no stage: a CUDA layer decodes it into the dense tokens")
             return gpu.fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
                                     self.value_codec, splits, cap)
         return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
-                            self.value_codec, self.block, splits, cap)
+                            self.value_codec, self.block, splits, cap, self.stage)
 
     def batch_key(self) -> tuple:
-        """Bodies with equal keys are read by one `attend_many` call."""
+        """Bodies with equal keys are read by one `attend_many` call (a stage's codec follows from the
+        key codec: core/layer.py's stage rule)."""
         return tuple((c.bits, c.axis, c.group, c.rotate, c.seed, c.levels, c.derope, c.scales)
                      for c in (self.key_codec, self.value_codec)) + (
             self.block,)
@@ -435,4 +520,8 @@ class IntBody:
         return fused_attend_many(q, dense_k, dense_v, dense_n, bodies, splits, cap)
 
     def decoded(self):
-        return self.key_codec.decode(self.keys), self.value_codec.decode(self.values)
+        k, v = self.key_codec.decode(self.keys), self.value_codec.decode(self.values)
+        if self.stage is None:
+            return k, v
+        sk, sv, codec = self.stage
+        return torch.cat([k, codec.decode(sk)], 2), torch.cat([v, self.value_codec.decode(sv)], 2)
