@@ -38,7 +38,7 @@ class KVCompLayer(CompressedLayer):
 
     layout = "KVComp"
 
-    def _reads_stage(self, device, head_dim: int) -> bool:
+    def _reads_stage(self, states) -> bool:
         return False  # its kernel reads the body; the stage joins the dense tokens
 
     def _kernel_supports(self, head_dim: int) -> bool:

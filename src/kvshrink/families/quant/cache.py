@@ -22,7 +22,7 @@ from ...core.cache import KVCache
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, coder_pool, stage_for
 from ...core.store import TokenStore
 from ...errors import KvshrinkError
-from ...kernels.backend import kernels_on
+from ...kernels.backend import kernels_on, triton_for
 from ...spec import spec_from_config
 from .config import Fp16Config, QuantConfig
 from .kernel import IntBody, stage_supported, supported
@@ -59,7 +59,7 @@ class CompressedLayer(StoreLayer):
         self._init_shape(key_states)
         if self.fused:
             self.kernel_reads = kernels_on(key_states.device, self.layout, self.gpu_kernel) and self._kernel_supports(key_states.shape[-1])
-            self.body_reads_stage = self.kernel_reads and self._reads_stage(key_states.device, key_states.shape[-1])
+            self.body_reads_stage = self.kernel_reads and self._reads_stage(key_states)
         self.k.init(key_states)
         self.v.init(value_states)
         self.is_initialized = True
@@ -84,10 +84,10 @@ class CompressedLayer(StoreLayer):
     def _kernel_supports(self, head_dim: int) -> bool:
         return supported(self.k.codec, self.v.codec, head_dim)
 
-    def _reads_stage(self, device: torch.device, head_dim: int) -> bool:
-        """Whether the kernel reads the stage's codes in place: the CPU kernel does (kernel.py), the
+    def _reads_stage(self, states: torch.Tensor) -> bool:
+        """Whether the kernel reads the stage's codes in place: the numba kernel does (kernel.py), the
         Triton one takes them decoded among the dense tokens."""
-        return device.type == "cpu" and stage_supported(self.k.stage_codec, head_dim)
+        return not triton_for(states) and stage_supported(self.k.stage_codec, states.shape[-1])
 
     def _body(self):
         """The coded tokens as the kernel reads them, the stage's after the body's where it reads them

@@ -35,7 +35,7 @@ class CodedLayer(CompressedLayer):
     def _kernel_supports(self, head_dim: int) -> bool:
         return supported(self.k.codec, self.v.codec, head_dim)
 
-    def _reads_stage(self, device, head_dim: int) -> bool:
+    def _reads_stage(self, states) -> bool:
         return True  # per-token codes: the stage is read in place after the body, on either kernel
     layout = "RVQ"
 
