@@ -14,20 +14,23 @@ from dataclasses import dataclass, field
 import torch
 
 
-def tensor_nbytes(tensors) -> int:
-    """Bytes of the storages behind `tensors`, each storage counted once."""
-    seen, total = set(), 0
+def storage_bytes(tensors) -> dict:
+    """{address: bytes} of the storages behind `tensors`, each once (unions of these count shared
+    storages once across groups of tensors)."""
+    out = {}
     for t in tensors:
         if t is None:
             continue
         storage = t.untyped_storage()
-        if not storage.nbytes():  # an empty storage may share its address with a real one (loaded files)
-            continue
-        if storage.data_ptr() in seen:
-            continue
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
-    return total
+        n = storage.nbytes()
+        if n:  # an empty storage may share its address with a real one (loaded files)
+            out[storage.data_ptr()] = n
+    return out
+
+
+def tensor_nbytes(tensors) -> int:
+    """Bytes of the storages behind `tensors`, each storage counted once."""
+    return sum(storage_bytes(tensors).values())
 
 
 @dataclass

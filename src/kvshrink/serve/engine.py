@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..compat import with_cache
-from ..codecs.base import tensor_nbytes
+from ..codecs.base import storage_bytes
 from ..errors import KvshrinkError
 from ..spec import spec_from_config
 from .park import Parking
@@ -315,9 +315,10 @@ class Engine:
             self.measure()
 
     def measure(self) -> None:
-        running, prefix = [t for r in self.running for t in r.cache.payload()], self.prefix.payload()
-        self.held_running, self.held_prefix = tensor_nbytes(running), tensor_nbytes(prefix)
-        self.held = tensor_nbytes(running + prefix)
+        running = storage_bytes(t for r in self.running for t in r.cache.payload())
+        prefix = storage_bytes(self.prefix.payload())
+        self.held_running, self.held_prefix = sum(running.values()), sum(prefix.values())
+        self.held = sum((running | prefix).values())  # a storage both hold, once
         self.peak_held = max(self.peak_held, self.held)
         self._stale = False
 
