@@ -146,6 +146,24 @@ def test_kernel_never_decodes_the_history(monkeypatch):
     torch.testing.assert_close(states.attend(None, q, None)[0], want, rtol=1e-4, atol=1e-5)
 
 
+def test_the_stage_is_read_in_place_not_decoded(monkeypatch):
+    """A key block still filling (6-bit rotated per-token keys for int4's per-channel ones) is read by the
+    kernel from its codes: a decode step decodes nothing, alone or batched, and gives the reference's output."""
+    kc, vc = IntQuant(4, "channel", 32, seed=1), IntQuant(4, "token", seed=2)
+    real = IntQuant.__dict__["decode"]
+    monkeypatch.setattr(IntQuant, "decode", lambda *a, **k: pytest.fail("a decode step decoded codes"))
+    made = [_states(kc, vc, n, 1, 32, 0, batch=1, seed=n) for n in (90, 121)]  # stages of 22 and 21 tokens
+    for layer, states, _ in made:
+        assert layer.k.tokens_in(layer.k.stage) > 0 and states.body.stage is not None
+    alone = [s.attend(None, q, None)[0] for _, s, q in made]
+    many = SplitStates.attend_many([s for _, s, _ in made], torch.cat([q for _, _, q in made]))
+    monkeypatch.setattr(IntQuant, "decode", real)
+    for i, (_, states, q) in enumerate(made):
+        want = dataclasses.replace(states, fused=False).attend(None, q, None)[0]
+        torch.testing.assert_close(alone[i], want, rtol=1e-4, atol=1e-5)
+        assert torch.equal(many[i:i + 1], alone[i])
+
+
 def test_crop_keeps_whole_blocks_and_the_kernel_still_reads(model):
     cache = from_method("int4:block=32", model)
     with torch.no_grad():
