@@ -167,7 +167,7 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
-           splits, vrot, cap, klut, vlut, sqb, soff, nstage, skc, skmn, skstep, skgroups, skbits, svc, svmn, svstep, out):
+           splits, vrot, cap, klut, vlut, soff, sqb, nstage, skc, skmn, skstep, skgroups, skbits, svc, svmn, svstep, out):
     """Body splits 0..splits-1, the dense tokens (split `splits`), and the stage (split `splits` + 1): a
     block still filling, per-token codes read in place (its keys by sqb, the query in their basis, its
     values in the body values' codec), at vis[b, soff:]. Partials merged in that order."""
@@ -259,7 +259,7 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, as_u8(vis), nbody, dense_k.contiguous().numpy(),
            dense_v.contiguous().numpy(), as_u8(dense_vis), ndense, kc, kmn, ksc, ktg, kgroups, key_codec.bits, vc, vmn,
            vsc, vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), *_luts(key_codec, value_codec),
-           *staged(n), out)
+           n, *staged, out)
     return torch.from_numpy(out)
 
 
@@ -273,8 +273,7 @@ def _per_row(stage, b: int) -> list:
 
 def _stage_operands(q: torch.Tensor, stages: list, codec: IntQuant | None, value_codec: IntQuant):
     """The kernel's stage arguments for B sequences' stages (each None or (keys, values) Packed of one row):
-    a function of the stage's offset in vis (the body's padded width) -> (sqb, soff, nstage, skc, skmn,
-    skstep, skgroups, skbits, svc, svmn, svstep)."""
+    (sqb, nstage, skc, skmn, skstep, skgroups, skbits, svc, svmn, svstep), stages padded to the longest."""
     b, h, _, d = q.shape
     ns = np.array([0 if s is None else s[0].num_tokens for s in stages], dtype=np.int64)
     if not ns.any():
@@ -282,16 +281,12 @@ def _stage_operands(q: torch.Tensor, stages: list, codec: IntQuant | None, value
         keys = (np.zeros((b * h, 0), np.uint8), np.zeros((b, h, 0, 1), np.float32), np.zeros((b, h, 0, 1), np.float32))
         vals = (np.zeros((b * h, 0), np.uint8), np.zeros((b, h, 0, vgroups), np.float32),
                 np.zeros((b, h, 0, vgroups), np.float32))
-        return lambda soff: (_no_queries(q), np.int64(soff), ns, *keys, 1, 8, *vals)
+        return np.zeros(q.shape, dtype=np.float32), ns, *keys, 1, 8, *vals
     s_max = int(ns.max())
     kc, kmn, ksc, _, kgroups = _padded(codec, [[s[0]] if s is not None else [] for s in stages], s_max)
     vc, vmn, vsc, _, _ = _padded(value_codec, [[s[1]] if s is not None else [] for s in stages], s_max)
     sqb = _key_queries(q, codec)[0].contiguous().numpy()
-    return lambda soff: (sqb, np.int64(soff), ns, kc, kmn, ksc, kgroups, codec.bits, vc, vmn, vsc)
-
-
-def _no_queries(q: torch.Tensor) -> np.ndarray:
-    return np.zeros(q.shape, dtype=np.float32)
+    return sqb, ns, kc, kmn, ksc, kgroups, codec.bits, vc, vmn, vsc
 
 
 _NO_ROTATION = np.empty((0, 0), dtype=np.float32)
@@ -447,7 +442,7 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     n_max = int(n.max())
     staged = _stage_operands(q, [x.stage[:2] if x.stage is not None else None for x in bodies],
                              next((x.stage[2] for x in bodies if x.stage is not None), None), one.value_codec)
-    ns = staged(0)[2]
+    ns = staged[1]
     vis = np.concatenate([np.arange(n_max)[None, :] < n[:, None],
                           np.arange(int(ns.max()))[None, :] < ns[:, None]], axis=1)
     kc, kmn, ksc, ktg, kgroups = _padded(one.key_codec, [x.key_parts for x in bodies], n_max)
@@ -459,7 +454,7 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, vis.view(np.uint8), n, dense_k, dense_v,
            dense_vis, dense_n, kc, kmn, ksc, ktg, kgroups, one.key_codec.bits, vc, vmn, vsc, vgroups,
            one.value_codec.bits, one.block, splits, vrot, np.float32(cap), *_luts(one.key_codec, one.value_codec),
-           *staged(n_max), out)
+           n_max, *staged, out)
     return torch.from_numpy(out)
 
 
