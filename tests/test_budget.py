@@ -22,6 +22,8 @@ from transformers import LlamaForCausalLM
 from kvshrink import KvshrinkError, from_method, prepare
 from kvshrink.core.sensitivity import Perturbed
 from kvshrink.families.budget import allocate as A
+from kvshrink.families.budget import joint as J
+from kvshrink.families.budget.cache import BudgetCache
 from kvshrink.spec import spec_from_config
 
 
@@ -180,3 +182,78 @@ def test_allocation_never_worse_than_uniform_widths_at_their_bytes(calibrated, t
                        for i, (_, nbytes) in enumerate(items))
     ratio = spec.fp16_bytes(150) / held  # what uniform widths reach; 1% slack for the knapsack's rounding
     assert A.choose(calib, spec, 0.99 * ratio, 150, 4, 32).proxy <= A.uniform(calib, keys, values) + 1e-12
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=st.lists(st.floats(1e-4, 1e3), min_size=4, max_size=32), bits=st.integers(2, 5), floor=st.sampled_from([0, 2]))
+def test_joint_widths_fit_never_rise_and_beat_uniform(w, bits, floor):
+    w = sorted(w, reverse=True)
+    b = J.spend(w, bits * len(w), floor)
+    assert sum(b) <= bits * len(w) and b == sorted(b, reverse=True) and set(b) <= set(J.WIDTHS)
+    assert floor == 0 or min(b) >= floor
+    cost = sum(x * J.DIST[y] for x, y in zip(w, b))
+    assert cost <= sum(x * J.DIST[bits] for x in w) * (1 + 1e-9)  # uniform widths are one feasible point
+
+
+@pytest.fixture(scope="module")
+def joint_calibrated(calibrated, tiny_model):
+    ids = torch.randint(3, 128, (2, 4 + 3 * 32), generator=torch.Generator().manual_seed(0))
+    calib = J.calibrate(tiny_model, ids, {"test": True}, sink=4, block=32, context=160)
+    return calib
+
+
+def test_joint_calibration_measures_each_choice(joint_calibrated, tiny_model):
+    calib = joint_calibrated
+    spec = spec_from_config(tiny_model.config)
+    n_layers, h, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
+    assert calib.proxy.shape == (n_layers, len(J.CHOICES)) and (calib.proxy >= 0).all()
+    assert calib.inverse.shape == (n_layers, h, d, d) and calib.inverse.dtype == torch.float16
+    for j, (bits, floor) in enumerate(J.CHOICES):
+        w = calib.widths[:, j]
+        assert (w.sum(-1) <= bits * d).all() and (w[:, 1:] <= w[:, :-1]).all() and (w >= floor).all()
+        # the row of bits x head_dim bits a token, a float16 min and step per axis and block
+        assert torch.allclose(calib.bytes[:, j], torch.tensor(h * (d * bits / 8 + 4 * d / 32), dtype=torch.float64))
+    two, four = J.CHOICES.index((2, 0)), J.CHOICES.index((4, 0))
+    assert (calib.proxy[:, four] < calib.proxy[:, two]).all()  # more bits, less loss
+
+
+def test_cache_with_joint_keys_holds_the_bytes_expected_and_the_kernel_reads_them(calibrated, joint_calibrated,
+                                                                                    tiny_model, monkeypatch):
+    """Joint choices made cheap, so the allocation takes them in some layers: the cache then holds exactly the
+    bytes expected (each layer's map back to keys included), and its fused decode equals decode-then-attend."""
+    calib, path = calibrated
+    calib = copy.copy(calib)
+    calib.proxy_k = torch.where(torch.isfinite(calib.proxy_k), 1.0, calib.proxy_k)  # the menu's keys made costly
+    spec = spec_from_config(tiny_model.config)
+    chosen = A.choose(calib, spec, 3.0, 160, 4, 32, joint_calibrated)
+    assert any(k[0] == A.JOINT for k in chosen.keys), chosen.describe()
+    monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", path)
+    model = prepare(copy.deepcopy(tiny_model), "auto:block=32")
+    ids = torch.randint(3, 128, (1, 170), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for attend in ("fused", "decode"):
+        cache = BudgetCache(model.config, chosen, path, 32, None, (joint_calibrated, "joint.safetensors"), sink=4,
+                            window=0, attend=attend)
+        with torch.no_grad():
+            for s in range(0, 160, 16):
+                model(ids[:, s:s + 16], past_key_values=cache, use_cache=True)
+            if attend == "fused":
+                assert cache.fp16_nbytes() / cache.nbytes() == pytest.approx(chosen.ratio, rel=1e-9)
+                assert "J" in cache.describe() and "joint keys joint.safetensors" in cache.describe()
+            steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(160, 170)]
+        outs.append(torch.cat(steps, 1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_joint_keys_are_asked_for_and_need_their_calibration(calibrated, joint_calibrated, tiny_model, monkeypatch,
+                                                            tmp_path):
+    _, path = calibrated
+    monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", path)
+    model = prepare(copy.deepcopy(tiny_model), "auto:block=32")
+    assert "menu keys only" in from_method("auto:budget=3:block=32:context=160", model).describe()
+    with pytest.raises(KvshrinkError, match="joint=true needs a joint key calibration") as err:
+        from_method("auto:budget=3:block=32:context=160:joint=true", model)
+    assert "\n" not in str(err.value)
+    joint_calibrated.save(J.path_beside(path))
+    cache = from_method("auto:budget=3:block=32:context=160:joint=true", model)
+    assert J.path_beside(path) in cache.describe()

@@ -3,7 +3,8 @@
 Each method runs on a tiny random Llama (head_dim 16, GQA 2) after `kvshrink.prepare`, with its
 calibrations (ZDC bases, RVQ codebooks, the budget's losses) made here from random tokens. The
 budget presets other than `auto-4x` and `auto-6x` are the same cache with another ratio (and
-`auto-8x` does not fit a head of 16: tests/test_budget.py checks the refusal). The properties:
+`auto-8x` does not fit a head of 16: tests/test_budget.py checks the refusal); `auto-6x`'s joint-basis key
+choices are calibrated here too, beside the budget's. The properties:
 - bytes: `nbytes()` counts every tensor and array the cache can reach, except what it borrows
   from the model (weights, ZDC bases), and nothing it does not hold;
 - crop: crop then continue equals a fresh prefill of the same tokens (within the method's own
@@ -66,6 +67,7 @@ def model(tiny_config, tmp_path_factory):
         rvq_calib.default_path(m, 16, 256, "strided", "contiguous"))
     auto = os.path.join(os.environ["KVSHRINK_CALIB_DIR"], "auto.safetensors")
     budget.calibrate(m, _ids(4 + 128, seed=12), {"test": True}).save(auto)
+    budget.joint.calibrate(m, _ids(4 + 128, seed=12), {"test": True}).save(budget.joint.path_beside(auto))
     os.environ["KVSHRINK_AUTO_CALIBRATION"] = auto
     yield m
     del os.environ["KVSHRINK_CALIB_DIR"], os.environ["KVSHRINK_AUTO_CALIBRATION"]

@@ -121,6 +121,7 @@ def cmd_calibrate(args) -> None:
     from .families.lowrank import transform as zdc
     from .families.rvq import calibrate as rvq_calib
     from .models import load_model
+    from .spec import spec_from_config
 
     if args.method not in ("zdc", "rvq", "auto"):
         raise KvshrinkError(f"no calibration for method {args.method!r}; calibrated methods: zdc, rvq, auto")
@@ -144,6 +145,10 @@ def cmd_calibrate(args) -> None:
         budget.measure(model, ids, desc, block=args.block).save(path)
         print(f"auto calibration: {ids.numel()} tokens (corpus tokens {desc['tokens'][0]}..{desc['tokens'][1]}), "
               f"{time.time() - t0:.0f} s -> {path}")
+        if spec_from_config(model.config).rope:  # joint-basis key choices, in the file beside it
+            t0, side = time.time(), budget.joint.path_beside(path)
+            budget.measure_joint(model, ids, desc, block=args.block).save(side)
+            print(f"joint key calibration: {time.time() - t0:.0f} s -> {side}")
         return None
     print(f"ZDC calibration of {ids.numel()} tokens: about a minute on the bundled model, 2 cores", file=sys.stderr)
     t0 = time.time()

@@ -101,6 +101,29 @@ def form_keys(step, mn, sym, n, out):
 
 
 @numba.njit(cache=True, fastmath=FAST)
+def form_class(step, mn, sym, n, na, d, out):
+    """out[i * d + c] = mn[c] + step[c] * sym[i * na + c] for n tokens and the na axes of one width class of
+    joint-basis keys (codecs/joint.py): step, mn and out are views starting at the class's first axis, sym
+    its codes unpacked token-major."""
+    for i in range(n):
+        row = out[i * d:]
+        codes = sym[i * na:]
+        for c in range(na):
+            row[c] = mn[c] + step[c] * np.float32(codes[c])
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def form_means(mn, n, d, out):
+    """out[i * d + c] = mn[c] for n tokens: the uncoded axes of joint-basis keys hold their block's mean
+    (mn and out views starting at the first such axis)."""
+    na = mn.shape[0]
+    for i in range(n):
+        row = out[i * d:]
+        for c in range(na):
+            row[c] = mn[c]
+
+
+@numba.njit(cache=True, fastmath=FAST)
 def turned_logits(qt, k, n, out):
     """out[:n] = qt[i] . k[i] for the first n tokens of a key group formed by form_keys: each offset has its
     own query row qt[i] (group, d), so the keys are dotted as floats (one multiply-add per element and row)."""

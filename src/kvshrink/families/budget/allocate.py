@@ -18,6 +18,9 @@ Measured first because the first-order estimate alone misleads where it matters 
 bundled model it rated 1-bit values in layer 0 among the cheapest choices, while they raise the
 loss by 1.15 nats per token (an allocation built on it lost +653% perplexity at 7x).
 
+Keys also have joint-basis choices (joint.py: a calibrated basis per KV head, bits per axis), calibrated in a
+file beside this one and offered beside the menu's (their bytes include the basis the codec holds).
+
 Allocation: one choice per (layer, K/V) minimizing the summed proxy under a byte budget, a
 multiple-choice knapsack solved by dynamic programming over the budget cut into `CELLS` units
 (item sizes rounded up, so the budget holds; `allocate`). The bytes are those the cache holds at
@@ -55,6 +58,8 @@ from ...core.layer import stage_codec
 from ...core.sensitivity import Perturbed, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
+from . import joint
+from .joint import CHOICES as JOINT_CHOICES, items as joint_items
 
 FORMAT = "kvshrink-budget-6"  # 6: stage bytes no longer stored (computed from the menu: stage_bytes)
 BITS = (1, 2, 3, 4, 5, 6, 8)
@@ -75,6 +80,7 @@ VALUE_MENU = (tuple((b, r, g, U) for b in BITS for r in (False, True) for g in (
               + tuple((b, True, g, G) for b in (1, 2, 3) for g in (None, 32) if b < 3 or g is None))
 MEASURED_KEYS = tuple(c for c in KEY_MENU if c[0] <= 3)  # KL measured, not extrapolated
 MEASURED_VALUES = tuple(c for c in VALUE_MENU if c[0] <= 3)
+JOINT = "joint"  # a key choice ("joint", bits, floor) from the joint key calibration (joint.py)
 CELLS = 20000  # the knapsack's resolution: item sizes round up by at most budget / CELLS each
 
 
@@ -114,6 +120,8 @@ def fits(choice, size: int) -> bool:
 
 
 def describe_choice(choice) -> str:
+    if choice[0] == JOINT:  # ("joint", bits, floor): joint-basis keys (joint.py)
+        return f"J{choice[1]}{'f' + str(choice[2]) if choice[2] else ''}"
     bits, rotate, group, levels = choice[:4]
     turned = "t" if choice[4:] and choice[4] else ""
     return f"{bits}{turned}{'r' if rotate else ''}{'/' + str(group) if group else ''}{'g' if levels == G else ''}"
@@ -283,15 +291,16 @@ class Allocation:
         ks = " ".join(describe_choice(c) for c in self.keys)
         vs = " ".join(describe_choice(c) for c in self.values)
         return (f"bits per layer for keys [{ks}] and values [{vs}] (t: RoPE turned back within groups, r: rotated, "
-                f"/N: groups, g: Gaussian levels, 8-bit scales), "
+                f"/N: groups, g: Gaussian levels, 8-bit scales; JN: joint-basis keys, N bits a channel, f2: every axis "
+                f"coded), "
                 f"{self.ratio:.2f}x expected")
 
 
-def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int) -> tuple[list, int]:
+def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int, joint=None) -> tuple[list, int]:
     """(items, fixed): per layer, keys then values, (proxy, bytes held at `context` tokens) arrays over
-    the menu; fixed: the float16 sink's bytes. A layer holds `context` tokens (a sliding layer its
-    window - 1, as an fp16 cache does): the sink, whole coded blocks, and a partial block whose keys
-    wait at the stage codec's width."""
+    the menu (the key menu followed by the joint key choices where `joint` is given); fixed: the float16
+    sink's bytes. A layer holds `context` tokens (a sliding layer its window - 1, as an fp16 cache does):
+    the sink, whole coded blocks, and a partial block whose keys wait at the stage codec's width."""
     row = 2 * spec.num_kv_heads * spec.head_dim * 2  # fp16 bytes of one token's keys and values in a layer
     staging = np.array([stage_bytes(c, block, spec) for c in KEY_MENU])
     items, fixed = [], 0
@@ -301,14 +310,19 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
         coded = (held - s) // block * block
         staged = held - s - coded
         fixed += s * row
-        items.append((calib.proxy_k[i].numpy(), coded * calib.bytes_k[i].numpy() + staged * staging))
+        keys = (calib.proxy_k[i].numpy(), coded * calib.bytes_k[i].numpy() + staged * staging)
+        if joint is not None:
+            jp, jb = joint_items(joint, i, coded, staged, lambda bits: stage_bytes((bits, True, None, U, True), block, spec))
+            keys = (np.concatenate([keys[0], jp]), np.concatenate([keys[1], jb]))
+        items.append(keys)
         items.append((calib.proxy_v[i].numpy(), (coded + staged) * calib.bytes_v[i].numpy()))
     return items, fixed
 
 
-def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int) -> Allocation:
-    """The allocation meeting `ratio` x fp16 at `context` tokens (`layer_bytes`)."""
-    items, fixed = layer_bytes(calib, spec, context, sink, block)
+def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int, joint=None) -> Allocation:
+    """The allocation meeting `ratio` x fp16 at `context` tokens (`layer_bytes`), with the joint key choices
+    beside the menu's where `joint` (joint.py's calibration) is given."""
+    items, fixed = layer_bytes(calib, spec, context, sink, block, joint)
     full = spec.fp16_bytes(context)
     budget = full / ratio - fixed
     if budget <= 0:
@@ -320,7 +334,8 @@ def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int
                             f"(1 bit, with their scales and the float16 sink) reach {full / least:.2f}x")
     picks, proxy = allocate(items, budget)
     held = fixed + sum(float(nbytes[j]) for (_, nbytes), j in zip(items, picks))
-    return Allocation([KEY_MENU[j] for j in picks[0::2]], [VALUE_MENU[j] for j in picks[1::2]], proxy, full / held)
+    keys = [KEY_MENU[j] if j < len(KEY_MENU) else (JOINT, *JOINT_CHOICES[j - len(KEY_MENU)]) for j in picks[0::2]]
+    return Allocation(keys, [VALUE_MENU[j] for j in picks[1::2]], proxy, full / held)
 
 
 def uniform(calib: BudgetCalibration, key_choice, value_choice) -> float:
@@ -349,6 +364,29 @@ def load_or_calibrate(model, tokenizer, corpus: str | None = None, sink: int = 4
     calib = measure(model, ids, desc, sink, block)
     calib.save(path)
     return calib, path
+
+
+def load_or_calibrate_joint(model, tokenizer, budget_path: str, corpus: str | None = None, sink: int = 4,
+                            block: int = 128, log=print):
+    """The joint key calibration beside the budget calibration at `budget_path`, measured first if missing
+    (on the same corpus range)."""
+    path = joint.path_beside(budget_path)
+    if os.path.isfile(path):
+        return joint.JointCalibration.load(path, model, block), path
+    ids, desc = calibration_ids(tokenizer, corpus)
+    log(f"auto: no joint key calibration at {path}; measuring it (about 3 minutes on 2 cores for the bundled model)")
+    calib = measure_joint(model, ids, desc, sink, block)
+    calib.save(path)
+    return calib, path
+
+
+def measure_joint(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128):
+    """joint.calibrate with a progress bar over its forward passes."""
+    spec = spec_from_config(model.config)
+    with Progress(TextColumn("joint key calibration"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("", total=spec.num_layers * len(joint.CHOICES))
+        return joint.calibrate(model, ids, data, sink, block, progress=lambda: bar.advance(task))
 
 
 def measure(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128) -> BudgetCalibration:

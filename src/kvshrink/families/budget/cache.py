@@ -14,7 +14,7 @@ from ...attention.function import require_kvshrink_attention, use_kvshrink_atten
 from ...errors import KvshrinkError
 from ..quant.cache import CompressedCache
 from ...spec import spec_from_config
-from . import allocate
+from . import allocate, joint
 from .config import BudgetConfig
 
 _CALIBS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {block: (calibration, path)}
@@ -24,18 +24,27 @@ class BudgetCache(CompressedCache):
     """A CompressedCache with one (key codec, value codec) per layer, chosen under one budget."""
 
     def __init__(self, config, allocation: allocate.Allocation, calibration: str, block: int, data: dict | None = None,
-                 **kwargs):
+                 joint=None, **kwargs):
+        """joint: (joint key calibration, its path), or None where the allocation took no joint keys."""
         rope = spec_from_config(config).rope
-        pairs = [(allocate.key_codec(k, block, rope), allocate.value_codec(v))
-                 for k, v in zip(allocation.keys, allocation.values)]
+        pairs = [(_key_codec(k, i, block, rope, joint), allocate.value_codec(v))
+                 for i, (k, v) in enumerate(zip(allocation.keys, allocation.values))]
         super().__init__(config, layer_codecs=pairs, block=block, **kwargs)
         self.allocation, self.calibration, self.data = allocation, calibration, data or {}
+        self.joint_path = joint[1] if joint is not None else None
 
     def _describe(self) -> str:
         where = (f" ({self.data['corpus']} tokens {self.data['tokens'][0]}..{self.data['tokens'][1]})"
                  if "tokens" in self.data else "")
+        joint = f"; joint keys {self.joint_path}" if self.joint_path else "; menu keys only (joint=false, or no joint calibration)"
         return (f"{self.allocation.describe()}, sink {self.sink}, block {self.block}, {self._how_it_attends()}; "
-                f"calibration {self.calibration}{where}")
+                f"calibration {self.calibration}{where}{joint}")
+
+
+def _key_codec(choice, layer: int, block: int, rope: tuple, joint):
+    if choice[0] == allocate.JOINT:
+        return joint[0].codec(layer, allocate.JOINT_CHOICES.index(tuple(choice[1:])), block, rope)
+    return allocate.key_codec(choice, block, rope)
 
 
 def calibration_for(model, block: int, tokenizer=None, corpus=None):
@@ -54,10 +63,31 @@ def calibration_for(model, block: int, tokenizer=None, corpus=None):
     return memo[block]
 
 
+def joint_for(model, block: int, path: str, tokenizer=None, corpus=None):
+    """(joint key calibration, its path) beside the budget calibration at `path` (joint.py): memo, else the file,
+    else measured where a tokenizer is given and the budget calibration is not a $KVSHRINK_AUTO_CALIBRATION file
+    (whose corpus range is not known here); else a clear error."""
+    memo = _CALIBS.setdefault(model, {})
+    if memo.get(("joint", block), (None, None))[1] != joint.path_beside(path):
+        side = joint.path_beside(path)
+        if not spec_from_config(model.config).rope:
+            raise KvshrinkError("joint-basis keys need a RoPE model (keys are turned back within their blocks)")
+        if os.path.isfile(side):
+            memo[("joint", block)] = joint.JointCalibration.load(side, model, block), side
+        elif tokenizer is not None and not os.environ.get("KVSHRINK_AUTO_CALIBRATION"):
+            memo[("joint", block)] = allocate.load_or_calibrate_joint(model, tokenizer, path, corpus, block=block)
+        else:
+            raise KvshrinkError(f"joint=true needs a joint key calibration at {side}: run kvshrink.prepare(model, "
+                                "'auto-6x:joint=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
+    return memo[("joint", block)]
+
+
 def prepare(config: BudgetConfig, model, tokenizer=None, corpus=None):
     """The budget calibration loaded or measured (about 15 minutes on the bundled model the first time), and the
     model switched to the "kvshrink" attention in place (decode steps read the codes)."""
-    calibration_for(model, config.block, tokenizer, corpus)
+    _, path = calibration_for(model, config.block, tokenizer, corpus)
+    if config.joint:
+        joint_for(model, config.block, path, tokenizer, corpus)
     if config.attend != "decode":
         use_kvshrink_attention(model)
     return model
@@ -69,11 +99,13 @@ def build(config: BudgetConfig, model, method: str) -> BudgetCache:
                             f"weights): kvshrink.from_method({method!r}, model)")
     calib, path = calibration_for(model, config.block)
     spec = spec_from_config(model.config)
-    chosen = allocate.choose(calib, spec, config.budget, config.context, config.sink, config.block)
+    found = joint_for(model, config.block, path) if config.joint else None
+    chosen = allocate.choose(calib, spec, config.budget, config.context, config.sink, config.block,
+                             found[0] if found else None)
     attend = config.attend
     if attend == "auto":
         attend = "fused" if uses_kvshrink_attention(model.config) else "decode"
     elif attend == "fused":
         require_kvshrink_attention(model.config, method)
-    return BudgetCache(model.config, chosen, path, config.block, calib.header.get("data"), sink=config.sink, window=0,
-                       attend=attend, splits=config.splits, method=method)
+    return BudgetCache(model.config, chosen, path, config.block, calib.header.get("data"), found, sink=config.sink,
+                       window=0, attend=attend, splits=config.splits, method=method)

@@ -3,8 +3,8 @@
 A user names a target ratio against an fp16 cache; one allocator spends it across layers and
 keys/values (bits 1 to 8, Hadamard rotation or not, key groups of 128 or 64 tokens, keys turned back
 by their offset's RoPE angles or not, value groups of the whole head or 32 channels, uniform or
-Gaussian value levels, the latter with 8-bit scales) where the calibration's loss proxy says it
-matters least. The ratio is met at `context` tokens after a prefill, counting everything the cache
+Gaussian value levels, the latter with 8-bit scales; for keys also a calibrated basis per KV head with
+bits per axis, `joint`) where the calibration's loss proxy says it matters least. The ratio is met at `context` tokens after a prefill, counting everything the cache
 holds there (float16 sink, the partial block's keys at the stage's width, scales), so the bench's
 figure is the target and not a nominal one.
 """
@@ -32,6 +32,9 @@ class BudgetConfig(Config):
     attend: str = option("auto", "decode steps: fused (compiled kernel reads the codes), decode, or auto",
                          ("auto", "fused", "decode"))
     splits: int = option(4, "parallel ranges of blocks per head in the fused kernel")
+    joint: bool = option(False, "offer joint-basis keys (a calibrated basis per KV head, bits per axis) beside the "
+                                "menu's key codes (on in auto-6x and auto-8x, where they measured better; at 4x "
+                                "the allocator over-trusts them, docs/budget.md)")
 
     def check(self):
         if not isinstance(self.budget, (int, float)) or not 1.0 <= self.budget <= 32.0:
@@ -47,6 +50,8 @@ class BudgetConfig(Config):
 
 register(Method("auto", BudgetConfig(), "one budget for the whole cache (auto:budget=N): int widths, rotation, "
                 "groups and value levels allocated per layer and K/V by a calibrated loss proxy"))
+JOINT_PRESETS = (6, 8)  # joint keys measured better there (docs/budget.md), worse at 4x
 for _r in PRESETS:
-    register(Method(f"auto-{_r}x", BudgetConfig(budget=float(_r)), f"one budget: {_r}x fp16 at 2,048 tokens, "
-                    "int widths allocated per layer and K/V by a calibrated loss proxy", default=_r in (4, 6)))
+    register(Method(f"auto-{_r}x", BudgetConfig(budget=float(_r), joint=_r in JOINT_PRESETS),
+                    f"one budget: {_r}x fp16 at 2,048 tokens, int widths allocated per layer and K/V by a calibrated "
+                    f"loss proxy{', joint-basis keys on offer' if _r in JOINT_PRESETS else ''}", default=_r in (4, 6)))

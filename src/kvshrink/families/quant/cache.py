@@ -17,6 +17,7 @@ import torch
 from ...attention.function import require_kvshrink_attention, use_kvshrink_attention, uses_kvshrink_attention
 from ...attention.split import SplitStates
 from ...codecs.base import Codec, Fp16
+from ...codecs.joint import JointKeys
 from ...codecs.quant import IntQuant
 from ...core.cache import KVCache
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, coder_pool, stage_for
@@ -58,7 +59,10 @@ class CompressedLayer(StoreLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._init_shape(key_states)
         if self.fused:
-            self.kernel_reads = kernels_on(key_states.device, self.layout, self.gpu_kernel) and self._kernel_supports(key_states.shape[-1])
+            joint = isinstance(self.k.codec, JointKeys)  # no Triton kernel reads them: said once, then decoded
+            self.kernel_reads = (kernels_on(key_states.device, "joint-basis key" if joint else self.layout,
+                                            self.gpu_kernel and not joint)
+                                 and self._kernel_supports(key_states.shape[-1]))
             self.body_reads_stage = self.kernel_reads and self._reads_stage(key_states)
         self.k.init(key_states)
         self.v.init(value_states)

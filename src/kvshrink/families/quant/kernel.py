@@ -16,6 +16,9 @@ A Hadamard-rotated codec (x stored as x @ R) is read without undoing the
 rotation per token: q . (x_r R^T) = (q R) . x_r, and sum p (x_r R^T) = (sum p x_r) R^T.
 Keys turned back by their offset in a group (codecs/spin.py) are read the same way, with one
 query row per offset (turn(q, -j) R, built once per call): tiles.turned_logits.
+Joint-basis keys (codecs/joint.py) are turned keys whose R is a head's own map back to keys: each tile's
+width classes are unpacked one after another and formed into float keys (tiles.form_class), the uncoded
+axes taking their block's mean, then read as turned keys are.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from ...codecs.base import Packed
 from ...codecs.hadamard import hadamard_block, rotation, signs
+from ...codecs.joint import JointKeys
 from ...codecs.quant import IntQuant
 from ...codecs.spin import angles
 from ...errors import KvshrinkError
@@ -38,7 +42,9 @@ from ...kernels.tiles import (
     channel_logits,
     dense_split,
     fold_values,
+    form_class,
     form_keys,
+    form_means,
     merge,
     partial_buffers,
     rotate_back,
@@ -96,11 +102,12 @@ def _rows(qb, qt, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum
 
 @numba.njit(cache=True, fastmath=FAST)
 def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb, vrot, cap,
-          klut, vlut, pm, pl, acc):
+          klut, vlut, kcls, pm, pl, acc):
     """Tiles lo..hi-1 (vb tokens each, the last one short where n ends inside it) of one (sequence, head)'s
     coded tokens as one split: qb (R, d) the query rows in the keys' basis, qt (R, group, d) turned ones or
     empty, vis (n,) the tokens' visibility, kc / vc (bytes,) the codes, kmn / kstep / vmn / vstep the
-    parameters per group; fills pm, pl (R,) and acc (R, d)."""
+    parameters per group; fills pm, pl (R,) and acc (R, d). kcls: for joint-basis keys (codecs/joint.py),
+    (first axis, axes, width) per width class, the axes after the last class holding their means; else empty."""
     nr, d = qb.shape
     krow = d * kbits // 8  # code bytes per token (supported(): whole bytes)
     vrow = d * vbits // 8
@@ -126,7 +133,8 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
     for j in range(lo, hi):
         t0 = j * vb
         cnt = min(vb, n - t0)  # a body cut inside a block (per-token codes) ends in a short tile
-        unpack_codes(kc[t0 * krow:], cnt * d, kbits, ksym)
+        if kcls.shape[0] == 0:
+            unpack_codes(kc[t0 * krow:], cnt * d, kbits, ksym)
         unpack_codes(vc[t0 * vrow:], cnt * d, vbits, vsym)
         vt = vis[t0:t0 + cnt]
         # levels that are not the integers: a side's codes become their levels first
@@ -136,7 +144,18 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
             for kq in range((cnt + kb - 1) // kb):
                 blk = (t0 + kq * kb) // kb
                 nk, at = min(kb, cnt - kq * kb), kq * kb * d
-                if klut.shape[0]:  # levels, in place
+                if kcls.shape[0]:  # joint-basis keys: each width class unpacked and formed, then the means
+                    off = (t0 + kq * kb) * krow
+                    last = 0
+                    for c in range(kcls.shape[0]):
+                        a0, na, bw = kcls[c, 0], kcls[c, 1], kcls[c, 2]
+                        unpack_codes(kc[off:], kb * na, bw, ksym)
+                        form_class(kstep[blk, a0:], kmn[blk, a0:], ksym, nk, na, d, kfl[at + a0:])
+                        off += kb * na * bw // 8
+                        last = a0 + na
+                    if last < d:
+                        form_means(kmn[blk, last:], nk, d, kfl[at + last:])
+                elif klut.shape[0]:  # levels, in place
                     form_keys(kstep[blk], kmn[blk], kfl[at:], nk, kfl[at:])
                 else:
                     form_keys(kstep[blk], kmn[blk], ksym[at:], nk, kfl[at:])
@@ -167,7 +186,8 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
-           splits, vrot, cap, klut, vlut, soff, sqb, nstage, skc, skmn, skstep, skgroups, skbits, svc, svmn, svstep, out):
+           splits, vrot, cap, klut, vlut, kcls, soff, sqb, nstage, skc, skmn, skstep, skgroups, skbits, svc, svmn, svstep,
+           out):
     """Body splits 0..splits-1, the dense tokens (split `splits`), and the stage (split `splits` + 1): a
     block still filling, per-token codes read in place (its keys by sqb, the query in their basis, its
     values in the body values' codec), at vis[b, soff:]. Partials merged in that order."""
@@ -176,6 +196,7 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
     pm, pl, pacc = partial_buffers(nb_, nh, parts, nr, d)
     no_turn = np.empty((0, 0, 0), dtype=np.float32)
     no_levels = np.empty(0, dtype=np.float32)
+    no_classes = np.empty((0, 3), dtype=np.int64)
     for u in numba.prange(nb_ * nh * parts):
         b = u // (nh * parts)
         h = (u // parts) % nh
@@ -191,7 +212,7 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
             if ns:
                 _span(sqb[b, h], no_turn, vis[b, soff:], 0, (ns + vb - 1) // vb, ns, skc[bh], skmn[b, h], skstep[b, h],
                       1, skgroups, skbits, svc[bh], svmn[b, h], svstep[b, h], vgroups, vbits, vb, vrot, cap, no_levels,
-                      vlut, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+                      vlut, no_classes, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         n = nbody[b]  # this sequence's body tokens: its tiles and split edges ignore a batch's padding
         nvb = (n + vb - 1) // vb
@@ -201,7 +222,7 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
         lo = sp * nvb // used
         hi = (sp + 1) * nvb // used
         _span(qb[b, h], qt[b, h], vis[b], lo, hi, n, kc[bh], kmn[b, h], kstep[b, h], kb, kgroups, kbits, vc[bh],
-              vmn[b, h], vstep[b, h], vgroups, vbits, vb, vrot, cap, klut, vlut, pm[b, h, sp], pl[b, h, sp],
+              vmn[b, h], vstep[b, h], vgroups, vbits, vb, vrot, cap, klut, vlut, kcls, pm[b, h, sp], pl[b, h, sp],
               pacc[b, h, sp])
     merge(pm, pl, pacc, out)
 
@@ -222,6 +243,8 @@ def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
     no padding inside a token's codes (every channel group, and the head vector when `head_dim` is
     given, a whole number of bytes), so a tile's codes unpack in one flat pass."""
     def whole(c):
+        if isinstance(c, JointKeys):
+            return c is key_codec and (head_dim is None or head_dim == len(c.widths))
         if not isinstance(c, IntQuant):
             return False
         width = (c.group or head_dim) if c.axis == "token" else head_dim
@@ -259,7 +282,7 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, as_u8(vis), nbody, dense_k.contiguous().numpy(),
            dense_v.contiguous().numpy(), as_u8(dense_vis), ndense, kc, kmn, ksc, ktg, kgroups, key_codec.bits, vc, vmn,
            vsc, vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), *_luts(key_codec, value_codec),
-           n, *staged, out)
+           _classes(key_codec), n, *staged, out)
     return torch.from_numpy(out)
 
 
@@ -346,8 +369,13 @@ def turned_table(q: torch.Tensor, codec: IntQuant) -> np.ndarray:
 
 def _key_queries(q: torch.Tensor, codec: IntQuant):
     """(the query the key logits read, the per-offset queries (B, H, R, group, d) or empty): for turned keys
-    q as it is and the table (the rotation is in the table), else q in the keys' rotated basis."""
+    q as it is and the table (the rotation is in the table), else q in the keys' rotated basis. Joint-basis
+    keys: the table's rows mapped by each head's inverse, turn(q, -j) inverse[h]^T (one batched product)."""
     d = q.shape[-1]
+    if isinstance(codec, JointKeys):
+        table = torch.from_numpy(turned_table(q, codec))
+        inv_t = codec.inverse().transpose(-1, -2)[None, :, None]  # (1, H, 1, d, d)
+        return q, torch.matmul(table, inv_t).contiguous().numpy()
     if codec.derope:
         return q, turned_table(q, codec)
     none = np.empty((*q.shape[:2], 0, 0, 0), dtype=np.float32)  # qt[b, h] stays in bounds
@@ -364,6 +392,14 @@ def _table(codec: IntQuant):
     if lv.numel() == 2:
         return _NO_LEVELS, float(lv[1] - lv[0]), float(lv[0])
     return lv.numpy(), 1.0, 0.0
+
+
+_NO_CLASSES = np.empty((0, 3), dtype=np.int64)
+
+
+def _classes(codec) -> np.ndarray:
+    """(first axis, axes, width) per width class of joint-basis keys (the kernel's kcls), else empty."""
+    return np.array(codec.classes, dtype=np.int64).reshape(-1, 3) if isinstance(codec, JointKeys) else _NO_CLASSES
 
 
 def _luts(key_codec: IntQuant, value_codec: IntQuant) -> tuple:
@@ -454,7 +490,7 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, vis.view(np.uint8), n, dense_k, dense_v,
            dense_vis, dense_n, kc, kmn, ksc, ktg, kgroups, one.key_codec.bits, vc, vmn, vsc, vgroups,
            one.value_codec.bits, one.block, splits, vrot, np.float32(cap), *_luts(one.key_codec, one.value_codec),
-           n_max, *staged, out)
+           _classes(one.key_codec), n_max, *staged, out)
     return torch.from_numpy(out)
 
 
@@ -496,6 +532,8 @@ class IntBody:
 
     def attend(self, q, vis, dense_k, dense_v, dense_vis, splits, cap=0.0):
         if triton_for(q):
+            if isinstance(self.key_codec, JointKeys):
+                raise KvshrinkError("the Triton kernel does not read joint-basis keys: use attend=decode on CUDA")
             if self.stage is not None:
                 raise KvshrinkError("the Triton kernel reads no stage: a CUDA layer decodes it into the dense tokens")
             return gpu.fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
@@ -506,9 +544,9 @@ class IntBody:
     def batch_key(self) -> tuple:
         """Bodies with equal keys are read by one `attend_many` call (a stage's codec follows from the
         key codec: core/layer.py's stage rule)."""
+        joint = id(self.key_codec) if isinstance(self.key_codec, JointKeys) else None  # its own basis
         return tuple((c.bits, c.axis, c.group, c.rotate, c.seed, c.levels, c.derope, c.scales)
-                     for c in (self.key_codec, self.value_codec)) + (
-            self.block,)
+                     for c in (self.key_codec, self.value_codec)) + (self.block, joint)
 
     @staticmethod
     def attend_many(bodies, q, dense_k, dense_v, dense_n, splits, cap=0.0):

@@ -1,0 +1,134 @@
+"""JointKeys: keys in a calibrated basis per KV head, each axis at its own width (transform coding of keys,
+KVTC's idea with the query as the metric).
+
+A key's coding error reaches the model as q . (k - k_hat). Per layer and KV head a calibration
+(families/budget/joint.py) finds a basis in which that error is plain squared error and the axes are
+uncorrelated, with falling variances; widths are then spent per axis where the variance is large (0 bits:
+the block's mean only). Keys are first turned back within their group (codecs/spin.py), so the basis meets
+keys as they were before RoPE.
+
+Layout per block of `group` tokens and head, axes in the basis's order (falling variance), one width per
+axis for all heads of the layer, widths not rising along the axes, so that every head's codes have one size:
+- `codes`: per width class (the consecutive axes of one width), the block's tokens x the class's axes,
+  token-major, packed at that width; classes end to end, then zero bytes up to `bits` x head_dim bits a
+  token (the kernel's row; counted);
+- `min`, `scale`: float16 per axis (uniform codes over the block, min rounded down and step up as IntQuant's;
+  a 0-bit axis holds its mean as min and a zero step).
+The codec holds the map from basis coordinates back to keys, (kv_heads, head_dim, head_dim), as int8 rows
+with a float16 scale each (4.2 KB a head where float16 took 8 KB; on the bundled model at 2,048 tokens the
+float16 maps took 9% of an `auto-6x` cache). Decoding and the kernel's query map read it (`inverse()`), and
+encoding inverts it once per call, so a round trip goes through exactly the stored map: its rounding changes
+the basis a little, not the error. It is counted by every cache that uses the codec (`shared_tensors`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import KvshrinkError
+from .base import Codec, Packed
+from .packing import pack, unpack
+from .quant import _half_down, _half_up
+from .spin import turn
+
+
+class JointKeys(Codec):
+    """Per-head basis keys with per-axis widths (module docstring). inverse: (H, D, D) with
+    key = coordinates @ inverse[h]; widths: D ints, 0 or 1..8, not rising; bits: the average width
+    (a whole number, the row the kernel reads: sum(widths) <= bits * D)."""
+
+    axis, rotate, seed, levels, scales, uniform = "channel", False, 0, "uniform", "fp16", True
+
+    def __init__(self, inverse: torch.Tensor, widths, group: int, derope: tuple, bits: int):
+        widths = [int(w) for w in widths]
+        d = inverse.shape[-1]
+        if inverse.dim() != 3 or inverse.shape[-2] != d or len(widths) != d:
+            raise KvshrinkError(f"joint keys need a (heads, {d}, {d}) inverse and {d} widths, "
+                                f"got {tuple(inverse.shape)} and {len(widths)}")
+        if any(not 0 <= w <= 8 for w in widths) or any(a < b for a, b in zip(widths, widths[1:])):
+            raise KvshrinkError(f"joint key widths must be 0..8 and not rising, got {widths}")
+        if not isinstance(bits, int) or not 1 <= bits <= 8 or sum(widths) > bits * d:
+            raise KvshrinkError(f"joint keys of widths summing to {sum(widths)} do not fit {bits!r} bits a channel")
+        if not derope or group < 1:
+            raise KvshrinkError("joint keys are turned back within token groups: they need RoPE frequencies and a group")
+        inverse = inverse.float()
+        scale = (inverse.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12).to(torch.float16)
+        self.inverse_rows = (inverse / scale.float()).round().clamp(-127, 127).to(torch.int8)
+        self.inverse_scale = scale
+        self.widths, self.group, self.bits = widths, group, bits
+        self.derope = tuple(float(f) for f in derope)
+        self.block_tokens = group
+        self.name = f"joint{bits}"
+        # (first axis, axes, width) of each coded class, in order
+        self.classes = []
+        for j, w in enumerate(widths):
+            if w and (not self.classes or self.classes[-1][2] != w):
+                self.classes.append([j, 0, w])
+            if w:
+                self.classes[-1][1] += 1
+        self.classes = [tuple(c) for c in self.classes]
+        self.coded = sum(c[1] for c in self.classes)  # axes with codes: the first ones
+
+    def describe(self) -> str:
+        return f"joint-basis keys, {self.bits} bits a channel ({self.coded} of {len(self.widths)} axes coded) -rope"
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        return [self.inverse_rows, self.inverse_scale]
+
+    def inverse(self, device=None) -> torch.Tensor:
+        """(H, D, D) float32 map from coordinates back to keys, from its stored rows (made per call, not kept)."""
+        return (self.inverse_rows.float() * self.inverse_scale.float()).to(device or "cpu")
+
+    def basis(self, device) -> torch.Tensor:
+        """(H, D, D) float32 map from keys to coordinates: the inverse of the stored map, so that a round trip
+        goes through exactly what decoding reads."""
+        return torch.linalg.inv(self.inverse()).to(device)
+
+    def row_bytes(self, tokens: int) -> int:
+        return tokens * self.bits * len(self.widths) // 8
+
+    def encode(self, x: torch.Tensor, block: int) -> Packed:
+        b, h, t, d = x.shape
+        if block % self.group or t % block or d != len(self.widths) or h != self.inverse_rows.shape[0]:
+            raise KvshrinkError(f"joint keys of {self.inverse_rows.shape[0]} heads x {len(self.widths)} channels in groups of "
+                                f"{self.group} cannot code {h} heads x {d} channels x {t} tokens in blocks of {block}")
+        if not torch.isfinite(x).all():
+            raise KvshrinkError("cannot quantize NaN or infinite key/value states")
+        y = turn(x.float(), self.derope, self.group, -1) @ self.basis(x.device)[None]
+        y = y.reshape(b, h, t // self.group, self.group, d)
+        w = torch.tensor(self.widths, device=x.device)
+        lo = _half_down(y.amin(3))
+        qmax = (2.0 ** w - 1).clamp_min(1)
+        step = torch.where(w > 0, _half_up((y.amax(3) - lo.float()) / qmax), torch.zeros_like(lo))
+        mn = torch.where(w > 0, lo, y.mean(3).to(torch.float16))
+        if not (torch.isfinite(mn).all() and torch.isfinite(step).all()):
+            raise KvshrinkError("key states exceed the float16 range of the quantization scales")
+        safe = torch.where(step > 0, step.float(), torch.ones_like(step, dtype=torch.float32))
+        codes = ((y - mn.float()[:, :, :, None]) / safe[:, :, :, None]).round_().clamp_(min=0)
+        codes = torch.minimum(codes, qmax).to(torch.uint8)
+        nb = t // self.group
+        parts = [pack(codes[..., a:a + n].reshape(b, h, nb, self.group * n), bits) for a, n, bits in self.classes]
+        row = self.row_bytes(self.group)
+        body = torch.cat(parts, -1) if parts else codes.new_zeros(b, h, nb, 0)
+        body = torch.nn.functional.pad(body, (0, row - body.shape[-1]))
+        return Packed({"codes": body.contiguous(), "min": mn.contiguous(), "scale": step.contiguous()}, block, d)
+
+    def params(self, tensors: dict, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, step) per block and axis, as the int kernel reads them."""
+        return tensors["min"].to(dtype), tensors["scale"].to(dtype)
+
+    def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        t = packed.tensors
+        b, h, nb, d = t["min"].shape
+        g = self.group
+        mn, step = self.params(t)
+        y = mn[:, :, :, None, :].expand(b, h, nb, g, d).clone()
+        at = 0
+        for a, n, bits in self.classes:
+            size = g * n * bits // 8
+            c = unpack(t["codes"][..., at:at + size], bits, g * n).reshape(b, h, nb, g, n)
+            y[..., a:a + n] += c.float() * step[:, :, :, None, a:a + n]
+            at += size
+        x = y.reshape(b, h, nb * g, d) @ self.inverse(y.device)[None]
+        x = turn(x, self.derope, self.group, 1).to(dtype)
+        return x if out is None else out.copy_(x)
