@@ -23,6 +23,7 @@ the basis a little, not the error. It is counted by every cache that uses the co
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import KvshrinkError
@@ -67,6 +68,7 @@ class JointKeys(Codec):
             if w:
                 self.classes[-1][1] += 1
         self.classes = [tuple(c) for c in self.classes]
+        self.class_table = np.array(self.classes, dtype=np.int64).reshape(-1, 3)  # what the int kernel reads
         self.coded = sum(c[1] for c in self.classes)  # axes with codes: the first ones
 
     def describe(self) -> str:

@@ -59,7 +59,6 @@ from ...core.sensitivity import Perturbed, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 from . import joint
-from .joint import CHOICES as JOINT_CHOICES, items as joint_items
 
 FORMAT = "kvshrink-budget-6"  # 6: stage bytes no longer stored (computed from the menu: stage_bytes)
 BITS = (1, 2, 3, 4, 5, 6, 8)
@@ -296,9 +295,9 @@ class Allocation:
                 f"{self.ratio:.2f}x expected")
 
 
-def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int, joint=None) -> tuple[list, int]:
+def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int, joint_calib=None) -> tuple[list, int]:
     """(items, fixed): per layer, keys then values, (proxy, bytes held at `context` tokens) arrays over
-    the menu (the key menu followed by the joint key choices where `joint` is given); fixed: the float16
+    the menu (the key menu followed by the joint key choices where `joint_calib` is given); fixed: the float16
     sink's bytes. A layer holds `context` tokens (a sliding layer its window - 1, as an fp16 cache does):
     the sink, whole coded blocks, and a partial block whose keys wait at the stage codec's width."""
     row = 2 * spec.num_kv_heads * spec.head_dim * 2  # fp16 bytes of one token's keys and values in a layer
@@ -311,18 +310,19 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
         staged = held - s - coded
         fixed += s * row
         keys = (calib.proxy_k[i].numpy(), coded * calib.bytes_k[i].numpy() + staged * staging)
-        if joint is not None:
-            jp, jb = joint_items(joint, i, coded, staged, lambda bits: stage_bytes((bits, True, None, U, True), block, spec))
+        if joint_calib is not None:
+            jp, jb = joint.items(joint_calib, i, coded, staged, lambda bits: stage_bytes((bits, True, None, U, True), block, spec))
             keys = (np.concatenate([keys[0], jp]), np.concatenate([keys[1], jb]))
         items.append(keys)
         items.append((calib.proxy_v[i].numpy(), (coded + staged) * calib.bytes_v[i].numpy()))
     return items, fixed
 
 
-def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int, joint=None) -> Allocation:
+def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int,
+           joint_calib=None) -> Allocation:
     """The allocation meeting `ratio` x fp16 at `context` tokens (`layer_bytes`), with the joint key choices
-    beside the menu's where `joint` (joint.py's calibration) is given."""
-    items, fixed = layer_bytes(calib, spec, context, sink, block, joint)
+    beside the menu's where `joint_calib` (joint.py's calibration) is given."""
+    items, fixed = layer_bytes(calib, spec, context, sink, block, joint_calib)
     full = spec.fp16_bytes(context)
     budget = full / ratio - fixed
     if budget <= 0:
@@ -334,7 +334,7 @@ def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int
                             f"(1 bit, with their scales and the float16 sink) reach {full / least:.2f}x")
     picks, proxy = allocate(items, budget)
     held = fixed + sum(float(nbytes[j]) for (_, nbytes), j in zip(items, picks))
-    keys = [KEY_MENU[j] if j < len(KEY_MENU) else (JOINT, *JOINT_CHOICES[j - len(KEY_MENU)]) for j in picks[0::2]]
+    keys = [KEY_MENU[j] if j < len(KEY_MENU) else (JOINT, *joint.CHOICES[j - len(KEY_MENU)]) for j in picks[0::2]]
     return Allocation(keys, [VALUE_MENU[j] for j in picks[1::2]], proxy, full / held)
 
 

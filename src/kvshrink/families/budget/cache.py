@@ -24,26 +24,26 @@ class BudgetCache(CompressedCache):
     """A CompressedCache with one (key codec, value codec) per layer, chosen under one budget."""
 
     def __init__(self, config, allocation: allocate.Allocation, calibration: str, block: int, data: dict | None = None,
-                 joint=None, **kwargs):
-        """joint: (joint key calibration, its path), or None where the allocation took no joint keys."""
+                 found=None, **kwargs):
+        """found: (joint key calibration, its path), or None where joint keys were not on offer."""
         rope = spec_from_config(config).rope
-        pairs = [(_key_codec(k, i, block, rope, joint), allocate.value_codec(v))
+        pairs = [(_key_codec(k, i, block, rope, found), allocate.value_codec(v))
                  for i, (k, v) in enumerate(zip(allocation.keys, allocation.values))]
         super().__init__(config, layer_codecs=pairs, block=block, **kwargs)
         self.allocation, self.calibration, self.data = allocation, calibration, data or {}
-        self.joint_path = joint[1] if joint is not None else None
+        self.joint_path = found[1] if found is not None else None
 
     def _describe(self) -> str:
         where = (f" ({self.data['corpus']} tokens {self.data['tokens'][0]}..{self.data['tokens'][1]})"
                  if "tokens" in self.data else "")
-        joint = f"; joint keys {self.joint_path}" if self.joint_path else "; menu keys only (joint=false, or no joint calibration)"
+        keys = f"; joint keys {self.joint_path}" if self.joint_path else "; menu keys only (joint=false, or no joint calibration)"
         return (f"{self.allocation.describe()}, sink {self.sink}, block {self.block}, {self._how_it_attends()}; "
-                f"calibration {self.calibration}{where}{joint}")
+                f"calibration {self.calibration}{where}{keys}")
 
 
-def _key_codec(choice, layer: int, block: int, rope: tuple, joint):
+def _key_codec(choice, layer: int, block: int, rope: tuple, found):
     if choice[0] == allocate.JOINT:
-        return joint[0].codec(layer, allocate.JOINT_CHOICES.index(tuple(choice[1:])), block, rope)
+        return found[0].codec(layer, joint.CHOICES.index(tuple(choice[1:])), block, rope)
     return allocate.key_codec(choice, block, rope)
 
 
@@ -68,8 +68,8 @@ def joint_for(model, block: int, path: str, tokenizer=None, corpus=None):
     else measured where a tokenizer is given and the budget calibration is not a $KVSHRINK_AUTO_CALIBRATION file
     (whose corpus range is not known here); else a clear error."""
     memo = _CALIBS.setdefault(model, {})
-    if memo.get(("joint", block), (None, None))[1] != joint.path_beside(path):
-        side = joint.path_beside(path)
+    side = joint.path_beside(path)
+    if memo.get(("joint", block), (None, None))[1] != side:
         if not spec_from_config(model.config).rope:
             raise KvshrinkError("joint-basis keys need a RoPE model (keys are turned back within their blocks)")
         if os.path.isfile(side):

@@ -399,7 +399,7 @@ _NO_CLASSES = np.empty((0, 3), dtype=np.int64)
 
 def _classes(codec) -> np.ndarray:
     """(first axis, axes, width) per width class of joint-basis keys (the kernel's kcls), else empty."""
-    return np.array(codec.classes, dtype=np.int64).reshape(-1, 3) if isinstance(codec, JointKeys) else _NO_CLASSES
+    return codec.class_table if isinstance(codec, JointKeys) else _NO_CLASSES
 
 
 def _luts(key_codec: IntQuant, value_codec: IntQuant) -> tuple:
