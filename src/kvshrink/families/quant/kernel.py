@@ -17,13 +17,15 @@ rotation per token: q . (x_r R^T) = (q R) . x_r, and sum p (x_r R^T) = (sum p x_
 Keys turned back by their offset in a group (codecs/spin.py) are read the same way, with one
 query row per offset (turn(q, -j) R, built once per call): tiles.turned_logits.
 Joint-basis keys (codecs/joint.py) are turned keys whose R is a head's own map back to keys: each tile's
-width classes are unpacked one after another and formed into float keys (tiles.form_class), the uncoded
-axes taking their block's mean, then read as turned keys are.
+width classes are unpacked one after another and formed axis-major into float keys (tiles.form_axes), the
+uncoded axes taking their block's mean; the logits read them per axis, over all offsets at once, with the
+per-offset queries stored axis-major too (tiles.axis_logits).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numba
 import numpy as np
@@ -39,12 +41,12 @@ from ...kernels.backend import TRITON, triton_for
 from ...kernels.tiles import (
     FAST,
     as_u8,
+    axis_logits,
     channel_logits,
     dense_split,
     fold_values,
-    form_class,
+    form_axes,
     form_keys,
-    form_means,
     merge,
     partial_buffers,
     rotate_back,
@@ -59,11 +61,12 @@ if TRITON:
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _rows(qb, qt, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt, vsym,
-          vstep, vmn):
+def _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+          vsym, vstep, vmn):
     """One tile for each query row of a head: logits from the key symbols ksym (codes, or their levels),
     folded into the online softmax (m, lsum) and the value sums (acc, accb) with the value symbols.
-    qt (rows, kb, d): each row's query per offset in a key group, for turned keys (else empty)."""
+    qt (rows, kb, d): each row's query per offset in a key group, for turned keys (else empty); with `axes`
+    (joint-basis keys) qt is (rows, d, kb) and the keys were formed axis-major."""
     nr, d = qb.shape
     kw = d // kgroups
     for r in range(nr):
@@ -73,8 +76,10 @@ def _rows(qb, qt, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum
             for kq in range((cnt + kb - 1) // kb):
                 blk = (t0 + kq * kb) // kb
                 nk = min(kb, cnt - kq * kb)
-                if qt.shape[0]:
-                    turned_logits(qt[r], ksym[kq * kb * d:], nk, lr[kq * kb:])  # keys formed (_fused)
+                if axes:
+                    axis_logits(qt[r], ksym[kq * kb * d:], nk, kb, lr[kq * kb:])  # keys formed (_span)
+                elif qt.shape[0]:
+                    turned_logits(qt[r], ksym[kq * kb * d:], nk, lr[kq * kb:])  # keys formed (_span)
                 else:
                     channel_logits(q1, kstep[blk], kmn[blk], ksym[kq * kb * d:], nk, qs, lr[kq * kb:])
         else:  # per-token keys: step_g (q_g . code_g) + mn_g sum(q_g) per channel group
@@ -116,6 +121,7 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
     ksym = np.empty(vb * d, dtype=np.uint8)  # one tile of codes
     vsym = np.empty(vb * d, dtype=np.uint8)
     turned = qt.shape[0] > 0
+    axes = kcls.shape[0] > 0  # joint-basis keys: formed and read axis-major
     floats = turned or klut.shape[0] > 0  # the keys the rows read are floats: levels, or turned keys formed
     kfl = np.empty(vb * d if floats else 0, dtype=np.float32)  # their levels (or keys), where not the codes
     vfl = np.empty(vb * d if vlut.shape[0] else 0, dtype=np.float32)
@@ -150,11 +156,11 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
                     for c in range(kcls.shape[0]):
                         a0, na, bw = kcls[c, 0], kcls[c, 1], kcls[c, 2]
                         unpack_codes(kc[off:], kb * na, bw, ksym)
-                        form_class(kstep[blk, a0:], kmn[blk, a0:], ksym, nk, na, d, kfl[at + a0:])
+                        form_axes(kstep[blk, a0:a0 + na], kmn[blk, a0:a0 + na], ksym, nk, kb, kfl[at + a0 * kb:])
                         off += kb * na * bw // 8
                         last = a0 + na
-                    if last < d:
-                        form_means(kmn[blk, last:], nk, d, kfl[at + last:])
+                    for c in range(last, d):
+                        kfl[at + c * kb:at + c * kb + nk] = kmn[blk, c]
                 elif klut.shape[0]:  # levels, in place
                     form_keys(kstep[blk], kmn[blk], kfl[at:], nk, kfl[at:])
                 else:
@@ -164,16 +170,16 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
         vs, vm = vstep[t0:t0 + cnt], vmn[t0:t0 + cnt]
         # one call per pair of buffer types (uint8 codes or float32 levels): numba compiles each
         if floats and vlut.shape[0]:
-            _rows(qb, qt, kb, t0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+            _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
                   vfl, vs, vm)
         elif floats:
-            _rows(qb, qt, kb, t0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+            _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
                   vsym, vs, vm)
         elif vlut.shape[0]:
-            _rows(qb, qt, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+            _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
                   vfl, vs, vm)
         else:
-            _rows(qb, qt, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+            _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
                   vsym, vs, vm)
     for r in range(nr):
         pm[r] = m[r]
@@ -306,8 +312,12 @@ def _stage_operands(q: torch.Tensor, stages: list, codec: IntQuant | None, value
                 np.zeros((b, h, 0, vgroups), np.float32))
         return np.zeros(q.shape, dtype=np.float32), ns, *keys, 1, 8, *vals
     s_max = int(ns.max())
-    kc, kmn, ksc, _, kgroups = _padded(codec, [[s[0]] if s is not None else [] for s in stages], s_max)
-    vc, vmn, vsc, _, _ = _padded(value_codec, [[s[1]] if s is not None else [] for s in stages], s_max)
+    if b == 1:  # one sequence: its stage's own tensors, no padded copy (a third of this call's time)
+        kc, kmn, ksc, _, kgroups = _operands(codec, stages[0][0])
+        vc, vmn, vsc, _, _ = _operands(value_codec, stages[0][1])
+    else:
+        kc, kmn, ksc, _, kgroups = _padded(codec, [[s[0]] if s is not None else [] for s in stages], s_max)
+        vc, vmn, vsc, _, _ = _padded(value_codec, [[s[1]] if s is not None else [] for s in stages], s_max)
     sqb = _key_queries(q, codec)[0].contiguous().numpy()
     return sqb, ns, kc, kmn, ksc, kgroups, codec.bits, vc, vmn, vsc
 
@@ -370,16 +380,38 @@ def turned_table(q: torch.Tensor, codec: IntQuant) -> np.ndarray:
 def _key_queries(q: torch.Tensor, codec: IntQuant):
     """(the query the key logits read, the per-offset queries (B, H, R, group, d) or empty): for turned keys
     q as it is and the table (the rotation is in the table), else q in the keys' rotated basis. Joint-basis
-    keys: the table's rows mapped by each head's inverse, turn(q, -j) inverse[h]^T (one batched product)."""
+    keys: the table's rows mapped by each head's inverse, turn(q, -j) inverse[h]^T (one batched product),
+    axis-major (B, H, R, d, group) as tiles.axis_logits reads them."""
     d = q.shape[-1]
     if isinstance(codec, JointKeys):
-        table = torch.from_numpy(turned_table(q, codec))
-        inv_t = codec.inverse().transpose(-1, -2)[None, :, None]  # (1, H, 1, d, d)
-        return q, torch.matmul(table, inv_t).contiguous().numpy()
+        return q, _joint_table(q, codec)
     if codec.derope:
         return q, turned_table(q, codec)
     none = np.empty((*q.shape[:2], 0, 0, 0), dtype=np.float32)  # qt[b, h] stays in bounds
     return (q @ rotation(d, codec.seed) if codec.rotate else q), none
+
+
+@lru_cache(maxsize=16)
+def _cos_sin(freqs: tuple, group: int) -> torch.Tensor:
+    """(2n, group) float32: cos then sin of offset j times frequency i (codecs/spin.py's angles), transposed."""
+    cos, sin = angles(freqs, group, torch.device("cpu"))
+    return torch.cat([cos, sin], 1).T.contiguous()
+
+
+def _joint_table(q: torch.Tensor, codec: JointKeys) -> np.ndarray:
+    """turn(q, -j) inverse[h]^T for every offset j, axis-major (B, H, R, d, group) float32. The turn is linear
+    in (cos, sin) of j f_i, so with x1, x2 the query's pairs and A the head's inverse this is
+    [x1 A1 + x2 A2, x2 A1 - x1 A2] @ [cos; sin]: one product over all rows and heads, which cost a third of
+    forming the turned table and mapping it (0.5 ms a layer at 8k)."""
+    n = len(codec.derope)
+    a = codec.inverse()[None, :, None]  # (1, H, 1, d, d)
+    a1, a2 = a[..., :n], a[..., n:2 * n]
+    x1, x2 = q[..., None, :n], q[..., None, n:2 * n]  # (B, H, R, 1, n)
+    pq = torch.cat([x1 * a1 + x2 * a2, x2 * a1 - x1 * a2], -1)  # (B, H, R, d, 2n)
+    out = pq @ _cos_sin(codec.derope, codec.group)
+    if q.shape[-1] > 2 * n:  # channels RoPE leaves alone: the same for every offset
+        out += (a[..., 2 * n:] @ q[..., 2 * n:, None])
+    return out.contiguous().numpy()
 
 
 def _table(codec: IntQuant):
