@@ -32,10 +32,10 @@ def _widths(bits: int, seed: int) -> list:
     return sorted(out, reverse=True)
 
 
-def _codec(bits, seed, heads=2, group=16):
+def _codec(bits, seed, heads=2, group=16, turn=TURN):
     g = torch.Generator().manual_seed(seed)
     inverse = torch.eye(D) + 0.2 * torch.randn(heads, D, D, generator=g)
-    return JointKeys(inverse, _widths(bits, seed), group, TURN, bits)
+    return JointKeys(inverse, _widths(bits, seed), group, turn, bits)
 
 
 @settings(max_examples=30, deadline=None)
@@ -107,6 +107,15 @@ def test_kernel_reads_joint_keys_as_decode_then_attend(bits, seed, n, t, vbits):
     mask = torch.ones(2, 1, t, total, dtype=torch.bool).tril(total - t)
     fused = states.attend(None, q, mask, None)[0]
     want = dataclasses.replace(states, fused=False).attend(None, q, mask, None)[0]
+    torch.testing.assert_close(fused, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits, seed", [(2, 11), (3, 12), (4, 13)])
+def test_kernel_reads_joint_keys_of_a_partial_rotary_head(bits, seed):
+    """RoPE on 12 of 16 channels: the per-offset queries turn the pairs and leave the rest as they are."""
+    layer, states, q = _states(_codec(bits, seed, turn=TURN[:6]), IntQuant(4, "token"), 70, 1, seed)
+    fused = states.attend(None, q, None, None)[0]
+    want = dataclasses.replace(states, fused=False).attend(None, q, None, None)[0]
     torch.testing.assert_close(fused, want, rtol=1e-4, atol=1e-4)
 
 
