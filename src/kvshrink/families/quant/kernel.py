@@ -312,12 +312,8 @@ def _stage_operands(q: torch.Tensor, stages: list, codec: IntQuant | None, value
                 np.zeros((b, h, 0, vgroups), np.float32))
         return np.zeros(q.shape, dtype=np.float32), ns, *keys, 1, 8, *vals
     s_max = int(ns.max())
-    if b == 1:  # one sequence: its stage's own tensors, no padded copy (a third of this call's time)
-        kc, kmn, ksc, _, kgroups = _operands(codec, stages[0][0])
-        vc, vmn, vsc, _, _ = _operands(value_codec, stages[0][1])
-    else:
-        kc, kmn, ksc, _, kgroups = _padded(codec, [[s[0]] if s is not None else [] for s in stages], s_max)
-        vc, vmn, vsc, _, _ = _padded(value_codec, [[s[1]] if s is not None else [] for s in stages], s_max)
+    kc, kmn, ksc, _, kgroups = _padded(codec, [[s[0]] if s is not None else [] for s in stages], s_max)
+    vc, vmn, vsc, _, _ = _padded(value_codec, [[s[1]] if s is not None else [] for s in stages], s_max)
     sqb = _key_queries(q, codec)[0].contiguous().numpy()
     return sqb, ns, kc, kmn, ksc, kgroups, codec.bits, vc, vmn, vsc
 
