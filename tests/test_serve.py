@@ -19,8 +19,11 @@ import uvicorn
 from kvshrink import from_method
 from kvshrink.cli import main
 from kvshrink.compat import with_cache
+from kvshrink.errors import KvshrinkError
 from kvshrink.serve.engine import Engine, Request, Sampling
+from kvshrink.serve.ragged import RaggedCache, Segment
 from kvshrink.serve.server import build, parse_bytes
+from kvshrink.spec import spec_from_config
 
 pytestmark = pytest.mark.model
 
@@ -168,6 +171,27 @@ def test_admission_by_measured_bytes(bundled):
     assert done == ["done"] * 5 and engine.peak_running == 2
     with pytest.raises(Exception, match="more than the whole KV budget"):
         engine.submit(Request(ids, Sampling(max_tokens=2000), lambda k, p: None))
+
+
+def test_a_step_with_a_non_finite_state_leaves_every_sequence_as_it_was(bundled):
+    """A step's packed states are checked once per layer, before any sequence's cache takes its slice: a NaN
+    in one sequence's keys is refused in one line, and no cache holds a token of that step."""
+    model, _ = bundled
+    spec = spec_from_config(model.config)
+    shape = (1, spec.num_kv_heads, 200, spec.head_dim)
+    g = torch.Generator().manual_seed(0)
+    caches = [from_method("int4", model) for _ in range(2)]
+    RaggedCache([Segment(caches[0], 0, 130), Segment(caches[1], 130, 70)]).update(
+        torch.randn(shape, generator=g), torch.randn(shape, generator=g), 0)
+    assert [c.layers[0].held() for c in caches] == [130, 70]
+    k, v = torch.randn(*shape[:2], 2, shape[3], generator=g), torch.randn(*shape[:2], 2, shape[3], generator=g)
+    k[0, 1, 1, 5] = float("nan")  # the second sequence's token
+    with pytest.raises(KvshrinkError, match="NaN"):
+        RaggedCache([Segment(caches[0], 0, 1), Segment(caches[1], 1, 1)]).update(k, v, 0)
+    assert [c.layers[0].held() for c in caches] == [130, 70]
+    k[0, 1, 1, 5] = 0.0
+    RaggedCache([Segment(caches[0], 0, 1), Segment(caches[1], 1, 1)]).update(k, v, 0)
+    assert [c.layers[0].held() for c in caches] == [131, 71]
 
 
 def test_long_prompts_decode_together_in_one_kernel_call_as_alone(bundled, monkeypatch):

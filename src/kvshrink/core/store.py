@@ -188,14 +188,15 @@ class TokenStore:
             x, self.fresh = self.fresh.float(), _slice(self.fresh, 0, 0)
             self._push(x)
 
-    def append(self, x: torch.Tensor, defer: bool = False) -> None:
+    def append(self, x: torch.Tensor, defer: bool = False, x16: torch.Tensor | None = None) -> None:
         """defer: a decode step; its tokens wait in float16 and filled blocks are coded by
-        `executor` in the background (see the module doc)."""
+        `executor` in the background (see the module doc). x16: x already through `half_checked`
+        (a server checks a step's states once for every sequence)."""
         if defer:
             self.settle()
         else:
             self._flush_fresh()
-        self._add(half_checked(x[..., :self.width]), defer)
+        self._add(half_checked(x[..., :self.width]) if x16 is None else x16[..., :self.width], defer)
 
     def append_fresh(self, x16: torch.Tensor) -> None:
         """A decode step's float16 tokens, already checked (half_checked, once for every store of a

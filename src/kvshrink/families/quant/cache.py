@@ -68,20 +68,23 @@ class CompressedLayer(StoreLayer):
         self.v.init(value_states)
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, checked=None, **kwargs):
+        """checked: None, or the states already through `half_checked` (keys, values)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # a decode step (not the first call): its tokens wait in float16 (core/store.py)
-        short = key_states.shape[2] <= FUSED_QUERIES and len(self.k) > 0
-        if len(self.k) == 0:
+        held = len(self.k)
+        short = key_states.shape[2] <= FUSED_QUERIES and held > 0
+        if held == 0:
             out = key_states, value_states
         elif short and self._readable():
             out = (self._split_states(key_states, value_states),) * 2
         else:
             out = (self.k.decoded(key_states.dtype, then=key_states),
                    self.v.decoded(value_states.dtype, then=value_states))
-        self.k.append(key_states, defer=short)
-        self.v.append(value_states, defer=short)
+        k16, v16 = checked or (None, None)
+        self.k.append(key_states, defer=short, x16=k16)
+        self.v.append(value_states, defer=short, x16=v16)
         self._slide()
         return out
 
