@@ -166,7 +166,7 @@ def test_thaw_moves_the_stage_into_float16_tokens_once():
     assert store.nbytes() == sum(t.numel() * t.element_size() for t in store.tensors())
     store.thaw()  # nothing staged: nothing changes
     assert torch.equal(store.decoded(torch.float32), after)
-    store.append_fresh(torch.randn(1, 1, 3, 16, generator=g).half())  # completes the block with them
+    store.append(torch.randn(1, 1, 3, 16, generator=g).half(), defer=True, checked=True)  # completes the block with them
     assert store.tokens_in(store.body) == 24 and store.fresh.shape[-2] == 0
 
 

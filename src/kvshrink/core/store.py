@@ -188,21 +188,16 @@ class TokenStore:
             x, self.fresh = self.fresh.float(), _slice(self.fresh, 0, 0)
             self._push(x)
 
-    def append(self, x: torch.Tensor, defer: bool = False, x16: torch.Tensor | None = None) -> None:
+    def append(self, x: torch.Tensor, defer: bool = False, checked: bool = False) -> None:
         """defer: a decode step; its tokens wait in float16 and filled blocks are coded by
-        `executor` in the background (see the module doc). x16: x already through `half_checked`
-        (a server checks a step's states once for every sequence)."""
+        `executor` in the background (see the module doc). checked: x is float16 and already through
+        `half_checked` (checked once for every store of a layer, or of a server's step)."""
         if defer:
             self.settle()
         else:
             self._flush_fresh()
-        self._add(half_checked(x[..., :self.width]) if x16 is None else x16[..., :self.width], defer)
-
-    def append_fresh(self, x16: torch.Tensor) -> None:
-        """A decode step's float16 tokens, already checked (half_checked, once for every store of a
-        layer): as `append(x, defer=True)` without the check."""
-        self.settle()
-        self._add(x16, True)
+        x = x[..., :self.width]
+        self._add(x if checked else half_checked(x), defer)
 
     def _add(self, x16: torch.Tensor, defer: bool) -> None:
         """float16 tokens through sink and window; what leaves the window, narrowed to the body's

@@ -47,7 +47,7 @@ class RaggedCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         parts = []
         window = self.windows[layer_idx] if self.windows else None
-        # checked once for every sequence: per sequence and store, the check was a tenth of an update
+        # checked once for every sequence: each store checking its own strided slice cost a third of the updates
         k16, v16 = half_checked(key_states), half_checked(value_states)
         for seg in self.segments:
             end = seg.start + seg.length

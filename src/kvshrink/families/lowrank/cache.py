@@ -116,8 +116,8 @@ class ZdcLayer(StoreLayer):
         if defer:  # checked once for every head's stores
             k16, v16 = half_checked(k), half_checked(v)
             for h, (ks, vs) in enumerate(zip(self.ks, self.vs)):
-                ks.append_fresh(k16[:, h:h + 1])
-                vs.append_fresh(v16[:, h:h + 1])
+                ks.append(k16[:, h:h + 1], defer=True, checked=True)
+                vs.append(v16[:, h:h + 1], defer=True, checked=True)
             return
         for h, (ks, vs) in enumerate(zip(self.ks, self.vs)):
             ks.append(k[:, h:h + 1])

@@ -82,9 +82,9 @@ class CompressedLayer(StoreLayer):
         else:
             out = (self.k.decoded(key_states.dtype, then=key_states),
                    self.v.decoded(value_states.dtype, then=value_states))
-        k16, v16 = checked or (None, None)
-        self.k.append(key_states, defer=short, x16=k16)
-        self.v.append(value_states, defer=short, x16=v16)
+        k, v = checked or (key_states, value_states)
+        self.k.append(k, defer=short, checked=checked is not None)
+        self.v.append(v, defer=short, checked=checked is not None)
         self._slide()
         return out
 
