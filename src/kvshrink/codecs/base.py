@@ -126,6 +126,11 @@ class Fp16(Codec):
         return Packed({"x": x.to(torch.float16).reshape(b, h, t // block, block, d)}, block, d)
 
     def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-        x = packed.tensors["x"]
-        x = x.reshape(*x.shape[:2], -1, packed.head_dim)
+        x = self.flat(packed)
         return x.to(dtype) if out is None else out.copy_(x)
+
+    @staticmethod
+    def flat(packed: Packed) -> torch.Tensor:
+        """The stored float16 tokens, (batch, kv_heads, tokens, head_dim), a view."""
+        x = packed.tensors["x"]
+        return x.reshape(*x.shape[:2], -1, packed.head_dim)
