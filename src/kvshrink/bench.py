@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from .api import from_method, prepare
 from .core.calibfile import evaluating
 from .corpus import default_corpus, load_corpus_ids, segments
+from .dist.bench import SP_METHODS, sp_plot, sp_section, sp_table
 from .errors import KvshrinkError
 from .eval.needle import run_needles
 from .eval.perplexity import evaluate_quality
@@ -61,6 +62,10 @@ class BenchConfig:
     serve_requests: int = 24
     serve_budget: str = "32MB"
     serve_time_limit: float = 600.0  # seconds per run; requests still running then count as not completed
+    sp_methods: tuple = SP_METHODS  # the sp section (not run by default: --sections sp)
+    sp_contexts: tuple = (4096, 8184)  # + sp_new_tokens = the 8192 limit
+    sp_ranks: tuple = (2, 3)  # the bundled model's 3 KV heads: 3 ranks attend for one each
+    sp_new_tokens: int = 8
     device: str = "cpu"  # where the model, the caches and the kernels run (cpu, cuda, cuda:N)
 
     @classmethod
@@ -71,13 +76,22 @@ class BenchConfig:
 
 
 def validate(cfg: BenchConfig, spec) -> None:
-    for name in (*cfg.methods, *(cfg.serve_methods if "serve" in cfg.sections else ())):
+    for name in (*cfg.methods, *(cfg.serve_methods if "serve" in cfg.sections else ()),
+                 *(cfg.sp_methods if "sp" in cfg.sections else ())):
         get_method(name)
     if not cfg.methods:
         raise KvshrinkError("no methods to benchmark")
-    unknown = set(cfg.sections) - {"quality", "needle", "speed", "serve"}
+    unknown = set(cfg.sections) - {"quality", "needle", "speed", "serve", "sp"}
     if unknown:
-        raise KvshrinkError(f"unknown bench section(s) {', '.join(sorted(unknown))}; use quality, needle, speed, serve")
+        raise KvshrinkError(f"unknown bench section(s) {', '.join(sorted(unknown))}; "
+                            "use quality, needle, speed, serve, sp")
+    if "sp" in cfg.sections:
+        if device_from(cfg.device).type != "cpu":
+            raise KvshrinkError("the sp section runs on the CPU only (gloo between processes); drop --device")
+        if not cfg.sp_ranks or any(not (isinstance(n, int) and n >= 1) for n in cfg.sp_ranks):
+            raise KvshrinkError(f"sp process counts must be positive integers, got {cfg.sp_ranks}")
+        if not cfg.sp_contexts or min(cfg.sp_contexts) < max(cfg.sp_ranks):
+            raise KvshrinkError("every sp prompt needs at least one token per process")
     if "serve" in cfg.sections:
         if device_from(cfg.device).type != "cpu":
             raise KvshrinkError("the serve section runs on the CPU only (its batched kernel is numba's); "
@@ -87,7 +101,8 @@ def validate(cfg: BenchConfig, spec) -> None:
             raise KvshrinkError("the serve section needs at least one request and positive rates")
     limit = spec.max_context
     lengths = {"quality": [cfg.seg_len], "needle": list(cfg.needle_lengths),
-               "speed": [c + cfg.decode_steps for c in cfg.speed_contexts]}
+               "speed": [c + cfg.decode_steps for c in cfg.speed_contexts],
+               "sp": [c + cfg.sp_new_tokens for c in cfg.sp_contexts]}
     longest = max(n for s in cfg.sections for n in lengths.get(s, [0]))  # only the sections that run
     if limit and longest > limit:
         raise KvshrinkError(f"a context of {longest} tokens is longer than the model allows ({limit})")
@@ -108,7 +123,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     validate(cfg, spec_from_config(load_config(cfg.model)))  # lengths and sections, before the weights load
     device = device_from(cfg.device)
     model, tok = load_model(cfg.model, device=device)
-    if set(cfg.sections) == {"serve"}:
+    if set(cfg.sections) <= {"serve", "sp"}:
         res = {"model": cfg.model or "SmolLM2-135M-Instruct (bundled)", "config": asdict(cfg),
                "machine": _machine(device)}
         return _serve(res, cfg, model, tok, t_start, log)
@@ -167,7 +182,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             res["needle"] = run_needles(model, tok, with_ref, cfg.needle_lengths, cfg.needle_depths,
                                         max_context=spec.max_context, progress=lambda: bar.advance(task),
                                         tolerate=peers, models=models)
-    if "serve" in cfg.sections:
+    if "serve" in cfg.sections or "sp" in cfg.sections:
         _checkpoint(res, cfg.out, t_start)
         return _serve(res, cfg, model, tok, t_start, log)
     res["elapsed_s"] = time.time() - t_start
@@ -182,12 +197,20 @@ def _machine(device: torch.device) -> dict:
 
 
 def _serve(res: dict, cfg: BenchConfig, model, tok, t_start: float, log) -> dict:
+    """The sections that run whole workloads (serve, sp), then the outputs."""
     ids = load_corpus_ids(tok, cfg.corpus, 100_000)
     with _progress() as bar:
-        task = bar.add_task("serve load", total=len(cfg.serve_methods) * len(cfg.serve_rates))
-        res["serve"] = serve_section(model, tok, cfg.serve_methods, ids, parse_bytes(cfg.serve_budget),
-                                     cfg.serve_rates, Workload(requests=cfg.serve_requests), cfg.serve_time_limit,
-                                     progress=lambda: bar.advance(task), log=log)
+        if "serve" in cfg.sections:
+            task = bar.add_task("serve load", total=len(cfg.serve_methods) * len(cfg.serve_rates))
+            res["serve"] = serve_section(model, tok, cfg.serve_methods, ids, parse_bytes(cfg.serve_budget),
+                                         cfg.serve_rates, Workload(requests=cfg.serve_requests),
+                                         cfg.serve_time_limit, progress=lambda: bar.advance(task), log=log)
+            _checkpoint(res, cfg.out, t_start)
+        if "sp" in cfg.sections:
+            task = bar.add_task("sequence parallel", total=len(cfg.sp_methods) * len(cfg.sp_contexts)
+                                * len(cfg.sp_ranks))
+            res["sp"] = sp_section(model, tok, cfg.sp_methods, ids, cfg.sp_contexts, cfg.sp_ranks,
+                                   cfg.sp_new_tokens, progress=lambda: bar.advance(task), source=cfg.model)
     res["elapsed_s"] = time.time() - t_start
     write_outputs(res, cfg.out)
     return res
@@ -332,6 +355,9 @@ def write_outputs(res: dict, out: str) -> None:
     if "serve" in res:
         md += ["", "## Serving", "", serve_table(res["serve"])]
         serve_plot(res["serve"], os.path.join(out, "serve.png"))
+    if "sp" in res:
+        md += ["", "## Sequence parallel (docs/sp.md)", "", sp_table(res["sp"])]
+        sp_plot(res["sp"], os.path.join(out, "sp.png"))
     md += ["", f"Elapsed: {res['elapsed_s']:.0f} s", ""]
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write("\n".join(md))

@@ -56,12 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--needle-depths", type=lambda t: tuple(float(x) for x in _csv(t)))
     b.add_argument("--direct-prefill", type=int, help="prompt tokens for the end-to-end prefill time and peak memory")
     b.add_argument("--device", help="cpu (default), cuda or cuda:N: where the model, the caches and the kernels run")
-    b.add_argument("--sections", type=_csv, help="subset of quality,needle,speed,serve (serve: not by default)")
+    b.add_argument("--sections", type=_csv, help="subset of quality,needle,speed,serve,sp (serve, sp: not by default)")
     b.add_argument("--serve-rates", type=lambda t: tuple(float(x) for x in _csv(t)),
                    help="serve: request rates per second (inf: all at once); default 0.5,1,inf")
     b.add_argument("--serve-requests", type=int, help="serve: requests per run (default 24)")
     b.add_argument("--serve-budget", help="serve: the KV budget every method gets (default 32MB)")
     b.add_argument("--serve-time-limit", type=float, help="serve: seconds per run at most (default 600)")
+    b.add_argument("--sp-contexts", type=_ints, help="sp: prompt lengths (default 4096,8184)")
+    b.add_argument("--sp-ranks", type=_ints, help="sp: process counts (default 2,3)")
 
     g = sub.add_parser("generate", help="generate text with a compressed cache and report its memory")
     g.add_argument("--prompt", required=True)
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-cache", metavar="PATH", help="save the compressed cache and its tokens (kvcomp methods)")
     g.add_argument("--resume", metavar="PATH", help="continue from a saved cache: the prompt is appended as raw "
                                                      "text to the tokens it holds, which are not recomputed")
+    g.add_argument("--nproc", type=int, help="run on N processes (torch.distributed, gloo): sequence-parallel "
+                                             "prefill, then decode over a cache sharded by KV heads (docs/sp.md)")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching over compressed caches")
     s.add_argument("--model")
@@ -191,6 +195,7 @@ def cmd_bench(args) -> None:
     if not args.sections or "quality" in args.sections:
         check_corpus(args.corpus)
     from .bench import BenchConfig, run_bench, table
+    from .dist.bench import sp_table
     from .serve.load import serve_table
 
     over = {k: v for k, v in {
@@ -203,15 +208,19 @@ def cmd_bench(args) -> None:
         "serve_methods": tuple(args.methods) if args.methods else None, "serve_rates": args.serve_rates,
         "serve_requests": args.serve_requests, "serve_budget": args.serve_budget,
         "serve_time_limit": args.serve_time_limit, "device": args.device,
+        "sp_methods": tuple(args.methods) if args.methods else None, "sp_contexts": args.sp_contexts,
+        "sp_ranks": args.sp_ranks,
     }.items() if v is not None}
     cfg = BenchConfig.quick(**over) if args.quick else BenchConfig(**over)
     res = run_bench(cfg)
     if "serve" in res:
         print(serve_table(res["serve"]))
+    if "sp" in res:
+        print(sp_table(res["sp"]))
     if any(k in res for k in ("quality", "speed", "needle")):
         print(table(res))
     print(f"\nwrote {cfg.out}/results.json, results.md" + (", ratio_vs_ppl.png" if "quality" in res else "")
-          + (", serve.png" if "serve" in res else ""))
+          + (", serve.png" if "serve" in res else "") + (", sp.png" if "sp" in res else ""))
 
 
 def cmd_generate(args) -> None:
@@ -228,14 +237,12 @@ def cmd_generate(args) -> None:
     from .models import device_from, load_model
     from .spec import spec_from_config
 
+    if args.nproc is not None:
+        return _generate_parallel(args)
     device = device_from(args.device)  # before the weights load
     model, tok = load_model(args.model, device=device)
     spec = spec_from_config(model.config)
-    if args.raw or not tok.chat_template:
-        ids = tok(args.prompt, return_tensors="pt").input_ids
-    else:
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True).input_ids
+    ids = _prompt_ids(tok, args)
     total = ids.shape[1] + args.max_new_tokens
     if spec.max_context and total > spec.max_context:
         raise KvshrinkError(f"prompt of {ids.shape[1]} tokens + {args.max_new_tokens} new tokens is longer than "
@@ -275,6 +282,41 @@ def cmd_generate(args) -> None:
     if tokens < 512:
         print("(short contexts show little gain: the first tokens stay float16 as attention sinks and a "
               "block fills before it is coded; try a prompt of a few thousand tokens)")
+
+
+def _prompt_ids(tok, args):
+    if args.raw or not tok.chat_template:
+        return tok(args.prompt, return_tensors="pt").input_ids
+    return tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True).input_ids
+
+
+def _generate_parallel(args) -> None:
+    for flag in ("save_cache", "resume", "device"):
+        if getattr(args, flag):
+            raise KvshrinkError(f"--nproc does not combine with --{flag.replace('_', '-')}")
+    from .dist.launch import launch
+    from .dist.sp import check, run_rank
+    from .models import load_model
+
+    model, tok = load_model(args.model)
+    ids = _prompt_ids(tok, args)
+    check(model, tok, args.method, ids.shape[1], args.max_new_tokens, args.nproc)
+    del model
+    res = launch(run_rank, args.nproc, (args.model, args.method, ids, args.max_new_tokens))
+    tokens = res[0]["tokens"]
+    if tok.eos_token_id in tokens:
+        tokens = tokens[:tokens.index(tok.eos_token_id)]
+    print(tok.decode(tokens, skip_special_tokens=True))
+    print(f"\n[{args.method}] {args.nproc} processes, {ids.shape[1]} prompt tokens")
+    for r in res:
+        (s, e), (a, b), layers = r["token_range"], r["heads"], r["layers"]
+        sent = sum(r["sent"].values())
+        print(f"  rank {r['rank']}: tokens {s}..{e - 1}, KV heads {a}..{b - 1} ({r['held'] / 1024:.1f} KiB held); "
+              f"prefill sent {sent / 1024:.1f} KiB ({sent / layers / 1024:.1f} KiB a layer: "
+              + ", ".join(f"{k} {v / 1024:.1f}" for k, v in r["sent"].items())
+              + f"), {r['prefill_s']:.2f} s of which {r['prefill_comm_s']:.2f} s in collectives; "
+              f"decode {r['decode_s']:.2f} s ({r['decode_comm_s']:.2f} s)")
 
 
 def cmd_serve(args) -> None:

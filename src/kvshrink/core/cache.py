@@ -99,6 +99,29 @@ class KVCache(Cache):
     def _describe(self) -> str:
         raise NotImplementedError
 
+    # -- a rank's share of a head-sharded cache (dist/) ------------------------------------------
+    def head_agnostic(self) -> bool:
+        """Whether every layer codes each KV head alike (no per-head bases or codebooks), so that a
+        cache fed only some heads' states holds them as it would hold all of them."""
+        return False
+
+    def exchange_form(self, layer_idx: int):
+        """How a sequence-parallel prefill sends this layer's states (dist/exchange.py's `Form`): None
+        for the model's own tensors; a layout that keeps fewer coordinates says which."""
+        return None
+
+    def shard_heads(self, first: int, stop: int) -> None:
+        """Keep KV heads first..stop-1 only (before the first update): from then on the cache is fed
+        those heads' states alone (a rank of a head-sharded cache, dist/sp.py)."""
+        if not self.head_agnostic():
+            raise KvshrinkError(f"{self.method or type(self).__name__} caches cannot be split by KV heads yet: "
+                                "sequence parallelism takes the int, fp16 and zdc methods")
+
+    def head_module(self, module, first: int, stop: int):
+        """The attention module as states of heads first..stop-1 read it (a layout with per-head
+        buffers on the module slices them)."""
+        return module
+
     def save(self, path: str, model=None, ids=None) -> int:
         raise KvshrinkError(f"saving is implemented for kvcomp caches, not {self.method or type(self).__name__}")
 

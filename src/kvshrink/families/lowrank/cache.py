@@ -27,6 +27,7 @@ from ...codecs.base import Codec, Fp16, tensor_nbytes
 from ...codecs.quant import IntQuant
 from ...core import hostmem
 from ...core.cache import KVCache
+from ...core.form import Form
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, stage_for
 from ...core.store import TokenStore, half_checked
 from ...errors import KvshrinkError
@@ -65,10 +66,11 @@ class ZdcLayer(StoreLayer):
             s.init(key_states[:, :1, :0])
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states, value_states, *args, rotated: bool = False, **kwargs):
+        """rotated: the keys come already in basis coordinates (a sequence-parallel prefill sends them so)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        k = torch.matmul(key_states, self.uk.to(key_states.dtype))  # (B, H, t, D) @ (H, D, D)
+        k = key_states if rotated else torch.matmul(key_states, self.uk.to(key_states.dtype))  # (B, H, t, D) @ (H, D, D)
         v = value_states
         short = k.shape[2] <= FUSED_QUERIES  # a decode step: its tokens wait in float16 (core/store.py)
         if short:
@@ -122,6 +124,12 @@ class ZdcLayer(StoreLayer):
         for h, (ks, vs) in enumerate(zip(self.ks, self.vs)):
             ks.append(k[:, h:h + 1])
             vs.append(v[:, h:h + 1])
+
+    def keep_heads(self, first: int, stop: int) -> None:
+        """Only KV heads first..stop-1 from now on (before the first update)."""
+        self.uk, self.uv = self.uk[first:stop], self.uv[first:stop]
+        self.rk, self.rv = self.rk[first:stop], self.rv[first:stop]
+        self.ks, self.vs = self.ks[first:stop], self.vs[first:stop]
 
     def fill_reference(self, key_states, value_states) -> None:
         """Store prefill states computed by the original model (values not yet rotated)."""
@@ -191,6 +199,21 @@ class ZdcCache(KVCache):
         """The layers' tensors and the rank table the layout is read with."""
         return super().nbytes() + tensor_nbytes([self.ranks.k, self.ranks.v])
 
+    def head_agnostic(self) -> bool:
+        return False  # per-head bases: shard_heads slices them
+
+    def exchange_form(self, layer_idx: int) -> Form:
+        """Keys in their basis, each token at the coordinates this cache would keep of it."""
+        layer = self.layers[layer_idx]
+        return Form(layer.uk, layer.rk, layer.rv, self.ranks.sink_rank, self.sink, self.window)
+
+    def shard_heads(self, first: int, stop: int) -> None:
+        for layer in self.layers:
+            layer.keep_heads(first, stop)
+
+    def head_module(self, module, first: int, stop: int):
+        return _Heads(module, module.zdc_qk[first:stop])
+
     def fill_reference(self, states) -> None:
         """Fill from [(keys, values)] per layer of the original model's prefill."""
         for layer, (k, v) in zip(self.layers, states):
@@ -209,6 +232,16 @@ class ZdcCache(KVCache):
                      self.ranks.v.flatten().tolist()):
             return "fused decode attention (numba kernel on the CPU, Triton on CUDA)"
         return "attention over the decoded segments (PyTorch): no compiled kernel reads these codes"
+
+
+class _Heads:
+    """An attention module as the states of some of its KV heads read it: their query maps only."""
+
+    def __init__(self, module, zdc_qk):
+        self.module, self.zdc_qk = module, zdc_qk
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
 
 
 # memos held weakly by the object they derive from (ids can be reused once it is freed)

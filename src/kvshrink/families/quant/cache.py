@@ -210,6 +210,10 @@ class CompressedCache(KVCache):
                 layer.fused, layer.splits = True, splits
         super().__init__(layers, config, method)
 
+    def head_agnostic(self) -> bool:
+        # int and float16 codes treat every head alike; joint-basis keys and learned codebooks do not
+        return all(type(c) in (IntQuant, Fp16) for layer in self.layers for c in (layer.k.codec, layer.v.codec))
+
     def settle(self) -> None:
         """Take the bodies the coder thread built (background coding)."""
         for layer in self.layers:

@@ -1,0 +1,117 @@
+"""The bench's `sp` section: sequence-parallel prefill and head-sharded decode against one process.
+
+Per method, prompt length and process count: the bytes each rank sends per layer in the prefill's
+all-to-alls (keys, values, queries, outputs), the time in collectives against the whole prefill,
+the decode time per token, the bytes each rank's cache holds, and how the outputs agree with a
+single process running the same method (the last prompt token's logits and the greedy tokens).
+Every process count runs on this machine's cores, so the times show the protocol's overhead, not a
+speed-up (docs/sp.md).
+"""
+
+from __future__ import annotations
+
+import time
+
+import matplotlib
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..api import from_method, prepare  # noqa: E402
+from ..compat import with_cache  # noqa: E402
+from ..core.cache import cache_nbytes  # noqa: E402
+from .launch import launch  # noqa: E402
+from .sp import check, run_rank  # noqa: E402
+
+SP_METHODS = ("fp16", "zdc-adaptive-50", "zdc-adaptive-50+int4")
+KINDS = ("k", "v", "q", "o")
+
+
+def _single(model, tok, method: str, ids: torch.Tensor, new_tokens: int) -> dict:
+    m = prepare(model, method, tok)
+    cache = from_method(method, m)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = m(ids, use_cache=True, logits_to_keep=1, **with_cache(m, cache))
+        prefill = time.perf_counter() - t0
+        logits, tokens = out.logits[0, -1], [int(out.logits[0, -1].argmax())]
+        t0 = time.perf_counter()
+        for i in range(new_tokens - 1):
+            step = m(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, logits_to_keep=1, **with_cache(m, cache))
+            tokens.append(int(step.logits[0, -1].argmax()))
+        decode = time.perf_counter() - t0
+    return {"logits": logits, "tokens": tokens, "prefill_s": prefill, "decode_s": decode,
+            "held": cache_nbytes(cache)}
+
+
+def sp_section(model, tok, methods, ids: torch.Tensor, contexts, ranks, new_tokens: int = 8, progress=None,
+               source=None) -> list[dict]:
+    rows = []
+    for method in methods:
+        for n in contexts:
+            prompt = ids[None, :n]
+            one = _single(model, tok, method, prompt, new_tokens)
+            for world in ranks:
+                check(model, tok, method, n, new_tokens, world)
+                res = launch(run_rank, world, (source, method, prompt, new_tokens), timeout=1800)
+                layers = res[0]["layers"]
+                last = res[-1]["logits"][-1]
+                agree = next((i for i, (a, b) in enumerate(zip(res[0]["tokens"], one["tokens"])) if a != b),
+                             new_tokens)
+                p, q = torch.log_softmax(one["logits"].double(), -1), torch.log_softmax(last.double(), -1)
+                rows.append({
+                    "method": method, "tokens": n, "ranks": world,
+                    "sent_per_layer": {k: sum(r["sent"].get(k, 0) for r in res) / world / layers for k in KINDS},
+                    "prefill_s": max(r["prefill_s"] for r in res),
+                    "prefill_comm_s": max(r["prefill_comm_s"] for r in res),
+                    "decode_ms_per_token": 1000 * max(r["decode_s"] for r in res) / max(new_tokens - 1, 1),
+                    "decode_comm_ms_per_token": 1000 * max(r["decode_comm_s"] for r in res) / max(new_tokens - 1, 1),
+                    "held_per_rank": [r["held"] for r in res],
+                    "single": {"prefill_s": one["prefill_s"], "held": one["held"],
+                               "decode_ms_per_token": 1000 * one["decode_s"] / max(new_tokens - 1, 1)},
+                    "last_token_kl": float((p.exp() * (p - q)).sum()),
+                    "last_token_max_abs": float((one["logits"] - last).abs().max()),
+                    "greedy_equal": agree, "new_tokens": new_tokens,
+                })
+                if progress:
+                    progress()
+    return rows
+
+
+def sp_table(rows: list[dict]) -> str:
+    base = {(r["tokens"], r["ranks"]): r for r in rows if r["method"] == "fp16"}
+    out = ["| method | prompt | ranks | KiB sent / rank / layer (k, v, q, o) | ×fp16 | prefill s (collectives) "
+           "| one process s | decode ms/token (collectives) | KiB held / rank (one process) "
+           "| last-token KL | greedy tokens equal |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["sent_per_layer"]
+        total = sum(s.values())
+        ref = base.get((r["tokens"], r["ranks"]))
+        ratio = f"{total / sum(ref['sent_per_layer'].values()):.2f}" if ref else "–"
+        out.append(
+            f"| `{r['method']}` | {r['tokens']} | {r['ranks']} | {total / 1024:.1f} ("
+            + ", ".join(f"{s[k] / 1024:.1f}" for k in KINDS) + f") | {ratio} | {r['prefill_s']:.1f} "
+            f"({r['prefill_comm_s']:.1f}) | {r['single']['prefill_s']:.1f} | {r['decode_ms_per_token']:.0f} "
+            f"({r['decode_comm_ms_per_token']:.0f}) | {max(r['held_per_rank']) / 1024:.0f} "
+            f"({r['single']['held'] / 1024:.0f}) | {r['last_token_kl']:.2g} | {r['greedy_equal']}/{r['new_tokens']} |")
+    return "\n".join(out)
+
+
+def sp_plot(rows: list[dict], path: str) -> None:
+    """Bytes each rank sends per layer, stacked by kind, one bar per (method, prompt, ranks)."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4.5))
+    labels = [f"{r['method']}\n{r['tokens']} tok, {r['ranks']} ranks" for r in rows]
+    bottom = [0.0] * len(rows)
+    for k in KINDS:
+        vals = [r["sent_per_layer"][k] / 1024 for r in rows]
+        ax.bar(range(len(rows)), vals, bottom=bottom, label=k)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("KiB sent per rank per layer (prefill)")
+    ax.legend(title="kind")
+    ax.set_title("sequence-parallel prefill: all-to-all bytes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

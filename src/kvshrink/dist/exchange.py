@@ -1,0 +1,164 @@
+"""Who holds what in a sequence-parallel run, and the collectives that move it (DeepSpeed-Ulysses).
+
+Rank r holds a contiguous slice of the prompt's tokens (`Plan.tokens_of`) and attends for a
+contiguous range of KV heads with their query heads (`Plan.heads_of`; a rank may get none when
+there are more ranks than KV heads: it still projects its tokens). `to_heads` gives every rank its
+heads over every token, `to_tokens` sends the attention outputs back to the tokens' ranks, and
+`gather_heads` joins a decode step's per-head outputs. A `Form` (core/form.py) makes keys and
+values cross at the coordinates their cache keeps.
+
+Every byte that leaves a rank is counted by kind (q, k, v, o, and "decode" for the steps after the
+prefill), and the seconds spent in the collectives: the bench's communication time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..core.form import Form
+
+
+def split(n: int, world: int, r: int) -> tuple[int, int]:
+    """Rank r's contiguous share [start, stop) of n items: the first n % world ranks get one more."""
+    base, extra = divmod(n, world)
+    start = r * base + min(r, extra)
+    return start, start + base + (r < extra)
+
+
+@dataclass(frozen=True)
+class Plan:
+    rank: int
+    world: int
+    tokens: int  # the prompt's
+    kv_heads: int
+    group: int  # query heads per KV head
+
+    def tokens_of(self, r: int) -> tuple[int, int]:
+        return split(self.tokens, self.world, r)
+
+    def heads_of(self, r: int) -> tuple[int, int]:
+        """KV heads [first, stop) rank r attends for; its query heads are those times `group`."""
+        return split(self.kv_heads, self.world, r)
+
+
+class Exchange:
+    """The collectives of one run, with the bytes each sends to other ranks and the time they take."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.sent: Counter = Counter()  # kind -> bytes this rank sent to others
+        self.seconds = 0.0
+
+    def _all_to_all(self, chunks: list[torch.Tensor], recv: list[int], kind: str) -> list[torch.Tensor]:
+        """chunks[j] (flat) to rank j; recv[i] elements from rank i, returned flat per rank."""
+        me = self.plan.rank
+        send = torch.cat([c.reshape(-1) for c in chunks])
+        out = send.new_empty(sum(recv))
+        self.sent[kind] += sum(c.numel() for j, c in enumerate(chunks) if j != me) * send.element_size()
+        t = time.perf_counter()
+        dist.all_to_all_single(out, send, recv, [c.numel() for c in chunks])
+        self.seconds += time.perf_counter() - t
+        return list(out.split(recv))
+
+    def _wide(self, start: int, stop: int, form: Form) -> torch.Tensor:
+        """(stop - start,) bool: the tokens of the range that keep `form.wide` coordinates."""
+        p = torch.arange(start, stop)
+        return (p < form.sink) | (p >= self.plan.tokens - form.window)
+
+    def _widths(self, wide: torch.Tensor, narrow: int, form: Form) -> int:
+        n = int(wide.sum())
+        return n * form.wide + (wide.numel() - n) * narrow
+
+    def to_heads(self, x: torch.Tensor, kind: str, form: Form | None = None) -> torch.Tensor:
+        """x (1, heads, my tokens, D), every head of this rank's tokens -> (1, my heads, all tokens, D).
+        kind "q": query heads (ranges times `group`); "k" / "v": KV heads, at `form`'s coordinates
+        (the coordinates a token does not keep arrive as zeros)."""
+        plan, me = self.plan, self.plan.rank
+        g = plan.group if kind == "q" else 1
+        if form is not None and kind == "k" and form.key_map is not None:
+            x = torch.matmul(x, form.key_map.to(x))  # (1, H, t, D) @ (H, D, D): basis coordinates
+        s, e = plan.tokens_of(me)
+        d = x.shape[-1]
+        my_wide = self._wide(s, e, form) if form is not None else None
+        chunks = []
+        for j in range(plan.world):
+            a, b = (h * g for h in plan.heads_of(j))
+            if form is None:
+                chunks.append(x[0, a:b])
+                continue
+            widths = form.keys if kind == "k" else form.values
+            chunks.extend(torch.cat([x[0, h, my_wide, :form.wide].reshape(-1),
+                                     x[0, h, ~my_wide, :widths[h]].reshape(-1)]) for h in range(a, b))
+            if a == b:
+                chunks.append(x.new_empty(0))
+        if form is not None:  # one chunk per destination rank
+            chunks = self._per_rank(chunks)
+        a, b = (h * g for h in plan.heads_of(me))
+        recv = []
+        for i in range(plan.world):
+            si, ei = plan.tokens_of(i)
+            if form is None:
+                recv.append((b - a) * (ei - si) * d)
+            else:
+                wide = self._wide(si, ei, form)
+                widths = form.keys if kind == "k" else form.values
+                recv.append(sum(self._widths(wide, widths[h], form) for h in range(a, b)))
+        got = self._all_to_all(chunks, recv, kind)
+        out = x.new_zeros(1, b - a, plan.tokens, d)
+        for i, flat in enumerate(got):
+            si, ei = plan.tokens_of(i)
+            if form is None:
+                out[0, :, si:ei] = flat.view(b - a, ei - si, d)
+                continue
+            wide = self._wide(si, ei, form)
+            n_wide, widths, at = int(wide.sum()), (form.keys if kind == "k" else form.values), 0
+            for h in range(a, b):
+                n = n_wide * form.wide
+                out[0, h - a, si + torch.nonzero(wide)[:, 0], :form.wide] = flat[at:at + n].view(n_wide, form.wide)
+                at += n
+                m = (ei - si - n_wide) * widths[h]
+                out[0, h - a, si + torch.nonzero(~wide)[:, 0], :widths[h]] = flat[at:at + m].view(-1, widths[h])
+                at += m
+        return out
+
+    def _per_rank(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-head chunks (an empty one for a rank with no heads) joined per destination rank."""
+        out, it = [], iter(chunks)
+        for j in range(self.plan.world):
+            a, b = self.plan.heads_of(j)
+            out.append(torch.cat([next(it) for _ in range(max(b - a, 1))]))
+        return out
+
+    def to_tokens(self, out: torch.Tensor) -> torch.Tensor:
+        """out (1, all tokens, my query heads, d) -> (1, my tokens, every query head, d)."""
+        plan, me = self.plan, self.plan.rank
+        d, g = out.shape[-1], plan.group
+        chunks = [out[0, slice(*plan.tokens_of(j))] for j in range(plan.world)]
+        s, e = plan.tokens_of(me)
+        heads = [(b - a) * g for a, b in (plan.heads_of(i) for i in range(plan.world))]
+        got = self._all_to_all(chunks, [(e - s) * h * d for h in heads], "o")
+        return torch.cat([flat.view(1, e - s, h, d) for flat, h in zip(got, heads)], 2)
+
+    def gather_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """A decode step's out (1, t, my query heads, d) -> (1, t, every query head, d) on every rank."""
+        plan = self.plan
+        heads = [(b - a) * plan.group for a, b in (plan.heads_of(i) for i in range(plan.world))]
+        most = max(heads)
+        pad = out.new_zeros(*out.shape[:2], most, out.shape[-1])
+        pad[:, :, :out.shape[2]] = out
+        parts = [torch.empty_like(pad) for _ in range(plan.world)]
+        self.sent["decode"] += pad.numel() * pad.element_size() * (plan.world - 1)
+        t = time.perf_counter()
+        dist.all_gather(parts, pad)
+        self.seconds += time.perf_counter() - t
+        return torch.cat([p[:, :, :h] for p, h in zip(parts, heads)], 2)
+
+    def broadcast_token(self, token: int, src: int) -> int:
+        t = torch.tensor([token])
+        dist.broadcast(t, src)
+        return int(t)

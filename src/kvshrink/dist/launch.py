@@ -1,0 +1,99 @@
+"""Start N processes on this machine joined by torch.distributed (gloo, loopback), run a function
+on each and collect what each returns, or stop them all with one line when one fails.
+
+`torchrun` users get the same by calling `worker(fn, ...)` themselves; here the processes are
+spawned (torch.multiprocessing) so that `kvshrink generate --nproc N` and the tests need nothing
+else. A rank that raises makes the others stop at once (they would otherwise wait in a collective
+for it): the parent terminates them and raises `KvshrinkError` naming the rank and its error. A run
+that outlives `timeout` seconds is stopped the same way, and so is a collective that waits that long
+(gloo's own timeout), so nothing hangs.
+
+`KVSHRINK_FAULT_RANK=r` makes rank r raise before its first collective (fault injection: the
+tests check that the others stop).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..errors import KvshrinkError
+
+FAULT = "KVSHRINK_FAULT_RANK"
+GRACE = 2.0  # seconds the other ranks get to stop by themselves once one has failed
+logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)  # its "Terminating process" warnings: we say it in one line
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn, world: int, port: int, timeout: float, out: str, args: tuple) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout))
+    try:
+        if os.environ.get(FAULT) == str(rank):
+            raise KvshrinkError(f"fault injected on rank {rank} ({FAULT})")
+        torch.save(fn(rank, world, *args), os.path.join(out, f"{rank}.pt"))
+    except Exception as e:
+        # written before this rank lets go of its peers: the first such file names the cause, where the
+        # others then fail only because it left their collectives
+        with open(os.path.join(out, f"{rank}.err"), "w") as fh:
+            fh.write(f"{type(e).__name__}: {e}" if not isinstance(e, KvshrinkError) else str(e))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _first_error(out: str) -> tuple[int, str] | None:
+    """(rank, message) of the rank that failed first, from the files failing ranks write."""
+    errs = [f for f in os.listdir(out) if f.endswith(".err")]
+    if not errs:
+        return None
+    first = min(errs, key=lambda f: os.stat(os.path.join(out, f)).st_mtime_ns)
+    with open(os.path.join(out, first)) as fh:
+        return int(first.split(".")[0]), fh.read().strip().splitlines()[-1]
+
+
+def _last_line(text: str) -> str:
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    line = lines[-1] if lines else text
+    return line.split("KvshrinkError: ", 1)[-1]
+
+
+def launch(fn, nproc: int, args: tuple = (), timeout: float = 600.0) -> list:
+    """[fn(rank, nproc, *args) for every rank], each run in its own process. fn must be a module-level
+    function (it is pickled by name) and its result picklable."""
+    if not isinstance(nproc, int) or nproc < 1:
+        raise KvshrinkError(f"--nproc must be a positive integer, got {nproc!r}")
+    with tempfile.TemporaryDirectory(prefix="kvshrink-sp-") as out:
+        ctx = mp.start_processes(_entry, args=(fn, nproc, free_port(), timeout, out, args), nprocs=nproc,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=0.5, grace_period=GRACE):
+                if time.monotonic() > deadline:
+                    raise KvshrinkError(f"the {nproc}-process run took longer than {timeout:.0f} s; stopped")
+        except mp.ProcessRaisedException as e:
+            rank, line = _first_error(out) or (e.error_index, _last_line(str(e)))
+            raise KvshrinkError(f"rank {rank} of {nproc} failed: {line}") from None
+        except mp.ProcessExitedException as e:
+            raise KvshrinkError(f"rank {e.error_index} of {nproc} exited with code {e.exit_code}") from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            for p in ctx.processes:
+                p.join(5)
+        return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=False) for r in range(nproc)]

@@ -1,0 +1,162 @@
+"""Sequence-parallel prefill (DeepSpeed-Ulysses, as FDC uses it) and a head-sharded compressed cache.
+
+Prefill: rank r runs the model over its slice of the prompt's tokens, every projection and MLP on
+its own. In each layer, `ShardedCache.update` sends every rank the keys and values of the KV heads
+it attends for, over all tokens (one all-to-all each), and stores them in the rank's own cache of
+those heads (any method that codes heads alike, or ZDC, whose bases are sliced per head). The
+`ParallelStates` it returns make the attention send the queries the same way, attend causally over
+the whole prompt for those heads, and send the outputs back to the tokens' ranks (two more
+all-to-alls). With a ZDC method the keys and values cross as the reduced coordinates their cache
+keeps (`KVCache.exchange_form`): fewer bytes on the wire, and what arrives is what is stored.
+
+Decode: every rank runs the model on the new token; each attends for its heads over its shard of
+the cache (through the method's own states, compiled kernels included), and one all-gather per
+layer joins the heads' outputs, so every rank computes the same logits.
+
+Queries and outputs cross in full: a ZDC cache's sink and window tokens keep more coordinates than
+the rest, so a query needs them all. Prompts are prefilled in one pass (no chunks), from an empty
+cache, for models without soft-capped attention logits.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ..api import from_method, prepare
+from ..attention.function import use_kvshrink_attention
+from ..attention.logits import plain_attention
+from ..compat import with_cache
+from ..errors import KvshrinkError
+from ..models import load_model
+from ..spec import spec_from_config
+from .exchange import Exchange, Plan
+
+ALL_VISIBLE = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a 4D mask: transformers builds none; the states mask
+
+
+class ShardedCache:
+    """Stands where the model expects its cache (as serve's RaggedCache does): routes each layer's
+    states through the exchange to this rank's cache of its heads (None when it has none)."""
+
+    def __init__(self, inner, exchange: Exchange, forms: list):
+        self.inner, self.exchange, self.forms = inner, exchange, forms
+        plan = exchange.plan
+        self.heads = plan.heads_of(plan.rank)
+        self.prefill = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        a, b = self.heads
+        extra = {}
+        if self.prefill:
+            form = self.forms[layer_idx]
+            k = self.exchange.to_heads(key_states, "k", form)
+            v = self.exchange.to_heads(value_states, "v", form)
+            if form is not None and form.key_map is not None:
+                extra["rotated"] = True  # sent in the keys' basis
+        else:
+            k, v = key_states[:, a:b], value_states[:, a:b]
+        held = self.inner.update(k, v, layer_idx, **extra) if self.inner is not None else (None, None)
+        states = ParallelStates(self, *held)
+        return states, states
+
+
+class ParallelStates:
+    """One layer's keys and values of this rank's heads (plain tensors or the method's states object)."""
+
+    def __init__(self, cache: ShardedCache, keys, values):
+        self.cache, self.keys, self.values = cache, keys, values
+
+    def attend(self, module, query, mask, scaling=None, softcap=None):
+        cache = self.cache
+        ex, (a, b) = cache.exchange, cache.heads
+        g = ex.plan.group
+        if cache.prefill:
+            q = ex.to_heads(query, "q")
+            t = q.shape[2]
+            causal = torch.ones(t, t, dtype=torch.bool).tril_()[None, None]
+        else:  # one new token: it sees all its cache holds (None), as a server's decode step
+            q, causal = query[:, a * g:b * g], None
+        if a == b:
+            out = query.new_zeros(1, q.shape[2], 0, query.shape[-1])
+        elif hasattr(self.keys, "attend"):
+            out = self.keys.attend(cache.inner.head_module(module, a, b), q, causal, scaling, softcap)[0]
+        else:  # plain tensors: SDPA's own causal path where it applies, as a single process takes it
+            plain_mask = None if cache.prefill and softcap is None else causal
+            out = plain_attention(module, q, self.keys, self.values, plain_mask, scaling, softcap)[0]
+        out = ex.to_tokens(out) if cache.prefill else ex.gather_heads(out)
+        return out, None
+
+
+def load_source(source):
+    """(model, tokenizer or None): a model name (`kvshrink.load_model`), or {"folder": path} of a
+    saved transformers model without a tokenizer (the tests' tiny ones)."""
+    if isinstance(source, dict):
+        return AutoModelForCausalLM.from_pretrained(source["folder"], dtype=torch.float32).eval(), None
+    return load_model(source)
+
+
+def _check(model, prompt: int, new_tokens: int, world: int) -> None:
+    spec = spec_from_config(model.config)
+    if getattr(model.config, "attn_logit_softcapping", None) or getattr(model.config, "final_logit_softcapping", None):
+        raise KvshrinkError("sequence parallelism does not serve soft-capped attention (Gemma 2)")
+    if spec.has_sliding:
+        raise KvshrinkError("sequence parallelism does not serve sliding-window layers yet")
+    if prompt < world:
+        raise KvshrinkError(f"a prompt of {prompt} tokens cannot be split over {world} ranks")
+    if spec.max_context and prompt + new_tokens > spec.max_context:
+        raise KvshrinkError(f"a prompt of {prompt} tokens + {new_tokens} new tokens is longer than the model "
+                            f"allows ({spec.max_context})")
+
+
+def check(model, tok, method: str, prompt: int, new_tokens: int, world: int) -> None:
+    """What would stop every rank alike, said once before any process starts; a method's calibration
+    is made here (once) if it is missing, so the ranks only read it."""
+    _check(model, prompt, new_tokens, world)
+    model = prepare(model, method, tok)
+    spec = spec_from_config(model.config)
+    a, b = Plan(0, world, prompt, spec.num_kv_heads, 1).heads_of(0)
+    from_method(method, model).shard_heads(a, b)
+
+
+def run_rank(rank: int, world: int, source, method: str, ids: torch.Tensor, new_tokens: int,
+             keep_logits: bool = False) -> dict:
+    """One rank's share of a sequence-parallel prefill of `ids` (1, T) and `new_tokens` greedy tokens
+    decoded over the head-sharded cache. Returns the tokens (the same on every rank), this rank's
+    prompt logits (keep_logits) or its last token's, the bytes it sent by kind, and the time split."""
+    model, tok = load_source(source)
+    model = prepare(model, method, tok)
+    use_kvshrink_attention(model)
+    spec = spec_from_config(model.config)
+    t_all = ids.shape[1]
+    _check(model, t_all, new_tokens, world)
+    plan = Plan(rank, world, t_all, spec.num_kv_heads, spec.num_heads // spec.num_kv_heads)
+    ex = Exchange(plan)
+    inner = from_method(method, model)
+    forms = [inner.exchange_form(i) for i in range(spec.num_layers)]
+    a, b = plan.heads_of(rank)
+    inner.shard_heads(a, b)  # before any rank sends: a method that cannot be sharded stops every rank here
+    cache = ShardedCache(inner if b > a else None, ex, forms)
+    s, e = plan.tokens_of(rank)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(input_ids=ids[:, s:e], position_ids=torch.arange(s, e)[None], attention_mask=ALL_VISIBLE,
+                    use_cache=True, logits_to_keep=0 if keep_logits else 1, **with_cache(model, cache))
+        prefill_s, prefill_comm, sent = time.perf_counter() - t0, ex.seconds, dict(ex.sent)
+        logits = out.logits[0]
+        token = ex.broadcast_token(int(logits[-1].argmax()), src=world - 1)  # the prompt's last token is there
+        tokens, cache.prefill = [token], False
+        t0 = time.perf_counter()
+        for i in range(new_tokens - 1):
+            step = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[t_all + i]]),
+                         attention_mask=ALL_VISIBLE, use_cache=True, logits_to_keep=1, **with_cache(model, cache))
+            token = ex.broadcast_token(int(step.logits[0, -1].argmax()), src=0)
+            tokens.append(token)
+        decode_s = time.perf_counter() - t0
+    return {"rank": rank, "tokens": tokens, "token_range": (s, e), "heads": (a, b),
+            "logits": logits if keep_logits else logits[-1:], "sent": sent,
+            "sent_decode": ex.sent.get("decode", 0), "prefill_s": prefill_s, "prefill_comm_s": prefill_comm,
+            "decode_s": decode_s, "decode_comm_s": ex.seconds - prefill_comm,
+            "held": inner.nbytes() if b > a else 0, "layers": spec.num_layers}
