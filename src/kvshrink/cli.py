@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--serve-budget", help="serve: the KV budget every method gets (default 32MB)")
     b.add_argument("--serve-time-limit", type=float, help="serve: seconds per run at most (default 600)")
     b.add_argument("--sp-contexts", type=_ints, help="sp: prompt lengths (default 4096,8184)")
-    b.add_argument("--sp-ranks", type=_ints, help="sp: process counts (default 2,3)")
+    b.add_argument("--sp-ranks", type=_ints, help="sp: process counts (default 2,4)")
 
     g = sub.add_parser("generate", help="generate text with a compressed cache and report its memory")
     g.add_argument("--prompt", required=True)
