@@ -73,19 +73,16 @@ class ParallelStates:
         cache = self.cache
         ex, (a, b) = cache.exchange, cache.heads
         g = ex.plan.group
-        if cache.prefill:
-            q = ex.to_heads(query, "q")
-            t = q.shape[2]
-            causal = torch.ones(t, t, dtype=torch.bool).tril_()[None, None]
-        else:  # one new token: it sees all its cache holds (None), as a server's decode step
-            q, causal = query[:, a * g:b * g], None
+        # the prompt's queries see the keys up to their own; a decode token all its cache holds (None)
+        q = ex.to_heads(query, "q") if cache.prefill else query[:, a * g:b * g]
+        t = q.shape[2]
         if a == b:
-            out = query.new_zeros(1, q.shape[2], 0, query.shape[-1])
+            out = query.new_zeros(1, t, 0, query.shape[-1])
         elif hasattr(self.keys, "attend"):
+            causal = torch.ones(t, t, dtype=torch.bool).tril_()[None, None] if cache.prefill else None
             out = self.keys.attend(cache.inner.head_module(module, a, b), q, causal, scaling, softcap)[0]
-        else:  # plain tensors: SDPA's own causal path where it applies, as a single process takes it
-            plain_mask = None if cache.prefill and softcap is None else causal
-            out = plain_attention(module, q, self.keys, self.values, plain_mask, scaling, softcap)[0]
+        else:  # plain tensors: SDPA's own causal path (no mask), as a single process takes it
+            out = plain_attention(module, q, self.keys, self.values, None, scaling, softcap)[0]
         out = ex.to_tokens(out) if cache.prefill else ex.gather_heads(out)
         return out, None
 
