@@ -73,7 +73,7 @@ def sp_section(model, tok, methods, ids: torch.Tensor, contexts, ranks, new_toke
                 agree = next((i for i, (a, b) in enumerate(zip(res[0]["tokens"], one["tokens"])) if a != b),
                              new_tokens)
                 rows.append({
-                    "method": method, "tokens": n, "ranks": world,
+                    "method": method, "tokens": n, "ranks": world, "layers": layers,
                     "sent_per_layer": {k: sum(r["sent"].get(k, 0) for r in res) / world / layers for k in KINDS},
                     "prefill_s": max(r["prefill_s"] for r in res),
                     "prefill_comm_s": max(r["prefill_comm_s"] for r in res),
@@ -94,10 +94,11 @@ def sp_section(model, tok, methods, ids: torch.Tensor, contexts, ranks, new_toke
 
 def sp_table(rows: list[dict]) -> str:
     base = {(r["tokens"], r["ranks"]): r for r in rows if r["method"] == "fp16"}
-    out = ["| method | prompt | ranks | KiB sent / rank / layer (k, v, q, o) | ×fp16 | prefill s (collectives) "
+    out = ["| method | prompt | ranks | KiB sent / rank / layer (k, v, q, o) | MiB / rank / prompt | ×fp16 "
+           "| prefill s (collectives) "
            "| one process s | decode ms/token (collectives) | one process | KiB held / rank (one process) "
            "| last-token KL: one call (chunks of 64) | greedy tokens equal |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["sent_per_layer"]
         total = sum(s.values())
@@ -105,7 +106,8 @@ def sp_table(rows: list[dict]) -> str:
         ratio = f"{total / sum(ref['sent_per_layer'].values()):.2f}" if ref else "–"
         out.append(
             f"| `{r['method']}` | {r['tokens']} | {r['ranks']} | {total / 1024:.1f} ("
-            + ", ".join(f"{s[k] / 1024:.1f}" for k in KINDS) + f") | {ratio} | {r['prefill_s']:.1f} "
+            + ", ".join(f"{s[k] / 1024:.1f}" for k in KINDS) + f") | {total * r['layers'] / 2 ** 20:.1f} "
+            f"| {ratio} | {r['prefill_s']:.1f} "
             f"({r['prefill_comm_s']:.1f}) | {r['single']['prefill_s']:.1f} | {r['decode_ms_per_token']:.0f} "
             f"({r['decode_comm_ms_per_token']:.0f}) | {r['single']['decode_ms_per_token']:.0f} "
             f"| {max(r['held_per_rank']) / 1024:.0f} "
