@@ -8,15 +8,17 @@ import time
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvshrink import KvshrinkError, from_method, prepare
+from kvshrink.cli import main
 from kvshrink.compat import with_cache
 from kvshrink.dist.exchange import split
-from kvshrink.dist.launch import FAULT, launch
+from kvshrink.dist.launch import FAULT, free_port, launch
 from kvshrink.dist.sp import run_rank
+from kvshrink.dist.wire import GROUP, Wire, wire_from_name
 from kvshrink.families.lowrank import transform as zdc
 
 FLOAT = 4  # bytes of a float32 element: the model's own tensors cross as they are
@@ -129,3 +131,116 @@ def test_cli_refuses_a_method_it_cannot_shard_in_one_line():
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot be split by KV heads" in lines[0], out.stderr
+
+
+def _torchrun(args, env=None, timeout=240):
+    """`torchrun --nproc-per-node 2 -m kvshrink generate ...` on loopback; (returncode, stdout, stderr)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "kvshrink", "generate", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return out.returncode, out.stdout, out.stderr
+
+
+def test_torchrun_ranks_generate_what_one_process_generates(bundled):
+    """The same entry under torchrun (env:// rendezvous, rank 0 reports): fp16's greedy text equals one process's."""
+    model, tok = bundled
+    prompt, new = "The history of the river begins in the mountains, where", 5
+    ids = tok(prompt, return_tensors="pt").input_ids
+    _, tokens = _single(model, "fp16", ids, new)
+    rc, out, err = _torchrun(["--prompt", prompt, "--raw", "--method", "fp16", "--max-new-tokens", str(new)])
+    assert rc == 0, err
+    text, report = out.split(f"\n[fp16] 2 processes, {ids.shape[1]} prompt tokens\n")
+    assert text.rstrip("\n") == tok.decode(tokens, skip_special_tokens=True)
+    assert report.count("rank ") == 2  # rank 0 prints both ranks' bytes and times, rank 1 nothing
+
+
+def test_torchrun_names_the_rank_that_failed_first_and_stops():
+    start = time.monotonic()
+    rc, out, err = _torchrun(["--prompt", "one two three four", "--raw", "--method", "fp16", "--max-new-tokens", "2"],
+                             env={FAULT: "1"})
+    assert rc != 0 and out == ""
+    ours = [x for x in err.splitlines() if x.startswith("kvshrink: error:")]
+    assert f"kvshrink: error: rank 1 of 2 failed: fault injected on rank 1 ({FAULT})" in ours, err
+    others = [x for x in ours if "rank 1 of 2" not in x]  # a bystander, if it speaks before it is stopped
+    assert all(x.endswith(f"stopped: rank 1 failed: fault injected on rank 1 ({FAULT})") for x in others), err
+    assert time.monotonic() - start < 200
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([8, 4]), n=st.integers(1, 300), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16),
+       constant=st.booleans())
+def test_wire_codes_round_trip_within_half_a_step_in_the_bytes_they_claim(bits, n, scale, seed, constant):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale
+    if constant:
+        x[:] = x[0]
+    wire = Wire(bits)
+    data = wire.encode(x)
+    assert data.dtype == torch.uint8 and data.numel() == wire.nbytes(n, 4)
+    groups = -(-n // GROUP)
+    assert data.numel() == groups * (GROUP * bits // 8 + 4)  # the codes, a float16 step and minimum per group
+    y = wire.decode(data, n)
+    steps = data[groups * GROUP * bits // 8:][:2 * groups].clone().view(torch.float16).float()
+    err = torch.zeros(groups * GROUP)
+    err[:n] = y - x
+    # within half a step per rotated coordinate: sqrt(GROUP) half-steps in L2 per group (the rotation is orthonormal)
+    assert torch.all(err.view(groups, GROUP).norm(dim=1) <= GROUP ** 0.5 * steps / 2 * (1 + 1e-3) + 1e-6)
+    # a step is at most the rotated group's range over 2^bits - 1, and that range at most twice its norm
+    padded = torch.cat([x, x[-1:].expand(groups * GROUP - n)]).view(groups, GROUP)
+    qmax = 2 ** bits - 1
+    assert torch.all(err.view(groups, GROUP).norm(dim=1) <= GROUP ** 0.5 * padded.norm(dim=1) / qmax * 1.01 + 1e-6)
+
+
+def test_wire_refuses_non_finite_states_and_unknown_formats():
+    x = torch.ones(70)
+    x[5] = float("nan")
+    with pytest.raises(KvshrinkError, match="NaN or infinite"):
+        Wire(8).encode(x)
+    with pytest.raises(KvshrinkError, match="unknown wire format 'int3'"):
+        wire_from_name("int3")
+    assert Wire(None).nbytes(100, 4) == 400
+
+
+def test_an_int8_wire_sends_the_coded_size_and_stays_close(bundled):
+    """fp16 on 2 ranks, int-coded prefill messages: each kind's bytes are the coded size of the float32
+    message each layer sends the other rank, and the prompt logits stay within the codes' error."""
+    model, _ = bundled
+    ids = _prompt(40, vocab=20000, seed=4)
+    ref, _ = _single(model, "fp16", ids, 1)
+    res = launch(run_rank, 2, (None, "fp16", ids, 1, True, "int8"), timeout=300)
+    layers, d, wire = model.config.num_hidden_layers, model.config.head_dim, Wire(8)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    for r, other in zip(res, reversed(res)):
+        (s, e), (a, b), (so, eo) = r["token_range"], other["heads"], other["token_range"]
+        mine = r["heads"][1] - r["heads"][0]
+        elements = {"k": (e - s) * (b - a) * d, "v": (e - s) * (b - a) * d, "q": (e - s) * (b - a) * group * d,
+                    "o": (eo - so) * mine * group * d}  # its heads' outputs for the other rank's tokens
+        for kind, n in elements.items():
+            assert r["sent"][kind] == layers * wire.nbytes(n, FLOAT) < layers * n * FLOAT / 3.7
+    got = torch.cat([r["logits"] for r in res])
+    p, q = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    assert 0 < kl.max() < 0.05  # lossy, but by little
+
+
+def test_wire_without_several_processes_is_refused_in_one_line(capsys):
+    assert main(["generate", "--prompt", "hi", "--wire", "int8", "--max-new-tokens", "1"]) == 2
+    assert main(["generate", "--prompt", "hi", "--nproc", "2", "--wire", "int3"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "--wire applies to runs on several processes" in lines[0]
+    assert "int3" in lines[1] and "int8" in lines[1]
+
+
+def test_zdc_with_keys_and_values_exchanged_in_full_gives_the_single_process_output(tiny):
+    """exchange="full": the receiving rank attends to the prompt at full width and stores it reduced, as one
+    process's single call does (the reduced exchange cannot: its prompt tokens meet each other reduced)."""
+    model, source = tiny
+    method, ids = "zdc-adaptive-50", _prompt(120, seed=6)
+    ref, tokens = _single(model, method, ids, 4)
+    res = launch(run_rank, 2, (source, method, ids, 4, True, "model", False, "full"), timeout=300)
+    torch.testing.assert_close(torch.cat([r["logits"] for r in res]), ref, rtol=1e-3, atol=1e-3)
+    assert all(r["tokens"] == tokens for r in res)
+    layers, d = model.config.num_hidden_layers, model.config.head_dim
+    for r, other in zip(res, reversed(res)):
+        s, e = r["token_range"]
+        assert r["sent"]["k"] == r["sent"]["v"] == (e - s) * (other["heads"][1] - other["heads"][0]) * d * FLOAT * layers

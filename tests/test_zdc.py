@@ -8,6 +8,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from kvshrink import KvshrinkError, from_method
 from kvshrink.cli import main
+from kvshrink.core.sensitivity import collect
 from kvshrink.families.lowrank import transform as zdc
 from kvshrink.families.lowrank.states import ZdcStates
 
@@ -250,3 +251,37 @@ def test_bundled_model_full_rank_is_exact(bundled):
         got = z(ids, past_key_values=zdc_cache(z, 100, alloc="uniform")).logits
     assert (ref - got).abs().max() < 1e-3 * ref.abs().max()
     assert cal.header["shape"] == [30, 9, 3, 64]
+
+
+@given(sequences=st.integers(1, 9), length=st.integers(1, 600), context=st.one_of(st.none(), st.integers(1, 9000)))
+def test_calibration_sequences_spread_over_the_context(sequences, length, context):
+    offsets = zdc.spread_offsets(sequences, length, context)
+    assert len(offsets) == sequences and offsets[0] == 0 and offsets == sorted(offsets)
+    if context is not None and context > length and sequences > 1:
+        assert offsets[-1] + length == context  # the last sequence ends at the model's context
+    else:
+        assert set(offsets) == {0}
+
+
+def test_collect_at_an_offset_turns_the_keys_and_changes_nothing_else(tiny_model):
+    """Why spreading is sound: RoPE leaves values, gradients and queries-against-keys unchanged at any
+    offset, while the post-RoPE keys the bases are fitted on turn as far into a context."""
+    ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(5))
+    here, far = (next(collect(tiny_model, ids, 2, offsets=off)) for off in ([0], [300]))
+    for i in here:
+        q0, k0, dk0, v0, dv0 = here[i]
+        q1, k1, dk1, v1, dv1 = far[i]
+        torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dv1, dv0, rtol=1e-3, atol=1e-6)
+        assert not torch.allclose(k1, k0, atol=1e-3)  # turned by 300 positions
+        half = k0.shape[-1] // 2  # each rotary pair (c, c + half) keeps its length
+        pair = lambda k: k[..., :half] ** 2 + k[..., half:] ** 2  # noqa: E731
+        torch.testing.assert_close(pair(k1), pair(k0), rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(q1 @ k1.repeat_interleave(q1.shape[0] // k1.shape[0], 0).transpose(1, 2),
+                                   q0 @ k0.repeat_interleave(q0.shape[0] // k0.shape[0], 0).transpose(1, 2),
+                                   rtol=1e-3, atol=1e-4)
+
+
+def test_a_calibration_records_where_its_sequences_sat(calib, tiny_model):
+    assert calib.header["positions"] == zdc.spread_offsets(2, 48, tiny_model.config.max_position_embeddings)
+    assert calib.header["positions"][-1] > 0

@@ -66,6 +66,8 @@ class BenchConfig:
     sp_contexts: tuple = (4096, 8184)  # + sp_new_tokens = the 8192 limit
     sp_ranks: tuple = (2, 4)  # the bundled model has 3 KV heads: of 4 ranks, one attends for none
     sp_new_tokens: int = 8
+    sp_wires: tuple = ("model",)  # add int8/int4 for int-coded prefill messages (dist/wire.py)
+    sp_exchanges: tuple = ("reduced",)  # add "full": ZDC keys and values sent whole (dist/sp.py)
     device: str = "cpu"  # where the model, the caches and the kernels run (cpu, cuda, cuda:N)
 
     @classmethod
@@ -88,6 +90,10 @@ def validate(cfg: BenchConfig, spec) -> None:
     if "sp" in cfg.sections:
         if device_from(cfg.device).type != "cpu":
             raise KvshrinkError("the sp section runs on the CPU only (gloo between processes); drop --device")
+        if not cfg.sp_wires or any(w not in ("model", "int8", "int4") for w in cfg.sp_wires):
+            raise KvshrinkError(f"sp wire formats are model, int8 and int4, got {cfg.sp_wires}")
+        if not cfg.sp_exchanges or any(x not in ("reduced", "full") for x in cfg.sp_exchanges):
+            raise KvshrinkError(f"sp exchanges are reduced and full, got {cfg.sp_exchanges}")
         if not cfg.sp_ranks or any(not (isinstance(n, int) and n >= 1) for n in cfg.sp_ranks):
             raise KvshrinkError(f"sp process counts must be positive integers, got {cfg.sp_ranks}")
         if not cfg.sp_contexts or min(cfg.sp_contexts) < max(cfg.sp_ranks):
@@ -208,9 +214,10 @@ def _serve(res: dict, cfg: BenchConfig, model, tok, t_start: float, log) -> dict
             _checkpoint(res, cfg.out, t_start)
         if "sp" in cfg.sections:
             task = bar.add_task("sequence parallel", total=len(cfg.sp_methods) * len(cfg.sp_contexts)
-                                * len(cfg.sp_ranks))
+                                * len(cfg.sp_ranks) * len(cfg.sp_wires) * len(cfg.sp_exchanges))
             res["sp"] = sp_section(model, tok, cfg.sp_methods, ids, cfg.sp_contexts, cfg.sp_ranks,
-                                   cfg.sp_new_tokens, progress=lambda: bar.advance(task), source=cfg.model)
+                                   cfg.sp_new_tokens, progress=lambda: bar.advance(task), source=cfg.model,
+                                   wires=cfg.sp_wires, exchanges=cfg.sp_exchanges)
     res["elapsed_s"] = time.time() - t_start
     write_outputs(res, cfg.out)
     return res

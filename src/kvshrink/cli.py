@@ -9,6 +9,7 @@ answers at once instead of after 8 s of imports.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--serve-time-limit", type=float, help="serve: seconds per run at most (default 600)")
     b.add_argument("--sp-contexts", type=_ints, help="sp: prompt lengths (default 4096,8184)")
     b.add_argument("--sp-ranks", type=_ints, help="sp: process counts (default 2,4)")
+    b.add_argument("--sp-wires", type=_csv, help="sp: how prefill messages cross: model, int8, int4 (default model)")
+    b.add_argument("--sp-exchanges", type=_csv, help="sp: ZDC keys and values cross reduced or full (default reduced)")
 
     g = sub.add_parser("generate", help="generate text with a compressed cache and report its memory")
     g.add_argument("--prompt", required=True)
@@ -77,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "text to the tokens it holds, which are not recomputed")
     g.add_argument("--nproc", type=int, help="run on N processes (torch.distributed, gloo): sequence-parallel "
                                              "prefill, then decode over a cache sharded by KV heads (docs/sp.md)")
+    g.add_argument("--wire", default="model", choices=("model", "int8", "int4"),
+                   help="with --nproc or torchrun: how the prefill's queries, keys, values and outputs cross: "
+                        "model (as they are), int8 or int4 (int-coded, lossy; docs/sp.md)")
+    g.add_argument("--exchange", default="reduced", choices=("reduced", "full"),
+                   help="with --nproc or torchrun, ZDC methods: keys and values cross at the coordinates the cache "
+                        "keeps (reduced, FDC) or in full (the single process's output; docs/sp.md)")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching over compressed caches")
     s.add_argument("--model")
@@ -209,7 +218,8 @@ def cmd_bench(args) -> None:
         "serve_requests": args.serve_requests, "serve_budget": args.serve_budget,
         "serve_time_limit": args.serve_time_limit, "device": args.device,
         "sp_methods": tuple(args.methods) if args.methods else None, "sp_contexts": args.sp_contexts,
-        "sp_ranks": args.sp_ranks,
+        "sp_ranks": args.sp_ranks, "sp_wires": tuple(args.sp_wires) if args.sp_wires else None,
+        "sp_exchanges": tuple(args.sp_exchanges) if args.sp_exchanges else None,
     }.items() if v is not None}
     cfg = BenchConfig.quick(**over) if args.quick else BenchConfig(**over)
     res = run_bench(cfg)
@@ -234,11 +244,15 @@ def cmd_generate(args) -> None:
     from .api import from_method, load_cache, prepare
     from .compat import with_cache
     from .core.cache import cache_nbytes
+    from .dist.launch import torchrun_env
     from .models import device_from, load_model
     from .spec import spec_from_config
 
-    if args.nproc is not None:
+    if args.nproc is not None or torchrun_env():
         return _generate_parallel(args)
+    if args.wire != "model" or args.exchange != "reduced":
+        raise KvshrinkError(f"--{'wire' if args.wire != 'model' else 'exchange'} applies to runs on several "
+                            "processes: add --nproc N, or start under torchrun")
     device = device_from(args.device)  # before the weights load
     model, tok = load_model(args.model, device=device)
     spec = spec_from_config(model.config)
@@ -292,23 +306,37 @@ def _prompt_ids(tok, args):
 
 
 def _generate_parallel(args) -> None:
+    """--nproc N: spawn the ranks here; under torchrun: this process is one of them (docs/sp.md)."""
     for flag in ("save_cache", "resume", "device"):
         if getattr(args, flag):
-            raise KvshrinkError(f"--nproc does not combine with --{flag.replace('_', '-')}")
-    from .dist.launch import launch
+            raise KvshrinkError(f"{'--nproc' if args.nproc else 'torchrun'} does not combine with "
+                                f"--{flag.replace('_', '-')}")
+    from .dist.launch import join, launch, torchrun_env
     from .dist.sp import check, run_rank
     from .models import load_model
 
     model, tok = load_model(args.model)
     ids = _prompt_ids(tok, args)
-    check(model, tok, args.method, ids.shape[1], args.max_new_tokens, args.nproc)
-    del model
-    res = launch(run_rank, args.nproc, (args.model, args.method, ids, args.max_new_tokens))
+    run_args = (args.model, args.method, ids, args.max_new_tokens, False, args.wire, False, args.exchange)
+    if torchrun_env():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.nproc is not None and args.nproc != world:
+            raise KvshrinkError(f"--nproc {args.nproc} differs from torchrun's {world} processes; leave it out")
+        res = join(run_rank, run_args, first=(check, (model, tok, args.method, ids.shape[1], args.max_new_tokens,
+                                                      world, args.wire, args.exchange)))
+        if res is None:  # rank 0 reports
+            return
+    else:
+        check(model, tok, args.method, ids.shape[1], args.max_new_tokens, args.nproc, args.wire, args.exchange)
+        del model
+        res = launch(run_rank, args.nproc, run_args)
     tokens = res[0]["tokens"]
     if tok.eos_token_id in tokens:
         tokens = tokens[:tokens.index(tok.eos_token_id)]
     print(tok.decode(tokens, skip_special_tokens=True))
-    print(f"\n[{args.method}] {args.nproc} processes, {ids.shape[1]} prompt tokens")
+    print(f"\n[{args.method}] {len(res)} processes, {ids.shape[1]} prompt tokens"
+          + (f", {args.wire} on the wire" if args.wire != "model" else "")
+          + (", keys and values exchanged in full" if args.exchange == "full" else ""))
     for r in res:
         (s, e), (a, b), layers = r["token_range"], r["heads"], r["layers"]
         sent = sum(r["sent"].values())
@@ -362,7 +390,8 @@ def main(argv=None) -> int:
                     "calibrate": cmd_calibrate}
         commands[args.cmd](args)
     except KvshrinkError as err:
-        print(f"kvshrink: error: {err}", file=sys.stderr)
+        if str(err):  # empty: another process said it (a torchrun rank other than 0)
+            print(f"kvshrink: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kvshrink: interrupted", file=sys.stderr)

@@ -29,10 +29,14 @@ def _register(store: dict) -> None:
     AttentionMaskInterface.register(_COLLECT, sdpa_mask)
 
 
-def collect(model, ids: torch.Tensor, sink: int = 0, progress=None):
+def collect(model, ids: torch.Tensor, sink: int = 0, progress=None, offsets=None):
     """Yields, for each sequence of `ids` (sequences, length), {layer: (q, k, dk, v, dv)}: q (Hq, n, D),
     k, v and the loss gradients dk, dv (H, n, D), post-RoPE as the cache sees them, without the
-    first `sink` tokens (kept exactly by the caches, so left out of the statistics)."""
+    first `sink` tokens (kept exactly by the caches, so left out of the statistics).
+
+    offsets: the first position of each sequence (default 0). RoPE makes attention depend on relative
+    positions only, so the model computes the same values and loss at any offset, while the post-RoPE
+    queries and keys turn as they would that far into a long context."""
     store: dict = {}
     _register(store)
     prev_impl = model.config._attn_implementation
@@ -40,9 +44,11 @@ def collect(model, ids: torch.Tensor, sink: int = 0, progress=None):
     model.requires_grad_(False)
     try:
         model.set_attn_implementation(_COLLECT)
-        for seq in ids:
+        for j, seq in enumerate(ids):
             store.clear()
-            out = model(seq[None], labels=seq[None], use_cache=False)
+            start = int(offsets[j]) if offsets is not None else 0
+            pos = torch.arange(start, start + seq.numel(), device=seq.device)[None]
+            out = model(seq[None], labels=seq[None], position_ids=pos, use_cache=False)
             out.loss.backward()
             yield {i: (q[0, :, sink:], k[0, :, sink:].detach(), k.grad[0, :, sink:], v[0, :, sink:].detach(),
                        v.grad[0, :, sink:]) for i, (q, k, v) in store.items()}

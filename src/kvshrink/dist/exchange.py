@@ -8,7 +8,8 @@ heads over every token, `to_tokens` sends the attention outputs back to the toke
 values cross at the coordinates their cache keeps.
 
 Every byte that leaves a rank is counted by kind (q, k, v, o, and "decode" for the steps after the
-prefill), and the seconds spent in the collectives: the bench's communication time.
+prefill), and the seconds spent in the collectives: the bench's communication time. A `Wire`
+(wire.py) may int-code the prefill's messages; a decode step's outputs cross as they are.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.form import Form
+from .wire import Wire
 
 
 def split(n: int, world: int, r: int) -> tuple[int, int]:
@@ -49,21 +51,32 @@ class Plan:
 class Exchange:
     """The collectives of one run, with the bytes each sends to other ranks and the time they take."""
 
-    def __init__(self, plan: Plan):
-        self.plan = plan
+    def __init__(self, plan: Plan, wire: Wire | None = None):
+        self.plan, self.wire = plan, wire or Wire()
         self.sent: Counter = Counter()  # kind -> bytes this rank sent to others
         self.seconds = 0.0
 
     def _all_to_all(self, chunks: list[torch.Tensor], recv: list[int], kind: str) -> list[torch.Tensor]:
-        """chunks[j] (flat) to rank j; recv[i] elements from rank i, returned flat per rank."""
-        me = self.plan.rank
+        """chunks[j] (flat) to rank j; recv[i] elements from rank i, returned flat per rank (int-coded on
+        the way when the wire says so: what arrives is the decoded codes)."""
+        me, wire = self.plan.rank, self.wire
+        mine = chunks[me].reshape(-1)
+        if wire.bits:  # this rank's own share stays as it is: it crosses no wire
+            chunks = [wire.encode(c.reshape(-1)) if j != me else torch.empty(0, dtype=torch.uint8)
+                      for j, c in enumerate(chunks)]
+            sizes = [wire.nbytes(n, mine.element_size()) if i != me else 0 for i, n in enumerate(recv)]
+        else:
+            sizes = recv
         send = torch.cat([c.reshape(-1) for c in chunks])
-        out = send.new_empty(sum(recv))
+        out = send.new_empty(sum(sizes))
         self.sent[kind] += sum(c.numel() for j, c in enumerate(chunks) if j != me) * send.element_size()
         t = time.perf_counter()
-        dist.all_to_all_single(out, send, recv, [c.numel() for c in chunks])
+        dist.all_to_all_single(out, send, sizes, [c.numel() for c in chunks])
         self.seconds += time.perf_counter() - t
-        return list(out.split(recv))
+        got = list(out.split(sizes))
+        if wire.bits:
+            got = [wire.decode(g, n).to(mine.dtype) if i != me else mine for i, (g, n) in enumerate(zip(got, recv))]
+        return got
 
     def _wide(self, start: int, stop: int, form: Form) -> torch.Tensor:
         """(stop - start,) bool: the tokens of the range that keep `form.wide` coordinates."""

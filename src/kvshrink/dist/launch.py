@@ -1,12 +1,17 @@
 """Start N processes on this machine joined by torch.distributed (gloo, loopback), run a function
 on each and collect what each returns, or stop them all with one line when one fails.
 
-`torchrun` users get the same by calling `worker(fn, ...)` themselves; here the processes are
-spawned (torch.multiprocessing) so that `kvshrink generate --nproc N` and the tests need nothing
-else. A rank that raises makes the others stop at once (they would otherwise wait in a collective
-for it): the parent terminates them and raises `KvshrinkError` naming the rank and its error. A run
-that outlives `timeout` seconds is stopped the same way, and so is a collective that waits that long
-(gloo's own timeout), so nothing hangs.
+Two ways in:
+
+- `launch(fn, N)` spawns the N processes itself (torch.multiprocessing), for `kvshrink generate
+  --nproc N` and the tests. A rank that raises makes the others stop at once (they would otherwise
+  wait in a collective for it): the parent terminates them and raises `KvshrinkError` naming the
+  rank that failed first. A run that outlives `timeout` seconds is stopped the same way, and so is a
+  collective that waits that long (gloo's own timeout), so nothing hangs.
+- `join(fn)` runs this process as one rank of a job another launcher started (`torchrun`, on one
+  machine or several: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment). Rank 0
+  gets every rank's result. A rank that fails marks itself in the job's store before it leaves its
+  peers, so the rank that failed first is named; the launcher stops the rest.
 
 `KVSHRINK_FAULT_RANK=r` makes rank r raise before its first collective (fault injection: the
 tests check that the others stop).
@@ -52,6 +57,61 @@ def _entry(rank: int, fn, world: int, port: int, timeout: float, out: str, args:
         with open(os.path.join(out, f"{rank}.err"), "w") as fh:
             fh.write(f"{type(e).__name__}: {e}" if not isinstance(e, KvshrinkError) else str(e))
         raise
+    finally:
+        dist.destroy_process_group()
+
+
+def torchrun_env() -> bool:
+    """Whether this process was started as a rank of a distributed job (torchrun sets these)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _mark_failed(store, rank: int, message: str) -> tuple[int, str]:
+    """Record this rank's failure in the job's store; (rank, message) of the first one recorded."""
+    try:
+        if store.add("kvshrink/failed", 1) == 1:
+            store.set("kvshrink/first", f"{rank}\n{message}")
+        first, line = store.get("kvshrink/first").decode().split("\n", 1)
+        return int(first), line
+    except Exception:  # the store went with a peer: say what this rank knows
+        return rank, message
+
+
+def join(fn, args: tuple = (), first=None, timeout: float = 600.0) -> list | None:
+    """fn(rank, world, *args) as this process's rank of a job started by torchrun (`torchrun_env()`).
+    `first` = (check, check_args): run on rank 0 before any rank starts fn (a calibration made once,
+    input that every rank would refuse refused once: rank 0 raises it, the others raise
+    `KvshrinkError("")`, which the CLI turns into exit code 2 without a second line).
+    Returns every rank's result on rank 0, None on the others."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+    store = dist.distributed_c10d._get_default_store()
+    try:
+        if first is not None:
+            said = [None]
+            if rank == 0:
+                try:
+                    first[0](*first[1])
+                except KvshrinkError as e:
+                    said = [str(e)]
+            dist.broadcast_object_list(said, src=0)
+            if said[0] is not None:
+                raise KvshrinkError(said[0] if rank == 0 else "")
+        try:
+            if os.environ.get(FAULT) == str(rank):
+                raise KvshrinkError(f"fault injected on rank {rank} ({FAULT})")
+            result = fn(rank, world, *args)
+            got = [None] * world if rank == 0 else None
+            dist.gather_object(result, got, dst=0)
+        except Exception as e:
+            said = str(e) if isinstance(e, KvshrinkError) else f"{type(e).__name__}: {e}"
+            who, line = _mark_failed(store, rank, said)
+            if who == rank:
+                raise KvshrinkError(f"rank {rank} of {world} failed: {line}") from None
+            raise KvshrinkError(f"rank {rank} of {world} stopped: rank {who} failed: {line}") from None
+        return got
     finally:
         dist.destroy_process_group()
 

@@ -13,9 +13,15 @@ Decode: every rank runs the model on the new token; each attends for its heads o
 the cache (through the method's own states, compiled kernels included), and one all-gather per
 layer joins the heads' outputs, so every rank computes the same logits.
 
-Queries and outputs cross in full: a ZDC cache's sink and window tokens keep more coordinates than
-the rest, so a query needs them all. Prompts are prefilled in one pass (no chunks), from an empty
-cache, for models without soft-capped attention logits.
+With `exchange="full"`, keys and values cross as the model made them, and the receiving rank attends
+to the prompt at full width, then stores them reduced, as one process's single call does: the
+single process's output, with no saving from the reduced coordinates (int-code the wire instead).
+
+With `wire="int8"` or `"int4"` every message of the prefill is int-coded on its way (wire.py): lossy,
+and 3.8x or 7.1x fewer bytes than float32. Queries and outputs cross in full dimensions: a ZDC
+cache's sink and window tokens keep more coordinates than the rest, so a query needs them all.
+Prompts are prefilled in one pass (no chunks), from an empty cache, for models without soft-capped
+attention logits.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from ..errors import KvshrinkError
 from ..models import load_model
 from ..spec import spec_from_config
 from .exchange import Exchange, Plan
+from .wire import wire_from_name
 
 ALL_VISIBLE = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a 4D mask: transformers builds none; the states mask
 
@@ -87,6 +94,11 @@ class ParallelStates:
         return out, None
 
 
+def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) for the first len(targets) rows of logits (T, vocab): the prompt's own perplexity."""
+    return -torch.log_softmax(logits[:targets.numel()].double(), -1).gather(1, targets[:, None])[:, 0]
+
+
 def load_source(source):
     """(model, tokenizer or None): a model name (`kvshrink.load_model`), or {"folder": path} of a
     saved transformers model without a tokenizer (the tests' tiny ones)."""
@@ -108,9 +120,16 @@ def _check(model, prompt: int, new_tokens: int, world: int) -> None:
                             f"allows ({spec.max_context})")
 
 
-def check(model, tok, method: str, prompt: int, new_tokens: int, world: int) -> None:
+EXCHANGES = ("reduced", "full")
+
+
+def check(model, tok, method: str, prompt: int, new_tokens: int, world: int, wire: str = "model",
+          exchange: str = "reduced") -> None:
     """What would stop every rank alike, said once before any process starts; a method's calibration
     is made here (once) if it is missing, so the ranks only read it."""
+    wire_from_name(wire)
+    if exchange not in EXCHANGES:
+        raise KvshrinkError(f"unknown exchange {exchange!r}; use one of {', '.join(EXCHANGES)}")
     _check(model, prompt, new_tokens, world)
     model = prepare(model, method, tok)
     spec = spec_from_config(model.config)
@@ -119,10 +138,13 @@ def check(model, tok, method: str, prompt: int, new_tokens: int, world: int) -> 
 
 
 def run_rank(rank: int, world: int, source, method: str, ids: torch.Tensor, new_tokens: int,
-             keep_logits: bool = False) -> dict:
+             keep_logits: bool = False, wire: str = "model", score: bool = False, exchange: str = "reduced") -> dict:
     """One rank's share of a sequence-parallel prefill of `ids` (1, T) and `new_tokens` greedy tokens
-    decoded over the head-sharded cache. Returns the tokens (the same on every rank), this rank's
-    prompt logits (keep_logits) or its last token's, the bytes it sent by kind, and the time split."""
+    decoded over the head-sharded cache; the prefill's messages cross as `wire` says (wire.py), and
+    keys and values at the coordinates the cache keeps (`exchange="reduced"`) or in full ("full").
+    Returns the tokens (the same on every rank), this rank's
+    prompt logits (keep_logits) or its last token's, the bytes it sent by kind, and the time split;
+    with `score`, also the negative log-likelihood of each next prompt token its slice predicts."""
     model, tok = load_source(source)
     model = prepare(model, method, tok)
     use_kvshrink_attention(model)
@@ -130,9 +152,9 @@ def run_rank(rank: int, world: int, source, method: str, ids: torch.Tensor, new_
     t_all = ids.shape[1]
     _check(model, t_all, new_tokens, world)
     plan = Plan(rank, world, t_all, spec.num_kv_heads, spec.num_heads // spec.num_kv_heads)
-    ex = Exchange(plan)
+    ex = Exchange(plan, wire_from_name(wire))
     inner = from_method(method, model)
-    forms = [inner.exchange_form(i) for i in range(spec.num_layers)]
+    forms = [inner.exchange_form(i) if exchange == "reduced" else None for i in range(spec.num_layers)]
     a, b = plan.heads_of(rank)
     inner.shard_heads(a, b)  # before any rank sends: a method that cannot be sharded stops every rank here
     cache = ShardedCache(inner if b > a else None, ex, forms)
@@ -140,9 +162,10 @@ def run_rank(rank: int, world: int, source, method: str, ids: torch.Tensor, new_
     with torch.no_grad():
         t0 = time.perf_counter()
         out = model(input_ids=ids[:, s:e], position_ids=torch.arange(s, e)[None], attention_mask=ALL_VISIBLE,
-                    use_cache=True, logits_to_keep=0 if keep_logits else 1, **with_cache(model, cache))
+                    use_cache=True, logits_to_keep=0 if keep_logits or score else 1, **with_cache(model, cache))
         prefill_s, prefill_comm, sent = time.perf_counter() - t0, ex.seconds, dict(ex.sent)
         logits = out.logits[0]
+        nll = next_token_nll(logits, ids[0, s + 1:e + 1]) if score else None
         token = ex.broadcast_token(int(logits[-1].argmax()), src=world - 1)  # the prompt's last token is there
         tokens, cache.prefill = [token], False
         t0 = time.perf_counter()
@@ -153,7 +176,7 @@ def run_rank(rank: int, world: int, source, method: str, ids: torch.Tensor, new_
             tokens.append(token)
         decode_s = time.perf_counter() - t0
     return {"rank": rank, "tokens": tokens, "token_range": (s, e), "heads": (a, b),
-            "logits": logits if keep_logits else logits[-1:], "sent": sent,
+            "logits": logits if keep_logits else logits[-1:], "nll": nll, "sent": sent,
             "sent_decode": ex.sent.get("decode", 0), "prefill_s": prefill_s, "prefill_comm_s": prefill_comm,
             "decode_s": decode_s, "decode_comm_s": ex.seconds - prefill_comm,
-            "held": inner.nbytes() if b > a else 0, "layers": spec.num_layers}
+            "held": inner.nbytes() if b > a else 0, "layers": spec.num_layers, "wire": wire}

@@ -42,7 +42,7 @@ from ...core.sensitivity import collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 
-FORMAT = "kvshrink-zdc-2"
+FORMAT = "kvshrink-zdc-3"  # 3: sequences spread over the context (the bases changed)
 _TENSORS = ("uk", "uv", "qk", "vi", "ek", "ev", "fk", "fv")
 KEY_BASES = ("query", "joint", "key")
 VALUE_BASES = ("output", "pca")
@@ -132,6 +132,15 @@ def _weighted_basis(cov: torch.Tensor, metric: torch.Tensor | None):
     return s @ u, s_inv @ u, e
 
 
+def spread_offsets(sequences: int, length: int, context: int | None) -> list[int]:
+    """First positions of `sequences` calibration sequences of `length` tokens, evenly spread so the
+    last one ends at the model's context (all at 0 when it has no limit or no room)."""
+    room = (context or 0) - length
+    if room <= 0 or sequences < 2:
+        return [0] * sequences
+    return [round(j * room / (sequences - 1)) for j in range(sequences)]
+
+
 def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4, key_basis: str = "query",
               value_basis: str = "output", progress=None) -> ZdcCalibration:
     """Collect post-RoPE Q/K and V on `ids` (sequences, length); bases and loss proxies.
@@ -143,6 +152,11 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
     columns: minimizes the error after o_proj) or "pca" (orthonormal PCA of values).
     The first `sink` tokens of each sequence keep every coordinate in the cache, so they are
     left out of the statistics (their outlier keys would otherwise steer the bases).
+
+    The sequences are placed at positions spread over the model's context (`spread_offsets`): the
+    bases hold post-RoPE keys, which turn with their position, and bases fitted on positions
+    0..511 alone lost the keys of later positions (perplexity x9 at positions 3,000-4,000 of the
+    bundled model; docs/lowrank.md, "Long contexts").
     """
     if key_basis not in KEY_BASES:
         raise KvshrinkError(f"unknown key basis {key_basis!r}; use one of {', '.join(KEY_BASES)}")
@@ -154,7 +168,8 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
     ck = torch.zeros(L, H, D, D, dtype=torch.float64)
     cq, cv = torch.zeros_like(ck), torch.zeros_like(ck)
     keep = {i: [] for i in range(L)}
-    for layers in collect(model, ids, sink, progress):
+    offsets = spread_offsets(ids.shape[0], ids.shape[1], spec.max_context)
+    for layers in collect(model, ids, sink, progress, offsets):
         for i, (q, k, gk, v, gv) in layers.items():
             qf = q.reshape(H, G, -1, D).reshape(H, -1, D).double()
             kf, vf = k.double(), v.double()
@@ -181,7 +196,8 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
             out["uv"][i, h], out["vi"][i, h] = uv, uv_it.T
             fk[i, h] = _fisher(k[h].double(), gk[h].double(), uk, uk_it).float()
             fv[i, h] = _fisher(v[h].double(), gv[h].double(), uv, uv_it).float()
-    header = {**model_header(model), "data": data or {}, "sink_excluded": sink, "key_basis": key_basis,
+    header = {**model_header(model), "data": data or {}, "positions": offsets, "sink_excluded": sink,
+              "key_basis": key_basis,
               "value_basis": value_basis, "seconds": round(time.time() - t0, 1)}
     return ZdcCalibration(**out, ek=ek, ev=ev, fk=fk, fv=fv, header=header)
 
@@ -320,7 +336,7 @@ def apply(model, calib: ZdcCalibration, inplace: bool = False):
 
 
 def default_calibration_path(model) -> str:
-    return os.path.join(calibration_dir(), f"zdc-{model_fingerprint(model)}.safetensors")
+    return os.path.join(calibration_dir(), f"zdc-{model_fingerprint(model)}-{FORMAT.rsplit('-', 1)[1]}.safetensors")
 
 
 def load_or_calibrate(model, tokenizer, corpus: str | None = None, log=print) -> ZdcCalibration:
