@@ -46,7 +46,7 @@ def _rows(cache) -> list:
 
 
 @torch.no_grad()
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)  # 25 took 29 s of a suite near its 15-minute limit
 @given(kind=st.sampled_from(["fp16", 2, 3, 4, 8]), group=st.sampled_from([None, 8]), rotate=st.booleans(),
        ratio=st.sampled_from([2, 4, 8]), block=st.sampled_from([4, 16]), n=st.integers(20, 90),
        steps=st.integers(1, 24), pad=st.integers(0, 10), seed=st.integers(0, 99))
