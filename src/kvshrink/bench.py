@@ -20,6 +20,8 @@ from .api import from_method, prepare
 from .core.calibfile import evaluating
 from .corpus import default_corpus, load_corpus_ids, segments
 from .dist.bench import SP_METHODS, sp_plot, sp_section, sp_table
+from .dist.sp import EXCHANGES
+from .dist.wire import NAMES as WIRES
 from .errors import KvshrinkError
 from .eval.needle import run_needles
 from .eval.perplexity import evaluate_quality
@@ -90,9 +92,9 @@ def validate(cfg: BenchConfig, spec) -> None:
     if "sp" in cfg.sections:
         if device_from(cfg.device).type != "cpu":
             raise KvshrinkError("the sp section runs on the CPU only (gloo between processes); drop --device")
-        if not cfg.sp_wires or any(w not in ("model", "int8", "int4") for w in cfg.sp_wires):
+        if not cfg.sp_wires or any(w not in WIRES for w in cfg.sp_wires):
             raise KvshrinkError(f"sp wire formats are model, int8 and int4, got {cfg.sp_wires}")
-        if not cfg.sp_exchanges or any(x not in ("reduced", "full") for x in cfg.sp_exchanges):
+        if not cfg.sp_exchanges or any(x not in EXCHANGES for x in cfg.sp_exchanges):
             raise KvshrinkError(f"sp exchanges are reduced and full, got {cfg.sp_exchanges}")
         if not cfg.sp_ranks or any(not (isinstance(n, int) and n >= 1) for n in cfg.sp_ranks):
             raise KvshrinkError(f"sp process counts must be positive integers, got {cfg.sp_ranks}")
