@@ -45,6 +45,11 @@ EXPECTED = {
                       "other sequence's scores in the same call (checked instead: it runs and stays within budget)",
     ("reorder", EVICT): "paged per-head eviction refuses beam search (one line)",
     ("save", tuple(n for n in OURS if n not in SAVES)): "only kvcomp caches save (others refuse in one line)",
+    ("device", SAVES + tuple(n for n in OURS if n.startswith("rvq"))):
+        "KVComp keeps its prefix-code tables on the host, where its numba encoder reads them, and RVQ its codebooks "
+        "where the calibration file loaded them; each holds a copy on the device for the kernel (checked instead: "
+        "the codec's own tables are the only tensors on the host)",
+    ("kernel", ("fp16",)): "fp16 has no coded body: the model's own attention reads it",
 }
 
 
@@ -287,11 +292,20 @@ def test_on_cuda_the_cache_stays_on_the_device_and_decodes_as_on_the_cpu(model, 
     got = _run(gpu_model, cache, ids.cuda())
     want = _run(_ready(model, name), from_method(name, _ready(model, name)), ids)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
-    assert all(t.device.type == "cuda" for t in cache.payload())
-    assert sum(backend.CALLS.values()) - calls >= STEPS * 2
+    _on_device(cache, name)
+    assert sum(backend.CALLS.values()) - calls >= (0 if expected("kernel", name) else STEPS * 2)
     cache.crop(-3)
     if not expected("reorder", name):
         cache.reorder_cache(torch.tensor([1, 0], device="cuda"))
     more = _ids(2, seed=8).expand(2, 2).cuda()
     assert torch.isfinite(_feed(gpu_model, cache, more)).all()
-    assert all(t.device.type == "cuda" for t in cache.payload())
+    _on_device(cache, name)
+
+
+def _on_device(cache, name):
+    host = [t for t in cache.payload() if t.device.type != "cuda"]
+    if expected("device", name):
+        tables = {id(t) for layer in cache.layers for s in layer.stores() for t in s.codec.shared_tensors()}
+        assert host and all(id(t) in tables for t in host)
+    else:
+        assert not host

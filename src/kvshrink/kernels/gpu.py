@@ -35,12 +35,12 @@ def unpack(base, sym, bits: tl.constexpr, mask):
     at `base` (packing.pack's layout), as int32."""
     bit = sym * bits
     byte = bit >> 3
-    sh = bit & 7
+    sh = (bit & 7).to(tl.int32)  # every return int32 (Triton refuses mixed return types; sym may be int64)
     lo = tl.load(base + byte, mask=mask, other=0).to(tl.int32)
     if bits == 8:
         return lo
     hi = tl.load(base + byte + 1, mask=mask & (sh + bits > 8), other=0).to(tl.int32)
-    return ((lo | (hi << 8)) >> sh) & ((1 << bits) - 1)
+    return (((lo | (hi << 8)) >> sh) & ((1 << bits) - 1)).to(tl.int32)
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def _coded_body(q, vis, nbody, kc, kmn, ksc, klut, vc, vmn, vsc, vlut, ka, kb, k
     bh = tl.program_id(0).to(tl.int64)  # offsets past 2 GiB (long contexts, big batches)
     sp = tl.program_id(1)
     b = bh // H
-    n = tl.load(nbody + b)
+    n = tl.load(nbody + b).to(tl.int32)  # token indices in int32; byte offsets (bh * strides) stay int64
     rows = tl.arange(0, BLOCK_R)
     kcols = tl.arange(0, BLOCK_KD)
     vcols = tl.arange(0, BLOCK_VD)
@@ -203,6 +203,12 @@ def int_body(codec, tensors: dict, rows: int, width: int) -> Body:
                 tg, gw, lut=lut, turn=turn)
 
 
+def block(width: int) -> int:
+    """Columns a tile holds for `width` numbers: a power of two, and at least 16, the least inner size
+    `tl.dot` takes on a GPU (ZDC ranks can be lower; the interpreter takes any)."""
+    return max(16, triton.next_power_of_2(width))
+
+
 def _lut(body: Body) -> torch.Tensor:
     return body.lut if body.lut is not None else body.scale  # unread without LUT: any pointer will do
 
@@ -235,7 +241,6 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
                                  KSIZE=keys.size, VSIZE=values.size, KLUT=keys.lut is not None,
                                  VLUT=values.lut is not None, SPLITS=splits, QD=qd, KD=keys.width,
                                  VD=values.width,
-                                 BLOCK_KD=triton.next_power_of_2(keys.width),
-                                 BLOCK_VD=triton.next_power_of_2(values.width),
+                                 BLOCK_KD=block(keys.width), BLOCK_VD=block(values.width),
                                  BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=TILE, CAP=bool(cap))
     return tuple(x.view(b, h, splits + 1, *x.shape[2:]) for x in (pm, pl, pacc))

@@ -17,7 +17,7 @@ import triton.language as tl
 from ...codecs.base import Codec, Fp16
 from ...codecs.hadamard import rotation_on
 from ...kernels.backend import CALLS
-from ...kernels.gpu import sms, unpack
+from ...kernels.gpu import block, sms, unpack
 
 TILE = 64
 
@@ -117,7 +117,7 @@ def attend(q: torch.Tensor, layer, n_past: torch.Tensor, new_k: torch.Tensor, ne
     vbits, vc, vs, vm, vbytes, vgroups = _fields(pool, "v.", vcodec, slots)
     logits = torch.full((b, h, g, s + 1), float("-inf"), device=dev)
     seen8 = seen.to(torch.uint8).contiguous() if seen is not None else n_past
-    bd, bg = triton.next_power_of_2(d), max(16, triton.next_power_of_2(g))
+    bd, bg = block(d), max(16, triton.next_power_of_2(g))
     CALLS["paged-row"] += 1
     if s:
         _logits[(b * h, -(-s // TILE))](qr.float().contiguous(), table, n_past, pool.flat("pos"), seen8, kc, ks, km,

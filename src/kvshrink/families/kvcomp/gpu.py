@@ -8,8 +8,8 @@ Prefix codes are decoded serially, one lookup of the next MAX_LEN bits emitting 
 symbols (codecs/huffman.py); 4- and 8-bit fixed-width tables are read by position, all at once.
 
 A serial decode is one scalar chain per block: fine for the interpreter and for long contexts (many
-blocks in parallel), slow per block on a GPU. KVComp caches still refuse a CUDA device (their
-encoder is numba on the host); this kernel is what a device-resident KVComp body will read.
+blocks in parallel), slow per block on a GPU. On CUDA the streams live on the device and the encoder
+stays numba on the host (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ...codecs.huffman import MAX_LEN, MULTI
 from ...kernels.backend import CALLS
-from ...kernels.gpu import online
+from ...kernels.gpu import block, online
 from ...kernels.partials import merge_dense
 from .codec import BodyView
 
@@ -130,7 +130,7 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
                              values.table_of, values.lut_sym, values.lut_len, values.lut_n, values.fixed,
                              values.mn.contiguous(), values.step.contiguous(), pm, pl, pacc, h, r, nvb,
                              vis8.stride(0), float(cap), KB=keys.block, VB=values.block, SPLITS=splits, D=d,
-                             BLOCK_D=triton.next_power_of_2(d), BLOCK_R=max(16, triton.next_power_of_2(r)),
+                             BLOCK_D=block(d), BLOCK_R=max(16, triton.next_power_of_2(r)),
                              CAP=bool(cap), MAXL=MAX_LEN, MULTIS=MULTI)
     pm, pl, pacc = (x.view(b, h, splits + 1, *x.shape[2:]) for x in (pm, pl, pacc))
     return merge_dense(pm, pl, pacc, q, dense_k, dense_v, dense_vis, cap)
