@@ -10,7 +10,7 @@ held; float16 K and V for SDPA) and the fraction of the device's copy bandwidth 
 that those bytes over that time attain. The device's name goes with every figure.
 
     python scripts/gpu_bench.py --out gpu-results            # on a CUDA machine
-    python scripts/gpu_bench.py --smoke                      # CPU, Triton's interpreter, tiny sizes
+    TRITON_INTERPRET=1 python scripts/gpu_bench.py --smoke   # CPU, Triton's interpreter, tiny sizes
 
 End to end (the bundled model, every recommended method, the same tables as on the CPU):
     kvshrink bench --device cuda --sections speed,quality --speed-contexts 2048,8192
@@ -31,7 +31,7 @@ from transformers import LlamaConfig
 
 from kvshrink import from_method
 from kvshrink.core.cache import cache_nbytes
-from kvshrink.kernels import backend
+from kvshrink.kernels import backend, gpu
 
 # built from a config alone (RVQ, ZDC, eviction and KVComp need a model: measured end to end)
 METHODS = ("int4", "int3-rot", "int2-rot", "int8")
@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--groups", type=int, default=4, help="query heads per KV head")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--precision", default="ieee", help="products' input precision to sweep: ieee (exact), tf32")
+    p.add_argument("--warps", default="8", help="warps per program to sweep, e.g. 4,8")
     p.add_argument("--out", default="gpu-results")
     p.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny sizes: checks the script")
     a = p.parse_args(argv)
@@ -131,16 +133,21 @@ def main(argv=None) -> int:
         for length in (int(x) for x in a.contexts.split(",")):
             for batch in (int(x) for x in a.batches.split(",")):
                 ref = sdpa_cell(cfg, batch, length, device, a.reps)
-                cells = {"sdpa-fp16": ref}
+                cells = {("sdpa-fp16", "-", 0): ref}
                 for m in a.methods.split(","):
-                    cells[m] = one_cell(m, cfg, batch, length, device, a.reps)
-                    torch.cuda.empty_cache() if device.type == "cuda" else None
-                for m, c in cells.items():
-                    row = {"device": name, "method": m, "context": length, "batch": batch, **c,
-                           "speed_vs_sdpa": ref["us"] / c["us"], "ratio_vs_fp16": ref["bytes"] / c["bytes"],
+                    for prec in a.precision.split(","):
+                        for warps in (int(w) for w in a.warps.split(",")):
+                            gpu.TUNING.precision, gpu.TUNING.num_warps = prec, warps
+                            cells[m, prec, warps] = one_cell(m, cfg, batch, length, device, a.reps)
+                            torch.cuda.empty_cache() if device.type == "cuda" else None
+                gpu.TUNING.precision, gpu.TUNING.num_warps = "ieee", 8
+                for (m, prec, warps), c in cells.items():
+                    row = {"device": name, "method": m, "precision": prec, "warps": warps, "context": length,
+                           "batch": batch, **c, "speed_vs_sdpa": ref["us"] / c["us"],
+                           "ratio_vs_fp16": ref["bytes"] / c["bytes"],
                            "bandwidth_fraction": c["bytes"] / (c["us"] / 1e6) / bandwidth}
                     rows.append(row)
-                    print(f"{name} | {m:>10} | ctx {length:>6} | batch {batch:>2} | {c['us']:9.1f} us | "
+                    print(f"{name} | {m:>10} {prec:>4} w{warps} | ctx {length:>6} | batch {batch:>2} | {c['us']:9.1f} us | "
                           f"x{row['speed_vs_sdpa']:.2f} SDPA | {row['ratio_vs_fp16']:.2f}x smaller | "
                           f"{100 * row['bandwidth_fraction']:.0f}% of {bandwidth / 1e9:.0f} GB/s", flush=True)
     os.makedirs(a.out, exist_ok=True)

@@ -52,15 +52,16 @@ def capped(s, cap, CAP: tl.constexpr):
 
 
 @triton.jit
-def online(s, m, l, acc, v):
+def online(s, m, l, acc, v, PREC: tl.constexpr):
     """One tile of an online softmax: logits s (R, N) (-inf where not visible), running max m (R,),
-    sum l (R,), weighted values acc (R, W), the tile's values v (N, W) float32 -> new (m, l, acc)."""
+    sum l (R,), weighted values acc (R, W), the tile's values v (N, W) float32 -> new (m, l, acc);
+    PREC the product's input precision (`Tuning`)."""
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     corr = tl.exp(m - m_safe)
     l = l * corr + tl.sum(p, 1)
-    acc = acc * corr[:, None] + tl.dot(p, v, input_precision="ieee")
+    acc = acc * corr[:, None] + tl.dot(p, v, input_precision=PREC)
     return m_new, l, acc
 
 
@@ -99,7 +100,7 @@ def _coded_body(q, vis, nbody, kc, kmn, ksc, klut, vc, vmn, vsc, vlut, ka, kb, k
                 VSIZE: tl.constexpr, KLUT: tl.constexpr, VLUT: tl.constexpr,
                 SPLITS: tl.constexpr, QD: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr,
                 BLOCK_KD: tl.constexpr, BLOCK_VD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAP: tl.constexpr):
+                CAP: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)  # offsets past 2 GiB (long contexts, big batches)
     sp = tl.program_id(1)
     b = bh // H
@@ -128,20 +129,35 @@ def _coded_body(q, vis, nbody, kc, kmn, ksc, klut, vc, vmn, vsc, vlut, ka, kb, k
         if TURN:
             at = (toks % KTG)[:, None] * KD + kcols[None, :]
             tok = tmask[:, None] & (kcols[None, :] < KD)
-            k = (tl.dot(k, turn_a, input_precision="ieee") * tl.load(kcos + at, mask=tok, other=0.0)
-                 + tl.dot(k, turn_b, input_precision="ieee") * tl.load(ksin + at, mask=tok, other=0.0))
-        s = capped(tl.dot(qrow, tl.trans(k), input_precision="ieee"), cap, CAP)
+            k = (tl.dot(k, turn_a, input_precision=PREC) * tl.load(kcos + at, mask=tok, other=0.0)
+                 + tl.dot(k, turn_b, input_precision=PREC) * tl.load(ksin + at, mask=tok, other=0.0))
+        s = capped(tl.dot(qrow, tl.trans(k), input_precision=PREC), cap, CAP)
         seen = tl.load(vis + b * vis_b + (rows % T)[:, None] * vis_t + toks[None, :],
                        mask=(rows[:, None] < R) & tmask[None, :], other=0) != 0
         s = tl.where(seen, s, float("-inf"))
         v = dequant(vc, vmn, vsc, vlut, toks, vcols, tmask[:, None] & (vcols[None, :] < VD), bh * vc_s, bh * vp_s,
                     VD, VBITS, 1, VGW, VDEPTH, VSIZE, VLUT)
-        m, l, acc = online(s, m, l, acc, v)
+        m, l, acc = online(s, m, l, acc, v, PREC)
     u = bh * (SPLITS + 1) + sp
     rmask = rows < R
     tl.store(pm + u * R + rows, m, mask=rmask)
     tl.store(pl + u * R + rows, l, mask=rmask)
     tl.store(pacc + (u * R + rows[:, None]) * QD + vcols[None, :], acc, mask=rmask[:, None] & (vcols[None, :] < VD))
+
+
+@dataclass
+class Tuning:
+    """How the kernels are launched: `precision` of their products' inputs ("ieee": float32, what the
+    numba kernels compute; "tf32": tensor cores on 10-bit mantissas) and `num_warps` per program.
+    `scripts/gpu_bench.py --precision --warps` times the choices on a GPU. 8 warps: at head size 128 the
+    float32 tiles need more registers than 4 warps hold; compiled for sm_90 the int body spilled 1,344
+    bytes a thread at 4 warps and 240 at 8 (`scripts/triton_compile_check.py --head-dim 128`)."""
+
+    precision: str = "ieee"
+    num_warps: int = 8
+
+
+TUNING = Tuning()
 
 
 @functools.lru_cache(maxsize=8)
@@ -242,5 +258,6 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
                                  VLUT=values.lut is not None, SPLITS=splits, QD=qd, KD=keys.width,
                                  VD=values.width,
                                  BLOCK_KD=block(keys.width), BLOCK_VD=block(values.width),
-                                 BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=TILE, CAP=bool(cap))
+                                 BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=TILE, CAP=bool(cap),
+                                 PREC=TUNING.precision, num_warps=TUNING.num_warps)
     return tuple(x.view(b, h, splits + 1, *x.shape[2:]) for x in (pm, pl, pacc))

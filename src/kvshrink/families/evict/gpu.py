@@ -17,7 +17,7 @@ import triton.language as tl
 from ...codecs.base import Codec, Fp16
 from ...codecs.hadamard import rotation_on
 from ...kernels.backend import CALLS
-from ...kernels.gpu import block, sms, unpack
+from ...kernels.gpu import TUNING, block, sms, unpack
 
 TILE = 64
 
@@ -47,7 +47,7 @@ def _slots(table, n_past, u, j0, W, block, BLOCK_N: tl.constexpr):
 @triton.jit
 def _logits(q, table, n_past, pos, seen, kc, ks, km, logits, H, G, W, S, seen_stride, block, row_bytes, groups,
             BITS: tl.constexpr, MASKED: tl.constexpr, D: tl.constexpr, GW: tl.constexpr, BLOCK_D: tl.constexpr,
-            BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+            BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     u = tl.program_id(0).to(tl.int64)  # offsets past 2 GiB (long contexts, big batches)
     j0 = tl.program_id(1) * BLOCK_N
     gs = tl.arange(0, BLOCK_G)
@@ -60,7 +60,7 @@ def _logits(q, table, n_past, pos, seen, kc, ks, km, logits, H, G, W, S, seen_st
         p = tl.load(pos + slot, mask=kept, other=0)
         vis = kept & (tl.load(seen + (u // H) * seen_stride + p, mask=kept, other=0) != 0)
     k = _row_tile(kc, ks, km, slot, kept[:, None] & cmask[None, :], cols, row_bytes, groups, BITS, D, GW)
-    s = tl.dot(qg, tl.trans(k), input_precision="ieee")
+    s = tl.dot(qg, tl.trans(k), input_precision=PREC)
     s = tl.where(vis[None, :], s, float("-inf"))
     tl.store(logits + (u * G + gs[:, None]) * (S + 1) + rows[None, :], s,
              mask=(gs[:, None] < G) & (rows[None, :] < S))
@@ -69,7 +69,7 @@ def _logits(q, table, n_past, pos, seen, kc, ks, km, logits, H, G, W, S, seen_st
 @triton.jit
 def _values(probs, table, n_past, vc, vs, vm, out, H, G, W, S, block, row_bytes, groups, BITS: tl.constexpr,
             SPLITS: tl.constexpr, D: tl.constexpr, GW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
-            BLOCK_N: tl.constexpr):
+            BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """Weighted value sums of program (u, split)'s range of tiles into out (B * H, SPLITS, G, D)."""
     u = tl.program_id(0).to(tl.int64)  # offsets past 2 GiB (long contexts, big batches)
     sp = tl.program_id(1)
@@ -83,7 +83,7 @@ def _values(probs, table, n_past, vc, vs, vm, out, H, G, W, S, block, row_bytes,
         v = _row_tile(vc, vs, vm, slot, kept[:, None] & cmask[None, :], cols, row_bytes, groups, BITS, D, GW)
         p = tl.load(probs + (u * G + gs[:, None]) * (S + 1) + rows[None, :],
                     mask=(gs[:, None] < G) & kept[None, :], other=0.0)
-        acc += tl.dot(p, v, input_precision="ieee")
+        acc += tl.dot(p, v, input_precision=PREC)
     tl.store(out + ((u * SPLITS + sp) * G + gs[:, None]) * D + cols[None, :], acc,
              mask=(gs[:, None] < G) & cmask[None, :])
 
@@ -123,7 +123,7 @@ def attend(q: torch.Tensor, layer, n_past: torch.Tensor, new_k: torch.Tensor, ne
         _logits[(b * h, -(-s // TILE))](qr.float().contiguous(), table, n_past, pool.flat("pos"), seen8, kc, ks, km,
                                         logits, h, g, w, s, seen8.stride(0), pool.block, kbytes, kgroups,
                                         BITS=kbits, MASKED=seen is not None, D=d, GW=d // kgroups, BLOCK_D=bd,
-                                        BLOCK_G=bg, BLOCK_N=TILE)
+                                        BLOCK_G=bg, BLOCK_N=TILE, PREC=TUNING.precision, num_warps=TUNING.num_warps)
     logits[..., s] = (q * new_k.float()[:, :, None]).sum(-1)  # this call's token, exact
     if seen is not None:
         logits[..., s] = logits[..., s].masked_fill(~seen[:, -1, None, None], float("-inf"))
@@ -132,7 +132,8 @@ def attend(q: torch.Tensor, layer, n_past: torch.Tensor, new_k: torch.Tensor, ne
     splits = max(1, min(-(-s // TILE), -(-2 * sms(dev) // (b * h)) if dev.type == "cuda" else 2))
     parts = torch.empty(b, h, splits, g, d, device=dev)  # a head's rows over several programs, summed after
     _values[(b * h, splits)](probs, table, n_past, vc, vs, vm, parts, h, g, w, s, pool.block, vbytes, vgroups,
-                             BITS=vbits, SPLITS=splits, D=d, GW=d // vgroups, BLOCK_D=bd, BLOCK_G=bg, BLOCK_N=TILE)
+                             BITS=vbits, SPLITS=splits, D=d, GW=d // vgroups, BLOCK_D=bd, BLOCK_G=bg, BLOCK_N=TILE,
+                             PREC=TUNING.precision, num_warps=TUNING.num_warps)
     out = parts.sum(2)
     if getattr(vcodec, "rotate", False):
         out = out @ rotation_on(d, vcodec.seed, dev).T

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ...codecs.huffman import MAX_LEN, MULTI
 from ...kernels.backend import CALLS
-from ...kernels.gpu import block, online
+from ...kernels.gpu import TUNING, block, online, sms
 from ...kernels.partials import merge_dense
 from .codec import BodyView
 
@@ -64,7 +64,7 @@ def _symbols(stream, start, tab, lut_sym, lut_len, lut_n, fixed, out, n: tl.cons
 def _kvcomp(q, vis, scratch, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep, vs, vst, vtab, vls, vll, vln, vfix, vmn,
             vstep, pm, pl, pacc, H, R, nvb, vis_b, cap, KB: tl.constexpr, VB: tl.constexpr, SPLITS: tl.constexpr,
             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, CAP: tl.constexpr,
-            MAXL: tl.constexpr, MULTIS: tl.constexpr):
+            MAXL: tl.constexpr, MULTIS: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)  # offsets past 2 GiB (long contexts, big batches)
     sp = tl.program_id(1)
     b = bh // H
@@ -93,7 +93,7 @@ def _kvcomp(q, vis, scratch, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep, vs,
         kp = (bh * nkb + j * (VB // KB) + toks[:, None] // KB) * D + cols[None, :]  # per channel, per key block
         k = tl.load(kmn + kp, mask=cm, other=0.0).to(tl.float32) + tl.load(kstep + kp, mask=cm, other=0.0).to(
             tl.float32) * tl.load(kbuf + sym, mask=cm, other=0).to(tl.float32)
-        s = tl.dot(qrow, tl.trans(k), input_precision="ieee")
+        s = tl.dot(qrow, tl.trans(k), input_precision=PREC)
         if CAP:
             s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
         seen = tl.load(vis + b * vis_b + j * VB + toks) != 0
@@ -101,7 +101,7 @@ def _kvcomp(q, vis, scratch, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep, vs,
         vp = bh * nvb * VB + j * VB + toks[:, None]  # per token
         v = tl.load(vmn + vp).to(tl.float32) + tl.load(vstep + vp).to(tl.float32) * tl.load(
             vbuf + sym, mask=cm, other=0).to(tl.float32)
-        m, l, acc = online(s, m, l, acc, v)
+        m, l, acc = online(s, m, l, acc, v, PREC)
         tl.debug_barrier()  # every read of this block's symbols before the next block overwrites them
     u = bh * (SPLITS + 1) + sp
     rmask = rows < R
@@ -118,6 +118,8 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     b, h, r, d = q.shape
     dev = q.device
     nvb = values.num_blocks
+    if dev.type == "cuda":  # as kernels/gpu.coded_body: enough programs to fill the device
+        splits = max(splits, -(-2 * sms(dev) // (b * h)))
     splits = max(1, min(splits, nvb))
     pm = torch.empty(b * h, splits + 1, r, device=dev)
     pl = torch.empty_like(pm)
@@ -131,6 +133,7 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
                              values.mn.contiguous(), values.step.contiguous(), pm, pl, pacc, h, r, nvb,
                              vis8.stride(0), float(cap), KB=keys.block, VB=values.block, SPLITS=splits, D=d,
                              BLOCK_D=block(d), BLOCK_R=max(16, triton.next_power_of_2(r)),
-                             CAP=bool(cap), MAXL=MAX_LEN, MULTIS=MULTI)
+                             CAP=bool(cap), MAXL=MAX_LEN, MULTIS=MULTI, PREC=TUNING.precision,
+                             num_warps=TUNING.num_warps)
     pm, pl, pacc = (x.view(b, h, splits + 1, *x.shape[2:]) for x in (pm, pl, pacc))
     return merge_dense(pm, pl, pacc, q, dense_k, dense_v, dense_vis, cap)
