@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from kvshrink import CompressedCache, from_method
 from kvshrink.attention.function import use_kvshrink_attention
 from kvshrink.codecs.rvq import RVQ, channel_order, residual_codes
+from kvshrink.core.calibfile import spread_offsets
 from kvshrink.errors import KvshrinkError
 from kvshrink.families.rvq import calibrate as rvq_calib
 from kvshrink.families.rvq.cache import CodedCache
@@ -217,6 +218,19 @@ def test_per_layer_codecs_must_match_the_model(tiny_model, tiny_calib):
     codecs = [(RVQ(tiny_calib.keys[0]), RVQ(tiny_calib.values[0]))]
     with pytest.raises(KvshrinkError, match="per-layer codecs"):
         CompressedCache(tiny_model.config, layer_codecs=codecs)
+
+
+def test_calibration_keys_come_from_positions_spread_over_the_context(tiny_model, tiny_calib):
+    """Post-RoPE keys turn with their position (codebooks from positions 0..95 alone would not see later
+    angles): the sequences sit at spread offsets, and a shift turns the keys but leaves the values."""
+    assert tiny_calib.header["positions"] == spread_offsets(4, 96, tiny_model.config.max_position_embeddings)
+    assert tiny_calib.header["positions"][-1] == 512 - 96
+    ids = _ids(40, seed=7)
+    k0, v0 = rvq_calib.collect(tiny_model, ids)
+    k1, v1 = rvq_calib.collect(tiny_model, ids, offsets=[300])
+    for a, b in zip(v0, v1):  # attention sees relative positions only
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert all((a - b).abs().max() > 1e-2 for a, b in zip(k0, k1))
 
 
 def test_calibration_file_round_trip_and_refusals(tiny_model, tiny_calib, tmp_path):

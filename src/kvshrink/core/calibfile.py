@@ -96,6 +96,17 @@ def calibration_ids(tokenizer, corpus: str | None = None, sequences: int = 4, le
     return ids[start:].reshape(sequences, length), desc
 
 
+def spread_offsets(sequences: int, length: int, context: int | None) -> list[int]:
+    """First positions of `sequences` calibration sequences of `length` tokens, evenly spread so the
+    last one ends at the model's context (all at 0 when it has no limit or no room). Calibrations of
+    post-RoPE keys use them: keys turn with their position, and statistics from positions 0..511 alone
+    missed the later ones (ZDC: perplexity x9 at positions 3,000-4,000, docs/lowrank.md)."""
+    room = (context or 0) - length
+    if room <= 0 or sequences < 2:
+        return [0] * sequences
+    return [round(j * room / (sequences - 1)) for j in range(sequences)]
+
+
 def save_tensors(path: str, tensors: dict, fmt: str, header: dict) -> None:
     """A calibration file: safetensors with the format name and a JSON header in its metadata."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

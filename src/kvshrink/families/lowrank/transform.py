@@ -37,6 +37,7 @@ from ...core.calibfile import (
     model_fingerprint,
     model_header,
     save_tensors,
+    spread_offsets,
 )
 from ...core.sensitivity import collect
 from ...errors import KvshrinkError
@@ -130,15 +131,6 @@ def _weighted_basis(cov: torch.Tensor, metric: torch.Tensor | None):
     s, s_inv = _sqrt_metric(metric)
     u, e = _basis(s @ cov.double() @ s)
     return s @ u, s_inv @ u, e
-
-
-def spread_offsets(sequences: int, length: int, context: int | None) -> list[int]:
-    """First positions of `sequences` calibration sequences of `length` tokens, evenly spread so the
-    last one ends at the model's context (all at 0 when it has no limit or no room)."""
-    room = (context or 0) - length
-    if room <= 0 or sequences < 2:
-        return [0] * sequences
-    return [round(j * room / (sequences - 1)) for j in range(sequences)]
 
 
 def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4, key_basis: str = "query",

@@ -36,11 +36,12 @@ from ...core.calibfile import (
     model_fingerprint,
     model_header,
     save_tensors,
+    spread_offsets,
 )
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 
-FORMAT = "kvshrink-rvq-1"
+FORMAT = "kvshrink-rvq-2"  # 2: keys collected at positions spread over the context
 MAX_DEPTH = 8
 FIT_ROWS = 1 << 15  # rows a level is fitted on: k-means time, not quality, grows past this
 
@@ -70,13 +71,16 @@ class RvqCalibration:
         return calib
 
 
-def collect(model, ids: torch.Tensor, sink: int = 4) -> tuple[list, list]:
-    """Post-RoPE keys and values per layer, (vectors, head_dim) each, positions >= sink."""
+def collect(model, ids: torch.Tensor, sink: int = 4, offsets: list | None = None) -> tuple[list, list]:
+    """Post-RoPE keys and values per layer, (vectors, head_dim) each, tokens >= sink of each sequence;
+    sequence j at positions offsets[j].. (None: all at 0)."""
     keys, values = None, None
+    offsets = offsets or [0] * len(ids)
     with torch.no_grad():
-        for row in ids:
+        for row, off in zip(ids, offsets):
             cache = DynamicCache(config=model.config)
-            model(row[None], **with_cache(model, cache), use_cache=True)
+            pos = torch.arange(off, off + len(row))[None]
+            model(row[None], position_ids=pos, **with_cache(model, cache), use_cache=True)
             ks = [layer.keys[0, :, sink:].reshape(-1, layer.keys.shape[-1]).float() for layer in cache.layers]
             vs = [layer.values[0, :, sink:].reshape(-1, layer.values.shape[-1]).float() for layer in cache.layers]
             keys = ks if keys is None else [torch.cat(p) for p in zip(keys, ks)]
@@ -132,7 +136,9 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, group: int = 1
     d = spec_from_config(model.config).head_dim
     channel_order(d, group, key_grouping)  # refuses a group that does not divide head_dim
     t0 = time.time()
-    keys, values = collect(model, ids)
+    # post-RoPE keys turn with their position: the sequences are spread over the model's context
+    offsets = spread_offsets(ids.shape[0], ids.shape[1], spec_from_config(model.config).max_context)
+    keys, values = collect(model, ids, offsets=offsets)
     kb, vb, kl, vl = [], [], [], []
     for i, (k, v) in enumerate(zip(keys, values)):
         books, left = train(k, group, key_grouping, size, depth, iters, seed=2 * i)
@@ -145,13 +151,13 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, group: int = 1
             progress(i + 1, len(keys))
     header = {**model_header(model), "data": data or {}, "group": group, "size": size, "depth": depth,
               "key_grouping": key_grouping, "value_grouping": value_grouping, "iters": iters,
-              "vectors_per_layer": int(keys[0].shape[0]), "seconds": round(time.time() - t0, 1),
+              "vectors_per_layer": int(keys[0].shape[0]), "positions": offsets, "seconds": round(time.time() - t0, 1),
               "key_residual": kl, "value_residual": vl}
     return RvqCalibration(torch.stack(kb), torch.stack(vb), header)
 
 
 def default_path(model, group: int, size: int, key_grouping: str, value_grouping: str) -> str:
-    name = f"rvq-{model_fingerprint(model)}-g{group}-k{size}-{key_grouping}-{value_grouping}.safetensors"
+    name = f"rvq-{model_fingerprint(model)}-g{group}-k{size}-{key_grouping}-{value_grouping}-2.safetensors"
     return os.path.join(calibration_dir(), name)
 
 
