@@ -20,8 +20,12 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 @pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="Triton's NVIDIA tools are not installed")
 def test_every_kernel_launch_of_the_methods_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the compiled kernels, not the interpreter
-    proc = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    # one method per kernel variant, the two bugs' cases among them (8-bit codes; ZDC ranks under 16);
+    # the script's default list covers more, at twice the time (a cold compile is about 1.5 s a launch)
+    methods = "int8-rot,int2:prerope=1,zdc-adaptive-75+int3,rvq-d2,kvc-8x+int4,kvcomp-eb0.1"
+    proc = subprocess.run([sys.executable, SCRIPT, "--methods", methods], capture_output=True, text=True, env=env,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     compiled = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok ")]
     assert set(compiled) == {"_coded_body", "_logits", "_values", "_kvcomp"}  # every kernel was reached
-    assert len(compiled) >= 12  # int, LUT, turned, ZDC ranks, RVQ, rows and KVComp launches
+    assert len(compiled) >= 8  # 8-bit, turned, three ZDC rank sets, RVQ, rows and KVComp launches
