@@ -166,6 +166,15 @@ def sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def splits_for(splits: int, device: torch.device, rows: int, tiles: int) -> int:
+    """Programs per (sequence, KV head) over `rows` of them: at least `splits`, on CUDA enough to give the
+    device twice as many programs as multiprocessors (long contexts at small batch split further), at
+    most one per tile."""
+    if device.type == "cuda":
+        splits = max(splits, -(-2 * sms(device) // rows))
+    return max(1, min(splits, tiles))
+
+
 @dataclass
 class Body:
     """One side (keys or values) of a coded body as `coded_body` reads it: codes (B * H, bytes) uint8,
@@ -239,9 +248,7 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
     b, h, r, qd = q.shape
     dev = q.device
     n_max = vis.shape[2]
-    if dev.type == "cuda":  # enough programs to fill the device: long contexts at small batch split further
-        splits = max(splits, -(-2 * sms(dev) // (b * h)))
-    splits = max(1, min(splits, -(-n_max // TILE)))
+    splits = splits_for(splits, dev, b * h, -(-n_max // TILE))
     pm = torch.empty(b * h, splits + 1, r, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.zeros(b * h, splits + 1, r, qd, device=dev)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ...codecs.huffman import MAX_LEN, MULTI
 from ...kernels.backend import CALLS
-from ...kernels.gpu import TUNING, block, online, sms
+from ...kernels.gpu import TUNING, block, online, splits_for
 from ...kernels.partials import merge_dense
 from .codec import BodyView
 
@@ -118,9 +118,7 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     b, h, r, d = q.shape
     dev = q.device
     nvb = values.num_blocks
-    if dev.type == "cuda":  # as kernels/gpu.coded_body: enough programs to fill the device
-        splits = max(splits, -(-2 * sms(dev) // (b * h)))
-    splits = max(1, min(splits, nvb))
+    splits = splits_for(splits, dev, b * h, nvb)
     pm = torch.empty(b * h, splits + 1, r, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty(b * h, splits + 1, r, d, device=dev)

@@ -133,11 +133,11 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, group: int = 1
               depth: int = MAX_DEPTH, key_grouping: str = "strided", value_grouping: str = "contiguous",
               iters: int = 10, progress=None) -> RvqCalibration:
     check_layout(size, depth, key_grouping, value_grouping)
-    d = spec_from_config(model.config).head_dim
-    channel_order(d, group, key_grouping)  # refuses a group that does not divide head_dim
+    spec = spec_from_config(model.config)
+    channel_order(spec.head_dim, group, key_grouping)  # refuses a group that does not divide head_dim
     t0 = time.time()
     # post-RoPE keys turn with their position: the sequences are spread over the model's context
-    offsets = spread_offsets(ids.shape[0], ids.shape[1], spec_from_config(model.config).max_context)
+    offsets = spread_offsets(ids.shape[0], ids.shape[1], spec.max_context)
     keys, values = collect(model, ids, offsets=offsets)
     kb, vb, kl, vl = [], [], [], []
     for i, (k, v) in enumerate(zip(keys, values)):
