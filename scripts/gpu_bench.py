@@ -5,9 +5,10 @@ context and batch: a cache of each method is filled with random keys and values 
 cache's own `update` (so its layout is the method's), one decode step's states are taken, and
 `states.attend` (the Triton kernel and the PyTorch dense part and merge) is timed with CUDA events
 against `F.scaled_dot_product_attention` over the same tokens in float16. Reported per cell:
-microseconds, the speed ratio to SDPA (>1: faster), the bytes the step must read (the cache as
-held; float16 K and V for SDPA) and the fraction of the device's copy bandwidth (measured here)
-that those bytes over that time attain. The device's name goes with every figure.
+microseconds of wall time (host launches included) and of device time (the profiler's kernel time),
+the speed ratio to SDPA of each (>1: faster), the bytes the step must read (the cache as held;
+float16 K and V for SDPA) and the fraction of the device's copy bandwidth (measured here) that those
+bytes over the device time attain. The device's name goes with every figure.
 
     python scripts/gpu_bench.py --out gpu-results            # on a CUDA machine
     TRITON_INTERPRET=1 python scripts/gpu_bench.py --smoke   # CPU, Triton's interpreter, tiny sizes
@@ -27,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig
 
 from kvshrink import from_method
@@ -65,6 +67,19 @@ def timed(fn, device, reps: int) -> float:
     return statistics.median(out)
 
 
+def device_seconds(fn, device, reps: int) -> float:
+    """Seconds per fn() that the GPU spends in kernels (the profiler's device time): the wall time of
+    `timed` less the host's launch overhead, which dominates small steps."""
+    if device.type != "cuda":
+        return float("nan")
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / reps / 1e6
+
+
 def copy_bandwidth(device) -> float:
     """Bytes/s of a large device-to-device copy (read + write counted)."""
     n = (1 << 30) // 4 if device.type == "cuda" else 1 << 22
@@ -92,8 +107,9 @@ def one_cell(name: str, cfg, batch: int, length: int, device, reps: int) -> dict
         raise SystemExit(f"{name}: the decode step did not get a kernel's states ({type(states).__name__})")
     q = torch.randn(batch, hq, 1, d, device=device, generator=g, dtype=torch.float16)
     held = cache_nbytes(cache)
-    sec = timed(lambda: states.attend(None, q, None, d ** -0.5), device, reps)
-    return {"us": sec * 1e6, "bytes": held, "tokens": length + 1}
+    step = lambda: states.attend(None, q, None, d ** -0.5)
+    sec, dev_sec = timed(step, device, reps), device_seconds(step, device, reps)
+    return {"us": sec * 1e6, "device_us": dev_sec * 1e6, "bytes": held, "tokens": length + 1}
 
 
 def sdpa_cell(cfg, batch: int, length: int, device, reps: int) -> dict:
@@ -101,8 +117,9 @@ def sdpa_cell(cfg, batch: int, length: int, device, reps: int) -> dict:
     k = torch.randn(batch, h, length + 1, d, device=device, dtype=torch.float16)
     v = torch.randn_like(k)
     q = torch.randn(batch, hq, 1, d, device=device, dtype=torch.float16)
-    sec = timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device, reps)
-    return {"us": sec * 1e6, "bytes": 2 * k.numel() * 2, "tokens": length + 1}
+    step = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    sec, dev_sec = timed(step, device, reps), device_seconds(step, device, reps)
+    return {"us": sec * 1e6, "device_us": dev_sec * 1e6, "bytes": 2 * k.numel() * 2, "tokens": length + 1}
 
 
 def main(argv=None) -> int:
@@ -114,8 +131,9 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--groups", type=int, default=4, help="query heads per KV head")
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--precision", default="ieee", help="products' input precision to sweep: ieee (exact), tf32")
-    p.add_argument("--warps", default="8", help="warps per program to sweep, e.g. 4,8")
+    p.add_argument("--precision", default=gpu.TUNING.precision,
+                   help="products' input precision to sweep: fp16 (the default), tf32, ieee (exact)")
+    p.add_argument("--warps", default=str(gpu.TUNING.num_warps), help="warps per program to sweep, e.g. 4,8")
     p.add_argument("--out", default="gpu-results")
     p.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny sizes: checks the script")
     a = p.parse_args(argv)
@@ -129,6 +147,7 @@ def main(argv=None) -> int:
     cfg = layer_config(a.kv_heads, a.head_dim, a.groups)
     bandwidth = copy_bandwidth(device)
     rows = []
+    default = gpu.TUNING.precision, gpu.TUNING.num_warps
     with backend.use("triton"):
         for length in (int(x) for x in a.contexts.split(",")):
             for batch in (int(x) for x in a.batches.split(",")):
@@ -140,15 +159,17 @@ def main(argv=None) -> int:
                             gpu.TUNING.precision, gpu.TUNING.num_warps = prec, warps
                             cells[m, prec, warps] = one_cell(m, cfg, batch, length, device, a.reps)
                             torch.cuda.empty_cache() if device.type == "cuda" else None
-                gpu.TUNING.precision, gpu.TUNING.num_warps = "ieee", 8
+                gpu.TUNING.precision, gpu.TUNING.num_warps = default
                 for (m, prec, warps), c in cells.items():
                     row = {"device": name, "method": m, "precision": prec, "warps": warps, "context": length,
                            "batch": batch, **c, "speed_vs_sdpa": ref["us"] / c["us"],
+                           "device_speed_vs_sdpa": ref["device_us"] / c["device_us"],
                            "ratio_vs_fp16": ref["bytes"] / c["bytes"],
-                           "bandwidth_fraction": c["bytes"] / (c["us"] / 1e6) / bandwidth}
+                           "bandwidth_fraction": c["bytes"] / (c["device_us"] / 1e6) / bandwidth}
                     rows.append(row)
                     print(f"{name} | {m:>10} {prec:>4} w{warps} | ctx {length:>6} | batch {batch:>2} | {c['us']:9.1f} us | "
-                          f"x{row['speed_vs_sdpa']:.2f} SDPA | {row['ratio_vs_fp16']:.2f}x smaller | "
+                          f"x{row['speed_vs_sdpa']:.2f} SDPA | device {c['device_us']:9.1f} us "
+                          f"x{row['device_speed_vs_sdpa']:.2f} | {row['ratio_vs_fp16']:.2f}x smaller | "
                           f"{100 * row['bandwidth_fraction']:.0f}% of {bandwidth / 1e9:.0f} GB/s", flush=True)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "kernels.json"), "w") as fh:

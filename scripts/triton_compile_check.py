@@ -123,9 +123,10 @@ def drive(model, name: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--warps", default="8", help="comma-separated warps per program to compile each launch with")
+    p.add_argument("--warps", default=str(kernels_gpu.TUNING.num_warps),
+                   help="comma-separated warps per program to compile each launch with")
     p.add_argument("--head-dim", type=int, default=32, help="the model's head size (128: a large model's tiles)")
-    p.add_argument("--precision", default="ieee", help="the products' input precision (kernels/gpu.py Tuning)")
+    p.add_argument("--precision", default=kernels_gpu.TUNING.precision, help="the products' input precision (kernels/gpu.py Tuning)")
     a = p.parse_args(argv)
     kernels_gpu.TUNING.precision = a.precision
     backend.ON_CPU = True  # CPU tensors may take the Triton path: its launches are captured, never run

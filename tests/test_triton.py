@@ -33,6 +33,14 @@ if not backend.ON_CPU:
 gpu = pytest.importorskip("kvshrink.families.quant.gpu")  # imports Triton
 rvq_gpu = pytest.importorskip("kvshrink.families.rvq.gpu")
 kvcomp_gpu = pytest.importorskip("kvshrink.families.kvcomp.gpu")
+kernels_gpu = pytest.importorskip("kvshrink.kernels.gpu")
+
+
+@pytest.fixture(autouse=True)
+def exact_products(monkeypatch):
+    """Float32 products: these tests check the kernels' logic against numba's to float32 rounding; the
+    default float16 products are bounded by their own test below."""
+    monkeypatch.setattr(kernels_gpu.TUNING, "precision", "ieee")
 
 
 def test_merge_of_partials_is_softmax_attention():
@@ -83,6 +91,26 @@ def test_int_body_kernel_equals_the_numba_kernel(kbits, vbits, key_axis, rotate,
     want = kernel.fused_attend(q, vis, dk, dv, dvis, keys, values, kc, vc, 64, 3, cap)
     got = gpu.fused_attend(q, vis, dk, dv, dvis, keys, values, kc, vc, 3, cap)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_float16_products_stay_within_float16_rounding_of_the_exact_kernel(bits, monkeypatch):
+    """The default float16 tensor-core inputs (float32 sums) move the output by float16 rounding, no
+    more: within 2e-3 of its scale of the float32 products (int4 keys and values, the whole-byte paths
+    of 2, 4 and 8 bits), and not identical to them (the setting takes effect)."""
+    g = torch.Generator().manual_seed(bits)
+    d, h, n = 64, 2, 256
+    kc, vc = IntQuant(bits, "channel", 64), IntQuant(bits, "token", None)
+    keys, values = _body(kc, vc, 2, h, n, d, g)
+    q = torch.randn(2, h, 4, d, generator=g) * d ** -0.5
+    vis = torch.ones(2, n, dtype=torch.bool)
+    dk, dv = torch.randn(2, h, 3, d, generator=g), torch.randn(2, h, 3, d, generator=g)
+    dvis = torch.ones(2, 1, 3, dtype=torch.bool)
+    exact = gpu.fused_attend(q, vis, dk, dv, dvis, keys, values, kc, vc, 3)
+    monkeypatch.setattr(kernels_gpu.TUNING, "precision", "fp16")
+    half = gpu.fused_attend(q, vis, dk, dv, dvis, keys, values, kc, vc, 3)
+    err = (half - exact).abs().max().item()
+    assert 0 < err <= 2e-3 * exact.abs().max().item()
 
 
 @settings(max_examples=15, deadline=None)

@@ -26,9 +26,6 @@ from ..codecs.levels import levels_on
 from ..codecs.spin import angles
 
 
-TILE = 64  # tokens per tile
-
-
 @triton.jit
 def unpack(base, sym, bits: tl.constexpr, mask):
     """The `bits`-bit codes at flat symbol indices `sym` of a little-endian packed byte run starting
@@ -39,8 +36,25 @@ def unpack(base, sym, bits: tl.constexpr, mask):
     lo = tl.load(base + byte, mask=mask, other=0).to(tl.int32)
     if bits == 8:
         return lo
+    if 8 % bits == 0:  # 1, 2, 4 bits: a code never straddles two bytes
+        return ((lo >> sh) & ((1 << bits) - 1)).to(tl.int32)
     hi = tl.load(base + byte + 1, mask=mask & (sh + bits > 8), other=0).to(tl.int32)
     return (((lo | (hi << 8)) >> sh) & ((1 << bits) - 1)).to(tl.int32)
+
+
+@triton.jit
+def split_bytes(base, toks, tmask, NB: tl.constexpr, CB: tl.constexpr, bits: tl.constexpr):
+    """(N, CB * 8 // bits) int32 codes of tokens `toks` whose NB bytes each start at base + tok * NB (4 or 2
+    bits, low bits first): the bytes are loaded as one contiguous tile (vector loads, not a gather per
+    code) and split in registers; CB >= NB byte columns, those past NB read as zero codes."""
+    bc = tl.arange(0, CB)
+    by = tl.load(base + toks[:, None] * NB + bc[None, :], mask=tmask[:, None] & (bc[None, :] < NB), other=0)
+    by = by.to(tl.int32)
+    if bits == 4:  # (N, CB, 2): [n, c, i] is code 2c + i
+        x = tl.join(by & 15, by >> 4)
+    else:  # (N, CB, 2, 2): [n, c, i, j] is code 4c + 2i + j
+        x = tl.join(tl.join(by & 3, (by >> 4) & 3), tl.join((by >> 2) & 3, by >> 6))
+    return tl.reshape(x, (toks.shape[0], CB * 8 // bits))
 
 
 @triton.jit
@@ -49,6 +63,17 @@ def capped(s, cap, CAP: tl.constexpr):
     if CAP:
         s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
     return s
+
+
+@triton.jit
+def mm(a, b, PREC: tl.constexpr):
+    """a @ b accumulated in float32, its inputs at `PREC` (`Tuning`): "ieee" float32, "tf32", or "fp16"
+    (both cast to float16 for the tensor cores, as flash attention does)."""
+    if PREC == "fp16":  # if/else: Triton compiles what follows an early return too
+        out = tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
 
 
 @triton.jit
@@ -61,18 +86,21 @@ def online(s, m, l, acc, v, PREC: tl.constexpr):
     p = tl.exp(s - m_safe[:, None])
     corr = tl.exp(m - m_safe)
     l = l * corr + tl.sum(p, 1)
-    acc = acc * corr[:, None] + tl.dot(p, v, input_precision=PREC)
+    acc = acc * corr[:, None] + mm(p, v, PREC)
     return m_new, l, acc
 
 
 @triton.jit
-def dequant(codes, mn, scale, lut, toks, cols, ok, c_off, p_off, W: tl.constexpr, BITS: tl.constexpr,
-            TG: tl.constexpr, GW: tl.constexpr, DEPTH: tl.constexpr, SIZE: tl.constexpr, LUT: tl.constexpr):
+def dequant(codes, mn, scale, lut, toks, cols, tmask, c_off, p_off, W: tl.constexpr, BITS: tl.constexpr,
+            TG: tl.constexpr, GW: tl.constexpr, DEPTH: tl.constexpr, SIZE: tl.constexpr, LUT: tl.constexpr,
+            N: tl.constexpr):
     """(N, C) float32 of tokens `toks` and channels `cols` (< W) of one body: int codes at c_off bytes
     of `codes` with (min, step) rows at p_off of `mn` / `scale`, one per TG tokens and GW channels (with
     LUT, a code stands for its float32 level in `lut`: Gaussian levels, codecs/levels.py);
     float16 numbers (BITS 16) at c_off elements; or, with DEPTH levels, RVQ codes (GW channels a
-    group, the codebooks (DEPTH, SIZE, GW) float16 at `mn`, one scale per token at p_off)."""
+    group, the codebooks (DEPTH, SIZE, GW) float16 at `mn`, one scale per token at p_off); tmask the
+    tokens that exist, N the tile's tokens."""
+    ok = tmask[:, None] & (cols[None, :] < W)
     if DEPTH > 0:
         ncode = (W // GW) * DEPTH
         x = tl.zeros(ok.shape, tl.float32)
@@ -83,14 +111,29 @@ def dequant(codes, mn, scale, lut, toks, cols, ok, c_off, p_off, W: tl.constexpr
     sym = toks[:, None] * W + cols[None, :]
     if BITS == 16:
         return tl.load(codes + c_off + sym, mask=ok, other=0.0).to(tl.float32)
-    c = unpack(codes + c_off, sym, BITS, ok)
+    if BITS == 8:
+        c = tl.load(codes + c_off + sym, mask=ok, other=0).to(tl.int32)
+    elif (BITS == 4 or BITS == 2) and W % (8 // BITS) == 0:  # whole bytes per token: load them, split in registers
+        c = split_bytes(codes + c_off, toks, tmask, W * BITS // 8, cols.shape[0] * BITS // 8, BITS)
+    else:
+        c = unpack(codes + c_off, sym, BITS, ok)
     if LUT:
         c = tl.load(lut + c, mask=ok, other=0.0)
     else:
         c = c.to(tl.float32)
-    p = p_off + (toks[:, None] // TG) * (W // GW) + cols[None, :] // GW
-    return tl.load(mn + p, mask=ok, other=0.0).to(tl.float32) + tl.load(scale + p, mask=ok, other=0.0).to(
+    # the (min, step) numbers loaded once per distinct one, not per code
+    if TG % N == 0:  # one row for the whole tile (keys per channel over token groups)
+        p = p_off + (tl.min(toks) // TG) * (W // GW) + cols[None, :] // GW
+        pok = cols[None, :] < W
+    elif GW >= W:  # one per token (values per token over the whole head vector)
+        p = p_off + toks[:, None] // TG
+        pok = tmask[:, None]
+    else:
+        p = p_off + (toks[:, None] // TG) * (W // GW) + cols[None, :] // GW
+        pok = ok
+    x = tl.load(mn + p, mask=pok, other=0.0).to(tl.float32) + tl.load(scale + p, mask=pok, other=0.0).to(
         tl.float32) * c
+    return tl.where(ok, x, 0.0)
 
 
 @triton.jit
@@ -124,19 +167,19 @@ def _coded_body(q, vis, nbody, kc, kmn, ksc, klut, vc, vmn, vsc, vlut, ka, kb, k
     for j in range(lo, hi):
         toks = j * BLOCK_N + tl.arange(0, BLOCK_N)
         tmask = toks < n
-        k = dequant(kc, kmn, ksc, klut, toks, kcols, tmask[:, None] & (kcols[None, :] < KD), bh * kc_s, bh * kp_s,
-                    KD, KBITS, KTG, KGW, KDEPTH, KSIZE, KLUT)
+        k = dequant(kc, kmn, ksc, klut, toks, kcols, tmask, bh * kc_s, bh * kp_s,
+                    KD, KBITS, KTG, KGW, KDEPTH, KSIZE, KLUT, BLOCK_N)
         if TURN:
             at = (toks % KTG)[:, None] * KD + kcols[None, :]
             tok = tmask[:, None] & (kcols[None, :] < KD)
-            k = (tl.dot(k, turn_a, input_precision=PREC) * tl.load(kcos + at, mask=tok, other=0.0)
-                 + tl.dot(k, turn_b, input_precision=PREC) * tl.load(ksin + at, mask=tok, other=0.0))
-        s = capped(tl.dot(qrow, tl.trans(k), input_precision=PREC), cap, CAP)
+            k = (mm(k, turn_a, PREC) * tl.load(kcos + at, mask=tok, other=0.0)
+                 + mm(k, turn_b, PREC) * tl.load(ksin + at, mask=tok, other=0.0))
+        s = capped(mm(qrow, tl.trans(k), PREC), cap, CAP)
         seen = tl.load(vis + b * vis_b + (rows % T)[:, None] * vis_t + toks[None, :],
                        mask=(rows[:, None] < R) & tmask[None, :], other=0) != 0
         s = tl.where(seen, s, float("-inf"))
-        v = dequant(vc, vmn, vsc, vlut, toks, vcols, tmask[:, None] & (vcols[None, :] < VD), bh * vc_s, bh * vp_s,
-                    VD, VBITS, 1, VGW, VDEPTH, VSIZE, VLUT)
+        v = dequant(vc, vmn, vsc, vlut, toks, vcols, tmask, bh * vc_s, bh * vp_s,
+                    VD, VBITS, 1, VGW, VDEPTH, VSIZE, VLUT, BLOCK_N)
         m, l, acc = online(s, m, l, acc, v, PREC)
     u = bh * (SPLITS + 1) + sp
     rmask = rows < R
@@ -147,14 +190,19 @@ def _coded_body(q, vis, nbody, kc, kmn, ksc, klut, vc, vmn, vsc, vlut, ka, kb, k
 
 @dataclass
 class Tuning:
-    """How the kernels are launched: `precision` of their products' inputs ("ieee": float32, what the
-    numba kernels compute; "tf32": tensor cores on 10-bit mantissas) and `num_warps` per program.
-    `scripts/gpu_bench.py --precision --warps` times the choices on a GPU. 8 warps: at head size 128 the
-    float32 tiles need more registers than 4 warps hold; compiled for sm_90 the int body spilled 1,344
-    bytes a thread at 4 warps and 240 at 8 (`scripts/triton_compile_check.py --head-dim 128`)."""
+    """How the kernels are launched, chosen from timings on an H200 (docs/gpu.md;
+    `scripts/gpu_bench.py --precision --warps` sweeps the first two):
 
-    precision: str = "ieee"
-    num_warps: int = 8
+    - `precision` of the products' inputs: "fp16" (float16 tensor-core inputs, float32 sums, as flash
+      attention does; within float16 rounding of the exact result), "tf32", or "ieee" (float32 on FMA
+      units, what the numba kernels compute; 6-7x slower on an H200);
+    - `num_warps` per program, `tile` tokens per tile (the coded body), and `programs_per_sm`, the
+      split-K target: programs per multiprocessor (`splits_for`)."""
+
+    precision: str = "fp16"
+    num_warps: int = 4
+    tile: int = 32
+    programs_per_sm: int = 8
 
 
 TUNING = Tuning()
@@ -168,10 +216,10 @@ def sms(device: torch.device) -> int:
 
 def splits_for(splits: int, device: torch.device, rows: int, tiles: int) -> int:
     """Programs per (sequence, KV head) over `rows` of them: at least `splits`, on CUDA enough to give the
-    device twice as many programs as multiprocessors (long contexts at small batch split further), at
-    most one per tile."""
+    device `TUNING.programs_per_sm` programs per multiprocessor (long contexts at small batch split
+    further), at most one per tile."""
     if device.type == "cuda":
-        splits = max(splits, -(-2 * sms(device) // rows))
+        splits = max(splits, -(-TUNING.programs_per_sm * sms(device) // rows))
     return max(1, min(splits, tiles))
 
 
@@ -248,7 +296,7 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
     b, h, r, qd = q.shape
     dev = q.device
     n_max = vis.shape[2]
-    splits = splits_for(splits, dev, b * h, -(-n_max // TILE))
+    splits = splits_for(splits, dev, b * h, -(-n_max // TUNING.tile))
     pm = torch.empty(b * h, splits + 1, r, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.zeros(b * h, splits + 1, r, qd, device=dev)
@@ -265,6 +313,6 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
                                  VLUT=values.lut is not None, SPLITS=splits, QD=qd, KD=keys.width,
                                  VD=values.width,
                                  BLOCK_KD=block(keys.width), BLOCK_VD=block(values.width),
-                                 BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=TILE, CAP=bool(cap),
+                                 BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=TUNING.tile, CAP=bool(cap),
                                  PREC=TUNING.precision, num_warps=TUNING.num_warps)
     return tuple(x.view(b, h, splits + 1, *x.shape[2:]) for x in (pm, pl, pacc))

@@ -17,7 +17,7 @@ import triton.language as tl
 from ...codecs.base import Codec, Fp16
 from ...codecs.hadamard import rotation_on
 from ...kernels.backend import CALLS
-from ...kernels.gpu import TUNING, block, sms, unpack
+from ...kernels.gpu import TUNING, block, mm, sms, unpack
 
 TILE = 64
 
@@ -60,7 +60,7 @@ def _logits(q, table, n_past, pos, seen, kc, ks, km, logits, H, G, W, S, seen_st
         p = tl.load(pos + slot, mask=kept, other=0)
         vis = kept & (tl.load(seen + (u // H) * seen_stride + p, mask=kept, other=0) != 0)
     k = _row_tile(kc, ks, km, slot, kept[:, None] & cmask[None, :], cols, row_bytes, groups, BITS, D, GW)
-    s = tl.dot(qg, tl.trans(k), input_precision=PREC)
+    s = mm(qg, tl.trans(k), PREC)
     s = tl.where(vis[None, :], s, float("-inf"))
     tl.store(logits + (u * G + gs[:, None]) * (S + 1) + rows[None, :], s,
              mask=(gs[:, None] < G) & (rows[None, :] < S))
@@ -83,7 +83,7 @@ def _values(probs, table, n_past, vc, vs, vm, out, H, G, W, S, block, row_bytes,
         v = _row_tile(vc, vs, vm, slot, kept[:, None] & cmask[None, :], cols, row_bytes, groups, BITS, D, GW)
         p = tl.load(probs + (u * G + gs[:, None]) * (S + 1) + rows[None, :],
                     mask=(gs[:, None] < G) & kept[None, :], other=0.0)
-        acc += tl.dot(p, v, input_precision=PREC)
+        acc += mm(p, v, PREC)
     tl.store(out + ((u * SPLITS + sp) * G + gs[:, None]) * D + cols[None, :], acc,
              mask=(gs[:, None] < G) & cmask[None, :])
 

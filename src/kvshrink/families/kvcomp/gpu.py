@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ...codecs.huffman import MAX_LEN, MULTI
 from ...kernels.backend import CALLS
-from ...kernels.gpu import TUNING, block, online, splits_for
+from ...kernels.gpu import TUNING, block, mm, online, splits_for
 from ...kernels.partials import merge_dense
 from .codec import BodyView
 
@@ -93,7 +93,7 @@ def _kvcomp(q, vis, scratch, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep, vs,
         kp = (bh * nkb + j * (VB // KB) + toks[:, None] // KB) * D + cols[None, :]  # per channel, per key block
         k = tl.load(kmn + kp, mask=cm, other=0.0).to(tl.float32) + tl.load(kstep + kp, mask=cm, other=0.0).to(
             tl.float32) * tl.load(kbuf + sym, mask=cm, other=0).to(tl.float32)
-        s = tl.dot(qrow, tl.trans(k), input_precision=PREC)
+        s = mm(qrow, tl.trans(k), PREC)
         if CAP:
             s = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
         seen = tl.load(vis + b * vis_b + j * VB + toks) != 0
