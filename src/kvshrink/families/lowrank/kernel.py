@@ -310,10 +310,21 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st: LowRankStates, cap: float = 0
     kb = st.key_codec.group if isinstance(st.key_codec, IntQuant) else 1
     splits = max(1, min(st.splits, -(-n // st.block))) if n else 1
     out = np.empty((b, h, r, d), dtype=np.float32)
-    _fused(q.contiguous().numpy(), as_u8(vis), offs, *(tuple(_bytes(p[i]) for p in parts)
+    _fused(q.contiguous().numpy(), as_u8(vis), offs, *(_heads(_bytes(p[i]) for p in parts)
                                                        for parts in (st.sinks, st.mids, st.windows) for i in (0, 1)),
            (st.new[0].float().contiguous().numpy(), st.new[1].float().contiguous().numpy()),
-           tuple(o[0] for o in ko), tuple(o[0] for o in vo), tuple(o[1] for o in ko), tuple(o[2] for o in ko),
-           tuple(o[1] for o in vo), tuple(o[2] for o in vo), _bits(st.key_codec), _bits(st.value_codec), kb,
+           _heads(o[0] for o in ko), _heads(o[0] for o in vo), _heads(o[1] for o in ko), _heads(o[2] for o in ko),
+           _heads(o[1] for o in vo), _heads(o[2] for o in vo), _bits(st.key_codec), _bits(st.value_codec), kb,
            st.block, n, splits, np.float32(cap), out)
     return torch.from_numpy(out)
+
+
+def _heads(arrays) -> tuple:
+    """Per-head arrays (their shapes differ with the heads' ranks) as a tuple padded with its first
+    array to 8, 16, 32, ... entries: numba compiles the kernel once per tuple length, so models of 1 to 8
+    KV heads share one compile (about 25 s) instead of one each. The padding is never read."""
+    t = tuple(arrays)
+    size = 8
+    while size < len(t):
+        size *= 2
+    return t + t[:1] * (size - len(t))

@@ -203,6 +203,7 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
     no_turn = np.empty((0, 0, 0), dtype=np.float32)
     no_levels = np.empty(0, dtype=np.float32)
     no_classes = np.empty((0, 3), dtype=np.int64)
+    zero, one = np.int64(0), np.int64(1)  # not literals: both _span calls share one compiled signature
     for u in numba.prange(nb_ * nh * parts):
         b = u // (nh * parts)
         h = (u // parts) % nh
@@ -216,8 +217,8 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
         if sp == splits + 1:  # the stage: per-token keys, uniform codes, no turn
             ns = nstage[b]
             if ns:
-                _span(sqb[b, h], no_turn, vis[b, soff:], 0, (ns + vb - 1) // vb, ns, skc[bh], skmn[b, h], skstep[b, h],
-                      1, skgroups, skbits, svc[bh], svmn[b, h], svstep[b, h], vgroups, vbits, vb, vrot, cap, no_levels,
+                _span(sqb[b, h], no_turn, vis[b, soff:], zero, (ns + vb - 1) // vb, ns, skc[bh], skmn[b, h],
+                      skstep[b, h], one, skgroups, skbits, svc[bh], svmn[b, h], svstep[b, h], vgroups, vbits, vb, vrot, cap, no_levels,
                       vlut, no_classes, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         n = nbody[b]  # this sequence's body tokens: its tiles and split edges ignore a batch's padding
