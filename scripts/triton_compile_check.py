@@ -126,9 +126,11 @@ def main(argv=None) -> int:
     p.add_argument("--warps", default=str(kernels_gpu.TUNING.num_warps),
                    help="comma-separated warps per program to compile each launch with")
     p.add_argument("--head-dim", type=int, default=32, help="the model's head size (128: a large model's tiles)")
-    p.add_argument("--precision", default=kernels_gpu.TUNING.precision, help="the products' input precision (kernels/gpu.py Tuning)")
+    p.add_argument("--precision", default=kernels_gpu.TUNING.precision,
+                   help="the products' input precision (kernels/gpu.py Tuning)")
     a = p.parse_args(argv)
     kernels_gpu.TUNING.precision = a.precision
+    kernels_gpu.TUNING.cpu_tile = kernels_gpu.TUNING.tile  # launches captured on the CPU, compiled as a GPU runs them
     backend.ON_CPU = True  # CPU tensors may take the Triton path: its launches are captured, never run
     seen: dict = {}
     for module, name in KERNELS:

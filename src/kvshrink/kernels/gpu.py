@@ -196,12 +196,15 @@ class Tuning:
     - `precision` of the products' inputs: "fp16" (float16 tensor-core inputs, float32 sums, as flash
       attention does; within float16 rounding of the exact result), "tf32", or "ieee" (float32 on FMA
       units, what the numba kernels compute; 6-7x slower on an H200);
-    - `num_warps` per program, `tile` tokens per tile (the coded body), and `programs_per_sm`, the
-      split-K target: programs per multiprocessor (`splits_for`)."""
+    - `num_warps` per program, `tile` tokens per tile of the coded body on a GPU (`cpu_tile` in Triton's
+      interpreter, where each step of the tile loop costs Python time: 64 takes a third less time in
+      the CPU tests), and `programs_per_sm`, the split-K target: programs per multiprocessor
+      (`splits_for`)."""
 
     precision: str = "fp16"
     num_warps: int = 4
     tile: int = 32
+    cpu_tile: int = 64
     programs_per_sm: int = 8
 
 
@@ -296,7 +299,8 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
     b, h, r, qd = q.shape
     dev = q.device
     n_max = vis.shape[2]
-    splits = splits_for(splits, dev, b * h, -(-n_max // TUNING.tile))
+    tile = TUNING.tile if dev.type == "cuda" else TUNING.cpu_tile
+    splits = splits_for(splits, dev, b * h, -(-n_max // tile))
     pm = torch.empty(b * h, splits + 1, r, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.zeros(b * h, splits + 1, r, qd, device=dev)
@@ -313,6 +317,6 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
                                  VLUT=values.lut is not None, SPLITS=splits, QD=qd, KD=keys.width,
                                  VD=values.width,
                                  BLOCK_KD=block(keys.width), BLOCK_VD=block(values.width),
-                                 BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=TUNING.tile, CAP=bool(cap),
+                                 BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=tile, CAP=bool(cap),
                                  PREC=TUNING.precision, num_warps=TUNING.num_warps)
     return tuple(x.view(b, h, splits + 1, *x.shape[2:]) for x in (pm, pl, pacc))
