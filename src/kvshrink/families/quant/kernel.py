@@ -218,8 +218,8 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
             ns = nstage[b]
             if ns:
                 _span(sqb[b, h], no_turn, vis[b, soff:], zero, (ns + vb - 1) // vb, ns, skc[bh], skmn[b, h],
-                      skstep[b, h], one, skgroups, skbits, svc[bh], svmn[b, h], svstep[b, h], vgroups, vbits, vb, vrot, cap, no_levels,
-                      vlut, no_classes, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+                      skstep[b, h], one, skgroups, skbits, svc[bh], svmn[b, h], svstep[b, h], vgroups, vbits, vb,
+                      vrot, cap, no_levels, vlut, no_classes, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         n = nbody[b]  # this sequence's body tokens: its tiles and split edges ignore a batch's padding
         nvb = (n + vb - 1) // vb
