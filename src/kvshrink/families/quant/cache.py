@@ -12,6 +12,8 @@ integer-coded body in place (kernel.py) and nothing of the history is decoded.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ...attention.function import require_kvshrink_attention, use_kvshrink_attention, uses_kvshrink_attention
@@ -209,6 +211,18 @@ class CompressedCache(KVCache):
             for layer in layers:
                 layer.fused, layer.splits = True, splits
         super().__init__(layers, config, method)
+
+    def decoding_copy(self) -> CompressedCache:
+        """A copy that reads the same codes by decoding them, then attending (attend="decode"): the
+        reference of the fused path on one set of codes. Two caches filled separately can differ by a
+        code that float rounding upstream (1e-7) moved across a level, which is not the kernel's doing."""
+        if self.background:
+            raise KvshrinkError("a cache that codes blocks in the background cannot be copied; settle it first")
+        other = copy.deepcopy(self)
+        other.attend = "decode"
+        for layer in other.layers:
+            layer.fused = layer.kernel_reads = layer.body_reads_stage = False
+        return other
 
     def head_agnostic(self) -> bool:
         # int and float16 codes treat every head alike; joint-basis keys and learned codebooks do not
