@@ -95,25 +95,46 @@ def test_four_ranks_of_one_kv_head_each_decode_as_one_process(tiny):
     assert all(r["held"] > 0 for r in res)
 
 
-def test_zdc_keys_and_values_cross_at_the_coordinates_their_cache_keeps(tiny):
+def test_zdc_queries_keys_values_and_outputs_cross_at_the_coordinates_their_cache_keeps(tiny):
+    """FDC's exchange: keys and values at their heads' ranks; a query before the prompt's last window at its
+    key rank plus its scores of the sink tokens; an output at its value rank plus its sink weights (the
+    sink's keys and values go to every rank once per layer). The logits are those of the exchange that
+    sends queries and outputs whole ("kv"), to float tolerance."""
     model, source = tiny
     method, world, n = "zdc-adaptive-50", 2, 200
     cache = from_method(method, prepare(model, method))
-    res = launch(run_rank, world, (source, method, _prompt(n, seed=3), 2), timeout=300)
+    ids = _prompt(n, seed=3)
+    res = launch(run_rank, world, (source, method, ids, 2, True), timeout=300)
     sink, window, wide = cache.sink, cache.window, cache.ranks.sink_rank
+    layers, group = cache.ranks.k.shape[0], model.config.num_attention_heads // model.config.num_key_value_heads
     assert n > sink + window  # some tokens cross narrowed
     sent = full = 0
     for r in res:
         s, e = r["token_range"]
         n_wide = sum(p < sink or p >= n - window for p in range(s, e))
-        other = res[1 - r["rank"]]["heads"]
+        other = res[1 - r["rank"]]
         for kind, ranks in (("k", cache.ranks.k), ("v", cache.ranks.v)):
             want = sum(n_wide * wide + (e - s - n_wide) * int(ranks[layer, h])
-                       for layer in range(ranks.shape[0]) for h in range(*other))
+                       for layer in range(layers) for h in range(*other["heads"]))
             assert r["sent"][kind] == want * FLOAT
-            sent += r["sent"][kind]
-            full += (e - s) * (other[1] - other[0]) * model.config.head_dim * ranks.shape[0] * FLOAT
+        # queries of this rank's tokens to the other's heads; outputs of this rank's heads to the other's tokens
+        for kind, ranks, tokens, heads in (("q", cache.ranks.k, (s, e), other["heads"]),
+                                           ("o", cache.ranks.v, other["token_range"], r["heads"])):
+            late = sum(p >= n - window for p in range(*tokens))
+            early = tokens[1] - tokens[0] - late
+            want = sum(group * (early * (int(ranks[layer, h]) + sink) + late * wide)
+                       for layer in range(layers) for h in range(*heads))
+            assert r["sent"][kind] == want * FLOAT
+        assert r["sent"].get("sink", 0) == (2 * cache.ranks.k.shape[1] * sink * wide * FLOAT * layers
+                                            if r["rank"] == 0 else 0)
+        sent += sum(r["sent"].values())
+        full += (e - s) * model.config.head_dim * 2 * (1 + group) * (other["heads"][1] - other["heads"][0]) * layers * FLOAT
     assert sent < 0.8 * full  # half the dimensions in the budget, all of them for the sink and window tokens
+    whole = launch(run_rank, world, (source, method, ids, 2, True, "model", False, "kv"), timeout=300)
+    torch.testing.assert_close(torch.cat([r["logits"] for r in res]), torch.cat([r["logits"] for r in whole]),
+                               rtol=1e-4, atol=1e-4)
+    assert [r["tokens"] for r in res] == [r["tokens"] for r in whole]
+    assert all(w["sent"]["q"] > r["sent"]["q"] for r, w in zip(res, whole))
 
 
 def test_a_failing_rank_stops_every_rank_with_one_line(tiny, monkeypatch):

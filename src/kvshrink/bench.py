@@ -95,7 +95,7 @@ def validate(cfg: BenchConfig, spec) -> None:
         if not cfg.sp_wires or any(w not in WIRES for w in cfg.sp_wires):
             raise KvshrinkError(f"sp wire formats are model, int8 and int4, got {cfg.sp_wires}")
         if not cfg.sp_exchanges or any(x not in EXCHANGES for x in cfg.sp_exchanges):
-            raise KvshrinkError(f"sp exchanges are reduced and full, got {cfg.sp_exchanges}")
+            raise KvshrinkError(f"sp exchanges are {', '.join(EXCHANGES)}, got {cfg.sp_exchanges}")
         if not cfg.sp_ranks or any(not (isinstance(n, int) and n >= 1) for n in cfg.sp_ranks):
             raise KvshrinkError(f"sp process counts must be positive integers, got {cfg.sp_ranks}")
         if not cfg.sp_contexts or min(cfg.sp_contexts) < max(cfg.sp_ranks):

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sp-contexts", type=_ints, help="sp: prompt lengths (default 4096,8184)")
     b.add_argument("--sp-ranks", type=_ints, help="sp: process counts (default 2,4)")
     b.add_argument("--sp-wires", type=_csv, help="sp: how prefill messages cross: model, int8, int4 (default model)")
-    b.add_argument("--sp-exchanges", type=_csv, help="sp: ZDC keys and values cross reduced or full (default reduced)")
+    b.add_argument("--sp-exchanges", type=_csv, help="sp: ZDC states cross reduced, kv (keys and values only reduced) or full "
+                                                   "(default reduced)")
 
     g = sub.add_parser("generate", help="generate text with a compressed cache and report its memory")
     g.add_argument("--prompt", required=True)
@@ -83,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wire", default="model", choices=("model", "int8", "int4"),
                    help="with --nproc or torchrun: how the prefill's queries, keys, values and outputs cross: "
                         "model (as they are), int8 or int4 (int-coded, lossy; docs/sp.md)")
-    g.add_argument("--exchange", default="reduced", choices=("reduced", "full"),
-                   help="with --nproc or torchrun, ZDC methods: keys and values cross at the coordinates the cache "
-                        "keeps (reduced, FDC) or in full (the single process's output; docs/sp.md)")
+    g.add_argument("--exchange", default="reduced", choices=("reduced", "kv", "full"),
+                   help="with --nproc or torchrun, ZDC methods: queries, keys, values and outputs cross at the "
+                        "coordinates the cache keeps (reduced, FDC), keys and values only (kv), or all in full "
+                        "(the single process's output; docs/sp.md)")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching over compressed caches")
     s.add_argument("--model")
@@ -336,7 +338,8 @@ def _generate_parallel(args) -> None:
     print(tok.decode(tokens, skip_special_tokens=True))
     print(f"\n[{args.method}] {len(res)} processes, {ids.shape[1]} prompt tokens"
           + (f", {args.wire} on the wire" if args.wire != "model" else "")
-          + (", keys and values exchanged in full" if args.exchange == "full" else ""))
+          + {"full": ", keys and values exchanged in full", "kv": ", queries and outputs exchanged in full"}.get(
+              args.exchange, ""))
     for r in res:
         (s, e), (a, b), layers = r["token_range"], r["heads"], r["layers"]
         sent = sum(r["sent"].values())

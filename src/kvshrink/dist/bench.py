@@ -29,7 +29,7 @@ from .launch import launch  # noqa: E402
 from .sp import check, next_token_nll, run_rank  # noqa: E402
 
 SP_METHODS = ("fp16", "zdc-adaptive-50", "zdc-adaptive-50+int4")
-KINDS = ("k", "v", "q", "o")
+KINDS = ("k", "v", "q", "o", "sink")  # sink: a narrowed exchange shares the sink tokens from rank 0
 CHUNK = 64  # the quality protocol's chunk (docs/protocol.md)
 
 
@@ -112,7 +112,7 @@ def _delta(ppl: float | None, ref: float) -> str:
 def sp_table(rows: list[dict]) -> str:
     base = {(r["tokens"], r["ranks"]): r for r in rows if r["method"] == "fp16" and r.get("wire", "model") == "model"
             and r.get("exchange", "reduced") == "reduced"}
-    out = ["| method | wire (exchange) | prompt | ranks | KiB sent / rank / layer (k, v, q, o) | MiB / rank / prompt "
+    out = ["| method | wire (exchange) | prompt | ranks | KiB sent / rank / layer (k, v, q, o, sink) | MiB / rank / prompt "
            "| ×fp16 | prefill s (collectives) "
            "| one process s | decode ms/token (collectives) | one process | KiB held / rank (one process) "
            "| prompt Δppl: one call (chunks of 64) | last-token KL: one call (chunks of 64) | greedy tokens equal |",
@@ -124,7 +124,7 @@ def sp_table(rows: list[dict]) -> str:
         ratio = f"{total / sum(ref['sent_per_layer'].values()):.2f}" if ref else "–"
         ppl = r.get("prompt_ppl")
         quality = (f"{_delta(ppl, r['single_ppl'])} ({_delta(ppl, r['chunked_ppl'])})" if ppl is not None else "–")
-        wire = r.get("wire", "model") + (", full" if r.get("exchange") == "full" else "")
+        wire = r.get("wire", "model") + ("" if r.get("exchange", "reduced") == "reduced" else ", " + r["exchange"])
         out.append(
             f"| `{r['method']}` | {wire} | {r['tokens']} | {r['ranks']} | {total / 1024:.1f} ("
             + ", ".join(f"{s[k] / 1024:.1f}" for k in KINDS) + f") | {total * r['layers'] / 2 ** 20:.1f} "

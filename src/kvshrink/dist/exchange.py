@@ -139,6 +139,102 @@ class Exchange:
                 at += m
         return out
 
+    def narrow_queries(self, start: int, stop: int, form: Form) -> torch.Tensor:
+        """(stop - start,) bool: the range's query tokens that meet only narrow keys and the sink's (all
+        but the prompt's last `window`, whose keys are wide)."""
+        return torch.arange(start, stop) < self.plan.tokens - form.window
+
+    def share_sink(self, keys: torch.Tensor, values: torch.Tensor, form: Form) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values (1, H, my tokens, D) in basis coordinates -> the sink tokens' (H, n, wide) on every
+        rank, from rank 0, which holds them (`check` makes sure): each rank scores and sums the sink for
+        its own queries, so that queries and outputs cross narrowed."""
+        n = min(form.sink, self.plan.tokens)
+        if self.plan.rank == 0:
+            both = torch.stack([keys[0, :, :n, :form.wide], values[0, :, :n, :form.wide]]).contiguous()
+        else:
+            both = keys.new_empty(2, keys.shape[1], n, form.wide)
+        if self.plan.rank == 0:
+            self.sent["sink"] += both.numel() * both.element_size() * (self.plan.world - 1)
+        t = time.perf_counter()
+        dist.broadcast(both, 0)
+        self.seconds += time.perf_counter() - t
+        return both[0], both[1]
+
+    def queries_to_heads(self, q: torch.Tensor, sink_scores: torch.Tensor, form: Form):
+        """q (1, Hq, my tokens, D) in the dual bases of their KV heads' keys, sink_scores (1, Hq, my tokens,
+        n) their dot products with the sink keys -> (q (1, my query heads, all tokens, wide), sink scores
+        (1, my query heads, all tokens, n)). A token before the prompt's last `window` sends only its
+        head's key rank of coordinates and its sink scores: every other key it can see keeps no more."""
+        plan, me, g = self.plan, self.plan.rank, self.plan.group
+        n, wide = sink_scores.shape[-1], form.wide
+        s, e = plan.tokens_of(me)
+        narrow = self.narrow_queries(s, e, form)
+        chunks = []
+        for j in range(plan.world):
+            a, b = plan.heads_of(j)
+            chunks.append(torch.cat([x.reshape(-1) for h in range(a, b) for hq in range(h * g, (h + 1) * g)
+                                     for x in (q[0, hq, narrow, :form.keys[h]], sink_scores[0, hq, narrow],
+                                               q[0, hq, ~narrow, :wide])] or [q.new_empty(0)]))
+        a, b = plan.heads_of(me)
+        recv = []
+        for i in range(plan.world):
+            m = int(self.narrow_queries(*plan.tokens_of(i), form).sum())
+            w = plan.tokens_of(i)[1] - plan.tokens_of(i)[0] - m
+            recv.append(sum(g * (m * (form.keys[h] + n) + w * wide) for h in range(a, b)))
+        got = self._all_to_all(chunks, recv, "q")
+        out = q.new_zeros(1, (b - a) * g, plan.tokens, wide)
+        scores = q.new_zeros(1, (b - a) * g, plan.tokens, n)
+        for i, flat in enumerate(got):
+            si, ei = plan.tokens_of(i)
+            rows = torch.arange(si, ei)
+            nar = self.narrow_queries(si, ei, form)
+            at = 0
+            for h in range(a, b):
+                for hq in range((h - a) * g, (h - a + 1) * g):
+                    for dest, r, sel in ((out, form.keys[h], nar), (scores, n, nar), (out, wide, ~nar)):
+                        m = int(sel.sum()) * r
+                        dest[0, hq, rows[sel], :r] = flat[at:at + m].view(-1, r)
+                        at += m
+        return out, scores
+
+    def outputs_to_tokens(self, out: torch.Tensor, sink_probs: torch.Tensor, sink_values: torch.Tensor,
+                          form: Form) -> torch.Tensor:
+        """out (1, all tokens, my query heads, wide) in value-basis coordinates and sink_probs (1, all
+        tokens, my query heads, n) -> (1, my tokens, every query head, D), as `to_tokens`. A token before
+        the prompt's last `window` gets its head's value rank of coordinates and its weights of the
+        sink tokens, whose values (sink_values (H, n, wide), `share_sink`) fill the coordinates above."""
+        plan, me, g = self.plan, self.plan.rank, self.plan.group
+        n, wide, d = sink_probs.shape[-1], form.wide, form.key_map.shape[-1]
+        a, b = plan.heads_of(me)
+        chunks = []
+        for j in range(plan.world):
+            sj, ej = plan.tokens_of(j)
+            rows = torch.arange(sj, ej)
+            nar = self.narrow_queries(sj, ej, form)
+            chunks.append(torch.cat([x.reshape(-1) for h in range(a, b) for hq in range((h - a) * g, (h - a + 1) * g)
+                                     for x in (out[0, rows[nar], hq, :form.values[h]], sink_probs[0, rows[nar], hq],
+                                               out[0, rows[~nar], hq, :wide])] or [out.new_empty(0)]))
+        s, e = plan.tokens_of(me)
+        narrow = self.narrow_queries(s, e, form)
+        m, w = int(narrow.sum()), int((~narrow).sum())
+        recv = [sum(g * (m * (form.values[h] + n) + w * wide) for h in range(*plan.heads_of(i)))
+                for i in range(plan.world)]
+        got = self._all_to_all(chunks, recv, "o")
+        full = out.new_zeros(1, e - s, plan.kv_heads * g, d)
+        for i, flat in enumerate(got):
+            at = 0
+            for h in range(*plan.heads_of(i)):
+                rv = form.values[h]
+                for hq in range(h * g, (h + 1) * g):
+                    full[0, narrow, hq, :rv] = flat[at:at + m * rv].view(m, rv)
+                    at += m * rv
+                    probs = flat[at:at + m * n].view(m, n)
+                    at += m * n
+                    full[0, narrow, hq, rv:wide] = probs @ sink_values[h, :, rv:wide]
+                    full[0, ~narrow, hq, :wide] = flat[at:at + w * wide].view(w, wide)
+                    at += w * wide
+        return full
+
     def _per_rank(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-head chunks (an empty one for a rank with no heads) joined per destination rank."""
         out, it = [], iter(chunks)

@@ -27,6 +27,7 @@ attention logits.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -35,12 +36,14 @@ from ..api import from_method, prepare
 from ..attention.function import use_kvshrink_attention
 from ..attention.logits import plain_attention
 from ..compat import with_cache
+from ..core.form import Form
 from ..errors import KvshrinkError
 from ..models import load_model
 from ..spec import spec_from_config
 from .exchange import Exchange, Plan
 from .wire import wire_from_name
 
+QUERY_CHUNK = 1024  # query rows per score matrix in a narrowed prefill: bounds its memory on long prompts
 ALL_VISIBLE = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # a 4D mask: transformers builds none; the states mask
 
 
@@ -48,38 +51,97 @@ class ShardedCache:
     """Stands where the model expects its cache (as serve's RaggedCache does): routes each layer's
     states through the exchange to this rank's cache of its heads (None when it has none)."""
 
-    def __init__(self, inner, exchange: Exchange, forms: list):
+    def __init__(self, inner, exchange: Exchange, forms: list, narrow_qo: bool = False):
         self.inner, self.exchange, self.forms = inner, exchange, forms
         plan = exchange.plan
         self.heads = plan.heads_of(plan.rank)
         self.prefill = True
+        self.narrow_qo = narrow_qo  # queries and outputs cross narrowed too (where a layer has a form)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         a, b = self.heads
-        extra = {}
+        extra, reduced = {}, None
         if self.prefill:
             form = self.forms[layer_idx]
             k = self.exchange.to_heads(key_states, "k", form)
             v = self.exchange.to_heads(value_states, "v", form)
             if form is not None and form.key_map is not None:
                 extra["rotated"] = True  # sent in the keys' basis
+                if self.narrow_qo:
+                    n = min(form.sink, self.exchange.plan.tokens)
+                    sink_keys = torch.matmul(key_states[:, :, :n], form.key_map.to(key_states))
+                    reduced = Reduced(form, k, v, *self.exchange.share_sink(sink_keys, value_states, form))
         else:
             k, v = key_states[:, a:b], value_states[:, a:b]
         held = self.inner.update(k, v, layer_idx, **extra) if self.inner is not None else (None, None)
-        states = ParallelStates(self, *held)
+        states = ParallelStates(self, *held, reduced)
         return states, states
+
+
+@dataclass
+class Reduced:
+    """A layer's prefill with narrowed queries and outputs: what arrived of this rank's heads (keys,
+    values (1, my heads, all tokens, D) in basis coordinates) and the sink's (H, n, wide) of every head."""
+
+    form: Form
+    keys: torch.Tensor
+    values: torch.Tensor
+    sink_keys: torch.Tensor
+    sink_values: torch.Tensor
+
+
+def reduced_attend(q: torch.Tensor, sink_scores: torch.Tensor, r: Reduced, narrow: torch.Tensor, group: int,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of q (1, my query heads, T, wide) over what arrived, where the `narrow` rows
+    (T,) take their sink tokens' scores as sent (1, my query heads, T, n) -> (out (1, T, my query heads,
+    wide) in value-basis coordinates, the sink's weights (1, T, my query heads, n))."""
+    _, hq, t, wide = q.shape
+    n = sink_scores.shape[-1]
+    out = q.new_zeros(1, t, hq, wide)
+    probs_sink = q.new_zeros(1, t, hq, n)
+    for h in range(hq // group):
+        keys, values = r.keys[0, h, :, :wide], r.values[0, h, :, :wide]
+        rows = slice(h * group, (h + 1) * group)
+        for t0 in range(0, t, QUERY_CHUNK):
+            t1 = min(t, t0 + QUERY_CHUNK)
+            scores = q[0, rows, t0:t1] @ keys.T  # (G, tc, T)
+            nar = narrow[t0:t1]
+            scores[:, nar, :n] = sink_scores[0, rows, t0:t1][:, nar]
+            later = torch.arange(t)[None] > torch.arange(t0, t1)[:, None]
+            probs = torch.softmax(scores.mul_(scale).masked_fill_(later, float("-inf")), -1)
+            out[0, t0:t1, rows] = (probs @ values).transpose(0, 1)
+            probs_sink[0, t0:t1, rows] = probs[..., :n].transpose(0, 1)
+    return out, probs_sink
 
 
 class ParallelStates:
     """One layer's keys and values of this rank's heads (plain tensors or the method's states object)."""
 
-    def __init__(self, cache: ShardedCache, keys, values):
-        self.cache, self.keys, self.values = cache, keys, values
+    def __init__(self, cache: ShardedCache, keys, values, reduced: Reduced | None = None):
+        self.cache, self.keys, self.values, self.reduced = cache, keys, values, reduced
+
+    def _attend_reduced(self, module, query, scaling):
+        """The prefill with narrowed queries and outputs (FDC's): each rank maps its queries into their
+        heads' dual key bases and scores them against the sink itself; the head's rank attends."""
+        ex, r = self.cache.exchange, self.reduced
+        plan, form = ex.plan, r.form
+        g, (a, b) = plan.group, self.cache.heads
+        _, hq, t, d = query.shape
+        q = (query.view(1, plan.kv_heads, g, t, d) @ module.zdc_qk[:, None].to(query)).view(1, hq, t, d)
+        wide = form.wide
+        sink = (q[..., :wide].reshape(1, plan.kv_heads, g * t, wide) @ r.sink_keys.transpose(1, 2)[None])
+        qh, sh = ex.queries_to_heads(q, sink.reshape(1, hq, t, -1), form)
+        narrow = ex.narrow_queries(0, plan.tokens, form)
+        scale = scaling if scaling is not None else d ** -0.5
+        out, probs = reduced_attend(qh, sh, r, narrow, g, scale)
+        return ex.outputs_to_tokens(out, probs, r.sink_values, form)
 
     def attend(self, module, query, mask, scaling=None, softcap=None):
         cache = self.cache
         ex, (a, b) = cache.exchange, cache.heads
         g = ex.plan.group
+        if self.reduced is not None:
+            return self._attend_reduced(module, query, scaling), None
         # the prompt's queries see the keys up to their own; a decode token all its cache holds (None)
         q = ex.to_heads(query, "q") if cache.prefill else query[:, a * g:b * g]
         t = q.shape[2]
@@ -120,7 +182,7 @@ def _check(model, prompt: int, new_tokens: int, world: int) -> None:
                             f"allows ({spec.max_context})")
 
 
-EXCHANGES = ("reduced", "full")
+EXCHANGES = ("reduced", "kv", "full")
 
 
 def check(model, tok, method: str, prompt: int, new_tokens: int, world: int, wire: str = "model",
@@ -133,15 +195,22 @@ def check(model, tok, method: str, prompt: int, new_tokens: int, world: int, wir
     _check(model, prompt, new_tokens, world)
     model = prepare(model, method, tok)
     spec = spec_from_config(model.config)
-    a, b = Plan(0, world, prompt, spec.num_kv_heads, 1).heads_of(0)
-    from_method(method, model).shard_heads(a, b)
+    plan = Plan(0, world, prompt, spec.num_kv_heads, 1)
+    cache = from_method(method, model)
+    form = cache.exchange_form(0)
+    first = plan.tokens_of(0)[1]
+    if exchange == "reduced" and form is not None and first < min(form.sink, prompt):
+        raise KvshrinkError(f"a prompt of {prompt} tokens over {world} ranks leaves rank 0 {first} tokens, fewer "
+                            f"than the {form.sink} sink tokens it shares with the others; use --exchange kv")
+    cache.shard_heads(*plan.heads_of(0))
 
 
 def run_rank(rank: int, world: int, source, method: str, ids: torch.Tensor, new_tokens: int,
              keep_logits: bool = False, wire: str = "model", score: bool = False, exchange: str = "reduced") -> dict:
     """One rank's share of a sequence-parallel prefill of `ids` (1, T) and `new_tokens` greedy tokens
     decoded over the head-sharded cache; the prefill's messages cross as `wire` says (wire.py), and
-    keys and values at the coordinates the cache keeps (`exchange="reduced"`) or in full ("full").
+    keys and values at the coordinates the cache keeps ("kv"; with "reduced", queries and outputs too),
+    or in full ("full").
     Returns the tokens (the same on every rank), this rank's
     prompt logits (keep_logits) or its last token's, the bytes it sent by kind, and the time split;
     with `score`, also the negative log-likelihood of each next prompt token its slice predicts."""
@@ -154,10 +223,10 @@ def run_rank(rank: int, world: int, source, method: str, ids: torch.Tensor, new_
     plan = Plan(rank, world, t_all, spec.num_kv_heads, spec.num_heads // spec.num_kv_heads)
     ex = Exchange(plan, wire_from_name(wire))
     inner = from_method(method, model)
-    forms = [inner.exchange_form(i) if exchange == "reduced" else None for i in range(spec.num_layers)]
+    forms = [inner.exchange_form(i) if exchange != "full" else None for i in range(spec.num_layers)]
     a, b = plan.heads_of(rank)
     inner.shard_heads(a, b)  # before any rank sends: a method that cannot be sharded stops every rank here
-    cache = ShardedCache(inner if b > a else None, ex, forms)
+    cache = ShardedCache(inner if b > a else None, ex, forms, narrow_qo=exchange == "reduced")
     s, e = plan.tokens_of(rank)
     with torch.no_grad():
         t0 = time.perf_counter()
