@@ -1,6 +1,7 @@
 """Sequence-parallel prefill and the head-sharded cache (kvshrink.dist), on 2 and 4 real processes
 joined by torch.distributed over loopback (gloo)."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -8,16 +9,17 @@ import time
 
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from kvshrink import KvshrinkError, from_method, prepare
 from kvshrink.cli import main
 from kvshrink.compat import with_cache
 from kvshrink.dist.exchange import split
 from kvshrink.dist.launch import FAULT, free_port, launch
-from kvshrink.dist.sp import run_rank
+from kvshrink.dist.sp import check, run_rank
 from kvshrink.dist.wire import GROUP, Wire, wire_from_name
 from kvshrink.families.lowrank import transform as zdc
 
@@ -95,6 +97,39 @@ def test_four_ranks_of_one_kv_head_each_decode_as_one_process(tiny):
     assert all(r["held"] > 0 for r in res)
 
 
+SLIDING = {  # tiny sliding-window families: Mistral (every layer), Gemma 2 (every other, soft-capped), Gemma 3
+    "mistral": ("MistralConfig", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32)),
+    "gemma2": ("Gemma2Config", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                    attn_logit_softcapping=20.0, query_pre_attn_scalar=32)),
+    "gemma3": ("Gemma3TextConfig", dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                        layer_types=["sliding_attention", "full_attention"])),
+}
+
+
+@pytest.mark.parametrize("family", list(SLIDING))
+def test_sliding_window_layers_prefill_and_decode_as_one_process(family, tmp_path):
+    """A 40-token prompt over a 16-token window, blocks of 8 (a decode step's layer still holds tokens past
+    its window): the prompt's logits and the greedy tokens are one process's."""
+    cls, options = SLIDING[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, cls)(vocab_size=128, num_hidden_layers=2, intermediate_size=128, sliding_window=16,
+                                        max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        **options)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path)
+    method, ids = "fp16:block=8", _prompt(40, seed=4)
+    ref, tokens = _single(model, method, ids, 6)
+    res = launch(run_rank, 2, ({"folder": str(tmp_path)}, method, ids, 6, True), timeout=300)
+    torch.testing.assert_close(torch.cat([r["logits"] for r in res]), ref, rtol=1e-4, atol=1e-4)
+    assert all(r["tokens"] == tokens for r in res)
+    m = prepare(model, method)
+    cache = from_method(method, m)
+    with torch.no_grad():  # each decode step's logits, the tokens fed one by one through one process's cache
+        m(ids, **with_cache(m, cache))
+        steps = [m(torch.tensor([[t]]), **with_cache(m, cache)).logits[0, -1] for t in tokens[:-1]]
+    torch.testing.assert_close(res[0]["step_logits"], torch.stack(steps), rtol=1e-4, atol=1e-4)
+
+
 def test_zdc_queries_keys_values_and_outputs_cross_at_the_coordinates_their_cache_keeps(tiny):
     """FDC's exchange: keys and values at their heads' ranks; a query before the prompt's last window at its
     key rank plus its scores of the sink tokens; an output at its value rank plus its sink weights (the
@@ -152,6 +187,16 @@ def test_cli_refuses_a_method_it_cannot_shard_in_one_line():
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot be split by KV heads" in lines[0], out.stderr
+
+
+def test_a_narrowed_exchange_refuses_what_it_cannot_narrow(tiny):
+    """Rank 0 shares the sink tokens: a prompt that leaves it fewer is refused, naming the exchange that works."""
+    model, _ = tiny
+    method = "zdc-adaptive-50"
+    with pytest.raises(KvshrinkError, match=r"leaves rank 0 2 tokens, fewer than the 4 sink.*--exchange kv"):
+        check(copy.deepcopy(model), None, method, 8, 1, 4)
+    check(copy.deepcopy(model), None, method, 8, 1, 4, exchange="kv")
+    check(copy.deepcopy(model), None, method, 16, 1, 4)
 
 
 def _torchrun(args, env=None, timeout=240):

@@ -7,21 +7,27 @@ those heads (any method that codes heads alike, or ZDC, whose bases are sliced p
 `ParallelStates` it returns make the attention send the queries the same way, attend causally over
 the whole prompt for those heads, and send the outputs back to the tokens' ranks (two more
 all-to-alls). With a ZDC method the keys and values cross as the reduced coordinates their cache
-keeps (`KVCache.exchange_form`): fewer bytes on the wire, and what arrives is what is stored.
+keeps (`KVCache.exchange_form`): fewer bytes on the wire, and what arrives is what is stored. The
+queries and outputs cross narrowed too (FDC's exchange): rank 0 shares the sink tokens' keys and
+values, so each rank scores its own queries against them; a query then sends its head's key rank
+of dual-basis coordinates plus those scores, and an output its value rank plus its sink weights.
+Only the prompt's last `window` tokens, which meet keys kept wide, send theirs whole.
 
 Decode: every rank runs the model on the new token; each attends for its heads over its shard of
 the cache (through the method's own states, compiled kernels included), and one all-gather per
 layer joins the heads' outputs, so every rank computes the same logits.
 
-With `exchange="full"`, keys and values cross as the model made them, and the receiving rank attends
+With `exchange="kv"`, queries and outputs cross whole (the same output, more bytes). With
+`exchange="full"`, keys and values cross as the model made them, and the receiving rank attends
 to the prompt at full width, then stores them reduced, as one process's single call does: the
 single process's output, with no saving from the reduced coordinates (int-code the wire instead).
 
 With `wire="int8"` or `"int4"` every message of the prefill is int-coded on its way (wire.py): lossy,
-and 3.8x or 7.1x fewer bytes than float32. Queries and outputs cross in full dimensions: a ZDC
-cache's sink and window tokens keep more coordinates than the rest, so a query needs them all.
-Prompts are prefilled in one pass (no chunks), from an empty cache, for models without soft-capped
-attention logits.
+and 3.8x or 7.1x fewer bytes than float32.
+
+Prompts are prefilled in one pass (no chunks), from an empty cache. Sliding-window layers (Mistral,
+Gemma 2 and 3) see their window in the prefill and in decode steps; soft-capped logits (Gemma 2) are
+capped as one process caps them.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from transformers import AutoModelForCausalLM
 
 from ..api import from_method, prepare
 from ..attention.function import use_kvshrink_attention
-from ..attention.logits import plain_attention
+from ..attention.logits import plain_attention, soft_cap
 from ..compat import with_cache
 from ..core.form import Form
 from ..errors import KvshrinkError
@@ -51,8 +57,9 @@ class ShardedCache:
     """Stands where the model expects its cache (as serve's RaggedCache does): routes each layer's
     states through the exchange to this rank's cache of its heads (None when it has none)."""
 
-    def __init__(self, inner, exchange: Exchange, forms: list, narrow_qo: bool = False):
+    def __init__(self, inner, exchange: Exchange, forms: list, narrow_qo: bool = False, windows=None):
         self.inner, self.exchange, self.forms = inner, exchange, forms
+        self.windows = windows or [None] * len(forms)  # per layer: its sliding window, or None
         plan = exchange.plan
         self.heads = plan.heads_of(plan.rank)
         self.prefill = True
@@ -70,12 +77,35 @@ class ShardedCache:
                 if self.narrow_qo:
                     n = min(form.sink, self.exchange.plan.tokens)
                     sink_keys = torch.matmul(key_states[:, :, :n], form.key_map.to(key_states))
-                    reduced = Reduced(form, k, v, *self.exchange.share_sink(sink_keys, value_states, form))
+                    reduced = Reduced(form, layer_idx, k, v, *self.exchange.share_sink(sink_keys, value_states, form))
         else:
             k, v = key_states[:, a:b], value_states[:, a:b]
+        mask = self._mask(layer_idx, k.shape[2])  # before the update: what the layer held
         held = self.inner.update(k, v, layer_idx, **extra) if self.inner is not None else (None, None)
-        states = ParallelStates(self, *held, reduced)
+        states = ParallelStates(self, *held, reduced, mask)
         return states, states
+
+    def _mask(self, layer_idx: int, t: int) -> torch.Tensor | None:
+        """A sliding layer's (1, 1, t, keys) visibility: a query sees its own token and the window - 1
+        before it. The prompt's is banded; a decode token's hides what the layer still holds beyond its
+        window (it frees whole blocks only). None for a full layer: causal, or everything held."""
+        window = self.windows[layer_idx]
+        if window is None or self.inner is None:
+            return None
+        if self.prefill:
+            return band(0, t, t, window)
+        held = self.inner.layers[layer_idx].held()
+        return band(held, held + t, held + t, window)
+
+
+def band(first: int, stop: int, keys: int, window: int | None) -> torch.Tensor:
+    """(1, 1, stop - first, keys) bool: query i (first <= i < stop) sees keys j with i - window < j <= i."""
+    i = torch.arange(first, stop)[:, None]
+    j = torch.arange(keys)[None]
+    seen = j <= i
+    if window is not None:
+        seen &= j > i - window
+    return seen[None, None]
 
 
 @dataclass
@@ -84,6 +114,7 @@ class Reduced:
     values (1, my heads, all tokens, D) in basis coordinates) and the sink's (H, n, wide) of every head."""
 
     form: Form
+    layer: int
     keys: torch.Tensor
     values: torch.Tensor
     sink_keys: torch.Tensor
@@ -91,7 +122,8 @@ class Reduced:
 
 
 def reduced_attend(q: torch.Tensor, sink_scores: torch.Tensor, r: Reduced, narrow: torch.Tensor, group: int,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale: float, softcap: float | None = None,
+                   window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q (1, my query heads, T, wide) over what arrived, where the `narrow` rows
     (T,) take their sink tokens' scores as sent (1, my query heads, T, n) -> (out (1, T, my query heads,
     wide) in value-basis coordinates, the sink's weights (1, T, my query heads, n))."""
@@ -107,8 +139,8 @@ def reduced_attend(q: torch.Tensor, sink_scores: torch.Tensor, r: Reduced, narro
             scores = q[0, rows, t0:t1] @ keys.T  # (G, tc, T)
             nar = narrow[t0:t1]
             scores[:, nar, :n] = sink_scores[0, rows, t0:t1][:, nar]
-            later = torch.arange(t)[None] > torch.arange(t0, t1)[:, None]
-            probs = torch.softmax(scores.mul_(scale).masked_fill_(later, float("-inf")), -1)
+            hidden = ~band(t0, t1, t, window)[0, 0]
+            probs = torch.softmax(soft_cap(scores.mul_(scale), softcap).masked_fill_(hidden, float("-inf")), -1)
             out[0, t0:t1, rows] = (probs @ values).transpose(0, 1)
             probs_sink[0, t0:t1, rows] = probs[..., :n].transpose(0, 1)
     return out, probs_sink
@@ -117,10 +149,10 @@ def reduced_attend(q: torch.Tensor, sink_scores: torch.Tensor, r: Reduced, narro
 class ParallelStates:
     """One layer's keys and values of this rank's heads (plain tensors or the method's states object)."""
 
-    def __init__(self, cache: ShardedCache, keys, values, reduced: Reduced | None = None):
-        self.cache, self.keys, self.values, self.reduced = cache, keys, values, reduced
+    def __init__(self, cache: ShardedCache, keys, values, reduced: Reduced | None = None, mask=None):
+        self.cache, self.keys, self.values, self.reduced, self.mask = cache, keys, values, reduced, mask
 
-    def _attend_reduced(self, module, query, scaling):
+    def _attend_reduced(self, module, query, scaling, softcap, window):
         """The prefill with narrowed queries and outputs (FDC's): each rank maps its queries into their
         heads' dual key bases and scores them against the sink itself; the head's rank attends."""
         ex, r = self.cache.exchange, self.reduced
@@ -133,7 +165,7 @@ class ParallelStates:
         qh, sh = ex.queries_to_heads(q, sink.reshape(1, hq, t, -1), form)
         narrow = ex.narrow_queries(0, plan.tokens, form)
         scale = scaling if scaling is not None else d ** -0.5
-        out, probs = reduced_attend(qh, sh, r, narrow, g, scale)
+        out, probs = reduced_attend(qh, sh, r, narrow, g, scale, softcap, window)
         return ex.outputs_to_tokens(out, probs, r.sink_values, form)
 
     def attend(self, module, query, mask, scaling=None, softcap=None):
@@ -141,17 +173,21 @@ class ParallelStates:
         ex, (a, b) = cache.exchange, cache.heads
         g = ex.plan.group
         if self.reduced is not None:
-            return self._attend_reduced(module, query, scaling), None
+            window = cache.windows[self.reduced.layer]
+            return self._attend_reduced(module, query, scaling, softcap, window), None
         # the prompt's queries see the keys up to their own; a decode token all its cache holds (None)
         q = ex.to_heads(query, "q") if cache.prefill else query[:, a * g:b * g]
         t = q.shape[2]
         if a == b:
             out = query.new_zeros(1, t, 0, query.shape[-1])
         elif hasattr(self.keys, "attend"):
-            causal = torch.ones(t, t, dtype=torch.bool).tril_()[None, None] if cache.prefill else None
-            out = self.keys.attend(cache.inner.head_module(module, a, b), q, causal, scaling, softcap)[0]
-        else:  # plain tensors: SDPA's own causal path (no mask), as a single process takes it
-            out = plain_attention(module, q, self.keys, self.values, None, scaling, softcap)[0]
+            mask = self.mask if self.mask is not None or not cache.prefill else band(0, t, t, None)
+            out = self.keys.attend(cache.inner.head_module(module, a, b), q, mask, scaling, softcap)[0]
+        else:  # plain tensors: SDPA's own causal path where no mask is needed, as a single process takes it
+            mask = self.mask
+            if mask is None and cache.prefill and softcap is not None:  # the eager path needs it said
+                mask = band(0, t, t, None)
+            out = plain_attention(module, q, self.keys, self.values, mask, scaling, softcap)[0]
         out = ex.to_tokens(out) if cache.prefill else ex.gather_heads(out)
         return out, None
 
@@ -171,10 +207,6 @@ def load_source(source):
 
 def _check(model, prompt: int, new_tokens: int, world: int) -> None:
     spec = spec_from_config(model.config)
-    if getattr(model.config, "attn_logit_softcapping", None) or getattr(model.config, "final_logit_softcapping", None):
-        raise KvshrinkError("sequence parallelism does not serve soft-capped attention (Gemma 2)")
-    if spec.has_sliding:
-        raise KvshrinkError("sequence parallelism does not serve sliding-window layers yet")
     if prompt < world:
         raise KvshrinkError(f"a prompt of {prompt} tokens cannot be split over {world} ranks")
     if spec.max_context and prompt + new_tokens > spec.max_context:
@@ -199,9 +231,14 @@ def check(model, tok, method: str, prompt: int, new_tokens: int, world: int, wir
     cache = from_method(method, model)
     form = cache.exchange_form(0)
     first = plan.tokens_of(0)[1]
-    if exchange == "reduced" and form is not None and first < min(form.sink, prompt):
-        raise KvshrinkError(f"a prompt of {prompt} tokens over {world} ranks leaves rank 0 {first} tokens, fewer "
-                            f"than the {form.sink} sink tokens it shares with the others; use --exchange kv")
+    if exchange == "reduced" and form is not None:
+        if first < min(form.sink, prompt):
+            raise KvshrinkError(f"a prompt of {prompt} tokens over {world} ranks leaves rank 0 {first} tokens, "
+                                f"fewer than the {form.sink} sink tokens it shares with the others; use --exchange kv")
+        most = max(max(cache.exchange_form(i).keys + cache.exchange_form(i).values) for i in range(spec.num_layers))
+        if most > form.wide:
+            raise KvshrinkError(f"narrowed queries need sink_rank >= every rank (sink_rank {form.wide}, ranks up to "
+                                f"{most}); use --exchange kv")
     cache.shard_heads(*plan.heads_of(0))
 
 
@@ -212,7 +249,7 @@ def run_rank(rank: int, world: int, source, method: str, ids: torch.Tensor, new_
     keys and values at the coordinates the cache keeps ("kv"; with "reduced", queries and outputs too),
     or in full ("full").
     Returns the tokens (the same on every rank), this rank's
-    prompt logits (keep_logits) or its last token's, the bytes it sent by kind, and the time split;
+    prompt logits (keep_logits; then the decode steps' too) or its last token's, the bytes it sent by kind, and the time split;
     with `score`, also the negative log-likelihood of each next prompt token its slice predicts."""
     model, tok = load_source(source)
     model = prepare(model, method, tok)
@@ -226,7 +263,8 @@ def run_rank(rank: int, world: int, source, method: str, ids: torch.Tensor, new_
     forms = [inner.exchange_form(i) if exchange != "full" else None for i in range(spec.num_layers)]
     a, b = plan.heads_of(rank)
     inner.shard_heads(a, b)  # before any rank sends: a method that cannot be sharded stops every rank here
-    cache = ShardedCache(inner if b > a else None, ex, forms, narrow_qo=exchange == "reduced")
+    windows = [spec.sliding_window if spec.is_sliding(i) else None for i in range(spec.num_layers)]
+    cache = ShardedCache(inner if b > a else None, ex, forms, narrow_qo=exchange == "reduced", windows=windows)
     s, e = plan.tokens_of(rank)
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -236,16 +274,18 @@ def run_rank(rank: int, world: int, source, method: str, ids: torch.Tensor, new_
         logits = out.logits[0]
         nll = next_token_nll(logits, ids[0, s + 1:e + 1]) if score else None
         token = ex.broadcast_token(int(logits[-1].argmax()), src=world - 1)  # the prompt's last token is there
-        tokens, cache.prefill = [token], False
+        tokens, cache.prefill, steps = [token], False, []
         t0 = time.perf_counter()
         for i in range(new_tokens - 1):
             step = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[t_all + i]]),
                          attention_mask=ALL_VISIBLE, use_cache=True, logits_to_keep=1, **with_cache(model, cache))
+            steps.append(step.logits[0, -1])
             token = ex.broadcast_token(int(step.logits[0, -1].argmax()), src=0)
             tokens.append(token)
         decode_s = time.perf_counter() - t0
     return {"rank": rank, "tokens": tokens, "token_range": (s, e), "heads": (a, b),
             "logits": logits if keep_logits else logits[-1:], "nll": nll, "sent": sent,
+            "step_logits": torch.stack(steps) if keep_logits and steps else None,
             "sent_decode": ex.sent.get("decode", 0), "prefill_s": prefill_s, "prefill_comm_s": prefill_comm,
             "decode_s": decode_s, "decode_comm_s": ex.seconds - prefill_comm,
             "held": inner.nbytes() if b > a else 0, "layers": spec.num_layers, "wire": wire}
