@@ -343,7 +343,8 @@ def _generate_parallel(args) -> None:
     for r in res:
         (s, e), (a, b), layers = r["token_range"], r["heads"], r["layers"]
         sent = sum(r["sent"].values())
-        print(f"  rank {r['rank']}: tokens {s}..{e - 1}, KV heads {a}..{b - 1} ({r['held'] / 1024:.1f} KiB held); "
+        heads = f"KV heads {a}..{b - 1}" if b > a else "no KV heads"
+        print(f"  rank {r['rank']}: tokens {s}..{e - 1}, {heads} ({r['held'] / 1024:.1f} KiB held); "
               f"prefill sent {sent / 1024:.1f} KiB ({sent / layers / 1024:.1f} KiB a layer: "
               + ", ".join(f"{k} {v / 1024:.1f}" for k, v in r["sent"].items())
               + f"), {r['prefill_s']:.2f} s of which {r['prefill_comm_s']:.2f} s in collectives; "
