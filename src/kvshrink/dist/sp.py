@@ -157,7 +157,7 @@ class ParallelStates:
         heads' dual key bases and scores them against the sink itself; the head's rank attends."""
         ex, r = self.cache.exchange, self.reduced
         plan, form = ex.plan, r.form
-        g, (a, b) = plan.group, self.cache.heads
+        g = plan.group
         _, hq, t, d = query.shape
         q = (query.view(1, plan.kv_heads, g, t, d) @ module.zdc_qk[:, None].to(query)).view(1, hq, t, d)
         wide = form.wide
