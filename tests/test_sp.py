@@ -130,6 +130,29 @@ def test_sliding_window_layers_prefill_and_decode_as_one_process(family, tmp_pat
     torch.testing.assert_close(res[0]["step_logits"], torch.stack(steps), rtol=1e-4, atol=1e-4)
 
 
+def test_zdc_narrowed_exchange_on_a_sliding_model_gives_the_whole_exchanges_logits(tmp_path, monkeypatch):
+    """Mistral (every layer sliding over 16 tokens), 100 tokens: narrowed queries and outputs meet the band as
+    whole ones do."""
+    cls, options = SLIDING["mistral"]
+    torch.manual_seed(0)
+    config = getattr(transformers, cls)(vocab_size=128, num_hidden_layers=2, intermediate_size=128, sliding_window=16,
+                                        max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        **options)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    monkeypatch.setenv("KVSHRINK_CALIB_DIR", str(tmp_path / "calib"))
+    calib_ids = torch.randint(3, 128, (4, 96), generator=torch.Generator().manual_seed(1))
+    zdc.calibrate(model, calib_ids, {"test": True}).save(zdc.default_calibration_path(model))
+    source, method, ids = {"folder": str(tmp_path / "model")}, "zdc-adaptive-50", _prompt(100, seed=5)
+    narrowed, whole = (launch(run_rank, 2, (source, method, ids, 3, True, "model", False, x), timeout=300)
+                       for x in ("reduced", "kv"))
+    for kind in ("logits", "step_logits"):
+        torch.testing.assert_close(torch.cat([r[kind] for r in narrowed]), torch.cat([r[kind] for r in whole]),
+                                   rtol=1e-4, atol=1e-4)
+    assert all(n["sent"]["q"] <= w["sent"]["q"] and n["sent"]["o"] <= w["sent"]["o"] for n, w in zip(narrowed, whole))
+    assert sum(n["sent"]["q"] + n["sent"]["o"] for n in narrowed) < sum(w["sent"]["q"] + w["sent"]["o"] for w in whole)
+
+
 def test_zdc_queries_keys_values_and_outputs_cross_at_the_coordinates_their_cache_keeps(tiny):
     """FDC's exchange: keys and values at their heads' ranks; a query before the prompt's last window at its
     key rank plus its scores of the sink tokens; an output at its value rank plus its sink weights (the
@@ -157,7 +180,9 @@ def test_zdc_queries_keys_values_and_outputs_cross_at_the_coordinates_their_cach
                                            ("o", cache.ranks.v, other["token_range"], r["heads"])):
             late = sum(p >= n - window for p in range(*tokens))
             early = tokens[1] - tokens[0] - late
-            want = sum(group * (early * (int(ranks[layer, h]) + sink) + late * wide)
+            # a head whose rank plus the sink's numbers would not be fewer than wide sends whole rows
+            want = sum(group * (early * (int(ranks[layer, h]) + sink) + late * wide
+                                if int(ranks[layer, h]) + sink < wide else (early + late) * wide)
                        for layer in range(layers) for h in range(*heads))
             assert r["sent"][kind] == want * FLOAT
         assert r["sent"].get("sink", 0) == (2 * cache.ranks.k.shape[1] * sink * wide * FLOAT * layers

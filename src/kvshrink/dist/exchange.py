@@ -139,10 +139,12 @@ class Exchange:
                 at += m
         return out
 
-    def narrow_queries(self, start: int, stop: int, form: Form) -> torch.Tensor:
-        """(stop - start,) bool: the range's query tokens that meet only narrow keys and the sink's (all
-        but the prompt's last `window`, whose keys are wide)."""
-        return torch.arange(start, stop) < self.plan.tokens - form.window
+    def narrow_queries(self, start: int, stop: int, form: Form, width: int, n: int) -> torch.Tensor:
+        """(stop - start,) bool: the range's tokens whose query (or output) crosses as `width` coordinates
+        plus `n` sink numbers: those that meet only narrow keys and the sink's (all but the prompt's last
+        `window`, whose keys are wide), and none where that would not be fewer than `form.wide`."""
+        rows = torch.arange(start, stop) < self.plan.tokens - form.window
+        return rows if width + n < form.wide else torch.zeros_like(rows)
 
     def share_sink(self, keys: torch.Tensor, values: torch.Tensor, form: Form) -> tuple[torch.Tensor, torch.Tensor]:
         """keys, values (1, H, my tokens, D) in basis coordinates -> the sink tokens' (H, n, wide) on every
@@ -168,28 +170,33 @@ class Exchange:
         plan, me, g = self.plan, self.plan.rank, self.plan.group
         n, wide = sink_scores.shape[-1], form.wide
         s, e = plan.tokens_of(me)
-        narrow = self.narrow_queries(s, e, form)
         chunks = []
         for j in range(plan.world):
             a, b = plan.heads_of(j)
-            chunks.append(torch.cat([x.reshape(-1) for h in range(a, b) for hq in range(h * g, (h + 1) * g)
-                                     for x in (q[0, hq, narrow, :form.keys[h]], sink_scores[0, hq, narrow],
-                                               q[0, hq, ~narrow, :wide])] or [q.new_empty(0)]))
+            parts = []
+            for h in range(a, b):
+                nar = self.narrow_queries(s, e, form, form.keys[h], n)
+                parts.extend(x.reshape(-1) for hq in range(h * g, (h + 1) * g)
+                             for x in (q[0, hq, nar, :form.keys[h]], sink_scores[0, hq, nar], q[0, hq, ~nar, :wide]))
+            chunks.append(torch.cat(parts or [q.new_empty(0)]))
         a, b = plan.heads_of(me)
         recv = []
         for i in range(plan.world):
-            m = int(self.narrow_queries(*plan.tokens_of(i), form).sum())
-            w = plan.tokens_of(i)[1] - plan.tokens_of(i)[0] - m
-            recv.append(sum(g * (m * (form.keys[h] + n) + w * wide) for h in range(a, b)))
+            si, ei = plan.tokens_of(i)
+            total = 0
+            for h in range(a, b):
+                m = int(self.narrow_queries(si, ei, form, form.keys[h], n).sum())
+                total += g * (m * (form.keys[h] + n) + (ei - si - m) * wide)
+            recv.append(total)
         got = self._all_to_all(chunks, recv, "q")
         out = q.new_zeros(1, (b - a) * g, plan.tokens, wide)
         scores = q.new_zeros(1, (b - a) * g, plan.tokens, n)
         for i, flat in enumerate(got):
             si, ei = plan.tokens_of(i)
             rows = torch.arange(si, ei)
-            nar = self.narrow_queries(si, ei, form)
             at = 0
             for h in range(a, b):
+                nar = self.narrow_queries(si, ei, form, form.keys[h], n)
                 for hq in range((h - a) * g, (h - a + 1) * g):
                     for dest, r, sel in ((out, form.keys[h], nar), (scores, n, nar), (out, wide, ~nar)):
                         m = int(sel.sum()) * r
@@ -210,21 +217,29 @@ class Exchange:
         for j in range(plan.world):
             sj, ej = plan.tokens_of(j)
             rows = torch.arange(sj, ej)
-            nar = self.narrow_queries(sj, ej, form)
-            chunks.append(torch.cat([x.reshape(-1) for h in range(a, b) for hq in range((h - a) * g, (h - a + 1) * g)
-                                     for x in (out[0, rows[nar], hq, :form.values[h]], sink_probs[0, rows[nar], hq],
-                                               out[0, rows[~nar], hq, :wide])] or [out.new_empty(0)]))
+            parts = []
+            for h in range(a, b):
+                nar = self.narrow_queries(sj, ej, form, form.values[h], n)
+                parts.extend(x.reshape(-1) for hq in range((h - a) * g, (h - a + 1) * g)
+                             for x in (out[0, rows[nar], hq, :form.values[h]], sink_probs[0, rows[nar], hq],
+                                       out[0, rows[~nar], hq, :wide]))
+            chunks.append(torch.cat(parts or [out.new_empty(0)]))
         s, e = plan.tokens_of(me)
-        narrow = self.narrow_queries(s, e, form)
-        m, w = int(narrow.sum()), int((~narrow).sum())
-        recv = [sum(g * (m * (form.values[h] + n) + w * wide) for h in range(*plan.heads_of(i)))
-                for i in range(plan.world)]
+        recv = []
+        for i in range(plan.world):
+            total = 0
+            for h in range(*plan.heads_of(i)):
+                m = int(self.narrow_queries(s, e, form, form.values[h], n).sum())
+                total += g * (m * (form.values[h] + n) + (e - s - m) * wide)
+            recv.append(total)
         got = self._all_to_all(chunks, recv, "o")
         full = out.new_zeros(1, e - s, plan.kv_heads * g, d)
         for i, flat in enumerate(got):
             at = 0
             for h in range(*plan.heads_of(i)):
                 rv = form.values[h]
+                narrow = self.narrow_queries(s, e, form, rv, n)
+                m, w = int(narrow.sum()), int((~narrow).sum())
                 for hq in range(h * g, (h + 1) * g):
                     full[0, narrow, hq, :rv] = flat[at:at + m * rv].view(m, rv)
                     at += m * rv

@@ -121,11 +121,11 @@ class Reduced:
     sink_values: torch.Tensor
 
 
-def reduced_attend(q: torch.Tensor, sink_scores: torch.Tensor, r: Reduced, narrow: torch.Tensor, group: int,
+def reduced_attend(q: torch.Tensor, sink_scores: torch.Tensor, r: Reduced, narrow: list, group: int,
                    scale: float, softcap: float | None = None,
                    window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q (1, my query heads, T, wide) over what arrived, where the `narrow` rows
-    (T,) take their sink tokens' scores as sent (1, my query heads, T, n) -> (out (1, T, my query heads,
+    (T,) of each of this rank's KV heads take their sink tokens' scores as sent (1, my query heads, T, n) -> (out (1, T, my query heads,
     wide) in value-basis coordinates, the sink's weights (1, T, my query heads, n))."""
     _, hq, t, wide = q.shape
     n = sink_scores.shape[-1]
@@ -137,7 +137,7 @@ def reduced_attend(q: torch.Tensor, sink_scores: torch.Tensor, r: Reduced, narro
         for t0 in range(0, t, QUERY_CHUNK):
             t1 = min(t, t0 + QUERY_CHUNK)
             scores = q[0, rows, t0:t1] @ keys.T  # (G, tc, T)
-            nar = narrow[t0:t1]
+            nar = narrow[h][t0:t1]
             scores[:, nar, :n] = sink_scores[0, rows, t0:t1][:, nar]
             hidden = ~band(t0, t1, t, window)[0, 0]
             probs = torch.softmax(soft_cap(scores.mul_(scale), softcap).masked_fill_(hidden, float("-inf")), -1)
@@ -157,13 +157,14 @@ class ParallelStates:
         heads' dual key bases and scores them against the sink itself; the head's rank attends."""
         ex, r = self.cache.exchange, self.reduced
         plan, form = ex.plan, r.form
-        g = plan.group
+        g, (a, b) = plan.group, self.cache.heads
         _, hq, t, d = query.shape
         q = (query.view(1, plan.kv_heads, g, t, d) @ module.zdc_qk[:, None].to(query)).view(1, hq, t, d)
         wide = form.wide
         sink = (q[..., :wide].reshape(1, plan.kv_heads, g * t, wide) @ r.sink_keys.transpose(1, 2)[None])
         qh, sh = ex.queries_to_heads(q, sink.reshape(1, hq, t, -1), form)
-        narrow = ex.narrow_queries(0, plan.tokens, form)
+        n = sh.shape[-1]
+        narrow = [ex.narrow_queries(0, plan.tokens, form, form.keys[h], n) for h in range(a, b)]
         scale = scaling if scaling is not None else d ** -0.5
         out, probs = reduced_attend(qh, sh, r, narrow, g, scale, softcap, window)
         return ex.outputs_to_tokens(out, probs, r.sink_values, form)
