@@ -106,16 +106,21 @@ SLIDING = {  # tiny sliding-window families: Mistral (every layer), Gemma 2 (eve
 }
 
 
-@pytest.mark.parametrize("family", list(SLIDING))
-def test_sliding_window_layers_prefill_and_decode_as_one_process(family, tmp_path):
-    """A 40-token prompt over a 16-token window, blocks of 8 (a decode step's layer still holds tokens past
-    its window): the prompt's logits and the greedy tokens are one process's."""
+def _sliding_model(family):
+    """A tiny random model of the family, 2 layers, a 16-token window."""
     cls, options = SLIDING[family]
     torch.manual_seed(0)
     config = getattr(transformers, cls)(vocab_size=128, num_hidden_layers=2, intermediate_size=128, sliding_window=16,
                                         max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                         **options)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", list(SLIDING))
+def test_sliding_window_layers_prefill_and_decode_as_one_process(family, tmp_path):
+    """A 40-token prompt over a 16-token window, blocks of 8 (a decode step's layer still holds tokens past
+    its window): the prompt's logits and the greedy tokens are one process's."""
+    model = _sliding_model(family)
     model.save_pretrained(tmp_path)
     method, ids = "fp16:block=8", _prompt(40, seed=4)
     ref, tokens = _single(model, method, ids, 6)
@@ -133,12 +138,7 @@ def test_sliding_window_layers_prefill_and_decode_as_one_process(family, tmp_pat
 def test_zdc_narrowed_exchange_on_a_sliding_model_gives_the_whole_exchanges_logits(tmp_path, monkeypatch):
     """Mistral (every layer sliding over 16 tokens), 100 tokens: narrowed queries and outputs meet the band as
     whole ones do."""
-    cls, options = SLIDING["mistral"]
-    torch.manual_seed(0)
-    config = getattr(transformers, cls)(vocab_size=128, num_hidden_layers=2, intermediate_size=128, sliding_window=16,
-                                        max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                        **options)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = _sliding_model("mistral")
     model.save_pretrained(tmp_path / "model")
     monkeypatch.setenv("KVSHRINK_CALIB_DIR", str(tmp_path / "calib"))
     calib_ids = torch.randint(3, 128, (4, 96), generator=torch.Generator().manual_seed(1))

@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sp-contexts", type=_ints, help="sp: prompt lengths (default 4096,8184)")
     b.add_argument("--sp-ranks", type=_ints, help="sp: process counts (default 2,4)")
     b.add_argument("--sp-wires", type=_csv, help="sp: how prefill messages cross: model, int8, int4 (default model)")
-    b.add_argument("--sp-exchanges", type=_csv, help="sp: ZDC states cross reduced, kv (keys and values only reduced) or full "
-                                                   "(default reduced)")
+    b.add_argument("--sp-exchanges", type=_csv,
+                   help="sp: ZDC states cross reduced, kv (keys and values only reduced) or full (default reduced)")
 
     g = sub.add_parser("generate", help="generate text with a compressed cache and report its memory")
     g.add_argument("--prompt", required=True)

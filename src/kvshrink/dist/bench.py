@@ -112,8 +112,8 @@ def _delta(ppl: float | None, ref: float) -> str:
 def sp_table(rows: list[dict]) -> str:
     base = {(r["tokens"], r["ranks"]): r for r in rows if r["method"] == "fp16" and r.get("wire", "model") == "model"
             and r.get("exchange", "reduced") == "reduced"}
-    out = ["| method | wire (exchange) | prompt | ranks | KiB sent / rank / layer (k, v, q, o, sink) | MiB / rank / prompt "
-           "| ×fp16 | prefill s (collectives) "
+    out = ["| method | wire (exchange) | prompt | ranks | KiB sent / rank / layer (k, v, q, o, sink) "
+           "| MiB / rank / prompt | ×fp16 | prefill s (collectives) "
            "| one process s | decode ms/token (collectives) | one process | KiB held / rank (one process) "
            "| prompt Δppl: one call (chunks of 64) | last-token KL: one call (chunks of 64) | greedy tokens equal |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -146,17 +146,23 @@ class Exchange:
         rows = torch.arange(start, stop) < self.plan.tokens - form.window
         return rows if width + n < form.wide else torch.zeros_like(rows)
 
+    def _narrowed_size(self, start: int, stop: int, form: Form, width: int, n: int) -> int:
+        """Numbers one query (or output) head sends for the range's tokens (`narrow_queries`)."""
+        m = int(self.narrow_queries(start, stop, form, width, n).sum())
+        return m * (width + n) + (stop - start - m) * form.wide
+
     def share_sink(self, keys: torch.Tensor, values: torch.Tensor, form: Form) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys, values (1, H, my tokens, D) in basis coordinates -> the sink tokens' (H, n, wide) on every
-        rank, from rank 0, which holds them (`check` makes sure): each rank scores and sums the sink for
-        its own queries, so that queries and outputs cross narrowed."""
+        """keys (as the model made them) and values (in their basis) (1, H, my tokens, D) -> the sink
+        tokens' (H, n, wide) in basis coordinates on every rank, from rank 0, which holds them (`check`
+        makes sure): each rank scores and sums the sink for its own queries, so that queries and outputs
+        cross narrowed."""
         n = min(form.sink, self.plan.tokens)
         if self.plan.rank == 0:
-            both = torch.stack([keys[0, :, :n, :form.wide], values[0, :, :n, :form.wide]]).contiguous()
+            sink_keys = torch.matmul(keys[:, :, :n], form.key_map.to(keys))
+            both = torch.stack([sink_keys[0, ..., :form.wide], values[0, :, :n, :form.wide]]).contiguous()
+            self.sent["sink"] += both.numel() * both.element_size() * (self.plan.world - 1)
         else:
             both = keys.new_empty(2, keys.shape[1], n, form.wide)
-        if self.plan.rank == 0:
-            self.sent["sink"] += both.numel() * both.element_size() * (self.plan.world - 1)
         t = time.perf_counter()
         dist.broadcast(both, 0)
         self.seconds += time.perf_counter() - t
@@ -180,14 +186,8 @@ class Exchange:
                              for x in (q[0, hq, nar, :form.keys[h]], sink_scores[0, hq, nar], q[0, hq, ~nar, :wide]))
             chunks.append(torch.cat(parts or [q.new_empty(0)]))
         a, b = plan.heads_of(me)
-        recv = []
-        for i in range(plan.world):
-            si, ei = plan.tokens_of(i)
-            total = 0
-            for h in range(a, b):
-                m = int(self.narrow_queries(si, ei, form, form.keys[h], n).sum())
-                total += g * (m * (form.keys[h] + n) + (ei - si - m) * wide)
-            recv.append(total)
+        recv = [g * sum(self._narrowed_size(*plan.tokens_of(i), form, form.keys[h], n) for h in range(a, b))
+                for i in range(plan.world)]
         got = self._all_to_all(chunks, recv, "q")
         out = q.new_zeros(1, (b - a) * g, plan.tokens, wide)
         scores = q.new_zeros(1, (b - a) * g, plan.tokens, n)
@@ -225,13 +225,8 @@ class Exchange:
                                        out[0, rows[~nar], hq, :wide]))
             chunks.append(torch.cat(parts or [out.new_empty(0)]))
         s, e = plan.tokens_of(me)
-        recv = []
-        for i in range(plan.world):
-            total = 0
-            for h in range(*plan.heads_of(i)):
-                m = int(self.narrow_queries(s, e, form, form.values[h], n).sum())
-                total += g * (m * (form.values[h] + n) + (e - s - m) * wide)
-            recv.append(total)
+        recv = [g * sum(self._narrowed_size(s, e, form, form.values[h], n) for h in range(*plan.heads_of(i)))
+                for i in range(plan.world)]
         got = self._all_to_all(chunks, recv, "o")
         full = out.new_zeros(1, e - s, plan.kv_heads * g, d)
         for i, flat in enumerate(got):

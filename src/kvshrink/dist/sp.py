@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM
 from ..api import from_method, prepare
 from ..attention.function import use_kvshrink_attention
 from ..attention.logits import plain_attention, soft_cap
+from ..attention.masks import band, sliding_mask
 from ..compat import with_cache
 from ..core.form import Form
 from ..errors import KvshrinkError
@@ -75,9 +76,8 @@ class ShardedCache:
             if form is not None and form.key_map is not None:
                 extra["rotated"] = True  # sent in the keys' basis
                 if self.narrow_qo:
-                    n = min(form.sink, self.exchange.plan.tokens)
-                    sink_keys = torch.matmul(key_states[:, :, :n], form.key_map.to(key_states))
-                    reduced = Reduced(form, layer_idx, k, v, *self.exchange.share_sink(sink_keys, value_states, form))
+                    reduced = Reduced(form, self.windows[layer_idx], k, v,
+                                      *self.exchange.share_sink(key_states, value_states, form))
         else:
             k, v = key_states[:, a:b], value_states[:, a:b]
         mask = self._mask(layer_idx, k.shape[2])  # before the update: what the layer held
@@ -86,26 +86,13 @@ class ShardedCache:
         return states, states
 
     def _mask(self, layer_idx: int, t: int) -> torch.Tensor | None:
-        """A sliding layer's (1, 1, t, keys) visibility: a query sees its own token and the window - 1
-        before it. The prompt's is banded; a decode token's hides what the layer still holds beyond its
-        window (it frees whole blocks only). None for a full layer: causal, or everything held."""
+        """A sliding layer's visibility: the prompt's is banded; a decode token's hides what the layer
+        still holds beyond its window (it frees whole blocks only). None for a full layer: causal, or
+        everything held."""
         window = self.windows[layer_idx]
         if window is None or self.inner is None:
             return None
-        if self.prefill:
-            return band(0, t, t, window)
-        held = self.inner.layers[layer_idx].held()
-        return band(held, held + t, held + t, window)
-
-
-def band(first: int, stop: int, keys: int, window: int | None) -> torch.Tensor:
-    """(1, 1, stop - first, keys) bool: query i (first <= i < stop) sees keys j with i - window < j <= i."""
-    i = torch.arange(first, stop)[:, None]
-    j = torch.arange(keys)[None]
-    seen = j <= i
-    if window is not None:
-        seen &= j > i - window
-    return seen[None, None]
+        return sliding_mask(self.inner.layers[layer_idx], t, window)
 
 
 @dataclass
@@ -114,7 +101,7 @@ class Reduced:
     values (1, my heads, all tokens, D) in basis coordinates) and the sink's (H, n, wide) of every head."""
 
     form: Form
-    layer: int
+    window: int | None  # the layer's sliding window
     keys: torch.Tensor
     values: torch.Tensor
     sink_keys: torch.Tensor
@@ -124,9 +111,10 @@ class Reduced:
 def reduced_attend(q: torch.Tensor, sink_scores: torch.Tensor, r: Reduced, narrow: list, group: int,
                    scale: float, softcap: float | None = None,
                    window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of q (1, my query heads, T, wide) over what arrived, where the `narrow` rows
-    (T,) of each of this rank's KV heads take their sink tokens' scores as sent (1, my query heads, T, n) -> (out (1, T, my query heads,
-    wide) in value-basis coordinates, the sink's weights (1, T, my query heads, n))."""
+    """Causal attention of q (1, my query heads, T, wide) over what arrived, where the `narrow` rows (T,)
+    of each of this rank's KV heads take their sink tokens' scores as sent (1, my query heads, T, n) ->
+    (out (1, T, my query heads, wide) in value-basis coordinates, the sink's weights (1, T, my query
+    heads, n))."""
     _, hq, t, wide = q.shape
     n = sink_scores.shape[-1]
     out = q.new_zeros(1, t, hq, wide)
@@ -152,7 +140,7 @@ class ParallelStates:
     def __init__(self, cache: ShardedCache, keys, values, reduced: Reduced | None = None, mask=None):
         self.cache, self.keys, self.values, self.reduced, self.mask = cache, keys, values, reduced, mask
 
-    def _attend_reduced(self, module, query, scaling, softcap, window):
+    def _attend_reduced(self, module, query, scaling, softcap):
         """The prefill with narrowed queries and outputs (FDC's): each rank maps its queries into their
         heads' dual key bases and scores them against the sink itself; the head's rank attends."""
         ex, r = self.cache.exchange, self.reduced
@@ -166,7 +154,7 @@ class ParallelStates:
         n = sh.shape[-1]
         narrow = [ex.narrow_queries(0, plan.tokens, form, form.keys[h], n) for h in range(a, b)]
         scale = scaling if scaling is not None else d ** -0.5
-        out, probs = reduced_attend(qh, sh, r, narrow, g, scale, softcap, window)
+        out, probs = reduced_attend(qh, sh, r, narrow, g, scale, softcap, r.window)
         return ex.outputs_to_tokens(out, probs, r.sink_values, form)
 
     def attend(self, module, query, mask, scaling=None, softcap=None):
@@ -174,21 +162,22 @@ class ParallelStates:
         ex, (a, b) = cache.exchange, cache.heads
         g = ex.plan.group
         if self.reduced is not None:
-            window = cache.windows[self.reduced.layer]
-            return self._attend_reduced(module, query, scaling, softcap, window), None
+            return self._attend_reduced(module, query, scaling, softcap), None
         # the prompt's queries see the keys up to their own; a decode token all its cache holds (None)
         q = ex.to_heads(query, "q") if cache.prefill else query[:, a * g:b * g]
         t = q.shape[2]
         if a == b:
             out = query.new_zeros(1, t, 0, query.shape[-1])
-        elif hasattr(self.keys, "attend"):
-            mask = self.mask if self.mask is not None or not cache.prefill else band(0, t, t, None)
-            out = self.keys.attend(cache.inner.head_module(module, a, b), q, mask, scaling, softcap)[0]
-        else:  # plain tensors: SDPA's own causal path where no mask is needed, as a single process takes it
+        else:
+            states = hasattr(self.keys, "attend")
             mask = self.mask
-            if mask is None and cache.prefill and softcap is not None:  # the eager path needs it said
-                mask = band(0, t, t, None)
-            out = plain_attention(module, q, self.keys, self.values, mask, scaling, softcap)[0]
+            # the prompt is causal: said to the states and to the eager (soft-capped) path; SDPA takes its own
+            if mask is None and cache.prefill and (states or softcap is not None):
+                mask = band(0, t, t)
+            if states:
+                out = self.keys.attend(cache.inner.head_module(module, a, b), q, mask, scaling, softcap)[0]
+            else:
+                out = plain_attention(module, q, self.keys, self.values, mask, scaling, softcap)[0]
         out = ex.to_tokens(out) if cache.prefill else ex.gather_heads(out)
         return out, None
 
@@ -230,13 +219,13 @@ def check(model, tok, method: str, prompt: int, new_tokens: int, world: int, wir
     spec = spec_from_config(model.config)
     plan = Plan(0, world, prompt, spec.num_kv_heads, 1)
     cache = from_method(method, model)
-    form = cache.exchange_form(0)
-    first = plan.tokens_of(0)[1]
+    forms = [cache.exchange_form(i) for i in range(spec.num_layers)]
+    form, first = forms[0], plan.tokens_of(0)[1]
     if exchange == "reduced" and form is not None:
         if first < min(form.sink, prompt):
             raise KvshrinkError(f"a prompt of {prompt} tokens over {world} ranks leaves rank 0 {first} tokens, "
                                 f"fewer than the {form.sink} sink tokens it shares with the others; use --exchange kv")
-        most = max(max(cache.exchange_form(i).keys + cache.exchange_form(i).values) for i in range(spec.num_layers))
+        most = max(max(f.keys + f.values) for f in forms)
         if most > form.wide:
             raise KvshrinkError(f"narrowed queries need sink_rank >= every rank (sink_rank {form.wide}, ranks up to "
                                 f"{most}); use --exchange kv")
@@ -250,7 +239,8 @@ def run_rank(rank: int, world: int, source, method: str, ids: torch.Tensor, new_
     keys and values at the coordinates the cache keeps ("kv"; with "reduced", queries and outputs too),
     or in full ("full").
     Returns the tokens (the same on every rank), this rank's
-    prompt logits (keep_logits; then the decode steps' too) or its last token's, the bytes it sent by kind, and the time split;
+    prompt logits (keep_logits; then the decode steps' too) or its last token's, the bytes it sent by
+    kind, and the time split;
     with `score`, also the negative log-likelihood of each next prompt token its slice predicts."""
     model, tok = load_source(source)
     model = prepare(model, method, tok)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention.logits import plain_attention
+from ..attention.masks import sliding_mask
 from ..attention.split import SplitStates
 from ..core.store import half_checked
 
@@ -57,16 +58,6 @@ class RaggedCache:
             parts.append((k, v, seg.length, mask))
         states = RaggedStates(parts)
         return states, states
-
-
-def sliding_mask(layer, t: int, window: int) -> torch.Tensor:
-    """(1, 1, t, held + t) bool: the layer's held tokens and t new ones, each query seeing the keys at
-    most window - 1 positions behind it (and none ahead)."""
-    n, offset = layer.get_mask_sizes(t) if layer.is_initialized else (t, 0)
-    first = offset + n - t  # the first new token's position
-    q = torch.arange(first, first + t)[:, None]
-    k = torch.arange(offset, offset + n)[None, :]
-    return ((k <= q) & (q - k < window))[None, None]
 
 
 @dataclass
