@@ -15,9 +15,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from kvshrink import KvshrinkError, from_method, prepare
 from kvshrink.core.sensitivity import Perturbed
@@ -104,6 +105,13 @@ def test_perturbed_kl_is_zero_unchanged_and_grows_with_the_error(tiny_model):
     both = {1: ("key", trip), 0: ("value", trip)}  # several layers at once, replaying up to the first
     assert perturbed.kl_many(both) == pytest.approx(full.kl_many(both), rel=1e-5, abs=1e-9)
     assert perturbed.kl_many(both) != pytest.approx(perturbed.kl(1, "key", trip), rel=1e-3)
+    # a layer's keys and values changed together: more than either alone
+    pair = perturbed.kl_many({1: {"key": trip, "value": trip}})
+    assert pair > max(perturbed.kl(1, "key", trip), perturbed.kl(1, "value", trip))
+    # a long sequence is scored at evenly spaced positions: the same log-probabilities there, the last included
+    spaced = Perturbed(tiny_model, ids, most=16)
+    torch.testing.assert_close(spaced.ref, perturbed.ref[:, 3::4], rtol=1e-9, atol=1e-9)
+    assert spaced.ref.shape[1] == 16 and 0 < spaced.kl(1, "key", trip) != pytest.approx(perturbed.kl(1, "key", trip))
 
 
 @pytest.mark.parametrize("ratio", [3.0, 4.0, 5.0])
@@ -119,6 +127,35 @@ def test_cache_holds_the_bytes_the_allocation_expects(calibrated, tiny_model, mo
             model(ids[:, s:s + 16], past_key_values=cache, use_cache=True)
     assert cache.fp16_nbytes() / cache.nbytes() == pytest.approx(cache.allocation.ratio, rel=1e-9)
     assert "bits per layer for keys" in cache.describe() and path in cache.describe()
+
+
+def test_a_hybrid_sliding_model_holds_the_bytes_expected_and_calibrates_at_the_ratios_context(tiny_model, tmp_path,
+                                                                                                 monkeypatch):
+    # Gemma 3's layout: sliding layers (no sink, whole blocks freed past the window) beside a full one
+    config = transformers.Gemma3TextConfig(vocab_size=128, num_hidden_layers=2, hidden_size=64, intermediate_size=64,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=40,
+                                           layer_types=["sliding_attention", "full_attention"],
+                                           max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    spec = spec_from_config(model.config)
+    assert A.calibration_shape(spec) == (2, 2048) and A.calibration_shape(spec_from_config(tiny_model.config)) == (4, 512)
+    ids = torch.randint(3, 128, (1, 4 + 3 * 32), generator=torch.Generator().manual_seed(0))
+    path = str(tmp_path / "auto.safetensors")
+    A.calibrate(model, ids, {"test": True}, sink=4, block=32).save(path)
+    monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", path)
+    model = prepare(model, "auto:block=32")
+    for context in (38, 100, 150, 171):  # within the window, then 39 to 70 tokens held by the sliding layer
+        cache = from_method(f"auto:budget=4:block=32:context={context}", model)
+        run = torch.randint(3, 128, (1, context), generator=torch.Generator().manual_seed(context))
+        with torch.no_grad():  # a chunked prefill; the odd chunk first (a short chunk after it waits as decode steps do)
+            cuts = sorted({0, *range(context % 16, context + 1, 16)})
+            for s, e in zip(cuts, cuts[1:]):
+                model(run[:, s:e], past_key_values=cache, use_cache=True)
+        for i, layer in enumerate(cache.layers):
+            assert sum(A.held_tokens(spec, i, context, 4, 32)) == layer.held()
+        assert cache.fp16_nbytes() / cache.nbytes() == pytest.approx(cache.allocation.ratio, rel=1e-9)
+        assert cache.allocation.ratio >= 4
 
 
 def test_more_budget_never_raises_the_proxy(calibrated, tiny_model):

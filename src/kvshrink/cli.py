@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model")
     c.add_argument("--corpus", help="text file (default: WikiText-2 test; its last tokens are used)")
     c.add_argument("--sequences", type=int, help="calibration sequences (default: zdc 4, rvq 8)")
-    c.add_argument("--length", type=int, default=512)
+    c.add_argument("--length", type=int, help="tokens a calibration sequence (default 512; auto on a model that "
+                   "mixes sliding and full layers: 2 sequences of 2,048)")
     c.add_argument("--key-basis", default="query", help="query (query-weighted PCA), joint or key")
     c.add_argument("--value-basis", default="output", help="output (o_proj-weighted PCA) or pca")
     c.add_argument("--group", type=int, default=16, help="rvq: channels per group")
@@ -142,8 +143,7 @@ def cmd_calibrate(args) -> None:
         raise KvshrinkError(f"no calibration for method {args.method!r}; calibrated methods: zdc, rvq, auto")
     if args.block < 1:
         raise KvshrinkError("--block must be at least 1")
-    args.sequences = args.sequences or (8 if args.method == "rvq" else 4)
-    if args.sequences < 1 or args.length < 8:
+    if args.sequences is not None and args.sequences < 1 or args.length is not None and args.length < 8:
         raise KvshrinkError("--sequences must be at least 1 and --length at least 8")
     if args.method == "rvq":
         if args.iters < 1:
@@ -151,7 +151,9 @@ def cmd_calibrate(args) -> None:
         rvq_calib.check_layout(args.size, args.depth, args.key_grouping, args.value_grouping)
     check_corpus(args.corpus)
     model, tok = load_model(args.model)
-    ids, desc = calibration_ids(tok, args.corpus, args.sequences, args.length)
+    sequences, length = (budget.calibration_shape(spec_from_config(model.config)) if args.method == "auto"
+                         else (8 if args.method == "rvq" else 4, 512))
+    ids, desc = calibration_ids(tok, args.corpus, args.sequences or sequences, args.length or length)
     if args.method == "rvq":
         return _calibrate_rvq(args, model, ids, desc, rvq_calib)
     if args.method == "auto":

@@ -59,6 +59,7 @@ from ...core.sensitivity import Perturbed, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 from . import joint
+from .config import CONTEXT
 
 FORMAT = "kvshrink-budget-6"  # 6: stage bytes no longer stored (computed from the menu: stage_bytes)
 BITS = (1, 2, 3, 4, 5, 6, 8)
@@ -295,19 +296,40 @@ class Allocation:
                 f"{self.ratio:.2f}x expected")
 
 
+def held_tokens(spec, layer: int, context: int, sink: int, block: int) -> tuple[int, int, int]:
+    """(sink, coded, staged): the tokens a layer holds after a prefill of `context`. A full layer: the sink, whole
+    blocks, the partial block. A sliding layer has no sink and frees whole blocks once they leave its window
+    (core/layer.py), so it holds its window - 1 tokens and up to a block more: counting it as window - 1 tokens
+    with a sink and a partial block put Gemma 3's `auto-4x` at 4.27x."""
+    if not spec.is_sliding(layer):
+        s = min(sink, context)
+        coded = (context - s) // block * block
+        return s, coded, context - s - coded
+    coded = context // block * block
+    extra = context - (spec.sliding_window - 1)
+    if extra >= block:
+        coded -= min(extra, coded) // block * block
+    return 0, coded, context - context // block * block
+
+
+def calibration_shape(spec) -> tuple[int, int]:
+    """(sequences, length) of the calibration tokens. Where sliding and full layers mix (Gemma 2 and 3), sequences
+    as long as the ratio's default context: within 512 tokens a full layer sees no more than a sliding one, so
+    its keys' loss was understated and Gemma 3's `auto-6x` gave its last full layer 1-bit keys."""
+    hybrid = spec.has_sliding and not all(spec.is_sliding(i) for i in range(spec.num_layers))
+    return (2, CONTEXT) if hybrid else (4, 512)
+
+
 def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int, joint_calib=None) -> tuple[list, int]:
     """(items, fixed): per layer, keys then values, (proxy, bytes held at `context` tokens) arrays over
     the menu (the key menu followed by the joint key choices where `joint_calib` is given); fixed: the float16
-    sink's bytes. A layer holds `context` tokens (a sliding layer its window - 1, as an fp16 cache does):
-    the sink, whole coded blocks, and a partial block whose keys wait at the stage codec's width."""
+    sink's bytes. A layer holds what `held_tokens` says: the sink, whole coded blocks, and a partial block whose
+    keys wait at the stage codec's width."""
     row = 2 * spec.num_kv_heads * spec.head_dim * 2  # fp16 bytes of one token's keys and values in a layer
     staging = np.array([stage_bytes(c, block, spec) for c in KEY_MENU])
     items, fixed = [], 0
     for i in range(spec.num_layers):
-        held = min(context, spec.sliding_window - 1) if spec.is_sliding(i) else context
-        s = min(sink, held)
-        coded = (held - s) // block * block
-        staged = held - s - coded
+        s, coded, staged = held_tokens(spec, i, context, sink, block)
         fixed += s * row
         keys = (calib.proxy_k[i].numpy(), coded * calib.bytes_k[i].numpy() + staged * staging)
         if joint_calib is not None:
@@ -355,7 +377,7 @@ def default_path(model, data: dict, block: int) -> str:
 def load_or_calibrate(model, tokenizer, corpus: str | None = None, sink: int = 4, block: int = 128,
                       log=print) -> tuple[BudgetCalibration, str]:
     """(calibration, path): the one for this model, corpus range and block, measured first if missing."""
-    ids, desc = calibration_ids(tokenizer, corpus)
+    ids, desc = calibration_ids(tokenizer, corpus, *calibration_shape(spec_from_config(model.config)))
     path = default_path(model, desc, block)
     if os.path.isfile(path):
         return BudgetCalibration.load(path, model, block), path
@@ -373,7 +395,7 @@ def load_or_calibrate_joint(model, tokenizer, budget_path: str, corpus: str | No
     path = joint.path_beside(budget_path)
     if os.path.isfile(path):
         return joint.JointCalibration.load(path, model, block), path
-    ids, desc = calibration_ids(tokenizer, corpus)
+    ids, desc = calibration_ids(tokenizer, corpus, *calibration_shape(spec_from_config(model.config)))
     log(f"auto: no joint key calibration at {path}; measuring it (about 3 minutes on 2 cores for the bundled model)")
     calib = measure_joint(model, ids, desc, sink, block)
     calib.save(path)

@@ -17,6 +17,7 @@ from ...errors import KvshrinkError
 from ...registry import Config, Method, check_int, option, register
 
 PRESETS = (4, 5, 6, 8)
+CONTEXT = 2048  # tokens at which a ratio is met by default: the bench's segment
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class BudgetConfig(Config):
     family = "budget"
     calibrated = True
     budget: float = option(6.0, "target compression ratio against an fp16 cache, met at `context` tokens")
-    context: int = option(2048, "tokens at which the ratio is met (sink, partial block and scales counted)")
+    context: int = option(CONTEXT, "tokens at which the ratio is met (sink, partial block and scales counted)")
     sink: int = option(4, "first tokens kept in float16 (attention sinks)")
     block: int = option(128, "tokens per coded block (the key quantization group)")
     attend: str = option("auto", "decode steps: fused (compiled kernel reads the codes), decode, or auto",
