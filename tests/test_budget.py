@@ -150,7 +150,7 @@ def test_a_hybrid_sliding_model_holds_the_bytes_expected_and_calibrates_at_the_r
         run = torch.randint(3, 128, (1, context), generator=torch.Generator().manual_seed(context))
         with torch.no_grad():  # a chunked prefill; the odd chunk first (a short chunk after it waits as decode steps do)
             cuts = sorted({0, *range(context % 16, context + 1, 16)})
-            for s, e in zip(cuts, cuts[1:]):
+            for s, e in itertools.pairwise(cuts):
                 model(run[:, s:e], past_key_values=cache, use_cache=True)
         for i, layer in enumerate(cache.layers):
             assert sum(A.held_tokens(spec, i, context, 4, 32)) == layer.held()
