@@ -143,7 +143,7 @@ def cmd_calibrate(args) -> None:
         raise KvshrinkError(f"no calibration for method {args.method!r}; calibrated methods: zdc, rvq, auto")
     if args.block < 1:
         raise KvshrinkError("--block must be at least 1")
-    if args.sequences is not None and args.sequences < 1 or args.length is not None and args.length < 8:
+    if (args.sequences is not None and args.sequences < 1) or (args.length is not None and args.length < 8):
         raise KvshrinkError("--sequences must be at least 1 and --length at least 8")
     if args.method == "rvq":
         if args.iters < 1:

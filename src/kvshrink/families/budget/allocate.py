@@ -306,10 +306,10 @@ def held_tokens(spec, layer: int, context: int, sink: int, block: int) -> tuple[
         coded = (context - s) // block * block
         return s, coded, context - s - coded
     coded = context // block * block
-    extra = context - (spec.sliding_window - 1)
+    extra = context - (spec.sliding_window - 1)  # freed in whole blocks, as StoreLayer._slide does
     if extra >= block:
         coded -= min(extra, coded) // block * block
-    return 0, coded, context - context // block * block
+    return 0, coded, context % block
 
 
 def calibration_shape(spec) -> tuple[int, int]:
