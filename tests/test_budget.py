@@ -114,12 +114,14 @@ def test_perturbed_kl_is_zero_unchanged_and_grows_with_the_error(tiny_model):
     assert spaced.ref.shape[1] == 16 and 0 < spaced.kl(1, "key", trip) != pytest.approx(perturbed.kl(1, "key", trip))
 
 
-@pytest.mark.parametrize("ratio", [3.0, 4.0, 5.0])
-def test_cache_holds_the_bytes_the_allocation_expects(calibrated, tiny_model, monkeypatch, ratio):
+@pytest.mark.parametrize("ratio,window", [(3.0, ""), (4.0, ""), (5.0, ""), (4.0, ":window=8"),
+                                          (4.0, ":window=8:window_bits=16"), (5.0, ":window=20:window_bits=4")])
+def test_cache_holds_the_bytes_the_allocation_expects(calibrated, tiny_model, monkeypatch, ratio, window):
+    """A recent window (8-bit codes by default, float16 at 16 bits) is paid for from the same budget."""
     _, path = calibrated
     monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", path)
     model = prepare(copy.deepcopy(tiny_model), "auto:block=32")
-    cache = from_method(f"auto:budget={ratio}:block=32:context=160", model)
+    cache = from_method(f"auto:budget={ratio}:block=32:context=160{window}", model)
     assert cache.allocation.ratio >= ratio
     ids = torch.randint(3, 128, (1, 160), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -127,6 +129,14 @@ def test_cache_holds_the_bytes_the_allocation_expects(calibrated, tiny_model, mo
             model(ids[:, s:s + 16], past_key_values=cache, use_cache=True)
     assert cache.fp16_nbytes() / cache.nbytes() == pytest.approx(cache.allocation.ratio, rel=1e-9)
     assert "bits per layer for keys" in cache.describe() and path in cache.describe()
+    spec = spec_from_config(model.config)
+    for i, layer in enumerate(cache.layers):
+        _, w, coded, staged = A.held_tokens(spec, i, 160, 4, 32, cache.window)
+        assert (layer.k.window_tokens(), layer.k.body_tokens(), layer.k.tokens_in(layer.k.stage)) == (w, coded, staged)
+    if cache.window:
+        assert f"window {cache.window}" in cache.describe()
+        if "bits=16" not in window:  # the window holds codes, not float16 tokens: fewer bytes than their float16
+            assert layer.v.window.nbytes() < cache.window * 2 * spec.num_kv_heads * spec.head_dim
 
 
 def test_a_hybrid_sliding_model_holds_the_bytes_expected_and_calibrates_at_the_ratios_context(tiny_model, tmp_path,
@@ -168,14 +178,15 @@ def test_more_budget_never_raises_the_proxy(calibrated, tiny_model):
     assert "\n" not in str(err.value)
 
 
-def test_fused_kernel_equals_decode_then_attend(calibrated, tiny_model, monkeypatch):
+@pytest.mark.parametrize("window", ["", ":window=8"])
+def test_fused_kernel_equals_decode_then_attend(calibrated, tiny_model, monkeypatch, window):
     _, path = calibrated
     monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", path)
     model = prepare(copy.deepcopy(tiny_model), "auto:block=32")
     ids = torch.randint(3, 128, (2, 100), generator=torch.Generator().manual_seed(2))
     outs = []
     for attend in ("fused", "decode"):
-        cache = from_method(f"auto:budget=5:block=32:attend={attend}", model)
+        cache = from_method(f"auto:budget=5:block=32:attend={attend}{window}", model)
         with torch.no_grad():
             model(ids, past_key_values=cache, use_cache=True)
             steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(6)]
@@ -207,6 +218,8 @@ def test_methods_need_their_calibration_and_a_sane_budget(tiny_model, monkeypatc
     assert "\n" not in str(err.value)
     with pytest.raises(KvshrinkError, match="budget must be a ratio"):
         from_method("auto:budget=0.5", tiny_model)
+    with pytest.raises(KvshrinkError, match="window_bits must be 4, 5, 6, 8 or 16"):
+        from_method("auto:window=8:window_bits=7", tiny_model)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -51,6 +51,39 @@ def test_layout_counts_and_bytes(tiny_model, tiny_config):
     assert cache.compression_ratio() == cache.fp16_nbytes() / cache.nbytes()
 
 
+def test_a_coded_window_holds_the_last_tokens_as_their_own_codes(tiny_config):
+    """window_codec: the window's tokens are per-token codes (their bytes counted, no float16 copy), each the
+    round trip of its own token whatever the call sizes; tokens leave it oldest first into the stage and body;
+    crop and batch selection keep it."""
+    wc = IntQuant(8, "token", rotate=True, seed=4)
+    cache = CompressedCache(num_layers=1, key_codec=IntQuant(2, "channel", 32, rotate=True, seed=1),
+                            value_codec=IntQuant(2, "token", rotate=True, seed=2), sink=4, window=8, block=32,
+                            window_codec=wc)
+    layer, g = cache.layers[0], torch.Generator().manual_seed(0)
+    ks, vs = torch.randn(2, 2, 120, 16, generator=g), torch.randn(2, 2, 120, 16, generator=g)
+    layer.update(ks[:, :, :100], vs[:, :, :100])
+    for i in range(100, 120):  # decode steps: one token each
+        layer.update(ks[:, :, i:i + 1], vs[:, :, i:i + 1])
+    for store, x in ((layer.k, ks), (layer.v, vs)):
+        assert store.window_tokens() == 8 and len(store) == 120
+        want = wc.decode(wc.encode(x[:, :, -8:].half().float(), 1))
+        torch.testing.assert_close(store.window_dense(torch.float32), want, rtol=0, atol=1e-6)
+        assert not any(t.dtype == torch.float16 and t.shape[-2] == 8 for t in store.tensors())
+        assert store.window.nbytes() == 8 * wc.nbytes(wc.encode(x[:, :, :1], 1))
+        # the full history ends with the window's decoded tokens; what left it is coded at 2 bits, close to the input
+        full = store.decoded(torch.float32)
+        torch.testing.assert_close(full[:, :, -8:], want, rtol=0, atol=1e-6)
+        assert (full[:, :, 4:112] - x[:, :, 4:112]).abs().mean() < 0.5
+    assert cache.nbytes() == tensor_nbytes([t for s in (layer.k, layer.v) for t in s.tensors()])
+    cache.crop(-3)
+    assert layer.k.window_tokens() == 5 and layer.get_seq_length() == 117
+    torch.testing.assert_close(layer.v.window_dense(torch.float32), want[:, :, :5], rtol=0, atol=1e-6)
+    cache.batch_select_indices(torch.tensor([1]))
+    torch.testing.assert_close(layer.v.window_dense(torch.float32), want[1:, :, :5], rtol=0, atol=1e-6)
+    with pytest.raises(KvshrinkError, match="codes each token alone"):
+        CompressedCache(num_layers=1, key_codec=IntQuant(4), window=8, window_codec=IntQuant(8, "channel", 32))
+
+
 def test_eight_bit_scales_hold_two_bytes_less_per_value_token(tiny_model, tiny_config):
     """int2-rot:levels=gauss:scales=8bit: every coded value token (body and stage) two bytes lighter per
     head, every key group (a channel over a block) too, and the logits close to the float16-scale cache's."""

@@ -9,7 +9,9 @@
            and its whole blocks are moved into the body as they are. Either way
            the body grows once per `block` tokens, not once per token, and
            always holds whole blocks (so keys and values split alike).
-  window - the `window` most recent tokens, float16
+  window - the `window` most recent tokens, float16, or per-token codes of
+           `window_codec` (a wider code than the body's: the nearest tokens carry
+           the most attention, and a query sees them at that code)
 
 Every part holds the only copy of its tokens: nothing is kept twice.
 
@@ -68,7 +70,8 @@ def _slice(x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor
 
 class TokenStore:
     def __init__(self, codec: Codec, sink: int, window: int, block: int, stage_codec: Codec | None = None,
-                 widths: tuple[int | None, int | None] = (None, None), gather: int | None = None):
+                 widths: tuple[int | None, int | None] = (None, None), gather: int | None = None,
+                 window_codec: Codec | None = None):
         self.recode = codec.block_tokens > 1
         if self.recode and stage_codec is None:
             raise KvshrinkError(f"{codec.describe()} codes whole blocks and needs a stage codec")
@@ -93,18 +96,43 @@ class TokenStore:
         self.fresh = None  # float16 tokens of decode steps, not coded yet (see the module doc)
         self.executor = None  # a concurrent.futures executor for background coding
         self._pending = None  # (future of the grown body, fresh tokens it takes)
+        self.window_codec = None
+        if window_codec is not None:
+            self.code_window(window_codec)
+
+    def code_window(self, codec: Codec) -> None:
+        """Hold the window as per-token codes of `codec` rather than float16 (before the first tokens)."""
+        if self.sink is not None:
+            raise KvshrinkError("a store's window codec is set before its first tokens")
+        if codec.block_tokens != 1 or (self.dense_width, self.body_width) != (None, None):
+            raise KvshrinkError(f"a window codec codes each token alone, at every coordinate: {codec.describe()} "
+                                "does not")
+        self.window_codec = codec
 
     def init(self, like: torch.Tensor) -> None:
         b, h, d = like.shape[0], like.shape[1], like.shape[3]
         dense = like.new_empty(b, h, 0, d if self.dense_width is None else self.dense_width, dtype=torch.float16)
-        self.sink, self.window, self.body, self.stage = dense, dense.clone(), None, None
+        self.sink, self.body, self.stage = dense, None, None
+        self.window = dense.clone() if self.window_codec is None else None  # coded: a Packed, None while empty
         self.fresh = like.new_empty(b, h, 0, d if self.body_width is None else self.body_width, dtype=torch.float16)
 
     def __len__(self) -> int:
         if self.sink is None:
             return 0
         return (self.sink.shape[-2] + self.body_tokens() + self.tokens_in(self.stage) + self.fresh.shape[-2]
-                + self.window.shape[-2])
+                + self.window_tokens())
+
+    def window_tokens(self) -> int:
+        w = self.window
+        return 0 if w is None else w.num_tokens if isinstance(w, Packed) else w.shape[-2]
+
+    def window_dense(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """The window's tokens as one dense tensor (decoded where they are coded)."""
+        if self.window is None:
+            return self.fresh.new_empty(*self.fresh.shape[:2], 0, self.fresh.shape[-1], dtype=dtype)
+        if isinstance(self.window, Packed):
+            return self.window_codec.decode(self.window, dtype)
+        return self.window if self.window.dtype == dtype else self.window.to(dtype)
 
     @property
     def body(self) -> Packed | None:
@@ -208,7 +236,11 @@ class TokenStore:
             x16 = x16[..., room:, :]
         if x16.shape[-2] == 0:
             return
-        if self.window_size:
+        if self.window_size and self.window_codec is not None:
+            x16 = self._through_coded_window(x16)
+            if x16 is None:
+                return
+        elif self.window_size:
             held = self.window.shape[-2]
             out = held + x16.shape[-2] - self.window_size
             if out <= 0:
@@ -227,6 +259,27 @@ class TokenStore:
             self._code_fresh()
         else:
             self._push(x16.float())
+
+    def _through_coded_window(self, x16: torch.Tensor) -> torch.Tensor | None:
+        """x16 into the coded window; the tokens that leave it, oldest first (decoded), or None. Codes are per
+        token, so tokens leave as whole blocks of the Packed: none is coded twice while in the window."""
+        held = self.window_tokens()
+        out = held + x16.shape[-2] - self.window_size
+        k = min(max(out, 0), held)  # leaving from the window's codes; the rest of `out` from x16
+        leaving = [self.window_codec.decode(self.window.first_blocks(k), torch.float16)] if k else []
+        kept = self.window if not k else self.window.drop_first(k) if k < held else None
+        entering = x16[..., max(out - k, 0):, :]
+        if out - k > 0:
+            leaving.append(x16[..., :out - k, :])
+        self.window = self._join(kept, self.window_codec.encode(entering.float(), 1)) if entering.shape[-2] else kept
+        return torch.cat(leaving, dim=-2) if leaving else None
+
+    def _window_first(self, n: int) -> None:
+        """Keep the window's first n tokens (a crop)."""
+        if self.window_codec is None:
+            self.window = _slice(self.window, 0, n)
+        else:
+            self.window = self.window.first_blocks(n) if n and self.window is not None else None
 
     def thaw(self) -> None:
         """The stage's tokens (decoded once) join the float16 tokens: a layer whose kernel reads only
@@ -283,17 +336,18 @@ class TokenStore:
         parts left out."""
         out = [(self.sink, None)] + [(p, self.codec) for p in self.body_parts()]
         out += [(self.stage, self.stage_codec)] if self.stage is not None else []
-        return out + [(self.fresh, None), (self.window, None)]
+        window = (self.window, self.window_codec) if isinstance(self.window, Packed) else (self.window_dense(), None)
+        return out + [(self.fresh, None), window]
 
     def crop(self, keep: int) -> None:
         """Keep the first `keep` tokens."""
         self._flush_fresh()
         n_sink, n_body, n_stage = self.sink.shape[-2], self.tokens_in(self.body), self.tokens_in(self.stage)
         if keep >= n_sink + n_body + n_stage:
-            self.window = _slice(self.window, 0, keep - n_sink - n_body - n_stage)
+            self._window_first(keep - n_sink - n_body - n_stage)
         elif keep >= n_sink + n_body:
             self.stage = self.stage.first_blocks(keep - n_sink - n_body) if keep > n_sink + n_body else None
-            self.window = _slice(self.window, 0, 0)
+            self._window_first(0)
         elif keep > n_sink and not self.recode:
             # one token per coded block: an exact cut; the cut block's tokens go back to the stage
             into = keep - n_sink
@@ -301,7 +355,7 @@ class TokenStore:
             body = self.body
             self.body = body.first_blocks(full) if full else None
             self.stage = body.blocks(full, into) if into > full else None
-            self.window = _slice(self.window, 0, 0)
+            self._window_first(0)
         elif keep > n_sink:
             # whole blocks stay coded; the cut block's kept tokens become float16 decode tokens
             # (already lossy: only float16 rounding is added), before an empty window
@@ -310,11 +364,11 @@ class TokenStore:
             head = self.codec.decode(self.body, torch.float32)[..., full * self.block:into, :]
             self.body = self.body.first_blocks(full) if full else None
             self.stage, self.fresh = None, head.to(torch.float16)
-            self.window = _slice(self.window, 0, 0)
+            self._window_first(0)
         else:
             self.sink = _slice(self.sink, 0, keep)
             self.body = self.stage = None
-            self.window = _slice(self.sink, 0, 0)
+            self._window_first(0)
 
     def drop_first(self, n: int) -> int:
         """Free the whole body blocks among the oldest n tokens (a sliding layer's tokens no query
@@ -333,15 +387,19 @@ class TokenStore:
         self.settle()
         if self.sink is None:
             return
-        self.sink, self.window, self.fresh = on_tensor(self.sink), on_tensor(self.window), on_tensor(self.fresh)
+        self.sink, self.fresh = on_tensor(self.sink), on_tensor(self.fresh)
+        if self.window is not None:
+            self.window = (on_packed if isinstance(self.window, Packed) else on_tensor)(self.window)
         self.body = on_packed(self.body) if self.body is not None else None
         self.stage = on_packed(self.stage) if self.stage is not None else None
 
     def tensors(self) -> list[torch.Tensor]:
         if self.sink is None:
             return []
-        out = [self.sink, self.fresh, self.window, *self.codec.shared_tensors()]
-        for p in (*self.body_parts(), self.stage):
+        out = [self.sink, self.fresh, *self.codec.shared_tensors()]
+        if isinstance(self.window, torch.Tensor):
+            out.append(self.window)
+        for p in (*self.body_parts(), self.stage, self.window if isinstance(self.window, Packed) else None):
             if p is not None:
                 out.extend(p.tensors.values())
         return out

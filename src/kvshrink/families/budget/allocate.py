@@ -81,6 +81,7 @@ VALUE_MENU = (tuple((b, r, g, U) for b in BITS for r in (False, True) for g in (
 MEASURED_KEYS = tuple(c for c in KEY_MENU if c[0] <= 3)  # KL measured, not extrapolated
 MEASURED_VALUES = tuple(c for c in VALUE_MENU if c[0] <= 3)
 JOINT = "joint"  # a key choice ("joint", bits, floor) from the joint key calibration (joint.py)
+WINDOW_SEED = 4  # the window's rotation, apart from the keys' (1), values' (2) and stage's (3)
 CELLS = 20000  # the knapsack's resolution: item sizes round up by at most budget / CELLS each
 
 
@@ -101,10 +102,20 @@ def value_codec(choice) -> IntQuant:
                     scales="8bit" if levels == G else "fp16")
 
 
+def window_codec(bits: int) -> IntQuant | None:
+    """The recent window's per-token codes: rotated, over the whole head; None for float16 (16 bits)."""
+    return None if bits == 16 else IntQuant(bits, "token", rotate=True, seed=WINDOW_SEED)
+
+
 def stage_bytes(choice, block: int, spec) -> float:
     """Bytes of one key token (all KV heads) waiting in the stage under this key choice: per-token codes
     (core/layer.py's `stage_codec`), whose size does not depend on the states."""
     return _stage_bytes(tuple(choice), block, tuple(spec.rope), spec.num_kv_heads, spec.head_dim)
+
+
+def codec_bytes(codec, spec) -> float:
+    """Bytes of one token (all KV heads) under a per-token codec, whose size does not depend on the states."""
+    return float(codec.nbytes(codec.encode(torch.zeros(1, spec.num_kv_heads, 1, spec.head_dim), 1)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -296,20 +307,21 @@ class Allocation:
                 f"{self.ratio:.2f}x expected")
 
 
-def held_tokens(spec, layer: int, context: int, sink: int, block: int) -> tuple[int, int, int]:
-    """(sink, coded, staged): the tokens a layer holds after a prefill of `context`. A full layer: the sink, whole
-    blocks, the partial block. A sliding layer has no sink and frees whole blocks once they leave its window
-    (core/layer.py), so it holds its window - 1 tokens and up to a block more: counting it as window - 1 tokens
-    with a sink and a partial block put Gemma 3's `auto-4x` at 4.27x."""
-    if not spec.is_sliding(layer):
-        s = min(sink, context)
-        coded = (context - s) // block * block
-        return s, coded, context - s - coded
-    coded = context // block * block
-    extra = context - (spec.sliding_window - 1)  # freed in whole blocks, as StoreLayer._slide does
-    if extra >= block:
-        coded -= min(extra, coded) // block * block
-    return 0, coded, context % block
+def held_tokens(spec, layer: int, context: int, sink: int, block: int, window: int = 0) -> tuple[int, int, int, int]:
+    """(sink, window, coded, staged): the tokens a layer holds after a prefill of `context`. A full layer: the
+    float16 sink, the `window` most recent tokens, whole blocks between them, the partial block. A sliding layer has
+    no sink and frees whole blocks once they leave its window (core/layer.py), so it holds its window - 1 tokens
+    and up to a block more: counting it as window - 1 tokens with a sink and a partial block put Gemma 3's
+    `auto-4x` at 4.27x."""
+    s = 0 if spec.is_sliding(layer) else min(sink, context)
+    w = min(window, context - s)
+    middle = context - s - w
+    coded = middle // block * block
+    if spec.is_sliding(layer):
+        extra = context - (spec.sliding_window - 1)  # freed in whole blocks, as StoreLayer._slide does
+        if extra >= block:
+            coded -= min(extra, coded) // block * block
+    return s, w, coded, middle % block
 
 
 def calibration_shape(spec) -> tuple[int, int]:
@@ -320,17 +332,19 @@ def calibration_shape(spec) -> tuple[int, int]:
     return (2, CONTEXT) if hybrid else (4, 512)
 
 
-def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int, joint_calib=None) -> tuple[list, int]:
+def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int, joint_calib=None,
+                window: int = 0, window_codec=None) -> tuple[list, float]:
     """(items, fixed): per layer, keys then values, (proxy, bytes held at `context` tokens) arrays over
     the menu (the key menu followed by the joint key choices where `joint_calib` is given); fixed: the float16
-    sink's bytes. A layer holds what `held_tokens` says: the sink, whole coded blocks, and a partial block whose
-    keys wait at the stage codec's width."""
+    sink's and the window's bytes (float16, or `window_codec`'s per-token codes). A layer holds what `held_tokens`
+    says: the sink and window, whole coded blocks, and a partial block whose keys wait at the stage codec's width."""
     row = 2 * spec.num_kv_heads * spec.head_dim * 2  # fp16 bytes of one token's keys and values in a layer
     staging = np.array([stage_bytes(c, block, spec) for c in KEY_MENU])
-    items, fixed = [], 0
+    recent = row if window_codec is None else 2 * codec_bytes(window_codec, spec)
+    items, fixed = [], 0.0
     for i in range(spec.num_layers):
-        s, coded, staged = held_tokens(spec, i, context, sink, block)
-        fixed += s * row
+        s, w, coded, staged = held_tokens(spec, i, context, sink, block, window)
+        fixed += s * row + w * recent
         keys = (calib.proxy_k[i].numpy(), coded * calib.bytes_k[i].numpy() + staged * staging)
         if joint_calib is not None:
             jp, jb = joint.items(joint_calib, i, coded, staged, lambda bits: stage_bytes((bits, True, None, U, True), block, spec))
@@ -341,15 +355,15 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
 
 
 def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int,
-           joint_calib=None) -> Allocation:
+           joint_calib=None, window: int = 0, window_codec=None) -> Allocation:
     """The allocation meeting `ratio` x fp16 at `context` tokens (`layer_bytes`), with the joint key choices
     beside the menu's where `joint_calib` (joint.py's calibration) is given."""
-    items, fixed = layer_bytes(calib, spec, context, sink, block, joint_calib)
+    items, fixed = layer_bytes(calib, spec, context, sink, block, joint_calib, window, window_codec)
     full = spec.fp16_bytes(context)
     budget = full / ratio - fixed
     if budget <= 0:
-        raise KvshrinkError(f"a ratio of {ratio:g}x cannot be met at {context} tokens: the float16 sink alone "
-                            "takes more")
+        raise KvshrinkError(f"a ratio of {ratio:g}x cannot be met at {context} tokens: the float16 sink and window "
+                            "alone take more")
     least = fixed + sum(float(nbytes[np.isfinite(proxy)].min()) for proxy, nbytes in items)
     if least > budget + fixed:
         raise KvshrinkError(f"a ratio of {ratio:g}x does not fit this model at {context} tokens: its smallest codes "

@@ -37,7 +37,9 @@ class BudgetCache(CompressedCache):
         where = (f" ({self.data['corpus']} tokens {self.data['tokens'][0]}..{self.data['tokens'][1]})"
                  if "tokens" in self.data else "")
         keys = f"; joint keys {self.joint_path}" if self.joint_path else "; menu keys only (joint=false, or no joint calibration)"
-        return (f"{self.allocation.describe()}, sink {self.sink}, block {self.block}, {self._how_it_attends()}; "
+        return (f"{self.allocation.describe()}, sink {self.sink}, "
+                f"{f'window {self.window}{self._window_code()}, ' if self.window else ''}block {self.block}, "
+                f"{self._how_it_attends()}; "
                 f"calibration {self.calibration}{where}{keys}")
 
 
@@ -100,12 +102,13 @@ def build(config: BudgetConfig, model, method: str) -> BudgetCache:
     calib, path = calibration_for(model, config.block)
     spec = spec_from_config(model.config)
     found = joint_for(model, config.block, path) if config.joint else None
+    recent = allocate.window_codec(config.window_bits) if config.window else None
     chosen = allocate.choose(calib, spec, config.budget, config.context, config.sink, config.block,
-                             found[0] if found else None)
+                             found[0] if found else None, config.window, recent)
     attend = config.attend
     if attend == "auto":
         attend = "fused" if uses_kvshrink_attention(model.config) else "decode"
     elif attend == "fused":
         require_kvshrink_attention(model.config, method)
     return BudgetCache(model.config, chosen, path, config.block, calib.header.get("data"), found, sink=config.sink,
-                       window=0, attend=attend, splits=config.splits, method=method)
+                       window=config.window, attend=attend, splits=config.splits, method=method, window_codec=recent)

@@ -29,6 +29,8 @@ class BudgetConfig(Config):
     budget: float = option(6.0, "target compression ratio against an fp16 cache, met at `context` tokens")
     context: int = option(CONTEXT, "tokens at which the ratio is met (sink, partial block and scales counted)")
     sink: int = option(4, "first tokens kept in float16 (attention sinks)")
+    window: int = option(0, "most recent tokens kept at `window_bits`, paid for from the budget")
+    window_bits: int = option(8, "the window's width: per-token codes of 4 to 8 bits (rotated), or 16 (float16)")
     block: int = option(128, "tokens per coded block (the key quantization group)")
     attend: str = option("auto", "decode steps: fused (compiled kernel reads the codes), decode, or auto",
                          ("auto", "fused", "decode"))
@@ -41,12 +43,15 @@ class BudgetConfig(Config):
         if not isinstance(self.budget, (int, float)) or not 1.0 <= self.budget <= 32.0:
             raise KvshrinkError(f"budget must be a ratio between 1 and 32 (x fp16), got {self.budget!r}")
         check_int("sink", self.sink)
+        check_int("window", self.window)
+        if self.window_bits not in (4, 5, 6, 8, 16):
+            raise KvshrinkError(f"window_bits must be 4, 5, 6, 8 or 16 (float16), got {self.window_bits!r}")
         check_int("block", self.block, 1)
         check_int("splits", self.splits, 1)
         check_int("context", self.context, 1)
-        if self.context <= self.sink + self.block:
-            raise KvshrinkError(f"context {self.context} leaves no coded block after {self.sink} sink tokens "
-                                f"and a block of {self.block}")
+        if self.context <= self.sink + self.window + self.block:
+            raise KvshrinkError(f"context {self.context} leaves no coded block after {self.sink} sink tokens, "
+                                f"a window of {self.window} and a block of {self.block}")
 
 
 register(Method("auto", BudgetConfig(), "one budget for the whole cache (auto:budget=N): int widths, rotation, "

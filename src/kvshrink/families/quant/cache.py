@@ -121,7 +121,8 @@ class CompressedLayer(StoreLayer):
         for store, new in ((self.k, key_states), (self.v, value_states)):
             staged = store.stage is not None and not (self.body_reads_stage and body is not None)
             parts = [store.stage_codec.decode(store.stage, torch.float32)] if staged else []
-            after.append(parts + [store.fresh, store.window, new])
+            window = store.window if store.window_codec is None else store.window_dense(torch.float32)
+            after.append(parts + [store.fresh, window, new])
         return SplitStates((self.k.sink, self.v.sink), body, tuple(after), splits=self.splits)
 
     def held(self) -> int:
@@ -169,13 +170,15 @@ class CompressedCache(KVCache):
         attend: str = "decode",
         splits: int = 4,
         background: bool = False,
+        window_codec: Codec | None = None,
     ):
         """layer_codecs: one (key codec, value codec) per layer, for codecs learned per layer
         (RVQ codebooks); otherwise every layer uses key_codec / value_codec.
         attend: "decode" (decode the history, then attend) or "fused" (decode steps read integer
         codes in place; the model must use the "kvshrink" attention); splits: parallel ranges of
         blocks per head in the fused kernel; background: blocks filled by decode steps are coded
-        on a worker thread (core/store.py), off the critical path."""
+        on a worker thread (core/store.py), off the critical path; window_codec: per-token codes the
+        window's tokens are held in (None: float16)."""
         if attend not in ATTENDS:
             raise KvshrinkError(f"unknown attend {attend!r}; use one of {', '.join(ATTENDS)}")
         if not isinstance(splits, int) or splits < 1:
@@ -198,6 +201,11 @@ class CompressedCache(KVCache):
         self.sink, self.window, self.block = sink, window, block
         pairs = layer_codecs or [(key_codec, value_codec)] * num_layers
         layers = [self.layer_cls(kc, vc, sink, window, block) for kc, vc in pairs]
+        self.window_codec = window_codec
+        if window_codec is not None:
+            for layer in layers:
+                layer.k.code_window(window_codec)
+                layer.v.code_window(window_codec)
         self.attend = attend
         self.background = bool(background)
         if background:
@@ -237,10 +245,13 @@ class CompressedCache(KVCache):
     def _describe(self) -> str:
         return (
             f"keys {self.key_codec.describe()}, values {self.value_codec.describe()}, "
-            f"sink {self.sink}, window {self.window}, block {self.block}, "
+            f"sink {self.sink}, window {self.window}{self._window_code()}, block {self.block}, "
             + self._how_it_attends()
             + (", blocks coded in the background" if self.background else "")
         )
+
+    def _window_code(self) -> str:
+        return f" ({self.window_codec.describe()})" if self.window and self.window_codec is not None else ""
 
     def _how_it_attends(self) -> str:
         return "fused decode attention" if self.attend == "fused" else "decode-then-attend"
