@@ -53,8 +53,9 @@ def test_layout_counts_and_bytes(tiny_model, tiny_config):
 
 def test_a_coded_window_holds_the_last_tokens_as_their_own_codes(tiny_config):
     """window_codec: the window's tokens are per-token codes (their bytes counted, no float16 copy), each the
-    round trip of its own token whatever the call sizes; tokens leave it oldest first into the stage and body;
-    crop and batch selection keep it."""
+    round trip of its own token whatever the call sizes; decode steps' tokens wait in float16 until `gather`
+    (8) of them are coded together; tokens leave oldest first into the stage and body; crop and batch selection
+    keep it."""
     wc = IntQuant(8, "token", rotate=True, seed=4)
     cache = CompressedCache(num_layers=1, key_codec=IntQuant(2, "channel", 32, rotate=True, seed=1),
                             value_codec=IntQuant(2, "token", rotate=True, seed=2), sink=4, window=8, block=32,
@@ -65,21 +66,26 @@ def test_a_coded_window_holds_the_last_tokens_as_their_own_codes(tiny_config):
     for i in range(100, 120):  # decode steps: one token each
         layer.update(ks[:, :, i:i + 1], vs[:, :, i:i + 1])
     for store, x in ((layer.k, ks), (layer.v, vs)):
-        assert store.window_tokens() == 8 and len(store) == 120
-        want = wc.decode(wc.encode(x[:, :, -8:].half().float(), 1))
+        # 16 decode tokens coded in two groups of 8 (as 8 older ones left), the last 4 waiting in float16
+        assert store.window_tokens() == 12 and store.tail.shape[-2] == 4 and len(store) == 120
+        want = torch.cat([wc.decode(wc.encode(x[:, :, 108:116].half().float(), 1)), x[:, :, 116:].half().float()], -2)
         torch.testing.assert_close(store.window_dense(torch.float32), want, rtol=0, atol=1e-6)
-        assert not any(t.dtype == torch.float16 and t.shape[-2] == 8 for t in store.tensors())
         assert store.window.nbytes() == 8 * wc.nbytes(wc.encode(x[:, :, :1], 1))
-        # the full history ends with the window's decoded tokens; what left it is coded at 2 bits, close to the input
+        # the full history ends with the window's tokens; what left it is coded at 2 bits, close to the input
         full = store.decoded(torch.float32)
-        torch.testing.assert_close(full[:, :, -8:], want, rtol=0, atol=1e-6)
-        assert (full[:, :, 4:112] - x[:, :, 4:112]).abs().mean() < 0.5
+        torch.testing.assert_close(full[:, :, -12:], want, rtol=0, atol=1e-6)
+        assert (full[:, :, 4:108] - x[:, :, 4:108]).abs().mean() < 0.5
     assert cache.nbytes() == tensor_nbytes([t for s in (layer.k, layer.v) for t in s.tensors()])
-    cache.crop(-3)
-    assert layer.k.window_tokens() == 5 and layer.get_seq_length() == 117
-    torch.testing.assert_close(layer.v.window_dense(torch.float32), want[:, :, :5], rtol=0, atol=1e-6)
+    cache.crop(-5)  # into the coded part: the tail goes, the codes are cut
+    assert (layer.k.window_tokens(), layer.k.tail.shape[-2], layer.get_seq_length()) == (7, 0, 115)
+    torch.testing.assert_close(layer.v.window_dense(torch.float32), want[:, :, :7], rtol=0, atol=1e-6)
     cache.batch_select_indices(torch.tensor([1]))
-    torch.testing.assert_close(layer.v.window_dense(torch.float32), want[1:, :, :5], rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.v.window_dense(torch.float32), want[1:, :, :7], rtol=0, atol=1e-6)
+    more = torch.randn(1, 2, 10, 16, generator=g)  # a longer call: no tail, the window back to 8 codes
+    layer.update(more, more)
+    assert (layer.k.window_tokens(), layer.k.tail.shape[-2], layer.k.window.num_tokens) == (8, 0, 8)
+    torch.testing.assert_close(layer.k.window_dense(torch.float32), wc.decode(wc.encode(more[:, :, 2:].half().float(), 1)),
+                               rtol=0, atol=1e-6)
     with pytest.raises(KvshrinkError, match="codes each token alone"):
         CompressedCache(num_layers=1, key_codec=IntQuant(4), window=8, window_codec=IntQuant(8, "channel", 32))
 

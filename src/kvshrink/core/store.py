@@ -11,7 +11,10 @@
            always holds whole blocks (so keys and values split alike).
   window - the `window` most recent tokens, float16, or per-token codes of
            `window_codec` (a wider code than the body's: the nearest tokens carry
-           the most attention, and a query sees them at that code)
+           the most attention, and a query sees them at that code). Decode steps'
+           tokens join a coded window in float16 (`tail`) and are coded `gather`
+           at a time, as many older ones leaving: one coding call per `gather`
+           steps, not two per step
 
 Every part holds the only copy of its tokens: nothing is kept twice.
 
@@ -114,6 +117,7 @@ class TokenStore:
         dense = like.new_empty(b, h, 0, d if self.dense_width is None else self.dense_width, dtype=torch.float16)
         self.sink, self.body, self.stage = dense, None, None
         self.window = dense.clone() if self.window_codec is None else None  # coded: a Packed, None while empty
+        self.tail = None if self.window_codec is None else dense.clone()  # a coded window's float16 decode tokens
         self.fresh = like.new_empty(b, h, 0, d if self.body_width is None else self.body_width, dtype=torch.float16)
 
     def __len__(self) -> int:
@@ -124,15 +128,16 @@ class TokenStore:
 
     def window_tokens(self) -> int:
         w = self.window
-        return 0 if w is None else w.num_tokens if isinstance(w, Packed) else w.shape[-2]
+        n = 0 if w is None else w.num_tokens if isinstance(w, Packed) else w.shape[-2]
+        return n + (self.tail.shape[-2] if self.tail is not None else 0)
 
     def window_dense(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """The window's tokens as one dense tensor (decoded where they are coded)."""
+        if self.window_codec is None:
+            return self.window if self.window.dtype == dtype else self.window.to(dtype)
         if self.window is None:
-            return self.fresh.new_empty(*self.fresh.shape[:2], 0, self.fresh.shape[-1], dtype=dtype)
-        if isinstance(self.window, Packed):
-            return self.window_codec.decode(self.window, dtype)
-        return self.window if self.window.dtype == dtype else self.window.to(dtype)
+            return self.tail.to(dtype)
+        return torch.cat([self.window_codec.decode(self.window, dtype), self.tail.to(dtype)], dim=-2)
 
     @property
     def body(self) -> Packed | None:
@@ -237,7 +242,7 @@ class TokenStore:
         if x16.shape[-2] == 0:
             return
         if self.window_size and self.window_codec is not None:
-            x16 = self._through_coded_window(x16)
+            x16 = self._through_coded_window(x16, defer)
             if x16 is None:
                 return
         elif self.window_size:
@@ -260,9 +265,15 @@ class TokenStore:
         else:
             self._push(x16.float())
 
-    def _through_coded_window(self, x16: torch.Tensor) -> torch.Tensor | None:
+    def _through_coded_window(self, x16: torch.Tensor, defer: bool) -> torch.Tensor | None:
         """x16 into the coded window; the tokens that leave it, oldest first (decoded), or None. Codes are per
-        token, so tokens leave as whole blocks of the Packed: none is coded twice while in the window."""
+        token, so tokens leave as whole blocks of the Packed: none is coded twice while in the window. A decode
+        step's tokens wait in the float16 tail until `gather` of them are coded together."""
+        x16 = torch.cat([self.tail, x16], dim=-2)  # a new tensor: the tail holds no caller's storage
+        if defer and x16.shape[-2] < (self.gather or 1):
+            self.tail = x16
+            return None
+        self.tail = _slice(self.tail, 0, 0)
         held = self.window_tokens()
         out = held + x16.shape[-2] - self.window_size
         k = min(max(out, 0), held)  # leaving from the window's codes; the rest of `out` from x16
@@ -279,7 +290,9 @@ class TokenStore:
         if self.window_codec is None:
             self.window = _slice(self.window, 0, n)
         else:
-            self.window = self.window.first_blocks(n) if n and self.window is not None else None
+            coded = self.window.num_tokens if self.window is not None else 0
+            self.window = self.window.first_blocks(min(n, coded)) if min(n, coded) else None
+            self.tail = _slice(self.tail, 0, max(n - coded, 0))
 
     def thaw(self) -> None:
         """The stage's tokens (decoded once) join the float16 tokens: a layer whose kernel reads only
@@ -336,8 +349,10 @@ class TokenStore:
         parts left out."""
         out = [(self.sink, None)] + [(p, self.codec) for p in self.body_parts()]
         out += [(self.stage, self.stage_codec)] if self.stage is not None else []
-        window = (self.window, self.window_codec) if isinstance(self.window, Packed) else (self.window_dense(), None)
-        return out + [(self.fresh, None), window]
+        if self.window_codec is None:
+            return out + [(self.fresh, None), (self.window, None)]
+        coded = [(self.window, self.window_codec)] if self.window is not None else []
+        return out + [(self.fresh, None), *coded, (self.tail, None)]
 
     def crop(self, keep: int) -> None:
         """Keep the first `keep` tokens."""
@@ -390,6 +405,8 @@ class TokenStore:
         self.sink, self.fresh = on_tensor(self.sink), on_tensor(self.fresh)
         if self.window is not None:
             self.window = (on_packed if isinstance(self.window, Packed) else on_tensor)(self.window)
+        if self.tail is not None:
+            self.tail = on_tensor(self.tail)
         self.body = on_packed(self.body) if self.body is not None else None
         self.stage = on_packed(self.stage) if self.stage is not None else None
 
@@ -397,8 +414,7 @@ class TokenStore:
         if self.sink is None:
             return []
         out = [self.sink, self.fresh, *self.codec.shared_tensors()]
-        if isinstance(self.window, torch.Tensor):
-            out.append(self.window)
+        out += [t for t in (self.window, self.tail) if isinstance(t, torch.Tensor)]
         for p in (*self.body_parts(), self.stage, self.window if isinstance(self.window, Packed) else None):
             if p is not None:
                 out.extend(p.tensors.values())
