@@ -29,7 +29,7 @@ class BudgetConfig(Config):
     budget: float = option(6.0, "target compression ratio against an fp16 cache, met at `context` tokens")
     context: int = option(CONTEXT, "tokens at which the ratio is met (sink, partial block and scales counted)")
     sink: int = option(4, "first tokens kept in float16 (attention sinks)")
-    window: int = option(0, "most recent tokens kept at `window_bits`, paid for from the budget")
+    window: int = option(0, "most recent tokens kept at `window_bits`, paid for from the budget (16 in auto-6x, auto-8x)")
     window_bits: int = option(8, "the window's width: per-token codes of 4 to 8 bits (rotated), or 16 (float16)")
     block: int = option(128, "tokens per coded block (the key quantization group)")
     attend: str = option("auto", "decode steps: fused (compiled kernel reads the codes), decode, or auto",
@@ -57,7 +57,12 @@ class BudgetConfig(Config):
 register(Method("auto", BudgetConfig(), "one budget for the whole cache (auto:budget=N): int widths, rotation, "
                 "groups and value levels allocated per layer and K/V by a calibrated loss proxy"))
 JOINT_PRESETS = (6, 8)  # joint keys measured better there (docs/budget.md), worse at 4x
+# the recent window: 13-15% less KL at 6x and 8x in the protocol, 38% token by token at 6x; none at 4x, where
+# its decode cost (4% at 8k) buys nothing (docs/budget.md, "The recent window")
+WINDOW_PRESETS = {6: 16, 8: 16}
 for _r in PRESETS:
-    register(Method(f"auto-{_r}x", BudgetConfig(budget=float(_r), joint=_r in JOINT_PRESETS),
+    _w = WINDOW_PRESETS.get(_r, 0)
+    register(Method(f"auto-{_r}x", BudgetConfig(budget=float(_r), joint=_r in JOINT_PRESETS, window=_w),
                     f"one budget: {_r}x fp16 at 2,048 tokens, int widths allocated per layer and K/V by a calibrated "
-                    f"loss proxy{', joint-basis keys on offer' if _r in JOINT_PRESETS else ''}", default=_r in (4, 6)))
+                    f"loss proxy{', joint-basis keys on offer' if _r in JOINT_PRESETS else ''}"
+                    f"{f', the {_w} most recent tokens in 8-bit codes' if _w else ''}", default=_r in (4, 6)))
