@@ -57,7 +57,7 @@ class BudgetConfig(Config):
 register(Method("auto", BudgetConfig(), "one budget for the whole cache (auto:budget=N): int widths, rotation, "
                 "groups and value levels allocated per layer and K/V by a calibrated loss proxy"))
 JOINT_PRESETS = (6, 8)  # joint keys measured better there (docs/budget.md), worse at 4x
-# the recent window: 13-15% less KL at 6x and 8x in the protocol, 38% token by token at 6x; none at 4x, where
+# the recent window: 13-15% less KL at 6x and 8x in the protocol, 33% token by token at 6x; none at 4x, where
 # its decode cost (4% at 8k) buys nothing (docs/budget.md, "The recent window")
 WINDOW_PRESETS = {6: 16, 8: 16}
 for _r in PRESETS:
