@@ -92,7 +92,7 @@ class TokenStore:
         self.dense_width, self.body_width = dense, body
         # coordinates an input token needs (None: all of them)
         self.width = None if dense is None or body is None else max(dense, body)
-        self.sink = self.window = None
+        self.sink = self.window = self.tail = None
         self.shared: tuple = ()  # frozen bodies, oldest first (see the module doc)
         self.own: Packed | None = None  # the body's blocks after them
         self.stage: Packed | None = None
