@@ -73,8 +73,7 @@ def _slice(x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor
 
 class TokenStore:
     def __init__(self, codec: Codec, sink: int, window: int, block: int, stage_codec: Codec | None = None,
-                 widths: tuple[int | None, int | None] = (None, None), gather: int | None = None,
-                 window_codec: Codec | None = None):
+                 widths: tuple[int | None, int | None] = (None, None), gather: int | None = None):
         self.recode = codec.block_tokens > 1
         if self.recode and stage_codec is None:
             raise KvshrinkError(f"{codec.describe()} codes whole blocks and needs a stage codec")
@@ -99,9 +98,7 @@ class TokenStore:
         self.fresh = None  # float16 tokens of decode steps, not coded yet (see the module doc)
         self.executor = None  # a concurrent.futures executor for background coding
         self._pending = None  # (future of the grown body, fresh tokens it takes)
-        self.window_codec = None
-        if window_codec is not None:
-            self.code_window(window_codec)
+        self.window_codec = None  # float16 window; code_window sets per-token codes
 
     def code_window(self, codec: Codec) -> None:
         """Hold the window as per-token codes of `codec` rather than float16 (before the first tokens)."""
@@ -131,10 +128,12 @@ class TokenStore:
         n = 0 if w is None else w.num_tokens if isinstance(w, Packed) else w.shape[-2]
         return n + (self.tail.shape[-2] if self.tail is not None else 0)
 
-    def window_dense(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-        """The window's tokens as one dense tensor (decoded where they are coded)."""
+    def window_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The window's tokens as one dense tensor, decoded where they are coded; dtype None: float16 as held, or
+        float32 decoded from codes."""
         if self.window_codec is None:
-            return self.window if self.window.dtype == dtype else self.window.to(dtype)
+            return self.window if dtype in (None, self.window.dtype) else self.window.to(dtype)
+        dtype = dtype or torch.float32
         if self.window is None:
             return self.tail.to(dtype)
         return torch.cat([self.window_codec.decode(self.window, dtype), self.tail.to(dtype)], dim=-2)

@@ -113,16 +113,15 @@ def stage_bytes(choice, block: int, spec) -> float:
     return _stage_bytes(tuple(choice), block, tuple(spec.rope), spec.num_kv_heads, spec.head_dim)
 
 
-def codec_bytes(codec, spec) -> float:
+def codec_bytes(codec, heads: int, d: int) -> float:
     """Bytes of one token (all KV heads) under a per-token codec, whose size does not depend on the states."""
-    return float(codec.nbytes(codec.encode(torch.zeros(1, spec.num_kv_heads, 1, spec.head_dim), 1)))
+    return float(codec.nbytes(codec.encode(torch.zeros(1, heads, 1, d), 1)))
 
 
 @functools.lru_cache(maxsize=256)
 def _stage_bytes(choice: tuple, block: int, rope: tuple, heads: int, d: int) -> float:
     # every cache an allocation builds asks again (a server builds one per request): coded once
-    stage = stage_codec(key_codec(choice, block, rope))
-    return float(stage.nbytes(stage.encode(torch.zeros(1, heads, 1, d), 1)))
+    return codec_bytes(stage_codec(key_codec(choice, block, rope)), heads, d)
 
 
 def fits(choice, size: int) -> bool:
@@ -340,7 +339,7 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
     says: the sink and window, whole coded blocks, and a partial block whose keys wait at the stage codec's width."""
     row = 2 * spec.num_kv_heads * spec.head_dim * 2  # fp16 bytes of one token's keys and values in a layer
     staging = np.array([stage_bytes(c, block, spec) for c in KEY_MENU])
-    recent = row if window_codec is None else 2 * codec_bytes(window_codec, spec)
+    recent = row if window_codec is None else 2 * codec_bytes(window_codec, spec.num_kv_heads, spec.head_dim)
     items, fixed = [], 0.0
     for i in range(spec.num_layers):
         s, w, coded, staged = held_tokens(spec, i, context, sink, block, window)

@@ -121,8 +121,7 @@ class CompressedLayer(StoreLayer):
         for store, new in ((self.k, key_states), (self.v, value_states)):
             staged = store.stage is not None and not (self.body_reads_stage and body is not None)
             parts = [store.stage_codec.decode(store.stage, torch.float32)] if staged else []
-            window = store.window if store.window_codec is None else store.window_dense(torch.float32)
-            after.append(parts + [store.fresh, window, new])
+            after.append(parts + [store.fresh, store.window_dense(), new])
         return SplitStates((self.k.sink, self.v.sink), body, tuple(after), splits=self.splits)
 
     def held(self) -> int:
