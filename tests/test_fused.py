@@ -38,10 +38,14 @@ class Inline:
         return f
 
 
-def _states(kc, vc, n, t, block, window, batch=2, seed=0):
+WINDOW_CODEC = IntQuant(8, "token", rotate=True, seed=4)  # the budget family's coded window (8-bit, rotated)
+
+
+def _states(kc, vc, n, t, block, window, batch=2, seed=0, coded=False):
+    """coded: the window held as WINDOW_CODEC's per-token codes, not float16."""
     g = torch.Generator().manual_seed(seed)
     cache = CompressedCache(num_layers=1, key_codec=kc, value_codec=vc, sink=4, window=window, block=block,
-                            attend="fused")
+                            attend="fused", window_codec=WINDOW_CODEC if coded and window else None)
     layer = cache.layers[0]
     layer.update(torch.randn(batch, 2, n, 16, generator=g) * torch.linspace(0.2, 3, 16),
                  torch.randn(batch, 2, n, 16, generator=g))
@@ -62,23 +66,27 @@ def _lv(kind: str) -> dict:
 @given(bits=st.sampled_from([1, 2, 3, 4, 8]), rotate=st.booleans(), key_axis=st.sampled_from(["channel", "token"]),
        value_group=st.sampled_from([None, 8]), block=st.sampled_from([16, 32]), window=st.sampled_from([0, 3]),
        n=st.integers(40, 200), t=st.sampled_from([1, 3]), pad=st.integers(0, 40), seed=st.integers(0, 99),
-       cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS), turned=st.booleans())
+       cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS), turned=st.booleans(),
+       coded=st.booleans())
 def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, block, window, n, t, pad, seed, cap,
-                                          levels, turned):
+                                          levels, turned, coded):
     """Levels: the integers, or Gaussian ones for keys, values or both (a code read as its level; at 1 bit
     folded into the step and minimum; float16 or 8-bit scales); per-channel keys turned back within their groups or not (the
-    kernel's query per offset)."""
+    kernel's query per offset); a window in float16 or in per-token codes (read in place after the stage)."""
     kl, vl = levels if bits <= 4 else LEVELS[0]
     turn = TURN if turned and key_axis == "channel" else ()
     kc = IntQuant(bits, key_axis, block if key_axis == "channel" else None, rotate=rotate, seed=1, **_lv(kl),
                   derope=turn)
     vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, **_lv(vl))
-    layer, states, q = _states(kc, vc, n, t, block, window, seed=seed)
+    layer, states, q = _states(kc, vc, n, t, block, window, seed=seed, coded=coded)
     assert hasattr(states, "attend")
     body = states.body
     assert body is None or body.body_tokens % block == 0  # keys and values keep whole blocks alike
     if body is not None and key_axis == "channel":  # a block still filling: its codes read in place, not decoded
-        assert (body.stage is not None) == (layer.k.stage is not None)
+        staged = (n - 4 - window) % block  # the prefill's tokens after sink, whole blocks and window
+        assert (body.stage[0].num_tokens if body.stage is not None else 0) == staged
+    if body is not None and layer.body_reads_stage:  # a coded window: read in place too
+        assert (body.window is not None) == (coded and window > 0)
     total = layer.get_seq_length()
     mask = torch.ones(2, 1, t, total, dtype=torch.bool).tril(total - t)
     mask[1, ..., :pad] = False  # left padding of the second sequence: in the sink, the body, or beyond
@@ -95,9 +103,9 @@ def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, b
        value_group=st.sampled_from([None, 8]), window=st.sampled_from([0, 3]),
        lengths=st.lists(st.integers(24, 200), min_size=1, max_size=5), seed=st.integers(0, 99),
        cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS), turned=st.booleans(),
-       cuts=st.lists(st.integers(1, 11), max_size=3))
+       cuts=st.lists(st.integers(1, 11), max_size=3), coded=st.booleans())
 def test_many_sequences_in_one_call_get_what_each_gets_alone(bits, rotate, key_axis, value_group, window, lengths,
-                                                              seed, cap, levels, turned, cuts):
+                                                              seed, cap, levels, turned, cuts, coded):
     """A server's batch: one decode token for each of several sequences of different lengths (bodies of
     different block counts, dense parts of different sizes), read by one kernel call, bit for bit what
     each sequence's own call gives; also when bodies come in parts (blocks shared with other sequences,
@@ -106,7 +114,7 @@ def test_many_sequences_in_one_call_get_what_each_gets_alone(bits, rotate, key_a
     turn = TURN if turned and key_axis == "channel" else ()
     kc = IntQuant(bits, key_axis, 16 if key_axis == "channel" else None, rotate=rotate, seed=1, **_lv(kl), derope=turn)
     vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, **_lv(vl))
-    made = [_states(kc, vc, n, 1, 16, window, batch=1, seed=seed + i) for i, n in enumerate(lengths)]
+    made = [_states(kc, vc, n, 1, 16, window, batch=1, seed=seed + i, coded=coded) for i, n in enumerate(lengths)]
     states = [s for _, s, _ in made]
     q = torch.cat([q for _, _, q in made])
     assert all(s.batch_key(1, None) == states[0].batch_key(1, None) is not None for s in states)
@@ -147,14 +155,18 @@ def test_kernel_never_decodes_the_history(monkeypatch):
 
 
 def test_the_stage_is_read_in_place_not_decoded(monkeypatch):
-    """A key block still filling (6-bit rotated per-token keys for int4's per-channel ones) is read by the
-    kernel from its codes: a decode step decodes nothing, alone or batched, and gives the reference's output."""
+    """A key block still filling (6-bit rotated per-token keys for int4's per-channel ones), and a recent window
+    in 8-bit codes, are read by the kernel from their codes: a decode step decodes nothing, alone or batched, and
+    gives the reference's output."""
     kc, vc = IntQuant(4, "channel", 32, seed=1), IntQuant(4, "token", seed=2)
     real = IntQuant.__dict__["decode"]
     monkeypatch.setattr(IntQuant, "decode", lambda *a, **k: pytest.fail("a decode step decoded codes"))
     made = [_states(kc, vc, n, 1, 32, 0, batch=1, seed=n) for n in (90, 121)]  # stages of 22 and 21 tokens
+    made += [_states(kc, vc, n, 1, 32, 5, batch=1, seed=n, coded=True) for n in (95, 126)]  # and 5 coded recent tokens
     for layer, states, _ in made:
         assert layer.k.tokens_in(layer.k.stage) > 0 and states.body.stage is not None
+    for _, states, _ in made[2:]:
+        assert states.body.window is not None and states.body.window[0].num_tokens == 5
     alone = [s.attend(None, q, None)[0] for _, s, q in made]
     many = SplitStates.attend_many([s for _, s, _ in made], torch.cat([q for _, _, q in made]))
     monkeypatch.setattr(IntQuant, "decode", real)

@@ -28,7 +28,7 @@ from ...errors import KvshrinkError
 from ...kernels.backend import kernels_on, triton_for
 from ...spec import spec_from_config
 from .config import Fp16Config, QuantConfig
-from .kernel import IntBody, stage_supported, supported
+from .kernel import IntBody, stage_supported, supported, window_supported
 
 
 # Decode tokens wait in float16 in runs of this many, then are staged as codes (core/store.py): a
@@ -106,7 +106,15 @@ class CompressedLayer(StoreLayer):
         stage = None
         if self.body_reads_stage and self.k.stage is not None:
             stage = (self.k.stage, self.v.stage, self.k.stage_codec)
-        return IntBody(self.k.body_parts(), self.v.body_parts(), self.k.codec, self.v.codec, self.block, stage)
+        window = (self.k.window, self.v.window, self.k.window_codec) if self._reads_window() else None
+        return IntBody(self.k.body_parts(), self.v.body_parts(), self.k.codec, self.v.codec, self.block, stage, window)
+
+    def _reads_window(self) -> bool:
+        """Whether the kernel reads the coded window in place, after the stage: where it reads the stage, and no
+        float16 token waits between them (the kernel's tokens must keep their order for a mask)."""
+        return (self.body_reads_stage and self.k.window_codec is not None and self.k.window is not None
+                and self.v.window is not None and not self.k.fresh.shape[-2] and not self.v.fresh.shape[-2]
+                and window_supported(self.k.window_codec, self.k.window.head_dim))
 
     def _readable(self) -> bool:
         """Whether the kernel can read this layer now: `kernel_reads`, and keys and values with bodies
@@ -118,10 +126,12 @@ class CompressedLayer(StoreLayer):
         tokens of decode steps, the window and this call's tokens as dense tensors."""
         body = self._body()  # first: joining a forked store's shared blocks finishes its background coding
         after = []
+        window_read = getattr(body, "window", None) is not None  # IntBody's; other families' bodies have none
         for store, new in ((self.k, key_states), (self.v, value_states)):
             staged = store.stage is not None and not (self.body_reads_stage and body is not None)
             parts = [store.stage_codec.decode(store.stage, torch.float32)] if staged else []
-            after.append(parts + [store.fresh, store.window_dense(), new])
+            recent = store.tail if window_read else store.window_dense()
+            after.append(parts + [store.fresh, recent, new])
         return SplitStates((self.k.sink, self.v.sink), body, tuple(after), splits=self.splits)
 
     def held(self) -> int:

@@ -193,12 +193,14 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
            splits, vrot, cap, klut, vlut, kcls, soff, sqb, nstage, skc, skmn, skstep, skgroups, skbits, svc, svmn, svstep,
-           out):
-    """Body splits 0..splits-1, the dense tokens (split `splits`), and the stage (split `splits` + 1): a
+           woff, wqb, nwin, wkc, wkmn, wkstep, wkgroups, wkbits, wvc, wvmn, wvstep, wvgroups, wvbits, wrot, out):
+    """Body splits 0..splits-1, the dense tokens (split `splits`), the stage (split `splits` + 1): a
     block still filling, per-token codes read in place (its keys by sqb, the query in their basis, its
-    values in the body values' codec), at vis[b, soff:]. Partials merged in that order."""
+    values in the body values' codec), at vis[b, soff:]; and a coded recent window (split `splits` + 2):
+    per-token codes of its own codec for keys and values (keys by wqb, values rotated back by wrot), at
+    vis[b, woff:]. Partials merged in that order."""
     nb_, nh, nr, d = q.shape
-    parts = splits + 2
+    parts = splits + 3
     pm, pl, pacc = partial_buffers(nb_, nh, parts, nr, d)
     no_turn = np.empty((0, 0, 0), dtype=np.float32)
     no_levels = np.empty(0, dtype=np.float32)
@@ -220,6 +222,13 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
                 _span(sqb[b, h], no_turn, vis[b, soff:], zero, (ns + vb - 1) // vb, ns, skc[bh], skmn[b, h],
                       skstep[b, h], one, skgroups, skbits, svc[bh], svmn[b, h], svstep[b, h], vgroups, vbits, vb,
                       vrot, cap, no_levels, vlut, no_classes, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+            continue
+        if sp == splits + 2:  # the coded window: per-token keys and values, uniform codes, no turn
+            nw = nwin[b]
+            if nw:
+                _span(wqb[b, h], no_turn, vis[b, woff:], zero, (nw + vb - 1) // vb, nw, wkc[bh], wkmn[b, h],
+                      wkstep[b, h], one, wkgroups, wkbits, wvc[bh], wvmn[b, h], wvstep[b, h], wvgroups, wvbits, vb,
+                      wrot, cap, no_levels, no_levels, no_classes, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         n = nbody[b]  # this sequence's body tokens: its tiles and split edges ignore a batch's padding
         nvb = (n + vb - 1) // vb
@@ -260,6 +269,11 @@ def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
     return whole(key_codec) and whole(value_codec) and value_codec.axis == "token"
 
 
+def window_supported(codec, head_dim: int) -> bool:
+    """Window codes the kernel reads in place (its window split): as a stage's (keys and values alike)."""
+    return stage_supported(codec, head_dim)
+
+
 def stage_supported(codec, head_dim: int) -> bool:
     """Stage codes the kernel reads in place (its stage split): uniform per-token IntQuant, float16
     scales, no turned keys, whole bytes per channel group."""
@@ -269,12 +283,14 @@ def stage_supported(codec, head_dim: int) -> bool:
 
 def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dense_v: torch.Tensor,
                  dense_vis: torch.Tensor, keys: Packed, values: Packed, key_codec: IntQuant,
-                 value_codec: IntQuant, tile: int, splits: int = 4, cap: float = 0.0, stage=None) -> torch.Tensor:
+                 value_codec: IntQuant, tile: int, splits: int = 4, cap: float = 0.0, stage=None,
+                 window=None) -> torch.Tensor:
     """Decode attention in one call: q (B, H, R, d) float32 already scaled (rows in (group, token)
     order), vis (B, n) bool over the body's tokens (then the stage's), dense_k / dense_v (B, H, n_dense, d)
     float32 and dense_vis (B, t, n_dense) bool for the other tokens -> (B, H, R, d) float32. tile: tokens per
     kernel tile (the cache block: a multiple of the key groups); cap: the logits' soft-cap (0: none);
-    stage: None or (keys, values, key codec) of a block still filling, per-token codes read in place."""
+    stage: None or (keys, values, key codec) of a block still filling, per-token codes read in place; window: None
+    or (keys, values, codec) of a coded recent window after it, likewise (vis covers body, stage, then window)."""
     b, h, r, d = q.shape
     n = keys.num_tokens
     splits = max(1, min(splits, -(-n // tile)))
@@ -286,10 +302,12 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     nbody = np.full(b, n, dtype=np.int64)
     ndense = np.full(b, dense_k.shape[2], dtype=np.int64)
     staged = _stage_operands(q, _per_row(stage, b), stage[2] if stage is not None else None, value_codec)
+    woff = n + (stage[0].num_tokens if stage is not None else 0)
+    recent = _window_operands(q, _per_row(window, b), window[2] if window is not None else None)
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, as_u8(vis), nbody, dense_k.contiguous().numpy(),
            dense_v.contiguous().numpy(), as_u8(dense_vis), ndense, kc, kmn, ksc, ktg, kgroups, key_codec.bits, vc, vmn,
            vsc, vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), *_luts(key_codec, value_codec),
-           _classes(key_codec), n, *staged, out)
+           _classes(key_codec), n, *staged, woff, *recent, out)
     return torch.from_numpy(out)
 
 
@@ -317,6 +335,17 @@ def _stage_operands(q: torch.Tensor, stages: list, codec: IntQuant | None, value
     vc, vmn, vsc, _, _ = _padded(value_codec, [[s[1]] if s is not None else [] for s in stages], s_max)
     sqb = _key_queries(q, codec)[0].contiguous().numpy()
     return sqb, ns, kc, kmn, ksc, kgroups, codec.bits, vc, vmn, vsc
+
+
+def _window_operands(q: torch.Tensor, windows: list, codec: IntQuant | None):
+    """The kernel's window arguments for B sequences' coded windows (each None or (keys, values) Packed of one row,
+    both in `codec`): (wqb, nwin, wkc, wkmn, wkstep, wkgroups, wkbits, wvc, wvmn, wvstep, wvgroups, wvbits, wrot),
+    windows padded to the longest. A window is a stage whose values are in its own codec (window_supported)."""
+    d = q.shape[-1]
+    codec = codec or IntQuant(8, "token")
+    staged = _stage_operands(q, windows, codec, codec)
+    rot = rotation(d, codec.seed).numpy() if codec.rotate else _NO_ROTATION
+    return (*staged, d // (codec.group or d), codec.bits, rot)
 
 
 _NO_ROTATION = np.empty((0, 0), dtype=np.float32)
@@ -508,8 +537,11 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     staged = _stage_operands(q, [x.stage[:2] if x.stage is not None else None for x in bodies],
                              next((x.stage[2] for x in bodies if x.stage is not None), None), one.value_codec)
     ns = staged[1]
-    vis = np.concatenate([np.arange(n_max)[None, :] < n[:, None],
-                          np.arange(int(ns.max()))[None, :] < ns[:, None]], axis=1)
+    recent = _window_operands(q, [x.window[:2] if x.window is not None else None for x in bodies],
+                              next((x.window[2] for x in bodies if x.window is not None), None))
+    nw = recent[1]
+    vis = np.concatenate([np.arange(n_max)[None, :] < n[:, None], np.arange(int(ns.max()))[None, :] < ns[:, None],
+                          np.arange(int(nw.max()))[None, :] < nw[:, None]], axis=1)
     kc, kmn, ksc, ktg, kgroups = _padded(one.key_codec, [x.key_parts for x in bodies], n_max)
     vc, vmn, vsc, _, vgroups = _padded(one.value_codec, [x.value_parts for x in bodies], n_max)
     qb, qt = _key_queries(q, one.key_codec)
@@ -519,7 +551,7 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, vis.view(np.uint8), n, dense_k, dense_v,
            dense_vis, dense_n, kc, kmn, ksc, ktg, kgroups, one.key_codec.bits, vc, vmn, vsc, vgroups,
            one.value_codec.bits, one.block, splits, vrot, np.float32(cap), *_luts(one.key_codec, one.value_codec),
-           _classes(one.key_codec), n_max, *staged, out)
+           _classes(one.key_codec), n_max, *staged, n_max + int(ns.max()), *recent, out)
     return torch.from_numpy(out)
 
 
@@ -533,7 +565,10 @@ class IntBody:
     stage: None, or (keys, values, key codec) of the block still filling after the body: per-token
     codes (the keys in their stage codec, the values in theirs) that the CPU kernel reads in place
     (decoding them into the dense tokens every step cost a 15-sequence server step about a sixth of
-    its time). Its tokens count in `num_tokens`, after the body's."""
+    its time). Its tokens count in `num_tokens`, after the body's.
+    window: None, or (keys, values, codec) of a coded recent window after the stage (core/store.py's
+    `code_window`), read in place likewise (decoding it every step cost `auto-6x` 8% of its decode speed at 8k);
+    its tokens count after the stage's."""
 
     key_parts: list
     value_parts: list
@@ -541,6 +576,7 @@ class IntBody:
     value_codec: IntQuant
     block: int  # the cache block: the kernel's tile
     stage: tuple | None = None
+    window: tuple | None = None
     name = "int"
 
     @property
@@ -549,7 +585,8 @@ class IntBody:
 
     @property
     def num_tokens(self) -> int:
-        return self.body_tokens + (self.stage[0].num_tokens if self.stage is not None else 0)
+        return (self.body_tokens + (self.stage[0].num_tokens if self.stage is not None else 0)
+                + (self.window[0].num_tokens if self.window is not None else 0))
 
     @property
     def keys(self) -> Packed:
@@ -563,27 +600,34 @@ class IntBody:
         if triton_for(q):
             if isinstance(self.key_codec, JointKeys):
                 raise KvshrinkError("the Triton kernel does not read joint-basis keys: use attend=decode on CUDA")
-            if self.stage is not None:
-                raise KvshrinkError("the Triton kernel reads no stage: a CUDA layer decodes it into the dense tokens")
+            if self.stage is not None or self.window is not None:
+                raise KvshrinkError("the Triton kernel reads no stage or coded window: a CUDA layer decodes them "
+                                    "into the dense tokens")
             return gpu.fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
                                     self.value_codec, splits, cap)
         return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
-                            self.value_codec, self.block, splits, cap, self.stage)
+                            self.value_codec, self.block, splits, cap, self.stage, self.window)
 
     def batch_key(self) -> tuple:
         """Bodies with equal keys are read by one `attend_many` call (a stage's codec follows from the
         key codec: core/layer.py's stage rule)."""
         joint = id(self.key_codec) if isinstance(self.key_codec, JointKeys) else None  # its own basis
-        return tuple((c.bits, c.axis, c.group, c.rotate, c.seed, c.levels, c.derope, c.scales)
-                     for c in (self.key_codec, self.value_codec)) + (self.block, joint)
+        window = self.window[2] if self.window is not None else None
+        return tuple(None if c is None else (c.bits, c.axis, c.group, c.rotate, c.seed, c.levels, c.derope, c.scales)
+                     for c in (self.key_codec, self.value_codec, window)) + (self.block, joint)
 
     @staticmethod
     def attend_many(bodies, q, dense_k, dense_v, dense_n, splits, cap=0.0):
         return fused_attend_many(q, dense_k, dense_v, dense_n, bodies, splits, cap)
 
     def decoded(self):
-        k, v = self.key_codec.decode(self.keys), self.value_codec.decode(self.values)
-        if self.stage is None:
-            return k, v
-        sk, sv, codec = self.stage
-        return torch.cat([k, codec.decode(sk)], 2), torch.cat([v, self.value_codec.decode(sv)], 2)
+        ks, vs = [self.key_codec.decode(self.keys)], [self.value_codec.decode(self.values)]
+        if self.stage is not None:
+            sk, sv, codec = self.stage
+            ks.append(codec.decode(sk))
+            vs.append(self.value_codec.decode(sv))
+        if self.window is not None:
+            wk, wv, codec = self.window
+            ks.append(codec.decode(wk))
+            vs.append(codec.decode(wv))
+        return torch.cat(ks, 2), torch.cat(vs, 2)
