@@ -190,6 +190,17 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
             rotate_back(acc[r], vrot, qs)
 
 
+@numba.njit(cache=True, fastmath=FAST)
+def _coded_span(qb, vis, n, kc, kmn, kstep, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb, vrot, cap, vlut, pm, pl,
+                acc):
+    """n tokens of per-token codes (a stage or a coded window) as one split: uniform key codes, no turn."""
+    if n:
+        zero, one = np.int64(0), np.int64(1)  # not literals: every _span call shares one compiled signature
+        _span(qb, np.empty((0, 0, 0), dtype=np.float32), vis, zero, (n + vb - 1) // vb, n, kc, kmn, kstep, one, kgroups,
+              kbits, vc, vmn, vstep, vgroups, vbits, vb, vrot, cap, np.empty(0, dtype=np.float32), vlut,
+              np.empty((0, 3), dtype=np.int64), pm, pl, acc)
+
+
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
            splits, vrot, cap, klut, vlut, kcls, soff, sqb, nstage, skc, skmn, skstep, skgroups, skbits, svc, svmn, svstep,
@@ -202,10 +213,7 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
     nb_, nh, nr, d = q.shape
     parts = splits + 3
     pm, pl, pacc = partial_buffers(nb_, nh, parts, nr, d)
-    no_turn = np.empty((0, 0, 0), dtype=np.float32)
     no_levels = np.empty(0, dtype=np.float32)
-    no_classes = np.empty((0, 3), dtype=np.int64)
-    zero, one = np.int64(0), np.int64(1)  # not literals: both _span calls share one compiled signature
     for u in numba.prange(nb_ * nh * parts):
         b = u // (nh * parts)
         h = (u // parts) % nh
@@ -216,19 +224,15 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
             dense_split(q[b, h], dk[b, h, :nd], dv[b, h, :nd], dvis[b, :, :nd], cap, pm[b, h, sp], pl[b, h, sp],
                         pacc[b, h, sp])
             continue
-        if sp == splits + 1:  # the stage: per-token keys, uniform codes, no turn
-            ns = nstage[b]
-            if ns:
-                _span(sqb[b, h], no_turn, vis[b, soff:], zero, (ns + vb - 1) // vb, ns, skc[bh], skmn[b, h],
-                      skstep[b, h], one, skgroups, skbits, svc[bh], svmn[b, h], svstep[b, h], vgroups, vbits, vb,
-                      vrot, cap, no_levels, vlut, no_classes, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+        if sp == splits + 1:  # the stage, its values in the body values' codec
+            _coded_span(sqb[b, h], vis[b, soff:], nstage[b], skc[bh], skmn[b, h], skstep[b, h], skgroups, skbits,
+                        svc[bh], svmn[b, h], svstep[b, h], vgroups, vbits, vb, vrot, cap, vlut, pm[b, h, sp],
+                        pl[b, h, sp], pacc[b, h, sp])
             continue
-        if sp == splits + 2:  # the coded window: per-token keys and values, uniform codes, no turn
-            nw = nwin[b]
-            if nw:
-                _span(wqb[b, h], no_turn, vis[b, woff:], zero, (nw + vb - 1) // vb, nw, wkc[bh], wkmn[b, h],
-                      wkstep[b, h], one, wkgroups, wkbits, wvc[bh], wvmn[b, h], wvstep[b, h], wvgroups, wvbits, vb,
-                      wrot, cap, no_levels, no_levels, no_classes, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+        if sp == splits + 2:  # the coded window, keys and values in its own codec
+            _coded_span(wqb[b, h], vis[b, woff:], nwin[b], wkc[bh], wkmn[b, h], wkstep[b, h], wkgroups, wkbits,
+                        wvc[bh], wvmn[b, h], wvstep[b, h], wvgroups, wvbits, vb, wrot, cap, no_levels, pm[b, h, sp],
+                        pl[b, h, sp], pacc[b, h, sp])
             continue
         n = nbody[b]  # this sequence's body tokens: its tiles and split edges ignore a batch's padding
         nvb = (n + vb - 1) // vb
