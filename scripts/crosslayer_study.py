@@ -16,7 +16,14 @@ Keys are taken before RoPE (turned back by their absolute positions): a linear m
 post-RoPE keys would have to commute with every position's rotation. The 4 sink tokens are left out.
 
     .venv/bin/python scripts/crosslayer_study.py
+    .venv/bin/python scripts/crosslayer_study.py --pairs   (values only: the kernel-readable variants at 1, 2, 3 bits)
+
+`--pairs` compares, for values, the odd-from-even prediction with one map over all KV heads (a layer's head reads
+every head of the layer below: three times the value work in a kernel) against one map per head (head h from head h
+of the layer below: the same value work again once), at 1 bit too (`auto-8x`'s values).
 """
+
+import argparse
 
 import math
 
@@ -84,6 +91,10 @@ def coded(maps, which, codec, rope, residual):
             guess = torch.zeros_like(flat)
             if (residual == "chain" and i > 0) or (residual == "pairs" and i % 2):
                 guess = predict(maps[i], held[i - 1].double()).float().reshape(flat.shape)
+            elif residual == "pairs-head" and i % 2:  # maps[i]: one map per head, head h from head h below
+                prev = held[i - 1].double()
+                guess = torch.cat([predict(w, prev[:, j * d:(j + 1) * d]) for j, w in enumerate(maps[i])], 1)
+                guess = guess.float().reshape(flat.shape)
             r = (flat - guess).reshape(b, t - SINK, h, d).permute(0, 2, 1, 3)
             out = r.clone()
             out[:, :, :n] = codec.decode(codec.encode(r[:, :, :n].contiguous(), 128))
@@ -95,10 +106,33 @@ def coded(maps, which, codec, rope, residual):
     return {i: (which, trip_for(i)) for i in range(len(maps))}
 
 
+def pairs(model, tok, spec, fit):
+    """Values only: as they are, odd layers from the even one below (all heads, or per head), at 1 to 3 bits."""
+    d = spec.head_dim
+    v = fit["value"]
+    whole = [None] + [linear_map(v[i - 1], v[i]) for i in range(1, spec.num_layers)]
+    per_head = [None] + [[linear_map(v[i - 1][:, h * d:(h + 1) * d], v[i][:, h * d:(h + 1) * d])
+                          for h in range(spec.num_kv_heads)] for i in range(1, spec.num_layers)]
+    ids = load_corpus_ids(tok, None, 2 * 2048).reshape(2, 2048)
+    perturbed = Perturbed(model, ids, replay=False)
+    print("| values | as they are (KL) | odd from even, all heads | odd from even, per head |")
+    print("|---|---|---|---|")
+    for bits in (1, 2, 3):
+        codec = IntQuant(bits, "token", None, rotate=True, seed=2, levels=GAUSS)
+        kl = [perturbed.kl_many(coded(m, "value", codec, spec.rope, res))
+              for m, res in ((whole, None), (whole, "pairs"), (per_head, "pairs-head"))]
+        print(f"| {bits} bits | " + " | ".join(f"{x:.5f}" for x in kl) + " |", flush=True)
+
+
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", action="store_true", help="values only: the kernel-readable variants")
+    args = ap.parse_args()
     model, tok = load_model()
     spec = spec_from_config(model.config)
     fit = states(model, calibration_ids(tok, None, sequences=8)[0], spec.rope)
+    if args.pairs:
+        return pairs(model, tok, spec, fit)
     test = states(model, load_corpus_ids(tok, None, 2 * 2048).reshape(2, 2048), spec.rope)
     print("| layer | keys: share left | values: share left |")
     print("|---|---|---|")
