@@ -28,7 +28,7 @@ from ...errors import KvshrinkError
 from ...kernels.backend import kernels_on, triton_for
 from ...spec import spec_from_config
 from .config import Fp16Config, QuantConfig
-from .kernel import IntBody, stage_supported, supported, window_supported
+from .kernel import IntBody, stage_supported, supported
 
 
 # Decode tokens wait in float16 in runs of this many, then are staged as codes (core/store.py): a
@@ -44,6 +44,7 @@ class CompressedLayer(StoreLayer):
     splits = 4
     kernel_reads = False  # fused, on the CPU, and codes the kernel reads: fixed at the first update
     body_reads_stage = False  # the kernel reads the stage's codes too (else decoded into the dense part): fixed at the first update
+    window_codes_read = False  # the kernel can read a coded window's codes (where it reads the stage): fixed likewise
     layout, gpu_kernel = "int", True  # the body's kind, and whether a Triton kernel reads it (CUDA)
     gather = GATHER  # decode tokens staged as codes together (core/store.py)
 
@@ -66,6 +67,8 @@ class CompressedLayer(StoreLayer):
                                             self.gpu_kernel and not joint)
                                  and self._kernel_supports(key_states.shape[-1]))
             self.body_reads_stage = self.kernel_reads and self._reads_stage(key_states)
+            self.window_codes_read = (self.body_reads_stage and self.k.window_codec is not None
+                                      and stage_supported(self.k.window_codec, key_states.shape[-1]))
         self.k.init(key_states)
         self.v.init(value_states)
         self.is_initialized = True
@@ -112,9 +115,8 @@ class CompressedLayer(StoreLayer):
     def _reads_window(self) -> bool:
         """Whether the kernel reads the coded window in place, after the stage: where it reads the stage, and no
         float16 token waits between them (the kernel's tokens must keep their order for a mask)."""
-        return (self.body_reads_stage and self.k.window_codec is not None and self.k.window is not None
-                and self.v.window is not None and not self.k.fresh.shape[-2] and not self.v.fresh.shape[-2]
-                and window_supported(self.k.window_codec, self.k.window.head_dim))
+        return (self.body_reads_stage and self.window_codes_read and self.k.window is not None
+                and self.v.window is not None and not self.k.fresh.shape[-2] and not self.v.fresh.shape[-2])
 
     def _readable(self) -> bool:
         """Whether the kernel can read this layer now: `kernel_reads`, and keys and values with bodies

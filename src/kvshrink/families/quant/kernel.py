@@ -273,11 +273,6 @@ def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
     return whole(key_codec) and whole(value_codec) and value_codec.axis == "token"
 
 
-def window_supported(codec, head_dim: int) -> bool:
-    """Window codes the kernel reads in place (its window split): as a stage's (keys and values alike)."""
-    return stage_supported(codec, head_dim)
-
-
 def stage_supported(codec, head_dim: int) -> bool:
     """Stage codes the kernel reads in place (its stage split): uniform per-token IntQuant, float16
     scales, no turned keys, whole bytes per channel group."""
@@ -344,15 +339,16 @@ def _stage_operands(q: torch.Tensor, stages: list, codec: IntQuant | None, value
 def _window_operands(q: torch.Tensor, windows: list, codec: IntQuant | None):
     """The kernel's window arguments for B sequences' coded windows (each None or (keys, values) Packed of one row,
     both in `codec`): (wqb, nwin, wkc, wkmn, wkstep, wkgroups, wkbits, wvc, wvmn, wvstep, wvgroups, wvbits, wrot),
-    windows padded to the longest. A window is a stage whose values are in its own codec (window_supported)."""
+    windows padded to the longest. A window is a stage whose values are in its own codec (stage_supported)."""
     d = q.shape[-1]
-    codec = codec or IntQuant(8, "token")
+    codec = codec or _NO_WINDOW  # no window: empty operands of a placeholder codec
     staged = _stage_operands(q, windows, codec, codec)
     rot = rotation(d, codec.seed).numpy() if codec.rotate else _NO_ROTATION
     return (*staged, d // (codec.group or d), codec.bits, rot)
 
 
 _NO_ROTATION = np.empty((0, 0), dtype=np.float32)
+_NO_WINDOW = IntQuant(8, "token")
 _NO_LEVELS = np.empty(0, dtype=np.float32)
 
 
