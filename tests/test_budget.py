@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from kvshrink import KvshrinkError, from_method, prepare
-from kvshrink.core.sensitivity import Perturbed
+from kvshrink.core.sensitivity import Perturbed, recent_attention
 from kvshrink.families.budget import allocate as A
 from kvshrink.families.budget import joint as J
 from kvshrink.families.budget.cache import BudgetCache
@@ -112,6 +112,30 @@ def test_perturbed_kl_is_zero_unchanged_and_grows_with_the_error(tiny_model):
     spaced = Perturbed(tiny_model, ids, most=16)
     torch.testing.assert_close(spaced.ref, perturbed.ref[:, 3::4], rtol=1e-9, atol=1e-9)
     assert spaced.ref.shape[1] == 16 and 0 < spaced.kl(1, "key", trip) != pytest.approx(perturbed.kl(1, "key", trip))
+
+
+def test_recent_attention_reads_the_nearest_positions_unchanged_and_the_rest_changed():
+    """Each query reads the `recent` positions before it (and its own) from key/value, older ones from the changed
+    key_hat/value_hat: checked against attention written out query by query."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, kh, vh = (torch.randn(1, h, 12, 8, generator=g) for h in (4, 2, 2, 2, 2))
+    out, _ = recent_attention(None, q, k, v, kh, vh, None, 3)
+    for t in range(12):
+        for head in range(4):
+            kv = head // 2  # GQA: two query heads a KV head
+            keys = torch.stack([(kh if s < t - 3 else k)[0, kv, s] for s in range(t + 1)])
+            vals = torch.stack([(vh if s < t - 3 else v)[0, kv, s] for s in range(t + 1)])
+            p = torch.softmax(keys @ q[0, head, t] / 8 ** 0.5, 0)
+            torch.testing.assert_close(out[0, t, head], p @ vals, rtol=1e-5, atol=1e-5)
+
+
+def test_perturbed_with_recent_positions_unchanged(tiny_model):
+    """A query whose every earlier position is recent sees no change; the nearer positions kept, the less KL."""
+    ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(3))
+    trip = lambda x: x + 0.3 * torch.sin(x * 7)  # noqa: E731
+    kl = [Perturbed(tiny_model, ids, recent=r).kl(1, "value", trip) for r in (0, 8, 32, 64)]
+    assert kl[3] == pytest.approx(0.0, abs=1e-12) and kl[0] > kl[1] > kl[2] > 0
+    assert kl[0] == Perturbed(tiny_model, ids).kl(1, "value", trip)  # 0: every position changed, as before
 
 
 @pytest.mark.parametrize("ratio,window", [(3.0, ""), (4.0, ""), (5.0, ""), (4.0, ":window=8"),

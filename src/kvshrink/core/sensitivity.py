@@ -10,10 +10,12 @@ gradient and its attention implementation is restored afterwards.
 from __future__ import annotations
 
 import torch
+from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from ..attention.logits import plain_attention
+from ..attention.logits import plain_attention, soft_cap
+from ..attention.masks import mask_bias
 
 _COLLECT = "kvshrink_collect"
 
@@ -63,16 +65,38 @@ def collect(model, ids: torch.Tensor, sink: int = 0, progress=None, offsets=None
 
 _PERTURB = "kvshrink_perturb"
 _TARGET: dict = {}  # layer -> {"key" | "value": round trip function}: what the perturbing attention changes
+_RECENT = [0]  # a query reads the keys and values at most this many positions back as they are (Perturbed's recent)
+
+
+def recent_attention(module, query, key, value, key_hat, value_hat, attention_mask, recent: int, scaling=None,
+                     softcap=None, **kwargs):
+    """Attention in which each query reads the keys and values of the `recent` positions before it (and its own) as
+    given, and older ones as key_hat, value_hat: what a cache's coded history, a float16 window and a prompt's
+    own chunk give it. (output (B, T, Hq, d), None)."""
+    group = query.shape[1] // key.shape[1]
+    k, kh, v, vh = (repeat_kv(x, group) for x in (key, key_hat, value, value_hat))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    t, n = query.shape[2], k.shape[2]
+    pos_q = torch.arange(n - t, n, device=query.device)[:, None]
+    old = torch.arange(n, device=query.device)[None] < pos_q - recent  # (T, S): read from the coded history
+    scores = torch.where(old, query @ kh.transpose(2, 3), query @ k.transpose(2, 3)) * scale
+    scores = soft_cap(scores, softcap)
+    bias = mask_bias(attention_mask, t, n, query.device)
+    if bias is not None:
+        scores = scores + bias[..., :n]
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(query.dtype)
+    out = (probs * old) @ vh + (probs * ~old) @ v
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _register_perturb() -> None:
     def perturb(module, query, key, value, attention_mask, **kwargs):
         trips = _TARGET.get(module.layer_idx, {})
-        if "key" in trips:
-            key = trips["key"](key)
-        if "value" in trips:
-            value = trips["value"](value)
-        return plain_attention(module, query, key, value, attention_mask, **kwargs)
+        new_key = trips["key"](key) if "key" in trips else key
+        new_value = trips["value"](value) if "value" in trips else value
+        if _RECENT[0] and trips:
+            return recent_attention(module, query, key, value, new_key, new_value, attention_mask, _RECENT[0], **kwargs)
+        return plain_attention(module, query, new_key, new_value, attention_mask, **kwargs)
 
     AttentionInterface.register(_PERTURB, perturb)
     AttentionMaskInterface.register(_PERTURB, sdpa_mask)
@@ -90,10 +114,13 @@ class Perturbed:
 
     A sequence longer than `most` tokens is scored at `most` positions evenly spaced over it (every one up to
     `most`): the log-probabilities of 2,048 positions over Gemma 3's 262,144-token vocabulary take 4.3 GB in
-    float64 and half of each forward pass's work, and the layers still attend over every token."""
+    float64 and half of each forward pass's work, and the layers still attend over every token.
 
-    def __init__(self, model, ids: torch.Tensor, replay: bool = True, most: int = 512):
-        self.model, self.ids = model, ids
+    recent: each query of a changed layer reads the `recent` positions before it unchanged (recent_attention), as a
+    cache's queries read their float16 and window tokens and a prompt chunk's own tokens; 0: every position changed."""
+
+    def __init__(self, model, ids: torch.Tensor, replay: bool = True, most: int = 512, recent: int = 0):
+        self.model, self.ids, self.recent = model, ids, recent
         stride = -(-ids.shape[-1] // most)
         self.keep = {} if stride == 1 else {"logits_to_keep": torch.arange(stride - 1, ids.shape[-1], stride)}
         _register_perturb()
@@ -127,6 +154,7 @@ class Perturbed:
         {layer: {"key": trip, "value": trip}} to change a layer's keys and values together."""
         _TARGET.clear()
         _TARGET.update({i: c if isinstance(c, dict) else dict([c]) for i, c in changes.items()})
+        _RECENT[0] = self.recent
         early = list(self.layers or [])[:min(changes)]
         for j, m in enumerate(early):  # an instance attribute shadows the class's forward until deleted
             m.forward = lambda *_a, _out=self.outs[j], **_k: _out
@@ -134,6 +162,7 @@ class Perturbed:
             logp = self._logp()
         finally:
             _TARGET.clear()
+            _RECENT[0] = 0
             for m in early:
                 del m.forward
         return float((self.ref.exp() * (self.ref - logp)).sum(-1).mean())

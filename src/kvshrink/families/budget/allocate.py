@@ -8,8 +8,8 @@ groups of the whole head or 32 channels, uniform or Gaussian value levels, the G
 8-bit scales), the choice's real bytes per token (the codec's own packed tensors) and a loss proxy
 in one unit, the KL divergence per token of the model's predictions from the unchanged model's:
 - measured for the widths where errors are large (1 to 3 bits; `MEASURED`): the layer's keys or
-  values replaced by their round trip through the codec, one forward pass each
-  (core/sensitivity.py's `Perturbed`);
+  values replaced by their round trip through the codec for every query but the `RECENT` positions
+  before it, one forward pass each (core/sensitivity.py's `Perturbed`);
 - extrapolated for the rest from a first-order estimate, 1/2 sum over tokens and heads of
   (grad . (decode(encode(x)) - x))^2 (a diagonal empirical-Fisher estimate, as KVQuant's
   sensitivity weights and ZDC's ranks use), scaled per layer and K/V to the measured KL at 3 bits
@@ -59,9 +59,9 @@ from ...core.sensitivity import Perturbed, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 from . import joint
-from .config import CONTEXT
+from .config import CONTEXT, RECENT
 
-FORMAT = "kvshrink-budget-6"  # 6: stage bytes no longer stored (computed from the menu: stage_bytes)
+FORMAT = "kvshrink-budget-7"  # 6: stage bytes no longer stored (computed from the menu: stage_bytes); 7: RECENT
 BITS = (1, 2, 3, 4, 5, 6, 8)
 U, G = UNIFORM, GAUSS
 # a choice: (bits, rotate, group, levels), and for keys whether each token is turned back by its
@@ -198,7 +198,7 @@ def _anchor(menu, choice) -> int:
 
 def _measured(model, ids, sink: int, block: int, first_k, first_v, d: int, rope: tuple = (), progress=None):
     """The proxies in KL per token: measured for MEASURED_*, the first-order ones scaled to them for the rest."""
-    perturbed = Perturbed(model, ids)
+    perturbed = Perturbed(model, ids, recent=RECENT)
     out = []
     for first, menu, measured, which, make, size in (
             (first_k, KEY_MENU, MEASURED_KEYS, "key", lambda c: key_codec(c, block, rope), block),
@@ -250,7 +250,7 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
     header = {**model_header(model), "data": data or {}, "sink_excluded": sink, "block": block,
               "key_menu": [list(c) for c in KEY_MENU], "value_menu": [list(c) for c in VALUE_MENU],
               "measured_keys": [list(c) for c in MEASURED_KEYS], "measured_values": [list(c) for c in MEASURED_VALUES],
-              "proxy": "KL per token (measured, or first-order scaled to it)",
+              "proxy": "KL per token (measured, or first-order scaled to it)", "recent": RECENT,
               "tokens_per_layer": n * ids.shape[0], "seconds": round(time.time() - t0, 1)}
     return BudgetCalibration(kl_k, kl_v, bk, bv, header)
 

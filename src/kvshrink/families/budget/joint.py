@@ -1,5 +1,5 @@
 """Joint-basis key choices for the budget (codecs/joint.py): calibrated once per model, corpus range and block,
-in a file beside the budget calibration (its path with `-joint3`), and offered to the allocator beside the
+in a file beside the budget calibration (its path with `-joint4`), and offered to the allocator beside the
 menu's key choices.
 
 A key's coding error reaches the model as q . (k - k_hat). Per layer and KV head, on the calibration tokens:
@@ -35,8 +35,10 @@ from ...core.calibfile import check_header, load_tensors, model_header, save_ten
 from ...core.sensitivity import Perturbed, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
+from .config import RECENT
 
-FORMAT = "kvshrink-budget-joint-3"  # 2: KL measured through int8 maps; 3: statistics over the whole context
+FORMAT = "kvshrink-budget-joint-4"  # 2: KL measured through int8 maps; 3: statistics over the whole context;
+# 4: KL with the recent positions read unchanged (RECENT, as the budget calibration measures its menu)
 LONGEST = 32768  # block starts M is averaged over, at most (a longer context's slowest pairs barely turn more)
 CHOICES = ((2, 0), (3, 0), (3, 2), (4, 0), (4, 2))  # (bits a channel on average, least bits an axis)
 WIDTHS = (0, 2, 3, 4, 5, 6, 8)
@@ -145,8 +147,8 @@ class JointCalibration:
 
 def path_beside(budget_path: str) -> str:
     """Where a budget calibration's joint key calibration lives."""
-    return budget_path[:-len(".safetensors")] + "-joint3.safetensors" if budget_path.endswith(".safetensors") \
-        else budget_path + "-joint3"
+    return budget_path[:-len(".safetensors")] + "-joint4.safetensors" if budget_path.endswith(".safetensors") \
+        else budget_path + "-joint4"
 
 
 def _round_trip(codec: JointKeys, sink: int, block: int):
@@ -191,7 +193,7 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
                           dtype=torch.int16)
     calib = JointCalibration(inverse, widths, torch.zeros(L, len(CHOICES), dtype=torch.float64),
                              torch.zeros(L, len(CHOICES), dtype=torch.float64), {})
-    perturbed = Perturbed(model, ids[:1])
+    perturbed = Perturbed(model, ids[:1], recent=RECENT)
     probe = torch.randn(1, H, n, D, generator=torch.Generator().manual_seed(0))
     for i in range(L):
         for j in range(len(CHOICES)):
@@ -202,7 +204,7 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
                 progress()
     calib.header = {**model_header(model), "data": data or {}, "sink_excluded": sink, "block": block,
                     "context": context, "positions": offsets, "choices": [list(c) for c in CHOICES],
-                    "proxy": "KL per token (measured)", "tokens": n * ids.shape[0], "seconds": round(time.time() - t0, 1)}
+                    "proxy": "KL per token (measured)", "recent": RECENT, "tokens": n * ids.shape[0], "seconds": round(time.time() - t0, 1)}
     return calib
 
 
