@@ -24,7 +24,7 @@ CONTEXT = 2048  # tokens at which a ratio is met by default: the bench's segment
 # measures 0.037 and 0.015 (a 4x spread in what the allocation weighs against what it is judged by); with 32
 # exact, 0.024 and 0.009 (docs/budget.md, "Proxies that see the recent tokens"). 32: between generation's 16 to
 # 23 (a window of 16 and up to 7 float16 tokens) and the protocol's 32 to 48 (half a chunk of 64, and the window).
-RECENT = 32
+RECENT = 16
 
 
 @dataclass(frozen=True)
