@@ -8,8 +8,8 @@ groups of the whole head or 32 channels, uniform or Gaussian value levels, the G
 8-bit scales), the choice's real bytes per token (the codec's own packed tensors) and a loss proxy
 in one unit, the KL divergence per token of the model's predictions from the unchanged model's:
 - measured for the widths where errors are large (1 to 3 bits; `MEASURED`): the layer's keys or
-  values replaced by their round trip through the codec for every query but the `RECENT` positions
-  before it, one forward pass each (core/sensitivity.py's `Perturbed`);
+  values replaced by their round trip through the codec (for every query but the `RECENT` positions
+  before it, none by default), one forward pass each (core/sensitivity.py's `Perturbed`);
 - extrapolated for the rest from a first-order estimate, 1/2 sum over tokens and heads of
   (grad . (decode(encode(x)) - x))^2 (a diagonal empirical-Fisher estimate, as KVQuant's
   sensitivity weights and ZDC's ranks use), scaled per layer and K/V to the measured KL at 3 bits
@@ -61,7 +61,7 @@ from ...spec import spec_from_config
 from . import joint
 from .config import CONTEXT, RECENT
 
-FORMAT = "kvshrink-budget-8"  # 6: stage bytes no longer stored (computed from the menu: stage_bytes); 7, 8: RECENT 32, 16
+FORMAT = "kvshrink-budget-6"  # 6: stage bytes no longer stored (computed from the menu: stage_bytes)
 BITS = (1, 2, 3, 4, 5, 6, 8)
 U, G = UNIFORM, GAUSS
 # a choice: (bits, rotate, group, levels), and for keys whether each token is turned back by its

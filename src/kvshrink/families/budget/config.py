@@ -18,13 +18,12 @@ from ...registry import Config, Method, check_int, option, register
 
 PRESETS = (4, 5, 6, 8)
 CONTEXT = 2048  # tokens at which a ratio is met by default: the bench's segment
-# A measured choice's KL is taken with each query reading the RECENT positions before it unchanged
-# (core/sensitivity.recent_attention), as a cache's queries read their own chunk, their float16 tokens and window:
-# with every position changed, layer 1's 1-bit values cost 0.155 and layer 23's 0.015, where the bench's protocol
-# measures 0.037 and 0.015 (a 4x spread in what the allocation weighs against what it is judged by); with 32
-# exact, 0.024 and 0.009 (docs/budget.md, "Proxies that see the recent tokens"). 32: between generation's 16 to
-# 23 (a window of 16 and up to 7 float16 tokens) and the protocol's 32 to 48 (half a chunk of 64, and the window).
-RECENT = 16
+# A measured choice's KL can be taken with each query reading the RECENT positions before it unchanged
+# (core/sensitivity.recent_attention), as a cache's queries read their own chunk, float16 tokens and window. 0: every
+# position coded, as before. 32 cut the protocol's KL by 24-39% at 4x-6x but raised auto-6x's token-by-token KL by
+# 30% (a window of 16 and up to 7 float16 tokens keep fewer than 32 exact): docs/budget.md, "Proxies that see the
+# recent tokens". 16 was not measured to the end. A change of RECENT needs a FORMAT change here and in joint.py.
+RECENT = 0
 
 
 @dataclass(frozen=True)
