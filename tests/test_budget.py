@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from kvshrink import KvshrinkError, from_method, prepare
-from kvshrink.core.sensitivity import Perturbed, recent_attention
+from kvshrink.attention.logits import recent_attention
+from kvshrink.core.sensitivity import Perturbed
 from kvshrink.families.budget import allocate as A
 from kvshrink.families.budget import joint as J
 from kvshrink.families.budget.cache import BudgetCache

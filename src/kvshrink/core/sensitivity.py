@@ -10,12 +10,10 @@ gradient and its attention implementation is restored afterwards.
 from __future__ import annotations
 
 import torch
-from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from ..attention.logits import plain_attention, soft_cap
-from ..attention.masks import mask_bias
+from ..attention.logits import plain_attention, recent_attention
 
 _COLLECT = "kvshrink_collect"
 
@@ -66,27 +64,6 @@ def collect(model, ids: torch.Tensor, sink: int = 0, progress=None, offsets=None
 _PERTURB = "kvshrink_perturb"
 _TARGET: dict = {}  # layer -> {"key" | "value": round trip function}: what the perturbing attention changes
 _RECENT = [0]  # a query reads the keys and values at most this many positions back as they are (Perturbed's recent)
-
-
-def recent_attention(module, query, key, value, key_hat, value_hat, attention_mask, recent: int, scaling=None,
-                     softcap=None, **kwargs):
-    """Attention in which each query reads the keys and values of the `recent` positions before it (and its own) as
-    given, and older ones as key_hat, value_hat: what a cache's coded history, a float16 window and a prompt's
-    own chunk give it. (output (B, T, Hq, d), None)."""
-    group = query.shape[1] // key.shape[1]
-    k, kh, v, vh = (repeat_kv(x, group) for x in (key, key_hat, value, value_hat))
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    t, n = query.shape[2], k.shape[2]
-    pos_q = torch.arange(n - t, n, device=query.device)[:, None]
-    old = torch.arange(n, device=query.device)[None] < pos_q - recent  # (T, S): read from the coded history
-    scores = torch.where(old, query @ kh.transpose(2, 3), query @ k.transpose(2, 3)) * scale
-    scores = soft_cap(scores, softcap)
-    bias = mask_bias(attention_mask, t, n, query.device)
-    if bias is not None:
-        scores = scores + bias[..., :n]
-    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(query.dtype)
-    out = (probs * old) @ vh + (probs * ~old) @ v
-    return out.transpose(1, 2).contiguous(), None
 
 
 def _register_perturb() -> None:

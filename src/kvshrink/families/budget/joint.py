@@ -203,7 +203,8 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
                 progress()
     calib.header = {**model_header(model), "data": data or {}, "sink_excluded": sink, "block": block,
                     "context": context, "positions": offsets, "choices": [list(c) for c in CHOICES],
-                    "proxy": "KL per token (measured)", "recent": RECENT, "tokens": n * ids.shape[0], "seconds": round(time.time() - t0, 1)}
+                    "proxy": "KL per token (measured)", "recent": RECENT, "tokens": n * ids.shape[0],
+                    "seconds": round(time.time() - t0, 1)}
     return calib
 
 
