@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvshrink.codecs.base import Fp16
+from kvshrink.codecs.fewrows import FEW, few_rows
 from kvshrink.codecs.hadamard import rotation
 from kvshrink.codecs import scales as scales8
 from kvshrink.codecs.levels import GAUSS_BITS, KINDS, gauss
@@ -30,6 +31,26 @@ def test_pack_round_trip_and_exact_length(bits, n, rows, seed):
     unit = 8 // math.gcd(8, bits)
     assert packed.shape[-1] == math.ceil(n / unit) * unit * bits // 8
     assert torch.equal(unpack(packed, bits, n), codes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lead=st.lists(st.integers(1, 5), min_size=1, max_size=3), k=st.integers(1, 70), c=st.integers(1, 70),
+       transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_few_rows_is_the_matrix_product(lead, k, c, transposed, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=g)
+    m = torch.randn(c, k, generator=g).T if transposed else torch.randn(k, c, generator=g)
+    out = few_rows(x, m)
+    assert out.shape == (*lead, c) and out.dtype == torch.float32
+    assert torch.allclose(out, x @ m, atol=1e-4 * k, rtol=1e-4)
+
+
+def test_few_rows_leaves_many_rows_and_other_dtypes_to_pytorch():
+    m = rotation(64)
+    many = torch.randn(FEW + 1, 64)
+    assert torch.equal(few_rows(many, m), many @ m)  # PyTorch's own product, bit for bit
+    half = torch.randn(3, 64).half()
+    assert few_rows(half, m.half()).dtype == torch.float16
 
 
 def test_two_bit_codes_pack_four_to_a_byte():

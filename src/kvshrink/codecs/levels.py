@@ -63,6 +63,12 @@ def thresholds(kind: str, bits: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
+def thresholds_on(kind: str, bits: int, device: torch.device) -> torch.Tensor:
+    """`thresholds(kind, bits)` held on `device`: a decode step codes a token's values with them at every layer."""
+    return thresholds(kind, bits).to(device)
+
+
+@lru_cache(maxsize=64)
 def levels_on(kind: str, bits: int, device: torch.device) -> torch.Tensor:
     """`levels(kind, bits)` held on `device` (a decode step on a GPU reads it there, no copy each step)."""
     return levels(kind, bits).to(device)

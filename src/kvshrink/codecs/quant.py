@@ -30,8 +30,9 @@ import torch
 from ..errors import KvshrinkError
 from .base import Codec, Packed
 from .fastquant import dequantize_rows, quantize_rows
+from .fewrows import few_rows
 from .hadamard import rotation_on
-from .levels import GAUSS, GAUSS_BITS, KINDS, UNIFORM, levels, levels_on, thresholds
+from .levels import GAUSS, GAUSS_BITS, KINDS, UNIFORM, levels, levels_on, thresholds_on
 from .packing import pack, unpack
 from .scales import pack as pack_scales, unpack as unpack_scales, unpack_numpy as unpack_scales_numpy
 from .spin import turn
@@ -133,7 +134,7 @@ class IntQuant(Codec):
                                     f"{d} channels in groups of {self.group}")
             x = turn(x, self.derope, self.group, -1)
         if self.rotate:
-            x = x @ rotation_on(d, self.seed, x.device)
+            x = few_rows(x, rotation_on(d, self.seed, x.device))
         xg, dim = self._grouped(x, block)
         if not self.uniform:
             return self._encode_levels(xg, dim, block, d)
@@ -160,7 +161,7 @@ class IntQuant(Codec):
             raise KvshrinkError("key/value states exceed the float16 range of the quantization scales")
         safe = torch.where(dev > 0, dev, torch.ones_like(dev))
         z = (xg - mean) / safe
-        codes = torch.bucketize(z, thresholds(self.levels, self.bits).to(z.device)).to(torch.uint8)
+        codes = torch.bucketize(z, thresholds_on(self.levels, self.bits, z.device)).to(torch.uint8)
         tensors = {"codes": pack(codes, self.bits), **stored}
         return Packed(tensors, block, d, {"last": codes.shape[-1]})
 
@@ -182,7 +183,7 @@ class IntQuant(Codec):
         b, h, t, d = x.shape
         x = x.float()
         if self.rotate:
-            x = x @ rotation_on(d, self.seed, x.device)
+            x = few_rows(x, rotation_on(d, self.seed, x.device))
         g = self.group or d
         rows = x.reshape(-1, d).contiguous().numpy()
         codes = np.empty((rows.shape[0], d * self.bits // 8), dtype=np.uint8)
@@ -222,7 +223,7 @@ class IntQuant(Codec):
         dequantize_rows(codes, self.bits, lut, mn.reshape(-1, groups), sc.reshape(-1, groups), x)
         y = torch.from_numpy(x).view(b, h, -1, d)
         if self.rotate:
-            y = y @ rotation_on(d, self.seed, y.device).T
+            y = few_rows(y, rotation_on(d, self.seed, y.device).T)
         y = y.to(dtype)
         return y if out is None else out.copy_(y)
 
@@ -239,7 +240,7 @@ class IntQuant(Codec):
             mn, sc = self.params(t)
             x = torch.addcmul(mn, codes.float(), sc).reshape(flat)
             if self.rotate:
-                x = x @ rotation_on(packed.head_dim, self.seed, x.device).T
+                x = few_rows(x, rotation_on(packed.head_dim, self.seed, x.device).T)
             x = turn(x, self.derope, self.group, 1).to(dtype)
             return x if out is None else out.copy_(x)
         mn, sc = self.params(t, dtype)

@@ -61,7 +61,7 @@ from ...spec import spec_from_config
 from . import joint
 from .config import CONTEXT, RECENT
 
-FORMAT = "kvshrink-budget-6"  # 6: stage bytes no longer stored (computed from the menu: stage_bytes)
+FORMAT = "kvshrink-budget-8"  # 6: stage bytes no longer stored; 7: RECENT 32 (measured, not shipped); 8: RECENT 16
 BITS = (1, 2, 3, 4, 5, 6, 8)
 U, G = UNIFORM, GAUSS
 # a choice: (bits, rotate, group, levels), and for keys whether each token is turned back by its

@@ -1,5 +1,5 @@
 """Joint-basis key choices for the budget (codecs/joint.py): calibrated once per model, corpus range and block,
-in a file beside the budget calibration (its path with `-joint3`), and offered to the allocator beside the
+in a file beside the budget calibration (its path with `-joint5`), and offered to the allocator beside the
 menu's key choices.
 
 A key's coding error reaches the model as q . (k - k_hat). Per layer and KV head, on the calibration tokens:
@@ -37,7 +37,7 @@ from ...errors import KvshrinkError
 from ...spec import spec_from_config
 from .config import RECENT
 
-FORMAT = "kvshrink-budget-joint-3"  # 2: KL measured through int8 maps; 3: statistics over the whole context
+FORMAT = "kvshrink-budget-joint-5"  # 2: int8 maps; 3: statistics over the whole context; 4: RECENT 32; 5: RECENT 16
 LONGEST = 32768  # block starts M is averaged over, at most (a longer context's slowest pairs barely turn more)
 CHOICES = ((2, 0), (3, 0), (3, 2), (4, 0), (4, 2))  # (bits a channel on average, least bits an axis)
 WIDTHS = (0, 2, 3, 4, 5, 6, 8)
@@ -146,8 +146,8 @@ class JointCalibration:
 
 def path_beside(budget_path: str) -> str:
     """Where a budget calibration's joint key calibration lives."""
-    return budget_path[:-len(".safetensors")] + "-joint3.safetensors" if budget_path.endswith(".safetensors") \
-        else budget_path + "-joint3"
+    return budget_path[:-len(".safetensors")] + "-joint5.safetensors" if budget_path.endswith(".safetensors") \
+        else budget_path + "-joint5"
 
 
 def _round_trip(codec: JointKeys, sink: int, block: int):

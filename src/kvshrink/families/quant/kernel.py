@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ...codecs.base import Packed
+from ...codecs.fewrows import few_rows
 from ...codecs.hadamard import hadamard_block, rotation, signs
 from ...codecs.joint import JointKeys
 from ...codecs.quant import IntQuant
@@ -47,6 +48,7 @@ from ...kernels.tiles import (
     fold_values,
     form_axes,
     form_keys,
+    half_to_float,
     merge,
     partial_buffers,
     rotate_back,
@@ -253,9 +255,23 @@ def _operands(codec: IntQuant, packed: Packed):
     b, h = t["codes"].shape[:2]
     n, d = packed.num_tokens, packed.head_dim
     tg, groups = (codec.group, 1) if codec.axis == "channel" else (1, d // (codec.group or d))
-    mn, sc = (x.reshape(b, h, n // tg, -1).numpy() for x in codec.params(t))
+    mn, sc = (x.reshape(b, h, n // tg, -1) for x in _params(codec, t))
     mn, sc = _affine(codec, mn, sc)
     return t["codes"].reshape(b * h, -1).numpy(), mn, sc, tg, groups
+
+
+def _params(codec: IntQuant, t: dict) -> tuple:
+    """A body's (min, step) as float32 numpy arrays: float16 ones converted by the compiled loop (PyTorch's `to`
+    cost a decode step about 2%, for every layer's keys), 8-bit ones by the codec (codecs/scales.py)."""
+    if codec.scales == "8bit":
+        return tuple(x.numpy() for x in codec.params(t))
+    return tuple(_half(t[k]) for k in ("min", "scale"))
+
+
+def _half(x: torch.Tensor) -> np.ndarray:
+    out = np.empty(x.shape, dtype=np.float32)
+    half_to_float(x.contiguous().numpy().view(np.uint8).reshape(-1), x.numel(), out.reshape(-1))
+    return out
 
 
 def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
@@ -414,30 +430,55 @@ def _key_queries(q: torch.Tensor, codec: IntQuant):
     if codec.derope:
         return q, turned_table(q, codec)
     none = np.empty((*q.shape[:2], 0, 0, 0), dtype=np.float32)  # qt[b, h] stays in bounds
-    return (q @ rotation(d, codec.seed) if codec.rotate else q), none
+    return (few_rows(q, rotation(d, codec.seed)) if codec.rotate else q), none
 
 
 @lru_cache(maxsize=16)
-def _cos_sin(freqs: tuple, group: int) -> torch.Tensor:
+def _cos_sin(freqs: tuple, group: int) -> np.ndarray:
     """(2n, group) float32: cos then sin of offset j times frequency i (codecs/spin.py's angles), transposed."""
     cos, sin = angles(freqs, group, torch.device("cpu"))
-    return torch.cat([cos, sin], 1).T.contiguous()
+    return torch.cat([cos, sin], 1).T.contiguous().numpy()
+
+
+@numba.njit(cache=True, parallel=True, fastmath=FAST)
+def _joint_rows(q, rows, scale, cs, out):
+    """out[b, h, r] (d, group) = turn(q[b, h, r], -j) A^T for every offset j, A = rows[h] * scale[h] (the
+    head's inverse, int8 rows and a scale per row). The turn is linear in (cos, sin) of j f_k, so with x1, x2 the
+    query's pairs, row i is sum_k (x1 A1 + x2 A2)[i, k] cos[k] + (x2 A1 - x1 A2)[i, k] sin[k], plus the channels
+    RoPE leaves alone, the same for every offset. One query row per worker, on numba's threads."""
+    nb_, nh, nr, d = q.shape
+    n = cs.shape[0] // 2
+    for u in numba.prange(nb_ * nh * nr):
+        b = u // (nh * nr)
+        h = (u // nr) % nh
+        r = u % nr
+        x = q[b, h, r]
+        for i in range(d):
+            o = out[b, h, r, i]
+            s = scale[h, i]
+            rest = np.float32(0.0)
+            for c in range(2 * n, d):
+                rest += np.float32(rows[h, i, c]) * x[c]
+            o[:] = rest * s
+            for k in range(n):
+                a1 = np.float32(rows[h, i, k]) * s
+                a2 = np.float32(rows[h, i, n + k]) * s
+                p1 = x[k] * a1 + x[n + k] * a2
+                p2 = x[n + k] * a1 - x[k] * a2
+                c1 = cs[k]
+                c2 = cs[n + k]
+                for j in range(o.shape[0]):
+                    o[j] += p1 * c1[j] + p2 * c2[j]
 
 
 def _joint_table(q: torch.Tensor, codec: JointKeys) -> np.ndarray:
-    """turn(q, -j) inverse[h]^T for every offset j, axis-major (B, H, R, d, group) float32. The turn is linear
-    in (cos, sin) of j f_i, so with x1, x2 the query's pairs and A the head's inverse this is
-    [x1 A1 + x2 A2, x2 A1 - x1 A2] @ [cos; sin]: one product over all rows and heads, which cost a third of
-    forming the turned table and mapping it (0.5 ms a layer at 8k)."""
-    n = len(codec.derope)
-    a = codec.inverse()[None, :, None]  # (1, H, 1, d, d)
-    a1, a2 = a[..., :n], a[..., n:2 * n]
-    x1, x2 = q[..., None, :n], q[..., None, n:2 * n]  # (B, H, R, 1, n)
-    pq = torch.cat([x1 * a1 + x2 * a2, x2 * a1 - x1 * a2], -1)  # (B, H, R, d, 2n)
-    out = pq @ _cos_sin(codec.derope, codec.group)
-    if q.shape[-1] > 2 * n:  # channels RoPE leaves alone: the same for every offset
-        out += (a[..., 2 * n:] @ q[..., 2 * n:, None])
-    return out.contiguous().numpy()
+    """turn(q, -j) inverse[h]^T for every offset j, axis-major (B, H, R, d, group) float32 (_joint_rows). On numba's
+    threads: as a PyTorch product (one batched matmul, 4.7 million multiply-adds at 8k) it took 0.3-0.8 ms a layer
+    in a decode step, mostly waiting at MKL's OpenMP barrier (codecs/fewrows.py)."""
+    out = np.empty((*q.shape[:3], q.shape[-1], codec.group), dtype=np.float32)
+    scale = codec.inverse_scale.numpy().astype(np.float32).reshape(codec.inverse_rows.shape[:2])
+    _joint_rows(q.contiguous().numpy(), codec.inverse_rows.numpy(), scale, _cos_sin(codec.derope, codec.group), out)
+    return out
 
 
 def _table(codec: IntQuant):
