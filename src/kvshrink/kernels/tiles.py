@@ -67,6 +67,15 @@ def half_to_float(src, n, dst):
 
 
 @numba.njit(cache=True, fastmath=FAST)
+def halves(x):
+    """float16 bytes (n, 2w) -> float32 (n, w)."""
+    n, w = x.shape[0], x.shape[1] // 2
+    out = np.empty(n * w, dtype=np.float32)
+    half_to_float(x.reshape(-1), n * w, out)
+    return out.reshape(n, w)
+
+
+@numba.njit(cache=True, fastmath=FAST)
 def dots(qs, sym, n, bias, out):
     """out[:n] = bias + qs . sym[i * d : (i + 1) * d] for n tokens (sym token-major, codes or floats)."""
     d = qs.shape[0]

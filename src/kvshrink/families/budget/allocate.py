@@ -9,7 +9,7 @@ groups of the whole head or 32 channels, uniform or Gaussian value levels, the G
 in one unit, the KL divergence per token of the model's predictions from the unchanged model's:
 - measured for the widths where errors are large (1 to 3 bits; `MEASURED`): the layer's keys or
   values replaced by their round trip through the codec (for every query but the `RECENT` positions
-  before it, none by default), one forward pass each (core/sensitivity.py's `Perturbed`);
+  before it, config.py), one forward pass each (core/sensitivity.py's `Perturbed`);
 - extrapolated for the rest from a first-order estimate, 1/2 sum over tokens and heads of
   (grad . (decode(encode(x)) - x))^2 (a diagonal empirical-Fisher estimate, as KVQuant's
   sensitivity weights and ZDC's ranks use), scaled per layer and K/V to the measured KL at 3 bits

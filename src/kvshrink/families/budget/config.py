@@ -23,7 +23,7 @@ CONTEXT = 2048  # tokens at which a ratio is met by default: the bench's segment
 # generated token's own span (a window of 16). Against every position coded (0) it cut auto-6x's KL by 22% on the
 # protocol and by 11% token by token; 32 cut the protocol's more but raised the token-by-token KL by 30%, the
 # positions 17-32 back being coded when generating: docs/budget.md, "Proxies that see the recent tokens".
-# A change of RECENT needs a FORMAT change here and in joint.py.
+# A change of RECENT needs a FORMAT change in allocate.py and joint.py (the joint file's name follows it).
 RECENT = 16
 
 

@@ -146,8 +146,9 @@ class JointCalibration:
 
 def path_beside(budget_path: str) -> str:
     """Where a budget calibration's joint key calibration lives."""
-    return budget_path[:-len(".safetensors")] + "-joint5.safetensors" if budget_path.endswith(".safetensors") \
-        else budget_path + "-joint5"
+    suffix = "-joint" + FORMAT.rsplit("-", 1)[1]  # a new format, a new file: the old one is not reused
+    return budget_path[:-len(".safetensors")] + suffix + ".safetensors" if budget_path.endswith(".safetensors") \
+        else budget_path + suffix
 
 
 def _round_trip(codec: JointKeys, sink: int, block: int):

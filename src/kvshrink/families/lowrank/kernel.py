@@ -40,6 +40,7 @@ from ...kernels.tiles import (
     dots,
     fold_values,
     half_to_float,
+    halves,
     merge,
     partial_buffers,
     unpack_codes,
@@ -70,21 +71,12 @@ def _fold_dense(q1, keys, values, vt, m, lsum, acc, lr, kk, cap):
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _floats(x):
-    """float16 bytes (n, 2w) -> float32 (n, w)."""
-    n, w = x.shape[0], x.shape[1] // 2
-    out = np.empty(n * w, dtype=np.float32)
-    half_to_float(x.reshape(-1), n * w, out)
-    return out.reshape(n, w)
-
-
-@numba.njit(cache=True, fastmath=FAST)
 def _dense(q, vis, t, offs, sink_k, sink_v, mid_k, mid_v, win_k, win_v, new_k, new_v, cap, pm, pl, pacc):
     """The dense split of one (sequence, head): sink, the float16 tokens between body and window,
     window (float16 bytes, each read once into floats) and this call's tokens (float32), in that
     order; offs: where each starts in the visibility row."""
-    keys = (_floats(sink_k), _floats(mid_k), _floats(win_k), new_k)
-    values = (_floats(sink_v), _floats(mid_v), _floats(win_v), new_v)
+    keys = (halves(sink_k), halves(mid_k), halves(win_k), new_k)
+    values = (halves(sink_v), halves(mid_v), halves(win_v), new_v)
     nmax = 1
     for s in range(4):
         nmax = max(nmax, keys[s].shape[0])

@@ -48,7 +48,7 @@ from ...kernels.tiles import (
     fold_values,
     form_axes,
     form_keys,
-    half_to_float,
+    halves,
     merge,
     partial_buffers,
     rotate_back,
@@ -265,13 +265,8 @@ def _params(codec: IntQuant, t: dict) -> tuple:
     cost a decode step about 2%, for every layer's keys), 8-bit ones by the codec (codecs/scales.py)."""
     if codec.scales == "8bit":
         return tuple(x.numpy() for x in codec.params(t))
-    return tuple(_half(t[k]) for k in ("min", "scale"))
-
-
-def _half(x: torch.Tensor) -> np.ndarray:
-    out = np.empty(x.shape, dtype=np.float32)
-    half_to_float(x.contiguous().numpy().view(np.uint8).reshape(-1), x.numel(), out.reshape(-1))
-    return out
+    return tuple(halves(t[k].contiguous().numpy().view(np.uint8).reshape(-1, 2 * t[k].shape[-1])).reshape(t[k].shape)
+                 for k in ("min", "scale"))
 
 
 def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
@@ -422,7 +417,7 @@ def turned_table(q: torch.Tensor, codec: IntQuant) -> np.ndarray:
 def _key_queries(q: torch.Tensor, codec: IntQuant):
     """(the query the key logits read, the per-offset queries (B, H, R, group, d) or empty): for turned keys
     q as it is and the table (the rotation is in the table), else q in the keys' rotated basis. Joint-basis
-    keys: the table's rows mapped by each head's inverse, turn(q, -j) inverse[h]^T (one batched product),
+    keys: the table's rows mapped by each head's inverse, turn(q, -j) inverse[h]^T (_joint_table),
     axis-major (B, H, R, d, group) as tiles.axis_logits reads them."""
     d = q.shape[-1]
     if isinstance(codec, JointKeys):
