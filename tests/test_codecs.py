@@ -170,11 +170,16 @@ def test_decode_into_a_slice_equals_plain_decode(codec):
 @settings(max_examples=80, deadline=None)
 @given(bits=st.integers(1, 8), group=st.sampled_from([None, 8, 16]), rotate=st.booleans(),
        exponent=st.floats(-9, 4), kind=st.sampled_from(["normal", "halves", "zeros", "negative", "constant"]),
-       seed=st.integers(0, 2**16))
-def test_compiled_per_token_coding_is_the_pytorch_coding(bits, group, rotate, exponent, kind, seed):
+       levels=st.sampled_from(["uniform", "gauss", "gauss8"]), seed=st.integers(0, 2**16))
+def test_compiled_per_token_coding_is_the_pytorch_coding(bits, group, rotate, exponent, kind, levels, seed):
     """codecs/fastquant.py (a few tokens, what a decode step codes) against the PyTorch path: the same
-    codes, steps and minimums bit for bit (a zero minimum may differ in sign: -0 and 0 decode alike)."""
+    codes, steps and minimums (or means, deviations and their 8-bit codes) bit for bit (a zero minimum may
+    differ in sign: -0 and 0 decode alike)."""
     import kvshrink.codecs.quant as quant
+
+    if levels != "uniform" and bits > 4:
+        bits = 1 + bits % 4
+    levels, scales = ("gauss", "8bit") if levels == "gauss8" else (levels, "fp16")
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, 2, 64, generator=g) * 10.0 ** exponent
@@ -186,18 +191,19 @@ def test_compiled_per_token_coding_is_the_pytorch_coding(bits, group, rotate, ex
         x = -x.abs()
     elif kind == "constant":
         x[:] = x[0, 0, 0, 0]
-    codec = IntQuant(bits, "token", group, rotate=rotate, seed=5)
+    codec = IntQuant(bits, "token", group, rotate=rotate, seed=5, levels=levels, scales=scales)
     assert codec._fast(x)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(quant, "FAST_ELEMENTS", -1)
         assert not codec._fast(x)
         try:
             slow = codec.encode(x, 1)
-        except KvshrinkError:
-            slow = None
-    if slow is None:  # beyond float16 once rotated: the compiled path refuses alike
-        with pytest.raises(KvshrinkError, match="float16 range"):
+        except KvshrinkError as e:
+            slow = str(e)
+    if isinstance(slow, str):  # beyond the scales' range once rotated: the compiled path refuses alike
+        with pytest.raises(KvshrinkError) as refused:
             codec.encode(x, 1)
+        assert str(refused.value) == slow
         return
     fast = codec.encode(x, 1)
     assert fast.meta == slow.meta and fast.block == slow.block
@@ -236,15 +242,18 @@ def test_compiled_per_token_decoding_is_the_pytorch_decoding(bits, group, rotate
     assert half.dtype == torch.float16 and torch.equal(half, fast.half())
 
 
-def test_compiled_coding_refuses_what_pytorch_refuses():
+@pytest.mark.parametrize("levels, scales, big, message", [("uniform", "fp16", 1e6, "float16 range"),
+                                                         ("gauss", "fp16", 1e6, "float16 range"),
+                                                         ("gauss", "8bit", 1e8, "range of 8-bit scales")])
+def test_compiled_coding_refuses_what_pytorch_refuses(levels, scales, big, message):
     x = torch.randn(1, 2, 1, 16)
-    codec = IntQuant(4, "token")
+    codec = IntQuant(2, "token", levels=levels, scales=scales)
     assert codec._fast(x)
     x[0, 1, 0, 3] = float("nan")
     with pytest.raises(KvshrinkError, match="NaN or infinite"):
         codec.encode(x, 1)
-    x[0, 1, 0, 3] = 1e6  # a step beyond float16
-    with pytest.raises(KvshrinkError, match="float16 range"):
+    x[0, 1, 0, 3] = big  # a step (a deviation) beyond what the scales hold
+    with pytest.raises(KvshrinkError, match=message):
         codec.encode(x, 1)
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .scales import E4M3_MAX, LOW, STEPS
+
 
 @numba.njit(cache=True)
 def _f16(f):
@@ -140,3 +142,79 @@ def dequantize_rows(codes, bits, lut, mn, sc, out):
                 if (bit & 7) + bits > 8:
                     v |= np.uint32(row[(bit >> 3) + 1]) << (8 - (bit & 7))
                 out[i, c] = a + s * lut[v & mask]
+
+
+@numba.njit(cache=True)
+def _log_code(x, up):
+    """scales.py's log code of a deviation: (log2 x - low) * steps, rounded half to even (or up), as float32."""
+    t = (np.float32(np.log2(x)) - np.float32(LOW)) * np.float32(STEPS)
+    return np.float32(np.ceil(t)) if up else np.float32(np.rint(t))
+
+
+@numba.njit(cache=True)
+def _e4m3(v, table):
+    """float32 v (|v| <= E4M3_MAX) -> its float8 e4m3 byte, rounded to nearest, ties to even. table: the 127
+    non-negative finite values by code (ascending, as e4m3's codes are)."""
+    a = np.float64(abs(v))
+    lo, hi = 0, 126
+    while lo < hi:  # the largest code whose value is <= a
+        mid = (lo + hi + 1) >> 1
+        if np.float64(table[mid]) <= a:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo < 126:
+        below, above = a - np.float64(table[lo]), np.float64(table[lo + 1]) - a
+        if above < below or (above == below and (lo & 1)):
+            lo += 1
+    return np.uint16(lo | (0x80 if np.signbit(v) else 0))
+
+
+@numba.njit(cache=True)
+def gauss_rows(x, mean, dev, bits, thresholds, eight_bit, dev_table, ratio_table, codes, scale, mn):
+    """x (n, d) float32 with each group's mean and deviation (n, groups) float32 -> codes (n, d * bits / 8)
+    uint8 (quantize_rows's bit stream), each element's nearest Gaussian level (levels.py: the count of
+    thresholds below its z-score under the stored mean and deviation); scale / mn (n, groups) uint16: the
+    stored deviation and mean, float16 bits, or with eight_bit scales.py's (e, r) bytes. The same arithmetic
+    as IntQuant's PyTorch path, in float32. Returns 0, 1 (x not finite) or 2 (beyond the scales' range)."""
+    n, d = x.shape
+    groups = mean.shape[1]
+    gw = d // groups
+    nt = thresholds.shape[0]
+    for i in range(n):
+        for c in range(d):
+            if not np.isfinite(x[i, c]):
+                return 1
+    for i in range(n):
+        row = codes[i]
+        row[:] = 0
+        for g in range(groups):
+            mu, sd = mean[i, g], dev[i, g]
+            if eight_bit:
+                e = max(_log_code(sd, False), _log_code(abs(mu) / np.float32(E4M3_MAX), True))
+                if e > 255:
+                    return 2
+                k = int(min(max(e, np.float32(1.0)), np.float32(255.0))) if (sd > 0 or mu != 0) else 0
+                dd = dev_table[k]
+                ratio = mu / dd if dd > 0 else np.float32(0.0)
+                r = _e4m3(min(max(ratio, np.float32(-448.0)), np.float32(E4M3_MAX)), ratio_table)
+                scale[i, g], mn[i, g] = k, r
+                mf, sf = ratio_table[r] * dd, dd
+            else:
+                s, m = _f16(sd), _f16(mu)
+                if (m & 0x7C00) == 0x7C00 or (s & 0x7C00) == 0x7C00:
+                    return 2
+                scale[i, g], mn[i, g] = s, m
+                mf, sf = _float(m), _float(s)
+            safe = sf if sf > 0 else np.float32(1.0)
+            for c in range(gw):
+                z = (x[i, g * gw + c] - mf) / safe
+                k = 0
+                while k < nt and thresholds[k] < z:
+                    k += 1
+                bit = (g * gw + c) * bits
+                v = np.uint32(k) << (bit & 7)
+                row[bit >> 3] |= np.uint8(v & 0xFF)
+                if (bit & 7) + bits > 8:
+                    row[(bit >> 3) + 1] |= np.uint8(v >> 8)
+    return 0

@@ -29,12 +29,13 @@ import torch
 
 from ..errors import KvshrinkError
 from .base import Codec, Packed
-from .fastquant import dequantize_rows, quantize_rows
+from .fastquant import dequantize_rows, gauss_rows, quantize_rows
 from .fewrows import few_rows
 from .hadamard import rotation_on
 from .levels import GAUSS, GAUSS_BITS, KINDS, UNIFORM, levels, levels_on, thresholds_on
 from .packing import pack, unpack
-from .scales import pack as pack_scales, unpack as unpack_scales, unpack_numpy as unpack_scales_numpy
+from .scales import DEV_TABLE as SCALE_DEV, RATIO_TABLE as SCALE_RATIO, pack as pack_scales, unpack as unpack_scales, \
+    unpack_numpy as unpack_scales_numpy
 from .spin import turn
 
 AXES = ("channel", "token")
@@ -173,10 +174,10 @@ class IntQuant(Codec):
 
     def _fast(self, x: torch.Tensor) -> bool:
         """A few tokens coded per token on the CPU, no padding inside a group: the compiled path
-        (codecs/fastquant.py; the same codes, bit for bit)."""
+        (codecs/fastquant.py; the same codes, bit for bit, Gaussian ones from PyTorch's mean and deviation)."""
         d = x.shape[-1]
         g = self.group or d
-        return (self.uniform and self.axis == "token" and x.device.type == "cpu" and x.numel() <= FAST_ELEMENTS and d % g == 0
+        return (self.axis == "token" and x.device.type == "cpu" and x.numel() <= FAST_ELEMENTS and d % g == 0
                 and g * self.bits % 8 == 0)
 
     def _encode_compiled(self, x: torch.Tensor, block: int) -> Packed:
@@ -189,15 +190,26 @@ class IntQuant(Codec):
         codes = np.empty((rows.shape[0], d * self.bits // 8), dtype=np.uint8)
         step = np.empty((rows.shape[0], d // g), dtype=np.uint16)
         mn = np.empty_like(step)
-        err = quantize_rows(rows, self.bits, d // g, codes, step, mn)
+        if self.uniform:
+            err = quantize_rows(rows, self.bits, d // g, codes, step, mn)
+        else:  # the group's mean and deviation by PyTorch's reductions, as the PyTorch path takes them
+            xg = x.reshape(-1, d // g, g)
+            mean, dev = xg.mean(-1), xg.std(-1, unbiased=False)
+            err = gauss_rows(rows, mean.numpy(), dev.numpy(), self.bits, thresholds_on(self.levels, self.bits, _CPU).numpy(),
+                             self.scales == "8bit", SCALE_DEV, SCALE_RATIO, codes, step, mn)
         if err == 1:
             raise KvshrinkError("cannot quantize NaN or infinite key/value states")
+        if err == 2 and self.scales == "8bit":
+            raise KvshrinkError(f"key/value states exceed the range of 8-bit scales (a deviation above "
+                                f"{SCALE_DEV[255]:.0f}); use float16 scales")
         if err == 2:
             raise KvshrinkError("key/value states exceed the float16 range of the quantization scales")
         lead = (b, h, t // block, block, d // g)
-        tensors = {"codes": torch.from_numpy(codes).view(*lead, -1),
-                   "scale": torch.from_numpy(step).view(torch.float16).view(*lead, 1),
-                   "min": torch.from_numpy(mn).view(torch.float16).view(*lead, 1)}
+        if self.scales == "8bit":
+            step, mn = (torch.from_numpy(a.astype(np.uint8)) for a in (step, mn))
+        else:
+            step, mn = (torch.from_numpy(a).view(torch.float16) for a in (step, mn))
+        tensors = {"codes": torch.from_numpy(codes).view(*lead, -1), "scale": step.view(*lead, 1), "min": mn.view(*lead, 1)}
         return Packed(tensors, block, d, {"last": g})
 
     def _fast_decode(self, packed: Packed) -> bool:

@@ -58,8 +58,8 @@ def pack(mean: torch.Tensor, dev: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 _CODES = torch.arange(256, dtype=torch.uint8)
-_DEV = deviation(_CODES).numpy()  # what each byte stands for: table look-ups are 4x faster than the arithmetic
-_RATIO = np.nan_to_num(_CODES.view(torch.float8_e4m3fn).float().numpy())  # (two NaN bytes, never written)
+DEV_TABLE = deviation(_CODES).numpy()  # what each byte stands for: table look-ups are 4x faster than the arithmetic
+RATIO_TABLE = np.nan_to_num(_CODES.view(torch.float8_e4m3fn).float().numpy())  # (two NaN bytes, never written)
 
 
 def unpack(e: torch.Tensor, r: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +85,7 @@ def unpack_numpy(e: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean, deviation) float32 arrays from `pack`'s codes as numpy arrays: one compiled pass (a decode
     step reads every group's; numpy's two look-ups and a product took 3x as long)."""
     m, d = np.empty(e.shape, dtype=np.float32), np.empty(e.shape, dtype=np.float32)
-    _looked_up(np.ascontiguousarray(e).reshape(-1), np.ascontiguousarray(r).reshape(-1), _DEV, _RATIO,
+    _looked_up(np.ascontiguousarray(e).reshape(-1), np.ascontiguousarray(r).reshape(-1), DEV_TABLE, RATIO_TABLE,
                m.reshape(-1), d.reshape(-1))
     return m, d
 
@@ -93,4 +93,4 @@ def unpack_numpy(e: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @lru_cache(maxsize=16)
 def _tables_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The two tables held on `device` (a decode step on a GPU reads them there, no copy each step)."""
-    return torch.from_numpy(_DEV).to(device), torch.from_numpy(_RATIO).to(device)
+    return torch.from_numpy(DEV_TABLE).to(device), torch.from_numpy(RATIO_TABLE).to(device)

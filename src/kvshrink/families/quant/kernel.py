@@ -36,6 +36,7 @@ from ...codecs.fewrows import few_rows
 from ...codecs.hadamard import hadamard_block, rotation, signs
 from ...codecs.joint import JointKeys
 from ...codecs.quant import IntQuant
+from ...codecs.scales import unpack_numpy as unpack_scales
 from ...codecs.spin import angles
 from ...errors import KvshrinkError
 from ...kernels.backend import TRITON, triton_for
@@ -262,9 +263,9 @@ def _operands(codec: IntQuant, packed: Packed):
 
 def _params(codec: IntQuant, t: dict) -> tuple:
     """A body's (min, step) as float32 numpy arrays: float16 ones converted by the compiled loop (PyTorch's `to`
-    cost a decode step about 2%, for every layer's keys), 8-bit ones by the codec (codecs/scales.py)."""
+    cost a decode step about 2%, for every layer's keys), 8-bit ones by scales.unpack_numpy (no PyTorch round trip)."""
     if codec.scales == "8bit":
-        return tuple(x.numpy() for x in codec.params(t))
+        return unpack_scales(t["scale"].numpy(), t["min"].numpy())
     return tuple(halves(t[k].contiguous().numpy().view(np.uint8).reshape(-1, 2 * t[k].shape[-1])).reshape(t[k].shape)
                  for k in ("min", "scale"))
 
@@ -502,11 +503,10 @@ def _luts(key_codec: IntQuant, value_codec: IntQuant) -> tuple:
 
 
 def _affine(codec: IntQuant, mn: np.ndarray, sc: np.ndarray):
-    """min and step (float32 copies) with an affine table folded in."""
+    """min and step with an affine table folded in (new arrays then: the inputs may be a body's views)."""
     _, a, c = _table(codec)
     if a != 1.0 or c != 0.0:
-        mn += sc * np.float32(c)
-        sc *= np.float32(a)
+        return mn + sc * np.float32(c), sc * np.float32(a)
     return mn, sc
 
 
@@ -519,7 +519,7 @@ def _views(codec: IntQuant, p: Packed, h: int) -> tuple:
     if views is None:
         c = p.tensors["codes"].numpy().reshape(h, -1)
         if codec.scales == "8bit":  # decoded first (codecs/scales.py)
-            return (c, *(x.numpy().reshape(h, -1) for x in codec.params(p.tensors)))
+            return (c, *(x.reshape(h, -1) for x in unpack_scales(p.tensors["scale"].numpy(), p.tensors["min"].numpy())))
         views = p.__dict__["_views"] = (c, *(p.tensors[k].numpy().reshape(h, -1) for k in ("min", "scale")))
     return views
 
@@ -529,6 +529,8 @@ def _padded(codec: IntQuant, bodies: list, n_max: int):
     shared with other sequences, then its own) in arrays padded to n_max tokens."""
     h = next(p for parts in bodies for p in parts).tensors["codes"].shape[1]
     tg = codec.group if codec.axis == "channel" else 1
+    if len(bodies) == 1 and len(bodies[0]) == 1 and bodies[0][0].num_tokens == n_max:
+        return _alone(codec, bodies[0][0], h, tg)
     codes = mn = sc = None
     for b, parts in enumerate(bodies):  # numpy views: a torch op per part would cost more than the copy
         at_c = at_m = 0  # where the next part goes: code bytes, parameters
@@ -549,6 +551,19 @@ def _padded(codec: IntQuant, bodies: list, n_max: int):
     mn, sc = _affine(codec, mn, sc)
     return codes.reshape(len(bodies) * h, -1), mn.reshape(shape), sc.reshape(shape), tg, \
         1 if codec.axis == "channel" else params
+
+
+def _alone(codec: IntQuant, p: Packed, h: int, tg: int):
+    """_padded of one sequence's one body: its views as they are (a decode step's stage and window; the copy into
+    zeroed arrays, with its float16 parameters converted, cost `auto-6x` about 2% of a step at 8k); float16
+    parameters by the compiled loop."""
+    c, m, s = (np.ascontiguousarray(x) for x in _views(codec, p, h))  # the kernel's types: C-ordered arrays
+    if m.dtype == np.float16:
+        m, s = (halves(x.view(np.uint8)) for x in (m, s))
+    params = m.shape[1] * tg // p.num_tokens
+    shape = (1, h, p.num_tokens // tg, params)
+    mn, sc = _affine(codec, m.reshape(shape), s.reshape(shape))
+    return c, mn, sc, tg, 1 if codec.axis == "channel" else params
 
 
 def _joined(parts: list) -> Packed:
