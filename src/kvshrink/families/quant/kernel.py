@@ -36,7 +36,7 @@ from ...codecs.fewrows import few_rows
 from ...codecs.hadamard import hadamard_block, rotation, signs
 from ...codecs.joint import JointKeys
 from ...codecs.quant import IntQuant
-from ...codecs.scales import unpack_numpy as unpack_scales
+from ...codecs.scales import DEV_TABLE, RATIO_TABLE, unpack_numpy as unpack_scales
 from ...codecs.spin import angles
 from ...errors import KvshrinkError
 from ...kernels.backend import TRITON, triton_for
@@ -49,7 +49,7 @@ from ...kernels.tiles import (
     fold_values,
     form_axes,
     form_keys,
-    halves,
+    half_to_float,
     merge,
     partial_buffers,
     rotate_back,
@@ -108,13 +108,56 @@ def _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m
         fold_values(acc[r], accb[r], wt, lr, vsym, vstep, vmn, cnt, corr)
 
 
+F32, F16, SCALES8 = 0, 1, 2  # how a body's (min, step) are held: float32 (a batch's padded copy), float16, 8-bit
+_BYTES = np.array([4, 2, 1], dtype=np.int64)  # bytes a number in each
+
+
+@numba.njit(cache=True)
+def _width(p):
+    """Numbers a row of a side's parameters holds (p: _params's tuple for one head)."""
+    return p[0].shape[1] // _BYTES[p[2]]
+
+
+@numba.njit(cache=True)
+def _head(p, b, h):
+    """_params's tuple for all heads -> one (sequence, head)'s."""
+    return p[0][b, h], p[1][b, h], p[2], p[3], p[4]
+
+
 @numba.njit(cache=True, fastmath=FAST)
-def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb, vrot, cap,
-          klut, vlut, kcls, pm, pl, acc):
+def _tile_params(p, r0, rows, mn, sc):
+    """Rows r0 .. r0 + rows - 1 of one head's (min, step) as stored -> float32 mn, sc (rows, numbers): p = (min bytes,
+    step bytes, format, a, c) with the format F32, F16 or SCALES8 (codecs/scales.py: the step bytes are the
+    deviation's log codes, the min bytes the mean's ratio to it), then an affine level table folded in
+    (min + step * c, step * a: _table). Read a tile at a time, so a decode step converts nothing before the call."""
+    pmn, psc, fmt, a, c = p
+    k = rows * mn.shape[1]  # the rows are contiguous: one flat pass (a loop per row of one number was 7% slower)
+    bm, bs = pmn[r0:r0 + rows].reshape(-1), psc[r0:r0 + rows].reshape(-1)
+    om, os_ = mn.reshape(-1)[:k], sc.reshape(-1)[:k]
+    if fmt == F32:
+        om[:] = bm.view(np.float32)
+        os_[:] = bs.view(np.float32)
+    elif fmt == F16:
+        half_to_float(bm, k, om)
+        half_to_float(bs, k, os_)
+    else:
+        for i in range(k):
+            dv = DEV_TABLE[bs[i]]
+            os_[i] = dv
+            om[i] = RATIO_TABLE[bm[i]] * dv
+    if a != 1.0 or c != 0.0:
+        for i in range(k):
+            om[i] += os_[i] * c
+            os_[i] *= a
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, vbits, vb, vrot, cap, klut, vlut, kcls,
+          pm, pl, acc):
     """Tiles lo..hi-1 (vb tokens each, the last one short where n ends inside it) of one (sequence, head)'s
     coded tokens as one split: qb (R, d) the query rows in the keys' basis, qt (R, group, d) turned ones or
-    empty, vis (n,) the tokens' visibility, kc / vc (bytes,) the codes, kmn / kstep / vmn / vstep the
-    parameters per group; fills pm, pl (R,) and acc (R, d). kcls: for joint-basis keys (codecs/joint.py),
+    empty, vis (n,) the tokens' visibility, kc / vc (bytes,) the codes, kp / vp the parameters per group as
+    stored (_tile_params reads a tile's); fills pm, pl (R,) and acc (R, d). kcls: for joint-basis keys (codecs/joint.py),
     (first axis, axes, width) per width class, the axes after the last class holding their means; else empty."""
     nr, d = qb.shape
     krow = d * kbits // 8  # code bytes per token (supported(): whole bytes)
@@ -136,12 +179,17 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
     m = np.full(nr, -np.inf, dtype=np.float32)
     lsum = np.zeros(nr, dtype=np.float32)
     accb = np.zeros((nr, vgroups), dtype=np.float32)
+    krows = (vb + kb - 1) // kb  # a tile's key parameter rows
+    kmn, kstep = np.empty((krows, _width(kp)), dtype=np.float32), np.empty((krows, _width(kp)), dtype=np.float32)
+    vm, vs = np.empty((vb, _width(vp)), dtype=np.float32), np.empty((vb, _width(vp)), dtype=np.float32)
     for r in range(nr):
         for c in range(d):
             qsum[r, c // kw] += qb[r, c]
     for j in range(lo, hi):
         t0 = j * vb
         cnt = min(vb, n - t0)  # a body cut inside a block (per-token codes) ends in a short tile
+        _tile_params(kp, t0 // kb, (cnt + kb - 1) // kb, kmn, kstep)  # rows from 0: the tile's first block
+        _tile_params(vp, t0, cnt, vm, vs)
         if kcls.shape[0] == 0:
             unpack_codes(kc[t0 * krow:], cnt * d, kbits, ksym)
         unpack_codes(vc[t0 * vrow:], cnt * d, vbits, vsym)
@@ -151,7 +199,7 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
             to_levels(ksym, cnt * d, klut, kfl)
         if turned:  # each key group's keys formed once, not once per query row
             for kq in range((cnt + kb - 1) // kb):
-                blk = (t0 + kq * kb) // kb
+                blk = kq  # the tile's parameter rows start at its first block
                 nk, at = min(kb, cnt - kq * kb), kq * kb * d
                 if kcls.shape[0]:  # joint-basis keys: each width class unpacked and formed, then the means
                     off = (t0 + kq * kb) * krow
@@ -170,19 +218,18 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
                     form_keys(kstep[blk], kmn[blk], ksym[at:], nk, kfl[at:])
         if vlut.shape[0]:
             to_levels(vsym, cnt * d, vlut, vfl)
-        vs, vm = vstep[t0:t0 + cnt], vmn[t0:t0 + cnt]
         # one call per pair of buffer types (uint8 codes or float32 levels): numba compiles each
         if floats and vlut.shape[0]:
-            _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+            _rows(qb, qt, axes, kb, 0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
                   vfl, vs, vm)
         elif floats:
-            _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+            _rows(qb, qt, axes, kb, 0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
                   vsym, vs, vm)
         elif vlut.shape[0]:
-            _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+            _rows(qb, qt, axes, kb, 0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
                   vfl, vs, vm)
         else:
-            _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
+            _rows(qb, qt, axes, kb, 0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
                   vsym, vs, vm)
     for r in range(nr):
         pm[r] = m[r]
@@ -194,20 +241,19 @@ def _span(qb, qt, vis, lo, hi, n, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, v
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _coded_span(qb, vis, n, kc, kmn, kstep, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb, vrot, cap, vlut, pm, pl,
-                acc):
+def _coded_span(qb, vis, n, kc, kp, kgroups, kbits, vc, vp, vgroups, vbits, vb, vrot, cap, vlut, pm, pl, acc):
     """n tokens of per-token codes (a stage or a coded window) as one split: uniform key codes, no turn."""
     if n:
         zero, one = np.int64(0), np.int64(1)  # not literals: every _span call shares one compiled signature
-        _span(qb, np.empty((0, 0, 0), dtype=np.float32), vis, zero, (n + vb - 1) // vb, n, kc, kmn, kstep, one, kgroups,
-              kbits, vc, vmn, vstep, vgroups, vbits, vb, vrot, cap, np.empty(0, dtype=np.float32), vlut,
-              np.empty((0, 3), dtype=np.int64), pm, pl, acc)
+        _span(qb, np.empty((0, 0, 0), dtype=np.float32), vis, zero, (n + vb - 1) // vb, n, kc, kp, one, kgroups, kbits,
+              vc, vp, vgroups, vbits, vb, vrot, cap, np.empty(0, dtype=np.float32), vlut, np.empty((0, 3), dtype=np.int64),
+              pm, pl, acc)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
-def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgroups, kbits, vc, vmn, vstep, vgroups, vbits, vb,
-           splits, vrot, cap, klut, vlut, kcls, soff, sqb, nstage, skc, skmn, skstep, skgroups, skbits, svc, svmn, svstep,
-           woff, wqb, nwin, wkc, wkmn, wkstep, wkgroups, wkbits, wvc, wvmn, wvstep, wvgroups, wvbits, wrot, out):
+def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, vbits, vb, splits, vrot,
+           cap, klut, vlut, kcls, soff, sqb, nstage, skc, skp, skgroups, skbits, svc, svp, woff, wqb, nwin, wkc, wkp,
+           wkgroups, wkbits, wvc, wvp, wvgroups, wvbits, wrot, out):
     """Body splits 0..splits-1, the dense tokens (split `splits`), the stage (split `splits` + 1): a
     block still filling, per-token codes read in place (its keys by sqb, the query in their basis, its
     values in the body values' codec), at vis[b, soff:]; and a coded recent window (split `splits` + 2):
@@ -228,14 +274,13 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
                         pacc[b, h, sp])
             continue
         if sp == splits + 1:  # the stage, its values in the body values' codec
-            _coded_span(sqb[b, h], vis[b, soff:], nstage[b], skc[bh], skmn[b, h], skstep[b, h], skgroups, skbits,
-                        svc[bh], svmn[b, h], svstep[b, h], vgroups, vbits, vb, vrot, cap, vlut, pm[b, h, sp],
-                        pl[b, h, sp], pacc[b, h, sp])
+            _coded_span(sqb[b, h], vis[b, soff:], nstage[b], skc[bh], _head(skp, b, h), skgroups, skbits, svc[bh],
+                        _head(svp, b, h), vgroups, vbits, vb, vrot, cap, vlut, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
             continue
         if sp == splits + 2:  # the coded window, keys and values in its own codec
-            _coded_span(wqb[b, h], vis[b, woff:], nwin[b], wkc[bh], wkmn[b, h], wkstep[b, h], wkgroups, wkbits,
-                        wvc[bh], wvmn[b, h], wvstep[b, h], wvgroups, wvbits, vb, wrot, cap, no_levels, pm[b, h, sp],
-                        pl[b, h, sp], pacc[b, h, sp])
+            _coded_span(wqb[b, h], vis[b, woff:], nwin[b], wkc[bh], _head(wkp, b, h), wkgroups, wkbits, wvc[bh],
+                        _head(wvp, b, h), wvgroups, wvbits, vb, wrot, cap, no_levels, pm[b, h, sp], pl[b, h, sp],
+                        pacc[b, h, sp])
             continue
         n = nbody[b]  # this sequence's body tokens: its tiles and split edges ignore a batch's padding
         nvb = (n + vb - 1) // vb
@@ -244,30 +289,40 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kmn, kstep, kb, kgro
             continue
         lo = sp * nvb // used
         hi = (sp + 1) * nvb // used
-        _span(qb[b, h], qt[b, h], vis[b], lo, hi, n, kc[bh], kmn[b, h], kstep[b, h], kb, kgroups, kbits, vc[bh],
-              vmn[b, h], vstep[b, h], vgroups, vbits, vb, vrot, cap, klut, vlut, kcls, pm[b, h, sp], pl[b, h, sp],
-              pacc[b, h, sp])
+        _span(qb[b, h], qt[b, h], vis[b], lo, hi, n, kc[bh], _head(kp, b, h), kb, kgroups, kbits, vc[bh], _head(vp, b, h),
+              vgroups, vbits, vb, vrot, cap, klut, vlut, kcls, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
     merge(pm, pl, pacc, out)
 
 
 def _operands(codec: IntQuant, packed: Packed):
-    """(codes (B * H, bytes), min, scale (B, H, N // tg, params) float32, tg, channel groups) of a body."""
+    """(codes (B * H, bytes), parameters as stored (_params), tg, channel groups) of a body."""
     t = packed.tensors
     b, h = t["codes"].shape[:2]
-    n, d = packed.num_tokens, packed.head_dim
-    tg, groups = (codec.group, 1) if codec.axis == "channel" else (1, d // (codec.group or d))
-    mn, sc = (x.reshape(b, h, n // tg, -1) for x in _params(codec, t))
-    mn, sc = _affine(codec, mn, sc)
-    return t["codes"].reshape(b * h, -1).numpy(), mn, sc, tg, groups
+    tg, groups = _layout(codec, packed.head_dim)
+    return t["codes"].reshape(b * h, -1).numpy(), _params(codec, t, b, h, packed.num_tokens // tg), tg, groups
 
 
-def _params(codec: IntQuant, t: dict) -> tuple:
-    """A body's (min, step) as float32 numpy arrays: float16 ones converted by the compiled loop (PyTorch's `to`
-    cost a decode step about 2%, for every layer's keys), 8-bit ones by scales.unpack_numpy (no PyTorch round trip)."""
-    if codec.scales == "8bit":
-        return unpack_scales(t["scale"].numpy(), t["min"].numpy())
-    return tuple(halves(t[k].contiguous().numpy().view(np.uint8).reshape(-1, 2 * t[k].shape[-1])).reshape(t[k].shape)
-                 for k in ("min", "scale"))
+def _layout(codec: IntQuant, d: int) -> tuple:
+    """(tokens a parameter row covers, channel groups a token's codes hold)."""
+    return (codec.group, 1) if codec.axis == "channel" else (1, d // (codec.group or d))
+
+
+_FORMATS = {torch.float32: F32, torch.float16: F16, torch.uint8: SCALES8}
+
+
+def _params(codec: IntQuant, t: dict, b: int, h: int, rows: int) -> tuple:
+    """A body's (min, step) for the kernel to read in place (_tile_params): (their bytes (B, H, rows, -1) each, format,
+    a, c of an affine level table). Converting them to float32 before the call (float16 by the compiled loop, 8-bit
+    scales by their tables) cost `auto-6x` 3% of a decode step at 8k, for a copy the kernel reads once."""
+    fmt = _FORMATS[t["min"].dtype]
+    _, a, c = _table(codec)
+    mn, sc = (np.ascontiguousarray(t[k].numpy()).view(np.uint8).reshape(b, h, rows, -1) for k in ("min", "scale"))
+    return mn, sc, fmt, float(a), float(c)
+
+
+def _as_params(mn: np.ndarray, sc: np.ndarray) -> tuple:
+    """float32 (B, H, rows, numbers) parameters, an affine table already folded in, as _params's tuple."""
+    return mn.view(np.uint8), sc.view(np.uint8), F32, 1.0, 0.0
 
 
 def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
@@ -307,8 +362,8 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     splits = max(1, min(splits, -(-n // tile)))
     qb, qt = _key_queries(q, key_codec)
     vrot = rotation(d, value_codec.seed).numpy() if value_codec.rotate else _NO_ROTATION
-    kc, kmn, ksc, ktg, kgroups = _operands(key_codec, keys)
-    vc, vmn, vsc, _, vgroups = _operands(value_codec, values)
+    kc, kp, ktg, kgroups = _operands(key_codec, keys)
+    vc, vp, _, vgroups = _operands(value_codec, values)
     out = np.empty((b, h, r, d), dtype=np.float32)
     nbody = np.full(b, n, dtype=np.int64)
     ndense = np.full(b, dense_k.shape[2], dtype=np.int64)
@@ -316,8 +371,8 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     woff = n + (stage[0].num_tokens if stage is not None else 0)
     recent = _window_operands(q, _per_row(window, b), window[2] if window is not None else None)
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, as_u8(vis), nbody, dense_k.contiguous().numpy(),
-           dense_v.contiguous().numpy(), as_u8(dense_vis), ndense, kc, kmn, ksc, ktg, kgroups, key_codec.bits, vc, vmn,
-           vsc, vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), *_luts(key_codec, value_codec),
+           dense_v.contiguous().numpy(), as_u8(dense_vis), ndense, kc, kp, ktg, kgroups, key_codec.bits, vc, vp,
+           vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), *_luts(key_codec, value_codec),
            _classes(key_codec), n, *staged, woff, *recent, out)
     return torch.from_numpy(out)
 
@@ -332,25 +387,24 @@ def _per_row(stage, b: int) -> list:
 
 def _stage_operands(q: torch.Tensor, stages: list, codec: IntQuant | None, value_codec: IntQuant):
     """The kernel's stage arguments for B sequences' stages (each None or (keys, values) Packed of one row):
-    (sqb, nstage, skc, skmn, skstep, skgroups, skbits, svc, svmn, svstep), stages padded to the longest."""
+    (sqb, nstage, skc, skp, skgroups, skbits, svc, svp), stages padded to the longest (parameters: _params's tuples)."""
     b, h, _, d = q.shape
     ns = np.array([0 if s is None else s[0].num_tokens for s in stages], dtype=np.int64)
     if not ns.any():
         vgroups = d // (value_codec.group or d)
-        keys = (np.zeros((b * h, 0), np.uint8), np.zeros((b, h, 0, 1), np.float32), np.zeros((b, h, 0, 1), np.float32))
-        vals = (np.zeros((b * h, 0), np.uint8), np.zeros((b, h, 0, vgroups), np.float32),
-                np.zeros((b, h, 0, vgroups), np.float32))
+        none = (np.zeros((b, h, 0, 1), np.float32), np.zeros((b, h, 0, vgroups), np.float32))
+        keys, vals = ((np.zeros((b * h, 0), np.uint8), _as_params(x, x)) for x in none)
         return np.zeros(q.shape, dtype=np.float32), ns, *keys, 1, 8, *vals
     s_max = int(ns.max())
-    kc, kmn, ksc, _, kgroups = _padded(codec, [[s[0]] if s is not None else [] for s in stages], s_max)
-    vc, vmn, vsc, _, _ = _padded(value_codec, [[s[1]] if s is not None else [] for s in stages], s_max)
+    kc, kp, _, kgroups = _padded(codec, [[s[0]] if s is not None else [] for s in stages], s_max)
+    vc, vp, _, _ = _padded(value_codec, [[s[1]] if s is not None else [] for s in stages], s_max)
     sqb = _key_queries(q, codec)[0].contiguous().numpy()
-    return sqb, ns, kc, kmn, ksc, kgroups, codec.bits, vc, vmn, vsc
+    return sqb, ns, kc, kp, kgroups, codec.bits, vc, vp
 
 
 def _window_operands(q: torch.Tensor, windows: list, codec: IntQuant | None):
     """The kernel's window arguments for B sequences' coded windows (each None or (keys, values) Packed of one row,
-    both in `codec`): (wqb, nwin, wkc, wkmn, wkstep, wkgroups, wkbits, wvc, wvmn, wvstep, wvgroups, wvbits, wrot),
+    both in `codec`): (wqb, nwin, wkc, wkp, wkgroups, wkbits, wvc, wvp, wvgroups, wvbits, wrot),
     windows padded to the longest. A window is a stage whose values are in its own codec (stage_supported)."""
     d = q.shape[-1]
     codec = codec or _NO_WINDOW  # no window: empty operands of a placeholder codec
@@ -503,7 +557,7 @@ def _luts(key_codec: IntQuant, value_codec: IntQuant) -> tuple:
 
 
 def _affine(codec: IntQuant, mn: np.ndarray, sc: np.ndarray):
-    """min and step with an affine table folded in (new arrays then: the inputs may be a body's views)."""
+    """min and step (a batch's float32 copies) with an affine table folded in."""
     _, a, c = _table(codec)
     if a != 1.0 or c != 0.0:
         return mn + sc * np.float32(c), sc * np.float32(a)
@@ -526,7 +580,7 @@ def _views(codec: IntQuant, p: Packed, h: int) -> tuple:
 
 def _padded(codec: IntQuant, bodies: list, n_max: int):
     """_operands of many sequences' bodies (one sequence each, a list of parts laid end to end: blocks
-    shared with other sequences, then its own) in arrays padded to n_max tokens."""
+    shared with other sequences, then its own) in arrays padded to n_max tokens, float32 parameters."""
     h = next(p for parts in bodies for p in parts).tensors["codes"].shape[1]
     tg = codec.group if codec.axis == "channel" else 1
     if len(bodies) == 1 and len(bodies[0]) == 1 and bodies[0][0].num_tokens == n_max:
@@ -548,22 +602,15 @@ def _padded(codec: IntQuant, bodies: list, n_max: int):
             at_c += c.shape[1]
             at_m += m.shape[1]
     shape = (len(bodies), h, n_max // tg, params)
-    mn, sc = _affine(codec, mn, sc)
-    return codes.reshape(len(bodies) * h, -1), mn.reshape(shape), sc.reshape(shape), tg, \
-        1 if codec.axis == "channel" else params
+    mn, sc = _affine(codec, mn.reshape(shape), sc.reshape(shape))
+    return codes.reshape(len(bodies) * h, -1), _as_params(mn, sc), tg, 1 if codec.axis == "channel" else params
 
 
 def _alone(codec: IntQuant, p: Packed, h: int, tg: int):
-    """_padded of one sequence's one body: its views as they are (a decode step's stage and window; the copy into
-    zeroed arrays, with its float16 parameters converted, cost `auto-6x` about 2% of a step at 8k); float16
-    parameters by the compiled loop."""
-    c, m, s = (np.ascontiguousarray(x) for x in _views(codec, p, h))  # the kernel's types: C-ordered arrays
-    if m.dtype == np.float16:
-        m, s = (halves(x.view(np.uint8)) for x in (m, s))
-    params = m.shape[1] * tg // p.num_tokens
-    shape = (1, h, p.num_tokens // tg, params)
-    mn, sc = _affine(codec, m.reshape(shape), s.reshape(shape))
-    return c, mn, sc, tg, 1 if codec.axis == "channel" else params
+    """_padded of one sequence's one body: its tensors as they are (a decode step's stage and window; the copy into
+    zeroed arrays, with its float16 parameters converted, cost `auto-6x` about 2% of a step at 8k)."""
+    codes = np.ascontiguousarray(p.tensors["codes"].numpy()).reshape(h, -1)
+    return codes, _params(codec, p.tensors, 1, h, p.num_tokens // tg), tg, _layout(codec, p.head_dim)[1]
 
 
 def _joined(parts: list) -> Packed:
@@ -593,14 +640,14 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     nw = recent[1]
     vis = np.concatenate([np.arange(n_max)[None, :] < n[:, None], np.arange(int(ns.max()))[None, :] < ns[:, None],
                           np.arange(int(nw.max()))[None, :] < nw[:, None]], axis=1)
-    kc, kmn, ksc, ktg, kgroups = _padded(one.key_codec, [x.key_parts for x in bodies], n_max)
-    vc, vmn, vsc, _, vgroups = _padded(one.value_codec, [x.value_parts for x in bodies], n_max)
+    kc, kp, ktg, kgroups = _padded(one.key_codec, [x.key_parts for x in bodies], n_max)
+    vc, vp, _, vgroups = _padded(one.value_codec, [x.value_parts for x in bodies], n_max)
     qb, qt = _key_queries(q, one.key_codec)
     vrot = rotation(d, one.value_codec.seed).numpy() if one.value_codec.rotate else _NO_ROTATION
     out = np.empty((b, h, r, d), dtype=np.float32)
     dense_vis = np.ones((b, 1, dense_k.shape[2]), dtype=np.uint8)
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, vis.view(np.uint8), n, dense_k, dense_v,
-           dense_vis, dense_n, kc, kmn, ksc, ktg, kgroups, one.key_codec.bits, vc, vmn, vsc, vgroups,
+           dense_vis, dense_n, kc, kp, ktg, kgroups, one.key_codec.bits, vc, vp, vgroups,
            one.value_codec.bits, one.block, splits, vrot, np.float32(cap), *_luts(one.key_codec, one.value_codec),
            _classes(one.key_codec), n_max, *staged, n_max + int(ns.max()), *recent, out)
     return torch.from_numpy(out)
