@@ -36,7 +36,8 @@ from ...codecs.fewrows import few_rows
 from ...codecs.hadamard import hadamard_block, rotation, signs
 from ...codecs.joint import JointKeys
 from ...codecs.quant import IntQuant
-from ...codecs.scales import DEV_TABLE, RATIO_TABLE, unpack_numpy as unpack_scales
+from ...codecs.scales import DEV_TABLE, RATIO_TABLE
+from ...codecs.scales import unpack_numpy as unpack_scales
 from ...codecs.spin import angles
 from ...errors import KvshrinkError
 from ...kernels.backend import TRITON, triton_for
