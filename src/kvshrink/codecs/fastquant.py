@@ -80,6 +80,25 @@ def _up(h):
 
 
 @numba.njit(cache=True)
+def _finite(x):
+    for i in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            if not np.isfinite(x[i, c]):
+                return False
+    return True
+
+
+@numba.njit(cache=True)
+def _put(row, j, bits, k):
+    """Code k at position j of a row's little-endian bit stream (packing.pack's layout; the row starts zeroed)."""
+    bit = j * bits
+    v = np.uint32(k) << (bit & 7)
+    row[bit >> 3] |= np.uint8(v & 0xFF)
+    if (bit & 7) + bits > 8:
+        row[(bit >> 3) + 1] |= np.uint8(v >> 8)
+
+
+@numba.njit(cache=True)
 def quantize_rows(x, bits, groups, codes, step, mn):
     """x (n, d) float32 -> codes (n, d * bits / 8) uint8 (little-endian bit stream, as packing.pack
     writes it), step / mn (n, groups) float16 bits as uint16. Returns 0, 1 (x not finite) or 2 (a
@@ -87,10 +106,8 @@ def quantize_rows(x, bits, groups, codes, step, mn):
     n, d = x.shape
     gw = d // groups
     qmax = np.float32((1 << bits) - 1)
-    for i in range(n):
-        for c in range(d):
-            if not np.isfinite(x[i, c]):
-                return 1
+    if not _finite(x):
+        return 1
     for i in range(n):
         row = codes[i]
         row[:] = 0
@@ -115,11 +132,7 @@ def quantize_rows(x, bits, groups, codes, step, mn):
             for c in range(gw):
                 k = np.rint((xs[c] - mf) / safe)
                 k = min(max(k, np.float32(0.0)), qmax)
-                bit = (g * gw + c) * bits
-                v = np.uint32(k) << (bit & 7)
-                row[bit >> 3] |= np.uint8(v & 0xFF)
-                if (bit & 7) + bits > 8:
-                    row[(bit >> 3) + 1] |= np.uint8(v >> 8)
+                _put(row, g * gw + c, bits, k)
     return 0
 
 
@@ -181,13 +194,10 @@ def gauss_rows(x, mean, dev, bits, thresholds, eight_bit, dev_table, ratio_table
     groups = mean.shape[1]
     gw = d // groups
     nt = thresholds.shape[0]
+    if not _finite(x):
+        return 1
+    codes[:] = 0
     for i in range(n):
-        for c in range(d):
-            if not np.isfinite(x[i, c]):
-                return 1
-    for i in range(n):
-        row = codes[i]
-        row[:] = 0
         for g in range(groups):
             mu, sd = mean[i, g], dev[i, g]
             if eight_bit:
@@ -212,9 +222,5 @@ def gauss_rows(x, mean, dev, bits, thresholds, eight_bit, dev_table, ratio_table
                 k = 0
                 while k < nt and thresholds[k] < z:
                     k += 1
-                bit = (g * gw + c) * bits
-                v = np.uint32(k) << (bit & 7)
-                row[bit >> 3] |= np.uint8(v & 0xFF)
-                if (bit & 7) + bits > 8:
-                    row[(bit >> 3) + 1] |= np.uint8(v >> 8)
+                _put(codes[i], g * gw + c, bits, k)
     return 0
