@@ -19,7 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .scales import E4M3_MAX, LOW, STEPS
+from .scales import DEV_TABLE, E4M3_MAX, LOW, RATIO_TABLE, STEPS
 
 
 @numba.njit(cache=True)
@@ -165,9 +165,10 @@ def _log_code(x, up):
 
 
 @numba.njit(cache=True)
-def _e4m3(v, table):
-    """float32 v (|v| <= E4M3_MAX) -> its float8 e4m3 byte, rounded to nearest, ties to even. table: the 127
-    non-negative finite values by code (ascending, as e4m3's codes are)."""
+def _e4m3(v):
+    """float32 v (|v| <= E4M3_MAX) -> its float8 e4m3 byte, rounded to nearest, ties to even: a search of the 127
+    non-negative finite values, by code (ascending, as e4m3's codes are)."""
+    table = RATIO_TABLE
     a = np.float64(abs(v))
     lo, hi = 0, 126
     while lo < hi:  # the largest code whose value is <= a
@@ -184,7 +185,7 @@ def _e4m3(v, table):
 
 
 @numba.njit(cache=True)
-def gauss_rows(x, mean, dev, bits, thresholds, eight_bit, dev_table, ratio_table, codes, scale, mn):
+def gauss_rows(x, mean, dev, bits, thresholds, eight_bit, codes, scale, mn):
     """x (n, d) float32 with each group's mean and deviation (n, groups) float32 -> codes (n, d * bits / 8)
     uint8 (quantize_rows's bit stream), each element's nearest Gaussian level (levels.py: the count of
     thresholds below its z-score under the stored mean and deviation); scale / mn (n, groups) uint16: the
@@ -205,11 +206,11 @@ def gauss_rows(x, mean, dev, bits, thresholds, eight_bit, dev_table, ratio_table
                 if e > 255:
                     return 2
                 k = int(min(max(e, np.float32(1.0)), np.float32(255.0))) if (sd > 0 or mu != 0) else 0
-                dd = dev_table[k]
+                dd = DEV_TABLE[k]
                 ratio = mu / dd if dd > 0 else np.float32(0.0)
-                r = _e4m3(min(max(ratio, np.float32(-448.0)), np.float32(E4M3_MAX)), ratio_table)
+                r = _e4m3(min(max(ratio, -np.float32(E4M3_MAX)), np.float32(E4M3_MAX)))
                 scale[i, g], mn[i, g] = k, r
-                mf, sf = ratio_table[r] * dd, dd
+                mf, sf = RATIO_TABLE[r] * dd, dd
             else:
                 s, m = _f16(sd), _f16(mu)
                 if (m & 0x7C00) == 0x7C00 or (s & 0x7C00) == 0x7C00:

@@ -34,8 +34,10 @@ from .fewrows import few_rows
 from .hadamard import rotation_on
 from .levels import GAUSS, GAUSS_BITS, KINDS, UNIFORM, levels, levels_on, thresholds_on
 from .packing import pack, unpack
-from .scales import DEV_TABLE as SCALE_DEV, RATIO_TABLE as SCALE_RATIO, pack as pack_scales, unpack as unpack_scales, \
-    unpack_numpy as unpack_scales_numpy
+from .scales import OUT_OF_RANGE
+from .scales import pack as pack_scales
+from .scales import unpack as unpack_scales
+from .scales import unpack_numpy as unpack_scales_numpy
 from .spin import turn
 
 AXES = ("channel", "token")
@@ -196,12 +198,11 @@ class IntQuant(Codec):
             xg = x.reshape(-1, d // g, g)
             mean, dev = xg.mean(-1), xg.std(-1, unbiased=False)
             err = gauss_rows(rows, mean.numpy(), dev.numpy(), self.bits, thresholds_on(self.levels, self.bits, _CPU).numpy(),
-                             self.scales == "8bit", SCALE_DEV, SCALE_RATIO, codes, step, mn)
+                             self.scales == "8bit", codes, step, mn)
         if err == 1:
             raise KvshrinkError("cannot quantize NaN or infinite key/value states")
         if err == 2 and self.scales == "8bit":
-            raise KvshrinkError(f"key/value states exceed the range of 8-bit scales (a deviation above "
-                                f"{SCALE_DEV[255]:.0f}); use float16 scales")
+            raise KvshrinkError(OUT_OF_RANGE)
         if err == 2:
             raise KvshrinkError("key/value states exceed the float16 range of the quantization scales")
         lead = (b, h, t // block, block, d // g)

@@ -27,6 +27,8 @@ from ..errors import KvshrinkError
 STEPS = 10  # log2 steps per octave
 LOW = -16.0  # log2 of the smallest deviation (code 1 is one step above)
 E4M3_MAX = 448.0
+OUT_OF_RANGE = (f"key/value states exceed the range of 8-bit scales (a deviation above {2 ** (255 / STEPS + LOW):.0f}); "
+                "use float16 scales")
 
 
 def _log_code(x: torch.Tensor, up: bool) -> torch.Tensor:
@@ -47,8 +49,7 @@ def pack(mean: torch.Tensor, dev: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         raise KvshrinkError("cannot quantize NaN or infinite key/value states")
     e = torch.maximum(_log_code(dev, up=False), _log_code(mean.abs() / E4M3_MAX, up=True))
     if bool((e > 255).any()):
-        raise KvshrinkError(f"key/value states exceed the range of 8-bit scales (a deviation above "
-                            f"{2 ** (255 / STEPS + LOW):.0f}); use float16 scales")
+        raise KvshrinkError(OUT_OF_RANGE)
     live = (dev > 0) | (mean != 0)
     e = torch.where(live, e.clamp(1, 255), torch.zeros_like(e)).to(torch.uint8)
     d = deviation(e)

@@ -299,13 +299,9 @@ def _operands(codec: IntQuant, packed: Packed):
     """(codes (B * H, bytes), parameters as stored (_params), tg, channel groups) of a body."""
     t = packed.tensors
     b, h = t["codes"].shape[:2]
-    tg, groups = _layout(codec, packed.head_dim)
+    d = packed.head_dim
+    tg, groups = (codec.group, 1) if codec.axis == "channel" else (1, d // (codec.group or d))
     return t["codes"].reshape(b * h, -1).numpy(), _params(codec, t, b, h, packed.num_tokens // tg), tg, groups
-
-
-def _layout(codec: IntQuant, d: int) -> tuple:
-    """(tokens a parameter row covers, channel groups a token's codes hold)."""
-    return (codec.group, 1) if codec.axis == "channel" else (1, d // (codec.group or d))
 
 
 _FORMATS = {torch.float32: F32, torch.float16: F16, torch.uint8: SCALES8}
@@ -321,9 +317,10 @@ def _params(codec: IntQuant, t: dict, b: int, h: int, rows: int) -> tuple:
     return mn, sc, fmt, float(a), float(c)
 
 
-def _as_params(mn: np.ndarray, sc: np.ndarray) -> tuple:
-    """float32 (B, H, rows, numbers) parameters, an affine table already folded in, as _params's tuple."""
-    return mn.view(np.uint8), sc.view(np.uint8), F32, 1.0, 0.0
+def _as_params(mn: np.ndarray, sc: np.ndarray, codec: IntQuant | None = None) -> tuple:
+    """float32 (B, H, rows, numbers) parameters of `codec` (None: no level table) as _params's tuple."""
+    _, a, c = _table(codec) if codec is not None else (None, 1.0, 0.0)
+    return mn.view(np.uint8), sc.view(np.uint8), F32, float(a), float(c)
 
 
 def supported(key_codec, value_codec, head_dim: int | None = None) -> bool:
@@ -557,14 +554,6 @@ def _luts(key_codec: IntQuant, value_codec: IntQuant) -> tuple:
     return _table(key_codec)[0], _table(value_codec)[0]
 
 
-def _affine(codec: IntQuant, mn: np.ndarray, sc: np.ndarray):
-    """min and step (a batch's float32 copies) with an affine table folded in."""
-    _, a, c = _table(codec)
-    if a != 1.0 or c != 0.0:
-        return mn + sc * np.float32(c), sc * np.float32(a)
-    return mn, sc
-
-
 def _views(codec: IntQuant, p: Packed, h: int) -> tuple:
     """(codes, min, scale) of one body as (h, -1) numpy arrays. Views of its tensors, kept on the body
     (never written, so they stay right; no bytes of their own): a server's step reads every body,
@@ -585,7 +574,7 @@ def _padded(codec: IntQuant, bodies: list, n_max: int):
     h = next(p for parts in bodies for p in parts).tensors["codes"].shape[1]
     tg = codec.group if codec.axis == "channel" else 1
     if len(bodies) == 1 and len(bodies[0]) == 1 and bodies[0][0].num_tokens == n_max:
-        return _alone(codec, bodies[0][0], h, tg)
+        return _operands(codec, bodies[0][0])  # one sequence's one body (a decode step's stage, window): as held
     codes = mn = sc = None
     for b, parts in enumerate(bodies):  # numpy views: a torch op per part would cost more than the copy
         at_c = at_m = 0  # where the next part goes: code bytes, parameters
@@ -603,15 +592,8 @@ def _padded(codec: IntQuant, bodies: list, n_max: int):
             at_c += c.shape[1]
             at_m += m.shape[1]
     shape = (len(bodies), h, n_max // tg, params)
-    mn, sc = _affine(codec, mn.reshape(shape), sc.reshape(shape))
-    return codes.reshape(len(bodies) * h, -1), _as_params(mn, sc), tg, 1 if codec.axis == "channel" else params
-
-
-def _alone(codec: IntQuant, p: Packed, h: int, tg: int):
-    """_padded of one sequence's one body: its tensors as they are (a decode step's stage and window; the copy into
-    zeroed arrays, with its float16 parameters converted, cost `auto-6x` about 2% of a step at 8k)."""
-    codes = np.ascontiguousarray(p.tensors["codes"].numpy()).reshape(h, -1)
-    return codes, _params(codec, p.tensors, 1, h, p.num_tokens // tg), tg, _layout(codec, p.head_dim)[1]
+    return codes.reshape(len(bodies) * h, -1), _as_params(mn.reshape(shape), sc.reshape(shape), codec), tg, \
+        1 if codec.axis == "channel" else params
 
 
 def _joined(parts: list) -> Packed:
