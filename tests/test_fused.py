@@ -4,6 +4,7 @@ import copy
 import dataclasses
 from concurrent.futures import Future
 
+import numba
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from kvshrink.codecs.quant import IntQuant
 from kvshrink.errors import KvshrinkError
 from kvshrink.eval.speed import roofline, weight_bytes
 from kvshrink.families.kvcomp.cache import KVCompCache
+from kvshrink.kernels.tiles import split_item, workers
 
 
 def _ids(n, batch=1, seed=0):
@@ -128,6 +130,38 @@ def test_many_sequences_in_one_call_get_what_each_gets_alone(bits, rotate, key_a
         assert torch.equal(many_parts[i:i + 1], alone)
         assert torch.equal(in_parts[i].attend(None, q[i:i + 1], None, 0.25, cap)[0], alone)  # joined per call
     assert states[0].batch_key(2, None) is None  # more than one token per sequence: each alone
+
+
+@settings(max_examples=60, deadline=None)
+@given(nb=st.integers(1, 4), nh=st.integers(1, 5), splits=st.integers(1, 8), light=st.integers(1, 3),
+       nw=st.integers(1, 16))
+def test_work_items_cover_every_part_once_and_share_the_body_evenly(nb, nh, splits, light, nw):
+    """The kernels' schedule (kernels/tiles.py): items 0..n-1 are every (sequence, head, part) once, and workers
+    taking every nw-th item get body ranges that differ in count by at most one (numba's own contiguous runs gave
+    one of 2 threads 8 of a 3-head call's 12)."""
+    parts = splits + light
+    items = nb * nh * parts
+    got = [split_item(i, nb, nh, splits, parts) for i in range(items)]
+    assert sorted(got) == [(b, h, p) for b in range(nb) for h in range(nh) for p in range(parts)]
+    body = [sum(1 for i in range(w, items, nw) if got[i][2] < splits) for w in range(nw)]
+    assert max(body) - min(body) <= 1
+    assert 1 <= workers(items) <= items
+
+
+def test_the_kernel_gives_the_same_bits_on_any_number_of_threads():
+    """Each part is computed alone and merged in a fixed order, so how the parts are shared out changes nothing."""
+    kc, vc = IntQuant(3, "channel", 16, rotate=True, seed=1), IntQuant(3, "token", rotate=True, seed=2)
+    _, states, q = _states(kc, vc, 300, 1, 16, 3, coded=True)
+    threads = numba.get_num_threads()
+    try:
+        outs = []
+        for n in sorted({1, threads}):
+            numba.set_num_threads(n)
+            outs.append(states.attend(None, q, None, 0.25)[0])
+    finally:
+        numba.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs)
+    assert workers(3 * 7) == min(threads, 21)
 
 
 def _in_parts(body, cuts):

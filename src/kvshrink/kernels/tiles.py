@@ -264,6 +264,28 @@ def partial_buffers(nb_, nh, parts, nr, d):
     return pm, pl, pacc
 
 
+def workers(items: int) -> int:
+    """How many workers a kernel's `prange` runs for `items` work items: one per numba thread. numba hands a
+    prange's iterations to its threads in equal contiguous runs, so a kernel that looped over (sequence, head, part)
+    gave one of 2 threads two heads' body splits and the other one (the dense, stage and window parts are nearly
+    free). Each worker instead takes items w, w + workers, ... of `split_item`'s order. Counted here, not in the
+    kernel: numba cannot cache a function that asks for its thread count."""
+    return max(1, min(numba.get_num_threads(), items))
+
+
+@numba.njit(cache=True)
+def split_item(i, nb_, nh, splits, parts):
+    """Work item i of a call over (sequence, head, part), `parts` partials per head of which the first `splits` are
+    the body's ranges, as (sequence, head, part): every body range first (they hold the tiles), then the light
+    parts (dense tokens, stage, window), so that workers taking every `workers()`-th item share the tiles evenly."""
+    heavy = nb_ * nh * splits
+    if i < heavy:
+        return i // (nh * splits), (i // splits) % nh, i % splits
+    i -= heavy
+    extra = parts - splits
+    return i // (nh * extra), (i // extra) % nh, splits + i % extra
+
+
 @numba.njit(cache=True, fastmath=FAST)
 def dense_split(q, keys, values, vis, cap, pm, pl, pacc):
     """The dense tokens of one (sequence, head) as one more split: q (R, d) its query rows, keys /

@@ -26,7 +26,18 @@ import torch
 
 from ...codecs.huffman import MAX_LEN, MULTI, decode_into
 from ...kernels.backend import TRITON, triton_for
-from ...kernels.tiles import FAST, as_u8, channel_logits, dense_split, fold_values, merge, partial_buffers, weights
+from ...kernels.tiles import (
+    FAST,
+    as_u8,
+    channel_logits,
+    dense_split,
+    fold_values,
+    merge,
+    partial_buffers,
+    split_item,
+    weights,
+    workers,
+)
 from .codec import BodyView
 
 if TRITON:
@@ -35,56 +46,56 @@ if TRITON:
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, vis, dk, dv, dvis, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep, kb,
-           vs, vst, vtab, vls, vll, vln, vfix, vmn, vstep, vb, splits, cap, out):
+           vs, vst, vtab, vls, vll, vln, vfix, vmn, vstep, vb, splits, cap, nw, out):
     nb_, nh, nr, d = q.shape
     nvb = vst.shape[2]
     per = vb // kb
     pm, pl, pacc = partial_buffers(nb_, nh, splits + 1, nr, d)
-    for u in numba.prange(nb_ * nh * (splits + 1)):
-        b = u // (nh * (splits + 1))
-        h = (u // (splits + 1)) % nh
-        sp = u % (splits + 1)
-        if sp == splits:  # the dense tokens (sink, recent, this call's): one more split
-            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], cap, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
-            continue
-        lo = sp * nvb // splits
-        hi = (sp + 1) * nvb // splits
-        ksym = np.empty(vb * d + MULTI, dtype=np.uint8)  # decoders write up to MULTI past the end
-        vsym = np.empty(vb * d + MULTI, dtype=np.uint8)
-        lg = np.empty((nr, vb), dtype=np.float32)
-        kk = np.empty(vb, dtype=np.int32)
-        wt = np.empty(vb, dtype=np.float32)
-        qs = np.empty(d, dtype=np.float32)
-        m = np.full(nr, -np.inf, dtype=np.float32)
-        lsum = np.zeros(nr, dtype=np.float32)
-        acc = pacc[b, h, sp]
-        accb = np.zeros((nr, 1), dtype=np.float32)
-        for j in range(lo, hi):
-            for kq in range(per):
-                blk = j * per + kq
-                t = ktab[blk]
-                decode_into(ks, kst[b, h, blk], kb * d, kls[t], kll[t], kln[t], MAX_LEN, kfix[t], ksym[kq * kb * d:])
-            t = vtab[j]
-            decode_into(vs, vst[b, h, j], vb * d, vls[t], vll[t], vln[t], MAX_LEN, vfix[t], vsym)
-            vt = vis[b, j * vb:(j + 1) * vb]
-            for r in range(nr):
-                q1 = q[b, h, r]
-                lr = lg[r]
+    items = nb_ * nh * (splits + 1)
+    for w in numba.prange(nw):
+        for i in range(w, items, nw):  # tiles.split_item's order: the body's ranges first, shared evenly
+            b, h, sp = split_item(i, nb_, nh, splits, splits + 1)
+            if sp == splits:  # the dense tokens (sink, recent, this call's): one more split
+                dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], cap, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+                continue
+            lo = sp * nvb // splits
+            hi = (sp + 1) * nvb // splits
+            ksym = np.empty(vb * d + MULTI, dtype=np.uint8)  # decoders write up to MULTI past the end
+            vsym = np.empty(vb * d + MULTI, dtype=np.uint8)
+            lg = np.empty((nr, vb), dtype=np.float32)
+            kk = np.empty(vb, dtype=np.int32)
+            wt = np.empty(vb, dtype=np.float32)
+            qs = np.empty(d, dtype=np.float32)
+            m = np.full(nr, -np.inf, dtype=np.float32)
+            lsum = np.zeros(nr, dtype=np.float32)
+            acc = pacc[b, h, sp]
+            accb = np.zeros((nr, 1), dtype=np.float32)
+            for j in range(lo, hi):
                 for kq in range(per):
                     blk = j * per + kq
-                    channel_logits(q1, kstep[b, h, blk], kmn[b, h, blk], ksym[kq * kb * d:], kb, qs, lr[kq * kb:])
-                mx, corr, t = weights(lr, vt, vb, m[r], kk, cap)
-                if mx == -np.inf:
-                    continue
-                m[r] = mx
-                lsum[r] = lsum[r] * corr + t
-                fold_values(acc[r], accb[r], wt, lr, vsym, vstep[b, h, j * vb:(j + 1) * vb],
-                            vmn[b, h, j * vb:(j + 1) * vb], vb, corr)
-        for r in range(nr):
-            pm[b, h, sp, r] = m[r]
-            pl[b, h, sp, r] = lsum[r]
-            for c in range(d):
-                acc[r, c] += accb[r, 0]
+                    t = ktab[blk]
+                    decode_into(ks, kst[b, h, blk], kb * d, kls[t], kll[t], kln[t], MAX_LEN, kfix[t], ksym[kq * kb * d:])
+                t = vtab[j]
+                decode_into(vs, vst[b, h, j], vb * d, vls[t], vll[t], vln[t], MAX_LEN, vfix[t], vsym)
+                vt = vis[b, j * vb:(j + 1) * vb]
+                for r in range(nr):
+                    q1 = q[b, h, r]
+                    lr = lg[r]
+                    for kq in range(per):
+                        blk = j * per + kq
+                        channel_logits(q1, kstep[b, h, blk], kmn[b, h, blk], ksym[kq * kb * d:], kb, qs, lr[kq * kb:])
+                    mx, corr, t = weights(lr, vt, vb, m[r], kk, cap)
+                    if mx == -np.inf:
+                        continue
+                    m[r] = mx
+                    lsum[r] = lsum[r] * corr + t
+                    fold_values(acc[r], accb[r], wt, lr, vsym, vstep[b, h, j * vb:(j + 1) * vb],
+                                vmn[b, h, j * vb:(j + 1) * vb], vb, corr)
+            for r in range(nr):
+                pm[b, h, sp, r] = m[r]
+                pl[b, h, sp, r] = lsum[r]
+                for c in range(d):
+                    acc[r, c] += accb[r, 0]
     merge(pm, pl, pacc, out)
 
 
@@ -105,7 +116,8 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
            values.stream.numpy(), values.starts.numpy(), values.table_of.numpy(), values.lut_sym.numpy(),
            values.lut_len.numpy(), values.lut_n.numpy(), values.fixed.numpy(),
            values.mn.reshape(b, h, -1, 1).float().contiguous().numpy(),
-           values.step.reshape(b, h, -1, 1).float().contiguous().numpy(), values.block, splits, np.float32(cap), out)
+           values.step.reshape(b, h, -1, 1).float().contiguous().numpy(), values.block, splits, np.float32(cap),
+           workers(b * h * (splits + 1)), out)
     return torch.from_numpy(out)
 
 

@@ -43,8 +43,10 @@ from ...kernels.tiles import (
     halves,
     merge,
     partial_buffers,
+    split_item,
     unpack_codes,
     weights,
+    workers,
 )
 
 if TRITON:
@@ -167,27 +169,27 @@ def _body_tiles(q, vis, t, kc, vc, kmn, kstep, vmn, vstep, kd, vd, kbits, vbits,
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, vis, offs, sinks_k, sinks_v, mids_k, mids_v, wins_k, wins_v, new, kcs, vcs, kmns, ksteps, vmns, vsteps,
-           kbits, vbits, kb, tile, n, splits, cap, out):
+           kbits, vbits, kb, tile, n, splits, cap, nw, out):
     nb_, nh, nr, d = q.shape
     t = vis.shape[1]
     new_k, new_v = new
     ntiles = (n + tile - 1) // tile
     pm, pl, pacc = partial_buffers(nb_, nh, splits + 1, nr, d)
-    for u in numba.prange(nb_ * nh * (splits + 1)):
-        b = u // (nh * (splits + 1))
-        h = (u // (splits + 1)) % nh
-        sp = u % (splits + 1)
-        if sp == splits:
-            _dense(q[b, h], vis[b], t, offs, sinks_k[h][b], sinks_v[h][b], mids_k[h][b], mids_v[h][b], wins_k[h][b],
-                   wins_v[h][b], new_k[b, h], new_v[b, h], cap, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
-            continue
-        lo = sp * ntiles // splits
-        hi = (sp + 1) * ntiles // splits
-        if lo < hi:
-            kd, vd = mids_k[h].shape[2] // 2, mids_v[h].shape[2] // 2
-            _body_tiles(q[b, h], vis[b, :, offs[0] + sinks_k[h].shape[1]:], t, kcs[h][b], vcs[h][b], kmns[h][b],
-                        ksteps[h][b], vmns[h][b], vsteps[h][b], kd, vd, kbits, vbits, kb, tile, n, lo, hi, cap,
-                        pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+    items = nb_ * nh * (splits + 1)
+    for w in numba.prange(nw):
+        for i in range(w, items, nw):  # tiles.split_item's order: the body's ranges first, shared evenly
+            b, h, sp = split_item(i, nb_, nh, splits, splits + 1)
+            if sp == splits:
+                _dense(q[b, h], vis[b], t, offs, sinks_k[h][b], sinks_v[h][b], mids_k[h][b], mids_v[h][b], wins_k[h][b],
+                       wins_v[h][b], new_k[b, h], new_v[b, h], cap, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+                continue
+            lo = sp * ntiles // splits
+            hi = (sp + 1) * ntiles // splits
+            if lo < hi:
+                kd, vd = mids_k[h].shape[2] // 2, mids_v[h].shape[2] // 2
+                _body_tiles(q[b, h], vis[b, :, offs[0] + sinks_k[h].shape[1]:], t, kcs[h][b], vcs[h][b], kmns[h][b],
+                            ksteps[h][b], vmns[h][b], vsteps[h][b], kd, vd, kbits, vbits, kb, tile, n, lo, hi, cap,
+                            pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
     merge(pm, pl, pacc, out)
 
 
@@ -307,7 +309,7 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st: LowRankStates, cap: float = 0
            (st.new[0].float().contiguous().numpy(), st.new[1].float().contiguous().numpy()),
            _heads(o[0] for o in ko), _heads(o[0] for o in vo), _heads(o[1] for o in ko), _heads(o[2] for o in ko),
            _heads(o[1] for o in vo), _heads(o[2] for o in vo), _bits(st.key_codec), _bits(st.value_codec), kb,
-           st.block, n, splits, np.float32(cap), out)
+           st.block, n, splits, np.float32(cap), workers(b * h * (splits + 1)), out)
     return torch.from_numpy(out)
 
 

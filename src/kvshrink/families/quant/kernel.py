@@ -54,10 +54,12 @@ from ...kernels.tiles import (
     merge,
     partial_buffers,
     rotate_back,
+    split_item,
     to_levels,
     turned_logits,
     unpack_codes,
     weights,
+    workers,
 )
 
 if TRITON:
@@ -109,6 +111,7 @@ def _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m
         fold_values(acc[r], accb[r], wt, lr, vsym, vstep, vmn, cnt, corr)
 
 
+_LIGHT = 3  # the kernel's parts after the body's splits: dense tokens, stage, window
 F32, F16, SCALES8 = 0, 1, 2  # how a body's (min, step) are held: float32 (a batch's padded copy), float16, 8-bit
 _BYTES = np.array([4, 2, 1], dtype=np.int64)  # bytes a number in each
 
@@ -254,44 +257,44 @@ def _coded_span(qb, vis, n, kc, kp, kgroups, kbits, vc, vp, vgroups, vbits, vb, 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, vbits, vb, splits, vrot,
            cap, klut, vlut, kcls, soff, sqb, nstage, skc, skp, skgroups, skbits, svc, svp, woff, wqb, nwin, wkc, wkp,
-           wkgroups, wkbits, wvc, wvp, wvgroups, wvbits, wrot, out):
+           wkgroups, wkbits, wvc, wvp, wvgroups, wvbits, wrot, nw, out):
     """Body splits 0..splits-1, the dense tokens (split `splits`), the stage (split `splits` + 1): a
     block still filling, per-token codes read in place (its keys by sqb, the query in their basis, its
     values in the body values' codec), at vis[b, soff:]; and a coded recent window (split `splits` + 2):
     per-token codes of its own codec for keys and values (keys by wqb, values rotated back by wrot), at
-    vis[b, woff:]. Partials merged in that order."""
+    vis[b, woff:]. Partials merged in that order. nw: the workers the parts are shared by (tiles.workers)."""
     nb_, nh, nr, d = q.shape
-    parts = splits + 3
+    parts = splits + _LIGHT
     pm, pl, pacc = partial_buffers(nb_, nh, parts, nr, d)
     no_levels = np.empty(0, dtype=np.float32)
-    for u in numba.prange(nb_ * nh * parts):
-        b = u // (nh * parts)
-        h = (u // parts) % nh
-        sp = u % parts
-        bh = b * nh + h
-        if sp == splits:  # the dense tokens (sink, float16 tokens, this call's): one more split
-            nd = ndense[b]  # this sequence's dense tokens (the rest is a batch's padding)
-            dense_split(q[b, h], dk[b, h, :nd], dv[b, h, :nd], dvis[b, :, :nd], cap, pm[b, h, sp], pl[b, h, sp],
-                        pacc[b, h, sp])
-            continue
-        if sp == splits + 1:  # the stage, its values in the body values' codec
-            _coded_span(sqb[b, h], vis[b, soff:], nstage[b], skc[bh], _head(skp, b, h), skgroups, skbits, svc[bh],
-                        _head(svp, b, h), vgroups, vbits, vb, vrot, cap, vlut, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
-            continue
-        if sp == splits + 2:  # the coded window, keys and values in its own codec
-            _coded_span(wqb[b, h], vis[b, woff:], nwin[b], wkc[bh], _head(wkp, b, h), wkgroups, wkbits, wvc[bh],
-                        _head(wvp, b, h), wvgroups, wvbits, vb, wrot, cap, no_levels, pm[b, h, sp], pl[b, h, sp],
-                        pacc[b, h, sp])
-            continue
-        n = nbody[b]  # this sequence's body tokens: its tiles and split edges ignore a batch's padding
-        nvb = (n + vb - 1) // vb
-        used = max(1, min(splits, nvb))
-        if sp >= used:
-            continue
-        lo = sp * nvb // used
-        hi = (sp + 1) * nvb // used
-        _span(qb[b, h], qt[b, h], vis[b], lo, hi, n, kc[bh], _head(kp, b, h), kb, kgroups, kbits, vc[bh], _head(vp, b, h),
-              vgroups, vbits, vb, vrot, cap, klut, vlut, kcls, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+    items = nb_ * nh * parts
+    for w in numba.prange(nw):
+        for i in range(w, items, nw):  # split_item's order: the body's ranges first, shared evenly
+            b, h, sp = split_item(i, nb_, nh, splits, parts)
+            bh = b * nh + h
+            if sp == splits:  # the dense tokens (sink, float16 tokens, this call's): one more split
+                nd = ndense[b]  # this sequence's dense tokens (the rest is a batch's padding)
+                dense_split(q[b, h], dk[b, h, :nd], dv[b, h, :nd], dvis[b, :, :nd], cap, pm[b, h, sp], pl[b, h, sp],
+                            pacc[b, h, sp])
+                continue
+            if sp == splits + 1:  # the stage, its values in the body values' codec
+                _coded_span(sqb[b, h], vis[b, soff:], nstage[b], skc[bh], _head(skp, b, h), skgroups, skbits, svc[bh],
+                            _head(svp, b, h), vgroups, vbits, vb, vrot, cap, vlut, pm[b, h, sp], pl[b, h, sp],
+                            pacc[b, h, sp])
+                continue
+            if sp == splits + 2:  # the coded window, keys and values in its own codec
+                _coded_span(wqb[b, h], vis[b, woff:], nwin[b], wkc[bh], _head(wkp, b, h), wkgroups, wkbits, wvc[bh],
+                            _head(wvp, b, h), wvgroups, wvbits, vb, wrot, cap, no_levels, pm[b, h, sp], pl[b, h, sp],
+                            pacc[b, h, sp])
+                continue
+            n = nbody[b]  # this sequence's body tokens: its tiles and split edges ignore a batch's padding
+            nvb = (n + vb - 1) // vb
+            used = max(1, min(splits, nvb))
+            if sp >= used:
+                continue
+            _span(qb[b, h], qt[b, h], vis[b], sp * nvb // used, (sp + 1) * nvb // used, n, kc[bh], _head(kp, b, h), kb,
+                  kgroups, kbits, vc[bh], _head(vp, b, h), vgroups, vbits, vb, vrot, cap, klut, vlut, kcls,
+                  pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
     merge(pm, pl, pacc, out)
 
 
@@ -371,7 +374,7 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, as_u8(vis), nbody, dense_k.contiguous().numpy(),
            dense_v.contiguous().numpy(), as_u8(dense_vis), ndense, kc, kp, ktg, kgroups, key_codec.bits, vc, vp,
            vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), *_luts(key_codec, value_codec),
-           _classes(key_codec), n, *staged, woff, *recent, out)
+           _classes(key_codec), n, *staged, woff, *recent, workers(b * h * (splits + _LIGHT)), out)
     return torch.from_numpy(out)
 
 
@@ -632,7 +635,7 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, vis.view(np.uint8), n, dense_k, dense_v,
            dense_vis, dense_n, kc, kp, ktg, kgroups, one.key_codec.bits, vc, vp, vgroups,
            one.value_codec.bits, one.block, splits, vrot, np.float32(cap), *_luts(one.key_codec, one.value_codec),
-           _classes(one.key_codec), n_max, *staged, n_max + int(ns.max()), *recent, out)
+           _classes(one.key_codec), n_max, *staged, n_max + int(ns.max()), *recent, workers(b * h * (splits + _LIGHT)), out)
     return torch.from_numpy(out)
 
 

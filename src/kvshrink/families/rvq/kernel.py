@@ -30,7 +30,18 @@ import torch
 from ...codecs.base import Packed
 from ...codecs.rvq import RVQ
 from ...kernels.backend import TRITON, triton_for
-from ...kernels.tiles import FAST, accumulate, as_u8, dense_split, merge, partial_buffers, unpack_codes, weights
+from ...kernels.tiles import (
+    FAST,
+    accumulate,
+    as_u8,
+    dense_split,
+    merge,
+    partial_buffers,
+    split_item,
+    unpack_codes,
+    weights,
+    workers,
+)
 
 if TRITON:
     from . import gpu
@@ -90,44 +101,44 @@ def _tiles(table, kc, ks, vc, vs, vt, kbits, vbits, books, ncode, vb, lo, hi, ca
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, vis, dk, dv, dvis, table, kc, ks, vc, vs, kc2, ks2, vc2, vs2, kbits, vbits, books, vorder, ncode,
-           vb, splits, cap, out):
+           vb, splits, cap, nw, out):
     nb_, nh, nr, d = q.shape
     n = ks.shape[2]
     n2 = ks2.shape[2]
     nvb = (n + vb - 1) // vb
     parts = splits + 2  # body ranges, the second segment (the stage), the dense tokens
     pm, pl, pacc = partial_buffers(nb_, nh, parts, nr, d)
-    for u in numba.prange(nb_ * nh * parts):
-        b = u // (nh * parts)
-        h = (u // parts) % nh
-        sp = u % parts
-        if sp == parts - 1:  # the dense tokens
-            dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], cap, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
-            continue
-        if sp == splits and n2 == 0:
-            continue
-        bh = b * nh + h
-        scratch = (np.empty(vb * ncode, dtype=np.uint8), np.empty(vb * ncode, dtype=np.uint8),
-                   np.empty(vb * d, dtype=np.float32), np.empty((nr, vb), dtype=np.float32),
-                   np.empty(vb, dtype=np.int32), np.empty(vb, dtype=np.float32))
-        m = np.full(nr, -np.inf, dtype=np.float32)
-        lsum = np.zeros(nr, dtype=np.float32)
-        acc = pacc[b, h, sp]
-        if sp < splits:
-            _tiles(table[b, h], kc[bh], ks[b, h], vc[bh], vs[b, h], vis[b, :n], kbits, vbits, books, ncode, vb,
-                   sp * nvb // splits, (sp + 1) * nvb // splits, cap, m, lsum, acc, scratch)
-        else:
-            _tiles(table[b, h], kc2[bh], ks2[b, h], vc2[bh], vs2[b, h], vis[b, n:], kbits, vbits, books, ncode,
-                   vb, 0, (n2 + vb - 1) // vb, cap, m, lsum, acc, scratch)
-        tmp = np.empty(d, dtype=np.float32)
-        for r in range(nr):
-            pm[b, h, sp, r] = m[r]
-            pl[b, h, sp, r] = lsum[r]
-            ar = acc[r]
-            for c in range(d):  # grouped channel order -> head order
-                tmp[vorder[c]] = ar[c]
-            for c in range(d):
-                ar[c] = tmp[c]
+    items = nb_ * nh * parts
+    for w in numba.prange(nw):
+        for i in range(w, items, nw):  # tiles.split_item's order: the body's ranges first, shared evenly
+            b, h, sp = split_item(i, nb_, nh, splits, parts)
+            if sp == parts - 1:  # the dense tokens
+                dense_split(q[b, h], dk[b, h], dv[b, h], dvis[b], cap, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+                continue
+            if sp == splits and n2 == 0:
+                continue
+            bh = b * nh + h
+            scratch = (np.empty(vb * ncode, dtype=np.uint8), np.empty(vb * ncode, dtype=np.uint8),
+                       np.empty(vb * d, dtype=np.float32), np.empty((nr, vb), dtype=np.float32),
+                       np.empty(vb, dtype=np.int32), np.empty(vb, dtype=np.float32))
+            m = np.full(nr, -np.inf, dtype=np.float32)
+            lsum = np.zeros(nr, dtype=np.float32)
+            acc = pacc[b, h, sp]
+            if sp < splits:
+                _tiles(table[b, h], kc[bh], ks[b, h], vc[bh], vs[b, h], vis[b, :n], kbits, vbits, books, ncode, vb,
+                       sp * nvb // splits, (sp + 1) * nvb // splits, cap, m, lsum, acc, scratch)
+            else:
+                _tiles(table[b, h], kc2[bh], ks2[b, h], vc2[bh], vs2[b, h], vis[b, n:], kbits, vbits, books, ncode,
+                       vb, 0, (n2 + vb - 1) // vb, cap, m, lsum, acc, scratch)
+            tmp = np.empty(d, dtype=np.float32)
+            for r in range(nr):
+                pm[b, h, sp, r] = m[r]
+                pl[b, h, sp, r] = lsum[r]
+                ar = acc[r]
+                for c in range(d):  # grouped channel order -> head order
+                    tmp[vorder[c]] = ar[c]
+                for c in range(d):
+                    ar[c] = tmp[c]
     merge(pm, pl, pacc, out)
 
 
@@ -168,7 +179,7 @@ def fused_attend(q, vis, dense_k, dense_v, dense_vis, segments: list, key_codec:
     _fused(q.contiguous().numpy(), as_u8(vis), dense_k.contiguous().numpy(), dense_v.contiguous().numpy(),
            as_u8(dense_vis), table.contiguous().numpy(), kc, ks, vc, vs, kc2, ks2, vc2, vs2, key_codec.bits,
            value_codec.bits, value_codec.books_f32(q.device).numpy(), value_codec.order(d).numpy(),
-           (d // key_codec.group) * key_codec.depth, tile, splits, np.float32(cap), out)
+           (d // key_codec.group) * key_codec.depth, tile, splits, np.float32(cap), workers(b * h * (splits + 2)), out)
     return torch.from_numpy(out)
 
 
