@@ -9,8 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.profiler import ProfilerActivity, profile
 
 from kvshrink import CompressedCache, from_method
+from kvshrink.attention import split
 from kvshrink.attention.function import use_kvshrink_attention
 from kvshrink.attention.split import SplitStates
 from kvshrink.codecs.quant import IntQuant
@@ -186,6 +188,22 @@ def test_kernel_never_decodes_the_history(monkeypatch):
     monkeypatch.setattr(IntQuant, "decode", lambda self, packed, *a, **k: refuse() if packed.num_tokens > 32 else
                         IntQuant.__dict__["decode"](self, packed, *a, **k))
     torch.testing.assert_close(states.attend(None, q, None)[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_kernel_is_named_in_a_profile_and_only_there(monkeypatch):
+    """scripts/profile_decode.py finds the kernel's span by name; with no profiler recording no span is opened
+    (record_function cost about 20 us a layer)."""
+    kc, vc = IntQuant(4, "channel", 32, seed=1), IntQuant(4, "token", seed=2)
+    _, states, q = _states(kc, vc, 200, 1, 32, 0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        states.attend(None, q, None)
+    assert "int.fused_attend" in {e.key for e in prof.key_averages()}
+
+    def refuse(*a, **k):
+        raise AssertionError("a span opened with no profiler recording")
+
+    monkeypatch.setattr(split, "record_function", refuse)
+    states.attend(None, q, None)
 
 
 def test_the_stage_is_read_in_place_not_decoded(monkeypatch):
