@@ -496,7 +496,8 @@ def _joint_rows(q, rows, scale, cs, out):
     """out[b, h, r] (d, group) = turn(q[b, h, r], -j) A^T for every offset j, A = rows[h] * scale[h] (the
     head's inverse, int8 rows and a scale per row). The turn is linear in (cos, sin) of j f_k, so with x1, x2 the
     query's pairs, row i is sum_k (x1 A1 + x2 A2)[i, k] cos[k] + (x2 A1 - x1 A2)[i, k] sin[k], plus the channels
-    RoPE leaves alone, the same for every offset. One query row per worker, on numba's threads."""
+    RoPE leaves alone, the same for every offset: a product of row i's 2n coefficients (p) with the (2n, group)
+    cos and sin table. One query row per worker, on numba's threads."""
     nb_, nh, nr, d = q.shape
     n = cs.shape[0] // 2
     for u in numba.prange(nb_ * nh * nr):
@@ -504,22 +505,60 @@ def _joint_rows(q, rows, scale, cs, out):
         h = (u // nr) % nh
         r = u % nr
         x = q[b, h, r]
+        o = out[b, h, r]
+        p = np.empty((d, 2 * n), dtype=np.float32)
         for i in range(d):
-            o = out[b, h, r, i]
             s = scale[h, i]
             rest = np.float32(0.0)
             for c in range(2 * n, d):
                 rest += np.float32(rows[h, i, c]) * x[c]
-            o[:] = rest * s
+            o[i, :] = rest * s
             for k in range(n):
                 a1 = np.float32(rows[h, i, k]) * s
                 a2 = np.float32(rows[h, i, n + k]) * s
-                p1 = x[k] * a1 + x[n + k] * a2
-                p2 = x[n + k] * a1 - x[k] * a2
-                c1 = cs[k]
-                c2 = cs[n + k]
-                for j in range(o.shape[0]):
-                    o[j] += p1 * c1[j] + p2 * c2[j]
+                p[i, k] = x[k] * a1 + x[n + k] * a2
+                p[i, n + k] = x[n + k] * a1 - x[k] * a2
+        _times_table(p, cs, o)
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def _times_table(p, cs, o):
+    """o (d, group) += p (d, m) @ cs (m, group), four rows of o by four of cs at a time (each load feeds four
+    times the multiply-adds of a row at a time: 104 against 166 us for a 9-row table at 8k, alone)."""
+    d, m = p.shape
+    i = 0
+    while i + 4 <= d:
+        o0, o1, o2, o3 = o[i], o[i + 1], o[i + 2], o[i + 3]
+        p0, p1, p2, p3 = p[i], p[i + 1], p[i + 2], p[i + 3]
+        k = 0
+        while k + 4 <= m:
+            ca, cb, cc, cd = cs[k], cs[k + 1], cs[k + 2], cs[k + 3]
+            a0, b0, c0, d0 = p0[k], p0[k + 1], p0[k + 2], p0[k + 3]
+            a1, b1, c1, d1 = p1[k], p1[k + 1], p1[k + 2], p1[k + 3]
+            a2, b2, c2, d2 = p2[k], p2[k + 1], p2[k + 2], p2[k + 3]
+            a3, b3, c3, d3 = p3[k], p3[k + 1], p3[k + 2], p3[k + 3]
+            for j in range(o.shape[1]):
+                va, vb, vc, vd = ca[j], cb[j], cc[j], cd[j]
+                o0[j] += a0 * va + b0 * vb + c0 * vc + d0 * vd
+                o1[j] += a1 * va + b1 * vb + c1 * vc + d1 * vd
+                o2[j] += a2 * va + b2 * vb + c2 * vc + d2 * vd
+                o3[j] += a3 * va + b3 * vb + c3 * vc + d3 * vd
+            k += 4
+        for t in range(4):
+            _row_times_table(p[i + t], cs, k, o[i + t])
+        i += 4
+    for t in range(i, d):
+        _row_times_table(p[t], cs, 0, o[t])
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def _row_times_table(pr, cs, k0, orow):
+    """orow += sum over k >= k0 of pr[k] cs[k]: what _times_table's blocks leave."""
+    for k in range(k0, pr.shape[0]):
+        ck = cs[k]
+        pk = pr[k]
+        for j in range(orow.shape[0]):
+            orow[j] += pk * ck[j]
 
 
 def _joint_table(q: torch.Tensor, codec: JointKeys) -> np.ndarray:
