@@ -15,6 +15,7 @@ from kvshrink import CompressedCache, from_method
 from kvshrink.attention import split
 from kvshrink.attention.function import use_kvshrink_attention
 from kvshrink.attention.split import SplitStates
+from kvshrink.bench import REF, roofline_table
 from kvshrink.codecs.quant import IntQuant
 from kvshrink.errors import KvshrinkError
 from kvshrink.eval.speed import roofline, weight_bytes
@@ -347,6 +348,17 @@ def test_roofline_fraction():
     assert r["attained_gb_s"] == pytest.approx(0.1)
     assert r["bandwidth_fraction"] == pytest.approx(0.5)
     assert r["bandwidth_bound_tok_s"] == pytest.approx(20.0)
+
+
+def test_the_roofline_table_gives_the_median_step_against_dynamic_cache():
+    """A baseline whose mean is pulled by one slow step: steps per second say 2.00x, the median step 1.25x."""
+    def speed(p50, tok_s):
+        return {"decode_tok_s": tok_s, "decode_p50_ms": p50, "decode_p99_ms": 2 * p50, "decode_max_ms": 3 * p50,
+                "read_bandwidth_gb_s": 30.0, "bytes_per_step": 1e9, "attained_gb_s": 1.0, "bandwidth_fraction": 0.1,
+                "bandwidth_bound_tok_s": 30.0}
+    table = roofline_table({"speed": {REF: {8150: speed(125.0, 4.0)}, "int4": {8150: speed(100.0, 8.0)}}})
+    row = next(line for line in table.splitlines() if line.startswith("| `int4`"))
+    assert "8.0 (2.00)" in row and "100 / 200 / 300 (1.25)" in row
 
 
 def test_cli_refuses_no_decode_steps(capsys):

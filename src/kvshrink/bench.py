@@ -301,7 +301,8 @@ def prefill_table(res: dict) -> str:
 
 
 def roofline_table(res: dict) -> str:
-    """Per context: decode ×dyn, p50/p99 step latency, the bytes a step must read (weights + the cache
+    """Per context: decode ×dyn, p50/p99 step latency (the median step against DynamicCache's too: its slowest steps,
+    which copy the whole cache, weigh on its steps per second), the bytes a step must read (weights + the cache
     as held), the bandwidth that attains and its fraction of the read bandwidth measured in the run."""
     sp = res.get("speed")
     if not sp:
@@ -314,14 +315,15 @@ def roofline_table(res: dict) -> str:
            "drift falls on all alike.", ""]
     out += [f"Roofline (read bandwidth measured in this run: {first['read_bandwidth_gb_s']:.1f} GB/s; a step reads "
            "at least the weights and the cache as held):", "",
-           "| method | context | decode tok/s (×dyn) | p50 / p99 / max ms | MB read per step | GB/s attained | "
+           "| method | context | decode tok/s (×dyn) | p50 / p99 / max ms (p50 ×dyn) | MB read per step | GB/s attained | "
            "fraction of bandwidth | bandwidth-bound tok/s |", "|---|---|---|---|---|---|---|---|"]
     for c in ctxs:
         ref = sp[REF].get(c) or sp[REF].get(str(c))
         for n, by in sp.items():
             r = by.get(c) or by.get(str(c))
             out.append(f"| `{n}` | {c} | {r['decode_tok_s']:.1f} ({r['decode_tok_s'] / ref['decode_tok_s']:.2f}) | "
-                       f"{r['decode_p50_ms']:.0f} / {r['decode_p99_ms']:.0f} / {_fmt(r.get('decode_max_ms'), '.0f')} | "
+                       f"{r['decode_p50_ms']:.0f} / {r['decode_p99_ms']:.0f} / {_fmt(r.get('decode_max_ms'), '.0f')} "
+                       f"({ref['decode_p50_ms'] / r['decode_p50_ms']:.2f}) | "
                        f"{r['bytes_per_step'] / 1e6:.0f} | "
                        f"{r['attained_gb_s']:.2f} | {r['bandwidth_fraction']:.2f} | {r['bandwidth_bound_tok_s']:.1f} |")
     return "\n".join(out)
