@@ -315,8 +315,8 @@ def roofline_table(res: dict) -> str:
            "drift falls on all alike.", ""]
     out += [f"Roofline (read bandwidth measured in this run: {first['read_bandwidth_gb_s']:.1f} GB/s; a step reads "
            "at least the weights and the cache as held):", "",
-           "| method | context | decode tok/s (×dyn) | p50 / p99 / max ms (p50 ×dyn) | MB read per step | GB/s attained | "
-           "fraction of bandwidth | bandwidth-bound tok/s |", "|---|---|---|---|---|---|---|---|"]
+           "| method | context | decode tok/s (×dyn) | p50 / p99 / max ms (p50 ×dyn) | MB read per step | "
+           "GB/s attained | fraction of bandwidth | bandwidth-bound tok/s |", "|---|---|---|---|---|---|---|---|"]
     for c in ctxs:
         ref = sp[REF].get(c) or sp[REF].get(str(c))
         for n, by in sp.items():

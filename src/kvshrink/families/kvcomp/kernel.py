@@ -74,7 +74,8 @@ def _fused(q, vis, dk, dv, dvis, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep,
                 for kq in range(per):
                     blk = j * per + kq
                     t = ktab[blk]
-                    decode_into(ks, kst[b, h, blk], kb * d, kls[t], kll[t], kln[t], MAX_LEN, kfix[t], ksym[kq * kb * d:])
+                    decode_into(ks, kst[b, h, blk], kb * d, kls[t], kll[t], kln[t], MAX_LEN, kfix[t],
+                                ksym[kq * kb * d:])
                 t = vtab[j]
                 decode_into(vs, vst[b, h, j], vb * d, vls[t], vll[t], vln[t], MAX_LEN, vfix[t], vsym)
                 vt = vis[b, j * vb:(j + 1) * vb]

@@ -674,7 +674,8 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, vis.view(np.uint8), n, dense_k, dense_v,
            dense_vis, dense_n, kc, kp, ktg, kgroups, one.key_codec.bits, vc, vp, vgroups,
            one.value_codec.bits, one.block, splits, vrot, np.float32(cap), *_luts(one.key_codec, one.value_codec),
-           _classes(one.key_codec), n_max, *staged, n_max + int(ns.max()), *recent, workers(b * h * (splits + _LIGHT)), out)
+           _classes(one.key_codec), n_max, *staged, n_max + int(ns.max()), *recent, workers(b * h * (splits + _LIGHT)),
+           out)
     return torch.from_numpy(out)
 
 
