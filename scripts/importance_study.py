@@ -1,0 +1,119 @@
+"""Important tokens kept exactly (issue 23's lever), measured for issue 19's targets before any store is built.
+
+Every layer's keys and values go through the round trip of the allocation `auto:budget=B` picks (joint-basis keys,
+a 16-token window in 8-bit codes, as `auto-6x`), except a share p of each (layer, KV head)'s tokens, the ones its
+queries attend to most, which keep their float16 keys and values. Their bytes (float16 keys and values and a 16-bit
+position per head) come out of the budget: B is raised until the whole cache holds what `auto-6x` holds at 2,048
+tokens, so each row has the same bytes as the first.
+
+Importance: the attention a token receives, summed over its KV head's query heads and over every query of the
+sequence (the unchanged model's; `--causal`: only the queries of the token's own 64-token chunk and the next
+chunk, what a cache has seen when it codes a block). Scored as the other studies, but at every position: the KL
+per token of the model's predictions (core/sensitivity.Perturbed) on the first 2 x 2,048 WikiText-2 test tokens,
+each query reading the 32 positions before it unchanged (a protocol chunk of 64 sees 32 of its own on average).
+
+    .venv/bin/python scripts/importance_study.py [--shares 0,0.005,0.01,0.02] [--causal] [--which both|key|value]
+"""
+
+import argparse
+
+import torch
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from kvshrink.attention.logits import eager_attention
+from kvshrink.core.sensitivity import Perturbed
+from kvshrink.corpus import load_corpus_ids
+from kvshrink.families.budget import allocate, joint
+from kvshrink.families.budget.cache import calibration_for, joint_for
+from kvshrink.models import load_model
+from kvshrink.spec import spec_from_config
+
+SINK, BLOCK, CONTEXT, WINDOW, CHUNK = 4, 128, 2048, 16, 64
+
+
+def importance(model, ids: torch.Tensor, causal: bool) -> dict:
+    """{layer: (B, H, n)} attention received per KV head, summed over its query heads and the queries counted."""
+    got: dict = {}
+
+    def attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        out, probs = eager_attention(module, query, key, value, attention_mask, scaling, None)
+        b, hq, t, n = probs.shape
+        h = key.shape[1]
+        if causal:  # a token is seen by its own chunk's queries and the next chunk's before its block is coded
+            q_chunk = torch.arange(t)[:, None] // CHUNK
+            k_chunk = torch.arange(n)[None] // CHUNK
+            probs = probs * ((q_chunk - k_chunk) <= 1)
+        got[module.layer_idx] = probs.sum(2).reshape(b, h, hq // h, n).sum(2)
+        return out, None
+
+    AttentionInterface.register("kvshrink_importance", attend)
+    AttentionMaskInterface.register("kvshrink_importance", sdpa_mask)
+    prev = model.config._attn_implementation
+    try:
+        model.set_attn_implementation("kvshrink_importance")
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    finally:
+        model.set_attn_implementation(prev)
+    return got
+
+
+def with_exact(trip, top: torch.Tensor | None):
+    """trip, with the positions top (B, H, k) given back as they were."""
+    if top is None:
+        return trip
+
+    def kept(x):
+        y = trip(x)
+        idx = top[..., None].expand(-1, -1, -1, x.shape[-1])
+        return y.scatter(2, idx, x.gather(2, idx))
+    return kept
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shares", default="0,0.005,0.01,0.02,0.04")
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--ratio", type=float, default=6.0)
+    ap.add_argument("--which", default="both", choices=("both", "key", "value"))
+    args = ap.parse_args()
+    model, tok = load_model()
+    spec = spec_from_config(model.config)
+    calib, path = calibration_for(model, BLOCK, tok)
+    found = joint_for(model, BLOCK, path, tok)
+    recent = allocate.window_codec(8)
+    ids = load_corpus_ids(tok, None, 2 * CONTEXT).reshape(2, CONTEXT)
+    score = importance(model, ids, args.causal)
+    perturbed = Perturbed(model, ids, replay=False, most=CONTEXT, recent=32)
+    coded = CONTEXT - SINK - WINDOW
+    kept = ("key", "value") if args.which == "both" else (args.which,)
+    # float16 keys and/or values and a 16-bit position, per head, against a float16 token's keys and values
+    per_token = (2 * len(kept) * spec.head_dim + 2) / (4 * spec.head_dim)
+    print(f"| exact share ({args.which}; {'causal' if args.causal else 'all queries'}) | budget B | KL per token |")
+    print("|---|---|---|")
+    for p in (float(s) for s in args.shares.split(",")):
+        budget = 1 / (1 / args.ratio - p * per_token * coded / CONTEXT)
+        chosen = allocate.choose(calib, spec, budget, CONTEXT, SINK, BLOCK, found[0], WINDOW, recent)
+        k = round(p * coded)
+        changes = {}
+        for i, (kc, vc) in enumerate(zip(chosen.keys, chosen.values)):
+            if kc[0] == allocate.JOINT:
+                ktrip = joint._round_trip(found[0].codec(i, joint.CHOICES.index(tuple(kc[1:])), BLOCK, spec.rope),
+                                          SINK, BLOCK)
+            else:
+                ktrip = allocate._round_trip(allocate.key_codec(kc, BLOCK, spec.rope), SINK, BLOCK)
+            vtrip = allocate._round_trip(allocate.value_codec(vc), SINK, BLOCK)
+            top = None
+            if k:
+                s = score[i].clone()
+                s[..., :SINK] = -1  # the sink is exact already
+                top = s.topk(k, -1).indices
+            changes[i] = {"key": with_exact(ktrip, top if "key" in kept else None),
+                          "value": with_exact(vtrip, top if "value" in kept else None)}
+        kl = perturbed.kl_many(changes)
+        print(f"| {p:.4f} | {budget:.2f} ({chosen.ratio:.2f} expected) | {kl:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
