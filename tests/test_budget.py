@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from kvshrink import KvshrinkError, from_method, prepare
 from kvshrink.attention.logits import recent_attention
-from kvshrink.core.sensitivity import Perturbed
+from kvshrink.core.sensitivity import Perturbed, mean_kl
 from kvshrink.families.budget import allocate as A
 from kvshrink.families.budget import joint as J
 from kvshrink.families.budget.cache import BudgetCache
@@ -113,6 +113,24 @@ def test_perturbed_kl_is_zero_unchanged_and_grows_with_the_error(tiny_model):
     spaced = Perturbed(tiny_model, ids, most=16)
     torch.testing.assert_close(spaced.ref, perturbed.ref[:, 3::4], rtol=1e-9, atol=1e-9)
     assert spaced.ref.shape[1] == 16 and 0 < spaced.kl(1, "key", trip) != pytest.approx(perturbed.kl(1, "key", trip))
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 3), positions=st.integers(1, 70), vocab=st.integers(2, 50), rows=st.integers(1, 40),
+       scale=st.floats(0.0, 30.0), seed=st.integers(0, 10_000))
+def test_mean_kl_a_few_rows_at_a_time_equals_the_whole_tensor_formula(batch, positions, vocab, rows, scale, seed):
+    """The calibration's KL, computed in slices of rows (any slice size, a last partial one included), equals
+    KL(p || q) averaged over positions in one float64 expression; 0 for the same distribution, else positive."""
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.log_softmax(scale * torch.randn(batch, positions, vocab, generator=g, dtype=torch.float64), -1)
+    logits = (scale * torch.randn(batch, positions, vocab, generator=g)).float()
+    logq = torch.log_softmax(logits.double(), -1)
+    whole = float((ref.exp() * (ref - logq)).sum(-1).mean())
+    assert mean_kl(ref, logits, rows) == pytest.approx(whole, rel=1e-12, abs=1e-15)
+    assert mean_kl(ref, ref.float(), rows) == pytest.approx(float((ref.exp() * (ref - torch.log_softmax(
+        ref.float().double(), -1))).sum(-1).mean()), rel=1e-12, abs=1e-15)
+    if scale > 0.01:  # two draws this far apart differ
+        assert mean_kl(ref, logits, rows) > 0
 
 
 def test_recent_attention_reads_the_nearest_positions_unchanged_and_the_rest_changed():
