@@ -150,8 +150,8 @@ class Perturbed:
 
 def mean_kl(ref: torch.Tensor, logits: torch.Tensor, rows: int = 32) -> float:
     """Mean over positions of KL(exp(ref) || softmax(logits)), ref float64 log-probabilities (..., V), in float64 a
-    few rows at a time. Whole-size float64 temporaries (800 MB each for 2,048 positions of a 49k vocabulary) were
-    mapped fresh by every call: their page faults took 60% of a calibration pass's time on the bundled model."""
+    few rows at a time. Whole-size float64 temporaries (200 MB each for 512 positions of a 49k vocabulary) were
+    mapped fresh by every call: that took 45% of a calibration pass's time on the bundled model (docs/budget.md)."""
     ref, logits = ref.reshape(-1, ref.shape[-1]), logits.reshape(-1, logits.shape[-1])
     total = 0.0
     for s in range(0, ref.shape[0], rows):
