@@ -24,8 +24,8 @@ from transformers.modeling_utils import AttentionInterface
 from kvshrink.attention.logits import eager_attention
 from kvshrink.core.sensitivity import Perturbed
 from kvshrink.corpus import load_corpus_ids
-from kvshrink.families.budget import allocate, joint
-from kvshrink.families.budget.cache import calibration_for, joint_for
+from kvshrink.families.budget import allocate
+from kvshrink.families.budget.cache import _key_codec, calibration_for, joint_for
 from kvshrink.models import load_model
 from kvshrink.spec import spec_from_config
 
@@ -57,6 +57,18 @@ def importance(model, ids: torch.Tensor, causal: bool) -> dict:
     finally:
         model.set_attn_implementation(prev)
     return got
+
+
+def key_trip(choice, layer: int, found, rope: tuple):
+    """The round trip of a layer's keys under the allocation's choice, through the codec the cache builds for it."""
+    return allocate._round_trip(_key_codec(choice, layer, BLOCK, rope, found), SINK, BLOCK)
+
+
+def top_tokens(score: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, H, k) positions of the k largest scores (B, H, n) after the sink, which is exact already."""
+    s = score.clone()
+    s[..., :SINK] = -1
+    return s.topk(k, -1).indices
 
 
 def with_exact(trip, top: torch.Tensor | None):
@@ -98,17 +110,9 @@ def main():
         k = round(p * coded)
         changes = {}
         for i, (kc, vc) in enumerate(zip(chosen.keys, chosen.values)):
-            if kc[0] == allocate.JOINT:
-                ktrip = joint._round_trip(found[0].codec(i, joint.CHOICES.index(tuple(kc[1:])), BLOCK, spec.rope),
-                                          SINK, BLOCK)
-            else:
-                ktrip = allocate._round_trip(allocate.key_codec(kc, BLOCK, spec.rope), SINK, BLOCK)
+            ktrip = key_trip(kc, i, found, spec.rope)
             vtrip = allocate._round_trip(allocate.value_codec(vc), SINK, BLOCK)
-            top = None
-            if k:
-                s = score[i].clone()
-                s[..., :SINK] = -1  # the sink is exact already
-                top = s.topk(k, -1).indices
+            top = top_tokens(score[i], k) if k else None
             changes[i] = {"key": with_exact(ktrip, top if "key" in kept else None),
                           "value": with_exact(vtrip, top if "value" in kept else None)}
         kl = perturbed.kl_many(changes)

@@ -22,13 +22,13 @@ import argparse
 import faiss
 import numpy as np
 import torch
-from importance_study import importance, with_exact  # this folder is on the path when a script runs
+from importance_study import importance, key_trip, top_tokens, with_exact  # this folder is on the path
 
 from kvshrink.codecs.hadamard import rotation
 from kvshrink.codecs.levels import GAUSS, gauss
 from kvshrink.core.sensitivity import Perturbed
 from kvshrink.corpus import load_corpus_ids
-from kvshrink.families.budget import allocate, joint
+from kvshrink.families.budget import allocate
 from kvshrink.families.budget.cache import calibration_for, joint_for
 from kvshrink.models import load_model
 from kvshrink.spec import spec_from_config
@@ -94,15 +94,9 @@ def main():
     score = importance(model, ids, causal=True) if k else {}
     keys = {}
     for i, kc in enumerate(chosen.keys):
-        if kc[0] == allocate.JOINT:
-            keys[i] = joint._round_trip(found[0].codec(i, joint.CHOICES.index(tuple(kc[1:])), BLOCK, spec.rope),
-                                        SINK, BLOCK)
-        else:
-            keys[i] = allocate._round_trip(allocate.key_codec(kc, BLOCK, spec.rope), SINK, BLOCK)
+        keys[i] = key_trip(kc, i, found, spec.rope)
         if k:
-            s = score[i].clone()
-            s[..., :SINK] = -1
-            keys[i] = with_exact(keys[i], s.topk(k, -1).indices)
+            keys[i] = with_exact(keys[i], top_tokens(score[i], k))
     swapped = [i for i, v in enumerate(chosen.values) if v[1:] == (True, None, GAUSS)]
     print(f"{chosen.ratio:.2f}x expected with {k} exact keys a head; {len(swapped)} of {spec.num_layers} layers' "
           "values take rotated Gaussian levels over the whole head")
