@@ -12,12 +12,15 @@ chunk, what a cache has seen when it codes a block). `--rule` picks the tokens f
 cache could do when it codes a block without any query's scores: `error` the key's coding error under the
 queries' second moment M (the squared logit error a query meets on average), `expected` that error times the
 attention the key can expect from queries ~ N(mu, M - mu mu^T) (log: s mu.k + s^2 k^T Sigma k / 2), `norm` the key's
-norm. mu and M are the group's queries over the sequence, per layer and KV head. Scored as the other studies, but at every position: the KL
+norm. mu and M are the group's queries over the sequence, per layer and KV head. What a store could build instead:
+`--seen block` counts the queries that arrive before the token's 128-token block is coded (to its end and 16 more,
+the window), `--seen window` those before it leaves the 16-token window (which holds it in 8-bit codes), `--copy stage` keeps the key as the stage's per-token codes give it back (two bits over the block's,
+rotated), not exact. Scored as the other studies, but at every position: the KL
 per token of the model's predictions (core/sensitivity.Perturbed) on the first 2 x 2,048 WikiText-2 test tokens,
 each query reading the 32 positions before it unchanged (a protocol chunk of 64 sees 32 of its own on average).
 
     .venv/bin/python scripts/importance_study.py [--shares 0,0.005,0.01,0.02] [--causal] [--which both|key|value]
-        [--rule attention|error|expected|norm]
+        [--rule attention|error|expected|norm] [--seen chunks|block|window] [--copy exact|stage]
 """
 
 import argparse
@@ -27,6 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from kvshrink.attention.logits import eager_attention
+from kvshrink.core.layer import stage_codec
 from kvshrink.core.sensitivity import Perturbed
 from kvshrink.corpus import load_corpus_ids
 from kvshrink.families.budget import allocate
@@ -37,7 +41,7 @@ from kvshrink.spec import spec_from_config
 SINK, BLOCK, CONTEXT, WINDOW, CHUNK = 4, 128, 2048, 16, 64
 
 
-def importance(model, ids: torch.Tensor, causal: bool) -> tuple:
+def importance(model, ids: torch.Tensor, causal: bool, seen: str = "chunks") -> tuple:
     """{layer: (B, H, n)} attention received per KV head, summed over its query heads and the queries counted, and
     {layer: (mu (H, d), M (H, d, d), scaling)} of each KV head's group of queries."""
     got: dict = {}
@@ -47,10 +51,16 @@ def importance(model, ids: torch.Tensor, causal: bool) -> tuple:
         out, probs = eager_attention(module, query, key, value, attention_mask, scaling, None)
         b, hq, t, n = probs.shape
         h = key.shape[1]
-        if causal:  # a token is seen by its own chunk's queries and the next chunk's before its block is coded
+        if causal and seen == "chunks":  # a token's own chunk's queries and the next chunk's
             q_chunk = torch.arange(t)[:, None] // CHUNK
             k_chunk = torch.arange(n)[None] // CHUNK
             probs = probs * ((q_chunk - k_chunk) <= 1)
+        elif causal:  # the queries that arrive before the token's block is coded (block: to the block's end and the
+            # window after it) or before it leaves the window (window)
+            ends = torch.arange(n) + WINDOW
+            if seen == "block":
+                ends = SINK + ((torch.arange(n) - SINK).clamp_min(0) // BLOCK + 1) * BLOCK + WINDOW
+            probs = probs * (torch.arange(t)[:, None] < ends[None])
         got[module.layer_idx] = probs.sum(2).reshape(b, h, hq // h, n).sum(2)
         q = query.reshape(b, h, hq // h * t, -1).transpose(0, 1).reshape(h, b * hq // h * t, -1)
         stats[module.layer_idx] = (q.mean(1), q.transpose(1, 2) @ q / q.shape[1], module.scaling)
@@ -85,9 +95,11 @@ def key_rule(rule: str, stats: tuple):
     return score
 
 
-def key_trip(choice, layer: int, found, rope: tuple):
-    """The round trip of a layer's keys under the allocation's choice, through the codec the cache builds for it."""
-    return allocate._round_trip(_key_codec(choice, layer, BLOCK, rope, found), SINK, BLOCK)
+def key_trip(choice, layer: int, found, rope: tuple, stage: bool = False):
+    """The round trip of a layer's keys under the allocation's choice, through the codec the cache builds for it
+    (stage: through its stage codec, per token, what a store still holds of a key when it codes the block)."""
+    codec = _key_codec(choice, layer, BLOCK, rope, found)
+    return allocate._round_trip(stage_codec(codec) if stage else codec, SINK, BLOCK)
 
 
 def top_tokens(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -97,9 +109,9 @@ def top_tokens(score: torch.Tensor, k: int) -> torch.Tensor:
     return s.topk(k, -1).indices
 
 
-def with_exact(trip, top, k: int = 0):
-    """trip, with the positions top (B, H, k) given back as they were; or, top a key rule's score, the k
-    positions it scores highest."""
+def with_exact(trip, top, k: int = 0, copy=None):
+    """trip, with the positions top (B, H, k) given back as they were (copy: as its round trip gives them); or,
+    top a key rule's score, the k positions it scores highest."""
     if top is None:
         return trip
 
@@ -107,7 +119,7 @@ def with_exact(trip, top, k: int = 0):
         y = trip(x)
         chosen = top_tokens(top(x, y), k) if callable(top) else top
         idx = chosen[..., None].expand(-1, -1, -1, x.shape[-1])
-        return y.scatter(2, idx, x.gather(2, idx))
+        return y.scatter(2, idx, (x if copy is None else copy(x)).gather(2, idx))
     return kept
 
 
@@ -118,6 +130,8 @@ def main():
     ap.add_argument("--ratio", type=float, default=6.0)
     ap.add_argument("--which", default="both", choices=("both", "key", "value"))
     ap.add_argument("--rule", default="attention", choices=("attention", "error", "expected", "norm"))
+    ap.add_argument("--seen", default="chunks", choices=("chunks", "block", "window"))
+    ap.add_argument("--copy", default="exact", choices=("exact", "stage"))
     args = ap.parse_args()
     if args.rule != "attention" and args.which != "key":
         ap.error("a key rule (--rule error|expected|norm) picks keys: use it with --which key")
@@ -127,7 +141,7 @@ def main():
     found = joint_for(model, BLOCK, path, tok)
     recent = allocate.window_codec(8)
     ids = load_corpus_ids(tok, None, 2 * CONTEXT).reshape(2, CONTEXT)
-    score, stats = importance(model, ids, args.causal)
+    score, stats = importance(model, ids, args.causal, args.seen)
     perturbed = Perturbed(model, ids, replay=False, most=CONTEXT, recent=32)
     coded = CONTEXT - SINK - WINDOW
     kept = ("key", "value") if args.which == "both" else (args.which,)
@@ -145,7 +159,8 @@ def main():
             ktrip = key_trip(kc, i, found, spec.rope)
             vtrip = allocate._round_trip(allocate.value_codec(vc), SINK, BLOCK)
             top = None if not k else top_tokens(score[i], k) if args.rule == "attention" else key_rule(args.rule, stats[i])
-            changes[i] = {"key": with_exact(ktrip, top if "key" in kept else None, k),
+            copy = key_trip(kc, i, found, spec.rope, stage=True) if args.copy == "stage" else None
+            changes[i] = {"key": with_exact(ktrip, top if "key" in kept else None, k, copy),
                           "value": with_exact(vtrip, top if "value" in kept else None, k)}
         kl = perturbed.kl_many(changes)
         print(f"| {p:.4f} | {budget:.2f} ({chosen.ratio:.2f} expected) | {kl:.4f} |", flush=True)
