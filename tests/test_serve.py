@@ -412,14 +412,15 @@ def test_parse_bytes_and_cli_refusals(capsys):
             parse_bytes(bad)
     assert main(["serve", "--method", "int9"]) == 2
     assert main(["serve", "--port", "0"]) == 2
+    assert main(["serve", "--probe-tokens", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("kvshrink: error:") for line in err)
+    assert len(err) == 3 and all(line.startswith("kvshrink: error:") for line in err) and "--probe-tokens 0" in err[2]
 
 
 def test_sigterm_finishes_running_requests_then_exits():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kvshrink.cli", "serve", "--port", str(port), "--method", "int4",
-                             "--decode-probe", "0"],
+                             "--decode-probe", "0", "--probe-tokens", "256"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -457,14 +458,14 @@ def test_serve_bench_section_holds_more_compressed_sequences(bundled):
     ids = load_corpus_ids(tok, None, 20_000)
     work = Workload(requests=6, prompt_median=100, prompt_range=(60, 160), output_median=6, output_range=(4, 8))
     res = serve_section(model, tok, ["fp16", "int4"], ids, 4 * 10**6, rates=(float("inf"),), workload=work,
-                        log=lambda *_: None, decode_steps=8)
+                        log=lambda *_: None, decode_steps=8, probe=512)
     fp16, int4 = (res["by_method"][m] for m in ("fp16", "int4"))
     for m in (fp16, int4):
         run = m["runs"][0]
         assert run["completed"] == 6 and run["output_tok_s"] > 0 and run["ttft_p50_s"] <= run["ttft_p99_s"]
-    assert fp16["bytes_per_token_1k"] / int4["bytes_per_token_1k"] > 3
+    assert res["probe_tokens"] == 512 and fp16["bytes_per_token"] / int4["bytes_per_token"] > 3
     assert int4["runs"][0]["peak_running"] > fp16["runs"][0]["peak_running"]
-    assert "`int4`" in serve_table(res)
+    assert "`int4`" in serve_table(res) and "bytes/token @512" in serve_table(res)
 
 
 def test_bench_refuses_a_bad_serve_budget(capsys):

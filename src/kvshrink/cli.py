@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not keep caches for later prompts that start with the same tokens (docs/serve.md)")
     s.add_argument("--no-park", action="store_true",
                    help="a preempted request's cache is freed and recomputed, not parked on disk")
+    s.add_argument("--probe-tokens", type=int, default=None,
+                   help="prompt tokens whose cache bytes are measured at start for the byte model (default 1024; "
+                        "past them it grows at the measured rate: docs/serve.md)")
     s.add_argument("--decode-probe", type=int, default=None,
                    help="decode steps measured at start for the byte model (default: two blocks, which covers "
                         "any request; fewer starts faster and may reserve too little: docs/serve.md)")
@@ -360,11 +363,14 @@ def cmd_serve(args) -> None:
             raise KvshrinkError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range")
     if args.decode_probe is not None and args.decode_probe < 0:
         raise KvshrinkError(f"--decode-probe {args.decode_probe} is out of range")
-    from .serve.server import build, parse_bytes, run
+    if args.probe_tokens is not None and args.probe_tokens < 1:
+        raise KvshrinkError(f"--probe-tokens {args.probe_tokens} is out of range")
+    from .serve.server import PROBE_TOKENS, build, parse_bytes, run
 
     budget = parse_bytes(args.kv_budget)
     app, _, _ = build(args.model, args.method, budget, args.max_running, args.step_tokens, args.queue_limit,
-                      prefix=not args.no_prefix_reuse, park=not args.no_park, decode_steps=args.decode_probe)
+                      probe=args.probe_tokens or PROBE_TOKENS, prefix=not args.no_prefix_reuse, park=not args.no_park,
+                      decode_steps=args.decode_probe)
     print(f"kvshrink serve: {args.method} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
     got = run(app, args.host, args.port)
     print(f"kvshrink serve: stopped{' on signal ' + str(got[-1]) if got else ''}", flush=True)

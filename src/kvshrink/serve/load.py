@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .engine import Request, Sampling
-from .server import make_engine
+from .server import PROBE_TOKENS, make_engine
 
 
 @dataclass
@@ -126,18 +126,19 @@ RATES = (0.5, 1.0, math.inf)
 
 def serve_section(model, tok, methods, corpus_ids: torch.Tensor, kv_budget: int, rates=RATES,
                   workload: Workload | None = None, time_limit: float = 300.0, progress=None, log=print,
-                  decode_steps: int | None = None) -> dict:
-    """Every method under the same KV budget, at every rate, on the same drawn requests. decode_steps:
-    as make_engine's (None: a full cycle of each method's float16 decode tokens, budget.py)."""
+                  decode_steps: int | None = None, probe: int = PROBE_TOKENS) -> dict:
+    """Every method under the same KV budget, at every rate, on the same drawn requests. decode_steps, probe:
+    as make_engine's (None: a full cycle of each method's float16 decode tokens, budget.py; the prompt tokens
+    whose bytes are measured)."""
     workload = workload or Workload()
     items = workload.draw(corpus_ids)
     res = {"workload": {**workload.__dict__, "drawn_prompt_tokens": [len(p) for p, _ in items],
                         "drawn_output_tokens": [n for _, n in items]},
-           "kv_budget_bytes": kv_budget, "by_method": {}}
+           "kv_budget_bytes": kv_budget, "probe_tokens": probe, "by_method": {}}
     for method in methods:
         prepared, fresh = make_engine(model, tok, method, kv_budget, log=lambda *_: None,
-                                      decode_steps=decode_steps)
-        probe = fresh()
+                                      decode_steps=decode_steps, probe=probe)
+        first = fresh()
         sizes = [len(p) + n for p, n in items]
         runs = []
         for rate in rates:
@@ -145,8 +146,8 @@ def serve_section(model, tok, methods, corpus_ids: torch.Tensor, kv_budget: int,
             if progress:
                 progress()
         res["by_method"][method] = {
-            "bytes_per_token_1k": probe.need.per_token(),
-            "median_request_need_bytes": float(np.median([probe.need.need(s) for s in sizes])),
+            "bytes_per_token": first.need.per_token(),
+            "median_request_need_bytes": float(np.median([first.need.need(s) for s in sizes])),
             "runs": runs}
         log(f"serve {method}: " + ", ".join(f"rate {r['rate']}: {r['output_tok_s']:.1f} tok/s, "
                                             f"peak {r['peak_running']}" for r in runs))
@@ -162,13 +163,13 @@ def serve_table(res: dict) -> str:
             f"requests per run (prompt median {res['workload']['prompt_median']}, output median "
             f"{res['workload']['output_median']} tokens, log-normal); ×{base} = against `{base}` at the same rate.",
             "",
-            "| method | rate (req/s) | bytes/token @1k | most running | ×" + base + " | completed | output tok/s | ×"
+            f"| method | rate (req/s) | bytes/token @{res.get('probe_tokens', PROBE_TOKENS)} | most running | ×" + base + " | completed | output tok/s | ×"
             + base + " | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | KV held max (MB) | preempted | RSS max (MB) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, m in by.items():
         for run, ref in zip(m["runs"], by[base]["runs"]):
             f = lambda x, k=1.0, spec=".2f": "–" if x is None else format(x * k, spec)  # noqa: E731
-            rows.append(f"| `{method}` | {run['rate']:g} | {m['bytes_per_token_1k']:.0f} | {run['peak_running']} | "
+            rows.append(f"| `{method}` | {run['rate']:g} | {m['bytes_per_token']:.0f} | {run['peak_running']} | "
                         f"{run['peak_running'] / max(ref['peak_running'], 1):.2f} | {run['completed']}/{run['requests']} | "
                         f"{run['output_tok_s']:.1f} | {run['output_tok_s'] / max(ref['output_tok_s'], 1e-9):.2f} | "
                         f"{f(run['ttft_p50_s'])} / {f(run['ttft_p99_s'])} | {f(run['tpot_p50_s'], 1000, '.0f')} / "
