@@ -14,8 +14,9 @@ queries' second moment M (the squared logit error a query meets on average), `ex
 attention the key can expect from queries ~ N(mu, M - mu mu^T) (log: s mu.k + s^2 k^T Sigma k / 2), `norm` the key's
 norm. mu and M are the group's queries over the sequence, per layer and KV head. What a store could build instead:
 `--seen block` counts the queries that arrive before the token's 128-token block is coded (to its end and 16 more,
-the window), `--seen window` those before it leaves the 16-token window (which holds it in 8-bit codes), `--copy stage` keeps the key as the stage's per-token codes give it back (two bits over the block's,
-rotated), not exact. Scored as the other studies, but at every position: the KL
+the window), `--seen window` those before it leaves the 16-token window (which holds it in 8-bit codes); `--copy
+stage` keeps the key as the stage's per-token codes give it back (two bits over the block's, rotated), not exact.
+Scored as the other studies, but at every position: the KL
 per token of the model's predictions (core/sensitivity.Perturbed) on the first 2 x 2,048 WikiText-2 test tokens,
 each query reading the 32 positions before it unchanged (a protocol chunk of 64 sees 32 of its own on average).
 
@@ -158,7 +159,9 @@ def main():
         for i, (kc, vc) in enumerate(zip(chosen.keys, chosen.values)):
             ktrip = key_trip(kc, i, found, spec.rope)
             vtrip = allocate._round_trip(allocate.value_codec(vc), SINK, BLOCK)
-            top = None if not k else top_tokens(score[i], k) if args.rule == "attention" else key_rule(args.rule, stats[i])
+            top = None
+            if k:  # positions picked by attention, or a key rule that picks them from each round trip
+                top = top_tokens(score[i], k) if args.rule == "attention" else key_rule(args.rule, stats[i])
             copy = key_trip(kc, i, found, spec.rope, stage=True) if args.copy == "stage" else None
             changes[i] = {"key": with_exact(ktrip, top if "key" in kept else None, k, copy),
                           "value": with_exact(vtrip, top if "value" in kept else None, k)}
