@@ -206,12 +206,10 @@ def test_a_failing_rank_stops_every_rank_with_one_line(tiny, monkeypatch):
     assert time.monotonic() - start < 100  # not the collective's timeout: the others were stopped
 
 
-def test_cli_refuses_a_method_it_cannot_shard_in_one_line():
-    out = subprocess.run([sys.executable, "-m", "kvshrink.cli", "generate", "--prompt", "hi", "--nproc", "2",
-                          "--method", "kvc-8x", "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cannot be split by KV heads" in lines[0], out.stderr
+def test_cli_refuses_a_method_it_cannot_shard_in_one_line(capsys):
+    assert main(["generate", "--prompt", "hi", "--nproc", "2", "--method", "kvc-8x", "--max-new-tokens", "2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "cannot be split by KV heads" in lines[0], lines
 
 
 def test_a_narrowed_exchange_refuses_what_it_cannot_narrow(tiny):

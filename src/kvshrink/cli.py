@@ -313,7 +313,7 @@ def _prompt_ids(tok, args):
 
 
 def _generate_parallel(args) -> None:
-    """--nproc N: spawn the ranks here; under torchrun: this process is one of them (docs/sp.md)."""
+    """--nproc N: start the ranks here; under torchrun: this process is one of them (docs/sp.md)."""
     for flag in ("save_cache", "resume", "device"):
         if getattr(args, flag):
             raise KvshrinkError(f"{'--nproc' if args.nproc else 'torchrun'} does not combine with "

@@ -146,10 +146,10 @@ def _save_plain(model, folder: str) -> None:
         model.generation_config.save_pretrained(folder)
 
 
-def converted(folder: str, gguf_file: str) -> str | None:
+def converted(folder: str, gguf_file: str, config=None) -> str | None:
     """The converted folder of a GGUF model, made on first use (written to a temporary folder, then
     renamed, so a folder that exists is whole); None, said on stderr, when it cannot be written (the
-    GGUF file is then read at every load, as before)."""
+    GGUF file is then read at every load, as before). config: the GGUF file's, when already read."""
     out = converted_path(folder, gguf_file)
     if os.path.isdir(out):
         return out
@@ -158,7 +158,7 @@ def converted(folder: str, gguf_file: str) -> str | None:
         os.makedirs(model_cache_dir(), exist_ok=True)
         print(f"kvshrink: converting {gguf_file} once to {out} (the bundled model: about 25 s; later loads "
               "take about a second)", file=sys.stderr)
-        tokenizer, model = _from_pretrained(folder, torch.float32, gguf_file=gguf_file)
+        tokenizer, model = _from_pretrained(folder, torch.float32, config=config, gguf_file=gguf_file)
         _save_plain(model, tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, out)
@@ -207,9 +207,10 @@ def device_from(text: str | None) -> torch.device:
     return dev
 
 
-def _from_pretrained(source: str, dtype, name: str | None = None, **kwargs):
+def _from_pretrained(source: str, dtype, name: str | None = None, config=None, **kwargs):
     """(tokenizer, model) from a folder or hub id (gguf_file= for a GGUF file), transformers' notices and
-    bars silenced; any failure as one KvshrinkError."""
+    bars silenced; any failure as one KvshrinkError. config: the source's own, when already read (each
+    read of a GGUF file parses its whole header, the tokenizer's vocabulary included: seconds)."""
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the GGUF de-quantization notices and bars are noise here
@@ -218,7 +219,8 @@ def _from_pretrained(source: str, dtype, name: str | None = None, **kwargs):
     try:
         gguf = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
         tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs,
+                                                     **({"config": config} if config is not None else {}))
     except KvshrinkError:
         raise
     except Exception as err:
@@ -242,27 +244,29 @@ def load_model(name: str | None = None, dtype=None, attn_implementation: str | N
     """
     dtype = dtype or torch.float32
     kwargs: dict = {}
+    config = None  # a GGUF file's config, once read, is passed on rather than read again
     gguf = _gguf_source(name)
     if gguf is not None:
         source, kwargs["gguf_file"] = gguf
         if name not in (None, DEFAULT_MODEL):
-            spec_from_config(load_config(name))
+            config = load_config(name)
+            spec_from_config(config)
     else:
         source = os.path.expanduser(name)
         looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
         if looks_local and not os.path.isdir(source):
             raise KvshrinkError(f"unknown model {name!r}: no such folder")
-        config = _config(name, source)
-        spec_from_config(config)
+        spec_from_config(_config(name, source))
     origin = source
     if "gguf_file" in kwargs:
-        folder = converted(source, kwargs["gguf_file"])
+        folder = converted(source, kwargs["gguf_file"], config)
         if folder is not None:
             source = folder
             del kwargs["gguf_file"]
+            config = None  # the folder's own config, without the GGUF marking
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    tokenizer, model = _from_pretrained(source, dtype, name=name, **kwargs)
+    tokenizer, model = _from_pretrained(source, dtype, name=name, config=config, **kwargs)
     model.config._name_or_path = origin  # where the model came from, not the conversion's folder
     spec_from_config(model.config)
     model.eval()

@@ -3,8 +3,11 @@ on each and collect what each returns, or stop them all with one line when one f
 
 Two ways in:
 
-- `launch(fn, N)` spawns the N processes itself (torch.multiprocessing), for `kvshrink generate
-  --nproc N` and the tests. A rank that raises makes the others stop at once (they would otherwise
+- `launch(fn, N)` starts the N processes itself (torch.multiprocessing), for `kvshrink generate
+  --nproc N`, the bench and the tests. They are forks of one server process that imported fn's module
+  (torch, transformers, the model code) once: started fresh, N ranks would each import them, seconds
+  apiece and N at once on the same cores. Each rank gets the caller's environment as it is at the call,
+  not as it was when the server started. A rank that raises makes the others stop at once (they would otherwise
   wait in a collective for it): the parent terminates them and raises `KvshrinkError` naming the
   rank that failed first. A run that outlives `timeout` seconds is stopped the same way, and so is a
   collective that waits that long (gloo's own timeout), so nothing hangs.
@@ -20,6 +23,7 @@ tests check that the others stop).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import socket
 import tempfile
@@ -43,7 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, world: int, port: int, timeout: float, out: str, args: tuple) -> None:
+def _entry(rank: int, fn, world: int, port: int, timeout: float, out: str, args: tuple, env: dict) -> None:
+    os.environ.clear()  # the caller's environment now, not the fork server's from its start
+    os.environ.update(env)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout))
@@ -132,14 +138,24 @@ def _last_line(text: str) -> str:
     return line.split("KvshrinkError: ", 1)[-1]
 
 
+def _start_method(fn) -> str:
+    """"forkserver" where the platform has it, its server importing fn's module once per process that
+    launches; "spawn" elsewhere."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    if fn.__module__ != "__main__":  # preloading "__main__" would run the caller's script in the server
+        multiprocessing.get_context("forkserver").set_forkserver_preload([fn.__module__])  # no-op once it runs
+    return "forkserver"
+
+
 def launch(fn, nproc: int, args: tuple = (), timeout: float = 600.0) -> list:
     """[fn(rank, nproc, *args) for every rank], each run in its own process. fn must be a module-level
     function (it is pickled by name) and its result picklable."""
     if not isinstance(nproc, int) or nproc < 1:
         raise KvshrinkError(f"--nproc must be a positive integer, got {nproc!r}")
     with tempfile.TemporaryDirectory(prefix="kvshrink-sp-") as out:
-        ctx = mp.start_processes(_entry, args=(fn, nproc, free_port(), timeout, out, args), nprocs=nproc,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(_entry, args=(fn, nproc, free_port(), timeout, out, args, dict(os.environ)),
+                                 nprocs=nproc, join=False, start_method=_start_method(fn))
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=0.5, grace_period=GRACE):
