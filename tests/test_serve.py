@@ -146,7 +146,7 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(bundled):
 def test_a_full_queue_answers_429(bundled):
     with Server(bundled, "int4", max_running=1, queue_limit=1) as s:
         def post(_):
-            return httpx.post(s.url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 40,
+            return httpx.post(s.url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 20,
                                                                "temperature": 0}, timeout=120)
         with ThreadPoolExecutor(4) as pool:
             codes = [r.status_code for r in pool.map(post, range(4))]
