@@ -26,7 +26,7 @@ import numba
 import numpy as np
 import torch
 
-COMPILE_NOTE = "5 to 20 s"  # measured on 2 cores: int 15 s, kvcomp 8 s, paged rows 6 s
+COMPILE_NOTE = "10 to 60 s"  # measured cold on 2 cores: int 55 s, zdc 28 s, rvq 22 s, kvcomp 15 s, eviction 9 s
 _ANNOUNCED: set = set()
 
 
