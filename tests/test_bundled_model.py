@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvshrink import from_method
+from kvshrink import KvshrinkError, from_method
 from kvshrink.core.cache import cache_nbytes
 from kvshrink.corpus import load_corpus_ids, segments
 from kvshrink.eval.needle import run_needles
@@ -71,6 +71,21 @@ def test_needle_cases_fit_their_length(bundled, kind):
         case = make_case(bundled[1], length, 0.9, kind)
         total = case.context.shape[1] + case.question.shape[1] + ANSWER_TOKENS
         assert length - 200 < total <= length
+
+
+def test_a_needle_case_too_short_for_a_haystack_is_refused(bundled):
+    from kvshrink.eval.needle import make_case
+
+    with pytest.raises(KvshrinkError, match=r"distractor needle case of 120 tokens leaves no room.*use at least (\d+)"):
+        make_case(bundled[1], 120, 0.5, "distractor")
+    with pytest.raises(KvshrinkError, match="0 to 1; got 1.5"):
+        make_case(bundled[1], 2048, 1.5, "noise")
+    for kind in ("noise", "distractor"):  # the least it names holds one sentence of haystack
+        with pytest.raises(KvshrinkError) as refused:
+            make_case(bundled[1], 120, 0.5, kind)
+        least = int(str(refused.value).rsplit(" ", 1)[-1])
+        case = make_case(bundled[1], least, 0.5, kind)
+        assert case.context.shape[1] + case.question.shape[1] <= least
 
 
 def test_needle_cases_for_a_base_model_without_a_chat_template(bundled):

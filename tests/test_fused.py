@@ -369,6 +369,17 @@ def test_cli_refuses_no_decode_steps(capsys):
         assert "decode steps must be at least 2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, words", [(["--sections", "speed", "--speed-contexts", "0"], "speed contexts must be"),
+                                         (["--sections", "needle", "--needle-depths", "0.5,1.5"], "needle depths are"),
+                                         (["--sections", "needle", "--needle-lengths", "0"], "needle lengths must be")])
+def test_cli_refuses_empty_contexts_and_depths_outside_the_haystack(capsys, args, words):
+    from kvshrink.cli import main
+
+    assert main(["bench", "--methods", "int4", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]
+
+
 def test_speed_protocol_times_every_step_round_robin(model, tiny_config):
     from transformers import DynamicCache
 

@@ -315,9 +315,11 @@ def test_an_int8_wire_sends_the_coded_size_and_stays_close(bundled):
 def test_wire_without_several_processes_is_refused_in_one_line(capsys):
     assert main(["generate", "--prompt", "hi", "--wire", "int8", "--max-new-tokens", "1"]) == 2
     assert main(["generate", "--prompt", "hi", "--nproc", "2", "--wire", "int3"]) == 2
+    assert main(["generate", "--prompt", "hi", "--nproc", "0"]) == 2  # refused before a split over no ranks
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and "--wire applies to runs on several processes" in lines[0]
+    assert len(lines) == 3 and "--wire applies to runs on several processes" in lines[0]
     assert "int3" in lines[1] and "int8" in lines[1]
+    assert "--nproc must be at least 1, got 0" in lines[2]
 
 
 def test_zdc_with_keys_and_values_exchanged_in_full_gives_the_single_process_output(tiny):

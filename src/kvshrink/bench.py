@@ -118,6 +118,13 @@ def validate(cfg: BenchConfig, spec) -> None:
         raise KvshrinkError(f"decode steps must be at least 2 (the first is not timed), got {cfg.decode_steps}")
     if cfg.segments < 1 or cfg.seg_len < 2 or cfg.chunk < 1:
         raise KvshrinkError("segments, segment length and chunk must be positive")
+    if "speed" in cfg.sections and min(cfg.speed_contexts, default=0) < 1:
+        raise KvshrinkError(f"speed contexts must be at least 1 token, got {cfg.speed_contexts}")
+    if "needle" in cfg.sections:
+        if not cfg.needle_depths or any(not 0.0 <= d <= 1.0 for d in cfg.needle_depths):
+            raise KvshrinkError(f"needle depths are fractions of the haystack, 0 to 1; got {cfg.needle_depths}")
+        if not cfg.needle_lengths or min(cfg.needle_lengths) < 1:
+            raise KvshrinkError(f"needle lengths must be positive token counts, got {cfg.needle_lengths}")
 
 
 def _progress():

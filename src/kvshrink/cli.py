@@ -244,6 +244,8 @@ def cmd_generate(args) -> None:
     method = get_method(args.method)  # fail before torch and the model load
     if args.max_new_tokens < 1:
         raise KvshrinkError("--max-new-tokens must be at least 1")
+    if args.nproc is not None and args.nproc < 1:  # before the model loads (a split over 0 ranks has no meaning)
+        raise KvshrinkError(f"--nproc must be at least 1, got {args.nproc}")
     if args.save_cache and not method.config.can_save:
         raise KvshrinkError(f"{args.method} caches cannot be saved; use a kvcomp method")
     import torch

@@ -48,7 +48,10 @@ def _needle(key: str, number: str) -> str:
 
 
 def make_case(tokenizer, length: int, depth: float, kind: str, seed: int = 0) -> NeedleCase:
-    """A haystack of about `length` tokens in all, the needle at `depth` (0 = start, 1 = end)."""
+    """A haystack of about `length` tokens in all, the needle at `depth` (0 = start, 1 = end). A length
+    that leaves no room for one sentence of haystack around the needles and the question is refused."""
+    if not 0.0 <= depth <= 1.0:
+        raise KvshrinkError(f"a needle depth is a fraction of the haystack, 0 to 1; got {depth}")
     rng = random.Random(f"{seed}-{length}-{depth}-{kind}")
     keys = rng.sample(WORDS, 4)
     numbers = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
@@ -67,7 +70,10 @@ def make_case(tokenizer, length: int, depth: float, kind: str, seed: int = 0) ->
     n_fixed += sum(len(tokenizer(" " + _needle(k, n), add_special_tokens=False).input_ids)
                    for k, n in zip(needles, numbers))
     per = len(tokenizer(" " + NOISE, add_special_tokens=False).input_ids)
-    sentences = [NOISE] * max(1, (length - n_fixed - ANSWER_TOKENS) // per)
+    if length - n_fixed - ANSWER_TOKENS < per:
+        raise KvshrinkError(f"a {kind} needle case of {length} tokens leaves no room for a haystack: the question, "
+                            f"needles and answer take {n_fixed + ANSWER_TOKENS}; use at least {n_fixed + ANSWER_TOKENS + per}")
+    sentences = [NOISE] * ((length - n_fixed - ANSWER_TOKENS) // per)
     sentences.insert(round(depth * len(sentences)), _needle(keys[0], numbers[0]))
     if kind == "distractor":
         for key, num in zip(keys[1:], numbers[1:]):
