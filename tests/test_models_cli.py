@@ -123,6 +123,8 @@ def test_empty_and_short_corpus(tiny_folder, tmp_path, capsys):
     assert code == 2 and "is empty" in err
     code, err = _run(args + ["--corpus", str(tmp_path / "nope.txt")], capsys)
     assert code == 2 and "does not exist" in err
+    code, err = _run(args + ["--corpus", str(tmp_path)], capsys)  # a folder
+    assert code == 2 and "is not a regular file" in err
     short = tmp_path / "short.txt"
     short.write_text("w1 w2 w3")
     code, err = _run(args + ["--corpus", str(short)], capsys)
