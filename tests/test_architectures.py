@@ -13,7 +13,6 @@ Properties:
 """
 
 import copy
-import os
 
 import pytest
 import torch
@@ -65,9 +64,9 @@ def arch(request, tmp_path_factory):
         for n, p in model.named_parameters():
             if n.endswith("bias") or "norm" in n:
                 p.add_(torch.randn_like(p) * 0.1)
-    os.environ["KVSHRINK_CALIB_DIR"] = str(tmp_path_factory.mktemp(f"calib-{name}"))
-    yield name, model
-    del os.environ["KVSHRINK_CALIB_DIR"]
+    with pytest.MonkeyPatch.context() as env:  # restored after, whatever it was (a user's own included)
+        env.setenv("KVSHRINK_CALIB_DIR", str(tmp_path_factory.mktemp(f"calib-{name}")))
+        yield name, model
 
 
 @torch.no_grad()

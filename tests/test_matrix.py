@@ -68,19 +68,19 @@ def expected(prop: str, name: str) -> str | None:
 @pytest.fixture(scope="module")
 def model(tiny_config, tmp_path_factory):
     """A tiny random Llama with its ZDC and RVQ calibrations where the methods look for them."""
-    os.environ["KVSHRINK_CALIB_DIR"] = str(tmp_path_factory.mktemp("calib"))
-    torch.manual_seed(0)
-    m = LlamaForCausalLM(copy.deepcopy(tiny_config)).eval()  # prepare() sets attention on the config
-    ids = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1))
-    zdc.calibrate(m, ids, {"test": True}).save(zdc.default_calibration_path(m))
-    rvq_calib.calibrate(m, ids, {"test": True}, 16, 256, 8, "strided", "contiguous", iters=3).save(
-        rvq_calib.default_path(m, 16, 256, "strided", "contiguous"))
-    auto = os.path.join(os.environ["KVSHRINK_CALIB_DIR"], "auto.safetensors")
-    budget.calibrate(m, _ids(4 + 128, seed=12), {"test": True}).save(auto)
-    budget.joint.calibrate(m, _ids(4 + 128, seed=12), {"test": True}).save(budget.joint.path_beside(auto))
-    os.environ["KVSHRINK_AUTO_CALIBRATION"] = auto
-    yield m
-    del os.environ["KVSHRINK_CALIB_DIR"], os.environ["KVSHRINK_AUTO_CALIBRATION"]
+    with pytest.MonkeyPatch.context() as env:  # restored after, whatever they were
+        env.setenv("KVSHRINK_CALIB_DIR", str(tmp_path_factory.mktemp("calib")))
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(copy.deepcopy(tiny_config)).eval()  # prepare() sets attention on the config
+        ids = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1))
+        zdc.calibrate(m, ids, {"test": True}).save(zdc.default_calibration_path(m))
+        rvq_calib.calibrate(m, ids, {"test": True}, 16, 256, 8, "strided", "contiguous", iters=3).save(
+            rvq_calib.default_path(m, 16, 256, "strided", "contiguous"))
+        auto = os.path.join(os.environ["KVSHRINK_CALIB_DIR"], "auto.safetensors")
+        budget.calibrate(m, _ids(4 + 128, seed=12), {"test": True}).save(auto)
+        budget.joint.calibrate(m, _ids(4 + 128, seed=12), {"test": True}).save(budget.joint.path_beside(auto))
+        env.setenv("KVSHRINK_AUTO_CALIBRATION", auto)
+        yield m
 
 
 def _ready(model, name):

@@ -40,7 +40,6 @@ def tiny(tmp_path_factory):
     """A tiny random Llama with 4 KV heads (one per rank of 4) saved where every process can load it, and
     its ZDC calibration where the zdc methods look for it."""
     folder = tmp_path_factory.mktemp("tiny-sp")
-    os.environ["KVSHRINK_CALIB_DIR"] = str(tmp_path_factory.mktemp("calib"))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=512,
@@ -48,9 +47,10 @@ def tiny(tmp_path_factory):
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(folder)
     ids = torch.randint(3, 128, (4, 96), generator=torch.Generator().manual_seed(1))
-    zdc.calibrate(model, ids, {"test": True}).save(zdc.default_calibration_path(model))
-    yield model, {"folder": str(folder)}
-    del os.environ["KVSHRINK_CALIB_DIR"]
+    with pytest.MonkeyPatch.context() as env:  # restored after, whatever it was
+        env.setenv("KVSHRINK_CALIB_DIR", str(tmp_path_factory.mktemp("calib")))
+        zdc.calibrate(model, ids, {"test": True}).save(zdc.default_calibration_path(model))
+        yield model, {"folder": str(folder)}
 
 
 def _single(model, method, ids, new_tokens):
