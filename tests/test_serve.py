@@ -108,7 +108,8 @@ def test_chat_and_completions_with_the_openai_client(bundled):
         assert "." not in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
         a, b = (s.chat(PROMPTS[4], temperature=1.0, top_p=0.9, seed=7, max_tokens=8).choices[0].message.content
                 for _ in range(2))
-        others = {s.chat(PROMPTS[4], temperature=1.0, seed=k, max_tokens=8).choices[0].message.content for k in range(3)}
+        others = {s.chat(PROMPTS[4], temperature=1.0, seed=k, max_tokens=8).choices[0].message.content
+                  for k in range(3)}
         assert a == b and len(others) > 1
 
 

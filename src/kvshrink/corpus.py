@@ -37,7 +37,8 @@ def check_corpus(path: str | None = None) -> str:
     before any model loads)."""
     path = path or default_corpus()
     if not os.path.isfile(path):
-        raise KvshrinkError(f"corpus {path!r} " + ("is not a regular file" if os.path.exists(path) else "does not exist"))
+        why = "is not a regular file" if os.path.exists(path) else "does not exist"
+        raise KvshrinkError(f"corpus {path!r} {why}")
     with open(path, encoding="utf-8", errors="replace", newline="") as fh:
         if not fh.read(1 << 16).strip():
             raise KvshrinkError(f"corpus {path!r} is empty")

@@ -219,8 +219,7 @@ def _from_pretrained(source: str, dtype, name: str | None = None, config=None, *
     try:
         gguf = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
         tokenizer = AutoTokenizer.from_pretrained(source, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs,
-                                                     **({"config": config} if config is not None else {}))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, config=config, **kwargs)
     except KvshrinkError:
         raise
     except Exception as err:

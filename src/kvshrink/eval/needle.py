@@ -70,10 +70,11 @@ def make_case(tokenizer, length: int, depth: float, kind: str, seed: int = 0) ->
     n_fixed += sum(len(tokenizer(" " + _needle(k, n), add_special_tokens=False).input_ids)
                    for k, n in zip(needles, numbers))
     per = len(tokenizer(" " + NOISE, add_special_tokens=False).input_ids)
-    if length - n_fixed - ANSWER_TOKENS < per:
+    n_fixed += ANSWER_TOKENS
+    if length - n_fixed < per:
         raise KvshrinkError(f"a {kind} needle case of {length} tokens leaves no room for a haystack: the question, "
-                            f"needles and answer take {n_fixed + ANSWER_TOKENS}; use at least {n_fixed + ANSWER_TOKENS + per}")
-    sentences = [NOISE] * ((length - n_fixed - ANSWER_TOKENS) // per)
+                            f"needles and answer take {n_fixed}; use at least {n_fixed + per}")
+    sentences = [NOISE] * ((length - n_fixed) // per)
     sentences.insert(round(depth * len(sentences)), _needle(keys[0], numbers[0]))
     if kind == "distractor":
         for key, num in zip(keys[1:], numbers[1:]):

@@ -163,9 +163,9 @@ def serve_table(res: dict) -> str:
             f"requests per run (prompt median {res['workload']['prompt_median']}, output median "
             f"{res['workload']['output_median']} tokens, log-normal); ×{base} = against `{base}` at the same rate.",
             "",
-            (f"| method | rate (req/s) | bytes/token @{res.get('probe_tokens', PROBE_TOKENS)} | most running | ×{base} "
-             f"| completed | output tok/s | ×{base} | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | KV held max (MB) "
-             "| preempted | RSS max (MB) |"),
+            (f"| method | rate (req/s) | bytes/token @{res.get('probe_tokens', PROBE_TOKENS)} | most running "
+             f"| ×{base} | completed | output tok/s | ×{base} | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) "
+             "| KV held max (MB) | preempted | RSS max (MB) |"),
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, m in by.items():
         for run, ref in zip(m["runs"], by[base]["runs"]):
