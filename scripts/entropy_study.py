@@ -110,7 +110,8 @@ def calibrate_tables(model, tok, calib, found, spec):
             codecs["k"].append(allocate.key_codec(c, BLOCK, spec.rope) if ok else None)
         if found:
             codecs["k"] += [found[0].codec(i, j, BLOCK, spec.rope) for j in range(len(found[0].proxy[0]))]
-        codecs["v"] = [allocate.value_codec(c) if allocate.fits(c, spec.head_dim) else None for c in allocate.VALUE_MENU]
+        codecs["v"] = [allocate.value_codec(c) if allocate.fits(c, spec.head_dim) else None
+                       for c in allocate.VALUE_MENU]
         for kind, x in (("k", k), ("v", v)):
             for j, codec in enumerate(codecs[kind]):
                 if codec is None:
@@ -191,7 +192,8 @@ def main():
     ap.add_argument("--corpus", default=None)
     ap.add_argument("--out", default="bench-results-entropy")
     ap.add_argument("--plain", action="store_true", help="the shipped allocation (sizes still measured both ways)")
-    ap.add_argument("--only", choices=("k", "v"), default=None, help="entropy-code the keys' or the values' blocks only")
+    ap.add_argument("--only", choices=("k", "v"), default=None,
+                    help="entropy-code the keys' or the values' blocks only")
     args = ap.parse_args()
     model, tok = load_model()
     spec = spec_from_config(model.config)

@@ -2,7 +2,8 @@
 turn one layer's keys or values at 8,064 tokens (3 heads x 64 channels, blocks of 128) back into uint8 codes,
 fixed-width (`tiles.unpack_codes`, what the fused kernel does now) against tuple Huffman streams, one per block
 (`huffman.decode_into`, KVComp's decoder), each called per block as a kernel would. Symbols are drawn with the
-distributions measured on `auto-6x`'s cache; one thread.
+distributions measured on `auto-6x`'s cache; one thread. Then the study's own variant of the decoder: a 12-bit
+window emitting up to 8 symbols a lookup (two triples of 2-bit symbols) where KVComp's emits up to 4 from 10 bits.
 
     .venv/bin/python scripts/stream_decode_speed.py
 """
@@ -31,6 +32,54 @@ def fixed_width(packed, blocks, row, n, bits, out):
 def streams(stream, starts, n, lut_sym, lut_len, lut_n, max_len, out):
     for b in range(starts.shape[0]):
         huffman.decode_into(stream, starts[b], n, lut_sym, lut_len, lut_n, max_len, 0, out)
+
+
+def lookup(codes, lengths, max_len, n_symbols, k, multi):
+    """huffman._lookup with a window of max_len bits emitting up to `multi` symbols a lookup."""
+    size = 1 << max_len
+    one_sym = np.zeros((size, k), np.uint8)
+    one_len = np.zeros(size, np.int64)
+    for s in range(codes.size):
+        shift = max_len - int(lengths[s])
+        start = int(codes[s]) << shift
+        one_sym[start:start + (1 << shift)] = [s // n_symbols ** (k - 1 - j) % n_symbols for j in range(k)]
+        one_len[start:start + (1 << shift)] = lengths[s]
+    w = np.arange(size, dtype=np.int64)
+    sym = np.zeros((size, multi), np.uint8)
+    used, count = np.zeros(size, np.int64), np.zeros(size, np.int64)
+    live = np.ones(size, bool)
+    for _ in range(multi // k):
+        nxt = (w << used) & (size - 1)
+        ln = one_len[nxt]
+        live &= (ln > 0) & (used + ln <= max_len)
+        for j in range(k):
+            sym[live, count[live] + j] = one_sym[nxt[live], j]
+        used = np.where(live, used + ln, used)
+        count += live * k
+    return sym, used.astype(np.uint8), count.astype(np.uint8)
+
+
+@numba.njit(cache=True)
+def decode_wide(stream, start, n, lut_sym, lut_len, lut_n, max_len, out):
+    """huffman.decode_into for any window and symbols a lookup (out needs lut_sym.shape[1] slots of slack)."""
+    mask = np.uint64((1 << max_len) - 1)
+    pos, acc, nacc, i = start, np.uint64(0), 0, 0
+    while i < n:
+        if nacc < max_len:
+            acc = (acc << np.uint64(16)) | (np.uint64(stream[pos]) << np.uint64(8)) | np.uint64(stream[pos + 1])
+            pos += 2
+            nacc += 16
+        peek = int((acc >> np.uint64(nacc - max_len)) & mask)
+        for j in range(lut_sym.shape[1]):
+            out[i + j] = lut_sym[peek, j]
+        i += lut_n[peek]
+        nacc -= lut_len[peek]
+
+
+@numba.njit(cache=True)
+def wide(stream, starts, n, lut_sym, lut_len, lut_n, max_len, out):
+    for b in range(starts.shape[0]):
+        decode_wide(stream, starts[b], n, lut_sym, lut_len, lut_n, max_len, out)
 
 
 def best(fn, *args) -> float:
@@ -62,6 +111,14 @@ def main():
         print(f"{name}: {8 * stream.size / sym.size:.2f} bits a symbol in streams; one layer's side at {TOKENS} "
               f"tokens: fixed width {1e3 * tf:.2f} ms, Huffman {1e3 * th:.2f} ms; 30 layers, keys and values: "
               f"{60e3 * tf:.0f} ms against {60e3 * th:.0f} ms")
+        padded = np.concatenate([stream, np.zeros(8, np.uint8)])  # a wider window reads further past the end
+        max_len, multi = 12, 8
+        luts = (*lookup(table.codes, table.lengths, max_len, 1 << w, k, multi), max_len)
+        one = np.zeros(n + 16, np.uint8)
+        decode_wide(padded, starts[7], n, *luts, one)
+        assert (one[:n] == sym[7]).all(), "the study's decoder is wrong"
+        print(f"  a {max_len}-bit window emitting up to {multi} symbols: "
+              f"{1e3 * best(wide, padded, starts, n, *luts, one):.2f} ms")
 
 
 if __name__ == "__main__":
