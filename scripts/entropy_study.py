@@ -22,6 +22,7 @@ the same quality, in fewer bytes, and the budget those bytes free buys wider cod
    entropy (an oracle's bound).
 
     .venv/bin/python scripts/entropy_study.py [--methods auto-6x,auto-8x] [--segments 8] [--corpus F] [--plain]
+        [--sections quality,needle]
 
 --plain: the shipped allocations (fixed-width sizes), measured the same way: the baseline of a run.
 --corpus: evaluate on another corpus; the calibration (allocation and tables) stays WikiText-2's.
@@ -189,6 +190,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="auto-6x,auto-8x")
     ap.add_argument("--segments", type=int, default=8)
+    ap.add_argument("--sections", default="quality", help="the bench's sections to run (quality, needle)")
     ap.add_argument("--corpus", default=None)
     ap.add_argument("--out", default="bench-results-entropy")
     ap.add_argument("--plain", action="store_true", help="the shipped allocation (sizes still measured both ways)")
@@ -209,13 +211,13 @@ def main():
                 tables[key] = [(w, None) for w, _ in tables[key]]
     if not args.plain:
         patch(save, tbytes)
-    sizes = {m: held(model, tok, m, tables, args.corpus) for m in args.methods.split(",")}
+    sizes = {m: held(model, tok, m, tables, args.corpus) for m in args.methods.split(",") if m.startswith("auto")}
     for m, r in sizes.items():
         print(m, json.dumps(r), flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sizes.json"), "w") as fh:
         json.dump(sizes, fh, indent=1)
-    cli.main(["bench", "--sections", "quality", "--methods", args.methods, "--segments", str(args.segments),
+    cli.main(["bench", "--sections", args.sections, "--methods", args.methods, "--segments", str(args.segments),
               "--out", args.out] + (["--corpus", args.corpus] if args.corpus else []))
     for m, r in sizes.items():
         print(f"{m}: {r['ratio_huffman']:.2f}x in tuple Huffman streams ({r['ratio_fixed_width']:.2f}x at fixed width, "

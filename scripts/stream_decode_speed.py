@@ -34,31 +34,6 @@ def streams(stream, starts, n, lut_sym, lut_len, lut_n, max_len, out):
         huffman.decode_into(stream, starts[b], n, lut_sym, lut_len, lut_n, max_len, 0, out)
 
 
-def lookup(codes, lengths, max_len, n_symbols, k, multi):
-    """huffman._lookup with a window of max_len bits emitting up to `multi` symbols a lookup."""
-    size = 1 << max_len
-    one_sym = np.zeros((size, k), np.uint8)
-    one_len = np.zeros(size, np.int64)
-    for s in range(codes.size):
-        shift = max_len - int(lengths[s])
-        start = int(codes[s]) << shift
-        one_sym[start:start + (1 << shift)] = [s // n_symbols ** (k - 1 - j) % n_symbols for j in range(k)]
-        one_len[start:start + (1 << shift)] = lengths[s]
-    w = np.arange(size, dtype=np.int64)
-    sym = np.zeros((size, multi), np.uint8)
-    used, count = np.zeros(size, np.int64), np.zeros(size, np.int64)
-    live = np.ones(size, bool)
-    for _ in range(multi // k):
-        nxt = (w << used) & (size - 1)
-        ln = one_len[nxt]
-        live &= (ln > 0) & (used + ln <= max_len)
-        for j in range(k):
-            sym[live, count[live] + j] = one_sym[nxt[live], j]
-        used = np.where(live, used + ln, used)
-        count += live * k
-    return sym, used.astype(np.uint8), count.astype(np.uint8)
-
-
 @numba.njit(cache=True)
 def decode_wide(stream, start, n, lut_sym, lut_len, lut_n, max_len, out):
     """huffman.decode_into for any window and symbols a lookup (out needs lut_sym.shape[1] slots of slack)."""
@@ -113,7 +88,7 @@ def main():
               f"{60e3 * tf:.0f} ms against {60e3 * th:.0f} ms")
         padded = np.concatenate([stream, np.zeros(8, np.uint8)])  # a wider window reads further past the end
         max_len, multi = 12, 8
-        luts = (*lookup(table.codes, table.lengths, max_len, 1 << w, k, multi), max_len)
+        luts = (*huffman._lookup(table.codes, table.lengths, max_len, 1 << w, k, multi), max_len)
         one = np.zeros(n + 16, np.uint8)
         decode_wide(padded, starts[7], n, *luts, one)
         assert (one[:n] == sym[7]).all(), "the study's decoder is wrong"

@@ -141,8 +141,9 @@ class Table:
         return int(np.dot(np.asarray(counts, dtype=np.int64), self.lengths.astype(np.int64)))
 
 
-def _lookup(codes: np.ndarray, lengths: np.ndarray, max_len: int, n_symbols: int | None = None, k: int = 1):
-    """Per window of max_len bits: the symbols of the codes that fit whole in it (MULTI at most),
+def _lookup(codes: np.ndarray, lengths: np.ndarray, max_len: int, n_symbols: int | None = None, k: int = 1,
+            multi: int = MULTI):
+    """Per window of max_len bits: the symbols of the codes that fit whole in it (`multi` at most),
     the bits they take and how many they are (k per code of a tuple)."""
     n_symbols = n_symbols or codes.size
     size = 1 << max_len
@@ -154,11 +155,11 @@ def _lookup(codes: np.ndarray, lengths: np.ndarray, max_len: int, n_symbols: int
         one_sym[start:start + (1 << shift)] = [s // n_symbols ** (k - 1 - j) % n_symbols for j in range(k)]
         one_len[start:start + (1 << shift)] = lengths[s]
     w = np.arange(size, dtype=np.int64)
-    sym = np.zeros((size, MULTI), dtype=np.uint8)
+    sym = np.zeros((size, multi), dtype=np.uint8)
     used = np.zeros(size, dtype=np.int64)
     count = np.zeros(size, dtype=np.int64)
     live = np.ones(size, dtype=bool)
-    for _ in range(MULTI // k):
+    for _ in range(multi // k):
         nxt = (w << used) & (size - 1)  # the window's bits after the codes taken so far, zero-filled
         ln = one_len[nxt]
         live &= (ln > 0) & (used + ln <= max_len)  # a code that only fits with the zero fill is not whole
