@@ -6,20 +6,22 @@ over a block's 128 keys puts most of them on the two inner levels. So a lossless
 the same quality, in fewer bytes, and the budget those bytes free buys wider codes elsewhere.
 
 1. Calibration (the budget calibration's own tokens, the last 4 x 512 of the corpus): every layer's keys and values
-   go through every menu choice and every joint key choice; each width class gets a static Huffman code over tuples
-   of symbols (KVComp's, codecs/huffman.py), fitted to its counts (+1, so that every tuple has a code). A class the
-   code would not shrink (1-bit Gaussian values) stays at fixed width.
+   go through every menu choice and every joint key choice. One static Huffman code over tuples of symbols
+   (KVComp's, codecs/huffman.py) per side, choice and width, shared by all layers (per width for joint-basis keys),
+   fitted to the pooled counts (+1, so that every tuple has a code). A table that would not shrink its symbols
+   (1-bit Gaussian values) leaves them at fixed width.
 2. Bytes as a store would hold them: each block of each head (and class) a stream decodable alone, in whole bytes,
-   with a 4-byte offset; the tables' code lengths a byte each. The saving per coded token is the fixed-width bytes
-   less these.
+   with a 4-byte offset; each table a cache uses counted once, with its decoding lookup as KVComp counts it (6 KB
+   for a 10-bit window; the 12-bit, 8-symbol window of scripts/stream_decode_speed.py needs 40 KB). The saving per
+   coded token is the fixed-width bytes less the streams.
 3. Allocation: `allocate.layer_bytes` is replaced, for this process only, by the same bytes less that saving on
-   every coded block, plus the tables (keys' stage, the window and the sink stay fixed-width), so `auto-Nx`
-   allocates N x against the coded size.
+   every coded block, with `--reserve-tables` tables' bytes set aside (keys' stage, the window and the sink stay
+   fixed-width), so `auto-Nx` allocates N x against the coded size.
 4. Quality: the bench's quality protocol on those allocations, run in this process (`kvshrink bench`'s own code).
    The cache it measures holds the symbols at fixed width; a lossless coder would not change a single decoded value.
 5. Size on the evaluated tokens: the first 2,048 tokens of the corpus prefilled in chunks of 64, each coded block's
-   symbols coded under the calibration's tables (what a static coder would hold), and beside it the symbols' own
-   entropy (an oracle's bound).
+   symbols coded under the calibration's tables (what a static coder would hold, tables and 10-bit lookups
+   counted; also with 12-bit lookups), and beside it the symbols' own entropy (an oracle's bound, no tables).
 
     .venv/bin/python scripts/entropy_study.py [--methods auto-6x,auto-8x] [--segments 8] [--corpus F] [--plain]
         [--sections quality,needle]
@@ -86,9 +88,23 @@ def stream_bytes(table: huffman.Table | None, width: int, sym: np.ndarray) -> in
     return int(((bits + 7) // 8).sum()) + OFFSET * sym.shape[0]
 
 
+def table_bytes(table: huffman.Table, window: int) -> int:
+    """What a decoder holds for one table: the code lengths, the encoder's codes (uint32), and the decoding lookup
+    for a window of `window` bits (10: KVComp's, up to 4 symbols an entry; 12: up to 8), counted as KVComp counts
+    its tables (`shared_tensors`)."""
+    multi = huffman.MULTI if window == huffman.MAX_LEN else 8
+    return table.lengths.size * 5 + (1 << window) * (multi + 2)
+
+
+def pooled(kind: str, j: int, width: int) -> tuple:
+    """One table per side, menu choice and width, shared by every layer (joint-basis keys: per width)."""
+    return (kind, "joint" if kind == "k" and j >= len(allocate.KEY_MENU) else j, width)
+
+
 def calibrate_tables(model, tok, calib, found, spec):
-    """{(kind, layer, choice): [(width, tuple Huffman table)]}, and per kind (layers, choices) arrays of the bytes
-    saved per coded token and of the tables' bytes, on the budget calibration's tokens."""
+    """{(kind, choice, width) pooled: tuple Huffman table, or None where it would not shrink the symbols}, and per
+    kind (layers, choices) arrays of the bytes saved per coded token under them, on the budget calibration's
+    tokens."""
     ids, _ = calibration_ids(tok)
     n = (ids.shape[1] - SINK) // BLOCK * BLOCK
     keep = {i: ([], []) for i in range(spec.num_layers)}
@@ -97,14 +113,11 @@ def calibrate_tables(model, tok, calib, found, spec):
             keep[i][0].append(k[:, :n].float())
             keep[i][1].append(v[:, :n].float())
     nk = len(allocate.KEY_MENU) + (len(found[0].proxy[0]) if found else 0)
-    shape = {"k": (spec.num_layers, nk), "v": (spec.num_layers, len(allocate.VALUE_MENU))}
-    save = {kind: np.zeros(s) for kind, s in shape.items()}
-    tbytes = {kind: np.zeros(s) for kind, s in shape.items()}
-    tables = {}
-    for i in range(spec.num_layers):
-        # each sequence's blocks coded on their own, as a cache codes them
+    save = {"k": np.zeros((spec.num_layers, nk)), "v": np.zeros((spec.num_layers, len(allocate.VALUE_MENU)))}
+
+    def coded(i):
+        """Every (kind, choice, packed) of layer i; each sequence's blocks coded on their own, as a cache codes them."""
         k, v = (torch.stack(x)[:, None].flatten(0, 1) for x in keep[i])
-        tokens = k.shape[0] * k.shape[2]
         codecs = {"k": [], "v": []}
         for c in allocate.KEY_MENU:
             ok = allocate.fits(c, BLOCK) and (spec.rope or not c[4])
@@ -115,28 +128,37 @@ def calibrate_tables(model, tok, calib, found, spec):
                        for c in allocate.VALUE_MENU]
         for kind, x in (("k", k), ("v", v)):
             for j, codec in enumerate(codecs[kind]):
-                if codec is None:
-                    continue
-                made, fixed, coded = [], 0, 0
-                for w, sym in streams(codec, codec.encode(x, BLOCK)):
-                    _, cnt = tuple_counts(w, sym)
-                    table = huffman.Table.from_counts(cnt + 1, n_symbols=1 << w)
-                    if stream_bytes(table, w, sym) >= stream_bytes(None, w, sym):
-                        table = None  # 1-bit Gaussian codes are at their entropy already: kept as they are
-                    made.append((w, table))
-                    fixed += w * sym.size / 8
-                    coded += stream_bytes(table, w, sym)
-                tables[(kind, i, j)] = made
-                save[kind][i, j] = (fixed - coded) / tokens
-                tbytes[kind][i, j] = sum(t.lengths.size for _, t in made if t is not None)  # a byte a code length
+                if codec is not None:
+                    yield kind, j, codec, codec.encode(x, BLOCK), k.shape[0] * k.shape[2]
+
+    counts = {}
+    for i in range(spec.num_layers):
+        for kind, j, codec, packed, _ in coded(i):
+            for w, sym in streams(codec, packed):
+                key = pooled(kind, j, w)
+                counts[key] = counts.get(key, 0) + tuple_counts(w, sym)[1]
+    tables = {}
+    for key, c in counts.items():
+        t = huffman.Table.from_counts(c + 1, n_symbols=1 << key[2])
+        tables[key] = t if t.bits(c) < 0.98 * key[2] * t.k * c.sum() else None  # else fixed width
+    for i in range(spec.num_layers):
+        for kind, j, codec, packed, tokens in coded(i):
+            fixed = held = 0
+            for w, sym in streams(codec, packed):
+                fixed += w * sym.size / 8
+                held += stream_bytes(tables[pooled(kind, j, w)], w, sym)
+            save[kind][i, j] = (fixed - held) / tokens
         keep[i] = None
         print(f"layer {i}: keys save {save['k'][i].min():.1f}..{save['k'][i].max():.1f}, values "
               f"{save['v'][i].min():.1f}..{save['v'][i].max():.1f} bytes a coded token", flush=True)
-    return tables, save, tbytes
+    used = sum(t is not None for t in tables.values())
+    print(f"{used} of {len(tables)} pooled tables shrink their symbols", flush=True)
+    return tables, save
 
 
-def patch(save: dict, tbytes: dict) -> None:
-    """allocate.layer_bytes less the coder's saving on every coded block, plus its tables (this process only)."""
+def patch(save: dict, reserve: float) -> None:
+    """allocate.layer_bytes less the coder's saving on every coded block, with `reserve` bytes set aside for the
+    tables a cache holds (this process only)."""
     plain = allocate.layer_bytes
 
     def entropy_coded(calib, spec, context, sink, block, joint_calib=None, window=0, window_codec=None):
@@ -145,17 +167,16 @@ def patch(save: dict, tbytes: dict) -> None:
         for idx, (proxy, nbytes) in enumerate(items):
             i, kind = divmod(idx, 2)
             coded = allocate.held_tokens(spec, i, context, sink, block, window)[2]
-            m = len(nbytes)
-            out.append((proxy, nbytes - coded * save["kv"[kind]][i][:m] + (coded > 0) * tbytes["kv"[kind]][i][:m]))
-        return out, fixed
+            out.append((proxy, nbytes - coded * save["kv"[kind]][i][:len(nbytes)]))
+        return out, fixed + reserve
     allocate.layer_bytes = entropy_coded
 
 
 def held(model, tok, method: str, tables: dict, corpus: str | None) -> dict:
     """The cache of `method` after the first CONTEXT tokens: its bytes at fixed width, and with every coded block's
-    symbols in tuple Huffman streams under the calibration's tables (whole bytes a stream, a 4-byte offset each, the
-    tables' code lengths counted), against the symbols' own entropy (an oracle's bound; a class left at fixed
-    width stays so in both)."""
+    symbols in tuple Huffman streams under the calibration's pooled tables (whole bytes a stream, a 4-byte offset
+    each, each table used counted once with its decoding lookup, `table_bytes`), against the symbols' own entropy
+    (an oracle's bound, no tables; a class left at fixed width stays so in both)."""
     cache = kvshrink.from_method(method, model)
     ids = load_corpus_ids(tok, corpus, 2 * CONTEXT)[:CONTEXT][None]
     with torch.no_grad():
@@ -165,6 +186,7 @@ def held(model, tok, method: str, tables: dict, corpus: str | None) -> dict:
     alloc = cache.allocation
     joints = [(allocate.JOINT, *c) for c in allocate.joint.CHOICES]
     fixed = coded = oracle = 0.0
+    used = set()
     for i, layer in enumerate(cache.layers):
         for kind, st in zip("kv", layer.stores()):
             choice = tuple((alloc.keys if kind == "k" else alloc.values)[i])
@@ -172,18 +194,21 @@ def held(model, tok, method: str, tables: dict, corpus: str | None) -> dict:
                 j = len(allocate.KEY_MENU) + joints.index(choice)
             else:
                 j = (allocate.KEY_MENU if kind == "k" else allocate.VALUE_MENU).index(choice)
-            made = tables[(kind, i, j)]
-            coded += sum(t.lengths.size for _, t in made if t is not None)
             for p in st.body_parts():
-                for (w, sym), (_, table) in zip(streams(st.codec, p), made):
+                for w, sym in streams(st.codec, p):
+                    table = tables[pooled(kind, j, w)]
                     fixed += w * sym.size / 8
                     coded += stream_bytes(table, w, sym)
-                    oracle += (huffman.entropy_bits(np.bincount(sym.ravel(), minlength=1 << w)) / 8 if table is not None
-                               else w * sym.size / 8)
+                    oracle += (huffman.entropy_bits(np.bincount(sym.ravel(), minlength=1 << w)) / 8
+                               if table is not None else w * sym.size / 8)
+                    if table is not None:
+                        used.add(pooled(kind, j, w))
     nbytes, fp16 = cache.nbytes(), cache.fp16_nbytes()
-    return {"ratio_fixed_width": fp16 / nbytes, "ratio_huffman": fp16 / (nbytes - fixed + coded),
-            "ratio_entropy": fp16 / (nbytes - fixed + oracle), "coded_bytes_saved": 1 - coded / fixed,
-            "allocation": alloc.describe()}
+    lut = {win: sum(table_bytes(tables[key], win) for key in used) for win in (10, 12)}
+    return {"ratio_fixed_width": fp16 / nbytes, "ratio_huffman": fp16 / (nbytes - fixed + coded + lut[10]),
+            "ratio_huffman_wide": fp16 / (nbytes - fixed + coded + lut[12]),
+            "ratio_entropy": fp16 / (nbytes - fixed + oracle), "tables": len(used), "table_bytes": lut,
+            "coded_bytes_saved": 1 - coded / fixed, "allocation": alloc.describe()}
 
 
 def main():
@@ -191,6 +216,8 @@ def main():
     ap.add_argument("--methods", default="auto-6x,auto-8x")
     ap.add_argument("--segments", type=int, default=8)
     ap.add_argument("--sections", default="quality", help="the bench's sections to run (quality, needle)")
+    ap.add_argument("--reserve-tables", type=int, default=12,
+                    help="tables whose bytes the allocation sets aside (KVComp's 10-bit lookups)")
     ap.add_argument("--corpus", default=None)
     ap.add_argument("--out", default="bench-results-entropy")
     ap.add_argument("--plain", action="store_true", help="the shipped allocation (sizes still measured both ways)")
@@ -202,15 +229,15 @@ def main():
     kvshrink.prepare(model, "auto-6x", tok)
     calib, path = calibration_for(model, BLOCK)
     found = joint_for(model, BLOCK, path)
-    tables, save, tbytes = calibrate_tables(model, tok, calib, found, spec)
+    tables, save = calibrate_tables(model, tok, calib, found, spec)
     if args.only:  # the other side stays fixed-width: no saving, no tables
         other = "v" if args.only == "k" else "k"
-        save[other][:], tbytes[other][:] = 0, 0
+        save[other][:] = 0
         for key in tables:
             if key[0] == other:
-                tables[key] = [(w, None) for w, _ in tables[key]]
-    if not args.plain:
-        patch(save, tbytes)
+                tables[key] = None
+    if not args.plain:  # tables set aside as the first runs used them (see the printed count)
+        patch(save, args.reserve_tables * table_bytes(huffman.Table(np.full(64, 6)), 10))
     sizes = {m: held(model, tok, m, tables, args.corpus) for m in args.methods.split(",") if m.startswith("auto")}
     for m, r in sizes.items():
         print(m, json.dumps(r), flush=True)
@@ -220,7 +247,8 @@ def main():
     cli.main(["bench", "--sections", args.sections, "--methods", args.methods, "--segments", str(args.segments),
               "--out", args.out] + (["--corpus", args.corpus] if args.corpus else []))
     for m, r in sizes.items():
-        print(f"{m}: {r['ratio_huffman']:.2f}x in tuple Huffman streams ({r['ratio_fixed_width']:.2f}x at fixed width, "
+        print(f"{m}: {r['ratio_huffman']:.2f}x in tuple Huffman streams, {r['tables']} tables with 10-bit lookups "
+              f"({r['ratio_huffman_wide']:.2f}x with 12-bit ones; {r['ratio_fixed_width']:.2f}x at fixed width, "
               f"{r['ratio_entropy']:.2f}x at the symbols' own entropy)")
 
 
