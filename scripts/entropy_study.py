@@ -73,27 +73,31 @@ def streams(codec, packed) -> list:
     return [(codec.bits, flat.reshape(-1, BLOCK * packed.head_dim).numpy())]
 
 
-def tuple_counts(width: int, sym: np.ndarray) -> tuple[int, np.ndarray]:
-    k = huffman.tuple_size(1 << width)
-    return k, np.bincount(huffman.tuples(sym, 1 << width, k).ravel(), minlength=(1 << width) ** k)
+def stream_counts(width: int, sym: np.ndarray) -> np.ndarray:
+    """(streams, tuples): how often each tuple of symbols occurs in each stream (the tuple size KVComp's codes take
+    for this width, `huffman.tuple_size`)."""
+    n = 1 << width
+    tup = huffman.tuples(sym, n, huffman.tuple_size(n)).astype(np.int64)
+    size = n ** huffman.tuple_size(n)
+    rows = tup + size * np.arange(tup.shape[0])[:, None]
+    return np.bincount(rows.ravel(), minlength=size * tup.shape[0]).reshape(tup.shape[0], size)
 
 
-def stream_bytes(table: huffman.Table | None, width: int, sym: np.ndarray) -> int:
-    """Bytes of the streams under `table`: whole bytes each (a block decodable alone) and its offset; at fixed
-    width where `table` is None (a class whose symbols the code would not shrink)."""
+def stream_bytes(table: huffman.Table | None, width: int, symbols: int, counts: np.ndarray) -> int:
+    """Bytes of streams with these tuple counts under `table`: whole bytes each (a block decodable alone) and its
+    offset; at fixed width where `table` is None (symbols the code would not shrink)."""
     if table is None:
-        return width * sym.size // 8
-    tup = huffman.tuples(sym, 1 << width, table.k)
-    bits = table.lengths.astype(np.int64)[tup].sum(1)
-    return int(((bits + 7) // 8).sum()) + OFFSET * sym.shape[0]
+        return width * symbols // 8
+    bits = counts @ table.lengths.astype(np.int64)
+    return int(((bits + 7) // 8).sum()) + OFFSET * counts.shape[0]
 
 
-def table_bytes(table: huffman.Table, window: int) -> int:
-    """What a decoder holds for one table: the code lengths, the encoder's codes (uint32), and the decoding lookup
-    for a window of `window` bits (10: KVComp's, up to 4 symbols an entry; 12: up to 8), counted as KVComp counts
-    its tables (`shared_tensors`)."""
+def table_bytes(tuples: int, window: int) -> int:
+    """What a decoder holds for one table of `tuples` codes: the code lengths, the encoder's codes (uint32), and
+    the decoding lookup for a window of `window` bits (10: KVComp's, up to 4 symbols an entry; 12: up to 8),
+    counted as KVComp counts its tables (`shared_tensors`)."""
     multi = huffman.MULTI if window == huffman.MAX_LEN else 8
-    return table.lengths.size * 5 + (1 << window) * (multi + 2)
+    return tuples * 5 + (1 << window) * (multi + 2)
 
 
 def pooled(kind: str, j: int, width: int) -> tuple:
@@ -101,7 +105,7 @@ def pooled(kind: str, j: int, width: int) -> tuple:
     return (kind, "joint" if kind == "k" and j >= len(allocate.KEY_MENU) else j, width)
 
 
-def calibrate_tables(model, tok, calib, found, spec):
+def calibrate_tables(model, tok, found, spec):
     """{(kind, choice, width) pooled: tuple Huffman table, or None where it would not shrink the symbols}, and per
     kind (layers, choices) arrays of the bytes saved per coded token under them, on the budget calibration's
     tokens."""
@@ -114,10 +118,10 @@ def calibrate_tables(model, tok, calib, found, spec):
             keep[i][1].append(v[:, :n].float())
     nk = len(allocate.KEY_MENU) + (len(found[0].proxy[0]) if found else 0)
     save = {"k": np.zeros((spec.num_layers, nk)), "v": np.zeros((spec.num_layers, len(allocate.VALUE_MENU)))}
-
-    def coded(i):
-        """Every (kind, choice, packed) of layer i; each sequence's blocks coded on their own, as a cache codes them."""
-        k, v = (torch.stack(x)[:, None].flatten(0, 1) for x in keep[i])
+    coded = {}  # (kind, layer, choice) -> (tokens, [(width, symbols, stream counts)])
+    for i in range(spec.num_layers):
+        # each sequence's blocks coded on their own, as a cache codes them
+        k, v = (torch.stack(x)[:, None].flatten(0, 1) for x in keep.pop(i))
         codecs = {"k": [], "v": []}
         for c in allocate.KEY_MENU:
             ok = allocate.fits(c, BLOCK) and (spec.rope or not c[4])
@@ -129,28 +133,23 @@ def calibrate_tables(model, tok, calib, found, spec):
         for kind, x in (("k", k), ("v", v)):
             for j, codec in enumerate(codecs[kind]):
                 if codec is not None:
-                    yield kind, j, codec, codec.encode(x, BLOCK), k.shape[0] * k.shape[2]
-
-    counts = {}
-    for i in range(spec.num_layers):
-        for kind, j, codec, packed, _ in coded(i):
-            for w, sym in streams(codec, packed):
-                key = pooled(kind, j, w)
-                counts[key] = counts.get(key, 0) + tuple_counts(w, sym)[1]
+                    classes = streams(codec, codec.encode(x, BLOCK))
+                    counted = [(w, m.size, stream_counts(w, m)) for w, m in classes]
+                    coded[(kind, i, j)] = (k.shape[0] * k.shape[2], counted)
+        print(f"layer {i}: every choice coded", flush=True)
+    pooled_counts = {}
+    for (kind, _, j), (_, classes) in coded.items():
+        for w, _, c in classes:
+            key = pooled(kind, j, w)
+            pooled_counts[key] = pooled_counts.get(key, 0) + c.sum(0)
     tables = {}
-    for key, c in counts.items():
+    for key, c in pooled_counts.items():
         t = huffman.Table.from_counts(c + 1, n_symbols=1 << key[2])
         tables[key] = t if t.bits(c) < 0.98 * key[2] * t.k * c.sum() else None  # else fixed width
-    for i in range(spec.num_layers):
-        for kind, j, codec, packed, tokens in coded(i):
-            fixed = held = 0
-            for w, sym in streams(codec, packed):
-                fixed += w * sym.size / 8
-                held += stream_bytes(tables[pooled(kind, j, w)], w, sym)
-            save[kind][i, j] = (fixed - held) / tokens
-        keep[i] = None
-        print(f"layer {i}: keys save {save['k'][i].min():.1f}..{save['k'][i].max():.1f}, values "
-              f"{save['v'][i].min():.1f}..{save['v'][i].max():.1f} bytes a coded token", flush=True)
+    for (kind, i, j), (tokens, classes) in coded.items():
+        fixed = sum(w * m / 8 for w, m, _ in classes)
+        held = sum(stream_bytes(tables[pooled(kind, j, w)], w, m, c) for w, m, c in classes)
+        save[kind][i, j] = (fixed - held) / tokens
     used = sum(t is not None for t in tables.values())
     print(f"{used} of {len(tables)} pooled tables shrink their symbols", flush=True)
     return tables, save
@@ -198,13 +197,13 @@ def held(model, tok, method: str, tables: dict, corpus: str | None) -> dict:
                 for w, sym in streams(st.codec, p):
                     table = tables[pooled(kind, j, w)]
                     fixed += w * sym.size / 8
-                    coded += stream_bytes(table, w, sym)
+                    coded += stream_bytes(table, w, sym.size, stream_counts(w, sym))
                     oracle += (huffman.entropy_bits(np.bincount(sym.ravel(), minlength=1 << w)) / 8
                                if table is not None else w * sym.size / 8)
                     if table is not None:
                         used.add(pooled(kind, j, w))
     nbytes, fp16 = cache.nbytes(), cache.fp16_nbytes()
-    lut = {win: sum(table_bytes(tables[key], win) for key in used) for win in (10, 12)}
+    lut = {win: sum(table_bytes(tables[key].lengths.size, win) for key in used) for win in (10, 12)}
     return {"ratio_fixed_width": fp16 / nbytes, "ratio_huffman": fp16 / (nbytes - fixed + coded + lut[10]),
             "ratio_huffman_wide": fp16 / (nbytes - fixed + coded + lut[12]),
             "ratio_entropy": fp16 / (nbytes - fixed + oracle), "tables": len(used), "table_bytes": lut,
@@ -227,9 +226,9 @@ def main():
     model, tok = load_model()
     spec = spec_from_config(model.config)
     kvshrink.prepare(model, "auto-6x", tok)
-    calib, path = calibration_for(model, BLOCK)
+    _, path = calibration_for(model, BLOCK)
     found = joint_for(model, BLOCK, path)
-    tables, save = calibrate_tables(model, tok, calib, found, spec)
+    tables, save = calibrate_tables(model, tok, found, spec)
     if args.only:  # the other side stays fixed-width: no saving, no tables
         other = "v" if args.only == "k" else "k"
         save[other][:] = 0
@@ -237,7 +236,7 @@ def main():
             if key[0] == other:
                 tables[key] = None
     if not args.plain:  # tables set aside as the first runs used them (see the printed count)
-        patch(save, args.reserve_tables * table_bytes(huffman.Table(np.full(64, 6)), 10))
+        patch(save, args.reserve_tables * table_bytes(64, huffman.MAX_LEN))
     sizes = {m: held(model, tok, m, tables, args.corpus) for m in args.methods.split(",") if m.startswith("auto")}
     for m, r in sizes.items():
         print(m, json.dumps(r), flush=True)
