@@ -160,7 +160,9 @@ def patch(save: dict, reserve: float) -> None:
     tables a cache holds (this process only)."""
     plain = allocate.layer_bytes
 
-    def entropy_coded(calib, spec, context, sink, block, joint_calib=None, window=0, window_codec=None):
+    def entropy_coded(calib, spec, context, sink, block, joint_calib=None, window=0, window_codec=None, coded=None):
+        if coded is not None:
+            raise SystemExit("the study models the coder itself: run it on methods without entropy=true")
         items, fixed = plain(calib, spec, context, sink, block, joint_calib, window, window_codec)
         out = []
         for idx, (proxy, nbytes) in enumerate(items):

@@ -167,8 +167,12 @@ def cmd_calibrate(args) -> None:
               f"{time.time() - t0:.0f} s -> {path}")
         if spec_from_config(model.config).rope:  # joint-basis key choices, in the file beside it
             t0, side = time.time(), budget.joint.path_beside(path)
-            budget.measure_joint(model, ids, desc, block=args.block).save(side)
+            found = budget.measure_joint(model, ids, desc, block=args.block)
+            found.save(side)
             print(f"joint key calibration: {time.time() - t0:.0f} s -> {side}")
+            t0, tables = time.time(), budget.coded.path_beside(side)  # their code tables (entropy=true), beside it
+            budget.coded.calibrate(model, ids, found, desc, block=args.block).save(tables)
+            print(f"key code tables: {time.time() - t0:.0f} s -> {tables}")
         return None
     print(f"ZDC calibration of {ids.numel()} tokens: about a minute on the bundled model, 2 cores", file=sys.stderr)
     t0 = time.time()

@@ -93,7 +93,9 @@ class JointKeys(Codec):
     def row_bytes(self, tokens: int) -> int:
         return tokens * self.bits * len(self.widths) // 8
 
-    def encode(self, x: torch.Tensor, block: int) -> Packed:
+    def quantize(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes (B, H, blocks, D, group) uint8, each axis's codes end to end; min, step (B, H, blocks, D)
+        float16) of x (B, H, tokens, D): the symbols and parameters every layout of these keys stores."""
         b, h, t, d = x.shape
         if block % self.group or t % block or d != len(self.widths) or h != self.inverse_rows.shape[0]:
             raise KvshrinkError(f"joint keys of {self.inverse_rows.shape[0]} heads x {len(self.widths)} channels in groups of "
@@ -112,13 +114,16 @@ class JointKeys(Codec):
         safe = torch.where(step > 0, step.float(), torch.ones_like(step, dtype=torch.float32))
         codes = ((y - mn.float()[:, :, :, None]) / safe[:, :, :, None]).round_().clamp_(min=0)
         codes = torch.minimum(codes, qmax).to(torch.uint8)
-        nb = t // self.group
-        axes = codes.transpose(-1, -2)  # (b, h, blocks, d, group): each axis's codes end to end
+        return codes.transpose(-1, -2).contiguous(), mn.contiguous(), step.contiguous()
+
+    def encode(self, x: torch.Tensor, block: int) -> Packed:
+        axes, mn, step = self.quantize(x, block)
+        b, h, nb = mn.shape[:3]
         parts = [pack(axes[..., a:a + n, :].reshape(b, h, nb, n * self.group), bits) for a, n, bits in self.classes]
         row = self.row_bytes(self.group)
-        body = torch.cat(parts, -1) if parts else codes.new_zeros(b, h, nb, 0)
+        body = torch.cat(parts, -1) if parts else axes.new_zeros(b, h, nb, 0)
         body = torch.nn.functional.pad(body, (0, row - body.shape[-1]))
-        return Packed({"codes": body.contiguous(), "min": mn.contiguous(), "scale": step.contiguous()}, block, d)
+        return Packed({"codes": body.contiguous(), "min": mn, "scale": step}, block, len(self.widths))
 
     def params(self, tensors: dict, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(min, step) per block and axis, as the int kernel reads them."""
@@ -126,16 +131,23 @@ class JointKeys(Codec):
 
     def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         t = packed.tensors
-        b, h, nb, d = t["min"].shape
-        g = self.group
-        mn, step = self.params(t)
-        y = mn[:, :, :, None, :].expand(b, h, nb, g, d).clone()
-        at = 0
-        for a, n, bits in self.classes:
+        b, h, nb, _ = t["min"].shape
+        g, at, symbols = self.group, 0, []
+        for _, n, bits in self.classes:
             size = g * n * bits // 8
-            c = unpack(t["codes"][..., at:at + size], bits, g * n).reshape(b, h, nb, n, g).transpose(-1, -2)
-            y[..., a:a + n] += c.float() * step[:, :, :, None, a:a + n]
+            symbols.append(unpack(t["codes"][..., at:at + size], bits, g * n).reshape(b, h, nb, n, g))
             at += size
+        return self.dequantize(symbols, t, dtype, out)
+
+    def dequantize(self, symbols: list, tensors: dict, dtype: torch.dtype = torch.float32,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """Keys (B, H, tokens, D) from each width class's codes (B, H, blocks, axes, group) and the parameters."""
+        b, h, nb, d = tensors["min"].shape
+        g = self.group
+        mn, step = self.params(tensors)
+        y = mn[:, :, :, None, :].expand(b, h, nb, g, d).clone()
+        for (a, n, _), c in zip(self.classes, symbols):
+            y[..., a:a + n] += c.to(y.device).transpose(-1, -2).float() * step[:, :, :, None, a:a + n]
         x = y.reshape(b, h, nb * g, d) @ self.inverse(y.device)[None]
         x = turn(x, self.derope, self.group, 1).to(dtype)
         return x if out is None else out.copy_(x)

@@ -58,7 +58,7 @@ from ...core.layer import stage_codec
 from ...core.sensitivity import Perturbed, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
-from . import joint
+from . import coded, joint
 from .config import CONTEXT, RECENT
 
 FORMAT = "kvshrink-budget-8"  # 6: stage bytes no longer stored; 7: RECENT 32 (measured, not shipped); 8: RECENT 16
@@ -332,32 +332,36 @@ def calibration_shape(spec) -> tuple[int, int]:
 
 
 def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int, joint_calib=None,
-                window: int = 0, window_codec=None) -> tuple[list, float]:
+                window: int = 0, window_codec=None, coded=None) -> tuple[list, float]:
     """(items, fixed): per layer, keys then values, (proxy, bytes held at `context` tokens) arrays over
     the menu (the key menu followed by the joint key choices where `joint_calib` is given); fixed: the float16
-    sink's and the window's bytes (float16, or `window_codec`'s per-token codes). A layer holds what `held_tokens`
-    says: the sink and window, whole coded blocks, and a partial block whose keys wait at the stage codec's width."""
+    sink's and the window's bytes (float16, or `window_codec`'s per-token codes), and the code tables where the
+    joint keys are entropy-coded (`coded`: coded.py's calibration, whose bytes per token their blocks then take).
+    A layer holds what `held_tokens` says: the sink and window, whole coded blocks, and a partial block whose keys
+    wait at the stage codec's width."""
     row = 2 * spec.num_kv_heads * spec.head_dim * 2  # fp16 bytes of one token's keys and values in a layer
     staging = np.array([stage_bytes(c, block, spec) for c in KEY_MENU])
     recent = row if window_codec is None else 2 * codec_bytes(window_codec, spec.num_kv_heads, spec.head_dim)
-    items, fixed = [], 0.0
+    items, fixed = [], 0.0 if coded is None else float(coded.table_bytes())
     for i in range(spec.num_layers):
-        s, w, coded, staged = held_tokens(spec, i, context, sink, block, window)
+        s, w, held, staged = held_tokens(spec, i, context, sink, block, window)
         fixed += s * row + w * recent
-        keys = (calib.proxy_k[i].numpy(), coded * calib.bytes_k[i].numpy() + staged * staging)
+        keys = (calib.proxy_k[i].numpy(), held * calib.bytes_k[i].numpy() + staged * staging)
         if joint_calib is not None:
-            jp, jb = joint.items(joint_calib, i, coded, staged, lambda bits: stage_bytes((bits, True, None, U, True), block, spec))
+            jp, jb = joint.items(joint_calib, i, held, staged,
+                                 lambda bits: stage_bytes((bits, True, None, U, True), block, spec),
+                                 None if coded is None else coded.bytes[i])
             keys = (np.concatenate([keys[0], jp]), np.concatenate([keys[1], jb]))
         items.append(keys)
-        items.append((calib.proxy_v[i].numpy(), (coded + staged) * calib.bytes_v[i].numpy()))
+        items.append((calib.proxy_v[i].numpy(), (held + staged) * calib.bytes_v[i].numpy()))
     return items, fixed
 
 
 def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int,
-           joint_calib=None, window: int = 0, window_codec=None) -> Allocation:
+           joint_calib=None, window: int = 0, window_codec=None, coded=None) -> Allocation:
     """The allocation meeting `ratio` x fp16 at `context` tokens (`layer_bytes`), with the joint key choices
-    beside the menu's where `joint_calib` (joint.py's calibration) is given."""
-    items, fixed = layer_bytes(calib, spec, context, sink, block, joint_calib, window, window_codec)
+    beside the menu's where `joint_calib` (joint.py's calibration) is given, entropy-coded where `coded` is."""
+    items, fixed = layer_bytes(calib, spec, context, sink, block, joint_calib, window, window_codec, coded)
     full = spec.fp16_bytes(context)
     budget = full / ratio - fixed
     if budget <= 0:
@@ -411,6 +415,20 @@ def load_or_calibrate_joint(model, tokenizer, budget_path: str, corpus: str | No
     ids, desc = calibration_ids(tokenizer, corpus, *calibration_shape(spec_from_config(model.config)))
     log(f"auto: no joint key calibration at {path}; measuring it (about 3 minutes on 2 cores for the bundled model)")
     calib = measure_joint(model, ids, desc, sink, block)
+    calib.save(path)
+    return calib, path
+
+
+def load_or_calibrate_coded(model, tokenizer, found, corpus: str | None = None, sink: int = 4, block: int = 128,
+                            log=print):
+    """The key code tables beside the joint key calibration `found` (calibration, path), fitted first if missing
+    (on the same corpus range)."""
+    path = coded.path_beside(found[1])
+    if os.path.isfile(path):
+        return coded.CodedCalibration.load(path, model, block, found[0]), path
+    ids, desc = calibration_ids(tokenizer, corpus, *calibration_shape(spec_from_config(model.config)))
+    log(f"auto: no key code tables at {path}; fitting them (about half a minute on 2 cores for the bundled model)")
+    calib = coded.calibrate(model, ids, found[0], desc, sink, block)
     calib.save(path)
     return calib, path
 

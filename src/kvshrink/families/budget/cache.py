@@ -11,10 +11,12 @@ import os
 import weakref
 
 from ...attention.function import require_kvshrink_attention, use_kvshrink_attention, uses_kvshrink_attention
+from ...codecs import huffman
+from ...codecs.jointcoded import CodedJointKeys
 from ...errors import KvshrinkError
 from ..quant.cache import CompressedCache
 from ...spec import spec_from_config
-from . import allocate, joint
+from . import allocate, coded, joint
 from .config import BudgetConfig
 
 _CALIBS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {block: (calibration, path)}
@@ -24,28 +26,56 @@ class BudgetCache(CompressedCache):
     """A CompressedCache with one (key codec, value codec) per layer, chosen under one budget."""
 
     def __init__(self, config, allocation: allocate.Allocation, calibration: str, block: int, data: dict | None = None,
-                 found=None, **kwargs):
-        """found: (joint key calibration, its path), or None where joint keys were not on offer."""
+                 found=None, tables=None, **kwargs):
+        """found: (joint key calibration, its path), or None where joint keys were not on offer; tables: (code
+        tables, their path) where the joint keys are entropy-coded (coded.py), else None."""
         rope = spec_from_config(config).rope
-        pairs = [(_key_codec(k, i, block, rope, found), allocate.value_codec(v))
+        pairs = [(_key_codec(k, i, block, rope, found, tables), allocate.value_codec(v))
                  for i, (k, v) in enumerate(zip(allocation.keys, allocation.values))]
         super().__init__(config, layer_codecs=pairs, block=block, **kwargs)
         self.allocation, self.calibration, self.data = allocation, calibration, data or {}
         self.joint_path = found[1] if found is not None else None
+        self.tables_path = tables[1] if tables is not None else None
+
+    def coding_stats(self) -> dict:
+        """Entropy-coded keys (entropy=true): bits a symbol of their codes against the Shannon entropy of the same
+        symbols (each width's histogram over the cache: the limit of one order-0 code per width, as the tables
+        are), over every layer's coded classes; {} where nothing is coded. The bench's coding table."""
+        counts: dict = {}
+        for layer in self.layers:
+            codec = layer.k.codec
+            if not isinstance(codec, CodedJointKeys) or not layer.is_initialized:
+                continue
+            for part in layer.k.body_parts():
+                for w, (c, bits) in codec.coded_counts(part).items():
+                    have = counts.get(w, (0, 0))
+                    counts[w] = (have[0] + c, have[1] + bits)
+        n = sum(int(c.sum()) for c, _ in counts.values())
+        if not n:
+            return {}
+        bits = sum(b for _, b in counts.values())
+        ent = sum(huffman.entropy_bits(c) for c, _ in counts.values())
+        return {"keys": {"bits_per_symbol": bits / n, "entropy_bits_per_symbol": ent / n, "symbols": n,
+                         "tables": len(counts)}}
 
     def _describe(self) -> str:
         where = (f" ({self.data['corpus']} tokens {self.data['tokens'][0]}..{self.data['tokens'][1]})"
                  if "tokens" in self.data else "")
         keys = f"; joint keys {self.joint_path}" if self.joint_path else "; menu keys only (joint=false, or no joint calibration)"
+        if self.tables_path:
+            keys += f", Huffman-coded ({self.tables_path})"
         return (f"{self.allocation.describe()}, sink {self.sink}, "
                 f"{f'window {self.window}{self._window_code()}, ' if self.window else ''}block {self.block}, "
                 f"{self._how_it_attends()}; "
                 f"calibration {self.calibration}{where}{keys}")
 
 
-def _key_codec(choice, layer: int, block: int, rope: tuple, found):
+def _key_codec(choice, layer: int, block: int, rope: tuple, found, tables=None):
     if choice[0] == allocate.JOINT:
-        return found[0].codec(layer, joint.CHOICES.index(tuple(choice[1:])), block, rope)
+        j = joint.CHOICES.index(tuple(choice[1:]))
+        if tables is not None:
+            return tables[0].codec(found[0], layer, j, block, rope)
+        return found[0].codec(layer, j, block, rope)
     return allocate.key_codec(choice, block, rope)
 
 
@@ -84,12 +114,30 @@ def joint_for(model, block: int, path: str, tokenizer=None, corpus=None):
     return memo[("joint", block)]
 
 
+def tables_for(model, block: int, found, tokenizer=None, corpus=None):
+    """(key code tables, their path) beside the joint key calibration `found` (coded.py): memo, else the file, else
+    measured where a tokenizer is given (about half a minute on the bundled model); else a clear error."""
+    memo = _CALIBS.setdefault(model, {})
+    side = coded.path_beside(found[1])
+    if memo.get(("coded", block), (None, None))[1] != side:
+        if os.path.isfile(side):
+            memo[("coded", block)] = coded.CodedCalibration.load(side, model, block, found[0]), side
+        elif tokenizer is not None and not os.environ.get("KVSHRINK_AUTO_CALIBRATION"):
+            memo[("coded", block)] = allocate.load_or_calibrate_coded(model, tokenizer, found, corpus, block=block)
+        else:
+            raise KvshrinkError(f"entropy=true needs key code tables at {side}: run kvshrink.prepare(model, "
+                                "'auto-6x:entropy=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
+    return memo[("coded", block)]
+
+
 def prepare(config: BudgetConfig, model, tokenizer=None, corpus=None):
     """The budget calibration loaded or measured (about 15 minutes on the bundled model the first time), and the
     model switched to the "kvshrink" attention in place (decode steps read the codes)."""
     _, path = calibration_for(model, config.block, tokenizer, corpus)
     if config.joint:
-        joint_for(model, config.block, path, tokenizer, corpus)
+        found = joint_for(model, config.block, path, tokenizer, corpus)
+        if config.entropy:
+            tables_for(model, config.block, found, tokenizer, corpus)
     if config.attend != "decode":
         use_kvshrink_attention(model)
     return model
@@ -102,13 +150,15 @@ def build(config: BudgetConfig, model, method: str) -> BudgetCache:
     calib, path = calibration_for(model, config.block)
     spec = spec_from_config(model.config)
     found = joint_for(model, config.block, path) if config.joint else None
+    tables = tables_for(model, config.block, found) if config.entropy else None
     recent = allocate.window_codec(config.window_bits) if config.window else None
     chosen = allocate.choose(calib, spec, config.budget, config.context, config.sink, config.block,
-                             found[0] if found else None, config.window, recent)
+                             found[0] if found else None, config.window, recent, tables[0] if tables else None)
     attend = config.attend
     if attend == "auto":
         attend = "fused" if uses_kvshrink_attention(model.config) else "decode"
     elif attend == "fused":
         require_kvshrink_attention(model.config, method)
-    return BudgetCache(model.config, chosen, path, config.block, calib.header.get("data"), found, sink=config.sink,
-                       window=config.window, attend=attend, splits=config.splits, method=method, window_codec=recent)
+    return BudgetCache(model.config, chosen, path, config.block, calib.header.get("data"), found, tables,
+                       sink=config.sink, window=config.window, attend=attend, splits=config.splits, method=method,
+                       window_codec=recent)

@@ -45,6 +45,8 @@ class BudgetConfig(Config):
     joint: bool = option(False, "offer joint-basis keys (a calibrated basis per KV head, bits per axis) beside the "
                                 "menu's key codes (on in auto-6x and auto-8x, where they measured better; at 4x "
                                 "the allocator over-trusts them, docs/budget.md)")
+    entropy: bool = option(False, "entropy-code the joint-basis keys' symbols (one Huffman code per width, fitted at "
+                                  "calibration), and allocate on their coded bytes (needs joint=true)")
 
     def check(self):
         if not isinstance(self.budget, (int, float)) or not 1.0 <= self.budget <= 32.0:
@@ -56,6 +58,8 @@ class BudgetConfig(Config):
         check_int("block", self.block, 1)
         check_int("splits", self.splits, 1)
         check_int("context", self.context, 1)
+        if self.entropy and not self.joint:
+            raise KvshrinkError("entropy=true codes the joint-basis keys: it needs joint=true")
         if self.context <= self.sink + self.window + self.block:
             raise KvshrinkError(f"context {self.context} leaves no coded block after {self.sink} sink tokens, "
                                 f"a window of {self.window} and a block of {self.block}")

@@ -209,9 +209,12 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
     return calib
 
 
-def items(calib: JointCalibration, layer: int, coded: int, staged: int, stage_bytes) -> tuple[np.ndarray, np.ndarray]:
+def items(calib: JointCalibration, layer: int, coded: int, staged: int, stage_bytes,
+          per_token=None) -> tuple[np.ndarray, np.ndarray]:
     """(proxy, bytes held) of a layer's joint choices with `coded` tokens in blocks and `staged` in the stage
-    (stage_bytes(bits): a staged key token's bytes, the stage rule of the same width), the inverse included."""
-    held = [coded * float(calib.bytes[layer, j]) + staged * stage_bytes(bits) + calib.fixed_bytes(layer)
+    (stage_bytes(bits): a staged key token's bytes, the stage rule of the same width), the inverse included.
+    per_token: the choices' bytes per coded token where they are not the calibration's (entropy-coded, coded.py)."""
+    per_token = calib.bytes[layer] if per_token is None else per_token
+    held = [coded * float(per_token[j]) + staged * stage_bytes(bits) + calib.fixed_bytes(layer)
             for j, (bits, _) in enumerate(CHOICES)]
     return calib.proxy[layer].numpy(), np.array(held)

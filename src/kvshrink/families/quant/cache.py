@@ -18,7 +18,7 @@ import torch
 
 from ...attention.function import require_kvshrink_attention, use_kvshrink_attention, uses_kvshrink_attention
 from ...attention.split import SplitStates
-from ...codecs.base import Codec, Fp16
+from ...codecs.base import Codec, Fp16, tensor_nbytes
 from ...codecs.joint import JointKeys
 from ...codecs.quant import IntQuant
 from ...core.cache import KVCache
@@ -230,6 +230,12 @@ class CompressedCache(KVCache):
             for layer in layers:
                 layer.fused, layer.splits = True, splits
         super().__init__(layers, config, method)
+
+    def nbytes(self) -> int:
+        """Every tensor the layers hold, each storage once: code tables that the layers' codecs share
+        (entropy-coded keys, codecs/jointcoded.py) count once a cache, not once a layer."""
+        self.settle()
+        return tensor_nbytes([t for layer in self.layers for t in layer.tensors()])
 
     def decoding_copy(self) -> CompressedCache:
         """A copy that reads the same codes by decoding them, then attending (attend="decode"): the

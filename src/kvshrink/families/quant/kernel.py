@@ -19,7 +19,9 @@ query row per offset (turn(q, -j) R, built once per call): tiles.turned_logits.
 Joint-basis keys (codecs/joint.py) are turned keys whose R is a head's own map back to keys: each tile's
 width classes are unpacked one after another and formed axis-major into float keys (tiles.form_axes), the
 uncoded axes taking their block's mean; the logits read them per axis, over all offsets at once, with the
-per-offset queries stored axis-major too (tiles.axis_logits).
+per-offset queries stored axis-major too (tiles.axis_logits). Entropy-coded joint keys (codecs/jointcoded.py) are
+read the same way, each block's coded classes decoded from their streams (jointcoded.decode_stream) where the
+fixed-width ones are unpacked.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ...codecs.base import Packed
 from ...codecs.fewrows import few_rows
 from ...codecs.hadamard import hadamard_block, rotation, signs
 from ...codecs.joint import JointKeys
+from ...codecs.jointcoded import EMIT, TAIL, WINDOW, CodedJointKeys, decode_stream
 from ...codecs.quant import IntQuant
 from ...codecs.scales import DEV_TABLE, RATIO_TABLE
 from ...codecs.scales import unpack_numpy as unpack_scales
@@ -157,18 +160,21 @@ def _tile_params(p, r0, rows, mn, sc):
 
 @numba.njit(cache=True, fastmath=FAST)
 def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, vbits, vb, vrot, cap, klut, vlut, kcls,
-          pm, pl, acc):
+          kst, hsym, hlen, hn, kslot, pm, pl, acc):
     """Tiles lo..hi-1 (vb tokens each, the last one short where n ends inside it) of one (sequence, head)'s
     coded tokens as one split: qb (R, d) the query rows in the keys' basis, qt (R, group, d) turned ones or
     empty, vis (n,) the tokens' visibility, kc / vc (bytes,) the codes, kp / vp the parameters per group as
     stored (_tile_params reads a tile's); fills pm, pl (R,) and acc (R, d). kcls: for joint-basis keys (codecs/joint.py),
-    (first axis, axes, width) per width class, the axes after the last class holding their means; else empty."""
+    (first axis, axes, width) per width class, the axes after the last class holding their means; else empty.
+    kst (blocks, classes): where the keys are entropy-coded (codecs/jointcoded.py), each block's streams' byte
+    offsets in kc (the whole stream), a class decoded with table kslot[class] of the lookups hsym, hlen, hn, or
+    unpacked where kslot[class] is -1 (packed at fixed width); else (blocks, 0)."""
     nr, d = qb.shape
     krow = d * kbits // 8  # code bytes per token (supported(): whole bytes)
     vrow = d * vbits // 8
     kw = d // kgroups
     vw = d // vgroups
-    ksym = np.empty(vb * d, dtype=np.uint8)  # one tile of codes
+    ksym = np.empty(vb * d + EMIT, dtype=np.uint8)  # one tile of codes (a stream's decoder may write EMIT past)
     vsym = np.empty(vb * d, dtype=np.uint8)
     turned = qt.shape[0] > 0
     axes = kcls.shape[0] > 0  # joint-basis keys: formed and read axis-major
@@ -210,7 +216,14 @@ def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, v
                     last = 0
                     for c in range(kcls.shape[0]):
                         a0, na, bw = kcls[c, 0], kcls[c, 1], kcls[c, 2]
-                        unpack_codes(kc[off:], kb * na, bw, ksym)
+                        if kst.shape[1]:  # the class's stream of this block, decoded where it is read
+                            sl, at0 = kslot[c], kst[t0 // kb + kq, c]
+                            if sl >= 0:
+                                decode_stream(kc, at0, kb * na, hsym[sl], hlen[sl], hn[sl], ksym)
+                            else:
+                                unpack_codes(kc[at0:], kb * na, bw, ksym)
+                        else:
+                            unpack_codes(kc[off:], kb * na, bw, ksym)
                         form_axes(kstep[blk, a0:a0 + na], kmn[blk, a0:a0 + na], ksym, nk, kb, kfl[at + a0 * kb:])
                         off += kb * na * bw // 8
                         last = a0 + na
@@ -251,18 +264,21 @@ def _coded_span(qb, vis, n, kc, kp, kgroups, kbits, vc, vp, vgroups, vbits, vb, 
         zero, one = np.int64(0), np.int64(1)  # not literals: every _span call shares one compiled signature
         _span(qb, np.empty((0, 0, 0), dtype=np.float32), vis, zero, (n + vb - 1) // vb, n, kc, kp, one, kgroups, kbits,
               vc, vp, vgroups, vbits, vb, vrot, cap, np.empty(0, dtype=np.float32), vlut, np.empty((0, 3), dtype=np.int64),
-              pm, pl, acc)
+              np.empty((0, 0), dtype=np.int32), np.empty((0, 1 << WINDOW, EMIT), dtype=np.uint8),
+              np.empty((0, 1 << WINDOW), dtype=np.uint8), np.empty((0, 1 << WINDOW), dtype=np.uint8),
+              np.empty(0, dtype=np.int64), pm, pl, acc)
 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, vbits, vb, splits, vrot,
-           cap, klut, vlut, kcls, soff, sqb, nstage, skc, skp, skgroups, skbits, svc, svp, woff, wqb, nwin, wkc, wkp,
-           wkgroups, wkbits, wvc, wvp, wvgroups, wvbits, wrot, nw, out):
+           cap, klut, vlut, kcls, kst, hsym, hlen, hn, kslot, soff, sqb, nstage, skc, skp, skgroups, skbits, svc, svp,
+           woff, wqb, nwin, wkc, wkp, wkgroups, wkbits, wvc, wvp, wvgroups, wvbits, wrot, nw, out):
     """Body splits 0..splits-1, the dense tokens (split `splits`), the stage (split `splits` + 1): a
     block still filling, per-token codes read in place (its keys by sqb, the query in their basis, its
     values in the body values' codec), at vis[b, soff:]; and a coded recent window (split `splits` + 2):
     per-token codes of its own codec for keys and values (keys by wqb, values rotated back by wrot), at
-    vis[b, woff:]. Partials merged in that order. nw: the workers the parts are shared by (tiles.workers)."""
+    vis[b, woff:]. Partials merged in that order. nw: the workers the parts are shared by (tiles.workers).
+    Entropy-coded keys: kc one row (the stream), kst (B * H, blocks, classes) the offsets (_span)."""
     nb_, nh, nr, d = q.shape
     parts = splits + _LIGHT
     pm, pl, pacc = partial_buffers(nb_, nh, parts, nr, d)
@@ -292,19 +308,35 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kp, kb, kgroups, kbi
             used = max(1, min(splits, nvb))
             if sp >= used:
                 continue
-            _span(qb[b, h], qt[b, h], vis[b], sp * nvb // used, (sp + 1) * nvb // used, n, kc[bh], _head(kp, b, h), kb,
-                  kgroups, kbits, vc[bh], _head(vp, b, h), vgroups, vbits, vb, vrot, cap, klut, vlut, kcls,
-                  pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+            _span(qb[b, h], qt[b, h], vis[b], sp * nvb // used, (sp + 1) * nvb // used, n, kc[bh % kc.shape[0]],
+                  _head(kp, b, h), kb, kgroups, kbits, vc[bh], _head(vp, b, h), vgroups, vbits, vb, vrot, cap, klut,
+                  vlut, kcls, kst[bh % kst.shape[0]], hsym, hlen, hn, kslot, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
     merge(pm, pl, pacc, out)
 
 
 def _operands(codec: IntQuant, packed: Packed):
-    """(codes (B * H, bytes), parameters as stored (_params), tg, channel groups) of a body."""
+    """(codes (B * H, bytes), parameters as stored (_params), tg, channel groups) of a body; entropy-coded keys'
+    codes are their stream, one row."""
     t = packed.tensors
-    b, h = t["codes"].shape[:2]
+    b, h = t["min"].shape[:2]
     d = packed.head_dim
     tg, groups = (codec.group, 1) if codec.axis == "channel" else (1, d // (codec.group or d))
-    return t["codes"].reshape(b * h, -1).numpy(), _params(codec, t, b, h, packed.num_tokens // tg), tg, groups
+    codes = t["stream"].reshape(1, -1) if isinstance(codec, CodedJointKeys) else t["codes"].reshape(b * h, -1)
+    return codes.numpy(), _params(codec, t, b, h, packed.num_tokens // tg), tg, groups
+
+
+_NO_STREAMS = np.empty((1, 0, 0), dtype=np.int32)
+
+
+def _streams(codec, starts: np.ndarray | None) -> tuple:
+    """The kernel's (kst, hsym, hlen, hn, kslot) for a body's keys: starts (B * H, blocks, classes) int32 and the
+    codec's tables where they are entropy-coded; else empty (kst with no blocks: unpacked as fixed-width codes)."""
+    if not isinstance(codec, CodedJointKeys):
+        size = 1 << WINDOW
+        return (_NO_STREAMS, np.empty((0, size, EMIT), dtype=np.uint8), np.empty((0, size), dtype=np.uint8),
+                np.empty((0, size), dtype=np.uint8), np.empty(0, dtype=np.int64))
+    t = codec.tables
+    return starts, t.lut_sym.numpy(), t.lut_len.numpy(), t.lut_n.numpy(), codec.slots
 
 
 _FORMATS = {torch.float32: F32, torch.float16: F16, torch.uint8: SCALES8}
@@ -374,8 +406,18 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, as_u8(vis), nbody, dense_k.contiguous().numpy(),
            dense_v.contiguous().numpy(), as_u8(dense_vis), ndense, kc, kp, ktg, kgroups, key_codec.bits, vc, vp,
            vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), *_luts(key_codec, value_codec),
-           _classes(key_codec), n, *staged, woff, *recent, workers(b * h * (splits + _LIGHT)), out)
+           _classes(key_codec), *_streams(key_codec, _starts(key_codec, keys)), n, *staged, woff, *recent,
+           workers(b * h * (splits + _LIGHT)), out)
     return torch.from_numpy(out)
+
+
+def _starts(codec, packed) -> np.ndarray | None:
+    """(B * H, blocks, classes) int32 stream offsets of an entropy-coded key body, else None."""
+    if not isinstance(codec, CodedJointKeys):
+        return None
+    st = packed.tensors["starts"]
+    b, h, nb, ncls = st.shape
+    return st.reshape(b * h, nb, ncls).numpy()
 
 
 def _per_row(stage, b: int) -> list:
@@ -638,6 +680,34 @@ def _padded(codec: IntQuant, bodies: list, n_max: int):
         1 if codec.axis == "channel" else params
 
 
+def _padded_streams(codec: CodedJointKeys, bodies: list, n_max: int):
+    """_padded for entropy-coded keys: (stream (1, bytes), float32 parameters, tg, 1, offsets (B * H, blocks,
+    classes)), every part's streams end to end in one row and their offsets moved with them (nothing decoded)."""
+    first = next(p for parts in bodies for p in parts)
+    _, h, _, ncls = first.tensors["starts"].shape
+    d, nbm = first.head_dim, n_max // codec.group
+    kst = np.zeros((len(bodies), h, nbm, ncls), dtype=np.int32)
+    mn = np.zeros((len(bodies), h, nbm, d), dtype=np.float32)
+    sc = np.zeros_like(mn)
+    chunks, base = [], 0
+    for b, parts in enumerate(bodies):
+        at = 0
+        for p in parts:
+            t = p.tensors
+            s = t["stream"].numpy()
+            nb = p.num_blocks
+            kst[b, :, at:at + nb] = t["starts"][0].numpy() + base
+            mn[b, :, at:at + nb] = t["min"][0].numpy()
+            sc[b, :, at:at + nb] = t["scale"][0].numpy()
+            chunks.append(s[:s.size - TAIL])
+            base += s.size - TAIL
+            at += nb
+    if base >= 2 ** 31:
+        raise KvshrinkError("a batch's entropy-coded keys past 2 GB of streams do not fit int32 offsets")
+    stream = np.concatenate([*chunks, np.zeros(TAIL, dtype=np.uint8)])
+    return stream.reshape(1, -1), _as_params(mn, sc, codec), codec.group, 1, kst.reshape(len(bodies) * h, nbm, ncls)
+
+
 def _joined(parts: list) -> Packed:
     out = parts[0]
     for p in parts[1:]:
@@ -665,7 +735,10 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     nw = recent[1]
     vis = np.concatenate([np.arange(n_max)[None, :] < n[:, None], np.arange(int(ns.max()))[None, :] < ns[:, None],
                           np.arange(int(nw.max()))[None, :] < nw[:, None]], axis=1)
-    kc, kp, ktg, kgroups = _padded(one.key_codec, [x.key_parts for x in bodies], n_max)
+    if isinstance(one.key_codec, CodedJointKeys):
+        kc, kp, ktg, kgroups, kst = _padded_streams(one.key_codec, [x.key_parts for x in bodies], n_max)
+    else:
+        (kc, kp, ktg, kgroups), kst = _padded(one.key_codec, [x.key_parts for x in bodies], n_max), None
     vc, vp, _, vgroups = _padded(one.value_codec, [x.value_parts for x in bodies], n_max)
     qb, qt = _key_queries(q, one.key_codec)
     vrot = rotation(d, one.value_codec.seed).numpy() if one.value_codec.rotate else _NO_ROTATION
@@ -674,8 +747,8 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
     _fused(q.contiguous().numpy(), qb.contiguous().numpy(), qt, vis.view(np.uint8), n, dense_k, dense_v,
            dense_vis, dense_n, kc, kp, ktg, kgroups, one.key_codec.bits, vc, vp, vgroups,
            one.value_codec.bits, one.block, splits, vrot, np.float32(cap), *_luts(one.key_codec, one.value_codec),
-           _classes(one.key_codec), n_max, *staged, n_max + int(ns.max()), *recent, workers(b * h * (splits + _LIGHT)),
-           out)
+           _classes(one.key_codec), *_streams(one.key_codec, kst), n_max, *staged, n_max + int(ns.max()), *recent,
+           workers(b * h * (splits + _LIGHT)), out)
     return torch.from_numpy(out)
 
 
