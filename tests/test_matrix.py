@@ -4,7 +4,8 @@ Each method runs on a tiny random Llama (head_dim 16, GQA 2) after `kvshrink.pre
 calibrations (ZDC bases, RVQ codebooks, the budget's losses) made here from random tokens. The
 budget presets other than `auto-4x` and `auto-6x` are the same cache with another ratio (and
 `auto-8x` does not fit a head of 16: tests/test_budget.py checks the refusal); `auto-6x`'s joint-basis key
-choices are calibrated here too, beside the budget's. The properties:
+choices are calibrated here too, beside the budget's, with the code tables of entropy-coded joint keys (`CODED`, an
+option rather than a preset, at a ratio where the tiny model takes them). The properties:
 - bytes: `nbytes()` counts every tensor and array the cache can reach, except what it borrows
   from the model (weights, ZDC bases), and nothing it does not hold;
 - crop: crop then continue equals a fresh prefill of the same tokens (within the method's own
@@ -36,7 +37,9 @@ except ImportError:
     kernels_gpu = None
 
 BUDGET_VARIANTS = ("auto", "auto-5x", "auto-8x")
-OURS = [n for n in method_names("ours") if n not in BUDGET_VARIANTS]
+# entropy-coded joint keys (an option, not a preset): at 2x both of the tiny model's layers take them
+CODED = "auto:budget=2:joint=true:entropy=true"
+OURS = [n for n in method_names("ours") if n not in BUDGET_VARIANTS] + [CODED]
 PROMPT, STEPS = 150, 6  # past one block of 128 (int, ZDC) and of 64/128 (KVComp keys/values)
 EVICT = tuple(n for n in OURS if n.startswith(("kvc-", "snapkv-")))
 SAVES = tuple(n for n in OURS if n.startswith("kvcomp-"))
@@ -55,6 +58,9 @@ EXPECTED = {
         "where the calibration file loaded them; each holds a copy on the device for the kernel (checked instead: "
         "the codec's own tables are the only tensors on the host)",
     ("kernel", ("fp16",)): "fp16 has no coded body: the model's own attention reads it",
+    ("device", (CODED,)): "entropy-coded keys keep their code tables on the host, where the numba coder reads them, "
+        "and no Triton kernel reads their streams (checked instead: the codecs' tables and maps are the only tensors "
+        "on the host)",
 }
 
 
@@ -78,7 +84,10 @@ def model(tiny_config, tmp_path_factory):
             rvq_calib.default_path(m, 16, 256, "strided", "contiguous"))
         auto = os.path.join(os.environ["KVSHRINK_CALIB_DIR"], "auto.safetensors")
         budget.calibrate(m, _ids(4 + 128, seed=12), {"test": True}).save(auto)
-        budget.joint.calibrate(m, _ids(4 + 128, seed=12), {"test": True}).save(budget.joint.path_beside(auto))
+        joint = budget.joint.calibrate(m, _ids(4 + 128, seed=12), {"test": True})
+        joint.save(budget.joint.path_beside(auto))
+        budget.coded.calibrate(m, _ids(4 + 128, seed=12), joint, {"test": True}).save(
+            budget.coded.path_beside(budget.joint.path_beside(auto)))
         env.setenv("KVSHRINK_AUTO_CALIBRATION", auto)
         yield m
 
@@ -263,7 +272,7 @@ def test_reorder_cache_permutes_sequences_or_refuses(model, name):
 # one preset per layout where the others differ only in ratio or depth, which tests/test_triton.py's
 # kernel tests cover (every table kind, depths 1-3). KVComp is left to those kernel tests (its Triton
 # kernel against numba at every bound, with and without entropy codes): a minute here bought no more.
-TRITON_MATRIX = tuple(n for n in FUSED if not n.startswith(("kvcomp", "rvq", "kvc-", "snapkv-"))) + (
+TRITON_MATRIX = tuple(n for n in FUSED if not n.startswith(("kvcomp", "rvq", "kvc-", "snapkv-")) and n != CODED) + (
     "kvc-8x", "snapkv-8x", "kvc-4x+int4", "kvc-8x+int4", "rvq-d2", "rvq-d4+window")
 
 

@@ -70,10 +70,13 @@ class JointKeys(Codec):
             if w:
                 self.classes[-1][1] += 1
         self.classes = [tuple(c) for c in self.classes]
-        # what the int kernel reads; never empty (an empty class where no axis is coded): the kernel tells
-        # joint keys by a table with rows
-        self.class_table = np.array(self.classes or [(0, 0, 0)], dtype=np.int64).reshape(-1, 3)
         self.coded = sum(c[1] for c in self.classes)  # axes with codes: the first ones
+
+    @property
+    def class_table(self) -> np.ndarray:
+        """The classes as the int kernel reads them; never empty (an empty class where no axis is coded): the kernel
+        tells joint keys by a table with rows. Made per call: held, it would be an array the cache does not count."""
+        return np.array(self.classes or [(0, 0, 0)], dtype=np.int64).reshape(-1, 3)
 
     def describe(self) -> str:
         return f"joint-basis keys, {self.bits} bits a channel ({self.coded} of {len(self.widths)} axes coded) -rope"

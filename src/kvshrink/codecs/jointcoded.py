@@ -48,19 +48,21 @@ def tuple_size(width: int) -> int:
 class WidthTables:
     """One tuple Huffman code per coded symbol width, stacked as the coder and the kernel read them: lengths (T, 256)
     and codes (T, 256) for the encoder, the 12-bit decoding lookup (T, 4096, EMIT) with its lengths and counts
-    (32 KB a table); slot (9,) the table of each width, -1 where none (those widths are packed at fixed width)."""
+    (32 KB a table); slot (9 ints) the table of each width, -1 where none (those widths are packed at fixed width),
+    k each table's symbols a code."""
 
     def __init__(self, lengths: dict):
         self.widths = sorted(int(w) for w in lengths)
         if any(not 1 <= w <= 8 for w in self.widths):
             raise KvshrinkError(f"code tables are for widths 1..8, got {self.widths}")
-        self.slot = np.full(SLOTS, -1, dtype=np.int64)
+        slot = [-1] * SLOTS
         tables = []
         for i, w in enumerate(self.widths):
-            self.slot[w] = i
+            slot[w] = i
             tables.append(huffman.Table(np.asarray(lengths[w], dtype=np.uint8)[:(1 << w) ** tuple_size(w)],
                                         n_symbols=1 << w))
-        self.k = np.array([t.k for t in tables], dtype=np.int64)
+        # tuples, not arrays: what the cache counts are its tensors (these few numbers describe them)
+        self.slot, self.k = tuple(slot), tuple(t.k for t in tables)
         size = 1 << WINDOW
         self.lengths = _stack([np.pad(t.lengths, (0, ALPHABET - t.lengths.size)) for t in tables], (ALPHABET,), np.uint8)
         self.codes = _stack([np.pad(t.codes, (0, ALPHABET - t.codes.size)) for t in tables], (ALPHABET,), np.uint32)
@@ -228,7 +230,12 @@ class CodedJointKeys(JointKeys):
         self.tables = tables
         self.name = f"joint{bits}h"
         # the table of each class, -1 where packed
-        self.slots = np.array([tables.table(w) for _, _, w in self.classes], dtype=np.int64)
+        self.slots = tuple(tables.table(w) for _, _, w in self.classes)
+
+    @property
+    def slot_table(self) -> np.ndarray:
+        """The table of each class as the int kernel reads it (made per call, as JointKeys.class_table)."""
+        return np.array(self.slots, dtype=np.int64)
 
     def describe(self) -> str:
         return super().describe() + ", Huffman-coded"

@@ -336,7 +336,7 @@ def _streams(codec, starts: np.ndarray | None) -> tuple:
         return (_NO_STREAMS, np.empty((0, size, EMIT), dtype=np.uint8), np.empty((0, size), dtype=np.uint8),
                 np.empty((0, size), dtype=np.uint8), np.empty(0, dtype=np.int64))
     t = codec.tables
-    return starts, t.lut_sym.numpy(), t.lut_len.numpy(), t.lut_n.numpy(), codec.slots
+    return starts, t.lut_sym.numpy(), t.lut_len.numpy(), t.lut_n.numpy(), codec.slot_table
 
 
 _FORMATS = {torch.float32: F32, torch.float16: F16, torch.uint8: SCALES8}
