@@ -11,8 +11,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_joint import TURN, D, _states, _widths  # the fixed-width joint keys' cases, coded here
 
-from kvshrink import CompressedCache, KvshrinkError, from_method, prepare
+from kvshrink import KvshrinkError, from_method, prepare
 from kvshrink.attention.split import SplitStates
 from kvshrink.codecs import huffman
 from kvshrink.codecs.joint import JointKeys
@@ -25,20 +26,7 @@ from kvshrink.families.budget import joint as J
 from kvshrink.families.budget.cache import BudgetCache
 from kvshrink.spec import spec_from_config
 
-TURN = tuple(10000.0 ** (-i / 8) for i in range(8))  # RoPE frequencies of a 16-wide head
-D = 16
 WIDTHS = (1, 2, 3, 4, 5, 6, 8)
-
-
-def _widths(bits: int, seed: int) -> list:
-    g = torch.Generator().manual_seed(seed)
-    left, out = bits * D, []
-    for _ in range(D):
-        w = min(8, left, int(torch.randint(0, bits + 3, (1,), generator=g)))
-        w = min(w, out[-1]) if out else w
-        out.append(w)
-        left -= w
-    return sorted(out, reverse=True)
 
 
 def _tables(seed: int = 0) -> WidthTables:
@@ -135,16 +123,6 @@ def test_a_table_a_coded_width_32_kb_a_lookup_and_an_out_of_range_width_refused(
         NARROW.lengths_of(5)
     with pytest.raises(KvshrinkError, match="widths 1..8"):
         WidthTables({9: np.ones(512)})
-
-
-def _states(kc, vc, n, t, seed, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    cache = CompressedCache(num_layers=1, key_codec=kc, value_codec=vc, sink=4, window=0, block=16, attend="fused")
-    layer = cache.layers[0]
-    layer.update(torch.randn(batch, 2, n, D, generator=g) * torch.linspace(0.2, 3, D),
-                 torch.randn(batch, 2, n, D, generator=g))
-    states, _ = layer.update(torch.randn(batch, 2, t, D, generator=g), torch.randn(batch, 2, t, D, generator=g))
-    return layer, states, torch.randn(batch, 6, t, D, generator=g)
 
 
 @settings(max_examples=20, deadline=None)

@@ -99,35 +99,38 @@ def joint_for(model, block: int, path: str, tokenizer=None, corpus=None):
     """(joint key calibration, its path) beside the budget calibration at `path` (joint.py): memo, else the file,
     else measured where a tokenizer is given and the budget calibration is not a $KVSHRINK_AUTO_CALIBRATION file
     (whose corpus range is not known here); else a clear error."""
-    memo = _CALIBS.setdefault(model, {})
     side = joint.path_beside(path)
-    if memo.get(("joint", block), (None, None))[1] != side:
-        if not spec_from_config(model.config).rope:
-            raise KvshrinkError("joint-basis keys need a RoPE model (keys are turned back within their blocks)")
-        if os.path.isfile(side):
-            memo[("joint", block)] = joint.JointCalibration.load(side, model, block), side
-        elif tokenizer is not None and not os.environ.get("KVSHRINK_AUTO_CALIBRATION"):
-            memo[("joint", block)] = allocate.load_or_calibrate_joint(model, tokenizer, path, corpus, block=block)
-        else:
-            raise KvshrinkError(f"joint=true needs a joint key calibration at {side}: run kvshrink.prepare(model, "
-                                "'auto-6x:joint=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
-    return memo[("joint", block)]
+    if not spec_from_config(model.config).rope:
+        raise KvshrinkError("joint-basis keys need a RoPE model (keys are turned back within their blocks)")
+    return _beside(model, ("joint", block), side, lambda p: joint.JointCalibration.load(p, model, block),
+                   lambda: allocate.load_or_calibrate_joint(model, tokenizer, path, corpus, block=block), tokenizer,
+                   f"joint=true needs a joint key calibration at {side}: run kvshrink.prepare(model, "
+                   "'auto-6x:joint=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
 
 
 def tables_for(model, block: int, found, tokenizer=None, corpus=None):
-    """(key code tables, their path) beside the joint key calibration `found` (coded.py): memo, else the file, else
-    measured where a tokenizer is given (about half a minute on the bundled model); else a clear error."""
-    memo = _CALIBS.setdefault(model, {})
+    """(key code tables, their path) beside the joint key calibration `found` (coded.py), as joint_for finds the
+    joint calibration (fitted in about 20 s on the bundled model)."""
     side = coded.path_beside(found[1])
-    if memo.get(("coded", block), (None, None))[1] != side:
+    return _beside(model, ("coded", block), side, lambda p: coded.CodedCalibration.load(p, model, block, found[0]),
+                   lambda: allocate.load_or_calibrate_coded(model, tokenizer, found, corpus, block=block), tokenizer,
+                   f"entropy=true needs key code tables at {side}: run kvshrink.prepare(model, "
+                   "'auto-6x:entropy=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
+
+
+def _beside(model, key: tuple, side: str, load, measure, tokenizer, missing: str):
+    """A calibration kept beside the budget calibration: memo, else the file at `side`, else measured where a tokenizer
+    is given and the budget calibration is not a $KVSHRINK_AUTO_CALIBRATION file (whose corpus range is not known
+    here); else the error `missing`."""
+    memo = _CALIBS.setdefault(model, {})
+    if memo.get(key, (None, None))[1] != side:
         if os.path.isfile(side):
-            memo[("coded", block)] = coded.CodedCalibration.load(side, model, block, found[0]), side
+            memo[key] = load(side), side
         elif tokenizer is not None and not os.environ.get("KVSHRINK_AUTO_CALIBRATION"):
-            memo[("coded", block)] = allocate.load_or_calibrate_coded(model, tokenizer, found, corpus, block=block)
+            memo[key] = measure()
         else:
-            raise KvshrinkError(f"entropy=true needs key code tables at {side}: run kvshrink.prepare(model, "
-                                "'auto-6x:entropy=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
-    return memo[("coded", block)]
+            raise KvshrinkError(missing)
+    return memo[key]
 
 
 def prepare(config: BudgetConfig, model, tokenizer=None, corpus=None):
