@@ -30,6 +30,7 @@ import torch
 
 from ..errors import KvshrinkError
 from . import huffman
+from .base import tensor_nbytes
 from .joint import JointKeys
 from .packing import pack, packed_length, unpack
 
@@ -64,7 +65,8 @@ class WidthTables:
         # tuples, not arrays: what the cache counts are its tensors (these few numbers describe them)
         self.slot, self.k = tuple(slot), tuple(t.k for t in tables)
         size = 1 << WINDOW
-        self.lengths = _stack([np.pad(t.lengths, (0, ALPHABET - t.lengths.size)) for t in tables], (ALPHABET,), np.uint8)
+        pad = [np.pad(t.lengths, (0, ALPHABET - t.lengths.size)) for t in tables]
+        self.lengths = _stack(pad, (ALPHABET,), np.uint8)
         self.codes = _stack([np.pad(t.codes, (0, ALPHABET - t.codes.size)) for t in tables], (ALPHABET,), np.uint32)
         luts = [huffman._lookup(t.codes, t.lengths, WINDOW, t.n_symbols, t.k, multi=EMIT) for t in tables]
         self.lut_sym = _stack([x[0] for x in luts], (size, EMIT), np.uint8)
@@ -90,7 +92,7 @@ class WidthTables:
         return [self.lengths, self.codes, self.lut_sym, self.lut_len, self.lut_n]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return tensor_nbytes(self.tensors())
 
     @staticmethod
     def count(width: int, symbols: np.ndarray) -> np.ndarray:
@@ -170,7 +172,7 @@ class StreamPacked:
 
     def __init__(self, stream, starts, mn, step, block: int, head_dim: int):
         self.tensors = {"stream": stream, "starts": starts, "min": mn, "scale": step}
-        self.block, self.head_dim, self.meta = block, head_dim, {}
+        self.block, self.head_dim = block, head_dim
 
     @property
     def num_blocks(self) -> int:
@@ -181,10 +183,7 @@ class StreamPacked:
         return self.num_blocks * self.block
 
     def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in self.tensors.values())
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_views"}
+        return tensor_nbytes(self.tensors.values())
 
     def cat(self, other: StreamPacked) -> StreamPacked:
         a, b = self.tensors, other.tensors
@@ -192,8 +191,8 @@ class StreamPacked:
         if base + b["stream"].numel() >= 2 ** 31:
             raise KvshrinkError("an entropy-coded body past 2 GB of streams does not fit its int32 offsets")
         return StreamPacked(torch.cat([a["stream"][:base], b["stream"]]),
-                            torch.cat([a["starts"], b["starts"] + base], 2), torch.cat([a["min"], b["min"]], 2), torch.cat([a["scale"], b["scale"]], 2), self.block,
-                            self.head_dim)
+                            torch.cat([a["starts"], b["starts"] + base], 2), torch.cat([a["min"], b["min"]], 2),
+                            torch.cat([a["scale"], b["scale"]], 2), self.block, self.head_dim)
 
     def _pick(self, starts: torch.Tensor, mn: torch.Tensor, step: torch.Tensor) -> StreamPacked:
         stream, st = _gather(self.tensors["stream"], self.tensors["starts"], starts)
@@ -251,7 +250,7 @@ class CodedJointKeys(JointKeys):
         codes, lengths = self.tables.codes.numpy(), self.tables.lengths.numpy()
         one = np.zeros(rows, dtype=np.int64)
         for c, (a, n, w) in enumerate(self.classes):
-            t = int(self.slots[c])
+            t = self.slots[c]
             sym = axes[..., a:a + n, :].reshape(rows, n * g)
             if t < 0:  # packed at fixed width, n * g * w / 8 bytes a stream
                 packed = _host(pack(sym, w))
@@ -259,7 +258,7 @@ class CodedJointKeys(JointKeys):
                 starts[c] = base + packed.shape[1] * np.arange(rows)
                 base += packed.size
                 continue
-            stream, at = huffman.encode(huffman.tuples(_host(sym), 1 << w, int(self.tables.k[t])), one, codes[t:t + 1],
+            stream, at = huffman.encode(huffman.tuples(_host(sym), 1 << w, self.tables.k[t]), one, codes[t:t + 1],
                                         lengths[t:t + 1])
             parts.append(stream[:stream.size - huffman.PAD])
             starts[c] = at + base
@@ -278,7 +277,7 @@ class CodedJointKeys(JointKeys):
         b, h, nb = starts.shape[:3]
         out = []
         for c, (_, n, w) in enumerate(self.classes):
-            s, first = int(self.slots[c]), starts[..., c].reshape(-1)
+            s, first = self.slots[c], starts[..., c].reshape(-1)
             if s < 0:
                 size = packed_length(n * self.group, w)
                 rows = torch.from_numpy(stream[first[:, None] + np.arange(size)])
@@ -298,7 +297,7 @@ class CodedJointKeys(JointKeys):
             if slot < 0:
                 continue
             flat = sym.reshape(-1, n * self.group).numpy()
-            tup = huffman.tuples(flat, 1 << w, int(self.tables.k[slot])).astype(np.int64)
+            tup = huffman.tuples(flat, 1 << w, self.tables.k[slot]).astype(np.int64)
             counts, bits = out.get(w, (0, 0))
             out[w] = (counts + np.bincount(flat.ravel(), minlength=1 << w),
                       bits + int(self.tables.lengths_of(w).astype(np.int64)[tup].sum()))

@@ -99,10 +99,12 @@ def joint_for(model, block: int, path: str, tokenizer=None, corpus=None):
     """(joint key calibration, its path) beside the budget calibration at `path` (joint.py): memo, else the file,
     else measured where a tokenizer is given and the budget calibration is not a $KVSHRINK_AUTO_CALIBRATION file
     (whose corpus range is not known here); else a clear error."""
+    def rope():
+        if not spec_from_config(model.config).rope:
+            raise KvshrinkError("joint-basis keys need a RoPE model (keys are turned back within their blocks)")
+
     side = joint.path_beside(path)
-    if not spec_from_config(model.config).rope:
-        raise KvshrinkError("joint-basis keys need a RoPE model (keys are turned back within their blocks)")
-    return _beside(model, ("joint", block), side, lambda p: joint.JointCalibration.load(p, model, block),
+    return _beside(model, ("joint", block), side, rope, lambda p: joint.JointCalibration.load(p, model, block),
                    lambda: allocate.load_or_calibrate_joint(model, tokenizer, path, corpus, block=block), tokenizer,
                    f"joint=true needs a joint key calibration at {side}: run kvshrink.prepare(model, "
                    "'auto-6x:joint=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
@@ -112,18 +114,20 @@ def tables_for(model, block: int, found, tokenizer=None, corpus=None):
     """(key code tables, their path) beside the joint key calibration `found` (coded.py), as joint_for finds the
     joint calibration (fitted in about 20 s on the bundled model)."""
     side = coded.path_beside(found[1])
-    return _beside(model, ("coded", block), side, lambda p: coded.CodedCalibration.load(p, model, block, found[0]),
+    return _beside(model, ("coded", block), side, lambda: None,
+                   lambda p: coded.CodedCalibration.load(p, model, block, found[0]),
                    lambda: allocate.load_or_calibrate_coded(model, tokenizer, found, corpus, block=block), tokenizer,
                    f"entropy=true needs key code tables at {side}: run kvshrink.prepare(model, "
                    "'auto-6x:entropy=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
 
 
-def _beside(model, key: tuple, side: str, load, measure, tokenizer, missing: str):
-    """A calibration kept beside the budget calibration: memo, else the file at `side`, else measured where a tokenizer
-    is given and the budget calibration is not a $KVSHRINK_AUTO_CALIBRATION file (whose corpus range is not known
-    here); else the error `missing`."""
+def _beside(model, key: tuple, side: str, check, load, measure, tokenizer, missing: str):
+    """A calibration kept beside the budget calibration: memo, else (after `check()`) the file at `side`, else measured
+    where a tokenizer is given and the budget calibration is not a $KVSHRINK_AUTO_CALIBRATION file (whose corpus range
+    is not known here); else the error `missing`."""
     memo = _CALIBS.setdefault(model, {})
     if memo.get(key, (None, None))[1] != side:
+        check()
         if os.path.isfile(side):
             memo[key] = load(side), side
         elif tokenizer is not None and not os.environ.get("KVSHRINK_AUTO_CALIBRATION"):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...codecs.jointcoded import CODED, CodedJointKeys, WidthTables, tuple_size
+from ...codecs.jointcoded import CODED, CodedJointKeys, WidthTables
 from ...core.calibfile import check_header, load_tensors, model_header, save_tensors
 from ...core.sensitivity import collect
 from ...errors import KvshrinkError
@@ -95,17 +95,15 @@ def path_beside(joint_path: str) -> str:
         else joint_path + suffix
 
 
-@torch.no_grad()
 def _keys(model, ids: torch.Tensor, sink: int, block: int, offsets) -> dict:
     """{layer: keys (sequences, H, n, D)}: each sequence's keys after the sink, cut to whole blocks."""
     n = (ids.shape[1] - sink) // block * block
     if n == 0:
         raise KvshrinkError(f"calibration sequences of {ids.shape[1]} tokens hold no block of {block} after the sink")
     keep: dict = {}
-    with torch.enable_grad():  # collect takes the loss gradient too
-        for layers in collect(model, ids, sink, offsets=offsets):
-            for i, (_, k, _, _, _) in layers.items():
-                keep.setdefault(i, []).append(k[:, :n].float())
+    for layers in collect(model, ids, sink, offsets=offsets):
+        for i, (_, k, _, _, _) in layers.items():
+            keep.setdefault(i, []).append(k[:, :n].float())
     return {i: torch.stack(ks) for i, ks in keep.items()}
 
 
@@ -124,15 +122,13 @@ def calibrate(model, ids: torch.Tensor, joint_calib, data: dict | None = None, s
             for a, n, w in (x for x in c.classes if x[2] in CODED):
                 sym = axes[..., a:a + n, :].reshape(-1, n * c.group).numpy()
                 counts[w] = counts.get(w, 0) + WidthTables.count(w, sym)
-    widths = sorted(counts)
-    lengths = torch.zeros(len(widths), 256, dtype=torch.uint8)
-    fitted = WidthTables.fit(counts)
-    for r, w in enumerate(widths):
-        lengths[r, :(1 << w) ** tuple_size(w)] = torch.from_numpy(fitted.lengths_of(w))
-    header = {**model_header(model), "data": data or {}, "sink_excluded": sink, "block": block, "widths": widths,
+    fitted = WidthTables.fit(counts)  # its lengths: (widths, 256) in the order of its widths, as the file holds them
+    header = {**model_header(model), "data": data or {}, "sink_excluded": sink, "block": block, "widths": fitted.widths,
               "joint": joint_digest(joint_calib), "positions": joint_calib.header.get("positions"),
               "tokens": int(keys[0].shape[0] * keys[0].shape[2]) if keys else 0}
-    calib = CodedCalibration(lengths, torch.zeros(spec.num_layers, len(joint.CHOICES), dtype=torch.float64), header)
+    nbytes = torch.zeros(spec.num_layers, len(joint.CHOICES), dtype=torch.float64)
+    calib = CodedCalibration(fitted.lengths, nbytes, header)
+    calib.__dict__["_tables"] = fitted
     for i in range(spec.num_layers):
         tokens = keys[i].shape[0] * keys[i].shape[2]
         for j in range(len(joint.CHOICES)):

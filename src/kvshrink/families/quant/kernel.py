@@ -325,16 +325,17 @@ def _operands(codec: IntQuant, packed: Packed):
     return codes.numpy(), _params(codec, t, b, h, packed.num_tokens // tg), tg, groups
 
 
-_NO_STREAMS = np.empty((1, 0, 0), dtype=np.int32)
+# no entropy-coded keys: kst with no blocks (unpacked as fixed-width codes), no tables; one tuple for every call
+_NO_STREAMS = (np.empty((1, 0, 0), dtype=np.int32), np.empty((0, 1 << WINDOW, EMIT), dtype=np.uint8),
+               np.empty((0, 1 << WINDOW), dtype=np.uint8), np.empty((0, 1 << WINDOW), dtype=np.uint8),
+               np.empty(0, dtype=np.int64))
 
 
 def _streams(codec, starts: np.ndarray | None) -> tuple:
     """The kernel's (kst, hsym, hlen, hn, kslot) for a body's keys: starts (B * H, blocks, classes) int32 and the
-    codec's tables where they are entropy-coded; else empty (kst with no blocks: unpacked as fixed-width codes)."""
+    codec's tables where they are entropy-coded; else _NO_STREAMS."""
     if not isinstance(codec, CodedJointKeys):
-        size = 1 << WINDOW
-        return (_NO_STREAMS, np.empty((0, size, EMIT), dtype=np.uint8), np.empty((0, size), dtype=np.uint8),
-                np.empty((0, size), dtype=np.uint8), np.empty(0, dtype=np.int64))
+        return _NO_STREAMS
     t = codec.tables
     return starts, t.lut_sym.numpy(), t.lut_len.numpy(), t.lut_n.numpy(), codec.slot_table
 
