@@ -161,7 +161,7 @@ def budget(tiny_model, tmp_path_factory):
     calib.save(path)
     found = J.calibrate(tiny_model, ids, {"test": True}, sink=4, block=32, context=160)
     found.save(J.path_beside(path))
-    tables = C.calibrate(tiny_model, ids, found, {"test": True}, sink=4, block=32)
+    tables = C.calibrate(tiny_model, ids, found, {"test": True}, sink=4, block=32, menu=A.KEY_MENU)
     return calib, path, found, tables, ids
 
 
@@ -205,7 +205,7 @@ def test_a_coded_cache_counts_its_tables_once_and_meets_the_ratio_its_kernel_rea
                 model(ids[:, s:s + 64], past_key_values=cache, use_cache=True)
             if attend == "fused":
                 per_layer = sum(layer.nbytes() for layer in cache.layers)
-                assert cache.nbytes() == per_layer - (len(cache.layers) - 1) * tables.table_bytes()
+                assert cache.nbytes() == per_layer - (len(cache.layers) - 1) * tables.tables.nbytes()
                 # the coded bytes are the tokens' own, not the calibration's: near the ratio, not exactly it
                 assert cache.fp16_nbytes() / cache.nbytes() == pytest.approx(chosen.ratio, rel=0.1)
                 assert "Huffman-coded (tables.safetensors)" in cache.describe()
@@ -215,6 +215,53 @@ def test_a_coded_cache_counts_its_tables_once_and_meets_the_ratio_its_kernel_rea
                 assert stats["symbols"] == coded_symbols > 0
                 assert 0 < stats["entropy_bits_per_symbol"] <= 3 and 0 < stats["bits_per_symbol"] <= 3.1
             steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(448, 458)]
+        outs.append(torch.cat(steps, 1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("choice", [c for c in A.KEY_MENU if C.menu_coded(c)])
+def test_a_coded_menu_key_is_the_menus_own_codes_in_streams(budget, choice):
+    _, _, _, tables, _ = budget
+    coded = tables.menu_codec(choice, 64, TURN)
+    menu = A.key_codec(choice, 64, TURN)
+    x = _keys(3, tokens=128)
+    mine, theirs = coded.decode(coded.encode(x, 64)), menu.decode(menu.encode(x, 64))
+    # the same codes: the int8 map rounds the basis by under 0.01%, which moves a float16 min or step by an ulp
+    # and lands a rare code one level over
+    err, ref = (mine - x).pow(2).mean(), (theirs - x).pow(2).mean()
+    assert abs(float(err / ref) - 1) < 2e-3
+    assert (mine - theirs).abs().le(1e-2 * (1 + theirs.abs())).float().mean() > 0.99
+    assert tables.menu_codec(choice, 64, TURN) is coded
+    other = next(c for c in A.KEY_MENU if C.menu_coded(c) and c[1] == choice[1] and c != choice)
+    assert tables.menu_codec(other, 64, TURN).inverse_rows is coded.inverse_rows  # one map per rotation
+    assert not any(C.menu_coded(c) for c in [(2, True, None, A.U, False), (4, True, None, A.U, True),
+                                             (2, True, 64, A.U, True)])
+
+
+def test_a_cache_of_coded_menu_keys_counts_each_map_once_and_its_kernel_reads_the_streams(budget, tiny_model,
+                                                                                          monkeypatch):
+    _, path, found, tables, _ = budget
+    spec = spec_from_config(tiny_model.config)
+    menu = [c for c in A.KEY_MENU if C.menu_coded(c)]
+    chosen = A.Allocation([menu[1], menu[3]], [(2, True, None, A.G)] * 2, 0.0, 1.0)  # 2tr and 3tr: one map
+    monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", path)
+    model = prepare(copy.deepcopy(tiny_model), "auto:block=32")
+    ids = torch.randint(3, 128, (1, 330), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for attend in ("fused", "decode"):
+        cache = BudgetCache(model.config, chosen, path, 32, None, (found, "joint.safetensors"),
+                            (tables, "tables.safetensors"), sink=4, window=0, attend=attend)
+        assert all(isinstance(layer.k.codec, CodedJointKeys) for layer in cache.layers)
+        with torch.no_grad():
+            model(ids[:, :320], past_key_values=cache, use_cache=True)
+            if attend == "fused":
+                shared = tables.tables.nbytes() + spec.num_kv_heads * D * (D + 2)
+                assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) - shared
+                # the streams' bytes are what the calibration measured for such keys, within the tokens' spread
+                body = sum(p.nbytes() for layer in cache.layers for p in layer.k.body_parts())
+                expect = sum(tables.menu_bytes(i)[c] for i, c in enumerate(chosen.keys)) * 288
+                assert body == pytest.approx(expect, rel=0.15)
+            steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(320, 330)]
         outs.append(torch.cat(steps, 1))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 

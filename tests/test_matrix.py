@@ -86,7 +86,7 @@ def model(tiny_config, tmp_path_factory):
         budget.calibrate(m, _ids(4 + 128, seed=12), {"test": True}).save(auto)
         joint = budget.joint.calibrate(m, _ids(4 + 128, seed=12), {"test": True})
         joint.save(budget.joint.path_beside(auto))
-        budget.coded.calibrate(m, _ids(4 + 128, seed=12), joint, {"test": True}).save(
+        budget.coded.calibrate(m, _ids(4 + 128, seed=12), joint, {"test": True}, menu=budget.KEY_MENU).save(
             budget.coded.path_beside(budget.joint.path_beside(auto)))
         env.setenv("KVSHRINK_AUTO_CALIBRATION", auto)
         yield m

@@ -171,7 +171,7 @@ def cmd_calibrate(args) -> None:
             found.save(side)
             print(f"joint key calibration: {time.time() - t0:.0f} s -> {side}")
             t0, tables = time.time(), budget.coded.path_beside(side)  # their code tables (entropy=true), beside it
-            budget.coded.calibrate(model, ids, found, desc, block=args.block).save(tables)
+            budget.coded.calibrate(model, ids, found, desc, block=args.block, menu=budget.KEY_MENU).save(tables)
             print(f"key code tables: {time.time() - t0:.0f} s -> {tables}")
         return None
     print(f"ZDC calibration of {ids.numel()} tokens: about a minute on the bundled model, 2 cores", file=sys.stderr)

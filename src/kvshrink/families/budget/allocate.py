@@ -90,7 +90,7 @@ def key_codec(choice, block: int, rope: tuple = ()) -> IntQuant:
     bits, rotate, group, levels, turned = choice
     if turned and not rope:
         raise KvshrinkError("a turned key choice needs the model's RoPE frequencies (this model has none)")
-    return IntQuant(bits, "channel", group or block, rotate=rotate, seed=1, levels=levels,
+    return IntQuant(bits, "channel", group or block, rotate=rotate, seed=coded.KEY_SEED, levels=levels,
                     derope=rope if turned else ())
 
 
@@ -336,7 +336,8 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
     """(items, fixed): per layer, keys then values, (proxy, bytes held at `context` tokens) arrays over
     the menu (the key menu followed by the joint key choices where `joint_calib` is given); fixed: the float16
     sink's and the window's bytes (float16, or `window_codec`'s per-token codes), and the code tables where the
-    joint keys are entropy-coded (`coded`: coded.py's calibration, whose bytes per token their blocks then take).
+    keys are entropy-coded (`coded`: coded.py's calibration, whose bytes per token the joint keys' and the coded menu
+    keys' blocks then take).
     A layer holds what `held_tokens` says: the sink and window, whole coded blocks, and a partial block whose keys
     wait at the stage codec's width."""
     row = 2 * spec.num_kv_heads * spec.head_dim * 2  # fp16 bytes of one token's keys and values in a layer
@@ -346,7 +347,11 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
     for i in range(spec.num_layers):
         s, w, held, staged = held_tokens(spec, i, context, sink, block, window)
         fixed += s * row + w * recent
-        keys = (calib.proxy_k[i].numpy(), held * calib.bytes_k[i].numpy() + staged * staging)
+        per_token = calib.bytes_k[i].numpy()
+        if coded is not None:  # the coded menu keys' streams (coded.py)
+            streams = coded.menu_bytes(i)
+            per_token = np.array([streams.get(tuple(c), b) for c, b in zip(KEY_MENU, per_token)])
+        keys = (calib.proxy_k[i].numpy(), held * per_token + staged * staging)
         if joint_calib is not None:
             jp, jb = joint.items(joint_calib, i, held, staged,
                                  lambda bits: stage_bytes((bits, True, None, U, True), block, spec),
@@ -428,7 +433,7 @@ def load_or_calibrate_coded(model, tokenizer, found, corpus: str | None = None, 
         return coded.CodedCalibration.load(path, model, block, found[0]), path
     ids, desc = calibration_ids(tokenizer, corpus, *calibration_shape(spec_from_config(model.config)))
     log(f"auto: no key code tables at {path}; fitting them (about half a minute on 2 cores for the bundled model)")
-    calib = coded.calibrate(model, ids, found[0], desc, sink, block)
+    calib = coded.calibrate(model, ids, found[0], desc, sink, block, KEY_MENU)
     calib.save(path)
     return calib, path
 

@@ -28,7 +28,8 @@ class BudgetCache(CompressedCache):
     def __init__(self, config, allocation: allocate.Allocation, calibration: str, block: int, data: dict | None = None,
                  found=None, tables=None, **kwargs):
         """found: (joint key calibration, its path), or None where joint keys were not on offer; tables: (code
-        tables, their path) where the joint keys are entropy-coded (coded.py), else None."""
+        tables, their path) where the keys are entropy-coded (coded.py: joint keys and turned 2- and 3-bit menu
+        keys), else None."""
         rope = spec_from_config(config).rope
         pairs = [(_key_codec(k, i, block, rope, found, tables), allocate.value_codec(v))
                  for i, (k, v) in enumerate(zip(allocation.keys, allocation.values))]
@@ -63,7 +64,7 @@ class BudgetCache(CompressedCache):
                  if "tokens" in self.data else "")
         keys = f"; joint keys {self.joint_path}" if self.joint_path else "; menu keys only (joint=false, or no joint calibration)"
         if self.tables_path:
-            keys += f", Huffman-coded ({self.tables_path})"
+            keys += f", and turned 2- and 3-bit menu keys, Huffman-coded ({self.tables_path})"
         return (f"{self.allocation.describe()}, sink {self.sink}, "
                 f"{f'window {self.window}{self._window_code()}, ' if self.window else ''}block {self.block}, "
                 f"{self._how_it_attends()}; "
@@ -76,6 +77,8 @@ def _key_codec(choice, layer: int, block: int, rope: tuple, found, tables=None):
         if tables is not None:
             return tables[0].codec(found[0], layer, j, block, rope)
         return found[0].codec(layer, j, block, rope)
+    if tables is not None and coded.menu_coded(choice) and tuple(choice) in tables[0].menu_bytes(layer):
+        return tables[0].menu_codec(choice, block, rope)
     return allocate.key_codec(choice, block, rope)
 
 

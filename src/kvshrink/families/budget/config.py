@@ -45,7 +45,8 @@ class BudgetConfig(Config):
     joint: bool = option(False, "offer joint-basis keys (a calibrated basis per KV head, bits per axis) beside the "
                                 "menu's key codes (on in auto-6x and auto-8x, where they measured better; at 4x "
                                 "the allocator over-trusts them, docs/budget.md)")
-    entropy: bool = option(False, "entropy-code the joint-basis keys' symbols (one Huffman code per width, fitted at "
+    entropy: bool = option(False, "entropy-code the joint-basis keys' symbols and the turned 2- and 3-bit menu keys' "
+                                  "(one Huffman code per width, fitted at "
                                   "calibration), and allocate on their coded bytes (needs joint=true)")
 
     def check(self):
