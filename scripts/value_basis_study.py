@@ -20,11 +20,10 @@ Calibration: the budget calibration's tokens (the last 4 x 512 of WikiText-2 tes
 """
 
 import argparse
-import math
 
 import torch
 from importance_study import key_trip  # this folder is on the path
-from transform_study import DIST, kmeans_1d
+from transform_study import kmeans_1d, water_fill
 
 from kvshrink.codecs.levels import GAUSS
 from kvshrink.core.calibfile import calibration_ids
@@ -37,15 +36,6 @@ from kvshrink.spec import spec_from_config
 
 SINK, BLOCK, CONTEXT, WINDOW = 4, 128, 2048, 16
 SCALE_BITS = 8
-MAX_BITS = 6
-
-
-def water_fill(variances: list, total: int) -> list:
-    bits = [0] * len(variances)
-    for _ in range(total):
-        gain = [v * (DIST[b] - DIST[b + 1]) if b < MAX_BITS else -1.0 for v, b in zip(variances, bits)]
-        bits[max(range(len(bits)), key=gain.__getitem__)] += 1
-    return bits
 
 
 def fit_head(v: torch.Tensor, m: torch.Tensor, total: int):

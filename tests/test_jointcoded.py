@@ -186,35 +186,47 @@ def test_code_tables_cover_every_joint_width_and_their_bytes_are_the_coded_bodie
 
 def test_a_coded_cache_counts_its_tables_once_and_meets_the_ratio_its_kernel_reads_the_streams(budget, tiny_model,
                                                                                                 monkeypatch):
-    calib, path, found, tables, _ = budget
+    calib, _, found, tables, _ = budget
     calib = copy.copy(calib)
     calib.proxy_k = torch.where(torch.isfinite(calib.proxy_k), 1.0, calib.proxy_k)  # joint keys made the choice
     spec = spec_from_config(tiny_model.config)
     # the tables' lookups (about 7 KB a width) weigh on a 2-layer model: a long context and a mild ratio
     chosen = A.choose(calib, spec, 1.2, 448, 4, 32, found, coded=tables)
     assert all(k[0] == A.JOINT for k in chosen.keys), chosen.describe()
+
+    def check(cache):
+        per_layer = sum(layer.nbytes() for layer in cache.layers)
+        assert cache.nbytes() == per_layer - (len(cache.layers) - 1) * tables.tables.nbytes()
+        # the coded bytes are the tokens' own, not the calibration's: near the ratio, not exactly it
+        assert cache.fp16_nbytes() / cache.nbytes() == pytest.approx(chosen.ratio, rel=0.1)
+        assert "Huffman-coded (tables.safetensors)" in cache.describe()
+        coded_symbols = sum(n * 32 * p.num_blocks * 2 for layer in cache.layers for p in layer.k.body_parts()
+                            for (_, n, w) in layer.k.codec.classes if w in tables.header["widths"])
+        stats = cache.coding_stats()["keys"]  # the bench's coding table: bits against the entropy
+        assert stats["symbols"] == coded_symbols > 0
+        assert 0 < stats["entropy_bits_per_symbol"] <= 3 and 0 < stats["bits_per_symbol"] <= 3.1
+
+    _fused_as_decode(budget, tiny_model, monkeypatch, chosen, 448, check)
+
+
+def _fused_as_decode(budget, tiny_model, monkeypatch, chosen, prefill: int, check):
+    """Caches of `chosen` prefilled with `prefill` tokens in chunks of 64, `check`ed where fused, then 10 decode steps:
+    the fused kernel's logits equal decode-then-attend's."""
+    _, path, found, tables, _ = budget
     monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", path)
     model = prepare(copy.deepcopy(tiny_model), "auto:block=32")
-    ids = torch.randint(3, 128, (1, 458), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 128, (1, prefill + 10), generator=torch.Generator().manual_seed(prefill))
     outs = []
     for attend in ("fused", "decode"):
         cache = BudgetCache(model.config, chosen, path, 32, None, (found, "joint.safetensors"),
                             (tables, "tables.safetensors"), sink=4, window=0, attend=attend)
         with torch.no_grad():
-            for s in range(0, 448, 64):
-                model(ids[:, s:s + 64], past_key_values=cache, use_cache=True)
+            for s in range(0, prefill, 64):
+                model(ids[:, s:min(s + 64, prefill)], past_key_values=cache, use_cache=True)
             if attend == "fused":
-                per_layer = sum(layer.nbytes() for layer in cache.layers)
-                assert cache.nbytes() == per_layer - (len(cache.layers) - 1) * tables.tables.nbytes()
-                # the coded bytes are the tokens' own, not the calibration's: near the ratio, not exactly it
-                assert cache.fp16_nbytes() / cache.nbytes() == pytest.approx(chosen.ratio, rel=0.1)
-                assert "Huffman-coded (tables.safetensors)" in cache.describe()
-                coded_symbols = sum(n * 32 * p.num_blocks * 2 for layer in cache.layers for p in layer.k.body_parts()
-                                    for (_, n, w) in layer.k.codec.classes if w in tables.header["widths"])
-                stats = cache.coding_stats()["keys"]  # the bench's coding table: bits against the entropy
-                assert stats["symbols"] == coded_symbols > 0
-                assert 0 < stats["entropy_bits_per_symbol"] <= 3 and 0 < stats["bits_per_symbol"] <= 3.1
-            steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(448, 458)]
+                check(cache)
+            steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+                     for i in range(prefill, prefill + 10)]
         outs.append(torch.cat(steps, 1))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
@@ -240,30 +252,21 @@ def test_a_coded_menu_key_is_the_menus_own_codes_in_streams(budget, choice):
 
 def test_a_cache_of_coded_menu_keys_counts_each_map_once_and_its_kernel_reads_the_streams(budget, tiny_model,
                                                                                           monkeypatch):
-    _, path, found, tables, _ = budget
+    tables = budget[3]
     spec = spec_from_config(tiny_model.config)
     menu = [c for c in A.KEY_MENU if C.menu_coded(c)]
     chosen = A.Allocation([menu[1], menu[3]], [(2, True, None, A.G)] * 2, 0.0, 1.0)  # 2tr and 3tr: one map
-    monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", path)
-    model = prepare(copy.deepcopy(tiny_model), "auto:block=32")
-    ids = torch.randint(3, 128, (1, 330), generator=torch.Generator().manual_seed(2))
-    outs = []
-    for attend in ("fused", "decode"):
-        cache = BudgetCache(model.config, chosen, path, 32, None, (found, "joint.safetensors"),
-                            (tables, "tables.safetensors"), sink=4, window=0, attend=attend)
+
+    def check(cache):
         assert all(isinstance(layer.k.codec, CodedJointKeys) for layer in cache.layers)
-        with torch.no_grad():
-            model(ids[:, :320], past_key_values=cache, use_cache=True)
-            if attend == "fused":
-                shared = tables.tables.nbytes() + spec.num_kv_heads * D * (D + 2)
-                assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) - shared
-                # the streams' bytes are what the calibration measured for such keys, within the tokens' spread
-                body = sum(p.nbytes() for layer in cache.layers for p in layer.k.body_parts())
-                expect = sum(tables.menu_bytes(i)[c] for i, c in enumerate(chosen.keys)) * 288
-                assert body == pytest.approx(expect, rel=0.15)
-            steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(320, 330)]
-        outs.append(torch.cat(steps, 1))
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+        shared = tables.tables.nbytes() + spec.num_kv_heads * D * (D + 2)
+        assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) - shared
+        # the streams' bytes are what the calibration measured for such keys, within the tokens' spread
+        body = sum(p.nbytes() for layer in cache.layers for p in layer.k.body_parts())
+        expect = sum(tables.menu_bytes(i)[c] for i, c in enumerate(chosen.keys)) * 288
+        assert body == pytest.approx(expect, rel=0.15)
+
+    _fused_as_decode(budget, tiny_model, monkeypatch, chosen, 320, check)
 
 
 def test_entropy_needs_joint_keys_and_its_tables_and_refuses_tables_of_another_joint_calibration(budget, tiny_model,
