@@ -26,6 +26,7 @@ from kvshrink.core.sensitivity import Perturbed, mean_kl
 from kvshrink.families.budget import allocate as A
 from kvshrink.families.budget import joint as J
 from kvshrink.families.budget.cache import BudgetCache
+from kvshrink.families.budget.config import BudgetConfig
 from kvshrink.spec import spec_from_config
 
 
@@ -319,6 +320,28 @@ def test_joint_bases_average_the_queries_over_the_models_whole_context(tiny_mode
     assert calib.header["positions"] == [0, 512 - 36]  # the sequences' keys at spread positions too
     short = J.calibrate(tiny_model, ids, {"test": True}, sink=4, block=32, context=64)
     assert short.header["context"] == 64 and not torch.equal(short.inverse, calib.inverse)
+
+
+def test_joint_keys_at_one_bit_a_channel_only_where_offered(calibrated, joint_calibrated, tiny_model):
+    """joint.ONE_BIT (`joint1`, on in auto-8x): most axes at their block's mean; the allocator takes it only where the
+    configuration offers it, and offering it never raises the summed proxy."""
+    calib = copy.copy(calibrated[0])
+    calib.proxy_k = torch.where(torch.isfinite(calib.proxy_k), 1.0, calib.proxy_k)  # the menu's keys made costly
+    joint = copy.copy(joint_calibrated)
+    one, two = J.CHOICES.index(J.ONE_BIT), J.CHOICES.index((2, 0))
+    joint.proxy = joint.proxy.clone()
+    joint.proxy[:, one] = joint.proxy[:, two]  # as good as two bits, in fewer bytes
+    spec = spec_from_config(tiny_model.config)
+    w = joint.widths[:, one]
+    assert (w.sum(-1) <= spec.head_dim).all() and (w == 0).any(-1).all() and (w[:, 0] >= 2).all()
+    assert (joint.bytes[:, one] < joint.bytes[:, two]).all()
+    off = A.choose(calib, spec, 3.0, 160, 4, 32, joint)
+    on = A.choose(calib, spec, 3.0, 160, 4, 32, joint, joint1=True)
+    picked = [[k[0] == A.JOINT and tuple(k[1:]) == J.ONE_BIT for k in a.keys] for a in (off, on)]
+    assert not any(picked[0]) and any(picked[1]) and on.proxy <= off.proxy + 1e-12
+    assert "J1" in on.describe()
+    with pytest.raises(KvshrinkError, match="joint1=true offers a joint-basis key choice: it needs joint=true"):
+        BudgetConfig(joint1=True).check()
 
 
 def test_cache_with_joint_keys_holds_the_bytes_expected_and_the_kernel_reads_them(calibrated, joint_calibrated,

@@ -332,12 +332,12 @@ def calibration_shape(spec) -> tuple[int, int]:
 
 
 def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int, joint_calib=None,
-                window: int = 0, window_codec=None, coded=None) -> tuple[list, float]:
+                window: int = 0, window_codec=None, coded=None, joint1: bool = False) -> tuple[list, float]:
     """(items, fixed): per layer, keys then values, (proxy, bytes held at `context` tokens) arrays over
     the menu (the key menu followed by the joint key choices where `joint_calib` is given); fixed: the float16
     sink's and the window's bytes (float16, or `window_codec`'s per-token codes), and the code tables where the
     keys are entropy-coded (`coded`: coded.py's calibration, whose bytes per token the joint keys' and the coded menu
-    keys' blocks then take).
+    keys' blocks then take); joint1: whether the joint choice of one bit a channel is offered (joint.ONE_BIT).
     A layer holds what `held_tokens` says: the sink and window, whole coded blocks, and a partial block whose keys
     wait at the stage codec's width."""
     row = 2 * spec.num_kv_heads * spec.head_dim * 2  # fp16 bytes of one token's keys and values in a layer
@@ -355,7 +355,7 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
         if joint_calib is not None:
             jp, jb = joint.items(joint_calib, i, held, staged,
                                  lambda bits: stage_bytes((bits, True, None, U, True), block, spec),
-                                 None if coded is None else coded.bytes[i])
+                                 None if coded is None else coded.bytes[i], joint1)
             keys = (np.concatenate([keys[0], jp]), np.concatenate([keys[1], jb]))
         items.append(keys)
         items.append((calib.proxy_v[i].numpy(), (held + staged) * calib.bytes_v[i].numpy()))
@@ -363,10 +363,10 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
 
 
 def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int,
-           joint_calib=None, window: int = 0, window_codec=None, coded=None) -> Allocation:
+           joint_calib=None, window: int = 0, window_codec=None, coded=None, joint1: bool = False) -> Allocation:
     """The allocation meeting `ratio` x fp16 at `context` tokens (`layer_bytes`), with the joint key choices
     beside the menu's where `joint_calib` (joint.py's calibration) is given, entropy-coded where `coded` is."""
-    items, fixed = layer_bytes(calib, spec, context, sink, block, joint_calib, window, window_codec, coded)
+    items, fixed = layer_bytes(calib, spec, context, sink, block, joint_calib, window, window_codec, coded, joint1)
     full = spec.fp16_bytes(context)
     budget = full / ratio - fixed
     if budget <= 0:

@@ -163,7 +163,8 @@ def build(config: BudgetConfig, model, method: str) -> BudgetCache:
     tables = tables_for(model, config.block, found) if config.entropy else None
     recent = allocate.window_codec(config.window_bits) if config.window else None
     chosen = allocate.choose(calib, spec, config.budget, config.context, config.sink, config.block,
-                             found[0] if found else None, config.window, recent, tables[0] if tables else None)
+                             found[0] if found else None, config.window, recent, tables[0] if tables else None,
+                             config.joint1)
     attend = config.attend
     if attend == "auto":
         attend = "fused" if uses_kvshrink_attention(model.config) else "decode"

@@ -45,6 +45,8 @@ class BudgetConfig(Config):
     joint: bool = option(False, "offer joint-basis keys (a calibrated basis per KV head, bits per axis) beside the "
                                 "menu's key codes (on in auto-6x and auto-8x, where they measured better; at 4x "
                                 "the allocator over-trusts them, docs/budget.md)")
+    joint1: bool = option(False, "offer joint-basis keys at one bit a channel (about 24 of 64 axes coded, the rest their "
+                                 "block's mean; on in auto-8x, where it halved the perplexity change; needs joint=true)")
     entropy: bool = option(False, "entropy-code the joint-basis keys' symbols and the turned 2- and 3-bit menu keys' "
                                   "(one Huffman code per width, fitted at "
                                   "calibration), and allocate on their coded bytes (needs joint=true)")
@@ -59,6 +61,8 @@ class BudgetConfig(Config):
         check_int("block", self.block, 1)
         check_int("splits", self.splits, 1)
         check_int("context", self.context, 1)
+        if self.joint1 and not self.joint:
+            raise KvshrinkError("joint1=true offers a joint-basis key choice: it needs joint=true")
         if self.entropy and not self.joint:
             raise KvshrinkError("entropy=true codes the joint-basis keys: it needs joint=true")
         if self.context <= self.sink + self.window + self.block:
@@ -69,12 +73,17 @@ class BudgetConfig(Config):
 register(Method("auto", BudgetConfig(), "one budget for the whole cache (auto:budget=N): int widths, rotation, "
                 "groups and value levels allocated per layer and K/V by a calibrated loss proxy"))
 JOINT_PRESETS = (6, 8)  # joint keys measured better there (docs/budget.md), worse at 4x
+# one bit a channel (joint.ONE_BIT): at 8x +5.50% against +11.86%; at 6x 4% less KL but +2.15% against +1.76%
+# (docs/budget.md, "One bit a channel")
+JOINT1_PRESETS = (8,)
 # the recent window: 13-15% less KL at 6x and 8x in the protocol, 33% token by token at 6x; none at 4x, where
 # its decode cost (4% at 8k) buys nothing (docs/budget.md, "The recent window")
 WINDOW_PRESETS = {6: 16, 8: 16}
 for _r in PRESETS:
     _w = WINDOW_PRESETS.get(_r, 0)
-    register(Method(f"auto-{_r}x", BudgetConfig(budget=float(_r), joint=_r in JOINT_PRESETS, window=_w),
+    register(Method(f"auto-{_r}x", BudgetConfig(budget=float(_r), joint=_r in JOINT_PRESETS, window=_w,
+                                                joint1=_r in JOINT1_PRESETS),
                     f"one budget: {_r}x fp16 at 2,048 tokens, int widths allocated per layer and K/V by a calibrated "
                     f"loss proxy{', joint-basis keys on offer' if _r in JOINT_PRESETS else ''}"
+                    f"{' (down to one bit a channel)' if _r in JOINT1_PRESETS else ''}"
                     f"{f', the {_w} most recent tokens in 8-bit codes' if _w else ''}", default=_r in (4, 6)))

@@ -1,5 +1,5 @@
 """Joint-basis key choices for the budget (codecs/joint.py): calibrated once per model, corpus range and block,
-in a file beside the budget calibration (its path with `-joint5`), and offered to the allocator beside the
+in a file beside the budget calibration (its path with `-joint6`), and offered to the allocator beside the
 menu's key choices.
 
 A key's coding error reaches the model as q . (k - k_hat). Per layer and KV head, on the calibration tokens:
@@ -37,9 +37,13 @@ from ...errors import KvshrinkError
 from ...spec import spec_from_config
 from .config import RECENT
 
-FORMAT = "kvshrink-budget-joint-5"  # 2: int8 maps; 3: statistics over the whole context; 4: RECENT 32; 5: RECENT 16
+FORMAT = "kvshrink-budget-joint-6"  # 2: int8 maps; 3: statistics over the whole context; 4: RECENT 32; 5: RECENT 16;
+# 6: one bit a channel (1, 0)
 LONGEST = 32768  # block starts M is averaged over, at most (a longer context's slowest pairs barely turn more)
-CHOICES = ((2, 0), (3, 0), (3, 2), (4, 0), (4, 2))  # (bits a channel on average, least bits an axis)
+# (bits a channel on average, least bits an axis). (1, 0): about 24 of 64 axes at 3 to 5 bits, the rest their block's
+# mean: 3-4x J2's KL in 43-57% of its bytes, which auto-8x spends on values (docs/budget.md, "One bit a channel")
+CHOICES = ((2, 0), (3, 0), (3, 2), (4, 0), (4, 2), (1, 0))
+ONE_BIT = (1, 0)  # offered where the configuration asks (`joint1`: on in auto-8x; at 6x its Δppl measured worse)
 WIDTHS = (0, 2, 3, 4, 5, 6, 8)
 # squared error of uniform min/max codes over a block of 128 Gaussian samples, in variances (0 bits: the mean)
 DIST = {0: 1.0, 2: 0.23, 3: 0.042, 4: 0.0093, 5: 0.0022, 6: 0.00052, 8: 0.000032}
@@ -210,11 +214,13 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
 
 
 def items(calib: JointCalibration, layer: int, coded: int, staged: int, stage_bytes,
-          per_token=None) -> tuple[np.ndarray, np.ndarray]:
+          per_token=None, one_bit: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(proxy, bytes held) of a layer's joint choices with `coded` tokens in blocks and `staged` in the stage
     (stage_bytes(bits): a staged key token's bytes, the stage rule of the same width), the inverse included.
-    per_token: the choices' bytes per coded token where they are not the calibration's (entropy-coded, coded.py)."""
+    per_token: the choices' bytes per coded token where they are not the calibration's (entropy-coded, coded.py).
+    one_bit: whether ONE_BIT is offered (else its proxy is infinite: the allocator passes it by)."""
     per_token = calib.bytes[layer] if per_token is None else per_token
     held = [coded * float(per_token[j]) + staged * stage_bytes(bits) + calib.fixed_bytes(layer)
             for j, (bits, _) in enumerate(CHOICES)]
-    return calib.proxy[layer].numpy(), np.array(held)
+    proxy = np.array([p if one_bit or c != ONE_BIT else np.inf for p, c in zip(calib.proxy[layer].tolist(), CHOICES)])
+    return proxy, np.array(held)
