@@ -77,7 +77,7 @@ def _key_codec(choice, layer: int, block: int, rope: tuple, found, tables=None):
         if tables is not None:
             return tables[0].codec(found[0], layer, j, block, rope)
         return found[0].codec(layer, j, block, rope)
-    if tables is not None and coded.menu_coded(choice) and tuple(choice) in tables[0].menu_bytes(layer):
+    if tables is not None and tuple(choice) in tables[0].menu_bytes(layer):  # a coded menu choice
         return tables[0].menu_codec(choice, block, rope)
     return allocate.key_codec(choice, block, rope)
 

@@ -82,8 +82,7 @@ class CodedCalibration:
 
     def table_bytes(self) -> int:
         """The tables and the coded menu keys' maps (one per rotation, rotated or not), counted as fixed bytes."""
-        h, d = self.header["heads"], self.header["head_dim"]
-        return self.tables.nbytes() + 2 * (h * d * d + h * d * 2)
+        return self.tables.nbytes() + 2 * joint.map_bytes(self.header["heads"], self.header["head_dim"])
 
     def menu_bytes(self, layer: int) -> dict:
         """{menu choice: coded bytes per token} of a layer."""
@@ -164,9 +163,10 @@ def calibrate(model, ids: torch.Tensor, joint_calib, data: dict | None = None, s
               "joint": joint_digest(joint_calib), "positions": joint_calib.header.get("positions"),
               "tokens": int(keys[0].shape[0] * keys[0].shape[2]) if keys else 0, "menu": [list(c) for c in menu],
               "heads": spec.num_kv_heads, "head_dim": spec.head_dim}
-    rows = [[joint_calib.codec(i, j, block, spec.rope) for j in range(len(joint.CHOICES))]
-            + [JointKeys(menu_inverse(c[1], spec.num_kv_heads, spec.head_dim), [c[0]] * spec.head_dim, block, spec.rope,
-                         c[0]) for c in menu] for i in range(spec.num_layers)]
+    fixed_basis = [JointKeys(menu_inverse(c[1], spec.num_kv_heads, spec.head_dim), [c[0]] * spec.head_dim, block,
+                             spec.rope, c[0]) for c in menu]  # the same for every layer
+    rows = [[joint_calib.codec(i, j, block, spec.rope) for j in range(len(joint.CHOICES))] + fixed_basis
+            for i in range(spec.num_layers)]
     counts: dict = {}
     for i, codecs in enumerate(rows):
         for c in codecs:

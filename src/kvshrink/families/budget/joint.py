@@ -127,9 +127,9 @@ class JointCalibration:
         return memo[key]
 
     def fixed_bytes(self, layer: int) -> int:
-        """The map back to keys a layer's joint codec holds (int8 rows, a float16 scale each)."""
+        """The map back to keys a layer's joint codec holds."""
         h, d, _ = self.inverse[layer].shape
-        return h * d * d + h * d * 2
+        return map_bytes(h, d)
 
     def check(self, model, block: int) -> None:
         check_header(self.header, model, "auto", what="joint key calibration")
@@ -146,6 +146,11 @@ class JointCalibration:
         if model is not None:
             calib.check(model, block if block is not None else header.get("block"))
         return calib
+
+
+def map_bytes(heads: int, d: int) -> int:
+    """Bytes of a joint codec's map back to keys: int8 rows, a float16 scale each (codecs/joint.py)."""
+    return heads * d * d + heads * d * 2
 
 
 def path_beside(budget_path: str) -> str:
