@@ -11,6 +11,7 @@ Properties:
 
 import copy
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from kvshrink.attention.logits import recent_attention
 from kvshrink.core.sensitivity import Perturbed, mean_kl
 from kvshrink.families.budget import allocate as A
 from kvshrink.families.budget import joint as J
+from kvshrink.families.budget import vector as V
 from kvshrink.families.budget.cache import BudgetCache
 from kvshrink.families.budget.config import BudgetConfig
 from kvshrink.spec import spec_from_config
@@ -384,3 +386,76 @@ def test_joint_keys_are_asked_for_and_need_their_calibration(calibrated, joint_c
     joint_calibrated.save(J.path_beside(path))
     cache = from_method("auto:budget=3:block=32:context=160:joint=true", model)
     assert J.path_beside(path) in cache.describe()
+
+
+@pytest.fixture(scope="module")
+def vector_calibrated(tiny_model):
+    ids = torch.randint(3, 128, (2, 4 + 3 * 32), generator=torch.Generator().manual_seed(0))
+    return V.calibrate(tiny_model, ids, {"test": True}, sink=4, block=32)
+
+
+def test_vector_calibration_measures_each_width(vector_calibrated, tiny_model):
+    calib = vector_calibrated
+    spec = spec_from_config(tiny_model.config)
+    h, d = spec.num_kv_heads, spec.head_dim
+    assert calib.proxy.shape == (spec.num_layers, len(V.CHOICES)) and (calib.proxy >= 0).all()
+    assert calib.book1.shape == (256, 8) and calib.book2.shape == (256, 4)
+    for j, bits in enumerate(V.CHOICES):  # a byte a run of coordinates, the mean and deviation a byte each
+        assert torch.equal(calib.bytes[:, j], torch.full((spec.num_layers,), h * (d * bits / 8 + 2), dtype=torch.float64))
+    assert (calib.proxy[:, 1] < calib.proxy[:, 0]).all()  # more bits, less loss
+    assert calib.codec(2) is calib.codec(2) and torch.equal(calib.codec(1).book, calib.book1)
+
+
+def test_vector_values_never_raise_the_proxy_and_the_cache_holds_their_bytes(calibrated, vector_calibrated,
+                                                                             tiny_model, monkeypatch):
+    """The menu's values made costly, so the allocation takes vector levels: offering them never raises the summed
+    proxy; the cache holds the bytes expected (the allocation counts both codebooks, a cache the ones it uses);
+    its fused decode equals decode-then-attend."""
+    calib, path = calibrated
+    calib = copy.copy(calib)
+    calib.proxy_v = torch.where(torch.isfinite(calib.proxy_v), 1.0, calib.proxy_v)
+    spec = spec_from_config(tiny_model.config)
+    # 448 tokens: the codebooks (12 KB) are a tenth of the tiny model's float16 cache there, most of it at 160
+    off = A.choose(calib, spec, 2.5, 448, 4, 32)
+    chosen = A.choose(calib, spec, 2.5, 448, 4, 32, vector_calib=vector_calibrated)
+    assert chosen.proxy <= off.proxy + 1e-12 and chosen.ratio >= 2.5
+    assert all(v[0] == V.VECTOR for v in chosen.values), chosen.describe()
+    assert "1v" in chosen.describe() or "2v" in chosen.describe()
+    monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", path)
+    model = prepare(copy.deepcopy(tiny_model), "auto:block=32")
+    ids = torch.randint(3, 128, (1, 458), generator=torch.Generator().manual_seed(1))
+    books = {v[1] for v in chosen.values}
+    outs = []
+    for attend in ("fused", "decode"):
+        cache = BudgetCache(model.config, chosen, path, 32, None, vectors=(vector_calibrated, "vq.safetensors"),
+                            sink=4, window=0, attend=attend)
+        with torch.no_grad():
+            for s in range(0, 448, 64):
+                model(ids[:, s:s + 64], past_key_values=cache, use_cache=True)
+            if attend == "fused":
+                unused = sum(getattr(vector_calibrated, f"book{b}").nbytes for b in V.CHOICES if b not in books)
+                assert cache.fp16_nbytes() / (cache.nbytes() + unused) == pytest.approx(chosen.ratio, rel=1e-9)
+                assert "vector value levels vq.safetensors" in cache.describe()
+            steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(448, 458)]
+        outs.append(torch.cat(steps, 1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_vector_values_are_asked_for_and_need_their_calibration(calibrated, vector_calibrated, tiny_model,
+                                                               monkeypatch):
+    _, path = calibrated
+    monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", path)
+    model = prepare(copy.deepcopy(tiny_model), "auto:block=32")
+    assert "vector value levels" not in from_method("auto:budget=3:block=32:context=160", model).describe()
+    with pytest.raises(KvshrinkError, match="vector=true needs a vector value calibration") as err:
+        from_method("auto:budget=3:block=32:context=160:vector=true", model)
+    assert "\n" not in str(err.value)
+    vector_calibrated.save(V.path_beside(path))
+    try:
+        cache = from_method("auto:budget=2.5:block=32:context=448:vector=true", model)
+        assert V.path_beside(path) in cache.describe()
+        assert V.VectorCalibration.load(V.path_beside(path), model, 32).header["block"] == 32
+        with pytest.raises(KvshrinkError, match="blocks of 32 tokens, not 64"):
+            V.VectorCalibration.load(V.path_beside(path), model, 64)
+    finally:
+        os.remove(V.path_beside(path))

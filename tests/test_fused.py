@@ -17,6 +17,7 @@ from kvshrink.attention.function import use_kvshrink_attention
 from kvshrink.attention.split import SplitStates
 from kvshrink.bench import REF, roofline_table
 from kvshrink.codecs.quant import IntQuant
+from kvshrink.codecs.vector import CODEWORDS, RUN, VectorQuant
 from kvshrink.errors import KvshrinkError
 from kvshrink.eval.speed import roofline, weight_bytes
 from kvshrink.families.kvcomp.cache import KVCompCache
@@ -67,22 +68,30 @@ def _lv(kind: str) -> dict:
     return {"levels": "gauss", "scales": "8bit"} if kind == "gauss8" else {"levels": kind}
 
 
+def _values(bits, group, rotate, kind, vector):
+    """The value codec: IntQuant, or (vector, at 1 and 2 bits) vector levels with a codebook of random codewords."""
+    if vector and bits in RUN:
+        return VectorQuant(bits, torch.randn(CODEWORDS, RUN[bits], generator=torch.Generator().manual_seed(bits)))
+    return IntQuant(bits, "token", group, rotate=rotate, seed=2, **_lv(kind))
+
+
 @settings(max_examples=40, deadline=None)
 @given(bits=st.sampled_from([1, 2, 3, 4, 8]), rotate=st.booleans(), key_axis=st.sampled_from(["channel", "token"]),
        value_group=st.sampled_from([None, 8]), block=st.sampled_from([16, 32]), window=st.sampled_from([0, 3]),
        n=st.integers(40, 200), t=st.sampled_from([1, 3]), pad=st.integers(0, 40), seed=st.integers(0, 99),
        cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS), turned=st.booleans(),
-       coded=st.booleans())
+       coded=st.booleans(), vector=st.booleans())
 def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, block, window, n, t, pad, seed, cap,
-                                          levels, turned, coded):
+                                          levels, turned, coded, vector):
     """Levels: the integers, or Gaussian ones for keys, values or both (a code read as its level; at 1 bit
-    folded into the step and minimum; float16 or 8-bit scales); per-channel keys turned back within their groups or not (the
+    folded into the step and minimum; float16 or 8-bit scales), or vector levels for values (a byte a run of
+    coordinates, read as its codeword); per-channel keys turned back within their groups or not (the
     kernel's query per offset); a window in float16 or in per-token codes (read in place after the stage)."""
     kl, vl = levels if bits <= 4 else LEVELS[0]
     turn = TURN if turned and key_axis == "channel" else ()
     kc = IntQuant(bits, key_axis, block if key_axis == "channel" else None, rotate=rotate, seed=1, **_lv(kl),
                   derope=turn)
-    vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, **_lv(vl))
+    vc = _values(bits, value_group, rotate, vl, vector)
     layer, states, q = _states(kc, vc, n, t, block, window, seed=seed, coded=coded)
     assert hasattr(states, "attend")
     body = states.body
@@ -108,9 +117,9 @@ def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, b
        value_group=st.sampled_from([None, 8]), window=st.sampled_from([0, 3]),
        lengths=st.lists(st.integers(24, 200), min_size=1, max_size=5), seed=st.integers(0, 99),
        cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS), turned=st.booleans(),
-       cuts=st.lists(st.integers(1, 11), max_size=3), coded=st.booleans())
+       cuts=st.lists(st.integers(1, 11), max_size=3), coded=st.booleans(), vector=st.booleans())
 def test_many_sequences_in_one_call_get_what_each_gets_alone(bits, rotate, key_axis, value_group, window, lengths,
-                                                              seed, cap, levels, turned, cuts, coded):
+                                                              seed, cap, levels, turned, cuts, coded, vector):
     """A server's batch: one decode token for each of several sequences of different lengths (bodies of
     different block counts, dense parts of different sizes), read by one kernel call, bit for bit what
     each sequence's own call gives; also when bodies come in parts (blocks shared with other sequences,
@@ -118,7 +127,7 @@ def test_many_sequences_in_one_call_get_what_each_gets_alone(bits, rotate, key_a
     kl, vl = levels if bits <= 4 else LEVELS[0]
     turn = TURN if turned and key_axis == "channel" else ()
     kc = IntQuant(bits, key_axis, 16 if key_axis == "channel" else None, rotate=rotate, seed=1, **_lv(kl), derope=turn)
-    vc = IntQuant(bits, "token", value_group, rotate=rotate, seed=2, **_lv(vl))
+    vc = _values(bits, value_group, rotate, vl, vector)
     made = [_states(kc, vc, n, 1, 16, window, batch=1, seed=seed + i, coded=coded) for i, n in enumerate(lengths)]
     states = [s for _, s, _ in made]
     q = torch.cat([q for _, _, q in made])

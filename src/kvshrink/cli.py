@@ -165,6 +165,9 @@ def cmd_calibrate(args) -> None:
         budget.measure(model, ids, desc, block=args.block).save(path)
         print(f"auto calibration: {ids.numel()} tokens (corpus tokens {desc['tokens'][0]}..{desc['tokens'][1]}), "
               f"{time.time() - t0:.0f} s -> {path}")
+        t0, side = time.time(), budget.vector.path_beside(path)  # vector value levels (vector=true), beside it
+        budget.measure_vector(model, ids, desc, block=args.block).save(side)
+        print(f"vector value calibration: {time.time() - t0:.0f} s -> {side}")
         if spec_from_config(model.config).rope:  # joint-basis key choices, in the file beside it
             t0, side = time.time(), budget.joint.path_beside(path)
             found = budget.measure_joint(model, ids, desc, block=args.block)

@@ -395,6 +395,17 @@ def unpack_codes(codes, nsym, bits, out):
 
 
 @numba.njit(cache=True, fastmath=FAST)
+def to_vectors(sym, n, book, out):
+    """out[:n * r] = the codewords book[sym[:n]] (book (K, r)) end to end: vector codes to the levels they stand for
+    (codecs/vector.py)."""
+    r = book.shape[1]
+    for i in range(n):
+        row = book[sym[i]]
+        for k in range(r):
+            out[i * r + k] = row[k]
+
+
+@numba.njit(cache=True, fastmath=FAST)
 def to_levels(sym, n, lut, out):
     """out[:n] = lut[sym[:n]]: codes to the float32 levels they stand for. A table of four (2-bit codes)
     is read by selects on the code's two bits, which LLVM vectorizes; a gather of each code does not."""

@@ -58,7 +58,7 @@ from ...core.layer import stage_codec
 from ...core.sensitivity import Perturbed, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
-from . import coded, joint
+from . import coded, joint, vector
 from .config import CONTEXT, RECENT
 
 FORMAT = "kvshrink-budget-8"  # 6: stage bytes no longer stored; 7: RECENT 32 (measured, not shipped); 8: RECENT 16
@@ -130,6 +130,8 @@ def fits(choice, size: int) -> bool:
 
 
 def describe_choice(choice) -> str:
+    if choice[0] == vector.VECTOR:  # ("vector", bits): vector value levels (vector.py)
+        return f"{choice[1]}v"
     if choice[0] == JOINT:  # ("joint", bits, floor): joint-basis keys (joint.py)
         return f"J{choice[1]}{'f' + str(choice[2]) if choice[2] else ''}"
     bits, rotate, group, levels = choice[:4]
@@ -302,7 +304,7 @@ class Allocation:
         vs = " ".join(describe_choice(c) for c in self.values)
         return (f"bits per layer for keys [{ks}] and values [{vs}] (t: RoPE turned back within groups, r: rotated, "
                 f"/N: groups, g: Gaussian levels, 8-bit scales; JN: joint-basis keys, N bits a channel, f2: every axis "
-                f"coded), "
+                f"coded; Nv: vector levels, N bits a value), "
                 f"{self.ratio:.2f}x expected")
 
 
@@ -332,18 +334,22 @@ def calibration_shape(spec) -> tuple[int, int]:
 
 
 def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int, joint_calib=None,
-                window: int = 0, window_codec=None, coded=None, joint1: bool = False) -> tuple[list, float]:
+                window: int = 0, window_codec=None, coded=None, joint1: bool = False,
+                vector_calib=None) -> tuple[list, float]:
     """(items, fixed): per layer, keys then values, (proxy, bytes held at `context` tokens) arrays over
     the menu (the key menu followed by the joint key choices where `joint_calib` is given); fixed: the float16
     sink's and the window's bytes (float16, or `window_codec`'s per-token codes), and the code tables where the
     keys are entropy-coded (`coded`: coded.py's calibration, whose bytes per token the joint keys' and the coded menu
     keys' blocks then take); joint1: whether the joint choice of one bit a channel is offered (joint.ONE_BIT).
+    vector_calib: vector.py's calibration, whose value choices then follow the menu's (its codebooks counted as fixed).
     A layer holds what `held_tokens` says: the sink and window, whole coded blocks, and a partial block whose keys
     wait at the stage codec's width."""
     row = 2 * spec.num_kv_heads * spec.head_dim * 2  # fp16 bytes of one token's keys and values in a layer
     staging = np.array([stage_bytes(c, block, spec) for c in KEY_MENU])
     recent = row if window_codec is None else 2 * codec_bytes(window_codec, spec.num_kv_heads, spec.head_dim)
     items, fixed = [], 0.0 if coded is None else float(coded.table_bytes())
+    if vector_calib is not None:
+        fixed += vector.book_bytes(vector_calib)
     for i in range(spec.num_layers):
         s, w, held, staged = held_tokens(spec, i, context, sink, block, window)
         fixed += s * row + w * recent
@@ -358,15 +364,22 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
                                  None if coded is None else coded.bytes[i], joint1)
             keys = (np.concatenate([keys[0], jp]), np.concatenate([keys[1], jb]))
         items.append(keys)
-        items.append((calib.proxy_v[i].numpy(), (held + staged) * calib.bytes_v[i].numpy()))
+        values = (calib.proxy_v[i].numpy(), (held + staged) * calib.bytes_v[i].numpy())
+        if vector_calib is not None:
+            vp, vb = vector.items(vector_calib, i, held + staged)
+            values = (np.concatenate([values[0], vp]), np.concatenate([values[1], vb]))
+        items.append(values)
     return items, fixed
 
 
 def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int,
-           joint_calib=None, window: int = 0, window_codec=None, coded=None, joint1: bool = False) -> Allocation:
+           joint_calib=None, window: int = 0, window_codec=None, coded=None, joint1: bool = False,
+           vector_calib=None) -> Allocation:
     """The allocation meeting `ratio` x fp16 at `context` tokens (`layer_bytes`), with the joint key choices
-    beside the menu's where `joint_calib` (joint.py's calibration) is given, entropy-coded where `coded` is."""
-    items, fixed = layer_bytes(calib, spec, context, sink, block, joint_calib, window, window_codec, coded, joint1)
+    beside the menu's where `joint_calib` (joint.py's calibration) is given, entropy-coded where `coded` is, and the
+    vector value choices beside the menu's where `vector_calib` (vector.py's) is."""
+    items, fixed = layer_bytes(calib, spec, context, sink, block, joint_calib, window, window_codec, coded, joint1,
+                               vector_calib)
     full = spec.fp16_bytes(context)
     budget = full / ratio - fixed
     if budget <= 0:
@@ -379,7 +392,9 @@ def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int
     picks, proxy = allocate(items, budget)
     held = fixed + sum(float(nbytes[j]) for (_, nbytes), j in zip(items, picks))
     keys = [KEY_MENU[j] if j < len(KEY_MENU) else (JOINT, *joint.CHOICES[j - len(KEY_MENU)]) for j in picks[0::2]]
-    return Allocation(keys, [VALUE_MENU[j] for j in picks[1::2]], proxy, full / held)
+    values = [VALUE_MENU[j] if j < len(VALUE_MENU) else (vector.VECTOR, vector.CHOICES[j - len(VALUE_MENU)])
+              for j in picks[1::2]]
+    return Allocation(keys, values, proxy, full / held)
 
 
 def uniform(calib: BudgetCalibration, key_choice, value_choice) -> float:
@@ -436,6 +451,29 @@ def load_or_calibrate_coded(model, tokenizer, found, corpus: str | None = None, 
     calib = coded.calibrate(model, ids, found[0], desc, sink, block, KEY_MENU)
     calib.save(path)
     return calib, path
+
+
+def load_or_calibrate_vector(model, tokenizer, budget_path: str, corpus: str | None = None, sink: int = 4,
+                             block: int = 128, log=print):
+    """The vector value calibration beside the budget calibration at `budget_path`, measured first if missing (on
+    the same corpus range)."""
+    path = vector.path_beside(budget_path)
+    if os.path.isfile(path):
+        return vector.VectorCalibration.load(path, model, block), path
+    ids, desc = calibration_ids(tokenizer, corpus, *calibration_shape(spec_from_config(model.config)))
+    log(f"auto: no vector value calibration at {path}; measuring it (about a minute on 2 cores for the bundled model)")
+    calib = measure_vector(model, ids, desc, sink, block)
+    calib.save(path)
+    return calib, path
+
+
+def measure_vector(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128):
+    """vector.calibrate with a progress bar over its forward passes."""
+    spec = spec_from_config(model.config)
+    with Progress(TextColumn("vector value calibration"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("", total=spec.num_layers * len(vector.CHOICES))
+        return vector.calibrate(model, ids, data, sink, block, progress=lambda: bar.advance(task))
 
 
 def measure_joint(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128):

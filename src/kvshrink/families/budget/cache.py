@@ -16,7 +16,7 @@ from ...codecs.jointcoded import CodedJointKeys
 from ...errors import KvshrinkError
 from ..quant.cache import CompressedCache
 from ...spec import spec_from_config
-from . import allocate, coded, joint
+from . import allocate, coded, joint, vector
 from .config import BudgetConfig
 
 _CALIBS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {block: (calibration, path)}
@@ -26,17 +26,18 @@ class BudgetCache(CompressedCache):
     """A CompressedCache with one (key codec, value codec) per layer, chosen under one budget."""
 
     def __init__(self, config, allocation: allocate.Allocation, calibration: str, block: int, data: dict | None = None,
-                 found=None, tables=None, **kwargs):
+                 found=None, tables=None, vectors=None, **kwargs):
         """found: (joint key calibration, its path), or None where joint keys were not on offer; tables: (code
         tables, their path) where the keys are entropy-coded (coded.py: joint keys and turned 2- and 3-bit menu
-        keys), else None."""
+        keys), else None; vectors: (vector value calibration, its path) where vector levels were on offer."""
         rope = spec_from_config(config).rope
-        pairs = [(_key_codec(k, i, block, rope, found, tables), allocate.value_codec(v))
+        pairs = [(_key_codec(k, i, block, rope, found, tables), _value_codec(v, vectors))
                  for i, (k, v) in enumerate(zip(allocation.keys, allocation.values))]
         super().__init__(config, layer_codecs=pairs, block=block, **kwargs)
         self.allocation, self.calibration, self.data = allocation, calibration, data or {}
         self.joint_path = found[1] if found is not None else None
         self.tables_path = tables[1] if tables is not None else None
+        self.vector_path = vectors[1] if vectors is not None else None
 
     def coding_stats(self) -> dict:
         """Entropy-coded keys (entropy=true): bits a symbol of their codes against the Shannon entropy of the same
@@ -65,6 +66,8 @@ class BudgetCache(CompressedCache):
         keys = f"; joint keys {self.joint_path}" if self.joint_path else "; menu keys only (joint=false, or no joint calibration)"
         if self.tables_path:
             keys += f", and turned 2- and 3-bit menu keys, Huffman-coded ({self.tables_path})"
+        if self.vector_path:
+            keys += f"; vector value levels {self.vector_path}"
         return (f"{self.allocation.describe()}, sink {self.sink}, "
                 f"{f'window {self.window}{self._window_code()}, ' if self.window else ''}block {self.block}, "
                 f"{self._how_it_attends()}; "
@@ -80,6 +83,12 @@ def _key_codec(choice, layer: int, block: int, rope: tuple, found, tables=None):
     if tables is not None and tuple(choice) in tables[0].menu_bytes(layer):  # a coded menu choice
         return tables[0].menu_codec(choice, block, rope)
     return allocate.key_codec(choice, block, rope)
+
+
+def _value_codec(choice, vectors):
+    if choice[0] == vector.VECTOR:
+        return vectors[0].codec(choice[1])
+    return allocate.value_codec(choice)
 
 
 def calibration_for(model, block: int, tokenizer=None, corpus=None):
@@ -124,6 +133,17 @@ def tables_for(model, block: int, found, tokenizer=None, corpus=None):
                    "'auto-6x:entropy=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
 
 
+def vector_for(model, block: int, path: str, tokenizer=None, corpus=None):
+    """(vector value calibration, its path) beside the budget calibration at `path` (vector.py), as joint_for finds
+    the joint calibration (about a minute on the bundled model)."""
+    side = vector.path_beside(path)
+    return _beside(model, ("vector", block), side, lambda: None,
+                   lambda p: vector.VectorCalibration.load(p, model, block),
+                   lambda: allocate.load_or_calibrate_vector(model, tokenizer, path, corpus, block=block), tokenizer,
+                   f"vector=true needs a vector value calibration at {side}: run kvshrink.prepare(model, "
+                   "'auto-6x:vector=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
+
+
 def _beside(model, key: tuple, side: str, check, load, measure, tokenizer, missing: str):
     """A calibration kept beside the budget calibration: memo, else (after `check()`) the file at `side`, else measured
     where a tokenizer is given and the budget calibration is not a $KVSHRINK_AUTO_CALIBRATION file (whose corpus range
@@ -148,6 +168,8 @@ def prepare(config: BudgetConfig, model, tokenizer=None, corpus=None):
         found = joint_for(model, config.block, path, tokenizer, corpus)
         if config.entropy:
             tables_for(model, config.block, found, tokenizer, corpus)
+    if config.vector:
+        vector_for(model, config.block, path, tokenizer, corpus)
     if config.attend != "decode":
         use_kvshrink_attention(model)
     return model
@@ -161,15 +183,16 @@ def build(config: BudgetConfig, model, method: str) -> BudgetCache:
     spec = spec_from_config(model.config)
     found = joint_for(model, config.block, path) if config.joint else None
     tables = tables_for(model, config.block, found) if config.entropy else None
+    vectors = vector_for(model, config.block, path) if config.vector else None
     recent = allocate.window_codec(config.window_bits) if config.window else None
     chosen = allocate.choose(calib, spec, config.budget, config.context, config.sink, config.block,
                              found[0] if found else None, config.window, recent, tables[0] if tables else None,
-                             config.joint1)
+                             config.joint1, vectors[0] if vectors else None)
     attend = config.attend
     if attend == "auto":
         attend = "fused" if uses_kvshrink_attention(model.config) else "decode"
     elif attend == "fused":
         require_kvshrink_attention(model.config, method)
-    return BudgetCache(model.config, chosen, path, config.block, calib.header.get("data"), found, tables,
+    return BudgetCache(model.config, chosen, path, config.block, calib.header.get("data"), found, tables, vectors,
                        sink=config.sink, window=config.window, attend=attend, splits=config.splits, method=method,
                        window_codec=recent)

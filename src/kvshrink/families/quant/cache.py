@@ -21,6 +21,7 @@ from ...attention.split import SplitStates
 from ...codecs.base import Codec, Fp16, tensor_nbytes
 from ...codecs.joint import JointKeys
 from ...codecs.quant import IntQuant
+from ...codecs.vector import VectorQuant
 from ...core.cache import KVCache
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, coder_pool, stage_for
 from ...core.store import TokenStore
@@ -62,9 +63,11 @@ class CompressedLayer(StoreLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._init_shape(key_states)
         if self.fused:
-            joint = isinstance(self.k.codec, JointKeys)  # no Triton kernel reads them: said once, then decoded
-            self.kernel_reads = (kernels_on(key_states.device, "joint-basis key" if joint else self.layout,
-                                            self.gpu_kernel and not joint)
+            # no Triton kernel reads joint-basis keys or vector-level values: said once, then decoded
+            joint = isinstance(self.k.codec, JointKeys)
+            vector = isinstance(self.v.codec, VectorQuant)
+            layout = "joint-basis key" if joint else "vector-level value" if vector else self.layout
+            self.kernel_reads = (kernels_on(key_states.device, layout, self.gpu_kernel and not (joint or vector))
                                  and self._kernel_supports(key_states.shape[-1]))
             self.body_reads_stage = self.kernel_reads and self._reads_stage(key_states)
             self.window_codes_read = (self.body_reads_stage and self.k.window_codec is not None

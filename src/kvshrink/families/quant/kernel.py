@@ -21,7 +21,8 @@ width classes are unpacked one after another and formed axis-major into float ke
 uncoded axes taking their block's mean; the logits read them per axis, over all offsets at once, with the
 per-offset queries stored axis-major too (tiles.axis_logits). Entropy-coded joint keys (codecs/jointcoded.py) are
 read the same way, each block's coded classes decoded from their streams (jointcoded.decode_stream) where the
-fixed-width ones are unpacked.
+fixed-width ones are unpacked. Vector-level values (codecs/vector.py) hold a byte a run of coordinates: a tile's bytes
+become their codewords (tiles.to_vectors) where scalar codes become their levels, then fold as Gaussian levels do.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ...codecs.quant import IntQuant
 from ...codecs.scales import DEV_TABLE, RATIO_TABLE
 from ...codecs.scales import unpack_numpy as unpack_scales
 from ...codecs.spin import angles
+from ...codecs.vector import VectorQuant
 from ...errors import KvshrinkError
 from ...kernels.backend import TRITON, triton_for
 from ...kernels.tiles import (
@@ -59,6 +61,7 @@ from ...kernels.tiles import (
     rotate_back,
     split_item,
     to_levels,
+    to_vectors,
     turned_logits,
     unpack_codes,
     weights,
@@ -159,8 +162,8 @@ def _tile_params(p, r0, rows, mn, sc):
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, vbits, vb, vrot, cap, klut, vlut, kcls,
-          kst, hsym, hlen, hn, kslot, pm, pl, acc):
+def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, vbits, vb, vrot, cap, klut, vlut, vbook,
+          kcls, kst, hsym, hlen, hn, kslot, pm, pl, acc):
     """Tiles lo..hi-1 (vb tokens each, the last one short where n ends inside it) of one (sequence, head)'s
     coded tokens as one split: qb (R, d) the query rows in the keys' basis, qt (R, group, d) turned ones or
     empty, vis (n,) the tokens' visibility, kc / vc (bytes,) the codes, kp / vp the parameters per group as
@@ -168,7 +171,8 @@ def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, v
     (first axis, axes, width) per width class, the axes after the last class holding their means; else empty.
     kst (blocks, classes): where the keys are entropy-coded (codecs/jointcoded.py), each block's streams' byte
     offsets in kc (the whole stream), a class decoded with table kslot[class] of the lookups hsym, hlen, hn, or
-    unpacked where kslot[class] is -1 (packed at fixed width); else (blocks, 0)."""
+    unpacked where kslot[class] is -1 (packed at fixed width); else (blocks, 0).
+    vbook (K, r): vector-level values (codecs/vector.py), a byte a run of r coordinates; else (0, 1)."""
     nr, d = qb.shape
     krow = d * kbits // 8  # code bytes per token (supported(): whole bytes)
     vrow = d * vbits // 8
@@ -180,7 +184,10 @@ def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, v
     axes = kcls.shape[0] > 0  # joint-basis keys: formed and read axis-major
     floats = turned or klut.shape[0] > 0  # the keys the rows read are floats: levels, or turned keys formed
     kfl = np.empty(vb * d if floats else 0, dtype=np.float32)  # their levels (or keys), where not the codes
-    vfl = np.empty(vb * d if vlut.shape[0] else 0, dtype=np.float32)
+    vec = vbook.shape[0] > 0
+    vruns = d // vbook.shape[1]  # value codes a token: one a coordinate, or one a codeword's run
+    vfloat = vec or vlut.shape[0] > 0  # the values the rows read are levels, not the codes
+    vfl = np.empty(vb * d if vfloat else 0, dtype=np.float32)
     lg = np.empty((nr, vb), dtype=np.float32)
     kk = np.empty(vb, dtype=np.int32)
     wt = np.empty(vb, dtype=np.float32)
@@ -202,7 +209,10 @@ def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, v
         _tile_params(vp, t0, cnt, vm, vs)
         if kcls.shape[0] == 0:
             unpack_codes(kc[t0 * krow:], cnt * d, kbits, ksym)
-        unpack_codes(vc[t0 * vrow:], cnt * d, vbits, vsym)
+        if vec:  # a byte a run, formed into its codeword's coordinates below
+            unpack_codes(vc[t0 * vrow:], cnt * vruns, 8, vsym)
+        else:
+            unpack_codes(vc[t0 * vrow:], cnt * d, vbits, vsym)
         vt = vis[t0:t0 + cnt]
         # levels that are not the integers: a side's codes become their levels first
         if klut.shape[0]:
@@ -233,16 +243,18 @@ def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, v
                     form_keys(kstep[blk], kmn[blk], kfl[at:], nk, kfl[at:])
                 else:
                     form_keys(kstep[blk], kmn[blk], ksym[at:], nk, kfl[at:])
-        if vlut.shape[0]:
+        if vec:
+            to_vectors(vsym, cnt * vruns, vbook, vfl)
+        elif vlut.shape[0]:
             to_levels(vsym, cnt * d, vlut, vfl)
         # one call per pair of buffer types (uint8 codes or float32 levels): numba compiles each
-        if floats and vlut.shape[0]:
+        if floats and vfloat:
             _rows(qb, qt, axes, kb, 0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
                   vfl, vs, vm)
         elif floats:
             _rows(qb, qt, axes, kb, 0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
                   vsym, vs, vm)
-        elif vlut.shape[0]:
+        elif vfloat:
             _rows(qb, qt, axes, kb, 0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
                   vfl, vs, vm)
         else:
@@ -258,12 +270,13 @@ def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, v
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _coded_span(qb, vis, n, kc, kp, kgroups, kbits, vc, vp, vgroups, vbits, vb, vrot, cap, vlut, pm, pl, acc):
+def _coded_span(qb, vis, n, kc, kp, kgroups, kbits, vc, vp, vgroups, vbits, vb, vrot, cap, vlut, vbook, pm, pl, acc):
     """n tokens of per-token codes (a stage or a coded window) as one split: uniform key codes, no turn."""
     if n:
         zero, one = np.int64(0), np.int64(1)  # not literals: every _span call shares one compiled signature
         _span(qb, np.empty((0, 0, 0), dtype=np.float32), vis, zero, (n + vb - 1) // vb, n, kc, kp, one, kgroups, kbits,
-              vc, vp, vgroups, vbits, vb, vrot, cap, np.empty(0, dtype=np.float32), vlut, np.empty((0, 3), dtype=np.int64),
+              vc, vp, vgroups, vbits, vb, vrot, cap, np.empty(0, dtype=np.float32), vlut, vbook,
+              np.empty((0, 3), dtype=np.int64),
               np.empty((0, 0), dtype=np.int32), np.empty((0, 1 << WINDOW, EMIT), dtype=np.uint8),
               np.empty((0, 1 << WINDOW), dtype=np.uint8), np.empty((0, 1 << WINDOW), dtype=np.uint8),
               np.empty(0, dtype=np.int64), pm, pl, acc)
@@ -271,7 +284,7 @@ def _coded_span(qb, vis, n, kc, kp, kgroups, kbits, vc, vp, vgroups, vbits, vb, 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, vbits, vb, splits, vrot,
-           cap, klut, vlut, kcls, kst, hsym, hlen, hn, kslot, soff, sqb, nstage, skc, skp, skgroups, skbits, svc, svp,
+           cap, klut, vlut, vbook, kcls, kst, hsym, hlen, hn, kslot, soff, sqb, nstage, skc, skp, skgroups, skbits, svc, svp,
            woff, wqb, nwin, wkc, wkp, wkgroups, wkbits, wvc, wvp, wvgroups, wvbits, wrot, nw, out):
     """Body splits 0..splits-1, the dense tokens (split `splits`), the stage (split `splits` + 1): a
     block still filling, per-token codes read in place (its keys by sqb, the query in their basis, its
@@ -283,6 +296,7 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kp, kb, kgroups, kbi
     parts = splits + _LIGHT
     pm, pl, pacc = partial_buffers(nb_, nh, parts, nr, d)
     no_levels = np.empty(0, dtype=np.float32)
+    no_book = np.empty((0, 1), dtype=np.float32)
     items = nb_ * nh * parts
     for w in numba.prange(nw):
         for i in range(w, items, nw):  # split_item's order: the body's ranges first, shared evenly
@@ -295,13 +309,13 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kp, kb, kgroups, kbi
                 continue
             if sp == splits + 1:  # the stage, its values in the body values' codec
                 _coded_span(sqb[b, h], vis[b, soff:], nstage[b], skc[bh], _head(skp, b, h), skgroups, skbits, svc[bh],
-                            _head(svp, b, h), vgroups, vbits, vb, vrot, cap, vlut, pm[b, h, sp], pl[b, h, sp],
+                            _head(svp, b, h), vgroups, vbits, vb, vrot, cap, vlut, vbook, pm[b, h, sp], pl[b, h, sp],
                             pacc[b, h, sp])
                 continue
             if sp == splits + 2:  # the coded window, keys and values in its own codec
                 _coded_span(wqb[b, h], vis[b, woff:], nwin[b], wkc[bh], _head(wkp, b, h), wkgroups, wkbits, wvc[bh],
-                            _head(wvp, b, h), wvgroups, wvbits, vb, wrot, cap, no_levels, pm[b, h, sp], pl[b, h, sp],
-                            pacc[b, h, sp])
+                            _head(wvp, b, h), wvgroups, wvbits, vb, wrot, cap, no_levels, no_book, pm[b, h, sp],
+                            pl[b, h, sp], pacc[b, h, sp])
                 continue
             n = nbody[b]  # this sequence's body tokens: its tiles and split edges ignore a batch's padding
             nvb = (n + vb - 1) // vb
@@ -310,7 +324,7 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kp, kb, kgroups, kbi
                 continue
             _span(qb[b, h], qt[b, h], vis[b], sp * nvb // used, (sp + 1) * nvb // used, n, kc[bh % kc.shape[0]],
                   _head(kp, b, h), kb, kgroups, kbits, vc[bh], _head(vp, b, h), vgroups, vbits, vb, vrot, cap, klut,
-                  vlut, kcls, kst[bh % kst.shape[0]], hsym, hlen, hn, kslot, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+                  vlut, vbook, kcls, kst[bh % kst.shape[0]], hsym, hlen, hn, kslot, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
     merge(pm, pl, pacc, out)
 
 
@@ -617,8 +631,8 @@ def _joint_table(q: torch.Tensor, codec: JointKeys) -> np.ndarray:
 def _table(codec: IntQuant):
     """(level table, a, c) for a codec: no table where a code's level is affine in the code (uniform codes,
     and any 1-bit table: level = a * code + c), whose (min, step) the kernel then reads as
-    (min + step * c, step * a); else the table."""
-    if codec.uniform:
+    (min + step * c, step * a); else the table. Vector levels have none: their codebook (_book) holds them."""
+    if codec.uniform or isinstance(codec, VectorQuant):
         return _NO_LEVELS, 1.0, 0.0
     lv = codec.table()
     if lv.numel() == 2:
@@ -634,9 +648,14 @@ def _classes(codec) -> np.ndarray:
     return codec.class_table if isinstance(codec, JointKeys) else _NO_CLASSES
 
 
+_NO_BOOK = np.empty((0, 1), dtype=np.float32)
+
+
 def _luts(key_codec: IntQuant, value_codec: IntQuant) -> tuple:
-    """The level tables the kernel takes for keys and values (empty: the codes are read as they are)."""
-    return _table(key_codec)[0], _table(value_codec)[0]
+    """The level tables the kernel takes for keys and values (empty: the codes are read as they are), and the
+    values' codebook (vector levels; else empty)."""
+    book = value_codec.book.numpy() if isinstance(value_codec, VectorQuant) else _NO_BOOK
+    return _table(key_codec)[0], _table(value_codec)[0], book
 
 
 def _views(codec: IntQuant, p: Packed, h: int) -> tuple:
@@ -798,6 +817,8 @@ class IntBody:
         if triton_for(q):
             if isinstance(self.key_codec, JointKeys):
                 raise KvshrinkError("the Triton kernel does not read joint-basis keys: use attend=decode on CUDA")
+            if isinstance(self.value_codec, VectorQuant):
+                raise KvshrinkError("the Triton kernel does not read vector-level values: use attend=decode on CUDA")
             if self.stage is not None or self.window is not None:
                 raise KvshrinkError("the Triton kernel reads no stage or coded window: a CUDA layer decodes them "
                                     "into the dense tokens")
@@ -810,9 +831,10 @@ class IntBody:
         """Bodies with equal keys are read by one `attend_many` call (a stage's codec follows from the
         key codec: core/layer.py's stage rule)."""
         joint = id(self.key_codec) if isinstance(self.key_codec, JointKeys) else None  # its own basis
+        book = id(self.value_codec.book) if isinstance(self.value_codec, VectorQuant) else None  # its own codebook
         window = self.window[2] if self.window is not None else None
         return tuple(None if c is None else (c.bits, c.axis, c.group, c.rotate, c.seed, c.levels, c.derope, c.scales)
-                     for c in (self.key_codec, self.value_codec, window)) + (self.block, joint)
+                     for c in (self.key_codec, self.value_codec, window)) + (self.block, joint, book)
 
     @staticmethod
     def attend_many(bodies, q, dense_k, dense_v, dense_n, splits, cap=0.0):
