@@ -12,7 +12,7 @@ import sys
 
 from kvshrink import prepare
 from kvshrink.core.calibfile import calibration_ids
-from kvshrink.core.sensitivity import Perturbed
+from kvshrink.core.sensitivity import Perturbed, body_round_trip
 from kvshrink.corpus import load_corpus_ids, segments
 from kvshrink.eval.perplexity import evaluate_quality
 from kvshrink.families.budget import allocate as A
@@ -33,8 +33,8 @@ def trips(alloc):
     ks, vs = {}, {}
     for i,(k,v) in enumerate(zip(alloc.keys, alloc.values)):
         kc = _key_codec(k, i, 128, spec.rope, (jc, jpath))
-        ks[i] = ("key", (J._round_trip if k[0]==A.JOINT else A._round_trip)(kc, 4, 128))
-        vs[i] = ("value", A._round_trip(A.value_codec(v), 4, 128))
+        ks[i] = ("key", body_round_trip(kc, 4, 128))
+        vs[i] = ("value", body_round_trip(A.value_codec(v), 4, 128))
     return ks, vs
 def proxies(c, alloc):
     pk = pv = 0.0

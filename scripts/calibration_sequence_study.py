@@ -22,7 +22,7 @@ import torch
 from importance_study import BLOCK, CONTEXT, SINK, WINDOW, key_trip
 
 from kvshrink.core.calibfile import calibration_ids
-from kvshrink.core.sensitivity import Perturbed
+from kvshrink.core.sensitivity import Perturbed, body_round_trip
 from kvshrink.corpus import load_corpus_ids
 from kvshrink.families.budget import allocate
 from kvshrink.families.budget.cache import calibration_for, joint_for
@@ -62,7 +62,7 @@ def main():
         for name, c in cands:
             chosen = allocate.choose(c, spec, ratio, CONTEXT, SINK, BLOCK, found[0], WINDOW, recent)
             changes = {i: {"key": key_trip(kc, i, found, spec.rope),
-                           "value": allocate._round_trip(allocate.value_codec(vc), SINK, BLOCK)}
+                           "value": body_round_trip(allocate.value_codec(vc), SINK, BLOCK)}
                        for i, (kc, vc) in enumerate(zip(chosen.keys, chosen.values))}
             print(f"| {ratio:g}x | {name} | {chosen.ratio:.3f} | {on_calibration.kl_many(changes):.4f} | "
                   f"{perturbed.kl_many(changes):.4f} |", flush=True)

@@ -13,7 +13,7 @@ import torch
 from importance_study import key_trip  # this folder is on the path
 
 from kvshrink.core.calibfile import calibration_ids
-from kvshrink.core.sensitivity import Perturbed, collect
+from kvshrink.core.sensitivity import Perturbed, body_round_trip, collect
 from kvshrink.corpus import load_corpus_ids
 from kvshrink.families.budget import allocate
 from kvshrink.families.budget.cache import calibration_for, joint_for
@@ -55,6 +55,6 @@ for ratio in [float(r) for r in sys.argv[1:]]:
         changes = {}
         for i, vc in enumerate(chosen.values):
             codec = allocate.value_codec(vc)
-            vt = centred(codec, mus[i]) if centre else allocate._round_trip(codec, SINK, BLOCK)
+            vt = centred(codec, mus[i]) if centre else body_round_trip(codec, SINK, BLOCK)
             changes[i] = {"key": keys[i], "value": vt}
         print(ratio, "centred" if centre else "as cached", f"{perturbed.kl_many(changes):.4f}", flush=True)

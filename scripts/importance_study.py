@@ -32,7 +32,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from kvshrink.attention.logits import eager_attention
 from kvshrink.core.layer import stage_codec
-from kvshrink.core.sensitivity import Perturbed
+from kvshrink.core.sensitivity import Perturbed, body_round_trip
 from kvshrink.corpus import load_corpus_ids
 from kvshrink.families.budget import allocate
 from kvshrink.families.budget.cache import _key_codec, calibration_for, joint_for
@@ -100,7 +100,7 @@ def key_trip(choice, layer: int, found, rope: tuple, stage: bool = False):
     """The round trip of a layer's keys under the allocation's choice, through the codec the cache builds for it
     (stage: through its stage codec, per token, what a store still holds of a key when it codes the block)."""
     codec = _key_codec(choice, layer, BLOCK, rope, found)
-    return allocate._round_trip(stage_codec(codec) if stage else codec, SINK, BLOCK)
+    return body_round_trip(stage_codec(codec) if stage else codec, SINK, BLOCK)
 
 
 def top_tokens(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -158,7 +158,7 @@ def main():
         changes = {}
         for i, (kc, vc) in enumerate(zip(chosen.keys, chosen.values)):
             ktrip = key_trip(kc, i, found, spec.rope)
-            vtrip = allocate._round_trip(allocate.value_codec(vc), SINK, BLOCK)
+            vtrip = body_round_trip(allocate.value_codec(vc), SINK, BLOCK)
             top = None
             if k:  # positions picked by attention, or a key rule that picks them from each round trip
                 top = top_tokens(score[i], k) if args.rule == "attention" else key_rule(args.rule, stats[i])

@@ -10,7 +10,7 @@
 
 from kvshrink.codecs.quant import IntQuant
 from kvshrink.core.calibfile import calibration_ids
-from kvshrink.core.sensitivity import Perturbed
+from kvshrink.core.sensitivity import Perturbed, body_round_trip
 from kvshrink.models import load_model
 
 SINK, BLOCK = 4, 128
@@ -20,14 +20,7 @@ LAYERS = (0, 1, 3, 10, 16, 17, 20, 25)
 def trip(kind: str, bits: int, axis: str, group, rotate: bool, seed: int):
     """The layer's whole blocks after the sink through IntQuant with uniform ("int") or Gaussian ("lm") levels."""
     codec = IntQuant(bits, axis, group, rotate=rotate, seed=seed, levels="gauss" if kind == "lm" else "uniform")
-
-    def run(x):
-        n = (x.shape[2] - SINK) // BLOCK * BLOCK
-        y = x.clone()
-        body = x[:, :, SINK:SINK + n].float().contiguous()
-        y[:, :, SINK:SINK + n] = codec.decode(codec.encode(body, BLOCK)).to(x.dtype)
-        return y
-    return run
+    return body_round_trip(codec, SINK, BLOCK)
 
 
 def main():

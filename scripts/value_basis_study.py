@@ -27,7 +27,7 @@ from transform_study import kmeans_1d, water_fill
 
 from kvshrink.codecs.levels import GAUSS
 from kvshrink.core.calibfile import calibration_ids
-from kvshrink.core.sensitivity import Perturbed, collect
+from kvshrink.core.sensitivity import Perturbed, body_round_trip, collect
 from kvshrink.corpus import load_corpus_ids
 from kvshrink.families.budget import allocate
 from kvshrink.families.budget.cache import calibration_for, joint_for
@@ -116,7 +116,7 @@ def main():
         changes = {}
         for i, vc in enumerate(chosen.values):
             if metric == "cache" or i not in swapped:
-                vtrip = allocate._round_trip(allocate.value_codec(vc), SINK, BLOCK)
+                vtrip = body_round_trip(allocate.value_codec(vc), SINK, BLOCK)
             else:
                 # the cache's bits a token and head: codes plus two 8-bit scales; the basis keeps one 8-bit scale
                 total = vc[0] * d + 16 - SCALE_BITS

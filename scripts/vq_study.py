@@ -26,7 +26,7 @@ from importance_study import importance, key_trip, top_tokens, with_exact  # thi
 
 from kvshrink.codecs.hadamard import rotation
 from kvshrink.codecs.levels import GAUSS, gauss
-from kvshrink.core.sensitivity import Perturbed
+from kvshrink.core.sensitivity import Perturbed, body_round_trip
 from kvshrink.corpus import load_corpus_ids
 from kvshrink.families.budget import allocate
 from kvshrink.families.budget.cache import calibration_for, joint_for
@@ -106,7 +106,7 @@ def main():
         changes = {}
         for i, vc in enumerate(chosen.values):
             if vector is None or i not in swapped:
-                vtrip = allocate._round_trip(allocate.value_codec(vc), SINK, BLOCK)
+                vtrip = body_round_trip(allocate.value_codec(vc), SINK, BLOCK)
             else:
                 vtrip = value_trip(vc[0], vector, book, spec.head_dim)
             changes[i] = {"key": keys[i], "value": vtrip}

@@ -137,3 +137,9 @@ def load_tensors(path: str, fmt: str, names, what: str) -> tuple[dict, dict]:
     if set(tensors) != set(names):
         raise KvshrinkError(f"calibration file {path!r} is not {what} ({fmt})")
     return tensors, json.loads(meta["header"])
+
+
+def beside(path: str, suffix: str) -> str:
+    """The path of a calibration kept beside the one at `path`: its name with `suffix` before the extension."""
+    end = ".safetensors"
+    return path[:-len(end)] + suffix + end if path.endswith(end) else path + suffix

@@ -55,7 +55,7 @@ from ...core.calibfile import (
     save_tensors,
 )
 from ...core.layer import stage_codec
-from ...core.sensitivity import Perturbed, collect
+from ...core.sensitivity import Perturbed, body_round_trip, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 from . import coded, joint, vector
@@ -180,17 +180,6 @@ def _proxy(x: torch.Tensor, g: torch.Tensor, codec: IntQuant, block: int) -> tup
     return 0.5 * float((first ** 2).sum()), codec.nbytes(packed) / n
 
 
-def _round_trip(codec: IntQuant, sink: int, block: int):
-    """x (B, H, n, D) -> x with its whole blocks after the sink through the codec (the cache's body)."""
-    def trip(x):
-        n = (x.shape[2] - sink) // block * block
-        y = x.clone()
-        body = x[:, :, sink:sink + n].float().contiguous()
-        y[:, :, sink:sink + n] = codec.decode(codec.encode(body, block)).to(x.dtype)
-        return y
-    return trip
-
-
 def _anchor(menu, choice) -> int:
     """The measured 3-bit choice whose KL scales an unmeasured one's first-order proxy: the same rotation
     (and turn, for keys) over whole groups, else the rotated one."""
@@ -209,7 +198,7 @@ def _measured(model, ids, sink: int, block: int, first_k, first_v, d: int, rope:
         for i in range(first.shape[0]):
             for c in measured:
                 if fits(c, size) and torch.isfinite(first[i, menu.index(c)]):
-                    kl[i, menu.index(c)] = max(perturbed.kl(i, which, _round_trip(make(c), sink, block)), 0.0)
+                    kl[i, menu.index(c)] = max(perturbed.kl(i, which, body_round_trip(make(c), sink, block)), 0.0)
                     if progress is not None:
                         progress()
             for j, c in enumerate(menu):
@@ -425,64 +414,66 @@ def load_or_calibrate(model, tokenizer, corpus: str | None = None, sink: int = 4
     return calib, path
 
 
+def _load_or_measure(model, tokenizer, corpus, path: str, load, measure, what: str, log):
+    """(calibration, path): the file at `path` (`load(path)`), else `measure(ids, desc)` on the budget calibration's
+    corpus range, saved there first."""
+    if os.path.isfile(path):
+        return load(path), path
+    ids, desc = calibration_ids(tokenizer, corpus, *calibration_shape(spec_from_config(model.config)))
+    log(f"auto: no {what} at {path}; measuring it")
+    calib = measure(ids, desc)
+    calib.save(path)
+    return calib, path
+
+
 def load_or_calibrate_joint(model, tokenizer, budget_path: str, corpus: str | None = None, sink: int = 4,
                             block: int = 128, log=print):
     """The joint key calibration beside the budget calibration at `budget_path`, measured first if missing
-    (on the same corpus range)."""
-    path = joint.path_beside(budget_path)
-    if os.path.isfile(path):
-        return joint.JointCalibration.load(path, model, block), path
-    ids, desc = calibration_ids(tokenizer, corpus, *calibration_shape(spec_from_config(model.config)))
-    log(f"auto: no joint key calibration at {path}; measuring it (about 3 minutes on 2 cores for the bundled model)")
-    calib = measure_joint(model, ids, desc, sink, block)
-    calib.save(path)
-    return calib, path
+    (on the same corpus range: about 3 minutes on 2 cores for the bundled model)."""
+    return _load_or_measure(model, tokenizer, corpus, joint.path_beside(budget_path),
+                            lambda p: joint.JointCalibration.load(p, model, block),
+                            lambda ids, desc: measure_joint(model, ids, desc, sink, block), "joint key calibration", log)
 
 
 def load_or_calibrate_coded(model, tokenizer, found, corpus: str | None = None, sink: int = 4, block: int = 128,
                             log=print):
     """The key code tables beside the joint key calibration `found` (calibration, path), fitted first if missing
-    (on the same corpus range)."""
-    path = coded.path_beside(found[1])
-    if os.path.isfile(path):
-        return coded.CodedCalibration.load(path, model, block, found[0]), path
-    ids, desc = calibration_ids(tokenizer, corpus, *calibration_shape(spec_from_config(model.config)))
-    log(f"auto: no key code tables at {path}; fitting them (about half a minute on 2 cores for the bundled model)")
-    calib = coded.calibrate(model, ids, found[0], desc, sink, block, KEY_MENU)
-    calib.save(path)
-    return calib, path
+    (on the same corpus range: about half a minute on 2 cores for the bundled model)."""
+    return _load_or_measure(model, tokenizer, corpus, coded.path_beside(found[1]),
+                            lambda p: coded.CodedCalibration.load(p, model, block, found[0]),
+                            lambda ids, desc: coded.calibrate(model, ids, found[0], desc, sink, block, KEY_MENU),
+                            "key code tables", log)
 
 
 def load_or_calibrate_vector(model, tokenizer, budget_path: str, corpus: str | None = None, sink: int = 4,
                              block: int = 128, log=print):
     """The vector value calibration beside the budget calibration at `budget_path`, measured first if missing (on
-    the same corpus range)."""
-    path = vector.path_beside(budget_path)
-    if os.path.isfile(path):
-        return vector.VectorCalibration.load(path, model, block), path
-    ids, desc = calibration_ids(tokenizer, corpus, *calibration_shape(spec_from_config(model.config)))
-    log(f"auto: no vector value calibration at {path}; measuring it (about a minute on 2 cores for the bundled model)")
-    calib = measure_vector(model, ids, desc, sink, block)
-    calib.save(path)
-    return calib, path
+    the same corpus range: about a minute on 2 cores for the bundled model)."""
+    return _load_or_measure(model, tokenizer, corpus, vector.path_beside(budget_path),
+                            lambda p: vector.VectorCalibration.load(p, model, block),
+                            lambda ids, desc: measure_vector(model, ids, desc, sink, block),
+                            "vector value calibration", log)
+
+
+def _with_progress(label: str, total: int, run):
+    """run(advance) under a progress bar of `total` forward passes."""
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("", total=total)
+        return run(lambda: bar.advance(task))
 
 
 def measure_vector(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128):
     """vector.calibrate with a progress bar over its forward passes."""
-    spec = spec_from_config(model.config)
-    with Progress(TextColumn("vector value calibration"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
-        task = bar.add_task("", total=spec.num_layers * len(vector.CHOICES))
-        return vector.calibrate(model, ids, data, sink, block, progress=lambda: bar.advance(task))
+    total = spec_from_config(model.config).num_layers * len(vector.CHOICES)
+    return _with_progress("vector value calibration", total,
+                          lambda advance: vector.calibrate(model, ids, data, sink, block, progress=advance))
 
 
 def measure_joint(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128):
     """joint.calibrate with a progress bar over its forward passes."""
-    spec = spec_from_config(model.config)
-    with Progress(TextColumn("joint key calibration"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
-        task = bar.add_task("", total=spec.num_layers * len(joint.CHOICES))
-        return joint.calibrate(model, ids, data, sink, block, progress=lambda: bar.advance(task))
+    total = spec_from_config(model.config).num_layers * len(joint.CHOICES)
+    return _with_progress("joint key calibration", total,
+                          lambda advance: joint.calibrate(model, ids, data, sink, block, progress=advance))
 
 
 def measure(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128) -> BudgetCalibration:
@@ -490,7 +481,5 @@ def measure(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 12
     spec = spec_from_config(model.config)
     per_layer = (sum(fits(c, block) and (bool(spec.rope) or not c[4]) for c in MEASURED_KEYS)
                  + sum(fits(c, spec.head_dim) for c in MEASURED_VALUES))
-    with Progress(TextColumn("auto calibration"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
-        task = bar.add_task("", total=spec.num_layers * per_layer)
-        return calibrate(model, ids, data, sink, block, lambda: bar.advance(task))
+    return _with_progress("auto calibration", spec.num_layers * per_layer,
+                          lambda advance: calibrate(model, ids, data, sink, block, advance))

@@ -31,7 +31,7 @@ from ...codecs.hadamard import rotation
 from ...codecs.joint import JointKeys
 from ...codecs.jointcoded import CODED, CodedJointKeys, WidthTables
 from ...codecs.levels import UNIFORM
-from ...core.calibfile import check_header, load_tensors, model_header, save_tensors
+from ...core.calibfile import beside, check_header, load_tensors, model_header, save_tensors
 from ...core.sensitivity import collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
@@ -134,9 +134,7 @@ class CodedCalibration:
 
 def path_beside(joint_path: str) -> str:
     """Where a joint key calibration's code tables live."""
-    suffix = "-coded" + FORMAT.rsplit("-", 1)[1]
-    return joint_path[:-len(".safetensors")] + suffix + ".safetensors" if joint_path.endswith(".safetensors") \
-        else joint_path + suffix
+    return beside(joint_path, "-coded" + FORMAT.rsplit("-", 1)[1])
 
 
 def _keys(model, ids: torch.Tensor, sink: int, block: int, offsets) -> dict:

@@ -31,8 +31,8 @@ import torch
 
 from ...codecs.joint import JointKeys
 from ...codecs.spin import turn
-from ...core.calibfile import check_header, load_tensors, model_header, save_tensors, spread_offsets
-from ...core.sensitivity import Perturbed, collect
+from ...core.calibfile import beside, check_header, load_tensors, model_header, save_tensors, spread_offsets
+from ...core.sensitivity import Perturbed, body_round_trip, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 from .config import RECENT
@@ -155,18 +155,8 @@ def map_bytes(heads: int, d: int) -> int:
 
 def path_beside(budget_path: str) -> str:
     """Where a budget calibration's joint key calibration lives."""
-    suffix = "-joint" + FORMAT.rsplit("-", 1)[1]  # a new format, a new file: the old one is not reused
-    return budget_path[:-len(".safetensors")] + suffix + ".safetensors" if budget_path.endswith(".safetensors") \
-        else budget_path + suffix
-
-
-def _round_trip(codec: JointKeys, sink: int, block: int):
-    def trip(x):
-        n = (x.shape[2] - sink) // block * block
-        y = x.clone()
-        y[:, :, sink:sink + n] = codec.decode(codec.encode(x[:, :, sink:sink + n].float(), block)).to(x.dtype)
-        return y
-    return trip
+    # a new format, a new file: the old one is not reused
+    return beside(budget_path, "-joint" + FORMAT.rsplit("-", 1)[1])
 
 
 def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4, block: int = 128,
@@ -207,7 +197,7 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
     for i in range(L):
         for j in range(len(CHOICES)):
             codec = calib.codec(i, j, block, spec.rope)
-            calib.proxy[i, j] = max(perturbed.kl(i, "key", _round_trip(codec, sink, block)), 0.0)
+            calib.proxy[i, j] = max(perturbed.kl(i, "key", body_round_trip(codec, sink, block)), 0.0)
             calib.bytes[i, j] = codec.encode(probe, block).nbytes() / n
             if progress is not None:
                 progress()

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ...codecs.vector import RUN, VectorQuant, gauss_book
-from ...core.calibfile import check_header, load_tensors, model_header, save_tensors
-from ...core.sensitivity import Perturbed
+from ...core.calibfile import beside, check_header, load_tensors, model_header, save_tensors
+from ...core.sensitivity import Perturbed, body_round_trip
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 from .config import RECENT
@@ -69,18 +69,7 @@ class VectorCalibration:
 
 def path_beside(budget_path: str) -> str:
     """Where a budget calibration's vector value calibration lives."""
-    suffix = "-vq" + FORMAT.rsplit("-", 1)[1]
-    return budget_path[:-len(".safetensors")] + suffix + ".safetensors" if budget_path.endswith(".safetensors") \
-        else budget_path + suffix
-
-
-def _round_trip(codec: VectorQuant, sink: int, block: int):
-    def trip(x):
-        n = (x.shape[2] - sink) // block * block
-        y = x.clone()
-        y[:, :, sink:sink + n] = codec.decode(codec.encode(x[:, :, sink:sink + n].float(), block)).to(x.dtype)
-        return y
-    return trip
+    return beside(budget_path, "-vq" + FORMAT.rsplit("-", 1)[1])
 
 
 def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4, block: int = 128,
@@ -104,7 +93,7 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
         codec = calib.codec(bits)
         calib.bytes[:, j] = codec.encode(probe, block).nbytes() / block  # per-token codes: no state changes it
         for i in range(L):
-            calib.proxy[i, j] = max(perturbed.kl(i, "value", _round_trip(codec, sink, block)), 0.0)
+            calib.proxy[i, j] = max(perturbed.kl(i, "value", body_round_trip(codec, sink, block)), 0.0)
             if progress is not None:
                 progress()
     calib.header = {**model_header(model), "data": data or {}, "sink_excluded": sink, "block": block,
