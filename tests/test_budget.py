@@ -401,7 +401,8 @@ def test_vector_calibration_measures_each_width(vector_calibrated, tiny_model):
     assert calib.proxy.shape == (spec.num_layers, len(V.CHOICES)) and (calib.proxy >= 0).all()
     assert calib.book1.shape == (256, 8) and calib.book2.shape == (256, 4)
     for j, bits in enumerate(V.CHOICES):  # a byte a run of coordinates, the mean and deviation a byte each
-        assert torch.equal(calib.bytes[:, j], torch.full((spec.num_layers,), h * (d * bits / 8 + 2), dtype=torch.float64))
+        expected = torch.full((spec.num_layers,), h * (d * bits / 8 + 2), dtype=torch.float64)
+        assert torch.equal(calib.bytes[:, j], expected)
     assert (calib.proxy[:, 1] < calib.proxy[:, 0]).all()  # more bits, less loss
     assert calib.codec(2) is calib.codec(2) and torch.equal(calib.codec(1).book, calib.book1)
 

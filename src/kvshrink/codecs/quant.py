@@ -163,10 +163,19 @@ class IntQuant(Codec):
         if not (torch.isfinite(mean).all() and torch.isfinite(dev).all()):
             raise KvshrinkError("key/value states exceed the float16 range of the quantization scales")
         safe = torch.where(dev > 0, dev, torch.ones_like(dev))
-        z = (xg - mean) / safe
+        codes, last = self._level_codes((xg - mean) / safe)
+        return Packed({"codes": codes, **stored}, block, d, {"last": last})
+
+    def _level_codes(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(packed codes, codes a group holds) of normalized groups z (..., g): each element's nearest level."""
         codes = torch.bucketize(z, thresholds_on(self.levels, self.bits, z.device)).to(torch.uint8)
-        tensors = {"codes": pack(codes, self.bits), **stored}
-        return Packed(tensors, block, d, {"last": codes.shape[-1]})
+        return pack(codes, self.bits), codes.shape[-1]
+
+    def _levels_of(self, packed: Packed) -> torch.Tensor:
+        """A body's codes as the numbers that min + step * x (or mean + deviation * x) decodes, grouped: the codes,
+        or the levels they stand for."""
+        codes = unpack(packed.tensors["codes"], self.bits, packed.meta["last"])
+        return codes if self.uniform else self.table().to(codes.device)[codes.long()]
 
     def params(self, tensors: dict, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(min, step) of uniform codes, (mean, deviation) of Gaussian ones, in `dtype`, from a body's tensors."""
@@ -244,9 +253,7 @@ class IntQuant(Codec):
         if self._fast_decode(packed):
             return self._decode_compiled(packed, dtype, out)
         t = packed.tensors
-        codes = unpack(t["codes"], self.bits, packed.meta["last"])
-        if not self.uniform:  # a code stands for its level
-            codes = self.table().to(codes.device)[codes.long()]
+        codes = self._levels_of(packed)
         b, h = codes.shape[:2]
         flat = (b, h, -1, packed.head_dim)
         if self.derope:  # turned back within groups: decode, then turn forward

@@ -22,15 +22,13 @@ import torch
 
 from ..errors import KvshrinkError
 from .base import Packed
-from .fewrows import few_rows
-from .hadamard import rotation_on
 from .levels import GAUSS
 from .quant import IntQuant
-from .scales import pack as pack_scales
 
 CODEWORDS = 256  # a codeword's index is one byte
 RUN = {1: 8, 2: 4}  # bits a value -> coordinates a codeword (8 bits a codeword)
-CHUNK = 4096  # runs searched at once: a (CHUNK, 256) float32 distance matrix, 4 MB (65,536 added 130 MB to a prefill's peak)
+# runs searched at once: a (CHUNK, 256) float32 distance matrix, 4 MB (65,536 added 130 MB to a prefill's peak)
+CHUNK = 4096
 
 
 def gauss_book(bits: int, seed: int = 0, samples: int = 1000) -> torch.Tensor:
@@ -85,24 +83,13 @@ class VectorQuant(IntQuant):
     def _fast_decode(self, packed: Packed) -> bool:
         return False
 
-    def _encode_levels(self, xg: torch.Tensor, dim: int, block: int, d: int) -> Packed:
+    def _level_codes(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """A byte a run of a normalized head vector z (..., d): the index of its nearest codeword."""
+        d = z.shape[-1]
         if d % self.run:
             raise KvshrinkError(f"head_dim {d} is not a multiple of the vector codebook's {self.run} coordinates")
-        mean = xg.mean(dim, keepdim=True)
-        dev = xg.std(dim, keepdim=True, unbiased=False)
-        stored = dict(zip(("scale", "min"), pack_scales(mean, dev)))
-        mean, dev = self.params(stored)
-        z = (xg - mean) / torch.where(dev > 0, dev, torch.ones_like(dev))
-        codes = nearest(z.reshape(*z.shape[:-1], d // self.run, self.run), self.book.to(z.device))
-        return Packed({"codes": codes, **stored}, block, d, {"last": d // self.run})
+        return nearest(z.reshape(*z.shape[:-1], d // self.run, self.run), self.book.to(z.device)), d // self.run
 
-    def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-        t = packed.tensors
-        codes = t["codes"]
-        b, h = codes.shape[:2]
-        d = packed.head_dim
-        z = self.book.to(codes.device)[codes.long()].reshape(*codes.shape[:-1], d)
-        mn, sc = self.params(t)
-        x = torch.addcmul(mn, z, sc).reshape(b, h, -1, d)
-        x = few_rows(x, rotation_on(d, self.seed, x.device).T).to(dtype)
-        return x if out is None else out.copy_(x)
+    def _levels_of(self, packed: Packed) -> torch.Tensor:
+        codes = packed.tensors["codes"]
+        return self.book.to(codes.device)[codes.long()].reshape(*codes.shape[:-1], packed.head_dim)

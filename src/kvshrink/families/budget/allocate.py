@@ -432,7 +432,8 @@ def load_or_calibrate_joint(model, tokenizer, budget_path: str, corpus: str | No
     (on the same corpus range: about 3 minutes on 2 cores for the bundled model)."""
     return _load_or_measure(model, tokenizer, corpus, joint.path_beside(budget_path),
                             lambda p: joint.JointCalibration.load(p, model, block),
-                            lambda ids, desc: measure_joint(model, ids, desc, sink, block), "joint key calibration", log)
+                            lambda ids, desc: measure_joint(model, ids, desc, sink, block), "joint key calibration",
+                            log)
 
 
 def load_or_calibrate_coded(model, tokenizer, found, corpus: str | None = None, sink: int = 4, block: int = 128,

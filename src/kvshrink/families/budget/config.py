@@ -4,9 +4,10 @@ A user names a target ratio against an fp16 cache; one allocator spends it acros
 keys/values (bits 1 to 8, Hadamard rotation or not, key groups of 128 or 64 tokens, keys turned back
 by their offset's RoPE angles or not, value groups of the whole head or 32 channels, uniform or
 Gaussian value levels, the latter with 8-bit scales; for keys also a calibrated basis per KV head with
-bits per axis, `joint`; for values also vector levels, `vector`) where the calibration's loss proxy says it matters least. The ratio is met at `context` tokens after a prefill, counting everything the cache
-holds there (float16 sink, the partial block's keys at the stage's width, scales), so the bench's
-figure is the target and not a nominal one.
+bits per axis, `joint`; for values also vector levels, `vector`) where the calibration's loss proxy says it
+matters least. The ratio is met at `context` tokens after a prefill, counting everything the cache holds
+there (float16 sink, the partial block's keys at the stage's width, scales), so the bench's figure is the
+target and not a nominal one.
 """
 
 from __future__ import annotations

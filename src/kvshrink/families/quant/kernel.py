@@ -284,8 +284,8 @@ def _coded_span(qb, vis, n, kc, kp, kgroups, kbits, vc, vp, vgroups, vbits, vb, 
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, vbits, vb, splits, vrot,
-           cap, klut, vlut, vbook, kcls, kst, hsym, hlen, hn, kslot, soff, sqb, nstage, skc, skp, skgroups, skbits, svc, svp,
-           woff, wqb, nwin, wkc, wkp, wkgroups, wkbits, wvc, wvp, wvgroups, wvbits, wrot, nw, out):
+           cap, klut, vlut, vbook, kcls, kst, hsym, hlen, hn, kslot, soff, sqb, nstage, skc, skp, skgroups, skbits, svc,
+           svp, woff, wqb, nwin, wkc, wkp, wkgroups, wkbits, wvc, wvp, wvgroups, wvbits, wrot, nw, out):
     """Body splits 0..splits-1, the dense tokens (split `splits`), the stage (split `splits` + 1): a
     block still filling, per-token codes read in place (its keys by sqb, the query in their basis, its
     values in the body values' codec), at vis[b, soff:]; and a coded recent window (split `splits` + 2):
@@ -324,7 +324,8 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kp, kb, kgroups, kbi
                 continue
             _span(qb[b, h], qt[b, h], vis[b], sp * nvb // used, (sp + 1) * nvb // used, n, kc[bh % kc.shape[0]],
                   _head(kp, b, h), kb, kgroups, kbits, vc[bh], _head(vp, b, h), vgroups, vbits, vb, vrot, cap, klut,
-                  vlut, vbook, kcls, kst[bh % kst.shape[0]], hsym, hlen, hn, kslot, pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
+                  vlut, vbook, kcls, kst[bh % kst.shape[0]], hsym, hlen, hn, kslot, pm[b, h, sp], pl[b, h, sp],
+                  pacc[b, h, sp])
     merge(pm, pl, pacc, out)
 
 
@@ -631,7 +632,7 @@ def _joint_table(q: torch.Tensor, codec: JointKeys) -> np.ndarray:
 def _table(codec: IntQuant):
     """(level table, a, c) for a codec: no table where a code's level is affine in the code (uniform codes,
     and any 1-bit table: level = a * code + c), whose (min, step) the kernel then reads as
-    (min + step * c, step * a); else the table. Vector levels have none: their codebook (_book) holds them."""
+    (min + step * c, step * a); else the table. Vector levels have none: their codebook (_luts) holds them."""
     if codec.uniform or isinstance(codec, VectorQuant):
         return _NO_LEVELS, 1.0, 0.0
     lv = codec.table()
