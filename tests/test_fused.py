@@ -47,8 +47,9 @@ class Inline:
 WINDOW_CODEC = IntQuant(8, "token", rotate=True, seed=4)  # the budget family's coded window (8-bit, rotated)
 
 
-def _states(kc, vc, n, t, block, window, batch=2, seed=0, coded=False):
-    """coded: the window held as WINDOW_CODEC's per-token codes, not float16."""
+def _states(kc, vc, n, t, block, window, batch=2, seed=0, coded=False, group=3):
+    """coded: the window held as WINDOW_CODEC's per-token codes, not float16; group: query heads per KV head (the
+    kernel reads a KV head's rows three at a time where it can, the rest one by one)."""
     g = torch.Generator().manual_seed(seed)
     cache = CompressedCache(num_layers=1, key_codec=kc, value_codec=vc, sink=4, window=window, block=block,
                             attend="fused", window_codec=WINDOW_CODEC if coded and window else None)
@@ -56,7 +57,7 @@ def _states(kc, vc, n, t, block, window, batch=2, seed=0, coded=False):
     layer.update(torch.randn(batch, 2, n, 16, generator=g) * torch.linspace(0.2, 3, 16),
                  torch.randn(batch, 2, n, 16, generator=g))
     states, _ = layer.update(torch.randn(batch, 2, t, 16, generator=g), torch.randn(batch, 2, t, 16, generator=g))
-    return layer, states, torch.randn(batch, 6, t, 16, generator=g)
+    return layer, states, torch.randn(batch, 2 * group, t, 16, generator=g)
 
 
 TURN = tuple(10000.0 ** (-i / 8) for i in range(8))  # RoPE frequencies of a 16-wide head
@@ -80,9 +81,9 @@ def _values(bits, group, rotate, kind, vector):
        value_group=st.sampled_from([None, 8]), block=st.sampled_from([16, 32]), window=st.sampled_from([0, 3]),
        n=st.integers(40, 200), t=st.sampled_from([1, 3]), pad=st.integers(0, 40), seed=st.integers(0, 99),
        cap=st.sampled_from([None, 1.5]), levels=st.sampled_from([LEVELS[0]] * 2 + LEVELS), turned=st.booleans(),
-       coded=st.booleans(), vector=st.booleans())
+       coded=st.booleans(), vector=st.booleans(), group=st.sampled_from([3, 3, 1, 2, 4]))
 def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, block, window, n, t, pad, seed, cap,
-                                          levels, turned, coded, vector):
+                                          levels, turned, coded, vector, group):
     """Levels: the integers, or Gaussian ones for keys, values or both (a code read as its level; at 1 bit
     folded into the step and minimum; float16 or 8-bit scales), or vector levels for values (a byte a run of
     coordinates, read as its codeword); per-channel keys turned back within their groups or not (the
@@ -92,7 +93,7 @@ def test_kernel_equals_decode_then_attend(bits, rotate, key_axis, value_group, b
     kc = IntQuant(bits, key_axis, block if key_axis == "channel" else None, rotate=rotate, seed=1, **_lv(kl),
                   derope=turn)
     vc = _values(bits, value_group, rotate, vl, vector)
-    layer, states, q = _states(kc, vc, n, t, block, window, seed=seed, coded=coded)
+    layer, states, q = _states(kc, vc, n, t, block, window, seed=seed, coded=coded, group=group)
     assert hasattr(states, "attend")
     body = states.body
     assert body is None or body.body_tokens % block == 0  # keys and values keep whole blocks alike

@@ -87,21 +87,23 @@ def test_bad_widths_are_refused(widths, bits):
         JointKeys(torch.eye(D).expand(2, D, D), widths, 16, TURN, bits)
 
 
-def _states(kc, vc, n, t, seed, batch=2):
+def _states(kc, vc, n, t, seed, batch=2, group=3):
     g = torch.Generator().manual_seed(seed)
     cache = CompressedCache(num_layers=1, key_codec=kc, value_codec=vc, sink=4, window=0, block=16, attend="fused")
     layer = cache.layers[0]
     layer.update(torch.randn(batch, 2, n, D, generator=g) * torch.linspace(0.2, 3, D),
                  torch.randn(batch, 2, n, D, generator=g))
     states, _ = layer.update(torch.randn(batch, 2, t, D, generator=g), torch.randn(batch, 2, t, D, generator=g))
-    return layer, states, torch.randn(batch, 6, t, D, generator=g)
+    return layer, states, torch.randn(batch, 2 * group, t, D, generator=g)
 
 
 @settings(max_examples=25, deadline=None)
 @given(bits=st.integers(1, 5), seed=st.integers(0, 999), n=st.integers(40, 150), t=st.sampled_from([1, 3]),
-       vbits=st.sampled_from([2, 4]))
-def test_kernel_reads_joint_keys_as_decode_then_attend(bits, seed, n, t, vbits):
-    layer, states, q = _states(_codec(bits, seed), IntQuant(vbits, "token", rotate=True, seed=2), n, t, seed)
+       vbits=st.sampled_from([2, 4]), group=st.sampled_from([3, 1, 2, 4]))
+def test_kernel_reads_joint_keys_as_decode_then_attend(bits, seed, n, t, vbits, group):
+    """group: query heads per KV head (rows read three at a time where they can, the rest one by one)."""
+    layer, states, q = _states(_codec(bits, seed), IntQuant(vbits, "token", rotate=True, seed=2), n, t, seed,
+                               group=group)
     assert isinstance(states.body.key_codec, JointKeys) and states.body.body_tokens >= 16
     total = layer.get_seq_length()
     mask = torch.ones(2, 1, t, total, dtype=torch.bool).tril(total - t)

@@ -100,6 +100,33 @@ def channel_logits(q1, step, mn, sym, n, qs, out):
 
 
 @numba.njit(cache=True, fastmath=FAST)
+def channel_logits3(qa, qb, qc, step, mn, sym, n, qs, oa, ob, oc):
+    """channel_logits for three query rows at once (qs scratch (3, d)): each token's codes read once for the
+    three."""
+    d = qa.shape[0]
+    ba, bb, bc = np.float32(0.0), np.float32(0.0), np.float32(0.0)
+    for c in range(d):
+        qs[0, c] = qa[c] * step[c]
+        qs[1, c] = qb[c] * step[c]
+        qs[2, c] = qc[c] * step[c]
+        ba += qa[c] * mn[c]
+        bb += qb[c] * mn[c]
+        bc += qc[c] * mn[c]
+    sa, sb, sc = qs[0], qs[1], qs[2]
+    for i in range(n):
+        row = sym[i * d:(i + 1) * d]
+        ta, tb, tc = ba, bb, bc
+        for c in range(d):
+            x = np.float32(row[c])
+            ta += sa[c] * x
+            tb += sb[c] * x
+            tc += sc[c] * x
+        oa[i] = ta
+        ob[i] = tb
+        oc[i] = tc
+
+
+@numba.njit(cache=True, fastmath=FAST)
 def form_keys(step, mn, sym, n, out):
     """out[:n * d] = mn + step * sym for n tokens of a key group (token-major): a tile of keys turned back
     by their offsets (codecs/spin.py), formed once for all of a head's query rows (turned_logits)."""
@@ -143,6 +170,34 @@ def axis_logits(qt, k, n, kb, out):
 
 
 @numba.njit(cache=True, fastmath=FAST)
+def axis_logits3(qa, qb, qc, k, n, kb, oa, ob, oc):
+    """axis_logits for three query rows at once (qa, qb, qc their (d, group) tables, oa, ob, oc their logits): each
+    key read once for the three, where three calls read the tile's keys three times. Four axes a pass."""
+    d = qa.shape[0]
+    for i in range(n):
+        oa[i] = 0.0
+        ob[i] = 0.0
+        oc[i] = 0.0
+    for c4 in range(d // 4):
+        c = 4 * c4
+        k0, k1, k2, k3 = k[c * kb:], k[(c + 1) * kb:], k[(c + 2) * kb:], k[(c + 3) * kb:]
+        a0, a1, a2, a3 = qa[c], qa[c + 1], qa[c + 2], qa[c + 3]
+        b0, b1, b2, b3 = qb[c], qb[c + 1], qb[c + 2], qb[c + 3]
+        e0, e1, e2, e3 = qc[c], qc[c + 1], qc[c + 2], qc[c + 3]
+        for i in range(n):
+            x0, x1, x2, x3 = k0[i], k1[i], k2[i], k3[i]
+            oa[i] += (a0[i] * x0 + a1[i] * x1) + (a2[i] * x2 + a3[i] * x3)
+            ob[i] += (b0[i] * x0 + b1[i] * x1) + (b2[i] * x2 + b3[i] * x3)
+            oc[i] += (e0[i] * x0 + e1[i] * x1) + (e2[i] * x2 + e3[i] * x3)
+    for c in range(d // 4 * 4, d):
+        kc, a0, b0, e0 = k[c * kb:], qa[c], qb[c], qc[c]
+        for i in range(n):
+            oa[i] += a0[i] * kc[i]
+            ob[i] += b0[i] * kc[i]
+            oc[i] += e0[i] * kc[i]
+
+
+@numba.njit(cache=True, fastmath=FAST)
 def turned_logits(qt, k, n, out):
     """out[:n] = qt[i] . k[i] for the first n tokens of a key group formed by form_keys: each offset has its
     own query row qt[i] (group, d), so the keys are dotted as floats (one multiply-add per element and row)."""
@@ -154,6 +209,24 @@ def turned_logits(qt, k, n, out):
         for c in range(d):
             s += qi[c] * row[c]
         out[i] = s
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def turned_logits3(qa, qb, qc, k, n, oa, ob, oc):
+    """turned_logits for three query rows at once: each formed key read once for the three."""
+    d = qa.shape[1]
+    for i in range(n):
+        row = k[i * d:(i + 1) * d]
+        ra, rb, rc = qa[i], qb[i], qc[i]
+        ta, tb, tc = np.float32(0.0), np.float32(0.0), np.float32(0.0)
+        for c in range(d):
+            x = row[c]
+            ta += ra[c] * x
+            tb += rb[c] * x
+            tc += rc[c] * x
+        oa[i] = ta
+        ob[i] = tb
+        oc[i] = tc
 
 
 @numba.njit(cache=True, fastmath=FAST)
@@ -218,6 +291,56 @@ def accumulate(acc, w, sym, n, stride):
         row = sym[i * stride:i * stride + vw]
         for c in range(vw):
             acc[c] += wi * np.float32(row[c])
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def accumulate3(aa, ab, ac, wa, wb, wc, sym, n, stride):
+    """accumulate for three query rows at once (accumulators aa, ab, ac, weights wa, wb, wc): each value read once
+    for the three."""
+    vw = aa.shape[0]
+    for i2 in range(n // 2):
+        i = 2 * i2
+        r0 = sym[i * stride:i * stride + vw]
+        r1 = sym[(i + 1) * stride:(i + 1) * stride + vw]
+        a0, a1, b0, b1, e0, e1 = wa[i], wa[i + 1], wb[i], wb[i + 1], wc[i], wc[i + 1]
+        for c in range(vw):
+            x0, x1 = np.float32(r0[c]), np.float32(r1[c])
+            aa[c] += a0 * x0 + a1 * x1
+            ab[c] += b0 * x0 + b1 * x1
+            ac[c] += e0 * x0 + e1 * x1
+    for i in range(n // 2 * 2, n):
+        row = sym[i * stride:i * stride + vw]
+        a0, b0, e0 = wa[i], wb[i], wc[i]
+        for c in range(vw):
+            x0 = np.float32(row[c])
+            aa[c] += a0 * x0
+            ab[c] += b0 * x0
+            ac[c] += e0 * x0
+
+
+@numba.njit(cache=True, fastmath=FAST)
+def fold_values3(acc, accb, r0, w, lg, sym, step, mn, n, corr):
+    """fold_values for query rows r0, r0 + 1, r0 + 2 at once (acc (R, d), accb (R, groups), lg (R, n) their
+    weights, corr (R,) their rescale factors; w scratch (3, n))."""
+    d = acc.shape[1]
+    groups = accb.shape[1]
+    vw = d // groups
+    for j in range(3):
+        r = r0 + j
+        cr = corr[r]
+        for c in range(d):
+            acc[r, c] *= cr
+    for g in range(groups):
+        for j in range(3):
+            r = r0 + j
+            lr, wr = lg[r], w[j]
+            t = np.float32(0.0)
+            for i in range(n):
+                wr[i] = lr[i] * step[i, g]
+                t += lr[i] * mn[i, g]
+            accb[r, g] = accb[r, g] * corr[r] + t
+        accumulate3(acc[r0, g * vw:(g + 1) * vw], acc[r0 + 1, g * vw:(g + 1) * vw], acc[r0 + 2, g * vw:(g + 1) * vw],
+                    w[0], w[1], w[2], sym[g * vw:], n, d)
 
 
 @numba.njit(cache=True, fastmath=FAST)

@@ -50,9 +50,12 @@ from ...kernels.tiles import (
     FAST,
     as_u8,
     axis_logits,
+    axis_logits3,
     channel_logits,
+    channel_logits3,
     dense_split,
     fold_values,
+    fold_values3,
     form_axes,
     form_keys,
     half_to_float,
@@ -63,6 +66,7 @@ from ...kernels.tiles import (
     to_levels,
     to_vectors,
     turned_logits,
+    turned_logits3,
     unpack_codes,
     weights,
     workers,
@@ -74,14 +78,29 @@ if TRITON:
 
 @numba.njit(cache=True, fastmath=FAST)
 def _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
-          vsym, vstep, vmn):
-    """One tile for each query row of a head: logits from the key symbols ksym (codes, or their levels),
-    folded into the online softmax (m, lsum) and the value sums (acc, accb) with the value symbols.
+          vsym, vstep, vmn, corr, w3, qs3):
+    """One tile for every query row of a head: logits from the key symbols ksym (codes, or their levels), folded
+    into the online softmax (m, lsum) and the value sums (acc, accb) with the value symbols.
     qt (rows, kb, d): each row's query per offset in a key group, for turned keys (else empty); with `axes`
-    (joint-basis keys) qt is (rows, d, kb) and the keys were formed axis-major."""
+    (joint-basis keys) qt is (rows, d, kb) and the keys were formed axis-major. Rows go three at a time where
+    they can (a GQA group's rows of one decode token): each key and value of the tile is read once for three
+    (axis_logits3, turned_logits3, channel_logits3, fold_values3). corr (rows,), w3 (3, tile), qs3 (3, d) scratch."""
     nr, d = qb.shape
     kw = d // kgroups
-    for r in range(nr):
+    trio = nr // 3 * 3 if kb > 1 else 0  # rows whose logits are formed three at a time
+    for kq in range((cnt + kb - 1) // kb if trio else 0):
+        blk = (t0 + kq * kb) // kb
+        nk = min(kb, cnt - kq * kb)
+        kt = ksym[kq * kb * d:]
+        for r in range(0, trio, 3):
+            la, lb, lc = lg[r, kq * kb:], lg[r + 1, kq * kb:], lg[r + 2, kq * kb:]
+            if axes:
+                axis_logits3(qt[r], qt[r + 1], qt[r + 2], kt, nk, kb, la, lb, lc)
+            elif qt.shape[0]:
+                turned_logits3(qt[r], qt[r + 1], qt[r + 2], kt, nk, la, lb, lc)
+            else:
+                channel_logits3(qb[r], qb[r + 1], qb[r + 2], kstep[blk], kmn[blk], kt, nk, qs3, la, lb, lc)
+    for r in range(trio, nr):
         q1 = qb[r]
         lr = lg[r]
         if kb > 1:  # per-channel keys: one (step, min) row per block of kb tokens
@@ -109,12 +128,20 @@ def _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m
                         t += qq[jj] * np.float32(rr[jj])
                     s += ks[i, g] * t + km[i, g] * qg[g]
                 lr[i] = s
-        mx, corr, t = weights(lr, vt, cnt, m[r], kk, cap)
-        if mx == -np.inf:
+    for r in range(nr):
+        mx, c, t = weights(lg[r], vt, cnt, m[r], kk, cap)
+        if mx == -np.inf:  # the tile is invisible to the row: it adds nothing
+            corr[r] = 1.0
+            lg[r, :cnt] = 0.0
             continue
         m[r] = mx
-        lsum[r] = lsum[r] * corr + t
-        fold_values(acc[r], accb[r], wt, lr, vsym, vstep, vmn, cnt, corr)
+        lsum[r] = lsum[r] * c + t
+        corr[r] = c
+    whole = nr // 3 * 3
+    for r in range(0, whole, 3):
+        fold_values3(acc, accb, r, w3, lg, vsym, vstep, vmn, cnt, corr)
+    for r in range(whole, nr):
+        fold_values(acc[r], accb[r], wt, lg[r], vsym, vstep, vmn, cnt, corr[r])
 
 
 _LIGHT = 3  # the kernel's parts after the body's splits: dense tokens, stage, window
@@ -191,6 +218,9 @@ def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, v
     lg = np.empty((nr, vb), dtype=np.float32)
     kk = np.empty(vb, dtype=np.int32)
     wt = np.empty(vb, dtype=np.float32)
+    w3 = np.empty((3, vb), dtype=np.float32)
+    qs3 = np.empty((3, d), dtype=np.float32)
+    corr = np.empty(nr, dtype=np.float32)
     qs = np.empty(d, dtype=np.float32)
     qsum = np.zeros((nr, kgroups), dtype=np.float32)
     m = np.full(nr, -np.inf, dtype=np.float32)
@@ -250,16 +280,16 @@ def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, v
         # one call per pair of buffer types (uint8 codes or float32 levels): numba compiles each
         if floats and vfloat:
             _rows(qb, qt, axes, kb, 0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
-                  vfl, vs, vm)
+                  vfl, vs, vm, corr, w3, qs3)
         elif floats:
             _rows(qb, qt, axes, kb, 0, cnt, kstep, kmn, kfl, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
-                  vsym, vs, vm)
+                  vsym, vs, vm, corr, w3, qs3)
         elif vfloat:
             _rows(qb, qt, axes, kb, 0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
-                  vfl, vs, vm)
+                  vfl, vs, vm, corr, w3, qs3)
         else:
             _rows(qb, qt, axes, kb, 0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m, lsum, lg, kk, qs, acc, accb, wt,
-                  vsym, vs, vm)
+                  vsym, vs, vm, corr, w3, qs3)
     for r in range(nr):
         pm[r] = m[r]
         pl[r] = lsum[r]
