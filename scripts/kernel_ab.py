@@ -90,8 +90,8 @@ def main():
         print(f"DynamicCache {med['dyn', '']:.1f} ms a step")
     for m in methods:
         ratio = sorted(a / b for a, b in zip(lat[m, "new"], lat[m, "old"]))
-        vs = (lambda v: f" ({med['dyn', ''] / med[m, v]:.3f}x DynamicCache)") if args.steps else (lambda v: "")
-        print(f"{m}: old {med[m, 'old']:.1f} ms{vs('old')}, new {med[m, 'new']:.1f} ms{vs('new')}; "
+        vs = {v: f" ({med['dyn', ''] / med[m, v]:.3f}x DynamicCache)" if args.steps else "" for v in fused}
+        print(f"{m}: old {med[m, 'old']:.1f} ms{vs['old']}, new {med[m, 'new']:.1f} ms{vs['new']}; "
               f"new/old per round, median {ratio[len(ratio) // 2]:.3f}")
 
 

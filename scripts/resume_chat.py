@@ -1,4 +1,4 @@
-"""Resume a chat from a saved KVComp cache against recomputing its prompt (issue: KVComp save/load).
+"""Resume a chat from a saved compressed cache against recomputing its prompt (KVComp, int, auto, ZDC and RVQ files).
 
     python scripts/resume_chat.py [--tokens 4096] [--method kvcomp-eb0.1] [--out /tmp/resume]
 
@@ -45,7 +45,7 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     model, tok = load_model()
     method = get_method(a.method)
-    model = prepare(model, method, tok)
+    base, model = model, prepare(model, method, tok)  # ZDC: a transformed copy, which only its cache reads
     ids = load_corpus_ids(tok, None, a.tokens + 1)[None]
     prompt, nxt = ids[:, :a.tokens], ids[:, a.tokens:a.tokens + 1]
     res = {"tokens": a.tokens, "method": a.method}
@@ -64,7 +64,7 @@ def main() -> None:
     res["file_bytes"] = cache.save(path)
     res["held_bytes"] = cache.nbytes()
     dyn = DynamicCache()
-    model(prompt, past_key_values=dyn, use_cache=True, logits_to_keep=1)
+    base(prompt, past_key_values=dyn, use_cache=True, logits_to_keep=1)
     dpath = os.path.join(a.out, "chat-dynamic.pt")
     torch.save([(layer.keys, layer.values) for layer in dyn.layers], dpath)
     res["torch_save_fp32_bytes"] = os.path.getsize(dpath)
@@ -83,7 +83,7 @@ def main() -> None:
         dc = DynamicCache()
         for i, (k, v) in enumerate(torch.load(dpath)):
             dc.update(k, v, i)
-        model(nxt, past_key_values=dc, use_cache=True)
+        base(nxt, past_key_values=dc, use_cache=True)
         times["torch_load_fp32"].append(time.perf_counter() - t0)
     res["resume_s"] = {k: min(v) for k, v in times.items()}
     loaded = load_cache(path, model)

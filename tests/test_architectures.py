@@ -19,7 +19,7 @@ import torch
 import transformers as T
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from kvshrink import KvshrinkError, from_method, prepare
+from kvshrink import KvshrinkError, from_method, load_cache, prepare
 from kvshrink.families.lowrank import transform as zdc
 from kvshrink.families.rvq import calibrate as rvq_calib
 from kvshrink.spec import spec_from_config
@@ -278,3 +278,22 @@ def test_scaled_rope_types_give_their_scaled_frequencies():
     rope = torch.tensor(spec_from_config(config).rope, dtype=torch.float64)
     torch.testing.assert_close(rope, model.model.rotary_emb.inv_freq.double(), rtol=1e-6, atol=0)
     assert not torch.allclose(rope, plain)  # the scaling changed the low frequencies
+
+
+def test_a_saved_cache_resumes_on_every_family(arch, tmp_path):
+    """Saved after a prompt 10 windows long (a sliding layer has freed its oldest blocks), read back, and fed the
+    same tokens: the same logits bit for bit, the same tokens held and seen."""
+    name, model = arch
+    m = _ready(model, "int4")
+    cache = from_method(f"int4:block={BLOCK}", m)
+    _run(m, cache, _ids(10 * WINDOW, seed=5), steps=2)
+    path = str(tmp_path / "chat.safetensors")
+    cache.save(path, m)
+    loaded = load_cache(path, m)
+    for a, b in zip(cache.layers, loaded.layers):
+        assert (a.get_seq_length(), a.held(), a.is_sliding) == (b.get_seq_length(), b.held(), b.is_sliding)
+    assert (name in SLIDING) == any(a.held() < a.get_seq_length() for a in cache.layers)
+    with torch.no_grad():
+        for x in _ids(12, seed=6).view(12, 1, 1):
+            assert torch.equal(m(x, past_key_values=loaded, use_cache=True).logits,
+                               m(x, past_key_values=cache, use_cache=True).logits)

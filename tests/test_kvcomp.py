@@ -346,7 +346,7 @@ def test_cli_saves_a_chat_and_resumes_it(tmp_path, capsys, bundled):
     assert f"for {n + extra + 4 - 1} tokens" in capsys.readouterr().out  # the saved tokens, then the new ones
 
 
-def test_only_kvcomp_caches_are_saved(tiny_config, tmp_path):
+def test_a_cache_built_from_a_config_needs_the_model_to_be_saved(tiny_config, tmp_path):
     cache = from_method("int4", tiny_config)
-    with pytest.raises(KvshrinkError, match="saving is implemented for kvcomp caches, not int4"):
+    with pytest.raises(KvshrinkError, match="not built from a model: pass it"):
         cache.save(str(tmp_path / "x.kvc"))

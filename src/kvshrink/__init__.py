@@ -8,7 +8,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "prepare": "api", "from_method": "api", "load_cache": "api",
+    "prepare": "api", "from_method": "api", "load_cache": "api", "saved_method": "api",
     "CompressedCache": "families.quant.cache", "KVCache": "core.cache",
     "Codec": "codecs", "Fp16": "codecs", "IntQuant": "codecs",
     "KvshrinkError": "errors", "ModelSpec": "spec", "load_model": "models",

@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 from . import families  # noqa: F401  (registers every family's presets)
+from .core import saved
+from .core.cache import KVCache
+from .core.calibfile import model_header
 from .errors import KvshrinkError
 from .families.budget import cache as budget
 from .families.evict import cache as evict
@@ -54,9 +57,25 @@ def from_method(method: str | Method, target, **options):
         if unknown:
             raise KvshrinkError(f"unknown option(s) {', '.join(sorted(unknown))} for method {m.name!r}")
         config = dataclasses.replace(config, **options)
-    return FAMILIES[m.family].build(config, target, m.name)
+    cache = FAMILIES[m.family].build(config, target, m.name)
+    if isinstance(cache, KVCache):  # what cache.save writes beside its tokens (core/saved.py)
+        cache.options = dict(options)
+        if hasattr(target, "parameters") and not hasattr(cache, "model_header"):
+            cache.model_header = model_header(target)
+    return cache
+
+
+def saved_method(path: str) -> str:
+    """The method a cache file was saved with: what to `prepare` the model for before `load_cache`."""
+    return saved.method_of(path) or kvcomp.method_of(path)
 
 
 def load_cache(path: str, model):
-    """A cache saved with `cache.save(path)` (kvcomp methods), checked against `model`."""
-    return kvcomp.load(path, model)
+    """A cache saved with `cache.save(path)`, checked against `model` (prepared for `saved_method(path)`): the
+    int, budget, ZDC and RVQ methods' file (core/saved.py) or KVComp's own."""
+    if saved.method_of(path) is None:
+        return kvcomp.load(path, model)
+    tensors, info, layers = saved.read(path, model)
+    cache = from_method(info["method"], model, **info["options"])
+    saved.fill(cache, tensors, layers, next(model.parameters()).device)
+    return cache

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--device", help="cpu (default), cuda or cuda:N")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    g.add_argument("--save-cache", metavar="PATH", help="save the compressed cache and its tokens (kvcomp methods)")
+    g.add_argument("--save-cache", metavar="PATH",
+                   help="save the compressed cache and its tokens (int, auto, zdc, rvq and kvcomp methods)")
     g.add_argument("--resume", metavar="PATH", help="continue from a saved cache: the prompt is appended as raw "
                                                      "text to the tokens it holds, which are not recomputed")
     g.add_argument("--nproc", type=int, help="run on N processes (torch.distributed, gloo): sequence-parallel "
@@ -254,10 +255,11 @@ def cmd_generate(args) -> None:
     if args.nproc is not None and args.nproc < 1:  # before the model loads (a split over 0 ranks has no meaning)
         raise KvshrinkError(f"--nproc must be at least 1, got {args.nproc}")
     if args.save_cache and not method.config.can_save:
-        raise KvshrinkError(f"{args.method} caches cannot be saved; use a kvcomp method")
+        raise KvshrinkError(f"{args.method} caches cannot be saved (eviction and peer caches keep tokens outside "
+                            "the stores a file holds); use an int, auto, zdc, rvq or kvcomp method")
     import torch
 
-    from .api import from_method, load_cache, prepare
+    from .api import from_method, load_cache, prepare, saved_method
     from .compat import with_cache
     from .core.cache import cache_nbytes
     from .dist.launch import torchrun_env
@@ -277,8 +279,11 @@ def cmd_generate(args) -> None:
     if spec.max_context and total > spec.max_context:
         raise KvshrinkError(f"prompt of {ids.shape[1]} tokens + {args.max_new_tokens} new tokens is longer than "
                             f"the model allows ({spec.max_context})")
-    if args.resume and not method.config.can_save:
-        method = get_method("kvcomp-eb0.1")  # what a saved cache needs of the model; its settings are the file's
+    if args.resume:  # the model is prepared for the method the file was saved with, whatever --method says
+        saved = saved_method(args.resume)
+        if saved is None:
+            raise KvshrinkError(f"cache file {args.resume!r} is missing or not a kvshrink cache file")
+        method = get_method(saved)
     model = prepare(model, method, tok)
     if args.resume:
         cache = load_cache(args.resume, model)

@@ -115,6 +115,11 @@ class Codec(ABC):
     def describe(self) -> str:
         return self.name
 
+    def calibrated(self) -> list[torch.Tensor]:
+        """What a calibration gave the codec and its codes mean nothing without (bases, codebooks, code tables,
+        widths): a saved cache is read back only by a codec with the same (core/saved.py)."""
+        return self.shared_tensors()
+
 
 class Fp16(Codec):
     """Uncompressed reference: stores head vectors as float16, nothing else."""

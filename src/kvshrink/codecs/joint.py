@@ -84,6 +84,9 @@ class JointKeys(Codec):
     def shared_tensors(self) -> list[torch.Tensor]:
         return [self.inverse_rows, self.inverse_scale]
 
+    def calibrated(self) -> list[torch.Tensor]:
+        return [*self.shared_tensors(), torch.tensor(self.widths)]  # two choices of equal bits differ by widths
+
     def inverse(self, device=None) -> torch.Tensor:
         """(H, D, D) float32 map from coordinates back to keys, from its stored rows (made per call, not kept)."""
         return (self.inverse_rows.float() * self.inverse_scale.float()).to(device or "cpu")

@@ -107,6 +107,9 @@ class RVQ(Codec):
         """The codebooks and the index tables derived from them (held: every step uses them)."""
         return [self.books, *self._memo.values()]
 
+    def calibrated(self) -> list[torch.Tensor]:
+        return [self.books]  # the index tables follow from them (built at first use)
+
     def books_f32(self, device) -> torch.Tensor:
         """A float32 copy for one call's arithmetic: made each time (16k values a layer, microseconds)
         rather than held beside the float16 codebooks, which would add half again to their bytes."""

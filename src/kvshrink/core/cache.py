@@ -14,7 +14,8 @@ from transformers.cache_utils import Cache
 from ..codecs.base import tensor_nbytes
 from ..errors import KvshrinkError
 from ..spec import ModelSpec, spec_from_config
-from . import hostmem
+from . import hostmem, saved
+from .calibfile import model_header
 
 
 class KVCache(Cache):
@@ -123,7 +124,10 @@ class KVCache(Cache):
         return module
 
     def save(self, path: str, model=None, ids=None) -> int:
-        raise KvshrinkError(f"saving is implemented for kvcomp caches, not {self.method or type(self).__name__}")
+        """Write the cache to `path` (safetensors, core/saved.py), with the token ids it holds when given; returns
+        the file's size in bytes. `kvshrink.load_cache(path, model)` reads it back."""
+        header = model_header(model) if model is not None else getattr(self, "model_header", None)
+        return saved.save(self, path, ids=ids, header=header)
 
 
 def _flat_tensors(obj) -> list[torch.Tensor]:

@@ -66,6 +66,7 @@ class StoreLayer(CacheLayerMixin):
     is_croppable = True
     sliding_window: int | None = None
     dropped = 0  # tokens a sliding layer no longer holds
+    saved_by_stores = False  # every token it holds is in its stores (core/saved.py can write it)
 
     def stores(self) -> list:
         """The layer's TokenStores (core/store.py), all with the same token layout; none for a layer
@@ -75,6 +76,11 @@ class StoreLayer(CacheLayerMixin):
     def held(self) -> int:
         """Tokens the layer holds now."""
         raise NotImplementedError
+
+    def calibrated(self) -> list[torch.Tensor]:
+        """What a calibration gave the layer beyond its codecs (a basis its stores' coordinates are in): a saved
+        cache is read back only by a layer with the same (core/saved.py)."""
+        return []
 
     def slide(self, window: int) -> None:
         """Make this a sliding-window layer (before its first update): no sink tokens (the window

@@ -99,6 +99,17 @@ def channel_logits(q1, step, mn, sym, n, qs, out):
     dots(qs, sym, n, bias, out)
 
 
+@numba.njit(cache=True, fastmath=FAST, inline="always")
+def dots3(qa, qb, qc, row, ta, tb, tc):
+    """(ta + qa . row, tb + qb . row, tc + qc . row): one row (codes or floats) read once for three query rows."""
+    for c in range(row.shape[0]):
+        x = np.float32(row[c])
+        ta += qa[c] * x
+        tb += qb[c] * x
+        tc += qc[c] * x
+    return ta, tb, tc
+
+
 @numba.njit(cache=True, fastmath=FAST)
 def channel_logits3(qa, qb, qc, step, mn, sym, n, qs, oa, ob, oc):
     """channel_logits for three query rows at once (qs scratch (3, d)): each token's codes read once for the
@@ -112,18 +123,8 @@ def channel_logits3(qa, qb, qc, step, mn, sym, n, qs, oa, ob, oc):
         ba += qa[c] * mn[c]
         bb += qb[c] * mn[c]
         bc += qc[c] * mn[c]
-    sa, sb, sc = qs[0], qs[1], qs[2]
     for i in range(n):
-        row = sym[i * d:(i + 1) * d]
-        ta, tb, tc = ba, bb, bc
-        for c in range(d):
-            x = np.float32(row[c])
-            ta += sa[c] * x
-            tb += sb[c] * x
-            tc += sc[c] * x
-        oa[i] = ta
-        ob[i] = tb
-        oc[i] = tc
+        oa[i], ob[i], oc[i] = dots3(qs[0], qs[1], qs[2], sym[i * d:(i + 1) * d], ba, bb, bc)
 
 
 @numba.njit(cache=True, fastmath=FAST)
@@ -215,18 +216,9 @@ def turned_logits(qt, k, n, out):
 def turned_logits3(qa, qb, qc, k, n, oa, ob, oc):
     """turned_logits for three query rows at once: each formed key read once for the three."""
     d = qa.shape[1]
+    zero = np.float32(0.0)
     for i in range(n):
-        row = k[i * d:(i + 1) * d]
-        ra, rb, rc = qa[i], qb[i], qc[i]
-        ta, tb, tc = np.float32(0.0), np.float32(0.0), np.float32(0.0)
-        for c in range(d):
-            x = row[c]
-            ta += ra[c] * x
-            tb += rb[c] * x
-            tc += rc[c] * x
-        oa[i] = ta
-        ob[i] = tb
-        oc[i] = tc
+        oa[i], ob[i], oc[i] = dots3(qa[i], qb[i], qc[i], k[i * d:(i + 1) * d], zero, zero, zero)
 
 
 @numba.njit(cache=True, fastmath=FAST)

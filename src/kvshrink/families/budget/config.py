@@ -33,6 +33,7 @@ class BudgetConfig(Config):
     """Integer codes (KIVI layout) with widths allocated per layer and K/V under one budget."""
 
     family = "budget"
+    can_save = True  # core/saved.py
     calibrated = True
     budget: float = option(6.0, "target compression ratio against an fp16 cache, met at `context` tokens")
     context: int = option(CONTEXT, "tokens at which the ratio is met (sink, partial block and scales counted)")

@@ -121,6 +121,11 @@ class KVCompCache(CompressedCache):
         return out
 
 
+def method_of(path: str) -> str | None:
+    """The method of a KVComp cache file (io.py), None for another file."""
+    return io.method_of(path)
+
+
 def load(path: str, model) -> KVCompCache:
     """A KVCompCache read from `path` (written by `cache.save`), checked against `model`, which must
     use the kvshrink attention (`kvshrink.prepare(model, "kvcomp-eb0.1")`)."""

@@ -14,11 +14,13 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ...codecs.base import Packed
 from ...codecs.huffman import Table
 from ...core.calibfile import check_header, model_header, read_safetensors
+from ...core.saved import token_ids
 from ...errors import KvshrinkError
 from ...kernels.backend import kernels_on
 from .codec import EntropyPacked
@@ -36,11 +38,7 @@ def save(cache, path: str, model=None, ids=None) -> int:
     header = model_header(model) if model is not None else getattr(cache, "model_header", None)
     if header is None:
         raise KvshrinkError("this cache was not built from a model: pass it, cache.save(path, model)")
-    tensors, layers = {}, []
-    if ids is not None:
-        if ids.shape[-1] != cache.get_seq_length():
-            raise KvshrinkError(f"{ids.shape[-1]} token ids for a cache of {cache.get_seq_length()} tokens")
-        tensors["ids"] = ids.reshape(1, -1).long()
+    tensors, layers = token_ids(cache, ids), []
     for i, layer in enumerate(cache.layers):
         if not layer.is_initialized:
             layers.append(None)
@@ -63,6 +61,19 @@ def save(cache, path: str, model=None, ids=None) -> int:
               metadata={"format": FORMAT, "header": json.dumps(header), "settings": json.dumps(settings),
                         "layers": json.dumps(layers)})
     return os.path.getsize(path)
+
+
+def method_of(path: str) -> str | None:
+    """The method a KVComp cache file was saved with (older files name none: KVComp's default); None for a file of
+    another format or none at all."""
+    try:
+        with safe_open(path, "pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception:  # noqa: BLE001  (missing or not safetensors: read() says which, in one line)
+        return None
+    if meta.get("format") != FORMAT:
+        return None
+    return json.loads(meta.get("settings", "{}")).get("method") or "kvcomp-eb0.1"
 
 
 def read(path: str, model) -> tuple[dict, list, torch.Tensor | None]:

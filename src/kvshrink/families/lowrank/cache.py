@@ -42,6 +42,7 @@ class ZdcLayer(StoreLayer):
     fused = False  # set by ZdcCache(attend="fused")
     splits = 4
     kernel_reads = False  # fused, on the CPU, and a body the kernel reads: fixed at the first update
+    saved_by_stores = True
 
     def __init__(self, uk: torch.Tensor, uv: torch.Tensor, rk, rv, sink: int, sink_rank: int,
                  key_codec: Codec, value_codec: Codec, window: int, block: int):
@@ -52,6 +53,9 @@ class ZdcLayer(StoreLayer):
         self.ks = [TokenStore(key_codec, sink, window, block, stage_for(key_codec), (sink_rank, r)) for r in self.rk]
         self.vs = [TokenStore(value_codec, sink, window, block, stage_for(value_codec), (sink_rank, r))
                    for r in self.rv]
+
+    def calibrated(self) -> list[torch.Tensor]:
+        return [self.uk, self.uv]
 
     def lazy_initialization(self, key_states, value_states) -> None:
         b, h, _, d = key_states.shape

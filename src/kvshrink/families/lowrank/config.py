@@ -26,6 +26,7 @@ class ZdcConfig(Config):
     """Zero-delay low rank ("Zero-Delay QKV Compression", Zhang and Shen, arXiv 2408.04107)."""
 
     family = "lowrank"
+    can_save = True  # core/saved.py
     calibrated = True
     pct: int = option(50, "percent of key/value dimensions kept (the budget)", preset=True)
     bits: int | None = option(None, "int codes on the kept coordinates (KIVI layout)", preset=True)

@@ -48,6 +48,7 @@ class CompressedLayer(StoreLayer):
     window_codes_read = False  # the kernel can read a coded window's codes (where it reads the stage): fixed likewise
     layout, gpu_kernel = "int", True  # the body's kind, and whether a Triton kernel reads it (CUDA)
     gather = GATHER  # decode tokens staged as codes together (core/store.py)
+    saved_by_stores = True
 
     def __init__(self, key_codec: Codec, value_codec: Codec, sink: int, window: int, block: int):
         super().__init__()

@@ -22,6 +22,7 @@ class QuantConfig(Config):
     """Group-wise asymmetric integer codes, KIVI layout, float16 sink tokens."""
 
     family = "quant"
+    can_save = True  # core/saved.py
     bits: int = option(4, "bits per key and value code (1 to 8)", preset=True)
     rotate: bool = option(False, "randomized Hadamard rotation of each head vector first", preset=True)
     sink: int = option(4, "first tokens kept in float16 (attention sinks)")
@@ -62,6 +63,7 @@ class Fp16Config(Config):
     """The uncompressed reference: keys and values stored as float16, no sink or window."""
 
     family = "quant"
+    can_save = True  # core/saved.py
     block: int = option(128, "tokens per stored block")
 
     def check(self):

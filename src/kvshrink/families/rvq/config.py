@@ -28,6 +28,7 @@ class RvqConfig(Config):
     """Residual vector quantization of scaled channel groups (Kumar, arXiv 2410.15704)."""
 
     family = "rvq"
+    can_save = True  # core/saved.py
     calibrated = True
     depth: int = option(4, "residual codebook levels (1 to 8)", preset=True)
     group: int = option(16, "channels per vector")
