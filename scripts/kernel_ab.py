@@ -1,4 +1,4 @@
-"""The integer kernel of another revision against the working tree's, alternated in one process (this machine's
+"""A family's kernel (the integer one, or KVComp's: --kernel) of another revision against the working tree's, alternated in one process (this machine's
 speed drifts by 20-40% between runs, so separate runs cannot tell a 5% change).
 
 The other revision is imported under another package name and only its compiled `_fused` is swapped in, so both
@@ -7,6 +7,7 @@ decode steps with DynamicCache timed in the same rounds (--steps).
 
     git worktree add /tmp/old HEAD~1 && mkdir -p /tmp/oldpkg && cp -r /tmp/old/src/kvshrink /tmp/oldpkg/kvshrink_old
     .venv/bin/python scripts/kernel_ab.py --old /tmp/oldpkg --methods int4,auto-6x [--steps] [--rounds 16]
+    .venv/bin/python scripts/kernel_ab.py --old /tmp/oldpkg --kernel kvcomp --methods kvcomp-eb0.1
 """
 
 import argparse
@@ -20,7 +21,6 @@ from transformers import DynamicCache
 from kvshrink import from_method, get_method, load_model, prepare
 from kvshrink.corpus import load_corpus_ids
 from kvshrink.eval.needle import fill, prefill_states
-from kvshrink.families.quant import kernel as new
 
 CONTEXT = 8150
 
@@ -44,9 +44,11 @@ def main():
     ap.add_argument("--methods", default="int4,auto-6x")
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--steps", action="store_true", help="whole decode steps instead of the kernel alone")
+    ap.add_argument("--kernel", default="quant", choices=["quant", "kvcomp"], help="the family whose kernel is swapped")
     args = ap.parse_args()
     sys.path.insert(0, args.old)
-    fused = {"old": importlib.import_module("kvshrink_old.families.quant.kernel")._fused, "new": new._fused}
+    new = importlib.import_module(f"kvshrink.families.{args.kernel}.kernel")
+    fused = {"old": importlib.import_module(f"kvshrink_old.families.{args.kernel}.kernel")._fused, "new": new._fused}
     methods = args.methods.split(",")
     model, tok = load_model()
     ids = load_corpus_ids(tok, max_tokens=CONTEXT + 1)[None]

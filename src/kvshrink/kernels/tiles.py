@@ -355,6 +355,29 @@ def fold_values(acc, accb, w, lr, sym, step, mn, n, corr):
 
 
 @numba.njit(cache=True, fastmath=FAST)
+def softmax_fold(lg, vt, n, m, lsum, kk, cap, corr, acc, accb, wt, w3, sym, step, mn):
+    """One tile for every query row, after its logits lg[r, :n]: each row's weights folded into its online softmax
+    (m, lsum), then the tile's values (sym, step, mn as fold_values takes them) added to acc, accb, three rows at a
+    time where they can (fold_values3: each value read once for three), the rest one by one. A row the tile is
+    invisible to adds nothing. corr (rows,), wt (n,), w3 (3, n) scratch."""
+    nr = lg.shape[0]
+    for r in range(nr):
+        mx, c, t = weights(lg[r], vt, n, m[r], kk, cap)
+        if mx == -np.inf:
+            corr[r] = 1.0
+            lg[r, :n] = 0.0
+            continue
+        m[r] = mx
+        lsum[r] = lsum[r] * c + t
+        corr[r] = c
+    whole = nr // 3 * 3
+    for r in range(0, whole, 3):
+        fold_values3(acc, accb, r, w3, lg, sym, step, mn, n, corr)
+    for r in range(whole, nr):
+        fold_values(acc[r], accb[r], wt, lg[r], sym, step, mn, n, corr[r])
+
+
+@numba.njit(cache=True, fastmath=FAST)
 def dense_partial(q1, keys, values, vt, lr, kk, acc, cap):
     """One query row over float keys/values (n, d) with visibility vt and soft-cap cap: fills acc (d,) with the
     weighted value sum and returns (max logit, weight sum) as a kernel split does."""

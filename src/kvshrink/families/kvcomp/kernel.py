@@ -30,12 +30,12 @@ from ...kernels.tiles import (
     FAST,
     as_u8,
     channel_logits,
+    channel_logits3,
     dense_split,
-    fold_values,
     merge,
     partial_buffers,
+    softmax_fold,
     split_item,
-    weights,
     workers,
 )
 from .codec import BodyView
@@ -65,7 +65,11 @@ def _fused(q, vis, dk, dv, dvis, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep,
             lg = np.empty((nr, vb), dtype=np.float32)
             kk = np.empty(vb, dtype=np.int32)
             wt = np.empty(vb, dtype=np.float32)
+            w3 = np.empty((3, vb), dtype=np.float32)
+            corr = np.empty(nr, dtype=np.float32)
             qs = np.empty(d, dtype=np.float32)
+            qs3 = np.empty((3, d), dtype=np.float32)
+            trio = nr // 3 * 3  # rows whose logits are formed three at a time (tiles.channel_logits3)
             m = np.full(nr, -np.inf, dtype=np.float32)
             lsum = np.zeros(nr, dtype=np.float32)
             acc = pacc[b, h, sp]
@@ -79,19 +83,16 @@ def _fused(q, vis, dk, dv, dvis, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep,
                 t = vtab[j]
                 decode_into(vs, vst[b, h, j], vb * d, vls[t], vll[t], vln[t], MAX_LEN, vfix[t], vsym)
                 vt = vis[b, j * vb:(j + 1) * vb]
-                for r in range(nr):
-                    q1 = q[b, h, r]
-                    lr = lg[r]
-                    for kq in range(per):
-                        blk = j * per + kq
-                        channel_logits(q1, kstep[b, h, blk], kmn[b, h, blk], ksym[kq * kb * d:], kb, qs, lr[kq * kb:])
-                    mx, corr, t = weights(lr, vt, vb, m[r], kk, cap)
-                    if mx == -np.inf:
-                        continue
-                    m[r] = mx
-                    lsum[r] = lsum[r] * corr + t
-                    fold_values(acc[r], accb[r], wt, lr, vsym, vstep[b, h, j * vb:(j + 1) * vb],
-                                vmn[b, h, j * vb:(j + 1) * vb], vb, corr)
+                for kq in range(per):
+                    blk, at = j * per + kq, kq * kb
+                    st, mn, sym = kstep[b, h, blk], kmn[b, h, blk], ksym[at * d:]
+                    for r in range(0, trio, 3):
+                        channel_logits3(q[b, h, r], q[b, h, r + 1], q[b, h, r + 2], st, mn, sym, kb, qs3,
+                                        lg[r, at:], lg[r + 1, at:], lg[r + 2, at:])
+                    for r in range(trio, nr):
+                        channel_logits(q[b, h, r], st, mn, sym, kb, qs, lg[r, at:])
+                softmax_fold(lg, vt, vb, m, lsum, kk, cap, corr, acc, accb, wt, w3, vsym,
+                             vstep[b, h, j * vb:(j + 1) * vb], vmn[b, h, j * vb:(j + 1) * vb])
             for r in range(nr):
                 pm[b, h, sp, r] = m[r]
                 pl[b, h, sp, r] = lsum[r]

@@ -54,21 +54,19 @@ from ...kernels.tiles import (
     channel_logits,
     channel_logits3,
     dense_split,
-    fold_values,
-    fold_values3,
     form_axes,
     form_keys,
     half_to_float,
     merge,
     partial_buffers,
     rotate_back,
+    softmax_fold,
     split_item,
     to_levels,
     to_vectors,
     turned_logits,
     turned_logits3,
     unpack_codes,
-    weights,
     workers,
 )
 
@@ -84,7 +82,8 @@ def _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m
     qt (rows, kb, d): each row's query per offset in a key group, for turned keys (else empty); with `axes`
     (joint-basis keys) qt is (rows, d, kb) and the keys were formed axis-major. Rows go three at a time where
     they can (a GQA group's rows of one decode token): each key and value of the tile is read once for three
-    (axis_logits3, turned_logits3, channel_logits3, fold_values3). corr (rows,), w3 (3, tile), qs3 (3, d) scratch."""
+    (axis_logits3, turned_logits3, channel_logits3; tiles.softmax_fold). corr (rows,), w3 (3, tile), qs3 (3, d)
+    scratch."""
     nr, d = qb.shape
     kw = d // kgroups
     trio = nr // 3 * 3 if kb > 1 else 0  # rows whose logits are formed three at a time
@@ -128,20 +127,7 @@ def _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m
                         t += qq[jj] * np.float32(rr[jj])
                     s += ks[i, g] * t + km[i, g] * qg[g]
                 lr[i] = s
-    for r in range(nr):
-        mx, c, t = weights(lg[r], vt, cnt, m[r], kk, cap)
-        if mx == -np.inf:  # the tile is invisible to the row: it adds nothing
-            corr[r] = 1.0
-            lg[r, :cnt] = 0.0
-            continue
-        m[r] = mx
-        lsum[r] = lsum[r] * c + t
-        corr[r] = c
-    whole = nr // 3 * 3
-    for r in range(0, whole, 3):
-        fold_values3(acc, accb, r, w3, lg, vsym, vstep, vmn, cnt, corr)
-    for r in range(whole, nr):
-        fold_values(acc[r], accb[r], wt, lg[r], vsym, vstep, vmn, cnt, corr[r])
+    softmax_fold(lg, vt, cnt, m, lsum, kk, cap, corr, acc, accb, wt, w3, vsym, vstep, vmn)
 
 
 _LIGHT = 3  # the kernel's parts after the body's splits: dense tokens, stage, window
