@@ -60,13 +60,14 @@ def from_method(method: str | Method, target, **options):
     cache = FAMILIES[m.family].build(config, target, m.name)
     if isinstance(cache, KVCache):  # what cache.save writes beside its tokens (core/saved.py)
         cache.options = dict(options)
-        if hasattr(target, "parameters") and not hasattr(cache, "model_header"):
+        if hasattr(target, "parameters"):
             cache.model_header = model_header(target)
     return cache
 
 
-def saved_method(path: str) -> str:
-    """The method a cache file was saved with: what to `prepare` the model for before `load_cache`."""
+def saved_method(path: str) -> str | None:
+    """The method a cache file was saved with: what to `prepare` the model for before `load_cache` (None for a
+    missing file or one of neither format)."""
     return saved.method_of(path) or kvcomp.method_of(path)
 
 

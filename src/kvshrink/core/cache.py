@@ -27,6 +27,9 @@ class KVCache(Cache):
         self.spec: ModelSpec | None = spec_from_config(config) if config is not None else None
         self.method = method
         self.ids = None  # the token ids of a loaded cache, when they were saved
+        # what cache.save writes beside its tokens: the model it was built for, the options given as arguments
+        self.model_header: dict | None = None
+        self.options: dict = {}
         if self.spec is not None and self.spec.has_sliding:
             if len(layers) != self.spec.num_layers:
                 raise KvshrinkError(f"{len(layers)} cache layers for a model of {self.spec.num_layers}")
@@ -123,11 +126,17 @@ class KVCache(Cache):
         buffers on the module slices them)."""
         return module
 
+    def file_header(self, model=None) -> dict:
+        """The model a saved file names: `model`'s, else the one the cache was built from."""
+        header = model_header(model) if model is not None else self.model_header
+        if header is None:
+            raise KvshrinkError("this cache was not built from a model: pass it, cache.save(path, model)")
+        return header
+
     def save(self, path: str, model=None, ids=None) -> int:
         """Write the cache to `path` (safetensors, core/saved.py), with the token ids it holds when given; returns
         the file's size in bytes. `kvshrink.load_cache(path, model)` reads it back."""
-        header = model_header(model) if model is not None else getattr(self, "model_header", None)
-        return saved.save(self, path, ids=ids, header=header)
+        return saved.save(self, path, self.file_header(model), ids)
 
 
 def _flat_tensors(obj) -> list[torch.Tensor]:

@@ -131,6 +131,16 @@ def read_safetensors(path: str, fmt: str, kind: str = "calibration file", what: 
     return tensors, meta
 
 
+def metadata_of(path: str) -> dict:
+    """A safetensors file's metadata; {} for a missing file or one that is not safetensors (read_safetensors says
+    which, in one line, where the file must be read)."""
+    try:
+        with safe_open(path, "pt") as fh:
+            return fh.metadata() or {}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
 def load_tensors(path: str, fmt: str, names, what: str) -> tuple[dict, dict]:
     """(tensors, header) of a calibration file written by `save_tensors`; also refuses one with other tensors."""
     tensors, meta = read_safetensors(path, fmt, what=what)

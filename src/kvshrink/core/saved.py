@@ -19,13 +19,12 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..codecs.base import Packed
 from ..codecs.jointcoded import StreamPacked
 from ..errors import KvshrinkError
-from .calibfile import check_header, read_safetensors
+from .calibfile import check_header, metadata_of, read_safetensors
 
 FORMAT = "kvshrink-stores-1"
 KIND = "cache file"
@@ -36,17 +35,6 @@ _CODED = ("window", "stage", "body")  # coded parts, or None (window: float16 wh
 def saveable(cache) -> bool:
     """Whether every layer of `cache` holds all its tokens in its stores (what this file can hold)."""
     return bool(cache.layers) and all(getattr(layer, "saved_by_stores", False) for layer in cache.layers)
-
-
-def _joined(store):
-    """The store's body as one part, without changing what the store holds (a fork's shared blocks stay shared)."""
-    parts = store.body_parts()
-    if not parts:
-        return None
-    body = parts[0]
-    for p in parts[1:]:
-        body = body.cat(p)
-    return body
 
 
 def _put(tensors: dict, prefix: str, part) -> dict | None:
@@ -106,11 +94,9 @@ def token_ids(cache, ids) -> dict:
     return {"ids": ids.reshape(1, -1).long()}
 
 
-def save(cache, path: str, model=None, ids=None, header: dict | None = None) -> int:
+def save(cache, path: str, header: dict, ids=None) -> int:
     """Write `cache` to `path` with the token ids it holds when given (so that a chat can continue from them);
-    header: the model's (calibfile.model_header). Returns the file's size in bytes."""
-    if header is None:
-        raise KvshrinkError("this cache was not built from a model: pass it, cache.save(path, model)")
+    header: the model's (KVCache.file_header). Returns the file's size in bytes."""
     if not cache.method:
         raise KvshrinkError("a cache built without a method (its class called directly) cannot be read back: build "
                             "it with kvshrink.from_method(name, model) to save it")
@@ -129,13 +115,13 @@ def save(cache, path: str, model=None, ids=None, header: dict | None = None) -> 
             for name in _DENSE:
                 if getattr(store, name) is not None:
                     tensors[p + name] = getattr(store, name)
-            parts = {"window": store.window, "stage": store.stage, "body": _joined(store)}
+            parts = {"window": store.window, "stage": store.stage, "body": store.joined()}
             stores.append({"codec": _words(store.codec), "stage_codec": _words(store.stage_codec),
                            "window_codec": _words(store.window_codec),
                            "parts": {name: _put(tensors, p + name, parts[name]) for name in _CODED}})
         layers.append({"dropped": layer.dropped, "kv_shape": list(layer.kv_shape), "dtype": str(layer.dtype),
                        "calibrated": digest(layer), "stores": stores})
-    cache_info = {"method": cache.method, "options": getattr(cache, "options", {})}
+    cache_info = {"method": cache.method, "options": cache.options}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
               metadata={"format": FORMAT, "header": json.dumps(header), "cache": json.dumps(cache_info),
@@ -152,12 +138,8 @@ def read(path: str, model) -> tuple[dict, dict, list]:
 
 
 def method_of(path: str) -> str | None:
-    """The method a cache file of this format was saved with; None for a file of another format."""
-    try:
-        with safe_open(path, "pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception:  # noqa: BLE001  (missing or not safetensors: read() says which, in one line)
-        return None
+    """The method a cache file of this format was saved with; None for a file of another format, or none."""
+    meta = metadata_of(path)
     return json.loads(meta["cache"])["method"] if meta.get("format") == FORMAT else None
 
 

@@ -143,16 +143,23 @@ class TokenStore:
         """The coded blocks as one body: frozen bodies, if any, are joined with the own one here, once
         (a copy the store then holds instead of sharing them)."""
         if self.shared:
-            self.settle()
-            joined = self.shared[0]
-            for p in self.shared[1:] + ((self.own,) if self.own is not None else ()):
-                joined = joined.cat(p)
-            self.shared, self.own = (), joined
+            self.shared, self.own = (), self.joined()
         return self.own
 
     @body.setter
     def body(self, packed: Packed | None) -> None:
         self.shared, self.own = (), packed
+
+    def joined(self) -> Packed | None:
+        """The body as one part, without changing what the store holds (a copy where it is in parts)."""
+        self.settle()
+        parts = self.body_parts()
+        if not parts:
+            return None
+        body = parts[0]
+        for p in parts[1:]:
+            body = body.cat(p)
+        return body
 
     def body_parts(self) -> list:
         """The body as the frozen bodies and the own one, oldest first (empty ones left out)."""

@@ -91,7 +91,6 @@ class KVCompCache(CompressedCache):
         self.entropy, self.drift, self.attend, self.splits = bool(entropy), float(drift), attend, splits
         for layer in self.layers:
             layer.fused, layer.splits = attend == "fused", splits
-        self.model_header = None  # set by `build`: cache.save(path) names the model
 
     def _describe(self) -> str:
         coder = "Huffman" if self.entropy else "fixed-width packed"
@@ -103,7 +102,7 @@ class KVCompCache(CompressedCache):
         """Write the coded cache to `path` (safetensors), with the token ids it holds when given;
         returns the file's size in bytes (io.py)."""
         self.settle()
-        return io.save(self, path, model, ids)
+        return io.save(self, path, self.file_header(model), ids)
 
     def coding_stats(self) -> dict:
         """Bits per symbol of the codes against the Shannon limit, keys and values over all layers."""
@@ -150,8 +149,7 @@ def build(config: KVCompConfig, model, method: str) -> KVCompCache:
                         value_block=config.value_block, sink=config.sink, window=config.window,
                         entropy=config.entropy, drift=config.drift, attend=config.attend, splits=config.splits,
                         background=config.background, method=method)
-    cache.model_header = model_header(model)  # for cache.save(path): the file names its model
-    return cache
+    return cache  # from_method records the model it names (cache.save)
 
 
 def prepare(config: KVCompConfig, model, tokenizer=None, corpus=None):

@@ -14,14 +14,12 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ...codecs.base import Packed
 from ...codecs.huffman import Table
-from ...core.calibfile import check_header, model_header, read_safetensors
+from ...core.calibfile import check_header, metadata_of, read_safetensors
 from ...core.saved import token_ids
-from ...errors import KvshrinkError
 from ...kernels.backend import kernels_on
 from .codec import EntropyPacked
 
@@ -32,12 +30,9 @@ _BODY = ("stream", "starts", "table_of", "mn", "step")
 _STATS = ("symbols", "payload_bits", "entropy_total")
 
 
-def save(cache, path: str, model=None, ids=None) -> int:
-    """Write `cache` (a settled KVCompCache) to `path`, with the token ids it holds when given (so a
-    chat can continue from them); returns the file's size in bytes."""
-    header = model_header(model) if model is not None else getattr(cache, "model_header", None)
-    if header is None:
-        raise KvshrinkError("this cache was not built from a model: pass it, cache.save(path, model)")
+def save(cache, path: str, header: dict, ids=None) -> int:
+    """Write `cache` (a settled KVCompCache) to `path`, with the model's header (KVCache.file_header) and the
+    token ids it holds when given (so a chat can continue from them); returns the file's size in bytes."""
     tensors, layers = token_ids(cache, ids), []
     for i, layer in enumerate(cache.layers):
         if not layer.is_initialized:
@@ -66,11 +61,7 @@ def save(cache, path: str, model=None, ids=None) -> int:
 def method_of(path: str) -> str | None:
     """The method a KVComp cache file was saved with (older files name none: KVComp's default); None for a file of
     another format or none at all."""
-    try:
-        with safe_open(path, "pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception:  # noqa: BLE001  (missing or not safetensors: read() says which, in one line)
-        return None
+    meta = metadata_of(path)
     if meta.get("format") != FORMAT:
         return None
     return json.loads(meta.get("settings", "{}")).get("method") or "kvcomp-eb0.1"

@@ -86,36 +86,32 @@ def _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m
     scratch."""
     nr, d = qb.shape
     kw = d // kgroups
-    trio = nr // 3 * 3 if kb > 1 else 0  # rows whose logits are formed three at a time
-    for kq in range((cnt + kb - 1) // kb if trio else 0):
-        blk = (t0 + kq * kb) // kb
-        nk = min(kb, cnt - kq * kb)
-        kt = ksym[kq * kb * d:]
-        for r in range(0, trio, 3):
-            la, lb, lc = lg[r, kq * kb:], lg[r + 1, kq * kb:], lg[r + 2, kq * kb:]
-            if axes:
-                axis_logits3(qt[r], qt[r + 1], qt[r + 2], kt, nk, kb, la, lb, lc)
-            elif qt.shape[0]:
-                turned_logits3(qt[r], qt[r + 1], qt[r + 2], kt, nk, la, lb, lc)
-            else:
-                channel_logits3(qb[r], qb[r + 1], qb[r + 2], kstep[blk], kmn[blk], kt, nk, qs3, la, lb, lc)
-    for r in range(trio, nr):
-        q1 = qb[r]
-        lr = lg[r]
-        if kb > 1:  # per-channel keys: one (step, min) row per block of kb tokens
-            for kq in range((cnt + kb - 1) // kb):
-                blk = (t0 + kq * kb) // kb
-                nk = min(kb, cnt - kq * kb)
-                if axes:
-                    axis_logits(qt[r], ksym[kq * kb * d:], nk, kb, lr[kq * kb:])  # keys formed (_span)
-                elif qt.shape[0]:
-                    turned_logits(qt[r], ksym[kq * kb * d:], nk, lr[kq * kb:])  # keys formed (_span)
+    trio = nr // 3 * 3
+    if kb > 1:  # per-channel keys: one (step, min) row per block of kb tokens
+        for kq in range((cnt + kb - 1) // kb):
+            blk, at = (t0 + kq * kb) // kb, kq * kb
+            nk = min(kb, cnt - at)
+            kt = ksym[at * d:]
+            for r in range(0, trio, 3):
+                la, lb, lc = lg[r, at:], lg[r + 1, at:], lg[r + 2, at:]
+                if axes:  # keys formed axis-major (_span)
+                    axis_logits3(qt[r], qt[r + 1], qt[r + 2], kt, nk, kb, la, lb, lc)
+                elif qt.shape[0]:  # keys formed (_span)
+                    turned_logits3(qt[r], qt[r + 1], qt[r + 2], kt, nk, la, lb, lc)
                 else:
-                    channel_logits(q1, kstep[blk], kmn[blk], ksym[kq * kb * d:], nk, qs, lr[kq * kb:])
-        else:  # per-token keys: step_g (q_g . code_g) + mn_g sum(q_g) per channel group
-            ks = kstep[t0:t0 + cnt]
-            km = kmn[t0:t0 + cnt]
-            qg = qsum[r]
+                    channel_logits3(qb[r], qb[r + 1], qb[r + 2], kstep[blk], kmn[blk], kt, nk, qs3, la, lb, lc)
+            for r in range(trio, nr):
+                if axes:
+                    axis_logits(qt[r], kt, nk, kb, lg[r, at:])
+                elif qt.shape[0]:
+                    turned_logits(qt[r], kt, nk, lg[r, at:])
+                else:
+                    channel_logits(qb[r], kstep[blk], kmn[blk], kt, nk, qs, lg[r, at:])
+    else:  # per-token keys: step_g (q_g . code_g) + mn_g sum(q_g) per channel group
+        ks = kstep[t0:t0 + cnt]
+        km = kmn[t0:t0 + cnt]
+        for r in range(nr):
+            q1, qg, lr = qb[r], qsum[r], lg[r]
             for i in range(cnt):
                 row = ksym[i * d:(i + 1) * d]
                 s = np.float32(0.0)
