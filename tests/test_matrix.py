@@ -44,6 +44,7 @@ CODED = "auto:budget=2:joint=true:entropy=true"
 OURS = [n for n in method_names("ours") if n not in BUDGET_VARIANTS] + [CODED]
 PROMPT, STEPS = 150, 6  # past one block of 128 (int, ZDC) and of 64/128 (KVComp keys/values)
 EVICT = tuple(n for n in OURS if n.startswith(("kvc-", "snapkv-")))
+MIXED = tuple(n for n in OURS if n.startswith("mix-"))
 SAVES = tuple(n for n in OURS if n.startswith("kvcomp-"))  # KVComp's own file; the rest but eviction: core/saved.py
 FUSED = tuple(n for n in OURS if not n.startswith("fp16"))  # every family with an attend=decode reference
 
@@ -55,6 +56,10 @@ EXPECTED = {
                       "other sequence's scores in the same call (checked instead: it runs and stays within budget)",
     ("reorder", EVICT): "paged per-head eviction refuses beam search (one line)",
     ("save", EVICT): "eviction caches keep pages and scores outside their token stores (refused in one line)",
+    ("crop", MIXED): "each KV head keeps other tokens in each precision class, so no cut below the float16 window "
+                     "is the same for every head (checked instead: refused in one line)",
+    ("save", MIXED): "the high class, the window and its scores are outside the token stores (refused in one line)",
+    ("kernel", MIXED): "no Triton kernel reads the high class: CUDA decodes, then attends (said once)",
     ("device", SAVES + tuple(n for n in OURS if n.startswith("rvq"))):
         "KVComp keeps its prefix-code tables on the host, where its numba encoder reads them, and RVQ its codebooks "
         "where the calibration file loaded them; each holds a copy on the device for the kernel (checked instead: "
@@ -194,6 +199,10 @@ def test_crop_then_continue_equals_a_fresh_prefill(model, name, cut):
     cropped = from_method(name, m)
     with torch.no_grad():
         m(ids, past_key_values=cropped, use_cache=True)
+    if expected("crop", name) and name in MIXED:
+        with pytest.raises(KvshrinkError, match="crops only within its float16 window"):
+            cropped.crop(-(ids.shape[1] - cut))
+        return
     cropped.crop(-(ids.shape[1] - cut))
     assert cropped.get_seq_length() == cut
     if expected("crop", name):
@@ -290,7 +299,8 @@ def test_reorder_cache_permutes_sequences_or_refuses(model, name):
 # one preset per layout where the others differ only in ratio or depth, which tests/test_triton.py's
 # kernel tests cover (every table kind, depths 1-3). KVComp is left to those kernel tests (its Triton
 # kernel against numba at every bound, with and without entropy codes): a minute here bought no more.
-TRITON_MATRIX = tuple(n for n in FUSED if not n.startswith(("kvcomp", "rvq", "kvc-", "snapkv-")) and n != CODED) + (
+# The mixed methods have no Triton kernel (EXPECTED's "kernel").
+TRITON_MATRIX = tuple(n for n in FUSED if not n.startswith(("kvcomp", "rvq", "kvc-", "snapkv-", "mix-")) and n != CODED) + (
     "kvc-8x", "snapkv-8x", "kvc-4x+int4", "kvc-8x+int4", "rvq-d2", "rvq-d4+window")
 
 

@@ -21,6 +21,7 @@ from .families.budget import cache as budget
 from .families.evict import cache as evict
 from .families.kvcomp import cache as kvcomp
 from .families.lowrank import cache as lowrank
+from .families.mixed import cache as mixed
 from .families.peers import cache as peers
 from .families.quant import cache as quant
 from .families.rvq import cache as rvq
@@ -28,7 +29,7 @@ from .registry import Method, get_method
 from .spec import spec_from_config
 
 FAMILIES = {"quant": quant, "lowrank": lowrank, "evict": evict, "rvq": rvq, "kvcomp": kvcomp, "budget": budget,
-            "peer": peers}
+            "mixed": mixed, "peer": peers}
 
 
 def _method(method: str | Method) -> Method:

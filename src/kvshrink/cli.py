@@ -255,8 +255,8 @@ def cmd_generate(args) -> None:
     if args.nproc is not None and args.nproc < 1:  # before the model loads (a split over 0 ranks has no meaning)
         raise KvshrinkError(f"--nproc must be at least 1, got {args.nproc}")
     if args.save_cache and not method.config.can_save:
-        raise KvshrinkError(f"{args.method} caches cannot be saved (eviction and peer caches keep tokens outside "
-                            "the stores a file holds); use an int, auto, zdc, rvq or kvcomp method")
+        raise KvshrinkError(f"{args.method} caches cannot be saved (eviction, importance-aware and peer caches keep "
+                            "tokens outside the stores a file holds); use an int, auto, zdc, rvq or kvcomp method")
     import torch
 
     from .api import from_method, load_cache, prepare, saved_method

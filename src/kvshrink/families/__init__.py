@@ -9,5 +9,6 @@ from .evict import config as evict  # noqa: F401
 from .rvq import config as rvq  # noqa: F401
 from .kvcomp import config as kvcomp  # noqa: F401
 from .budget import config as budget  # noqa: F401
+from .mixed import config as mixed  # noqa: F401
 from .peers import config as peers  # noqa: F401
 from ..registry import REGISTRY, get_method, method_names  # noqa: F401  (the registry, filled)

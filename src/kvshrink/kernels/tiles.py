@@ -465,6 +465,27 @@ def merge(pm, pl, pacc, out):
 
 
 @numba.njit(cache=True, fastmath=FAST)
+def log_sum(pm, pl, lse):
+    """Each row's log-sum-exp of logits over every partial (B, H, P, R) -> lse (B, H, R); -inf for a row that sees
+    nothing. A caller that scores tokens outside the kernel turns their logits into probabilities with it."""
+    nb_, nh, np_, nr = pm.shape
+    for b in range(nb_):
+        for h in range(nh):
+            for r in range(nr):
+                mx = -np.inf
+                for p in range(np_):
+                    mx = max(mx, pm[b, h, p, r])
+                if mx == -np.inf:
+                    lse[b, h, r] = -np.inf
+                    continue
+                den = 0.0
+                for p in range(np_):
+                    if pm[b, h, p, r] != -np.inf:
+                        den += math.exp(pm[b, h, p, r] - mx) * pl[b, h, p, r]
+                lse[b, h, r] = mx + math.log(den)
+
+
+@numba.njit(cache=True, fastmath=FAST)
 def rotate_back(a, rot, tmp):
     """a (d,) <- a @ rot.T: a value sum of a Hadamard-rotated codec back in the model's basis
     (sum p (x_r R^T) = (sum p x_r) R^T); tmp: scratch (d,)."""

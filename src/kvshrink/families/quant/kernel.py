@@ -57,6 +57,7 @@ from ...kernels.tiles import (
     form_axes,
     form_keys,
     half_to_float,
+    log_sum,
     merge,
     partial_buffers,
     rotate_back,
@@ -297,13 +298,14 @@ def _coded_span(qb, vis, n, kc, kp, kgroups, kbits, vc, vp, vgroups, vbits, vb, 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, vbits, vb, splits, vrot,
            cap, klut, vlut, vbook, kcls, kst, hsym, hlen, hn, kslot, soff, sqb, nstage, skc, skp, skgroups, skbits, svc,
-           svp, woff, wqb, nwin, wkc, wkp, wkgroups, wkbits, wvc, wvp, wvgroups, wvbits, wrot, nw, out):
+           svp, woff, wqb, nwin, wkc, wkp, wkgroups, wkbits, wvc, wvp, wvgroups, wvbits, wrot, nw, out, lse):
     """Body splits 0..splits-1, the dense tokens (split `splits`), the stage (split `splits` + 1): a
     block still filling, per-token codes read in place (its keys by sqb, the query in their basis, its
     values in the body values' codec), at vis[b, soff:]; and a coded recent window (split `splits` + 2):
     per-token codes of its own codec for keys and values (keys by wqb, values rotated back by wrot), at
     vis[b, woff:]. Partials merged in that order. nw: the workers the parts are shared by (tiles.workers).
-    Entropy-coded keys: kc one row (the stream), kst (B * H, blocks, classes) the offsets (_span)."""
+    Entropy-coded keys: kc one row (the stream), kst (B * H, blocks, classes) the offsets (_span). lse: (B, H, R) to
+    receive each row's log-sum-exp (families/mixed scores tokens with it), or empty."""
     nb_, nh, nr, d = q.shape
     parts = splits + _LIGHT
     pm, pl, pacc = partial_buffers(nb_, nh, parts, nr, d)
@@ -339,6 +341,8 @@ def _fused(q, qb, qt, vis, nbody, dk, dv, dvis, ndense, kc, kp, kb, kgroups, kbi
                   vlut, vbook, kcls, kst[bh % kst.shape[0]], hsym, hlen, hn, kslot, pm[b, h, sp], pl[b, h, sp],
                   pacc[b, h, sp])
     merge(pm, pl, pacc, out)
+    if lse.shape[0]:
+        log_sum(pm, pl, lse)
 
 
 def _operands(codec: IntQuant, packed: Packed):
@@ -411,13 +415,14 @@ def stage_supported(codec, head_dim: int) -> bool:
 def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dense_v: torch.Tensor,
                  dense_vis: torch.Tensor, keys: Packed, values: Packed, key_codec: IntQuant,
                  value_codec: IntQuant, tile: int, splits: int = 4, cap: float = 0.0, stage=None,
-                 window=None) -> torch.Tensor:
+                 window=None, lse: np.ndarray | None = None) -> torch.Tensor:
     """Decode attention in one call: q (B, H, R, d) float32 already scaled (rows in (group, token)
     order), vis (B, n) bool over the body's tokens (then the stage's), dense_k / dense_v (B, H, n_dense, d)
     float32 and dense_vis (B, t, n_dense) bool for the other tokens -> (B, H, R, d) float32. tile: tokens per
     kernel tile (the cache block: a multiple of the key groups); cap: the logits' soft-cap (0: none);
     stage: None or (keys, values, key codec) of a block still filling, per-token codes read in place; window: None
-    or (keys, values, codec) of a coded recent window after it, likewise (vis covers body, stage, then window)."""
+    or (keys, values, codec) of a coded recent window after it, likewise (vis covers body, stage, then window); lse:
+    None, or a (B, H, R) float32 array the kernel fills with each row's log-sum-exp."""
     b, h, r, d = q.shape
     n = keys.num_tokens
     splits = max(1, min(splits, -(-n // tile)))
@@ -435,7 +440,7 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
            dense_v.contiguous().numpy(), as_u8(dense_vis), ndense, kc, kp, ktg, kgroups, key_codec.bits, vc, vp,
            vgroups, value_codec.bits, tile, splits, vrot, np.float32(cap), *_luts(key_codec, value_codec),
            _classes(key_codec), *_streams(key_codec, _starts(key_codec, keys)), n, *staged, woff, *recent,
-           workers(b * h * (splits + _LIGHT)), out)
+           workers(b * h * (splits + _LIGHT)), out, _NO_LSE if lse is None else lse)
     return torch.from_numpy(out)
 
 
@@ -485,6 +490,7 @@ def _window_operands(q: torch.Tensor, windows: list, codec: IntQuant | None):
 
 
 _NO_ROTATION = np.empty((0, 0), dtype=np.float32)
+_NO_LSE = np.empty((0, 0, 0), dtype=np.float32)
 _NO_WINDOW = IntQuant(8, "token")
 _NO_LEVELS = np.empty(0, dtype=np.float32)
 
@@ -781,7 +787,7 @@ def fused_attend_many(q: torch.Tensor, dense_k: np.ndarray, dense_v: np.ndarray,
            dense_vis, dense_n, kc, kp, ktg, kgroups, one.key_codec.bits, vc, vp, vgroups,
            one.value_codec.bits, one.block, splits, vrot, np.float32(cap), *_luts(one.key_codec, one.value_codec),
            _classes(one.key_codec), *_streams(one.key_codec, kst), n_max, *staged, n_max + int(ns.max()), *recent,
-           workers(b * h * (splits + _LIGHT)), out)
+           workers(b * h * (splits + _LIGHT)), out, _NO_LSE)
     return torch.from_numpy(out)
 
 
@@ -807,6 +813,8 @@ class IntBody:
     block: int  # the cache block: the kernel's tile
     stage: tuple | None = None
     window: tuple | None = None
+    scored: bool = False  # keep each query row's log-sum-exp of the last `attend` in `lse` (families/mixed)
+    lse: torch.Tensor | None = None
     name = "int"
 
     @property
@@ -837,8 +845,11 @@ class IntBody:
                                     "into the dense tokens")
             return gpu.fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
                                     self.value_codec, splits, cap)
-        return fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
-                            self.value_codec, self.block, splits, cap, self.stage, self.window)
+        lse = np.empty(q.shape[:3], dtype=np.float32) if self.scored else None
+        out = fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
+                           self.value_codec, self.block, splits, cap, self.stage, self.window, lse)
+        self.lse = None if lse is None else torch.from_numpy(lse)
+        return out
 
     def batch_key(self) -> tuple:
         """Bodies with equal keys are read by one `attend_many` call (a stage's codec follows from the

@@ -1,0 +1,63 @@
+"""Options and presets of importance-aware integer codes (cache.py): `mix-int2`, `mix-int3`.
+
+Every token is kept, at one of two precisions: a share of each KV head's tokens, those that received the most
+attention while they were recent, keep `high`-bit per-token codes; the rest go to a KIVI `low`-bit body (keys per
+channel over `block` tokens, values per token), as MiKV and ZipCache keep tokens at mixed precision by importance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import KvshrinkError
+from ...registry import Config, Method, check_int, option, register
+
+SELECTS = ("attention", "random")
+ATTENDS = ("auto", "fused", "decode")
+
+
+@dataclass(frozen=True)
+class MixedConfig(Config):
+    """Two precision classes of tokens, chosen by the attention they receive in a float16 observation window."""
+
+    family = "mixed"
+    low: int = option(2, "bits of the body's codes (KIVI layout: keys per channel, values per token)", preset=True)
+    high: int = option(4, "bits of the important tokens' per-token codes (keys and values, Hadamard-rotated)")
+    share: float = option(0.1, "share of each KV head's tokens kept at `high` bits (0 to 1)")
+    select: str = option("attention", "how the important tokens are picked: attention (the mean attention a token "
+                                      "received from the queries after it while in the window) or random (an "
+                                      "ablation: the same share, picked by a seeded draw)", SELECTS)
+    window: int = option(16, "most recent tokens held in float16 while their attention is observed")
+    gather: int = option(16, "decode tokens that leave the window together (the important ones picked among them)")
+    observe: int = option(64, "the last query rows of a call whose attention scores the window (an observation "
+                              "window, as SnapKV's)")
+    sink: int = option(4, "first tokens kept in float16 (attention sinks)")
+    block: int = option(128, "tokens per coded block of the body (the key quantization group)")
+    rotate: bool = option(False, "randomized Hadamard rotation of the body's head vectors first", preset=True)
+    attend: str = option("auto", "decode steps: fused (compiled kernel reads both classes' codes), decode "
+                                 "(decode, then attend), auto (fused where the model uses the kvshrink attention)",
+                         ATTENDS)
+    splits: int = option(4, "parallel ranges of blocks per head in the fused kernel")
+
+    def check(self):
+        for name in ("low", "high"):
+            bits = getattr(self, name)
+            if not (isinstance(bits, int) and 1 <= bits <= 8):
+                raise KvshrinkError(f"impossible bit width {name}={bits!r}: integer codes have 1 to 8 bits")
+        if self.high <= self.low:
+            raise KvshrinkError(f"important tokens need more bits than the rest: high={self.high}, low={self.low}")
+        if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 <= self.share <= 1:
+            raise KvshrinkError(f"share must be a number from 0 to 1, got {self.share!r}")
+        check_int("window", self.window, 1)
+        check_int("gather", self.gather, 1)
+        check_int("observe", self.observe, 1)
+        check_int("sink", self.sink)
+        check_int("block", self.block, 1)
+        check_int("splits", self.splits, 1)
+
+
+register(Method("mix-int2", MixedConfig(low=2, high=4, rotate=True),
+                "importance-aware int: 10% of each head's tokens (most attended while recent) at 4 bits per token, "
+                "the rest int2-rot (KIVI); float16 sink 4 and window 16"))
+register(Method("mix-int3", MixedConfig(low=3, high=6, rotate=True),
+                "importance-aware int: 10% of each head's tokens at 6 bits per token, the rest int3-rot (KIVI)"))

@@ -1,0 +1,88 @@
+"""The attention of an importance-aware layer (cache.py): it attends and scores the float16 window's tokens.
+
+A decode step (a few tokens over a coded body) goes through the int kernel, which reads both classes' codes in place
+(the body and its stage, then the important tokens as per-token codes) and hands back each query row's log-sum-exp;
+the window's probabilities are then exp(logit - lse), exact. Longer calls (a prompt, a perplexity chunk) decode the
+history and attend with softmax in row blocks, so the probabilities come with the output. Either way the layer
+then adds what the call's last `observe` query rows gave each window token (`observe`) and lets the tokens past
+the window leave, each to its class (`commit`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...attention.logits import soft_cap
+from ...attention.masks import mask_bias
+
+ROWS = 256  # query tokens per block of the decoded attention: bounds its logits at a long prompt
+
+
+class MixedStates:
+    """split: SplitStates whose body the int kernel reads (a decode step), or None (decode everything, then attend).
+    keys / values: the whole history and this call's tokens, float32, in the layer's order (sink, body, stage,
+    important tokens, window), for the decoded path."""
+
+    def __init__(self, layer, split, t: int, keys=None, values=None):
+        self.layer, self.split, self.t = layer, split, t
+        self.keys, self.values = keys, values
+
+    def attend(self, module, query, mask, scaling=None, softcap=None):
+        b, hq, t, d = query.shape
+        h = self.layer.kv_shape[1]
+        scale = scaling if scaling is not None else d ** -0.5
+        n_win = self.layer.wk.shape[2]
+        if self.split is not None:
+            out, _ = self.split.attend(module, query, mask, scaling, softcap)
+            q = (query.float() * scale).reshape(b, h, -1, d)
+            s = soft_cap(q @ self.layer.wk.float().transpose(2, 3), softcap)
+            probs = torch.exp(s - self.split.body.lse[..., None])  # (B, H, g * t, n_win)
+            probs = probs.masked_fill(~_causal(t, n_win, query.device).repeat(hq // h, 1)[None, None], 0.0)
+        else:
+            out, probs = self._decoded(query, mask, scale, softcap, n_win)
+        rows = min(t, self.layer.observe)
+        probs = probs.view(b, h, hq // h, t, n_win)[:, :, :, t - rows:]
+        seen = _causal(t, n_win, query.device)[t - rows:].sum(0).to(torch.float32) * (hq // h)
+        self.layer.observed(probs.sum((2, 3)), seen, t)
+        return out, None
+
+    def observe_last(self, query: torch.Tensor, scale: float) -> None:
+        """Score the window by the given last query rows of this call (B, Hq, r, d), post-RoPE, as an uncompressed
+        prefill captured them (eval/needle.py), instead of attending: what `attend` would have observed."""
+        b, hq, r, d = query.shape
+        k = self.keys
+        h, n = k.shape[1], k.shape[2]
+        n_win = self.layer.wk.shape[2]
+        rows = min(r, self.layer.observe, self.t)
+        q = (query[:, :, r - rows:].float() * scale).view(b, h, hq // h, rows, d)
+        s = (q @ k[:, :, None].transpose(3, 4)).masked_fill(~_causal(rows, n, query.device), float("-inf"))
+        probs = torch.softmax(s, -1)[..., n - n_win:]
+        seen = _causal(rows, n_win, query.device).sum(0).to(torch.float32) * (hq // h)
+        self.layer.observed(probs.sum((2, 3)), seen, self.t)
+
+    def _decoded(self, query, mask, scale, softcap, n_win):
+        """Softmax attention over the decoded history in blocks of query rows -> (output (B, T, Hq, d), the window
+        tokens' probabilities (B, H, g * t, n_win))."""
+        b, hq, t, d = query.shape
+        k, v = self.keys, self.values
+        h, n = k.shape[1], k.shape[2]
+        g = hq // h
+        q = (query.float() * scale).view(b, h, g, t, d)
+        bias = mask_bias(mask, t, n, query.device)
+        out = torch.empty(b, h, g, t, d, device=query.device)
+        probs = torch.empty(b, h, g, t, n_win, device=query.device)
+        for r0 in range(0, t, ROWS):
+            r1 = min(t, r0 + ROWS)
+            s = soft_cap(q[:, :, :, r0:r1] @ k[:, :, None].transpose(3, 4), softcap)
+            if bias is not None:
+                s = s + bias[:, :, None, r0:r1, :n]
+            p = torch.softmax(s, -1).nan_to_num_(0.0)
+            out[:, :, :, r0:r1] = p @ v[:, :, None]
+            probs[:, :, :, r0:r1] = p[..., n - n_win:]
+        out = out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous()
+        return out, probs.view(b, h, g * t, n_win)
+
+
+def _causal(t: int, n: int, device) -> torch.Tensor:
+    """(t, n) bool: this call's t queries over the last n tokens, which end with the t new ones (causal)."""
+    return torch.ones(t, n, dtype=torch.bool, device=device).tril_(n - t)

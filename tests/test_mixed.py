@@ -1,0 +1,176 @@
+"""Importance-aware int (families/mixed): two precision classes of tokens, picked by attention.
+
+Properties:
+- the tokens a head attends to most go to the high class, in that head only, and nowhere else;
+- every head keeps exactly `share` of the tokens that left its window in the high class, through a prompt and
+  decode steps, and each class holds exactly its codes' bytes (the high class: per-token codes, no more);
+- the kernel's log-sum-exp gives the window the probabilities the decoded path computes, and its decode steps equal
+  the decoded path on the same codes, with both classes read in place;
+- what the layout cannot do refuses in one line.
+"""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from kvshrink import KvshrinkError, from_method, get_method, prepare
+from kvshrink.eval.needle import fill, prefill_states
+from kvshrink.families.mixed import cache as mixed
+
+D, H, G = 16, 2, 2  # head_dim, KV heads, query heads per KV head (the tiny model's)
+
+
+def _ids(n, seed=0):
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config):
+    torch.manual_seed(0)
+    return prepare(LlamaForCausalLM(copy.deepcopy(tiny_config)).eval(), "mix-int2")
+
+
+@torch.no_grad()
+def _steps(m, cache, ids, steps, seed=1):
+    out = [m(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+    for tok in _ids(steps, seed)[0]:
+        out.append(m(tok.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.cat(out)
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(40, 300), hot=st.data(), seed=st.integers(0, 1000))
+def test_the_most_attended_token_of_each_head_goes_high_there_only(model, n, hot, seed):
+    """One token per head gets nearly all of its head's attention (its key along the queries); after the call it
+    is in that head's high class, in no other head's, and in no low store."""
+    cache = from_method("mix-int2", model)
+    layer = cache.layers[0]
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(1, H, n, D, generator=gen) * 0.1, torch.randn(1, H, n, D, generator=gen)
+    direction = torch.nn.functional.normalize(torch.randn(H, D, generator=gen), dim=-1)
+    picked = [hot.draw(st.integers(4, n - 17)) for _ in range(H)]  # past the sink, leaving the window
+    for h, j in enumerate(picked):
+        keys[0, h, j] = 6 * direction[h]
+    states, _ = cache.update(keys, values, 0)
+    query = (direction.repeat_interleave(G, 0)[None, :, None] * 8).expand(1, H * G, n, D)
+    states.attend(None, query, None)
+    high = layer.high.decode(layer.hk)  # (1, H, share of the leaving tokens, D)
+    low = layer.k.decoded(torch.float32)
+    for h, j in enumerate(picked):
+        def near(x, key=keys[0, h, j]):
+            return ((x - key).norm(dim=-1) < 2.0).sum().item()  # the key has norm 6, every other one about 0.4
+
+        assert near(high[0, h]) == 1 and near(low[0, h]) == 0 and near(high[0, 1 - h]) == 0
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.37, 1.0])
+def test_each_head_keeps_its_share_high_and_every_class_its_bytes(model, share):
+    cache = from_method("mix-int2", model, share=share)
+    _steps(model, cache, _ids(230), steps=40)
+    high = cache.high
+    per_token = D * high.bits // 8 + 4  # codes and a float16 (minimum, step) pair
+    for layer in cache.layers:
+        assert layer.left == layer.held() - 4 - layer.wk.shape[2]  # all but sink and window left it
+        assert layer.promoted == layer.high_tokens() == round(share * layer.left)
+        assert 16 <= layer.wk.shape[2] < 32  # the window, and fewer than `gather` tokens waiting to leave
+        hi = sum(t.untyped_storage().nbytes() for p in (layer.hk, layer.hv) if p is not None
+                 for t in p.tensors.values())
+        assert hi == 2 * H * layer.promoted * per_token
+        window = 2 * H * layer.wk.shape[2] * D * 2 + 2 * H * layer.wk.shape[2] * 4  # float16 states, float32 scores
+        assert layer.nbytes() == layer.k.nbytes() + layer.v.nbytes() + hi + window
+    assert cache.class_shares() == [pytest.approx(round(share * la.left) / la.left) for la in cache.layers]
+
+
+def test_random_selection_keeps_the_bytes_and_picks_other_tokens(model):
+    ids = _ids(230, seed=3)
+    a, b = from_method("mix-int2", model), from_method("mix-int2:select=random", model)
+    _steps(model, a, ids, steps=4)
+    _steps(model, b, ids, steps=4)
+    assert a.nbytes() == b.nbytes()
+    assert not torch.equal(a.layers[1].hk.tensors["codes"], b.layers[1].hk.tensors["codes"])
+
+
+def test_kernel_decode_steps_equal_the_decoded_path_and_score_alike(model):
+    """On the same codes (a copy that decodes), decode steps give the same logits and the window the same
+    observed attention: the kernel's log-sum-exp turns the window's logits into the decoded path's probabilities."""
+    fused = from_method("mix-int2", model)
+    _steps(model, fused, _ids(300, seed=4), steps=0)
+    assert all(layer.k.body_tokens() and layer.hk is not None for layer in fused.layers)
+    ref = fused.decoding_copy()
+    more = _ids(20, seed=5)
+    got, want = _steps(model, fused, more[:, :1], 19, seed=5), _steps(model, ref, more[:, :1], 19, seed=5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for a, b in zip(fused.layers, ref.layers):
+        torch.testing.assert_close(a.importance(), b.importance(), rtol=1e-4, atol=1e-6)
+        assert a.promoted == b.promoted and torch.equal(a.hk.tensors["codes"], b.hk.tensors["codes"])
+
+
+def test_the_kernel_reads_both_classes_in_place(model, monkeypatch):
+    """A decode step over a coded body hands the int kernel the body, its stage and the high class; nothing of the
+    coded history is decoded."""
+    cache = from_method("mix-int2", model)
+    _steps(model, cache, _ids(300, seed=6), steps=0)
+    seen = []
+    real = mixed.SplitStates
+
+    def spy(before, body, after, **kw):
+        seen.append((body.body_tokens, body.stage[0].num_tokens if body.stage else 0, body.window[0].num_tokens,
+                     sum(x.shape[2] for x in after[0])))
+        return real(before, body, after, **kw)
+
+    monkeypatch.setattr(mixed, "SplitStates", spy)
+    monkeypatch.setattr(type(cache.layers[0].k.codec), "decode", lambda *a, **k: pytest.fail("decoded the body"))
+    _steps(model, cache, _ids(1, seed=7), steps=2)
+    layer = cache.layers[0]
+    assert len(seen) == 3 * len(cache.layers)
+    body, stage, high, dense = seen[-1]
+    assert (body, stage, high) == (layer.k.body_tokens(), layer.k.tokens_in(layer.k.stage), layer.high_tokens())
+    assert dense == layer.wk.shape[2]
+
+
+def test_what_the_layout_cannot_do_refuses_in_one_line(model, tiny_config):
+    cache = from_method("mix-int2", model)
+    _steps(model, cache, _ids(200), steps=0)
+    with pytest.raises(KvshrinkError, match="crops only within its float16 window"):
+        cache.crop(-30)
+    cache.crop(-3)  # within the window
+    assert cache.get_seq_length() == 197
+    for bad, what in (("mix-int2:high=2", "more bits"), ("mix-int2:share=1.5", "share"),
+                      ("mix-int2:high=9", "impossible bit width"), ("mix-int2:select=norm", "unknown select")):
+        with pytest.raises(KvshrinkError, match=what):
+            get_method(bad)
+    plain = LlamaForCausalLM(copy.deepcopy(tiny_config)).eval()
+    with pytest.raises(KvshrinkError, match="kvshrink.prepare"):
+        from_method("mix-int2", plain)
+    sliding = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64)
+    m = prepare(MistralForCausalLM(sliding).eval(), "mix-int2")
+    with pytest.raises(KvshrinkError, match="no sliding-window layers"):
+        from_method("mix-int2", m)
+
+
+def test_a_fill_from_captured_queries_picks_what_a_prefill_through_the_cache_picks(model):
+    """The needle bench fills caches from one uncompressed prefill and its last queries (eval/needle.py); the
+    importance-aware cache scores its window from them exactly as its own prefill would."""
+    ids = _ids(260, seed=8)
+    through, filled = from_method("mix-int2", model), from_method("mix-int2", model)
+    with torch.no_grad():
+        model(ids, past_key_values=through, use_cache=True)
+    fill(filled, prefill_states(model, ids))
+    for a, b in zip(through.layers, filled.layers):
+        assert a.promoted == b.promoted > 0
+        torch.testing.assert_close(a.high.decode(a.hk), b.high.decode(b.hk), rtol=0, atol=1e-2)
+
+
+def test_attention_picks_hold_more_of_the_observed_attention_than_random_ones(model):
+    ids = _ids(400, seed=9)
+    a, b = from_method("mix-int2", model), from_method("mix-int2:select=random", model)
+    for c in (a, b):
+        with torch.no_grad():
+            model(ids, past_key_values=c, use_cache=True)
+    for picked, drawn, share in zip(a.high_mass(), b.high_mass(), a.class_shares()):
+        assert picked > max(drawn, share) and 0 < drawn < 1
