@@ -15,7 +15,7 @@ import kvshrink
 from kvshrink.corpus import load_corpus_ids, segments
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 SEGMENTS, LENGTH, CHUNK = 2, 2048, 64
 

@@ -435,6 +435,15 @@ def dense_split(q, keys, values, vis, cap, pm, pl, pacc):
 
 
 @numba.njit(cache=True, fastmath=FAST)
+def _row_max(pm, b, h, r):
+    """The largest logit of row r over every partial (-inf where the row sees nothing)."""
+    mx = -np.inf
+    for p in range(pm.shape[2]):
+        mx = max(mx, pm[b, h, p, r])
+    return mx
+
+
+@numba.njit(cache=True, fastmath=FAST)
 def merge(pm, pl, pacc, out):
     """Log-sum-exp merge of partials (B, H, P, R), (B, H, P, R), (B, H, P, R, d) into out (B, H, R, d);
     a row that sees nothing (left padding) gets zeros."""
@@ -443,9 +452,7 @@ def merge(pm, pl, pacc, out):
     for b in range(nb_):
         for h in range(nh):
             for r in range(nr):
-                mx = -np.inf
-                for p in range(np_):
-                    mx = max(mx, pm[b, h, p, r])
+                mx = _row_max(pm, b, h, r)
                 o = out[b, h, r]
                 o[:] = 0.0
                 if mx == -np.inf:
@@ -472,9 +479,7 @@ def log_sum(pm, pl, lse):
     for b in range(nb_):
         for h in range(nh):
             for r in range(nr):
-                mx = -np.inf
-                for p in range(np_):
-                    mx = max(mx, pm[b, h, p, r])
+                mx = _row_max(pm, b, h, r)
                 if mx == -np.inf:
                     lse[b, h, r] = -np.inf
                     continue
