@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from ...errors import KvshrinkError
 from ...registry import Config, Method, check_int, option, register
+from ..quant.config import ATTENDS
 
 SELECTS = ("attention", "random")
-ATTENDS = ("auto", "fused", "decode")
 
 
 @dataclass(frozen=True)

@@ -32,17 +32,19 @@ class MixedStates:
         h = self.layer.kv_shape[1]
         scale = scaling if scaling is not None else d ** -0.5
         n_win = self.layer.wk.shape[2]
+        causal = _causal(t, n_win, query.device)
         if self.split is not None:
             out, _ = self.split.attend(module, query, mask, scaling, softcap)
             q = (query.float() * scale).reshape(b, h, -1, d)
             s = soft_cap(q @ self.layer.wk.float().transpose(2, 3), softcap)
             probs = torch.exp(s - self.split.body.lse[..., None])  # (B, H, g * t, n_win)
-            probs = probs.masked_fill(~_causal(t, n_win, query.device).repeat(hq // h, 1)[None, None], 0.0)
+            if t > 1:  # a single decode token sees the whole window
+                probs = probs.masked_fill(~causal.repeat(hq // h, 1)[None, None], 0.0)
         else:
             out, probs = self._decoded(query, mask, scale, softcap, n_win)
         rows = min(t, self.layer.observe)
         probs = probs.view(b, h, hq // h, t, n_win)[:, :, :, t - rows:]
-        seen = _causal(t, n_win, query.device)[t - rows:].sum(0).to(torch.float32) * (hq // h)
+        seen = causal[t - rows:].sum(0).to(torch.float32) * (hq // h)
         self.layer.observed(probs.sum((2, 3)), seen, t)
         return out, None
 
