@@ -10,6 +10,7 @@ Properties:
 """
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from kvshrink import KvshrinkError, from_method, get_method, prepare
 from kvshrink.eval.needle import fill, prefill_states
+from kvshrink.families.mixed import allocate
 from kvshrink.families.mixed import cache as mixed
 
 D, H, G = 16, 2, 2  # head_dim, KV heads, query heads per KV head (the tiny model's)
@@ -67,6 +69,51 @@ def test_the_most_attended_token_of_each_head_goes_high_there_only(model, n, hot
         assert near(high[0, h]) == 1 and near(low[0, h]) == 0 and near(high[0, 1 - h]) == 0
 
 
+def _hot(layer, keys):
+    """Per head, which of the given hot keys (H, n, D; norm 6, 4 apart, every other key about 0.4) the high class and
+    the low stores hold: (high, low) lists of index sets."""
+    high = layer.high.decode(layer.hk) if layer.hk is not None else torch.zeros(1, H, 0, D)
+    low = layer.k.decoded(torch.float32)
+    where = []
+    for held in (high, low):
+        near = (held[0, :, None] - keys[:, :, None]).norm(dim=-1) < 1.5  # (H, n hot, held)
+        where.append([set(near[h].any(-1).nonzero()[:, 0].tolist()) for h in range(H)])
+    return where
+
+
+@pytest.mark.parametrize("demote", [True, False])
+def test_demotion_recodes_faded_tokens_down_and_never_back_up(model, demote):
+    """A prompt's attention picks 8 hot tokens per head; later calls of 16 tokens attend only to their 3 new hot tokens
+    along another direction. With demotion, the faded ones leave the high class for the body, one way: a hot token once in the body
+    never returns, and every hot token is in exactly one class. Without it, the first picks stay."""
+    cache = from_method(f"mix-int2:demote={int(demote)}:memory=16", model)
+    layer, gen = cache.layers[0], torch.Generator().manual_seed(5)
+    first, later = torch.nn.functional.normalize(torch.randn(2, D, generator=gen), dim=-1)
+    n, calls = 100, 12
+    keys, values = torch.randn(1, H, n, D, generator=gen) * 0.1, torch.randn(1, H, n, D, generator=gen)
+    spots = torch.arange(10, 74, 8)  # 8 hot tokens per head, all leaving the window: share 0.1 of 84 keeps 8
+    keys[0, :, spots] = 6 * torch.nn.functional.normalize(first + 0.6 * torch.randn(H, 8, D, generator=gen), dim=-1)
+    hot = keys[0, :, spots]
+    states, _ = cache.update(keys, values, 0)
+    states.attend(None, (first * 8).expand(1, H * G, n, D), None)
+    high, low = _hot(layer, hot)
+    assert all(len(high[h]) == 8 and not low[h] for h in range(H))
+    in_body = [set() for _ in range(H)]
+    for _ in range(calls):
+        k, v = torch.randn(1, H, 16, D, generator=gen) * 0.1, torch.randn(1, H, 16, D, generator=gen)
+        k[0, :, 3:12:4] = 6 * later  # 3 new hot tokens per call, more than the quota grows by, found by the queries
+        states, _ = cache.update(k, v, 0)
+        states.attend(None, (later * 8).expand(1, H * G, 16, D), None)
+        high, low = _hot(layer, hot)
+        for h in range(H):
+            assert not high[h] & low[h] and high[h] | low[h] == set(range(8))  # each in one class, none lost
+            assert not in_body[h] & high[h]  # never re-coded up
+            in_body[h] |= low[h]
+    demoted = sum(len(b) for b in in_body)
+    assert (demoted > 0) == demote and layer.high_tokens() == round(0.1 * layer.left)
+    assert cache.demotions()[0] >= demoted / H  # the later hot tokens fade too
+
+
 @pytest.mark.parametrize("share", [0.0, 0.1, 0.37, 1.0])
 def test_each_head_keeps_its_share_high_and_every_class_its_bytes(model, share):
     cache = from_method("mix-int2", model, share=share)
@@ -75,13 +122,14 @@ def test_each_head_keeps_its_share_high_and_every_class_its_bytes(model, share):
     per_token = D * high.bits // 8 + 4  # codes and a float16 (minimum, step) pair
     for layer in cache.layers:
         assert layer.left == layer.held() - 4 - layer.wk.shape[2]  # all but sink and window left it
-        assert layer.promoted == layer.high_tokens() == round(share * layer.left)
+        assert layer.high_tokens() == round(share * layer.left)
         assert 16 <= layer.wk.shape[2] < 32  # the window, and fewer than `gather` tokens waiting to leave
         hi = sum(t.untyped_storage().nbytes() for p in (layer.hk, layer.hv) if p is not None
                  for t in p.tensors.values())
-        assert hi == 2 * H * layer.promoted * per_token
+        assert hi == 2 * H * layer.high_tokens() * per_token
         window = 2 * H * layer.wk.shape[2] * D * 2 + 2 * H * layer.wk.shape[2] * 4  # float16 states, float32 scores
-        assert layer.nbytes() == layer.k.nbytes() + layer.v.nbytes() + hi + window
+        scores = H * layer.high_tokens() * 4  # the high tokens' float32 moving averages (demotion)
+        assert layer.nbytes() == layer.k.nbytes() + layer.v.nbytes() + hi + window + scores
     assert cache.class_shares() == [pytest.approx(round(share * la.left) / la.left) for la in cache.layers]
 
 
@@ -106,13 +154,15 @@ def test_kernel_decode_steps_equal_the_decoded_path_and_score_alike(model):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for a, b in zip(fused.layers, ref.layers):
         torch.testing.assert_close(a.importance(), b.importance(), rtol=1e-4, atol=1e-6)
-        assert a.promoted == b.promoted and torch.equal(a.hk.tensors["codes"], b.hk.tensors["codes"])
+        torch.testing.assert_close(a.hscore, b.hscore, rtol=1e-4, atol=1e-6)  # the high class re-scored alike
+        assert torch.equal(a.hk.tensors["codes"], b.hk.tensors["codes"])
 
 
-def test_the_kernel_reads_both_classes_in_place(model, monkeypatch):
+@pytest.mark.parametrize("demote", [True, False])
+def test_the_kernel_reads_both_classes_in_place(model, monkeypatch, demote):
     """A decode step over a coded body hands the int kernel the body, its stage and the high class; nothing of the
-    coded history is decoded."""
-    cache = from_method("mix-int2", model)
+    coded history is decoded but, with demotion, the high class's keys (for their scores)."""
+    cache = from_method(f"mix-int2:demote={int(demote)}", model)
     _steps(model, cache, _ids(300, seed=6), steps=0)
     seen = []
     real = mixed.SplitStates
@@ -123,8 +173,17 @@ def test_the_kernel_reads_both_classes_in_place(model, monkeypatch):
         return real(before, body, after, **kw)
 
     monkeypatch.setattr(mixed, "SplitStates", spy)
-    monkeypatch.setattr(type(cache.layers[0].k.codec), "decode", lambda *a, **k: pytest.fail("decoded the body"))
+    decoded, real_decode = [], type(cache.layers[0].k.codec).decode
+
+    def decode(codec, packed, *a, **k):
+        if not (demote and any(packed is layer.hk for layer in cache.layers)):
+            pytest.fail("decoded the coded history")
+        decoded.append(packed)
+        return real_decode(codec, packed, *a, **k)
+
+    monkeypatch.setattr(type(cache.layers[0].k.codec), "decode", decode)
     _steps(model, cache, _ids(1, seed=7), steps=2)
+    assert len(decoded) == (3 * len(cache.layers) if demote else 0)
     layer = cache.layers[0]
     assert len(seen) == 3 * len(cache.layers)
     body, stage, high, dense = seen[-1]
@@ -162,7 +221,7 @@ def test_a_fill_from_captured_queries_picks_what_a_prefill_through_the_cache_pic
         model(ids, past_key_values=through, use_cache=True)
     fill(filled, prefill_states(model, ids))
     for a, b in zip(through.layers, filled.layers):
-        assert a.promoted == b.promoted > 0
+        assert a.high_tokens() == b.high_tokens() > 0
         torch.testing.assert_close(a.high.decode(a.hk), b.high.decode(b.hk), rtol=0, atol=1e-2)
 
 
@@ -174,3 +233,38 @@ def test_attention_picks_hold_more_of_the_observed_attention_than_random_ones(mo
             model(ids, past_key_values=c, use_cache=True)
     for picked, drawn, share in zip(a.high_mass(), b.high_mass(), a.class_shares()):
         assert picked > max(drawn, share) and 0 < drawn < 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(proxy=st.lists(st.floats(0, 1), min_size=15, max_size=15), share=st.sampled_from([0.0, 0.05, 0.1, 0.2, 0.4]))
+def test_allocated_shares_are_the_least_loss_with_no_more_high_tokens(proxy, share):
+    """The one-budget knapsack over (layer, share) against every combination of 3 layers' shares."""
+    calib = allocate.ShareCalibration(torch.tensor(proxy, dtype=torch.float64).view(3, 5),
+                                      {"shares": list(allocate.SHARES)})
+    got = allocate.choose(calib, share)
+    table = calib.proxy.numpy()
+    best = min(sum(table[i, j] for i, j in enumerate(js)) for js in itertools.product(range(5), repeat=3)
+               if sum(allocate.SHARES[j] for j in js) <= 3 * share + 1e-9)
+    assert sum(got) <= 3 * share + 1e-9
+    assert sum(table[i, allocate.SHARES.index(s)] for i, s in enumerate(got)) == pytest.approx(best)
+
+
+def test_a_share_calibration_measures_every_layer_and_the_cache_keeps_each_layers_share(model, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.setenv("KVSHRINK_CALIB_DIR", str(tmp_path))
+    monkeypatch.setattr(mixed, "_CALIBS", type(mixed._CALIBS)())
+    name = "mix-int2:shares=allocated:block=32"
+    with pytest.raises(KvshrinkError, match="need a share calibration"):
+        from_method(name, model)
+    calib = allocate.calibrate(model, _ids(300, seed=11), 2, 4, 32, True, data={"test": True})
+    proxy = calib.proxy
+    assert proxy.shape == (2, len(allocate.SHARES)) and bool((proxy >= 0).all())
+    assert bool((proxy[:, -1] < proxy[:, 0]).all())  # 40% of the tokens at 4 bits lose less than none
+    calib.save(allocate.default_path(model, calib.header["data"], 2, 4, 32, True))
+    cache = from_method(name, model)
+    assert cache.layer_shares == allocate.choose(calib, 0.1) and sum(cache.layer_shares) <= 0.2 + 1e-9
+    _steps(model, cache, _ids(230), steps=20)
+    for layer, share in zip(cache.layers, cache.layer_shares):
+        assert layer.high_tokens() == round(share * layer.left)
+    with pytest.raises(KvshrinkError, match="low/high bits and block"):
+        calib.check(model, 3, 6, 32)

@@ -153,10 +153,12 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     finally:
         evaluating(cfg.corpus, 0)
     makers = {n: (lambda m=m, n=n: from_method(m, models[n])) for n, m in methods.items()}
-    caches = {}
+    caches, shares = {}, {}
     for n, make in makers.items():  # refuse bad method options now, not after an hour of other methods
         cache = make()
         caches[n] = cache.describe() if hasattr(cache, "describe") else type(cache).__name__  # peers: theirs
+        if getattr(cache, "layer_shares", None) is not None:  # importance-aware caches: their high class per layer
+            shares[n] = cache.layer_shares
         if methods[n].config.calibrated:
             log(f"{n}: {caches[n]}")
     # the reference as transformers builds it for this model: sliding layers keep their window
@@ -166,8 +168,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         "model": cfg.model or "SmolLM2-135M-Instruct (bundled, Q4_1 GGUF dequantized to float32)",
         "spec": asdict(spec),
         "config": asdict(cfg),
-        "methods": {n: {"description": m.description, "family": m.family, "cache": caches[n]}
-                    for n, m in methods.items()},
+        "methods": {n: {"description": m.description, "family": m.family, "cache": caches[n],
+                        **({"layer_shares": shares[n]} if n in shares else {})} for n, m in methods.items()},
         "machine": _machine(device),
     }
     with _progress() as bar:
@@ -381,6 +383,24 @@ def write_outputs(res: dict, out: str) -> None:
         fh.write("\n".join(md))
     if "quality" in res:
         plot(res, os.path.join(out, "ratio_vs_ppl.png"))
+    if any("layer_shares" in m for m in res.get("methods", {}).values()):
+        share_plot(res, os.path.join(out, "layer_shares.png"))
+
+
+def share_plot(res: dict, path: str) -> None:
+    """Importance-aware caches (families/mixed): the share of each layer's coded tokens kept in the high class."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, m in res["methods"].items():
+        if "layer_shares" in m:
+            ax.plot(range(len(m["layer_shares"])), [100 * s for s in m["layer_shares"]], marker="o", label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("tokens in the high class (%)")
+    ax.set_title("Share of important tokens per layer (FDC: more in deeper layers)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot(res: dict, path: str) -> None:

@@ -79,6 +79,13 @@ class Packed:
         # clone: a view would keep the dropped blocks' storage alive
         return self._map(lambda v: v[:, :, start:stop].clone())
 
+    def take(self, index: torch.Tensor) -> "Packed":
+        """The blocks at index (batch, kv_heads, n), which differ per head: one token each for per-token codes."""
+        def gather(v):
+            at = index.to(v.device).view(*index.shape, *([1] * (v.dim() - 3)))
+            return v.gather(2, at.expand(*index.shape, *v.shape[3:]))
+        return self._map(gather)
+
     def select_batch(self, index: torch.Tensor) -> "Packed":
         return self._map(lambda v: v.index_select(0, index.to(v.device)))
 

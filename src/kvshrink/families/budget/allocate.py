@@ -246,23 +246,24 @@ def calibrate(model, ids: torch.Tensor, data: dict | None = None, sink: int = 4,
     return BudgetCalibration(kl_k, kl_v, bk, bv, header)
 
 
-def allocate(costs: list, budget: float) -> tuple[list, float]:
+def allocate(costs: list, budget: float, cells: int = CELLS) -> tuple[list, float]:
     """Multiple-choice knapsack: for items of (proxy, bytes) arrays (one entry per choice), one choice
-    each minimizing the summed proxy with summed bytes <= budget (sizes rounded up to budget / CELLS,
-    so the result always fits). Returns (choices, summed proxy); raises if nothing fits."""
-    unit = budget / CELLS
-    best = np.full(CELLS + 1, np.inf)
+    each minimizing the summed proxy with summed bytes <= budget (sizes rounded up to budget / cells,
+    so the result always fits; sizes in whole units with cells = budget are exact). Returns (choices, summed
+    proxy); raises if nothing fits."""
+    unit = budget / cells
+    best = np.full(cells + 1, np.inf)
     best[0] = 0.0
     picks, sizes = [], []
     for proxy, nbytes in costs:
         size = np.ceil(np.asarray(nbytes, dtype=np.float64) / unit - 1e-9).astype(np.int64)
-        nxt = np.full(CELLS + 1, np.inf)
-        arg = np.full(CELLS + 1, -1, dtype=np.int64)
+        nxt = np.full(cells + 1, np.inf)
+        arg = np.full(cells + 1, -1, dtype=np.int64)
         for j, (p, s) in enumerate(zip(np.asarray(proxy, dtype=np.float64), size)):
-            if not np.isfinite(p) or s > CELLS:
+            if not np.isfinite(p) or s > cells:
                 continue
-            cand = np.full(CELLS + 1, np.inf)
-            cand[s:] = best[:CELLS + 1 - s] + p
+            cand = np.full(cells + 1, np.inf)
+            cand[s:] = best[:cells + 1 - s] + p
             better = cand < nxt
             nxt[better], arg[better] = cand[better], j
         best = nxt
@@ -456,7 +457,7 @@ def load_or_calibrate_vector(model, tokenizer, budget_path: str, corpus: str | N
                             "vector value calibration", log)
 
 
-def _with_progress(label: str, total: int, run):
+def with_progress(label: str, total: int, run):
     """run(advance) under a progress bar of `total` forward passes."""
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task("", total=total)
@@ -466,14 +467,14 @@ def _with_progress(label: str, total: int, run):
 def measure_vector(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128):
     """vector.calibrate with a progress bar over its forward passes."""
     total = spec_from_config(model.config).num_layers * len(vector.CHOICES)
-    return _with_progress("vector value calibration", total,
+    return with_progress("vector value calibration", total,
                           lambda advance: vector.calibrate(model, ids, data, sink, block, progress=advance))
 
 
 def measure_joint(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128):
     """joint.calibrate with a progress bar over its forward passes."""
     total = spec_from_config(model.config).num_layers * len(joint.CHOICES)
-    return _with_progress("joint key calibration", total,
+    return with_progress("joint key calibration", total,
                           lambda advance: joint.calibrate(model, ids, data, sink, block, progress=advance))
 
 
@@ -482,5 +483,5 @@ def measure(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 12
     spec = spec_from_config(model.config)
     per_layer = (sum(fits(c, block) and (bool(spec.rope) or not c[4]) for c in MEASURED_KEYS)
                  + sum(fits(c, spec.head_dim) for c in MEASURED_VALUES))
-    return _with_progress("auto calibration", spec.num_layers * per_layer,
+    return with_progress("auto calibration", spec.num_layers * per_layer,
                           lambda advance: calibrate(model, ids, data, sink, block, advance))

@@ -18,20 +18,29 @@ sliding layer frees its oldest blocks by position); both refuse in one line.
 
 from __future__ import annotations
 
+import math
+import os
+import sys
+import weakref
+
 import torch
 
 from ...attention.function import require_kvshrink_attention, use_kvshrink_attention
 from ...attention.split import SplitStates
 from ...codecs.quant import IntQuant
+from ...core.calibfile import calibration_ids
 from ...core.layer import FUSED_QUERIES
 from ...core.store import half_checked
 from ...errors import KvshrinkError
+from ...spec import spec_from_config
+from ..budget.allocate import calibration_shape, with_progress
 from ..quant.cache import CompressedCache, CompressedLayer
 from ..quant.kernel import IntBody, stage_supported
+from . import allocate
 from .config import MixedConfig
 from .states import MixedStates
 
-HIGH_SEED = 4  # the high class's rotation, apart from the body's (1, 2) and the stage's (3)
+_CALIBS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {widths: share calibration}
 
 
 class Mass:
@@ -51,19 +60,23 @@ class Mass:
 
 class MixedLayer(CompressedLayer):
     """One layer: `k` / `v` the low class (sink and body; no window of their own), `hk` / `hv` the high class,
-    `wk` / `wv` the float16 window with each token's observed attention (`wsum` over `wseen` query rows)."""
+    `wk` / `wv` the float16 window with each token's observed attention (`wsum` over `wseen` query rows), `hscore`
+    each high token's recent attention (a moving average over `memory` query rows; with random picks, its draw)."""
 
     layout = "importance-aware int"
     gpu_kernel = False  # the Triton kernel reads no coded window: CUDA decodes, then attends (said once)
     gather = None  # the low stores take whole runs of tokens, coded at once (no float16 decode tokens)
     saved_by_stores = False  # the high class and the window are outside the stores
 
-    def setup(self, high: IntQuant, share: float, select: str, window: int, gather: int, observe: int, seed: int):
-        self.high, self.share, self.select = high, share, select
-        self.window_size, self.leave_gather, self.observe = window, gather, observe
+    def setup(self, high: IntQuant, mixed: MixedConfig, share: float, seed: int):
+        self.high, self.share, self.select = high, share, mixed.select
+        self.window_size, self.leave_gather, self.observe = mixed.window, mixed.gather, mixed.observe
+        # random picks keep their draws as scores, so demotion stays random too
+        self.demote, self.memory, self.rescore = mixed.demote, mixed.memory, mixed.demote and mixed.select != "random"
         self.seed = seed
-        self.hk = self.hv = None
-        self.left = self.promoted = 0  # tokens that left the window, and how many of them went high
+        self.hk = self.hv = self.hscore = None
+        self.left = 0  # tokens that left the window
+        self.demoted = 0.0  # tokens re-coded down from the high class, per head (the mean over heads)
         self.mass = Mass()  # the observed attention of the tokens that went high, and of all that left
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -118,11 +131,16 @@ class MixedLayer(CompressedLayer):
         return super()._readable() and self.body_reads_stage
 
     # --- importance ---------------------------------------------------------------
-    def observed(self, probs: torch.Tensor, seen: torch.Tensor, t: int) -> None:
+    def observed(self, probs: torch.Tensor, seen: torch.Tensor, t: int, high: torch.Tensor | None = None,
+                 rows: int = 0) -> None:
         """probs (B, H, n_win): the attention the observed rows of a call of t tokens gave each window token; seen
-        (n_win,) how many rows could see it. Then the tokens past the window leave."""
+        (n_win,) how many rows could see it; high (B, H, n_high): the mean attention per row the high tokens got from
+        the same `rows` rows (where they are re-ranked). Then the tokens past the window leave."""
         self.wsum += probs
         self.wseen += seen
+        if high is not None and self.hscore is not None:
+            kept = math.exp(-rows / self.memory)
+            self.hscore.mul_(kept).add_(high, alpha=1.0 - kept)
         self.commit(long=t > FUSED_QUERIES)
 
     def importance(self) -> torch.Tensor:
@@ -130,32 +148,44 @@ class MixedLayer(CompressedLayer):
         return self.wsum / self.wseen.clamp_min(1.0)
 
     def commit(self, long: bool = False) -> None:
-        """Tokens past the window leave (a decode step's only once `gather` of them wait): each head's quota of
-        them goes to the high class, most attended first, the rest to the body in their order."""
+        """Tokens past the window leave (a decode step's only once `gather` of them wait). A running quota keeps
+        round(share * left) high tokens per head: the most attended of the high tokens held and the leaving ones
+        (the held ones always, without demotion). Those not kept go to the body: leaving tokens from float16, demoted
+        ones from their high-bit codes (re-coded down, never up)."""
         out = self.wk.shape[2] - self.window_size
         if out <= 0 or (not long and out < self.leave_gather):
             return
         b, h, _, d = self.wk.shape
-        quota = min(out, max(0, round(self.share * (self.left + out)) - self.promoted))
-        high = torch.zeros(b, h, out, dtype=torch.bool, device=self.wk.device)
+        held = self.high_tokens()
+        keep = min(held + out, max(held, round(self.share * (self.left + out))))
         score = self.importance()[..., :out]
-        if quota:
-            drawn = self.select == "random"
-            rank = torch.rand(score.shape, generator=self.draws).to(score.device) if drawn else score
-            high.scatter_(2, rank.topk(quota, dim=2).indices, True)
-        self.mass += (float(score[high].sum()), float(score.sum()))
-        for name, store in (("hk", self.k), ("hv", self.v)):
-            leaving = (self.wk if name == "hk" else self.wv)[:, :, :out]
-            if quota:
-                codes = self.high.encode(leaving[high].view(b, h, quota, d).float(), 1)
-                held = getattr(self, name)
-                setattr(self, name, codes if held is None else held.cat(codes))
-            if out > quota:
-                store.append(leaving[~high].view(b, h, out - quota, d), checked=True)
+        if self.select == "random":
+            rank = torch.rand(score.shape, generator=self.draws).to(score.device)
+        else:
+            rank = score
+        if held:
+            ranked = self.hscore if self.demote else rank.new_full((b, h, held), float("inf"))
+            rank = torch.cat([ranked, rank], 2)
+        chosen = torch.zeros(b, h, held + out, dtype=torch.bool, device=rank.device)
+        if keep:
+            chosen.scatter_(2, rank.topk(keep, dim=2).indices, True)
+        picked = chosen.nonzero()[:, 2].view(b, h, keep)  # row-major: each head's picks in order, held first
+        rest = (~chosen).nonzero()[:, 2].view(b, h, held + out - keep)
+        self.mass += (float(score[chosen[..., held:]].sum()), float(score.sum()))
+        self.demoted += float((~chosen[..., :held]).sum()) / (b * h)
+        self.hscore = rank.gather(2, picked) if keep and self.demote else None
+        for name, store, win in (("hk", self.k, self.wk), ("hv", self.v, self.wv)):
+            leaving = win[:, :, :out]
+            mine = getattr(self, name)
+            if keep:  # every leaving token coded at high bits, then each head's picks taken from all candidates
+                codes = self.high.encode(leaving.float(), 1)
+                setattr(self, name, (codes if mine is None else mine.cat(codes)).take(picked))
+            if keep < held + out:
+                older = [self.high.decode(mine, torch.float32).half()] if held else []
+                store.append(torch.cat(older + [leaving], 2).gather(2, _rows_of(rest, d)), checked=True)
         self.wk, self.wv = self.wk[:, :, out:].clone(), self.wv[:, :, out:].clone()
         self.wsum, self.wseen = self.wsum[..., out:].clone(), self.wseen[..., out:].clone()
         self.left += out
-        self.promoted += quota
 
     # --- what the layer holds -------------------------------------------------------
     def high_tokens(self) -> int:
@@ -179,8 +209,8 @@ class MixedLayer(CompressedLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.hk = self.hv = None
-        self.left = self.promoted = 0
+        self.hk = self.hv = self.hscore = None
+        self.left, self.demoted = 0, 0.0
         self.mass = Mass()
 
     def _batch_map(self, on_tensor, on_packed) -> None:
@@ -189,16 +219,22 @@ class MixedLayer(CompressedLayer):
         self.wsum, self.wseen = on_tensor(self.wsum), on_tensor(self.wseen)
         if self.hk is not None:
             self.hk, self.hv = on_packed(self.hk), on_packed(self.hv)
+            self.hscore = on_tensor(self.hscore)
 
     def tensors(self) -> list[torch.Tensor]:
         out = super().tensors()
         if not self.is_initialized:
             return out
-        out += [self.wk, self.wv, self.wsum, self.wseen]
+        out += [self.wk, self.wv, self.wsum, self.wseen, self.hscore]
         for p in (self.hk, self.hv):
             if p is not None:
                 out.extend(p.tensors.values())
         return out
+
+
+def _rows_of(index: torch.Tensor, d: int) -> torch.Tensor:
+    """index (B, H, n) as a gather index over head vectors of width d."""
+    return index[..., None].expand(*index.shape, d)
 
 
 class MixedCache(CompressedCache):
@@ -206,22 +242,27 @@ class MixedCache(CompressedCache):
 
     layer_cls = MixedLayer
 
-    def __init__(self, config, mixed: MixedConfig, attend: str, method: str | None = None):
-        low_keys = IntQuant(mixed.low, "channel", mixed.block, rotate=mixed.rotate, seed=1)
-        low_values = IntQuant(mixed.low, "token", rotate=mixed.rotate, seed=2)
+    def __init__(self, config, mixed: MixedConfig, attend: str, method: str | None = None,
+                 shares: list[float] | None = None):
+        """shares: one per layer (allocate.choose), else `mixed.share` everywhere."""
+        low_keys, low_values, self.high = allocate.codecs(mixed.low, mixed.high, mixed.block, mixed.rotate)
         super().__init__(config, key_codec=low_keys, value_codec=low_values, sink=mixed.sink, window=0,
                          block=mixed.block, method=method, attend=attend, splits=mixed.splits)
         self.mixed = mixed
-        self.high = IntQuant(mixed.high, "token", rotate=True, seed=HIGH_SEED)
+        self.layer_shares = list(shares) if shares is not None else [mixed.share] * len(self.layers)
         for i, layer in enumerate(self.layers):
-            layer.setup(self.high, mixed.share, mixed.select, mixed.window, mixed.gather, mixed.observe, seed=i)
+            layer.setup(self.high, mixed, self.layer_shares[i], seed=i)
 
     def head_agnostic(self) -> bool:
         return False  # each head keeps its own tokens in each class
 
     def class_shares(self) -> list[float]:
         """Per layer, the share of the coded tokens (those that left the window) held in the high class."""
-        return [layer.promoted / layer.left if getattr(layer, "left", 0) else 0.0 for layer in self.layers]
+        return [layer.high_tokens() / layer.left if getattr(layer, "left", 0) else 0.0 for layer in self.layers]
+
+    def demotions(self) -> list[float]:
+        """Per layer, the tokens re-coded down from the high class so far (per head, the mean over heads)."""
+        return [getattr(layer, "demoted", 0.0) for layer in self.layers]
 
     def high_mass(self) -> list[float]:
         """Per layer, the share of the observed attention (summed over heads and the tokens that left the window)
@@ -240,9 +281,15 @@ class MixedCache(CompressedCache):
 
     def _describe(self) -> str:
         m = self.mixed
-        return (f"{m.share:.0%} of each head's tokens at {self.high.describe()} by {m.select}, the rest keys "
+        again = f", re-ranked over {m.memory} rows" if m.demote else ", never demoted"
+        spread = "" if m.shares == "uniform" else f" on average (per layer {_percents(self.layer_shares)})"
+        return (f"{m.share:.0%}{spread} of each head's tokens at {self.high.describe()} by {m.select}{again}, the rest keys "
                 f"{self.key_codec.describe()}, values {self.value_codec.describe()}; sink {m.sink}, float16 window "
                 f"{m.window} (+{m.gather} leaving together), block {m.block}, " + self._how_it_attends())
+
+
+def _percents(shares: list[float]) -> str:
+    return " ".join(f"{s:.0%}" for s in shares)
 
 
 def build(config: MixedConfig, target, method: str) -> MixedCache:
@@ -251,11 +298,48 @@ def build(config: MixedConfig, target, method: str) -> MixedCache:
     model_config = getattr(target, "config", target)
     require_kvshrink_attention(model_config, method)
     attend = "fused" if config.attend == "auto" else config.attend
-    return MixedCache(model_config, config, attend, method)
+    shares = None
+    if config.shares == "allocated":
+        if not hasattr(target, "set_attn_implementation"):
+            raise KvshrinkError(f"{method} with allocated shares needs the model, not its config (the shares are "
+                                f"calibrated on the weights): kvshrink.from_method({method!r}, model)")
+        shares = allocate.choose(calibration_for(target, config), config.share)
+    return MixedCache(model_config, config, attend, method, shares)
+
+
+def calibration_for(model, config: MixedConfig, tokenizer=None, corpus=None) -> allocate.ShareCalibration:
+    """The share calibration for this model and these widths: memo; else, with a tokenizer, the file for the budget's
+    calibration tokens (measured first if missing); else any file for these weights and widths; else a clear error."""
+    key = (config.low, config.high, config.block, config.rotate, config.sink)
+    widths = (config.low, config.high, config.block, config.rotate)
+    memo = _CALIBS.setdefault(model, {})
+    if key not in memo:
+        if tokenizer is not None:
+            spec = spec_from_config(model.config)
+            ids, data = calibration_ids(tokenizer, corpus, *calibration_shape(spec))
+            path = allocate.default_path(model, data, *widths)
+            if not os.path.isfile(path):
+                print(f"mix: no share calibration for this model, corpus range and widths at {path}; measuring it "
+                      f"({spec.num_layers * len(allocate.SHARES)} forward passes over {ids.numel()} tokens: half an "
+                      "hour on 2 cores for the bundled model)", file=sys.stderr)
+                calib = with_progress("share calibration", spec.num_layers * len(allocate.SHARES), lambda go: (
+                    allocate.calibrate(model, ids, *widths, config.sink, data, progress=go)))
+                calib.save(path)
+        else:
+            path = allocate.found(model, *widths)
+            if path is None:
+                raise KvshrinkError("allocated shares need a share calibration: run kvshrink.prepare(model, "
+                                    "'mix-int2:shares=allocated', tokenizer) first")
+        calib = allocate.ShareCalibration.load(path)
+        calib.check(model, config.low, config.high, config.block)
+        memo[key] = calib
+    return memo[key]
 
 
 def prepare(config: MixedConfig, model, tokenizer=None, corpus=None):
     """Every call attends through the mixed states (they score the window): the model uses the kvshrink
-    attention whatever `attend` says."""
+    attention whatever `attend` says. Allocated shares: their calibration loaded or measured."""
     use_kvshrink_attention(model)
+    if config.shares == "allocated":
+        calibration_for(model, config, tokenizer, corpus)
     return model

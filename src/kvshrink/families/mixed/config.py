@@ -14,6 +14,7 @@ from ...registry import Config, Method, check_int, option, register
 from ..quant.config import ATTENDS
 
 SELECTS = ("attention", "random")
+SHARINGS = ("uniform", "allocated")
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,17 @@ class MixedConfig(Config):
     low: int = option(2, "bits of the body's codes (KIVI layout: keys per channel, values per token)", preset=True)
     high: int = option(4, "bits of the important tokens' per-token codes (keys and values, Hadamard-rotated)")
     share: float = option(0.1, "share of each KV head's tokens kept at `high` bits (0 to 1)")
+    shares: str = option("uniform", "how the share is spread over layers: uniform (every layer keeps `share`) or "
+                                     "allocated (one budget: per-layer shares from a calibrated KL per layer and "
+                                     "share, as many high tokens in all; measured once per model and widths: half "
+                                     "an hour on 2 cores for the bundled one)", SHARINGS)
     select: str = option("attention", "how the important tokens are picked: attention (the mean attention a token "
                                       "received from the queries after it while in the window) or random (an "
                                       "ablation: the same share, picked by a seeded draw)", SELECTS)
+    demote: bool = option(True, "re-rank the important tokens as decoding goes on: one whose recent attention "
+                                "falls below a leaving token's is re-coded down to the body (never back up)")
+    memory: int = option(256, "query rows over which an important token's attention is averaged for demotion "
+                              "(an exponential moving average)")
     window: int = option(16, "most recent tokens held in float16 while their attention is observed")
     gather: int = option(16, "decode tokens that leave the window together (the important ones picked among them)")
     observe: int = option(64, "the last query rows of a call whose attention scores the window (an observation "
@@ -51,6 +60,7 @@ class MixedConfig(Config):
         check_int("window", self.window, 1)
         check_int("gather", self.gather, 1)
         check_int("observe", self.observe, 1)
+        check_int("memory", self.memory, 1)
         check_int("sink", self.sink)
         check_int("block", self.block, 1)
         check_int("splits", self.splits, 1)

@@ -1,8 +1,10 @@
-"""The attention of an importance-aware layer (cache.py): it attends and scores the float16 window's tokens.
+"""The attention of an importance-aware layer (cache.py): it attends, scores the float16 window's tokens and, where
+the high class is re-ranked (demotion), the high tokens too.
 
 A decode step (a few tokens over a coded body) goes through the int kernel, which reads both classes' codes in place
 (the body and its stage, then the important tokens as per-token codes) and hands back each query row's log-sum-exp;
-the window's probabilities are then exp(logit - lse), exact. Longer calls (a prompt, a perplexity chunk) decode the
+the window's probabilities are then exp(logit - lse), exact (the high class's too, its keys decoded for their
+logits only). Longer calls (a prompt, a perplexity chunk) decode the
 history and attend with softmax in row blocks, so the probabilities come with the output. Either way the layer
 then adds what the call's last `observe` query rows gave each window token (`observe`) and lets the tokens past
 the window leave, each to its class (`commit`).
@@ -32,20 +34,25 @@ class MixedStates:
         h = self.layer.kv_shape[1]
         scale = scaling if scaling is not None else d ** -0.5
         n_win = self.layer.wk.shape[2]
+        n_high = self.layer.high_tokens() if self.layer.rescore else 0
         causal = _causal(t, n_win, query.device)
+        rows = min(t, self.layer.observe)
+        g = hq // h
         if self.split is not None:
             out, _ = self.split.attend(module, query, mask, scaling, softcap)
-            q = (query.float() * scale).reshape(b, h, -1, d)
-            s = soft_cap(q @ self.layer.wk.float().transpose(2, 3), softcap)
-            probs = torch.exp(s - self.split.body.lse[..., None])  # (B, H, g * t, n_win)
+            q = (query.float() * scale).view(b, h, g, t, d)[:, :, :, t - rows:]
+            lse = self.split.body.lse.view(b, h, g, t, 1)[:, :, :, t - rows:]
+            probs = torch.exp(soft_cap(q @ self.layer.wk.float()[:, :, None].transpose(3, 4), softcap) - lse)
             if t > 1:  # a single decode token sees the whole window
-                probs = probs.masked_fill(~causal.repeat(hq // h, 1)[None, None], 0.0)
+                probs = probs.masked_fill(~causal[t - rows:], 0.0)
+            high = None
+            if n_high:  # the high class decoded for its scores only (the kernel read it in place)
+                keys = self.layer.high.decode(self.layer.hk, torch.float32)
+                high = torch.exp(soft_cap(q @ keys[:, :, None].transpose(3, 4), softcap) - lse)
         else:
-            out, probs = self._decoded(query, mask, scale, softcap, n_win)
-        rows = min(t, self.layer.observe)
-        probs = probs.view(b, h, hq // h, t, n_win)[:, :, :, t - rows:]
-        seen = causal[t - rows:].sum(0).to(torch.float32) * (hq // h)
-        self.layer.observed(probs.sum((2, 3)), seen, t)
+            out, probs, high = self._decoded(query, mask, scale, softcap, n_win, n_high, rows)
+        seen = causal[t - rows:].sum(0).to(torch.float32) * g
+        self.layer.observed(probs.sum((2, 3)), seen, t, None if high is None else high.mean((2, 3)), rows)
         return out, None
 
     def observe_last(self, query: torch.Tensor, scale: float) -> None:
@@ -62,9 +69,10 @@ class MixedStates:
         seen = _causal(rows, n_win, query.device).sum(0).to(torch.float32) * (hq // h)
         self.layer.observed(probs.sum((2, 3)), seen, self.t)
 
-    def _decoded(self, query, mask, scale, softcap, n_win):
-        """Softmax attention over the decoded history in blocks of query rows -> (output (B, T, Hq, d), the window
-        tokens' probabilities (B, H, g * t, n_win))."""
+    def _decoded(self, query, mask, scale, softcap, n_win, n_high, rows):
+        """Softmax attention over the decoded history in blocks of query rows -> (output (B, T, Hq, d), the
+        probabilities the last `rows` query rows gave the window's tokens (B, H, g, rows, n_win) and the high
+        class's (B, H, g, rows, n_high) or None)."""
         b, hq, t, d = query.shape
         k, v = self.keys, self.values
         h, n = k.shape[1], k.shape[2]
@@ -72,7 +80,9 @@ class MixedStates:
         q = (query.float() * scale).view(b, h, g, t, d)
         bias = mask_bias(mask, t, n, query.device)
         out = torch.empty(b, h, g, t, d, device=query.device)
-        probs = torch.empty(b, h, g, t, n_win, device=query.device)
+        probs = torch.empty(b, h, g, rows, n_win, device=query.device)
+        high = torch.empty(b, h, g, rows, n_high, device=query.device) if n_high else None
+        lo, first = n - n_win - n_high, t - rows  # the high class sits just before the window
         for r0 in range(0, t, ROWS):
             r1 = min(t, r0 + ROWS)
             s = soft_cap(q[:, :, :, r0:r1] @ k[:, :, None].transpose(3, 4), softcap)
@@ -80,9 +90,13 @@ class MixedStates:
                 s = s + bias[:, :, None, r0:r1, :n]
             p = torch.softmax(s, -1).nan_to_num_(0.0)
             out[:, :, :, r0:r1] = p @ v[:, :, None]
-            probs[:, :, :, r0:r1] = p[..., n - n_win:]
+            if r1 > first:  # rows the layer observes
+                a = max(r0, first)
+                probs[:, :, :, a - first:r1 - first] = p[:, :, :, a - r0:, n - n_win:]
+                if high is not None:
+                    high[:, :, :, a - first:r1 - first] = p[:, :, :, a - r0:, lo:n - n_win]
         out = out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous()
-        return out, probs.view(b, h, g * t, n_win)
+        return out, probs, high
 
 
 def _causal(t: int, n: int, device) -> torch.Tensor:
