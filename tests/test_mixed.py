@@ -161,7 +161,8 @@ def test_kernel_decode_steps_equal_the_decoded_path_and_score_alike(model):
 @pytest.mark.parametrize("demote", [True, False])
 def test_the_kernel_reads_both_classes_in_place(model, monkeypatch, demote):
     """A decode step over a coded body hands the int kernel the body, its stage and the high class; nothing of the
-    coded history is decoded but, with demotion, the high class's keys (for their scores)."""
+    coded history is decoded but, with demotion, the high class: its keys for their scores at the step after which
+    tokens leave the window, and the tokens it demotes then (and a stage that fills a block is re-coded as ever)."""
     cache = from_method(f"mix-int2:demote={int(demote)}", model)
     _steps(model, cache, _ids(300, seed=6), steps=0)
     seen = []
@@ -176,19 +177,22 @@ def test_the_kernel_reads_both_classes_in_place(model, monkeypatch, demote):
     decoded, real_decode = [], type(cache.layers[0].k.codec).decode
 
     def decode(codec, packed, *a, **k):
-        if not (demote and any(packed is layer.hk for layer in cache.layers)):
+        high = any(packed is layer.hk or packed is layer.hv for layer in cache.layers)
+        if packed.block != 1 or (high and not demote):  # the body's blocks, or the high class without demotion
             pytest.fail("decoded the coded history")
-        decoded.append(packed)
+        # a filled stage re-coded into a block, or the high class: its keys scored, its demoted tokens re-coded
+        decoded.append(any(packed is layer.hk for layer in cache.layers))
         return real_decode(codec, packed, *a, **k)
 
     monkeypatch.setattr(type(cache.layers[0].k.codec), "decode", decode)
-    _steps(model, cache, _ids(1, seed=7), steps=2)
-    assert len(decoded) == (3 * len(cache.layers) if demote else 0)
+    _steps(model, cache, _ids(1, seed=7), steps=14)  # 15 steps: tokens leave the window after the 16th only
     layer = cache.layers[0]
-    assert len(seen) == 3 * len(cache.layers)
+    assert len(seen) == 15 * len(cache.layers) and not decoded
     body, stage, high, dense = seen[-1]
     assert (body, stage, high) == (layer.k.body_tokens(), layer.k.tokens_in(layer.k.stage), layer.high_tokens())
     assert dense == layer.wk.shape[2]
+    _steps(model, cache, _ids(1, seed=8), steps=0)
+    assert sum(decoded) >= (len(cache.layers) if demote else 0)  # the step they leave after scores the high class
 
 
 def test_what_the_layout_cannot_do_refuses_in_one_line(model, tiny_config):

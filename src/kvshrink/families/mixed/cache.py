@@ -61,7 +61,8 @@ class Mass:
 class MixedLayer(CompressedLayer):
     """One layer: `k` / `v` the low class (sink and body; no window of their own), `hk` / `hv` the high class,
     `wk` / `wv` the float16 window with each token's observed attention (`wsum` over `wseen` query rows), `hscore`
-    each high token's recent attention (a moving average over `memory` query rows; with random picks, its draw)."""
+    each high token's recent attention (a moving average over `memory` query rows, updated by the calls after which
+    tokens leave: a decode step's query stands for the `gather` steps since the last; with random picks, its draw)."""
 
     layout = "importance-aware int"
     gpu_kernel = False  # the Triton kernel reads no coded window: CUDA decodes, then attends (said once)
@@ -76,6 +77,7 @@ class MixedLayer(CompressedLayer):
         self.seed = seed
         self.hk = self.hv = self.hscore = None
         self.left = 0  # tokens that left the window
+        self.unscored = 0  # query rows since the high class was last scored
         self.demoted = 0.0  # tokens re-coded down from the high class, per head (the mean over heads)
         self.mass = Mass()  # the observed attention of the tokens that went high, and of all that left
 
@@ -138,10 +140,17 @@ class MixedLayer(CompressedLayer):
         the same `rows` rows (where they are re-ranked). Then the tokens past the window leave."""
         self.wsum += probs
         self.wseen += seen
-        if high is not None and self.hscore is not None:
-            kept = math.exp(-rows / self.memory)
+        self.unscored += t
+        if high is not None and self.hscore is not None:  # these rows stand for all since the last scores
+            kept = math.exp(-self.unscored / self.memory)
             self.hscore.mul_(kept).add_(high, alpha=1.0 - kept)
+            self.unscored = 0
         self.commit(long=t > FUSED_QUERIES)
+
+    def commits(self, t: int) -> bool:
+        """Whether tokens leave the window after this call of t tokens (a decode step's once `gather` wait)."""
+        out = self.wk.shape[2] - self.window_size
+        return out > 0 and (t > FUSED_QUERIES or out >= self.leave_gather)
 
     def importance(self) -> torch.Tensor:
         """(B, H, n_win) the mean attention each window token has received so far (0 before any query saw it)."""
@@ -152,9 +161,9 @@ class MixedLayer(CompressedLayer):
         round(share * left) high tokens per head: the most attended of the high tokens held and the leaving ones
         (the held ones always, without demotion). Those not kept go to the body: leaving tokens from float16, demoted
         ones from their high-bit codes (re-coded down, never up)."""
-        out = self.wk.shape[2] - self.window_size
-        if out <= 0 or (not long and out < self.leave_gather):
+        if not self.commits(FUSED_QUERIES + 1 if long else 1):
             return
+        out = self.wk.shape[2] - self.window_size
         b, h, _, d = self.wk.shape
         held = self.high_tokens()
         keep = min(held + out, max(held, round(self.share * (self.left + out))))
@@ -172,7 +181,8 @@ class MixedLayer(CompressedLayer):
         picked = chosen.nonzero()[:, 2].view(b, h, keep)  # row-major: each head's picks in order, held first
         rest = (~chosen).nonzero()[:, 2].view(b, h, held + out - keep)
         self.mass += (float(score[chosen[..., held:]].sum()), float(score.sum()))
-        self.demoted += float((~chosen[..., :held]).sum()) / (b * h)
+        dropped = int((~chosen[..., :held]).sum())
+        self.demoted += dropped / (b * h)
         self.hscore = rank.gather(2, picked) if keep and self.demote else None
         for name, store, win in (("hk", self.k, self.wk), ("hv", self.v, self.wv)):
             leaving = win[:, :, :out]
@@ -181,8 +191,11 @@ class MixedLayer(CompressedLayer):
                 codes = self.high.encode(leaving.float(), 1)
                 setattr(self, name, (codes if mine is None else mine.cat(codes)).take(picked))
             if keep < held + out:
-                older = [self.high.decode(mine, torch.float32).half()] if held else []
-                store.append(torch.cat(older + [leaving], 2).gather(2, _rows_of(rest, d)), checked=True)
+                if dropped:  # demoted tokens from their high-bit codes, beside the leaving ones
+                    pool, at = torch.cat([self.high.decode(mine, torch.float32).half(), leaving], 2), rest
+                else:
+                    pool, at = leaving, rest - held
+                store.append(pool.gather(2, _rows_of(at, d)), checked=True)
         self.wk, self.wv = self.wk[:, :, out:].clone(), self.wv[:, :, out:].clone()
         self.wsum, self.wseen = self.wsum[..., out:].clone(), self.wseen[..., out:].clone()
         self.left += out
@@ -210,7 +223,7 @@ class MixedLayer(CompressedLayer):
     def reset(self) -> None:
         super().reset()
         self.hk = self.hv = self.hscore = None
-        self.left, self.demoted = 0, 0.0
+        self.left, self.unscored, self.demoted = 0, 0, 0.0
         self.mass = Mass()
 
     def _batch_map(self, on_tensor, on_packed) -> None:

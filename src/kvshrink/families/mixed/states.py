@@ -34,7 +34,8 @@ class MixedStates:
         h = self.layer.kv_shape[1]
         scale = scaling if scaling is not None else d ** -0.5
         n_win = self.layer.wk.shape[2]
-        n_high = self.layer.high_tokens() if self.layer.rescore else 0
+        # the high class is scored only by calls after which tokens leave (where they are re-ranked)
+        n_high = self.layer.high_tokens() if self.layer.rescore and self.layer.commits(t) else 0
         causal = _causal(t, n_win, query.device)
         rows = min(t, self.layer.observe)
         g = hq // h
