@@ -393,12 +393,16 @@ def uniform(calib: BudgetCalibration, key_choice, value_choice) -> float:
                  + calib.proxy_v[:, VALUE_MENU.index(value_choice)].sum())
 
 
+def data_tag(data: dict) -> str:
+    """8 hex digits naming a calibration's corpus range (its digest, tokens and shape) in file names."""
+    key = json.dumps([data.get("corpus_sha256"), data.get("tokens"), data.get("sequences"), data.get("length")])
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
 def default_path(model, data: dict, block: int) -> str:
     """Keyed by the model's weights, the calibration corpus (its digest) and token range, the block and
     the file format (a file of an older menu is measured again, not refused)."""
-    key = json.dumps([data.get("corpus_sha256"), data.get("tokens"), data.get("sequences"), data.get("length")])
-    tag = hashlib.sha256(key.encode()).hexdigest()[:8]
-    return os.path.join(calibration_dir(), f"auto-{model_fingerprint(model)}-{tag}-b{block}-v{FORMAT.rsplit('-', 1)[1]}.safetensors")
+    return os.path.join(calibration_dir(), f"auto-{model_fingerprint(model)}-{data_tag(data)}-b{block}-v{FORMAT.rsplit('-', 1)[1]}.safetensors")
 
 
 def load_or_calibrate(model, tokenizer, corpus: str | None = None, sink: int = 4, block: int = 128,

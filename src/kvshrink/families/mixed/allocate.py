@@ -17,8 +17,6 @@ allocation is never worse on the proxy.
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from ...core.calibfile import calibration_dir, check_header, load_tensors, model
 from ...core.sensitivity import Perturbed, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
-from ..budget.allocate import allocate
+from ..budget.allocate import allocate, data_tag
 from ..budget.config import RECENT
 
 FORMAT = "kvshrink-mixed-shares-1"
@@ -163,9 +161,7 @@ def choose(calib: ShareCalibration, share: float) -> list[float]:
 def default_path(model, data: dict, low: int, high: int, block: int, rotate: bool, tag: str | None = None) -> str:
     """Keyed by the model's weights, the calibration corpus range (`tag`: its digest), the widths and block, and the
     format."""
-    if tag is None:
-        key = json.dumps([data.get("corpus_sha256"), data.get("tokens"), data.get("sequences"), data.get("length")])
-        tag = hashlib.sha256(key.encode()).hexdigest()[:8]
+    tag = data_tag(data) if tag is None else tag
     rot = "r" if rotate else ""
     return os.path.join(calibration_dir(), f"mix-{model_fingerprint(model)}-{tag}-l{low}{rot}h{high}-b{block}-"
                                            f"v{FORMAT.rsplit('-', 1)[1]}.safetensors")
