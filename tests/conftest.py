@@ -1,6 +1,10 @@
 import copy
 import os
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker (spinning threads cost more)
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 from hypothesis import settings
@@ -8,7 +12,7 @@ from hypothesis import settings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter, chosen before transformers imports Triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 # property tests draw the same examples on every run, so that CI cannot fail by the luck of a draw
 # (two stops' CI runs each found a float32 rounding edge in a test's tolerance that way);
 # HYPOTHESIS_PROFILE=explore draws new ones

@@ -205,7 +205,7 @@ def test_long_prompts_decode_together_in_one_kernel_call_as_alone(bundled, monke
 
     model, tok = bundled
     ids = load_corpus_ids(tok, None, 5_000)
-    prompts = [ids[at:at + n].tolist() for at, n in ((0, 150), (600, 300), (1500, 420))]
+    prompts = [ids[at:at + n].tolist() for at, n in ((0, 140), (600, 200), (1500, 260))]
     _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, decode_steps=0, log=lambda *_: None)
     calls = []
     many = SplitStates.attend_many
@@ -213,7 +213,7 @@ def test_long_prompts_decode_together_in_one_kernel_call_as_alone(bundled, monke
 
     def run(ps):
         eng = fresh()
-        reqs = [eng.submit(Request(p, Sampling(max_tokens=12, temperature=0, ignore_eos=True), lambda k, q: None))
+        reqs = [eng.submit(Request(p, Sampling(max_tokens=8, temperature=0, ignore_eos=True), lambda k, q: None))
                 for p in ps]
         while any(r.finish is None for r in reqs):
             eng.step()
@@ -245,7 +245,7 @@ def test_preempted_requests_are_parked_and_resumed_without_recomputing(bundled):
     _, fresh = make_engine(model, tok, "int4", 10**9, probe=256, decode_steps=0, log=lambda *_: None)
 
     def run(eng, ps):
-        reqs = [eng.submit(Request(p, Sampling(max_tokens=16, temperature=0, ignore_eos=True), lambda k, q: None))
+        reqs = [eng.submit(Request(p, Sampling(max_tokens=10, temperature=0, ignore_eos=True), lambda k, q: None))
                 for p in ps]
         parked = 0
         while any(r.finish is None for r in reqs):
@@ -255,11 +255,11 @@ def test_preempted_requests_are_parked_and_resumed_without_recomputing(bundled):
         return [r.out for r in reqs], parked
 
     alone = [run(fresh(), [p])[0][0] for p in prompts]
-    fed_once = sum(len(p) + 16 - 1 for p in prompts)
+    fed_once = sum(len(p) + 10 - 1 for p in prompts)
     for park in (True, False):
         eng = fresh()
         eng.park = park
-        eng.kv_budget = eng.need.need(110 + 16) * 2  # two of the three
+        eng.kv_budget = eng.need.need(110 + 10) * 2  # two of the three
         eng.need = _Underestimate()
         outs, parked = run(eng, prompts)
         assert outs == alone, park
@@ -460,14 +460,14 @@ def test_serve_bench_section_holds_more_compressed_sequences(bundled):
     ids = load_corpus_ids(tok, None, 20_000)
     work = Workload(requests=6, prompt_median=100, prompt_range=(60, 160), output_median=6, output_range=(4, 8))
     res = serve_section(model, tok, ["fp16", "int4"], ids, 4 * 10**6, rates=(float("inf"),), workload=work,
-                        log=lambda *_: None, decode_steps=8, probe=512)
+                        log=lambda *_: None, decode_steps=8, probe=256)
     fp16, int4 = (res["by_method"][m] for m in ("fp16", "int4"))
     for m in (fp16, int4):
         run = m["runs"][0]
         assert run["completed"] == 6 and run["output_tok_s"] > 0 and run["ttft_p50_s"] <= run["ttft_p99_s"]
-    assert res["probe_tokens"] == 512 and fp16["bytes_per_token"] / int4["bytes_per_token"] > 3
+    assert res["probe_tokens"] == 256 and fp16["bytes_per_token"] / int4["bytes_per_token"] > 3
     assert int4["runs"][0]["peak_running"] > fp16["runs"][0]["peak_running"]
-    assert "`int4`" in serve_table(res) and "bytes/token @512" in serve_table(res)
+    assert "`int4`" in serve_table(res) and "bytes/token @256" in serve_table(res)
 
 
 def test_bench_refuses_a_bad_serve_budget(capsys):

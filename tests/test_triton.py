@@ -138,7 +138,7 @@ def test_rvq_kernel_equals_the_numba_kernel(bits, depth, group, grouping, stage,
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(bound=st.sampled_from([0.05, 0.3, 1 / 15, 1 / 255]), entropy=st.booleans(), blocks=st.integers(1, 3),
        rows=st.integers(1, 3), cap=st.sampled_from([0.0, 2.0]), seed=st.integers(0, 99))
 def test_kvcomp_kernel_equals_the_numba_kernel(bound, entropy, blocks, rows, cap, seed):
