@@ -6,7 +6,9 @@ the 4 sink tokens keep all); `zdc-adaptive-<pct>` spends the same budget per
 layer, head and K/V where the calibration's loss proxy says it matters, and
 splits by token: the sink tokens and the 64 most recent keep every coordinate
 (measured: README); `+int4` / `+int3` quantize the kept coordinates (KIVI
-layout). The options are the fields of `ZdcConfig`.
+layout). `zdc-mix-50` splits by importance instead (important.py): 10% of each
+head's tokens, the most attended in a float16 window, keep every coordinate,
+the rest 44%, so 50% on average. The options are the fields of `ZdcConfig`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ class ZdcConfig(Config):
     """Zero-delay low rank ("Zero-Delay QKV Compression", Zhang and Shen, arXiv 2408.04107)."""
 
     family = "lowrank"
-    can_save = True  # core/saved.py
     calibrated = True
     pct: int = option(50, "percent of key/value dimensions kept (the budget)", preset=True)
     bits: int | None = option(None, "int codes on the kept coordinates (KIVI layout)", preset=True)
@@ -39,14 +40,33 @@ class ZdcConfig(Config):
     attend: str = option("fused", "decode steps: fused (compiled kernel reads the body) or decode (PyTorch)",
                          ("fused", "decode"))
     splits: int = option(4, "parallel ranges of blocks per head in the fused kernel")
+    share: float = option(0.0, "share of each KV head's tokens that keep sink_rank coordinates, the most attended "
+                               "while in the float16 window (importance-aware; 0: tokens split by position only)")
+    gather: int = option(16, "decode tokens that leave the window together (importance-aware: picked among them)")
+    observe: int = option(64, "the last query rows of a call whose attention scores the window (importance-aware)")
+    demote: bool = option(True, "re-rank the important tokens as decoding goes on: one whose recent attention falls "
+                                "below a leaving token's is cut to its head's rank (never widened back)")
+    memory: int = option(256, "query rows over which an important token's attention is averaged for demotion")
+    select: str = option("attention", "how the important tokens are picked: attention (observed in the window) or "
+                                      "random (an ablation: the same share, by a seeded draw)", ("attention", "random"))
+
+    @property
+    def can_save(self) -> bool:  # the importance classes live outside the stores core/saved.py writes
+        return not self.share
 
     def check(self):
         if not (isinstance(self.pct, int) and 0 < self.pct <= 100):
             raise KvshrinkError(f"ZDC keeps a percentage of dimensions in 1..100, got {self.pct!r}")
         check_int("bits", self.bits, 1, none=True)
         check_int("sink_rank", self.sink_rank, 1, none=True)
-        for name, low in (("sink", 0), ("window", 0), ("block", 1), ("splits", 1)):
+        for name, low in (("sink", 0), ("window", 0), ("block", 1), ("splits", 1), ("gather", 1), ("observe", 1),
+                          ("memory", 1)):
             check_int(name, getattr(self, name), low)
+        if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 <= self.share <= 1:
+            raise KvshrinkError(f"share must be a number from 0 to 1, got {self.share!r}")
+        if self.share and not self.window:
+            raise KvshrinkError("importance-aware ZDC (share > 0) observes attention in a float16 window: give it "
+                                "window >= 1")
 
 
 def _register(name: str, description: str, **options) -> None:
@@ -58,6 +78,9 @@ for _pct in (75, 50):
               alloc="uniform")
     _register(f"zdc-adaptive-{_pct}", f"ZDC low-rank: {_pct}% of dims, ranks by a Fisher loss proxy, sinks and "
               f"{ADAPTIVE_WINDOW} recent tokens full rank, float16", pct=_pct, window=ADAPTIVE_WINDOW)
+_register("zdc-mix-50", "importance-aware ZDC: 10% of each head's tokens (most attended in a float16 window of 16) "
+          "keep every coordinate, the rest 44% (uniform ranks): 50% of dims on average", pct=44, alloc="uniform",
+          share=0.1, window=16)
 _register("zdc-50+int4", "ZDC 50% uniform, kept coordinates int4 (KIVI layout)", pct=50, alloc="uniform", bits=4)
 for _pct, _bits in ((75, 4), (50, 4), (75, 3)):
     _register(f"zdc-adaptive-{_pct}+int{_bits}", f"ZDC {_pct}% adaptive, kept coordinates int{_bits} (KIVI layout)",

@@ -29,6 +29,7 @@ import torch
 from ...attention.masks import bool_mask
 from ...codecs.base import Codec, Fp16, Packed
 from ...codecs.quant import IntQuant
+from ...errors import KvshrinkError
 from ...kernels.backend import TRITON, triton_for
 from ...kernels.tiles import (
     FAST,
@@ -41,6 +42,7 @@ from ...kernels.tiles import (
     fold_values,
     half_to_float,
     halves,
+    log_sum,
     merge,
     partial_buffers,
     split_item,
@@ -169,7 +171,7 @@ def _body_tiles(q, vis, t, kc, vc, kmn, kstep, vmn, vstep, kd, vd, kbits, vbits,
 
 @numba.njit(cache=True, parallel=True, fastmath=FAST)
 def _fused(q, vis, offs, sinks_k, sinks_v, mids_k, mids_v, wins_k, wins_v, new, kcs, vcs, kmns, ksteps, vmns, vsteps,
-           kbits, vbits, kb, tile, n, splits, cap, nw, out):
+           kbits, vbits, kb, tile, n, splits, cap, nw, out, lse):
     nb_, nh, nr, d = q.shape
     t = vis.shape[1]
     new_k, new_v = new
@@ -191,6 +193,8 @@ def _fused(q, vis, offs, sinks_k, sinks_v, mids_k, mids_v, wins_k, wins_v, new, 
                             ksteps[h][b], vmns[h][b], vsteps[h][b], kd, vd, kbits, vbits, kb, tile, n, lo, hi, cap,
                             pm[b, h, sp], pl[b, h, sp], pacc[b, h, sp])
     merge(pm, pl, pacc, out)
+    if lse.shape[0]:  # each row's log-sum-exp, for a caller that scores tokens outside the kernel
+        log_sum(pm, pl, lse)
 
 
 def supported(key_codec: Codec, value_codec: Codec, block: int, ranks_k, ranks_v) -> bool:
@@ -259,6 +263,8 @@ class LowRankStates:
     value_codec: Codec
     block: int
     splits: int = 4
+    scored: bool = False  # hand back each query row's log-sum-exp (`lse`, (B, H, R)) after `attend`
+    lse: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -289,6 +295,8 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st: LowRankStates, cap: float = 0
     -> (B, H, R, head_dim) float32, the value sums in the values' reduced coordinates; cap: the
     logits' soft-cap (0: none)."""
     if triton_for(q):
+        if st.scored:
+            raise KvshrinkError("the Triton low-rank kernel hands back no log-sum-exp: score on the CPU kernel")
         return gpu.attend(q, vis, st, cap)
     b, h, r, d = q.shape
     n = st.bodies[0][0].num_tokens if st.bodies else 0
@@ -304,12 +312,15 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st: LowRankStates, cap: float = 0
     kb = st.key_codec.group if isinstance(st.key_codec, IntQuant) else 1
     splits = max(1, min(st.splits, -(-n // st.block))) if n else 1
     out = np.empty((b, h, r, d), dtype=np.float32)
+    lse = np.empty((b, h, r) if st.scored else (0, 0, 0), dtype=np.float32)
     _fused(q.contiguous().numpy(), as_u8(vis), offs, *(_heads(_bytes(p[i]) for p in parts)
                                                        for parts in (st.sinks, st.mids, st.windows) for i in (0, 1)),
            (st.new[0].float().contiguous().numpy(), st.new[1].float().contiguous().numpy()),
            _heads(o[0] for o in ko), _heads(o[0] for o in vo), _heads(o[1] for o in ko), _heads(o[2] for o in ko),
            _heads(o[1] for o in vo), _heads(o[2] for o in vo), _bits(st.key_codec), _bits(st.value_codec), kb,
-           st.block, n, splits, np.float32(cap), workers(b * h * (splits + 1)), out)
+           st.block, n, splits, np.float32(cap), workers(b * h * (splits + 1)), out, lse)
+    if st.scored:
+        st.lse = torch.from_numpy(lse)
     return torch.from_numpy(out)
 
 

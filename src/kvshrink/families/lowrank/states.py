@@ -67,6 +67,7 @@ class ZdcStates:
                 probs = torch.softmax(scores, dim=-1)
                 if bias is not None:
                     probs.nan_to_num_(0.0)  # rows of left padding mask every key
+                self.observe(h, t0, t, probs)
                 pf = probs.view(b, group * tc, s)
                 acc = out[:, t0:t0 + tc, h * group:(h + 1) * group].transpose(1, 2)  # (B, G, tc, D) view
                 at = 0
@@ -76,3 +77,7 @@ class ZdcStates:
                         acc[..., :dv] += torch.bmm(pf[..., at:at + n], seg.values).view(b, group, tc, dv)
                     at += n
         return out, None
+
+    def observe(self, head: int, t0: int, t: int, probs: torch.Tensor) -> None:
+        """Called with each head's probabilities (B, G, rows, S) of query rows t0.. of a call of t: for a
+        layer that scores tokens by the attention they get (important.py); nothing here."""

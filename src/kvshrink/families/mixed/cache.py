@@ -18,7 +18,6 @@ sliding layer frees its oldest blocks by position); both refuse in one line.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import weakref
@@ -29,6 +28,7 @@ from ...attention.function import require_kvshrink_attention, use_kvshrink_atten
 from ...attention.split import SplitStates
 from ...codecs.quant import IntQuant
 from ...core.calibfile import calibration_ids
+from ...core.importance import ObservedWindow, rows_of
 from ...core.layer import FUSED_QUERIES
 from ...core.store import half_checked
 from ...errors import KvshrinkError
@@ -58,11 +58,10 @@ class Mass:
         return self.high / self.all if self.all else 0.0
 
 
-class MixedLayer(CompressedLayer):
-    """One layer: `k` / `v` the low class (sink and body; no window of their own), `hk` / `hv` the high class,
-    `wk` / `wv` the float16 window with each token's observed attention (`wsum` over `wseen` query rows), `hscore`
-    each high token's recent attention (a moving average over `memory` query rows, updated by the calls after which
-    tokens leave: a decode step's query stands for the `gather` steps since the last; with random picks, its draw)."""
+class MixedLayer(ObservedWindow, CompressedLayer):
+    """One layer: `k` / `v` the low class (sink and body; no window of their own), `hk` / `hv` the high class, the
+    float16 window and the scores of core/importance.py (`hscore` updated by the calls after which tokens leave: a
+    decode step's query stands for the `gather` steps since the last; with random picks, its draw)."""
 
     layout = "importance-aware int"
     gpu_kernel = False  # the Triton kernel reads no coded window: CUDA decodes, then attends (said once)
@@ -73,24 +72,16 @@ class MixedLayer(CompressedLayer):
         self.high, self.share, self.select = high, share, mixed.select
         self.window_size, self.leave_gather, self.observe = mixed.window, mixed.gather, mixed.observe
         # random picks keep their draws as scores, so demotion stays random too
-        self.demote, self.memory, self.rescore = mixed.demote, mixed.memory, mixed.demote and mixed.select != "random"
-        self.seed = seed
-        self.hk = self.hv = self.hscore = None
-        self.left = 0  # tokens that left the window
-        self.unscored = 0  # query rows since the high class was last scored
-        self.demoted = 0.0  # tokens re-coded down from the high class, per head (the mean over heads)
+        self.demote, self.memory, self.seed = mixed.demote, mixed.memory, seed
+        self.reset_scores()
         self.mass = Mass()  # the observed attention of the tokens that went high, and of all that left
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
-        b, h, _, d = key_states.shape
-        self.wk = key_states.new_empty(b, h, 0, d, dtype=torch.float16)
-        self.wv = torch.empty_like(self.wk)
-        self.wsum = key_states.new_zeros(b, h, 0, dtype=torch.float32)
-        self.wseen = torch.zeros_like(self.wsum)
+        d = key_states.shape[-1]
+        self.open_window(key_states, d, d, self.seed)
         # the kernel reads the high class as its coded-window part, after the stage
         self.kernel_reads = self.kernel_reads and stage_supported(self.high, d)
-        self.draws = torch.Generator().manual_seed(self.seed)
 
     # --- transformers layer API -------------------------------------------------
     def update(self, key_states, value_states, *args, checked=None, **kwargs):
@@ -103,9 +94,7 @@ class MixedLayer(CompressedLayer):
             self.v.append(v[:, :, :room], checked=True)
             k, v = k[:, :, room:], v[:, :, room:]
         t, new = key_states.shape[2], k.shape[2]
-        self.wk, self.wv = torch.cat([self.wk, k], 2), torch.cat([self.wv, v], 2)
-        zeros = self.wsum.new_zeros(*self.wsum.shape[:2], new)
-        self.wsum, self.wseen = torch.cat([self.wsum, zeros], 2), torch.cat([self.wseen, zeros], 2)
+        self.window_add(k, v)
         if t <= FUSED_QUERIES and new == t and self._readable() and self.k.body_tokens():
             return (MixedStates(self, self._split_states(), t),) * 2
         return (MixedStates(self, None, t, *self.dense()),) * 2
@@ -133,29 +122,6 @@ class MixedLayer(CompressedLayer):
         return super()._readable() and self.body_reads_stage
 
     # --- importance ---------------------------------------------------------------
-    def observed(self, probs: torch.Tensor, seen: torch.Tensor, t: int, high: torch.Tensor | None = None,
-                 rows: int = 0) -> None:
-        """probs (B, H, n_win): the attention the observed rows of a call of t tokens gave each window token; seen
-        (n_win,) how many rows could see it; high (B, H, n_high): the mean attention per row the high tokens got from
-        the same `rows` rows (where they are re-ranked). Then the tokens past the window leave."""
-        self.wsum += probs
-        self.wseen += seen
-        self.unscored += t
-        if high is not None and self.hscore is not None:  # these rows stand for all since the last scores
-            kept = math.exp(-self.unscored / self.memory)
-            self.hscore.mul_(kept).add_(high, alpha=1.0 - kept)
-            self.unscored = 0
-        self.commit(long=t > FUSED_QUERIES)
-
-    def commits(self, t: int) -> bool:
-        """Whether tokens leave the window after this call of t tokens (a decode step's once `gather` wait)."""
-        out = self.wk.shape[2] - self.window_size
-        return out > 0 and (t > FUSED_QUERIES or out >= self.leave_gather)
-
-    def importance(self) -> torch.Tensor:
-        """(B, H, n_win) the mean attention each window token has received so far (0 before any query saw it)."""
-        return self.wsum / self.wseen.clamp_min(1.0)
-
     def commit(self, long: bool = False) -> None:
         """Tokens past the window leave (a decode step's only once `gather` of them wait). A running quota keeps
         round(share * left) high tokens per head: the most attended of the high tokens held and the leaving ones
@@ -164,26 +130,12 @@ class MixedLayer(CompressedLayer):
         if not self.commits(FUSED_QUERIES + 1 if long else 1):
             return
         out = self.wk.shape[2] - self.window_size
-        b, h, _, d = self.wk.shape
+        d = self.wk.shape[-1]
         held = self.high_tokens()
-        keep = min(held + out, max(held, round(self.share * (self.left + out))))
-        score = self.importance()[..., :out]
-        if self.select == "random":
-            rank = torch.rand(score.shape, generator=self.draws).to(score.device)
-        else:
-            rank = score
-        if held:
-            ranked = self.hscore if self.demote else rank.new_full((b, h, held), float("inf"))
-            rank = torch.cat([ranked, rank], 2)
-        chosen = torch.zeros(b, h, held + out, dtype=torch.bool, device=rank.device)
-        if keep:
-            chosen.scatter_(2, rank.topk(keep, dim=2).indices, True)
-        picked = chosen.nonzero()[:, 2].view(b, h, keep)  # row-major: each head's picks in order, held first
-        rest = (~chosen).nonzero()[:, 2].view(b, h, held + out - keep)
+        picked, rest, chosen, score = self.picks(out)
+        keep = picked.shape[2]
         self.mass += (float(score[chosen[..., held:]].sum()), float(score.sum()))
         dropped = int((~chosen[..., :held]).sum())
-        self.demoted += dropped / (b * h)
-        self.hscore = rank.gather(2, picked) if keep and self.demote else None
         for name, store, win in (("hk", self.k, self.wk), ("hv", self.v, self.wv)):
             leaving = win[:, :, :out]
             mine = getattr(self, name)
@@ -195,10 +147,8 @@ class MixedLayer(CompressedLayer):
                     pool, at = torch.cat([self.high.decode(mine, torch.float32).half(), leaving], 2), rest
                 else:
                     pool, at = leaving, rest - held
-                store.append(pool.gather(2, _rows_of(at, d)), checked=True)
-        self.wk, self.wv = self.wk[:, :, out:].clone(), self.wv[:, :, out:].clone()
-        self.wsum, self.wseen = self.wsum[..., out:].clone(), self.wseen[..., out:].clone()
-        self.left += out
+                store.append(pool.gather(2, rows_of(at, d)), checked=True)
+        self.leave(out)
 
     # --- what the layer holds -------------------------------------------------------
     def high_tokens(self) -> int:
@@ -207,47 +157,25 @@ class MixedLayer(CompressedLayer):
     def held(self) -> int:
         return len(self.k) + self.high_tokens() + self.wk.shape[2] if self.is_initialized else 0
 
-    def slide(self, window: int) -> None:
-        raise KvshrinkError("importance-aware int keeps each head's own tokens per class and cannot free the oldest "
-                            "by position: no sliding-window layers")
-
-    def _keep_first(self, keep: int) -> None:
-        coded = self.held() - self.wk.shape[2]
-        if keep < coded:
-            raise KvshrinkError(f"importance-aware int crops only within its float16 window: it can drop at most "
-                                f"{self.held() - coded} of its {self.held()} tokens")
-        n = keep - coded
-        self.wk, self.wv = self.wk[:, :, :n].clone(), self.wv[:, :, :n].clone()
-        self.wsum, self.wseen = self.wsum[..., :n].clone(), self.wseen[..., :n].clone()
-
     def reset(self) -> None:
         super().reset()
-        self.hk = self.hv = self.hscore = None
-        self.left, self.unscored, self.demoted = 0, 0, 0.0
         self.mass = Mass()
 
     def _batch_map(self, on_tensor, on_packed) -> None:
         super()._batch_map(on_tensor, on_packed)
-        self.wk, self.wv = on_tensor(self.wk), on_tensor(self.wv)
-        self.wsum, self.wseen = on_tensor(self.wsum), on_tensor(self.wseen)
+        self.window_map(on_tensor)
         if self.hk is not None:
             self.hk, self.hv = on_packed(self.hk), on_packed(self.hv)
-            self.hscore = on_tensor(self.hscore)
 
     def tensors(self) -> list[torch.Tensor]:
         out = super().tensors()
         if not self.is_initialized:
             return out
-        out += [self.wk, self.wv, self.wsum, self.wseen, self.hscore]
+        out += self.window_tensors()
         for p in (self.hk, self.hv):
             if p is not None:
                 out.extend(p.tensors.values())
         return out
-
-
-def _rows_of(index: torch.Tensor, d: int) -> torch.Tensor:
-    """index (B, H, n) as a gather index over head vectors of width d."""
-    return index[..., None].expand(*index.shape, d)
 
 
 class MixedCache(CompressedCache):

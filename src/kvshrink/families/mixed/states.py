@@ -16,6 +16,7 @@ import torch
 
 from ...attention.logits import soft_cap
 from ...attention.masks import mask_bias
+from ...core.importance import causal
 
 ROWS = 256  # query tokens per block of the decoded attention: bounds its logits at a long prompt
 
@@ -35,8 +36,8 @@ class MixedStates:
         scale = scaling if scaling is not None else d ** -0.5
         n_win = self.layer.wk.shape[2]
         # the high class is scored only by calls after which tokens leave (where they are re-ranked)
-        n_high = self.layer.high_tokens() if self.layer.rescore and self.layer.commits(t) else 0
-        causal = _causal(t, n_win, query.device)
+        n_high = self.layer.rescored(t)
+        sees = causal(t, n_win, query.device)
         rows = min(t, self.layer.observe)
         g = hq // h
         if self.split is not None:
@@ -45,15 +46,15 @@ class MixedStates:
             lse = self.split.body.lse.view(b, h, g, t, 1)[:, :, :, t - rows:]
             probs = torch.exp(soft_cap(q @ self.layer.wk.float()[:, :, None].transpose(3, 4), softcap) - lse)
             if t > 1:  # a single decode token sees the whole window
-                probs = probs.masked_fill(~causal[t - rows:], 0.0)
+                probs = probs.masked_fill(~sees[t - rows:], 0.0)
             high = None
             if n_high:  # the high class decoded for its scores only (the kernel read it in place)
                 keys = self.layer.high.decode(self.layer.hk, torch.float32)
                 high = torch.exp(soft_cap(q @ keys[:, :, None].transpose(3, 4), softcap) - lse)
         else:
             out, probs, high = self._decoded(query, mask, scale, softcap, n_win, n_high, rows)
-        seen = causal[t - rows:].sum(0).to(torch.float32) * g
-        self.layer.observed(probs.sum((2, 3)), seen, t, None if high is None else high.mean((2, 3)), rows)
+        seen = sees[t - rows:].sum(0).to(torch.float32) * g
+        self.layer.observed(probs.sum((2, 3)), seen, t, None if high is None else high.mean((2, 3)))
         return out, None
 
     def observe_last(self, query: torch.Tensor, scale: float) -> None:
@@ -65,9 +66,9 @@ class MixedStates:
         n_win = self.layer.wk.shape[2]
         rows = min(r, self.layer.observe, self.t)
         q = (query[:, :, r - rows:].float() * scale).view(b, h, hq // h, rows, d)
-        s = (q @ k[:, :, None].transpose(3, 4)).masked_fill(~_causal(rows, n, query.device), float("-inf"))
+        s = (q @ k[:, :, None].transpose(3, 4)).masked_fill(~causal(rows, n, query.device), float("-inf"))
         probs = torch.softmax(s, -1)[..., n - n_win:]
-        seen = _causal(rows, n_win, query.device).sum(0).to(torch.float32) * (hq // h)
+        seen = causal(rows, n_win, query.device).sum(0).to(torch.float32) * (hq // h)
         self.layer.observed(probs.sum((2, 3)), seen, self.t)
 
     def _decoded(self, query, mask, scale, softcap, n_win, n_high, rows):
@@ -98,8 +99,3 @@ class MixedStates:
                     high[:, :, :, a - first:r1 - first] = p[:, :, :, a - r0:, lo:n - n_win]
         out = out.to(query.dtype).view(b, hq, t, d).transpose(1, 2).contiguous()
         return out, probs, high
-
-
-def _causal(t: int, n: int, device) -> torch.Tensor:
-    """(t, n) bool: this call's t queries over the last n tokens, which end with the t new ones (causal)."""
-    return torch.ones(t, n, dtype=torch.bool, device=device).tril_(n - t)

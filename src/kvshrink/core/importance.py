@@ -1,0 +1,142 @@
+"""What importance-aware layers share (families/mixed: more bits; families/lowrank/important.py: more coordinates).
+
+Such a layer keeps its most recent tokens in a float16 **observation window** (`wk`, `wv`), where every query that
+reads them adds the probability it gave each one (summed over the KV head's query heads) to its score (`wsum` over
+`wseen` query rows). When tokens leave the window (every `gather` decode steps, or all of a long call's at once), each
+KV head keeps a running quota, round(share * left), of **high** tokens: the most attended among those it holds and
+the leaving ones (`picks`). With demotion, high tokens keep `hscore`, the moving average of the attention they get
+per query row over `memory` rows, and one that falls behind a leaving token goes down a class; without it the held
+ones always stay. What a class is (bits, coordinates) and where the others go is the family's `commit`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import KvshrinkError
+from .layer import FUSED_QUERIES
+
+
+class ObservedWindow:
+    """Mixin for a StoreLayer: the window, its scores and the quota. The family sets `share`, `window_size`,
+    `leave_gather`, `observe`, `demote`, `memory` and `layout`, and defines `high_tokens()` and `commit(long)`."""
+
+    def open_window(self, like: torch.Tensor, key_width: int, value_width: int, seed: int) -> None:
+        b, h = like.shape[:2]
+        self.wk = like.new_empty(b, h, 0, key_width, dtype=torch.float16)
+        self.wv = like.new_empty(b, h, 0, value_width, dtype=torch.float16)
+        self.wsum = like.new_zeros(b, h, 0, dtype=torch.float32)
+        self.wseen = torch.zeros_like(self.wsum)
+        self.draws = torch.Generator().manual_seed(seed)  # select="random": its picks, kept as scores
+        self.reset_scores()
+
+    def reset_scores(self) -> None:
+        """No high class yet (`hk`, `hv`: the family's), no scores, nothing left the window."""
+        self.hk = self.hv = self.hscore = None
+        self.left = 0  # tokens that left the window
+        self.unscored = 0  # query rows since the high class was last scored
+        self.demoted = 0.0  # tokens sent down from the high class, per head (the mean over heads)
+
+    def window_add(self, k16: torch.Tensor, v16: torch.Tensor) -> None:
+        """This call's float16 tokens join the window, unscored."""
+        self.wk = torch.cat([self.wk, k16[..., :self.wk.shape[-1]]], 2)
+        self.wv = torch.cat([self.wv, v16[..., :self.wv.shape[-1]]], 2)
+        zeros = self.wsum.new_zeros(*self.wsum.shape[:2], k16.shape[2])
+        self.wsum, self.wseen = torch.cat([self.wsum, zeros], 2), torch.cat([self.wseen, zeros], 2)
+
+    def observed(self, probs: torch.Tensor, seen: torch.Tensor, t: int, high: torch.Tensor | None = None) -> None:
+        """probs (B, H, n_win): the attention the observed rows of a call of t tokens gave each window token; seen
+        (n_win,) how many rows could see it; high (B, H, n_high): the mean attention per row the high tokens got from
+        the same rows (where they are re-ranked). Then the tokens past the window leave (`commit`)."""
+        self.wsum += probs
+        self.wseen += seen
+        self.unscored += t
+        if high is not None and self.hscore is not None:  # these rows stand for all since the last scores
+            kept = math.exp(-self.unscored / self.memory)
+            self.hscore.mul_(kept).add_(high, alpha=1.0 - kept)
+            self.unscored = 0
+        self.commit(long=t > FUSED_QUERIES)
+
+    def commits(self, t: int) -> bool:
+        """Whether tokens leave the window after this call of t tokens (a decode step's once `gather` wait)."""
+        out = self.wk.shape[2] - self.window_size
+        return out > 0 and (t > FUSED_QUERIES or out >= self.leave_gather)
+
+    def rescored(self, t: int) -> int:
+        """High tokens a call of t tokens scores: all of them where tokens leave after it (with demotion)."""
+        return self.high_tokens() if self.demote and self.select != "random" and self.commits(t) else 0
+
+    def importance(self) -> torch.Tensor:
+        """(B, H, n_win) the mean attention each window token has received so far (0 before any query saw it)."""
+        return self.wsum / self.wseen.clamp_min(1.0)
+
+    def picks(self, out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Among the held high tokens and the `out` leaving ones (in that order), each head's quota ->
+        (picked (B, H, keep), rest (B, H, held + out - keep): indices in order, chosen (B, H, held + out) bool, the
+        leaving tokens' scores (B, H, out)). Sets the picks' `hscore` and counts the demoted."""
+        b, h = self.wk.shape[:2]
+        held = self.high_tokens()
+        keep = min(held + out, max(held, round(self.share * (self.left + out))))
+        score = self.importance()[..., :out]
+        rank = score
+        if self.select == "random":  # the ablation: the same share drawn at random (and demoted at random)
+            rank = torch.rand(score.shape, generator=self.draws).to(score.device)
+        if held:
+            ranked = self.hscore if self.demote else rank.new_full((b, h, held), float("inf"))
+            rank = torch.cat([ranked, rank], 2)
+        chosen = torch.zeros(b, h, held + out, dtype=torch.bool, device=rank.device)
+        if keep:
+            chosen.scatter_(2, rank.topk(keep, dim=2).indices, True)
+        picked = chosen.nonzero()[:, 2].view(b, h, keep)  # row-major: each head's picks in order, held first
+        rest = (~chosen).nonzero()[:, 2].view(b, h, held + out - keep)
+        self.demoted += int((~chosen[..., :held]).sum()) / (b * h)
+        self.hscore = rank.gather(2, picked) if keep and self.demote else None
+        return picked, rest, chosen, score
+
+    def leave(self, out: int) -> None:
+        """The first `out` window tokens have left."""
+        self.wk, self.wv = self.wk[:, :, out:].clone(), self.wv[:, :, out:].clone()
+        self.wsum, self.wseen = self.wsum[..., out:].clone(), self.wseen[..., out:].clone()
+        self.left += out
+
+    def crop_window(self, keep: int) -> None:
+        """Keep the first `keep` tokens held: only a cut within the window (each head holds other tokens below)."""
+        coded = self.held() - self.wk.shape[2]
+        if keep < coded:
+            raise KvshrinkError(f"{self.layout} crops only within its float16 window: it can drop at most "
+                                f"{self.held() - coded} of its {self.held()} tokens")
+        n = keep - coded
+        self.wk, self.wv = self.wk[:, :, :n].clone(), self.wv[:, :, :n].clone()
+        self.wsum, self.wseen = self.wsum[..., :n].clone(), self.wseen[..., :n].clone()
+
+    def reset(self) -> None:
+        super().reset()
+        self.reset_scores()
+
+    def _keep_first(self, keep: int) -> None:
+        self.crop_window(keep)
+
+    def slide(self, window: int) -> None:
+        raise KvshrinkError(f"{self.layout} keeps each head's own tokens per class and cannot free the oldest by "
+                            "position: no sliding-window layers")
+
+    def window_map(self, on_tensor) -> None:
+        self.wk, self.wv = on_tensor(self.wk), on_tensor(self.wv)
+        self.wsum, self.wseen = on_tensor(self.wsum), on_tensor(self.wseen)
+        if self.hscore is not None:
+            self.hscore = on_tensor(self.hscore)
+
+    def window_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.wk, self.wv, self.wsum, self.wseen, self.hscore) if t is not None]
+
+
+def causal(t: int, n: int, device) -> torch.Tensor:
+    """(t, n) bool: this call's t queries over the last n tokens, which end with the t new ones (causal)."""
+    return torch.ones(t, n, dtype=torch.bool, device=device).tril_(n - t)
+
+
+def rows_of(index: torch.Tensor, d: int) -> torch.Tensor:
+    """index (B, H, n) as a gather index over head vectors of width d."""
+    return index[..., None].expand(*index.shape, d)

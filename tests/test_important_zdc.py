@@ -1,0 +1,178 @@
+"""Importance-aware ZDC (families/lowrank/important.py): a share of each head's tokens keeps every coordinate.
+
+Properties:
+- every token is held exactly once, at its head's rank or more: the leading coordinates of all that an importance-aware
+  layer holds are those a plain ZDC layer of the same ranks holds, token for token; each head keeps round(share *
+  left) high tokens at every coordinate, through a prompt and decode steps, with demotions among them;
+- demotion never widens: a high token comes from the high class or the window, and one cut to the body never
+  comes back;
+- each class holds exactly its tensors' bytes (float16 coordinates, float32 scores, nothing else);
+- the kernel's decode steps equal the decoded path's with both classes (and its scores, from its log-sum-exp, the
+  decoded path's probabilities);
+- what the layout cannot do refuses in one line.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from kvshrink import KvshrinkError, from_method, get_method
+from kvshrink.eval.needle import fill, prefill_states
+from kvshrink.families.lowrank import transform as zdc
+
+SHARE, WINDOW, GATHER = 0.1, 16, 16
+MIX = "zdc-mix-50:gather=4:memory=8"  # leave often, forget fast: demotions within a short test
+
+
+def _ids(n, seed=0):
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def zmodel(tiny_model):
+    torch.manual_seed(1)
+    return zdc.apply(copy.deepcopy(tiny_model),
+                     zdc.calibrate(tiny_model, torch.randint(3, 128, (2, 48)), {"test": True}))
+
+
+@torch.no_grad()
+def _feed(m, cache, ids, steps, seed=1, each=None):
+    """A prompt, then decode steps of fixed tokens; each(cache) after every call."""
+    out = [m(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+    for tok in _ids(steps, seed)[0]:
+        if each:
+            each(cache)
+        out.append(m(tok.view(1, 1), past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.cat(out)
+
+
+def _rows(x):
+    """(n, w) -> the sorted list of its rows as tuples (a multiset of tokens, exact)."""
+    return sorted(tuple(r) for r in x.tolist())
+
+
+def test_every_token_is_held_once_at_its_rank_or_more(zmodel):
+    """Layer 0's keys and values do not depend on the cache: an importance-aware layer and a plain one (the same
+    ranks, share 0) hold the same tokens, compared at the head's rank; the high tokens keep every coordinate."""
+    ids = _ids(150)
+    mixed, plain = from_method(MIX, zmodel), from_method(MIX + ":share=0", zmodel)
+    _feed(zmodel, mixed, ids, 40)
+    _feed(zmodel, plain, ids, 40)
+    lm, lp = mixed.layers[0], plain.layers[0]
+    assert lm.demoted > 0 and lm.high_tokens() == round(SHARE * lm.left)
+    assert lm.held() == lp.held() == 190
+    for stores_m, stores_p, high, win in ((lm.ks, lp.ks, lm.hk, lm.wk), (lm.vs, lp.vs, lm.hv, lm.wv)):
+        for h, (sm, sp) in enumerate(zip(stores_m, stores_p)):
+            r = sm.body_width
+            assert high.shape[-1] == win.shape[-1] == sm.dense_width > r  # the high class: every coordinate
+            got = torch.cat([sm.sink[0, 0, :, :r], high[0, h, :, :r], sm.middle(torch.float16)[0, 0],
+                             win[0, h, :, :r]])
+            want = torch.cat([sp.sink[0, 0, :, :r], sp.middle(torch.float16)[0, 0], sp.window[0, 0, :, :r]])
+            assert _rows(got) == _rows(want)
+
+
+def test_demotion_never_widens(zmodel):
+    """At every step each head's high tokens come from its high class or its window, and a token cut to the body
+    is never high again."""
+    cache = from_method(MIX, zmodel)
+    layer = cache.layers[1]
+    before, gone = {}, [set(), set()]
+
+    def check(c):
+        hk = layer.hk if layer.hk is not None else layer.wk[:, :, :0]
+        first = not before
+        for h in range(2):
+            now = set(_rows(hk[0, h]))
+            if not first:
+                high, window = before[h]
+                assert now <= high | window | set(_rows(layer.wk[0, h]))
+                gone[h] |= high - now
+                assert not now & gone[h]
+            before[h] = (now, set(_rows(layer.wk[0, h])))
+
+    _feed(zmodel, cache, _ids(120, seed=2), 60, each=check)
+    check(cache)
+    assert layer.demoted > 0 and all(gone)
+
+
+def test_each_class_holds_its_tensors_bytes(zmodel):
+    cache = from_method(MIX, zmodel)
+    _feed(zmodel, cache, _ids(140, seed=3), 30)
+    total = 0
+    for layer in cache.layers:
+        n_high, n_win = layer.high_tokens(), layer.wk.shape[2]
+        w = layer.wk.shape[-1]
+        for h, (ks, vs) in enumerate(zip(layer.ks, layer.vs)):
+            n_body = len(ks) - ks.sink.shape[-2]
+            assert n_body == len(vs) - vs.sink.shape[-2] == layer.held() - 4 - n_high - n_win
+            total += 2 * (4 * w * 2 + n_body * (layer.rk[h] + layer.rv[h]))  # float16 sinks and bodies
+        total += 2 * 2 * 2 * (n_high + n_win) * w  # float16 high class and window, keys and values, 2 heads
+        total += 4 * 2 * (2 * n_win + n_high)  # float32: the window's sums and rows seen, the high tokens' scores
+    assert cache.nbytes() == total + 8 * (cache.ranks.k.numel() + cache.ranks.v.numel())  # and the rank table
+    assert cache.fp16_nbytes() / cache.nbytes() > 1.4
+
+
+def test_kernel_equals_the_decoded_path_with_both_classes(zmodel):
+    """Each step is taken twice on the same cache: by the kernel and by a copy that attends over the decoded
+    segments. Logits, the window's observed attention and the high class's scores agree, and the same tokens
+    leave to the same classes."""
+    cache = from_method(MIX, zmodel)
+    _feed(zmodel, cache, _ids(150, seed=4), 10)
+    layer = cache.layers[1]
+    assert layer.high_tokens() and layer.ks[0].fresh.shape[-2]  # both classes and float16 decode tokens
+    differ = False
+    with torch.no_grad():
+        for tok in _ids(12, seed=5)[0]:
+            other = cache.decoding_copy()
+            a = zmodel(tok.view(1, 1), past_key_values=cache, use_cache=True).logits
+            b = zmodel(tok.view(1, 1), past_key_values=other, use_cache=True).logits
+            differ |= not torch.equal(a, b)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            for x, y in zip(cache.layers, other.layers):
+                torch.testing.assert_close(x.wsum, y.wsum, rtol=1e-4, atol=1e-6)
+                assert (x.hk is None) == (y.hk is None)
+                if x.hk is not None:
+                    assert torch.equal(x.hk, y.hk)
+                    torch.testing.assert_close(x.hscore, y.hscore, rtol=1e-4, atol=1e-6)
+    assert differ  # two paths really ran
+
+
+def test_a_needle_fill_scores_the_window_with_the_captured_queries(zmodel):
+    ids = _ids(100, seed=6)
+    cache = from_method("zdc-mix-50", zmodel)
+    fill(cache, prefill_states(zmodel, ids))
+    for layer in cache.layers:
+        assert layer.held() == 100 and layer.wk.shape[2] == WINDOW
+        assert layer.high_tokens() == round(SHARE * (100 - 4 - WINDOW))
+    with pytest.raises(KvshrinkError, match="captured queries"):
+        fill(from_method("zdc-mix-50", zmodel), list(prefill_states(zmodel, ids)))
+
+
+def test_what_the_layout_cannot_do_refuses_in_one_line(zmodel):
+    cache = from_method("zdc-mix-50", zmodel)
+    _feed(zmodel, cache, _ids(80, seed=7), 2)
+    with pytest.raises(KvshrinkError, match="crops only within its float16 window"):
+        cache.crop(-(cache.layers[0].wk.shape[2] + 1))
+    cache.crop(-3)  # within the window
+    assert cache.get_seq_length() == 79
+    with pytest.raises(KvshrinkError, match="sequence-parallel"):
+        cache.exchange_form(0)
+    assert not get_method("zdc-mix-50").config.can_save and get_method("zdc-50").config.can_save
+    for bad, why in (("zdc-mix-50:window=0", "window >= 1"), ("zdc-mix-50:share=2", "share must be")):
+        with pytest.raises(KvshrinkError, match=why):
+            get_method(bad)
+
+
+def test_random_picks_keep_the_same_share_and_other_tokens(zmodel):
+    """The ablation: the same quota, drawn at random (seeded), so other tokens than attention's picks."""
+    ids = _ids(150, seed=8)
+    picked = {}
+    for select in ("attention", "random"):
+        cache = from_method(f"{MIX}:select={select}", zmodel)
+        _feed(zmodel, cache, ids, 20)
+        layer = cache.layers[0]
+        assert layer.high_tokens() == round(SHARE * layer.left)
+        assert ("drawn at random" in cache.describe()) == (select == "random")
+        picked[select] = set(_rows(layer.hk[0, 0]))
+    assert picked["attention"] != picked["random"]
