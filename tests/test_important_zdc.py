@@ -176,3 +176,27 @@ def test_random_picks_keep_the_same_share_and_other_tokens(zmodel):
         assert ("drawn at random" in cache.describe()) == (select == "random")
         picked[select] = set(_rows(layer.hk[0, 0]))
     assert picked["attention"] != picked["random"]
+
+
+@pytest.mark.parametrize("attend", ["fused", "decode"])
+def test_a_left_padded_row_never_sees_its_padding(zmodel, attend):
+    """A row's masked padding is invisible on both paths: after a prompt and decode steps that move tokens into the
+    high class, the row's logits do not depend on what the padding holds (the mask covers sink and body in their
+    order; the high class sits after the body)."""
+    pad, n = 20, 150
+    real = _ids(n - pad, seed=9)
+    mask = torch.ones(2, n, dtype=torch.long)
+    mask[1, :pad] = 0
+    logits = []
+    for fill_id in (0, 77):
+        batch = torch.cat([_ids(n, seed=10), torch.cat([torch.full((1, pad), fill_id), real], 1)])
+        cache, am, out = from_method(f"{MIX}:attend={attend}", zmodel), mask, []
+        with torch.no_grad():
+            out.append(zmodel(batch, attention_mask=am, past_key_values=cache, use_cache=True).logits[1, -1])
+            for tok in _ids(20, seed=11)[0]:
+                am = torch.cat([am, torch.ones(2, 1, dtype=torch.long)], 1)
+                step = zmodel(tok.view(1, 1).expand(2, 1), attention_mask=am, past_key_values=cache, use_cache=True)
+                out.append(step.logits[1, -1])
+        assert cache.layers[1].high_tokens() > round(SHARE * (n - 4 - WINDOW))  # the high class grew while decoding
+        logits.append(torch.stack(out))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)

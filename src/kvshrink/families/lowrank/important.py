@@ -12,8 +12,10 @@ exact (the body holds the token's leading coordinates, what it would have held h
 nothing is ever widened back.
 
 Attention is order-free over the past (positions live in the rotated keys), so the high class is one more dense
-segment: on the decoded path between the sink and the body, for the compiled kernel beside the sink tokens (same
-width, float16). The kernel hands back each row's log-sum-exp, so a decode step's window (and, when tokens leave
+segment, between the body and the window on both paths (for the compiled kernel, joined to the window: same width,
+float16). The body keeps its tokens' order right after the sink, so a left-padded row's mask still covers its
+padding: padding draws no attention and never goes high (with `select=random` it can: then a padded batch's
+masks fall on other tokens, as `mix-*`'s do). The kernel hands back each row's log-sum-exp, so a decode step's window (and, when tokens leave
 after it, the high class) is scored exactly: exp(logit - lse). What this layout cannot do: crop below its window,
 slide (sliding layers free their oldest tokens by position), save, or run the Triton kernel (it gives no
 log-sum-exp); each refuses in one line, or says once that CUDA decodes the history.
@@ -76,31 +78,33 @@ class ImportantLayer(ObservedWindow, ZdcLayer):
         return states, states
 
     def _segments(self, k: torch.Tensor, v: torch.Tensor) -> list:
-        """Per head, what the decoded path attends over: sink, high class, body (with its float16 decode tokens),
-        window, this call's tokens (exact)."""
+        """Per head, what the decoded path attends over: sink, body (with its float16 decode tokens), high class,
+        window, this call's tokens (exact). The body keeps its tokens' order right after the sink, so a left-padded
+        row's mask still falls on its padding (which draws no attention, so never goes high)."""
         dtype = k.dtype
         heads = []
         for h, (ks, vs) in enumerate(zip(self.ks, self.vs)):
             segs = [Segment(ks.sink[:, 0].to(dtype), vs.sink[:, 0].to(dtype))]
-            if self.hk is not None:
-                segs.append(Segment(self.hk[:, h].to(dtype), self.hv[:, h].to(dtype)))
             if len(ks) - ks.sink.shape[-2]:
                 segs.append(Segment(ks.middle(dtype)[:, 0], vs.middle(dtype)[:, 0]))
+            if self.hk is not None:
+                segs.append(Segment(self.hk[:, h].to(dtype), self.hv[:, h].to(dtype)))
             segs.append(Segment(self.wk[:, h].to(dtype), self.wv[:, h].to(dtype)))
             segs.append(Segment(k[:, h], v[:, h]))
             heads.append(segs)
         return heads
 
     def _kernel_states(self, k: torch.Tensor, v: torch.Tensor) -> LowRankStates:
-        """The kernel's inputs: the high class joins the sink tokens (same width, float16; order-free)."""
+        """The kernel's inputs: the high class joins the window (same width, float16), after the body as on the
+        decoded path."""
         pairs = list(zip(self.ks, self.vs))
-        sinks = [(ks.sink[:, 0], vs.sink[:, 0]) for ks, vs in pairs]
+        windows = [(self.wk[:, h], self.wv[:, h]) for h in range(len(pairs))]
         if self.hk is not None:
-            sinks = [(torch.cat([sk, self.hk[:, h]], 1), torch.cat([sv, self.hv[:, h]], 1))
-                     for h, (sk, sv) in enumerate(sinks)]
+            windows = [(torch.cat([self.hk[:, h], wk], 1), torch.cat([self.hv[:, h], wv], 1))
+                       for h, (wk, wv) in enumerate(windows)]
         bodies = [(ks.body, vs.body) for ks, vs in pairs] if self.ks[0].body is not None else None
-        return LowRankStates(sinks, bodies, [(ks.fresh[:, 0], vs.fresh[:, 0]) for ks, vs in pairs],
-                             [(self.wk[:, h], self.wv[:, h]) for h in range(len(pairs))], (k, v),
+        return LowRankStates([(ks.sink[:, 0], vs.sink[:, 0]) for ks, vs in pairs], bodies,
+                             [(ks.fresh[:, 0], vs.fresh[:, 0]) for ks, vs in pairs], windows, (k, v),
                              self.ks[0].codec, self.vs[0].codec, self.ks[0].block, self.splits, scored=True)
 
     def commit(self, long: bool = False) -> None:
@@ -195,7 +199,7 @@ class ImportantStates:
             high = _probs(q, layer.hk, lse, softcap) if n_high else None
         else:
             w = self.decoded
-            w.watch(t - rows, n_win, n_high, layer.ks[0].sink.shape[-2])
+            w.watch(t - rows, n_win, n_high)
             out, _ = w.attend(module, query, mask, scaling, softcap)
             probs, high = w.window, w.high
         seen = sees[t - rows:].sum(0).to(torch.float32) * g
@@ -205,10 +209,10 @@ class ImportantStates:
 
 class _Watched(ZdcStates):
     """ZdcStates that keep the probabilities of the last rows over the window's columns (the last n_win) and the
-    high class's (just after the sink): `window` (B, H, G, rows, n_win), `high` (B, H, G, rows, n_high) or None."""
+    high class's (just before them): `window` (B, H, G, rows, n_win), `high` (B, H, G, rows, n_high) or None."""
 
-    def watch(self, first: int, n_win: int, n_high: int, n_sink: int) -> None:
-        self.first, self.n_win, self.n_high, self.n_sink = first, n_win, n_high, n_sink
+    def watch(self, first: int, n_win: int, n_high: int) -> None:
+        self.first, self.n_win, self.n_high = first, n_win, n_high
         self.window = self.high = None
 
     def observe(self, head: int, t0: int, t: int, probs: torch.Tensor) -> None:
@@ -222,7 +226,7 @@ class _Watched(ZdcStates):
             return
         self.window[:, head, :, a - self.first:t0 + tc - self.first] = probs[:, :, a - t0:, s - self.n_win:]
         if self.high is not None:
-            lo = self.n_sink
+            lo = s - self.n_win - self.n_high
             self.high[:, head, :, a - self.first:t0 + tc - self.first] = probs[:, :, a - t0:, lo:lo + self.n_high]
 
 
