@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from ..attention.logits import soft_cap
 from ..errors import KvshrinkError
 from .layer import FUSED_QUERIES
 
@@ -58,6 +59,30 @@ class ObservedWindow:
             self.hscore.mul_(kept).add_(high, alpha=1.0 - kept)
             self.unscored = 0
         self.commit(long=t > FUSED_QUERIES)
+
+    def observe_rows(self, probs: torch.Tensor, t: int, high: torch.Tensor | None = None) -> None:
+        """probs (B, H, G, rows, n_win): what the last rows of a call of t tokens gave the window, zero where a row
+        cannot see a token; high (B, H, G, rows, n_high) or None: what they gave the high tokens. -> `observed`."""
+        g, rows, n_win = probs.shape[2:]
+        if t > 1:
+            seen = causal(t, n_win, probs.device)[t - rows:].sum(0).to(torch.float32) * g
+        else:
+            seen = float(g)  # a single decode token sees the whole window
+        self.observed(probs.sum((2, 3)), seen, t, None if high is None else high.mean((2, 3)))
+
+    def observe_queries(self, queries: torch.Tensor, keys: torch.Tensor, t: int) -> None:
+        """Score the window by the captured last query rows (B, Hq, r, d) of a call of t tokens, post-RoPE, over
+        keys (B, H, n, d) that end with the window's, as an uncompressed prefill captured them (eval/needle.py):
+        what attending would have observed."""
+        b, hq, r, d = queries.shape
+        h, n = keys.shape[1], keys.shape[2]
+        n_win = self.wk.shape[2]
+        rows = min(r, self.observe, t)
+        q = (queries[:, :, r - rows:].float() * d ** -0.5).view(b, h, hq // h, rows, d)
+        s = (q @ keys.float()[:, :, None].transpose(3, 4)).masked_fill(~causal(rows, n, q.device), float("-inf"))
+        probs = torch.softmax(s, -1)[..., n - n_win:]
+        seen = causal(rows, n_win, q.device).sum(0).to(torch.float32) * (hq // h)
+        self.observed(probs.sum((2, 3)), seen, t)
 
     def commits(self, t: int) -> bool:
         """Whether tokens leave the window after this call of t tokens (a decode step's once `gather` wait)."""
@@ -135,6 +160,17 @@ class ObservedWindow:
 def causal(t: int, n: int, device) -> torch.Tensor:
     """(t, n) bool: this call's t queries over the last n tokens, which end with the t new ones (causal)."""
     return torch.ones(t, n, dtype=torch.bool, device=device).tril_(n - t)
+
+
+def lse_probs(q: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, softcap, t: int = 1) -> torch.Tensor:
+    """q (B, H, G, rows, d): the last rows of a call of t tokens, scaled (in the keys' coordinates); keys (B, H, n, w)
+    with w <= d; lse (B, H, G, rows, 1): each row's log-sum-exp from a kernel -> the rows' probabilities of the keys,
+    exp(logit - lse), zero where a row of a longer call cannot see a key (keys ending with the call's own)."""
+    p = torch.exp(soft_cap(q[..., :keys.shape[-1]] @ keys.float()[:, :, None].transpose(3, 4), softcap) - lse)
+    if t > 1:
+        rows, n = p.shape[-2:]
+        p = p.masked_fill(~causal(t, n, p.device)[t - rows:], 0.0)
+    return p
 
 
 def rows_of(index: torch.Tensor, d: int) -> torch.Tensor:

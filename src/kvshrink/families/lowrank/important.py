@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ...attention.logits import soft_cap
-from ...core.importance import ObservedWindow, causal, rows_of
+from ...core.importance import ObservedWindow, lse_probs, rows_of
 from ...core.layer import FUSED_QUERIES
 from ...core.store import half_checked
 from ...errors import KvshrinkError
@@ -156,16 +155,7 @@ class ImportantLayer(ObservedWindow, ZdcLayer):
             raise KvshrinkError("an importance-aware cache is filled from prefill states with captured queries")
         v = torch.einsum("bhtd,hde->bhte", value_states, self.uv.to(value_states))
         self.update(key_states, v)
-        b, hq, r, d = queries.shape
-        h, n = key_states.shape[1], key_states.shape[2]
-        n_win = self.wk.shape[2]
-        rows = min(r, self.observe, n)
-        q = (queries[:, :, r - rows:].float() * d ** -0.5).view(b, h, hq // h, rows, d)
-        s = (q @ key_states.float()[:, :, None].transpose(3, 4)).masked_fill(~causal(rows, n, q.device),
-                                                                             float("-inf"))
-        probs = torch.softmax(s, -1)[..., n - n_win:]
-        seen = causal(rows, n_win, q.device).sum(0).to(torch.float32) * (hq // h)
-        self.observed(probs.sum((2, 3)), seen, n)
+        self.observe_queries(queries, key_states, key_states.shape[2])
 
 
 class ImportantStates:
@@ -185,25 +175,19 @@ class ImportantStates:
         b, hq, t, d = query.shape
         h = len(layer.ks)
         g = hq // h
-        n_win, n_high = layer.wk.shape[2], layer.rescored(t)
-        rows = min(t, layer.observe)
-        sees = causal(t, n_win, query.device)
+        n_high, rows = layer.rescored(t), min(t, layer.observe)
         if self.kernel is not None:
             out, _ = self.kernel.attend(module, query, mask, scaling, softcap)
-            scale = scaling if scaling is not None else d ** -0.5
-            q = (query.float().reshape(b, h, g, t, d)[:, :, :, t - rows:] @ module.zdc_qk.float()[None, :, None]) * scale
+            q = self.kernel.q.view(b, h, g, t, d)[:, :, :, t - rows:]  # the kernel's: dual coordinates, scaled
             lse = self.kernel.lse.view(b, h, g, t, 1)[:, :, :, t - rows:]
-            probs = _probs(q, layer.wk, lse, softcap)
-            if t > 1:
-                probs = probs.masked_fill(~sees[t - rows:], 0.0)
-            high = _probs(q, layer.hk, lse, softcap) if n_high else None
+            probs = lse_probs(q, layer.wk, lse, softcap, t)
+            high = lse_probs(q, layer.hk, lse, softcap) if n_high else None
         else:
             w = self.decoded
-            w.watch(t - rows, n_win, n_high)
+            w.watch(t - rows, layer.wk.shape[2], n_high)
             out, _ = w.attend(module, query, mask, scaling, softcap)
             probs, high = w.window, w.high
-        seen = sees[t - rows:].sum(0).to(torch.float32) * g
-        layer.observed(probs.sum((2, 3)), seen, t, None if high is None else high.mean((2, 3)))
+        layer.observe_rows(probs, t, high)
         return out, None
 
 
@@ -228,9 +212,3 @@ class _Watched(ZdcStates):
         if self.high is not None:
             lo = s - self.n_win - self.n_high
             self.high[:, head, :, a - self.first:t0 + tc - self.first] = probs[:, :, a - t0:, lo:lo + self.n_high]
-
-
-def _probs(q: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, softcap) -> torch.Tensor:
-    """q (B, H, G, rows, D) in the keys' dual coordinates, scaled; keys (B, H, n, w) float16 -> exp(logit - lse)."""
-    w = keys.shape[-1]
-    return torch.exp(soft_cap(q[..., :w] @ keys.float()[:, :, None].transpose(3, 4), softcap) - lse)

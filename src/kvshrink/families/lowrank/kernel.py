@@ -263,8 +263,9 @@ class LowRankStates:
     value_codec: Codec
     block: int
     splits: int = 4
-    scored: bool = False  # hand back each query row's log-sum-exp (`lse`, (B, H, R)) after `attend`
+    scored: bool = False  # keep each query row's log-sum-exp (`lse`, (B, H, R)) and the query `q` after `attend`
     lse: torch.Tensor | None = None
+    q: torch.Tensor | None = None  # (B, H, R, head_dim) in the keys' dual coordinates, scaled
 
     @property
     def length(self) -> int:
@@ -280,6 +281,8 @@ class LowRankStates:
         s = self.length
         scale = scaling if scaling is not None else d ** -0.5
         q = torch.matmul(query.float().reshape(b, h, g * t, d), module.zdc_qk.float()).mul_(scale)
+        if self.scored:
+            self.q = q
         vis = bool_mask(mask)
         if vis is None:
             vis = torch.ones(b, t, s, dtype=torch.bool, device=query.device).tril_(s - t)

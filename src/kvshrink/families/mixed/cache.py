@@ -218,7 +218,7 @@ class MixedCache(CompressedCache):
             raise KvshrinkError("an importance-aware cache is filled from prefill states with captured queries")
         for i, (k, v) in enumerate(states):
             st, _ = self.update(k, v, i)
-            st.observe_last(queries[i], k.shape[-1] ** -0.5)
+            self.layers[i].observe_queries(queries[i], st.keys, st.t)
 
     def _describe(self) -> str:
         m = self.mixed

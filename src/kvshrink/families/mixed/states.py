@@ -16,7 +16,7 @@ import torch
 
 from ...attention.logits import soft_cap
 from ...attention.masks import mask_bias
-from ...core.importance import causal
+from ...core.importance import lse_probs
 
 ROWS = 256  # query tokens per block of the decoded attention: bounds its logits at a long prompt
 
@@ -37,39 +37,20 @@ class MixedStates:
         n_win = self.layer.wk.shape[2]
         # the high class is scored only by calls after which tokens leave (where they are re-ranked)
         n_high = self.layer.rescored(t)
-        sees = causal(t, n_win, query.device)
         rows = min(t, self.layer.observe)
         g = hq // h
         if self.split is not None:
             out, _ = self.split.attend(module, query, mask, scaling, softcap)
             q = (query.float() * scale).view(b, h, g, t, d)[:, :, :, t - rows:]
             lse = self.split.body.lse.view(b, h, g, t, 1)[:, :, :, t - rows:]
-            probs = torch.exp(soft_cap(q @ self.layer.wk.float()[:, :, None].transpose(3, 4), softcap) - lse)
-            if t > 1:  # a single decode token sees the whole window
-                probs = probs.masked_fill(~sees[t - rows:], 0.0)
+            probs = lse_probs(q, self.layer.wk, lse, softcap, t)
             high = None
             if n_high:  # the high class decoded for its scores only (the kernel read it in place)
-                keys = self.layer.high.decode(self.layer.hk, torch.float32)
-                high = torch.exp(soft_cap(q @ keys[:, :, None].transpose(3, 4), softcap) - lse)
+                high = lse_probs(q, self.layer.high.decode(self.layer.hk, torch.float32), lse, softcap)
         else:
             out, probs, high = self._decoded(query, mask, scale, softcap, n_win, n_high, rows)
-        seen = sees[t - rows:].sum(0).to(torch.float32) * g
-        self.layer.observed(probs.sum((2, 3)), seen, t, None if high is None else high.mean((2, 3)))
+        self.layer.observe_rows(probs, t, high)
         return out, None
-
-    def observe_last(self, query: torch.Tensor, scale: float) -> None:
-        """Score the window by the given last query rows of this call (B, Hq, r, d), post-RoPE, as an uncompressed
-        prefill captured them (eval/needle.py), instead of attending: what `attend` would have observed."""
-        b, hq, r, d = query.shape
-        k = self.keys
-        h, n = k.shape[1], k.shape[2]
-        n_win = self.layer.wk.shape[2]
-        rows = min(r, self.layer.observe, self.t)
-        q = (query[:, :, r - rows:].float() * scale).view(b, h, hq // h, rows, d)
-        s = (q @ k[:, :, None].transpose(3, 4)).masked_fill(~causal(rows, n, query.device), float("-inf"))
-        probs = torch.softmax(s, -1)[..., n - n_win:]
-        seen = causal(rows, n_win, query.device).sum(0).to(torch.float32) * (hq // h)
-        self.layer.observed(probs.sum((2, 3)), seen, self.t)
 
     def _decoded(self, query, mask, scale, softcap, n_win, n_high, rows):
         """Softmax attention over the decoded history in blocks of query rows -> (output (B, T, Hq, d), the
