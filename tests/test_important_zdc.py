@@ -9,17 +9,28 @@ Properties:
 - each class holds exactly its tensors' bytes (float16 coordinates, float32 scores, nothing else);
 - the kernel's decode steps equal the decoded path's with both classes (and its scores, from its log-sum-exp, the
   decoded path's probabilities);
-- what the layout cannot do refuses in one line.
+- what the layout cannot do refuses in one line;
+- allocated shares: the measurement's round trip cuts exactly the coordinates the cache drops, the allocation is the
+  least loss within the bytes of a uniform share (each layer weighted by what a high token costs there), and each
+  layer keeps its allocated share.
 """
 
 import copy
+import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvshrink import KvshrinkError, from_method, get_method
+from kvshrink import KvshrinkError, from_method, get_method, load_cache
+from kvshrink.codecs.base import Fp16
 from kvshrink.eval.needle import fill, prefill_states
+from kvshrink.families.lowrank import cache as zdc_cache
+from kvshrink.families.lowrank import shares as zdc_shares
 from kvshrink.families.lowrank import transform as zdc
+from kvshrink.families.lowrank.cache import ZdcCache
+from kvshrink.families.mixed import allocate
 
 SHARE, WINDOW, GATHER = 0.1, 16, 16
 MIX = "zdc-mix-50:gather=4:memory=8"  # leave often, forget fast: demotions within a short test
@@ -56,7 +67,8 @@ def test_every_token_is_held_once_at_its_rank_or_more(zmodel):
     """Layer 0's keys and values do not depend on the cache: an importance-aware layer and a plain one (the same
     ranks, share 0) hold the same tokens, compared at the head's rank; the high tokens keep every coordinate."""
     ids = _ids(150)
-    mixed, plain = from_method(MIX, zmodel), from_method(MIX + ":share=0", zmodel)
+    mixed = from_method(MIX, zmodel)
+    plain = ZdcCache(zmodel, mixed.ranks, Fp16(), sink=4, window=WINDOW)
     _feed(zmodel, mixed, ids, 40)
     _feed(zmodel, plain, ids, 40)
     lm, lp = mixed.layers[0], plain.layers[0]
@@ -158,8 +170,9 @@ def test_what_the_layout_cannot_do_refuses_in_one_line(zmodel):
     assert cache.get_seq_length() == 79
     with pytest.raises(KvshrinkError, match="sequence-parallel"):
         cache.exchange_form(0)
-    assert not get_method("zdc-mix-50").config.can_save and get_method("zdc-50").config.can_save
-    for bad, why in (("zdc-mix-50:window=0", "window >= 1"), ("zdc-mix-50:share=2", "share must be")):
+    assert get_method("zdc-mix-50").config.can_save and get_method("zdc-50").config.can_save
+    for bad, why in (("zdc-mix-50:window=0", "window >= 1"), ("zdc-mix-50:share=2", "share must be"),
+                     ("zdc-mix-50:share=0.5", "on average needs a share .* below 0.5")):
         with pytest.raises(KvshrinkError, match=why):
             get_method(bad)
 
@@ -200,3 +213,108 @@ def test_a_left_padded_row_never_sees_its_padding(zmodel, attend):
         assert cache.layers[1].high_tokens() > round(SHARE * (n - 4 - WINDOW))  # the high class grew while decoding
         logits.append(torch.stack(out))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
+def test_the_share_calibrations_round_trip_cuts_what_the_cache_drops(zmodel):
+    """Keys turned into the head's basis keep their leading r coordinates and lose the rest unless kept; values (in
+    basis coordinates already) likewise; the sink and the picked tokens come back unchanged."""
+    calib = zmodel.kvshrink_zdc
+    ranks = zdc.choose_ranks(calib, 0.44, "uniform")
+    picked = torch.zeros(2, 40, dtype=torch.bool)
+    picked[0, 10], picked[1, 30] = True, True
+    trip = zdc_shares.trips(calib, ranks, sink=4)(1, picked)
+    keep = picked.clone()
+    keep[:, :4] = True
+    x = torch.randn(1, 2, 40, D := calib.shape[-1], dtype=torch.float64)
+    for name, into in (("key", calib.uk[1].double()), ("value", torch.eye(D, dtype=torch.float64).expand(2, D, D))):
+        rank = (ranks.k if name == "key" else ranks.v)[1]
+        y = trip[name](x)
+        cx, cy = x[0] @ into, y[0] @ into
+        for h in range(2):
+            r = int(rank[h])
+            torch.testing.assert_close(cy[h][:, :r], cx[h][:, :r], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cy[h][~keep[h], r:], torch.zeros_like(cy[h][~keep[h], r:]), rtol=0,
+                                       atol=1e-5)
+            torch.testing.assert_close(y[0, h][keep[h]], x[0, h][keep[h]], rtol=1e-5, atol=1e-5)
+    assert zdc_shares.extra(ranks) == [2 * 2 * (D - int(ranks.k[0, 0]))] * 2
+
+
+@pytest.mark.parametrize("share", [0.05, 0.2])
+def test_a_share_sweep_keeps_the_mean_dimensions(zmodel, share):
+    """zdc-mix-50 sets the mean: at another share the other tokens' ranks follow, so the bytes stay those of
+    50% of the dimensions (within a rank's rounding)."""
+    cache = from_method(f"zdc-mix-50:share={share}", zmodel)
+    d = zmodel.kvshrink_zdc.shape[-1]
+    r = int(cache.ranks.k[0, 0])
+    assert r == round((0.5 - share) / (1 - share) * d)
+    assert abs(share * d + (1 - share) * r - d / 2) <= 0.5
+
+
+@settings(max_examples=30, deadline=None)
+@given(proxy=st.lists(st.floats(0, 1), min_size=15, max_size=15), share=st.sampled_from([0.05, 0.1, 0.2]),
+       extra=st.lists(st.integers(1, 6), min_size=3, max_size=3))
+def test_allocated_shares_weigh_each_layers_extra_bytes(proxy, share, extra):
+    """With a high token costing `extra[i]` more in layer i, the allocation is the least summed loss whose extra
+    bytes fit those of `share` everywhere (every combination of 3 layers' shares checked)."""
+    calib = allocate.ShareCalibration(torch.tensor(proxy, dtype=torch.float64).view(3, 5),
+                                      {"shares": list(allocate.SHARES)})
+    got = allocate.choose(calib, share, extra)
+    cap = share * sum(extra) + 1e-9
+    table = calib.proxy.numpy()
+    best = min(sum(table[i, j] for i, j in enumerate(js)) for js in itertools.product(range(5), repeat=3)
+               if sum(allocate.SHARES[j] * e for j, e in zip(js, extra)) <= cap)
+    assert sum(s * e for s, e in zip(got, extra)) <= cap
+    assert sum(table[i, allocate.SHARES.index(s)] for i, s in enumerate(got)) == pytest.approx(best)
+
+
+def test_a_zdc_share_calibration_sets_each_layers_share(zmodel, tmp_path, monkeypatch):
+    """Measured on the transformed model; the cache then keeps each layer's allocated share through a prompt and
+    decode steps. Without a file the method refuses in one line; a file names the ranks it was measured for (by a
+    digest in its name and header) and its sink tokens."""
+    monkeypatch.setenv("KVSHRINK_CALIB_DIR", str(tmp_path))
+    monkeypatch.setattr(zdc_cache, "_SHARES", type(zdc_cache._SHARES)())
+    name = "zdc-mix-50:shares=allocated:gather=4"
+    with pytest.raises(KvshrinkError, match="need a share calibration"):
+        from_method(name, zmodel)
+    ranks = zdc.choose_ranks(zmodel.kvshrink_zdc, 0.44, "uniform")
+    calib = zdc_shares.calibrate(zmodel, _ids(300, seed=12), ranks, data={"test": True})
+    proxy = calib.proxy
+    assert proxy.shape == (2, len(allocate.SHARES)) and bool((proxy >= 0).all())
+    assert bool((proxy[:, -1] < proxy[:, 0]).all())  # 40% of the tokens at every coordinate lose less than none
+    key = zdc_shares.digest(zmodel.kvshrink_zdc, ranks)
+    calib.save(zdc_shares.default_path(zmodel, calib.header["data"], key))
+    cache = from_method(name, zmodel)
+    assert cache.layer_shares == allocate.choose(calib, 0.1, zdc_shares.extra(ranks))
+    assert sum(cache.layer_shares) <= 0.2 + 1e-9
+    _feed(zmodel, cache, _ids(150, seed=13), 20)
+    for layer, share in zip(cache.layers, cache.layer_shares):
+        assert layer.high_tokens() == round(share * layer.left)
+    assert key != zdc_shares.digest(zmodel.kvshrink_zdc, zdc.choose_ranks(zmodel.kvshrink_zdc, 0.5, "uniform"))
+    with pytest.raises(KvshrinkError, match="share calibration is for .*sink=4, not .*sink=2"):
+        from_method(name + ":sink=2", zmodel)
+    with pytest.raises(KvshrinkError, match="leave sink_rank unset"):
+        get_method(name + ":sink_rank=32")
+    with pytest.raises(KvshrinkError, match="give share > 0"):
+        get_method("zdc-50:shares=allocated")
+    path = str(tmp_path / "zdc.safetensors")  # a saved cache keeps its layers' shares: refused with other ones
+    cache.save(path, zmodel)
+    skewed = torch.tensor([[1.0, 0.9, 0.8, 0.0, 0.0], [0.0] * 5], dtype=torch.float64)  # layer 0 needs them all
+    other = allocate.ShareCalibration(skewed, calib.header)
+    assert allocate.choose(other, 0.1, zdc_shares.extra(ranks)) == [0.2, 0.0] != cache.layer_shares
+    monkeypatch.setattr(zdc_cache, "_SHARES", type(zdc_cache._SHARES)())
+    other.save(zdc_shares.default_path(zmodel, calib.header["data"], key))
+    with pytest.raises(KvshrinkError, match="load it with the share calibration it was saved with"):
+        load_cache(path, zmodel)
+
+
+def test_a_saved_cache_resumes_with_its_classes_and_scores(zmodel, tmp_path):
+    """Saved after decode steps with demotions, read back, it continues as the original: the same logits and the
+    same high class through more rounds of leaving tokens."""
+    cache = from_method(MIX, zmodel)
+    _feed(zmodel, cache, _ids(150, seed=14), 13)
+    path = str(tmp_path / "zdc.safetensors")
+    assert cache.nbytes() < cache.save(path, zmodel) < cache.nbytes() + 64 * 1024
+    loaded = load_cache(path, zmodel)
+    assert torch.equal(_feed(zmodel, cache, _ids(3, seed=15), 20), _feed(zmodel, loaded, _ids(3, seed=15), 20))
+    for x, y in zip(cache.layers, loaded.layers):
+        assert x.left == y.left and x.demoted == y.demoted > 0 and torch.equal(x.hk, y.hk)

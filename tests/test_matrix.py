@@ -58,7 +58,6 @@ EXPECTED = {
     ("save", EVICT): "eviction caches keep pages and scores outside their token stores (refused in one line)",
     ("crop", MIXED): "each KV head keeps other tokens in each precision class, so no cut below the float16 window "
                      "is the same for every head (checked instead: refused in one line)",
-    ("save", MIXED): "the high class, the window and its scores are outside the token stores (refused in one line)",
     ("kernel", MIXED): "no Triton kernel reads the high class (or, for ZDC, gives the log-sum-exp its scores need): "
                        "CUDA decodes, then attends (said once)",
     ("device", SAVES + tuple(n for n in OURS if n.startswith("rvq"))):

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from kvshrink import KvshrinkError, from_method, get_method, prepare
+from kvshrink import KvshrinkError, from_method, get_method, load_cache, prepare
 from kvshrink.eval.needle import fill, prefill_states
 from kvshrink.families.mixed import allocate
 from kvshrink.families.mixed import cache as mixed
@@ -270,5 +270,24 @@ def test_a_share_calibration_measures_every_layer_and_the_cache_keeps_each_layer
     _steps(model, cache, _ids(230), steps=20)
     for layer, share in zip(cache.layers, cache.layer_shares):
         assert layer.high_tokens() == round(share * layer.left)
-    with pytest.raises(KvshrinkError, match="low/high bits and block"):
-        calib.check(model, 3, 6, 32)
+    with pytest.raises(KvshrinkError, match="low=2, high=4, block=32, not low=3, high=6, block=32"):
+        calib.check(model, "mix-int2", low=3, high=6, block=32)
+
+
+@pytest.mark.parametrize("select", ["attention", "random"])
+def test_a_saved_cache_resumes_with_its_classes_scores_and_draws(model, tmp_path, select):
+    """Saved after decode steps (high class, window scores, demotions, and the random picks' generator) and read
+    back, the cache continues as the original does through more rounds of leaving tokens: the same logits and the
+    same high class, token for token; the file holds the cache's bytes and a header."""
+    name = f"mix-int2:gather=4:memory=8:select={select}"
+    cache = from_method(name, model)
+    _steps(model, cache, _ids(150, seed=20), steps=13)
+    path = str(tmp_path / "mix.safetensors")
+    size = cache.save(path, model)
+    assert cache.nbytes() < size < cache.nbytes() + 64 * 1024
+    loaded = load_cache(path, model)
+    a, b = _steps(model, cache, _ids(3, seed=21), 20, seed=22), _steps(model, loaded, _ids(3, seed=21), 20, seed=22)
+    assert torch.equal(a, b)
+    for x, y in zip(cache.layers, loaded.layers):
+        assert x.left == y.left and x.demoted == y.demoted > 0
+        assert all(torch.equal(x.hk.tensors[k], y.hk.tensors[k]) for k in x.hk.tensors)

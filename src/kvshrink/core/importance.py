@@ -153,6 +153,24 @@ class ObservedWindow:
         if self.hscore is not None:
             self.hscore = on_tensor(self.hscore)
 
+    def saved_parts(self) -> tuple[dict, dict]:
+        """What a cache file holds beside the stores (core/saved.py): the window and its scores, the high class
+        (`hk`, `hv`: float16 tensors or packed codes), the random picks' generator, and the counts."""
+        parts = {"wk": self.wk, "wv": self.wv, "wsum": self.wsum, "wseen": self.wseen, "hscore": self.hscore,
+                 "hk": self.hk, "hv": self.hv, "draws": self.draws.get_state()}
+        numbers = {"share": self.share, "left": self.left, "unscored": self.unscored, "demoted": self.demoted}
+        return parts, numbers
+
+    def restore_parts(self, parts: dict, numbers: dict) -> None:
+        """The inverse of `saved_parts`, on a layer opened for the saved shapes (`lazy_initialization`)."""
+        if numbers["share"] != self.share:
+            raise KvshrinkError(f"the cache file keeps {numbers['share']:.0%} of this layer's tokens in the high class, "
+                                f"this method {self.share:.0%}: load it with the share calibration it was saved with")
+        for name in ("wk", "wv", "wsum", "wseen", "hscore", "hk", "hv"):
+            setattr(self, name, parts[name])
+        self.draws.set_state(parts["draws"].cpu())
+        self.left, self.unscored, self.demoted = numbers["left"], numbers["unscored"], numbers["demoted"]
+
     def window_tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.wk, self.wv, self.wsum, self.wseen, self.hscore) if t is not None]
 

@@ -66,7 +66,7 @@ class StoreLayer(CacheLayerMixin):
     is_croppable = True
     sliding_window: int | None = None
     dropped = 0  # tokens a sliding layer no longer holds
-    saved_by_stores = False  # every token it holds is in its stores (core/saved.py can write it)
+    saved_by_stores = False  # every token it holds is in its stores, or in `saved_parts()` (core/saved.py writes it)
 
     def stores(self) -> list:
         """The layer's TokenStores (core/store.py), all with the same token layout; none for a layer

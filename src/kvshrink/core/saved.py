@@ -6,7 +6,10 @@ The file is safetensors: every store's parts as they are in memory (the float16 
 tokens; the tensors of the coded window, stage and body), the token ids when given, and a JSON header naming the
 model (shape and weight fingerprint, as calibration files do), the method and options the cache was built with,
 and each store's codec as its `describe()` words it. Its size is the bytes the cache reports and a few kilobytes
-of header: codecs, bases, codebooks and code tables are not in it. Loading (api.load_cache) builds a fresh cache of
+of header: codecs, bases, codebooks and code tables are not in it. A layer that keeps tokens beside its stores (the
+importance-aware window and high class, core/importance.py) hands them over as `saved_parts()`: tensors or packed
+codes, and a few numbers (its share, how many tokens left its window), written beside its stores and given back by
+`restore_parts`. Loading (api.load_cache) builds a fresh cache of
 the saved method for the model, so they come from the method and its calibration files, then `fill` checks that
 every store codes as the saved one did (another calibration gives another allocation: refused in one line) and
 puts the saved parts in place. Nothing in the file is executed (no pickle).
@@ -119,8 +122,13 @@ def save(cache, path: str, header: dict, ids=None) -> int:
             stores.append({"codec": _words(store.codec), "stage_codec": _words(store.stage_codec),
                            "window_codec": _words(store.window_codec),
                            "parts": {name: _put(tensors, p + name, parts[name]) for name in _CODED}})
-        layers.append({"dropped": layer.dropped, "kv_shape": list(layer.kv_shape), "dtype": str(layer.dtype),
-                       "calibrated": digest(layer), "stores": stores})
+        entry = {"dropped": layer.dropped, "kv_shape": list(layer.kv_shape), "dtype": str(layer.dtype),
+                 "calibrated": digest(layer), "stores": stores}
+        if hasattr(layer, "saved_parts"):
+            parts, numbers = layer.saved_parts()
+            entry["beside"] = {"parts": {name: _put(tensors, f"{i}.x.{name}", part) for name, part in parts.items()},
+                               "numbers": numbers}
+        layers.append(entry)
     cache_info = {"method": cache.method, "options": cache.options}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
@@ -175,6 +183,13 @@ def fill(cache, tensors: dict, layers: list, device) -> None:
         if digest(layer) != saved["calibrated"]:
             raise KvshrinkError(f"{KIND} layer {i} was coded with other calibrated bases, codebooks or widths than "
                                 "this method's calibration files give: load it with the files it was saved with")
+        if ("beside" in saved) != hasattr(layer, "restore_parts"):
+            raise KvshrinkError(f"{KIND} layer {i} {'holds' if 'beside' in saved else 'lacks'} tokens beside its "
+                                "stores, this method's layer does not: load it with the method it was saved with")
+        if "beside" in saved:
+            beside = saved["beside"]
+            layer.restore_parts({name: _get(tensors, f"{i}.x.{name}", how, device)
+                                 for name, how in beside["parts"].items()}, beside["numbers"])
         layer.dropped = saved["dropped"]
         if len({len(s) for s in stores}) != 1:
             raise KvshrinkError(f"{KIND} layer {i}'s stores hold different token counts")

@@ -9,15 +9,22 @@ Decode steps on the CPU read the body in place with a compiled kernel (kernel.py
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import weakref
 
 from ...codecs.base import Codec, Fp16, tensor_nbytes
 from ...codecs.quant import IntQuant
 from ...core import hostmem
 from ...core.cache import KVCache
+from ...core.calibfile import calibration_ids
 from ...core.form import Form
 from ...core.layer import ATTENDS, check_layout
 from ...errors import KvshrinkError
+from ...spec import spec_from_config
+from ..budget.allocate import calibration_shape, with_progress
+from ..mixed.allocate import SHARES, ShareCalibration, choose
+from . import shares as share_calib
 from .config import ZdcConfig
 from .important import ImportantLayer
 from .kernel import supported
@@ -30,12 +37,12 @@ class ZdcCache(KVCache):
 
     def __init__(self, model, ranks, key_codec: Codec, value_codec: Codec | None = None, sink: int = 4,
                  window: int = 0, block: int = 128, method: str | None = None, attend: str = "fused",
-                 splits: int = 4, importance: dict | None = None):
+                 splits: int = 4, importance: dict | None = None, shares: list[float] | None = None):
         """attend: "fused" (decode steps on the CPU read the body in place with the compiled kernel,
         families/lowrank/kernel.py) or "decode" (every call attends in PyTorch over the decoded segments,
         families/lowrank/states.py: the reference); splits: parallel ranges of blocks per head in the kernel;
         importance: ImportantLayer's options (share, gather, observe, demote, memory; important.py), the window
-        then its observation window."""
+        then its observation window; shares: importance-aware, one share per layer (else importance's everywhere)."""
         if attend not in ATTENDS:
             raise KvshrinkError(f"unknown attend {attend!r}; use one of {', '.join(ATTENDS)}")
         if not isinstance(splits, int) or splits < 1:
@@ -56,11 +63,16 @@ class ZdcCache(KVCache):
         if importance is not None and not window:
             raise KvshrinkError("importance-aware ZDC observes attention in a float16 window: give it window >= 1")
         self.importance = importance
+        count = calib.uk.shape[0]
+        if shares is not None and (importance is None or len(shares) != count):
+            raise KvshrinkError(f"per-layer shares need importance-aware layers and one share for each of {count}")
+        self.layer_shares = None if importance is None else list(shares or [importance["share"]] * count)
         layers = []
-        for i in range(calib.uk.shape[0]):
+        for i in range(count):
             args = (calib.uk[i], calib.uv[i], ranks.k[i], ranks.v[i], sink, ranks.sink_rank, key_codec, value_codec)
             layers.append(ZdcLayer(*args, window, block) if importance is None else
-                          ImportantLayer(*args, block=block, window=window, seed=i, **importance))
+                          ImportantLayer(*args, block=block, window=window, seed=i,
+                                         **{**importance, "share": self.layer_shares[i]}))
         self.attend = attend
         for layer in layers:
             layer.fused, layer.splits = attend == "fused", splits
@@ -114,7 +126,9 @@ class ZdcCache(KVCache):
         if imp is not None:
             again = f", re-ranked over {imp['memory']} rows" if imp["demote"] else ", never demoted"
             how = "drawn at random" if imp["select"] == "random" else "most attended"
-            frac = (f"{100 * frac:.0f}% of dims, and {imp['share']:.0%} of each head's tokens ({how} in the "
+            spread = "" if len(set(self.layer_shares)) == 1 else (
+                " on average, per layer " + " ".join(f"{x:.0%}" for x in self.layer_shares))
+            frac = (f"{100 * frac:.0f}% of dims, and {imp['share']:.0%}{spread} of each head's tokens ({how} in the "
                     f"float16 window of {self.window}{again}) keep {self.ranks.sink_rank}")
         else:
             frac = f"{100 * frac:.0f}% of dims"
@@ -143,6 +157,7 @@ class _Heads:
 # memos held weakly by the object they derive from (ids can be reused once it is freed)
 _RANKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SHARES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformed model -> {(digest, sink): calibration}
 
 
 def prepare(config: ZdcConfig, model, tokenizer=None, corpus=None):
@@ -152,7 +167,41 @@ def prepare(config: ZdcConfig, model, tokenizer=None, corpus=None):
         return model
     if model not in _MODELS:
         _MODELS[model] = apply(model, load_or_calibrate(model, tokenizer, corpus))
-    return _MODELS[model]
+    out = _MODELS[model]
+    if config.shares == "allocated":
+        shares_for(out, config, tokenizer, corpus)
+    return out
+
+
+def shares_for(model, config: ZdcConfig, tokenizer=None, corpus=None) -> ShareCalibration:
+    """The share calibration for this transformed model's bases and these ranks: memo; else, with a tokenizer, the
+    file for the budget's calibration tokens (measured first if missing); else any file for these weights, bases and
+    ranks; else a clear error."""
+    ranks = _ranks(model.kvshrink_zdc, config.kept, config.alloc, config.sink_rank)
+    key = share_calib.digest(model.kvshrink_zdc, ranks)
+    memo = _SHARES.setdefault(model, {})
+    if (key, config.sink) not in memo:
+        if tokenizer is not None:
+            spec = spec_from_config(model.config)
+            ids, data = calibration_ids(tokenizer, corpus, *calibration_shape(spec))
+            path = share_calib.default_path(model, data, key)
+            if not os.path.isfile(path):
+                passes = spec.num_layers * len(SHARES)
+                print(f"zdc: no share calibration for this model, corpus range and ranks at {path}; measuring it "
+                      f"({passes} forward passes over {ids.numel()} tokens: half an hour on 2 cores for the bundled "
+                      "model)", file=sys.stderr)
+                calib = with_progress("share calibration", passes, lambda go: (
+                    share_calib.calibrate(model, ids, ranks, config.sink, data, progress=go)))
+                calib.save(path)
+        else:
+            path = share_calib.found(model, key)
+            if path is None:
+                raise KvshrinkError("allocated shares need a share calibration: run kvshrink.prepare(model, "
+                                    "'zdc-mix-50:shares=allocated', tokenizer) first")
+        calib = ShareCalibration.load(path)
+        calib.check(model, "zdc-mix-50", zdc=key, sink=config.sink)
+        memo[key, config.sink] = calib
+    return memo[key, config.sink]
 
 
 def _ranks(calib, budget: float, alloc: str, sink_rank):
@@ -166,7 +215,7 @@ def _ranks(calib, budget: float, alloc: str, sink_rank):
 def build(config: ZdcConfig, model, method: str) -> ZdcCache:
     """The cache of a zdc method; `model` is the ZDC-transformed one (`kvshrink.prepare`)."""
     calib = getattr(model, "kvshrink_zdc", None)
-    ranks = _ranks(calib, config.pct / 100, config.alloc, config.sink_rank) if calib is not None else None
+    ranks = _ranks(calib, config.kept, config.alloc, config.sink_rank) if calib is not None else None
     if config.bits:
         keys, values = IntQuant(config.bits, "channel", config.block), IntQuant(config.bits, "token")
     else:
@@ -175,5 +224,8 @@ def build(config: ZdcConfig, model, method: str) -> ZdcCache:
     if config.share:
         importance = {"share": config.share, "gather": config.gather, "observe": config.observe,
                       "demote": config.demote, "memory": config.memory, "select": config.select}
+    shares = None
+    if config.shares == "allocated" and calib is not None:
+        shares = choose(shares_for(model, config), config.share, share_calib.extra(ranks))
     return ZdcCache(model, ranks, keys, values, sink=config.sink, window=config.window, block=config.block,
-                    method=method, attend=config.attend, splits=config.splits, importance=importance)
+                    method=method, attend=config.attend, splits=config.splits, importance=importance, shares=shares)

@@ -8,7 +8,9 @@ splits by token: the sink tokens and the 64 most recent keep every coordinate
 (measured: README); `+int4` / `+int3` quantize the kept coordinates (KIVI
 layout). `zdc-mix-50` splits by importance instead (important.py): 10% of each
 head's tokens, the most attended in a float16 window, keep every coordinate,
-the rest 44%, so 50% on average. The options are the fields of `ZdcConfig`.
+the rest 44%, so 50% on average (`mean`: the rest's share follows from `share`, so
+`zdc-mix-50:share=0.2` keeps the bytes with the rest at 37.5%). The options are the
+fields of `ZdcConfig`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ class ZdcConfig(Config):
 
     family = "lowrank"
     calibrated = True
+    can_save = True  # core/saved.py (importance-aware: the window and high class beside the stores)
     pct: int = option(50, "percent of key/value dimensions kept (the budget)", preset=True)
+    mean: int | None = option(None, "importance-aware presets: percent of dimensions kept on average over both "
+                                    "classes; the other tokens' share of dimensions follows from `share`, so a "
+                                    "share sweep keeps the bytes (None: `pct` for the other tokens)", preset=True)
     bits: int | None = option(None, "int codes on the kept coordinates (KIVI layout)", preset=True)
     alloc: str = option("fisher", "ranks per layer, head and K/V: uniform, by energy, or by a Fisher loss proxy",
                         ("uniform", "energy", "fisher"))
@@ -47,12 +53,20 @@ class ZdcConfig(Config):
     demote: bool = option(True, "re-rank the important tokens as decoding goes on: one whose recent attention falls "
                                 "below a leaving token's is cut to its head's rank (never widened back)")
     memory: int = option(256, "query rows over which an important token's attention is averaged for demotion")
+    shares: str = option("uniform", "how the share is spread over layers (importance-aware): uniform, or allocated "
+                                     "(one budget: per-layer shares from a calibrated KL per layer and share, the "
+                                     "same bytes; measured once per model and ranks, about half an hour on 2 cores "
+                                     "for the bundled one)", ("uniform", "allocated"))
     select: str = option("attention", "how the important tokens are picked: attention (observed in the window) or "
                                       "random (an ablation: the same share, by a seeded draw)", ("attention", "random"))
 
     @property
-    def can_save(self) -> bool:  # the importance classes live outside the stores core/saved.py writes
-        return not self.share
+    def kept(self) -> float:
+        """The fraction of dimensions the ranks keep: `pct`, or with `mean` what the low class keeps when `share`
+        of the tokens keep every dimension and the average is `mean`."""
+        if self.mean is None:
+            return self.pct / 100
+        return (self.mean / 100 - self.share) / (1 - self.share)
 
     def check(self):
         if not (isinstance(self.pct, int) and 0 < self.pct <= 100):
@@ -64,6 +78,14 @@ class ZdcConfig(Config):
             check_int(name, getattr(self, name), low)
         if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 <= self.share <= 1:
             raise KvshrinkError(f"share must be a number from 0 to 1, got {self.share!r}")
+        if self.mean is not None and not (self.share and 0 < self.kept <= 1):
+            raise KvshrinkError(f"{self.mean}% of dimensions on average needs a share of important tokens (every "
+                                f"dimension) below {self.mean / 100}, got share={self.share!r}")
+        if self.shares == "allocated" and not self.share:
+            raise KvshrinkError("allocated shares spread the important tokens over layers: give share > 0")
+        if self.shares == "allocated" and self.sink_rank is not None:
+            raise KvshrinkError("allocated shares are calibrated with important tokens at every coordinate: leave "
+                                "sink_rank unset")
         if self.share and not self.window:
             raise KvshrinkError("importance-aware ZDC (share > 0) observes attention in a float16 window: give it "
                                 "window >= 1")
@@ -79,7 +101,7 @@ for _pct in (75, 50):
     _register(f"zdc-adaptive-{_pct}", f"ZDC low-rank: {_pct}% of dims, ranks by a Fisher loss proxy, sinks and "
               f"{ADAPTIVE_WINDOW} recent tokens full rank, float16", pct=_pct, window=ADAPTIVE_WINDOW)
 _register("zdc-mix-50", "importance-aware ZDC: 10% of each head's tokens (most attended in a float16 window of 16) "
-          "keep every coordinate, the rest 44% (uniform ranks): 50% of dims on average", pct=44, alloc="uniform",
+          "keep every coordinate, the rest 44% (uniform ranks): 50% of dims on average", mean=50, alloc="uniform",
           share=0.1, window=16)
 _register("zdc-50+int4", "ZDC 50% uniform, kept coordinates int4 (KIVI layout)", pct=50, alloc="uniform", bits=4)
 for _pct, _bits in ((75, 4), (50, 4), (75, 3)):

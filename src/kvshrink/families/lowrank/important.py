@@ -40,7 +40,7 @@ class ImportantLayer(ObservedWindow, ZdcLayer):
     coordinates, and `hk` / `hv` the high class (B, H, n, sink_rank) float16."""
 
     layout = "importance-aware ZDC"
-    saved_by_stores = False  # window and high class are outside the stores
+    saved_by_stores = True  # window and high class beside the stores: saved_parts (core/importance.py)
 
     def __init__(self, *args, share: float, window: int, gather: int, observe: int, demote: bool, memory: int,
                  select: str = "attention", seed: int = 0, **kwargs):

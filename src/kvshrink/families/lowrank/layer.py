@@ -40,7 +40,7 @@ class ZdcLayer(StoreLayer):
         return [self.uk, self.uv]
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        b, h, _, d = key_states.shape
+        _, h, _, d = key_states.shape
         if h != len(self.rk) or d != self.uk.shape[-1]:
             raise KvshrinkError(f"ZDC cache built for {len(self.rk)} KV heads of {self.uk.shape[-1]}, got {h} of {d}")
         self._init_shape(key_states)

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from ...attention.function import NAME as KVSHRINK_ATTENTION
 from ...core.calibfile import (
     calibration_dir,
@@ -84,7 +85,7 @@ class ZdcCalibration:
         save_tensors(path, {k: getattr(self, k) for k in _TENSORS}, FORMAT, self.header)
 
     @classmethod
-    def load(cls, path: str, model=None) -> "ZdcCalibration":
+    def load(cls, path: str, model=None) -> ZdcCalibration:
         tensors, header = load_tensors(path, FORMAT, _TENSORS, "a ZDC calibration")
         calib = cls(**tensors, header=header)
         if model is not None:

@@ -1,4 +1,5 @@
-"""Per-layer shares of the high class under one budget (issue 23: FDC's hybrid layer-token ratios).
+"""Per-layer shares of the high class under one budget (issue 23: FDC's hybrid layer-token ratios), for `mix-*`
+here and for importance-aware ZDC (families/lowrank/shares.py: the same measurement over other round trips).
 
 Calibration (once per model, corpus range, widths and block): on the budget calibration's tokens (families/budget,
 the corpus's last 2,048, read as one sequence), each layer's attention picks its important tokens as the cache does,
@@ -8,9 +9,10 @@ the round trip of both classes (each head's picks at `high` bits per token, the 
 blocks at `low` bits; core/sensitivity.Perturbed, every query reading its `RECENT` positions before it unchanged, as
 the budget's measured choices are). One forward pass per layer and share.
 
-Allocation: one share per layer minimizing the summed KL with no more high tokens in all than a uniform share keeps
-(the budget family's multiple-choice knapsack, families/budget/allocate.allocate): a coded token's bytes are affine in
-its class, so the same count of high tokens is the same bytes. Uniform shares are one feasible point, so the
+Allocation: one share per layer minimizing the summed KL with no more bytes in all than a uniform share holds (the
+budget family's multiple-choice knapsack, families/budget/allocate.allocate): a coded token's bytes are affine in
+its class, so where a high token costs the same extra bytes in every layer the budget is the count of high tokens,
+and where it does not (ZDC's ranks per layer) each layer's count is weighted by its extra bytes. Uniform shares are one feasible point, so the
 allocation is never worse on the proxy.
 """
 
@@ -38,6 +40,10 @@ QUANTUM = 0.05  # every share a whole number of these: the allocation's unit
 OBSERVED = 32  # query rows after a token that score it: the window (16) and the decode tokens leaving with it (16)
 
 
+def _items(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
 @dataclass(eq=False)
 class ShareCalibration:
     """proxy (L, len(SHARES)): each layer's KL per token at each share; header: model, data, widths."""
@@ -45,11 +51,12 @@ class ShareCalibration:
     proxy: torch.Tensor
     header: dict
 
-    def check(self, model, low: int, high: int, block: int) -> None:
-        check_header(self.header, model, "mix-int2", what="share calibration")
-        have = [self.header.get(k) for k in ("low", "high", "block")]
-        if have != [low, high, block]:
-            raise KvshrinkError(f"share calibration is for low/high bits and block {have}, not {[low, high, block]}")
+    def check(self, model, method: str, **want) -> None:
+        """Refuse a calibration of other weights, or of other settings (`want`: header keys and their values)."""
+        check_header(self.header, model, method, what="share calibration")
+        have = {k: self.header.get(k) for k in want}
+        if have != want:
+            raise KvshrinkError(f"share calibration is for {_items(have)}, not {_items(want)}")
 
     def save(self, path: str) -> None:
         save_tensors(path, {"proxy": self.proxy}, FORMAT, self.header)
@@ -113,48 +120,64 @@ def round_trip(body: IntQuant, high: IntQuant, picked: torch.Tensor, sink: int, 
     return trip
 
 
-def calibrate(model, ids: torch.Tensor, low: int, high: int, block: int, rotate: bool, sink: int = 4,
-              data: dict | None = None, progress=None) -> ShareCalibration:
-    """The KL per token of every (layer, share) on `ids` read as one sequence."""
-    t0 = time.time()
+def measure(model, ids: torch.Tensor, trips, sink: int, progress=None) -> torch.Tensor:
+    """(L, len(SHARES)) the KL per token of every (layer, share) on `ids` read as one sequence, where
+    trips(layer, picked) gives that layer's {"key": f, "value": g} round trips for the picked tokens (H, n) bool."""
     spec = spec_from_config(model.config)
     seq = ids.reshape(1, -1)
-    if seq.shape[1] - sink < 2 * block:
-        raise KvshrinkError(f"share calibration needs at least {2 * block + sink} tokens, got {seq.shape[1]}")
     scaling = {m.layer_idx: m.scaling for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")}
     collected = next(collect(model, seq))
-    key_codec, value_codec, high_codec = codecs(low, high, block, rotate)
     perturbed = Perturbed(model, seq, recent=RECENT)
     proxy = torch.zeros(spec.num_layers, len(SHARES), dtype=torch.float64)
     for i in range(spec.num_layers):
         q, k = collected[i][0], collected[i][1]
         score = scores(q, k, scaling.get(i, k.shape[-1] ** -0.5))
         for j, share in enumerate(SHARES):
-            picked = picks(score, share, sink)
-            change = {"key": round_trip(key_codec, high_codec, picked, sink, block),
-                      "value": round_trip(value_codec, high_codec, picked, sink, block)}
-            proxy[i, j] = max(perturbed.kl_many({i: change}), 0.0)
+            proxy[i, j] = max(perturbed.kl_many({i: trips(i, picks(score, share, sink))}), 0.0)
             if progress is not None:
                 progress()
-    header = {**model_header(model), "data": data or {}, "low": low, "high": high, "block": block, "rotate": rotate,
-              "sink": sink, "shares": list(SHARES), "observed": OBSERVED, "recent": RECENT,
-              "proxy": "KL per token (measured)", "tokens": seq.shape[1], "seconds": round(time.time() - t0, 1)}
-    return ShareCalibration(proxy, header)
+    return proxy
 
 
-def choose(calib: ShareCalibration, share: float) -> list[float]:
-    """One share per layer, the summed KL least with no more high tokens than every layer at `share` would hold: the
-    classes' bytes are affine in the share, so this budget is theirs. Sizes in whole QUANTUM steps, exact."""
+def header(model, seq: torch.Tensor, data: dict | None, sink: int, t0: float, **settings) -> dict:
+    """A share calibration's header: the model, the corpus range, the settings it was measured for."""
+    return {**model_header(model), "data": data or {}, **settings, "sink": sink, "shares": list(SHARES),
+            "observed": OBSERVED, "recent": RECENT, "proxy": "KL per token (measured)", "tokens": seq.numel(),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def calibrate(model, ids: torch.Tensor, low: int, high: int, block: int, rotate: bool, sink: int = 4,
+              data: dict | None = None, progress=None) -> ShareCalibration:
+    """The KL per token of every (layer, share) on `ids` read as one sequence, through both int classes."""
+    t0 = time.time()
+    if ids.numel() - sink < 2 * block:
+        raise KvshrinkError(f"share calibration needs at least {2 * block + sink} tokens, got {ids.numel()}")
+    key_codec, value_codec, high_codec = codecs(low, high, block, rotate)
+
+    def trips(_, picked):
+        return {"key": round_trip(key_codec, high_codec, picked, sink, block),
+                "value": round_trip(value_codec, high_codec, picked, sink, block)}
+    proxy = measure(model, ids, trips, sink, progress)
+    return ShareCalibration(proxy, header(model, ids, data, sink, t0, low=low, high=high, block=block,
+                                          rotate=rotate))
+
+
+def choose(calib: ShareCalibration, share: float, extra: list[int] | None = None) -> list[float]:
+    """One share per layer, the summed KL least with no more bytes than every layer at `share` would hold. extra:
+    per layer, the bytes a high token holds over a low one (a coded token's bytes are affine in its class); None:
+    the same in every layer, so the budget is the count of high tokens. Sizes in whole QUANTUM steps, exact."""
     shares = np.asarray(calib.header["shares"], dtype=np.float64)
     if not shares.min() <= share <= shares.max():
         raise KvshrinkError(f"allocated shares spend share={share} per layer on average: it must lie within the "
                             f"calibrated {shares.min()} to {shares.max()}")
     layers = calib.proxy.shape[0]
-    units = np.round(shares / QUANTUM)
-    cap = int(np.floor(layers * share / QUANTUM + 1e-9))
+    weight = np.ones(layers, dtype=np.int64) if extra is None else np.asarray(extra, dtype=np.int64)
+    weight = weight // np.gcd.reduce(weight) if weight.any() else weight
+    units = np.round(shares / QUANTUM).astype(np.int64)
+    cap = int(np.floor(weight.sum() * share / QUANTUM + 1e-9))
     if cap == 0:
         return [0.0] * layers
-    picked, _ = allocate([(calib.proxy[i].numpy(), units) for i in range(layers)], cap, cells=cap)
+    picked, _ = allocate([(calib.proxy[i].numpy(), units * weight[i]) for i in range(layers)], cap, cells=cap)
     return [float(shares[j]) for j in picked]
 
 

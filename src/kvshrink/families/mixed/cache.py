@@ -66,7 +66,7 @@ class MixedLayer(ObservedWindow, CompressedLayer):
     layout = "importance-aware int"
     gpu_kernel = False  # the Triton kernel reads no coded window: CUDA decodes, then attends (said once)
     gather = None  # the low stores take whole runs of tokens, coded at once (no float16 decode tokens)
-    saved_by_stores = False  # the high class and the window are outside the stores
+    saved_by_stores = True  # the high class and the window beside the stores: saved_parts (core/importance.py)
 
     def setup(self, high: IntQuant, mixed: MixedConfig, share: float, seed: int):
         self.high, self.share, self.select = high, share, mixed.select
@@ -160,6 +160,14 @@ class MixedLayer(ObservedWindow, CompressedLayer):
     def reset(self) -> None:
         super().reset()
         self.mass = Mass()
+
+    def saved_parts(self) -> tuple[dict, dict]:
+        parts, numbers = super().saved_parts()
+        return parts, {**numbers, "mass": [self.mass.high, self.mass.all]}
+
+    def restore_parts(self, parts: dict, numbers: dict) -> None:
+        super().restore_parts(parts, numbers)
+        self.mass.high, self.mass.all = numbers["mass"]
 
     def _batch_map(self, on_tensor, on_packed) -> None:
         super()._batch_map(on_tensor, on_packed)
@@ -272,7 +280,7 @@ def calibration_for(model, config: MixedConfig, tokenizer=None, corpus=None) -> 
                 raise KvshrinkError("allocated shares need a share calibration: run kvshrink.prepare(model, "
                                     "'mix-int2:shares=allocated', tokenizer) first")
         calib = allocate.ShareCalibration.load(path)
-        calib.check(model, config.low, config.high, config.block)
+        calib.check(model, "mix-int2", low=config.low, high=config.high, block=config.block)
         memo[key] = calib
     return memo[key]
 

@@ -22,6 +22,7 @@ class MixedConfig(Config):
     """Two precision classes of tokens, chosen by the attention they receive in a float16 observation window."""
 
     family = "mixed"
+    can_save = True  # core/saved.py: the window and the high class beside the stores
     low: int = option(2, "bits of the body's codes (KIVI layout: keys per channel, values per token)", preset=True)
     high: int = option(4, "bits of the important tokens' per-token codes (keys and values, Hadamard-rotated)")
     share: float = option(0.1, "share of each KV head's tokens kept at `high` bits (0 to 1)")
