@@ -97,10 +97,10 @@ class ImportantLayer(ObservedWindow, ZdcLayer):
         """The kernel's inputs: the high class joins the window (same width, float16), after the body as on the
         decoded path."""
         pairs = list(zip(self.ks, self.vs))
-        windows = [(self.wk[:, h], self.wv[:, h]) for h in range(len(pairs))]
-        if self.hk is not None:
-            windows = [(torch.cat([self.hk[:, h], wk], 1), torch.cat([self.hv[:, h], wv], 1))
-                       for h, (wk, wv) in enumerate(windows)]
+        wk, wv = self.wk, self.wv
+        if self.hk is not None:  # one join for all heads (a head's slice of it is contiguous at batch 1)
+            wk, wv = torch.cat([self.hk, wk], 2), torch.cat([self.hv, wv], 2)
+        windows = [(wk[:, h], wv[:, h]) for h in range(len(pairs))]
         bodies = [(ks.body, vs.body) for ks, vs in pairs] if self.ks[0].body is not None else None
         return LowRankStates([(ks.sink[:, 0], vs.sink[:, 0]) for ks, vs in pairs], bodies,
                              [(ks.fresh[:, 0], vs.fresh[:, 0]) for ks, vs in pairs], windows, (k, v),
