@@ -143,12 +143,23 @@ class MixedLayer(ObservedWindow, CompressedLayer):
                 codes = self.high.encode(leaving.float(), 1)
                 setattr(self, name, (codes if mine is None else mine.cat(codes)).take(picked))
             if keep < held + out:
-                if dropped:  # demoted tokens from their high-bit codes, beside the leaving ones
-                    pool, at = torch.cat([self.high.decode(mine, torch.float32).half(), leaving], 2), rest
+                if dropped:  # demoted tokens decoded from their high-bit codes (only they), beside the leaving ones
+                    pool, at = self._demoted(mine, rest, held, leaving)
                 else:
                     pool, at = leaving, rest - held
                 store.append(pool.gather(2, rows_of(at, d)), checked=True)
         self.leave(out)
+
+    def _demoted(self, mine, rest: torch.Tensor, held: int, leaving: torch.Tensor):
+        """(pool, at): the demoted high tokens decoded (each head's, padded to the most any head demotes) then the
+        leaving ones, and `rest` as indices into that pool. rest is sorted, so a head's demoted tokens (< held) lead
+        it; decoding only them, not the whole high class, keeps a leaving step's cost off the high class's size."""
+        demoted = rest < held
+        most = int(demoted.sum(2).max())
+        codes = mine.take(rest[..., :most].clamp(max=held - 1))
+        pool = torch.cat([self.high.decode(codes, torch.float32).half(), leaving], 2)
+        order = torch.arange(rest.shape[2], device=rest.device).expand_as(rest)
+        return pool, torch.where(demoted, order, most + rest - held)
 
     # --- what the layer holds -------------------------------------------------------
     def high_tokens(self) -> int:
