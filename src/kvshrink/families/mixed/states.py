@@ -13,6 +13,7 @@ the window leave, each to its class (`commit`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ...attention.logits import soft_cap
 from ...attention.masks import mask_bias
@@ -53,9 +54,33 @@ class MixedStates:
         return out, None
 
     def _decoded(self, query, mask, scale, softcap, n_win, n_high, rows):
-        """Softmax attention over the decoded history in blocks of query rows -> (output (B, T, Hq, d), the
-        probabilities the last `rows` query rows gave the window's tokens (B, H, g, rows, n_win) and the high
-        class's (B, H, g, rows, n_high) or None)."""
+        """Attention over the decoded history -> (output (B, T, Hq, d), the probabilities the last `rows` query rows
+        gave the window's tokens (B, H, g, rows, n_win) and the high class's (B, H, g, rows, n_high) or None). The
+        output comes from SDPA (a prompt of thousands of tokens: a fused kernel, no probabilities held); only the
+        observed rows' probabilities are formed. With a soft-cap (which SDPA lacks), softmax in blocks of rows."""
+        if softcap:
+            return self._blocks(query, mask, scale, softcap, n_win, n_high, rows)
+        b, hq, t, d = query.shape
+        k, v = self.keys, self.values
+        h, n = k.shape[1], k.shape[2]
+        if mask is None:  # causal; SDPA's own causal mask (its fast path) fits a call with no history only
+            keep = None if t in (1, n) else torch.ones(t, n, dtype=torch.bool, device=query.device).tril(n - t)
+        else:
+            keep = mask[..., :n]
+        out = F.scaled_dot_product_attention(query.float(), k, v, attn_mask=keep, scale=scale, enable_gqa=True,
+                                             is_causal=mask is None and 1 < t == n)
+        out = out.nan_to_num_(0.0).to(query.dtype).transpose(1, 2).contiguous()
+        q = (query[:, :, t - rows:].float() * scale).view(b, h, hq // h, rows, d)
+        s = q @ k[:, :, None].transpose(3, 4)
+        bias = mask_bias(None if mask is None else mask[..., t - rows:, :n], rows, n, query.device)
+        if bias is not None:
+            s = s + bias[:, :, None]
+        p = torch.softmax(s, -1).nan_to_num_(0.0)
+        lo = n - n_win - n_high  # the high class sits just before the window
+        return out, p[..., n - n_win:], p[..., lo:n - n_win] if n_high else None
+
+    def _blocks(self, query, mask, scale, softcap, n_win, n_high, rows):
+        """`_decoded` with a soft-cap: softmax attention in blocks of query rows."""
         b, hq, t, d = query.shape
         k, v = self.keys, self.values
         h, n = k.shape[1], k.shape[2]
