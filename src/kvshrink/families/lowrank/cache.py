@@ -9,21 +9,16 @@ Decode steps on the CPU read the body in place with a compiled kernel (kernel.py
 from __future__ import annotations
 
 import copy
-import os
-import sys
 import weakref
 
 from ...codecs.base import Codec, Fp16, tensor_nbytes
 from ...codecs.quant import IntQuant
 from ...core import hostmem
 from ...core.cache import KVCache
-from ...core.calibfile import calibration_ids
 from ...core.form import Form
 from ...core.layer import ATTENDS, check_layout
 from ...errors import KvshrinkError
-from ...spec import spec_from_config
-from ..budget.allocate import calibration_shape, with_progress
-from ..mixed.allocate import SHARES, ShareCalibration, choose
+from ..mixed.allocate import ShareCalibration, choose, load_or_measure
 from . import shares as share_calib
 from .config import ZdcConfig
 from .important import ImportantLayer
@@ -181,24 +176,10 @@ def shares_for(model, config: ZdcConfig, tokenizer=None, corpus=None) -> ShareCa
     key = share_calib.digest(model.kvshrink_zdc, ranks)
     memo = _SHARES.setdefault(model, {})
     if (key, config.sink) not in memo:
-        if tokenizer is not None:
-            spec = spec_from_config(model.config)
-            ids, data = calibration_ids(tokenizer, corpus, *calibration_shape(spec))
-            path = share_calib.default_path(model, data, key)
-            if not os.path.isfile(path):
-                passes = spec.num_layers * len(SHARES)
-                print(f"zdc: no share calibration for this model, corpus range and ranks at {path}; measuring it "
-                      f"({passes} forward passes over {ids.numel()} tokens: half an hour on 2 cores for the bundled "
-                      "model)", file=sys.stderr)
-                calib = with_progress("share calibration", passes, lambda go: (
-                    share_calib.calibrate(model, ids, ranks, config.sink, data, progress=go)))
-                calib.save(path)
-        else:
-            path = share_calib.found(model, key)
-            if path is None:
-                raise KvshrinkError("allocated shares need a share calibration: run kvshrink.prepare(model, "
-                                    "'zdc-mix-50:shares=allocated', tokenizer) first")
-        calib = ShareCalibration.load(path)
+        calib = load_or_measure(
+            model, tokenizer, corpus, lambda data: share_calib.default_path(model, data, key),
+            lambda: share_calib.found(model, key),
+            lambda ids, data, go: share_calib.calibrate(model, ids, ranks, config.sink, data, progress=go), "zdc-mix-50")
         calib.check(model, "zdc-mix-50", zdc=key, sink=config.sink)
         memo[key, config.sink] = calib
     return memo[key, config.sink]

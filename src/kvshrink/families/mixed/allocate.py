@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -27,11 +28,19 @@ import numpy as np
 import torch
 
 from ...codecs.quant import IntQuant
-from ...core.calibfile import calibration_dir, check_header, load_tensors, model_fingerprint, model_header, save_tensors
+from ...core.calibfile import (
+    calibration_dir,
+    calibration_ids,
+    check_header,
+    load_tensors,
+    model_fingerprint,
+    model_header,
+    save_tensors,
+)
 from ...core.sensitivity import Perturbed, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
-from ..budget.allocate import allocate, data_tag
+from ..budget.allocate import allocate, calibration_shape, data_tag, with_progress
 from ..budget.config import RECENT
 
 FORMAT = "kvshrink-mixed-shares-1"
@@ -179,6 +188,27 @@ def choose(calib: ShareCalibration, share: float, extra: list[int] | None = None
         return [0.0] * layers
     picked, _ = allocate([(calib.proxy[i].numpy(), units * weight[i]) for i in range(layers)], cap, cells=cap)
     return [float(shares[j]) for j in picked]
+
+
+def load_or_measure(model, tokenizer, corpus, path_of, newest, measure, name: str) -> ShareCalibration:
+    """A share calibration: with a tokenizer, the file path_of(data) for the budget's calibration tokens (measured
+    first by measure(ids, data, progress) if missing); without one, newest() (any corpus range) or a clear error."""
+    if tokenizer is not None:
+        spec = spec_from_config(model.config)
+        ids, data = calibration_ids(tokenizer, corpus, *calibration_shape(spec))
+        path = path_of(data)
+        if not os.path.isfile(path):
+            passes = spec.num_layers * len(SHARES)
+            print(f"{name.split('-')[0]}: no share calibration for this model, corpus range and settings at {path}; "
+                  f"measuring it ({passes} forward passes over {ids.numel()} tokens: half an hour on 2 cores for the "
+                  "bundled model)", file=sys.stderr)
+            with_progress("share calibration", passes, lambda go: measure(ids, data, go)).save(path)
+    else:
+        path = newest()
+        if path is None:
+            raise KvshrinkError(f"allocated shares need a share calibration: run kvshrink.prepare(model, "
+                                f"'{name}:shares=allocated', tokenizer) first")
+    return ShareCalibration.load(path)
 
 
 def default_path(model, data: dict, low: int, high: int, block: int, rotate: bool, tag: str | None = None) -> str:

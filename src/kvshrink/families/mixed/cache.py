@@ -18,8 +18,6 @@ sliding layer frees its oldest blocks by position); both refuse in one line.
 
 from __future__ import annotations
 
-import os
-import sys
 import weakref
 
 import torch
@@ -27,13 +25,10 @@ import torch
 from ...attention.function import require_kvshrink_attention, use_kvshrink_attention
 from ...attention.split import SplitStates
 from ...codecs.quant import IntQuant
-from ...core.calibfile import calibration_ids
 from ...core.importance import ObservedWindow, rows_of
 from ...core.layer import FUSED_QUERIES
 from ...core.store import half_checked
 from ...errors import KvshrinkError
-from ...spec import spec_from_config
-from ..budget.allocate import calibration_shape, with_progress
 from ..quant.cache import CompressedCache, CompressedLayer
 from ..quant.kernel import IntBody, stage_supported
 from . import allocate
@@ -274,23 +269,10 @@ def calibration_for(model, config: MixedConfig, tokenizer=None, corpus=None) -> 
     widths = (config.low, config.high, config.block, config.rotate)
     memo = _CALIBS.setdefault(model, {})
     if key not in memo:
-        if tokenizer is not None:
-            spec = spec_from_config(model.config)
-            ids, data = calibration_ids(tokenizer, corpus, *calibration_shape(spec))
-            path = allocate.default_path(model, data, *widths)
-            if not os.path.isfile(path):
-                print(f"mix: no share calibration for this model, corpus range and widths at {path}; measuring it "
-                      f"({spec.num_layers * len(allocate.SHARES)} forward passes over {ids.numel()} tokens: half an "
-                      "hour on 2 cores for the bundled model)", file=sys.stderr)
-                calib = with_progress("share calibration", spec.num_layers * len(allocate.SHARES), lambda go: (
-                    allocate.calibrate(model, ids, *widths, config.sink, data, progress=go)))
-                calib.save(path)
-        else:
-            path = allocate.found(model, *widths)
-            if path is None:
-                raise KvshrinkError("allocated shares need a share calibration: run kvshrink.prepare(model, "
-                                    "'mix-int2:shares=allocated', tokenizer) first")
-        calib = allocate.ShareCalibration.load(path)
+        calib = allocate.load_or_measure(
+            model, tokenizer, corpus, lambda data: allocate.default_path(model, data, *widths),
+            lambda: allocate.found(model, *widths),
+            lambda ids, data, go: allocate.calibrate(model, ids, *widths, config.sink, data, progress=go), "mix-int2")
         calib.check(model, "mix-int2", low=config.low, high=config.high, block=config.block)
         memo[key] = calib
     return memo[key]
