@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ...attention.logits import soft_cap
 from ...attention.masks import mask_bias
-from ...core.importance import lse_probs
+from ...core.importance import causal, lse_probs
 
 ROWS = 256  # query tokens per block of the decoded attention: bounds its logits at a long prompt
 
@@ -64,7 +64,7 @@ class MixedStates:
         k, v = self.keys, self.values
         h, n = k.shape[1], k.shape[2]
         if mask is None:  # causal; SDPA's own causal mask (its fast path) fits a call with no history only
-            keep = None if t in (1, n) else torch.ones(t, n, dtype=torch.bool, device=query.device).tril(n - t)
+            keep = None if t in (1, n) else causal(t, n, query.device)
         else:
             keep = mask[..., :n]
         out = F.scaled_dot_product_attention(query.float(), k, v, attn_mask=keep, scale=scale, enable_gqa=True,
