@@ -46,3 +46,15 @@ def bundled():
     from kvshrink import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_model, tmp_path_factory):
+    """A budget calibration (families/budget) of the tiny model on random tokens, saved: (calibration, its path)."""
+    from kvshrink.families.budget import allocate
+
+    ids = torch.randint(3, 128, (2, 4 + 3 * 32), generator=torch.Generator().manual_seed(0))
+    calib = allocate.calibrate(tiny_model, ids, {"test": True}, sink=4, block=32)
+    path = str(tmp_path_factory.mktemp("auto") / "auto.safetensors")
+    calib.save(path)
+    return calib, path

@@ -55,16 +55,6 @@ def test_knapsack_fits_and_beats_uniform_and_brute_force(items, choices, seed, s
             assert total <= sum(c[0][j] for c, j in zip(costs, combo)) + 1e-9
 
 
-@pytest.fixture(scope="module")
-def calibrated(tiny_model, tmp_path_factory):
-    """A budget calibration of the tiny model on random tokens, saved where the methods look."""
-    ids = torch.randint(3, 128, (2, 4 + 3 * 32), generator=torch.Generator().manual_seed(0))
-    calib = A.calibrate(tiny_model, ids, {"test": True}, sink=4, block=32)
-    path = str(tmp_path_factory.mktemp("auto") / "auto.safetensors")
-    calib.save(path)
-    return calib, path
-
-
 def test_calibration_measures_every_choice(calibrated, tiny_model):
     calib, _ = calibrated
     spec = spec_from_config(tiny_model.config)

@@ -38,7 +38,7 @@ try:  # Triton's kernels (the `gpu` extra): the CUDA tests set their products' p
 except ImportError:
     kernels_gpu = None
 
-BUDGET_VARIANTS = ("auto", "auto-5x", "auto-8x")
+BUDGET_VARIANTS = ("auto", "auto-5x", "auto-8x", "mix-auto")  # mix-auto: mix-auto-6x without joint keys
 # entropy-coded joint keys (an option, not a preset): at 2x both of the tiny model's layers take them
 CODED = "auto:budget=2:joint=true:entropy=true"
 OURS = [n for n in method_names("ours") if n not in BUDGET_VARIANTS] + [CODED]

@@ -21,7 +21,7 @@ from .families.budget import cache as budget
 from .families.evict import cache as evict
 from .families.kvcomp import cache as kvcomp
 from .families.lowrank import cache as lowrank
-from .families.mixed import cache as mixed
+from .families.mixed import methods as mixed
 from .families.peers import cache as peers
 from .families.quant import cache as quant
 from .families.rvq import cache as rvq

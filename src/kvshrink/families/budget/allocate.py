@@ -298,21 +298,44 @@ class Allocation:
                 f"{self.ratio:.2f}x expected")
 
 
-def held_tokens(spec, layer: int, context: int, sink: int, block: int, window: int = 0) -> tuple[int, int, int, int]:
+def held_tokens(spec, layer: int, context: int, sink: int, block: int, window: int = 0,
+                share: float = 0.0) -> tuple[int, int, int, int]:
     """(sink, window, coded, staged): the tokens a layer holds after a prefill of `context`. A full layer: the
-    float16 sink, the `window` most recent tokens, whole blocks between them, the partial block. A sliding layer has
+    float16 sink, the `window` most recent tokens, whole blocks between them, the partial block; with a high class
+    (`share`, families/mixed), `high_count` of the tokens between them are not in the blocks. A sliding layer has
     no sink and frees whole blocks once they leave its window (core/layer.py), so it holds its window - 1 tokens
     and up to a block more: counting it as window - 1 tokens with a sink and a partial block put Gemma 3's
     `auto-4x` at 4.27x."""
     s = 0 if spec.is_sliding(layer) else min(sink, context)
     w = min(window, context - s)
     middle = context - s - w
+    middle -= high_count(share, middle)
     coded = middle // block * block
     if spec.is_sliding(layer):
         extra = context - (spec.sliding_window - 1)  # freed in whole blocks, as StoreLayer._slide does
         if extra >= block:
             coded -= min(extra, coded) // block * block
     return s, w, coded, middle % block
+
+
+def high_count(share: float, left: int) -> int:
+    """Tokens per KV head in a high class after `left` tokens left the window (families/mixed's running quota)."""
+    return round(share * left)
+
+
+@dataclass(frozen=True)
+class HighClass:
+    """What a high class costs beside the body (families/mixed over the budget's codecs): `share` of the tokens
+    that left a float16 observation window, each in `codec`'s per-token codes for keys and values with a float32
+    score per KV head; the window's tokens hold two float32 scores per KV head."""
+
+    share: float
+    codec: IntQuant
+
+    def bytes(self, spec, window: int, left: int) -> float:
+        heads = spec.num_kv_heads
+        per_high = 2 * codec_bytes(self.codec, heads, spec.head_dim) + 4 * heads
+        return high_count(self.share, left) * per_high + window * 8 * heads
 
 
 def calibration_shape(spec) -> tuple[int, int]:
@@ -325,7 +348,7 @@ def calibration_shape(spec) -> tuple[int, int]:
 
 def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: int, joint_calib=None,
                 window: int = 0, window_codec=None, coded=None, joint1: bool = False,
-                vector_calib=None) -> tuple[list, float]:
+                vector_calib=None, high: HighClass | None = None) -> tuple[list, float]:
     """(items, fixed): per layer, keys then values, (proxy, bytes held at `context` tokens) arrays over
     the menu (the key menu followed by the joint key choices where `joint_calib` is given); fixed: the float16
     sink's and the window's bytes (float16, or `window_codec`'s per-token codes), and the code tables where the
@@ -333,7 +356,8 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
     keys' blocks then take); joint1: whether the joint choice of one bit a channel is offered (joint.ONE_BIT).
     vector_calib: vector.py's calibration, whose value choices then follow the menu's (its codebooks counted as fixed).
     A layer holds what `held_tokens` says: the sink and window, whole coded blocks, and a partial block whose keys
-    wait at the stage codec's width."""
+    wait at the stage codec's width. high: a high class (HighClass), its tokens out of the blocks and its bytes and
+    the window's scores counted as fixed."""
     row = 2 * spec.num_kv_heads * spec.head_dim * 2  # fp16 bytes of one token's keys and values in a layer
     staging = np.array([stage_bytes(c, block, spec) for c in KEY_MENU])
     recent = row if window_codec is None else 2 * codec_bytes(window_codec, spec.num_kv_heads, spec.head_dim)
@@ -341,8 +365,11 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
     if vector_calib is not None:
         fixed += vector.book_bytes(vector_calib)
     for i in range(spec.num_layers):
-        s, w, held, staged = held_tokens(spec, i, context, sink, block, window)
+        share = 0.0 if high is None else high.share
+        s, w, held, staged = held_tokens(spec, i, context, sink, block, window, share)
         fixed += s * row + w * recent
+        if high is not None:
+            fixed += high.bytes(spec, w, context - s - w)
         per_token = calib.bytes_k[i].numpy()
         if coded is not None:  # the coded menu keys' streams (coded.py)
             streams = coded.menu_bytes(i)
@@ -364,17 +391,18 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
 
 def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int,
            joint_calib=None, window: int = 0, window_codec=None, coded=None, joint1: bool = False,
-           vector_calib=None) -> Allocation:
+           vector_calib=None, high: HighClass | None = None) -> Allocation:
     """The allocation meeting `ratio` x fp16 at `context` tokens (`layer_bytes`), with the joint key choices
-    beside the menu's where `joint_calib` (joint.py's calibration) is given, entropy-coded where `coded` is, and the
-    vector value choices beside the menu's where `vector_calib` (vector.py's) is."""
+    beside the menu's where `joint_calib` (joint.py's calibration) is given, entropy-coded where `coded` is, the
+    vector value choices beside the menu's where `vector_calib` (vector.py's) is, and a high class paid for from the
+    same bytes where `high` is."""
     items, fixed = layer_bytes(calib, spec, context, sink, block, joint_calib, window, window_codec, coded, joint1,
-                               vector_calib)
+                               vector_calib, high)
     full = spec.fp16_bytes(context)
     budget = full / ratio - fixed
     if budget <= 0:
-        raise KvshrinkError(f"a ratio of {ratio:g}x cannot be met at {context} tokens: the float16 sink and window "
-                            "alone take more")
+        raise KvshrinkError(f"a ratio of {ratio:g}x cannot be met at {context} tokens: the float16 sink and window"
+                            f"{'' if high is None else ' and the high class'} alone take more")
     least = fixed + sum(float(nbytes[np.isfinite(proxy)].min()) for proxy, nbytes in items)
     if least > budget + fixed:
         raise KvshrinkError(f"a ratio of {ratio:g}x does not fit this model at {context} tokens: its smallest codes "

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import weakref
+from dataclasses import dataclass
 
 from ...attention.function import require_kvshrink_attention, use_kvshrink_attention, uses_kvshrink_attention
 from ...codecs import huffman
 from ...codecs.jointcoded import CodedJointKeys
 from ...errors import KvshrinkError
-from ..quant.cache import CompressedCache
 from ...spec import spec_from_config
+from ..quant.cache import CompressedCache
 from . import allocate, coded, joint, vector
 from .config import BudgetConfig
 
@@ -175,7 +176,23 @@ def prepare(config: BudgetConfig, model, tokenizer=None, corpus=None):
     return model
 
 
-def build(config: BudgetConfig, model, method: str) -> BudgetCache:
+@dataclass
+class Chosen:
+    """An allocation with what its cache needs: the calibration's path and corpus range, and the calibrations
+    beside it that its choices read (None where not on offer), and the window's codec."""
+
+    allocation: allocate.Allocation
+    path: str
+    data: dict | None
+    found: tuple | None
+    tables: tuple | None
+    vectors: tuple | None
+    recent: object
+
+
+def allocation_for(config: BudgetConfig, model, method: str, high: allocate.HighClass | None = None) -> Chosen:
+    """The allocation of `config` for this model (its calibrations prepared), with a high class paid for from the same
+    bytes where `high` is (families/mixed)."""
     if not hasattr(model, "set_attn_implementation"):
         raise KvshrinkError(f"{method} needs the model, not its config (its allocation is calibrated on the "
                             f"weights): kvshrink.from_method({method!r}, model)")
@@ -187,12 +204,17 @@ def build(config: BudgetConfig, model, method: str) -> BudgetCache:
     recent = allocate.window_codec(config.window_bits) if config.window else None
     chosen = allocate.choose(calib, spec, config.budget, config.context, config.sink, config.block,
                              found[0] if found else None, config.window, recent, tables[0] if tables else None,
-                             config.joint1, vectors[0] if vectors else None)
+                             config.joint1, vectors[0] if vectors else None, high)
+    return Chosen(chosen, path, calib.header.get("data"), found, tables, vectors, recent)
+
+
+def build(config: BudgetConfig, model, method: str) -> BudgetCache:
+    c = allocation_for(config, model, method)
     attend = config.attend
     if attend == "auto":
         attend = "fused" if uses_kvshrink_attention(model.config) else "decode"
     elif attend == "fused":
         require_kvshrink_attention(model.config, method)
-    return BudgetCache(model.config, chosen, path, config.block, calib.header.get("data"), found, tables, vectors,
+    return BudgetCache(model.config, c.allocation, c.path, config.block, c.data, c.found, c.tables, c.vectors,
                        sink=config.sink, window=config.window, attend=attend, splits=config.splits, method=method,
-                       window_codec=recent)
+                       window_codec=c.recent)

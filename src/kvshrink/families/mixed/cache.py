@@ -63,7 +63,8 @@ class MixedLayer(ObservedWindow, CompressedLayer):
     gather = None  # the low stores take whole runs of tokens, coded at once (no float16 decode tokens)
     saved_by_stores = True  # the high class and the window beside the stores: saved_parts (core/importance.py)
 
-    def setup(self, high: IntQuant, mixed: MixedConfig, share: float, seed: int):
+    def setup(self, high: IntQuant, mixed, share: float, seed: int):
+        """mixed: a MixedConfig or MixedBudgetConfig (its window and how it picks and re-ranks)."""
         self.high, self.share, self.select = high, share, mixed.select
         self.window_size, self.leave_gather, self.observe = mixed.window, mixed.gather, mixed.observe
         # random picks keep their draws as scores, so demotion stays random too
@@ -192,21 +193,15 @@ class MixedLayer(ObservedWindow, CompressedLayer):
         return out
 
 
-class MixedCache(CompressedCache):
-    """A transformers `Cache` of `MixedLayer`s; build it with `kvshrink.from_method("mix-int2", model)`."""
+class Classes:
+    """Mixin for a CompressedCache of MixedLayers: what the bench and the needle test read of the two classes."""
 
-    layer_cls = MixedLayer
-
-    def __init__(self, config, mixed: MixedConfig, attend: str, method: str | None = None,
-                 shares: list[float] | None = None):
+    def setup_classes(self, high: IntQuant, mixed, shares: list[float] | None = None) -> None:
         """shares: one per layer (allocate.choose), else `mixed.share` everywhere."""
-        low_keys, low_values, self.high = allocate.codecs(mixed.low, mixed.high, mixed.block, mixed.rotate)
-        super().__init__(config, key_codec=low_keys, value_codec=low_values, sink=mixed.sink, window=0,
-                         block=mixed.block, method=method, attend=attend, splits=mixed.splits)
-        self.mixed = mixed
+        self.high, self.mixed = high, mixed
         self.layer_shares = list(shares) if shares is not None else [mixed.share] * len(self.layers)
         for i, layer in enumerate(self.layers):
-            layer.setup(self.high, mixed, self.layer_shares[i], seed=i)
+            layer.setup(high, mixed, self.layer_shares[i], seed=i)
 
     def head_agnostic(self) -> bool:
         return False  # each head keeps its own tokens in each class
@@ -233,6 +228,28 @@ class MixedCache(CompressedCache):
         for i, (k, v) in enumerate(states):
             st, _ = self.update(k, v, i)
             self.layers[i].observe_queries(queries[i], st.keys, st.t)
+
+    def classes_described(self) -> str:
+        m = self.mixed
+        again = f", re-ranked over {m.memory} rows" if m.demote else ", never demoted"
+        spread = "" if getattr(m, "shares", "uniform") == "uniform" else (
+            f" on average (per layer {_percents(self.layer_shares)})")
+        return (f"{100 * m.share:.3g}%{spread} of each head's tokens at {self.high.describe()} by {m.select}{again}; "
+                f"float16 window {m.window} (+{m.gather} leaving together)")
+
+
+class MixedCache(Classes, CompressedCache):
+    """A transformers `Cache` of `MixedLayer`s; build it with `kvshrink.from_method("mix-int2", model)`."""
+
+    layer_cls = MixedLayer
+
+    def __init__(self, config, mixed: MixedConfig, attend: str, method: str | None = None,
+                 shares: list[float] | None = None):
+        """shares: one per layer (allocate.choose), else `mixed.share` everywhere."""
+        low_keys, low_values, high = allocate.codecs(mixed.low, mixed.high, mixed.block, mixed.rotate)
+        super().__init__(config, key_codec=low_keys, value_codec=low_values, sink=mixed.sink, window=0,
+                         block=mixed.block, method=method, attend=attend, splits=mixed.splits)
+        self.setup_classes(high, mixed, shares)
 
     def _describe(self) -> str:
         m = self.mixed

@@ -1,4 +1,5 @@
-"""Options and presets of importance-aware integer codes (cache.py): `mix-int2`, `mix-int3`.
+"""Options and presets of importance-aware integer codes (cache.py): `mix-int2`, `mix-int3`, and over one budget's
+per-layer codecs (budgeted.py): `mix-auto-6x`.
 
 Every token is kept, at one of two precisions: a share of each KV head's tokens, those that received the most
 attention while they were recent, keep `high`-bit per-token codes; the rest go to a KIVI `low`-bit body (keys per
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from ...errors import KvshrinkError
 from ...registry import Config, Method, check_int, option, register
+from ..budget.config import JOINT1_PRESETS, JOINT_PRESETS, BudgetConfig
 from ..quant.config import ATTENDS
 
 SELECTS = ("attention", "random")
@@ -72,3 +74,46 @@ register(Method("mix-int2", MixedConfig(low=2, high=4, rotate=True),
                 "the rest int2-rot (KIVI); float16 sink 4 and window 16"))
 register(Method("mix-int3", MixedConfig(low=3, high=6, rotate=True),
                 "importance-aware int: 10% of each head's tokens at 6 bits per token, the rest int3-rot (KIVI)"))
+
+
+@dataclass(frozen=True)
+class MixedBudgetConfig(BudgetConfig):
+    """One budget's per-layer codecs (families/budget) as the body, and a high class of the tokens attention picks out,
+    paid for from the same bytes (budgeted.py)."""
+
+    family = "mixed"
+    share: float = option(0.01, "share of each KV head's tokens kept in `high`-bit per-token codes, picked by the "
+                                 "attention they received in the float16 observation window (0 to 1)")
+    high: int = option(8, "bits of the important tokens' per-token codes (keys and values, Hadamard-rotated)")
+    window: int = option(16, "most recent tokens held in float16 while their attention is observed")
+    window_bits: int = option(16, "the observation window's width: float16 only (16), since its tokens are scored "
+                                  "and then coded into one class or the other")
+    select: str = option("attention", "how the important tokens are picked: attention, or random (an ablation)",
+                         SELECTS)
+    demote: bool = option(True, "re-rank the important tokens as decoding goes on (re-coded down, never up)")
+    memory: int = option(256, "query rows over which an important token's attention is averaged for demotion")
+    gather: int = option(16, "decode tokens that leave the window together")
+    observe: int = option(64, "the last query rows of a call whose attention scores the window")
+
+    def check(self):
+        super().check()
+        if not (isinstance(self.high, int) and 2 <= self.high <= 8):
+            raise KvshrinkError(f"impossible bit width high={self.high!r}: the high class has 2 to 8 bits")
+        if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 <= self.share <= 1:
+            raise KvshrinkError(f"share must be a number from 0 to 1, got {self.share!r}")
+        if self.window_bits != 16:
+            raise KvshrinkError(f"window_bits={self.window_bits}: the observation window of an importance-aware "
+                                "cache is float16 (16 only)")
+        check_int("window", self.window, 1)
+        check_int("gather", self.gather, 1)
+        check_int("observe", self.observe, 1)
+        check_int("memory", self.memory, 1)
+
+
+register(Method("mix-auto", MixedBudgetConfig(), "one budget (auto:budget=N) with an importance-aware high class: "
+                "1% of each head's tokens at 8 bits per token, picked by attention, paid for from the same bytes"))
+# 6x only: at 8x the float16 observation window takes 3% of the bytes and the body's loss rises more than the high
+# class takes off (+8.06% against auto-8x's +5.50%, docs/mixed.md, "Over one budget's codecs")
+register(Method("mix-auto-6x", MixedBudgetConfig(budget=6.0, joint=6 in JOINT_PRESETS, joint1=6 in JOINT1_PRESETS),
+                "auto-6x's one budget with 1% of each head's tokens (most attended while recent) at 8 bits per token "
+                "and a float16 window of 16, all within the same bytes"))
