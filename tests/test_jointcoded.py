@@ -5,6 +5,7 @@ kernel decoding the streams where it reads them, and the budget's code tables (f
 import copy
 import dataclasses
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -153,12 +154,13 @@ def test_many_sequences_with_coded_keys_get_what_each_gets_alone():
 
 
 @pytest.fixture(scope="module")
-def budget(tiny_model, tmp_path_factory):
-    """Budget, joint and code-table calibrations of the tiny model on random tokens, in one folder."""
+def budget(calibrated, tiny_model, tmp_path_factory):
+    """Budget (conftest's), joint and code-table calibrations of the tiny model on random tokens, in a folder of
+    their own (the joint file beside the budget's is this module's)."""
     ids = torch.randint(3, 128, (2, 4 + 3 * 32), generator=torch.Generator().manual_seed(0))
-    calib = A.calibrate(tiny_model, ids, {"test": True}, sink=4, block=32)
+    calib = calibrated[0]
     path = str(tmp_path_factory.mktemp("auto") / "auto.safetensors")
-    calib.save(path)
+    shutil.copyfile(calibrated[1], path)
     found = J.calibrate(tiny_model, ids, {"test": True}, sink=4, block=32, context=160)
     found.save(J.path_beside(path))
     tables = C.calibrate(tiny_model, ids, found, {"test": True}, sink=4, block=32, menu=A.KEY_MENU)

@@ -20,18 +20,9 @@ SHARINGS = ("uniform", "allocated")
 
 
 @dataclass(frozen=True)
-class MixedConfig(Config):
-    """Two precision classes of tokens, chosen by the attention they receive in a float16 observation window."""
+class Observing:
+    """How an importance-aware cache observes its window and picks and re-ranks its high class (both configs here)."""
 
-    family = "mixed"
-    can_save = True  # core/saved.py: the window and the high class beside the stores
-    low: int = option(2, "bits of the body's codes (KIVI layout: keys per channel, values per token)", preset=True)
-    high: int = option(4, "bits of the important tokens' per-token codes (keys and values, Hadamard-rotated)")
-    share: float = option(0.1, "share of each KV head's tokens kept at `high` bits (0 to 1)")
-    shares: str = option("uniform", "how the share is spread over layers: uniform (every layer keeps `share`) or "
-                                     "allocated (one budget: per-layer shares from a calibrated KL per layer and "
-                                     "share, as many high tokens in all; measured once per model and widths: half "
-                                     "an hour on 2 cores for the bundled one)", SHARINGS)
     select: str = option("attention", "how the important tokens are picked: attention (the mean attention a token "
                                       "received from the queries after it while in the window) or random (an "
                                       "ablation: the same share, picked by a seeded draw)", SELECTS)
@@ -43,6 +34,27 @@ class MixedConfig(Config):
     gather: int = option(16, "decode tokens that leave the window together (the important ones picked among them)")
     observe: int = option(64, "the last query rows of a call whose attention scores the window (an observation "
                               "window, as SnapKV's)")
+
+    def check_observing(self):
+        check_int("window", self.window, 1)
+        check_int("gather", self.gather, 1)
+        check_int("observe", self.observe, 1)
+        check_int("memory", self.memory, 1)
+
+
+@dataclass(frozen=True)
+class MixedConfig(Observing, Config):
+    """Two precision classes of tokens, chosen by the attention they receive in a float16 observation window."""
+
+    family = "mixed"
+    can_save = True  # core/saved.py: the window and the high class beside the stores
+    low: int = option(2, "bits of the body's codes (KIVI layout: keys per channel, values per token)", preset=True)
+    high: int = option(4, "bits of the important tokens' per-token codes (keys and values, Hadamard-rotated)")
+    share: float = option(0.1, "share of each KV head's tokens kept at `high` bits (0 to 1)")
+    shares: str = option("uniform", "how the share is spread over layers: uniform (every layer keeps `share`) or "
+                                     "allocated (one budget: per-layer shares from a calibrated KL per layer and "
+                                     "share, as many high tokens in all; measured once per model and widths: half "
+                                     "an hour on 2 cores for the bundled one)", SHARINGS)
     sink: int = option(4, "first tokens kept in float16 (attention sinks)")
     block: int = option(128, "tokens per coded block of the body (the key quantization group)")
     rotate: bool = option(False, "randomized Hadamard rotation of the body's head vectors first", preset=True)
@@ -60,10 +72,7 @@ class MixedConfig(Config):
             raise KvshrinkError(f"important tokens need more bits than the rest: high={self.high}, low={self.low}")
         if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 <= self.share <= 1:
             raise KvshrinkError(f"share must be a number from 0 to 1, got {self.share!r}")
-        check_int("window", self.window, 1)
-        check_int("gather", self.gather, 1)
-        check_int("observe", self.observe, 1)
-        check_int("memory", self.memory, 1)
+        self.check_observing()
         check_int("sink", self.sink)
         check_int("block", self.block, 1)
         check_int("splits", self.splits, 1)
@@ -77,7 +86,7 @@ register(Method("mix-int3", MixedConfig(low=3, high=6, rotate=True),
 
 
 @dataclass(frozen=True)
-class MixedBudgetConfig(BudgetConfig):
+class MixedBudgetConfig(Observing, BudgetConfig):
     """One budget's per-layer codecs (families/budget) as the body, and a high class of the tokens attention picks out,
     paid for from the same bytes (budgeted.py)."""
 
@@ -85,15 +94,8 @@ class MixedBudgetConfig(BudgetConfig):
     share: float = option(0.01, "share of each KV head's tokens kept in `high`-bit per-token codes, picked by the "
                                  "attention they received in the float16 observation window (0 to 1)")
     high: int = option(8, "bits of the important tokens' per-token codes (keys and values, Hadamard-rotated)")
-    window: int = option(16, "most recent tokens held in float16 while their attention is observed")
     window_bits: int = option(16, "the observation window's width: float16 only (16), since its tokens are scored "
                                   "and then coded into one class or the other")
-    select: str = option("attention", "how the important tokens are picked: attention, or random (an ablation)",
-                         SELECTS)
-    demote: bool = option(True, "re-rank the important tokens as decoding goes on (re-coded down, never up)")
-    memory: int = option(256, "query rows over which an important token's attention is averaged for demotion")
-    gather: int = option(16, "decode tokens that leave the window together")
-    observe: int = option(64, "the last query rows of a call whose attention scores the window")
 
     def check(self):
         super().check()
@@ -104,10 +106,7 @@ class MixedBudgetConfig(BudgetConfig):
         if self.window_bits != 16:
             raise KvshrinkError(f"window_bits={self.window_bits}: the observation window of an importance-aware "
                                 "cache is float16 (16 only)")
-        check_int("window", self.window, 1)
-        check_int("gather", self.gather, 1)
-        check_int("observe", self.observe, 1)
-        check_int("memory", self.memory, 1)
+        self.check_observing()
 
 
 register(Method("mix-auto", MixedBudgetConfig(), "one budget (auto:budget=N) with an importance-aware high class: "
