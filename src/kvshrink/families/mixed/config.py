@@ -111,8 +111,8 @@ class MixedBudgetConfig(Observing, BudgetConfig):
 
 register(Method("mix-auto", MixedBudgetConfig(), "one budget (auto:budget=N) with an importance-aware high class: "
                 "1% of each head's tokens at 8 bits per token, picked by attention, paid for from the same bytes"))
-# 6x only: at 8x the float16 observation window takes 3% of the bytes and the body's loss rises more than the high
-# class takes off (+8.06% against auto-8x's +5.50%, docs/mixed.md, "Over one budget's codecs")
+# 6x only: at 8x the high class and the float16 window take 4-6% of the bytes and the body's loss rises more than
+# the class takes off (+8.06% against auto-8x's +5.50%, docs/mixed.md, "Over one budget's codecs")
 register(Method("mix-auto-6x", MixedBudgetConfig(budget=6.0, joint=6 in JOINT_PRESETS, joint1=6 in JOINT1_PRESETS),
                 "auto-6x's one budget with 1% of each head's tokens (most attended while recent) at 8 bits per token "
                 "and a float16 window of 16, all within the same bytes"))
