@@ -29,7 +29,7 @@ class MixedBudgetCache(Classes, budget.BudgetCache):
         self.setup_classes(high_codec(mixed), mixed)
 
     def _describe(self) -> str:
-        return f"{self.classes_described()}; the rest: {super()._describe()}"
+        return f"{self.classes_described()}; {self.window_described()}; the rest: {super()._describe()}"
 
 
 def high_codec(config: MixedBudgetConfig):

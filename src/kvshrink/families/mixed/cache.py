@@ -230,12 +230,15 @@ class Classes:
             self.layers[i].observe_queries(queries[i], st.keys, st.t)
 
     def classes_described(self) -> str:
+        """The high class: its share (per layer where spread), codes, how it is picked and re-ranked."""
         m = self.mixed
         again = f", re-ranked over {m.memory} rows" if m.demote else ", never demoted"
         spread = "" if getattr(m, "shares", "uniform") == "uniform" else (
             f" on average (per layer {_percents(self.layer_shares)})")
-        return (f"{100 * m.share:.3g}%{spread} of each head's tokens at {self.high.describe()} by {m.select}{again}; "
-                f"float16 window {m.window} (+{m.gather} leaving together)")
+        return f"{100 * m.share:.3g}%{spread} of each head's tokens at {self.high.describe()} by {m.select}{again}"
+
+    def window_described(self) -> str:
+        return f"float16 window {self.mixed.window} (+{self.mixed.gather} leaving together)"
 
 
 class MixedCache(Classes, CompressedCache):
@@ -252,12 +255,9 @@ class MixedCache(Classes, CompressedCache):
         self.setup_classes(high, mixed, shares)
 
     def _describe(self) -> str:
-        m = self.mixed
-        again = f", re-ranked over {m.memory} rows" if m.demote else ", never demoted"
-        spread = "" if m.shares == "uniform" else f" on average (per layer {_percents(self.layer_shares)})"
-        return (f"{m.share:.0%}{spread} of each head's tokens at {self.high.describe()} by {m.select}{again}, the rest keys "
-                f"{self.key_codec.describe()}, values {self.value_codec.describe()}; sink {m.sink}, float16 window "
-                f"{m.window} (+{m.gather} leaving together), block {m.block}, " + self._how_it_attends())
+        return (f"{self.classes_described()}, the rest keys {self.key_codec.describe()}, values "
+                f"{self.value_codec.describe()}; sink {self.mixed.sink}, {self.window_described()}, block "
+                f"{self.mixed.block}, " + self._how_it_attends())
 
 
 def _percents(shares: list[float]) -> str:
