@@ -5,7 +5,9 @@ Properties:
   `context` tokens the cache holds exactly the bytes the allocation expected, each class the tokens expected;
 - paying for it leaves the body fewer bytes, so its proxy is never lower than without a high class;
 - the kernel's decode steps equal the decoded path on the same codes, per-layer codecs and high class alike;
-- a saved cache resumes with its classes; impossible options refuse in one line.
+- a saved cache resumes with its classes; impossible options refuse in one line;
+- allocated shares (autoshares.py) are measured over the allocation's own body, keyed by it, and spread the high
+  class with no more high-class bytes and no more summed loss than the uniform share.
 """
 
 import copy
@@ -15,6 +17,9 @@ import torch
 
 from kvshrink import KvshrinkError, from_method, get_method, load_cache, prepare
 from kvshrink.families.budget import allocate as A
+from kvshrink.families.budget.cache import layer_codecs
+from kvshrink.families.mixed import allocate as shares_allocate
+from kvshrink.families.mixed import autoshares, budgeted
 from kvshrink.families.mixed.budgeted import MixedBudgetCache
 from kvshrink.spec import spec_from_config
 
@@ -95,6 +100,42 @@ def test_a_saved_cache_resumes_with_its_classes(model, tmp_path):
     assert torch.equal(_run(model, cache, _ids(0), steps=10), _run(model, loaded, _ids(0), steps=10))
     for x, y in zip(cache.layers, loaded.layers):
         assert x.left == y.left and torch.equal(x.hk.tensors["codes"], y.hk.tensors["codes"])
+
+
+def test_allocated_shares_are_measured_over_the_body_and_spend_no_more(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSHRINK_CALIB_DIR", str(tmp_path))
+    monkeypatch.setattr(budgeted, "_CALIBS", type(budgeted._CALIBS)())
+    name = _name(3.0, 0.02, ":shares=allocated")
+    with pytest.raises(KvshrinkError, match="need a share calibration"):
+        from_method(name, model)
+    config, spec = get_method(name).config, spec_from_config(model.config)
+    chosen, high = budgeted.chosen_for(config, model, name), budgeted.high_codec(config)
+    key = autoshares.digest(chosen, 8, 32, 4)
+    assert key != autoshares.digest(budgeted.chosen_for(get_method(_name(4.0, 0.02)).config, model, name), 8, 32, 4)
+    assert key != autoshares.digest(chosen, 6, 32, 4)
+    pairs = layer_codecs(chosen.allocation, 32, spec.rope, chosen.found, chosen.tables, chosen.vectors)
+    calib = autoshares.calibrate(model, _ids(CONTEXT, seed=11), pairs, high, 4, 32, key, data={"test": True})
+    proxy, grid = calib.proxy, autoshares.GRID
+    assert proxy.shape == (spec.num_layers, len(grid)) and bool((proxy >= 0).all())
+    assert float(proxy[:, -1].sum()) < float(proxy[:, 0].sum())  # 8% of the tokens at 8 bits lose less than none
+    calib.save(autoshares.default_path(model, calib.header["data"], key))
+
+    cache = from_method(name, model)
+    extra = autoshares.extra(chosen.allocation, high, spec)
+    shares = cache.layer_shares
+    assert shares == shares_allocate.choose(calib, 0.02, extra) and set(shares) <= set(grid)
+    assert sum(e * s for e, s in zip(extra, shares)) <= 0.02 * sum(extra) + 1e-9
+    assert sum(float(proxy[i, grid.index(s)]) for i, s in enumerate(shares)) <= float(proxy[:, 2].sum()) + 1e-12
+    uniform = from_method(_name(3.0, 0.02), model)
+    _run(model, cache, _ids(CONTEXT))
+    _run(model, uniform, _ids(CONTEXT))
+    for layer, share in zip(cache.layers, shares):
+        assert layer.high_tokens() == round(share * layer.left)
+    # the extra bytes are a layer's mean over its blocks and stage; a per-layer quota rounds by half a token
+    slack = spec.num_layers * (max(extra) + max(chosen.allocation.body)) / 2
+    assert cache.nbytes() <= uniform.nbytes() + slack
+    with pytest.raises(KvshrinkError, match=f"body={key}, not body=0"):
+        calib.check(model, "mix-auto", body="0")
 
 
 @pytest.mark.parametrize("option,message", [

@@ -37,7 +37,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -288,6 +288,7 @@ class Allocation:
     values: list
     proxy: float
     ratio: float  # expected ratio against fp16 at `context` tokens after a prefill
+    body: list = field(default_factory=list)  # per layer, the mean bytes of a coded token's keys and values
 
     def describe(self) -> str:
         ks = " ".join(describe_choice(c) for c in self.keys)
@@ -409,10 +410,14 @@ def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int
                             f"(1 bit, with their scales and the float16 sink) reach {full / least:.2f}x")
     picks, proxy = allocate(items, budget)
     held = fixed + sum(float(nbytes[j]) for (_, nbytes), j in zip(items, picks))
+    share = 0.0 if high is None else high.share
+    tokens = [sum(held_tokens(spec, i, context, sink, block, window, share)[2:]) for i in range(spec.num_layers)]
+    body = [float(items[2 * i][1][picks[2 * i]] + items[2 * i + 1][1][picks[2 * i + 1]]) / max(n, 1)
+            for i, n in enumerate(tokens)]
     keys = [KEY_MENU[j] if j < len(KEY_MENU) else (JOINT, *joint.CHOICES[j - len(KEY_MENU)]) for j in picks[0::2]]
     values = [VALUE_MENU[j] if j < len(VALUE_MENU) else (vector.VECTOR, vector.CHOICES[j - len(VALUE_MENU)])
               for j in picks[1::2]]
-    return Allocation(keys, values, proxy, full / held)
+    return Allocation(keys, values, proxy, full / held, body)
 
 
 def uniform(calib: BudgetCalibration, key_choice, value_choice) -> float:

@@ -31,9 +31,7 @@ class BudgetCache(CompressedCache):
         """found: (joint key calibration, its path), or None where joint keys were not on offer; tables: (code
         tables, their path) where the keys are entropy-coded (coded.py: joint keys and turned 2- and 3-bit menu
         keys), else None; vectors: (vector value calibration, its path) where vector levels were on offer."""
-        rope = spec_from_config(config).rope
-        pairs = [(_key_codec(k, i, block, rope, found, tables), _value_codec(v, vectors))
-                 for i, (k, v) in enumerate(zip(allocation.keys, allocation.values))]
+        pairs = layer_codecs(allocation, block, spec_from_config(config).rope, found, tables, vectors)
         super().__init__(config, layer_codecs=pairs, block=block, **kwargs)
         self.allocation, self.calibration, self.data = allocation, calibration, data or {}
         self.joint_path = found[1] if found is not None else None
@@ -73,6 +71,13 @@ class BudgetCache(CompressedCache):
                 f"{f'window {self.window}{self._window_code()}, ' if self.window else ''}block {self.block}, "
                 f"{self._how_it_attends()}; "
                 f"calibration {self.calibration}{where}{keys}")
+
+
+def layer_codecs(allocation: allocate.Allocation, block: int, rope: tuple, found=None, tables=None,
+                 vectors=None) -> list:
+    """Per layer, the (key codec, value codec) of the allocation's choices (calibrations beside it as BudgetCache)."""
+    return [(_key_codec(k, i, block, rope, found, tables), _value_codec(v, vectors))
+            for i, (k, v) in enumerate(zip(allocation.keys, allocation.values))]
 
 
 def _key_codec(choice, layer: int, block: int, rope: tuple, found, tables=None):

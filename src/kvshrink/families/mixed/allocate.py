@@ -129,29 +129,30 @@ def round_trip(body: IntQuant, high: IntQuant, picked: torch.Tensor, sink: int, 
     return trip
 
 
-def measure(model, ids: torch.Tensor, trips, sink: int, progress=None) -> torch.Tensor:
-    """(L, len(SHARES)) the KL per token of every (layer, share) on `ids` read as one sequence, where
+def measure(model, ids: torch.Tensor, trips, sink: int, progress=None, grid=SHARES) -> torch.Tensor:
+    """(L, len(grid)) the KL per token of every (layer, share of `grid`) on `ids` read as one sequence, where
     trips(layer, picked) gives that layer's {"key": f, "value": g} round trips for the picked tokens (H, n) bool."""
     spec = spec_from_config(model.config)
     seq = ids.reshape(1, -1)
     scaling = {m.layer_idx: m.scaling for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")}
     collected = next(collect(model, seq))
     perturbed = Perturbed(model, seq, recent=RECENT)
-    proxy = torch.zeros(spec.num_layers, len(SHARES), dtype=torch.float64)
+    proxy = torch.zeros(spec.num_layers, len(grid), dtype=torch.float64)
     for i in range(spec.num_layers):
         q, k = collected[i][0], collected[i][1]
         score = scores(q, k, scaling.get(i, k.shape[-1] ** -0.5))
-        for j, share in enumerate(SHARES):
+        for j, share in enumerate(grid):
             proxy[i, j] = max(perturbed.kl_many({i: trips(i, picks(score, share, sink))}), 0.0)
             if progress is not None:
                 progress()
     return proxy
 
 
-def header(model, seq: torch.Tensor, data: dict | None, sink: int, t0: float, **settings) -> dict:
-    """A share calibration's header: the model, the corpus range, the settings it was measured for."""
-    return {**model_header(model), "data": data or {}, **settings, "sink": sink, "shares": list(SHARES),
-            "observed": OBSERVED, "recent": RECENT, "proxy": "KL per token (measured)", "tokens": seq.numel(),
+def header(model, seq: torch.Tensor, data: dict | None, sink: int, t0: float, grid=SHARES, quantum=QUANTUM,
+           **settings) -> dict:
+    """A share calibration's header: the model, the corpus range, the settings and shares it was measured for."""
+    return {**model_header(model), "data": data or {}, **settings, "sink": sink, "shares": list(grid),
+            "quantum": quantum, "observed": OBSERVED, "recent": RECENT, "proxy": "KL per token (measured)", "tokens": seq.numel(),
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -174,7 +175,8 @@ def calibrate(model, ids: torch.Tensor, low: int, high: int, block: int, rotate:
 def choose(calib: ShareCalibration, share: float, extra: list[int] | None = None) -> list[float]:
     """One share per layer, the summed KL least with no more bytes than every layer at `share` would hold. extra:
     per layer, the bytes a high token holds over a low one (a coded token's bytes are affine in its class); None:
-    the same in every layer, so the budget is the count of high tokens. Sizes in whole QUANTUM steps, exact."""
+    the same in every layer, so the budget is the count of high tokens. Sizes in whole steps of the header's
+    `quantum` (QUANTUM in files that have none), exact."""
     shares = np.asarray(calib.header["shares"], dtype=np.float64)
     if not shares.min() <= share <= shares.max():
         raise KvshrinkError(f"allocated shares spend share={share} per layer on average: it must lie within the "
@@ -182,15 +184,16 @@ def choose(calib: ShareCalibration, share: float, extra: list[int] | None = None
     layers = calib.proxy.shape[0]
     weight = np.ones(layers, dtype=np.int64) if extra is None else np.asarray(extra, dtype=np.int64)
     weight = weight // np.gcd.reduce(weight) if weight.any() else weight
-    units = np.round(shares / QUANTUM).astype(np.int64)
-    cap = int(np.floor(weight.sum() * share / QUANTUM + 1e-9))
+    quantum = float(calib.header.get("quantum", QUANTUM))
+    units = np.round(shares / quantum).astype(np.int64)
+    cap = int(np.floor(weight.sum() * share / quantum + 1e-9))
     if cap == 0:
         return [0.0] * layers
     picked, _ = allocate([(calib.proxy[i].numpy(), units * weight[i]) for i in range(layers)], cap, cells=cap)
     return [float(shares[j]) for j in picked]
 
 
-def load_or_measure(model, tokenizer, corpus, path_of, newest, measure, name: str) -> ShareCalibration:
+def load_or_measure(model, tokenizer, corpus, path_of, newest, measure, name: str, grid=SHARES) -> ShareCalibration:
     """A share calibration: with a tokenizer, the file path_of(data) for the budget's calibration tokens (measured
     first by measure(ids, data, progress) if missing); without one, newest() (any corpus range) or a clear error."""
     if tokenizer is not None:
@@ -198,7 +201,7 @@ def load_or_measure(model, tokenizer, corpus, path_of, newest, measure, name: st
         ids, data = calibration_ids(tokenizer, corpus, *calibration_shape(spec))
         path = path_of(data)
         if not os.path.isfile(path):
-            passes = spec.num_layers * len(SHARES)
+            passes = spec.num_layers * len(grid)
             print(f"{name.split('-')[0]}: no share calibration for this model, corpus range and settings at {path}; "
                   f"measuring it ({passes} forward passes over {ids.numel()} tokens: half an hour on 2 cores for the "
                   "bundled model)", file=sys.stderr)

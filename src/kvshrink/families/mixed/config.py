@@ -34,6 +34,10 @@ class Observing:
     gather: int = option(16, "decode tokens that leave the window together (the important ones picked among them)")
     observe: int = option(64, "the last query rows of a call whose attention scores the window (an observation "
                               "window, as SnapKV's)")
+    shares: str = option("uniform", "how the share is spread over layers: uniform (every layer keeps `share`) or "
+                                     "allocated (one budget: per-layer shares from a calibrated KL per layer and "
+                                     "share, no more high-class bytes in all; measured once per model and body: "
+                                     "half an hour on 2 cores for the bundled one)", SHARINGS)
 
     def check_observing(self):
         check_int("window", self.window, 1)
@@ -51,10 +55,6 @@ class MixedConfig(Observing, Config):
     low: int = option(2, "bits of the body's codes (KIVI layout: keys per channel, values per token)", preset=True)
     high: int = option(4, "bits of the important tokens' per-token codes (keys and values, Hadamard-rotated)")
     share: float = option(0.1, "share of each KV head's tokens kept at `high` bits (0 to 1)")
-    shares: str = option("uniform", "how the share is spread over layers: uniform (every layer keeps `share`) or "
-                                     "allocated (one budget: per-layer shares from a calibrated KL per layer and "
-                                     "share, as many high tokens in all; measured once per model and widths: half "
-                                     "an hour on 2 cores for the bundled one)", SHARINGS)
     sink: int = option(4, "first tokens kept in float16 (attention sinks)")
     block: int = option(128, "tokens per coded block of the body (the key quantization group)")
     rotate: bool = option(False, "randomized Hadamard rotation of the body's head vectors first", preset=True)
