@@ -47,7 +47,8 @@ def main():
     if args.at is None:
         seq = calibration_ids(tok, args.corpus, *calibration_shape(spec))[0].reshape(1, -1)
     else:
-        seq = tok(open(args.corpus).read(), return_tensors="pt").input_ids[:, args.at:args.at + 2048]
+        with open(args.corpus) as f:
+            seq = tok(f.read(), return_tensors="pt").input_ids[:, args.at:args.at + 2048]
     allocated = choose(calib, config.share, autoshares.extra(chosen.allocation, high, spec))
     pairs = layer_codecs(chosen.allocation, config.block, spec.rope, chosen.found, chosen.tables, chosen.vectors)
     trips = autoshares.trips(pairs, high, config.sink, config.block)

@@ -15,17 +15,13 @@ are weighted by that in the allocation (families/mixed/allocate.choose).
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
 import time
 
 import torch
 
-from ...core.calibfile import calibration_dir, model_fingerprint
 from ...errors import KvshrinkError
-from ..budget.allocate import data_tag
-from ..mixed.allocate import ShareCalibration, header, measure
+from ..mixed.allocate import ShareCalibration, header, keyed_path, measure, newest_keyed
 
 FORMAT_VERSION = 1
 
@@ -81,12 +77,9 @@ def calibrate(model, ids: torch.Tensor, ranks, sink: int = 4, data: dict | None 
 
 def default_path(model, data: dict, key: str, tag: str | None = None) -> str:
     """Keyed by the weights, the corpus range (`tag`: its digest), the bases and ranks (`key`: digest) and format."""
-    tag = data_tag(data) if tag is None else tag
-    return os.path.join(calibration_dir(), f"zdc-mix-{model_fingerprint(model)}-{tag}-{key}-v{FORMAT_VERSION}"
-                                           ".safetensors")
+    return keyed_path("zdc-mix", model, data, key, FORMAT_VERSION, tag)
 
 
 def found(model, key: str) -> str | None:
     """A share calibration of these weights, bases and ranks from any corpus range (the newest), or None."""
-    paths = glob.glob(default_path(model, {}, key, tag="*"))
-    return max(paths, key=os.path.getmtime) if paths else None
+    return newest_keyed("zdc-mix", model, key, FORMAT_VERSION)

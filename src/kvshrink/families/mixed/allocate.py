@@ -227,3 +227,16 @@ def found(model, low: int, high: int, block: int, rotate: bool) -> str | None:
     """A share calibration of this model's weights and these widths from any corpus range (the newest), or None."""
     paths = glob.glob(default_path(model, {}, low, high, block, rotate, tag="*"))
     return max(paths, key=os.path.getmtime) if paths else None
+
+
+def keyed_path(prefix: str, model, data: dict, key: str, version: int, tag: str | None = None) -> str:
+    """A share calibration's file over another family's round trips: keyed by the weights, the corpus range (`tag`:
+    its digest), what it was measured over (`key`: a digest) and the format version."""
+    tag = data_tag(data) if tag is None else tag
+    return os.path.join(calibration_dir(), f"{prefix}-{model_fingerprint(model)}-{tag}-{key}-v{version}.safetensors")
+
+
+def newest_keyed(prefix: str, model, key: str, version: int) -> str | None:
+    """The newest `keyed_path` file of these weights and key from any corpus range, or None."""
+    paths = glob.glob(keyed_path(prefix, model, {}, key, version, tag="*"))
+    return max(paths, key=os.path.getmtime) if paths else None

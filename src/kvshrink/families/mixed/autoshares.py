@@ -15,16 +15,14 @@ calibrations beside the budget's, so another ratio or option set is measured aga
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import time
 
 from ...codecs.quant import IntQuant
-from ...core.calibfile import calibration_dir, model_fingerprint
-from ..budget.allocate import Allocation, codec_bytes, data_tag
-from .allocate import ShareCalibration, header, measure, round_trip
+from ..budget.allocate import Allocation, codec_bytes
+from .allocate import ShareCalibration, header, keyed_path, measure, newest_keyed, round_trip
 
 GRID = (0.0, 0.01, 0.02, 0.04, 0.08)
 STEP = 0.01  # every share a whole number of these: the allocation's unit
@@ -67,12 +65,9 @@ def calibrate(model, ids, pairs: list, high: IntQuant, sink: int, block: int, ke
 
 def default_path(model, data: dict, key: str, tag: str | None = None) -> str:
     """Keyed by the weights, the corpus range (`tag`: its digest), the body and high class (`key`: digest), format."""
-    tag = data_tag(data) if tag is None else tag
-    return os.path.join(calibration_dir(), f"mix-auto-{model_fingerprint(model)}-{tag}-{key}-v{FORMAT_VERSION}"
-                                           ".safetensors")
+    return keyed_path("mix-auto", model, data, key, FORMAT_VERSION, tag)
 
 
 def found(model, key: str) -> str | None:
     """A share calibration of these weights, body and high class from any corpus range (the newest), or None."""
-    paths = glob.glob(default_path(model, {}, key, tag="*"))
-    return max(paths, key=os.path.getmtime) if paths else None
+    return newest_keyed("mix-auto", model, key, FORMAT_VERSION)
