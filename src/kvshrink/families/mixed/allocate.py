@@ -152,8 +152,8 @@ def header(model, seq: torch.Tensor, data: dict | None, sink: int, t0: float, gr
            **settings) -> dict:
     """A share calibration's header: the model, the corpus range, the settings and shares it was measured for."""
     return {**model_header(model), "data": data or {}, **settings, "sink": sink, "shares": list(grid),
-            "quantum": quantum, "observed": OBSERVED, "recent": RECENT, "proxy": "KL per token (measured)", "tokens": seq.numel(),
-            "seconds": round(time.time() - t0, 1)}
+            "quantum": quantum, "observed": OBSERVED, "recent": RECENT, "proxy": "KL per token (measured)",
+            "tokens": seq.numel(), "seconds": round(time.time() - t0, 1)}
 
 
 def calibrate(model, ids: torch.Tensor, low: int, high: int, block: int, rotate: bool, sink: int = 4,
@@ -225,8 +225,7 @@ def default_path(model, data: dict, low: int, high: int, block: int, rotate: boo
 
 def found(model, low: int, high: int, block: int, rotate: bool) -> str | None:
     """A share calibration of this model's weights and these widths from any corpus range (the newest), or None."""
-    paths = glob.glob(default_path(model, {}, low, high, block, rotate, tag="*"))
-    return max(paths, key=os.path.getmtime) if paths else None
+    return _newest(default_path(model, {}, low, high, block, rotate, tag="*"))
 
 
 def keyed_path(prefix: str, model, data: dict, key: str, version: int, tag: str | None = None) -> str:
@@ -238,5 +237,9 @@ def keyed_path(prefix: str, model, data: dict, key: str, version: int, tag: str 
 
 def newest_keyed(prefix: str, model, key: str, version: int) -> str | None:
     """The newest `keyed_path` file of these weights and key from any corpus range, or None."""
-    paths = glob.glob(keyed_path(prefix, model, {}, key, version, tag="*"))
+    return _newest(keyed_path(prefix, model, {}, key, version, tag="*"))
+
+
+def _newest(pattern: str) -> str | None:
+    paths = glob.glob(pattern)
     return max(paths, key=os.path.getmtime) if paths else None
