@@ -242,6 +242,28 @@ def test_compiled_per_token_decoding_is_the_pytorch_decoding(bits, group, rotate
     assert half.dtype == torch.float16 and torch.equal(half, fast.half())
 
 
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), group=st.sampled_from([None, 8, 32]), rotate=st.booleans(),
+       levels=st.sampled_from(["uniform", "gauss", "gauss8"]), tokens=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_codes_in_their_basis_give_the_decoded_keys_dot_products(bits, group, rotate, levels, tokens, seed):
+    """A coded window's logits (core/importance.py) read per-token codes in their rotated basis against the query
+    turned once: the same dot products as the decoded keys', for every width, group, level kind and scale format."""
+    if levels != "uniform" and bits > 4:
+        bits = 1 + bits % 4
+    kind, scales = ("gauss", "8bit") if levels == "gauss8" else (levels, "fp16")
+    codec = IntQuant(bits, "token", group, rotate=rotate, seed=seed % 7, levels=kind, scales=scales)
+    gen = torch.Generator().manual_seed(seed)
+    packed = codec.encode(torch.randn(2, 3, tokens, 64, generator=gen) * 3.0, 1)
+    q = torch.randn(2, 3, 5, 64, generator=gen)
+    inside = codec.in_basis(packed)
+    assert inside.shape == (2, 3, tokens, 64)
+    assert rotate or torch.allclose(inside, codec.decode(packed), rtol=1e-5, atol=1e-5)
+    want = q @ codec.decode(packed).transpose(-1, -2)
+    torch.testing.assert_close(codec.to_basis(q) @ inside.transpose(-1, -2), want, rtol=1e-4, atol=2e-3)
+    with pytest.raises(KvshrinkError, match="per-token codes"):
+        IntQuant(bits, "channel", 16).in_basis(packed)
+
+
 @pytest.mark.parametrize("levels, scales, big, message", [("uniform", "fp16", 1e6, "float16 range"),
                                                          ("gauss", "fp16", 1e6, "float16 range"),
                                                          ("gauss", "8bit", 1e8, "range of 8-bit scales")])

@@ -164,7 +164,7 @@ def test_a_needle_fill_scores_the_window_with_the_captured_queries(zmodel):
 def test_what_the_layout_cannot_do_refuses_in_one_line(zmodel):
     cache = from_method("zdc-mix-50", zmodel)
     _feed(zmodel, cache, _ids(80, seed=7), 2)
-    with pytest.raises(KvshrinkError, match="crops only within its float16 window"):
+    with pytest.raises(KvshrinkError, match="crops only within its observation window"):
         cache.crop(-(cache.layers[0].wk.shape[2] + 1))
     cache.crop(-3)  # within the window
     assert cache.get_seq_length() == 79

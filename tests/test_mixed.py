@@ -19,9 +19,12 @@ from hypothesis import strategies as st
 from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from kvshrink import KvshrinkError, from_method, get_method, load_cache, prepare
+from kvshrink.codecs.quant import IntQuant
+from kvshrink.core.importance import lse_probs
 from kvshrink.eval.needle import fill, prefill_states
 from kvshrink.families.mixed import allocate
 from kvshrink.families.mixed import cache as mixed
+from kvshrink.kernels import scores
 
 D, H, G = 16, 2, 2  # head_dim, KV heads, query heads per KV head (the tiny model's)
 
@@ -81,12 +84,12 @@ def _hot(layer, keys):
     return where
 
 
-@pytest.mark.parametrize("demote", [True, False])
-def test_demotion_recodes_faded_tokens_down_and_never_back_up(model, demote):
+@pytest.mark.parametrize("demote,window_bits", [(True, 16), (False, 16), (True, 4)])
+def test_demotion_recodes_faded_tokens_down_and_never_back_up(model, demote, window_bits):
     """A prompt's attention picks 8 hot tokens per head; later calls of 16 tokens attend only to their 3 new hot tokens
     along another direction. With demotion, the faded ones leave the high class for the body, one way: a hot token once in the body
     never returns, and every hot token is in exactly one class. Without it, the first picks stay."""
-    cache = from_method(f"mix-int2:demote={int(demote)}:memory=16", model)
+    cache = from_method(f"mix-int2:demote={int(demote)}:memory=16:window_bits={window_bits}", model)
     layer, gen = cache.layers[0], torch.Generator().manual_seed(5)
     first, later = torch.nn.functional.normalize(torch.randn(2, D, generator=gen), dim=-1)
     n, calls = 100, 12
@@ -114,23 +117,74 @@ def test_demotion_recodes_faded_tokens_down_and_never_back_up(model, demote):
     assert cache.demotions()[0] >= demoted / H  # the later hot tokens fade too
 
 
-@pytest.mark.parametrize("share", [0.0, 0.1, 0.37, 1.0])
-def test_each_head_keeps_its_share_high_and_every_class_its_bytes(model, share):
-    cache = from_method("mix-int2", model, share=share)
+@pytest.mark.parametrize("share,window_bits", [(0.0, 16), (0.1, 16), (0.37, 16), (1.0, 16), (0.1, 4)])
+def test_each_head_keeps_its_share_high_and_every_class_its_bytes(model, share, window_bits):
+    cache = from_method(f"mix-int2:window_bits={window_bits}", model, share=share)
     _steps(model, cache, _ids(230), steps=40)
     high = cache.high
     per_token = D * high.bits // 8 + 4  # codes and a float16 (minimum, step) pair
     for layer in cache.layers:
-        assert layer.left == layer.held() - 4 - layer.wk.shape[2]  # all but sink and window left it
+        n = layer.window_count()
+        assert layer.left == layer.held() - 4 - n  # all but sink and window left it
         assert layer.high_tokens() == round(share * layer.left)
-        assert 16 <= layer.wk.shape[2] < 32  # the window, and fewer than `gather` tokens waiting to leave
+        assert 16 <= n < 32  # the window, and fewer than `gather` tokens waiting to leave
         hi = sum(t.untyped_storage().nbytes() for p in (layer.hk, layer.hv) if p is not None
                  for t in p.tensors.values())
         assert hi == 2 * H * layer.high_tokens() * per_token
-        window = 2 * H * layer.wk.shape[2] * D * 2 + 2 * H * layer.wk.shape[2] * 4  # float16 states, float32 scores
+        # a coded window: the window's codes, then the float16 decode tokens since tokens last left (the tail)
+        coded = layer.window_coded()
+        assert coded == (0 if window_bits == 16 else 16)
+        window = 2 * H * (coded * per_token + (n - coded) * D * 2) + 2 * H * n * 4  # and float32 scores
         scores = H * layer.high_tokens() * 4  # the high tokens' float32 moving averages (demotion)
         assert layer.nbytes() == layer.k.nbytes() + layer.v.nbytes() + hi + window + scores
     assert cache.class_shares() == [pytest.approx(round(share * la.left) / la.left) for la in cache.layers]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 40), m=st.integers(1, 40), t=st.integers(1, 8), rows=st.integers(1, 8), cap=st.booleans(),
+       rotate=st.booleans(), seed=st.integers(0, 2**16))
+def test_the_compiled_window_scores_are_the_pytorch_ones(n, m, t, rows, cap, rotate, seed):
+    """A decode step's window probabilities in one compiled call (kernels/scores.py) equal `lse_probs` over the
+    decoded codes then the float16 tokens, the call's own t of them causal, with and without a soft-cap."""
+    t, rows = min(t, m), min(rows, t, m)
+    gen = torch.Generator().manual_seed(seed)
+    codec = IntQuant(8, "token", rotate=rotate, seed=seed % 5)
+    coded = codec.encode(torch.randn(2, H, n, D, generator=gen), 1) if n else None
+    dense = torch.randn(2, H, m, D, generator=gen).half()
+    q = torch.randn(2, H, G, rows, D, generator=gen)
+    lse = torch.randn(2, H, G, rows, 1, generator=gen) + 3
+    softcap = 5.0 if cap else None
+    got = scores.probs(q, lse, softcap, t, dense, coded, codec)
+    keys = dense.float() if coded is None else torch.cat([codec.decode(coded), dense.float()], 2)
+    want = lse_probs(q, keys, lse, softcap, t)
+    assert scores.reads(codec) and got.shape == want.shape == (2, H, G, rows, n + m)
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-5)
+
+
+def _records(packed, h):
+    """Per token of head h, its codes and scales as one row of bytes."""
+    return torch.cat([v[0, h].reshape(v.shape[2], -1).contiguous().view(torch.uint8)
+                      for v in packed.tensors.values()], 1)
+
+
+def test_a_coded_window_moves_its_codes_to_the_high_class_as_they_are(model):
+    """With the window in the high class's codes, a token that goes high at a leaving step keeps the very codes it
+    held in the window (no second coding, bit for bit), and the high class grows from the leaving tokens only."""
+    cache = from_method("mix-int2:window_bits=4", model)
+    _steps(model, cache, _ids(300, seed=9), steps=15)  # the step after the 16th leaves 16 tokens
+    before = [(layer.hk, layer.wk, layer.window_count() - layer.window_size) for layer in cache.layers]
+    assert all(out == 16 - 1 for *_, out in before)
+    _steps(model, cache, _ids(1, seed=10), steps=0)
+    grew = 0
+    for layer, (hk, wk, _) in zip(cache.layers, before):
+        assert layer.window_count() == layer.window_size
+        for h in range(H):
+            new, held = _records(layer.hk, h), _records(hk, h)
+            leaving = _records(wk, h)[:16]
+            pool = torch.cat([held, leaving])
+            assert (new[:, None] == pool[None]).all(-1).any(1).all()  # every high token's codes, as they were
+            grew += int((new[:, None] == leaving[None]).all(-1).any(1).sum())
+    assert grew >= len(cache.layers) * H  # the quota grew by 1.6 a head: each head took leaving tokens
 
 
 def test_random_selection_keeps_the_bytes_and_picks_other_tokens(model):
@@ -198,7 +252,7 @@ def test_the_kernel_reads_both_classes_in_place(model, monkeypatch, demote):
 def test_what_the_layout_cannot_do_refuses_in_one_line(model, tiny_config):
     cache = from_method("mix-int2", model)
     _steps(model, cache, _ids(200), steps=0)
-    with pytest.raises(KvshrinkError, match="crops only within its float16 window"):
+    with pytest.raises(KvshrinkError, match="crops only within its observation window"):
         cache.crop(-30)
     cache.crop(-3)  # within the window
     assert cache.get_seq_length() == 197

@@ -50,9 +50,10 @@ def _ids(n, seed=1):
     return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("ratio,share", [(3.0, 0.05), (3.0, 0.2), (4.0, 0.0)])
-def test_the_cache_holds_the_bytes_the_allocation_expects(model, ratio, share):
-    cache = from_method(_name(ratio, share), model)
+@pytest.mark.parametrize("ratio,share,window_bits", [(3.0, 0.05, 16), (3.0, 0.2, 16), (4.0, 0.0, 16), (3.0, 0.05, 8),
+                                                     (3.0, 0.2, 8), (4.0, 0.0, 8)])
+def test_the_cache_holds_the_bytes_the_allocation_expects(model, ratio, share, window_bits):
+    cache = from_method(_name(ratio, share, f":window_bits={window_bits}"), model)
     assert isinstance(cache, MixedBudgetCache) and cache.allocation.ratio >= ratio
     _run(model, cache, _ids(CONTEXT))
     assert cache.fp16_nbytes() / cache.nbytes() == pytest.approx(cache.allocation.ratio, rel=1e-9)
@@ -60,9 +61,15 @@ def test_the_cache_holds_the_bytes_the_allocation_expects(model, ratio, share):
     for i, layer in enumerate(cache.layers):
         _, w, coded, staged = A.held_tokens(spec, i, CONTEXT, 4, 32, 16, share)
         high = A.high_count(share, CONTEXT - 4 - 16)
-        assert (layer.wk.shape[2], layer.high_tokens(), layer.k.body_tokens()) == (w, high, coded)
+        assert (layer.window_count(), layer.high_tokens(), layer.k.body_tokens()) == (w, high, coded)
         assert layer.k.tokens_in(layer.k.stage) == staged
+        if window_bits == 8:  # a coded window: its keys' and values' codes, each a token's codec bytes
+            per = A.codec_bytes(layer.high, spec.num_kv_heads, spec.head_dim)
+            assert layer.wk.nbytes() == layer.wv.nbytes() == w * per
     assert f"{100 * share:.3g}% of each head's tokens at int8" in cache.describe()
+    coded = "int8 per-token whole-head +hadamard window"
+    assert (coded if window_bits == 8 else "float16 window") in cache.describe()
+    assert coded in from_method(_name(ratio, share), model).describe()  # the default: the high class's codes
 
 
 def test_paying_for_a_high_class_never_lowers_the_bodys_proxy(calibrated, tiny_model):
@@ -79,8 +86,9 @@ def test_paying_for_a_high_class_never_lowers_the_bodys_proxy(calibrated, tiny_m
     assert fixed1 - fixed0 == pytest.approx(spec.num_layers * high * per_high)  # keys, values, a float32 score
 
 
-def test_kernel_decode_steps_equal_the_decoded_path(model):
-    fused = from_method(_name(3.0, 0.1, ":gather=4"), model)
+@pytest.mark.parametrize("window_bits", [16, 8])
+def test_kernel_decode_steps_equal_the_decoded_path(model, window_bits):
+    fused = from_method(_name(3.0, 0.1, f":gather=4:window_bits={window_bits}"), model)
     _run(model, fused, _ids(CONTEXT))
     assert all(layer.kernel_reads and layer.hk is not None for layer in fused.layers)
     ref = fused.decoding_copy()
@@ -89,10 +97,12 @@ def test_kernel_decode_steps_equal_the_decoded_path(model):
     for x, y in zip(fused.layers, ref.layers):
         assert torch.equal(x.hk.tensors["codes"], y.hk.tensors["codes"])
         torch.testing.assert_close(x.hscore, y.hscore, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(x.importance(), y.importance(), rtol=1e-4, atol=1e-6)  # the window scored alike
 
 
-def test_a_saved_cache_resumes_with_its_classes(model, tmp_path):
-    cache = from_method(_name(3.0, 0.1, ":gather=4:memory=8"), model)
+@pytest.mark.parametrize("window_bits", [16, 8])
+def test_a_saved_cache_resumes_with_its_classes(model, tmp_path, window_bits):
+    cache = from_method(_name(3.0, 0.1, f":gather=4:memory=8:window_bits={window_bits}"), model)
     _run(model, cache, _ids(CONTEXT), steps=9)
     path = str(tmp_path / "mix-auto.safetensors")
     cache.save(path, model)
@@ -139,7 +149,8 @@ def test_allocated_shares_are_measured_over_the_body_and_spend_no_more(model, tm
 
 
 @pytest.mark.parametrize("option,message", [
-    ("window_bits=8", "observation window of an importance-aware cache is float16"),
+    ("window_bits=6", "observation window is float16 \\(16\\) or in the high class's codes \\(high=8\\)"),
+    ("high=6", "window_bits=8: .* set window_bits=6 or 16"),
     ("high=9", "impossible bit width high=9"),
     ("share=1.5", "share must be a number from 0 to 1"),
     ("window=0", "window must be an integer >= 1"),

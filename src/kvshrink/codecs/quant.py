@@ -249,6 +249,20 @@ class IntQuant(Codec):
         y = y.to(dtype)
         return y if out is None else out.copy_(y)
 
+    def in_basis(self, packed: Packed) -> torch.Tensor:
+        """(B, H, n, d) float32: per-token codes decoded in the rotated basis they were coded in, not turned back.
+        A dot product with a query turned by `to_basis` equals the decoded key's (the rotation is orthogonal), so a
+        few keys' logits skip the rotation of every key for one of the query."""
+        if self.derope or self.axis != "token":
+            raise KvshrinkError("in_basis reads per-token codes without RoPE turned back")
+        mn, sc = self.params(packed.tensors)
+        codes = self._levels_of(packed).float()
+        return torch.addcmul(mn, codes, sc).reshape(*codes.shape[:2], -1, packed.head_dim)
+
+    def to_basis(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d) float32 in the basis `in_basis` decodes to."""
+        return few_rows(x, rotation_on(x.shape[-1], self.seed, x.device)) if self.rotate else x
+
     def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         if self._fast_decode(packed):
             return self._decode_compiled(packed, dtype, out)

@@ -1,8 +1,9 @@
 """What importance-aware layers share (families/mixed: more bits; families/lowrank/important.py: more coordinates).
 
-Such a layer keeps its most recent tokens in a float16 **observation window** (`wk`, `wv`), where every query that
-reads them adds the probability it gave each one (summed over the KV head's query heads) to its score (`wsum` over
-`wseen` query rows). When tokens leave the window (every `gather` decode steps, or all of a long call's at once), each
+Such a layer keeps its most recent tokens in an **observation window** (`wk`, `wv`: float16; or per-token codes of
+`window_codec`, then a float16 `tail` of the decode steps' tokens since tokens last left, coded together as the next
+ones leave, so a decode step codes nothing), where every query that reads them adds the probability it gave each one
+(summed over the KV head's query heads) to its score (`wsum` over `wseen` query rows). When tokens leave the window (every `gather` decode steps, or all of a long call's at once), each
 KV head keeps a running quota, round(share * left), of **high** tokens: the most attended among those it holds and
 the leaving ones (`picks`). With demotion, high tokens keep `hscore`, the moving average of the attention they get
 per query row over `memory` rows, and one that falls behind a leaving token goes down a class; without it the held
@@ -17,6 +18,7 @@ import torch
 
 from ..attention.logits import soft_cap
 from ..errors import KvshrinkError
+from ..kernels import scores
 from .layer import FUSED_QUERIES
 
 
@@ -24,10 +26,15 @@ class ObservedWindow:
     """Mixin for a StoreLayer: the window, its scores and the quota. The family sets `share`, `window_size`,
     `leave_gather`, `observe`, `demote`, `memory` and `layout`, and defines `high_tokens()` and `commit(long)`."""
 
-    def open_window(self, like: torch.Tensor, key_width: int, value_width: int, seed: int) -> None:
+    def open_window(self, like: torch.Tensor, key_width: int, value_width: int, seed: int, codec=None) -> None:
+        """codec: per-token codes (a Codec of one-token blocks) the window holds its tokens in; None: float16."""
         b, h = like.shape[:2]
-        self.wk = like.new_empty(b, h, 0, key_width, dtype=torch.float16)
-        self.wv = like.new_empty(b, h, 0, value_width, dtype=torch.float16)
+        self.window_codec = codec
+        self.widths = (key_width, value_width)
+        self.wk, self.wv = self._empty(like)
+        self.tail = self._empty(like) if codec is not None else None
+        if codec is not None:
+            self.wk = self.wv = None  # no codes yet
         self.wsum = like.new_zeros(b, h, 0, dtype=torch.float32)
         self.wseen = torch.zeros_like(self.wsum)
         self.draws = torch.Generator().manual_seed(seed)  # select="random": its picks, kept as scores
@@ -40,12 +47,61 @@ class ObservedWindow:
         self.unscored = 0  # query rows since the high class was last scored
         self.demoted = 0.0  # tokens sent down from the high class, per head (the mean over heads)
 
-    def window_add(self, k16: torch.Tensor, v16: torch.Tensor) -> None:
-        """This call's float16 tokens join the window, unscored."""
-        self.wk = torch.cat([self.wk, k16[..., :self.wk.shape[-1]]], 2)
-        self.wv = torch.cat([self.wv, v16[..., :self.wv.shape[-1]]], 2)
+    def _empty(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h = like.shape[:2]
+        return tuple(like.new_empty(b, h, 0, w, dtype=torch.float16) for w in self.widths)
+
+    def window_add(self, k16: torch.Tensor, v16: torch.Tensor, defer: bool = False) -> None:
+        """This call's float16 tokens join the window, unscored: a coded window's into its tail where `defer` (a
+        decode step), else coded at once with the tail."""
+        kw, vw = self.widths
+        if self.window_codec is None:
+            self.wk = torch.cat([self.wk, k16[..., :kw]], 2)
+            self.wv = torch.cat([self.wv, v16[..., :vw]], 2)
+        else:
+            self.tail = tuple(torch.cat([t, x[..., :w]], 2) for t, x, w in zip(self.tail, (k16, v16), self.widths))
+            if not defer:
+                self.code_tail()
         zeros = self.wsum.new_zeros(*self.wsum.shape[:2], k16.shape[2])
         self.wsum, self.wseen = torch.cat([self.wsum, zeros], 2), torch.cat([self.wseen, zeros], 2)
+
+    def code_tail(self) -> None:
+        """A coded window's float16 tail joins its codes (one coding call for all its tokens)."""
+        if self.tail[0].shape[2]:
+            k, v = (self.window_codec.encode(x.float(), 1) for x in self.tail)
+            self.wk, self.wv = (k, v) if self.wk is None else (self.wk.cat(k), self.wv.cat(v))
+            self.tail = self._empty(self.tail[0])
+
+    def window_count(self) -> int:
+        """Tokens in the window (each has a score)."""
+        return self.wsum.shape[2]
+
+    def window_coded(self) -> int:
+        """Tokens of the window held as codes (the rest float16: all of a float16 window, a coded one's tail)."""
+        return self.wk.num_tokens if self.window_codec is not None and self.wk is not None else 0
+
+    def window_states(self, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window's keys and values, oldest first: float16 as held, or its codes decoded (a call's own transient
+        copy, at most window + gather tokens) then the tail."""
+        if self.window_codec is None:
+            return self.wk, self.wv
+        return tuple(t.to(dtype) if p is None else torch.cat([self.window_codec.decode(p, dtype), t.to(dtype)], 2)
+                     for p, t in zip((self.wk, self.wv), self.tail))
+
+    def window_probs(self, q: torch.Tensor, lse: torch.Tensor, softcap, t: int) -> torch.Tensor:
+        """`lse_probs` of the window's tokens (B, H, G, rows, n_win) for a kernel's rows: a coded window's codes, read
+        in their rotated basis against the query turned once (no decode of its keys), then its float16 tokens (all of
+        a float16 window; a coded one's tail), which end with the call's own. One compiled call on the CPU."""
+        coded = self.wk if self.window_codec is not None else None
+        dense = self.wk if coded is None else self.tail[0]
+        if q.device.type == "cpu" and scores.reads(self.window_codec):
+            return scores.probs(q, lse, softcap, t, dense, coded, self.window_codec)
+        probs = lse_probs(q, dense, lse, softcap, t)
+        if coded is None:
+            return probs
+        codec = self.window_codec
+        inside = lse_probs(codec.to_basis(q[..., :self.widths[0]].contiguous()), codec.in_basis(coded), lse, softcap)
+        return torch.cat([inside, probs], -1)
 
     def observed(self, probs: torch.Tensor, seen: torch.Tensor, t: int, high: torch.Tensor | None = None) -> None:
         """probs (B, H, n_win): the attention the observed rows of a call of t tokens gave each window token; seen
@@ -76,7 +132,7 @@ class ObservedWindow:
         what attending would have observed."""
         b, hq, r, d = queries.shape
         h, n = keys.shape[1], keys.shape[2]
-        n_win = self.wk.shape[2]
+        n_win = self.window_count()
         rows = min(r, self.observe, t)
         q = (queries[:, :, r - rows:].float() * d ** -0.5).view(b, h, hq // h, rows, d)
         s = (q @ keys.float()[:, :, None].transpose(3, 4)).masked_fill(~causal(rows, n, q.device), float("-inf"))
@@ -86,7 +142,7 @@ class ObservedWindow:
 
     def commits(self, t: int) -> bool:
         """Whether tokens leave the window after this call of t tokens (a decode step's once `gather` wait)."""
-        out = self.wk.shape[2] - self.window_size
+        out = self.window_count() - self.window_size
         return out > 0 and (t > FUSED_QUERIES or out >= self.leave_gather)
 
     def rescored(self, t: int) -> int:
@@ -101,7 +157,7 @@ class ObservedWindow:
         """Among the held high tokens and the `out` leaving ones (in that order), each head's quota ->
         (picked (B, H, keep), rest (B, H, held + out - keep): indices in order, chosen (B, H, held + out) bool, the
         leaving tokens' scores (B, H, out)). Sets the picks' `hscore` and counts the demoted."""
-        b, h = self.wk.shape[:2]
+        b, h = self.wsum.shape[:2]
         held = self.high_tokens()
         keep = min(held + out, max(held, round(self.share * (self.left + out))))
         score = self.importance()[..., :out]
@@ -122,19 +178,32 @@ class ObservedWindow:
 
     def leave(self, out: int) -> None:
         """The first `out` window tokens have left."""
-        self.wk, self.wv = self.wk[:, :, out:].clone(), self.wv[:, :, out:].clone()
+        self._window_range(out, self.window_count())
         self.wsum, self.wseen = self.wsum[..., out:].clone(), self.wseen[..., out:].clone()
         self.left += out
 
     def crop_window(self, keep: int) -> None:
         """Keep the first `keep` tokens held: only a cut within the window (each head holds other tokens below)."""
-        coded = self.held() - self.wk.shape[2]
+        coded = self.held() - self.window_count()
         if keep < coded:
-            raise KvshrinkError(f"{self.layout} crops only within its float16 window: it can drop at most "
+            raise KvshrinkError(f"{self.layout} crops only within its observation window: it can drop at most "
                                 f"{self.held() - coded} of its {self.held()} tokens")
         n = keep - coded
-        self.wk, self.wv = self.wk[:, :, :n].clone(), self.wv[:, :, :n].clone()
+        self._window_range(0, n)
         self.wsum, self.wseen = self.wsum[..., :n].clone(), self.wseen[..., :n].clone()
+
+    def _window_range(self, start: int, stop: int) -> None:
+        """Keep window tokens start..stop of those held (copies: no view keeps the rest alive); a coded window's
+        tail is coded first."""
+        if self.window_codec is not None:
+            self.code_tail()
+        if self.window_codec is None:
+            self.wk, self.wv = self.wk[:, :, start:stop].clone(), self.wv[:, :, start:stop].clone()
+        elif self.wk is not None and (start, stop) != (0, self.wk.num_tokens):
+            if stop > start:
+                self.wk, self.wv = self.wk.blocks(start, stop), self.wv.blocks(start, stop)
+            else:
+                self.wk = self.wv = None
 
     def reset(self) -> None:
         super().reset()
@@ -147,17 +216,25 @@ class ObservedWindow:
         raise KvshrinkError(f"{self.layout} keeps each head's own tokens per class and cannot free the oldest by "
                             "position: no sliding-window layers")
 
-    def window_map(self, on_tensor) -> None:
-        self.wk, self.wv = on_tensor(self.wk), on_tensor(self.wv)
+    def window_map(self, on_tensor, on_packed=None) -> None:
+        """on_packed: what to do with a coded window's codes (the family's map of its Packed records)."""
+        if self.window_codec is None:
+            self.wk, self.wv = on_tensor(self.wk), on_tensor(self.wv)
+            return
+        self.tail = tuple(on_tensor(t) for t in self.tail)
+        if self.wk is not None:
+            self.wk, self.wv = on_packed(self.wk), on_packed(self.wv)
         self.wsum, self.wseen = on_tensor(self.wsum), on_tensor(self.wseen)
         if self.hscore is not None:
             self.hscore = on_tensor(self.hscore)
 
     def saved_parts(self) -> tuple[dict, dict]:
-        """What a cache file holds beside the stores (core/saved.py): the window and its scores, the high class
+        """What a cache file holds beside the stores (core/saved.py): the window (a coded one's tail too) and its
+        scores, the high class
         (`hk`, `hv`: float16 tensors or packed codes), the random picks' generator, and the counts."""
-        parts = {"wk": self.wk, "wv": self.wv, "wsum": self.wsum, "wseen": self.wseen, "hscore": self.hscore,
-                 "hk": self.hk, "hv": self.hv, "draws": self.draws.get_state()}
+        tail = self.tail or (None, None)
+        parts = {"wk": self.wk, "wv": self.wv, "tk": tail[0], "tv": tail[1], "wsum": self.wsum, "wseen": self.wseen,
+                 "hscore": self.hscore, "hk": self.hk, "hv": self.hv, "draws": self.draws.get_state()}
         numbers = {"share": self.share, "left": self.left, "unscored": self.unscored, "demoted": self.demoted}
         return parts, numbers
 
@@ -168,11 +245,16 @@ class ObservedWindow:
                                 f"this method {self.share:.0%}: load it with the share calibration it was saved with")
         for name in ("wk", "wv", "wsum", "wseen", "hscore", "hk", "hv"):
             setattr(self, name, parts[name])
+        if self.window_codec is not None:
+            self.tail = parts["tk"], parts["tv"]
         self.draws.set_state(parts["draws"].cpu())
         self.left, self.unscored, self.demoted = numbers["left"], numbers["unscored"], numbers["demoted"]
 
     def window_tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.wk, self.wv, self.wsum, self.wseen, self.hscore) if t is not None]
+        held = [self.wk, self.wv]
+        if self.window_codec is not None:
+            held = [t for p in held if p is not None for t in p.tensors.values()] + list(self.tail)
+        return [t for t in (*held, self.wsum, self.wseen, self.hscore) if t is not None]
 
 
 def causal(t: int, n: int, device) -> torch.Tensor:

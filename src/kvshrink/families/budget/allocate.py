@@ -327,7 +327,7 @@ def high_count(share: float, left: int) -> int:
 @dataclass(frozen=True)
 class HighClass:
     """What a high class costs beside the body (families/mixed over the budget's codecs): `share` of the tokens
-    that left a float16 observation window, each in `codec`'s per-token codes for keys and values with a float32
+    that left an observation window, each in `codec`'s per-token codes for keys and values with a float32
     score per KV head; the window's tokens hold two float32 scores per KV head."""
 
     share: float

@@ -1,6 +1,7 @@
 """MixedCache: importance-aware integer codes, two precision classes of tokens per KV head (issue 23).
 
-Each layer keeps the first `sink` tokens in float16 and the most recent ones in a float16 window, where the
+Each layer keeps the first `sink` tokens in float16 and the most recent ones in a window (float16, or with
+`window_bits` = `high` the high class's codes and a float16 tail of decode tokens: core/importance.py), where the
 attention they receive is observed (states.py: the mean probability a token got from the query rows after it,
 summed over a KV head's query heads). As tokens leave the window (every `gather` decode steps, or all of a
 prompt's at once) each KV head picks, among the leaving ones, those it attended most: a running quota keeps
@@ -66,6 +67,7 @@ class MixedLayer(ObservedWindow, CompressedLayer):
     def setup(self, high: IntQuant, mixed, share: float, seed: int):
         """mixed: a MixedConfig or MixedBudgetConfig (its window and how it picks and re-ranks)."""
         self.high, self.share, self.select = high, share, mixed.select
+        self.coded_window = mixed.window_bits != 16  # the window in the high class's codes (config checks the width)
         self.window_size, self.leave_gather, self.observe = mixed.window, mixed.gather, mixed.observe
         # random picks keep their draws as scores, so demotion stays random too
         self.demote, self.memory, self.seed = mixed.demote, mixed.memory, seed
@@ -75,7 +77,7 @@ class MixedLayer(ObservedWindow, CompressedLayer):
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
         d = key_states.shape[-1]
-        self.open_window(key_states, d, d, self.seed)
+        self.open_window(key_states, d, d, self.seed, self.high if self.coded_window else None)
         # the kernel reads the high class as its coded-window part, after the stage
         self.kernel_reads = self.kernel_reads and stage_supported(self.high, d)
 
@@ -90,7 +92,7 @@ class MixedLayer(ObservedWindow, CompressedLayer):
             self.v.append(v[:, :, :room], checked=True)
             k, v = k[:, :, room:], v[:, :, room:]
         t, new = key_states.shape[2], k.shape[2]
-        self.window_add(k, v)
+        self.window_add(k, v, defer=t <= FUSED_QUERIES)
         if t <= FUSED_QUERIES and new == t and self._readable() and self.k.body_tokens():
             return (MixedStates(self, self._split_states(), t),) * 2
         return (MixedStates(self, None, t, *self.dense()),) * 2
@@ -98,7 +100,7 @@ class MixedLayer(ObservedWindow, CompressedLayer):
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every token held, decoded to float32, in the kernel's order: sink, body, stage, high class, window."""
         out = []
-        for store, hi, win in ((self.k, self.hk, self.wk), (self.v, self.hv, self.wv)):
+        for store, hi, win in zip((self.k, self.v), (self.hk, self.hv), self.window_states(torch.float32)):
             parts = [store.decoded(torch.float32)]
             if hi is not None:
                 parts.append(self.high.decode(hi, torch.float32))
@@ -106,12 +108,20 @@ class MixedLayer(ObservedWindow, CompressedLayer):
         return out[0], out[1]
 
     def _split_states(self) -> SplitStates:
-        """Sink and window dense; body, stage and high class read in place by the int kernel."""
+        """Sink and float16 window (a coded window's tail) dense; body, stage, high class and a coded window's codes
+        read in place by the int kernel (the last two as one run of per-token codes: no token of this call is
+        among them, so every query row sees all)."""
         stage = (self.k.stage, self.v.stage, self.k.stage_codec) if self.k.stage is not None else None
-        high = (self.hk, self.hv, self.high) if self.hk is not None else None
+        runs = [(self.hk, self.hv)] + ([(self.wk, self.wv)] if self.coded_window else [])
+        runs = [r for r in runs if r[0] is not None]
+        high = None
+        if runs:
+            k, v = runs[0] if len(runs) == 1 else (runs[0][0].cat(runs[1][0]), runs[0][1].cat(runs[1][1]))
+            high = (k, v, self.high)
+        wk, wv = self.tail if self.coded_window else (self.wk, self.wv)
         body = IntBody(self.k.body_parts(), self.v.body_parts(), self.k.codec, self.v.codec, self.block, stage, high,
                        scored=True)
-        return SplitStates((self.k.sink, self.v.sink), body, ([self.k.fresh, self.wk], [self.v.fresh, self.wv]),
+        return SplitStates((self.k.sink, self.v.sink), body, ([self.k.fresh, wk], [self.v.fresh, wv]),
                            splits=self.splits)
 
     def _readable(self) -> bool:
@@ -122,28 +132,34 @@ class MixedLayer(ObservedWindow, CompressedLayer):
         """Tokens past the window leave (a decode step's only once `gather` of them wait). A running quota keeps
         round(share * left) high tokens per head: the most attended of the high tokens held and the leaving ones
         (the held ones always, without demotion). Those not kept go to the body: leaving tokens from float16, demoted
-        ones from their high-bit codes (re-coded down, never up)."""
+        ones from their high-bit codes (re-coded down, never up). A coded window's leaving tokens move to the high
+        class as the codes they are (no second coding); those to the body are decoded from them."""
         if not self.commits(FUSED_QUERIES + 1 if long else 1):
             return
-        out = self.wk.shape[2] - self.window_size
-        d = self.wk.shape[-1]
+        if self.coded_window:
+            self.code_tail()
+        out = self.window_count() - self.window_size
         held = self.high_tokens()
         picked, rest, chosen, score = self.picks(out)
         keep = picked.shape[2]
         self.mass += (float(score[chosen[..., held:]].sum()), float(score.sum()))
         dropped = int((~chosen[..., :held]).sum())
         for name, store, win in (("hk", self.k, self.wk), ("hv", self.v, self.wv)):
-            leaving = win[:, :, :out]
             mine = getattr(self, name)
-            if keep:  # every leaving token coded at high bits, then each head's picks taken from all candidates
-                codes = self.high.encode(leaving.float(), 1)
+            if self.coded_window:
+                codes = win.blocks(0, out)
+                leaving = self.high.decode(codes, torch.float32).half() if keep < held + out else None
+            else:
+                leaving = win[:, :, :out]
+                codes = self.high.encode(leaving.float(), 1) if keep else None  # every leaving token at high bits
+            if keep:  # each head's picks taken from all candidates
                 setattr(self, name, (codes if mine is None else mine.cat(codes)).take(picked))
             if keep < held + out:
                 if dropped:  # demoted tokens decoded from their high-bit codes (only they), beside the leaving ones
                     pool, at = self._demoted(mine, rest, held, leaving)
                 else:
                     pool, at = leaving, rest - held
-                store.append(pool.gather(2, rows_of(at, d)), checked=True)
+                store.append(pool.gather(2, rows_of(at, pool.shape[-1])), checked=True)
         self.leave(out)
 
     def _demoted(self, mine, rest: torch.Tensor, held: int, leaving: torch.Tensor):
@@ -162,7 +178,7 @@ class MixedLayer(ObservedWindow, CompressedLayer):
         return self.hk.num_tokens if self.hk is not None else 0
 
     def held(self) -> int:
-        return len(self.k) + self.high_tokens() + self.wk.shape[2] if self.is_initialized else 0
+        return len(self.k) + self.high_tokens() + self.window_count() if self.is_initialized else 0
 
     def reset(self) -> None:
         super().reset()
@@ -178,7 +194,7 @@ class MixedLayer(ObservedWindow, CompressedLayer):
 
     def _batch_map(self, on_tensor, on_packed) -> None:
         super()._batch_map(on_tensor, on_packed)
-        self.window_map(on_tensor)
+        self.window_map(on_tensor, on_packed)
         if self.hk is not None:
             self.hk, self.hv = on_packed(self.hk), on_packed(self.hv)
 
@@ -238,7 +254,8 @@ class Classes:
         return f"{100 * m.share:.3g}%{spread} of each head's tokens at {self.high.describe()} by {m.select}{again}"
 
     def window_described(self) -> str:
-        return f"float16 window {self.mixed.window} (+{self.mixed.gather} leaving together)"
+        width = "float16" if self.mixed.window_bits == 16 else self.high.describe()
+        return f"{width} window {self.mixed.window} (+{self.mixed.gather} leaving together)"
 
 
 class MixedCache(Classes, CompressedCache):

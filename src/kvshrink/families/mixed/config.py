@@ -30,7 +30,9 @@ class Observing:
                                 "falls below a leaving token's is re-coded down to the body (never back up)")
     memory: int = option(256, "query rows over which an important token's attention is averaged for demotion "
                               "(an exponential moving average)")
-    window: int = option(16, "most recent tokens held in float16 while their attention is observed")
+    window: int = option(16, "most recent tokens held while their attention is observed")
+    window_bits: int = option(16, "the window's width: float16 (16), or the high class's (`high`: its per-token "
+                                  "codes from arrival; a leaving token's codes move to the high class as they are)")
     gather: int = option(16, "decode tokens that leave the window together (the important ones picked among them)")
     observe: int = option(64, "the last query rows of a call whose attention scores the window (an observation "
                               "window, as SnapKV's)")
@@ -40,6 +42,9 @@ class Observing:
                                      "half an hour on 2 cores for the bundled one)", SHARINGS)
 
     def check_observing(self):
+        if self.window_bits not in (16, self.high):
+            raise KvshrinkError(f"window_bits={self.window_bits!r}: the observation window is float16 (16) or in "
+                                f"the high class's codes (high={self.high}): set window_bits={self.high} or 16")
         check_int("window", self.window, 1)
         check_int("gather", self.gather, 1)
         check_int("observe", self.observe, 1)
@@ -48,7 +53,7 @@ class Observing:
 
 @dataclass(frozen=True)
 class MixedConfig(Observing, Config):
-    """Two precision classes of tokens, chosen by the attention they receive in a float16 observation window."""
+    """Two precision classes of tokens, chosen by the attention they receive in an observation window."""
 
     family = "mixed"
     can_save = True  # core/saved.py: the window and the high class beside the stores
@@ -92,10 +97,12 @@ class MixedBudgetConfig(Observing, BudgetConfig):
 
     family = "mixed"
     share: float = option(0.01, "share of each KV head's tokens kept in `high`-bit per-token codes, picked by the "
-                                 "attention they received in the float16 observation window (0 to 1)")
+                                 "attention they received in the observation window (0 to 1)")
     high: int = option(8, "bits of the important tokens' per-token codes (keys and values, Hadamard-rotated)")
-    window_bits: int = option(16, "the observation window's width: float16 only (16), since its tokens are scored "
-                                  "and then coded into one class or the other")
+    # the window in the high class's codes, as auto-Nx's 8-bit window: 10% less KL than float16 at 6x (docs/mixed.md)
+    window_bits: int = option(8, "the window's width: the high class's (its per-token codes from arrival, a leaving "
+                                 "token's codes moved to the high class as they are; set it with `high`) or 16 "
+                                 "(float16)")
 
     def check(self):
         super().check()
@@ -103,16 +110,13 @@ class MixedBudgetConfig(Observing, BudgetConfig):
             raise KvshrinkError(f"impossible bit width high={self.high!r}: the high class has 2 to 8 bits")
         if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 <= self.share <= 1:
             raise KvshrinkError(f"share must be a number from 0 to 1, got {self.share!r}")
-        if self.window_bits != 16:
-            raise KvshrinkError(f"window_bits={self.window_bits}: the observation window of an importance-aware "
-                                "cache is float16 (16 only)")
         self.check_observing()
 
 
 register(Method("mix-auto", MixedBudgetConfig(), "one budget (auto:budget=N) with an importance-aware high class: "
                 "1% of each head's tokens at 8 bits per token, picked by attention, paid for from the same bytes"))
-# 6x only: at 8x the high class and the float16 window take 4-6% of the bytes and the body's loss rises more than
-# the class takes off (+8.06% against auto-8x's +5.50%, docs/mixed.md, "Over one budget's codecs")
+# 6x only: at 8x the high class and the window take 3-6% of the bytes and the body's loss rises more than
+# the class takes off (+5.88% against auto-8x's +5.50%, docs/mixed.md, "The observation window in 8-bit codes")
 register(Method("mix-auto-6x", MixedBudgetConfig(budget=6.0, joint=6 in JOINT_PRESETS, joint1=6 in JOINT1_PRESETS),
                 "auto-6x's one budget with 1% of each head's tokens (most attended while recent) at 8 bits per token "
-                "and a float16 window of 16, all within the same bytes"))
+                "and a window of 16 in 8-bit codes, all within the same bytes"))

@@ -1,4 +1,4 @@
-"""The attention of an importance-aware layer (cache.py): it attends, scores the float16 window's tokens and, where
+"""The attention of an importance-aware layer (cache.py): it attends, scores the observation window's tokens and, where
 the high class is re-ranked (demotion), the high tokens too.
 
 A decode step (a few tokens over a coded body) goes through the int kernel, which reads both classes' codes in place
@@ -35,7 +35,7 @@ class MixedStates:
         b, hq, t, d = query.shape
         h = self.layer.kv_shape[1]
         scale = scaling if scaling is not None else d ** -0.5
-        n_win = self.layer.wk.shape[2]
+        n_win = self.layer.window_count()
         # the high class is scored only by calls after which tokens leave (where they are re-ranked)
         n_high = self.layer.rescored(t)
         rows = min(t, self.layer.observe)
@@ -44,7 +44,7 @@ class MixedStates:
             out, _ = self.split.attend(module, query, mask, scaling, softcap)
             q = (query.float() * scale).view(b, h, g, t, d)[:, :, :, t - rows:]
             lse = self.split.body.lse.view(b, h, g, t, 1)[:, :, :, t - rows:]
-            probs = lse_probs(q, self.layer.wk, lse, softcap, t)
+            probs = self.layer.window_probs(q, lse, softcap, t)
             high = None
             if n_high:  # the high class decoded for its scores only (the kernel read it in place)
                 high = lse_probs(q, self.layer.high.decode(self.layer.hk, torch.float32), lse, softcap)
