@@ -187,6 +187,24 @@ def test_a_coded_window_moves_its_codes_to_the_high_class_as_they_are(model):
     assert grew >= len(cache.layers) * H  # the quota grew by 1.6 a head: each head took leaving tokens
 
 
+@pytest.mark.parametrize("window_bits", [16, 4])
+def test_selecting_a_sequence_keeps_its_window_scores_and_classes(model, window_bits):
+    """batch_select_indices (a generator's or a server's batch change) keeps one sequence's window, its scores and
+    both classes: the next steps, across a leaving step, equal a cache that held that sequence alone."""
+    name = f"mix-int2:window_bits={window_bits}"
+    ids = torch.cat([_ids(120, seed=3), _ids(120, seed=4)])
+    both, alone = from_method(name, model), from_method(name, model)
+    with torch.no_grad():
+        model(ids, past_key_values=both, use_cache=True)
+        model(ids[1:], past_key_values=alone, use_cache=True)
+    both.batch_select_indices(torch.tensor([1]))
+    start = _ids(1, seed=5)
+    torch.testing.assert_close(_steps(model, both, start, 20), _steps(model, alone, start, 20), rtol=1e-4, atol=1e-4)
+    for a, b in zip(both.layers, alone.layers):
+        torch.testing.assert_close(a.importance(), b.importance(), rtol=1e-4, atol=1e-6)
+        assert a.high_tokens() == b.high_tokens() and a.nbytes() == b.nbytes()
+
+
 def test_random_selection_keeps_the_bytes_and_picks_other_tokens(model):
     ids = _ids(230, seed=3)
     a, b = from_method("mix-int2", model), from_method("mix-int2:select=random", model)

@@ -3,11 +3,11 @@
 Such a layer keeps its most recent tokens in an **observation window** (`wk`, `wv`: float16; or per-token codes of
 `window_codec`, then a float16 `tail` of the decode steps' tokens since tokens last left, coded together as the next
 ones leave, so a decode step codes nothing), where every query that reads them adds the probability it gave each one
-(summed over the KV head's query heads) to its score (`wsum` over `wseen` query rows). When tokens leave the window (every `gather` decode steps, or all of a long call's at once), each
-KV head keeps a running quota, round(share * left), of **high** tokens: the most attended among those it holds and
-the leaving ones (`picks`). With demotion, high tokens keep `hscore`, the moving average of the attention they get
-per query row over `memory` rows, and one that falls behind a leaving token goes down a class; without it the held
-ones always stay. What a class is (bits, coordinates) and where the others go is the family's `commit`.
+(summed over the KV head's query heads) to its score (`wsum` over `wseen` query rows). When tokens leave the window
+(every `gather` decode steps, or all of a long call's at once), each KV head keeps a running quota, round(share *
+left), of **high** tokens: the most attended among those it holds and the leaving ones (`picks`). With demotion,
+high tokens keep `hscore`, the moving average of the attention they get per query row over `memory` rows, and one
+that falls behind a leaving token goes down a class; without it the held ones always stay. What a class is (bits, coordinates) and where the others go is the family's `commit`.
 """
 
 from __future__ import annotations
@@ -195,11 +195,11 @@ class ObservedWindow:
     def _window_range(self, start: int, stop: int) -> None:
         """Keep window tokens start..stop of those held (copies: no view keeps the rest alive); a coded window's
         tail is coded first."""
-        if self.window_codec is not None:
-            self.code_tail()
         if self.window_codec is None:
             self.wk, self.wv = self.wk[:, :, start:stop].clone(), self.wv[:, :, start:stop].clone()
-        elif self.wk is not None and (start, stop) != (0, self.wk.num_tokens):
+            return
+        self.code_tail()
+        if self.wk is not None and (start, stop) != (0, self.wk.num_tokens):
             if stop > start:
                 self.wk, self.wv = self.wk.blocks(start, stop), self.wv.blocks(start, stop)
             else:
@@ -220,18 +220,18 @@ class ObservedWindow:
         """on_packed: what to do with a coded window's codes (the family's map of its Packed records)."""
         if self.window_codec is None:
             self.wk, self.wv = on_tensor(self.wk), on_tensor(self.wv)
-            return
-        self.tail = tuple(on_tensor(t) for t in self.tail)
-        if self.wk is not None:
-            self.wk, self.wv = on_packed(self.wk), on_packed(self.wv)
+        else:
+            self.tail = tuple(on_tensor(t) for t in self.tail)
+            if self.wk is not None:
+                self.wk, self.wv = on_packed(self.wk), on_packed(self.wv)
         self.wsum, self.wseen = on_tensor(self.wsum), on_tensor(self.wseen)
         if self.hscore is not None:
             self.hscore = on_tensor(self.hscore)
 
     def saved_parts(self) -> tuple[dict, dict]:
         """What a cache file holds beside the stores (core/saved.py): the window (a coded one's tail too) and its
-        scores, the high class
-        (`hk`, `hv`: float16 tensors or packed codes), the random picks' generator, and the counts."""
+        scores, the high class (`hk`, `hv`: float16 tensors or packed codes), the random picks' generator, and the
+        counts."""
         tail = self.tail or (None, None)
         parts = {"wk": self.wk, "wv": self.wv, "tk": tail[0], "tv": tail[1], "wsum": self.wsum, "wseen": self.wseen,
                  "hscore": self.hscore, "hk": self.hk, "hv": self.hv, "draws": self.draws.get_state()}
