@@ -267,13 +267,17 @@ def test_the_kernel_reads_both_classes_in_place(model, monkeypatch, demote):
     assert sum(decoded) >= (len(cache.layers) if demote else 0)  # the step they leave after scores the high class
 
 
-def test_what_the_layout_cannot_do_refuses_in_one_line(model, tiny_config):
-    cache = from_method("mix-int2", model)
+@pytest.mark.parametrize("window_bits", [16, 4])
+def test_what_the_layout_cannot_do_refuses_in_one_line(model, tiny_config, window_bits):
+    cache = from_method(f"mix-int2:window_bits={window_bits}", model)
     _steps(model, cache, _ids(200), steps=0)
     with pytest.raises(KvshrinkError, match="crops only within its observation window"):
         cache.crop(-30)
     cache.crop(-3)  # within the window
     assert cache.get_seq_length() == 197
+    _steps(model, cache, _ids(1, seed=3), steps=4)  # a coded window's tail holds them
+    cache.crop(-2)
+    assert cache.get_seq_length() == 200 and all(la.window_count() == 200 - 4 - la.left for la in cache.layers)
     for bad, what in (("mix-int2:high=2", "more bits"), ("mix-int2:share=1.5", "share"),
                       ("mix-int2:high=9", "impossible bit width"), ("mix-int2:select=norm", "unknown select")):
         with pytest.raises(KvshrinkError, match=what):
