@@ -154,7 +154,7 @@ def test_the_compiled_window_scores_are_the_pytorch_ones(n, m, t, rows, cap, rot
     q = torch.randn(2, H, G, rows, D, generator=gen)
     lse = torch.randn(2, H, G, rows, 1, generator=gen) + 3
     softcap = 5.0 if cap else None
-    got = scores.probs(q, lse, softcap, t, dense, coded, codec)
+    got = scores.probs(q, lse, softcap, dense, coded, codec)
     keys = dense.float() if coded is None else torch.cat([codec.decode(coded), dense.float()], 2)
     want = lse_probs(q, keys, lse, softcap, t)
     assert scores.reads(codec) and got.shape == want.shape == (2, H, G, rows, n + m)

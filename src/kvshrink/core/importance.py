@@ -7,7 +7,8 @@ ones leave, so a decode step codes nothing), where every query that reads them a
 (every `gather` decode steps, or all of a long call's at once), each KV head keeps a running quota, round(share *
 left), of **high** tokens: the most attended among those it holds and the leaving ones (`picks`). With demotion,
 high tokens keep `hscore`, the moving average of the attention they get per query row over `memory` rows, and one
-that falls behind a leaving token goes down a class; without it the held ones always stay. What a class is (bits, coordinates) and where the others go is the family's `commit`.
+that falls behind a leaving token goes down a class; without it the held ones always stay. What a class is (bits,
+coordinates) and where the others go is the family's `commit`.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ class ObservedWindow:
     def open_window(self, like: torch.Tensor, key_width: int, value_width: int, seed: int, codec=None) -> None:
         """codec: per-token codes (a Codec of one-token blocks) the window holds its tokens in; None: float16."""
         b, h = like.shape[:2]
-        self.window_codec = codec
-        self.widths = (key_width, value_width)
-        self.wk, self.wv = self._empty(like)
-        self.tail = self._empty(like) if codec is not None else None
-        if codec is not None:
+        self.window_codec, self.widths = codec, (key_width, value_width)
+        self.compiled_scores = scores.reads(codec)  # whether window_probs' compiled call reads this window (CPU)
+        if codec is None:
+            self.wk, self.wv = self._empty(like)
+            self.tail = None
+        else:
             self.wk = self.wv = None  # no codes yet
+            self.tail = self._empty(like)
         self.wsum = like.new_zeros(b, h, 0, dtype=torch.float32)
         self.wseen = torch.zeros_like(self.wsum)
         self.draws = torch.Generator().manual_seed(seed)  # select="random": its picks, kept as scores
@@ -94,8 +97,8 @@ class ObservedWindow:
         a float16 window; a coded one's tail), which end with the call's own. One compiled call on the CPU."""
         coded = self.wk if self.window_codec is not None else None
         dense = self.wk if coded is None else self.tail[0]
-        if q.device.type == "cpu" and scores.reads(self.window_codec):
-            return scores.probs(q, lse, softcap, t, dense, coded, self.window_codec)
+        if self.compiled_scores and q.device.type == "cpu":
+            return scores.probs(q, lse, softcap, dense, coded, self.window_codec)
         probs = lse_probs(q, dense, lse, softcap, t)
         if coded is None:
             return probs

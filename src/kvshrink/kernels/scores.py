@@ -5,7 +5,7 @@ log-sum-exp from the decode kernel: p = exp(q . k - lse). As PyTorch ops (a batc
 for a coded window the decoding of its codes and the turn of the query) that took 0.1 ms a layer for a float16
 window and 0.4 ms for a coded one, nearly all of it dispatch. Here it is one call: 8-bit per-token codes over the
 whole head read in place (a key is min + step * code in the rotated basis, against the query turned in the call),
-then the float16 tokens after them, the last `t` of which are the call's own (causal).
+then the float16 tokens after them, which end with the call's own (causal).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ _NO_TURN = np.empty((0, 0), dtype=np.float32)
 
 
 @numba.njit(cache=True, fastmath=True)  # dot products in any order: float rounding only
-def _probs(q, turn, codes, mn, sc, dense, lse, cap, t, out):
-    """q (B, H, G, R, d) scaled rows, the last R of a call of t tokens; turn (d, d) or empty: the codes' basis;
-    codes (B, H, n, d) uint8 with mn, sc (B, H, n); dense (B, H, m, d) float32 after them; lse (B, H, G, R);
-    out (B, H, G, R, n + m)."""
+def _probs(q, turn, codes, mn, sc, dense, lse, cap, out):
+    """q (B, H, G, R, d) scaled rows, the last R of a call whose tokens end `dense`; turn (d, d) or empty: the
+    codes' basis; codes (B, H, n, d) uint8 with mn, sc (B, H, n); dense (B, H, m, d) float32 after them; lse
+    (B, H, G, R); out (B, H, G, R, n + m)."""
     nb, nh, ng, nr, d = q.shape
     n, m = codes.shape[2], dense.shape[2]
     qb = np.empty(d, dtype=np.float32)
@@ -53,7 +53,7 @@ def _probs(q, turn, codes, mn, sc, dense, lse, cap, t, out):
                             if cap > 0.0:
                                 s = cap * math.tanh(s / cap)
                             out[b, h, g, r, j] = math.exp(s - top)
-                    last = t - nr + r + m - t  # the last dense token this row sees
+                    last = m - nr + r  # the last dense token this row sees (the call's own tokens end `dense`)
                     for j in range(m):
                         if j > last:
                             out[b, h, g, r, n + j] = 0.0
@@ -72,10 +72,11 @@ def reads(codec) -> bool:
                              and codec.scales == "fp16" and not codec.derope)
 
 
-def probs(q: torch.Tensor, lse: torch.Tensor, softcap, t: int, dense: torch.Tensor, coded=None, codec=None):
+def probs(q: torch.Tensor, lse: torch.Tensor, softcap, dense: torch.Tensor, coded=None, codec=None):
     """(B, H, G, rows, n + m) float32: exp(q . k - lse) over `coded` (a Packed of `codec`'s per-token codes, n tokens,
-    or None) then `dense` (B, H, m, d), which ends with the call's t tokens; q (B, H, G, rows, d) float32, scaled;
-    lse (B, H, G, rows, 1). CPU tensors, a codec `reads` takes."""
+    or None) then `dense` (B, H, m, d), which ends with the call's own tokens (so the rows, its last ones, see dense
+    token j up to m - rows + row); q (B, H, G, rows, d) float32, scaled; lse (B, H, G, rows, 1). CPU tensors, a codec
+    `reads` takes."""
     b, h, g, r, d = q.shape
     if coded is not None:
         n = coded.num_tokens
@@ -88,5 +89,5 @@ def probs(q: torch.Tensor, lse: torch.Tensor, softcap, t: int, dense: torch.Tens
         sc = mn
     out = np.empty((b, h, g, r, n + dense.shape[2]), dtype=np.float32)
     _probs(q.contiguous().numpy(), turn, codes, mn, sc, dense.float().contiguous().numpy(),
-           lse.reshape(b, h, g, r).contiguous().numpy(), float(softcap or 0.0), t, out)
+           lse.reshape(b, h, g, r).contiguous().numpy(), float(softcap or 0.0), out)
     return torch.from_numpy(out)

@@ -3,9 +3,9 @@
 
 A share of each KV head's tokens, those attention picked out while they sat in the observation window, keep
 per-token `high`-bit codes; the rest go to the body in the codecs the allocation chose for their layer. The
-allocator pays for the high class, its scores and the window (8-bit codes, or float16) from the same bytes (budget/allocate.HighClass),
-so the whole cache meets the named ratio at `context` tokens, as `auto-Nx` does; the body is therefore allocated a
-little tighter than `auto-Nx`'s. The body's calibration is the budget's: the high class's gain is not in its proxy.
+allocator pays for the high class, its scores and the window (8-bit codes, or float16) from the same bytes
+(budget/allocate.HighClass), so the whole cache meets the named ratio at `context` tokens, as `auto-Nx` does; the
+body is therefore allocated a little tighter than `auto-Nx`'s. The body's calibration is the budget's: the high class's gain is not in its proxy.
 With `shares=allocated` the share is then spread over layers by a calibration of that gain over this body
 (autoshares.py), within the same high-class bytes.
 """
