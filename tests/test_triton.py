@@ -9,6 +9,7 @@ left padding (the kernels' visibility by original position).
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,6 +19,7 @@ from kvshrink import KvshrinkError, from_method, prepare
 from kvshrink.codecs.errbound import ErrorBound
 from kvshrink.codecs.quant import IntQuant
 from kvshrink.codecs.rvq import RVQ
+from kvshrink.core.layer import stage_for
 from kvshrink.families.kvcomp import kernel as kvcomp_kernel
 from kvshrink.families.kvcomp.codec import EntropyCodec
 from kvshrink.families.lowrank import transform as zdc
@@ -91,6 +93,42 @@ def test_int_body_kernel_equals_the_numba_kernel(kbits, vbits, key_axis, rotate,
     want = kernel.fused_attend(q, vis, dk, dv, dvis, keys, values, kc, vc, 64, 3, cap)
     got = gpu.fused_attend(q, vis, dk, dv, dvis, keys, values, kc, vc, 3, cap)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(low=st.sampled_from([2, 3, 4]), high=st.sampled_from([4, 6, 8]), nstage=st.integers(0, 40),
+       nwin=st.integers(0, 40), b=st.integers(1, 2), rows=st.integers(1, 6), nd=st.integers(0, 9),
+       pad=st.integers(0, 80), cap=st.sampled_from([0.0, 1.5]), seed=st.integers(0, 99))
+def test_int_body_stage_and_window_equal_the_numba_kernel_with_each_rows_log_sum_exp(low, high, nstage, nwin, b, rows,
+                                                                                      nd, pad, cap, seed):
+    """A body followed by a stage (keys in the stage codec, values in the body's) and a coded window (the mixed
+    family's high class: rotated per-token codes of its own width), each empty or not, read by the Triton
+    kernel's launches: the output and each row's log-sum-exp (which the mixed family's scores take) equal numba's."""
+    g = torch.Generator().manual_seed(seed)
+    d, h, n = 32, 2, 128
+    kc = IntQuant(low, "channel", 64, rotate=True, seed=1)
+    vc = IntQuant(low, "token", 16 if low == 3 else None, rotate=True, seed=2)
+    wc = IntQuant(high, "token", rotate=True, seed=5)
+    sc = stage_for(kc)
+    keys, values = _body(kc, vc, b, h, n, d, g)
+    # an empty part is None, as a layer passes it
+    stage = (sc.encode(torch.randn(b, h, nstage, d, generator=g), 1),
+             vc.encode(torch.randn(b, h, nstage, d, generator=g), 1), sc) if nstage else None
+    window = (wc.encode(torch.randn(b, h, nwin, d, generator=g) * 2, 1),
+              wc.encode(torch.randn(b, h, nwin, d, generator=g), 1), wc) if nwin else None
+    q = torch.randn(b, h, rows, d, generator=g) * 0.3
+    vis = torch.ones(b, n + nstage + nwin, dtype=torch.bool)
+    vis[-1, :pad] = False
+    dk, dv = torch.randn(b, h, nd, d, generator=g), torch.randn(b, h, nd, d, generator=g)
+    dvis = torch.ones(b, 1, nd, dtype=torch.bool)
+    lse = np.empty((b, h, rows), dtype=np.float32)
+    want = kernel.fused_attend(q, vis, dk, dv, dvis, keys, values, kc, vc, 64, 3, cap, stage, window, lse)
+    got, got_lse = gpu.fused_attend(q, vis, dk, dv, dvis, keys, values, kc, vc, 3, cap, stage, window, scored=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(got_lse, torch.from_numpy(lse), rtol=1e-5, atol=1e-5)
+    alone = gpu.fused_attend(q, vis[:, :n], dk, dv, dvis, keys, values, kc, vc, 3, cap)
+    if nstage + nwin and not cap:  # the runs take part: without them the output differs
+        assert not torch.allclose(alone, got, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -195,6 +233,35 @@ def test_left_padded_batch_decodes_alike_on_both_kernels(tiny_model, name, tmp_p
         gpu = run()
     assert sum(backend.CALLS.values()) - calls >= feed.shape[1] * 2
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mix-int2", "mix-int3:window_bits=6"])
+def test_mixed_classes_decode_and_rank_alike_on_both_kernels(tiny_model, name):
+    """An importance-aware cache through leaving steps (two rounds of 16 decode steps): the Triton kernel reads the
+    body, stage, high class (and a coded window) in place and hands back the log-sum-exp the window's scores come
+    from, so the logits, and the tokens each head keeps at high bits, are numba's (the codes bit for bit)."""
+    m = prepare(copy.deepcopy(tiny_model), name)
+    gen = torch.Generator().manual_seed(6)
+    ids, feed = torch.randint(3, 128, (1, 230), generator=gen), torch.randint(3, 128, (1, 34), generator=gen)
+
+    def run():
+        cache, out = from_method(name, m), []
+        with torch.no_grad():
+            out.append(m(ids, past_key_values=cache, use_cache=True).logits[:, -1])
+            for i in range(feed.shape[1]):
+                out.append(m(feed[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        return torch.stack(out, 1), cache
+
+    cpu, cpu_cache = run()
+    calls = backend.CALLS["int"]
+    with backend.use("triton"):
+        gpu, gpu_cache = run()
+    assert backend.CALLS["int"] - calls >= feed.shape[1] * 2
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+    for a, b in zip(cpu_cache.layers, gpu_cache.layers):
+        assert a.high_tokens() > 0 and a.high_tokens() == b.high_tokens()
+        assert torch.equal(a.hk.tensors["codes"], b.hk.tensors["codes"])
+        torch.testing.assert_close(a.wsum, b.wsum, rtol=1e-4, atol=1e-6)
 
 
 def test_forcing_an_unknown_kernel_kind_is_refused():

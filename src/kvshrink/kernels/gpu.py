@@ -138,12 +138,14 @@ def dequant(codes, mn, scale, lut, toks, cols, tmask, c_off, p_off, W: tl.conste
 
 @triton.jit
 def _coded_body(q, vis, nbody, kc, kmn, ksc, klut, vc, vmn, vsc, vlut, ka, kb, kcos, ksin, pm, pl, pacc, H, R, T, vis_b,
-                vis_t, kc_s, kp_s, vc_s, vp_s, cap, TURN: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, KTG: tl.constexpr, KGW: tl.constexpr,
-                VGW: tl.constexpr, KDEPTH: tl.constexpr, VDEPTH: tl.constexpr, KSIZE: tl.constexpr,
-                VSIZE: tl.constexpr, KLUT: tl.constexpr, VLUT: tl.constexpr,
-                SPLITS: tl.constexpr, QD: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr,
+                vis_t, kc_s, kp_s, vc_s, vp_s, cap, SPLITS, TURN: tl.constexpr, KBITS: tl.constexpr,
+                VBITS: tl.constexpr, KTG: tl.constexpr, KGW: tl.constexpr, VGW: tl.constexpr, KDEPTH: tl.constexpr,
+                VDEPTH: tl.constexpr, KSIZE: tl.constexpr, VSIZE: tl.constexpr, KLUT: tl.constexpr, VLUT: tl.constexpr,
+                QD: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr,
                 BLOCK_KD: tl.constexpr, BLOCK_VD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAP: tl.constexpr, PREC: tl.constexpr):
+    # SPLITS is a run-time number: as a compile-time constant every new split count (it grows with the context until
+    # the device is full) compiled the kernel again
     bh = tl.program_id(0).to(tl.int64)  # offsets past 2 GiB (long contexts, big batches)
     sp = tl.program_id(1)
     b = bh // H
@@ -310,11 +312,11 @@ def coded_body(q: torch.Tensor, vis: torch.Tensor, nbody: torch.Tensor, keys: Bo
     _coded_body[(b * h, splits)](q, vis8, nbody, keys.codes, keys.min, keys.scale, _lut(keys), values.codes,
                                  values.min, values.scale, _lut(values), *turn, pm, pl, pacc, h, r, vis.shape[1],
                                  vis8.stride(0), vis8.stride(1), keys.codes.stride(0), keys.scale.stride(0),
-                                 values.codes.stride(0), values.scale.stride(0), float(cap),
+                                 values.codes.stride(0), values.scale.stride(0), float(cap), splits,
                                  TURN=keys.turn is not None, KBITS=keys.bits, VBITS=values.bits, KTG=keys.tg,
                                  KGW=keys.gw, VGW=values.gw, KDEPTH=keys.depth, VDEPTH=values.depth,
                                  KSIZE=keys.size, VSIZE=values.size, KLUT=keys.lut is not None,
-                                 VLUT=values.lut is not None, SPLITS=splits, QD=qd, KD=keys.width,
+                                 VLUT=values.lut is not None, QD=qd, KD=keys.width,
                                  VD=values.width,
                                  BLOCK_KD=block(keys.width), BLOCK_VD=block(values.width),
                                  BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=tile, CAP=bool(cap),

@@ -37,6 +37,14 @@ def merge(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     return torch.where(den[..., None] > 0, out / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None], 0.0)
 
 
+def log_sum_exp(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Each row's log-sum-exp of logits over partials stacked on dim 2 (m, l (B, H, P, R)) -> (B, H, R); -inf for a
+    row that sees nothing. A caller that scores tokens outside the kernel turns their logits into probabilities
+    with it (as kernels/tiles.log_sum does for the numba kernels)."""
+    top = _safe(m.amax(2, keepdim=True))
+    return top[:, :, 0] + torch.log((torch.exp(m - top) * l).sum(2))
+
+
 def merge_dense(pm: torch.Tensor, pl: torch.Tensor, pacc: torch.Tensor, q, keys, values, vis, cap: float = 0.0):
     """A Triton kernel's partials, their last slot left for the dense tokens: fill it with those tokens'
     partial (`dense_partial(q, keys, values, vis, cap)`) and merge everything."""

@@ -67,8 +67,8 @@ def _logits(q, table, n_past, pos, seen, kc, ks, km, logits, H, G, W, S, seen_st
 
 
 @triton.jit
-def _values(probs, table, n_past, vc, vs, vm, out, H, G, W, S, block, row_bytes, groups, BITS: tl.constexpr,
-            SPLITS: tl.constexpr, D: tl.constexpr, GW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+def _values(probs, table, n_past, vc, vs, vm, out, H, G, W, S, block, row_bytes, groups, SPLITS, BITS: tl.constexpr,
+            D: tl.constexpr, GW: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
             BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """Weighted value sums of program (u, split)'s range of tiles into out (B * H, SPLITS, G, D)."""
     u = tl.program_id(0).to(tl.int64)  # offsets past 2 GiB (long contexts, big batches)
@@ -132,7 +132,7 @@ def attend(q: torch.Tensor, layer, n_past: torch.Tensor, new_k: torch.Tensor, ne
     splits = max(1, min(-(-s // TILE), -(-2 * sms(dev) // (b * h)) if dev.type == "cuda" else 2))
     parts = torch.empty(b, h, splits, g, d, device=dev)  # a head's rows over several programs, summed after
     _values[(b * h, splits)](probs, table, n_past, vc, vs, vm, parts, h, g, w, s, pool.block, vbytes, vgroups,
-                             BITS=vbits, SPLITS=splits, D=d, GW=d // vgroups, BLOCK_D=bd, BLOCK_G=bg, BLOCK_N=TILE,
+                             splits, BITS=vbits, D=d, GW=d // vgroups, BLOCK_D=bd, BLOCK_G=bg, BLOCK_N=TILE,
                              PREC=TUNING.precision, num_warps=TUNING.num_warps)
     out = parts.sum(2)
     if getattr(vcodec, "rotate", False):

@@ -62,7 +62,7 @@ def _symbols(stream, start, tab, lut_sym, lut_len, lut_n, fixed, out, n: tl.cons
 
 @triton.jit
 def _kvcomp(q, vis, scratch, ks, kst, ktab, kls, kll, kln, kfix, kmn, kstep, vs, vst, vtab, vls, vll, vln, vfix, vmn,
-            vstep, pm, pl, pacc, H, R, nvb, vis_b, cap, KB: tl.constexpr, VB: tl.constexpr, SPLITS: tl.constexpr,
+            vstep, pm, pl, pacc, H, R, nvb, vis_b, cap, SPLITS, KB: tl.constexpr, VB: tl.constexpr,
             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, CAP: tl.constexpr,
             MAXL: tl.constexpr, MULTIS: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)  # offsets past 2 GiB (long contexts, big batches)
@@ -129,7 +129,7 @@ def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dens
                              keys.mn.contiguous(), keys.step.contiguous(), values.stream, values.starts.contiguous(),
                              values.table_of, values.lut_sym, values.lut_len, values.lut_n, values.fixed,
                              values.mn.contiguous(), values.step.contiguous(), pm, pl, pacc, h, r, nvb,
-                             vis8.stride(0), float(cap), KB=keys.block, VB=values.block, SPLITS=splits, D=d,
+                             vis8.stride(0), float(cap), splits, KB=keys.block, VB=values.block, D=d,
                              BLOCK_D=block(d), BLOCK_R=max(16, triton.next_power_of_2(r)),
                              CAP=bool(cap), MAXL=MAX_LEN, MULTIS=MULTI, PREC=TUNING.precision,
                              num_warps=TUNING.num_warps)

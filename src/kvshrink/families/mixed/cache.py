@@ -12,7 +12,8 @@ class is one packed tensor; which tokens differs per head. Nothing is held twice
 tensors' (the scores are float32 for the window's tokens only).
 
 Attention is order-free over the past (positions live in the rotated keys), so a decode step reads the body, its
-stage and the important tokens in place through the int kernel, whose coded-window part takes the high class.
+stage and the important tokens in place through the int kernel (numba on the CPU, Triton on CUDA), whose
+coded-window part takes the high class.
 What this layout cannot do: crop into the coded tokens (each head holds other tokens below a cut) or slide (a
 sliding layer frees its oldest blocks by position); both refuse in one line.
 """
@@ -60,7 +61,6 @@ class MixedLayer(ObservedWindow, CompressedLayer):
     decode step's query stands for the `gather` steps since the last; with random picks, its draw)."""
 
     layout = "importance-aware int"
-    gpu_kernel = False  # the Triton kernel reads no coded window: CUDA decodes, then attends (said once)
     gather = None  # the low stores take whole runs of tokens, coded at once (no float16 decode tokens)
     saved_by_stores = True  # the high class and the window beside the stores: saved_parts (core/importance.py)
 

@@ -26,7 +26,7 @@ from ...core.cache import KVCache
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, coder_pool, stage_for
 from ...core.store import TokenStore
 from ...errors import KvshrinkError
-from ...kernels.backend import kernels_on, triton_for
+from ...kernels.backend import kernels_on
 from ...spec import spec_from_config
 from .config import Fp16Config, QuantConfig
 from .kernel import IntBody, stage_supported, supported
@@ -101,9 +101,8 @@ class CompressedLayer(StoreLayer):
         return supported(self.k.codec, self.v.codec, head_dim)
 
     def _reads_stage(self, states: torch.Tensor) -> bool:
-        """Whether the kernel reads the stage's codes in place: the numba kernel does (kernel.py), the
-        Triton one takes them decoded among the dense tokens."""
-        return not triton_for(states) and stage_supported(self.k.stage_codec, states.shape[-1])
+        """Whether the kernel reads the stage's codes in place (both kernels do, for the codecs the numba one reads)."""
+        return stage_supported(self.k.stage_codec, states.shape[-1])
 
     def _body(self):
         """The coded tokens as the kernel reads them, the stage's after the body's where it reads them

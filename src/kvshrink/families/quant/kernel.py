@@ -799,9 +799,9 @@ class IntBody:
     parts where they are, as it copies every sequence's body into one padded array anyway; a call
     over one sequence reads one body, joined here per call when there are several parts.
     stage: None, or (keys, values, key codec) of the block still filling after the body: per-token
-    codes (the keys in their stage codec, the values in theirs) that the CPU kernel reads in place
+    codes (the keys in their stage codec, the values in theirs) that both kernels read in place
     (decoding them into the dense tokens every step cost a 15-sequence server step about a sixth of
-    its time). Its tokens count in `num_tokens`, after the body's.
+    its time on the CPU). Its tokens count in `num_tokens`, after the body's.
     window: None, or (keys, values, codec) of a coded recent window after the stage (core/store.py's
     `code_window`), read in place likewise (decoding it every step cost `auto-6x` 8% of its decode speed at 8k);
     its tokens count after the stage's."""
@@ -840,11 +840,10 @@ class IntBody:
                 raise KvshrinkError("the Triton kernel does not read joint-basis keys: use attend=decode on CUDA")
             if isinstance(self.value_codec, VectorQuant):
                 raise KvshrinkError("the Triton kernel does not read vector-level values: use attend=decode on CUDA")
-            if self.stage is not None or self.window is not None:
-                raise KvshrinkError("the Triton kernel reads no stage or coded window: a CUDA layer decodes them "
-                                    "into the dense tokens")
-            return gpu.fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
-                                    self.value_codec, splits, cap)
+            out = gpu.fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
+                                   self.value_codec, splits, cap, self.stage, self.window, self.scored)
+            out, self.lse = out if self.scored else (out, None)
+            return out
         lse = np.empty(q.shape[:3], dtype=np.float32) if self.scored else None
         out = fused_attend(q, vis, dense_k, dense_v, dense_vis, self.keys, self.values, self.key_codec,
                            self.value_codec, self.block, splits, cap, self.stage, self.window, lse)
