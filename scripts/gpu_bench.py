@@ -99,7 +99,10 @@ def one_cell(name: str, cfg, batch: int, length: int, device, reps: int) -> dict
         n = min(chunk, length - t0)
         k = torch.randn(batch, h, n, d, device=device, generator=g, dtype=torch.float16)
         v = torch.randn(batch, h, n, d, device=device, generator=g, dtype=torch.float16)
-        layer.update(k, v)
+        states, _ = layer.update(k, v)
+        if hasattr(layer, "observe_rows"):  # importance-aware: tokens leave the window only after the call attends
+            qp = torch.randn(batch, hq, n, d, device=device, generator=g, dtype=torch.float16)
+            states.attend(None, qp, None, d ** -0.5)
     cache.settle() if hasattr(cache, "settle") else None
     step = [torch.randn(batch, h, 1, d, device=device, generator=g, dtype=torch.float16) for _ in range(2)]
     states, _ = layer.update(*step)

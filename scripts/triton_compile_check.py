@@ -39,7 +39,7 @@ from kvshrink.kernels import backend  # noqa: E402
 from kvshrink.kernels import gpu as kernels_gpu  # noqa: E402
 
 METHODS = ("int4", "int8-rot", "int3", "int2:prerope=1", "int2:levels=gauss", "zdc-50+int4", "zdc-adaptive-75+int3",
-           "rvq-d2", "kvc-8x", "kvc-8x+int4", "kvcomp-eb0.1", "kvcomp-eb0.1:entropy=0", "mix-int2",
+           "rvq-d2", "kvc-8x", "kvc-8x+int4", "kvcomp-eb0.1", "kvcomp-eb0.1:entropy=0", "mix-int2", "zdc-mix-50",
            "mix-int3:window_bits=6")
 KERNELS = ((kernels_gpu, "_coded_body"), (evict_gpu, "_logits"), (evict_gpu, "_values"), (kvcomp_gpu, "_kvcomp"))
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8", torch.int8: "i8",

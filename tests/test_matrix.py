@@ -45,7 +45,6 @@ OURS = [n for n in method_names("ours") if n not in BUDGET_VARIANTS] + [CODED]
 PROMPT, STEPS = 150, 6  # past one block of 128 (int, ZDC) and of 64/128 (KVComp keys/values)
 EVICT = tuple(n for n in OURS if n.startswith(("kvc-", "snapkv-")))
 MIXED = tuple(n for n in OURS if n.startswith(("mix-", "zdc-mix-")))  # importance-aware: int and ZDC
-ZDC_MIXED = tuple(n for n in MIXED if n.startswith("zdc-"))
 SAVES = tuple(n for n in OURS if n.startswith("kvcomp-"))  # KVComp's own file; the rest but eviction: core/saved.py
 FUSED = tuple(n for n in OURS if not n.startswith("fp16"))  # every family with an attend=decode reference
 
@@ -59,8 +58,6 @@ EXPECTED = {
     ("save", EVICT): "eviction caches keep pages and scores outside their token stores (refused in one line)",
     ("crop", MIXED): "each KV head keeps other tokens in each precision class, so no cut below the float16 window "
                      "is the same for every head (checked instead: refused in one line)",
-    ("kernel", ZDC_MIXED): "the ZDC kernels give no log-sum-exp, which the window's scores need: CUDA decodes, then "
-                           "attends (said once)",
     ("device", SAVES + tuple(n for n in OURS if n.startswith("rvq"))):
         "KVComp keeps its prefix-code tables on the host, where its numba encoder reads them, and RVQ its codebooks "
         "where the calibration file loaded them; each holds a copy on the device for the kernel (checked instead: "
@@ -300,9 +297,7 @@ def test_reorder_cache_permutes_sequences_or_refuses(model, name):
 # one preset per layout where the others differ only in ratio or depth, which tests/test_triton.py's
 # kernel tests cover (every table kind, depths 1-3). KVComp is left to those kernel tests (its Triton
 # kernel against numba at every bound, with and without entropy codes): a minute here bought no more.
-# Importance-aware ZDC has no Triton kernel (EXPECTED's "kernel").
-TRITON_MATRIX = tuple(n for n in FUSED if not n.startswith(("kvcomp", "rvq", "kvc-", "snapkv-")) and n not in ZDC_MIXED
-                      and n != CODED) + (
+TRITON_MATRIX = tuple(n for n in FUSED if not n.startswith(("kvcomp", "rvq", "kvc-", "snapkv-")) and n != CODED) + (
     "kvc-8x", "snapkv-8x", "kvc-4x+int4", "kvc-8x+int4", "rvq-d2", "rvq-d4+window")
 
 

@@ -203,14 +203,18 @@ def test_kvcomp_kernel_equals_the_numba_kernel(bound, entropy, blocks, rows, cap
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
 
 
+def _zdc_calibration(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSHRINK_CALIB_DIR", str(tmp_path))
+    m0 = copy.deepcopy(tiny_model)
+    zdc.calibrate(m0, torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1)),
+                  {"test": True}).save(zdc.default_calibration_path(m0))
+
+
 @pytest.mark.parametrize("name", ["kvc-4x", "kvc-4x+int4", "int3-rot", "zdc-adaptive-75+int3"])
 def test_left_padded_batch_decodes_alike_on_both_kernels(tiny_model, name, tmp_path, monkeypatch):
     """Left padding: rows kept by original position (paged) and bodies with invisible tokens."""
     if name.startswith("zdc"):
-        monkeypatch.setenv("KVSHRINK_CALIB_DIR", str(tmp_path))
-        m0 = copy.deepcopy(tiny_model)
-        zdc.calibrate(m0, torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1)),
-                      {"test": True}).save(zdc.default_calibration_path(m0))
+        _zdc_calibration(tiny_model, tmp_path, monkeypatch)
     m = prepare(copy.deepcopy(tiny_model), name)
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 128, (2, 170), generator=gen)
@@ -235,11 +239,13 @@ def test_left_padded_batch_decodes_alike_on_both_kernels(tiny_model, name, tmp_p
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["mix-int2", "mix-int3:window_bits=6"])
-def test_mixed_classes_decode_and_rank_alike_on_both_kernels(tiny_model, name):
+@pytest.mark.parametrize("name", ["mix-int2", "mix-int3:window_bits=6", "zdc-mix-50"])
+def test_mixed_classes_decode_and_rank_alike_on_both_kernels(tiny_model, name, tmp_path, monkeypatch):
     """An importance-aware cache through leaving steps (two rounds of 16 decode steps): the Triton kernel reads the
     body, stage, high class (and a coded window) in place and hands back the log-sum-exp the window's scores come
-    from, so the logits, and the tokens each head keeps at high bits, are numba's (the codes bit for bit)."""
+    from, so the logits, and the tokens each head keeps at high precision, are numba's (bit for bit)."""
+    if name.startswith("zdc"):
+        _zdc_calibration(tiny_model, tmp_path, monkeypatch)
     m = prepare(copy.deepcopy(tiny_model), name)
     gen = torch.Generator().manual_seed(6)
     ids, feed = torch.randint(3, 128, (1, 230), generator=gen), torch.randint(3, 128, (1, 34), generator=gen)
@@ -253,14 +259,15 @@ def test_mixed_classes_decode_and_rank_alike_on_both_kernels(tiny_model, name):
         return torch.stack(out, 1), cache
 
     cpu, cpu_cache = run()
-    calls = backend.CALLS["int"]
+    calls = sum(backend.CALLS.values())
     with backend.use("triton"):
         gpu, gpu_cache = run()
-    assert backend.CALLS["int"] - calls >= feed.shape[1] * 2
+    assert sum(backend.CALLS.values()) - calls >= feed.shape[1] * 2
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
     for a, b in zip(cpu_cache.layers, gpu_cache.layers):
         assert a.high_tokens() > 0 and a.high_tokens() == b.high_tokens()
-        assert torch.equal(a.hk.tensors["codes"], b.hk.tensors["codes"])
+        high = [getattr(x.hk, "tensors", {"codes": x.hk})["codes"] for x in (a, b)]  # int codes, or ZDC's float16
+        assert torch.equal(*high)
         torch.testing.assert_close(a.wsum, b.wsum, rtol=1e-4, atol=1e-6)
 
 

@@ -3,6 +3,7 @@ ranks (float16 coordinates, or int codes) is read in place by the shared coded-b
 (kernels/gpu.py), one launch per head since heads differ in width; the dense segments (sink,
 mids, window at their own widths, this call's tokens at head_dim) are zero-padded to head_dim
 (a zero coordinate adds nothing to a logit or a value sum) and form the dense partial in PyTorch.
+A scored call (importance-aware ZDC) also gets each row's log-sum-exp from the merge.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from ...codecs.base import Codec, Fp16, Packed
 from ...kernels.backend import CALLS
 from ...kernels.gpu import Body, coded_body, int_body
-from ...kernels.partials import merge_dense
+from ...kernels.partials import dense_partial, log_sum_exp, merge
 
 
 def _body(codec: Codec, packed: Packed, width: int) -> Body:
@@ -25,16 +26,17 @@ def _body(codec: Codec, packed: Packed, width: int) -> Body:
     return int_body(codec, t, b, width)
 
 
-def attend(q: torch.Tensor, vis: torch.Tensor, st, cap: float = 0.0) -> torch.Tensor:
+def attend(q: torch.Tensor, vis: torch.Tensor, st, cap: float = 0.0):
     """kernel.attend on the tensors' device: q (B, H, R, d) in the keys' dual coordinates, scaled;
-    vis (B, t, S) over sink, body, mids, window, this call's tokens -> (B, H, R, d) float32."""
+    vis (B, t, S) over sink, body, mids, window, this call's tokens -> (B, H, R, d) float32, and where
+    `st.scored` each row's log-sum-exp (B, H, R) too."""
     CALLS["ZDC"] += 1
     b, h, r, d = q.shape
     n = st.bodies[0][0].num_tokens if st.bodies else 0
     n_sink = st.sinks[0][0].shape[1]
     dense_vis = torch.cat([vis[..., :n_sink], vis[..., n_sink + n:]], -1)
     nbody = torch.full((b,), n, dtype=torch.int64, device=q.device)
-    outs = []
+    outs, lses = [], []
     for i in range(h):
         qi = q[:, i:i + 1]
         parts = [(st.sinks[i][0], st.sinks[i][1]), (st.mids[i][0], st.mids[i][1]),
@@ -45,8 +47,13 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st, cap: float = 0.0) -> torch.Te
             kd, vd = st.mids[i][0].shape[2], st.mids[i][1].shape[2]
             pm, pl, pacc = coded_body(qi, vis[..., n_sink:n_sink + n], nbody, _body(st.key_codec, st.bodies[i][0], kd),
                                       _body(st.value_codec, st.bodies[i][1], vd), st.splits, cap)
-        else:  # only the dense tokens: one empty slot for them
-            pm = torch.empty(b, 1, 1, r, device=q.device)
-            pl, pacc = torch.empty_like(pm), torch.empty(b, 1, 1, r, d, device=q.device)
-        outs.append(merge_dense(pm, pl, pacc, qi, dk, dv, dense_vis, cap))
-    return torch.cat(outs, 1)
+            parts = [(pm[:, :, :-1], pl[:, :, :-1], pacc[:, :, :-1])]  # the slot left for the dense tokens: below
+        else:  # only the dense tokens
+            parts = []
+        dense = tuple(x.unsqueeze(2) for x in dense_partial(qi, dk, dv, dense_vis, cap))
+        m, l, acc = (torch.cat([p[j] for p in parts] + [dense[j]], 2) for j in range(3))
+        outs.append(merge(m, l, acc))
+        if st.scored:
+            lses.append(log_sum_exp(m, l))
+    out = torch.cat(outs, 1)
+    return (out, torch.cat(lses, 1)) if st.scored else out

@@ -16,9 +16,9 @@ segment, between the body and the window on both paths (for the compiled kernel,
 float16). The body keeps its tokens' order right after the sink, so a left-padded row's mask still covers its
 padding: padding draws no attention and never goes high (with `select=random` it can: then a padded batch's
 masks fall on other tokens, as `mix-*`'s do). The kernel hands back each row's log-sum-exp, so a decode step's window (and, when tokens leave
-after it, the high class) is scored exactly: exp(logit - lse). What this layout cannot do: crop below its window,
-slide (sliding layers free their oldest tokens by position), save, or run the Triton kernel (it gives no
-log-sum-exp); each refuses in one line, or says once that CUDA decodes the history.
+after it, the high class) is scored exactly: exp(logit - lse). What this layout cannot do: crop below its window or
+slide (sliding layers free their oldest tokens by position); each refuses in one line. On CUDA the Triton
+kernel reads it as the numba one does, and its merge gives the log-sum-exp.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from ...core.importance import ObservedWindow, lse_probs, rows_of
 from ...core.layer import FUSED_QUERIES
 from ...core.store import half_checked
 from ...errors import KvshrinkError
-from ...kernels.backend import kernels_on
 from .kernel import LowRankStates
 from .layer import ZdcLayer
 from .states import Segment, ZdcStates
@@ -51,8 +50,6 @@ class ImportantLayer(ObservedWindow, ZdcLayer):
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
-        if self.kernel_reads:  # the CPU kernel only: the Triton one gives no log-sum-exp (CUDA: said once)
-            self.kernel_reads = kernels_on(self.device, self.layout, gpu=False)
         self.open_window(key_states, self.ks[0].sink.shape[-1], self.vs[0].sink.shape[-1], self.seed)
 
     # --- transformers layer API -------------------------------------------------

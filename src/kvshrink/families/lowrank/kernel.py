@@ -29,7 +29,6 @@ import torch
 from ...attention.masks import bool_mask
 from ...codecs.base import Codec, Fp16, Packed
 from ...codecs.quant import IntQuant
-from ...errors import KvshrinkError
 from ...kernels.backend import TRITON, triton_for
 from ...kernels.tiles import (
     FAST,
@@ -298,9 +297,10 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st: LowRankStates, cap: float = 0
     -> (B, H, R, head_dim) float32, the value sums in the values' reduced coordinates; cap: the
     logits' soft-cap (0: none)."""
     if triton_for(q):
+        out = gpu.attend(q, vis, st, cap)
         if st.scored:
-            raise KvshrinkError("the Triton low-rank kernel hands back no log-sum-exp: score on the CPU kernel")
-        return gpu.attend(q, vis, st, cap)
+            out, st.lse = out
+        return out
     b, h, r, d = q.shape
     n = st.bodies[0][0].num_tokens if st.bodies else 0
     n_sink, n_mid = st.sinks[0][0].shape[1], st.mids[0][0].shape[1]
