@@ -136,7 +136,8 @@ def test_each_head_keeps_its_share_high_and_every_class_its_bytes(model, share, 
         assert coded == (0 if window_bits == 16 else 16)
         window = 2 * H * (coded * per_token + (n - coded) * D * 2) + 2 * H * n * 4  # and float32 scores
         scores = H * layer.high_tokens() * 4  # the high tokens' float32 moving averages (demotion)
-        assert layer.nbytes() == layer.k.nbytes() + layer.v.nbytes() + hi + window + scores
+        places = H * layer.high_tokens() * 4  # and their int32 places (a crop below the window)
+        assert layer.nbytes() == layer.k.nbytes() + layer.v.nbytes() + hi + window + scores + places
     assert cache.class_shares() == [pytest.approx(round(share * la.left) / la.left) for la in cache.layers]
 
 
@@ -268,11 +269,60 @@ def test_the_kernel_reads_both_classes_in_place(model, monkeypatch, demote):
 
 
 @pytest.mark.parametrize("window_bits", [16, 4])
+@pytest.mark.parametrize("cut", [150, 60, 2])
+def test_a_crop_below_the_window_keeps_each_heads_tokens_before_the_cut(model, window_bits, cut):
+    """Cut below the window of a batch of two (each head of each sequence picked its own high tokens): every head
+    keeps the fewest high tokens any head held before the cut, its most attended ones there, their codes bit for bit;
+    the sink and the body's whole blocks before every head's cut stay as they were; the cache holds `cut` tokens and
+    decodes on near a fresh prefill of the shorter prompt."""
+    name = f"mix-int2:window_bits={window_bits}"
+    ids = torch.randint(3, 128, (2, 330), generator=torch.Generator().manual_seed(4))
+    cache = from_method(name, model)
+    with torch.no_grad():
+        model(ids[:, :300], past_key_values=cache, use_cache=True)
+        for i in range(300, 330):  # decode steps: their tokens leave the window too
+            model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+    before = [(la.hk, la.hpos.clone(), la.hscore.clone(), la.k.sink.clone(), la.k.decoded(torch.float32))
+              for la in cache.layers]
+    cache.crop(-(330 - cut))
+    assert cache.get_seq_length() == cut
+    for la, (hk, hpos, hscore, sink, body) in zip(cache.layers, before):
+        n_sink = sink.shape[2]
+        into = max(cut - n_sink, 0)
+        below = hpos < into
+        lo, hi = int(below.sum(2).min()), int(below.sum(2).max())
+        assert la.held() == cut and la.window_count() == 0 and la.left == into
+        assert la.high_tokens() == lo and len(la.k) == cut - lo
+        assert torch.equal(la.k.sink, sink[:, :, :min(cut, n_sink)])
+        first = min(cut, n_sink) + (into - hi) // la.block * la.block  # sink and whole blocks before every cut
+        torch.testing.assert_close(la.k.decoded(torch.float32)[:, :, :first], body[:, :, :first], rtol=1e-3,
+                                   atol=1e-3)
+        if not lo:
+            assert la.hk is None and la.hpos is None
+            continue
+        assert bool((la.hpos < into).all())
+        idx = (la.hpos[..., :, None] == hpos[..., None, :]).int().argmax(-1)  # each kept token's place before
+        assert torch.equal(hpos.gather(2, idx), la.hpos)
+        assert torch.equal(la.hk.tensors["codes"], hk.take(idx).tensors["codes"])
+        # the kept ones are each head's most attended before the cut
+        gone = below.clone()
+        gone.scatter_(2, idx, False)
+        floor = torch.where(gone, hscore, -torch.inf).amax(2)
+        assert bool((hscore.gather(2, idx).amin(2) >= floor).all())
+    fresh = from_method(name, model)
+    with torch.no_grad():
+        model(ids[:, :cut], past_key_values=fresh, use_cache=True)
+        got = torch.stack([model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+                           for i in range(8)], 1)
+        want = torch.stack([model(ids[:, i:i + 1], past_key_values=fresh, use_cache=True).logits[:, -1]
+                            for i in range(8)], 1)
+    assert torch.isfinite(got).all() and (got - want).abs().max() < 0.5 * want.abs().max()
+
+
+@pytest.mark.parametrize("window_bits", [16, 4])
 def test_what_the_layout_cannot_do_refuses_in_one_line(model, tiny_config, window_bits):
     cache = from_method(f"mix-int2:window_bits={window_bits}", model)
     _steps(model, cache, _ids(200), steps=0)
-    with pytest.raises(KvshrinkError, match="crops only within its observation window"):
-        cache.crop(-30)
     cache.crop(-3)  # within the window
     assert cache.get_seq_length() == 197
     _steps(model, cache, _ids(1, seed=3), steps=4)  # a coded window's tail holds them
@@ -367,3 +417,7 @@ def test_a_saved_cache_resumes_with_its_classes_scores_and_draws(model, tmp_path
     for x, y in zip(cache.layers, loaded.layers):
         assert x.left == y.left and x.demoted == y.demoted > 0
         assert all(torch.equal(x.hk.tensors[k], y.hk.tensors[k]) for k in x.hk.tensors)
+        assert torch.equal(x.hpos, y.hpos)
+    for c in (cache, loaded):  # the places came back too: the same cut below the window
+        c.crop(-60)
+    assert torch.equal(_steps(model, cache, _ids(1, seed=23), 5), _steps(model, loaded, _ids(1, seed=23), 5))

@@ -8,7 +8,9 @@ ones leave, so a decode step codes nothing), where every query that reads them a
 left), of **high** tokens: the most attended among those it holds and the leaving ones (`picks`). With demotion,
 high tokens keep `hscore`, the moving average of the attention they get per query row over `memory` rows, and one
 that falls behind a leaving token goes down a class; without it the held ones always stay. What a class is (bits,
-coordinates) and where the others go is the family's `commit`.
+coordinates) and where the others go is the family's `commit`. Where the family can crop below the window
+(`crop_coded`; `places` set), each high token keeps `hpos`, its place among the tokens that left the window (int32),
+so that a cut knows which high tokens each head keeps.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from .layer import FUSED_QUERIES
 class ObservedWindow:
     """Mixin for a StoreLayer: the window, its scores and the quota. The family sets `share`, `window_size`,
     `leave_gather`, `observe`, `demote`, `memory` and `layout`, and defines `high_tokens()` and `commit(long)`."""
+
+    places = False  # whether high tokens keep their places (`hpos`): families that crop below the window
 
     def open_window(self, like: torch.Tensor, key_width: int, value_width: int, seed: int, codec=None) -> None:
         """codec: per-token codes (a Codec of one-token blocks) the window holds its tokens in; None: float16."""
@@ -45,7 +49,7 @@ class ObservedWindow:
 
     def reset_scores(self) -> None:
         """No high class yet (`hk`, `hv`: the family's), no scores, nothing left the window."""
-        self.hk = self.hv = self.hscore = None
+        self.hk = self.hv = self.hscore = self.hpos = None
         self.left = 0  # tokens that left the window
         self.unscored = 0  # query rows since the high class was last scored
         self.demoted = 0.0  # tokens sent down from the high class, per head (the mean over heads)
@@ -95,8 +99,8 @@ class ObservedWindow:
         """`lse_probs` of the window's tokens (B, H, G, rows, n_win) for a kernel's rows: a coded window's codes, read
         in their rotated basis against the query turned once (no decode of its keys), then its float16 tokens (all of
         a float16 window; a coded one's tail), which end with the call's own. One compiled call on the CPU."""
-        coded = self.wk if self.window_codec is not None else None
-        dense = self.wk if coded is None else self.tail[0]
+        coded = self.wk if self.window_codec is not None else None  # None too where a coded window holds no codes
+        dense = self.wk if self.window_codec is None else self.tail[0]
         if self.compiled_scores and q.device.type == "cpu":
             return scores.probs(q, lse, softcap, dense, coded, self.window_codec)
         probs = lse_probs(q, dense, lse, softcap, t)
@@ -177,6 +181,10 @@ class ObservedWindow:
         rest = (~chosen).nonzero()[:, 2].view(b, h, held + out - keep)
         self.demoted += int((~chosen[..., :held]).sum()) / (b * h)
         self.hscore = rank.gather(2, picked) if keep and self.demote else None
+        order = torch.arange(self.left, self.left + out, dtype=torch.int32, device=rank.device).expand(b, h, out)
+        if self.places:
+            places = order if self.hpos is None else torch.cat([self.hpos, order], 2)
+            self.hpos = places.gather(2, picked) if keep else None
         return picked, rest, chosen, score
 
     def leave(self, out: int) -> None:
@@ -186,14 +194,21 @@ class ObservedWindow:
         self.left += out
 
     def crop_window(self, keep: int) -> None:
-        """Keep the first `keep` tokens held: only a cut within the window (each head holds other tokens below)."""
+        """Keep the first `keep` tokens held: a cut within the window, or below it where the family can cut its
+        classes (`crop_coded`; each head holds other tokens below the window)."""
         coded = self.held() - self.window_count()
+        n = max(keep - coded, 0)
         if keep < coded:
-            raise KvshrinkError(f"{self.layout} crops only within its observation window: it can drop at most "
-                                f"{self.held() - coded} of its {self.held()} tokens")
-        n = keep - coded
+            self.crop_coded(keep)
         self._window_range(0, n)
         self.wsum, self.wseen = self.wsum[..., :n].clone(), self.wseen[..., :n].clone()
+
+    def crop_coded(self, keep: int) -> None:
+        """Keep the first `keep` tokens, a cut below the window (the family's, where it can; the window is emptied
+        after)."""
+        coded = self.held() - self.window_count()
+        raise KvshrinkError(f"{self.layout} crops only within its observation window: it can drop at most "
+                            f"{self.held() - coded} of its {self.held()} tokens")
 
     def _window_range(self, start: int, stop: int) -> None:
         """Keep window tokens start..stop of those held (copies: no view keeps the rest alive); a coded window's
@@ -230,6 +245,8 @@ class ObservedWindow:
         self.wsum, self.wseen = on_tensor(self.wsum), on_tensor(self.wseen)
         if self.hscore is not None:
             self.hscore = on_tensor(self.hscore)
+        if self.hpos is not None:
+            self.hpos = on_tensor(self.hpos)
 
     def saved_parts(self) -> tuple[dict, dict]:
         """What a cache file holds beside the stores (core/saved.py): the window (a coded one's tail too) and its
@@ -237,7 +254,8 @@ class ObservedWindow:
         counts."""
         tail = self.tail or (None, None)
         parts = {"wk": self.wk, "wv": self.wv, "tk": tail[0], "tv": tail[1], "wsum": self.wsum, "wseen": self.wseen,
-                 "hscore": self.hscore, "hk": self.hk, "hv": self.hv, "draws": self.draws.get_state()}
+                 "hscore": self.hscore, "hpos": self.hpos, "hk": self.hk, "hv": self.hv,
+                 "draws": self.draws.get_state()}
         numbers = {"share": self.share, "left": self.left, "unscored": self.unscored, "demoted": self.demoted}
         return parts, numbers
 
@@ -248,6 +266,7 @@ class ObservedWindow:
                                 f"this method {self.share:.0%}: load it with the share calibration it was saved with")
         for name in ("wk", "wv", "wsum", "wseen", "hscore", "hk", "hv"):
             setattr(self, name, parts[name])
+        self.hpos = parts.get("hpos")  # absent from files saved before positions were kept: no crop below the window
         if self.window_codec is not None:
             self.tail = parts["tk"], parts["tv"]
         self.draws.set_state(parts["draws"].cpu())
@@ -257,7 +276,7 @@ class ObservedWindow:
         held = [self.wk, self.wv]
         if self.window_codec is not None:
             held = [t for p in held if p is not None for t in p.tensors.values()] + list(self.tail)
-        return [t for t in (*held, self.wsum, self.wseen, self.hscore) if t is not None]
+        return [t for t in (*held, self.wsum, self.wseen, self.hscore, self.hpos) if t is not None]
 
 
 def causal(t: int, n: int, device) -> torch.Tensor:

@@ -328,14 +328,15 @@ def high_count(share: float, left: int) -> int:
 class HighClass:
     """What a high class costs beside the body (families/mixed over the budget's codecs): `share` of the tokens
     that left an observation window, each in `codec`'s per-token codes for keys and values with a float32
-    score per KV head; the window's tokens hold two float32 scores per KV head."""
+    score and an int32 place (for a crop below the window) per KV head; the window's tokens hold two float32 scores
+    per KV head."""
 
     share: float
     codec: IntQuant
 
     def bytes(self, spec, window: int, left: int) -> float:
         heads = spec.num_kv_heads
-        per_high = 2 * codec_bytes(self.codec, heads, spec.head_dim) + 4 * heads
+        per_high = 2 * codec_bytes(self.codec, heads, spec.head_dim) + 8 * heads
         return high_count(self.share, left) * per_high + window * 8 * heads
 
 

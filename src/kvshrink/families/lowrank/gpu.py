@@ -31,7 +31,7 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st, cap: float = 0.0):
     vis (B, t, S) over sink, body, mids, window, this call's tokens -> (B, H, R, d) float32, and where
     `st.scored` each row's log-sum-exp (B, H, R) too."""
     CALLS["ZDC"] += 1
-    b, h, r, d = q.shape
+    b, h, _, d = q.shape
     n = st.bodies[0][0].num_tokens if st.bodies else 0
     n_sink = st.sinks[0][0].shape[1]
     dense_vis = torch.cat([vis[..., :n_sink], vis[..., n_sink + n:]], -1)
