@@ -84,6 +84,50 @@ def test_every_token_is_held_once_at_its_rank_or_more(zmodel):
             assert _rows(got) == _rows(want)
 
 
+def _same_tokens(lm, lp):
+    """An importance-aware layer and a plain one hold the same tokens, compared at each head's rank."""
+    for stores_m, stores_p, high, win in ((lm.ks, lp.ks, lm.hk, lm.wk), (lm.vs, lp.vs, lm.hv, lm.wv)):
+        for h, (sm, sp) in enumerate(zip(stores_m, stores_p)):
+            r = sm.body_width
+            got = [sm.sink[0, 0, :, :r], sm.middle(torch.float16)[0, 0], win[0, h, :, :r]]
+            if high is not None:
+                got.append(high[0, h, :, :r])
+            want = torch.cat([sp.sink[0, 0, :, :r], sp.middle(torch.float16)[0, 0], sp.window[0, 0, :, :r]])
+            assert _rows(torch.cat(got)) == _rows(want)
+
+
+@settings(max_examples=12, deadline=None)
+@given(steps=st.integers(0, 40), cuts=st.lists(st.floats(0, 1), min_size=1, max_size=2), more=st.integers(0, 20),
+       select=st.sampled_from(["attention", "random"]))
+def test_a_crop_below_the_window_holds_each_token_before_the_cut_once(zmodel, steps, cuts, more, select):
+    """Cuts below the window (each head re-balanced to the fewest high tokens any head holds before the cut, its
+    surplus cut to its rank, its body tokens past the first any head drops taken out and back in), after decode steps
+    and demotions, again after more steps: layer 0 holds exactly the tokens a plain layer cut at the same place
+    holds, compared at the head's rank; every head as many high tokens, its most attended ones before the cut."""
+    mixed = from_method(f"{MIX}:select={select}", zmodel)
+    plain = ZdcCache(zmodel, mixed.ranks, Fp16(), sink=4, window=WINDOW)
+    for c in (mixed, plain):
+        _feed(zmodel, c, _ids(150), steps)
+    lm, lp = mixed.layers[0], plain.layers[0]
+    for frac in cuts:
+        cut = 1 + int(frac * (lm.held() - lm.window_count() - 2))  # below the window
+        places, scores, drop = lm.hpos, lm.hscore, lm.held() - cut
+        for c in (mixed, plain):
+            c.crop(-drop)
+        into = max(cut - 4, 0)
+        assert lm.held() == lp.held() == cut and lm.window_count() == 0 and lm.left == into
+        low = int((places < into).sum(2).min()) if places is not None else 0
+        assert lm.high_tokens() == low
+        if low and scores is not None:  # the most attended before the cut stay high
+            stay = (lm.hpos[..., None] == places[..., None, :]).any(-2)
+            assert bool((torch.where(stay, scores, torch.inf).amin(2)
+                         >= torch.where((places < into) & ~stay, scores, -torch.inf).amax(2)).all())
+        _same_tokens(lm, lp)
+        for c in (mixed, plain):
+            _feed(zmodel, c, _ids(1, seed=5), more)
+        _same_tokens(lm, lp)
+
+
 def test_demotion_never_widens(zmodel):
     """At every step each head's high tokens come from its high class or its window, and a token cut to the body
     is never high again."""
@@ -121,6 +165,10 @@ def test_each_class_holds_its_tensors_bytes(zmodel):
             total += 2 * (4 * w * 2 + n_body * (layer.rk[h] + layer.rv[h]))  # float16 sinks and bodies
         total += 2 * 2 * 2 * (n_high + n_win) * w  # float16 high class and window, keys and values, 2 heads
         total += 4 * 2 * (2 * n_win + n_high)  # float32: the window's sums and rows seen, the high tokens' scores
+        # int32: the high tokens' places, and the demoted ones' places and body indices (a crop below the window)
+        moved = layer.midx.shape[2] if layer.midx is not None else 0
+        assert moved and layer.hpos.shape[2] == n_high
+        total += 4 * 2 * (n_high + 2 * moved)
     assert cache.nbytes() == total + 8 * (cache.ranks.k.numel() + cache.ranks.v.numel())  # and the rank table
     assert cache.fp16_nbytes() / cache.nbytes() > 1.4
 
@@ -164,8 +212,6 @@ def test_a_needle_fill_scores_the_window_with_the_captured_queries(zmodel):
 def test_what_the_layout_cannot_do_refuses_in_one_line(zmodel):
     cache = from_method("zdc-mix-50", zmodel)
     _feed(zmodel, cache, _ids(80, seed=7), 2)
-    with pytest.raises(KvshrinkError, match="crops only within its observation window"):
-        cache.crop(-(cache.layers[0].wk.shape[2] + 1))
     cache.crop(-3)  # within the window
     assert cache.get_seq_length() == 79
     with pytest.raises(KvshrinkError, match="sequence-parallel"):

@@ -9,8 +9,9 @@ left), of **high** tokens: the most attended among those it holds and the leavin
 high tokens keep `hscore`, the moving average of the attention they get per query row over `memory` rows, and one
 that falls behind a leaving token goes down a class; without it the held ones always stay. What a class is (bits,
 coordinates) and where the others go is the family's `commit`. Where the family can crop below the window
-(`crop_coded`; `places` set), each high token keeps `hpos`, its place among the tokens that left the window (int32),
-so that a cut knows which high tokens each head keeps.
+(`crop_coded`; `places` set), each high token keeps `hpos`, its place among the tokens that left the window, and each
+demoted token its place and index in the body (`mpos`, `midx`; int32), so that a cut knows which tokens each head
+holds before it (`crop_plan`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class ObservedWindow:
     def reset_scores(self) -> None:
         """No high class yet (`hk`, `hv`: the family's), no scores, nothing left the window."""
         self.hk = self.hv = self.hscore = self.hpos = None
+        self.mpos = self.midx = None  # demoted tokens in the body (`places` families): their places, body indices
         self.left = 0  # tokens that left the window
         self.unscored = 0  # query rows since the high class was last scored
         self.demoted = 0.0  # tokens sent down from the high class, per head (the mean over heads)
@@ -183,9 +185,23 @@ class ObservedWindow:
         self.hscore = rank.gather(2, picked) if keep and self.demote else None
         order = torch.arange(self.left, self.left + out, dtype=torch.int32, device=rank.device).expand(b, h, out)
         if self.places:
+            self._record_demoted(rest, held)
             places = order if self.hpos is None else torch.cat([self.hpos, order], 2)
             self.hpos = places.gather(2, picked) if keep else None
         return picked, rest, chosen, score
+
+    def _record_demoted(self, rest: torch.Tensor, held: int) -> None:
+        """The demoted tokens among `rest` (each head's lead it: rest is sorted) join the body after its left - held
+        tokens: their places and body indices, -1 where a head demotes fewer."""
+        most = int((rest < held).sum(2).max()) if held else 0
+        if not most:
+            return
+        j = torch.arange(most, device=rest.device)
+        ok = rest[..., :most] < held
+        mpos = torch.where(ok, self.hpos.gather(2, rest[..., :most].clamp(max=held - 1)), -1)
+        midx = torch.where(ok, (self.left - held + j).to(torch.int32), -1)
+        old = ([self.mpos], [self.midx]) if self.midx is not None else ([], [])
+        self._set_moved(torch.cat(old[0] + [mpos], 2), torch.cat(old[1] + [midx], 2))
 
     def leave(self, out: int) -> None:
         """The first `out` window tokens have left."""
@@ -203,9 +219,94 @@ class ObservedWindow:
         self._window_range(0, n)
         self.wsum, self.wseen = self.wsum[..., :n].clone(), self.wseen[..., :n].clone()
 
+    def crop_plan(self, into: int):
+        """A cut below the window that keeps `into` of the tokens that left it (`places` families): which tokens each
+        head keeps in each class. A head's body holds its tokens in the order they joined it: those that left the
+        window in their order, with demoted ones among them (`mpos`, `midx`: their places and body indices). So its
+        tokens before the cut are known, and every head must hold as many of each class: each keeps the fewest high
+        tokens any head holds before the cut (lo), its most attended ones there, and its body up to the first token
+        any head drops (`first`); its other body tokens before the cut and its c - lo least attended high tokens
+        there (demoted: down, never up) are taken out and back in (decoded: only the rounding of a second coding is
+        added, as a store's cut inside a coded block adds), `extra` tokens on every head.
+        -> None where the family can cut its stores at the cut (nothing before it is high or out of order), else
+        (first, extra, pick (B, H, extra): each head's tokens to re-append as indices into its body's tokens first..
+        then its high tokens at `down` (B, H, extra), kept (B, H, lo): the high tokens each head keeps, in order).
+        Sets the kept ones' places and scores, the re-appended ones' places, and `left`."""
+        held, left = self.high_tokens(), self.left
+        if held and self.hpos is None:
+            raise KvshrinkError(f"{self.layout} cannot crop below its observation window after a cache file saved "
+                                "without its high tokens' places: crop within the window, or save it again")
+        self.left = into
+        if not into or (not held and self.mpos is None):  # nothing kept, or the body in its order: a plain cut
+            self.hk = self.hv = self.hscore = self.hpos = self.mpos = self.midx = None
+            return None
+        n_body = left - held
+        pos = self._body_places(left, n_body)
+        keep = pos < into
+        dropping = ~keep
+        first = int(torch.where(dropping.any(2), dropping.int().argmax(2), n_body).min())
+        after = keep[..., first:]
+        taken = after.sum(2, keepdim=True)  # body tokens past `first` each head keeps
+        below = self.hpos < into if held else keep[..., :0]
+        counts = below.sum(2, keepdim=True)
+        lo = int(counts.min()) if held else 0
+        extra = int((taken + counts - lo).max())
+        j = torch.arange(extra, device=pos.device).expand(*pos.shape[:2], extra)
+        border = (~after).to(torch.int8).argsort(dim=2, stable=True)[..., :extra]  # the kept ones first, in order
+        from_body = j < taken
+        bj = j.clamp(max=max(border.shape[2] - 1, 0))
+        body_at = border.gather(2, bj) if border.shape[2] else torch.zeros_like(j)
+        pick = torch.where(from_body, body_at, n_body - first + (j - taken).clamp(min=0))
+        # each head's high tokens before the cut by rank, its least attended first (no scores: the latest first)
+        if held:
+            rank = self.hscore if self.hscore is not None else -self.hpos.float()
+            order = torch.where(below, rank, torch.inf).argsort(dim=2, stable=True)
+            down = order[..., :extra].clamp(max=held - 1)
+            kept = order.gather(2, (counts - lo) + torch.arange(lo, device=pos.device)).sort(2).values
+            high_pos = self.hpos.gather(2, down.gather(2, (j - taken).clamp(min=0, max=down.shape[2] - 1)))
+            self.demoted += float((counts - lo).float().mean())
+        else:
+            down = kept = j[..., :0]
+            high_pos = torch.zeros_like(j, dtype=torch.int32)
+        moved = torch.where(from_body, pos[..., first:].gather(2, body_at.clamp(max=max(n_body - first - 1, 0)))
+                            if n_body > first else high_pos, high_pos)
+        old = self.midx is not None
+        mpos = [torch.where(self.midx < first, self.mpos, -1)] if old else []
+        midx = [torch.where(self.midx < first, self.midx, -1)] if old else []
+        self._set_moved(torch.cat(mpos + [moved.to(torch.int32)], 2),
+                        torch.cat(midx + [(first + j).to(torch.int32)], 2))
+        self.hpos = self.hpos.gather(2, kept) if lo else None
+        self.hscore = self.hscore.gather(2, kept) if lo and self.hscore is not None else None
+        return first, extra, pick, down, kept
+
+    def _body_places(self, left: int, n_body: int) -> torch.Tensor:
+        """(B, H, n_body) int32: the place (among the tokens that left the window) of each head's body tokens, in the
+        body's order: the demoted ones' as recorded, the others those no class holds, in their order."""
+        b, h = self.wsum.shape[:2]
+        dev = self.wsum.device
+        taken = torch.zeros(b, h, left + 1, dtype=torch.bool, device=dev)  # the last column takes the padding
+        moved = torch.zeros(b, h, n_body + 1, dtype=torch.bool, device=dev)
+        pos = torch.full((b, h, n_body + 1), -1, dtype=torch.int32, device=dev)
+        if self.hpos is not None:
+            taken.scatter_(2, self.hpos.long(), True)
+        if self.midx is not None:
+            ok = self.midx >= 0
+            at = torch.where(ok, self.midx, n_body).long()
+            taken.scatter_(2, torch.where(ok, self.mpos, left).long(), True)
+            moved.scatter_(2, at, True)
+            pos.scatter_(2, at, self.mpos)
+        moved[..., n_body] = True
+        pos.masked_scatter_(~moved, (~taken[..., :left]).nonzero()[:, 2].to(torch.int32))  # row-major: each head's
+        return pos[..., :n_body]
+
+    def _set_moved(self, mpos: torch.Tensor, midx: torch.Tensor) -> None:
+        """Body tokens out of their order, columns that hold none on any head dropped."""
+        some = (midx >= 0).any(1).any(0)
+        self.mpos, self.midx = (mpos[..., some], midx[..., some]) if bool(some.any()) else (None, None)
+
     def crop_coded(self, keep: int) -> None:
-        """Keep the first `keep` tokens, a cut below the window (the family's, where it can; the window is emptied
-        after)."""
+        """Keep the first `keep` tokens, a cut below the window (the family's, where it can, with `crop_plan`; the
+        window is emptied after)."""
         coded = self.held() - self.window_count()
         raise KvshrinkError(f"{self.layout} crops only within its observation window: it can drop at most "
                             f"{self.held() - coded} of its {self.held()} tokens")
@@ -245,8 +346,9 @@ class ObservedWindow:
         self.wsum, self.wseen = on_tensor(self.wsum), on_tensor(self.wseen)
         if self.hscore is not None:
             self.hscore = on_tensor(self.hscore)
-        if self.hpos is not None:
-            self.hpos = on_tensor(self.hpos)
+        for name in ("hpos", "mpos", "midx"):
+            if getattr(self, name) is not None:
+                setattr(self, name, on_tensor(getattr(self, name)))
 
     def saved_parts(self) -> tuple[dict, dict]:
         """What a cache file holds beside the stores (core/saved.py): the window (a coded one's tail too) and its
@@ -254,7 +356,8 @@ class ObservedWindow:
         counts."""
         tail = self.tail or (None, None)
         parts = {"wk": self.wk, "wv": self.wv, "tk": tail[0], "tv": tail[1], "wsum": self.wsum, "wseen": self.wseen,
-                 "hscore": self.hscore, "hpos": self.hpos, "hk": self.hk, "hv": self.hv,
+                 "hscore": self.hscore, "hpos": self.hpos, "mpos": self.mpos, "midx": self.midx, "hk": self.hk,
+                 "hv": self.hv,
                  "draws": self.draws.get_state()}
         numbers = {"share": self.share, "left": self.left, "unscored": self.unscored, "demoted": self.demoted}
         return parts, numbers
@@ -266,7 +369,8 @@ class ObservedWindow:
                                 f"this method {self.share:.0%}: load it with the share calibration it was saved with")
         for name in ("wk", "wv", "wsum", "wseen", "hscore", "hk", "hv"):
             setattr(self, name, parts[name])
-        self.hpos = parts.get("hpos")  # absent from files saved before positions were kept: no crop below the window
+        # absent from files saved before places were kept: no crop below the window
+        self.hpos, self.mpos, self.midx = parts.get("hpos"), parts.get("mpos"), parts.get("midx")
         if self.window_codec is not None:
             self.tail = parts["tk"], parts["tv"]
         self.draws.set_state(parts["draws"].cpu())
@@ -276,7 +380,8 @@ class ObservedWindow:
         held = [self.wk, self.wv]
         if self.window_codec is not None:
             held = [t for p in held if p is not None for t in p.tensors.values()] + list(self.tail)
-        return [t for t in (*held, self.wsum, self.wseen, self.hscore, self.hpos) if t is not None]
+        return [t for t in (*held, self.wsum, self.wseen, self.hscore, self.hpos, self.mpos, self.midx)
+                if t is not None]
 
 
 def causal(t: int, n: int, device) -> torch.Tensor:

@@ -16,14 +16,16 @@ segment, between the body and the window on both paths (for the compiled kernel,
 float16). The body keeps its tokens' order right after the sink, so a left-padded row's mask still covers its
 padding: padding draws no attention and never goes high (with `select=random` it can: then a padded batch's
 masks fall on other tokens, as `mix-*`'s do). The kernel hands back each row's log-sum-exp, so a decode step's window (and, when tokens leave
-after it, the high class) is scored exactly: exp(logit - lse). What this layout cannot do: crop below its window or
-slide (sliding layers free their oldest tokens by position); each refuses in one line. On CUDA the Triton
+after it, the high class) is scored exactly: exp(logit - lse). A crop below the window re-balances
+the classes as core/importance.py's `crop_plan` says (surplus high tokens cut to the head's rank). What this layout
+cannot do: slide (sliding layers free their oldest tokens by position); it refuses in one line. On CUDA the Triton
 kernel reads it as the numba one does, and its merge gives the log-sum-exp.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ...core.importance import ObservedWindow, lse_probs, rows_of
 from ...core.layer import FUSED_QUERIES
@@ -39,6 +41,7 @@ class ImportantLayer(ObservedWindow, ZdcLayer):
     coordinates, and `hk` / `hv` the high class (B, H, n, sink_rank) float16."""
 
     layout = "importance-aware ZDC"
+    places = True  # high tokens keep their places: crop_coded
     saved_by_stores = True  # window and high class beside the stores: saved_parts (core/importance.py)
 
     def __init__(self, *args, share: float, window: int, gather: int, observe: int, demote: bool, memory: int,
@@ -124,6 +127,32 @@ class ImportantLayer(ObservedWindow, ZdcLayer):
                 ks.append(k[:, i:i + 1], defer=not long, checked=True)
                 vs.append(v[:, i:i + 1], defer=not long, checked=True)
         self.leave(out)
+
+    def crop_coded(self, keep: int) -> None:
+        """Keep the first `keep` tokens, a cut below the window (core/importance.py's `crop_plan`): each head's store
+        keeps `first` tokens, then takes its `extra` re-balancing tokens (its store's tokens it keeps past that point,
+        and its demoted high tokens, cut to the head's rank: exact)."""
+        n_sink = self.ks[0].sink.shape[-2]
+        plan = self.crop_plan(max(keep - n_sink, 0))
+        if plan is None:
+            for s in self.stores():
+                s.crop(keep)
+            return
+        first, extra, pick, down, kept = plan
+        for name, stores in (("hk", self.ks), ("hv", self.vs)):
+            high = getattr(self, name)
+            width = stores[0].dense_width  # the sink's and the high class's: every coordinate
+            for i, s in enumerate(stores):
+                if extra:
+                    body = s.middle(torch.float16)[:, :, first:]
+                    pool = F.pad(body, (0, width - body.shape[-1]))  # the store keeps the first coordinates
+                    if high is not None:
+                        pool = torch.cat([pool, high[:, i:i + 1].gather(2, rows_of(down[:, i:i + 1], width))], 2)
+                    s.crop(n_sink + first)
+                    s.append(pool.gather(2, rows_of(pick[:, i:i + 1], pool.shape[-1])), checked=True)
+                else:
+                    s.crop(n_sink + first)
+            setattr(self, name, high.gather(2, rows_of(kept, width)) if high is not None and kept.shape[2] else None)
 
     # --- what the layer holds -------------------------------------------------------
     def high_tokens(self) -> int:

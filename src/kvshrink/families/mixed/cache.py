@@ -11,10 +11,8 @@ TokenStore: keys per channel over blocks, values per token). Every head promotes
 class is one packed tensor; which tokens differs per head. Nothing is held twice and every class's bytes are its
 tensors' (the scores are float32 for the window's tokens only).
 
-A crop below the window (`crop_coded`) keeps each head's high tokens from before the cut (they know their places,
-`hpos`) and its body tokens before it; heads that kept more high tokens than the fewest send their least attended
-ones down (re-coded at `low` bits), and heads that kept fewer take their extra body tokens out and back in, so every
-head again holds as many tokens of each class.
+A crop below the window (`crop_coded`, core/importance.py's `crop_plan`) keeps each head's tokens from before the
+cut, re-balanced so that every head again holds as many tokens of each class (surplus high tokens demoted).
 
 Attention is order-free over the past (positions live in the rotated keys), so a decode step reads the body, its
 stage and the important tokens in place through the int kernel (numba on the CPU, Triton on CUDA), whose
@@ -179,58 +177,28 @@ class MixedLayer(ObservedWindow, CompressedLayer):
         return pool, torch.where(demoted, order, most + rest - held)
 
     def crop_coded(self, keep: int) -> None:
-        """Keep the first `keep` tokens, a cut below the window (emptied after, by crop_window). A head whose high
-        class kept c of its tokens before the cut keeps `into` - c body tokens; every head must hold as many of each
-        class, so the heads keep the fewest high tokens any keeps (lo) and as many body tokens as the one that keeps
-        the most (hi) would: a head demotes its c - lo least attended high tokens (decoded, re-coded at `low` bits:
-        down, never up) and re-appends its hi - c body tokens past that point (decoded from the body: only the
-        rounding of a second coding is added, as a store's cut inside a coded block adds). Both join the body's end,
-        hi - lo tokens on every head."""
+        """Keep the first `keep` tokens, a cut below the window (core/importance.py's `crop_plan`): the body keeps
+        `first` tokens on every head, then takes each head's `extra` re-balancing tokens (its body tokens it keeps
+        past that point, decoded; its demoted high tokens, decoded from their high-bit codes), re-coded at `low`
+        bits."""
         n_sink = self.k.sink.shape[2]
-        into = max(keep - n_sink, 0)  # the tokens that had left the window that stay
-        held = self.high_tokens()
-        if held and self.hpos is None:
-            raise KvshrinkError(f"{self.layout} cannot crop below its observation window after a cache file saved "
-                                "without its high tokens' places: crop within the window, or save it again")
-        if not held or not into:  # no high class, or none of it before the cut
+        plan = self.crop_plan(max(keep - n_sink, 0))
+        if plan is None:
             self.k.crop(keep)
             self.v.crop(keep)
-            self.hk = self.hv = self.hscore = self.hpos = None
-            self.left = into
             return
-        below = self.hpos < into  # (B, H, held)
-        counts = below.sum(2, keepdim=True)  # high tokens each head keeps before the cut
-        lo, hi = int(counts.min()), int(counts.max())
-        # each head's tokens before the cut by rank: its least attended first (demotion's order), the rest after
-        rank = self.hscore if self.hscore is not None else -self.hpos.float()  # no scores: the latest go down first
-        order = torch.where(below, rank, torch.inf).argsort(dim=2, stable=True)
-        extra = hi - lo
-        first = into - hi  # body tokens every head keeps
-        if extra:
-            j = torch.arange(extra, device=counts.device).expand(*counts.shape[:2], extra)
-            from_body = j < hi - counts  # a head's first hi - c come from its body, the rest are its demoted ones
-            pick = torch.where(from_body, j, extra + (j - (hi - counts)).clamp(min=0))
-            down = order[..., :extra].clamp(max=held - 1)
-            for name, store in (("hk", self.k), ("hv", self.v)):
-                body = store.decoded(torch.float32)[:, :, n_sink + first:n_sink + first + extra]
-                demoted = self.high.decode(getattr(self, name).take(down), torch.float32)
-                pool = torch.cat([body, demoted], 2)
+        first, extra, pick, down, kept = plan
+        for name, store in (("hk", self.k), ("hv", self.v)):
+            high = getattr(self, name)
+            if extra:
+                pool = store.decoded(torch.float32)[:, :, n_sink + first:]
+                if high is not None:
+                    pool = torch.cat([pool, self.high.decode(high.take(down), torch.float32)], 2)
                 store.crop(n_sink + first)
                 store.append(pool.gather(2, rows_of(pick, pool.shape[-1])).half(), checked=True)
-            self.demoted += float((counts - lo).float().mean())
-        else:
-            self.k.crop(n_sink + first)
-            self.v.crop(n_sink + first)
-        # the high tokens each head keeps: its lo most attended before the cut, in their order
-        kept = (order.gather(2, (counts - lo) + torch.arange(lo, device=counts.device)) if lo
-                else order[..., :0]).sort(2).values
-        if lo:
-            self.hk, self.hv = self.hk.take(kept), self.hv.take(kept)
-            self.hpos = self.hpos.gather(2, kept)
-            self.hscore = None if self.hscore is None else self.hscore.gather(2, kept)
-        else:
-            self.hk = self.hv = self.hscore = self.hpos = None
-        self.left = into
+            else:
+                store.crop(n_sink + first)
+            setattr(self, name, high.take(kept) if high is not None and kept.shape[2] else None)
 
     # --- what the layer holds -------------------------------------------------------
     def high_tokens(self) -> int:
