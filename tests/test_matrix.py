@@ -56,6 +56,8 @@ EXPECTED = {
                       "other sequence's scores in the same call (checked instead: it runs and stays within budget)",
     ("reorder", EVICT): "paged per-head eviction refuses beam search (one line)",
     ("save", EVICT): "eviction caches keep pages and scores outside their token stores (refused in one line)",
+    ("crop", MIXED): "each KV head keeps other tokens in each class: a cut below the window needs their places, kept "
+                     "with crop=true (checked instead: refused in one line without it; with it, as the others)",
     ("device", SAVES + tuple(n for n in OURS if n.startswith("rvq"))):
         "KVComp keeps its prefix-code tables on the host, where its numba encoder reads them, and RVQ its codebooks "
         "where the calibration file loaded them; each holds a copy on the device for the kernel (checked instead: "
@@ -192,6 +194,13 @@ def test_crop_then_continue_equals_a_fresh_prefill(model, name, cut):
     m = _ready(model, name)
     ids = _ids(PROMPT + 20, seed=2)
     more = _ids(8, seed=11)
+    if expected("crop", name) and name in MIXED:
+        plain = from_method(name, m)
+        with torch.no_grad():
+            m(ids, past_key_values=plain, use_cache=True)
+        with pytest.raises(KvshrinkError, match="crops only within its observation window"):
+            plain.crop(-(ids.shape[1] - cut))
+        name = f"{name}:crop=true"
     cropped = from_method(name, m)
     with torch.no_grad():
         m(ids, past_key_values=cropped, use_cache=True)

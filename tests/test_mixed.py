@@ -136,9 +136,8 @@ def test_each_head_keeps_its_share_high_and_every_class_its_bytes(model, share, 
         assert coded == (0 if window_bits == 16 else 16)
         window = 2 * H * (coded * per_token + (n - coded) * D * 2) + 2 * H * n * 4  # and float32 scores
         scores = H * layer.high_tokens() * 4  # the high tokens' float32 moving averages (demotion)
-        places = H * layer.high_tokens() * 4  # and their int32 places (a crop below the window), and the demoted
-        places += 2 * 4 * (layer.midx.numel() if layer.midx is not None else 0)  # ones' places and body indices
-        assert layer.nbytes() == layer.k.nbytes() + layer.v.nbytes() + hi + window + scores + places
+        assert layer.hpos is None and layer.midx is None  # no places without crop=true
+        assert layer.nbytes() == layer.k.nbytes() + layer.v.nbytes() + hi + window + scores
     assert cache.class_shares() == [pytest.approx(round(share * la.left) / la.left) for la in cache.layers]
 
 
@@ -276,7 +275,7 @@ def test_a_crop_below_the_window_keeps_each_heads_tokens_before_the_cut(model, w
     its own high tokens): layer 0 (whose keys do not depend on the cache) holds each token before the cut once, on
     every head, matched to the exact keys; every head keeps the fewest high tokens any head held before the cut,
     its most attended ones there, their codes bit for bit; the cache decodes on near a fresh prefill."""
-    name = f"mix-int3:window_bits={window_bits}:gather=4:memory=8"
+    name = f"mix-int3:window_bits={window_bits}:gather=4:memory=8:crop=true"
     ids = torch.randint(3, 128, (2, 330), generator=torch.Generator().manual_seed(4))
     cache, exact = from_method(name, model), DynamicCache()
     with torch.no_grad():
@@ -320,6 +319,8 @@ def test_a_crop_below_the_window_keeps_each_heads_tokens_before_the_cut(model, w
 def test_what_the_layout_cannot_do_refuses_in_one_line(model, tiny_config, window_bits):
     cache = from_method(f"mix-int2:window_bits={window_bits}", model)
     _steps(model, cache, _ids(200), steps=0)
+    with pytest.raises(KvshrinkError, match="crops only within its observation window.*crop=true"):
+        cache.crop(-30)
     cache.crop(-3)  # within the window
     assert cache.get_seq_length() == 197
     _steps(model, cache, _ids(1, seed=3), steps=4)  # a coded window's tail holds them
@@ -402,7 +403,7 @@ def test_a_saved_cache_resumes_with_its_classes_scores_and_draws(model, tmp_path
     """Saved after decode steps (high class, window scores, demotions, and the random picks' generator) and read
     back, the cache continues as the original does through more rounds of leaving tokens: the same logits and the
     same high class, token for token; the file holds the cache's bytes and a header."""
-    name = f"mix-int2:gather=4:memory=8:select={select}"
+    name = f"mix-int2:gather=4:memory=8:select={select}:crop=true"
     cache = from_method(name, model)
     _steps(model, cache, _ids(150, seed=20), steps=13)
     path = str(tmp_path / "mix.safetensors")

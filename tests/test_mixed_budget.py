@@ -82,9 +82,11 @@ def test_paying_for_a_high_class_never_lowers_the_bodys_proxy(calibrated, tiny_m
     _, fixed0 = A.layer_bytes(calib, spec, CONTEXT, 4, 32, window=16, high=A.HighClass(0.0, codec))
     _, fixed1 = A.layer_bytes(calib, spec, CONTEXT, 4, 32, window=16, high=A.HighClass(0.2, codec))
     high = A.high_count(0.2, CONTEXT - 20)  # 60 tokens a head: out of the blocks, into the high class
-    # keys and values in 8-bit codes with a float16 step and minimum, then a float32 score and an int32 place
-    per_high = spec.num_kv_heads * (2 * (spec.head_dim + 4) + 4 + 4)
+    # keys and values in 8-bit codes with a float16 step and minimum, a float32 score, with crop=true an int32 place
+    per_high = spec.num_kv_heads * (2 * (spec.head_dim + 4) + 4)
     assert fixed1 - fixed0 == pytest.approx(spec.num_layers * high * per_high)
+    _, fixed2 = A.layer_bytes(calib, spec, CONTEXT, 4, 32, window=16, high=A.HighClass(0.2, codec, places=True))
+    assert fixed2 - fixed1 == pytest.approx(spec.num_layers * high * spec.num_kv_heads * 4)
 
 
 @pytest.mark.parametrize("window_bits", [16, 8])

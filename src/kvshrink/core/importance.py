@@ -30,7 +30,7 @@ class ObservedWindow:
     """Mixin for a StoreLayer: the window, its scores and the quota. The family sets `share`, `window_size`,
     `leave_gather`, `observe`, `demote`, `memory` and `layout`, and defines `high_tokens()` and `commit(long)`."""
 
-    places = False  # whether high tokens keep their places (`hpos`): families that crop below the window
+    places = False  # whether high and demoted tokens keep their places: a crop below the window (`crop=true`)
 
     def open_window(self, like: torch.Tensor, key_width: int, value_width: int, seed: int, codec=None) -> None:
         """codec: per-token codes (a Codec of one-token blocks) the window holds its tokens in; None: float16."""
@@ -308,8 +308,9 @@ class ObservedWindow:
         """Keep the first `keep` tokens, a cut below the window (the family's, where it can, with `crop_plan`; the
         window is emptied after)."""
         coded = self.held() - self.window_count()
+        how = "" if self.places else "; crop=true keeps the places a deeper cut needs"
         raise KvshrinkError(f"{self.layout} crops only within its observation window: it can drop at most "
-                            f"{self.held() - coded} of its {self.held()} tokens")
+                            f"{self.held() - coded} of its {self.held()} tokens{how}")
 
     def _window_range(self, start: int, stop: int) -> None:
         """Keep window tokens start..stop of those held (copies: no view keeps the rest alive); a coded window's

@@ -328,15 +328,16 @@ def high_count(share: float, left: int) -> int:
 class HighClass:
     """What a high class costs beside the body (families/mixed over the budget's codecs): `share` of the tokens
     that left an observation window, each in `codec`'s per-token codes for keys and values with a float32
-    score and an int32 place (for a crop below the window) per KV head; the window's tokens hold two float32 scores
-    per KV head."""
+    score per KV head, and with `places` an int32 place (families/mixed's crop=true: the demoted tokens' places,
+    whose count depends on the text, are not priced); the window's tokens hold two float32 scores per KV head."""
 
     share: float
     codec: IntQuant
+    places: bool = False
 
     def bytes(self, spec, window: int, left: int) -> float:
         heads = spec.num_kv_heads
-        per_high = 2 * codec_bytes(self.codec, heads, spec.head_dim) + 8 * heads
+        per_high = 2 * codec_bytes(self.codec, heads, spec.head_dim) + (8 if self.places else 4) * heads
         return high_count(self.share, left) * per_high + window * 8 * heads
 
 

@@ -204,7 +204,7 @@ def build(config: ZdcConfig, model, method: str) -> ZdcCache:
     importance = None
     if config.share:
         importance = {"share": config.share, "gather": config.gather, "observe": config.observe,
-                      "demote": config.demote, "memory": config.memory, "select": config.select}
+                      "demote": config.demote, "memory": config.memory, "select": config.select, "places": config.crop}
     shares = None
     if config.shares == "allocated" and calib is not None:
         shares = choose(shares_for(model, config), config.share, share_calib.extra(ranks))

@@ -59,6 +59,9 @@ class ZdcConfig(Config):
                                      "for the bundled one)", ("uniform", "allocated"))
     select: str = option("attention", "how the important tokens are picked: attention (observed in the window) or "
                                       "random (an ablation: the same share, by a seeded draw)", ("attention", "random"))
+    crop: bool = option(False, "keep what a crop below the window needs (importance-aware): the place of each high "
+                               "and each demoted token (int32 per head, counted in the bytes); without it a crop "
+                               "reaches only into the window")
 
     @property
     def kept(self) -> float:

@@ -16,8 +16,8 @@ segment, between the body and the window on both paths (for the compiled kernel,
 float16). The body keeps its tokens' order right after the sink, so a left-padded row's mask still covers its
 padding: padding draws no attention and never goes high (with `select=random` it can: then a padded batch's
 masks fall on other tokens, as `mix-*`'s do). The kernel hands back each row's log-sum-exp, so a decode step's window (and, when tokens leave
-after it, the high class) is scored exactly: exp(logit - lse). A crop below the window re-balances
-the classes as core/importance.py's `crop_plan` says (surplus high tokens cut to the head's rank). What this layout
+after it, the high class) is scored exactly: exp(logit - lse). With `crop=true` a crop below the
+window re-balances the classes as core/importance.py's `crop_plan` says (surplus high tokens cut to the head's rank). What this layout
 cannot do: slide (sliding layers free their oldest tokens by position); it refuses in one line. On CUDA the Triton
 kernel reads it as the numba one does, and its merge gives the log-sum-exp.
 """
@@ -41,12 +41,12 @@ class ImportantLayer(ObservedWindow, ZdcLayer):
     coordinates, and `hk` / `hv` the high class (B, H, n, sink_rank) float16."""
 
     layout = "importance-aware ZDC"
-    places = True  # high tokens keep their places: crop_coded
     saved_by_stores = True  # window and high class beside the stores: saved_parts (core/importance.py)
 
     def __init__(self, *args, share: float, window: int, gather: int, observe: int, demote: bool, memory: int,
-                 select: str = "attention", seed: int = 0, **kwargs):
+                 select: str = "attention", seed: int = 0, places: bool = False, **kwargs):
         super().__init__(*args, window=0, **kwargs)
+        self.places = places  # crop=true: the places a crop below the window needs
         self.share, self.window_size, self.leave_gather, self.observe = share, window, gather, observe
         self.demote, self.memory, self.select, self.seed = demote, memory, select, seed
         self.reset_scores()
@@ -132,6 +132,8 @@ class ImportantLayer(ObservedWindow, ZdcLayer):
         """Keep the first `keep` tokens, a cut below the window (core/importance.py's `crop_plan`): each head's store
         keeps `first` tokens, then takes its `extra` re-balancing tokens (its store's tokens it keeps past that point,
         and its demoted high tokens, cut to the head's rank: exact)."""
+        if not self.places:
+            super().crop_coded(keep)
         n_sink = self.ks[0].sink.shape[-2]
         plan = self.crop_plan(max(keep - n_sink, 0))
         if plan is None:

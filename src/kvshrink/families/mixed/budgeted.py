@@ -49,7 +49,7 @@ def high_codec(config: MixedBudgetConfig):
 
 def chosen_for(config: MixedBudgetConfig, model, method: str) -> budget.Chosen:
     """The body's allocation, the uniform share's high class paid for from the same bytes."""
-    return budget.allocation_for(config, model, method, HighClass(config.share, high_codec(config)))
+    return budget.allocation_for(config, model, method, HighClass(config.share, high_codec(config), config.crop))
 
 
 def shares_for(model, config: MixedBudgetConfig, chosen: budget.Chosen, tokenizer=None, corpus=None,

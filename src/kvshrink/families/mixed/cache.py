@@ -11,8 +11,9 @@ TokenStore: keys per channel over blocks, values per token). Every head promotes
 class is one packed tensor; which tokens differs per head. Nothing is held twice and every class's bytes are its
 tensors' (the scores are float32 for the window's tokens only).
 
-A crop below the window (`crop_coded`, core/importance.py's `crop_plan`) keeps each head's tokens from before the
-cut, re-balanced so that every head again holds as many tokens of each class (surplus high tokens demoted).
+With `crop=true` a crop below the window (`crop_coded`, core/importance.py's `crop_plan`) keeps each head's tokens
+from before the cut, re-balanced so that every head again holds as many tokens of each class (surplus high tokens
+demoted); without it a crop reaches only into the window.
 
 Attention is order-free over the past (positions live in the rotated keys), so a decode step reads the body, its
 stage and the important tokens in place through the int kernel (numba on the CPU, Triton on CUDA), whose
@@ -64,12 +65,12 @@ class MixedLayer(ObservedWindow, CompressedLayer):
 
     layout = "importance-aware int"
     gather = None  # the low stores take whole runs of tokens, coded at once (no float16 decode tokens)
-    places = True  # high tokens keep their places: crop_coded
     saved_by_stores = True  # the high class and the window beside the stores: saved_parts (core/importance.py)
 
     def setup(self, high: IntQuant, mixed, share: float, seed: int):
         """mixed: a MixedConfig or MixedBudgetConfig (its window and how it picks and re-ranks)."""
         self.high, self.share, self.select = high, share, mixed.select
+        self.places = mixed.crop  # the places a crop below the window needs (crop_coded)
         self.coded_window = mixed.window_bits != 16  # the window in the high class's codes (config checks the width)
         self.window_size, self.leave_gather, self.observe = mixed.window, mixed.gather, mixed.observe
         # random picks keep their draws as scores, so demotion stays random too
@@ -181,6 +182,8 @@ class MixedLayer(ObservedWindow, CompressedLayer):
         `first` tokens on every head, then takes each head's `extra` re-balancing tokens (its body tokens it keeps
         past that point, decoded; its demoted high tokens, decoded from their high-bit codes), re-coded at `low`
         bits."""
+        if not self.places:
+            super().crop_coded(keep)
         n_sink = self.k.sink.shape[2]
         plan = self.crop_plan(max(keep - n_sink, 0))
         if plan is None:

@@ -36,6 +36,9 @@ class Observing:
     gather: int = option(16, "decode tokens that leave the window together (the important ones picked among them)")
     observe: int = option(64, "the last query rows of a call whose attention scores the window (an observation "
                               "window, as SnapKV's)")
+    crop: bool = option(False, "keep what a crop below the observation window needs: the place of each high and each "
+                               "demoted token (int32 per head, counted in the bytes; demotions add 1-2% at 6x); "
+                               "without it a crop reaches only into the window")
     shares: str = option("uniform", "how the share is spread over layers: uniform (every layer keeps `share`) or "
                                      "allocated (one budget: per-layer shares from a calibrated KL per layer and "
                                      "share, no more high-class bytes in all; measured once per model and body: "
