@@ -210,7 +210,8 @@ def _zdc_calibration(tiny_model, tmp_path, monkeypatch):
                   {"test": True}).save(zdc.default_calibration_path(m0))
 
 
-@pytest.mark.parametrize("name", ["kvc-4x", "kvc-4x+int4", "int3-rot", "zdc-adaptive-75+int3"])
+@pytest.mark.parametrize("name", ["kvc-4x", "kvc-4x+int4", "int3-rot", "zdc-adaptive-75+int3", "mix-int2",
+                                  "zdc-mix-50"])
 def test_left_padded_batch_decodes_alike_on_both_kernels(tiny_model, name, tmp_path, monkeypatch):
     """Left padding: rows kept by original position (paged) and bodies with invisible tokens."""
     if name.startswith("zdc"):
