@@ -183,8 +183,8 @@ class ObservedWindow:
         rest = (~chosen).nonzero()[:, 2].view(b, h, held + out - keep)
         self.demoted += int((~chosen[..., :held]).sum()) / (b * h)
         self.hscore = rank.gather(2, picked) if keep and self.demote else None
-        order = torch.arange(self.left, self.left + out, dtype=torch.int32, device=rank.device).expand(b, h, out)
         if self.places:
+            order = torch.arange(self.left, self.left + out, dtype=torch.int32, device=rank.device).expand(b, h, out)
             self._record_demoted(rest, held)
             places = order if self.hpos is None else torch.cat([self.hpos, order], 2)
             self.hpos = places.gather(2, picked) if keep else None
@@ -215,6 +215,10 @@ class ObservedWindow:
         coded = self.held() - self.window_count()
         n = max(keep - coded, 0)
         if keep < coded:
+            if not self.places:
+                raise KvshrinkError(f"{self.layout} crops only within its observation window: it can drop at most "
+                                    f"{self.held() - coded} of its {self.held()} tokens; crop=true keeps the places "
+                                    "a deeper cut needs")
             self.crop_coded(keep)
         self._window_range(0, n)
         self.wsum, self.wseen = self.wsum[..., :n].clone(), self.wseen[..., :n].clone()
@@ -253,27 +257,24 @@ class ObservedWindow:
         extra = int((taken + counts - lo).max())
         j = torch.arange(extra, device=pos.device).expand(*pos.shape[:2], extra)
         border = (~after).to(torch.int8).argsort(dim=2, stable=True)[..., :extra]  # the kept ones first, in order
-        from_body = j < taken
-        bj = j.clamp(max=max(border.shape[2] - 1, 0))
-        body_at = border.gather(2, bj) if border.shape[2] else torch.zeros_like(j)
-        pick = torch.where(from_body, body_at, n_body - first + (j - taken).clamp(min=0))
+        body_at = border.gather(2, j.clamp(max=border.shape[2] - 1)) if border.shape[2] else j
+        pick = torch.where(j < taken, body_at, n_body - first + (j - taken).clamp(min=0))
+        pool = pos[..., first:]  # the places of the tokens `pick` indexes: the body's past `first`, then `down`'s
         # each head's high tokens before the cut by rank, its least attended first (no scores: the latest first)
         if held:
             rank = self.hscore if self.hscore is not None else -self.hpos.float()
             order = torch.where(below, rank, torch.inf).argsort(dim=2, stable=True)
             down = order[..., :extra].clamp(max=held - 1)
             kept = order.gather(2, (counts - lo) + torch.arange(lo, device=pos.device)).sort(2).values
-            high_pos = self.hpos.gather(2, down.gather(2, (j - taken).clamp(min=0, max=down.shape[2] - 1)))
+            pool = torch.cat([pool, self.hpos.gather(2, down)], 2)
             self.demoted += float((counts - lo).float().mean())
         else:
             down = kept = j[..., :0]
-            high_pos = torch.zeros_like(j, dtype=torch.int32)
-        moved = torch.where(from_body, pos[..., first:].gather(2, body_at.clamp(max=max(n_body - first - 1, 0)))
-                            if n_body > first else high_pos, high_pos)
+        moved = pool.gather(2, pick)  # the re-appended tokens' places: out of order in the body now
         old = self.midx is not None
         mpos = [torch.where(self.midx < first, self.mpos, -1)] if old else []
         midx = [torch.where(self.midx < first, self.midx, -1)] if old else []
-        self._set_moved(torch.cat(mpos + [moved.to(torch.int32)], 2),
+        self._set_moved(torch.cat(mpos + [moved], 2),
                         torch.cat(midx + [(first + j).to(torch.int32)], 2))
         self.hpos = self.hpos.gather(2, kept) if lo else None
         self.hscore = self.hscore.gather(2, kept) if lo and self.hscore is not None else None
@@ -305,12 +306,9 @@ class ObservedWindow:
         self.mpos, self.midx = (mpos[..., some], midx[..., some]) if bool(some.any()) else (None, None)
 
     def crop_coded(self, keep: int) -> None:
-        """Keep the first `keep` tokens, a cut below the window (the family's, where it can, with `crop_plan`; the
-        window is emptied after)."""
-        coded = self.held() - self.window_count()
-        how = "" if self.places else "; crop=true keeps the places a deeper cut needs"
-        raise KvshrinkError(f"{self.layout} crops only within its observation window: it can drop at most "
-                            f"{self.held() - coded} of its {self.held()} tokens{how}")
+        """Keep the first `keep` tokens, a cut below the window (the family's, with `crop_plan`; the window is emptied
+        after)."""
+        raise NotImplementedError
 
     def _window_range(self, start: int, stop: int) -> None:
         """Keep window tokens start..stop of those held (copies: no view keeps the rest alive); a coded window's

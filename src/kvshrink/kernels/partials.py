@@ -45,6 +45,16 @@ def log_sum_exp(m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     return top[:, :, 0] + torch.log((torch.exp(m - top) * l).sum(2))
 
 
+def merge_runs(runs: list, q, keys, values, vis, cap: float = 0.0, scored: bool = False):
+    """Partials of several kernel launches (each (m, l, acc) as `coded_body` returns them, its last slot, left for
+    the dense tokens, unused) merged with the dense tokens' partial (`dense_partial(q, keys, values, vis, cap)`)
+    -> the output, and with `scored` each row's log-sum-exp too."""
+    dense = dense_partial(q, keys, values, vis, cap)
+    m, l, acc = (torch.cat([run[i][:, :, :-1] for run in runs] + [dense[i].unsqueeze(2)], 2) for i in range(3))
+    out = merge(m, l, acc)
+    return (out, log_sum_exp(m, l)) if scored else out
+
+
 def merge_dense(pm: torch.Tensor, pl: torch.Tensor, pacc: torch.Tensor, q, keys, values, vis, cap: float = 0.0):
     """A Triton kernel's partials, their last slot left for the dense tokens: fill it with those tokens'
     partial (`dense_partial(q, keys, values, vis, cap)`) and merge everything."""

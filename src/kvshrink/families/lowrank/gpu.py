@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ...codecs.base import Codec, Fp16, Packed
 from ...kernels.backend import CALLS
 from ...kernels.gpu import Body, coded_body, int_body
-from ...kernels.partials import dense_partial, log_sum_exp, merge
+from ...kernels.partials import merge_runs
 
 
 def _body(codec: Codec, packed: Packed, width: int) -> Body:
@@ -36,7 +36,7 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st, cap: float = 0.0):
     n_sink = st.sinks[0][0].shape[1]
     dense_vis = torch.cat([vis[..., :n_sink], vis[..., n_sink + n:]], -1)
     nbody = torch.full((b,), n, dtype=torch.int64, device=q.device)
-    outs, lses = [], []
+    outs = []
     for i in range(h):
         qi = q[:, i:i + 1]
         parts = [(st.sinks[i][0], st.sinks[i][1]), (st.mids[i][0], st.mids[i][1]),
@@ -45,15 +45,11 @@ def attend(q: torch.Tensor, vis: torch.Tensor, st, cap: float = 0.0):
         dv = torch.cat([F.pad(v.float(), (0, d - v.shape[-1])) for _, v in parts], 1)[:, None]
         if n:
             kd, vd = st.mids[i][0].shape[2], st.mids[i][1].shape[2]
-            pm, pl, pacc = coded_body(qi, vis[..., n_sink:n_sink + n], nbody, _body(st.key_codec, st.bodies[i][0], kd),
-                                      _body(st.value_codec, st.bodies[i][1], vd), st.splits, cap)
-            parts = [(pm[:, :, :-1], pl[:, :, :-1], pacc[:, :, :-1])]  # the slot left for the dense tokens: below
+            runs = [coded_body(qi, vis[..., n_sink:n_sink + n], nbody, _body(st.key_codec, st.bodies[i][0], kd),
+                               _body(st.value_codec, st.bodies[i][1], vd), st.splits, cap)]
         else:  # only the dense tokens
-            parts = []
-        dense = tuple(x.unsqueeze(2) for x in dense_partial(qi, dk, dv, dense_vis, cap))
-        m, l, acc = (torch.cat([p[j] for p in parts] + [dense[j]], 2) for j in range(3))
-        outs.append(merge(m, l, acc))
-        if st.scored:
-            lses.append(log_sum_exp(m, l))
-    out = torch.cat(outs, 1)
-    return (out, torch.cat(lses, 1)) if st.scored else out
+            runs = []
+        outs.append(merge_runs(runs, qi, dk, dv, dense_vis, cap, st.scored))
+    if not st.scored:
+        return torch.cat(outs, 1)
+    return torch.cat([o for o, _ in outs], 1), torch.cat([lse for _, lse in outs], 1)

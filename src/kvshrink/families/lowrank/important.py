@@ -132,8 +132,6 @@ class ImportantLayer(ObservedWindow, ZdcLayer):
         """Keep the first `keep` tokens, a cut below the window (core/importance.py's `crop_plan`): each head's store
         keeps `first` tokens, then takes its `extra` re-balancing tokens (its store's tokens it keeps past that point,
         and its demoted high tokens, cut to the head's rank: exact)."""
-        if not self.places:
-            super().crop_coded(keep)
         n_sink = self.ks[0].sink.shape[-2]
         plan = self.crop_plan(max(keep - n_sink, 0))
         if plan is None:

@@ -182,8 +182,6 @@ class MixedLayer(ObservedWindow, CompressedLayer):
         `first` tokens on every head, then takes each head's `extra` re-balancing tokens (its body tokens it keeps
         past that point, decoded; its demoted high tokens, decoded from their high-bit codes), re-coded at `low`
         bits."""
-        if not self.places:
-            super().crop_coded(keep)
         n_sink = self.k.sink.shape[2]
         plan = self.crop_plan(max(keep - n_sink, 0))
         if plan is None:

@@ -19,7 +19,7 @@ from ...codecs.hadamard import rotation_on
 from ...codecs.quant import IntQuant
 from ...kernels.backend import CALLS
 from ...kernels.gpu import coded_body, int_body
-from ...kernels.partials import dense_partial, log_sum_exp, merge
+from ...kernels.partials import merge_runs
 
 
 def fused_attend(q, vis, dense_k, dense_v, dense_vis, keys: Packed, values: Packed, key_codec: IntQuant,
@@ -41,14 +41,12 @@ def fused_attend(q, vis, dense_k, dense_v, dense_vis, keys: Packed, values: Pack
         if n:
             parts.append(_run(q, vis[:, at:at + n], k, v, kc, vc, splits, cap))
         at += n
-    dense = dense_partial(q, dense_k, dense_v, dense_vis, cap)
-    m, l, acc = (torch.cat([p[i] for p in parts] + [dense[i].unsqueeze(2)], 2) for i in range(3))
-    out = merge(m, l, acc)
-    return (out, log_sum_exp(m, l)) if scored else out
+    return merge_runs(parts, q, dense_k, dense_v, dense_vis, cap, scored)
 
 
 def _run(q, vis, keys: Packed, values: Packed, key_codec: IntQuant, value_codec: IntQuant, splits: int, cap: float):
-    """One run of codes' partials (m, l (B, H, P, R), acc (B, H, P, R, d)), its value sums in the model's basis."""
+    """One run of codes' partials (m, l (B, H, P + 1, R), acc (B, H, P + 1, R, d); the last slot unused), its value
+    sums in the model's basis."""
     b, h, _, d = q.shape
     dev = q.device
     nbody = torch.full((b,), keys.num_tokens, dtype=torch.int64, device=dev)
@@ -56,7 +54,6 @@ def _run(q, vis, keys: Packed, values: Packed, key_codec: IntQuant, value_codec:
     qb = q @ rotation_on(d, key_codec.seed, dev) if key_codec.rotate and not key_codec.derope else q
     pm, pl, pacc = coded_body(qb, vis[:, None], nbody, int_body(key_codec, keys.tensors, b * h, d),
                               int_body(value_codec, values.tensors, b * h, d), splits, cap)
-    pm, pl, pacc = pm[:, :, :-1], pl[:, :, :-1], pacc[:, :, :-1]  # the slot left for dense tokens: unused here
     if value_codec.rotate:  # the value sums are in the rotated basis
         pacc = pacc @ rotation_on(d, value_codec.seed, dev).T
     return pm, pl, pacc
