@@ -15,11 +15,11 @@ Attention is order-free over the past (positions live in the rotated keys), so t
 segment, between the body and the window on both paths (for the compiled kernel, joined to the window: same width,
 float16). The body keeps its tokens' order right after the sink, so a left-padded row's mask still covers its
 padding: padding draws no attention and never goes high (with `select=random` it can: then a padded batch's
-masks fall on other tokens, as `mix-*`'s do). The kernel hands back each row's log-sum-exp, so a decode step's window (and, when tokens leave
-after it, the high class) is scored exactly: exp(logit - lse). With `crop=true` a crop below the
-window re-balances the classes as core/importance.py's `crop_plan` says (surplus high tokens cut to the head's rank). What this layout
-cannot do: slide (sliding layers free their oldest tokens by position); it refuses in one line. On CUDA the Triton
-kernel reads it as the numba one does, and its merge gives the log-sum-exp.
+masks fall on other tokens, as `mix-*`'s do). The kernel hands back each row's log-sum-exp, so a decode step's
+window (and, when tokens leave after it, the high class) is scored exactly: exp(logit - lse). With `crop=true` a crop
+below the window re-balances the classes as core/importance.py's `crop_plan` says (surplus high tokens cut to the
+head's rank). What this layout cannot do: slide (sliding layers free their oldest tokens by position); it refuses in
+one line. On CUDA the Triton kernel reads it as the numba one does, and its merge gives the log-sum-exp.
 """
 
 from __future__ import annotations
