@@ -315,6 +315,42 @@ def test_a_crop_below_the_window_keeps_each_heads_tokens_before_the_cut(model, w
     assert (got - want).abs().max() < 0.05 * want.abs().max()
 
 
+@pytest.mark.parametrize("cut", [120, 30])
+def test_a_crop_of_a_left_padded_batch_keeps_each_token_once_and_decodes_as_a_fresh_prefill(model, cut):
+    """Sequence 0 starts with 40 masked pads (as a padded `generate` batch does); they take no attention, so they
+    never go high, and a cut below the window (past the pads, or into them) still holds each token before it once on
+    every head of layer 0, and decodes on near a fresh prefill of the same padded tokens."""
+    name = "mix-int3:gather=4:memory=8:crop=true"
+    ids = torch.randint(3, 128, (2, 290), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[0, :40] = 0
+    cache, exact = from_method(name, model), DynamicCache()
+    with torch.no_grad():
+        model(ids[:, :cut], attention_mask=mask[:, :cut], past_key_values=exact, use_cache=True)
+        model(ids[:, :260], attention_mask=mask[:, :260], past_key_values=cache, use_cache=True)
+        for i in range(260, 290):
+            model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=cache, use_cache=True)
+    assert all(la.demoted > 0 for la in cache.layers)
+    # places count from the first token past the sink: no pad of sequence 0 is high on any head of any layer
+    assert all(bool((la.hpos[0] >= 40 - 4).all()) for la in cache.layers)
+    cache.crop(-(290 - cut))
+    assert cache.get_seq_length() == cut and all(la.held() == cut for la in cache.layers)
+    keys = cache.layers[0].dense()[0]
+    nearest = torch.cdist(keys, exact.layers[0].keys.float()).argmin(-1)
+    assert all(sorted(row.tolist()) == list(range(cut)) for row in nearest.view(-1, cut))  # pads included
+    fresh = from_method(name, model)
+    with torch.no_grad():
+        model(ids[:, :cut], attention_mask=mask[:, :cut], past_key_values=fresh, use_cache=True)
+        got, want = [], []
+        for i in range(20):
+            am = torch.cat([mask[:, :cut], torch.ones(2, i + 1, dtype=mask.dtype)], 1)
+            tok = ids[:, cut + i:cut + i + 1]
+            got.append(model(tok, attention_mask=am, past_key_values=cache, use_cache=True).logits[:, -1])
+            want.append(model(tok, attention_mask=am, past_key_values=fresh, use_cache=True).logits[:, -1])
+    got, want = torch.stack(got, 1), torch.stack(want, 1)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
 @pytest.mark.parametrize("window_bits", [16, 4])
 def test_what_the_layout_cannot_do_refuses_in_one_line(model, tiny_config, window_bits):
     cache = from_method(f"mix-int2:window_bits={window_bits}", model)
