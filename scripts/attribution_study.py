@@ -13,7 +13,10 @@ so its figures rank causes and are not the protocol's.
 block: the Jensen term by which noisy logits inflate the coded tokens' share of the softmax (with the errors
 themselves, so an upper bound of what a codec-side estimate could correct).
 
+--exact 18:2: the whole cache with those KV heads' keys and values exact, what a per-head allocation could buy at most.
+
     .venv/bin/python scripts/attribution_study.py --method auto-8x [--segment 0] [--layers] [--heads 18k,7v] [--bias]
+        [--exact 18:2,7:2]
 """
 
 import argparse
@@ -47,6 +50,9 @@ def study(module, query, key, value, attention_mask, scaling=None, **kw):
     ek, ev = ERR[i]
     on = torch.zeros(key.shape[1], 1, 1)
     on[RUN["heads"] if RUN["heads"] is not None else slice(None)] = 1
+    for layer, head in RUN.get("exact", ()):
+        if layer == i:
+            on[head] = 0
     ek, ev = ek * on * ("k" in RUN["kinds"]), ev * on * ("v" in RUN["kinds"])
     g, t = query.shape[1] // key.shape[1], key.shape[2]
     q = query[0]
@@ -73,6 +79,7 @@ def main():
     ap.add_argument("--layers", action="store_true", help="each layer's keys, then values, alone")
     ap.add_argument("--heads", default="", help="each KV head alone of these: layer and kind, e.g. 18k,7v")
     ap.add_argument("--bias", action="store_true", help="also the whole cache with the bias correction")
+    ap.add_argument("--exact", default="", help="also the whole cache with these KV heads exact: layer:head, e.g. 18:2")
     a = ap.parse_args()
     AttentionInterface.register("record", record)
     AttentionInterface.register("study", study)
@@ -94,6 +101,8 @@ def main():
         n, heads = len(cache.layers), cache.layers[0].k.sink.shape[1]
         runs = [dict(layers=range(n), heads=None, kinds="kv", bias=False)]
         runs += [dict(layers=range(n), heads=None, kinds="kv", bias=True)] if a.bias else []
+        exact = [tuple(int(v) for v in x.split(":")) for x in a.exact.split(",") if x]
+        runs += [dict(layers=range(n), heads=None, kinds="kv", bias=False, exact=exact)] if exact else []
         runs += [dict(layers=[i], heads=None, kinds=c, bias=False) for i in range(n) for c in "kv"] if a.layers else []
         runs += [dict(layers=[int(x[:-1])], heads=[h], kinds=x[-1], bias=False)
                  for x in a.heads.split(",") if x for h in range(heads)]
@@ -106,6 +115,7 @@ def main():
             layers = "all" if len(r["layers"]) == n else r["layers"][0]
             print(json.dumps({"method": a.method, "segment": a.segment, "layer": layers, "kind": r["kinds"],
                               "head": r["heads"][0] if r["heads"] else "all", "bias": r["bias"],
+                              **({"exact": r["exact"]} if r.get("exact") else {}),
                               "kl": round(kl, 5), "ppl_change_pct": round(100 * change, 2)}), flush=True)
 
 
