@@ -89,7 +89,8 @@ def main():
     ids = load_corpus_ids(tok, None, (a.segment + 1) * SEG)[None, a.segment * SEG:(a.segment + 1) * SEG]
     with torch.no_grad():
         model.set_attn_implementation("record")
-        ref = torch.log_softmax(model(ids, past_key_values=DynamicCache(config=model.config)).logits[0, :-1].float(), -1)
+        logits = model(ids, past_key_values=DynamicCache(config=model.config)).logits
+        ref = torch.log_softmax(logits[0, :-1].float(), -1)
         prepared = kvshrink.prepare(model, a.method, tok)
         cache = kvshrink.from_method(a.method, prepared)
         prepared(ids, past_key_values=cache, use_cache=True)
