@@ -1,13 +1,13 @@
 """Where does a method's loss sit: which layers, keys or values, which KV heads? And does a correction of the
 softmax's bias on coded keys lower it? (issue 19)
 
-On one 2,048-token WikiText-2 test segment: a reference pass records every layer's keys and values; a cache of the
-method is filled by a prefill of the same tokens and decoded, which gives each token's coding error. The model then
-runs again with an attention that adds those errors to its own keys and values where a cache's query reads codes:
-positions past the 4-token sink and more than 16 before the query (every other position exact), in the layers, heads
-and kinds chosen. Reported: KL per token of the next-token distribution against the reference, and the perplexity
-change. This is harsher than the bench's protocol, whose queries also read their own chunk (up to 63 tokens) exact,
-so its figures rank causes and are not the protocol's.
+On one 2,048-token WikiText-2 test segment: a reference pass fills a DynamicCache with every layer's keys and
+values; a cache of the method is filled by a prefill of the same tokens and decoded, which gives each token's coding
+error. The model then runs again with an attention that adds those errors to its own keys and values where a cache's
+query reads codes: positions past the 4-token sink and more than 16 before the query (every other position exact), in
+the layers, heads and kinds chosen. Reported: KL per token of the next-token distribution against the reference, and
+the perplexity change. This is harsher than the bench's protocol, whose queries also read their own chunk (up to 63
+tokens) exact, so its figures rank causes and are not the protocol's.
 
 --bias: the coded keys' logits get -0.5 q^T S q, S the second moment of the key errors over the query's 128-token
 block: the Jensen term by which noisy logits inflate the coded tokens' share of the softmax (with the errors
@@ -34,13 +34,7 @@ from kvshrink.models import load_model
 
 SINK, RECENT, SEG, BLOCK = 4, 16, 2048, 128
 RUN: dict = {}  # what the "study" attention changes now: layers, heads, kinds, bias
-REF: dict = {}  # layer -> (keys, values) of the reference pass
 ERR: dict = {}  # layer -> (key errors, value errors) of the method's codes
-
-
-def record(module, query, key, value, attention_mask, **kw):
-    REF[module.layer_idx] = (key.detach().clone(), value.detach().clone())
-    return plain_attention(module, query, key, value, attention_mask, **kw)
 
 
 def study(module, query, key, value, attention_mask, scaling=None, **kw):
@@ -81,29 +75,27 @@ def main():
     ap.add_argument("--bias", action="store_true", help="also the whole cache with the bias correction")
     ap.add_argument("--exact", default="", help="also the whole cache with these KV heads exact: layer:head, e.g. 18:2")
     a = ap.parse_args()
-    AttentionInterface.register("record", record)
     AttentionInterface.register("study", study)
-    for name in ("record", "study"):
-        AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register("study", sdpa_mask)
     model, tok = load_model()
     ids = load_corpus_ids(tok, None, (a.segment + 1) * SEG)[None, a.segment * SEG:(a.segment + 1) * SEG]
     with torch.no_grad():
-        model.set_attn_implementation("record")
-        logits = model(ids, past_key_values=DynamicCache(config=model.config)).logits
-        ref = torch.log_softmax(logits[0, :-1].float(), -1)
+        exact = DynamicCache(config=model.config)
+        ref = torch.log_softmax(model(ids, past_key_values=exact).logits[0, :-1].float(), -1)
         prepared = kvshrink.prepare(model, a.method, tok)
         cache = kvshrink.from_method(a.method, prepared)
         prepared(ids, past_key_values=cache, use_cache=True)
         for i, layer in enumerate(cache.layers):
-            ERR[i] = (layer.k.decoded(torch.float32) - REF[i][0], layer.v.decoded(torch.float32) - REF[i][1])
+            ERR[i] = (layer.k.decoded(torch.float32) - exact.layers[i].keys,
+                      layer.v.decoded(torch.float32) - exact.layers[i].values)
         model.set_attn_implementation("study")
         target = ids[0, 1:]
         base = -ref.gather(1, target[:, None]).mean()
         n, heads = len(cache.layers), cache.layers[0].k.sink.shape[1]
         runs = [dict(layers=range(n), heads=None, kinds="kv", bias=False)]
         runs += [dict(layers=range(n), heads=None, kinds="kv", bias=True)] if a.bias else []
-        exact = [tuple(int(v) for v in x.split(":")) for x in a.exact.split(",") if x]
-        runs += [dict(layers=range(n), heads=None, kinds="kv", bias=False, exact=exact)] if exact else []
+        cells = [tuple(int(v) for v in x.split(":")) for x in a.exact.split(",") if x]
+        runs += [dict(layers=range(n), heads=None, kinds="kv", bias=False, exact=cells)] if cells else []
         runs += [dict(layers=[i], heads=None, kinds=c, bias=False) for i in range(n) for c in "kv"] if a.layers else []
         runs += [dict(layers=[int(x[:-1])], heads=[h], kinds=x[-1], bias=False)
                  for x in a.heads.split(",") if x for h in range(heads)]

@@ -268,6 +268,21 @@ def test_the_kernel_reads_both_classes_in_place(model, monkeypatch, demote):
     assert sum(decoded) >= (len(cache.layers) if demote else 0)  # the step they leave after scores the high class
 
 
+def _decodes_as_fresh(model, name, cache, prompt, feed, mask=None):
+    """After a crop, `cache` decodes `feed` (B, n) near a fresh cache of `name` prefilled with `prompt` (`mask`: the
+    prompt's attention mask, ones after it)."""
+    fresh = from_method(name, model)
+    got, want = [], []
+    with torch.no_grad():
+        model(prompt, attention_mask=mask, past_key_values=fresh, use_cache=True)
+        for i in range(feed.shape[1]):
+            am = None if mask is None else torch.cat([mask, torch.ones(len(mask), i + 1, dtype=mask.dtype)], 1)
+            for c, out in ((cache, got), (fresh, want)):
+                out.append(model(feed[:, i:i + 1], attention_mask=am, past_key_values=c, use_cache=True).logits[:, -1])
+    got, want = torch.stack(got, 1), torch.stack(want, 1)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
 @pytest.mark.parametrize("window_bits", [16, 6])
 @pytest.mark.parametrize("cut", [150, 60, 2])
 def test_a_crop_below_the_window_keeps_each_heads_tokens_before_the_cut(model, window_bits, cut):
@@ -305,14 +320,7 @@ def test_a_crop_below_the_window_keeps_each_heads_tokens_before_the_cut(model, w
         gone.scatter_(2, idx, False)
         floor = torch.where(gone, hscore, -torch.inf).amax(2)
         assert bool((hscore.gather(2, idx).amin(2) >= floor).all())  # the most attended stay high
-    fresh = from_method(name, model)
-    with torch.no_grad():
-        model(ids[:, :cut], past_key_values=fresh, use_cache=True)
-        got = torch.stack([model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1]
-                           for i in range(20)], 1)
-        want = torch.stack([model(ids[:, i:i + 1], past_key_values=fresh, use_cache=True).logits[:, -1]
-                            for i in range(20)], 1)
-    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    _decodes_as_fresh(model, name, cache, ids[:, :cut], ids[:, :20])
 
 
 @pytest.mark.parametrize("cut", [120, 30])
@@ -338,17 +346,7 @@ def test_a_crop_of_a_left_padded_batch_keeps_each_token_once_and_decodes_as_a_fr
     keys = cache.layers[0].dense()[0]
     nearest = torch.cdist(keys, exact.layers[0].keys.float()).argmin(-1)
     assert all(sorted(row.tolist()) == list(range(cut)) for row in nearest.view(-1, cut))  # pads included
-    fresh = from_method(name, model)
-    with torch.no_grad():
-        model(ids[:, :cut], attention_mask=mask[:, :cut], past_key_values=fresh, use_cache=True)
-        got, want = [], []
-        for i in range(20):
-            am = torch.cat([mask[:, :cut], torch.ones(2, i + 1, dtype=mask.dtype)], 1)
-            tok = ids[:, cut + i:cut + i + 1]
-            got.append(model(tok, attention_mask=am, past_key_values=cache, use_cache=True).logits[:, -1])
-            want.append(model(tok, attention_mask=am, past_key_values=fresh, use_cache=True).logits[:, -1])
-    got, want = torch.stack(got, 1), torch.stack(want, 1)
-    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    _decodes_as_fresh(model, name, cache, ids[:, :cut], ids[:, cut:cut + 20], mask[:, :cut])
 
 
 @pytest.mark.parametrize("window_bits", [16, 4])
