@@ -250,6 +250,25 @@ def test_crop_keeps_whole_blocks_and_the_kernel_still_reads(model):
         assert cache.get_seq_length() == 125
 
 
+@pytest.mark.parametrize("name,n,cut", [("int4", 150, -25), ("int4", 150, -3), ("int4", 150, -40),
+                                        ("mix-int3:gather=4:memory=8:crop=true", 300, -150)])
+def test_after_a_crop_into_a_block_the_kernel_reads_every_token(model, name, n, cut):
+    """A crop into a coded block leaves the keys' kept tokens in float16 and the values' in their staged per-token
+    codes; the kernel read the keys' stage beside the values' of other tokens, or dropped the values', until the
+    stages hold the same tokens again (logits off by up to 0.5 on the tiny model before the fix)."""
+    outs = []
+    for attend in ("fused", "decode"):
+        cache = from_method(f"{name}:block=32:attend={attend}", model)
+        with torch.no_grad():
+            model(_ids(n), past_key_values=cache)
+            cache.crop(cut)
+            nxt = _ids(12, seed=1)
+            steps = [model(nxt[:, :3], past_key_values=cache).logits]
+            steps += [model(nxt[:, i:i + 1], past_key_values=cache).logits for i in range(3, 12)]
+        outs.append(torch.cat(steps, 1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["int4", "int3-rot", "int3-rot:prerope=true", "int2:key_axis=token:value_group=8"])
 def test_generation_fused_equals_decode_then_attend(model, name):
     ids = _ids(150, batch=2, seed=3)

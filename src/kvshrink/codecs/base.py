@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import KvshrinkError
+
 
 def storage_bytes(tensors) -> dict:
     """{address: bytes} of the storages behind `tensors`, each once (unions of these count shared
@@ -102,6 +104,7 @@ class Codec(ABC):
 
     name: str = "codec"
     block_tokens: int = 1
+    same_per_head = False  # codes every KV head alike (no per-head basis or codebook)
 
     @abstractmethod
     def encode(self, x: torch.Tensor, block: int) -> Packed:
@@ -122,6 +125,12 @@ class Codec(ABC):
     def describe(self) -> str:
         return self.name
 
+    def heads(self, first: int, stop: int) -> Codec:
+        """The codec of KV heads first..stop-1 alone, for a layer whose heads are coded apart (core/heads.py)."""
+        if self.same_per_head:
+            return self
+        raise KvshrinkError(f"{self.describe()} cannot code a layer's KV heads apart")
+
     def calibrated(self) -> list[torch.Tensor]:
         """What a calibration gave the codec and its codes mean nothing without (bases, codebooks, code tables,
         widths): a saved cache is read back only by a codec with the same (core/saved.py)."""
@@ -132,6 +141,7 @@ class Fp16(Codec):
     """Uncompressed reference: stores head vectors as float16, nothing else."""
 
     name = "fp16"
+    same_per_head = True
 
     def encode(self, x: torch.Tensor, block: int) -> Packed:
         b, h, t, d = x.shape

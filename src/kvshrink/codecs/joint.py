@@ -25,6 +25,8 @@ the basis a little, not the error. It is counted by every cache that uses the co
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -86,6 +88,13 @@ class JointKeys(Codec):
 
     def calibrated(self) -> list[torch.Tensor]:
         return [*self.shared_tensors(), torch.tensor(self.widths)]  # two choices of equal bits differ by widths
+
+    def heads(self, first: int, stop: int) -> JointKeys:
+        """The same codec over KV heads first..stop-1: its own copy of their maps back to keys (counted as its)."""
+        part = copy.copy(self)
+        part.inverse_rows = self.inverse_rows[first:stop].clone()
+        part.inverse_scale = self.inverse_scale[first:stop].clone()
+        return part
 
     def inverse(self, device=None) -> torch.Tensor:
         """(H, D, D) float32 map from coordinates back to keys, from its stored rows (made per call, not kept)."""

@@ -68,6 +68,8 @@ class IntQuant(Codec):
     scales: "fp16", or "8bit" (Gaussian levels only: mean and deviation a byte each, codecs/scales.py).
     """
 
+    same_per_head = True
+
     def __init__(self, bits: int, axis: str = "token", group: int | None = None, rotate: bool = False, seed: int = 0,
                  levels: str = UNIFORM, derope: tuple = (), scales: str = "fp16"):
         if not isinstance(bits, int) or not 1 <= bits <= 8:

@@ -160,13 +160,13 @@ def mean_kl(ref: torch.Tensor, logits: torch.Tensor, rows: int = 32) -> float:
     return total / ref.shape[0]
 
 
-def body_round_trip(codec, sink: int, block: int):
-    """x (B, H, n, D) -> x with its whole blocks after the sink through `codec` (a cache's body): what `Perturbed`
-    changes one layer's keys or values by to measure a codec's loss."""
+def body_round_trip(codec, sink: int, block: int, heads: slice = slice(None)):
+    """x (B, H, n, D) -> x with its whole blocks after the sink through `codec` (a cache's body), in the KV heads
+    `heads` only (all by default): what `Perturbed` changes one layer's keys or values by to measure a codec's loss."""
     def trip(x):
         n = (x.shape[2] - sink) // block * block
         y = x.clone()
-        body = x[:, :, sink:sink + n].float().contiguous()
-        y[:, :, sink:sink + n] = codec.decode(codec.encode(body, block)).to(x.dtype)
+        body = x[:, heads, sink:sink + n].float().contiguous()
+        y[:, heads, sink:sink + n] = codec.decode(codec.encode(body, block)).to(x.dtype)
         return y
     return trip

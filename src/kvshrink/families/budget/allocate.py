@@ -58,7 +58,7 @@ from ...core.layer import stage_codec
 from ...core.sensitivity import Perturbed, body_round_trip, collect
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
-from . import coded, joint, vector
+from . import coded, heads, joint, vector
 from .config import CONTEXT, RECENT
 
 FORMAT = "kvshrink-budget-8"  # 6: stage bytes no longer stored; 7: RECENT 32 (measured, not shipped); 8: RECENT 16
@@ -127,6 +127,11 @@ def _stage_bytes(choice: tuple, block: int, rope: tuple, heads: int, d: int) -> 
 def fits(choice, size: int) -> bool:
     """Whether a menu entry's group divides `size`: the head for values, the block for keys."""
     return choice[2] is None or size % choice[2] == 0
+
+
+def describe_layer(choice) -> str:
+    """A layer's choice, or its heads' (a list) joined by |."""
+    return "|".join(describe_choice(c) for c in choice) if isinstance(choice, list) else describe_choice(choice)
 
 
 def describe_choice(choice) -> str:
@@ -284,18 +289,18 @@ def allocate(costs: list, budget: float, cells: int = CELLS) -> tuple[list, floa
 class Allocation:
     """One choice per layer for keys and for values, and what the allocator expects of it."""
 
-    keys: list  # menu entries (bits, rotate, group, levels, turned)
+    keys: list  # per layer a menu entry (bits, rotate, group, levels, turned), or a list of one per KV head
     values: list
     proxy: float
     ratio: float  # expected ratio against fp16 at `context` tokens after a prefill
     body: list = field(default_factory=list)  # per layer, the mean bytes of a coded token's keys and values
 
     def describe(self) -> str:
-        ks = " ".join(describe_choice(c) for c in self.keys)
-        vs = " ".join(describe_choice(c) for c in self.values)
+        ks = " ".join(describe_layer(c) for c in self.keys)
+        vs = " ".join(describe_layer(c) for c in self.values)
         return (f"bits per layer for keys [{ks}] and values [{vs}] (t: RoPE turned back within groups, r: rotated, "
                 f"/N: groups, g: Gaussian levels, 8-bit scales; JN: joint-basis keys, N bits a channel, f2: every axis "
-                f"coded; Nv: vector levels, N bits a value), "
+                f"coded; Nv: vector levels, N bits a value; a|b|c: one per KV head), "
                 f"{self.ratio:.2f}x expected")
 
 
@@ -394,13 +399,16 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
 
 def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int,
            joint_calib=None, window: int = 0, window_codec=None, coded=None, joint1: bool = False,
-           vector_calib=None, high: HighClass | None = None) -> Allocation:
+           vector_calib=None, high: HighClass | None = None, head_calib=None) -> Allocation:
     """The allocation meeting `ratio` x fp16 at `context` tokens (`layer_bytes`), with the joint key choices
     beside the menu's where `joint_calib` (joint.py's calibration) is given, entropy-coded where `coded` is, the
-    vector value choices beside the menu's where `vector_calib` (vector.py's) is, and a high class paid for from the
-    same bytes where `high` is."""
+    vector value choices beside the menu's where `vector_calib` (vector.py's) is, a high class paid for from the
+    same bytes where `high` is, and one choice per KV head where `head_calib` (heads.py's shares) is."""
     items, fixed = layer_bytes(calib, spec, context, sink, block, joint_calib, window, window_codec, coded, joint1,
                                vector_calib, high)
+    per = 1
+    if head_calib is not None:
+        items, per = heads.split(items, head_calib), spec.num_kv_heads
     full = spec.fp16_bytes(context)
     budget = full / ratio - fixed
     if budget <= 0:
@@ -414,12 +422,25 @@ def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int
     held = fixed + sum(float(nbytes[j]) for (_, nbytes), j in zip(items, picks))
     share = 0.0 if high is None else high.share
     tokens = [sum(held_tokens(spec, i, context, sink, block, window, share)[2:]) for i in range(spec.num_layers)]
-    body = [float(items[2 * i][1][picks[2 * i]] + items[2 * i + 1][1][picks[2 * i + 1]]) / max(n, 1)
+    span = 2 * per  # items per layer: keys then values, each per head where heads are allocated apart
+    body = [sum(float(items[span * i + j][1][picks[span * i + j]]) for j in range(span)) / max(n, 1)
             for i, n in enumerate(tokens)]
-    keys = [KEY_MENU[j] if j < len(KEY_MENU) else (JOINT, *joint.CHOICES[j - len(KEY_MENU)]) for j in picks[0::2]]
-    values = [VALUE_MENU[j] if j < len(VALUE_MENU) else (vector.VECTOR, vector.CHOICES[j - len(VALUE_MENU)])
-              for j in picks[1::2]]
+    keys, values = [], []
+    for i in range(spec.num_layers):
+        ks = [_key_choice(j) for j in picks[span * i:span * i + per]]
+        vs = [_value_choice(j) for j in picks[span * i + per:span * (i + 1)]]
+        same = len(set(zip(ks, vs))) == 1  # a layer whose heads all took one pair is held as one
+        keys.append(ks[0] if same else ks)
+        values.append(vs[0] if same else vs)
     return Allocation(keys, values, proxy, full / held, body)
+
+
+def _key_choice(j: int):
+    return KEY_MENU[j] if j < len(KEY_MENU) else (JOINT, *joint.CHOICES[j - len(KEY_MENU)])
+
+
+def _value_choice(j: int):
+    return VALUE_MENU[j] if j < len(VALUE_MENU) else (vector.VECTOR, vector.CHOICES[j - len(VALUE_MENU)])
 
 
 def uniform(calib: BudgetCalibration, key_choice, value_choice) -> float:
@@ -494,6 +515,25 @@ def load_or_calibrate_vector(model, tokenizer, budget_path: str, corpus: str | N
                             lambda p: vector.VectorCalibration.load(p, model, block),
                             lambda ids, desc: measure_vector(model, ids, desc, sink, block),
                             "vector value calibration", log)
+
+
+def load_or_calibrate_heads(model, tokenizer, budget_path: str, corpus: str | None = None, sink: int = 4,
+                            block: int = 128, log=print):
+    """The head share calibration beside the budget calibration at `budget_path`, measured first if missing (on the
+    same tokens read as one sequence: about 10 minutes on 2 cores for the bundled model)."""
+    return _load_or_measure(model, tokenizer, corpus, heads.path_beside(budget_path),
+                            lambda p: heads.HeadCalibration.load(p, model, block),
+                            lambda ids, desc: measure_heads(model, ids, desc, sink, block), "head share calibration",
+                            log)
+
+
+def measure_heads(model, ids: torch.Tensor, data: dict, sink: int = 4, block: int = 128):
+    """heads.calibrate with the reference choices' codecs and a progress bar over its forward passes."""
+    spec = spec_from_config(model.config)
+    total = 2 * spec.num_layers * spec.num_kv_heads
+    return with_progress("head share calibration", total, lambda advance: heads.calibrate(
+        model, ids, key_codec(heads.KEY_REF, block, spec.rope), value_codec(heads.VALUE_REF), data, sink, block,
+        progress=advance))
 
 
 def with_progress(label: str, total: int, run):

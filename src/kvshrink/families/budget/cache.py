@@ -17,7 +17,7 @@ from ...codecs.jointcoded import CodedJointKeys
 from ...errors import KvshrinkError
 from ...spec import spec_from_config
 from ..quant.cache import CompressedCache
-from . import allocate, coded, joint, vector
+from . import allocate, coded, heads, joint, vector
 from .config import BudgetConfig
 
 _CALIBS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {block: (calibration, path)}
@@ -27,23 +27,25 @@ class BudgetCache(CompressedCache):
     """A CompressedCache with one (key codec, value codec) per layer, chosen under one budget."""
 
     def __init__(self, config, allocation: allocate.Allocation, calibration: str, block: int, data: dict | None = None,
-                 found=None, tables=None, vectors=None, **kwargs):
+                 found=None, tables=None, vectors=None, shares=None, **kwargs):
         """found: (joint key calibration, its path), or None where joint keys were not on offer; tables: (code
         tables, their path) where the keys are entropy-coded (coded.py: joint keys and turned 2- and 3-bit menu
-        keys), else None; vectors: (vector value calibration, its path) where vector levels were on offer."""
+        keys), else None; vectors: (vector value calibration, its path) where vector levels were on offer; shares:
+        (head share calibration, its path) where the allocation was made per KV head (heads.py)."""
         pairs = layer_codecs(allocation, block, spec_from_config(config).rope, found, tables, vectors)
         super().__init__(config, layer_codecs=pairs, block=block, **kwargs)
         self.allocation, self.calibration, self.data = allocation, calibration, data or {}
         self.joint_path = found[1] if found is not None else None
         self.tables_path = tables[1] if tables is not None else None
         self.vector_path = vectors[1] if vectors is not None else None
+        self.shares_path = shares[1] if shares is not None else None
 
     def coding_stats(self) -> dict:
         """Entropy-coded keys (entropy=true): bits a symbol of their codes against the Shannon entropy of the same
         symbols (each width's histogram over the cache: the limit of one order-0 code per width, as the tables
         are), over every layer's coded classes; {} where nothing is coded. The bench's coding table."""
         counts: dict = {}
-        for layer in self.layers:
+        for layer in self.layer_parts():
             codec = layer.k.codec
             if not isinstance(codec, CodedJointKeys) or not layer.is_initialized:
                 continue
@@ -67,6 +69,8 @@ class BudgetCache(CompressedCache):
             keys += f", and turned 2- and 3-bit menu keys, Huffman-coded ({self.tables_path})"
         if self.vector_path:
             keys += f"; vector value levels {self.vector_path}"
+        if self.shares_path:
+            keys += f"; allocated per KV head by the shares in {self.shares_path}"
         return (f"{self.allocation.describe()}, sink {self.sink}, "
                 f"{f'window {self.window}{self._window_code()}, ' if self.window else ''}block {self.block}, "
                 f"{self._how_it_attends()}; "
@@ -75,9 +79,16 @@ class BudgetCache(CompressedCache):
 
 def layer_codecs(allocation: allocate.Allocation, block: int, rope: tuple, found=None, tables=None,
                  vectors=None) -> list:
-    """Per layer, the (key codec, value codec) of the allocation's choices (calibrations beside it as BudgetCache)."""
-    return [(_key_codec(k, i, block, rope, found, tables), _value_codec(v, vectors))
-            for i, (k, v) in enumerate(zip(allocation.keys, allocation.values))]
+    """Per layer, the (key codec, value codec) of the allocation's choices (calibrations beside it as BudgetCache);
+    where its KV heads took different choices, (first, stop, key codec, value codec) per run of heads alike."""
+    out = []
+    for i, (k, v) in enumerate(zip(allocation.keys, allocation.values)):
+        if isinstance(k, list):
+            out.append([(a, b, _key_codec(kc, i, block, rope, found, tables).heads(a, b),
+                         _value_codec(vc, vectors).heads(a, b)) for a, b, kc, vc in heads.groups(k, v)])
+        else:
+            out.append((_key_codec(k, i, block, rope, found, tables), _value_codec(v, vectors)))
+    return out
 
 
 def _key_codec(choice, layer: int, block: int, rope: tuple, found, tables=None):
@@ -150,6 +161,16 @@ def vector_for(model, block: int, path: str, tokenizer=None, corpus=None):
                    "'auto-6x:vector=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
 
 
+def heads_for(model, block: int, path: str, tokenizer=None, corpus=None):
+    """(head share calibration, its path) beside the budget calibration at `path` (heads.py), as joint_for finds the
+    joint calibration (about 10 minutes on the bundled model)."""
+    side = heads.path_beside(path)
+    return _beside(model, ("heads", block), side, lambda: None, lambda p: heads.HeadCalibration.load(p, model, block),
+                   lambda: allocate.load_or_calibrate_heads(model, tokenizer, path, corpus, block=block), tokenizer,
+                   f"heads=true needs a head share calibration at {side}: run kvshrink.prepare(model, "
+                   "'auto-6x:heads=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
+
+
 def _beside(model, key: tuple, side: str, check, load, measure, tokenizer, missing: str):
     """A calibration kept beside the budget calibration: memo, else (after `check()`) the file at `side`, else measured
     where a tokenizer is given and the budget calibration is not a $KVSHRINK_AUTO_CALIBRATION file (whose corpus range
@@ -176,6 +197,8 @@ def prepare(config: BudgetConfig, model, tokenizer=None, corpus=None):
             tables_for(model, config.block, found, tokenizer, corpus)
     if config.vector:
         vector_for(model, config.block, path, tokenizer, corpus)
+    if config.heads:
+        heads_for(model, config.block, path, tokenizer, corpus)
     if config.attend != "decode":
         use_kvshrink_attention(model)
     return model
@@ -193,6 +216,7 @@ class Chosen:
     tables: tuple | None
     vectors: tuple | None
     recent: object
+    shares: tuple | None = None
 
 
 def allocation_for(config: BudgetConfig, model, method: str, high: allocate.HighClass | None = None) -> Chosen:
@@ -206,11 +230,12 @@ def allocation_for(config: BudgetConfig, model, method: str, high: allocate.High
     found = joint_for(model, config.block, path) if config.joint else None
     tables = tables_for(model, config.block, found) if config.entropy else None
     vectors = vector_for(model, config.block, path) if config.vector else None
+    shares = heads_for(model, config.block, path) if config.heads else None
     recent = allocate.window_codec(config.window_bits) if config.window else None
     chosen = allocate.choose(calib, spec, config.budget, config.context, config.sink, config.block,
                              found[0] if found else None, config.window, recent, tables[0] if tables else None,
-                             config.joint1, vectors[0] if vectors else None, high)
-    return Chosen(chosen, path, calib.header.get("data"), found, tables, vectors, recent)
+                             config.joint1, vectors[0] if vectors else None, high, shares[0] if shares else None)
+    return Chosen(chosen, path, calib.header.get("data"), found, tables, vectors, recent, shares)
 
 
 def build(config: BudgetConfig, model, method: str) -> BudgetCache:
@@ -221,5 +246,5 @@ def build(config: BudgetConfig, model, method: str) -> BudgetCache:
     elif attend == "fused":
         require_kvshrink_attention(model.config, method)
     return BudgetCache(model.config, c.allocation, c.path, config.block, c.data, c.found, c.tables, c.vectors,
-                       sink=config.sink, window=config.window, attend=attend, splits=config.splits, method=method,
+                       c.shares, sink=config.sink, window=config.window, attend=attend, splits=config.splits, method=method,
                        window_codec=c.recent)

@@ -34,7 +34,7 @@ class MixedBudgetCache(Classes, budget.BudgetCache):
                  shares: list[float] | None = None):
         """shares: one per layer (allocate.choose over autoshares' calibration), else `mixed.share` everywhere."""
         super().__init__(config, chosen.allocation, chosen.path, mixed.block, chosen.data, chosen.found, chosen.tables,
-                         chosen.vectors, sink=mixed.sink, window=0, attend="fused", splits=mixed.splits,
+                         chosen.vectors, chosen.shares, sink=mixed.sink, window=0, attend="fused", splits=mixed.splits,
                          method=method)
         self.setup_classes(high_codec(mixed), mixed, shares)
 

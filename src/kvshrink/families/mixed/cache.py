@@ -30,6 +30,7 @@ import torch
 from ...attention.function import require_kvshrink_attention, use_kvshrink_attention
 from ...attention.split import SplitStates
 from ...codecs.quant import IntQuant
+from ...core.heads import layer_parts
 from ...core.importance import ObservedWindow, rows_of
 from ...core.layer import FUSED_QUERIES
 from ...core.store import half_checked
@@ -245,23 +246,25 @@ class Classes:
         self.high, self.mixed = high, mixed
         self.layer_shares = list(shares) if shares is not None else [mixed.share] * len(self.layers)
         for i, layer in enumerate(self.layers):
-            layer.setup(high, mixed, self.layer_shares[i], seed=i)
+            for part in layer_parts(layer):  # a layer in KV-head groups (core/heads.py): each part keeps its classes
+                part.setup(high, mixed, self.layer_shares[i], seed=i)
 
     def head_agnostic(self) -> bool:
         return False  # each head keeps its own tokens in each class
 
     def class_shares(self) -> list[float]:
         """Per layer, the share of the coded tokens (those that left the window) held in the high class."""
-        return [layer.high_tokens() / layer.left if getattr(layer, "left", 0) else 0.0 for layer in self.layers]
+        return [_mean([p.high_tokens() / p.left if getattr(p, "left", 0) else 0.0 for p in layer_parts(layer)])
+                for layer in self.layers]
 
     def demotions(self) -> list[float]:
         """Per layer, the tokens re-coded down from the high class so far (per head, the mean over heads)."""
-        return [getattr(layer, "demoted", 0.0) for layer in self.layers]
+        return [_mean([getattr(p, "demoted", 0.0) for p in layer_parts(layer)]) for layer in self.layers]
 
     def high_mass(self) -> list[float]:
         """Per layer, the share of the observed attention (summed over heads and the tokens that left the window)
         that went to tokens now in the high class: how much of what attention found the high class holds."""
-        return [layer.mass.share() for layer in self.layers]
+        return [_mean([p.mass.share() for p in layer_parts(layer)]) for layer in self.layers]
 
     def fill_reference(self, states) -> None:
         """Fill from an uncompressed prefill's states and its captured last queries (eval/needle.py), as a prefill
@@ -271,7 +274,11 @@ class Classes:
             raise KvshrinkError("an importance-aware cache is filled from prefill states with captured queries")
         for i, (k, v) in enumerate(states):
             st, _ = self.update(k, v, i)
-            self.layers[i].observe_queries(queries[i], st.keys, st.t)
+            parts, bounds = layer_parts(self.layers[i]), getattr(self.layers[i], "bounds", [(0, k.shape[1])])
+            sts = getattr(st, "parts", [st])  # a layer in head groups: each part with its query heads' rows
+            g = queries[i].shape[1] // k.shape[1]
+            for part, (a, b), one in zip(parts, bounds, sts):
+                part.observe_queries(queries[i][:, a * g:b * g], one.keys, one.t)
 
     def classes_described(self) -> str:
         """The high class: its share (per layer where spread), codes, how it is picked and re-ranked."""
@@ -303,6 +310,10 @@ class MixedCache(Classes, CompressedCache):
         return (f"{self.classes_described()}, the rest keys {self.key_codec.describe()}, values "
                 f"{self.value_codec.describe()}; sink {self.mixed.sink}, {self.window_described()}, block "
                 f"{self.mixed.block}, " + self._how_it_attends())
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
 
 
 def _percents(shares: list[float]) -> str:

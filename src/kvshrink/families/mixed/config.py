@@ -114,6 +114,9 @@ class MixedBudgetConfig(Observing, BudgetConfig):
         if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 <= self.share <= 1:
             raise KvshrinkError(f"share must be a number from 0 to 1, got {self.share!r}")
         self.check_observing()
+        if self.heads and self.shares == "allocated":
+            raise KvshrinkError("heads=true with shares=allocated is not built: the shares' calibration codes each "
+                                "layer with one codec pair (use one of the two)")
 
 
 register(Method("mix-auto", MixedBudgetConfig(), "one budget (auto:budget=N) with an importance-aware high class: "

@@ -23,6 +23,7 @@ from ...codecs.joint import JointKeys
 from ...codecs.quant import IntQuant
 from ...codecs.vector import VectorQuant
 from ...core.cache import KVCache
+from ...core.heads import HeadGroups, layer_parts
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, coder_pool, stage_for
 from ...core.store import TokenStore
 from ...errors import KvshrinkError
@@ -110,10 +111,16 @@ class CompressedLayer(StoreLayer):
         if not self.k.body_tokens():
             return None
         stage = None
-        if self.body_reads_stage and self.k.stage is not None:
+        if self.body_reads_stage and self._stages_alike():
             stage = (self.k.stage, self.v.stage, self.k.stage_codec)
         window = (self.k.window, self.v.window, self.k.window_codec) if self._reads_window() else None
         return IntBody(self.k.body_parts(), self.v.body_parts(), self.k.codec, self.v.codec, self.block, stage, window)
+
+    def _stages_alike(self) -> bool:
+        """Whether keys and values stage the same tokens, as the kernel reads them. After a crop into a block they
+        differ for a while: the keys' kept tokens wait in float16 (their codes span the block), the values' stay in
+        their per-token codes; both are then decoded into the dense tokens, in order."""
+        return self.k.stage is not None and self.k.tokens_in(self.k.stage) == self.v.tokens_in(self.v.stage)
 
     def _reads_window(self) -> bool:
         """Whether the kernel reads the coded window in place, after the stage: where it reads the stage, and no
@@ -132,8 +139,10 @@ class CompressedLayer(StoreLayer):
         body = self._body()  # first: joining a forked store's shared blocks finishes its background coding
         after = []
         window_read = getattr(body, "window", None) is not None  # IntBody's; other families' bodies have none
+        # an IntBody reads the stages only where they hold the same tokens (`_stages_alike`); else they are dense
+        stage_read = self.body_reads_stage and body is not None and getattr(body, "stage", True) is not None
         for store, new in ((self.k, key_states), (self.v, value_states)):
-            staged = store.stage is not None and not (self.body_reads_stage and body is not None)
+            staged = store.stage is not None and not stage_read
             parts = [store.stage_codec.decode(store.stage, torch.float32)] if staged else []
             recent = store.tail if window_read else store.window_dense()
             after.append(parts + [store.fresh, recent, new])
@@ -187,7 +196,8 @@ class CompressedCache(KVCache):
         window_codec: Codec | None = None,
     ):
         """layer_codecs: one (key codec, value codec) per layer, for codecs learned per layer
-        (RVQ codebooks); otherwise every layer uses key_codec / value_codec.
+        (RVQ codebooks), or a list of (first, stop, key codec, value codec) runs of KV heads for a layer whose
+        heads are coded apart (core/heads.py); otherwise every layer uses key_codec / value_codec.
         attend: "decode" (decode the history, then attend) or "fused" (decode steps read integer
         codes in place; the model must use the "kvshrink" attention); splits: parallel ranges of
         blocks per head in the fused kernel; background: blocks filled by decode steps are coded
@@ -202,8 +212,9 @@ class CompressedCache(KVCache):
                 raise KvshrinkError("CompressedCache needs a key codec (or use CompressedCache.from_method)")
             value_codec = value_codec or key_codec
         else:
-            key_codec, value_codec = layer_codecs[0]
-        for kc, vc in layer_codecs or [(key_codec, value_codec)]:
+            key_codec, value_codec = _pairs(layer_codecs[0])[0]
+        every = [p for entry in layer_codecs or [(key_codec, value_codec)] for p in _pairs(entry)]
+        for kc, vc in every:
             check_layout(kc, vc, sink, window, block)
         if num_layers is None:
             if config is None:
@@ -214,25 +225,37 @@ class CompressedCache(KVCache):
         self.key_codec, self.value_codec = key_codec, value_codec
         self.sink, self.window, self.block = sink, window, block
         pairs = layer_codecs or [(key_codec, value_codec)] * num_layers
-        layers = [self.layer_cls(kc, vc, sink, window, block) for kc, vc in pairs]
+        layers = [self._layer(entry, sink, window, block) for entry in pairs]
+        parts = [p for layer in layers for p in layer_parts(layer)]
         self.window_codec = window_codec
         if window_codec is not None:
-            for layer in layers:
+            for layer in parts:
                 layer.k.code_window(window_codec)
                 layer.v.code_window(window_codec)
         self.attend = attend
         self.background = bool(background)
         if background:
             pool = coder_pool()
-            for layer in layers:
+            for layer in parts:
                 layer.k.executor = layer.v.executor = pool
         if attend == "fused":
-            for kc, vc in pairs:
+            for kc, vc in every:
                 if not supported(kc, vc):
                     raise KvshrinkError(f"no fused kernel reads {kc.describe()} / {vc.describe()}; use attend='decode'")
-            for layer in layers:
+            for layer in parts:
                 layer.fused, layer.splits = True, splits
         super().__init__(layers, config, method)
+
+    def _layer(self, entry, sink: int, window: int, block: int):
+        """A layer of `layer_cls` for a (key codec, value codec) pair; a HeadGroups of them for runs of heads."""
+        if isinstance(entry, list):
+            return HeadGroups([self.layer_cls(kc, vc, sink, window, block) for _, _, kc, vc in entry],
+                              [(a, b) for a, b, _, _ in entry])
+        return self.layer_cls(*entry, sink, window, block)
+
+    def layer_parts(self) -> list:
+        """Every layer that holds tokens: a layer in head groups gives its parts (core/heads.py)."""
+        return [p for layer in self.layers for p in layer_parts(layer)]
 
     def nbytes(self) -> int:
         """Every tensor the layers hold, each storage once: code tables that the layers' codecs share
@@ -248,17 +271,18 @@ class CompressedCache(KVCache):
             raise KvshrinkError("a cache that codes blocks in the background cannot be copied; settle it first")
         other = copy.deepcopy(self)
         other.attend = "decode"
-        for layer in other.layers:
+        for layer in other.layer_parts():
             layer.fused = layer.kernel_reads = layer.body_reads_stage = False
         return other
 
     def head_agnostic(self) -> bool:
-        # int and float16 codes treat every head alike; joint-basis keys and learned codebooks do not
-        return all(type(c) in (IntQuant, Fp16) for layer in self.layers for c in (layer.k.codec, layer.v.codec))
+        # int and float16 codes treat every head alike; joint-basis keys, learned codebooks and head groups do not
+        return (not any(isinstance(layer, HeadGroups) for layer in self.layers)
+                and all(type(c) in (IntQuant, Fp16) for layer in self.layers for c in (layer.k.codec, layer.v.codec)))
 
     def settle(self) -> None:
         """Take the bodies the coder thread built (background coding)."""
-        for layer in self.layers:
+        for layer in self.layer_parts():
             layer.k.settle()
             layer.v.settle()
 
@@ -308,3 +332,8 @@ def prepare(config, model, tokenizer=None, corpus=None):
     if getattr(config, "attend", "decode") != "decode":
         use_kvshrink_attention(model)
     return model
+
+
+def _pairs(entry) -> list:
+    """The (key codec, value codec) pairs of one layer's entry of `layer_codecs`."""
+    return [(kc, vc) for _, _, kc, vc in entry] if isinstance(entry, list) else [tuple(entry)]
