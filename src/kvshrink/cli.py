@@ -169,7 +169,7 @@ def cmd_calibrate(args) -> None:
         t0, side = time.time(), budget.vector.path_beside(path)  # vector value levels (vector=true), beside it
         budget.measure_vector(model, ids, desc, block=args.block).save(side)
         print(f"vector value calibration: {time.time() - t0:.0f} s -> {side}")
-        t0, side = time.time(), budget.heads.path_beside(path)  # each KV head's share (heads=true), beside it
+        t0, side = time.time(), budget.heads.path_beside(path)  # each KV head's share (heads=N), beside it
         budget.measure_heads(model, ids, desc, block=args.block).save(side)
         print(f"head share calibration: {time.time() - t0:.0f} s -> {side}")
         if spec_from_config(model.config).rope:  # joint-basis key choices, in the file beside it

@@ -3,7 +3,7 @@
 A head's attention reads only its own keys and values (and, under grouped-query attention, its query heads read
 only it), so a layer split by KV heads attends as the layer would: each part is given its heads' states and its
 query heads' rows, and the outputs are laid side by side. No kernel changes; each part's states attend as they do
-alone. Used where an allocation gives a layer's heads different codecs (families/budget's `heads=true`).
+alone. Used where an allocation gives a layer's heads different codecs (families/budget's `heads=N`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ class HeadGroups(StoreLayer):
         if bounds[0][0] != 0 or any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])) or any(a >= b for a, b in bounds):
             raise KvshrinkError(f"head groups must be consecutive runs from head 0, got {bounds}")
         self.parts, self.bounds = list(parts), list(bounds)
-        # core/saved.py writes the parts' stores; tokens a part keeps beside them (a high class) are not written yet,
-        # so such a cache refuses to save rather than lose them
-        self.saved_by_stores = all(p.saved_by_stores and not hasattr(p, "saved_parts") for p in self.parts)
+        # core/saved.py writes the parts' stores, and what they keep beside them through BesideGroups
+        self.saved_by_stores = all(p.saved_by_stores for p in self.parts)
+        if any(hasattr(p, "saved_parts") for p in self.parts) and not isinstance(self, BesideGroups):
+            raise KvshrinkError("layers that keep tokens beside their stores are grouped by heads_of(), as BesideGroups")
 
     def layer_parts(self) -> list:
         return self.parts
@@ -92,6 +93,29 @@ class HeadGroups(StoreLayer):
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for part in self.parts for t in part.tensors()]
+
+
+class BesideGroups(HeadGroups):
+    """Head groups of layers that keep tokens beside their stores (a high class, core/importance.py): those written
+    and read back part by part (core/saved.py's `saved_parts` / `restore_parts`, names prefixed by the part)."""
+
+    def saved_parts(self) -> tuple[dict, dict]:
+        parts, numbers = {}, {}
+        for j, part in enumerate(self.parts):
+            mine, nums = part.saved_parts()
+            parts.update({f"{j}.{name}": x for name, x in mine.items()})
+            numbers[str(j)] = nums
+        return parts, numbers
+
+    def restore_parts(self, parts: dict, numbers: dict) -> None:
+        for j, part in enumerate(self.parts):
+            mine = {name.split(".", 1)[1]: x for name, x in parts.items() if name.split(".", 1)[0] == str(j)}
+            part.restore_parts(mine, numbers[str(j)])
+
+
+def heads_of(parts: list, bounds: list[tuple[int, int]]) -> HeadGroups:
+    """A layer in head groups of these parts: BesideGroups where they keep tokens beside their stores."""
+    return (BesideGroups if any(hasattr(p, "saved_parts") for p in parts) else HeadGroups)(parts, bounds)
 
 
 def layer_parts(layer) -> list:

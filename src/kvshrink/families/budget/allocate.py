@@ -399,16 +399,20 @@ def layer_bytes(calib: BudgetCalibration, spec, context: int, sink: int, block: 
 
 def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int, block: int,
            joint_calib=None, window: int = 0, window_codec=None, coded=None, joint1: bool = False,
-           vector_calib=None, high: HighClass | None = None, head_calib=None) -> Allocation:
+           vector_calib=None, high: HighClass | None = None, head_calib=None, head_layers: int = 0) -> Allocation:
     """The allocation meeting `ratio` x fp16 at `context` tokens (`layer_bytes`), with the joint key choices
     beside the menu's where `joint_calib` (joint.py's calibration) is given, entropy-coded where `coded` is, the
     vector value choices beside the menu's where `vector_calib` (vector.py's) is, a high class paid for from the
-    same bytes where `high` is, and one choice per KV head where `head_calib` (heads.py's shares) is."""
+    same bytes where `high` is, and one choice per KV head in the `head_layers` layers whose loss `head_calib`
+    (heads.py's shares) finds most concentrated in one head."""
     items, fixed = layer_bytes(calib, spec, context, sink, block, joint_calib, window, window_codec, coded, joint1,
                                vector_calib, high)
-    per = 1
-    if head_calib is not None:
-        items, per = heads.split(items, head_calib), spec.num_kv_heads
+    apart = set(heads.most_concentrated(head_calib, head_layers)) if head_calib is not None else set()
+    per = [spec.num_kv_heads if i in apart else 1 for i in range(spec.num_layers)]  # items per layer and kind
+    if apart:
+        items = [x for j, item in enumerate(items)
+                 for x in (heads.split_one(item, head_calib, j // 2, "key" if j % 2 == 0 else "value")
+                           if j // 2 in apart else [item])]
     full = spec.fp16_bytes(context)
     budget = full / ratio - fixed
     if budget <= 0:
@@ -422,13 +426,14 @@ def choose(calib: BudgetCalibration, spec, ratio: float, context: int, sink: int
     held = fixed + sum(float(nbytes[j]) for (_, nbytes), j in zip(items, picks))
     share = 0.0 if high is None else high.share
     tokens = [sum(held_tokens(spec, i, context, sink, block, window, share)[2:]) for i in range(spec.num_layers)]
-    span = 2 * per  # items per layer: keys then values, each per head where heads are allocated apart
-    body = [sum(float(items[span * i + j][1][picks[span * i + j]]) for j in range(span)) / max(n, 1)
+    starts = np.cumsum([0] + [2 * n for n in per])  # a layer's items: keys then values, each per head where apart
+    body = [sum(float(items[j][1][picks[j]]) for j in range(starts[i], starts[i + 1])) / max(n, 1)
             for i, n in enumerate(tokens)]
     keys, values = [], []
     for i in range(spec.num_layers):
-        ks = [_key_choice(j) for j in picks[span * i:span * i + per]]
-        vs = [_value_choice(j) for j in picks[span * i + per:span * (i + 1)]]
+        at, n = int(starts[i]), per[i]
+        ks = [_key_choice(j) for j in picks[at:at + n]]
+        vs = [_value_choice(j) for j in picks[at + n:at + 2 * n]]
         same = len(set(zip(ks, vs))) == 1  # a layer whose heads all took one pair is held as one
         keys.append(ks[0] if same else ks)
         values.append(vs[0] if same else vs)

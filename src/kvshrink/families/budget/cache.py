@@ -167,8 +167,8 @@ def heads_for(model, block: int, path: str, tokenizer=None, corpus=None):
     side = heads.path_beside(path)
     return _beside(model, ("heads", block), side, lambda: None, lambda p: heads.HeadCalibration.load(p, model, block),
                    lambda: allocate.load_or_calibrate_heads(model, tokenizer, path, corpus, block=block), tokenizer,
-                   f"heads=true needs a head share calibration at {side}: run kvshrink.prepare(model, "
-                   "'auto-6x:heads=true', tokenizer) first (or `kvshrink calibrate --method auto`)")
+                   f"heads=N needs a head share calibration at {side}: run kvshrink.prepare(model, "
+                   "'auto-6x:heads=8', tokenizer) first (or `kvshrink calibrate --method auto`)")
 
 
 def _beside(model, key: tuple, side: str, check, load, measure, tokenizer, missing: str):
@@ -234,7 +234,8 @@ def allocation_for(config: BudgetConfig, model, method: str, high: allocate.High
     recent = allocate.window_codec(config.window_bits) if config.window else None
     chosen = allocate.choose(calib, spec, config.budget, config.context, config.sink, config.block,
                              found[0] if found else None, config.window, recent, tables[0] if tables else None,
-                             config.joint1, vectors[0] if vectors else None, high, shares[0] if shares else None)
+                             config.joint1, vectors[0] if vectors else None, high, shares[0] if shares else None,
+                             config.heads)
     return Chosen(chosen, path, calib.header.get("data"), found, tables, vectors, recent, shares)
 
 

@@ -56,10 +56,10 @@ class BudgetConfig(Config):
                                  "k-means codebook of the Gaussian: 11-17% less squared error at 1 and 2 bits) "
                                  "beside the menu's value codes")
 
-    heads: bool = option(False, "allocate per KV head, not per layer: each head's loss is its layer's times its "
-                                "calibrated share (one head of the bundled model carries most of two layers' loss); "
-                                "a layer whose heads differ is held in head groups (needs entropy=false, "
-                                "vector=false)")
+    heads: int = option(0, "allocate per KV head in the N layers whose calibrated loss sits most in one head (0: per "
+                           "layer everywhere): each head's loss is its layer's times its measured share, and a layer "
+                           "whose heads differ is held in head groups, a kernel call per group (needs entropy=false, "
+                           "vector=false)")
 
     def check(self):
         if not isinstance(self.budget, (int, float)) or not 1.0 <= self.budget <= 32.0:
@@ -71,12 +71,13 @@ class BudgetConfig(Config):
         check_int("block", self.block, 1)
         check_int("splits", self.splits, 1)
         check_int("context", self.context, 1)
+        check_int("heads", self.heads)
         if self.joint1 and not self.joint:
             raise KvshrinkError("joint1=true offers a joint-basis key choice: it needs joint=true")
         if self.entropy and not self.joint:
             raise KvshrinkError("entropy=true codes the joint-basis keys: it needs joint=true")
         if self.heads and (self.entropy or self.vector):
-            raise KvshrinkError("heads=true codes a layer's KV heads apart: entropy-coded keys and vector values "
+            raise KvshrinkError("heads=N codes a layer's KV heads apart: entropy-coded keys and vector values "
                                 "cannot be split by heads yet (use entropy=false, vector=false)")
         if self.context <= self.sink + self.window + self.block:
             raise KvshrinkError(f"context {self.context} leaves no coded block after {self.sink} sink tokens, "

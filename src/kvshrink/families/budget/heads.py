@@ -1,4 +1,4 @@
-"""A head axis for the budget (`heads=true`): each KV head's share of its layer's loss, calibrated once per model,
+"""A head axis for the budget (`heads=N`): each KV head's share of its layer's loss, calibrated once per model,
 corpus range and block, in a file beside the budget calibration (its path with `-heads1`).
 
 The budget calibration measures a choice's KL with a whole layer's keys (or values) coded. Here each KV head's
@@ -98,17 +98,22 @@ def calibrate(model, ids: torch.Tensor, key_codec, value_codec, data: dict | Non
     return HeadCalibration(kl["key"], kl["value"], header)
 
 
-def split(items: list, calib: HeadCalibration) -> list:
-    """The allocator's items per (layer, K/V) (keys then values, as allocate.layer_bytes gives them) split into
-    one item per KV head: the layer's proxy times the head's share, its bytes divided evenly (every head holds
-    the same codes and scales). Layer i's keys come first, head by head, then its values."""
-    sk, sv = calib.shares("key"), calib.shares("value")
-    heads = sk.shape[1]
-    out = []
-    for j, (proxy, nbytes) in enumerate(items):
-        share = (sk if j % 2 == 0 else sv)[j // 2]
-        out.extend((proxy * share[h], nbytes / heads) for h in range(heads))
-    return out
+def most_concentrated(calib: HeadCalibration, layers: int) -> list[int]:
+    """The `layers` layers whose measured loss sits most in one head: by the sum over keys and values of the largest
+    head's KL less the mean head's (what one codec per layer spends on the cheap heads). Each layer allocated per head
+    costs decode time (a kernel call per run of heads), so few are."""
+    spread = sum((kl.double().amax(1) - kl.double().mean(1)) for kl in (calib.kl_k, calib.kl_v))
+    order = sorted(range(spread.shape[0]), key=lambda i: -float(spread[i]))
+    return sorted(order[:max(layers, 0)])
+
+
+def split_one(item: tuple, calib: HeadCalibration, layer: int, which: str) -> list:
+    """One (layer, K/V) item of the allocator (proxy and bytes arrays over its choices) split into one per KV head:
+    the layer's proxy times the head's share, its bytes divided evenly (every head holds the same codes and scales).
+    The heads' items sum to the layer's, so one choice for all heads is one point of the split problem."""
+    proxy, nbytes = item
+    share = calib.shares(which)[layer]
+    return [(proxy * share[h], nbytes / len(share)) for h in range(len(share))]
 
 
 def groups(keys: list, values: list) -> list[tuple[int, int, object, object]]:

@@ -115,7 +115,7 @@ class MixedBudgetConfig(Observing, BudgetConfig):
             raise KvshrinkError(f"share must be a number from 0 to 1, got {self.share!r}")
         self.check_observing()
         if self.heads and self.shares == "allocated":
-            raise KvshrinkError("heads=true with shares=allocated is not built: the shares' calibration codes each "
+            raise KvshrinkError("heads=N with shares=allocated is not built: the shares' calibration codes each "
                                 "layer with one codec pair (use one of the two)")
 
 

@@ -23,7 +23,7 @@ from ...codecs.joint import JointKeys
 from ...codecs.quant import IntQuant
 from ...codecs.vector import VectorQuant
 from ...core.cache import KVCache
-from ...core.heads import HeadGroups, layer_parts
+from ...core.heads import HeadGroups, heads_of, layer_parts
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, coder_pool, stage_for
 from ...core.store import TokenStore
 from ...errors import KvshrinkError
@@ -249,8 +249,8 @@ class CompressedCache(KVCache):
     def _layer(self, entry, sink: int, window: int, block: int):
         """A layer of `layer_cls` for a (key codec, value codec) pair; a HeadGroups of them for runs of heads."""
         if isinstance(entry, list):
-            return HeadGroups([self.layer_cls(kc, vc, sink, window, block) for _, _, kc, vc in entry],
-                              [(a, b) for a, b, _, _ in entry])
+            return heads_of([self.layer_cls(kc, vc, sink, window, block) for _, _, kc, vc in entry],
+                            [(a, b) for a, b, _, _ in entry])
         return self.layer_cls(*entry, sink, window, block)
 
     def layer_parts(self) -> list:
