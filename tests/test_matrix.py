@@ -4,8 +4,9 @@ Each method runs on a tiny random Llama (head_dim 16, GQA 2) after `kvshrink.pre
 calibrations (ZDC bases, RVQ codebooks, the budget's losses) made here from random tokens. The
 budget presets other than `auto-4x` and `auto-6x` are the same cache with another ratio (and
 `auto-8x` does not fit a head of 16: tests/test_budget.py checks the refusal); `auto-6x`'s joint-basis key
-choices are calibrated here too, beside the budget's, with the code tables of entropy-coded joint keys (`CODED`, an
-option rather than a preset, at a ratio where the tiny model takes them). The properties:
+choices and its KV heads' shares (`heads=8`) are calibrated here too, beside the budget's, with the code tables of
+entropy-coded joint keys (`CODED`, an option rather than a preset, at a ratio where the tiny model takes them).
+The properties:
 - bytes: `nbytes()` counts every tensor and array the cache can reach, except what it borrows
   from the model (weights, ZDC bases), and nothing it does not hold;
 - crop: crop then continue equals a fresh prefill of the same tokens (within the method's own
@@ -93,6 +94,7 @@ def model(tiny_config, tmp_path_factory):
         joint.save(budget.joint.path_beside(auto))
         budget.coded.calibrate(m, _ids(4 + 128, seed=12), joint, {"test": True}, menu=budget.KEY_MENU).save(
             budget.coded.path_beside(budget.joint.path_beside(auto)))
+        budget.measure_heads(m, _ids(4 + 128, seed=12), {"test": True}).save(budget.heads.path_beside(auto))
         env.setenv("KVSHRINK_AUTO_CALIBRATION", auto)
         yield m
 

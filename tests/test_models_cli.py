@@ -266,6 +266,8 @@ def test_calibrate_auto_then_bench_meets_the_ratio(tiny_folder, tmp_path, capsys
     assert tables.exists() and "key code tables: " in printed and str(tables) in printed
     vectors = tmp_path / "auto-vq1.safetensors"  # vector=true's codebooks and losses, beside the budget calibration
     assert vectors.exists() and "vector value calibration: " in printed and str(vectors) in printed
+    shares = tmp_path / "auto-heads1.safetensors"  # heads=N's shares of each KV head, beside the budget calibration
+    assert shares.exists() and "head share calibration: " in printed and str(shares) in printed
     monkeypatch.setenv("KVSHRINK_AUTO_CALIBRATION", str(calib))
     out = tmp_path / "o"
     code = main(["bench", "--model", tiny_folder, "--corpus", str(corpus), "--methods", "auto:budget=3:block=32:context=48",

@@ -58,8 +58,8 @@ class BudgetConfig(Config):
 
     heads: int = option(0, "allocate per KV head in the N layers whose calibrated loss sits most in one head (0: per "
                            "layer everywhere): each head's loss is its layer's times its measured share, and a layer "
-                           "whose heads differ is held in head groups, a kernel call per group (needs entropy=false, "
-                           "vector=false)")
+                           "whose heads differ is held in head groups, a kernel call per group (8 in auto-6x and "
+                           "auto-8x; entropy=true and vector=true need heads=0)")
 
     def check(self):
         if not isinstance(self.budget, (int, float)) or not 1.0 <= self.budget <= 32.0:
@@ -78,7 +78,7 @@ class BudgetConfig(Config):
             raise KvshrinkError("entropy=true codes the joint-basis keys: it needs joint=true")
         if self.heads and (self.entropy or self.vector):
             raise KvshrinkError("heads=N codes a layer's KV heads apart: entropy-coded keys and vector values "
-                                "cannot be split by heads yet (use entropy=false, vector=false)")
+                                "cannot be split by heads yet (use heads=0 with them)")
         if self.context <= self.sink + self.window + self.block:
             raise KvshrinkError(f"context {self.context} leaves no coded block after {self.sink} sink tokens, "
                                 f"a window of {self.window} and a block of {self.block}")
@@ -93,11 +93,17 @@ JOINT1_PRESETS = (8,)
 # the recent window: 13-15% less KL at 6x and 8x in the protocol, 33% token by token at 6x; none at 4x, where
 # its decode cost (4% at 8k) buys nothing (docs/budget.md, "The recent window")
 WINDOW_PRESETS = {6: 16, 8: 16}
+# one choice per KV head in the 8 layers whose loss sits most in one head: auto-6x +0.81% against +1.76%, auto-8x
+# +4.60% against +5.50%, decode at 8k 1.07x and 1.06x against 1.13x and 1.16x (all 30 layers: +0.98% and +4.69% at
+# 0.96x and 0.99x; docs/budget.md, "One choice per KV head")
+HEADS_PRESETS = {6: 8, 8: 8}
 for _r in PRESETS:
     _w = WINDOW_PRESETS.get(_r, 0)
     register(Method(f"auto-{_r}x", BudgetConfig(budget=float(_r), joint=_r in JOINT_PRESETS, window=_w,
-                                                joint1=_r in JOINT1_PRESETS),
+                                                joint1=_r in JOINT1_PRESETS, heads=HEADS_PRESETS.get(_r, 0)),
                     f"one budget: {_r}x fp16 at 2,048 tokens, int widths allocated per layer and K/V by a calibrated "
                     f"loss proxy{', joint-basis keys on offer' if _r in JOINT_PRESETS else ''}"
                     f"{' (down to one bit a channel)' if _r in JOINT1_PRESETS else ''}"
-                    f"{f', the {_w} most recent tokens in 8-bit codes' if _w else ''}", default=_r in (4, 6)))
+                    f"{f', the {_w} most recent tokens in 8-bit codes' if _w else ''}"
+                    f"{f', per KV head in {HEADS_PRESETS[_r]} layers' if _r in HEADS_PRESETS else ''}",
+                    default=_r in (4, 6)))
