@@ -276,3 +276,26 @@ def test_calibrate_auto_then_bench_meets_the_ratio(tiny_folder, tmp_path, capsys
     res = json.loads((out / "results.json").read_text())
     assert res["quality"]["auto:budget=3:block=32:context=48"]["ratio"] >= 3.0
     assert "bits per layer for keys" in res["methods"]["auto:budget=3:block=32:context=48"]["cache"]
+
+
+def test_first_use_of_a_per_head_budget_measures_the_head_shares_beside_its_calibration(tiny_folder, tmp_path,
+                                                                                         monkeypatch):
+    """What `make bench` does on a fresh machine for `auto-6x` (heads=8): prepare() with a tokenizer measures the budget
+    calibration, then each KV head's share, into the calibration folder, and the cache names the file it read."""
+    import copy
+    import glob
+
+    from kvshrink import from_method, prepare
+
+    monkeypatch.delenv("KVSHRINK_AUTO_CALIBRATION", raising=False)
+    monkeypatch.setenv("KVSHRINK_CALIB_DIR", str(tmp_path / "calib"))
+    corpus = tmp_path / "words.txt"
+    words = torch.randint(0, 125, (5000,), generator=torch.Generator().manual_seed(0))
+    corpus.write_text(" ".join(f"w{int(i)}" for i in words))
+    model, tok = load_model(tiny_folder)
+    name = "auto:budget=3:block=32:context=48:heads=1"
+    model = prepare(copy.deepcopy(model), name, tok, str(corpus))
+    shares = glob.glob(str(tmp_path / "calib" / "auto-*-heads1.safetensors"))
+    assert len(shares) == 1
+    cache = from_method(name, model)
+    assert f"allocated per KV head by the shares in {shares[0]}" in cache.describe()
