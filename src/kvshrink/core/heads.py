@@ -118,11 +118,6 @@ def heads_of(parts: list, bounds: list[tuple[int, int]]) -> HeadGroups:
     return (BesideGroups if any(hasattr(p, "saved_parts") for p in parts) else HeadGroups)(parts, bounds)
 
 
-def layer_parts(layer) -> list:
-    """The layers that hold a layer's tokens: its parts where its heads are in groups, else the layer itself."""
-    return layer.layer_parts() if isinstance(layer, HeadGroups) else [layer]
-
-
 class GroupStates:
     """What a layer in head groups hands the attention: per group, its part's states (or its (keys, values) where
     the part returned plain tensors), each attended with its query heads' rows."""
@@ -130,11 +125,14 @@ class GroupStates:
     def __init__(self, parts: list, bounds: list[tuple[int, int]]):
         self.parts, self.bounds = parts, bounds
 
-    def attend(self, module, query: torch.Tensor, mask, scaling=None, softcap=None):
+    def rows(self, query: torch.Tensor) -> list:
+        """(part's states, its query heads' rows) per group, query (B, Hq, ...)."""
         g = query.shape[1] // self.bounds[-1][1]
+        return [(part, query[:, a * g:b * g]) for part, (a, b) in zip(self.parts, self.bounds)]
+
+    def attend(self, module, query: torch.Tensor, mask, scaling=None, softcap=None):
         outs = []
-        for part, (a, b) in zip(self.parts, self.bounds):
-            q = query[:, a * g:b * g]
+        for part, q in self.rows(query):
             if isinstance(part, tuple):
                 out = plain_attention(module, q, part[0], part[1], mask, scaling, softcap)[0]
             else:

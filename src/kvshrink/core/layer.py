@@ -77,6 +77,11 @@ class StoreLayer(CacheLayerMixin):
         """Tokens the layer holds now."""
         raise NotImplementedError
 
+    def layer_parts(self) -> list:
+        """The layers that hold this layer's tokens: itself, or its parts where its KV heads are in groups
+        (core/heads.py)."""
+        return [self]
+
     def calibrated(self) -> list[torch.Tensor]:
         """What a calibration gave the layer beyond its codecs (a basis its stores' coordinates are in): a saved
         cache is read back only by a layer with the same (core/saved.py)."""

@@ -247,5 +247,5 @@ def build(config: BudgetConfig, model, method: str) -> BudgetCache:
     elif attend == "fused":
         require_kvshrink_attention(model.config, method)
     return BudgetCache(model.config, c.allocation, c.path, config.block, c.data, c.found, c.tables, c.vectors,
-                       c.shares, sink=config.sink, window=config.window, attend=attend, splits=config.splits, method=method,
-                       window_codec=c.recent)
+                       c.shares, sink=config.sink, window=config.window, attend=attend, splits=config.splits,
+                       method=method, window_codec=c.recent)

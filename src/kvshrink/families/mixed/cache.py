@@ -30,7 +30,7 @@ import torch
 from ...attention.function import require_kvshrink_attention, use_kvshrink_attention
 from ...attention.split import SplitStates
 from ...codecs.quant import IntQuant
-from ...core.heads import layer_parts
+from ...core.heads import GroupStates
 from ...core.importance import ObservedWindow, rows_of
 from ...core.layer import FUSED_QUERIES
 from ...core.store import half_checked
@@ -246,7 +246,7 @@ class Classes:
         self.high, self.mixed = high, mixed
         self.layer_shares = list(shares) if shares is not None else [mixed.share] * len(self.layers)
         for i, layer in enumerate(self.layers):
-            for part in layer_parts(layer):  # a layer in KV-head groups (core/heads.py): each part keeps its classes
+            for part in layer.layer_parts():  # a layer in KV-head groups (core/heads.py): each part keeps its classes
                 part.setup(high, mixed, self.layer_shares[i], seed=i)
 
     def head_agnostic(self) -> bool:
@@ -254,17 +254,17 @@ class Classes:
 
     def class_shares(self) -> list[float]:
         """Per layer, the share of the coded tokens (those that left the window) held in the high class."""
-        return [_mean([p.high_tokens() / p.left if getattr(p, "left", 0) else 0.0 for p in layer_parts(layer)])
+        return [_mean([p.high_tokens() / p.left if getattr(p, "left", 0) else 0.0 for p in layer.layer_parts()])
                 for layer in self.layers]
 
     def demotions(self) -> list[float]:
         """Per layer, the tokens re-coded down from the high class so far (per head, the mean over heads)."""
-        return [_mean([getattr(p, "demoted", 0.0) for p in layer_parts(layer)]) for layer in self.layers]
+        return [_mean([getattr(p, "demoted", 0.0) for p in layer.layer_parts()]) for layer in self.layers]
 
     def high_mass(self) -> list[float]:
         """Per layer, the share of the observed attention (summed over heads and the tokens that left the window)
         that went to tokens now in the high class: how much of what attention found the high class holds."""
-        return [_mean([p.mass.share() for p in layer_parts(layer)]) for layer in self.layers]
+        return [_mean([p.mass.share() for p in layer.layer_parts()]) for layer in self.layers]
 
     def fill_reference(self, states) -> None:
         """Fill from an uncompressed prefill's states and its captured last queries (eval/needle.py), as a prefill
@@ -274,11 +274,10 @@ class Classes:
             raise KvshrinkError("an importance-aware cache is filled from prefill states with captured queries")
         for i, (k, v) in enumerate(states):
             st, _ = self.update(k, v, i)
-            parts, bounds = layer_parts(self.layers[i]), getattr(self.layers[i], "bounds", [(0, k.shape[1])])
-            sts = getattr(st, "parts", [st])  # a layer in head groups: each part with its query heads' rows
-            g = queries[i].shape[1] // k.shape[1]
-            for part, (a, b), one in zip(parts, bounds, sts):
-                part.observe_queries(queries[i][:, a * g:b * g], one.keys, one.t)
+            # a layer in head groups: each part observes its query heads' rows
+            pieces = st.rows(queries[i]) if isinstance(st, GroupStates) else [(st, queries[i])]
+            for part, (one, q) in zip(self.layers[i].layer_parts(), pieces):
+                part.observe_queries(q, one.keys, one.t)
 
     def classes_described(self) -> str:
         """The high class: its share (per layer where spread), codes, how it is picked and re-ranked."""

@@ -23,7 +23,7 @@ from ...codecs.joint import JointKeys
 from ...codecs.quant import IntQuant
 from ...codecs.vector import VectorQuant
 from ...core.cache import KVCache
-from ...core.heads import HeadGroups, heads_of, layer_parts
+from ...core.heads import HeadGroups, heads_of
 from ...core.layer import ATTENDS, FUSED_QUERIES, StoreLayer, check_layout, coder_pool, stage_for
 from ...core.store import TokenStore
 from ...errors import KvshrinkError
@@ -139,8 +139,8 @@ class CompressedLayer(StoreLayer):
         body = self._body()  # first: joining a forked store's shared blocks finishes its background coding
         after = []
         window_read = getattr(body, "window", None) is not None  # IntBody's; other families' bodies have none
-        # an IntBody reads the stages only where they hold the same tokens (`_stages_alike`); else they are dense
-        stage_read = self.body_reads_stage and body is not None and getattr(body, "stage", True) is not None
+        # the body reads the stages only where they hold the same tokens (`_stages_alike`); else they are dense
+        stage_read = self.body_reads_stage and body is not None and self._stages_alike()
         for store, new in ((self.k, key_states), (self.v, value_states)):
             staged = store.stage is not None and not stage_read
             parts = [store.stage_codec.decode(store.stage, torch.float32)] if staged else []
@@ -226,7 +226,7 @@ class CompressedCache(KVCache):
         self.sink, self.window, self.block = sink, window, block
         pairs = layer_codecs or [(key_codec, value_codec)] * num_layers
         layers = [self._layer(entry, sink, window, block) for entry in pairs]
-        parts = [p for layer in layers for p in layer_parts(layer)]
+        parts = [p for layer in layers for p in layer.layer_parts()]
         self.window_codec = window_codec
         if window_codec is not None:
             for layer in parts:
@@ -255,7 +255,7 @@ class CompressedCache(KVCache):
 
     def layer_parts(self) -> list:
         """Every layer that holds tokens: a layer in head groups gives its parts (core/heads.py)."""
-        return [p for layer in self.layers for p in layer_parts(layer)]
+        return [p for layer in self.layers for p in layer.layer_parts()]
 
     def nbytes(self) -> int:
         """Every tensor the layers hold, each storage once: code tables that the layers' codecs share
