@@ -29,7 +29,8 @@ class HeadGroups(StoreLayer):
         # core/saved.py writes the parts' stores, and what they keep beside them through BesideGroups
         self.saved_by_stores = all(p.saved_by_stores for p in self.parts)
         if any(hasattr(p, "saved_parts") for p in self.parts) and not isinstance(self, BesideGroups):
-            raise KvshrinkError("layers that keep tokens beside their stores are grouped by heads_of(), as BesideGroups")
+            raise KvshrinkError("layers that keep tokens beside their stores are grouped by heads_of(), as "
+                                "BesideGroups")
 
     def layer_parts(self) -> list:
         return self.parts
