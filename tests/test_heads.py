@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kvshrink import KvshrinkError, from_method, get_method, load_cache, prepare
+from kvshrink.attention.split import SplitStates
 from kvshrink.codecs.joint import JointKeys
 from kvshrink.codecs.quant import IntQuant
 from kvshrink.codecs.rvq import RVQ
@@ -237,3 +238,33 @@ def test_the_share_calibration_measures_each_head_alone(tiny_model):
     one = perturbed.kl(1, "key", body_round_trip(kc, 4, 32, slice(1, 2)))
     both = perturbed.kl(1, "key", body_round_trip(kc, 4, 32))
     assert calib.kl_k[1, 1].item() == pytest.approx(one, rel=1e-9) and one < both
+
+
+def test_a_server_batch_of_head_groups_is_one_call_per_group_and_each_sequence_gets_what_it_gets_alone(monkeypatch):
+    """A server's decode tokens over layers in head groups (serve/ragged.py): the groups' states of sequences of
+    different lengths share one batch key, one `attend_many` call per group serves them all, bit for bit what each
+    sequence's own call gives; joint keys cut to a head group are one object however often they are cut, as the
+    kernel batches joint keys by their codec."""
+    g = torch.Generator().manual_seed(5)
+    turn = tuple(10000.0 ** (-i / 8) for i in range(8))
+    basis = torch.linalg.qr(torch.randn(3, 16, 16, generator=g))[0]
+    joint = JointKeys(basis, [3] * 8 + [2] * 8, 16, turn, 3)
+    assert joint.heads(1, 3) is joint.heads(1, 3) and joint.heads(0, 1) is not joint.heads(1, 3)
+    groups = [(0, 1, IntQuant(2, "channel", 16, rotate=True, seed=1), IntQuant(3, "token", rotate=True, seed=2)),
+              (1, 3, joint.heads(1, 3), IntQuant(2, "token", rotate=True, seed=2, levels="gauss"))]
+    states, queries = [], []
+    for n in (40, 77, 130):
+        cache = CompressedCache(num_layers=1, layer_codecs=[groups], sink=4, block=16, attend="fused")
+        layer = cache.layers[0]
+        layer.update(torch.randn(1, 3, n, 16, generator=g), torch.randn(1, 3, n, 16, generator=g))
+        s, _ = layer.update(torch.randn(1, 3, 1, 16, generator=g), torch.randn(1, 3, 1, 16, generator=g))
+        states.append(s)
+        queries.append(torch.randn(1, 6, 1, 16, generator=g))
+    assert states[0].batch_key(1, None) == states[2].batch_key(1, None) is not None
+    assert states[0].batch_key(2, None) is None  # a prompt chunk: each sequence alone
+    calls, each = [], SplitStates.attend_many
+    monkeypatch.setattr(SplitStates, "attend_many", staticmethod(lambda st, *a: calls.append(len(st)) or each(st, *a)))
+    many = type(states[0]).attend_many(states, torch.cat(queries), 0.25)
+    assert many.shape == (3, 1, 6, 16) and calls == [3, 3]  # one call per group, every sequence in it
+    for s, q, got in zip(states, queries, many):
+        assert torch.equal(got[None], s.attend(None, q, None, 0.25)[0])

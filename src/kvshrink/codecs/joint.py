@@ -90,11 +90,17 @@ class JointKeys(Codec):
         return [*self.shared_tensors(), torch.tensor(self.widths)]  # two choices of equal bits differ by widths
 
     def heads(self, first: int, stop: int) -> JointKeys:
-        """The same codec over KV heads first..stop-1: its own copy of their maps back to keys (counted as its)."""
-        part = copy.copy(self)
-        part.inverse_rows = self.inverse_rows[first:stop].clone()
-        part.inverse_scale = self.inverse_scale[first:stop].clone()
-        return part
+        """The same codec over KV heads first..stop-1: its own copy of their maps back to keys (counted as its), made
+        once per slice, so that caches of one allocation share it as they share the whole codec (a server batches
+        bodies whose joint keys are one object: kernel.py's batch_key)."""
+        parts = self.__dict__.setdefault("_parts", {})
+        if (first, stop) not in parts:
+            part = copy.copy(self)
+            del part._parts  # the copy's own attribute: its slices are its own
+            part.inverse_rows = self.inverse_rows[first:stop].clone()
+            part.inverse_scale = self.inverse_scale[first:stop].clone()
+            parts[first, stop] = part
+        return parts[first, stop]
 
     def inverse(self, device=None) -> torch.Tensor:
         """(H, D, D) float32 map from coordinates back to keys, from its stored rows (made per call, not kept)."""

@@ -8,9 +8,10 @@ sequence's own cache (any kvshrink cache, compressed its own way), and returns `
 which the "kvshrink" attention calls: each sequence's queries attend to what its own cache returned
 (a states object that reads its codes in place, or plain tensors), causally, and to nothing else.
 The outputs are laid back end to end, so a token never sees another sequence's tokens. The decode
-tokens of sequences whose states allow it (`SplitStates.attend_many`: compiled kernels that take
-many sequences) are served by one kernel call per layer, not one per sequence: on 2 cores the
-Python and dispatch around each call cost more than the kernel itself (docs/serve.md).
+tokens of sequences whose states allow it (their class's `attend_many`: attention/split.py's and
+core/heads.py's, compiled kernels that take many sequences) are served by one kernel call per layer
+(per head group), not one per sequence: on 2 cores the Python and dispatch around each call cost more
+than the kernel itself (docs/serve.md).
 
 A sliding-window layer gets, per sequence, the mask transformers would build for it alone: its
 held tokens start at the layer's offset (`get_mask_sizes`, asked before the update, as transformers
@@ -25,7 +26,6 @@ import torch
 
 from ..attention.logits import plain_attention
 from ..attention.masks import sliding_mask
-from ..attention.split import SplitStates
 from ..core.store import half_checked
 
 
@@ -68,7 +68,7 @@ class RaggedStates:
 
     def attend(self, module, query: torch.Tensor, mask, scaling=None, softcap=None):
         out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-        many: dict = {}  # decode tokens whose states one call serves (SplitStates.attend_many), by key
+        many: dict = {}  # decode tokens whose states one call serves (their class's attend_many), by key
         at = 0
         for k, v, t, mask in self.parts:
             key = k.batch_key(t, mask) if hasattr(k, "batch_key") else None
@@ -80,8 +80,8 @@ class RaggedStates:
         for group in many.values():
             states, rows = zip(*group)
             rows = torch.tensor(rows)
-            out[0, rows] = SplitStates.attend_many(list(states), query[0, :, rows].transpose(0, 1)[:, :, None],
-                                                   scaling, softcap)[:, 0]
+            out[0, rows] = type(states[0]).attend_many(list(states), query[0, :, rows].transpose(0, 1)[:, :, None],
+                                                       scaling, softcap)[:, 0]
         return out, None
 
     @staticmethod

@@ -20,7 +20,7 @@ from ..quant.cache import CompressedCache
 from . import allocate, coded, heads, joint, vector
 from .config import BudgetConfig
 
-_CALIBS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {block: (calibration, path)}
+_CALIBS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {block: (calibration, path), ...}
 
 
 class BudgetCache(CompressedCache):
@@ -226,6 +226,9 @@ def allocation_for(config: BudgetConfig, model, method: str, high: allocate.High
         raise KvshrinkError(f"{method} needs the model, not its config (its allocation is calibrated on the "
                             f"weights): kvshrink.from_method({method!r}, model)")
     calib, path = calibration_for(model, config.block)
+    memo = _CALIBS.setdefault(model, {})
+    if high is None and ("allocation", config, path) in memo:  # a server builds a cache per request
+        return memo["allocation", config, path]
     spec = spec_from_config(model.config)
     found = joint_for(model, config.block, path) if config.joint else None
     tables = tables_for(model, config.block, found) if config.entropy else None
@@ -236,7 +239,10 @@ def allocation_for(config: BudgetConfig, model, method: str, high: allocate.High
                              found[0] if found else None, config.window, recent, tables[0] if tables else None,
                              config.joint1, vectors[0] if vectors else None, high, shares[0] if shares else None,
                              config.heads)
-    return Chosen(chosen, path, calib.header.get("data"), found, tables, vectors, recent, shares)
+    out = Chosen(chosen, path, calib.header.get("data"), found, tables, vectors, recent, shares)
+    if high is None:
+        memo["allocation", config, path] = out
+    return out
 
 
 def build(config: BudgetConfig, model, method: str) -> BudgetCache:
