@@ -201,6 +201,11 @@ def test_mix_auto_with_heads_apart_holds_the_bytes_expected_and_its_kernel_equal
             model(ids[:, s:s + 40], past_key_values=cache, use_cache=True)
     assert cache.fp16_nbytes() / cache.nbytes() == pytest.approx(cache.allocation.ratio, rel=1e-9)
     assert all(0 < s <= 0.11 for s in cache.class_shares())  # each part keeps its own heads' high class
+    grouped = next(i for i, layer in enumerate(cache.layers) if isinstance(layer, HeadGroups))
+    spec = spec_from_config(model.config)
+    kv = torch.zeros(1, spec.num_kv_heads, 1, spec.head_dim)
+    states, _ = copy.deepcopy(cache).update(kv, kv, grouped)
+    assert states.batch_key(1, None) is None  # a server serves its parts (scored states) one sequence at a time
     ref = cache.decoding_copy()
     gen = [torch.randint(3, 128, (1, 1), generator=torch.Generator().manual_seed(i)) for i in range(12)]
     with torch.no_grad():

@@ -144,7 +144,7 @@ class GroupStates:
     def batch_key(self, t: int, mask) -> tuple | None:
         """Equal for layers whose groups `attend_many` serves together (the same bounds, and each part's own key: a
         server's sequences of one method), else None."""
-        keys = [None if isinstance(part, tuple) else part.batch_key(t, mask) for part in self.parts]
+        keys = [part.batch_key(t, mask) if hasattr(part, "batch_key") else None for part in self.parts]
         if any(key is None for key in keys):
             return None
         return GroupStates, tuple(self.bounds), tuple(keys)
