@@ -85,13 +85,13 @@ def main():
         prepared = kvshrink.prepare(model, a.method, tok)
         cache = kvshrink.from_method(a.method, prepared)
         prepared(ids, past_key_values=cache, use_cache=True)
-        for i, layer in enumerate(cache.layers):
-            ERR[i] = (layer.k.decoded(torch.float32) - exact.layers[i].keys,
-                      layer.v.decoded(torch.float32) - exact.layers[i].values)
+        for i, layer in enumerate(cache.layers):  # a layer in KV-head groups (heads=N): its parts side by side
+            ERR[i] = tuple(torch.cat([getattr(p, s).decoded(torch.float32) for p in layer.layer_parts()], 1) - x
+                           for s, x in (("k", exact.layers[i].keys), ("v", exact.layers[i].values)))
         model.set_attn_implementation("study")
         target = ids[0, 1:]
         base = -ref.gather(1, target[:, None]).mean()
-        n, heads = len(cache.layers), cache.layers[0].k.sink.shape[1]
+        n, heads = len(cache.layers), model.config.num_key_value_heads
         runs = [dict(layers=range(n), heads=None, kinds="kv", bias=False)]
         runs += [dict(layers=range(n), heads=None, kinds="kv", bias=True)] if a.bias else []
         cells = [tuple(int(v) for v in x.split(":")) for x in a.exact.split(",") if x]
