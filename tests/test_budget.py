@@ -271,14 +271,23 @@ def test_allocation_never_worse_than_uniform_widths_at_their_bytes(calibrated, t
 
 
 @settings(max_examples=60, deadline=None)
-@given(w=st.lists(st.floats(1e-4, 1e3), min_size=4, max_size=32), bits=st.integers(2, 5), floor=st.sampled_from([0, 2]))
-def test_joint_widths_fit_never_rise_and_beat_uniform(w, bits, floor):
-    w = sorted(w, reverse=True)
+@given(w=st.lists(st.floats(1e-4, 1e3), min_size=4, max_size=32), halves=st.integers(1, 10),
+       floor=st.sampled_from([0, 2]))
+def test_joint_widths_fit_never_rise_and_beat_uniform(w, halves, floor):
+    w, bits = sorted(w, reverse=True), halves / 2  # rates in halves, as J0.5, J1.5, J2.5
+    if floor * len(w) > bits * len(w):
+        with pytest.raises(KvshrinkError, match="cannot code"):
+            J.spend(w, bits * len(w), floor)
+        return
     b = J.spend(w, bits * len(w), floor)
     assert sum(b) <= bits * len(w) and b == sorted(b, reverse=True) and set(b) <= set(J.WIDTHS)
     assert floor == 0 or min(b) >= floor
     cost = sum(x * J.DIST[y] for x, y in zip(w, b))
-    assert cost <= sum(x * J.DIST[bits] for x in w) * (1 + 1e-9)  # uniform widths are one feasible point
+    if bits in J.DIST:  # uniform widths are one feasible point
+        assert cost <= sum(x * J.DIST[bits] for x in w) * (1 + 1e-9)
+    # half a bit a channel more never costs more (the spend at the lower rate stays feasible)
+    more = J.spend(w, (bits + 0.5) * len(w), floor)
+    assert sum(x * J.DIST[y] for x, y in zip(w, more)) <= cost * (1 + 1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -297,10 +306,16 @@ def test_joint_calibration_measures_each_choice(joint_calibrated, tiny_model):
     for j, (bits, floor) in enumerate(J.CHOICES):
         w = calib.widths[:, j]
         assert (w.sum(-1) <= bits * d).all() and (w[:, 1:] <= w[:, :-1]).all() and (w >= floor).all()
-        # the row of bits x head_dim bits a token, a float16 min and step per axis and block
-        assert torch.allclose(calib.bytes[:, j], torch.tensor(h * (d * bits / 8 + 4 * d / 32), dtype=torch.float64))
+        # the widths' bits a token (nothing padded), a float16 min per axis and step per coded axis and block
+        coded = (w > 0).sum(-1).double()
+        assert torch.allclose(calib.bytes[:, j], h * (w.sum(-1).double() / 8 + 2 * (d + coded) / 32))
     two, four = J.CHOICES.index((2, 0)), J.CHOICES.index((4, 0))
     assert (calib.proxy[:, four] < calib.proxy[:, two]).all()  # more bits, less loss
+    # the half-bit steps sit between their neighbours in bytes: the allocator's finer steps
+    rates = sorted(b for b, f in J.CHOICES if f == 0)
+    assert rates == [0.5, 1, 1.5, 2, 2.5, 3, 4]
+    by_rate = [calib.bytes[:, J.CHOICES.index((r, 0))] for r in rates]
+    assert all((a < b).all() for a, b in zip(by_rate, by_rate[1:]))
 
 
 def test_joint_bases_average_the_queries_over_the_models_whole_context(tiny_model):
@@ -323,6 +338,7 @@ def test_joint_keys_at_one_bit_a_channel_only_where_offered(calibrated, joint_ca
     one, two = J.CHOICES.index(J.ONE_BIT), J.CHOICES.index((2, 0))
     joint.proxy = joint.proxy.clone()
     joint.proxy[:, one] = joint.proxy[:, two]  # as good as two bits, in fewer bytes
+    joint.proxy[:, [j for j, c in enumerate(J.CHOICES) if c[0] % 1]] = float("inf")  # the half steps passed by
     spec = spec_from_config(tiny_model.config)
     w = joint.widths[:, one]
     assert (w.sum(-1) <= spec.head_dim).all() and (w == 0).any(-1).all() and (w[:, 0] >= 2).all()
@@ -334,6 +350,31 @@ def test_joint_keys_at_one_bit_a_channel_only_where_offered(calibrated, joint_ca
     assert "J1" in on.describe()
     with pytest.raises(KvshrinkError, match="joint1=true offers a joint-basis key choice: it needs joint=true"):
         BudgetConfig(joint1=True).check()
+
+
+def test_half_bit_joint_steps_are_taken_where_they_pay_and_never_raise_the_proxy(calibrated, joint_calibrated,
+                                                                                 tiny_model):
+    """J0.5, J1.5 and J2.5 (steps of half a bit between the others): the same budget with them passed by (their proxy
+    infinite) never reaches a lower summed proxy than with them on offer, and where a half step is made lossless, the
+    allocator takes it."""
+    calib = copy.copy(calibrated[0])
+    calib.proxy_k = torch.where(torch.isfinite(calib.proxy_k), 1.0, calib.proxy_k)  # the menu's keys made costly
+    spec = spec_from_config(tiny_model.config)
+    halves = [J.CHOICES.index(c) for c in J.CHOICES if c[0] % 1]
+    assert [J.CHOICES[j] for j in halves] == [(0.5, 0), (1.5, 0), (2.5, 0)]
+    without = copy.copy(joint_calibrated)
+    without.proxy = joint_calibrated.proxy.clone()
+    without.proxy[:, halves] = float("inf")
+    cheap = copy.copy(joint_calibrated)
+    cheap.proxy = torch.ones_like(joint_calibrated.proxy)  # as costly as the menu's keys
+    cheap.proxy[:, J.CHOICES.index((1.5, 0))] = 0.0  # but J1.5 lossless: no key choice is better
+    for ratio in (2.5, 3.0, 4.0):
+        off = A.choose(calib, spec, ratio, 160, 4, 32, without, joint1=True)
+        on = A.choose(calib, spec, ratio, 160, 4, 32, joint_calibrated, joint1=True)
+        assert on.proxy <= off.proxy + 1e-12
+        assert not any(k[0] == A.JOINT and k[1] % 1 for k in off.keys)
+    taken = A.choose(calib, spec, 3.0, 160, 4, 32, cheap, joint1=True)
+    assert all(tuple(k) == (A.JOINT, 1.5, 0) for k in taken.keys) and "J1.5" in taken.describe()
 
 
 def test_cache_with_joint_keys_holds_the_bytes_expected_and_the_kernel_reads_them(calibrated, joint_calibrated,

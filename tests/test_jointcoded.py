@@ -80,8 +80,8 @@ def test_same_keys_as_fixed_width_and_the_bytes_the_codes_take(bits, seed, block
     t = p.tensors
     assert t["stream"].numel() == payload + TAIL
     assert t["starts"].dtype == torch.int32 and t["starts"].shape == (2, 2, blocks, len(fixed.classes))
-    # bytes: streams, a 4-byte offset each, a float16 min and step per axis and block; nothing else per token
-    assert p.nbytes() == payload + TAIL + 4 * streams + 2 * 2 * blocks * 2 * 2 * D
+    # bytes: streams, a 4-byte offset each, a float16 min per axis and step per coded axis and block; nothing else
+    assert p.nbytes() == payload + TAIL + 4 * streams + 2 * 2 * blocks * 2 * (D + fixed.coded)
     assert set(map(id, tables.tensors())) <= set(map(id, coded.shared_tensors()))  # the tables counted
 
 

@@ -262,7 +262,7 @@ def test_calibrate_auto_then_bench_meets_the_ratio(tiny_folder, tmp_path, capsys
                  "--length", "36", "--block", "32", "--out", str(calib)])
     printed = capsys.readouterr().out
     assert code == 0 and calib.exists() and "auto calibration: 36 tokens" in printed
-    tables = tmp_path / "auto-joint6-coded2.safetensors"  # entropy=true's code tables, beside the joint calibration
+    tables = tmp_path / "auto-joint7-coded2.safetensors"  # entropy=true's code tables, beside the joint calibration
     assert tables.exists() and "key code tables: " in printed and str(tables) in printed
     vectors = tmp_path / "auto-vq1.safetensors"  # vector=true's codebooks and losses, beside the budget calibration
     assert vectors.exists() and "vector value calibration: " in printed and str(vectors) in printed

@@ -11,11 +11,12 @@ Layout per block of `group` tokens and head, axes in the basis's order (falling 
 axis for all heads of the layer, widths not rising along the axes, so that every head's codes have one size:
 - `codes`: per width class (the consecutive axes of one width), the class's axes x the block's tokens,
   axis-major (each axis's `group` codes end to end, a whole number of bytes), packed at that width; classes
-  end to end, then zero bytes up to `bits` x head_dim bits a token (the kernel's row; counted). Axis-major
+  end to end: sum(widths) bits a token, nothing padded (whole bytes a group). Axis-major
   because the kernel forms a block's keys per axis, one (min, step) pair over all its tokens: token-major
   classes of a few axes each made `auto-6x` decode 1.3x slower than with the menu's keys;
-- `min`, `scale`: float16 per axis (uniform codes over the block, min rounded down and step up as IntQuant's;
-  a 0-bit axis holds its mean as min and a zero step).
+- `min`: float16 per axis (uniform codes over the block, rounded down as IntQuant's; a 0-bit axis holds its
+  mean); `scale`: float16 per coded axis (the first `coded` ones, rounded up): a 0-bit axis holds no step. At
+  J0.5 about 54 of 64 axes are uncoded, and their zero steps took 12% of its bytes.
 The codec holds the map from basis coordinates back to keys, (kv_heads, head_dim, head_dim), as int8 rows
 with a float16 scale each (4.2 KB a head where float16 took 8 KB; on the bundled model at 2,048 tokens the
 float16 maps took 9% of an `auto-6x` cache). Decoding and the kernel's query map read it (`inverse()`), and
@@ -39,12 +40,13 @@ from .spin import turn
 
 class JointKeys(Codec):
     """Per-head basis keys with per-axis widths (module docstring). inverse: (H, D, D) with
-    key = coordinates @ inverse[h]; widths: D ints, 0 or 1..8, not rising; bits: the average width
-    (a whole number, the row the kernel reads: sum(widths) <= bits * D)."""
+    key = coordinates @ inverse[h]; widths: D ints, 0 or 1..8, not rising; rate: the average width the widths
+    were spent for (sum(widths) <= rate * D; in halves: J0.5, J1.5 and J2.5 give the budget finer steps), `bits`
+    its whole bits up (what a still-filling group is staged for, core/layer.stage_codec)."""
 
     axis, rotate, seed, levels, scales, uniform = "channel", False, 0, "uniform", "fp16", True
 
-    def __init__(self, inverse: torch.Tensor, widths, group: int, derope: tuple, bits: int):
+    def __init__(self, inverse: torch.Tensor, widths, group: int, derope: tuple, rate: float):
         widths = [int(w) for w in widths]
         d = inverse.shape[-1]
         if inverse.dim() != 3 or inverse.shape[-2] != d or len(widths) != d:
@@ -52,18 +54,24 @@ class JointKeys(Codec):
                                 f"got {tuple(inverse.shape)} and {len(widths)}")
         if any(not 0 <= w <= 8 for w in widths) or any(a < b for a, b in zip(widths, widths[1:])):
             raise KvshrinkError(f"joint key widths must be 0..8 and not rising, got {widths}")
-        if not isinstance(bits, int) or not 1 <= bits <= 8 or sum(widths) > bits * d:
-            raise KvshrinkError(f"joint keys of widths summing to {sum(widths)} do not fit {bits!r} bits a channel")
+        if (not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 8 or rate * 2 % 1
+                or sum(widths) > rate * d):
+            raise KvshrinkError(f"joint keys of widths summing to {sum(widths)} do not fit {rate!r} bits a channel "
+                                "(a rate of 0.5 to 8 in halves)")
         if not derope or group < 1:
             raise KvshrinkError("joint keys are turned back within token groups: they need RoPE frequencies and a group")
+        if sum(widths) * group % 8:
+            raise KvshrinkError(f"joint keys of widths summing to {sum(widths)} leave a group of {group} tokens in "
+                                "part of a byte")
         inverse = inverse.float()
         scale = (inverse.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12).to(torch.float16)
         self.inverse_rows = (inverse / scale.float()).round().clamp(-127, 127).to(torch.int8)
         self.inverse_scale = scale
-        self.widths, self.group, self.bits = widths, group, bits
+        self.widths, self.group, self.rate = widths, group, float(rate)
+        self.bits = int(np.ceil(rate))
         self.derope = tuple(float(f) for f in derope)
         self.block_tokens = group
-        self.name = f"joint{bits}"
+        self.name = f"joint{rate:g}"
         # (first axis, axes, width) of each coded class, in order
         self.classes = []
         for j, w in enumerate(widths):
@@ -81,7 +89,7 @@ class JointKeys(Codec):
         return np.array(self.classes or [(0, 0, 0)], dtype=np.int64).reshape(-1, 3)
 
     def describe(self) -> str:
-        return f"joint-basis keys, {self.bits} bits a channel ({self.coded} of {len(self.widths)} axes coded) -rope"
+        return f"joint-basis keys, {self.rate:g} bits a channel ({self.coded} of {len(self.widths)} axes coded) -rope"
 
     def shared_tensors(self) -> list[torch.Tensor]:
         return [self.inverse_rows, self.inverse_scale]
@@ -112,11 +120,13 @@ class JointKeys(Codec):
         return torch.linalg.inv(self.inverse()).to(device)
 
     def row_bytes(self, tokens: int) -> int:
-        return tokens * self.bits * len(self.widths) // 8
+        """Code bytes of `tokens` tokens (whole groups): their classes' codes, nothing padded."""
+        return tokens * sum(self.widths) // 8
 
     def quantize(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(codes (B, H, blocks, D, group) uint8, each axis's codes end to end; min, step (B, H, blocks, D)
-        float16) of x (B, H, tokens, D): the symbols and parameters every layout of these keys stores."""
+        """(codes (B, H, blocks, D, group) uint8, each axis's codes end to end; min (B, H, blocks, D) and step
+        (B, H, blocks, coded) float16) of x (B, H, tokens, D): the symbols and parameters every layout of these keys
+        stores."""
         b, h, t, d = x.shape
         if block % self.group or t % block or d != len(self.widths) or h != self.inverse_rows.shape[0]:
             raise KvshrinkError(f"joint keys of {self.inverse_rows.shape[0]} heads x {len(self.widths)} channels in groups of "
@@ -135,7 +145,9 @@ class JointKeys(Codec):
         safe = torch.where(step > 0, step.float(), torch.ones_like(step, dtype=torch.float32))
         codes = ((y - mn.float()[:, :, :, None]) / safe[:, :, :, None]).round_().clamp_(min=0)
         codes = torch.minimum(codes, qmax).to(torch.uint8)
-        return codes.transpose(-1, -2).contiguous(), mn.contiguous(), step.contiguous()
+        # a copy of the coded axes' steps: a slice (even an empty one) would hold the whole step tensor's storage
+        return (codes.transpose(-1, -2).contiguous(), mn.contiguous(),
+                step[..., :self.coded].clone(memory_format=torch.contiguous_format))
 
     def encode(self, x: torch.Tensor, block: int) -> Packed:
         axes, mn, step = self.quantize(x, block)
@@ -147,7 +159,7 @@ class JointKeys(Codec):
         return Packed({"codes": body.contiguous(), "min": mn, "scale": step}, block, len(self.widths))
 
     def params(self, tensors: dict, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(min, step) per block and axis, as the int kernel reads them."""
+        """(min per block and axis, step per block and coded axis), as stored."""
         return tensors["min"].to(dtype), tensors["scale"].to(dtype)
 
     def decode(self, packed: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ Layout of one encode call (`StreamPacked`):
   (a coded class's Huffman codes, or a packed class's fixed-width codes), end to end, then TAIL spare bytes the
   decoder may read past the last one;
 - `starts`: int32 (B, H, blocks, classes), the byte offset of each stream (4 bytes a stream, counted);
-- `min`, `scale`: float16 per axis and block, as JointKeys.
+- `min`, `scale`: float16 per block, per axis and per coded axis, as JointKeys.
 A class's symbols are axis-major as in JointKeys (each axis's `group` codes end to end), so the kernel forms a
 block's keys from a decoded class as it does from an unpacked one. Tables are counted by every cache that uses
 them (`shared_tensors`), once however many layers share them.
@@ -224,10 +224,10 @@ class CodedJointKeys(JointKeys):
     same symbols, the same keys decoded, fewer bytes. The coder and the reference decoder run on the host (numba);
     the int kernel decodes a tile's streams where it reads them (families/quant/kernel.py)."""
 
-    def __init__(self, inverse: torch.Tensor, widths, group: int, derope: tuple, bits: int, tables: WidthTables):
-        super().__init__(inverse, widths, group, derope, bits)
+    def __init__(self, inverse: torch.Tensor, widths, group: int, derope: tuple, rate: float, tables: WidthTables):
+        super().__init__(inverse, widths, group, derope, rate)
         self.tables = tables
-        self.name = f"joint{bits}h"
+        self.name = f"joint{rate:g}h"
         # the table of each class, -1 where packed
         self.slots = tuple(tables.table(w) for _, _, w in self.classes)
 

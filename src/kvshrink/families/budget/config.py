@@ -44,9 +44,10 @@ class BudgetConfig(Config):
     attend: str = option("auto", "decode steps: fused (compiled kernel reads the codes), decode, or auto",
                          ("auto", "fused", "decode"))
     splits: int = option(4, "parallel ranges of blocks per head in the fused kernel")
-    joint: bool = option(False, "offer joint-basis keys (a calibrated basis per KV head, bits per axis) beside the "
-                                "menu's key codes (on in auto-6x and auto-8x, where they measured better; at 4x "
-                                "the allocator over-trusts them, docs/budget.md)")
+    joint: bool = option(False, "offer joint-basis keys (a calibrated basis per KV head, bits per axis; 0.5 to 4 bits "
+                                "a channel in steps of half a bit) beside the menu's key codes (on in auto-6x and "
+                                "auto-8x, where they measured better; at 4x the allocator over-trusts them, "
+                                "docs/budget.md)")
     joint1: bool = option(False, "offer joint-basis keys at one bit a channel (about 24 of 64 axes coded, the rest their "
                                  "block's mean; on in auto-8x, where it halved the perplexity change; needs joint=true)")
     entropy: bool = option(False, "entropy-code the joint-basis keys' symbols and the turned 2- and 3-bit menu keys' "

@@ -37,12 +37,14 @@ from ...errors import KvshrinkError
 from ...spec import spec_from_config
 from .config import RECENT
 
-FORMAT = "kvshrink-budget-joint-6"  # 2: int8 maps; 3: statistics over the whole context; 4: RECENT 32; 5: RECENT 16;
-# 6: one bit a channel (1, 0)
+FORMAT = "kvshrink-budget-joint-7"  # 2: int8 maps; 3: statistics over the whole context; 4: RECENT 32; 5: RECENT 16;
+# 6: one bit a channel (1, 0); 7: half-bit steps (0.5, 1.5, 2.5), no steps held for 0-bit axes (bytes)
 LONGEST = 32768  # block starts M is averaged over, at most (a longer context's slowest pairs barely turn more)
 # (bits a channel on average, least bits an axis). (1, 0): about 24 of 64 axes at 3 to 5 bits, the rest their block's
 # mean: 3-4x J2's KL in 43-57% of its bytes, which auto-8x spends on values (docs/budget.md, "One bit a channel")
-CHOICES = ((2, 0), (3, 0), (3, 2), (4, 0), (4, 2), (1, 0))
+# (0.5, 0), (1.5, 0), (2.5, 0): steps of half a bit between the others, 32 bits a token and head where J1 -> J2 was 64:
+# 9-10% less KL in auto-6x and auto-8x on the protocol (docs/budget.md, "Half-bit steps for joint keys")
+CHOICES = ((2, 0), (3, 0), (3, 2), (4, 0), (4, 2), (1, 0), (0.5, 0), (1.5, 0), (2.5, 0))
 ONE_BIT = (1, 0)  # offered where the configuration asks (`joint1`: on in auto-8x; at 6x its Δppl measured worse)
 WIDTHS = (0, 2, 3, 4, 5, 6, 8)
 # squared error of uniform min/max codes over a block of 128 Gaussian samples, in variances (0 bits: the mean)
@@ -215,7 +217,7 @@ def items(calib: JointCalibration, layer: int, coded: int, staged: int, stage_by
     per_token: the choices' bytes per coded token where they are not the calibration's (entropy-coded, coded.py).
     one_bit: whether ONE_BIT is offered (else its proxy is infinite: the allocator passes it by)."""
     per_token = calib.bytes[layer] if per_token is None else per_token
-    held = [coded * float(per_token[j]) + staged * stage_bytes(bits) + calib.fixed_bytes(layer)
+    held = [coded * float(per_token[j]) + staged * stage_bytes(int(np.ceil(bits))) + calib.fixed_bytes(layer)
             for j, (bits, _) in enumerate(CHOICES)]
     proxy = np.array([p if one_bit or c != ONE_BIT else np.inf for p, c in zip(calib.proxy[layer].tolist(), CHOICES)])
     return proxy, np.array(held)

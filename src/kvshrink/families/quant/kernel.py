@@ -154,6 +154,21 @@ def _tile_params(p, r0, rows, mn, sc):
     k = rows * mn.shape[1]  # the rows are contiguous: one flat pass (a loop per row of one number was 7% slower)
     bm, bs = pmn[r0:r0 + rows].reshape(-1), psc[r0:r0 + rows].reshape(-1)
     om, os_ = mn.reshape(-1)[:k], sc.reshape(-1)[:k]
+    w = psc.shape[1] // _BYTES[fmt]
+    if w < mn.shape[1]:  # joint-basis keys: steps for the coded axes only (the first w), the others' zero
+        os_[:] = 0.0
+        wide = mn.shape[1]
+        for r in range(rows):
+            row = os_[r * wide:r * wide + w]
+            if fmt == F32:
+                row[:] = bs[r * w * 4:(r + 1) * w * 4].view(np.float32)
+            else:
+                half_to_float(bs[r * w * 2:(r + 1) * w * 2], w, row)
+        if fmt == F32:
+            om[:] = bm.view(np.float32)
+        else:
+            half_to_float(bm, k, om)
+        return
     if fmt == F32:
         om[:] = bm.view(np.float32)
         os_[:] = bs.view(np.float32)
@@ -185,6 +200,9 @@ def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, v
     vbook (K, r): vector-level values (codecs/vector.py), a byte a run of r coordinates; else (0, 1)."""
     nr, d = qb.shape
     krow = d * kbits // 8  # code bytes per token (supported(): whole bytes)
+    jbits = 0  # joint-basis keys: code bits a token, their classes' (whole bytes a block; J1.5 is 12 bytes a token)
+    for c in range(kcls.shape[0]):
+        jbits += kcls[c, 1] * kcls[c, 2]
     vrow = d * vbits // 8
     kw = d // kgroups
     vw = d // vgroups
@@ -235,7 +253,7 @@ def _span(qb, qt, vis, lo, hi, n, kc, kp, kb, kgroups, kbits, vc, vp, vgroups, v
                 blk = kq  # the tile's parameter rows start at its first block
                 nk, at = min(kb, cnt - kq * kb), kq * kb * d
                 if kcls.shape[0]:  # joint-basis keys: each width class unpacked and formed, then the means
-                    off = (t0 + kq * kb) * krow
+                    off = (t0 + kq * kb) * jbits // 8
                     last = 0
                     for c in range(kcls.shape[0]):
                         a0, na, bw = kcls[c, 0], kcls[c, 1], kcls[c, 2]
@@ -700,22 +718,25 @@ def _padded(codec: IntQuant, bodies: list, n_max: int):
         return _operands(codec, bodies[0][0])  # one sequence's one body (a decode step's stage, window): as held
     codes = mn = sc = None
     for b, parts in enumerate(bodies):  # numpy views: a torch op per part would cost more than the copy
-        at_c = at_m = 0  # where the next part goes: code bytes, parameters
+        at_c = at_m = at_s = 0  # where the next part goes: code bytes, minimums, steps
         for p in parts:
             c, m, s = _views(codec, p, h)
             if codes is None:
                 n = p.num_tokens
-                row, params = c.shape[1] // n, m.shape[1] * tg // n  # code bytes per token, numbers per group
-                codes = np.zeros((len(bodies), h, n_max * row), dtype=np.uint8)
+                # code bytes and parameters per group (a joint key's token may hold part of a byte: J1.5 at 16 wide;
+                # its steps are for the coded axes only)
+                row, params, steps = c.shape[1] * tg // n, m.shape[1] * tg // n, s.shape[1] * tg // n
+                codes = np.zeros((len(bodies), h, n_max // tg * row), dtype=np.uint8)
                 mn = np.zeros((len(bodies), h, n_max // tg * params), dtype=np.float32)
-                sc = np.zeros_like(mn)
+                sc = np.zeros((len(bodies), h, n_max // tg * steps), dtype=np.float32)
             codes[b, :, at_c:at_c + c.shape[1]] = c
             mn[b, :, at_m:at_m + m.shape[1]] = m
-            sc[b, :, at_m:at_m + s.shape[1]] = s
+            sc[b, :, at_s:at_s + s.shape[1]] = s
             at_c += c.shape[1]
             at_m += m.shape[1]
-    shape = (len(bodies), h, n_max // tg, params)
-    return codes.reshape(len(bodies) * h, -1), _as_params(mn.reshape(shape), sc.reshape(shape), codec), tg, \
+            at_s += s.shape[1]
+    mn, sc = mn.reshape(len(bodies), h, n_max // tg, params), sc.reshape(len(bodies), h, n_max // tg, steps)
+    return codes.reshape(len(bodies) * h, -1), _as_params(mn, sc, codec), tg, \
         1 if codec.axis == "channel" else params
 
 
@@ -727,7 +748,7 @@ def _padded_streams(codec: CodedJointKeys, bodies: list, n_max: int):
     d, nbm = first.head_dim, n_max // codec.group
     kst = np.zeros((len(bodies), h, nbm, ncls), dtype=np.int32)
     mn = np.zeros((len(bodies), h, nbm, d), dtype=np.float32)
-    sc = np.zeros_like(mn)
+    sc = np.zeros((len(bodies), h, nbm, codec.coded), dtype=np.float32)  # steps of the coded axes only
     chunks, base = [], 0
     for b, parts in enumerate(bodies):
         at = 0
