@@ -16,7 +16,7 @@ axis for all heads of the layer, widths not rising along the axes, so that every
   classes of a few axes each made `auto-6x` decode 1.3x slower than with the menu's keys;
 - `min`: float16 per axis (uniform codes over the block, rounded down as IntQuant's; a 0-bit axis holds its
   mean); `scale`: float16 per coded axis (the first `coded` ones, rounded up): a 0-bit axis holds no step. At
-  J0.5 about 54 of 64 axes are uncoded, and their zero steps took 12% of its bytes.
+  J0.5 about 52 of 64 axes are uncoded, and their zero steps took 14% of its bytes.
 The codec holds the map from basis coordinates back to keys, (kv_heads, head_dim, head_dim), as int8 rows
 with a float16 scale each (4.2 KB a head where float16 took 8 KB; on the bundled model at 2,048 tokens the
 float16 maps took 9% of an `auto-6x` cache). Decoding and the kernel's query map read it (`inverse()`), and
