@@ -60,9 +60,6 @@ class JointKeys(Codec):
                                 "(a rate of 0.5 to 8 in halves)")
         if not derope or group < 1:
             raise KvshrinkError("joint keys are turned back within token groups: they need RoPE frequencies and a group")
-        if sum(widths) * group % 8:
-            raise KvshrinkError(f"joint keys of widths summing to {sum(widths)} leave a group of {group} tokens in "
-                                "part of a byte")
         inverse = inverse.float()
         scale = (inverse.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12).to(torch.float16)
         self.inverse_rows = (inverse / scale.float()).round().clamp(-127, 127).to(torch.int8)
@@ -81,6 +78,9 @@ class JointKeys(Codec):
                 self.classes[-1][1] += 1
         self.classes = [tuple(c) for c in self.classes]
         self.coded = sum(c[1] for c in self.classes)  # axes with codes: the first ones
+        if any(group * n * w % 8 for _, n, w in self.classes):  # the kernel and decode step over classes in bytes
+            raise KvshrinkError(f"joint keys in groups of {group} tokens leave a width class of {widths} in part of "
+                                "a byte")
 
     @property
     def class_table(self) -> np.ndarray:
@@ -119,10 +119,6 @@ class JointKeys(Codec):
         goes through exactly what decoding reads."""
         return torch.linalg.inv(self.inverse()).to(device)
 
-    def row_bytes(self, tokens: int) -> int:
-        """Code bytes of `tokens` tokens (whole groups): their classes' codes, nothing padded."""
-        return tokens * sum(self.widths) // 8
-
     def quantize(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes (B, H, blocks, D, group) uint8, each axis's codes end to end; min (B, H, blocks, D) and step
         (B, H, blocks, coded) float16) of x (B, H, tokens, D): the symbols and parameters every layout of these keys
@@ -153,9 +149,7 @@ class JointKeys(Codec):
         axes, mn, step = self.quantize(x, block)
         b, h, nb = mn.shape[:3]
         parts = [pack(axes[..., a:a + n, :].reshape(b, h, nb, n * self.group), bits) for a, n, bits in self.classes]
-        row = self.row_bytes(self.group)
-        body = torch.cat(parts, -1) if parts else axes.new_zeros(b, h, nb, 0)
-        body = torch.nn.functional.pad(body, (0, row - body.shape[-1]))
+        body = torch.cat(parts, -1) if parts else axes.new_zeros(b, h, nb, 0)  # sum(widths) x group bits, unpadded
         return Packed({"codes": body.contiguous(), "min": mn, "scale": step}, block, len(self.widths))
 
     def params(self, tensors: dict, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
