@@ -77,9 +77,9 @@ def test_calibration_measures_every_choice(calibrated, tiny_model):
         assert (calib.proxy_k[:, turned] != calib.proxy_k[:, plain]).any() and (calib.proxy_k[:, turned] >= 0).all()
     one, three = A.VALUE_MENU.index((1, True, None, "uniform")), A.VALUE_MENU.index((3, True, None, "uniform"))
     assert (calib.proxy_v[:, three] < calib.proxy_v[:, one]).all() and (calib.proxy_v[:, three] > 0).all()
-    gauss = A.VALUE_MENU.index((2, True, None, "gauss"))  # 8-bit scales: 2 bytes a token and head fewer
+    gauss = A.VALUE_MENU.index((2, True, None, "gauss"))  # one 8-bit scale (the RMS): 3 bytes a token and head fewer
     uni = A.VALUE_MENU.index((2, True, None, "uniform"))
-    assert torch.equal(calib.bytes_v[:, gauss], calib.bytes_v[:, uni] - 2 * h)
+    assert torch.equal(calib.bytes_v[:, gauss], calib.bytes_v[:, uni] - 3 * h)
     assert (calib.proxy_v[:, gauss] != calib.proxy_v[:, uni]).all() and (calib.proxy_v[:, gauss] > 0).all()
 
 

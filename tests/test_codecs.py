@@ -7,16 +7,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvshrink.codecs import scales as scales8
 from kvshrink.codecs.base import Fp16
 from kvshrink.codecs.fewrows import FEW, few_rows
-from kvshrink.codecs.hadamard import rotation
-from kvshrink.codecs import scales as scales8
+from kvshrink.codecs.hadamard import rotation, rotation_on
 from kvshrink.codecs.levels import GAUSS_BITS, KINDS, gauss
 from kvshrink.codecs.packing import pack, packed_length, unpack
 from kvshrink.codecs.quant import IntQuant
 from kvshrink.codecs.spin import turn
 from kvshrink.errors import KvshrinkError
 from kvshrink.families.quant.config import LEVELS, QuantConfig
+
+# names of Gaussian levels with byte scales in the parametrized tests: (levels, scales)
+SCALED = {"gauss8": ("gauss", "8bit"), "gaussrms": ("gauss", "rms8")}
 
 
 @settings(max_examples=60, deadline=None)
@@ -170,7 +173,7 @@ def test_decode_into_a_slice_equals_plain_decode(codec):
 @settings(max_examples=80, deadline=None)
 @given(bits=st.integers(1, 8), group=st.sampled_from([None, 8, 16]), rotate=st.booleans(),
        exponent=st.floats(-9, 4), kind=st.sampled_from(["normal", "halves", "zeros", "negative", "constant"]),
-       levels=st.sampled_from(["uniform", "gauss", "gauss8"]), seed=st.integers(0, 2**16))
+       levels=st.sampled_from(["uniform", "gauss", "gauss8", "gaussrms"]), seed=st.integers(0, 2**16))
 def test_compiled_per_token_coding_is_the_pytorch_coding(bits, group, rotate, exponent, kind, levels, seed):
     """codecs/fastquant.py (a few tokens, what a decode step codes) against the PyTorch path: the same
     codes, steps and minimums (or means, deviations and their 8-bit codes) bit for bit (a zero minimum may
@@ -179,7 +182,7 @@ def test_compiled_per_token_coding_is_the_pytorch_coding(bits, group, rotate, ex
 
     if levels != "uniform" and bits > 4:
         bits = 1 + bits % 4
-    levels, scales = ("gauss", "8bit") if levels == "gauss8" else (levels, "fp16")
+    levels, scales = SCALED.get(levels, (levels, "fp16"))
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, 2, 64, generator=g) * 10.0 ** exponent
@@ -207,7 +210,8 @@ def test_compiled_per_token_coding_is_the_pytorch_coding(bits, group, rotate, ex
         return
     fast = codec.encode(x, 1)
     assert fast.meta == slow.meta and fast.block == slow.block
-    for name in ("codes", "scale", "min"):
+    assert set(fast.tensors) == set(slow.tensors) == ({"codes", "scale"} | ({"min"} if scales != "rms8" else set()))
+    for name in fast.tensors:
         a, b = fast.tensors[name], slow.tensors[name]
         assert a.shape == b.shape and a.dtype == b.dtype
         if a.dtype == torch.float16:
@@ -218,7 +222,8 @@ def test_compiled_per_token_coding_is_the_pytorch_coding(bits, group, rotate, ex
 
 @settings(max_examples=80, deadline=None)
 @given(bits=st.integers(1, 8), group=st.sampled_from([None, 8, 32]), rotate=st.booleans(),
-       levels=st.sampled_from(["uniform", "gauss", "gauss8"]), tokens=st.integers(1, 40), seed=st.integers(0, 2**16))
+       levels=st.sampled_from(["uniform", "gauss", "gauss8", "gaussrms"]), tokens=st.integers(1, 40),
+       seed=st.integers(0, 2**16))
 def test_compiled_per_token_decoding_is_the_pytorch_decoding(bits, group, rotate, levels, tokens, seed):
     """What a decode step decodes of an unfinished block (a few per-token codes: codecs/fastquant.py)
     equals the PyTorch path's values, for every width, group, level kind, scale format and rotation."""
@@ -226,7 +231,7 @@ def test_compiled_per_token_decoding_is_the_pytorch_decoding(bits, group, rotate
 
     if levels != "uniform" and bits > 4:
         bits = 1 + bits % 4
-    kind, scales = ("gauss", "8bit") if levels == "gauss8" else (levels, "fp16")
+    kind, scales = SCALED.get(levels, (levels, "fp16"))
     codec = IntQuant(bits, "token", group, rotate=rotate, seed=seed % 7, levels=kind, scales=scales)
     x = torch.randn(2, 3, tokens, 64, generator=torch.Generator().manual_seed(seed)) * 3.0
     packed = codec.encode(x, 1)
@@ -244,13 +249,14 @@ def test_compiled_per_token_decoding_is_the_pytorch_decoding(bits, group, rotate
 
 @settings(max_examples=60, deadline=None)
 @given(bits=st.integers(1, 8), group=st.sampled_from([None, 8, 32]), rotate=st.booleans(),
-       levels=st.sampled_from(["uniform", "gauss", "gauss8"]), tokens=st.integers(1, 40), seed=st.integers(0, 2**16))
+       levels=st.sampled_from(["uniform", "gauss", "gauss8", "gaussrms"]), tokens=st.integers(1, 40),
+       seed=st.integers(0, 2**16))
 def test_codes_in_their_basis_give_the_decoded_keys_dot_products(bits, group, rotate, levels, tokens, seed):
     """A coded window's logits (core/importance.py) read per-token codes in their rotated basis against the query
     turned once: the same dot products as the decoded keys', for every width, group, level kind and scale format."""
     if levels != "uniform" and bits > 4:
         bits = 1 + bits % 4
-    kind, scales = ("gauss", "8bit") if levels == "gauss8" else (levels, "fp16")
+    kind, scales = SCALED.get(levels, (levels, "fp16"))
     codec = IntQuant(bits, "token", group, rotate=rotate, seed=seed % 7, levels=kind, scales=scales)
     gen = torch.Generator().manual_seed(seed)
     packed = codec.encode(torch.randn(2, 3, tokens, 64, generator=gen) * 3.0, 1)
@@ -266,7 +272,8 @@ def test_codes_in_their_basis_give_the_decoded_keys_dot_products(bits, group, ro
 
 @pytest.mark.parametrize("levels, scales, big, message", [("uniform", "fp16", 1e6, "float16 range"),
                                                          ("gauss", "fp16", 1e6, "float16 range"),
-                                                         ("gauss", "8bit", 1e8, "range of 8-bit scales")])
+                                                         ("gauss", "8bit", 1e8, "range of 8-bit scales"),
+                                                         ("gauss", "rms8", 1e8, "range of 8-bit scales")])
 def test_compiled_coding_refuses_what_pytorch_refuses(levels, scales, big, message):
     x = torch.randn(1, 2, 1, 16)
     codec = IntQuant(2, "token", levels=levels, scales=scales)
@@ -434,6 +441,40 @@ def test_eight_bit_scales_keep_zero_and_refuse_what_they_cannot_hold():
         IntQuant(2, scales="8bit")
     with pytest.raises(KvshrinkError, match="scales=8bit needs levels=gauss"):
         QuantConfig(bits=2, scales="8bit").check()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("group", [None, 16])
+def test_root_mean_square_scales_hold_one_byte_a_group_and_add_little_error_after_a_rotation(bits, group):
+    """scales="rms8": exactly the codes and one byte a group (no "min"), levels about zero scaled by the group's
+    root mean square within 2^(1/20); on rotated values with uneven token scales and offsets, the squared error of a
+    mean and deviation in two bytes times about 1 + 1/g (a group of g Gaussian coordinates loses its sample mean):
+    within 3% for the whole head, 10% for groups of 16; a zero group decodes to zeros and a constant one keeps its
+    sign."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(1, 3, 256, 64, generator=g) * torch.rand(1, 3, 256, 1, generator=g) * 3
+    x = x + 0.3 * torch.randn(1, 3, 256, 1, generator=g)
+    x[0, 0, 5] = 0.0
+    err, size = {}, {}
+    for sc in ("8bit", "rms8"):
+        codec = IntQuant(bits, "token", group, rotate=True, seed=2, levels="gauss", scales=sc)
+        packed = codec.encode(x, 128)
+        err[sc] = float((codec.decode(packed) - x).pow(2).mean())
+        size[sc] = codec.nbytes(packed)
+    groups = 3 * 256 * (64 // (group or 64))
+    assert sorted(packed.tensors) == ["codes", "scale"] and packed.tensors["scale"].dtype == torch.uint8
+    assert size["rms8"] == 3 * 256 * 64 * bits // 8 + groups == size["8bit"] - groups
+    assert err["rms8"] < (1.03 if group is None else 1.10) * err["8bit"]
+    assert torch.equal(codec.decode(packed)[0, 0, 5], torch.zeros(64))
+    mean, rms = codec.params(packed.tensors)
+    assert torch.equal(mean, torch.zeros_like(mean))
+    z = few_rows(x, rotation_on(64, 2, x.device)).reshape(*rms.shape[:-1], -1)
+    want = z.square().mean(-1, keepdim=True).sqrt()
+    live = want > 1e-3
+    assert (rms[live] / want[live]).log2().abs().max() <= 1 / 20 + 1e-6
+    flat = IntQuant(bits, "token", group, levels="gauss", scales="rms8")
+    c = torch.full((1, 1, 1, 64), -2.5)
+    assert (flat.decode(flat.encode(c, 1)) < 0).all()
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])

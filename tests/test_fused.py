@@ -61,12 +61,15 @@ def _states(kc, vc, n, t, block, window, batch=2, seed=0, coded=False, group=3):
 
 
 TURN = tuple(10000.0 ** (-i / 8) for i in range(8))  # RoPE frequencies of a 16-wide head
-LEVELS = [("uniform", "uniform"), ("gauss", "uniform"), ("uniform", "gauss"), ("gauss", "gauss"), ("gauss8", "gauss8")]
+LEVELS = [("uniform", "uniform"), ("gauss", "uniform"), ("uniform", "gauss"), ("gauss", "gauss"), ("gauss8", "gauss8"),
+          ("uniform", "gaussrms"), ("gaussrms", "gaussrms")]
 
 
 def _lv(kind: str) -> dict:
-    """IntQuant's level options for a LEVELS name: gauss8 is Gaussian levels with 8-bit scales."""
-    return {"levels": "gauss", "scales": "8bit"} if kind == "gauss8" else {"levels": kind}
+    """IntQuant's level options for a LEVELS name: gauss8 is Gaussian levels with 8-bit scales, gaussrms with one
+    8-bit root mean square a group (no mean: the kernel reads the RMS8 format)."""
+    return {"gauss8": {"levels": "gauss", "scales": "8bit"},
+            "gaussrms": {"levels": "gauss", "scales": "rms8"}}.get(kind, {"levels": kind})
 
 
 def _values(bits, group, rotate, kind, vector):

@@ -69,7 +69,7 @@ def _body(kc, vc, b, h, n, d, g):
        rotate=st.booleans(), blocks=st.integers(1, 4), b=st.integers(1, 2), rows=st.integers(1, 6),
        nd=st.integers(0, 9), pad=st.integers(0, 80), cap=st.sampled_from([0.0, 1.5]), seed=st.integers(0, 99),
        gauss=st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
-       pairs=st.sampled_from([0, 16, 12]), scales=st.sampled_from(["fp16", "8bit"]))
+       pairs=st.sampled_from([0, 16, 12]), scales=st.sampled_from(["fp16", "8bit", "rms8"]))
 def test_int_body_kernel_equals_the_numba_kernel(kbits, vbits, key_axis, rotate, blocks, b, rows, nd, pad, cap, seed,
                                                  gauss, pairs, scales):
     """Any bit width (codes straddling bytes), both key axes, rotation, soft-cap, bodies cut off by

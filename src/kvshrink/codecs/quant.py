@@ -16,7 +16,9 @@ place of the minimum and step, and a code indexes the Lloyd-Max levels of N(0, 1
 decodes to the level nearest to it under the stored mean and deviation.
 
 With scales="8bit" (Gaussian levels only) the mean and deviation take a byte each (codecs/scales.py):
-at 1 or 2 bits a value that saves a sixth to a tenth of a 64-channel head vector's bytes.
+at 1 or 2 bits a value that saves a sixth to a tenth of a 64-channel head vector's bytes. With scales="rms8"
+the levels sit about zero and the group keeps one byte, its root mean square's log code: a rotated head vector's
+mean is small, and the budget's values measured the same loss with that byte less (codecs/scales.py).
 
 With `derope` (per-channel keys: the model's RoPE frequencies) each token of a group is turned back
 by its offset's RoPE angles before coding and forward after decoding (codecs/spin.py).
@@ -34,14 +36,14 @@ from .fewrows import few_rows
 from .hadamard import rotation_on
 from .levels import GAUSS, GAUSS_BITS, KINDS, UNIFORM, levels, levels_on, thresholds_on
 from .packing import pack, unpack
-from .scales import OUT_OF_RANGE
+from .scales import OUT_OF_RANGE, pack_rms, unpack_rms, unpack_rms_numpy
 from .scales import pack as pack_scales
 from .scales import unpack as unpack_scales
 from .scales import unpack_numpy as unpack_scales_numpy
 from .spin import turn
 
 AXES = ("channel", "token")
-SCALES = ("fp16", "8bit")
+SCALES = ("fp16", "8bit", "rms8")
 FAST_ELEMENTS = 4096  # per-token coding of at most this many values takes the compiled path
 FAST_DECODE_ELEMENTS = 1 << 16  # per-token decoding of at most this many (an unfinished block) likewise
 _CPU = torch.device("cpu")
@@ -65,7 +67,8 @@ class IntQuant(Codec):
     group=None means the whole head vector. levels: "uniform" (min + step * code) or "gauss"
     (mean + deviation * the Gaussian's Lloyd-Max level; 1 to 4 bits). derope: RoPE inverse
     frequencies to undo within each token group (per-channel only; codecs/spin.py), before the rotation.
-    scales: "fp16", or "8bit" (Gaussian levels only: mean and deviation a byte each, codecs/scales.py).
+    scales: "fp16", "8bit" (Gaussian levels only: mean and deviation a byte each, codecs/scales.py), or "rms8"
+    (Gaussian levels about zero, the group's root mean square in a byte; no "min" tensor).
     """
 
     same_per_head = True
@@ -88,7 +91,7 @@ class IntQuant(Codec):
             raise KvshrinkError("undoing RoPE needs per-channel codes over token groups")
         if scales not in SCALES:
             raise KvshrinkError(f"unknown scales {scales!r}; use one of {', '.join(SCALES)}")
-        if scales == "8bit" and levels != GAUSS:
+        if scales != "fp16" and levels != GAUSS:
             raise KvshrinkError("8-bit scales need Gaussian levels (a uniform code's minimum and step must cover "
                                 "its group exactly)")
         self.scales = scales
@@ -111,7 +114,7 @@ class IntQuant(Codec):
         g = f"g{self.group}" if self.group else "whole-head"
         lv = " gauss-levels" if not self.uniform else ""
         spin = " -rope" if self.derope else ""
-        sc = " 8-bit-scales" if self.scales == "8bit" else ""
+        sc = {"fp16": "", "8bit": " 8-bit-scales", "rms8": " rms-8-bit-scales"}[self.scales]
         return f"int{self.bits} per-{self.axis} {g}{spin}{' +hadamard' if self.rotate else ''}{lv}{sc}"
 
     def _grouped(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
@@ -155,12 +158,14 @@ class IntQuant(Codec):
     def _encode_levels(self, xg: torch.Tensor, dim: int, block: int, d: int) -> Packed:
         """Each element's nearest level under the group's stored mean and deviation (float16, or the
         8-bit codes' decoded values)."""
-        mean = xg.mean(dim, keepdim=True)
-        dev = xg.std(dim, keepdim=True, unbiased=False)
-        if self.scales == "8bit":
-            stored = dict(zip(("scale", "min"), pack_scales(mean, dev)))
+        if self.scales == "rms8":  # levels about zero: no mean stored
+            stored = {"scale": pack_rms(xg.square().mean(dim, keepdim=True).sqrt())}
+        elif self.scales == "8bit":
+            stored = dict(zip(("scale", "min"), pack_scales(xg.mean(dim, keepdim=True),
+                                                             xg.std(dim, keepdim=True, unbiased=False))))
         else:
-            stored = {"scale": dev.to(torch.float16), "min": mean.to(torch.float16)}
+            stored = {"scale": xg.std(dim, keepdim=True, unbiased=False).to(torch.float16),
+                      "min": xg.mean(dim, keepdim=True).to(torch.float16)}
         mean, dev = self.params(stored)
         if not (torch.isfinite(mean).all() and torch.isfinite(dev).all()):
             raise KvshrinkError("key/value states exceed the float16 range of the quantization scales")
@@ -180,7 +185,10 @@ class IntQuant(Codec):
         return codes if self.uniform else self.table().to(codes.device)[codes.long()]
 
     def params(self, tensors: dict, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(min, step) of uniform codes, (mean, deviation) of Gaussian ones, in `dtype`, from a body's tensors."""
+        """(min, step) of uniform codes, (mean, deviation) of Gaussian ones, in `dtype`, from a body's tensors
+        (zeros for the mean of root-mean-square scales)."""
+        if self.scales == "rms8":
+            return unpack_rms(tensors["scale"], dtype)
         if self.scales == "8bit":
             return unpack_scales(tensors["scale"], tensors["min"], dtype)
         return tensors["min"].to(dtype), tensors["scale"].to(dtype)
@@ -207,21 +215,26 @@ class IntQuant(Codec):
             err = quantize_rows(rows, self.bits, d // g, codes, step, mn)
         else:  # the group's mean and deviation by PyTorch's reductions, as the PyTorch path takes them
             xg = x.reshape(-1, d // g, g)
-            mean, dev = xg.mean(-1), xg.std(-1, unbiased=False)
+            if self.scales == "rms8":  # a zero mean, coded by gauss_rows as the 8-bit scales' ratio 0 (not kept)
+                mean, dev = torch.zeros_like(xg[..., 0]), xg.square().mean(-1).sqrt()
+            else:
+                mean, dev = xg.mean(-1), xg.std(-1, unbiased=False)
             err = gauss_rows(rows, mean.numpy(), dev.numpy(), self.bits, thresholds_on(self.levels, self.bits, _CPU).numpy(),
-                             self.scales == "8bit", codes, step, mn)
+                             self.scales != "fp16", codes, step, mn)
         if err == 1:
             raise KvshrinkError("cannot quantize NaN or infinite key/value states")
-        if err == 2 and self.scales == "8bit":
+        if err == 2 and self.scales != "fp16":
             raise KvshrinkError(OUT_OF_RANGE)
         if err == 2:
             raise KvshrinkError("key/value states exceed the float16 range of the quantization scales")
         lead = (b, h, t // block, block, d // g)
-        if self.scales == "8bit":
+        if self.scales != "fp16":
             step, mn = (torch.from_numpy(a.astype(np.uint8)) for a in (step, mn))
         else:
             step, mn = (torch.from_numpy(a).view(torch.float16) for a in (step, mn))
         tensors = {"codes": torch.from_numpy(codes).view(*lead, -1), "scale": step.view(*lead, 1), "min": mn.view(*lead, 1)}
+        if self.scales == "rms8":
+            del tensors["min"]
         return Packed(tensors, block, d, {"last": g})
 
     def _fast_decode(self, packed: Packed) -> bool:
@@ -238,7 +251,9 @@ class IntQuant(Codec):
         b, h = t["codes"].shape[:2]
         codes = t["codes"].reshape(-1, d * self.bits // 8).numpy()
         groups = d // (self.group or d)
-        if self.scales == "8bit":
+        if self.scales == "rms8":
+            mn, sc = unpack_rms_numpy(t["scale"].numpy())
+        elif self.scales == "8bit":
             mn, sc = unpack_scales_numpy(t["scale"].numpy(), t["min"].numpy())
         else:
             mn, sc = (t[k].numpy().astype(np.float32) for k in ("min", "scale"))

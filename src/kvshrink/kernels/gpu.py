@@ -276,7 +276,7 @@ def int_body(codec, tensors: dict, rows: int, width: int) -> Body:
     turn = (turn_operands(codec.derope, codec.group, width, codec.seed if codec.rotate else None, dev)
             if getattr(codec, "derope", ()) else None)
     # 8-bit scales (codecs/scales.py) are decoded to float32 rows first: a few numbers per token
-    mn, sc = codec.params(tensors) if codec.scales == "8bit" else (tensors["min"], tensors["scale"])
+    mn, sc = codec.params(tensors) if codec.scales != "fp16" else (tensors["min"], tensors["scale"])
     return Body(tensors["codes"].reshape(rows, -1), mn.reshape(rows, -1), sc.reshape(rows, -1), codec.bits, width,
                 tg, gw, lut=lut, turn=turn)
 

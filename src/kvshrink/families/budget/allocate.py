@@ -5,7 +5,7 @@ values and the loss gradient with respect to them (core/sensitivity.py); then, f
 for keys and for values, and for every choice of the menu (bits 1..8, Hadamard rotation or not,
 key groups of the block or 64 tokens, keys turned back within groups (codecs/spin.py) or not, value
 groups of the whole head or 32 channels, uniform or Gaussian value levels, the Gaussian ones with
-8-bit scales), the choice's real bytes per token (the codec's own packed tensors) and a loss proxy
+one 8-bit scale a group), the choice's real bytes per token (the codec's own packed tensors) and a loss proxy
 in one unit, the KL divergence per token of the model's predictions from the unchanged model's:
 - measured for the widths where errors are large (1 to 3 bits; `MEASURED`): the layer's keys or
   values replaced by their round trip through the codec (for every query but the `RECENT` positions
@@ -61,7 +61,8 @@ from ...spec import spec_from_config
 from . import coded, heads, joint, vector
 from .config import CONTEXT, RECENT
 
-FORMAT = "kvshrink-budget-8"  # 6: stage bytes no longer stored; 7: RECENT 32 (measured, not shipped); 8: RECENT 16
+FORMAT = "kvshrink-budget-9"  # 6: stage bytes no longer stored; 7: RECENT 32 (measured, not shipped); 8: RECENT 16;
+# 9: Gaussian values scaled by their root mean square in one byte, no mean
 BITS = (1, 2, 3, 4, 5, 6, 8)
 U, G = UNIFORM, GAUSS
 # a choice: (bits, rotate, group, levels), and for keys whether each token is turned back by its
@@ -95,11 +96,13 @@ def key_codec(choice, block: int, rope: tuple = ()) -> IntQuant:
 
 
 def value_codec(choice) -> IntQuant:
-    """Gaussian choices store 8-bit scales (codecs/scales.py): 2 bytes a group instead of 4, at under 1%
-    more squared error."""
+    """Gaussian choices store one 8-bit scale a group, the root mean square (codecs/scales.py: a byte a group where
+    float16 mean and deviation took 4, 8-bit ones 2). The mean's byte bought nothing: on the bundled model each layer's
+    values measured the same KL within the calibration's noise without it, and the budget spends the byte (a ninth of
+    a one-bit head vector's) elsewhere (docs/budget.md, "One scale byte for values")."""
     bits, rotate, group, levels = choice
     return IntQuant(bits, "token", group, rotate=rotate, seed=2, levels=levels,
-                    scales="8bit" if levels == G else "fp16")
+                    scales="rms8" if levels == G else "fp16")
 
 
 def window_codec(bits: int) -> IntQuant | None:
@@ -299,8 +302,8 @@ class Allocation:
         ks = " ".join(describe_layer(c) for c in self.keys)
         vs = " ".join(describe_layer(c) for c in self.values)
         return (f"bits per layer for keys [{ks}] and values [{vs}] (t: RoPE turned back within groups, r: rotated, "
-                f"/N: groups, g: Gaussian levels, 8-bit scales; JN: joint-basis keys, N bits a channel, f2: every axis "
-                f"coded; Nv: vector levels, N bits a value; a|b|c: one per KV head), "
+                f"/N: groups, g: Gaussian levels, one 8-bit scale; JN: joint-basis keys, N bits a channel, "
+                f"f2: every axis coded; Nv: vector levels, N bits a value; a|b|c: one per KV head), "
                 f"{self.ratio:.2f}x expected")
 
 

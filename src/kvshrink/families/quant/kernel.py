@@ -42,6 +42,7 @@ from ...codecs.jointcoded import EMIT, TAIL, WINDOW, CodedJointKeys, decode_stre
 from ...codecs.quant import IntQuant
 from ...codecs.scales import DEV_TABLE, RATIO_TABLE
 from ...codecs.scales import unpack_numpy as unpack_scales
+from ...codecs.scales import unpack_rms_numpy as unpack_rms
 from ...codecs.spin import angles
 from ...codecs.vector import VectorQuant
 from ...errors import KvshrinkError
@@ -128,8 +129,10 @@ def _rows(qb, qt, axes, kb, t0, cnt, kstep, kmn, ksym, kgroups, qsum, vt, cap, m
 
 
 _LIGHT = 3  # the kernel's parts after the body's splits: dense tokens, stage, window
-F32, F16, SCALES8 = 0, 1, 2  # how a body's (min, step) are held: float32 (a batch's padded copy), float16, 8-bit
-_BYTES = np.array([4, 2, 1], dtype=np.int64)  # bytes a number in each
+# how a body's (min, step) are held: float32 (a batch's padded copy), float16, 8-bit, or a root mean square's byte
+# with no mean (IntQuant's scales="rms8": its step bytes stand in for the min operand, unread)
+F32, F16, SCALES8, RMS8 = 0, 1, 2, 3
+_BYTES = np.array([4, 2, 1, 1], dtype=np.int64)  # bytes a number in each
 
 
 @numba.njit(cache=True)
@@ -171,6 +174,10 @@ def _tile_params(p, r0, rows, mn, sc):
         os_[:] = bs.view(np.float32)
     elif fmt == F16:
         half_to_float(bs, k, os_)
+    elif fmt == RMS8:
+        for i in range(k):
+            os_[i] = DEV_TABLE[bs[i]]
+            om[i] = 0.0
     else:
         for i in range(k):
             dv = DEV_TABLE[bs[i]]
@@ -363,7 +370,7 @@ def _operands(codec: IntQuant, packed: Packed):
     """(codes (B * H, bytes), parameters as stored (_params), tg, channel groups) of a body; entropy-coded keys'
     codes are their stream, one row."""
     t = packed.tensors
-    b, h = t["min"].shape[:2]
+    b, h = t["scale"].shape[:2]
     d = packed.head_dim
     tg, groups = (codec.group, 1) if codec.axis == "channel" else (1, d // (codec.group or d))
     codes = t["stream"].reshape(1, -1) if isinstance(codec, CodedJointKeys) else t["codes"].reshape(b * h, -1)
@@ -392,10 +399,12 @@ def _params(codec: IntQuant, t: dict, b: int, h: int, rows: int) -> tuple:
     """A body's (min, step) for the kernel to read in place (_tile_params): (their bytes (B, H, rows, -1) each, format,
     a, c of an affine level table). Converting them to float32 before the call (float16 by the compiled loop, 8-bit
     scales by their tables) cost `auto-6x` about 2% of a decode step at 8k, for a copy the kernel reads once."""
-    fmt = _FORMATS[t["min"].dtype]
     _, a, c = _table(codec)
-    mn, sc = (np.ascontiguousarray(t[k].numpy()).view(np.uint8).reshape(b, h, rows, -1) for k in ("min", "scale"))
-    return mn, sc, fmt, float(a), float(c)
+    sc = np.ascontiguousarray(t["scale"].numpy()).view(np.uint8).reshape(b, h, rows, -1)
+    if "min" not in t:  # root-mean-square scales: no mean held
+        return sc, sc, RMS8, float(a), float(c)
+    mn = np.ascontiguousarray(t["min"].numpy()).view(np.uint8).reshape(b, h, rows, -1)
+    return mn, sc, _FORMATS[t["min"].dtype], float(a), float(c)
 
 
 def _as_params(mn: np.ndarray, sc: np.ndarray, codec: IntQuant | None = None) -> tuple:
@@ -423,7 +432,7 @@ def stage_supported(codec, head_dim: int) -> bool:
     """Stage codes the kernel reads in place (its stage split): uniform per-token IntQuant, float16
     scales, no turned keys, whole bytes per channel group."""
     return (isinstance(codec, IntQuant) and codec.axis == "token" and codec.uniform and not codec.derope
-            and codec.scales != "8bit" and supported(codec, IntQuant(8, "token"), head_dim))
+            and codec.scales == "fp16" and supported(codec, IntQuant(8, "token"), head_dim))
 
 
 def fused_attend(q: torch.Tensor, vis: torch.Tensor, dense_k: torch.Tensor, dense_v: torch.Tensor,
@@ -701,6 +710,8 @@ def _views(codec: IntQuant, p: Packed, h: int) -> tuple:
         c = p.tensors["codes"].numpy().reshape(h, -1)
         if codec.scales == "8bit":  # decoded first (codecs/scales.py)
             return (c, *(x.reshape(h, -1) for x in unpack_scales(p.tensors["scale"].numpy(), p.tensors["min"].numpy())))
+        if codec.scales == "rms8":
+            return (c, *(x.reshape(h, -1) for x in unpack_rms(p.tensors["scale"].numpy())))
         views = p.__dict__["_views"] = (c, *(p.tensors[k].numpy().reshape(h, -1) for k in ("min", "scale")))
     return views
 
