@@ -150,8 +150,8 @@ def _head(p, b, h):
 @numba.njit(cache=True, fastmath=FAST)
 def _tile_params(p, r0, rows, mn, sc):
     """Rows r0 .. r0 + rows - 1 of one head's (min, step) as stored -> float32 mn, sc (rows, numbers): p = (min bytes,
-    step bytes, format, a, c) with the format F32, F16, RMS8 (mean 0) or SCALES8 (codecs/scales.py: the step bytes are the
-    deviation's log codes, the min bytes the mean's ratio to it), then an affine level table folded in
+    step bytes, format, a, c) with the format F32, F16, RMS8 (mean 0) or SCALES8 (codecs/scales.py: the step bytes
+    are the deviation's log codes, the min bytes the mean's ratio to it), then an affine level table folded in
     (min + step * c, step * a: _table). Read a tile at a time, so a decode step converts nothing before the call."""
     pmn, psc, fmt, a, c = p
     wide, w = mn.shape[1], psc.shape[1] // _BYTES[fmt]  # numbers a row: the tile's, and the stored steps'
