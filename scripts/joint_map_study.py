@@ -69,7 +69,9 @@ class Offset:
         if self.offset8:
             sc = off.abs().amax(-1, keepdim=True) / 127
             off = (off / sc).round().clamp(-127, 127) * sc.half().float()
-        return off.half().float() if not self.offset8 else off, y, rows, t
+        else:
+            off = off.half().float()
+        return off, y, rows, t
 
     def decode(self, p):
         off, y, rows, t = p
@@ -123,7 +125,7 @@ def proxies(model, tok):
     names = ["auto-6x", "auto-8x"]
     for name in names:
         prepare(model, name, tok)
-    calib, path = budget_cache.calibration_for(model, BLOCK)
+    _, path = budget_cache.calibration_for(model, BLOCK)
     jc = budget_cache.joint_for(model, BLOCK, path)[0]
     h, d = jc.inverse.shape[1:3]
     coded = (jc.widths > 0).sum(-1).numpy()
@@ -169,7 +171,7 @@ def second_moment_basis(model, ids, spec, context):
 def kls(model, tok, layers):
     prepare(model, "auto-8x", tok)
     spec = spec_from_config(model.config)
-    calib, path = budget_cache.calibration_for(model, BLOCK)
+    _, path = budget_cache.calibration_for(model, BLOCK)
     jc = budget_cache.joint_for(model, BLOCK, path)[0]
     ids, _ = calibration_ids(tok, None, *allocate.calibration_shape(spec))
     B2, W2 = second_moment_basis(model, ids, spec, jc.header["context"])

@@ -443,6 +443,13 @@ def test_eight_bit_scales_keep_zero_and_refuse_what_they_cannot_hold():
         QuantConfig(bits=2, scales="8bit").check()
 
 
+def _uneven_values(seed: int) -> torch.Tensor:
+    """(1, 3, 256, 64) Gaussian values with uneven token scales and offsets: what the scale codecs are sized on."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 3, 256, 64, generator=g) * torch.rand(1, 3, 256, 1, generator=g) * 3
+    return x + 0.3 * torch.randn(1, 3, 256, 1, generator=g)
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("group", [None, 16])
 def test_root_mean_square_scales_hold_one_byte_a_group_and_add_little_error_after_a_rotation(bits, group):
@@ -451,9 +458,7 @@ def test_root_mean_square_scales_hold_one_byte_a_group_and_add_little_error_afte
     mean and deviation in two bytes times about 1 + 1/g (a group of g Gaussian coordinates loses its sample mean):
     within 3% for the whole head, 10% for groups of 16; a zero group decodes to zeros and a constant one keeps its
     sign."""
-    g = torch.Generator().manual_seed(bits)
-    x = torch.randn(1, 3, 256, 64, generator=g) * torch.rand(1, 3, 256, 1, generator=g) * 3
-    x = x + 0.3 * torch.randn(1, 3, 256, 1, generator=g)
+    x = _uneven_values(bits)
     x[0, 0, 5] = 0.0
     err, size = {}, {}
     for sc in ("8bit", "rms8"):
@@ -481,9 +486,7 @@ def test_root_mean_square_scales_hold_one_byte_a_group_and_add_little_error_afte
 def test_eight_bit_scales_save_two_bytes_a_group_at_almost_no_error(bits):
     """Rotated Gaussian values of uneven token scales: each group's 4 bytes of scales become 2 (exact byte
     count), and the squared error grows by under 1%."""
-    g = torch.Generator().manual_seed(bits)
-    x = torch.randn(1, 3, 256, 64, generator=g) * torch.rand(1, 3, 256, 1, generator=g) * 3
-    x = x + 0.3 * torch.randn(1, 3, 256, 1, generator=g)
+    x = _uneven_values(bits)
     err, size = {}, {}
     for sc in ("fp16", "8bit"):
         codec = IntQuant(bits, "token", None, rotate=True, seed=2, levels="gauss", scales=sc)
